@@ -1,0 +1,56 @@
+"""GIL-free bindings of torch's AOTInductor model container runners.
+
+The classes mirror ``torch._C._aoti`` name for name and argument for argument,
+but every call that does real work releases the GIL, so threads calling
+``run`` on one runner actually run in parallel. :func:`load_package` opens a
+``.pt2`` package (or a bare ``.so``) on a chosen device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._build_check import check_torch_matches_build
+
+check_torch_matches_build()
+
+from . import _C  # noqa: E402  (must follow the torch check: ABI)
+from ._C import (  # noqa: E402
+    alloc_tensor_by_stealing_from_void_ptr,
+    alloc_tensors_by_stealing_from_void_ptrs,
+    unsafe_alloc_void_ptr_from_tensor,
+    unsafe_alloc_void_ptrs_from_tensors,
+)
+from .backends import (  # noqa: E402
+    AOTIModelContainerRunnerCpu,
+    AOTIModelContainerRunnerCuda,
+    AOTIModelContainerRunnerMps,
+    AOTIModelContainerRunnerXpu,
+    compiled_backends,
+    runner_class_for,
+)
+from .package import (  # noqa: E402
+    LoadedModel,
+    PackageError,
+    list_package_models,
+    load_model,
+    read_package_metadata,
+)
+
+__all__ = [
+    "AOTIModelContainerRunnerCpu",
+    "AOTIModelContainerRunnerCuda",
+    "AOTIModelContainerRunnerMps",
+    "AOTIModelContainerRunnerXpu",
+    "LoadedModel",
+    "PackageError",
+    "alloc_tensor_by_stealing_from_void_ptr",
+    "alloc_tensors_by_stealing_from_void_ptrs",
+    "compiled_backends",
+    "list_package_models",
+    "load_model",
+    "read_package_metadata",
+    "runner_class_for",
+    "unsafe_alloc_void_ptr_from_tensor",
+    "unsafe_alloc_void_ptrs_from_tensors",
+]
