@@ -1,0 +1,172 @@
+"""Tiny models for tests and benchmarks, compiled once and cached on disk.
+
+The cache key is the torch version plus a hash of the model's source and
+build arguments, so a second test run compiles nothing and a change to a
+model recompiles only that model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.export import Dim
+
+from aotiserve.server.packaging import pack
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = REPO / ".cache" / "models"
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(64, 32)
+        self.fc2 = torch.nn.Linear(32, 10)
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))) * self.scale
+
+
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class TwoInOut(torch.nn.Module):
+    """Two inputs of different dtypes, a tuple of two outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 4)
+        self.emb = torch.nn.Embedding(100, 4)
+
+    def forward(self, x, ids):
+        h = self.proj(x) + self.emb(ids)
+        return h, (ids * 2 + 1)
+
+
+class ComputeBound(torch.nn.Module):
+    """4 x Linear(1024, 1024): enough work per call to show GIL effects."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)])
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class Passthrough(torch.nn.Module):
+    """out = x * w + b with one scalar weight: large tensors in and out, trivial compute."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.0))
+        self.b = torch.nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x):
+        return x * self.w + self.b
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    factory: Callable[[], torch.nn.Module]
+    example: Callable[[int], tuple[torch.Tensor, ...]]  # batch -> inputs
+    dynamic_batch: bool = True
+    max_batch: int = 1024
+    weights_outside_so: bool = False
+    pack_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def module(self) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return self.factory().eval()
+
+    def inputs(self, batch: int = 4, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        torch.manual_seed(seed)
+        return self.example(batch)
+
+    def dynamic_shapes(self):
+        if not self.dynamic_batch:
+            return None
+        batch = Dim("batch", min=1, max=self.max_batch)
+        return tuple({0: batch} for _ in self.example(2))
+
+    def cache_key(self) -> str:
+        src = inspect.getsource(self.factory) + inspect.getsource(self.example) + repr(
+            (self.dynamic_batch, self.max_batch, self.weights_outside_so, sorted(self.pack_kwargs.items()))
+        )
+        src += inspect.getsource(pack)
+        return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec("mlp", MLP, lambda b: (torch.randn(b, 64),)),
+        ModelSpec("conv", ConvNet, lambda b: (torch.randn(b, 3, 16, 16),), max_batch=256),
+        ModelSpec(
+            "two_io",
+            TwoInOut,
+            lambda b: (torch.randn(b, 16), torch.randint(0, 100, (b,))),
+            pack_kwargs={"input_names": ("x", "ids"), "output_names": ("h", "ids2")},
+        ),
+        ModelSpec("blob_mlp", MLP, lambda b: (torch.randn(b, 64),), weights_outside_so=True),
+        ModelSpec("compute", ComputeBound, lambda b: (torch.randn(64, 1024),), dynamic_batch=False),
+        ModelSpec(
+            "passthrough",
+            Passthrough,
+            lambda b: (torch.randn(b, 1024),),
+            max_batch=1 << 16,
+        ),
+    ]
+}
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("AOTISERVE_MODEL_CACHE", DEFAULT_CACHE))
+    return root / f"torch-{torch.__version__}"
+
+
+def compiled(name: str) -> Path:
+    """Path of the compiled package for a zoo model, compiling it on a cache miss."""
+    spec = MODELS[name]
+    path = cache_dir() / f"{name}-{spec.cache_key()}.pt2"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temp name and rename, so a killed run leaves no half file.
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        tmp_path = Path(tmp) / path.name
+        pack(
+            spec.module(),
+            spec.inputs(4),
+            tmp_path,
+            dynamic_shapes=spec.dynamic_shapes(),
+            weights_outside_so=spec.weights_outside_so,
+            **spec.pack_kwargs,
+        )
+        os.replace(tmp_path, path)
+    return path
+
+
+def eager(name: str, inputs) -> list[torch.Tensor]:
+    """Eager reference outputs as a flat list."""
+    with torch.no_grad():
+        out = MODELS[name].module()(*inputs)
+    return list(out) if isinstance(out, (tuple, list)) else [out]
