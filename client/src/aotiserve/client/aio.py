@@ -1,0 +1,254 @@
+"""The asyncio client: :class:`AsyncClient` has :class:`~aotiserve.client.Client`'s
+surface with ``async`` methods (``grpc.aio`` underneath)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import grpc
+import grpc.aio
+
+from aotiserve.client import health as _health
+from aotiserve.client.channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelConfig, model_runner_stubs
+from aotiserve.client.client import (
+    _RETRY_MAX_S,
+    _RETRY_MIN_S,
+    ProgressCallback,
+    decode_outputs,
+    find_model,
+    weights_version_of,
+)
+from aotiserve.client.errors import DeadlineExceededError, from_rpc_error
+from aotiserve.client.model_info import ModelInfo, WeightsVersion
+from aotiserve.client.tensor_codec import (
+    DEFAULT_CHUNK_BYTES,
+    ConstantsAssembler,
+    OutputFormat,
+    UploadItem,
+    encode_run_request,
+    encode_upload,
+    resolve_format,
+    upload_items,
+)
+from aotiserve.v1 import model_runner_pb2 as pb
+
+
+class AsyncModel:
+    """:class:`~aotiserve.client.Model` with ``async`` methods."""
+
+    def __init__(self, client: "AsyncClient", name: str) -> None:
+        self._client = client
+        self.name = name
+        self.last_weights_version: str | None = None
+
+    def __repr__(self) -> str:
+        return f"AsyncModel({self.name!r} at {self._client.target!r})"
+
+    async def run(self, inputs: Sequence[Any]) -> list:
+        request = encode_run_request(self.name, inputs)
+        client = self._client
+        try:
+            call = client._stubs.Run(request, metadata=client._metadata, timeout=client.timeout)
+            response = await call
+            trailer = await call.trailing_metadata() if not response.weights_version else ()
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        self.last_weights_version = weights_version_of(response, trailer)
+        return decode_outputs(response, client.output_format)
+
+    async def get_call_spec(self) -> list[str]:
+        r = await self._client._call("GetCallSpec", pb.GetCallSpecRequest(model=self.name))
+        return [r.in_spec, r.out_spec]
+
+    async def get_constant_names_to_original_fqns(self) -> dict[str, str]:
+        r = await self._client._call("GetConstantNamesToOriginalFqns",
+                                     pb.GetConstantNamesToOriginalFqnsRequest(model=self.name))
+        return dict(r.fqns)
+
+    async def get_constant_names_to_dtypes(self) -> dict[str, int]:
+        r = await self._client._call("GetConstantNamesToDtypes",
+                                     pb.GetConstantNamesToDtypesRequest(model=self.name))
+        return dict(r.dtypes)
+
+    async def extract_constants_map(self, use_inactive: bool, *, chunk_bytes: int = 0) -> dict[str, Any]:
+        request = pb.ExtractConstantsMapRequest(model=self.name, use_inactive=use_inactive,
+                                                chunk_bytes=chunk_bytes)
+        client = self._client
+        assembler = ConstantsAssembler(client.output_format)
+        try:
+            async for chunk in client._stubs.ExtractConstantsMap(
+                    request, metadata=client._metadata, timeout=client.timeout):
+                assembler.add(chunk)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return assembler.result()
+
+    async def update_constant_buffer(
+        self,
+        tensor_map: Mapping[str, Any],
+        use_inactive: bool,
+        validate_full_updates: bool,
+        user_managed: bool = False,
+        *,
+        description: str = "",
+        chunk_bytes: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> WeightsVersion | None:
+        return await self.stream_constants(
+            upload_items(tensor_map), use_inactive, validate_full_updates, user_managed,
+            description=description, chunk_bytes=chunk_bytes, progress=progress,
+        )
+
+    async def swap_constant_buffer(self) -> WeightsVersion | None:
+        r = await self._client._call("SwapConstantBuffer",
+                                     pb.SwapConstantBufferRequest(model=self.name))
+        return WeightsVersion.from_proto(r.active_version)
+
+    async def free_inactive_constant_buffer(self) -> None:
+        await self._client._call("FreeInactiveConstantBuffer",
+                                 pb.FreeInactiveConstantBufferRequest(model=self.name))
+
+    async def update_constant_buffer_from_blob(self, weights_path: str | os.PathLike) -> WeightsVersion | None:
+        r = await self._client._call("UpdateConstantBufferFromBlob", pb.UpdateConstantBufferFromBlobRequest(
+            model=self.name, weights_path=os.fspath(weights_path)))
+        return WeightsVersion.from_proto(r.version)
+
+    async def stream_constants(
+        self,
+        items: Iterable[UploadItem],
+        use_inactive: bool,
+        validate_full_updates: bool,
+        user_managed: bool = False,
+        *,
+        description: str = "",
+        chunk_bytes: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> WeightsVersion | None:
+        requests = encode_upload(
+            self.name, list(items), use_inactive=use_inactive,
+            validate_full_updates=validate_full_updates, user_managed=user_managed,
+            description=description, chunk_bytes=chunk_bytes or self._client.chunk_bytes,
+            progress=progress,
+        )
+        r = await self._client._call("UpdateConstantBuffer", requests)
+        return WeightsVersion.from_proto(r.version)
+
+    async def rollback_constant_buffer(self) -> WeightsVersion | None:
+        r = await self._client._call("RollbackConstantBuffer",
+                                     pb.RollbackConstantBufferRequest(model=self.name))
+        return WeightsVersion.from_proto(r.active_version)
+
+    async def info(self) -> ModelInfo:
+        return find_model(await self._client._call("ListModels", pb.ListModelsRequest()), self.name)
+
+
+class AsyncClient:
+    """:class:`~aotiserve.client.Client` for asyncio: same arguments, ``async`` methods.
+
+    Use as ``async with AsyncClient(target) as client:`` or ``await client.close()``.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:8500",
+        *,
+        admin_token: str | None = None,
+        tls: bool | None = None,
+        ca_cert: bytes | str | os.PathLike | None = None,
+        client_cert: bytes | str | os.PathLike | None = None,
+        client_key: bytes | str | os.PathLike | None = None,
+        tls_server_name: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        timeout: float | None = None,
+        output_format: OutputFormat = "auto",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._config = ChannelConfig(
+            target, admin_token, tls, ca_cert, client_cert, client_key, tls_server_name,
+            credentials, max_message_bytes, tuple(options),
+        )
+        self.timeout = timeout
+        self.output_format = resolve_format(output_format)
+        self.chunk_bytes = chunk_bytes
+        self._metadata = self._config.metadata()
+        self._channel = self._config.open(aio=True)
+        self._stubs = model_runner_stubs(self._channel)
+        self._health_check, self._health_watch = _health.stubs(self._channel)
+
+    @property
+    def target(self) -> str:
+        return self._config.target
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.target!r})"
+
+    async def _call(self, rpc: str, request):
+        try:
+            return await getattr(self._stubs, rpc)(request, metadata=self._metadata,
+                                                   timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def model(self, name: str) -> AsyncModel:
+        return AsyncModel(self, name)
+
+    async def load_model(self, name: str, path: str | os.PathLike, devices: Sequence[str] | None = None,
+                         runners_per_device: int = 0, package_model: str = "") -> ModelInfo:
+        r = await self._call("LoadModel", pb.LoadModelRequest(
+            name=name, path=os.fspath(path), devices=list(devices or ()),
+            runners_per_device=runners_per_device, package_model=package_model))
+        return ModelInfo.from_proto(r.model)
+
+    async def unload_model(self, name: str) -> None:
+        await self._call("UnloadModel", pb.UnloadModelRequest(name=name))
+
+    async def list_models(self) -> list[ModelInfo]:
+        r = await self._call("ListModels", pb.ListModelsRequest())
+        return [ModelInfo.from_proto(m) for m in r.models]
+
+    async def health(self, service: str = "") -> str:
+        try:
+            return await self._health_check(_health.encode_request(service),
+                                            metadata=self._metadata, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    async def wait_until_ready(self, timeout: float = 30.0, service: str = "") -> None:
+        """Waits until the server reports SERVING (see ``Client.wait_until_ready``)."""
+        deadline = time.monotonic() + timeout
+        last, pause = "no answer", _RETRY_MIN_S
+        request = _health.encode_request(service)
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                async for status in self._health_watch(request, metadata=self._metadata,
+                                                       timeout=remaining, wait_for_ready=True):
+                    last = status
+                    if status == "SERVING":
+                        return
+            except grpc.RpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.UNIMPLEMENTED:
+                    status = await self.health(service)
+                    if status == "SERVING":
+                        return
+                elif code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                  grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise from_rpc_error(e) from None
+                last = code.name
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, _RETRY_MAX_S)
+        raise DeadlineExceededError(f"{self.target} not SERVING after {timeout:g}s (last: {last})")
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

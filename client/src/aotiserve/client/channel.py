@@ -1,0 +1,117 @@
+"""Channels, call stubs and call metadata, shared by the sync and async clients.
+
+The stubs are built from the service descriptor rather than the generated
+``ModelRunnerStub`` so that one serializer can take either a protobuf message
+or bytes the codec already encoded (see ``tensor_codec``), and so the same
+table serves ``grpc`` and ``grpc.aio`` channels.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Sequence
+
+import grpc
+
+from aotiserve.v1 import model_runner_pb2 as pb
+
+#: Matches the server's default receive limit. Chunked uploads and downloads
+#: never come near it; it bounds single Run requests and responses.
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+WEIGHTS_VERSION_TRAILER = "aotiserve-weights-version"
+
+
+def _serialize(message: Any) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def model_runner_stubs(channel) -> SimpleNamespace:
+    """One multicallable per ``aotiserve.v1.ModelRunner`` RPC, by RPC name."""
+    service = pb.DESCRIPTOR.services_by_name["ModelRunner"]
+    stubs = SimpleNamespace()
+    for method in service.methods:
+        factory = {
+            (False, False): channel.unary_unary,
+            (False, True): channel.unary_stream,
+            (True, False): channel.stream_unary,
+            (True, True): channel.stream_stream,
+        }[(method.client_streaming, method.server_streaming)]
+        setattr(stubs, method.name, factory(
+            f"/{service.full_name}/{method.name}",
+            request_serializer=_serialize,
+            response_deserializer=getattr(pb, method.output_type.name).FromString,
+            _registered_method=True,
+        ))
+    return stubs
+
+
+def _pem(value: bytes | str | os.PathLike | None, what: str) -> bytes | None:
+    """PEM bytes from bytes, PEM text, or a file path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
+        return value.encode()
+    try:
+        with open(value, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {str(value)!r}: {e.strerror}") from None
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """Everything that shapes a client's channel and its calls."""
+
+    target: str
+    admin_token: str | None = None
+    tls: bool | None = None
+    ca_cert: bytes | str | os.PathLike | None = None
+    client_cert: bytes | str | os.PathLike | None = None
+    client_key: bytes | str | os.PathLike | None = None
+    tls_server_name: str | None = None
+    credentials: grpc.ChannelCredentials | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    options: Sequence[tuple[str, Any]] = ()
+
+    def use_tls(self) -> bool:
+        if self.tls is not None:
+            return self.tls
+        return any(x is not None for x in (self.ca_cert, self.client_cert, self.client_key,
+                                           self.credentials))
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        if self.credentials is not None:
+            return self.credentials
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("mutual TLS needs both client_cert and client_key")
+        return grpc.ssl_channel_credentials(
+            root_certificates=_pem(self.ca_cert, "CA certificate"),
+            private_key=_pem(self.client_key, "client key"),
+            certificate_chain=_pem(self.client_cert, "client certificate"),
+        )
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        opts: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+        ]
+        if self.tls_server_name:
+            opts.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        return opts + list(self.options)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata sent on every call: the admin token, when there is one."""
+        if not self.admin_token:
+            return ()
+        return (("authorization", f"Bearer {self.admin_token}"),)
+
+    def open(self, aio: bool = False):
+        """A new ``grpc.Channel`` (or ``grpc.aio.Channel``)."""
+        mod = grpc.aio if aio else grpc
+        if self.use_tls():
+            return mod.secure_channel(self.target, self.channel_credentials(),
+                                      options=self.channel_options())
+        return mod.insecure_channel(self.target, options=self.channel_options())

@@ -1,0 +1,343 @@
+"""The synchronous client: ``Client(target).model(name)`` mirrors torch's AOTI runner.
+
+Every method of ``torch._C._aoti.AOTIModelContainerRunner`` has a method of
+the same name and arguments on :class:`Model`, executed by the server. The
+extensions (rollback, versions, model management, health) are marked as such.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import grpc
+
+from aotiserve.client import health as _health
+from aotiserve.client.channel import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    WEIGHTS_VERSION_TRAILER,
+    ChannelConfig,
+    model_runner_stubs,
+)
+from aotiserve.client.errors import DeadlineExceededError, NotFoundError, from_rpc_error
+from aotiserve.client.model_info import ModelInfo, WeightsVersion
+from aotiserve.client.tensor_codec import (
+    DEFAULT_CHUNK_BYTES,
+    ConstantsAssembler,
+    OutputFormat,
+    UploadItem,
+    encode_run_request,
+    encode_upload,
+    from_wire,
+    resolve_format,
+    upload_items,
+)
+from aotiserve.v1 import model_runner_pb2 as pb
+
+ProgressCallback = Callable[[int, int], None]
+
+# Retry pacing of wait_until_ready when the server drops the health stream.
+_RETRY_MIN_S, _RETRY_MAX_S = 0.05, 0.5
+
+
+def weights_version_of(response: pb.RunResponse, trailing_metadata) -> str | None:
+    """The version that computed a Run response: the field, else the trailer."""
+    if response.weights_version:
+        return response.weights_version
+    for key, value in trailing_metadata or ():
+        if key == WEIGHTS_VERSION_TRAILER:
+            return value
+    return None
+
+
+def decode_outputs(response: pb.RunResponse, fmt) -> list:
+    return [from_wire(t, fmt, f"output {i}") for i, t in enumerate(response.outputs)]
+
+
+def find_model(response: pb.ListModelsResponse, name: str) -> ModelInfo:
+    for info in response.models:
+        if info.name == name:
+            return ModelInfo.from_proto(info)
+    raise NotFoundError(f"model {name!r} is not loaded")
+
+
+class Model:
+    """A served model, with the methods of torch's AOTI model container runner.
+
+    Created by :meth:`Client.model`; holds no server state of its own.
+    """
+
+    def __init__(self, client: "Client", name: str) -> None:
+        self._client = client
+        self.name = name
+        #: Id of the weights version that computed the last ``run`` (extension).
+        self.last_weights_version: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r} at {self._client.target!r})"
+
+    # ---- the runner API, one for one
+
+    def run(self, inputs: Sequence[Any]) -> list:
+        """Runs the model on ``inputs`` (numpy arrays or torch tensors, in input order).
+
+        Returns the outputs as torch tensors when torch is importable, else
+        numpy arrays (see the client's ``output_format``).
+        """
+        request = encode_run_request(self.name, inputs)
+        response, call = self._client._call("Run", request, with_call=True)
+        self.last_weights_version = weights_version_of(response, call.trailing_metadata())
+        return decode_outputs(response, self._client.output_format)
+
+    def get_call_spec(self) -> list[str]:
+        """[in_spec, out_spec]: the serialized pytree specs of inputs and outputs."""
+        r = self._client._call("GetCallSpec", pb.GetCallSpecRequest(model=self.name))
+        return [r.in_spec, r.out_spec]
+
+    def get_constant_names_to_original_fqns(self) -> dict[str, str]:
+        r = self._client._call("GetConstantNamesToOriginalFqns",
+                               pb.GetConstantNamesToOriginalFqnsRequest(model=self.name))
+        return dict(r.fqns)
+
+    def get_constant_names_to_dtypes(self) -> dict[str, int]:
+        """Constant name -> c10::ScalarType code (see ``aotiserve.client.dtypes``)."""
+        r = self._client._call("GetConstantNamesToDtypes",
+                               pb.GetConstantNamesToDtypesRequest(model=self.name))
+        return dict(r.dtypes)
+
+    def extract_constants_map(self, use_inactive: bool, *, chunk_bytes: int = 0) -> dict[str, Any]:
+        """The constants of the active (or inactive) buffer, streamed and reassembled.
+
+        Keys are as the runner gives them (original FQNs).
+        """
+        request = pb.ExtractConstantsMapRequest(model=self.name, use_inactive=use_inactive,
+                                                chunk_bytes=chunk_bytes)
+        assembler = ConstantsAssembler(self._client.output_format)
+        for chunk in self._client._stream("ExtractConstantsMap", request):
+            assembler.add(chunk)
+        return assembler.result()
+
+    def update_constant_buffer(
+        self,
+        tensor_map: Mapping[str, Any],
+        use_inactive: bool,
+        validate_full_updates: bool,
+        user_managed: bool = False,
+        *,
+        description: str = "",
+        chunk_bytes: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> WeightsVersion | None:
+        """Writes constants (keys: constant names or original FQNs) into a buffer.
+
+        The tensors stream in chunks of ``chunk_bytes`` after a header that
+        declares them all, so any size travels and nothing is built as one
+        message. Returns the version the written weights form (torch returns None).
+        """
+        return self.stream_constants(
+            upload_items(tensor_map), use_inactive, validate_full_updates, user_managed,
+            description=description, chunk_bytes=chunk_bytes, progress=progress,
+        )
+
+    def swap_constant_buffer(self) -> WeightsVersion | None:
+        """Makes the inactive buffer active. Returns the version now serving."""
+        r = self._client._call("SwapConstantBuffer", pb.SwapConstantBufferRequest(model=self.name))
+        return WeightsVersion.from_proto(r.active_version)
+
+    def free_inactive_constant_buffer(self) -> None:
+        self._client._call("FreeInactiveConstantBuffer",
+                           pb.FreeInactiveConstantBufferRequest(model=self.name))
+
+    def update_constant_buffer_from_blob(self, weights_path: str | os.PathLike) -> WeightsVersion | None:
+        """Loads weights from a blob file on the server (below its allowed roots)."""
+        r = self._client._call("UpdateConstantBufferFromBlob", pb.UpdateConstantBufferFromBlobRequest(
+            model=self.name, weights_path=os.fspath(weights_path)))
+        return WeightsVersion.from_proto(r.version)
+
+    # ---- extensions
+
+    def stream_constants(
+        self,
+        items: Iterable[UploadItem],
+        use_inactive: bool,
+        validate_full_updates: bool,
+        user_managed: bool = False,
+        *,
+        description: str = "",
+        chunk_bytes: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> WeightsVersion | None:
+        """Extension: ``update_constant_buffer`` from lazily loaded items (one
+        tensor in memory at a time), e.g. straight from a safetensors file."""
+        requests = encode_upload(
+            self.name, list(items), use_inactive=use_inactive,
+            validate_full_updates=validate_full_updates, user_managed=user_managed,
+            description=description, chunk_bytes=chunk_bytes or self._client.chunk_bytes,
+            progress=progress,
+        )
+        r = self._client._call("UpdateConstantBuffer", requests)
+        return WeightsVersion.from_proto(r.version)
+
+    def rollback_constant_buffer(self) -> WeightsVersion | None:
+        """Extension: swaps back to the previous weights (until they are freed)."""
+        r = self._client._call("RollbackConstantBuffer",
+                               pb.RollbackConstantBufferRequest(model=self.name))
+        return WeightsVersion.from_proto(r.active_version)
+
+    def info(self) -> ModelInfo:
+        """Extension: the server's description of this model (versions, devices, specs)."""
+        return find_model(self._client._call("ListModels", pb.ListModelsRequest()), self.name)
+
+
+class Client:
+    """A connection to an aotiserve daemon.
+
+    ``target`` is ``host:port``. TLS is used when ``tls`` is true or any
+    certificate is given (``ca_cert``, and ``client_cert`` + ``client_key``
+    for mutual TLS; each bytes, PEM text or a file path). ``admin_token`` is
+    sent as ``authorization: Bearer <token>`` on every call. ``timeout`` (s)
+    bounds every call. Outputs are torch tensors when torch is importable,
+    numpy arrays otherwise (``output_format`` forces one).
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:8500",
+        *,
+        admin_token: str | None = None,
+        tls: bool | None = None,
+        ca_cert: bytes | str | os.PathLike | None = None,
+        client_cert: bytes | str | os.PathLike | None = None,
+        client_key: bytes | str | os.PathLike | None = None,
+        tls_server_name: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        timeout: float | None = None,
+        output_format: OutputFormat = "auto",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._config = ChannelConfig(
+            target, admin_token, tls, ca_cert, client_cert, client_key, tls_server_name,
+            credentials, max_message_bytes, tuple(options),
+        )
+        self.timeout = timeout
+        self.output_format = resolve_format(output_format)
+        self.chunk_bytes = chunk_bytes
+        self._metadata = self._config.metadata()
+        self._channel = self._config.open()
+        self._stubs = model_runner_stubs(self._channel)
+        self._health_check, self._health_watch = _health.stubs(self._channel)
+
+    @property
+    def target(self) -> str:
+        return self._config.target
+
+    def __repr__(self) -> str:
+        return f"Client({self.target!r})"
+
+    # ---- plumbing: every call goes through here, so every error is a ClientError
+
+    def _call(self, rpc: str, request, *, with_call: bool = False):
+        stub = getattr(self._stubs, rpc)
+        try:
+            if with_call:
+                return stub.with_call(request, metadata=self._metadata, timeout=self.timeout)
+            return stub(request, metadata=self._metadata, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def _stream(self, rpc: str, request):
+        try:
+            yield from getattr(self._stubs, rpc)(request, metadata=self._metadata,
+                                                 timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    # ---- models
+
+    def model(self, name: str) -> Model:
+        """A handle on the served model ``name`` (no call is made)."""
+        return Model(self, name)
+
+    def load_model(self, name: str, path: str | os.PathLike, devices: Sequence[str] | None = None,
+                   runners_per_device: int = 0, package_model: str = "") -> ModelInfo:
+        """Loads the package at ``path`` (on the server) and serves it as ``name``."""
+        r = self._call("LoadModel", pb.LoadModelRequest(
+            name=name, path=os.fspath(path), devices=list(devices or ()),
+            runners_per_device=runners_per_device, package_model=package_model))
+        return ModelInfo.from_proto(r.model)
+
+    def unload_model(self, name: str) -> None:
+        """Stops serving ``name`` once its in-flight requests finish."""
+        self._call("UnloadModel", pb.UnloadModelRequest(name=name))
+
+    def list_models(self) -> list[ModelInfo]:
+        return [ModelInfo.from_proto(m) for m in self._call("ListModels", pb.ListModelsRequest()).models]
+
+    # ---- health (standard grpc.health.v1)
+
+    def health(self, service: str = "") -> str:
+        """The server's health status: "SERVING", "NOT_SERVING", "UNKNOWN", "SERVICE_UNKNOWN"."""
+        try:
+            return self._health_check(_health.encode_request(service), metadata=self._metadata,
+                                      timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def wait_until_ready(self, timeout: float = 30.0, service: str = "") -> None:
+        """Blocks until the server reports SERVING (it may not be listening yet).
+
+        Follows the health Watch stream rather than polling; raises
+        DeadlineExceededError after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        last, pause = "no answer", _RETRY_MIN_S
+        request = _health.encode_request(service)
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                for status in self._health_watch(request, metadata=self._metadata,
+                                                 timeout=remaining, wait_for_ready=True):
+                    last = status
+                    if status == "SERVING":
+                        return
+            except grpc.RpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.UNIMPLEMENTED:
+                    return self._poll_until_ready(deadline, request)
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise from_rpc_error(e) from None
+                last = code.name
+            # The server closed the stream (restarting, draining): try again shortly.
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, _RETRY_MAX_S)
+        raise DeadlineExceededError(f"{self.target} not SERVING after {timeout:g}s (last: {last})")
+
+    def _poll_until_ready(self, deadline: float, request: bytes) -> None:
+        last, pause = "no answer", _RETRY_MIN_S
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                last = self._health_check(request, metadata=self._metadata, timeout=remaining,
+                                          wait_for_ready=True)
+                if last == "SERVING":
+                    return
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise from_rpc_error(e) from None
+                last = e.code().name
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, _RETRY_MAX_S)
+        raise DeadlineExceededError(f"{self.target} not SERVING (last: {last})")
+
+    # ---- lifetime
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

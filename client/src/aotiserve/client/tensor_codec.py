@@ -1,0 +1,360 @@
+"""Tensors <-> wire bytes, for numpy arrays and torch tensors alike.
+
+Encoding writes the protobuf wire format of the big messages (``RunRequest``
+and upload chunks) by hand: one ``b"".join`` over a memoryview of each array
+is the only copy. Going through protobuf objects costs three (``tobytes``,
+the assignment into the message, serialization), which halves upload
+throughput for large weights. The hand-written bytes are plain proto3 that
+the generated parser reads back (tests check it field for field).
+
+Decoding uses ``numpy.frombuffer`` / ``torch.frombuffer`` on the received bytes,
+so outputs are not copied again. numpy outputs decoded that way are read-only
+views (``numpy.array(x)`` makes a writable copy); torch tensors are writable.
+
+torch is never imported here unless a torch tensor is passed in or torch
+outputs are asked for; bfloat16 and float8 values need torch (numpy has no
+such dtypes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
+
+import numpy as np
+
+from aotiserve.client.dtypes import BY_NUMPY_NAME, BY_TORCH_NAME, BY_WIRE, DType
+from aotiserve.v1 import model_runner_pb2 as pb
+
+OutputFormat = Literal["auto", "numpy", "torch"]
+
+#: Upload chunk payload size: large enough that per-message overhead is noise,
+#: far below any message-size limit.
+DEFAULT_CHUNK_BYTES = 4 << 20
+
+_LITTLE = np.dtype("<u2").isnative
+
+
+# ---------------------------------------------------------------- torch, lazily
+
+def torch_available() -> bool:
+    """True when torch can be imported (without importing it)."""
+    return "torch" in sys.modules or importlib.util.find_spec("torch") is not None
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    # Checked without importing torch: a tensor can only exist if torch is loaded.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def resolve_format(fmt: OutputFormat) -> Literal["numpy", "torch"]:
+    if fmt == "auto":
+        return "torch" if torch_available() else "numpy"
+    if fmt not in ("numpy", "torch"):
+        raise ValueError(f"output format must be 'auto', 'numpy' or 'torch', not {fmt!r}")
+    return fmt
+
+
+# ---------------------------------------------------------------- encoding
+
+@dataclass(frozen=True)
+class WireTensor:
+    """A tensor ready for the wire: dtype, shape and its C-contiguous little-endian bytes."""
+
+    dtype: DType
+    shape: tuple[int, ...]
+    data: memoryview  # format "B", contiguous
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
+def to_wire(value: Any, what: str = "tensor") -> WireTensor:
+    """A numpy array, torch tensor or array-like as a :class:`WireTensor`.
+
+    Copies only when it must: non-contiguous or big-endian numpy arrays,
+    non-contiguous or non-CPU torch tensors.
+    """
+    if _is_torch_tensor(value):
+        return _torch_to_wire(value, what)
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{what}: expected an array or tensor, got {type(value).__name__}")
+    array = np.asarray(value)
+    dtype = BY_NUMPY_NAME.get(array.dtype.name) if array.dtype.kind in "biuf" else None
+    if dtype is None:
+        raise TypeError(
+            f"{what}: numpy dtype {array.dtype} is not supported "
+            f"(supported: {', '.join(sorted(BY_NUMPY_NAME))}; bfloat16/float8 need torch tensors)"
+        )
+    if not array.dtype.isnative or array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")  # (np.ascontiguousarray would make scalars 1-d)
+    return WireTensor(dtype, tuple(int(d) for d in array.shape), memoryview(array.reshape(-1).view(np.uint8)))
+
+
+def _torch_to_wire(tensor, what: str) -> WireTensor:
+    torch = _torch()
+    name = str(tensor.dtype).removeprefix("torch.")
+    dtype = BY_TORCH_NAME.get(name)
+    if dtype is None:
+        raise TypeError(f"{what}: torch dtype {tensor.dtype} is not supported")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{what}: only dense (strided) tensors are supported, not {tensor.layout}")
+    if not _LITTLE:  # pragma: no cover - every platform torch ships for is little-endian
+        raise TypeError("sending torch tensors needs a little-endian host")
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    tensor = tensor.contiguous()
+    flat = tensor.reshape(-1).view(torch.uint8)
+    return WireTensor(dtype, tuple(tensor.shape), memoryview(flat.numpy()))
+
+
+# Minimal protobuf wire format writer: exactly what the messages below need.
+
+def _varint(n: int) -> bytes:
+    if n < 0:
+        n += 1 << 64  # int64 two's complement, as protobuf encodes negatives
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _key(field: int, wire_type: int) -> bytes:
+    return _varint(field << 3 | wire_type)
+
+
+def _len_prefix(field: int, size: int) -> bytes:
+    return _key(field, 2) + _varint(size)
+
+
+def _string(field: int, text: str) -> bytes:
+    raw = text.encode()
+    return _len_prefix(field, len(raw)) + raw if raw else b""
+
+
+def _tensor_parts(t: WireTensor) -> tuple[list, int]:
+    """The encoded ``Tensor`` message as a list of parts, and its length."""
+    head = _key(1, 0) + _varint(t.dtype.wire)
+    if t.shape:
+        packed = b"".join(_varint(d) for d in t.shape)
+        head += _len_prefix(2, len(packed)) + packed
+    if not t.nbytes:
+        return [head], len(head)
+    head += _len_prefix(3, t.nbytes)
+    return [head, t.data], len(head) + t.nbytes
+
+
+def encode_run_request(model: str, inputs: Sequence[Any]) -> bytes:
+    """Wire bytes of ``RunRequest(model, inputs)``."""
+    if isinstance(inputs, Mapping) or not isinstance(inputs, (list, tuple)):
+        raise TypeError("inputs must be a list or tuple of arrays/tensors, in the model's input order")
+    parts: list = [_string(1, model)]
+    for i, value in enumerate(inputs):
+        tensor_parts, size = _tensor_parts(to_wire(value, f"input {i}"))
+        parts.append(_len_prefix(2, size))
+        parts.extend(tensor_parts)
+    return b"".join(parts)
+
+
+def encode_chunk_request(name: str, offset: int, data: memoryview) -> bytes:
+    """Wire bytes of ``UpdateConstantBufferRequest(chunk=ConstantChunk(name, offset, data))``."""
+    head = _string(1, name)
+    if offset:
+        head += _key(2, 0) + _varint(offset)
+    size = len(head) + (len(_len_prefix(3, data.nbytes)) + data.nbytes if data.nbytes else 0)
+    if not data.nbytes:
+        return _len_prefix(2, size) + head
+    return b"".join((_len_prefix(2, size), head, _len_prefix(3, data.nbytes), data))
+
+
+# ---------------------------------------------------------------- uploads
+
+@dataclass(frozen=True)
+class UploadItem:
+    """One constant to upload: name, dtype, shape, and how to get its bytes.
+
+    ``load`` is called only when the constant's turn comes, so uploads from a
+    file hold one tensor in memory at a time.
+    """
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    load: Callable[[], WireTensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @classmethod
+    def of(cls, name: str, value: Any) -> "UploadItem":
+        wire = to_wire(value, f"constant {name!r}")
+        return cls(name, wire.dtype, wire.shape, lambda: wire)
+
+
+def upload_items(tensor_map: Mapping[str, Any]) -> list[UploadItem]:
+    if not isinstance(tensor_map, Mapping):
+        raise TypeError("tensor_map must be a mapping of constant name (or original FQN) to tensor")
+    return [UploadItem.of(str(name), value) for name, value in tensor_map.items()]
+
+
+def encode_upload(
+    model: str,
+    items: Sequence[UploadItem],
+    *,
+    use_inactive: bool,
+    validate_full_updates: bool,
+    user_managed: bool = False,
+    description: str = "",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[bytes]:
+    """The ``UpdateConstantBuffer`` request stream: a header declaring every
+    constant, then each constant's bytes in chunks of at most ``chunk_bytes``.
+
+    ``progress(sent_bytes, total_bytes)`` is called after each chunk is handed
+    to gRPC (that is, as the upload advances, not as it is prepared).
+    """
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    header = pb.UpdateConstantBufferHeader(
+        model=model,
+        use_inactive=use_inactive,
+        validate_full_updates=validate_full_updates,
+        user_managed=user_managed,
+        description=description,
+        constants=[pb.TensorSpec(name=i.name, dtype=i.dtype.wire, shape=i.shape) for i in items],
+    )
+    total = sum(i.nbytes for i in items)
+    yield pb.UpdateConstantBufferRequest(header=header).SerializeToString()
+    sent = 0
+    if progress:
+        progress(0, total)
+    for item in items:
+        wire = item.load()
+        if wire.nbytes != item.nbytes or wire.dtype != item.dtype or wire.shape != item.shape:
+            raise ValueError(f"constant {item.name!r} changed between declaration and upload")
+        for offset in range(0, wire.nbytes, chunk_bytes):
+            piece = wire.data[offset:offset + chunk_bytes]
+            yield encode_chunk_request(item.name, offset, piece)
+            sent += piece.nbytes
+            if progress:
+                progress(sent, total)
+
+
+# ---------------------------------------------------------------- decoding
+
+def _shape_of(shape: Iterable[int], what: str) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{what}: negative dimension in shape {list(shape)}")
+    return shape
+
+
+def _dtype_of(wire: int, what: str) -> DType:
+    dtype = BY_WIRE.get(wire)
+    if dtype is None:
+        raise ValueError(f"{what}: unknown dtype {wire} (a newer server? upgrade the client)")
+    return dtype
+
+
+def decode_bytes(data, dtype: DType, shape: tuple[int, ...], fmt: Literal["numpy", "torch"],
+                 what: str = "tensor"):
+    """An array/tensor viewing ``data`` (bytes-like) as ``dtype`` and ``shape``."""
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise ValueError(
+            f"{what}: {len(data)} bytes for {dtype.torch_name}{list(shape)}, expected {expected}"
+        )
+    if fmt == "numpy":
+        if dtype.numpy_name is None:
+            raise TypeError(
+                f"{what} is {dtype.torch_name}, which numpy cannot hold: install torch "
+                "(or ask for torch outputs) to receive it"
+            )
+        return np.frombuffer(data, dtype=np.dtype(dtype.numpy_name).newbyteorder("<")).reshape(shape)
+    torch = _torch()
+    torch_dtype = getattr(torch, dtype.torch_name, None)
+    if torch_dtype is None:
+        raise TypeError(f"{what} is {dtype.torch_name}, which this torch {torch.__version__} lacks")
+    if expected == 0:
+        return torch.empty(shape, dtype=torch_dtype)
+    if isinstance(data, bytes) and len(data) < 64:
+        # CPython shares some tiny bytes objects (e.g. every 1-byte value):
+        # never hand torch a writable view of those.
+        data = bytearray(data)
+    with warnings.catch_warnings():
+        # Received bytes objects are ours alone; torch warns that bytes are
+        # immutable, which is harmless for a buffer nobody else holds.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(data, dtype=torch_dtype)
+    return flat.reshape(shape)
+
+
+def from_wire(tensor: pb.Tensor, fmt: Literal["numpy", "torch"], what: str = "tensor"):
+    """A received ``Tensor`` message as an array/tensor."""
+    dtype = _dtype_of(tensor.dtype, what)
+    return decode_bytes(tensor.data, dtype, _shape_of(tensor.shape, what), fmt, what)
+
+
+class ConstantsAssembler:
+    """Reassembles the ``ConstantChunk`` stream of ExtractConstantsMap.
+
+    Chunks may come in any order and size; each carries its constant's dtype
+    and shape. A constant that arrives whole in one chunk is used as received;
+    otherwise its pieces are copied once into a buffer of the final size.
+    """
+
+    def __init__(self, fmt: Literal["numpy", "torch"]) -> None:
+        self._fmt = fmt
+        self._parts: dict[str, list] = {}  # name -> [dtype, shape, buffer, bytes_filled]
+
+    def add(self, chunk: pb.ConstantChunk) -> None:
+        name = chunk.name
+        what = f"constant {name!r}"
+        dtype = _dtype_of(chunk.dtype, what)
+        shape = _shape_of(chunk.shape, what)
+        nbytes = math.prod(shape) * dtype.itemsize
+        data = chunk.data
+        entry = self._parts.get(name)
+        if entry is None:
+            if chunk.offset == 0 and len(data) == nbytes:
+                self._parts[name] = [dtype, shape, data, nbytes]
+                return
+            entry = self._parts[name] = [dtype, shape, bytearray(nbytes), 0]
+        elif entry[0] != dtype or entry[1] != shape:
+            raise ValueError(f"{what}: chunks disagree on dtype/shape")
+        if chunk.offset < 0 or chunk.offset + len(data) > nbytes:
+            raise ValueError(
+                f"{what}: chunk [{chunk.offset}, {chunk.offset + len(data)}) beyond its {nbytes} bytes"
+            )
+        buffer = entry[2]
+        if not isinstance(buffer, bytearray):
+            raise ValueError(f"{what}: more chunks after the whole constant arrived")
+        buffer[chunk.offset:chunk.offset + len(data)] = data
+        entry[3] += len(data)
+
+    def result(self) -> dict[str, Any]:
+        out = {}
+        for name, (dtype, shape, buffer, filled) in self._parts.items():
+            if filled != len(buffer):
+                raise ValueError(f"constant {name!r}: received {filled} of {len(buffer)} bytes")
+            out[name] = decode_bytes(buffer, dtype, shape, self._fmt, f"constant {name!r}")
+        return out
