@@ -1,0 +1,216 @@
+"""Assembles the daemon: pools, registry, data plane, servicers, health, reflection, metrics.
+
+``create_server(config) -> (server, port)`` binds the port (0 picks one) and
+returns an :class:`AppServer`; ``server.start()`` starts serving, loads the
+configured models (health turns SERVING once all are loaded) and
+``server.stop(grace)`` drains. :func:`serve` runs one until SIGTERM/SIGINT.
+
+Another protocol plugs in with one line in :data:`SERVICER_PROVIDERS`: a
+``(add_fn(plane, config, grpc_server), service_full_name)`` pair.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import native_servicer
+from .config import ServeConfig
+from .dataplane import DataPlane
+from .device_pool import DevicePool
+from .interceptors import ServingInterceptor
+from .metrics import Metrics
+from .model_registry import ModelRegistry
+from .weights_store import WeightsStore
+
+log = logging.getLogger(__name__)
+
+ServicerProvider = tuple[Callable[[DataPlane, ServeConfig, grpc.Server], None], str]
+
+SERVICER_PROVIDERS: list[ServicerProvider] = [
+    (native_servicer.add_to_server, native_servicer.SERVICE_NAME),
+]
+
+
+def _read_token(path: str | None) -> str | None:
+    if not path:
+        return None
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"admin token file {path!r} is empty")
+    return token
+
+
+def _credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
+    if not (config.tls_cert or config.tls_key):
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    key = Path(config.tls_key).read_bytes()
+    cert = Path(config.tls_cert).read_bytes()
+    ca = Path(config.tls_ca).read_bytes() if config.tls_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
+class AppServer:
+    """The running daemon. ``grpc_server`` is the grpc.Server underneath."""
+
+    def __init__(self, config: ServeConfig, providers: Sequence[ServicerProvider]):
+        self.config = config
+        self.metrics = Metrics()
+        self.pools = {d: DevicePool(d, config.max_queue, self.metrics) for d in config.devices}
+        store = WeightsStore(config.weights_dir) if config.weights_dir else None
+        self.registry = ModelRegistry(self.pools, config.devices, config.runners_per_model,
+                                      self.metrics, store)
+        self.plane = DataPlane(config, self.registry, self.metrics)
+        self.health = health.HealthServicer(
+            experimental_non_blocking=True,
+            experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.grpc_workers,
+                                       thread_name_prefix="aotiserve-rpc"),
+            interceptors=[ServingInterceptor(self.metrics, _read_token(config.admin_token_file),
+                                             lambda: self.plane.draining)],
+            options=options,
+            maximum_concurrent_rpcs=None,
+        )
+        self.service_names = []
+        for add, name in providers:
+            add(self.plane, config, self.grpc_server)
+            self.service_names.append(name)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection(
+            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{config.host}:{config.port}"
+        creds = _credentials(config)
+        self.port = (self.grpc_server.add_secure_port(address, creds) if creds
+                     else self.grpc_server.add_insecure_port(address))
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        self.metrics_port: int | None = None
+        self.loaded = threading.Event()
+        self.load_error: BaseException | None = None
+        self._stopped = threading.Event()
+
+    def _set_health(self, status) -> None:
+        for name in ("", *self.service_names):
+            self.health.set(name, status)
+
+    # Lifecycle ---------------------------------------------------------------
+
+    def start(self, load: str = "background", load_gate: Callable[[], None] | None = None
+              ) -> "AppServer":
+        """Starts serving; loads models ``"background"`` (health flips when done) or ``"now"``.
+
+        ``load_gate`` (tests) is called before loading starts.
+        """
+        if self.config.metrics_enabled:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+        self.grpc_server.start()
+        log.info("aotiserve listening on %s:%d (%s)", self.config.host, self.port,
+                 ", ".join(self.service_names))
+        if load == "now":
+            self._load(load_gate)
+        else:
+            threading.Thread(target=self._load, args=(load_gate,), name="aotiserve-load",
+                             daemon=True).start()
+        return self
+
+    def _load(self, gate: Callable[[], None] | None) -> None:
+        try:
+            if gate is not None:
+                gate()
+            expected = self.plane.expected_models
+            if self.config.model_repository:
+                expected.update(p.stem for p in Path(self.config.model_repository).glob("*.pt2"))
+                self.registry.load_repository(self.config.model_repository)
+            if self.config.serve_demo:
+                from .demo import DEMO_MODEL, ensure_demo_package
+                expected.add(DEMO_MODEL)
+                path = ensure_demo_package(self.config.demo_cache_dir)
+                self.registry.load(DEMO_MODEL, path, self.registry.options())
+            if self.plane.ready():
+                self._set_health(health_pb2.HealthCheckResponse.SERVING)
+                log.info("serving: %s", ", ".join(m.name for m in self.registry.models()) or
+                         "no models yet")
+                self._write_ready_file()
+        except BaseException as exc:  # noqa: BLE001 (reported via health and the log)
+            self.load_error = exc
+            log.exception("loading the configured models failed; health stays NOT_SERVING")
+        finally:
+            self.loaded.set()
+
+    def _write_ready_file(self) -> None:
+        if not self.config.ready_file:
+            return
+        path = Path(self.config.ready_file)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port,
+                                   "pid": os.getpid()}))
+        os.replace(tmp, path)
+
+    def stop(self, grace: float | None = None) -> threading.Event:
+        """Drains: NOT_SERVING, refuse new calls, give in-flight ones ``grace`` seconds."""
+        grace = self.config.grace_period_s if grace is None else grace
+        self.plane.draining = True
+        self.health.enter_graceful_shutdown()
+        done = self.grpc_server.stop(grace)
+
+        def finish():
+            done.wait()
+            self.registry.close()
+            self.metrics.stop()
+            self._stopped.set()
+            log.info("stopped")
+
+        threading.Thread(target=finish, name="aotiserve-stop", daemon=True).start()
+        return self._stopped
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+
+def create_server(config: ServeConfig,
+                  providers: Sequence[ServicerProvider] | None = None) -> tuple[AppServer, int]:
+    """Builds the daemon and binds its port (not started yet). Returns (server, port)."""
+    server = AppServer(config, SERVICER_PROVIDERS if providers is None else providers)
+    return server, server.port
+
+
+def serve(config: ServeConfig) -> int:
+    """Runs the daemon until SIGTERM/SIGINT; drains within the grace period; returns 0."""
+    server, port = create_server(config)
+    stop_requested = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s: draining (grace %.1fs)", signal.Signals(signum).name,
+                 config.grace_period_s)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    while not stop_requested.wait(0.5):
+        pass
+    started = time.monotonic()
+    server.stop(config.grace_period_s).wait(config.grace_period_s + 30)
+    log.info("drained in %.2fs", time.monotonic() - started)
+    return 0

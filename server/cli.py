@@ -1,0 +1,61 @@
+"""``aotiserve serve``: parse flags, set up logging, log the resolved config, run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Sequence
+
+from .config import ServeConfig, add_serve_arguments
+
+log = logging.getLogger(__name__)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(config: ServeConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_json:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+
+
+def build_parser(prog: str = "aotiserve serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Serve AOTInductor models over gRPC (with no arguments: "
+        "the built-in demo model on 127.0.0.1:8500).")
+    return add_serve_arguments(parser)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = ServeConfig.from_sources(args, os.environ)
+    except (ValueError, OSError) as exc:
+        sys.stderr.write(f"aotiserve serve: {exc}\n")  # logging is not set up yet
+        return 2
+    setup_logging(config)
+    log.info("configuration: %s", json.dumps(config.redacted(), default=str))
+    from .app import serve  # imports torch and the extension: after logging is up
+
+    return serve(config)

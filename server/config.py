@@ -1,0 +1,176 @@
+"""Every setting of the daemon, resolved once from CLI > env > config file > defaults.
+
+Nothing else in the server reads ``os.environ`` or ``sys.argv``: the CLI
+builds a :class:`ServeConfig` with :meth:`ServeConfig.from_sources` and passes
+it down. Environment variables are ``AOTISERVE_<FIELD>`` (upper case), config
+files are TOML or JSON with the field names as keys (``-`` or ``_``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "AOTISERVE_"
+MIB = 1 << 20
+
+
+def _default_demo_cache() -> str:
+    return str(Path.home() / ".cache" / "aotiserve" / "demo")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The daemon's settings. Frozen: pass it down, never mutate it."""
+
+    # Network.
+    host: str = "127.0.0.1"
+    port: int = 8500
+    # Prometheus HTTP port: 0 picks a free port, None (or -1) disables metrics.
+    metrics_port: int | None = 8502
+    # Models.
+    model_repository: str | None = None
+    devices: tuple[str, ...] = ("cpu",)
+    runners_per_model: int = 2
+    # Weights: committed versions are persisted below weights_dir (None: not persisted).
+    weights_dir: str | None = None
+    # LoadModel paths and blob paths must resolve below one of these (empty: refuse all).
+    allowed_roots: tuple[str, ...] = ()
+    # Security (issue 8): mutating RPCs need this token when set.
+    admin_token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    # Resource bounds.
+    max_message_bytes: int = 64 * MIB + 64 * 1024
+    max_queue: int = 256
+    max_tensor_elements: int = 1 << 31
+    max_tensor_rank: int = 16
+    max_upload_bytes: int = 1 << 40
+    extract_chunk_bytes: int = 4 * MIB
+    grpc_workers: int = 32
+    grace_period_s: float = 10.0
+    # Logging.
+    log_json: bool = False
+    log_level: str = "INFO"
+    # Demo model: None means "serve it when no model repository is given".
+    demo: bool | None = None
+    demo_cache_dir: str = field(default_factory=_default_demo_cache)
+    # Written as JSON {"port", "metrics_port"} once the server is SERVING.
+    ready_file: str | None = None
+
+    @property
+    def serve_demo(self) -> bool:
+        return self.demo if self.demo is not None else self.model_repository is None
+
+    @property
+    def metrics_enabled(self) -> bool:
+        return self.metrics_port is not None and self.metrics_port >= 0
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict fit for the log (no secrets: only the token's path)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_sources(
+        cls,
+        args: argparse.Namespace | Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        config_file: str | os.PathLike | None = None,
+    ) -> "ServeConfig":
+        """CLI values (non-None) > ``AOTISERVE_*`` env > config file > defaults."""
+        values: dict[str, Any] = {}
+        cli = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+        config_file = config_file or cli.get("config") or (env or {}).get(ENV_PREFIX + "CONFIG")
+        if config_file:
+            values.update(_read_config_file(Path(config_file)))
+        for f in dataclasses.fields(cls):
+            raw = (env or {}).get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = raw
+        for f in dataclasses.fields(cls):
+            if cli.get(f.name) is not None:
+                values[f.name] = cli[f.name]
+        return cls(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    if "serve" in data and isinstance(data["serve"], dict):
+        data = data["serve"]
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in _FIELDS:
+            raise ValueError(f"config file {str(path)!r}: unknown setting {key!r}")
+        out[name] = value
+    return out
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turns env/file strings into the field's type."""
+    if name not in _FIELDS:
+        raise ValueError(f"unknown setting {name!r}")
+    default = _FIELDS[name].default
+    if name in ("devices", "allowed_roots"):
+        if isinstance(value, str):
+            sep = os.pathsep if name == "allowed_roots" and os.pathsep in value else ","
+            value = [v.strip() for v in value.split(sep) if v.strip()]
+        return tuple(str(v) for v in value)
+    if name == "metrics_port":
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "off")):
+            return None
+        value = int(value)
+        return None if value < 0 else value
+    if name == "demo":
+        return None if value is None else _bool(value)
+    if isinstance(default, bool):
+        return _bool(value)
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    return None if value is None else str(value)
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the ``serve`` flags. Every default is None so env/file values show through."""
+    a = parser.add_argument
+    a("--config", help="TOML or JSON config file")
+    a("--host", help="address to bind (default 127.0.0.1)")
+    a("--port", type=int, help="gRPC port (default 8500; 0 picks a free one)")
+    a("--metrics-port", type=int, help="Prometheus port (default 8502; 0 picks one; -1 disables)")
+    a("--model-repository", help="folder of <name>.pt2 packages to serve")
+    a("--devices", help="comma-separated devices, e.g. cpu,cuda:0")
+    a("--runners-per-model", type=int, help="model instances per replica (default 2)")
+    a("--weights-dir", help="folder where committed weight versions are persisted")
+    a("--allowed-root", dest="allowed_roots", action="append",
+      help="folder below which LoadModel and blob paths may lie (repeatable)")
+    a("--admin-token-file", help="file holding the admin token for mutating RPCs")
+    a("--tls-cert", help="server certificate (PEM)")
+    a("--tls-key", help="server private key (PEM)")
+    a("--tls-ca", help="CA bundle: clients must present a certificate it signed (mTLS)")
+    a("--max-message-bytes", type=int, help="largest gRPC message accepted or sent")
+    a("--max-queue", type=int, help="requests waiting per device pool before RESOURCE_EXHAUSTED")
+    a("--grace-period-s", type=float, help="seconds in-flight calls get after SIGTERM")
+    a("--log-json", action="store_const", const=True, help="one JSON object per log line")
+    a("--log-level", help="DEBUG, INFO, WARNING...")
+    a("--demo", action="store_const", const=True, help="also serve the built-in demo model")
+    a("--ready-file", help="write {\"port\", \"metrics_port\"} here once serving")
+    return parser

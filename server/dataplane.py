@@ -1,0 +1,317 @@
+"""The protocol-neutral core: every servicer (native, Open Inference Protocol) calls this.
+
+Servicers convert wire messages to torch tensors and plain values, call one
+method here, and convert the result back. Everything the server decides —
+which model, which replica, validation, admission, weight lifecycle, paths —
+happens here or below, and failures are raised as ``errors.ServeError``.
+
+Main entry points::
+
+    run(model, inputs, deadline=None) -> RunResult(outputs, weights_version)
+    describe(model) -> ModelInfo            list_models() -> [ModelInfo]
+    load_model(name, path, devices=(), runners=0, package_model=None) -> ModelInfo
+    unload_model(name)                      ready() / live() / model_ready(name)
+    call_spec / constant_fqns / constant_dtypes / extract_constants
+    begin_upload(header, author) -> Upload (add_chunk, commit, discard)
+    swap / rollback / free_inactive / update_from_blob
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from aotiserve.v1 import model_runner_pb2 as pb
+
+from . import tensor_codec as codec
+from .config import ServeConfig
+from .errors import InvalidArgument, PermissionDenied, ServeError
+from .metrics import Metrics
+from .model_registry import IOSpec, ModelRegistry, ModelState, ServedModel
+from .weights import StagingUpload, WeightsVersion, new_version
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    outputs: list[torch.Tensor]
+    weights_version: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a servicer may say about a model (protocol-neutral)."""
+
+    name: str
+    path: str
+    devices: list[str]
+    runners_per_device: int
+    state: ModelState
+    inputs: list[IOSpec]
+    outputs: list[IOSpec]
+    metadata: dict[str, str]
+    updatable_constants: list[str]
+    active_version: WeightsVersion | None
+    staged_version: WeightsVersion | None
+    previous_version: WeightsVersion | None
+    error: str = ""
+
+
+def _info(model: ServedModel) -> ModelInfo:
+    w = model.weights
+    return ModelInfo(
+        name=model.name, path=model.path, devices=model.devices,
+        runners_per_device=model.options.runners, state=model.state,
+        inputs=list(model.inputs), outputs=list(model.outputs), metadata=dict(model.metadata),
+        updatable_constants=sorted(model.constants),
+        active_version=w.active if w else None, staged_version=w.staged if w else None,
+        previous_version=w.previous if w else None, error=model.error)
+
+
+def _input_label(i: int, spec: IOSpec | None) -> str:
+    return f"input {i} ({spec.name!r})" if spec is not None else f"input {i}"
+
+
+class Upload:
+    """A weight upload in progress (see ``weights.StagingUpload``)."""
+
+    def __init__(self, plane: "DataPlane", model: ServedModel, staging: StagingUpload,
+                 author: str):
+        self._plane = plane
+        self.model = model
+        self.staging = staging
+        self.author = author
+
+    def add_chunk(self, chunk: pb.ConstantChunk) -> None:
+        self.staging.add_chunk(chunk)
+
+    def commit(self) -> tuple[WeightsVersion, int, list[str]]:
+        """Validates completeness and writes the weights; returns (version, bytes, names)."""
+        model = self.model
+        try:
+            tensors, sha = self.staging.finish()
+            version = new_version(sha, self.author, self.staging.header.description)
+            model.stage(tensors, self.staging.use_inactive, version, self._plane.registry.store)
+        except BaseException as exc:
+            self.discard()
+            self._plane._count_op(model.name, "stage", exc)
+            raise
+        received = self.staging.bytes_received
+        if self._plane.metrics:
+            self._plane.metrics.staged_bytes.labels(model.name).inc(received)
+        self._plane._count_op(model.name, "stage", None)
+        names = sorted(self.staging.staged)
+        self.staging.discard()
+        log.info("model %r: %s weights version %s (%d constants, %d bytes) from %s",
+                 model.name, "staged" if self.staging.use_inactive else "updated active to",
+                 version.id, len(names), received, self.author or "?")
+        return version, received, names
+
+    def discard(self) -> None:
+        self.staging.discard()
+
+
+class DataPlane:
+    def __init__(self, config: ServeConfig, registry: ModelRegistry,
+                 metrics: Metrics | None = None):
+        self.config = config
+        self.registry = registry
+        self.metrics = metrics
+        self.limits = codec.Limits(config.max_tensor_elements, config.max_tensor_rank)
+        self.draining = False
+        self.expected_models: set[str] = set()
+
+    # Health ------------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        """Every configured model is loaded and we are not draining."""
+        if self.draining:
+            return False
+        models = {m.name: m for m in self.registry.models()}
+        return all(n in models and models[n].state == ModelState.READY
+                   for n in self.expected_models)
+
+    def model_ready(self, name: str) -> bool:
+        try:
+            return self.registry.get(name).state == ModelState.READY
+        except ServeError:
+            return False
+
+    # Inference ---------------------------------------------------------------
+
+    def model(self, name: str) -> ServedModel:
+        return self.registry.get(name)
+
+    def validate_inputs(self, model: ServedModel, inputs: Sequence[torch.Tensor]) -> None:
+        specs = model.inputs
+        if len(inputs) != len(specs):
+            names = ", ".join(s.name for s in specs)
+            raise InvalidArgument(
+                f"model {model.name!r} takes {len(specs)} inputs ({names}), got {len(inputs)}")
+        for i, (t, spec) in enumerate(zip(inputs, specs)):
+            what = _input_label(i, spec)
+            if spec.dtype is not None and t.dtype != spec.dtype:
+                raise InvalidArgument(f"{what}: dtype must be {codec.dtype_name(spec.dtype)}, "
+                                      f"got {codec.dtype_name(t.dtype)}")
+            if spec.shape is None:
+                continue
+            if t.dim() != len(spec.shape):
+                raise InvalidArgument(f"{what}: expected {len(spec.shape)} dimensions "
+                                      f"{list(spec.shape)}, got shape {list(t.shape)}")
+            for d, (got, want) in enumerate(zip(t.shape, spec.shape)):
+                if want >= 0 and got != want:
+                    raise InvalidArgument(f"{what}: dimension {d} must be {want} "
+                                          f"(shape {list(spec.shape)}), got shape {list(t.shape)}")
+
+    def decode_inputs(self, model: ServedModel, tensors: Sequence[pb.Tensor]) -> list[torch.Tensor]:
+        """Wire tensors → torch, naming the input in every error."""
+        specs = model.inputs
+        return [codec.decode(t, _input_label(i, specs[i] if i < len(specs) else None), self.limits)
+                for i, t in enumerate(tensors)]
+
+    def run(self, name: str | ServedModel, inputs: Sequence[torch.Tensor],
+            deadline: float | None = None) -> RunResult:
+        """Runs the model on host tensors; ``deadline`` is a time.monotonic() instant."""
+        model = name if isinstance(name, ServedModel) else self.registry.get(name)
+        self.validate_inputs(model, inputs)
+        model.begin()
+        try:
+            replica = model.pick_replica()
+            pool = replica.pool
+            with pool.admit(replica.slot, deadline) as waited:
+                with model.rw.shared():
+                    started = time.monotonic()
+                    version = model.weights.active.id
+                    try:
+                        outputs = pool.execute(replica.runner, inputs)
+                    except (ValueError, RuntimeError) as exc:
+                        raise self._run_error(model, exc) from exc
+                    computed = time.monotonic() - started
+        finally:
+            model.end()
+        if self.metrics:
+            self.metrics.queue_seconds.labels(model.name, pool.name).observe(waited)
+            self.metrics.compute_seconds.labels(model.name, pool.name).observe(computed)
+            self.metrics.device_requests.labels(model.name, pool.name).inc()
+        return RunResult(list(outputs), version)
+
+    @staticmethod
+    def _run_error(model: ServedModel, exc: Exception) -> ServeError:
+        msg = str(exc).split("\nException raised from")[0].strip()
+        if isinstance(exc, ValueError) or "input" in msg.lower():
+            return InvalidArgument(f"model {model.name!r} rejected the inputs: {msg}")
+        log.error("model %r: run failed", model.name, exc_info=exc)
+        from .errors import Internal
+        return Internal(f"model {model.name!r} failed to run; see the server log")
+
+    # Description -------------------------------------------------------------
+
+    def describe(self, name: str) -> ModelInfo:
+        return _info(self.registry.get(name))
+
+    def list_models(self) -> list[ModelInfo]:
+        return [_info(m) for m in sorted(self.registry.models(), key=lambda m: m.name)]
+
+    def call_spec(self, name: str) -> tuple[str, str]:
+        spec = self.registry.get(name).replicas[0].runner.get_call_spec()
+        return spec[0], spec[1]
+
+    def constant_fqns(self, name: str) -> dict[str, str]:
+        return dict(self.registry.get(name).replicas[0].runner.get_constant_names_to_original_fqns())
+
+    def constant_dtypes(self, name: str) -> dict[str, int]:
+        return dict(self.registry.get(name).replicas[0].runner.get_constant_names_to_dtypes())
+
+    # Model management ----------------------------------------------------------
+
+    def resolve_path(self, path: str, what: str) -> Path:
+        """``path`` with symlinks and .. resolved; it must lie below an allowed root."""
+        if not path:
+            raise InvalidArgument(f"{what}: empty path")
+        resolved = Path(os.path.realpath(path))
+        for root in self.config.allowed_roots:
+            root_real = Path(os.path.realpath(root))
+            if resolved == root_real or root_real in resolved.parents:
+                return resolved
+        raise PermissionDenied(
+            f"{what}: {path!r} is not below an allowed root of this server "
+            "(configure --allowed-root)")
+
+    def load_model(self, name: str, path: str, devices: Sequence[str] = (), runners: int = 0,
+                   package_model: str | None = None) -> ModelInfo:
+        resolved = self.resolve_path(path, "model path")
+        if not resolved.is_file():
+            raise InvalidArgument(f"model path {path!r} is not a file")
+        opts = self.registry.options(devices, runners, package_model)
+        return _info(self.registry.load(name, resolved, opts))
+
+    def unload_model(self, name: str) -> None:
+        self.registry.unload(name)
+        self.expected_models.discard(name)
+
+    # Weights -------------------------------------------------------------------
+
+    def _count_op(self, model: str, op: str, exc: BaseException | None) -> None:
+        if self.metrics:
+            outcome = "ok" if exc is None else (
+                exc.code.name.lower() if isinstance(exc, ServeError) else "internal")
+            self.metrics.constant_buffer_ops.labels(model, op, outcome).inc()
+
+    def _weights_op(self, name: str, op: str, fn):
+        model = self.registry.get(name)
+        try:
+            result = fn(model)
+        except BaseException as exc:
+            self._count_op(name, op, exc)
+            raise
+        self._count_op(name, op, None)
+        return result
+
+    def extract_constants(self, name: str, use_inactive: bool
+                          ) -> tuple[dict[str, torch.Tensor], WeightsVersion]:
+        return self._weights_op(name, "extract", lambda m: m.extract(use_inactive))
+
+    def begin_upload(self, header: pb.UpdateConstantBufferHeader, author: str) -> Upload:
+        model = self.registry.get(header.model)
+        try:
+            staging = StagingUpload(model, header, self.config.max_upload_bytes, self.limits)
+        except BaseException as exc:
+            self._count_op(model.name, "stage", exc)
+            raise
+        return Upload(self, model, staging, author)
+
+    def swap(self, name: str) -> WeightsVersion:
+        return self._weights_op(name, "swap", lambda m: m.swap(self.registry.store))
+
+    def rollback(self, name: str) -> WeightsVersion:
+        return self._weights_op(name, "rollback", lambda m: m.rollback(self.registry.store))
+
+    def free_inactive(self, name: str) -> None:
+        return self._weights_op(name, "free", lambda m: m.free_inactive(self.registry.store))
+
+    def update_from_blob(self, name: str, path: str, author: str) -> WeightsVersion:
+        def op(model: ServedModel) -> WeightsVersion:
+            resolved = self.resolve_path(path, "weights path")
+            if not resolved.is_file():
+                raise InvalidArgument(f"weights path {path!r} is not a file")
+            h = hashlib.sha256()
+            with open(resolved, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            version = new_version(h.hexdigest(), author, f"blob {resolved.name}")
+            try:
+                return model.update_from_blob(str(resolved), version)
+            except RuntimeError as exc:
+                raise InvalidArgument(f"weights blob {path!r} was refused: {exc}") from exc
+        return self._weights_op(name, "blob", op)

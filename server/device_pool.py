@@ -1,0 +1,165 @@
+"""One pool per device: admission control in front of the runners placed on it.
+
+The runner is called in the gRPC worker thread that handles the request (no
+extra thread hop: the extension releases the GIL, so worker threads run
+models in parallel). A pool lets at most ``capacity`` runs of a replica
+execute at once (its number of model instances) and at most ``max_queue``
+runs wait on the whole device; beyond that, RESOURCE_EXHAUSTED. A waiting run
+whose deadline passes is dropped without being computed.
+
+On CUDA each worker thread uses its own stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Slot:
+    """Admission state of one replica inside its pool (guarded by the pool lock)."""
+
+    def __init__(self, pool: "DevicePool", capacity: int, label: str):
+        self.pool = pool
+        self.capacity = capacity
+        self.label = label
+        self.running = 0
+        self.waiting = 0
+        self.closed = False
+        self.free = threading.Condition(pool.lock)
+
+    @property
+    def load(self) -> int:
+        return self.running + self.waiting
+
+
+class DevicePool:
+    def __init__(self, device: str, max_queue: int, metrics: Metrics | None = None):
+        self.device = torch.device(device)
+        if self.device.type != "cpu" and self.device.index is None:
+            self.device = torch.device(self.device.type, 0)
+        self.name = str(self.device)
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.lock = threading.Lock()
+        self.waiting = 0
+        self.running = 0
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"DevicePool({self.name}, running={self.running}, waiting={self.waiting})"
+
+    def slot(self, capacity: int, label: str) -> Slot:
+        return Slot(self, capacity, label)
+
+    def close_slot(self, slot: Slot) -> None:
+        with self.lock:
+            slot.closed = True
+            slot.free.notify_all()
+
+    @contextmanager
+    def admit(self, slot: Slot, deadline: float | None = None) -> Iterator[float]:
+        """Holds one of the slot's runners; yields the seconds spent waiting.
+
+        ``deadline`` is a ``time.monotonic()`` instant.
+        """
+        start = time.monotonic()
+        with self.lock:
+            if slot.closed:
+                raise Unavailable(f"{slot.label} is unloading")
+            if slot.running >= slot.capacity or slot.waiting:
+                if self.waiting >= self.max_queue:
+                    raise ResourceExhausted(
+                        f"queue of {self.name} is full ({self.max_queue} waiting); retry later")
+                self.waiting += 1
+                slot.waiting += 1
+                self._gauge_queue()
+                try:
+                    while slot.running >= slot.capacity and not slot.closed:
+                        timeout = None if deadline is None else deadline - time.monotonic()
+                        if timeout is not None and timeout <= 0:
+                            raise DeadlineExceeded(
+                                f"deadline passed after {time.monotonic() - start:.3f}s in the "
+                                f"queue of {self.name}; not computed")
+                        slot.free.wait(timeout)
+                finally:
+                    self.waiting -= 1
+                    slot.waiting -= 1
+                    self._gauge_queue()
+                if slot.closed:
+                    raise Unavailable(f"{slot.label} is unloading")
+            slot.running += 1
+            self.running += 1
+            self._gauge_running()
+        try:
+            yield time.monotonic() - start
+        finally:
+            with self.lock:
+                slot.running -= 1
+                self.running -= 1
+                self._gauge_running()
+                slot.free.notify()
+
+    def _gauge_queue(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.labels(self.name).set(self.waiting)
+
+    def _gauge_running(self) -> None:
+        if self.metrics:
+            self.metrics.running.labels(self.name).set(self.running)
+
+    # Device plumbing -----------------------------------------------------
+
+    def _stream(self):
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = torch.cuda.Stream(device=self.device)
+            self._local.stream = stream
+        return stream
+
+    def execute(self, runner: Any, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Runs ``runner`` on inputs (host tensors); returns host tensors."""
+        if self.device.type == "cpu":
+            return runner.run(list(inputs))
+        if self.device.type == "cuda":
+            stream = self._stream()
+            with torch.cuda.stream(stream):
+                dev_inputs = [t.to(self.device, non_blocking=True) for t in inputs]
+                outputs = runner.run(dev_inputs, stream.cuda_stream)
+                host = [o.to("cpu", non_blocking=False) for o in outputs]
+            stream.synchronize()
+            return host
+        dev_inputs = [t.to(self.device) for t in inputs]
+        return [o.cpu() for o in runner.run(dev_inputs)]
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Copies a host tensor to this device (synchronously)."""
+        if self.device.type == "cpu":
+            return tensor
+        if self.device.type == "cuda":
+            stream = self._stream()
+            with torch.cuda.stream(stream):
+                out = tensor.to(self.device, non_blocking=True)
+            stream.synchronize()
+            return out
+        return tensor.to(self.device)
+
+    def run_in_stream(self, fn: Callable[[], Any]) -> Any:
+        """Calls fn with this thread's stream current (CUDA), synchronizing after."""
+        if self.device.type != "cuda":
+            return fn()
+        stream = self._stream()
+        with torch.cuda.stream(stream):
+            result = fn()
+        stream.synchronize()
+        return result

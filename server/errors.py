@@ -1,0 +1,96 @@
+"""The one error table: domain exceptions and the gRPC status each becomes.
+
+Server code raises these; :func:`to_status` (used by the one interceptor in
+``interceptors.py``) turns any exception into ``(code, message)``. Anything
+that is not a :class:`ServeError` is a bug: INTERNAL with a generic message,
+traceback in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class ServeError(Exception):
+    """Base of every error the server reports to its caller as is."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServeError):
+    """Bad input: wrong count/dtype/shape, malformed bytes, bad weight names or shapes."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServeError):
+    """Unknown model (or constant where the API looks one up by name)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ServeError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class ResourceExhausted(ServeError):
+    """Queue full, or a configured size bound exceeded."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ServeError):
+    """Not ready, unloading or draining: try again (elsewhere)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unauthenticated(ServeError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServeError):
+    """Wrong admin token, or a path outside the allowed roots."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class FailedPrecondition(ServeError):
+    """The call is valid but not in the model's current state (e.g. swap with nothing staged)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DeadlineExceeded(ServeError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ServeError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Internal(ServeError):
+    """A failure we understand but the caller cannot fix (message is safe to show)."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+GENERIC_INTERNAL = "internal error; see the server log"
+
+
+def to_status(exc: BaseException, where: str = "") -> tuple[grpc.StatusCode, str]:
+    """The status code and message a caller sees for ``exc``; logs unexpected ones."""
+    if isinstance(exc, ServeError):
+        if exc.code == grpc.StatusCode.INTERNAL:
+            log.error("%s failed: %s", where or "call", exc.message, exc_info=exc)
+        return exc.code, exc.message
+    log.error("%s failed with an unexpected error", where or "call", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL

@@ -1,0 +1,213 @@
+"""The one server interceptor: errors → status codes, request metrics, admin auth, draining.
+
+Every servicer method of every service goes through :class:`ServingInterceptor`,
+so no servicer has try/except for status codes: raise ``errors.ServeError``
+(or let anything else escape, which becomes INTERNAL with the traceback logged).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import grpc
+
+from .errors import ServeError, Unauthenticated, PermissionDenied, Unavailable, to_status
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# RPCs that change what the server serves: they need the admin token when one is set.
+MUTATING_METHODS = frozenset({
+    "/aotiserve.v1.ModelRunner/LoadModel",
+    "/aotiserve.v1.ModelRunner/UnloadModel",
+    "/aotiserve.v1.ModelRunner/UpdateConstantBuffer",
+    "/aotiserve.v1.ModelRunner/SwapConstantBuffer",
+    "/aotiserve.v1.ModelRunner/RollbackConstantBuffer",
+    "/aotiserve.v1.ModelRunner/FreeInactiveConstantBuffer",
+    "/aotiserve.v1.ModelRunner/UpdateConstantBufferFromBlob",
+    "/inference.GRPCInferenceService/RepositoryModelLoad",
+    "/inference.GRPCInferenceService/RepositoryModelUnload",
+})
+
+# Services that keep answering while draining (so probes see NOT_SERVING).
+_ALWAYS_ON = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+_MODEL_FIELDS = ("model", "model_name", "name")
+
+
+@dataclass
+class CallInfo:
+    method: str
+    model: str = ""
+    is_admin: bool = False
+
+
+_current = threading.local()
+
+
+def current_call() -> CallInfo | None:
+    """The call being handled on this thread (servicers set ``.model`` for streams)."""
+    return getattr(_current, "call", None)
+
+
+def set_call_model(model: str) -> None:
+    call = current_call()
+    if call is not None:
+        call.model = model
+
+
+def _model_of(request: Any) -> str:
+    for f in _MODEL_FIELDS:
+        value = getattr(request, f, None)
+        if isinstance(value, str):
+            return value
+    return ""
+
+
+class ServingInterceptor(grpc.ServerInterceptor):
+    def __init__(self, metrics: Metrics | None, admin_token: str | None,
+                 is_draining: Callable[[], bool] = lambda: False):
+        self.metrics = metrics
+        self._token = admin_token.encode() if admin_token else None
+        self._is_draining = is_draining
+
+    def _authorize(self, method: str, metadata) -> bool:
+        if self._token is None:
+            return False
+        header = None
+        for key, value in metadata or ():
+            if key == "authorization":
+                header = value
+        if method not in MUTATING_METHODS:
+            return header is not None and self._check(header)
+        if header is None:
+            raise Unauthenticated(f"{method} needs the admin token "
+                                  "(metadata 'authorization: Bearer <token>')")
+        if not self._check(header):
+            raise PermissionDenied(f"{method}: wrong admin token")
+        return True
+
+    def _check(self, header: str) -> bool:
+        token = header[7:] if header.startswith("Bearer ") else header
+        return hmac.compare_digest(token.encode(), self._token)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        metadata = handler_call_details.invocation_metadata
+        short = method.rsplit("/", 1)[-1]
+        always_on = method.startswith(_ALWAYS_ON)
+
+        def start(request, context) -> tuple[CallInfo, float]:
+            call = CallInfo(method=short, model=_model_of(request) if request is not None else "")
+            _current.call = call
+            if self.metrics:
+                self.metrics.in_flight.labels(short).inc()
+            if self._is_draining() and not always_on:
+                raise Unavailable("server is shutting down")
+            call.is_admin = self._authorize(method, metadata)
+            return call
+
+        def finish(call: CallInfo, code: grpc.StatusCode, began: float) -> None:
+            _current.call = None
+            if self.metrics:
+                self.metrics.in_flight.labels(short).dec()
+                self.metrics.requests.labels(call.model, short, code.name).inc()
+                self.metrics.request_seconds.labels(call.model, short).observe(
+                    time.monotonic() - began)
+
+        def fail(context, exc: BaseException) -> None:
+            if isinstance(exc, grpc.RpcError) and not context.is_active():
+                return  # the client went away (e.g. cancelled an upload): nobody to tell
+            code, message = to_status(exc, short)
+            context.abort(code, message)
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            def unary_unary(request, context):
+                began = time.monotonic()
+                call, code = CallInfo(short), grpc.StatusCode.INTERNAL
+                try:
+                    call = start(request, context)
+                    response = inner(request, context)
+                    code = grpc.StatusCode.OK
+                    return response
+                except Exception as exc:  # noqa: BLE001 (the one place errors become codes)
+                    code = _code(exc)
+                    fail(context, exc)
+                finally:
+                    finish(call, code, began)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer)
+
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
+
+            def unary_stream(request, context):
+                began = time.monotonic()
+                call, code = CallInfo(short), grpc.StatusCode.CANCELLED
+                try:
+                    call = start(request, context)
+                    yield from inner_us(request, context)
+                    code = grpc.StatusCode.OK
+                except Exception as exc:  # noqa: BLE001
+                    code = _code(exc)
+                    fail(context, exc)
+                finally:
+                    finish(call, code, began)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer)
+
+        if handler.stream_unary:
+            inner_su = handler.stream_unary
+
+            def stream_unary(request_iterator, context):
+                began = time.monotonic()
+                call, code = CallInfo(short), grpc.StatusCode.INTERNAL
+                try:
+                    call = start(None, context)
+                    response = inner_su(request_iterator, context)
+                    code = grpc.StatusCode.OK
+                    return response
+                except Exception as exc:  # noqa: BLE001
+                    code = _code(exc)
+                    fail(context, exc)
+                finally:
+                    finish(call, code, began)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, handler.request_deserializer, handler.response_serializer)
+
+        inner_ss = handler.stream_stream
+
+        def stream_stream(request_iterator, context):
+            began = time.monotonic()
+            call, code = CallInfo(short), grpc.StatusCode.CANCELLED
+            try:
+                call = start(None, context)
+                yield from inner_ss(request_iterator, context)
+                code = grpc.StatusCode.OK
+            except Exception as exc:  # noqa: BLE001
+                code = _code(exc)
+                fail(context, exc)
+            finally:
+                finish(call, code, began)
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream, handler.request_deserializer, handler.response_serializer)
+
+
+def _code(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, grpc.RpcError):
+        return grpc.StatusCode.CANCELLED
+    return exc.code if isinstance(exc, ServeError) else grpc.StatusCode.INTERNAL

@@ -1,0 +1,503 @@
+"""The models the daemon serves: one replica per device, weights versions, lifecycle.
+
+A :class:`ServedModel` holds one runner container (``LoadedModel``) per
+device, each admitted through its device's :class:`DevicePool`. Runs take the
+model's reader/writer lock shared; weight flips (swap, rollback, direct
+active updates, blob loads) take it exclusive, so every replica changes
+between two requests and each response reports the version that computed it.
+
+Weight state follows the runner's two buffers::
+
+    active    serving now
+    staged    written to the inactive buffer, not swapped in yet
+    previous  in the inactive buffer after a swap: what rollback restores
+
+Known runner hazards guarded here (torch 2.13's model container):
+- swapping with an empty inactive buffer leaves the model unable to run, so
+  swap needs a staged version;
+- freeing the inactive buffer when it is the container's primary blob (after
+  an odd number of swaps) makes the next staging crash, so that free only
+  forgets the version and keeps the memory;
+- reading a freed inactive buffer reads freed memory, so extract(inactive)
+  needs a staged or previous version.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+import tomllib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from aotiserve import runner_ext
+from aotiserve.v1 import model_runner_pb2 as pb
+
+from . import tensor_codec as codec
+from .device_pool import DevicePool, Slot
+from .errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from .metrics import Metrics
+from .packaging import read_io_specs
+from .rwlock import RWLock
+from .weights import FOLDED_PREFIX, INITIAL, WeightsVersion, map_sha256, new_version
+from .weights_store import WeightsStore
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(enum.IntEnum):
+    LOADING = pb.MODEL_STATE_LOADING
+    READY = pb.MODEL_STATE_READY
+    UNLOADING = pb.MODEL_STATE_UNLOADING
+    FAILED = pb.MODEL_STATE_FAILED
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """A model input or output. ``dtype``/``shape`` are None where unknown; -1 = dynamic dim."""
+
+    name: str
+    dtype: torch.dtype | None
+    shape: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class ConstantInfo:
+    """An updatable constant: runner constant name, original FQN, dtype, shape."""
+
+    name: str
+    fqn: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return codec.numel_of(self.shape) * self.dtype.itemsize
+
+
+@dataclass
+class Replica:
+    loaded: Any  # runner_ext.LoadedModel
+    pool: DevicePool
+    slot: Slot
+
+    @property
+    def runner(self) -> Any:
+        return self.loaded.runner
+
+
+@dataclass
+class WeightsState:
+    active: WeightsVersion
+    staged: WeightsVersion | None = None
+    previous: WeightsVersion | None = None
+    swaps: int = 0  # parity tells which of the container's buffers is inactive
+
+    @property
+    def inactive_is_primary(self) -> bool:
+        return self.swaps % 2 == 1
+
+
+def _spec_from_json(d: Mapping[str, Any]) -> IOSpec:
+    dtype = getattr(torch, d.get("dtype", ""), None)
+    shape = d.get("shape")
+    return IOSpec(str(d["name"]), dtype if isinstance(dtype, torch.dtype) else None,
+                  tuple(int(x) for x in shape) if shape is not None else None)
+
+
+@dataclass
+class ModelOptions:
+    """Placement of one model (per-model config file or LoadModel request)."""
+
+    devices: tuple[str, ...]
+    runners: int
+    package_model: str | None = None
+
+
+class ServedModel:
+    def __init__(self, name: str, path: str, options: ModelOptions, metrics: Metrics | None):
+        self.name = name
+        self.path = path
+        self.options = options
+        self.metrics = metrics
+        self.state = ModelState.LOADING
+        self.error = ""
+        self.replicas: list[Replica] = []
+        self.metadata: dict[str, str] = {}
+        self.inputs: list[IOSpec] = []
+        self.outputs: list[IOSpec] = []
+        self.constants: dict[str, ConstantInfo] = {}  # by original FQN
+        self.constants_by_name: dict[str, ConstantInfo] = {}
+        self.folded_names: set[str] = set()
+        self.weights: WeightsState | None = None
+        self.rw = RWLock()
+        self.weights_op = threading.Lock()  # one weight operation at a time
+        self._inflight = 0
+        self._idle = threading.Condition()
+
+    # Loading ---------------------------------------------------------------
+
+    def load(self, pools: Mapping[str, DevicePool]) -> None:
+        try:
+            for device in self.options.devices:
+                pool = pools[device]
+                loaded = runner_ext.load_model(
+                    self.path, model_name=self.options.package_model, device=pool.device,
+                    num_runners=self.options.runners)
+                self.replicas.append(Replica(loaded, pool, pool.slot(self.options.runners,
+                                                                     f"model {self.name!r}")))
+            self._describe()
+        except BaseException:
+            self.close()
+            raise
+
+    def _describe(self) -> None:
+        first = self.replicas[0]
+        runner = first.runner
+        self.metadata = dict(first.loaded.metadata)
+        specs = read_io_specs(self.metadata)
+        if specs is not None:
+            self.inputs = [_spec_from_json(d) for d in specs[0]]
+            self.outputs = [_spec_from_json(d) for d in specs[1]]
+        else:
+            self.inputs = [IOSpec(f"input__{i}", None, None) for i in range(runner.get_num_inputs())]
+            self.outputs = [IOSpec(f"output__{i}", None, None)
+                            for i in range(runner.get_num_outputs())]
+        fqns = runner.get_constant_names_to_original_fqns()
+        live = runner.extract_constants_map(False)
+        for name, fqn in fqns.items():
+            tensor = live.get(fqn)
+            if name.startswith(FOLDED_PREFIX) or tensor is None:
+                self.folded_names.add(name)
+                continue
+            info = ConstantInfo(name, fqn, tensor.dtype, tuple(tensor.shape))
+            self.constants[fqn] = info
+            self.constants_by_name[name] = info
+        self.weights = WeightsState(
+            WeightsVersion(INITIAL, map_sha256(self, live), int(time.time() * 1000), "package",
+                           os.path.basename(self.path)))
+
+    def close(self) -> None:
+        for replica in self.replicas:
+            replica.pool.close_slot(replica.slot)
+            replica.loaded.close()
+        self.replicas = []
+
+    # Requests ------------------------------------------------------------
+
+    def begin(self) -> None:
+        with self._idle:
+            if self.state != ModelState.READY:
+                raise Unavailable(f"model {self.name!r} is {self.state.name.lower()}")
+            self._inflight += 1
+
+    def end(self) -> None:
+        with self._idle:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+
+    def pick_replica(self) -> Replica:
+        replicas = self.replicas
+        if len(replicas) == 1:
+            return replicas[0]
+        return min(replicas, key=lambda r: (r.slot.load, r.pool.running + r.pool.waiting))
+
+    # Weights ---------------------------------------------------------------
+
+    def stage(self, tensors: Mapping[str, Sequence[torch.Tensor]], use_inactive: bool,
+              version: WeightsVersion, store: WeightsStore | None) -> None:
+        """Writes per-replica tensors ({fqn: [tensor per replica]}) into a buffer.
+
+        ``use_inactive``: the inactive buffer, completed with the active weights
+        for constants not sent; otherwise the active buffer, in place, with no
+        run in flight.
+        """
+        with self.weights_op:
+            state = self.weights
+            if use_inactive:
+                for i, replica in enumerate(self.replicas):
+                    active = replica.runner.extract_constants_map(False)
+                    full = {info.name: (tensors[fqn][i] if fqn in tensors else active[fqn])
+                            for fqn, info in self.constants.items()}
+                    replica.pool.run_in_stream(
+                        lambda r=replica, m=full: r.runner.update_constant_buffer(m, True, False))
+                if store is not None:
+                    store.save_version(self.name, version, self._extract(0, True))
+                state.staged, state.previous = version, None
+            else:
+                if store is not None:
+                    active = self._extract(0, False)
+                    merged = {fqn: (tensors[fqn][0] if fqn in tensors else active[fqn])
+                              for fqn in self.constants}
+                    store.save_version(self.name, version, merged)
+                with self.rw.exclusive():
+                    for i, replica in enumerate(self.replicas):
+                        m = {self.constants[fqn].name: ts[i] for fqn, ts in tensors.items()}
+                        replica.pool.run_in_stream(
+                            lambda r=replica, m=m: r.runner.update_constant_buffer(m, False, False))
+                    state.active = version
+                if store is not None:
+                    store.commit(self.name, version)
+                    self._prune(store)
+                self._gauge_version()
+
+    def _extract(self, replica_index: int, use_inactive: bool) -> dict[str, torch.Tensor]:
+        m = self.replicas[replica_index].runner.extract_constants_map(use_inactive)
+        return {fqn: t for fqn, t in m.items() if fqn in self.constants}
+
+    def extract(self, use_inactive: bool) -> tuple[dict[str, torch.Tensor], WeightsVersion]:
+        with self.weights_op:
+            state = self.weights
+            if use_inactive:
+                version = state.staged or state.previous
+                if version is None:
+                    raise FailedPrecondition(
+                        f"model {self.name!r}: the inactive buffer holds no weights "
+                        "(nothing staged, or it was freed)")
+            else:
+                version = state.active
+            return self._extract(0, use_inactive), version
+
+    def swap(self, store: WeightsStore | None) -> WeightsVersion:
+        with self.weights_op:
+            state = self.weights
+            if state.staged is None:
+                hint = (" (previous weights are held: use RollbackConstantBuffer to restore them)"
+                        if state.previous else "")
+                raise FailedPrecondition(
+                    f"model {self.name!r}: nothing is staged in the inactive buffer; "
+                    f"stage weights with UpdateConstantBuffer(use_inactive=true) first{hint}")
+            self._flip()
+            state.previous, state.active, state.staged = state.active, state.staged, None
+            if store is not None:
+                store.commit(self.name, state.active)
+            self._gauge_version()
+            return state.active
+
+    def rollback(self, store: WeightsStore | None) -> WeightsVersion:
+        with self.weights_op:
+            state = self.weights
+            if state.previous is None:
+                raise FailedPrecondition(
+                    f"model {self.name!r}: no previous weights to roll back to "
+                    "(nothing was swapped in, or the inactive buffer was freed or restaged)")
+            self._flip()
+            state.previous, state.active = state.active, state.previous
+            if store is not None:
+                store.commit(self.name, state.active)
+            self._gauge_version()
+            return state.active
+
+    def _flip(self) -> None:
+        with self.rw.exclusive():
+            for replica in self.replicas:
+                replica.runner.swap_constant_buffer()
+            self.weights.swaps += 1
+
+    def free_inactive(self, store: WeightsStore | None) -> None:
+        with self.weights_op:
+            state = self.weights
+            if state.staged is None and state.previous is None:
+                return
+            if not state.inactive_is_primary:
+                for replica in self.replicas:
+                    replica.runner.free_inactive_constant_buffer()
+            else:
+                log.debug("model %r: inactive buffer is the primary blob; keeping its memory "
+                          "(freeing it makes the container crash on the next staging)", self.name)
+            state.staged = state.previous = None
+            if store is not None:
+                self._prune(store)
+
+    def update_from_blob(self, path: str, version: WeightsVersion) -> WeightsVersion:
+        """Loads a weights blob into the active buffer of every replica (no run in flight)."""
+        with self.weights_op:
+            with self.rw.exclusive():
+                for replica in self.replicas:
+                    replica.runner.update_constant_buffer_from_blob(path)
+                self.weights.active = version
+            self._gauge_version()
+            return version
+
+    def restore(self, version: WeightsVersion, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Serves a persisted version (at load, before the model is READY)."""
+        per_replica = {}
+        for fqn, info in self.constants.items():
+            if fqn not in tensors:
+                raise Internal(f"stored version {version.id} of {self.name!r} lacks {fqn!r}")
+            t = tensors[fqn]
+            if t.dtype != info.dtype or tuple(t.shape) != info.shape:
+                raise Internal(f"stored version {version.id} of {self.name!r}: {fqn!r} does "
+                               "not match the package")
+            per_replica[fqn] = [r.pool.to_device(t) for r in self.replicas]
+        self.stage(per_replica, True, version, None)
+        self.swap(None)
+        self.weights.previous = None
+
+    def _prune(self, store: WeightsStore) -> None:
+        s = self.weights
+        store.prune(self.name, {v.id for v in (s.active, s.staged, s.previous) if v})
+
+    def _gauge_version(self) -> None:
+        if self.metrics and self.weights:
+            self.metrics.set_active_version(self.name, self.weights.active.id,
+                                            self.weights.active.sha256)
+
+    # Description -----------------------------------------------------------
+
+    @property
+    def devices(self) -> list[str]:
+        return [r.pool.name for r in self.replicas] or list(self.options.devices)
+
+
+def _read_model_options(pt2: Path, defaults: ModelOptions) -> ModelOptions:
+    for suffix, parse in ((".toml", tomllib.loads), (".json", json.loads)):
+        cfg = pt2.with_suffix(suffix)
+        if cfg.exists():
+            data = parse(cfg.read_text())
+            devices = data.get("devices", defaults.devices)
+            if isinstance(devices, str):
+                devices = [d.strip() for d in devices.split(",") if d.strip()]
+            return ModelOptions(
+                devices=tuple(devices),
+                runners=int(data.get("runners", data.get("runners_per_model", defaults.runners))),
+                package_model=data.get("package_model") or None)
+    return defaults
+
+
+class ModelRegistry:
+    """Name → ServedModel, plus the device pools they are placed on."""
+
+    def __init__(self, pools: Mapping[str, DevicePool], default_devices: Sequence[str],
+                 default_runners: int, metrics: Metrics | None = None,
+                 store: WeightsStore | None = None):
+        self.pools = dict(pools)
+        self.default_devices = tuple(default_devices)
+        self.default_runners = default_runners
+        self.metrics = metrics
+        self.store = store
+        self._models: dict[str, ServedModel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> ServedModel:
+        model = self._models.get(name)
+        if model is None:
+            raise NotFound(f"model {name!r} is not loaded")
+        if model.state != ModelState.READY:
+            if model.state == ModelState.FAILED:
+                raise Unavailable(f"model {name!r} failed to load: {model.error}")
+            raise Unavailable(f"model {name!r} is {model.state.name.lower()}")
+        return model
+
+    def models(self) -> list[ServedModel]:
+        return list(self._models.values())
+
+    def options(self, devices: Sequence[str] = (), runners: int = 0,
+                package_model: str | None = None) -> ModelOptions:
+        devices = tuple(devices) or self.default_devices
+        unknown = [d for d in devices if d not in self.pools]
+        if unknown:
+            raise InvalidArgument(
+                f"device(s) {', '.join(unknown)} are not served here "
+                f"(configured: {', '.join(self.pools)})")
+        if runners < 0:
+            raise InvalidArgument(f"runners_per_device must be positive, got {runners}")
+        return ModelOptions(devices, runners or self.default_runners, package_model or None)
+
+    def load(self, name: str, path: str | os.PathLike, options: ModelOptions) -> ServedModel:
+        if not name or "/" in name:
+            raise InvalidArgument(f"invalid model name {name!r}")
+        model = ServedModel(name, str(path), options, self.metrics)
+        with self._lock:
+            existing = self._models.get(name)
+            if existing is not None and existing.state != ModelState.FAILED:
+                raise AlreadyExists(f"model {name!r} is already loaded (unload it first)")
+            self._models[name] = model
+        started = time.monotonic()
+        try:
+            model.load(self.pools)
+            if self.store is not None:
+                committed = self.store.committed(name)
+                if committed is not None and committed[1] is not None:
+                    model.restore(committed[0], committed[1])
+                    log.info("model %r: serving committed weights version %s",
+                             name, committed[0].id)
+        except runner_ext.PackageError as exc:
+            self._failed(model, str(exc))
+            raise InvalidArgument(str(exc)) from exc
+        except Exception as exc:
+            self._failed(model, f"{type(exc).__name__}: {exc}")
+            raise
+        model.state = ModelState.READY
+        model._gauge_version()
+        if self.metrics:
+            self.metrics.model_loads.labels(name, "ok").inc()
+        log.info("model %r loaded from %s on %s (%d runners each) in %.2fs", name, path,
+                 ",".join(model.devices), options.runners, time.monotonic() - started)
+        return model
+
+    def _failed(self, model: ServedModel, error: str) -> None:
+        model.state = ModelState.FAILED
+        model.error = error
+        if self.metrics:
+            self.metrics.model_loads.labels(model.name, "error").inc()
+        log.error("model %r failed to load from %s: %s", model.name, model.path, error)
+
+    def unload(self, name: str, timeout: float | None = None) -> None:
+        with self._lock:
+            model = self._models.get(name)
+            if model is None:
+                raise NotFound(f"model {name!r} is not loaded")
+            if model.state == ModelState.UNLOADING:
+                raise Unavailable(f"model {name!r} is already unloading")
+            with model._idle:
+                model.state = ModelState.UNLOADING
+        model.wait_idle(timeout)
+        with model.weights_op:
+            model.close()
+        with self._lock:
+            if self._models.get(name) is model:
+                del self._models[name]
+        if self.metrics:
+            self.metrics.forget_model(name)
+        log.info("model %r unloaded", name)
+
+    def load_repository(self, folder: str | os.PathLike) -> list[str]:
+        """Loads every <name>.pt2 (with optional <name>.toml/.json) of ``folder``."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise InvalidArgument(f"model repository {str(folder)!r} is not a folder")
+        defaults = self.options()
+        names = []
+        for pt2 in sorted(folder.glob("*.pt2")):
+            opts = _read_model_options(pt2, defaults)
+            self.options(opts.devices, opts.runners)  # validates devices
+            self.load(pt2.stem, pt2, opts)
+            names.append(pt2.stem)
+        return names
+
+    def close(self) -> None:
+        for name in list(self._models):
+            try:
+                self.unload(name, timeout=0)
+            except Exception:  # noqa: BLE001 (closing everything regardless)
+                log.exception("unloading %r failed", name)

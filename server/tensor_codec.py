@@ -1,0 +1,116 @@
+"""Wire tensors (``aotiserve.v1.Tensor``) to torch tensors and back, copying as little as we can.
+
+Decoding wraps the received bytes with ``torch.frombuffer`` (no copy; the
+tensor is read-only by contract: runners never write their inputs). Encoding
+takes the tensor's bytes once (``numpy().tobytes()`` of a uint8 view works for
+every dtype, bfloat16 and float8 included).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from aotiserve.client import dtypes as dt
+from aotiserve.v1 import model_runner_pb2 as pb
+
+from .errors import InvalidArgument, ResourceExhausted
+
+# frombuffer on an immutable ``bytes`` warns once; inputs are never written.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+TORCH_DTYPE_BY_WIRE: dict[int, torch.dtype] = {
+    d.wire: getattr(torch, d.torch_name) for d in dt.DTYPES if hasattr(torch, d.torch_name)
+}
+WIRE_BY_TORCH_DTYPE: dict[torch.dtype, int] = {v: k for k, v in TORCH_DTYPE_BY_WIRE.items()}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one decoded tensor."""
+
+    max_elements: int = 1 << 31
+    max_rank: int = 16
+
+
+def torch_dtype(wire: int, what: str) -> torch.dtype:
+    try:
+        return TORCH_DTYPE_BY_WIRE[wire]
+    except KeyError:
+        raise InvalidArgument(f"{what}: unknown or unsupported dtype {dt.wire_name(wire)}") from None
+
+
+def wire_dtype(dtype: torch.dtype) -> int:
+    try:
+        return WIRE_BY_TORCH_DTYPE[dtype]
+    except KeyError:
+        raise InvalidArgument(f"dtype {dtype} has no wire representation") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def checked_numel(shape: Sequence[int], what: str, limits: Limits) -> int:
+    """prod(shape), refusing negative dims, too many dims and absurd sizes."""
+    if len(shape) > limits.max_rank:
+        raise InvalidArgument(f"{what}: rank {len(shape)} exceeds the limit of {limits.max_rank}")
+    numel = 1
+    for d in shape:
+        if d < 0:
+            raise InvalidArgument(f"{what}: negative dimension {d} in shape {list(shape)}")
+        numel *= d
+        if numel > limits.max_elements:
+            raise ResourceExhausted(
+                f"{what}: shape {list(shape)} has more than {limits.max_elements} elements")
+    return numel
+
+
+def describe(dtype: torch.dtype, shape: Sequence[int]) -> str:
+    return f"{dtype_name(dtype)}[{', '.join(str(d) for d in shape)}]"
+
+
+def decode(t: pb.Tensor, what: str, limits: Limits = Limits()) -> torch.Tensor:
+    """A CPU tensor over ``t.data`` (no copy). ``what`` names it in errors."""
+    dtype = torch_dtype(t.dtype, what)
+    shape = tuple(t.shape)
+    numel = checked_numel(shape, what, limits)
+    data = t.data
+    expected = numel * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidArgument(
+            f"{what}: expected {expected} bytes for {describe(dtype, shape)}, got {len(data)}")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    tensor = torch.frombuffer(data, dtype=dtype).view(shape)
+    if dtype == torch.bool and tensor.view(torch.uint8).max() > 1:
+        raise InvalidArgument(f"{what}: bool tensor holds bytes other than 0 and 1")
+    return tensor
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The tensor's C-contiguous little-endian bytes (one copy)."""
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    flat = tensor.contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return b""
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def encode(tensor: torch.Tensor) -> pb.Tensor:
+    return pb.Tensor(
+        dtype=wire_dtype(tensor.dtype), shape=list(tensor.shape), data=tensor_bytes(tensor))
+
+
+def byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor's storage (for chunked writes and reads)."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def numel_of(shape: Sequence[int]) -> int:
+    return math.prod(shape)

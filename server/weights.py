@@ -1,0 +1,244 @@
+"""Weight versions and streamed staging of new weights.
+
+A :class:`StagingUpload` receives one ``UpdateConstantBuffer`` stream: the
+header declares every constant (validated against the model before anything
+is allocated), then chunks are written straight into tensors preallocated on
+each replica's device. Only a complete, valid upload is handed to the
+runners; anything else drops the staging tensors and leaves both buffers as
+they were.
+
+The version's sha256 is defined as sha256 over, for each written constant in
+sorted original-FQN order, ``fqn \\0 dtype \\0 shape \\0`` followed by the
+sha256 digest of its bytes. Per-constant digests are computed while chunks
+stream in order; a constant whose chunks came out of order is hashed from
+the staged tensor at the end.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+import torch
+
+from aotiserve.v1 import model_runner_pb2 as pb
+
+from . import tensor_codec as codec
+from .errors import InvalidArgument, ResourceExhausted
+
+if TYPE_CHECKING:
+    from .model_registry import ConstantInfo, ServedModel
+
+log = logging.getLogger(__name__)
+
+FOLDED_PREFIX = "_FOLDED_CONST_"
+INITIAL = "initial"
+
+
+@dataclass(frozen=True)
+class WeightsVersion:
+    id: str
+    sha256: str
+    created_unix_ms: int
+    author: str = ""
+    description: str = ""
+
+    def to_proto(self) -> pb.WeightsVersion:
+        return pb.WeightsVersion(
+            id=self.id, sha256=self.sha256, created_unix_ms=self.created_unix_ms,
+            author=self.author, description=self.description)
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "sha256": self.sha256, "created_unix_ms": self.created_unix_ms,
+                "author": self.author, "description": self.description}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "WeightsVersion":
+        return cls(str(data["id"]), str(data["sha256"]), int(data["created_unix_ms"]),
+                   str(data.get("author", "")), str(data.get("description", "")))
+
+
+_ids = itertools.count(1)
+
+
+def new_version(sha256: str, author: str, description: str) -> WeightsVersion:
+    now = time.time()
+    vid = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}-{sha256[:8]}-{next(_ids)}"
+    return WeightsVersion(vid, sha256, int(now * 1000), author, description)
+
+
+def _digest_header(info: "ConstantInfo") -> bytes:
+    return f"{info.fqn}\0{codec.dtype_name(info.dtype)}\0{list(info.shape)}\0".encode()
+
+
+def content_sha256(items: Iterable[tuple["ConstantInfo", bytes]]) -> str:
+    """The version sha256 from (constant, per-constant digest) pairs."""
+    h = hashlib.sha256()
+    for info, digest in sorted(items, key=lambda it: it[0].fqn):
+        h.update(_digest_header(info))
+        h.update(digest)
+    return h.hexdigest()
+
+
+def tensor_digest(tensor: torch.Tensor) -> bytes:
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return hashlib.sha256(b"").digest()
+    return hashlib.sha256(memoryview(codec.byte_view(t).numpy())).digest()
+
+
+def map_sha256(model: "ServedModel", tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a {fqn: tensor} map (e.g. the packaged weights)."""
+    return content_sha256(
+        (model.constants[fqn], tensor_digest(t)) for fqn, t in tensors.items()
+        if fqn in model.constants)
+
+
+def resolve_constant(model: "ServedModel", name: str) -> "ConstantInfo":
+    """The updatable constant called ``name`` (original FQN or constant name)."""
+    info = model.constants.get(name) or model.constants_by_name.get(name)
+    if info is not None:
+        return info
+    if name.startswith(FOLDED_PREFIX) or name in model.folded_names:
+        raise InvalidArgument(
+            f"constant {name!r} is computed from other weights at run time "
+            "(runtime constant folding) and cannot be set; send the weights it is folded from")
+    raise InvalidArgument(
+        f"{name!r} is not an updatable constant of model {model.name!r}; if it is a weight of "
+        "the original module, the package folded it into code at compile time: recompile with "
+        "aot_inductor.use_runtime_constant_folding=True (aotiserve.server.packaging.pack does)")
+
+
+@dataclass
+class _Staged:
+    info: "ConstantInfo"
+    tensors: list[torch.Tensor]  # one per replica, on its device
+    views: list[torch.Tensor]  # flat uint8 views of tensors
+    cpu_index: int | None  # which replica tensor is on the host (for hashing), if any
+    intervals: list[tuple[int, int]] = field(default_factory=list)  # sorted, disjoint
+    received: int = 0
+    hasher: "hashlib._Hash | None" = field(default_factory=hashlib.sha256)
+    next_offset: int = 0  # in-order hashing position
+
+
+class StagingUpload:
+    """One upload in progress. Call :meth:`add_chunk` per chunk, then :meth:`finish`."""
+
+    def __init__(self, model: "ServedModel", header: pb.UpdateConstantBufferHeader,
+                 max_upload_bytes: int, limits: codec.Limits):
+        self.model = model
+        self.header = header
+        self.use_inactive = header.use_inactive
+        self.validate_full = header.validate_full_updates
+        declared: dict[str, tuple["ConstantInfo", str]] = {}
+        total = 0
+        if not header.constants:
+            raise InvalidArgument("the upload header declares no constants")
+        for spec in header.constants:
+            info = resolve_constant(model, spec.name)
+            what = f"constant {spec.name!r}"
+            if info.fqn in declared:
+                raise InvalidArgument(f"{what} is declared twice in the header")
+            dtype = codec.torch_dtype(spec.dtype, what)
+            shape = tuple(spec.shape)
+            codec.checked_numel(shape, what, limits)
+            if dtype != info.dtype:
+                raise InvalidArgument(
+                    f"{what}: dtype must be {codec.dtype_name(info.dtype)} (as the model's), "
+                    f"got {codec.dtype_name(dtype)}")
+            if shape != info.shape:
+                raise InvalidArgument(
+                    f"{what}: shape must be {list(info.shape)} (as the model's), got {list(shape)}")
+            declared[info.fqn] = (info, spec.name)
+            total += info.nbytes
+        if self.validate_full:
+            missing = sorted(set(model.constants) - set(declared))
+            if missing:
+                raise InvalidArgument(
+                    "validate_full_updates is set but the upload misses constants: "
+                    + ", ".join(missing))
+        if total > max_upload_bytes:
+            raise ResourceExhausted(
+                f"upload of {total} bytes exceeds the limit of {max_upload_bytes} bytes")
+        self.total_bytes = total
+        self.bytes_received = 0
+        # The wire may name a constant by FQN or by constant name: map both.
+        self._by_wire_name: dict[str, _Staged] = {}
+        self.staged: dict[str, _Staged] = {}
+        # Validation passed: allocate, one tensor per replica, on its device.
+        for fqn, (info, wire_name) in declared.items():
+            tensors = [torch.empty(info.shape, dtype=info.dtype, device=r.pool.device)
+                       for r in model.replicas]
+            cpu_index = next((i for i, t in enumerate(tensors) if t.device.type == "cpu"), None)
+            st = _Staged(info, tensors, [codec.byte_view(t) for t in tensors], cpu_index)
+            self.staged[fqn] = st
+            for key in (fqn, info.name, wire_name):
+                self._by_wire_name[key] = st
+
+    def add_chunk(self, chunk: pb.ConstantChunk) -> None:
+        st = self._by_wire_name.get(chunk.name)
+        what = f"constant {chunk.name!r}"
+        if st is None:
+            raise InvalidArgument(f"chunk for {what}, which the header did not declare")
+        data = chunk.data
+        n = len(data)
+        start = chunk.offset
+        end = start + n
+        size = st.info.nbytes
+        if start < 0 or end > size:
+            raise InvalidArgument(
+                f"{what}: chunk [{start}, {end}) lies beyond the constant's {size} bytes")
+        if n == 0:
+            return
+        i = bisect.bisect_left(st.intervals, (start, end))
+        if (i > 0 and st.intervals[i - 1][1] > start) or (
+                i < len(st.intervals) and st.intervals[i][0] < end):
+            raise InvalidArgument(f"{what}: chunk [{start}, {end}) overlaps bytes already received")
+        st.intervals.insert(i, (start, end))
+        src = torch.frombuffer(data, dtype=torch.uint8)
+        for pool, view in zip((r.pool for r in self.model.replicas), st.views):
+            if view.device.type == "cpu":
+                view[start:end].copy_(src)
+            else:
+                pool.run_in_stream(lambda v=view: v[start:end].copy_(src, non_blocking=False))
+        st.received += n
+        self.bytes_received += n
+        if st.hasher is not None:
+            if start == st.next_offset:
+                st.hasher.update(data)
+                st.next_offset = end
+            else:
+                st.hasher = None  # out of order: hash the staged tensor at the end
+
+    def finish(self) -> tuple[dict[str, list[torch.Tensor]], str]:
+        """Checks completeness; returns ({fqn: per-replica tensors}, sha256)."""
+        for fqn, st in sorted(self.staged.items()):
+            if st.received != st.info.nbytes:
+                raise InvalidArgument(
+                    f"constant {fqn!r}: received {st.received} of {st.info.nbytes} bytes; "
+                    "the upload ended early")
+        digests = []
+        for st in self.staged.values():
+            if st.hasher is not None:
+                digest = st.hasher.digest()
+            else:
+                idx = st.cpu_index if st.cpu_index is not None else 0
+                digest = tensor_digest(st.tensors[idx])
+            digests.append((st.info, digest))
+        return {fqn: st.tensors for fqn, st in self.staged.items()}, content_sha256(digests)
+
+    def discard(self) -> None:
+        self.staged.clear()
+        self._by_wire_name.clear()
+
+
+def replace_author(version: WeightsVersion, author: str) -> WeightsVersion:
+    return replace(version, author=author)

@@ -1,0 +1,108 @@
+"""Durable weight versions: what a restarted daemon serves.
+
+Layout below ``weights_dir``::
+
+    <model>/versions/<id>.safetensors   every staged version (full set of updatable constants)
+    <model>/versions/<id>.json          its WeightsVersion
+    <model>/current.json                the committed (serving) version id
+
+Every file is written to a temp name, fsynced, renamed, and the folder
+fsynced, so a crash at any point leaves either the old or the new file.
+A version is staged to disk before it can be swapped in, so committing is
+one small atomic rename.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .weights import WeightsVersion
+
+log = logging.getLogger(__name__)
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _safe(name: str) -> str:
+    return _SAFE.sub("_", name) or "_"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class WeightsStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _model_dir(self, model: str) -> Path:
+        return self.root / _safe(model)
+
+    def save_version(self, model: str, version: WeightsVersion,
+                     tensors: Mapping[str, torch.Tensor]) -> None:
+        """Writes a staged version's full weights (host copies are made as needed)."""
+        versions = self._model_dir(model) / "versions"
+        host = {k: (v if v.device.type == "cpu" else v.cpu()).contiguous() for k, v in tensors.items()}
+        _atomic_write(versions / f"{_safe(version.id)}.safetensors",
+                      lambda tmp: save_file(host, tmp, metadata={"version": version.id}))
+        _atomic_write(versions / f"{_safe(version.id)}.json",
+                      lambda tmp: Path(tmp).write_text(json.dumps(version.to_json())))
+
+    def commit(self, model: str, version: WeightsVersion) -> None:
+        """Makes ``version`` the one a restart serves."""
+        _atomic_write(self._model_dir(model) / "current.json",
+                      lambda tmp: Path(tmp).write_text(json.dumps(version.to_json())))
+        log.info("model %r: committed weights version %s", model, version.id)
+
+    def committed(self, model: str) -> tuple[WeightsVersion, dict[str, torch.Tensor] | None] | None:
+        """The committed version and its tensors (None for the packaged weights), or None."""
+        current = self._model_dir(model) / "current.json"
+        if not current.exists():
+            return None
+        version = WeightsVersion.from_json(json.loads(current.read_text()))
+        if version.id == "initial":
+            return version, None
+        path = self._model_dir(model) / "versions" / f"{_safe(version.id)}.safetensors"
+        return version, load_file(str(path))
+
+    def prune(self, model: str, keep: set[str]) -> None:
+        """Deletes stored versions not in ``keep`` (ids)."""
+        versions = self._model_dir(model) / "versions"
+        if not versions.is_dir():
+            return
+        wanted = {_safe(k) for k in keep}
+        for path in versions.iterdir():
+            if path.name.startswith("."):
+                if path.name.endswith(".tmp"):
+                    path.unlink(missing_ok=True)  # left by a crash mid-write
+            elif path.stem not in wanted:
+                path.unlink(missing_ok=True)
