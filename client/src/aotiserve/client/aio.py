@@ -239,7 +239,8 @@ class AsyncClient:
                 elif code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                                   grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise from_rpc_error(e) from None
-                last = code.name
+                if code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    last = code.name
             await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, _RETRY_MAX_S)
         raise DeadlineExceededError(f"{self.target} not SERVING after {timeout:g}s (last: {last})")

@@ -309,7 +309,8 @@ class Client:
                 if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                                 grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise from_rpc_error(e) from None
-                last = code.name
+                if code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    last = code.name
             # The server closed the stream (restarting, draining): try again shortly.
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, _RETRY_MAX_S)
