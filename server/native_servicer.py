@@ -53,7 +53,10 @@ def model_info_proto(info: ModelInfo) -> pb.ModelInfo:
 
 def _deadline(context: grpc.ServicerContext) -> float | None:
     remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
+    # grpc reports "no deadline" as an enormous remaining time.
+    if remaining is None or remaining > 1e7:
+        return None
+    return time.monotonic() + remaining
 
 
 def _author(context: grpc.ServicerContext) -> str:
