@@ -19,7 +19,7 @@ from aotiserve.v1 import model_runner_pb2 as pb
 
 #: Matches the server's default receive limit. Chunked uploads and downloads
 #: never come near it; it bounds single Run requests and responses.
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+DEFAULT_MAX_MESSAGE_BYTES = (64 << 20) + (64 << 10)
 
 WEIGHTS_VERSION_TRAILER = "aotiserve-weights-version"
 

@@ -52,7 +52,7 @@ def _torch():
     return torch
 
 
-def _is_torch_tensor(value: Any) -> bool:
+def is_torch_tensor(value: Any) -> bool:
     # Checked without importing torch: a tensor can only exist if torch is loaded.
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(value, torch.Tensor)
@@ -87,7 +87,7 @@ def to_wire(value: Any, what: str = "tensor") -> WireTensor:
     Copies only when it must: non-contiguous or big-endian numpy arrays,
     non-contiguous or non-CPU torch tensors.
     """
-    if _is_torch_tensor(value):
+    if is_torch_tensor(value):
         return _torch_to_wire(value, what)
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{what}: expected an array or tensor, got {type(value).__name__}")
