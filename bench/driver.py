@@ -1,0 +1,312 @@
+"""Load generator: one client process that drives one system and prints JSON.
+
+Run as a script, possibly by a peer's interpreter (``bench/.peers/*/bin/python``),
+so it imports only what the chosen system needs: grpcio for the echo floor and
+aotiserve's native Run, tritonclient for every Open Inference Protocol server
+(KServe, PyTriton, aotiserve's OIP endpoint), torch and aotiserve for the
+in-process call. The config is one JSON argument; the result is the last line
+of stdout.
+
+Each client worker owns its own channel (an independent client, as separate
+users would be). Concurrency runs either as threads in this process or as
+separate processes (``mode``): with threads the client's own GIL caps what a
+fast server can show, with processes the clients compete with the server for
+the same two cores. Both are honest; the report says which was used.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+MAX_MSG = 512 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MSG),
+    ("grpc.max_send_message_length", MAX_MSG),
+]
+
+# --------------------------------------------------------------------------- calls
+
+
+def _echo_call(cfg: dict) -> Callable[[], None]:
+    import grpc
+
+    channel = grpc.insecure_channel(cfg["target"], options=CHANNEL_OPTIONS)
+    call = channel.unary_unary("/bench.Echo/Echo")  # bytes in, bytes out
+    payload = b"\x01" * cfg["req_size"]
+
+    def run() -> None:
+        call(payload)
+
+    run.channel = channel
+    return run
+
+
+def _inputs(cfg: dict) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal(tuple(shape)).astype(np.float32) for shape in cfg["input_shapes"]]
+
+
+def _native_call(cfg: dict) -> Callable[[], None]:
+    """aotiserve's Run through the raw generated stub: the least client work possible."""
+    import grpc
+
+    from aotiserve.v1 import model_runner_pb2 as pb
+    from aotiserve.v1 import model_runner_pb2_grpc
+
+    channel = grpc.insecure_channel(cfg["target"], options=CHANNEL_OPTIONS)
+    stub = model_runner_pb2_grpc.ModelRunnerStub(channel)
+    arrays = _inputs(cfg)
+    model = cfg["model"]
+
+    def run() -> None:
+        # Encode per call, as a real client would.
+        req = pb.RunRequest(
+            model=model,
+            inputs=[pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=a.shape, data=a.tobytes()) for a in arrays],
+        )
+        resp = stub.Run(req)
+        for t in resp.outputs:
+            np.frombuffer(t.data, dtype=np.float32).reshape(tuple(t.shape))
+
+    run.channel = channel
+    return run
+
+
+def _client_call(cfg: dict) -> Callable[[], None]:
+    """aotiserve's own client library (``aotiserve.client``)."""
+    from aotiserve.client import Client
+
+    client = Client(cfg["target"])
+    handle = client.model(cfg["model"])
+    arrays = _inputs(cfg)
+
+    def run() -> None:
+        handle.run(arrays)
+
+    run.client = client
+    return run
+
+
+def _oip_call(cfg: dict) -> Callable[[], None]:
+    """Any Open Inference Protocol server, through tritonclient (the reference client)."""
+    import tritonclient.grpc as tc
+
+    client = tc.InferenceServerClient(cfg["target"])
+    model = cfg["model"]
+    in_names, out_names = cfg.get("input_names"), cfg.get("output_names")
+    if not in_names:
+        meta = client.get_model_metadata(model, as_json=True)
+        in_names = [i["name"] for i in meta["inputs"]]
+        out_names = [o["name"] for o in meta["outputs"]]
+    arrays = _inputs(cfg)
+
+    def run() -> None:
+        inputs = []
+        for name, a in zip(in_names, arrays):
+            inp = tc.InferInput(name, list(a.shape), "FP32")
+            inp.set_data_from_numpy(a)
+            inputs.append(inp)
+        outputs = [tc.InferRequestedOutput(n) for n in out_names]
+        result = client.infer(model, inputs, outputs=outputs)
+        for n in out_names:
+            result.as_numpy(n)
+
+    run.client = client
+    return run
+
+
+_INPROC_CACHE: dict = {}
+
+
+def _inproc_call(cfg: dict) -> Callable[[], None]:
+    """The extension called in this process: the cost of the model alone."""
+    import torch
+
+    from aotiserve.runner_ext import load_model
+
+    key = (cfg["package"], cfg.get("num_runners", 1))
+    if key not in _INPROC_CACHE:  # one container shared by every thread, as the server has
+        _INPROC_CACHE[key] = load_model(cfg["package"], num_runners=cfg.get("num_runners", 1))
+    runner = _INPROC_CACHE[key].runner
+    arrays = _inputs(cfg)
+
+    def run() -> None:
+        outs = runner.run([torch.from_numpy(a) for a in arrays])
+        for o in outs:
+            o.numpy()
+
+    return run
+
+
+FACTORIES = {
+    "echo": _echo_call,
+    "native": _native_call,
+    "client": _client_call,
+    "oip": _oip_call,
+    "inproc": _inproc_call,
+}
+
+
+def make_call(cfg: dict) -> Callable[[], None]:
+    return FACTORIES[cfg["kind"]](cfg)
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _pct(sorted_us: list[float], q: float) -> float:
+    if not sorted_us:
+        return float("nan")
+    i = min(len(sorted_us) - 1, max(0, int(round(q * (len(sorted_us) - 1)))))
+    return sorted_us[i]
+
+
+def summarize(lat_us: list[float]) -> dict:
+    s = sorted(lat_us)
+    return {
+        "n": len(s),
+        "p50_us": _pct(s, 0.50),
+        "p90_us": _pct(s, 0.90),
+        "p99_us": _pct(s, 0.99),
+        "mean_us": (sum(s) / len(s)) if s else float("nan"),
+        "min_us": s[0] if s else float("nan"),
+    }
+
+
+def sequential(call: Callable[[], None], n: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        call()
+    lat = []
+    clock = time.perf_counter_ns
+    for _ in range(n):
+        t0 = clock()
+        call()
+        lat.append((clock() - t0) / 1e3)
+    return summarize(lat)
+
+
+def _worker_loop(call: Callable[[], None], start: float, end: float, out: dict) -> None:
+    """Calls back to back; counts those that complete inside [start, end)."""
+    clock = time.perf_counter
+    count = 0
+    lat = []
+    errors = 0
+    while True:
+        t0 = clock()
+        if t0 >= end:
+            break
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - a failed call is counted, not fatal
+            errors += 1
+            out.setdefault("error", repr(exc)[:300])
+            continue
+        t1 = clock()
+        if t0 >= start and t1 < end:
+            count += 1
+            lat.append((t1 - t0) * 1e6)
+    out["count"] = count
+    out["lat"] = lat
+    out["errors"] = errors
+
+
+def _proc_worker(cfg: dict, barrier, start_at, duration: float, warm: float, q) -> None:
+    call = make_call(cfg)
+    t_end_warm = time.time() + warm
+    while time.time() < t_end_warm:
+        call()
+    barrier.wait()
+    # Wall-clock start shared by all processes; perf_counter thereafter.
+    delay = start_at.value - time.time()
+    if delay > 0:
+        time.sleep(delay)
+    t = time.perf_counter()
+    out: dict = {}
+    _worker_loop(call, t, t + duration, out)
+    q.put(out)
+
+
+def throughput(cfg: dict, concurrency: int, duration: float, mode: str, warm: float) -> dict:
+    if mode == "threads" or cfg["kind"] == "inproc":
+        calls = [make_call(cfg) for _ in range(concurrency)]
+        for c in calls:
+            for _ in range(3):
+                c()
+        outs = [dict() for _ in range(concurrency)]
+        # Brief all-threads warm-up so the server's pool is hot, then the window.
+        now = time.perf_counter()
+        start, end = now + warm, now + warm + duration
+        threads = [
+            threading.Thread(target=_worker_loop, args=(c, start, end, o), daemon=True)
+            for c, o in zip(calls, outs)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        ctx = mp.get_context("spawn")
+        barrier = ctx.Barrier(concurrency + 1)
+        start_at = ctx.Value("d", 0.0)
+        q = ctx.Queue()
+        procs = [
+            ctx.Process(target=_proc_worker, args=(cfg, barrier, start_at, duration, warm, q), daemon=True)
+            for _ in range(concurrency)
+        ]
+        for p in procs:
+            p.start()
+        barrier.wait(timeout=300)
+        start_at.value = time.time() + 0.2
+        outs = [q.get(timeout=duration + 120) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+    lat = [x for o in outs for x in o.get("lat", [])]
+    total = sum(o.get("count", 0) for o in outs)
+    res = {
+        "concurrency": concurrency,
+        "mode": mode if cfg["kind"] != "inproc" else "threads",
+        "duration_s": duration,
+        "completed": total,
+        "rps": total / duration,
+        "errors": sum(o.get("errors", 0) for o in outs),
+        "latency": summarize(lat),
+    }
+    err = next((o["error"] for o in outs if "error" in o), None)
+    if err:
+        res["first_error"] = err
+    return res
+
+
+def run(cfg: dict) -> dict:
+    result: dict = {"kind": cfg["kind"], "pid": os.getpid()}
+    if cfg.get("seq_n"):
+        call = make_call(cfg)
+        result["sequential"] = sequential(call, cfg["seq_n"], cfg.get("warmup", 100))
+        del call
+    tp = []
+    for c in cfg.get("concurrency", []):
+        tp.append(throughput(cfg, c, cfg.get("duration", 2.0), cfg.get("mode", "threads"), cfg.get("tp_warm", 0.3)))
+    if tp:
+        result["throughput"] = tp
+    return result
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    if cfg.get("sys_path"):
+        sys.path[:0] = cfg["sys_path"]
+    out = run(cfg)
+    sys.stdout.write("\n" + json.dumps(out) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Server processes for the bench: start, wait until serving, read memory, stop.
+
+Every server runs in its own process group on 127.0.0.1, is waited on by
+polling (a ready file or a readiness RPC, never a fixed sleep), and is stopped
+with SIGTERM then SIGKILL to the group, so nothing outlives the bench.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def process_tree(pid: int) -> list[int]:
+    kids = _children()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def _status_kib(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def memory(pid: int) -> dict:
+    """VmRSS / VmHWM (MiB) of a server: its own and summed over its process tree."""
+    tree = process_tree(pid)
+    return {
+        "rss_mib": _status_kib(pid, "VmRSS") / 1024,
+        "hwm_mib": _status_kib(pid, "VmHWM") / 1024,
+        "tree_rss_mib": sum(_status_kib(p, "VmRSS") for p in tree) / 1024,
+        "tree_hwm_mib": sum(_status_kib(p, "VmHWM") for p in tree) / 1024,
+        "tree_pids": len(tree),
+    }
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    port: int
+    workdir: Path
+    log_path: Path
+    pid: int = 0  # the process whose memory we report (the daemon itself)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.pid = self.pid or self.proc.pid
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def memory(self) -> dict:
+        return memory(self.pid)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # Whatever is left of the group (Triton's children, stubs) goes too.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not exit", self.name)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def spawn(name: str, argv: list[str], workdir: Path, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"{name}.log"
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(
+            argv, stdout=logf, stderr=subprocess.STDOUT, env=full_env, cwd=str(workdir),
+            start_new_session=True,
+        )
+    return proc, log_path
+
+
+def wait_for(check: Callable[[], object], proc: subprocess.Popen, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} before it was ready")
+        got = check()
+        if got:
+            return got
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
+
+
+def _read_ready_file(path: Path):
+    def check():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    return check
+
+
+def start_echo(workdir: Path, resp_size: int, workers: int = 8) -> Server:
+    ready = workdir / "echo.ready"
+    argv = [sys.executable, str(REPO / "bench" / "echo_server.py"), "--resp-size", str(resp_size),
+            "--workers", str(workers), "--ready-file", str(ready)]
+    proc, log_path = spawn("echo", argv, workdir)
+    info = wait_for(_read_ready_file(ready), proc, 30, "echo server")
+    return Server("echo", proc, int(info["port"]), workdir, log_path)
+
+
+def start_aotiserve(workdir: Path, packages: dict[str, Path], *, runners: int | None = None,
+                    env: dict | None = None, extra_args: list[str] | None = None,
+                    timeout: float = 180) -> Server:
+    """Starts the daemon on a model repository holding ``<name>.pt2`` for each package."""
+    repo = workdir / "models"
+    repo.mkdir(parents=True, exist_ok=True)
+    for name, pkg in packages.items():
+        link = repo / f"{name}.pt2"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path(pkg).resolve())
+    ready = workdir / "aotiserve.ready"
+    ready.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "aotiserve.server", "--model-repository", str(repo), "--port", "0",
+            "--metrics-port", "0", "--ready-file", str(ready)]
+    if runners:
+        argv += ["--runners-per-model", str(runners)]
+    argv += extra_args or []
+    proc, log_path = spawn("aotiserve", argv, workdir, env)
+    try:
+        info = wait_for(_read_ready_file(ready), proc, timeout, "aotiserve")
+    except Exception:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        _kill(proc)
+        raise RuntimeError(f"aotiserve did not start: {tail}") from None
+    return Server("aotiserve", proc, int(info["port"]), workdir, log_path, extra={"ready": info})
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def oip_model_ready(target: str, model: str) -> bool:
+    """ModelReady over the Open Inference Protocol with hand-encoded protobuf bytes,
+    so the orchestrator needs no tritonclient (its protobuf pin clashes with ours)."""
+    import grpc
+
+    name = model.encode()
+    req = b"\x0a" + bytes([len(name)]) + name  # ModelReadyRequest{name=1}
+    try:
+        with grpc.insecure_channel(target) as ch:
+            resp = ch.unary_unary("/inference.GRPCInferenceService/ModelReady")(req, timeout=2)
+    except grpc.RpcError:
+        return False
+    return resp == b"\x08\x01"  # ModelReadyResponse{ready=true}
+
+
+def tmpdir(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))

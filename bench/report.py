@@ -1,0 +1,260 @@
+"""Turns a results dict into docs/benchmarks.md, PNG plots and a console table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REQUIREMENTS = Path(__file__).with_name("requirements.txt")
+
+ORDER = ("inproc", "echo", "native", "client", "oip", "kserve", "pytriton")
+SHORT = {"inproc": "in-process", "echo": "grpcio echo", "native": "aotiserve Run", "client": "aotiserve client",
+         "oip": "aotiserve OIP", "kserve": "KServe", "pytriton": "PyTriton"}
+
+
+def _matplotlib():
+    """matplotlib, installed from bench/requirements.txt on first use."""
+    try:
+        import matplotlib
+    except ImportError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)], check=True)
+        import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _f(v, fmt="{:,.0f}", none="–"):
+    return none if v is None else fmt.format(v)
+
+
+def _systems(results: dict) -> list[tuple[str, dict]]:
+    summary = results.get("tiny", {}).get("summary", {})
+    return [(s, summary[s]) for s in ORDER if s in summary]
+
+
+def plots(results: dict, img_dir: Path) -> list[Path]:
+    systems = _systems(results)
+    if not systems:
+        return []
+    plt = _matplotlib()
+    img_dir.mkdir(parents=True, exist_ok=True)
+    machine = results["meta"]["machine"].get("name", "")
+    out = []
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = [SHORT[s] for s, _ in systems]
+    p50 = [d["sequential"]["p50_us"] for _, d in systems]
+    p99 = [d["sequential"]["p99_us"] for _, d in systems]
+    x = range(len(systems))
+    ax.bar([i - 0.2 for i in x], p50, 0.4, label="p50")
+    ax.bar([i + 0.2 for i in x], p99, 0.4, label="p99")
+    ax.set_xticks(list(x), names, rotation=20, ha="right")
+    ax.set_ylabel("µs per request (sequential, 1 client)")
+    ax.set_yscale("log")
+    ax.set_title(f"Tiny MLP [1,64]→[1,10] latency — {machine}")
+    ax.legend()
+    for i, v in enumerate(p50):
+        ax.annotate(f"{v:,.0f}", (i - 0.2, v), ha="center", va="bottom", fontsize=7)
+    fig.tight_layout()
+    path = img_dir / "bench-latency.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    out.append(path)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for s, d in systems:
+        if s == "inproc":
+            continue
+        cs = sorted(int(c) for c in d["rps"])
+        ax.plot(cs, [d["rps"][str(c)] for c in cs], marker="o", label=SHORT[s])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("requests / s")
+    ax.set_title(f"Tiny MLP throughput (client and server share the cores) — {machine}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = img_dir / "bench-throughput.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    out.append(path)
+
+    mem = results.get("memory", {})
+    names = [n for n in ("aotiserve", "kserve", "pytriton") if n in mem]
+    if names:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        rest = [mem[n]["at_rest"]["tree_rss_mib"] for n in names]
+        load = [mem[n].get("under_load_peak", {}).get("tree_rss_mib", 0) for n in names]
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], rest, 0.4, label="at rest")
+        ax.bar([i + 0.2 for i in x], load, 0.4, label="peak under load")
+        ax.set_xticks(list(x), names)
+        ax.set_ylabel("RSS, MiB (whole process tree)")
+        ax.set_title("Server memory, tiny MLP")
+        ax.legend()
+        fig.tight_layout()
+        path = img_dir / "bench-memory.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def _ratio_rows(r: dict) -> list[str]:
+    acc = r.get("acceptance", {})
+    rows = [
+        ("Tiny p50: aotiserve ÷ echo floor", "native_p50_over_echo_p50"),
+        ("Tiny p50: aotiserve ÷ KServe", "native_p50_over_kserve_p50"),
+        ("8 clients: aotiserve ÷ echo floor", "native_rps8_over_echo"),
+        ("8 clients: aotiserve ÷ KServe", "native_rps8_over_kserve"),
+        ("8 clients: aotiserve ÷ PyTriton", "native_rps8_over_pytriton"),
+        ("Compute-bound: 2 clients ÷ 1 client", "compute_scaling_2_over_1"),
+        ("64 MiB round trip, GB/s (in+out)", "large_gbps_round_trip"),
+    ]
+    out = ["| ratio | value | target | met |", "|---|---|---|---|"]
+    for label, key in rows:
+        a = acc.get(key, {})
+        met = {True: "yes", False: "**no**", None: "–"}[a.get("met")]
+        out.append(f"| {label} | {_f(r.get(key), '{:.2f}')} | {a.get('target', '')} | {met} |")
+    extra = [
+        ("Tiny p50: aotiserve OIP ÷ KServe", "oip_p50_over_kserve_p50"),
+        ("8 clients: aotiserve OIP ÷ KServe", "oip_rps8_over_kserve"),
+        ("Tiny p50: aotiserve.client ÷ echo floor", "client_p50_over_echo_p50"),
+        ("8 clients: aotiserve.client ÷ echo floor", "client_rps8_over_echo"),
+    ]
+    for label, key in extra:
+        if r.get(key) is not None:
+            out.append(f"| {label} | {_f(r.get(key), '{:.2f}')} | | |")
+    return out
+
+
+def summary_table(results: dict) -> str:
+    lines = [f"machine: {results['meta']['machine'].get('name')}  ({results['meta']['machine'].get('cpu_model', '')})"]
+    lines.append(f"{'system':<46}{'p50 µs':>9}{'p99 µs':>9}" + "".join(
+        f"{'c' + c:>9}" for c in ("1", "4", "8", "16")))
+    for s, d in _systems(results):
+        lines.append(f"{d['label']:<46}{_f(d['sequential']['p50_us']):>9}{_f(d['sequential']['p99_us']):>9}" + "".join(
+            f"{_f(d['rps'].get(c)):>9}" for c in ("1", "4", "8", "16")))
+    r = results.get("ratios", {})
+    for k, v in r.get("acceptance", {}).items():
+        lines.append(f"  {k:<34} {_f(v['value'], '{:.2f}'):>7}  target {v['target']:<7} met={v['met']}")
+    for n in results.get("notes", []):
+        lines.append(f"note: {n.splitlines()[0]}")
+    return "\n".join(lines)
+
+
+def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: Path) -> str:
+    meta = results["meta"]
+    m = meta["machine"]
+    settings = meta["settings"]
+    rel = lambda p: os.path.relpath(p, docs_dir)  # noqa: E731
+    L = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`python -m bench.run_all`); do not edit by hand. "
+        f"Raw figures: [`{rel(json_path)}`]({rel(json_path)}).",
+        "",
+        f"- **Machine**: {m.get('name')} — {m.get('cpu_model', '?')}, {m.get('cpus')} CPUs, "
+        f"{m.get('mem_total_mib', '?')} MiB RAM; torch {m.get('torch')}, grpcio {m.get('grpcio')}, "
+        f"Python {m.get('python')}; commit `{m.get('git_commit', '?')}`; {meta['date']}.",
+        f"- **Command**: `{meta['command']}` ({meta.get('wall_s', '?')} s).",
+        f"- **Method**: every client is a separate process from its server, and client and server share the "
+        f"same {m.get('cpus')} cores, so absolute figures are noisy (differences under ~30% between runs are "
+        f"noise); ratios come from one run. All tiny-model servers are up together and measured round-robin "
+        f"over {settings.get('rounds')} round(s); each figure is the median over rounds. Sequential latency: "
+        f"{settings.get('seq_n')} calls after {settings.get('warmup')} warm-up calls, one client. Throughput: "
+        f"{settings.get('duration'):.1f} s windows with 1/4/8/16 concurrent clients run as "
+        f"**{settings.get('mode')}** of one client process, each with its own channel. Every server process "
+        f"runs with OMP_NUM_THREADS=1.",
+        "",
+        "## Tiny model: [1,64] float32 → [1,10] (the zoo's `mlp`)",
+        "",
+        "| system | p50 µs | p90 µs | p99 µs | req/s ×1 | ×4 | ×8 | ×16 | p50 µs at ×8 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s, d in _systems(results):
+        q = d["sequential"]
+        L.append(f"| {d['label']} | {_f(q['p50_us'])} | {_f(q['p90_us'])} | {_f(q['p99_us'])} | "
+                 + " | ".join(_f(d["rps"].get(c)) for c in ("1", "4", "8", "16"))
+                 + f" | {_f(d.get('p50_us_under_load', {}).get('8'))} |")
+    pb = results.get("payload_bytes")
+    if pb:
+        L += ["", f"The echo floor answers a {pb['request']} B request with a {pb['response']} B reply — the "
+              "serialized sizes of aotiserve's native tiny request and response — through a generic handler "
+              "(bytes in, bytes out, ThreadPool(8)). The in-process row calls the extension's `run` on the "
+              "same package (throughput there is threads on one container with 2 runners)."]
+    L += ["", "## Acceptance ratios (issue 6)", ""] + _ratio_rows(results.get("ratios", {}))
+
+    c = results.get("compute")
+    if c:
+        s = c["server_settings"]
+        L += ["", "## Compute-bound model: 4 × Linear(1024, 1024), batch 64 (the zoo's `compute`)", "",
+              f"aotiserve started with `--runners-per-model {s['runners_per_model']}` and "
+              f"OMP_NUM_THREADS={s['OMP_NUM_THREADS']}; clients are threads of one process (each call is "
+              "milliseconds of server compute, so client-side GIL is not the limit).", "",
+              "| | 1 client req/s | 2 clients req/s | 2 ÷ 1 |", "|---|---|---|---|",
+              f"| aotiserve native Run | {_f(c['aotiserve_rps']['1'], '{:.1f}')} | "
+              f"{_f(c['aotiserve_rps']['2'], '{:.1f}')} | {_f(c['aotiserve_scaling_2_over_1'], '{:.2f}')} |",
+              f"| in-process, 2 runners, 1 vs 2 threads | {_f(c['inproc_rps']['1'], '{:.1f}')} | "
+              f"{_f(c['inproc_rps']['2'], '{:.1f}')} | {_f(c['inproc_scaling_2_over_1'], '{:.2f}')} |"]
+    g = results.get("large")
+    if g:
+        L += ["", "## Large tensor: 64 MiB in, 64 MiB out (the zoo's `passthrough`, [16384, 1024] float32)", "",
+              "| path | p50 ms | GB/s (in+out bytes ÷ p50 round trip) |", "|---|---|---|",
+              f"| aotiserve native Run (raw stub) | {_f(g['native']['p50_us'] / 1e3, '{:.1f}')} | "
+              f"{_f(g['gbps_round_trip'], '{:.2f}')} |"]
+        if "client" in g:
+            L.append(f"| aotiserve.client | {_f(g['client']['p50_us'] / 1e3, '{:.1f}')} | "
+                     f"{_f(g.get('client_gbps_round_trip'), '{:.2f}')} |")
+        if "echo" in g:
+            L.append(f"| bare grpcio echo, same sizes | {_f(g['echo']['p50_us'] / 1e3, '{:.1f}')} | "
+                     f"{_f(g.get('echo_gbps_round_trip'), '{:.2f}')} |")
+        L += ["", f"Server peak memory growth over one 64 MiB request (VmHWM after − before, fresh daemon): "
+              f"{_f(g['hwm_growth_mib'], '{:.0f}')} MiB = **{_f(g['payload_copies_peak_estimate'], '{:.1f}')}× "
+              "the payload held at once**. That counts every buffer alive at the peak (gRPC's receive buffer, the "
+              "parsed message, the input tensor view, the output tensor, the response bytes), not only copies "
+              "made by aotiserve's code; the copy-by-copy account is in the section below."]
+        copies = results.get("copy_account")
+        if copies:
+            L += ["", "### Payload copies in the server (from the code)", ""] + copies
+    mem = results.get("memory")
+    if mem:
+        L += ["", "## Memory (tiny model; VmRSS of the daemon process, and of its whole process tree)", "",
+              "| server | RSS at rest MiB | tree at rest | peak RSS under load | tree peak under load | VmHWM |",
+              "|---|---|---|---|---|---|"]
+        for n in ("echo", "aotiserve", "kserve", "pytriton"):
+            if n not in mem:
+                continue
+            d = mem[n]
+            rest, load = d.get("at_rest", {}), d.get("under_load_peak", {})
+            L.append(f"| {n} | {_f(rest.get('rss_mib'))} | {_f(rest.get('tree_rss_mib'))} | "
+                     f"{_f(load.get('rss_mib'))} | {_f(load.get('tree_rss_mib'))} | "
+                     f"{_f(d.get('after', {}).get('hwm_mib'))} |")
+        idle = results.get("idle_cpu_percent")
+        if idle:
+            L += ["", "Idle CPU of each server while all were up and idle (% of one core): "
+                  + ", ".join(f"{k} {v:.1f}%" for k, v in idle.items()) + "."]
+    if plot_paths:
+        L += ["", "## Plots", ""] + [f"![{p.stem}]({rel(p)})" for p in plot_paths]
+    notes = results.get("notes")
+    if notes:
+        L += ["", "## Notes", ""] + [f"- {n.splitlines()[0]}" for n in notes]
+    L += ["", "## Peers: how they were run", "",
+          "- KServe 0.21.0: `kserve.ModelServer` with a `kserve.Model` whose `load` calls "
+          "`torch._inductor.aoti_load_package` and whose `predict` is `async`; KServe's defaults otherwise "
+          "(4 gRPC threads, request logging on). Its gRPC/REST binds were moved from `[::]`/`0.0.0.0` to "
+          "127.0.0.1 by patching in the launcher process (`bench/peer_kserve.py`).",
+          "- PyTriton 0.7.0 (bundled Triton 2.51): one model bound with batching off, the same package loaded "
+          "with `aoti_load_package` in the PyTriton process; all endpoints on 127.0.0.1; fresh TMPDIR "
+          "workspace; `LD_LIBRARY_PATH` set to the base interpreter's LIBDIR for the Python backend stub "
+          "(`bench/peer_pytriton.py`).",
+          "- Both are driven by `tritonclient[grpc]==2.73.0` (in its own venv: its protobuf pin clashes with "
+          "aotiserve's), the same client as the aotiserve OIP row. Each peer lives in its own venv under "
+          "`bench/.peers/`, installed by the bench on first use (`python -m bench.peers install`).",
+          "- TorchServe is not included (optional in the issue; see ../shared/peers/NOTES.md for its figures).",
+          ""]
+    return "\n".join(L)

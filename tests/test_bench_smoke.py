@@ -1,0 +1,61 @@
+"""Keeps the benchmark suite working: a few-second run of its in-process, echo and
+aotiserve parts (no peers), checked for well-formed results. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEMS = ("inproc", "echo", "native")
+
+
+@pytest.fixture(scope="module")
+def bench_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    docs = out.with_name("benchmarks.md")
+    cmd = [sys.executable, "-m", "bench.run_all", "--quick", "--no-peers", "--no-install", "--no-plots",
+           "--workloads", "tiny,memory", "--systems", ",".join(SYSTEMS), "--concurrency", "1,2",
+           "--out", str(out), "--docs", str(docs)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), docs.read_text()
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_every_system_measured(bench_results):
+    results, _ = bench_results
+    summary = results["tiny"]["summary"]
+    assert set(SYSTEMS) <= set(summary), (summary.keys(), results["notes"])
+    for name in SYSTEMS:
+        seq = summary[name]["sequential"]
+        assert seq["p50_us"] <= seq["p99_us"]
+        assert all(_positive(seq[k]) for k in ("p50_us", "p90_us", "p99_us", "mean_us"))
+        assert set(summary[name]["rps"]) == {"1", "2"}
+        assert all(_positive(v) for v in summary[name]["rps"].values())
+        assert summary[name]["errors"] == 0
+
+
+def test_memory_and_ratios_present(bench_results):
+    results, _ = bench_results
+    mem = results["memory"]["aotiserve"]
+    assert _positive(mem["at_rest"]["rss_mib"])
+    assert mem["under_load_peak"]["rss_mib"] >= 1
+    assert _positive(results["ratios"]["native_p50_over_echo_p50"])
+    assert results["ratios"]["acceptance"]["native_p50_over_echo_p50"]["met"] in (True, False)
+    assert results["meta"]["machine"]["cpus"] >= 1
+
+
+def test_report_renders(bench_results):
+    _, markdown = bench_results
+    assert markdown.startswith("# Benchmarks")
+    assert "aotiserve native Run (raw stub)" in markdown
+    assert "bare grpcio echo (floor)" in markdown
