@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import native_servicer
+from . import native_servicer, oip_servicer
 from .config import ServeConfig
 from .dataplane import DataPlane
 from .device_pool import DevicePool
@@ -40,6 +40,7 @@ ServicerProvider = tuple[Callable[[DataPlane, ServeConfig, grpc.Server], None], 
 
 SERVICER_PROVIDERS: list[ServicerProvider] = [
     (native_servicer.add_to_server, native_servicer.SERVICE_NAME),
+    (oip_servicer.add_to_server, oip_servicer.SERVICE_NAME),
 ]
 
 
