@@ -111,6 +111,7 @@ def start(name: str, package: Path, model: str, workdir: Path, timeout: float = 
                 "--grpc-port", str(grpc_port), "--http-port", str(http_port)]
     elif name == "pytriton":
         # PyTriton refuses an existing workspace: a fresh TMPDIR, removed at stop.
+        workdir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix="pytriton-", dir=workdir))
         env["TMPDIR"] = str(tmp)
         # Its Python backend stub links the base interpreter's libpython.

@@ -174,6 +174,7 @@ def _read_ready_file(path: Path):
 
 def start_echo(workdir: Path, resp_size: int, workers: int = 8) -> Server:
     ready = workdir / "echo.ready"
+    ready.unlink(missing_ok=True)
     argv = [sys.executable, str(REPO / "bench" / "echo_server.py"), "--resp-size", str(resp_size),
             "--workers", str(workers), "--ready-file", str(ready)]
     proc, log_path = spawn("echo", argv, workdir)
