@@ -38,3 +38,9 @@ bench: setup
 
 clean:
 	rm -rf build *.egg-info runner_ext/_C*.so runner_ext/_build_info.py .cache
+
+# Builds the CPU container image with podman and smoke-tests it: gRPC health,
+# an inference on the demo model, SIGTERM -> exit 0 (docs/deploy.md).
+# Minutes the first time (base image, torch layer); cached after that.
+image-test: setup
+	AOTISERVE_IMAGE_PYTHON=$(abspath $(PY)) deploy/image_test.sh

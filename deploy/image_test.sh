@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# Builds the CPU image with podman and smoke-tests it: start, gRPC health
+# SERVING, one inference on the demo model, SIGTERM, exit code 0.
+#
+# Works on a machine with no Docker engine and no access to image registries
+# (only to package registries): the base image is made locally with
+# debootstrap and tagged as the Dockerfile's base. Everything podman keeps
+# (configuration, image storage, the base rootfs) lives in $WORK, never in the
+# host's default podman storage. Re-runs reuse the base image and the build
+# cache, so a second run with no source change takes seconds.
+#
+# Environment (all optional):
+#   AOTISERVE_IMAGE_WORK   work folder (default /var/tmp/aotiserve-image-test)
+#   AOTISERVE_IMAGE        tag to build (default localhost/aotiserve:cpu-test)
+#   AOTISERVE_IMAGE_PYTHON python with grpcio and aotiserve.client for the
+#                          smoke test (default: the repo's .venv, else python3)
+#   AOTISERVE_IMAGE_OFFLINE=1  fill wheelhouse/ with every wheel first and
+#                          build with no package index (the air-gapped path)
+#   AOTISERVE_IMAGE_KEEP=1 leave the container running after the test
+#   AOTISERVE_HEALTH_TIMEOUT seconds to wait for SERVING (default 300)
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WORK="${AOTISERVE_IMAGE_WORK:-/var/tmp/aotiserve-image-test}"
+IMAGE="${AOTISERVE_IMAGE:-localhost/aotiserve:cpu-test}"
+# The Dockerfile's default base; podman resolves the short name to this.
+BASE_IMAGE="docker.io/library/debian:bookworm-slim"
+SUITE="bookworm"
+MIRROR="${AOTISERVE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+HEALTH_TIMEOUT="${AOTISERVE_HEALTH_TIMEOUT:-300}"
+STOP_TIMEOUT=30
+
+log() { printf '[image-test %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "FAIL: $*"; exit 1; }
+
+ensure_tools() {
+    local missing=()
+    command -v podman >/dev/null || missing+=(podman)
+    command -v buildah >/dev/null || missing+=(buildah)
+    command -v debootstrap >/dev/null || missing+=(debootstrap)
+    command -v runc >/dev/null || missing+=(runc)
+    command -v newuidmap >/dev/null || missing+=(uidmap)
+    [ -x /usr/lib/cni/bridge ] || [ -x /usr/libexec/cni/bridge ] || missing+=(containernetworking-plugins)
+    command -v slirp4netns >/dev/null || missing+=(slirp4netns)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        log "installing ${missing[*]} from apt"
+        [ "$(id -u)" = 0 ] || die "need root to apt-get install ${missing[*]}"
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            "${missing[@]}" fuse-overlayfs >/dev/null
+    fi
+}
+
+# Private podman configuration: runc (crun refuses this host's hybrid cgroup
+# layout), overlay storage under $WORK, and ulimits the host can grant
+# (podman's defaults fail with EPERM here).
+write_config() {
+    mkdir -p "$WORK/storage" "$WORK/runroot"
+    local nofile nproc
+    nofile="$(ulimit -Hn)"
+    [ "$nofile" = unlimited ] && nofile=1048576
+    nproc="$(ulimit -Hu)"
+    if [ "$nproc" = unlimited ] || [ "$nproc" -gt 32768 ]; then nproc=32768; fi
+    cat >"$WORK/containers.conf" <<EOF
+[containers]
+default_ulimits = ["nofile=${nofile}:${nofile}", "nproc=${nproc}:${nproc}"]
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+EOF
+    cat >"$WORK/storage.conf" <<EOF
+[storage]
+driver = "overlay"
+graphroot = "$WORK/storage"
+runroot = "$WORK/runroot"
+EOF
+    export CONTAINERS_CONF="$WORK/containers.conf"
+    export CONTAINERS_STORAGE_CONF="$WORK/storage.conf"
+}
+
+# Unmounts whatever is mounted under $1 (debootstrap can leave /proc mounted
+# in the rootfs), deepest first, so that tar and rm never walk into it.
+unmount_under() {
+    local root mnt
+    root="$(realpath -m "$1")"
+    awk -v r="$root/" '{ if (index($2 "/", r) == 1) print $2 }' /proc/mounts | sort -r \
+        | while read -r mnt; do umount -l "$mnt"; done
+}
+
+# Registries are unreachable: make debian:bookworm-slim with debootstrap.
+ensure_base_image() {
+    if podman image exists "$BASE_IMAGE"; then
+        log "base image $BASE_IMAGE present (reused)"
+        return
+    fi
+    local rootfs="$WORK/rootfs"
+    log "building base image $BASE_IMAGE with debootstrap --variant=minbase $SUITE"
+    unmount_under "$rootfs"
+    rm -rf --one-file-system "$rootfs"
+    if ! debootstrap --variant=minbase "$SUITE" "$rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1; then
+        unmount_under "$rootfs"
+        tail -20 "$WORK/debootstrap.log" >&2
+        die "debootstrap failed (log: $WORK/debootstrap.log)"
+    fi
+    unmount_under "$rootfs"
+    # What debian:bookworm-slim trims: apt lists and caches, docs; /dev, /proc
+    # and /sys stay empty (the runtime mounts them).
+    rm -rf --one-file-system "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin \
+        "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* \
+        "$rootfs"/dev/* "$rootfs"/proc/* "$rootfs"/sys/*
+    tar --one-file-system --numeric-owner -C "$rootfs" -c . | podman import --quiet \
+        --change 'CMD ["bash"]' \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        - "$BASE_IMAGE" >/dev/null
+    rm -rf --one-file-system "$rootfs"
+}
+
+# The CPU torch wheel (from pip's find-links folder) goes into the build
+# context's wheelhouse/, so the build never fetches a CUDA build of torch.
+fill_wheelhouse() {
+    mkdir -p "$REPO/wheelhouse"
+    local links wheel
+    links="$(pip config get global.find-links 2>/dev/null || true)"
+    for dir in $links ${PIP_FIND_LINKS:-}; do
+        for wheel in "$dir"/torch-*+cpu-*.whl; do
+            [ -f "$wheel" ] || continue
+            [ -f "$REPO/wheelhouse/$(basename "$wheel")" ] && continue
+            log "wheelhouse: $(basename "$wheel")"
+            ln "$wheel" "$REPO/wheelhouse/" 2>/dev/null || cp "$wheel" "$REPO/wheelhouse/"
+        done
+    done
+    if [ "${AOTISERVE_IMAGE_OFFLINE:-0}" = 1 ]; then
+        log "wheelhouse: downloading every dependency for an offline build"
+        "$PY" "$REPO/deploy/wheelhouse.py" "$REPO/wheelhouse"
+    fi
+}
+
+build_image() {
+    local offline=0 ca_args=()
+    [ "${AOTISERVE_IMAGE_OFFLINE:-0}" = 1 ] && offline=1
+    # TLS to the package index inside the build needs this host's CA bundle
+    # (it includes the egress proxy's CA); mounted for the build, never baked.
+    local ca=/etc/ssl/certs/ca-certificates.crt
+    if [ -f "$ca" ]; then
+        ca_args=(-v "$ca:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
+    fi
+    log "building $IMAGE (offline=$offline)"
+    local t0=$SECONDS
+    # --format docker: OCI images drop SHELL and HEALTHCHECK. TORCH_INDEX_URL
+    # is emptied because the wheelhouse has the CPU torch wheel (and
+    # download.pytorch.org may be unreachable).
+    podman build --pull=never --network=host --format docker -f "$REPO/Dockerfile" -t "$IMAGE" \
+        --build-arg WHEELHOUSE_ONLY="$offline" --build-arg TORCH_INDEX_URL= "${ca_args[@]}" \
+        "$REPO" >"$WORK/build.log" 2>&1 \
+        || { tail -40 "$WORK/build.log" >&2; die "podman build failed (log: $WORK/build.log)"; }
+    BUILD_SECONDS=$((SECONDS - t0))
+    IMAGE_SIZE="$(podman image inspect --format '{{.Size}}' "$IMAGE")"
+}
+
+free_port() {
+    "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+CID=""
+cleanup() {
+    if [ -n "$CID" ] && [ "${AOTISERVE_IMAGE_KEEP:-0}" != 1 ]; then
+        podman rm -f -t 0 "$CID" >/dev/null 2>&1 || true
+    fi
+}
+
+smoke_test() {
+    local port mport
+    port="$(free_port)"
+    mport="$(free_port)"
+    log "starting $IMAGE on 127.0.0.1:$port (metrics 127.0.0.1:$mport)"
+    CID="$(podman run -d --init -p "127.0.0.1:$port:8500" -p "127.0.0.1:$mport:8502" "$IMAGE")"
+    trap cleanup EXIT
+    local t0=$SECONDS
+    if ! "$PY" "$REPO/deploy/smoke.py" --target "127.0.0.1:$port" --metrics "127.0.0.1:$mport" \
+        --timeout "$HEALTH_TIMEOUT"; then
+        podman logs --tail 50 "$CID" >&2 || true
+        die "smoke test failed"
+    fi
+    log "serving after $((SECONDS - t0)) s; sending SIGTERM (podman stop -t $STOP_TIMEOUT)"
+    t0=$SECONDS
+    podman stop -t "$STOP_TIMEOUT" "$CID" >/dev/null
+    local code
+    code="$(podman inspect --format '{{.State.ExitCode}}' "$CID")"
+    log "container exited with code $code after $((SECONDS - t0)) s"
+    podman logs --tail 8 "$CID" >&2 || true
+    [ "$code" = 0 ] || die "exit code $code after SIGTERM (want 0)"
+}
+
+main() {
+    ensure_tools
+    mkdir -p "$WORK"
+    write_config
+    if [ -n "${AOTISERVE_IMAGE_PYTHON:-}" ]; then PY="$AOTISERVE_IMAGE_PYTHON"
+    elif [ -x "$REPO/.venv/bin/python" ]; then PY="$REPO/.venv/bin/python"
+    else PY=python3; fi
+    local t_all=$SECONDS
+    ensure_base_image
+    fill_wheelhouse
+    build_image
+    smoke_test
+    printf 'image-test: OK  image=%s  build=%ss  size=%s MB  total=%ss\n' \
+        "$IMAGE" "$BUILD_SECONDS" "$((IMAGE_SIZE / 1000000))" "$((SECONDS - t_all))"
+}
+
+main "$@"
