@@ -84,11 +84,12 @@ class AppServer:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
+        self.interceptor = ServingInterceptor(
+            self.metrics, _read_token(config.admin_token_file), lambda: self.plane.draining)
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.grpc_workers,
                                        thread_name_prefix="aotiserve-rpc"),
-            interceptors=[ServingInterceptor(self.metrics, _read_token(config.admin_token_file),
-                                             lambda: self.plane.draining)],
+            interceptors=[self.interceptor],
             options=options,
             maximum_concurrent_rpcs=None,
         )
@@ -169,14 +170,25 @@ class AppServer:
         os.replace(tmp, path)
 
     def stop(self, grace: float | None = None) -> threading.Event:
-        """Drains: NOT_SERVING, refuse new calls, give in-flight ones ``grace`` seconds."""
+        """Drains: NOT_SERVING, refuse new calls, give in-flight ones ``grace`` seconds.
+
+        New calls get UNAVAILABLE from the interceptor while the accepted ones
+        finish; only then does the gRPC server stop (so no accepted call is
+        cancelled by the transport shutting down).
+        """
         grace = self.config.grace_period_s if grace is None else grace
         self.plane.draining = True
         self.health.enter_graceful_shutdown()
-        done = self.grpc_server.stop(grace)
+        deadline = time.monotonic() + grace
 
         def finish():
-            done.wait()
+            if not self.interceptor.wait_idle(grace):
+                log.warning("grace period of %.1fs over with calls in flight; cancelling them",
+                            grace)
+            # Keep answering UNAVAILABLE a moment, so clients and load balancers move away
+            # before the port closes.
+            self._stopped.wait(min(self.config.drain_delay_s, max(0.0, deadline - time.monotonic())))
+            self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
             self.registry.close()
             self.metrics.stop()
             self._stopped.set()

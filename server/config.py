@@ -56,6 +56,9 @@ class ServeConfig:
     extract_chunk_bytes: int = 4 * MIB
     grpc_workers: int = 32
     grace_period_s: float = 10.0
+    # After SIGTERM, new calls get UNAVAILABLE for at least this long before the
+    # transport closes (a call arriving as the transport closes would see CANCELLED).
+    drain_delay_s: float = 1.0
     # Logging.
     log_json: bool = False
     log_level: str = "INFO"

@@ -45,6 +45,7 @@ class CallInfo:
     method: str
     model: str = ""
     is_admin: bool = False
+    counted: bool = False
 
 
 _current = threading.local()
@@ -75,6 +76,24 @@ class ServingInterceptor(grpc.ServerInterceptor):
         self.metrics = metrics
         self._token = admin_token.encode() if admin_token else None
         self._is_draining = is_draining
+        # Calls being handled (health/reflection excluded): drain waits for zero.
+        self._active = 0
+        self._idle = threading.Condition()
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Waits until no call is being handled; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+    def _enter(self) -> None:
+        with self._idle:
+            self._active += 1
+
+    def _leave(self) -> None:
+        with self._idle:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.notify_all()
 
     def _authorize(self, method: str, metadata) -> bool:
         if self._token is None:
@@ -108,6 +127,9 @@ class ServingInterceptor(grpc.ServerInterceptor):
         def start(request, context) -> tuple[CallInfo, float]:
             call = CallInfo(method=short, model=_model_of(request) if request is not None else "")
             _current.call = call
+            if not always_on:
+                self._enter()
+                call.counted = True
             if self.metrics:
                 self.metrics.in_flight.labels(short).inc()
             if self._is_draining() and not always_on:
@@ -117,6 +139,8 @@ class ServingInterceptor(grpc.ServerInterceptor):
 
         def finish(call: CallInfo, code: grpc.StatusCode, began: float) -> None:
             _current.call = None
+            if call.counted:
+                self._leave()
             if self.metrics:
                 self.metrics.in_flight.labels(short).dec()
                 self.metrics.requests.labels(call.model, short, code.name).inc()

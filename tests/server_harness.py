@@ -75,7 +75,7 @@ def running_server(models: Sequence[str] = (), *, load: str = "now", load_gate=N
     repo = make_repository(models)
     settings: dict[str, Any] = dict(
         port=0, metrics_port=None, demo=False, model_repository=str(repo),
-        allowed_roots=(str(repo), str(model_zoo.cache_dir())), grace_period_s=5.0)
+        allowed_roots=(str(repo), str(model_zoo.cache_dir())), grace_period_s=5.0, drain_delay_s=0.0)
     settings.update(overrides)
     config = ServeConfig(**settings)
     app, port = create_server(config, providers)
