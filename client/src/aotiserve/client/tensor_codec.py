@@ -43,7 +43,9 @@ _LITTLE = np.dtype("<u2").isnative
 
 def torch_available() -> bool:
     """True when torch can be imported (without importing it)."""
-    return "torch" in sys.modules or importlib.util.find_spec("torch") is not None
+    if "torch" in sys.modules:  # imported, or blocked (None)
+        return sys.modules["torch"] is not None
+    return importlib.util.find_spec("torch") is not None
 
 
 def _torch():
