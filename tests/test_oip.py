@@ -578,3 +578,68 @@ def test_daemon_still_serves_after_everything(client):
     assert client.is_server_live() and client.is_server_ready()
     for name in SERVED:
         assert client.is_model_ready(name)
+
+
+# ---------------------------------------------------------------- weights versions
+
+
+def test_model_version_follows_weight_swaps(daemon, client):
+    """model_version is the active weights version: it changes with a swap and back with a rollback."""
+    from aotiserve.client import Client
+
+    spec = model_zoo.MODELS["mlp"]
+    module = spec.module()
+    new_weights = {k: v * 0.5 + 0.01 for k, v in module.state_dict().items()}
+    module.load_state_dict(new_weights)
+    tensors = spec.inputs(batch=3, seed=4)
+    before = client.get_model_metadata("mlp").versions[0]
+
+    with Client(daemon) as native:
+        handle = native.model("mlp")
+        handle.update_constant_buffer(new_weights, use_inactive=True, validate_full_updates=True)
+        swapped = handle.swap_constant_buffer()
+        try:
+            assert swapped.id != before
+            assert list(client.get_model_metadata("mlp").versions) == [swapped.id]
+            assert client.is_model_ready("mlp", model_version=swapped.id)
+            assert not client.is_model_ready("mlp", model_version=before)
+            result = client.infer("mlp", triton_inputs("mlp", tensors))
+            assert result.get_response().model_version == swapped.id
+            with torch.no_grad():
+                expected = module(*tensors)
+            torch.testing.assert_close(torch.from_numpy(result.as_numpy("output__0").copy()), expected,
+                                       rtol=1e-4, atol=1e-5)
+            with pytest.raises(InferenceServerException) as e:
+                client.infer("mlp", triton_inputs("mlp", tensors), model_version=before)
+            assert code_of(e) == "NOT_FOUND"
+        finally:
+            restored = handle.rollback_constant_buffer()
+    assert restored.id == before
+    result = client.infer("mlp", triton_inputs("mlp", tensors))
+    assert result.get_response().model_version == before
+    assert_matches_eager("mlp", tensors, {"output__0": result.as_numpy("output__0")})
+
+
+# ---------------------------------------------------------------- in-process server
+
+
+def test_in_process_server_beside_tritonclient(tmp_path, model_package):
+    """The server keeps its inference.* messages in a private descriptor pool, so it can run
+    in a process that has imported tritonclient (this one)."""
+    from aotiserve.server.app import create_server
+    from aotiserve.server.config import ServeConfig
+
+    shutil.copyfile(model_package("two_io"), tmp_path / "two_io.pt2")
+    server, port = create_server(ServeConfig(port=0, metrics_port=None,
+                                             model_repository=str(tmp_path)))
+    server.start(load="now")
+    try:
+        c = tritonclient_grpc.InferenceServerClient(f"127.0.0.1:{port}")
+        assert c.is_server_ready()
+        tensors = model_zoo.MODELS["two_io"].inputs(batch=2, seed=5)
+        result = c.infer("two_io", triton_inputs("two_io", tensors))
+        assert_matches_eager("two_io", tensors, {n: result.as_numpy(n) for n in ("h", "ids2")})
+        c.close()
+    finally:
+        server.stop(0).wait(30)
+    assert "aotiserve.oip.inference_pb2" not in sys.modules
