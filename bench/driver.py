@@ -161,6 +161,16 @@ def make_call(cfg: dict) -> Callable[[], None]:
 
 # --------------------------------------------------------------------------- measurement
 
+CALLS = [0]
+CHILD_CPU = [0.0]  # CPU seconds of client worker processes (procs mode)
+
+
+def _cpu_self() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime  # every call this process made (warm-ups included): the server's CPU is divided by it
+
 
 def _pct(sorted_us: list[float], q: float) -> float:
     if not sorted_us:
@@ -182,6 +192,7 @@ def summarize(lat_us: list[float]) -> dict:
 
 
 def sequential(call: Callable[[], None], n: int, warmup: int) -> dict:
+    CALLS[0] += warmup + n
     for _ in range(warmup):
         call()
     lat = []
@@ -199,10 +210,12 @@ def _worker_loop(call: Callable[[], None], start: float, end: float, out: dict) 
     count = 0
     lat = []
     errors = 0
+    calls = 0
     while True:
         t0 = clock()
         if t0 >= end:
             break
+        calls += 1
         try:
             call()
         except Exception as exc:  # noqa: BLE001 - a failed call is counted, not fatal
@@ -214,6 +227,7 @@ def _worker_loop(call: Callable[[], None], start: float, end: float, out: dict) 
             count += 1
             lat.append((t1 - t0) * 1e6)
     out["count"] = count
+    out["calls"] = calls
     out["lat"] = lat
     out["errors"] = errors
 
@@ -221,8 +235,10 @@ def _worker_loop(call: Callable[[], None], start: float, end: float, out: dict) 
 def _proc_worker(cfg: dict, barrier, start_at, duration: float, warm: float, q) -> None:
     call = make_call(cfg)
     t_end_warm = time.time() + warm
+    warm_calls = 0
     while time.time() < t_end_warm:
         call()
+        warm_calls += 1
     barrier.wait()
     # Wall-clock start shared by all processes; perf_counter thereafter.
     delay = start_at.value - time.time()
@@ -231,6 +247,8 @@ def _proc_worker(cfg: dict, barrier, start_at, duration: float, warm: float, q) 
     t = time.perf_counter()
     out: dict = {}
     _worker_loop(call, t, t + duration, out)
+    out["calls"] += warm_calls
+    out["cpu_s"] = _cpu_self()
     q.put(out)
 
 
@@ -240,6 +258,7 @@ def throughput(cfg: dict, concurrency: int, duration: float, mode: str, warm: fl
         for c in calls:
             for _ in range(3):
                 c()
+        CALLS[0] += 3 * concurrency
         outs = [dict() for _ in range(concurrency)]
         # Brief all-threads warm-up so the server's pool is hot, then the window.
         now = time.perf_counter()
@@ -270,6 +289,8 @@ def throughput(cfg: dict, concurrency: int, duration: float, mode: str, warm: fl
             p.join(timeout=30)
     lat = [x for o in outs for x in o.get("lat", [])]
     total = sum(o.get("count", 0) for o in outs)
+    CALLS[0] += sum(o.get("calls", 0) for o in outs)
+    CHILD_CPU[0] += sum(o.get("cpu_s", 0.0) for o in outs)
     res = {
         "concurrency": concurrency,
         "mode": mode if cfg["kind"] != "inproc" else "threads",
@@ -287,15 +308,18 @@ def throughput(cfg: dict, concurrency: int, duration: float, mode: str, warm: fl
 
 def run(cfg: dict) -> dict:
     result: dict = {"kind": cfg["kind"], "pid": os.getpid()}
+    call = make_call(cfg)  # imports done before the CPU clock starts
+    cpu0 = _cpu_self()
     if cfg.get("seq_n"):
-        call = make_call(cfg)
         result["sequential"] = sequential(call, cfg["seq_n"], cfg.get("warmup", 100))
-        del call
+    del call
     tp = []
     for c in cfg.get("concurrency", []):
         tp.append(throughput(cfg, c, cfg.get("duration", 2.0), cfg.get("mode", "threads"), cfg.get("tp_warm", 0.3)))
     if tp:
         result["throughput"] = tp
+    result["calls_total"] = CALLS[0]
+    result["client_cpu_s"] = _cpu_self() - cpu0 + CHILD_CPU[0]
     return result
 
 

@@ -270,8 +270,13 @@ class Bench:
                 server = self.server_of(system)
                 log.info("round %d/%d: %s", r + 1, self.args.rounds, system)
                 try:
+                    cpu0 = cpu_seconds(server.pid) if server else 0.0
                     with RssSampler(server) as sampler:
                         out = run_driver(python, cfg)
+                    if server and out.get("calls_total"):
+                        out["server_cpu_us_per_call"] = 1e6 * (cpu_seconds(server.pid) - cpu0) / out["calls_total"]
+                    if out.get("calls_total"):
+                        out["client_cpu_us_per_call"] = 1e6 * out["client_cpu_s"] / out["calls_total"]
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
                     self.note(f"{LABELS[system]} round {r + 1}: {exc}")
                     continue
@@ -293,8 +298,10 @@ class Bench:
         seq = out.get("sequential", {})
         tp = " ".join(f"c{t['concurrency']}={t['rps']:.0f}/s" for t in out.get("throughput", []))
         errs = sum(t.get("errors", 0) for t in out.get("throughput", []))
-        log.info("  %-9s p50=%7.0fus p99=%7.0fus  %s%s", system, seq.get("p50_us", float("nan")),
-                 seq.get("p99_us", float("nan")), tp, f"  errors={errs}" if errs else "")
+        log.info("  %-9s p50=%7.0fus p99=%7.0fus  %s  cpu/call server=%s client=%.0fus%s", system,
+                 seq.get("p50_us", float("nan")), seq.get("p99_us", float("nan")), tp,
+                 f"{out['server_cpu_us_per_call']:.0f}us" if "server_cpu_us_per_call" in out else "-",
+                 out.get("client_cpu_us_per_call", float("nan")), f"  errors={errs}" if errs else "")
 
     # ----------------------------------------------------------------- compute + large
 
@@ -436,7 +443,9 @@ def summarize_tiny(rounds: list[dict], systems: list[str]) -> dict:
                                      if t["concurrency"] == c]) for c in conc}
         errors = sum(t.get("errors", 0) for r in runs for t in r.get("throughput", []))
         out[s] = {"label": LABELS[s], "rounds": len(runs), "sequential": seq, "rps": tp,
-                  "p50_us_under_load": tp_p50, "errors": errors}
+                  "p50_us_under_load": tp_p50, "errors": errors,
+                  "server_cpu_us_per_call": median_of([r.get("server_cpu_us_per_call") for r in runs]),
+                  "client_cpu_us_per_call": median_of([r.get("client_cpu_us_per_call") for r in runs])}
     return out
 
 
