@@ -5,8 +5,6 @@ exceptions with their status codes; the numpy-only path and the docs snippet wor
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import re
 import subprocess
 import sys

@@ -15,7 +15,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from aotiserve.client.client import Client, ProgressCallback
 from aotiserve.client.dtypes import BY_TORCH_NAME, DType
@@ -94,26 +94,28 @@ def map_keys(keys: Sequence[str], names_to_fqns: dict[str, str]) -> KeyMapping:
 
 # ---------------------------------------------------------------- safetensors files
 
-@contextlib.contextmanager
-def open_upload(path: str | os.PathLike, names_to_fqns: dict[str, str]) -> Iterator[list[UploadItem]]:
+def file_upload_items(path: str | os.PathLike, names_to_fqns: dict[str, str]) -> list[UploadItem]:
     """Upload items for the tensors of a safetensors file, read lazily one at a time."""
     safetensors = _safetensors()
     framework = "pt" if torch_available() else "numpy"
-    with safetensors.safe_open(os.fspath(path), framework=framework) as f:
-        mapping = map_keys(list(f.keys()), names_to_fqns)
-        items = []
-        for key, fqn in mapping.targets.items():
-            s = f.get_slice(key)
-            st_dtype = s.get_dtype()
-            torch_name = _SAFETENSORS_DTYPES.get(st_dtype)
-            dtype: DType | None = BY_TORCH_NAME.get(torch_name) if torch_name else None
-            if dtype is None:
-                raise WeightsFileError(f"{key!r}: safetensors dtype {st_dtype} is not supported")
-            if dtype.numpy_name is None and framework == "numpy":
-                raise WeightsFileError(f"{key!r} is {dtype.torch_name}: install torch to upload it")
-            items.append(UploadItem(fqn, dtype, tuple(s.get_shape()),
-                                    lambda key=key: to_wire(f.get_tensor(key), f"weight {key!r}")))
-        yield items
+    # Not closed explicitly: gRPC reads the items on its own thread, which may
+    # still be inside get_tensor when a refused upload returns here; the file
+    # is closed when the last item is dropped.
+    f = safetensors.safe_open(os.fspath(path), framework=framework)
+    mapping = map_keys(list(f.keys()), names_to_fqns)
+    items = []
+    for key, fqn in mapping.targets.items():
+        s = f.get_slice(key)
+        st_dtype = s.get_dtype()
+        torch_name = _SAFETENSORS_DTYPES.get(st_dtype)
+        dtype: DType | None = BY_TORCH_NAME.get(torch_name) if torch_name else None
+        if dtype is None:
+            raise WeightsFileError(f"{key!r}: safetensors dtype {st_dtype} is not supported")
+        if dtype.numpy_name is None and framework == "numpy":
+            raise WeightsFileError(f"{key!r} is {dtype.torch_name}: install torch to upload it")
+        items.append(UploadItem(fqn, dtype, tuple(s.get_shape()),
+                                lambda key=key: to_wire(f.get_tensor(key), f"weight {key!r}")))
+    return items
 
 
 def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike,
@@ -152,10 +154,9 @@ def push(client: Client, model: str, path: str | os.PathLike, *, partial: bool =
     """
     handle = client.model(model)
     fqns = handle.get_constant_names_to_original_fqns()
-    with open_upload(path, fqns) as items:
-        staged = handle.stream_constants(
-            items, use_inactive=True, validate_full_updates=not partial,
-            description=description or Path(path).name, chunk_bytes=chunk_bytes, progress=progress)
+    staged = handle.stream_constants(
+        file_upload_items(path, fqns), use_inactive=True, validate_full_updates=not partial,
+        description=description or Path(path).name, chunk_bytes=chunk_bytes, progress=progress)
     if not swap:
         return staged, None
     try:
@@ -272,10 +273,10 @@ def rollout(targets: Sequence[str], model: str, path: str | os.PathLike,
                 try:
                     handle = clients[o.target].model(model)
                     fqns = handle.get_constant_names_to_original_fqns()
-                    with open_upload(path, fqns) as items:
-                        o.staged = handle.stream_constants(
-                            items, use_inactive=True, validate_full_updates=not partial,
-                            description=description or Path(path).name, chunk_bytes=chunk_bytes)
+                    o.staged = handle.stream_constants(
+                        file_upload_items(path, fqns), use_inactive=True,
+                        validate_full_updates=not partial,
+                        description=description or Path(path).name, chunk_bytes=chunk_bytes)
                     o.stage = "ok"
                 except Exception as e:  # every failure is reported per target
                     o.stage, o.error = "failed", _error_text(e)

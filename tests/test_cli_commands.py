@@ -1,0 +1,218 @@
+"""The `aotiserve` operator commands against a real daemon, plus the pieces
+that need none: flag/env resolution, `serve` delegation, weights key mapping."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import aotiserve.client as ac
+from aotiserve.client import cli, weights
+from server_harness import running_server
+
+
+@pytest.fixture(scope="module")
+def srv():
+    with running_server(["mlp", "two_io"]) as s:
+        yield s
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_table_and_json(srv, capsys):
+    code, out, _ = run_cli(capsys, "models", "--target", srv.target)
+    assert code == 0
+    header, *rows = out.strip().splitlines()
+    assert header.split() == ["NAME", "STATE", "DEVICES", "RUNNERS", "VERSION", "STAGED"]
+    assert {r.split()[0] for r in rows} == {"mlp", "two_io"}
+    assert all("READY" in r and "initial" in r for r in rows)
+    code, out, _ = run_cli(capsys, "--json", "--target", srv.target, "models")
+    models = json.loads(out)
+    assert {m["name"] for m in models} == {"mlp", "two_io"}
+    assert models[0]["active_version"]["id"] == "initial"
+
+
+def test_target_from_environment(srv, capsys, monkeypatch):
+    monkeypatch.setenv("AOTISERVE_TARGET", srv.target)
+    code, out, _ = run_cli(capsys, "health")
+    assert (code, out.strip()) == (0, "SERVING")
+    monkeypatch.setenv("AOTISERVE_TARGET", "127.0.0.1:1")  # the flag wins over the environment
+    code, out, _ = run_cli(capsys, "health", "--target", srv.target, "--json")
+    assert code == 0 and json.loads(out)["status"] == "SERVING"
+
+
+def test_health_of_an_unreachable_daemon_exits_1(capsys):
+    code, _, err = run_cli(capsys, "health", "--target", "127.0.0.1:1", "--timeout", "2")
+    assert code == 1 and "UNAVAILABLE" in err
+
+
+def test_infer_random_and_npy_inputs(srv, capsys, tmp_path, zoo):
+    code, out, _ = run_cli(capsys, "infer", "--model", "two_io", "--random", "--batch", "3",
+                           "--target", srv.target)
+    assert code == 0
+    assert "h: float32[3, 4]" in out and "ids2: int64[3]" in out and "weights initial" in out
+
+    x = zoo.MODELS["mlp"].inputs(2)[0]
+    np.save(tmp_path / "x.npy", x.numpy())
+    code, out, _ = run_cli(capsys, "--json", "infer", "--model", "mlp", "--input", str(tmp_path / "x.npy"),
+                           "--target", srv.target, "--save", str(tmp_path / "out"))
+    assert code == 0
+    result = json.loads(out)
+    assert result["weights_version"] == "initial"
+    (output,) = result["outputs"]
+    assert output["shape"] == [2, 10] and output["dtype"] == "float32"
+    want = zoo.eager("mlp", [x])[0].numpy()
+    np.testing.assert_allclose(np.array(output["data"], dtype=np.float32), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / f"{output['name']}.npy"), want, rtol=1e-4, atol=1e-5)
+
+
+def test_infer_errors(srv, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "infer", "--model", "nope", "--random", "--target", srv.target)
+    assert code == 1 and "NOT_FOUND" in err
+    code, _, err = run_cli(capsys, "infer", "--model", "mlp", "--target", srv.target)
+    assert code == 2 and "--random" in err
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3), np.float32))
+    code, _, err = run_cli(capsys, "infer", "--model", "mlp", "--input", str(tmp_path / "bad.npy"),
+                           "--target", srv.target)
+    assert code == 1 and "INVALID_ARGUMENT" in err and "input 0" in err
+
+
+def test_load_and_unload(srv, capsys):
+    code, out, _ = run_cli(capsys, "load", "extra", str(srv.repo / "mlp.pt2"), "--devices", "cpu",
+                           "--runners-per-device", "1", "--target", srv.target)
+    assert code == 0 and "loaded extra on cpu" in out
+    code, out, _ = run_cli(capsys, "unload", "extra", "--target", srv.target, "--json")
+    assert code == 0 and json.loads(out) == {"unloaded": "extra"}
+    code, _, err = run_cli(capsys, "unload", "extra", "--target", srv.target)
+    assert code == 1 and "NOT_FOUND" in err
+
+
+def test_weights_pull_push_rollback_free(srv, capsys, tmp_path, zoo):
+    t = ("--target", srv.target)
+    pulled = tmp_path / "mlp.safetensors"
+    code, out, _ = run_cli(capsys, "weights", "pull", "--model", "mlp", str(pulled), *t)
+    assert code == 0 and "wrote 5 tensors" in out
+    tensors = load_file(pulled)
+    with ac.Client(srv.target) as client:
+        want = client.model("mlp").extract_constants_map(False)
+    assert set(tensors) == set(want) and all(torch.equal(tensors[k], want[k]) for k in want)
+
+    # keys may be constant names too (fc1_weight) as well as original FQNs
+    names = {fqn: name for name, fqn in
+             ac.Client(srv.target).model("mlp").get_constant_names_to_original_fqns().items()}
+    new = {names[k] if k.startswith("fc1") else k: v * 0.5 for k, v in tensors.items()}
+    new_file = tmp_path / "new.safetensors"
+    save_file(new, new_file)
+    code, out, err = run_cli(capsys, "--json", "weights", "push", "--model", "mlp", str(new_file),
+                             "--chunk-mib", "0.001", *t)
+    assert code == 0, err
+    pushed = json.loads(out)
+    assert pushed["active"]["id"] == pushed["staged"]["id"] != "initial"
+    assert pushed["active"]["description"] == "new.safetensors"
+    x = zoo.MODELS["mlp"].inputs(2)
+    scaled = {k: v * 0.5 for k, v in tensors.items()}
+    module = zoo.MODELS["mlp"].module()
+    module.load_state_dict(scaled)
+    with ac.Client(srv.target) as client:
+        m = client.model("mlp")
+        torch.testing.assert_close(m.run(list(x))[0], module(*x).detach(), rtol=1e-4, atol=1e-5)
+        assert m.last_weights_version == pushed["active"]["id"]
+
+    code, out, _ = run_cli(capsys, "weights", "rollback", "--model", "mlp", *t)
+    assert code == 0 and "now serves initial" in out
+    code, out, _ = run_cli(capsys, "weights", "pull", "--model", "mlp", "--inactive",
+                           str(tmp_path / "previous.safetensors"), *t)
+    assert code == 0
+    assert torch.equal(load_file(tmp_path / "previous.safetensors")["fc1.weight"], scaled["fc1.weight"])
+    code, out, _ = run_cli(capsys, "weights", "free", "--model", "mlp", *t)
+    assert code == 0
+    code, _, err = run_cli(capsys, "weights", "rollback", "--model", "mlp", *t)
+    assert code == 1 and "FAILED_PRECONDITION" in err
+
+
+def test_weights_push_refuses_bad_files_before_touching_anything(srv, capsys, tmp_path):
+    t = ("--target", srv.target)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"fc1.weight": torch.zeros(32, 64), "not.a.weight": torch.zeros(2)}, bad)
+    code, _, err = run_cli(capsys, "weights", "push", "--model", "two_io", str(bad), *t)
+    assert code == 2 and "not.a.weight" in err and "match no constant" in err
+    partial = tmp_path / "partial.safetensors"
+    save_file({"proj.bias": torch.zeros(4)}, partial)
+    code, _, err = run_cli(capsys, "weights", "push", "--model", "two_io", str(partial), *t)
+    assert code == 1 and "INVALID_ARGUMENT" in err  # a full update is the default
+    wrong_shape = tmp_path / "shape.safetensors"
+    save_file({"proj.bias": torch.zeros(5)}, wrong_shape)
+    code, _, err = run_cli(capsys, "weights", "push", "--model", "two_io", "--partial", str(wrong_shape), *t)
+    assert code == 1 and "proj.bias" in err
+    code, _, err = run_cli(capsys, "weights", "push", "--model", "two_io", str(tmp_path / "missing.safetensors"), *t)
+    assert code == 2
+    info = ac.Client(srv.target).model("two_io").info()
+    assert info.active_version.id == "initial" and info.staged_version is None
+
+
+def test_admin_token_file(tmp_path, capsys):
+    token = tmp_path / "token"
+    token.write_text("tok\n")
+    with running_server(["mlp"], admin_token_file=str(token)) as s:
+        pulled = tmp_path / "w.safetensors"
+        assert run_cli(capsys, "weights", "pull", "--model", "mlp", str(pulled), "--target", s.target)[0] == 0
+        code, _, err = run_cli(capsys, "weights", "push", "--model", "mlp", str(pulled), "--target", s.target)
+        assert code == 1 and "UNAUTHENTICATED" in err
+        code, _, err = run_cli(capsys, "weights", "push", "--model", "mlp", str(pulled), "--target", s.target,
+                               "--admin-token-file", str(token))
+        assert code == 0, err
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    assert run_cli(capsys, "models", "--admin-token-file", str(empty))[0] == 2
+
+
+def test_serve_delegates_every_flag_to_the_server_cli(monkeypatch):
+    seen = []
+    fake = types.ModuleType("aotiserve.server.cli")
+    fake.main = lambda argv: seen.append(argv) or 7
+    monkeypatch.setitem(sys.modules, "aotiserve.server.cli", fake)
+    assert cli.main(["serve", "--port", "0", "--help-me", "--target", "x"]) == 7
+    assert seen == [["--port", "0", "--help-me", "--target", "x"]]
+
+
+def test_serve_without_the_server_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "aotiserve.server.cli", None)  # as in aotiserve-client alone
+    assert cli.main(["serve"]) == 2
+    assert "full `aotiserve` distribution" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["weights", "push", "--model", "m"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2
+
+
+# ---------------------------------------------------------------- key mapping
+
+FQNS = {"fc1_weight": "fc1.weight", "fc1_bias": "fc1.bias", "_FOLDED_CONST_x": "_FOLDED_CONST_x"}
+
+
+def test_map_keys_accepts_fqns_and_constant_names():
+    m = weights.map_keys(["fc1.weight", "fc1_bias", "_FOLDED_CONST_x"], FQNS)
+    assert m.targets == {"fc1.weight": "fc1.weight", "fc1_bias": "fc1.bias"}
+    assert m.skipped == ("_FOLDED_CONST_x",)
+
+
+def test_map_keys_refuses_unknown_and_duplicate_keys():
+    with pytest.raises(weights.WeightsFileError, match="fc9.weight.*the model's weights: fc1.bias, fc1.weight"):
+        weights.map_keys(["fc9.weight"], FQNS)
+    with pytest.raises(weights.WeightsFileError, match="both name constant 'fc1.weight'"):
+        weights.map_keys(["fc1.weight", "fc1_weight"], FQNS)
