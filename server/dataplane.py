@@ -285,7 +285,9 @@ class DataPlane:
     def begin_upload(self, header: pb.UpdateConstantBufferHeader, author: str) -> Upload:
         model = self.registry.get(header.model)
         try:
-            staging = StagingUpload(model, header, self.config.max_upload_bytes, self.limits)
+            gauge = self.metrics.staging_bytes.labels(model.name) if self.metrics else None
+            staging = StagingUpload(model, header, self.config.max_upload_bytes, self.limits,
+                                    gauge.inc if gauge else None)
         except BaseException as exc:
             self._count_op(model.name, "stage", exc)
             raise

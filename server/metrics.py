@@ -51,6 +51,9 @@ class Metrics:
         self.staged_bytes = Counter(
             "aotiserve_staged_bytes_total", "Weight bytes received for staging",
             ["model"], registry=r)
+        self.staging_bytes = Gauge(
+            "aotiserve_staging_bytes", "Bytes held by uploads in progress",
+            ["model"], registry=r)
         self.weights_version = Gauge(
             "aotiserve_weights_version_info", "1 for the weights version serving now",
             ["model", "version", "sha256"], registry=r)

@@ -15,9 +15,11 @@ Weight state follows the runner's two buffers::
 Known runner hazards guarded here (torch 2.13's model container):
 - swapping with an empty inactive buffer leaves the model unable to run, so
   swap needs a staged version;
-- freeing the inactive buffer when it is the container's primary blob (after
-  an odd number of swaps) makes the next staging crash, so that free only
-  forgets the version and keeps the memory;
+- freeing an inactive buffer that has ever been the active one (its folded
+  constants were computed) makes the next staging into it segfault (seen with
+  sequences stage-swap-run-stage-swap-free-stage), so free releases the
+  runner's memory only for a buffer that never served (a discarded stage);
+  otherwise it forgets the version and keeps the memory for the next stage;
 - reading a freed inactive buffer reads freed memory, so extract(inactive)
   needs a staged or previous version.
 """
@@ -108,8 +110,9 @@ class WeightsState:
     swaps: int = 0  # parity tells which of the container's buffers is inactive
 
     @property
-    def inactive_is_primary(self) -> bool:
-        return self.swaps % 2 == 1
+    def inactive_has_served(self) -> bool:
+        """Whether the inactive buffer was ever active (the primary always was)."""
+        return self.swaps > 0
 
 
 def _spec_from_json(d: Mapping[str, Any]) -> IOSpec:
@@ -318,11 +321,11 @@ class ServedModel:
             state = self.weights
             if state.staged is None and state.previous is None:
                 return
-            if not state.inactive_is_primary:
+            if not state.inactive_has_served:
                 for replica in self.replicas:
                     replica.runner.free_inactive_constant_buffer()
             else:
-                log.debug("model %r: inactive buffer is the primary blob; keeping its memory "
+                log.debug("model %r: the inactive buffer has served; keeping its memory "
                           "(freeing it makes the container crash on the next staging)", self.name)
             state.staged = state.previous = None
             if store is not None:

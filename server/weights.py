@@ -133,7 +133,7 @@ class StagingUpload:
     """One upload in progress. Call :meth:`add_chunk` per chunk, then :meth:`finish`."""
 
     def __init__(self, model: "ServedModel", header: pb.UpdateConstantBufferHeader,
-                 max_upload_bytes: int, limits: codec.Limits):
+                 max_upload_bytes: int, limits: codec.Limits, on_bytes=None):
         self.model = model
         self.header = header
         self.use_inactive = header.use_inactive
@@ -173,6 +173,10 @@ class StagingUpload:
         # The wire may name a constant by FQN or by constant name: map both.
         self._by_wire_name: dict[str, _Staged] = {}
         self.staged: dict[str, _Staged] = {}
+        self._on_bytes = on_bytes
+        self._held = total * len(model.replicas)
+        if on_bytes:
+            on_bytes(self._held)
         # Validation passed: allocate, one tensor per replica, on its device.
         for fqn, (info, wire_name) in declared.items():
             tensors = [torch.empty(info.shape, dtype=info.dtype, device=r.pool.device)
@@ -236,8 +240,12 @@ class StagingUpload:
         return {fqn: st.tensors for fqn, st in self.staged.items()}, content_sha256(digests)
 
     def discard(self) -> None:
+        """Drops the staging tensors (idempotent)."""
         self.staged.clear()
         self._by_wire_name.clear()
+        if self._held and self._on_bytes:
+            self._on_bytes(-self._held)
+        self._held = 0
 
 
 def replace_author(version: WeightsVersion, author: str) -> WeightsVersion:
