@@ -18,11 +18,12 @@ other. Server reflection lists this service but cannot describe its messages.
 What is served: health, server/model metadata, model config (a small
 Triton-style subset), ModelInfer with ``raw_input_contents`` or typed
 ``contents`` (FP16/BF16 raw only), answers in ``raw_output_contents``,
-requested-output filtering, id and parameter echo, and the model repository
+requested-output filtering, id and parameter echo, ModelStreamInfer (one
+response per request, in order, errors in-band), and the model repository
 (index, load, unload of ``<model-repository>/<name>.pt2``). A model's version
 is its active weights version (``initial`` for the packaged weights). BYTES
-tensors, shared memory, streaming, statistics, trace/log settings and
-classification answer UNIMPLEMENTED; sequence parameters INVALID_ARGUMENT.
+tensors, shared memory, statistics, trace/log settings and classification
+answer UNIMPLEMENTED; sequence parameters INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -316,6 +317,21 @@ class OipServicer:
                                  shape=tensor.shape)
             response.raw_output_contents.append(codec.tensor_bytes(tensor))
         return response
+
+    def ModelStreamInfer(self, request_iterator, context):
+        """ModelInfer per streamed request, answered in order. As in Triton, a failed
+        request's error travels in its response (``error_message``) and the stream goes on."""
+        for request in request_iterator:
+            try:
+                response = self.ModelInfer(request, context)
+            except ServeError as exc:
+                yield self.pb.ModelStreamInferResponse(
+                    error_message=f"{exc.code.name}: {exc.message}",
+                    infer_response=self.pb.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version,
+                        id=request.id))
+                continue
+            yield self.pb.ModelStreamInferResponse(infer_response=response)
 
     def _decode_inputs(self, model: ServedModel, request) -> list[torch.Tensor]:
         specs = model.inputs

@@ -570,8 +570,34 @@ def test_unserved_rpcs_are_unimplemented(stub):
         stub.SystemSharedMemoryRegister(service_pb2.SystemSharedMemoryRegisterRequest(name="r", key="/k", byte_size=8))
     assert code_of(e) == "UNIMPLEMENTED"
     with pytest.raises(grpc.RpcError) as e:
-        list(stub.ModelStreamInfer(iter([raw_request()])))
+        stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name="mlp"))
     assert code_of(e) == "UNIMPLEMENTED"
+
+
+def test_stream_infer(client):
+    """tritonclient's bidirectional stream: one response per request, errors in-band."""
+    import queue
+
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        sent = []
+        for i in range(6):
+            name = SERVED[i % len(SERVED)]
+            tensors = model_zoo.MODELS[name].inputs(batch=i + 1, seed=20 + i)
+            client.async_stream_infer(name, triton_inputs(name, tensors), request_id=f"s{i}")
+            sent.append((name, tensors))
+        client.async_stream_infer("no_such_model", triton_inputs("mlp", sent[0][1]), request_id="bad")
+        for i, (name, tensors) in enumerate(sent):
+            result, error = results.get(timeout=60)
+            assert error is None, error
+            assert result.get_response().id == f"s{i}"
+            out_names = [s["name"] for s in io_specs(name)[1]]
+            assert_matches_eager(name, tensors, {n: result.as_numpy(n) for n in out_names})
+        result, error = results.get(timeout=60)
+        assert result is None and "NOT_FOUND" in str(error)
+    finally:
+        client.stop_stream()
 
 
 def test_daemon_still_serves_after_everything(client):
