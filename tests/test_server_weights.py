@@ -201,8 +201,9 @@ def test_bad_uploads_are_refused_and_change_nothing(server_factory, case):
     assert s.app.metrics.staging_bytes.labels("mlp")._value.get() == 0
 
 
-def test_swap_under_load_every_response_old_or_new(server_factory):
-    s = server_factory(["mlp"])
+@pytest.mark.parametrize("devices", [("cpu",), ("cpu:0", "cpu:1")], ids=["1replica", "2replicas"])
+def test_swap_under_load_every_response_old_or_new(server_factory, devices):
+    s = server_factory(["mlp"], devices=devices, metrics_port=0)
     inputs = model_zoo.MODELS["mlp"].inputs(8)
     old = model_zoo.eager("mlp", inputs)
     weights = new_weights("mlp")
@@ -249,6 +250,24 @@ def test_swap_under_load_every_response_old_or_new(server_factory):
     # A call that started after the swap returned only sees new weights.
     assert all(kind == "new" for kind, _, after in flat if after)
     assert any(kind == "old" for kind, _, _ in flat)
+    if len(devices) > 1:  # least-loaded routing used every replica
+        for dev in devices:
+            assert s.app.metrics.device_requests.labels("mlp", dev)._value.get() > 0, dev
+
+
+def test_free_discards_a_stage_that_never_served(server_factory):
+    s = server_factory(["mlp"])
+    inputs = model_zoo.MODELS["mlp"].inputs(2)
+    upload(s.stub, "mlp", new_weights("mlp", 9.0), validate_full=True)
+    s.stub.FreeInactiveConstantBuffer(pb.FreeInactiveConstantBufferRequest(model="mlp"))
+    assert not info(s.stub, "mlp").HasField("staged_version")
+    code, _ = code_of(lambda: s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp")))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    weights = new_weights("mlp")
+    upload(s.stub, "mlp", weights, validate_full=True)
+    s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
+    out, _ = run(s.stub, "mlp", inputs)
+    assert wire.close(out, eager_with("mlp", weights, inputs))
 
 
 def test_cancel_mid_upload_frees_staging_and_changes_nothing(server_factory):

@@ -1,0 +1,81 @@
+"""Committed weights survive SIGKILL; an upload cut off by a crash changes nothing."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import grpc
+import pytest
+
+import model_zoo
+import wire
+from aotiserve.v1 import model_runner_pb2 as pb
+from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
+from server_harness import start_daemon
+from test_server_weights import eager_with, new_weights
+
+
+def _stub(d):
+    channel = grpc.insecure_channel(d.target)
+    return channel, pb_grpc.ModelRunnerStub(channel)
+
+
+def _active(stub) -> pb.WeightsVersion:
+    return stub.ListModels(pb.ListModelsRequest()).models[0].active_version
+
+
+@pytest.mark.slow
+def test_restart_after_sigkill_serves_committed_version(tmp_path):
+    weights_dir = tmp_path / "weights"
+    args = ["--weights-dir", str(weights_dir)]
+    inputs = model_zoo.MODELS["mlp"].inputs(4)
+    v1_weights = new_weights("mlp")
+    want = eager_with("mlp", v1_weights, inputs)
+
+    d = start_daemon(["mlp"], args)
+    try:
+        channel, stub = _stub(d)
+        v1 = stub.UpdateConstantBuffer(wire.upload_requests(
+            "mlp", v1_weights, validate_full=True, description="v1")).version
+        stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
+        # Start a second upload and kill the daemon while it is half sent.
+        half = threading.Event()
+        hold = threading.Event()
+
+        def stream():
+            msgs = list(wire.upload_requests("mlp", new_weights("mlp", 3.0), validate_full=True,
+                                             chunk_bytes=256))
+            for i, m in enumerate(msgs):
+                if i == len(msgs) // 2:
+                    half.set()
+                    hold.wait(30)
+                    return
+                yield m
+
+        future = stub.UpdateConstantBuffer.future(stream())
+        half.wait(30)
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(30)
+        hold.set()
+        with pytest.raises(grpc.RpcError):
+            future.result()
+        channel.close()
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+
+    d2 = start_daemon(["mlp"], args, repo=d.repo)
+    try:
+        channel, stub = _stub(d2)
+        active = _active(stub)
+        assert (active.id, active.sha256, active.description) == (v1.id, v1.sha256, "v1")
+        resp, call = stub.Run.with_call(wire.run_request("mlp", inputs))
+        assert wire.close(wire.outputs(resp), want)
+        assert ("aotiserve-weights-version", v1.id) in tuple(call.trailing_metadata())
+        channel.close()
+    finally:
+        d2.proc.kill()
+        d2.proc.wait(30)
+    leftovers = [p.name for p in weights_dir.rglob("*.tmp")]
+    assert not leftovers
