@@ -353,6 +353,10 @@ class OipServicer:
             if inp.parameters:
                 _check_tensor_parameters(inp.parameters, what)
             dtype = _torch_dtype(inp.datatype, what)
+            want = specs[slot].dtype
+            if want is not None and dtype != want:  # the data plane checks too; this speaks OIP
+                raise InvalidArgument(f"{what}: datatype must be {_datatype(specs[slot])}, "
+                                      f"got {inp.datatype}")
             has_contents = inp.HasField("contents")
             if raw:
                 if has_contents:
