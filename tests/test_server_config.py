@@ -1,0 +1,73 @@
+"""Configuration precedence, the serve CLI, admin token, and the built-in demo model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import grpc
+import pytest
+import torch
+
+import wire
+from aotiserve.server.cli import build_parser
+from aotiserve.server.config import ServeConfig
+from aotiserve.v1 import model_runner_pb2 as pb
+from server_harness import REPO_ROOT, server_factory  # noqa: F401 (fixture)
+
+
+def test_precedence_cli_over_env_over_file_over_defaults(tmp_path):
+    cfg_file = tmp_path / "serve.toml"
+    cfg_file.write_text('port = 9000\nmetrics-port = 9001\nmax_queue = 7\ndevices = ["cpu", "cuda:0"]\n'
+                        'allowed_roots = ["/a"]\n')
+    args = build_parser().parse_args(["--config", str(cfg_file), "--port", "9100",
+                                      "--allowed-root", "/x", "--allowed-root", "/y"])
+    env = {"AOTISERVE_PORT": "9200", "AOTISERVE_METRICS_PORT": "9300", "AOTISERVE_LOG_JSON": "true"}
+    cfg = ServeConfig.from_sources(args, env)
+    assert cfg.port == 9100  # CLI
+    assert cfg.metrics_port == 9300  # env over file
+    assert cfg.max_queue == 7 and cfg.devices == ("cpu", "cuda:0")  # file
+    assert cfg.allowed_roots == ("/x", "/y")
+    assert cfg.log_json is True and cfg.host == "127.0.0.1"  # env, default
+    assert ServeConfig.from_sources({}, {"AOTISERVE_METRICS_PORT": "-1"}).metrics_enabled is False
+    assert ServeConfig.from_sources({}, {"AOTISERVE_DEVICES": "cpu,cuda:1"}).devices == ("cpu", "cuda:1")
+    json_file = tmp_path / "serve.json"
+    json_file.write_text(json.dumps({"serve": {"runners_per_model": 3}}))
+    assert ServeConfig.from_sources(argparse.Namespace(config=str(json_file)), {}).runners_per_model == 3
+    bad = tmp_path / "bad.toml"
+    bad.write_text("prot = 1\n")
+    with pytest.raises(ValueError, match="unknown setting 'prot'"):
+        ServeConfig.from_sources({"config": str(bad)}, {})
+    assert ServeConfig().serve_demo and not ServeConfig(model_repository="/m").serve_demo
+
+
+def test_admin_token_guards_mutating_rpcs(server_factory, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    s = server_factory(["mlp"], admin_token_file=str(token_file))
+    swap = pb.SwapConstantBufferRequest(model="mlp")
+    with pytest.raises(grpc.RpcError) as e:
+        s.stub.SwapConstantBuffer(swap)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as e:
+        s.stub.SwapConstantBuffer(swap, metadata=(("authorization", "Bearer nope"),))
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as e:  # authorized, but nothing staged
+        s.stub.SwapConstantBuffer(swap, metadata=(("authorization", "Bearer s3cret"),))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # Reads need no token.
+    s.stub.Run(wire.run_request("mlp", [torch.randn(1, 64)]))
+    assert len(s.stub.ListModels(pb.ListModelsRequest()).models) == 1
+
+
+@pytest.mark.slow
+def test_demo_model_is_compiled_once_and_served(server_factory):
+    cache = REPO_ROOT / ".cache" / "demo"
+    s = server_factory([], demo=True, model_repository=None, demo_cache_dir=str(cache))
+    models = s.stub.ListModels(pb.ListModelsRequest()).models
+    assert [m.name for m in models] == ["demo"]
+    from aotiserve.server.demo import demo_module
+    x = torch.randn(3, 8)
+    out = wire.outputs(s.stub.Run(wire.run_request("demo", [x])))
+    with torch.no_grad():
+        assert wire.close(out, [demo_module()(x)])
