@@ -384,11 +384,13 @@ def test_typed_contents_narrow_integer_types(stub):
 # ---------------------------------------------------------------- repository
 
 
-def test_unload_and_load(client):
+def test_unload_and_load(client, stub):
     client.unload_model("blob_mlp")
     assert not client.is_model_ready("blob_mlp")
     index = {m.name: m for m in client.get_model_repository_index().models}
-    assert index["blob_mlp"].state != "READY"
+    assert index["blob_mlp"].state == "UNAVAILABLE" and index["blob_mlp"].reason
+    ready_only = stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True))
+    assert {m.name for m in ready_only.models} == set(SERVED) - {"blob_mlp"}
     assert client.is_model_ready("mlp")  # the others keep serving
     tensors = model_zoo.MODELS["blob_mlp"].inputs(batch=2)
     with pytest.raises(InferenceServerException) as e:
@@ -669,3 +671,32 @@ def test_in_process_server_beside_tritonclient(tmp_path, model_package):
     finally:
         server.stop(0).wait(30)
     assert "aotiserve.oip.inference_pb2" not in sys.modules
+
+
+def test_repository_calls_need_the_admin_token(tmp_path, model_package):
+    """With an admin token, load/unload are admin calls (the daemon's one interceptor)."""
+    from aotiserve.server.app import create_server
+    from aotiserve.server.config import ServeConfig
+
+    shutil.copyfile(model_package("mlp"), tmp_path / "mlp.pt2")
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    server, port = create_server(ServeConfig(port=0, metrics_port=None, model_repository=str(tmp_path),
+                                             admin_token_file=str(token)))
+    server.start(load="now")
+    c = tritonclient_grpc.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        with pytest.raises(InferenceServerException) as e:
+            c.unload_model("mlp")
+        assert code_of(e) == "UNAUTHENTICATED"
+        with pytest.raises(InferenceServerException) as e:
+            c.unload_model("mlp", headers={"authorization": "Bearer wrong"})
+        assert code_of(e) == "PERMISSION_DENIED"
+        assert c.is_model_ready("mlp")  # reads need no token
+        c.unload_model("mlp", headers={"authorization": "Bearer s3cret"})
+        assert not c.is_model_ready("mlp")
+        c.load_model("mlp", headers={"authorization": "Bearer s3cret"})
+        assert c.is_model_ready("mlp")
+    finally:
+        c.close()
+        server.stop(0).wait(30)
