@@ -216,3 +216,21 @@ def test_map_keys_refuses_unknown_and_duplicate_keys():
         weights.map_keys(["fc9.weight"], FQNS)
     with pytest.raises(weights.WeightsFileError, match="both name constant 'fc1.weight'"):
         weights.map_keys(["fc1.weight", "fc1_weight"], FQNS)
+
+
+def test_progress_bar_draws_on_a_terminal_only():
+    import io
+
+    from aotiserve.client.progress import ProgressBar
+
+    out = io.StringIO()
+    with ProgressBar("mlp <- w.safetensors", stream=out, enabled=True) as bar:
+        bar(0, 4 << 20)
+        bar(4 << 20, 4 << 20)
+    text = out.getvalue()
+    assert text.startswith("\rmlp <- w.safetensors [") and "100.0%" in text and "4.0/4.0 MiB" in text
+    assert text.endswith("\n")
+    quiet = io.StringIO()  # StringIO is not a TTY: nothing drawn by default
+    with ProgressBar("x", stream=quiet) as bar:
+        bar(1, 1)
+    assert quiet.getvalue() == ""

@@ -179,6 +179,13 @@ def _version_dict(v) -> dict | None:
                                    "author": v.author, "description": v.description}
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def _as_numpy(x):
     import numpy as np
 
@@ -345,7 +352,7 @@ def cmd_weights_push(cfg: CliConfig, args) -> int:
     elif active is None:
         print(f"staged {staged.id if staged else '?'} on {args.model} (not swapped in)")
     else:
-        print(f"{args.model} now serves {active.id} ({bar.total / (1 << 20):.1f} MiB); "
+        print(f"{args.model} now serves {active.id} ({_size(bar.total)}); "
               f"`aotiserve weights rollback --model {args.model}` restores the previous weights")
     return 0
 

@@ -33,8 +33,9 @@ from aotiserve.v1 import model_runner_pb2 as pb
 OutputFormat = Literal["auto", "numpy", "torch"]
 
 #: Upload chunk payload size: large enough that per-message overhead is noise,
-#: far below any message-size limit.
-DEFAULT_CHUNK_BYTES = 4 << 20
+#: small enough to stay in cache while it is copied (1 MiB measured fastest
+#: end to end among 256 KiB..16 MiB), far below any message-size limit.
+DEFAULT_CHUNK_BYTES = 1 << 20
 
 _LITTLE = np.dtype("<u2").isnative
 
