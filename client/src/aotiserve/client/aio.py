@@ -169,8 +169,9 @@ class AsyncClient:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._config = ChannelConfig(
-            target, admin_token, tls, ca_cert, client_cert, client_key, tls_server_name,
-            credentials, max_message_bytes, tuple(options),
+            target=target, admin_token=admin_token, tls=tls, ca_cert=ca_cert,
+            client_cert=client_cert, client_key=client_key, tls_server_name=tls_server_name,
+            credentials=credentials, max_message_bytes=max_message_bytes, options=tuple(options),
         )
         self.timeout = timeout
         self.output_format = resolve_format(output_format)

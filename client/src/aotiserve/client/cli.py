@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- output
 
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+def _print_json(obj: Any, indent: int | None = 2) -> None:
+    print(json.dumps(obj, indent=indent, default=str))
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -282,7 +282,7 @@ def cmd_infer(cfg: CliConfig, args) -> int:
             "outputs": [{"name": n, "dtype": str(o.dtype).removeprefix("torch."),
                          "shape": list(o.shape), "data": a.tolist()}
                         for n, o, a in zip(names, outputs, arrays)],
-        })
+        }, indent=None)  # tensors: one line, not one line per number
         return 0
     print(f"model {args.model}  weights {model.last_weights_version}  {latency_ms:.2f} ms")
     for n, o, a in zip(names, outputs, arrays):
