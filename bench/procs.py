@@ -172,14 +172,17 @@ def _read_ready_file(path: Path):
     return check
 
 
-def start_echo(workdir: Path, resp_size: int, workers: int = 8) -> Server:
+def start_echo(workdir: Path, resp_size: int, workers: int = 8, aio: bool = False,
+               max_msg: int = 160 << 20) -> Server:
     ready = workdir / "echo.ready"
     ready.unlink(missing_ok=True)
     argv = [sys.executable, str(REPO / "bench" / "echo_server.py"), "--resp-size", str(resp_size),
-            "--workers", str(workers), "--ready-file", str(ready)]
+            "--workers", str(workers), "--ready-file", str(ready), "--max-msg", str(max_msg)]
+    if aio:
+        argv.append("--aio")
     proc, log_path = spawn("echo", argv, workdir)
     info = wait_for(_read_ready_file(ready), proc, 30, "echo server")
-    return Server("echo", proc, int(info["port"]), workdir, log_path)
+    return Server("echo_aio" if aio else "echo", proc, int(info["port"]), workdir, log_path)
 
 
 def start_aotiserve(workdir: Path, packages: dict[str, Path], *, runners: int | None = None,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 REQUIREMENTS = Path(__file__).with_name("requirements.txt")
 
-ORDER = ("inproc", "echo", "native", "client", "oip", "kserve", "pytriton")
-SHORT = {"inproc": "in-process", "echo": "grpcio echo", "native": "aotiserve Run", "client": "aotiserve client",
+ORDER = ("inproc", "echo", "echo_aio", "native", "client", "oip", "kserve", "pytriton")
+SHORT = {"inproc": "in-process", "echo": "grpcio echo", "echo_aio": "grpc.aio echo", "native": "aotiserve Run", "client": "aotiserve client",
          "oip": "aotiserve OIP", "kserve": "KServe", "pytriton": "PyTriton"}
 
 
@@ -114,6 +114,7 @@ def _ratio_rows(r: dict) -> list[str]:
         ("8 clients: aotiserve ÷ PyTriton", "native_rps8_over_pytriton"),
         ("Compute-bound: 2 clients ÷ 1 client", "compute_scaling_2_over_1"),
         ("64 MiB round trip, GB/s (in+out)", "large_gbps_round_trip"),
+        ("64 MiB: payload copies made in the server", "large_server_copies"),
     ]
     out = ["| ratio | value | target | met |", "|---|---|---|---|"]
     for label, key in rows:
@@ -218,15 +219,34 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
               "the payload held at once**. That counts every buffer alive at the peak (gRPC's receive buffer, the "
               "parsed message, the input tensor view, the output tensor, the response bytes), not only copies "
               "made by aotiserve's code; the copy-by-copy account is in the section below."]
-        copies = results.get("copy_account")
-        if copies:
-            L += ["", "### Payload copies in the server (from the code)", ""] + copies
+        probe = g.get("copy_probe")
+        if probe:
+            L += ["", "### Payload copies in the server, step by step (`python -m bench.copies`)", "",
+                  "The server's own codec and messages replayed on one 64 MiB request in a fresh process; a step's "
+                  "peak memory growth (VmHWM reset before it) divided by the payload size is the number of full "
+                  "copies it made, transient ones included. grpcio adds "
+                  f"{probe['grpcio_copies']} more outside the server's code (received bytes → Python `bytes`, "
+                  "serialized `bytes` → send slice), the same for any grpcio server.", "",
+                  "| step | where | peak MiB | copies |", "|---|---|---|---|"]
+            for st in probe["steps"]:
+                L.append(f"| {st['step']} | {st['where']} | {st['peak_growth_mib']:.0f} | {st['copies']} |")
+            L.append(f"| **total made by the server** | | | **{probe['server_copies']}** |")
+            if probe.get("proposal_steps"):
+                L += ["", "The same request through a hand-written RunRequest parser (inputs wrapped where they lie "
+                      "in grpcio's received bytes with `torch.frombuffer(..., offset=)`) and a hand-written "
+                      "RunResponse writer (one `b\"\".join` over a byte view of each output) — a sketch in "
+                      "`bench/copies.py`, checked to parse back with the generated code "
+                      f"({'ok' if probe.get('proposal_roundtrip_ok') else 'FAILED'}):", "",
+                      "| step | peak MiB | copies |", "|---|---|---|"]
+                for st in probe["proposal_steps"]:
+                    L.append(f"| {st['step']} | {st['peak_growth_mib']:.0f} | {st['copies']} |")
+                L.append(f"| **total** | | **{probe['proposal_copies']}** |")
     mem = results.get("memory")
     if mem:
         L += ["", "## Memory (tiny model; VmRSS of the daemon process, and of its whole process tree)", "",
               "| server | RSS at rest MiB | tree at rest | peak RSS under load | tree peak under load | VmHWM |",
               "|---|---|---|---|---|---|"]
-        for n in ("echo", "aotiserve", "kserve", "pytriton"):
+        for n in ("echo", "echo_aio", "aotiserve", "kserve", "pytriton"):
             if n not in mem:
                 continue
             d = mem[n]
