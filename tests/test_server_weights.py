@@ -217,8 +217,8 @@ def test_swap_under_load_every_response_old_or_new(server_factory, devices):
     def client(i):
         n = 0
         while not stop.is_set():
+            after_swap = swapped.is_set()  # read before sending: the call started after the swap
             resp = s.stub.Run(request)
-            after_swap = swapped.is_set()
             out = wire.outputs(resp)
             if wire.close(out, old):
                 kind = "old"
