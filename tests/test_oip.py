@@ -700,3 +700,52 @@ def test_repository_calls_need_the_admin_token(tmp_path, model_package):
     finally:
         c.close()
         server.stop(0).wait(30)
+
+
+# ---------------------------------------------------------------- typed contents, every datatype
+
+
+TYPED_CASES = {
+    "BOOL": ("bool_contents", [True, False, True, True], torch.bool),
+    "INT8": ("int_contents", [-128, 0, 5, 127], torch.int8),
+    "INT16": ("int_contents", [-32768, 1, 2, 32767], torch.int16),
+    "INT32": ("int_contents", [-(2**31), 1, 2, 2**31 - 1], torch.int32),
+    "INT64": ("int64_contents", [-(2**63), 1, 2, 2**63 - 1], torch.int64),
+    "UINT8": ("uint_contents", [0, 1, 200, 255], torch.uint8),
+    "UINT16": ("uint_contents", [0, 1, 2, 65535], torch.uint16),
+    "UINT32": ("uint_contents", [0, 1, 2, 2**32 - 1], torch.uint32),
+    "UINT64": ("uint64_contents", [0, 1, 2, 2**64 - 1], torch.uint64),
+    "FP32": ("fp32_contents", [0.5, -1.25, 3.0, 1e30], torch.float32),
+    "FP64": ("fp64_contents", [0.1, -1e300, 3.0, 2.5], torch.float64),
+}
+
+
+@pytest.mark.parametrize("datatype", list(TYPED_CASES))
+def test_decode_typed_contents_every_datatype(datatype):
+    """The server's typed decoding, in process (its messages live in a private pool)."""
+    from aotiserve.server import oip_servicer as oip
+    from aotiserve.server.tensor_codec import Limits
+
+    field, values, dtype = TYPED_CASES[datatype]
+    contents = oip.messages().InferTensorContents()
+    getattr(contents, field).extend(values)
+    tensor = oip._decode_typed(contents, datatype, oip.TORCH_BY_OIP[datatype], [2, 2], "input 'v'", Limits())
+    assert tensor.dtype == dtype and tensor.shape == (2, 2)
+    if dtype in (torch.uint16, torch.uint32, torch.uint64):  # beyond torch.tensor's reach
+        assert [int(v) for v in tensor.flatten().tolist()] == values
+    else:
+        expected = torch.tensor(values, dtype=torch.float64 if dtype.is_floating_point else None)
+        torch.testing.assert_close(tensor.flatten(), expected.to(dtype))
+
+
+@pytest.mark.parametrize("datatype,value", [("INT8", 128), ("INT8", -129), ("UINT8", 256), ("INT16", 40000)])
+def test_decode_typed_contents_out_of_range(datatype, value):
+    from aotiserve.server import oip_servicer as oip
+    from aotiserve.server.errors import InvalidArgument
+    from aotiserve.server.tensor_codec import Limits
+
+    field = TYPED_CASES[datatype][0]
+    contents = oip.messages().InferTensorContents()
+    getattr(contents, field).append(value)
+    with pytest.raises(InvalidArgument, match="out of range"):
+        oip._decode_typed(contents, datatype, oip.TORCH_BY_OIP[datatype], [1], "input 'v'", Limits())
