@@ -73,6 +73,9 @@ def pack(
     inputs, outputs = _io_specs(ep, input_names, output_names)
     configs: dict[str, Any] = {
         "aot_inductor.use_runtime_constant_folding": runtime_constant_folding,
+        # The runtime input guards (which aotiserve.runner_ext turns on) would
+        # otherwise refuse a dynamic dimension of size 1, e.g. batch 1.
+        "aot_inductor.check_lowerbound": False,
     }
     if weights_outside_so:
         configs["aot_inductor.package_constants_in_so"] = False

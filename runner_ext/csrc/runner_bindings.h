@@ -9,6 +9,9 @@
 #include <torch/csrc/inductor/aoti_runner/model_container_runner.h>
 #include <torch/extension.h>
 
+#include <fstream>
+#include <mutex>
+#include <set>
 #include <functional>
 #include <string>
 #include <unordered_map>
@@ -70,6 +73,216 @@ class Runner : public Base {
             "AOTInductorModelContainerGetOutputName"));
   }
 
+  // torch's runner does not check a constant update: an unknown name, a
+  // wrong dtype or a wrong shape is written as-is, and a short tensor makes
+  // kernels read out of bounds. Check every entry against the live buffer
+  // first, so a bad map changes nothing.
+  void checked_update_constant_buffer(
+      std::unordered_map<std::string, at::Tensor>& tensor_map,
+      bool use_inactive,
+      bool validate_full_updates,
+      bool user_managed) {
+    const auto fqns = this->getConstantNamesToOriginalFQNs();
+    const auto dtypes = this->getConstantNamesToDtypes();
+    const auto live = this->extract_constants_map(/*use_inactive=*/false);
+    for (auto& [name, tensor] : tensor_map) {
+      auto fqn = fqns.find(name);
+      TORCH_CHECK_VALUE(
+          fqn != fqns.end(),
+          "update_constant_buffer: '", name, "' is not a constant of this model");
+      auto current = live.find(fqn->second);
+      TORCH_CHECK_VALUE(
+          current != live.end(),
+          "update_constant_buffer: '", name,
+          "' is folded at run time from other constants and cannot be set");
+      TORCH_CHECK_VALUE(
+          tensor.defined(), "update_constant_buffer: '", name, "' is undefined");
+      TORCH_CHECK_VALUE(
+          static_cast<int32_t>(tensor.scalar_type()) == dtypes.at(name),
+          "update_constant_buffer: '", name, "' must be ",
+          current->second.scalar_type(), ", got ", tensor.scalar_type());
+      TORCH_CHECK_VALUE(
+          tensor.sizes() == current->second.sizes(),
+          "update_constant_buffer: '", name, "' must have shape ",
+          current->second.sizes(), ", got ", tensor.sizes());
+      TORCH_CHECK_VALUE(
+          tensor.device() == current->second.device(),
+          "update_constant_buffer: '", name, "' must be on ",
+          current->second.device(), ", got ", tensor.device());
+      TORCH_CHECK_VALUE(
+          tensor.strides() == current->second.strides(),
+          "update_constant_buffer: '", name, "' must have strides ",
+          current->second.strides(), " (make it contiguous), got ",
+          tensor.strides());
+    }
+    std::lock_guard<std::mutex> lock(buffer_state_mutex_);
+    with_last_error("update_constant_buffer", [&] {
+      this->update_constant_buffer(
+          tensor_map, use_inactive, validate_full_updates, user_managed);
+    });
+    if (use_inactive) {
+      for (const auto& entry : tensor_map) {
+        inactive_written_.insert(entry.first);
+      }
+    }
+  }
+
+  // torch's container swaps in whatever the inactive buffer holds, even
+  // nothing (after free_inactive_constant_buffer, or before any staging),
+  // and the model then fails every run with "Unknown constant state". We
+  // track which constants the inactive buffer really holds and refuse a swap
+  // that would break the model.
+  void checked_swap_constant_buffer() {
+    std::lock_guard<std::mutex> lock(buffer_state_mutex_);
+    for (const auto& name : updatable_names()) {
+      TORCH_CHECK(
+          inactive_written_.count(name) != 0,
+          "swap_constant_buffer: the inactive buffer holds no '", name,
+          "'; fill it with update_constant_buffer(..., use_inactive=True) first");
+    }
+    with_last_error("swap_constant_buffer", [&] { this->swap_constant_buffer(); });
+    // The inactive buffer now holds the previous (complete) weights.
+    const auto all = updatable_names();
+    inactive_written_ = std::set<std::string>(all.begin(), all.end());
+  }
+
+  void checked_free_inactive_constant_buffer() {
+    std::lock_guard<std::mutex> lock(buffer_state_mutex_);
+    with_last_error("free_inactive_constant_buffer", [&] {
+      this->free_inactive_constant_buffer();
+    });
+    inactive_written_.clear();
+  }
+
+  // The inactive buffer's entries may point at freed memory after
+  // free_inactive_constant_buffer; return only what it really holds.
+  std::unordered_map<std::string, at::Tensor> checked_extract_constants_map(
+      bool use_inactive) const {
+    auto map = this->extract_constants_map(use_inactive);
+    std::unordered_map<std::string, at::Tensor> out;
+    if (!use_inactive) {
+      out.insert(map.begin(), map.end());
+      return out;
+    }
+    std::lock_guard<std::mutex> lock(buffer_state_mutex_);
+    const auto fqns = this->getConstantNamesToOriginalFQNs();
+    for (const auto& name : inactive_written_) {
+      auto fqn = fqns.find(name);
+      if (fqn == fqns.end()) continue;
+      auto it = map.find(fqn->second);
+      if (it != map.end()) out.emplace(it->first, it->second);
+    }
+    return out;
+  }
+
+  // Constant names that hold weights (not folded at run time).
+  std::vector<std::string> updatable_names() const {
+    const auto fqns = this->getConstantNamesToOriginalFQNs();
+    const auto live = this->extract_constants_map(/*use_inactive=*/false);
+    std::vector<std::string> names;
+    for (const auto& [name, fqn] : fqns) {
+      if (live.count(fqn) != 0) names.push_back(name);
+    }
+    return names;
+  }
+
+  // Reads a weights blob (the `*_weights.blob` format of packages compiled
+  // with package_constants_on_disk_format="binary_blob": the raw bytes of
+  // every non-folded constant, in constant order) into name -> tensor on the
+  // model's device, checking its size against the model's constants.
+  std::unordered_map<std::string, at::Tensor> read_constants_blob(
+      const std::string& weights_path) const {
+    std::ifstream in(weights_path, std::ios::binary | std::ios::ate);
+    TORCH_CHECK_VALUE(
+        in.good(), "update_constant_buffer_from_blob: cannot open '",
+        weights_path, "'");
+    const auto file_size = static_cast<int64_t>(in.tellg());
+    in.seekg(0);
+    at::Tensor bytes = at::empty({file_size}, at::kByte);
+    in.read(reinterpret_cast<char*>(bytes.data_ptr()), file_size);
+    TORCH_CHECK(in.good() || file_size == 0,
+                "update_constant_buffer_from_blob: reading '", weights_path,
+                "' failed");
+
+    const auto fqns = this->getConstantNamesToOriginalFQNs();
+    const auto live = this->extract_constants_map(/*use_inactive=*/false);
+    size_t count = 0;
+    check(sym<decltype(&AOTInductorModelContainerGetNumConstants)>(
+              "AOTInductorModelContainerGetNumConstants")(
+              this->container_handle_, &count),
+          "get_num_constants");
+    auto get_name = sym<decltype(&AOTInductorModelContainerGetConstantName)>(
+        "AOTInductorModelContainerGetConstantName");
+    auto get_folded =
+        sym<decltype(&AOTInductorModelContainerGetConstantFromFolded)>(
+            "AOTInductorModelContainerGetConstantFromFolded");
+    auto get_size =
+        sym<decltype(&AOTInductorModelContainerGetConstantDataSize)>(
+            "AOTInductorModelContainerGetConstantDataSize");
+
+    std::unordered_map<std::string, at::Tensor> out;
+    int64_t offset = 0;
+    for (size_t i = 0; i < count; ++i) {
+      bool folded = false;
+      check(get_folded(this->container_handle_, i, &folded), "get_from_folded");
+      if (folded) {
+        continue;
+      }
+      const char* name = nullptr;
+      size_t size = 0;
+      check(get_name(this->container_handle_, i, &name), "get_constant_name");
+      check(get_size(this->container_handle_, i, &size), "get_data_size");
+      const auto n = static_cast<int64_t>(size);
+      TORCH_CHECK_VALUE(
+          offset + n <= file_size, "update_constant_buffer_from_blob: '",
+          weights_path, "' has ", file_size,
+          " bytes, too few for this model's constants");
+      auto current = live.find(fqns.at(name));
+      TORCH_CHECK(current != live.end(), "constant '", name, "' not found");
+      const at::Tensor& like = current->second;
+      // data_size may include alignment padding after the elements.
+      const int64_t used = like.numel() * static_cast<int64_t>(like.element_size());
+      TORCH_CHECK_VALUE(
+          used <= n, "update_constant_buffer_from_blob: constant '", name,
+          "' has an unsupported layout");
+      out.emplace(
+          name,
+          bytes.narrow(0, offset, used)
+              .view(like.scalar_type())
+              .view(like.sizes())
+              .to(like.device(), /*non_blocking=*/false, /*copy=*/true));
+      offset += n;
+    }
+    TORCH_CHECK_VALUE(
+        offset == file_size, "update_constant_buffer_from_blob: '",
+        weights_path, "' has ", file_size, " bytes, this model's constants ",
+        offset);
+    return out;
+  }
+
+  // torch's runner reports a failed container call by file and line only;
+  // the model's own message is in AOTInductorGetLastError (same thread).
+  template <class Fn>
+  auto with_last_error(const char* what, Fn&& fn) -> decltype(fn()) {
+    try {
+      return fn();
+    } catch (const std::exception& e) {
+      const char* detail = nullptr;
+      decltype(&AOTInductorGetLastError) get = nullptr;
+      try {  // models built by an older torch lack it
+        get = reinterpret_cast<decltype(&AOTInductorGetLastError)>(
+            this->model_so_->sym("AOTInductorGetLastError"));
+      } catch (const c10::Error&) {
+      }
+      if (get != nullptr && get(&detail) == AOTI_RUNTIME_SUCCESS &&
+          detail != nullptr && detail[0] != '\0') {
+        std::string msg = without_backtrace(detail);
+        throw std::runtime_error(std::string(what) + ": " + msg);
+      }
+      throw;
+    }
+  }
+
   // Runs after checking the input count: the generated model indexes its
   // input array without a bound check.
   std::vector<at::Tensor> checked_run(
@@ -86,10 +299,13 @@ class Runner : public Base {
       TORCH_CHECK_VALUE(
           inputs[i].defined(), "run: input ", i, " is an undefined tensor");
     }
-    return this->run(inputs, stream_handle);
+    return with_last_error("run", [&] { return this->run(inputs, stream_handle); });
   }
 
  private:
+  mutable std::mutex buffer_state_mutex_;
+  std::set<std::string> inactive_written_;
+
   template <class Fn>
   Fn sym(const char* name) const {
     return reinterpret_cast<Fn>(this->model_so_->sym(name));
@@ -161,30 +377,48 @@ py::class_<Runner<Base>> bind_runner(py::module_& m, const char* name) {
       .def(
           "extract_constants_map",
           [](const R& self, bool use_inactive) {
-            auto map = self.extract_constants_map(use_inactive);
-            return std::unordered_map<std::string, at::Tensor>(
-                map.begin(), map.end());
+            return self.checked_extract_constants_map(use_inactive);
           },
           py::arg("use_inactive"),
           release())
       .def(
           "update_constant_buffer",
-          static_cast<void (R::*)(
-              std::unordered_map<std::string, at::Tensor>&, bool, bool, bool)>(
-              &R::update_constant_buffer),
+          &R::checked_update_constant_buffer,
           py::arg("tensor_map"),
           py::arg("use_inactive"),
           py::arg("validate_full_updates"),
           py::arg("user_managed") = false,
           release())
-      .def("swap_constant_buffer", &R::swap_constant_buffer, release())
       .def(
-          "free_inactive_constant_buffer",
-          &R::free_inactive_constant_buffer,
+          "swap_constant_buffer",
+          [](R& self) { self.checked_swap_constant_buffer(); },
           release())
       .def(
+          "free_inactive_constant_buffer",
+          [](R& self) { self.checked_free_inactive_constant_buffer(); },
+          release())
+      // torch's container loads a blob into model 0's map only, which no
+      // longer is the live buffer once any update happened; read the blob
+      // ourselves and apply it as an ordinary (checked) update instead.
+      .def(
           "update_constant_buffer_from_blob",
-          &R::update_constant_buffer_from_blob,
+          [](R& self, const std::string& weights_path) {
+            if (self.extract_constants_map(false).empty()) {
+              // Nothing loaded yet (a package whose weights live outside the
+              // .so, just opened): torch's own loading is right here.
+              self.with_last_error("update_constant_buffer_from_blob", [&] {
+                self.update_constant_buffer_from_blob(weights_path);
+              });
+              return;
+            }
+            auto map = self.read_constants_blob(weights_path);
+            self.checked_update_constant_buffer(map, false, false, false);
+          },
+          py::arg("weights_path"),
+          release())
+      .def(
+          "read_constants_blob",
+          &R::read_constants_blob,
           py::arg("weights_path"),
           release())
       // Extensions beyond torch's binding: container introspection.
