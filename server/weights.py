@@ -7,18 +7,21 @@ each replica's device. Only a complete, valid upload is handed to the
 runners; anything else drops the staging tensors and leaves both buffers as
 they were.
 
-The version's sha256 is defined as sha256 over, for each written constant in
-sorted original-FQN order, ``fqn \\0 dtype \\0 shape \\0`` followed by the
-sha256 digest of its bytes. Per-constant digests are computed while chunks
-stream in order; a constant whose chunks came out of order is hashed from
-the staged tensor at the end.
+The version's sha256 is sha256 over, for each written constant in sorted
+original-FQN order, ``fqn \\0 dtype \\0 shape \\0`` followed by the constant's
+digest; a constant's digest is sha256 over the sha256 digests of its bytes cut
+into 4 MiB blocks (a tree hash: blocks are hashed on a thread pool as soon as
+their bytes have all arrived, in any chunk order, overlapping the upload and
+using every core, since hashlib releases the GIL).
 """
 
 from __future__ import annotations
 
 import bisect
+import concurrent.futures as cf
 import hashlib
 import itertools
+import os
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -85,14 +88,32 @@ def content_sha256(items: Iterable[tuple["ConstantInfo", bytes]]) -> str:
     return h.hexdigest()
 
 
+HASH_BLOCK = 4 << 20
+_hash_pool = cf.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2)),
+                                   thread_name_prefix="aotiserve-hash")
+
+
+def _block_hash(view: torch.Tensor, start: int, end: int) -> bytes:
+    return hashlib.sha256(memoryview(view[start:end].numpy())).digest()
+
+
+def _combine(block_digests: Iterable[bytes]) -> bytes:
+    h = hashlib.sha256()
+    for d in block_digests:
+        h.update(d)
+    return h.digest()
+
+
 def tensor_digest(tensor: torch.Tensor) -> bytes:
+    """A constant's tree digest (see the module doc)."""
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous()
-    if t.numel() == 0:
-        return hashlib.sha256(b"").digest()
-    return hashlib.sha256(memoryview(codec.byte_view(t).numpy())).digest()
+    view = codec.byte_view(t.contiguous())
+    size = view.numel()
+    futures = [_hash_pool.submit(_block_hash, view, b, min(size, b + HASH_BLOCK))
+               for b in range(0, size, HASH_BLOCK)]
+    return _combine(f.result() for f in futures)
 
 
 def map_sha256(model: "ServedModel", tensors: Mapping[str, torch.Tensor]) -> str:
@@ -125,8 +146,8 @@ class _Staged:
     cpu_index: int | None  # which replica tensor is on the host (for hashing), if any
     intervals: list[tuple[int, int]] = field(default_factory=list)  # sorted, disjoint
     received: int = 0
-    hasher: "hashlib._Hash | None" = field(default_factory=hashlib.sha256)
-    next_offset: int = 0  # in-order hashing position
+    block_filled: list[int] = field(default_factory=list)  # bytes received per hash block
+    block_hashes: dict[int, "cf.Future[bytes]"] = field(default_factory=dict)
 
 
 class StagingUpload:
@@ -183,6 +204,7 @@ class StagingUpload:
                        for r in model.replicas]
             cpu_index = next((i for i, t in enumerate(tensors) if t.device.type == "cpu"), None)
             st = _Staged(info, tensors, [codec.byte_view(t) for t in tensors], cpu_index)
+            st.block_filled = [0] * (-(-info.nbytes // HASH_BLOCK))
             self.staged[fqn] = st
             for key in (fqn, info.name, wire_name):
                 self._by_wire_name[key] = st
@@ -215,12 +237,18 @@ class StagingUpload:
                 pool.run_in_stream(lambda v=view: v[start:end].copy_(src, non_blocking=False))
         st.received += n
         self.bytes_received += n
-        if st.hasher is not None:
-            if start == st.next_offset:
-                st.hasher.update(data)
-                st.next_offset = end
-            else:
-                st.hasher = None  # out of order: hash the staged tensor at the end
+        if st.cpu_index is not None:
+            self._hash_complete_blocks(st, start, end)
+
+    @staticmethod
+    def _hash_complete_blocks(st: _Staged, start: int, end: int) -> None:
+        size = st.info.nbytes
+        view = st.views[st.cpu_index]
+        for b in range(start // HASH_BLOCK, (end - 1) // HASH_BLOCK + 1):
+            lo, hi = b * HASH_BLOCK, min(size, (b + 1) * HASH_BLOCK)
+            st.block_filled[b] += min(end, hi) - max(start, lo)
+            if st.block_filled[b] == hi - lo:
+                st.block_hashes[b] = _hash_pool.submit(_block_hash, view, lo, hi)
 
     def finish(self) -> tuple[dict[str, list[torch.Tensor]], str]:
         """Checks completeness; returns ({fqn: per-replica tensors}, sha256)."""
@@ -231,11 +259,10 @@ class StagingUpload:
                     "the upload ended early")
         digests = []
         for st in self.staged.values():
-            if st.hasher is not None:
-                digest = st.hasher.digest()
+            if st.cpu_index is not None:
+                digest = _combine(st.block_hashes[b].result() for b in range(len(st.block_filled)))
             else:
-                idx = st.cpu_index if st.cpu_index is not None else 0
-                digest = tensor_digest(st.tensors[idx])
+                digest = tensor_digest(st.tensors[0])  # device-only replicas: hash a host copy
             digests.append((st.info, digest))
         return {fqn: st.tensors for fqn, st in self.staged.items()}, content_sha256(digests)
 
