@@ -143,10 +143,11 @@ def cache_dir() -> Path:
     return root / f"torch-{torch.__version__}"
 
 
-def compiled(name: str) -> Path:
+def compiled(name: str, device: str = "cpu") -> Path:
     """Path of the compiled package for a zoo model, compiling it on a cache miss."""
     spec = MODELS[name]
-    path = cache_dir() / f"{name}-{spec.cache_key()}.pt2"
+    suffix = "" if device == "cpu" else f"-{device.replace(':', '')}"
+    path = cache_dir() / f"{name}-{spec.cache_key()}{suffix}.pt2"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,8 +155,8 @@ def compiled(name: str) -> Path:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         tmp_path = Path(tmp) / path.name
         pack(
-            spec.module(),
-            spec.inputs(4),
+            spec.module().to(device),
+            tuple(t.to(device) for t in spec.inputs(4)),
             tmp_path,
             dynamic_shapes=spec.dynamic_shapes(),
             weights_outside_so=spec.weights_outside_so,

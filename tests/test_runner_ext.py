@@ -249,15 +249,13 @@ def test_truncated_library_raises(model_package, tmp_path):
         member = next(n for n in zf.namelist() if n.endswith(".wrapper.so"))
         data = zf.read(member)
     so = tmp_path / "truncated.so"
-    so.write_bytes(data[: len(data) // 3])
+    so.write_bytes(data[:64] + b"\0" * 100)
     with pytest.raises(RuntimeError):
         rx.AOTIModelContainerRunnerCpu(str(so), 1)
 
 
 def test_package_for_other_device_is_refused(model_package):
-    if "cuda" in rx.compiled_backends():
-        pytest.skip("this build can load cuda runners")
-    with pytest.raises(RuntimeError, match="not compiled with CUDA support"):
+    with pytest.raises(rx.PackageError, match="was compiled for 'cpu', not for 'cuda:0'"):
         rx.load_model(model_package("mlp"), device="cuda")
 
 
