@@ -38,6 +38,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         python3 python3-venv python3-dev g++ \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 
 ENV VIRTUAL_ENV=/opt/aotiserve \
@@ -61,14 +62,18 @@ RUN if [ "$WHEELHOUSE_ONLY" = 1 ]; then export PIP_NO_INDEX=1; \
  && pip install -r /src/deploy/requirements-image.txt \
  && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-# The extension is compiled against the torch installed above.
+# The extension is compiled against the torch installed above, first on its
+# own (setup.py build_ext into /src/build), so that edits to the Python
+# packages reuse this layer; `pip wheel` below builds in-tree and finds the
+# compiled objects up to date.
 COPY pyproject.toml setup.py README.md* /src/
 COPY runner_ext/ /src/runner_ext/
+WORKDIR /src
+RUN python setup.py -q build_ext
+
 COPY server/ /src/server/
 COPY client/ /src/client/
-WORKDIR /src
-RUN rm -f runner_ext/_C*.so runner_ext/_build_info.py \
- && pip wheel --no-build-isolation --no-deps -w /dist . \
+RUN pip wheel --no-build-isolation --no-deps -w /dist . \
  && pip install --no-index --no-deps /dist/aotiserve-*.whl \
  && python -c "from aotiserve import runner_ext; print('runner_ext backends', runner_ext.compiled_backends())" \
  && if [ "$VARIANT" = cuda ]; then python -c "from aotiserve import runner_ext; \
@@ -78,10 +83,15 @@ RUN rm -f runner_ext/_C*.so runner_ext/_build_info.py \
 COPY deploy/prepare_demo.py /src/deploy/prepare_demo.py
 RUN python /src/deploy/prepare_demo.py /opt/aotiserve-demo
 
-# Build-only packages stay behind; the runtime stage copies this venv.
+# Build-only packages stay behind; the runtime stage copies this venv. Without
+# a compiler there, torch's C++ headers and its test binaries are dead weight
+# (about 200 MB); torch_shm_manager stays (shared-memory tensors).
 RUN pip uninstall -y pybind11 ninja wheel pip \
+ && torch_dir="$(python -c 'import os, torch; print(os.path.dirname(torch.__file__))')" \
+ && rm -rf "$torch_dir/include" "$torch_dir/test" \
+ && find "$torch_dir/bin" -mindepth 1 ! -name torch_shm_manager -exec rm -rf {} + \
  && find "$VIRTUAL_ENV" -name __pycache__ -prune -exec rm -rf {} + \
- && find "$VIRTUAL_ENV" -name '*.a' -delete
+ && python -c "from aotiserve import runner_ext; print('runner_ext', runner_ext.compiled_backends())"
 
 # ---------------------------------------------------------------- runtime --
 FROM ${RUNTIME_IMAGE} AS runtime
@@ -98,9 +108,10 @@ LABEL org.opencontainers.image.title="aotiserve" \
 # hadolint ignore=DL3008
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 tini \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/* \
- && groupadd --system --gid 10001 aotiserve \
- && useradd --system --uid 10001 --gid 10001 --home-dir /home/aotiserve --create-home \
+ && groupadd --gid 10001 aotiserve \
+ && useradd --uid 10001 --gid 10001 --home-dir /home/aotiserve --create-home \
         --shell /usr/sbin/nologin aotiserve \
  && mkdir -p /models /weights \
  && chown 10001:10001 /models /weights

@@ -267,6 +267,26 @@ def test_pdb_and_hpa_target_the_deployment(overlay):
     assert "cpu" in container(docs)["resources"]["requests"]  # HPA utilization needs requests
 
 
+def test_rollout_job_example_targets_the_headless_service(overlay):
+    kv = pytest.importorskip("kubernetes_validate")
+    _, docs = overlay
+    (job,) = yaml.safe_load_all((DEPLOY / "examples" / "weights-rollout-job.yaml").read_text())
+    kv.validate(job, kv.latest_version(), strict=True)
+    spec = job["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["fsGroup"] == APP_UID  # may read the 0440 token file
+    (c,) = spec["containers"]
+    assert c["command"] == ["aotiserve"] and c["args"][:2] == ["weights", "rollout"]
+    args = dict(a.split("=", 1) for a in c["args"] if a.startswith("--"))
+    peers = one(docs, "Service", "aotiserve-peers")
+    assert args["--targets"] == f"{peers['metadata']['name']}:{GRPC_PORT}"
+    token = Path(args["--admin-token-file"])
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    secret = {v["name"]: v for v in spec["volumes"]}[mounts[str(token.parent)]]["secret"]
+    assert secret["secretName"] == "aotiserve-admin-token"
+    assert [i["path"] for i in secret["items"]] == [token.name]
+
+
 # ------------------------------------------------------------------ overlays
 
 
