@@ -81,6 +81,10 @@ def pack(
         configs["aot_inductor.package_constants_in_so"] = False
         configs["aot_inductor.package_constants_on_disk_format"] = "binary_blob"
     configs.update(inductor_configs or {})
+    # Older torch releases lack some options; drop what this torch does not know.
+    known = torch._inductor.config.aot_inductor
+    configs = {k: v for k, v in configs.items()
+               if not k.startswith("aot_inductor.") or hasattr(known, k.split(".", 1)[1])}
     user_metadata = dict(configs.pop("aot_inductor.metadata", {}) or {})
     user_metadata.update(metadata or {})
     user_metadata[INPUTS_KEY] = json.dumps(inputs)
