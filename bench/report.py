@@ -170,18 +170,24 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
         f"{settings.get('seq_n')} calls after {settings.get('warmup')} warm-up calls, one client. Throughput: "
         f"{settings.get('duration'):.1f} s windows with 1/4/8/16 concurrent clients run as "
         f"**{settings.get('mode')}** of one client process, each with its own channel. Every server process "
-        f"runs with OMP_NUM_THREADS=1.",
+        f"runs with OMP_NUM_THREADS=1. CPU µs/call is the process tree's user+system CPU time over every call "
+        f"the client made (warm-ups included): it is what decides throughput when client and server share "
+        f"two cores, and it is steadier than wall-clock figures when the machine is busy.",
+        f"- **Machine load**: 1-minute load average {_f(meta.get('loadavg_start', [None])[0], '{:.1f}')} at the "
+        f"start and {_f((meta.get('loadavg_end') or [None])[0], '{:.1f}')} at the end on {m.get('cpus')} CPUs "
+        f"(other work shares this machine; above ~{m.get('cpus')} the figures are squeezed).",
         "",
         "## Tiny model: [1,64] float32 → [1,10] (the zoo's `mlp`)",
         "",
-        "| system | p50 µs | p90 µs | p99 µs | req/s ×1 | ×4 | ×8 | ×16 | p50 µs at ×8 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| system | p50 µs | p90 µs | p99 µs | req/s ×1 | ×4 | ×8 | ×16 | p50 µs at ×8 | server CPU µs/call | client CPU µs/call |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s, d in _systems(results):
         q = d["sequential"]
         L.append(f"| {d['label']} | {_f(q['p50_us'])} | {_f(q['p90_us'])} | {_f(q['p99_us'])} | "
                  + " | ".join(_f(d["rps"].get(c)) for c in ("1", "4", "8", "16"))
-                 + f" | {_f(d.get('p50_us_under_load', {}).get('8'))} |")
+                 + f" | {_f(d.get('p50_us_under_load', {}).get('8'))} | {_f(d.get('server_cpu_us_per_call'))}"
+                 f" | {_f(d.get('client_cpu_us_per_call'))} |")
     pb = results.get("payload_bytes")
     if pb:
         L += ["", f"The echo floor answers a {pb['request']} B request with a {pb['response']} B reply — the "

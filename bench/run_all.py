@@ -148,7 +148,9 @@ def run_driver(python: Path | str, cfg: dict, timeout: float = 900) -> dict:
                           text=True, env=env, timeout=timeout, cwd=str(REPO))
     if proc.returncode != 0:
         raise RuntimeError(f"driver for {cfg['kind']} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["loadavg_1m_after"] = os.getloadavg()[0]  # others' work on the same cores shows here
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -377,20 +379,19 @@ class Bench:
         a = self.args
         out: dict = {}
         cfg = {"kind": "native", "target": server.target, "model": "compute", "input_shapes": [[64, 1024]],
-               "seq_n": a.compute_seq_n, "warmup": 5, "concurrency": [1, 2], "duration": a.duration * 2,
-               "mode": "threads"}
+               "seq_n": a.compute_seq_n, "warmup": 5, "concurrency": [1, 2] * a.compute_alternations,
+               "duration": a.duration, "mode": "threads"}
         runs = []
         for r in range(a.rounds):
             res = run_driver(sys.executable, cfg)
             inproc = run_driver(sys.executable, dict(cfg, kind="inproc", package=str(pkgs["compute"]), num_runners=2))
             runs.append({"aotiserve": res, "inproc": inproc})
-            tp = {t["concurrency"]: t["rps"] for t in res["throughput"]}
-            tpi = {t["concurrency"]: t["rps"] for t in inproc["throughput"]}
+            tp = {c: _rps(res, c) for c in (1, 2)}
+            tpi = {c: _rps(inproc, c) for c in (1, 2)}
             log.info("  compute round %d: aotiserve 1c=%.1f/s 2c=%.1f/s (x%.2f); in-process 1t=%.1f 2t=%.1f (x%.2f)",
                      r + 1, tp[1], tp[2], tp[2] / tp[1], tpi[1], tpi[2], tpi[2] / tpi[1])
         out["rounds"] = runs
-        med = lambda who, c: median_of(  # noqa: E731
-            [next(t["rps"] for t in run[who]["throughput"] if t["concurrency"] == c) for run in runs])
+        med = lambda who, c: median_of([_rps(run[who], c) for run in runs])  # noqa: E731
         out["aotiserve_rps"] = {"1": med("aotiserve", 1), "2": med("aotiserve", 2)}
         out["inproc_rps"] = {"1": med("inproc", 1), "2": med("inproc", 2)}
         out["aotiserve_scaling_2_over_1"] = median_of(
@@ -433,7 +434,8 @@ class Bench:
 
 
 def _rps(result: dict, c: int) -> float:
-    return next(t["rps"] for t in result["throughput"] if t["concurrency"] == c)
+    """Median req/s over the windows run with ``c`` clients (compute alternates 1, 2, 1, 2...)."""
+    return statistics.median(t["rps"] for t in result["throughput"] if t["concurrency"] == c)
 
 
 def summarize_tiny(rounds: list[dict], systems: list[str]) -> dict:
@@ -538,10 +540,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if a.quick:
         a.rounds = 1
         a.seq_n, a.warmup, a.duration = 100, 20, 0.3
-        a.large_n, a.compute_seq_n = 2, 5
+        a.large_n, a.compute_seq_n, a.compute_alternations = 2, 5, 1
     else:
         a.seq_n, a.warmup, a.duration = max(50, int(1000 * sc)), max(20, int(200 * sc)), max(0.3, 3.0 * sc)
         a.large_n, a.compute_seq_n = max(2, int(10 * sc)), max(5, int(30 * sc))
+        a.compute_alternations = 3  # 1, 2, 1, 2, 1, 2 clients: drift in others' load hits both alike
     a.idle_probe = 0.5 if a.quick else 2.0
     return a
 
