@@ -209,7 +209,10 @@ class DataPlane:
     @staticmethod
     def _run_error(model: ServedModel, exc: Exception) -> ServeError:
         msg = str(exc).split("\nException raised from")[0].strip()
-        if isinstance(exc, ValueError) or "input" in msg.lower():
+        # Shape guards name the input; bounds checks fire on input values (an embedding
+        # id past the table): both are the caller's to fix.
+        if (isinstance(exc, ValueError) or "input" in msg.lower()
+                or "out of bounds" in msg.lower()):
             return InvalidArgument(f"model {model.name!r} rejected the inputs: {msg}")
         log.error("model %r: run failed", model.name, exc_info=exc)
         from .errors import Internal
