@@ -317,6 +317,6 @@ class DataPlane:
             version = new_version(h.hexdigest(), author, f"blob {resolved.name}")
             try:
                 return model.update_from_blob(str(resolved), version)
-            except RuntimeError as exc:
+            except (RuntimeError, ValueError) as exc:  # the extension checks size and layout
                 raise InvalidArgument(f"weights blob {path!r} was refused: {exc}") from exc
         return self._weights_op(name, "blob", op)
