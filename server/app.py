@@ -85,7 +85,8 @@ class AppServer:
             ("grpc.so_reuseport", 0),
         ]
         self.interceptor = ServingInterceptor(
-            self.metrics, _read_token(config.admin_token_file), lambda: self.plane.draining)
+            self.metrics, _read_token(config.admin_token_file), lambda: self.plane.draining,
+            is_model=self.registry.__contains__)
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.grpc_workers,
                                        thread_name_prefix="aotiserve-rpc"),

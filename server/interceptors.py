@@ -38,6 +38,8 @@ MUTATING_METHODS = frozenset({
 _ALWAYS_ON = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 _MODEL_FIELDS = ("model", "model_name", "name")
+# The model label of requests naming a model the server does not hold.
+UNKNOWN_MODEL_LABEL = "<unknown>"
 
 
 @dataclass
@@ -72,8 +74,12 @@ def _model_of(request: Any) -> str:
 
 class ServingInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: Metrics | None, admin_token: str | None,
-                 is_draining: Callable[[], bool] = lambda: False):
+                 is_draining: Callable[[], bool] = lambda: False,
+                 is_model: Callable[[str], bool] | None = None):
         self.metrics = metrics
+        # Metric labels name only models the server holds: a name from the request is
+        # the caller's choice, and one series per made-up name would grow without bound.
+        self._is_model = is_model
         self._token = admin_token.encode() if admin_token else None
         self._is_draining = is_draining
         # Calls being handled (health/reflection excluded): drain waits for zero.
@@ -143,8 +149,11 @@ class ServingInterceptor(grpc.ServerInterceptor):
                 self._leave()
             if self.metrics:
                 self.metrics.in_flight.labels(short).dec()
-                self.metrics.requests.labels(call.model, short, code.name).inc()
-                self.metrics.request_seconds.labels(call.model, short).observe(
+                model = call.model
+                if model and self._is_model is not None and not self._is_model(model):
+                    model = UNKNOWN_MODEL_LABEL
+                self.metrics.requests.labels(model, short, code.name).inc()
+                self.metrics.request_seconds.labels(model, short).observe(
                     time.monotonic() - began)
 
         def fail(context, exc: BaseException) -> None:

@@ -414,6 +414,9 @@ class ModelRegistry:
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
+
     def options(self, devices: Sequence[str] = (), runners: int = 0,
                 package_model: str | None = None) -> ModelOptions:
         devices = tuple(devices) or self.default_devices
