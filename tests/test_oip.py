@@ -27,6 +27,11 @@ import numpy as np
 import pytest
 import torch
 
+if "aotiserve.oip.inference_pb2" in sys.modules:
+    pytest.skip("another test module of this session imported aotiserve.oip, which excludes "
+                "tritonclient from this process; test_oip_isolated.py runs this module in a "
+                "fresh interpreter instead", allow_module_level=True)
+
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -749,3 +754,18 @@ def test_decode_typed_contents_out_of_range(datatype, value):
     getattr(contents, field).append(value)
     with pytest.raises(InvalidArgument, match="out of range"):
         oip._decode_typed(contents, datatype, oip.TORCH_BY_OIP[datatype], [1], "input 'v'", Limits())
+
+
+def test_oip_stub_helper_beside_tritonclient(daemon):
+    """tests/oip_stub.py: OIP stubs for in-process tests that leave tritonclient importable."""
+    from oip_stub import GRPCInferenceServiceStub, ipb
+
+    with grpc.insecure_channel(daemon) as channel:
+        ours = GRPCInferenceServiceStub(channel)
+        assert ours.ServerMetadata(ipb.ServerMetadataRequest()).name == "aotiserve"
+        x = np.ones((2, 64), np.float32)
+        request = ipb.ModelInferRequest(model_name="mlp", raw_input_contents=[x.tobytes()])
+        request.inputs.add(name="x", datatype="FP32", shape=[2, 64])
+        response = ours.ModelInfer(request)
+        assert [o.name for o in response.outputs] == ["output__0"]
+    assert "aotiserve.oip.inference_pb2" not in sys.modules
