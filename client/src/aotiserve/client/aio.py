@@ -148,7 +148,9 @@ class AsyncModel:
 class AsyncClient:
     """:class:`~aotiserve.client.Client` for asyncio: same arguments, ``async`` methods.
 
-    Use as ``async with AsyncClient(target) as client:`` or ``await client.close()``.
+    Use as ``async with AsyncClient(target) as client:`` or ``await client.close()``;
+    create it inside the event loop that will use it (``grpc.aio`` binds a channel
+    to the loop it was made in).
     """
 
     def __init__(

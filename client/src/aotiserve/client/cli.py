@@ -266,7 +266,11 @@ def cmd_infer(cfg: CliConfig, args) -> int:
             except (OSError, ValueError) as e:
                 raise UsageError(f"cannot read input: {e}") from None
         started = time.perf_counter()
-        outputs = model.run(inputs)
+        try:
+            outputs = model.run(inputs)
+        except TypeError as e:  # e.g. bfloat16 outputs where torch is not installed
+            print(f"aotiserve infer: {e}", file=sys.stderr)
+            return 1
         latency_ms = (time.perf_counter() - started) * 1e3
     names = [s.name for s in info.outputs]
     names += [f"output__{i}" for i in range(len(names), len(outputs))]
