@@ -242,6 +242,8 @@ class DataPlane:
         """``path`` with symlinks and .. resolved; it must lie below an allowed root."""
         if not path:
             raise InvalidArgument(f"{what}: empty path")
+        if "\0" in path:
+            raise InvalidArgument(f"{what}: the path holds a NUL character")
         resolved = Path(os.path.realpath(path))
         for root in self.config.allowed_roots:
             root_real = Path(os.path.realpath(root))
