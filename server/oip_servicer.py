@@ -443,7 +443,11 @@ class OipServicer:
         if not name or name in (".", "..") or "/" in name or "\\" in name:
             raise InvalidArgument(f"invalid model name {name!r}")
         path = self.repository / f"{name}.pt2"
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError:  # e.g. a name longer than the file system allows
+            found = False
+        if not found:
             raise NotFound(f"model {name!r} is not in the model repository "
                            f"({str(self.repository)!r} has no {path.name})")
         return path
