@@ -76,6 +76,13 @@ def _info(model: ServedModel) -> ModelInfo:
         previous_version=w.previous if w else None, error=model.error)
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. ENAMETOOLONG: not a file we can open either
+        return False
+
+
 def _input_label(i: int, spec: IOSpec | None) -> str:
     return f"input {i} ({spec.name!r})" if spec is not None else f"input {i}"
 
@@ -256,7 +263,7 @@ class DataPlane:
     def load_model(self, name: str, path: str, devices: Sequence[str] = (), runners: int = 0,
                    package_model: str | None = None) -> ModelInfo:
         resolved = self.resolve_path(path, "model path")
-        if not resolved.is_file():
+        if not _is_file(resolved):
             raise InvalidArgument(f"model path {path!r} is not a file")
         opts = self.registry.options(devices, runners, package_model)
         return _info(self.registry.load(name, resolved, opts))
@@ -310,7 +317,7 @@ class DataPlane:
     def update_from_blob(self, name: str, path: str, author: str) -> WeightsVersion:
         def op(model: ServedModel) -> WeightsVersion:
             resolved = self.resolve_path(path, "weights path")
-            if not resolved.is_file():
+            if not _is_file(resolved):
                 raise InvalidArgument(f"weights path {path!r} is not a file")
             h = hashlib.sha256()
             with open(resolved, "rb") as f:
