@@ -23,7 +23,7 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -71,8 +71,7 @@ def resolve_format(fmt: OutputFormat) -> Literal["numpy", "torch"]:
 
 # ---------------------------------------------------------------- encoding
 
-@dataclass(frozen=True)
-class WireTensor:
+class WireTensor(NamedTuple):
     """A tensor ready for the wire: dtype, shape and its C-contiguous little-endian bytes."""
 
     dtype: DType
@@ -82,6 +81,20 @@ class WireTensor:
     @property
     def nbytes(self) -> int:
         return self.data.nbytes
+
+
+# Lookups by dtype object: ``numpy.dtype.name`` alone costs more than the
+# rest of encoding a small tensor.
+_BY_NUMPY_DTYPE = {np.dtype(d.numpy_name).newbyteorder("<"): d for d in BY_NUMPY_NAME.values()}
+_NUMPY_DTYPE_BY_WIRE = {d.wire: np.dtype(d.numpy_name).newbyteorder("<") for d in BY_NUMPY_NAME.values()}
+_torch_dtypes: dict = {}  # torch.dtype -> DType, filled when torch is first used
+
+
+def _bytes_of(array: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, without a copy."""
+    if array.size == 0:
+        return memoryview(b"")
+    return memoryview(array).cast("B")
 
 
 def to_wire(value: Any, what: str = "tensor") -> WireTensor:
@@ -95,40 +108,53 @@ def to_wire(value: Any, what: str = "tensor") -> WireTensor:
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{what}: expected an array or tensor, got {type(value).__name__}")
     array = np.asarray(value)
-    dtype = BY_NUMPY_NAME.get(array.dtype.name) if array.dtype.kind in "biuf" else None
+    dtype = _BY_NUMPY_DTYPE.get(array.dtype)
     if dtype is None:
-        raise TypeError(
-            f"{what}: numpy dtype {array.dtype} is not supported "
-            f"(supported: {', '.join(sorted(BY_NUMPY_NAME))}; bfloat16/float8 need torch tensors)"
-        )
-    if not array.dtype.isnative or array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
+        if array.dtype.byteorder == ">" and array.dtype.newbyteorder("<") in _BY_NUMPY_DTYPE:
+            array = array.astype(array.dtype.newbyteorder("<"))
+            dtype = _BY_NUMPY_DTYPE[array.dtype]
+        else:
+            raise TypeError(
+                f"{what}: numpy dtype {array.dtype} is not supported (supported: "
+                f"{', '.join(sorted(BY_NUMPY_NAME))}; bfloat16/float8 need torch tensors)"
+            )
     if not array.flags.c_contiguous:
         array = array.copy(order="C")  # (np.ascontiguousarray would make scalars 1-d)
-    return WireTensor(dtype, tuple(int(d) for d in array.shape), memoryview(array.reshape(-1).view(np.uint8)))
+    return WireTensor(dtype, array.shape, _bytes_of(array))
 
 
 def _torch_to_wire(tensor, what: str) -> WireTensor:
     torch = _torch()
-    name = str(tensor.dtype).removeprefix("torch.")
-    dtype = BY_TORCH_NAME.get(name)
+    if not _torch_dtypes:
+        _torch_dtypes.update({getattr(torch, d.torch_name): d for d in BY_TORCH_NAME.values()
+                              if hasattr(torch, d.torch_name)})
+    dtype = _torch_dtypes.get(tensor.dtype)
     if dtype is None:
         raise TypeError(f"{what}: torch dtype {tensor.dtype} is not supported")
     if tensor.layout != torch.strided:
         raise TypeError(f"{what}: only dense (strided) tensors are supported, not {tensor.layout}")
     if not _LITTLE:  # pragma: no cover - every platform torch ships for is little-endian
         raise TypeError("sending torch tensors needs a little-endian host")
-    tensor = tensor.detach()
-    if tensor.device.type != "cpu":
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if not tensor.is_cpu:
         tensor = tensor.cpu()
     tensor = tensor.contiguous()
+    if dtype.numpy_name is not None:
+        return WireTensor(dtype, tuple(tensor.shape), _bytes_of(tensor.numpy()))
+    # bfloat16 / float8: numpy has no such dtype, so view the bytes as uint8.
     flat = tensor.reshape(-1).view(torch.uint8)
-    return WireTensor(dtype, tuple(tensor.shape), memoryview(flat.numpy()))
+    return WireTensor(dtype, tuple(tensor.shape), _bytes_of(flat.numpy()))
 
 
 # Minimal protobuf wire format writer: exactly what the messages below need.
 
+_SMALL_VARINTS = tuple(bytes((i,)) for i in range(0x80))
+
+
 def _varint(n: int) -> bytes:
+    if 0 <= n < 0x80:
+        return _SMALL_VARINTS[n]
     if n < 0:
         n += 1 << 64  # int64 two's complement, as protobuf encodes negatives
     out = bytearray()
@@ -152,11 +178,15 @@ def _string(field: int, text: str) -> bytes:
     return _len_prefix(field, len(raw)) + raw if raw else b""
 
 
+_DTYPE_FIELD = {w: _key(1, 0) + _varint(w) for w in BY_WIRE}
+
+
 def _tensor_parts(t: WireTensor) -> tuple[list, int]:
     """The encoded ``Tensor`` message as a list of parts, and its length."""
-    head = _key(1, 0) + _varint(t.dtype.wire)
+    head = _DTYPE_FIELD[t.dtype.wire]
     if t.shape:
-        packed = b"".join(_varint(d) for d in t.shape)
+        shape = t.shape
+        packed = bytes(shape) if max(shape) < 0x80 else b"".join(_varint(d) for d in shape)
         head += _len_prefix(2, len(packed)) + packed
     if not t.nbytes:
         return [head], len(head)
@@ -264,9 +294,9 @@ def encode_upload(
 
 # ---------------------------------------------------------------- decoding
 
-def _shape_of(shape: Iterable[int], what: str) -> tuple[int, ...]:
-    shape = tuple(int(d) for d in shape)
-    if any(d < 0 for d in shape):
+def _shape_of(shape, what: str) -> tuple[int, ...]:
+    shape = tuple(shape)
+    if shape and min(shape) < 0:
         raise ValueError(f"{what}: negative dimension in shape {list(shape)}")
     return shape
 
@@ -276,6 +306,9 @@ def _dtype_of(wire: int, what: str) -> DType:
     if dtype is None:
         raise ValueError(f"{what}: unknown dtype {wire} (a newer server? upgrade the client)")
     return dtype
+
+
+_frombuffer_warned = False
 
 
 def decode_bytes(data, dtype: DType, shape: tuple[int, ...], fmt: Literal["numpy", "torch"],
@@ -292,7 +325,7 @@ def decode_bytes(data, dtype: DType, shape: tuple[int, ...], fmt: Literal["numpy
                 f"{what} is {dtype.torch_name}, which numpy cannot hold: install torch "
                 "(or ask for torch outputs) to receive it"
             )
-        return np.frombuffer(data, dtype=np.dtype(dtype.numpy_name).newbyteorder("<")).reshape(shape)
+        return np.frombuffer(data, dtype=_NUMPY_DTYPE_BY_WIRE[dtype.wire]).reshape(shape)
     torch = _torch()
     torch_dtype = getattr(torch, dtype.torch_name, None)
     if torch_dtype is None:
@@ -303,11 +336,17 @@ def decode_bytes(data, dtype: DType, shape: tuple[int, ...], fmt: Literal["numpy
         # CPython shares some tiny bytes objects (e.g. every 1-byte value):
         # never hand torch a writable view of those.
         data = bytearray(data)
-    with warnings.catch_warnings():
-        # Received bytes objects are ours alone; torch warns that bytes are
-        # immutable, which is harmless for a buffer nobody else holds.
-        warnings.simplefilter("ignore", UserWarning)
+    global _frombuffer_warned
+    if _frombuffer_warned or not isinstance(data, bytes):
         flat = torch.frombuffer(data, dtype=torch_dtype)
+    else:
+        # Received bytes objects are ours alone; torch warns (once per
+        # process) that bytes are immutable, harmless for a buffer nobody
+        # else holds. Silence that one warning, once.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(data, dtype=torch_dtype)
+        _frombuffer_warned = True
     return flat.reshape(shape)
 
 
