@@ -62,7 +62,12 @@ _GENERATED_MODULE = "aotiserve.oip.inference_pb2"
 
 
 class Unimplemented(ServeError):
-    """A protocol feature aotiserve does not offer (BYTES tensors, shared memory, ...)."""
+    """A protocol feature aotiserve does not offer (BYTES tensors, shared memory, ...).
+
+    A row of the error table (``errors.py``) in all but location: it maps
+    through ``errors.to_status`` like every ServeError. Only this protocol
+    raises it so far.
+    """
 
     code = grpc.StatusCode.UNIMPLEMENTED
 
