@@ -40,7 +40,16 @@ def _echo_call(cfg: dict) -> Callable[[], None]:
 
     channel = grpc.insecure_channel(cfg["target"], options=CHANNEL_OPTIONS)
     call = channel.unary_unary("/bench.Echo/Echo")  # bytes in, bytes out
-    payload = b"\x01" * cfg["req_size"]
+    if cfg.get("runrequest"):
+        # The very bytes aotiserve's tiny Run gets (ladder servers parse them).
+        from aotiserve.v1 import model_runner_pb2 as pb
+
+        arrays = _inputs(cfg)
+        payload = pb.RunRequest(model=cfg["model"], inputs=[
+            pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=a.shape, data=a.tobytes()) for a in arrays
+        ]).SerializeToString()
+    else:
+        payload = b"\x01" * cfg["req_size"]
 
     def run() -> None:
         call(payload)

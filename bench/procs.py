@@ -238,3 +238,14 @@ def oip_model_ready(target: str, model: str) -> bool:
 
 def tmpdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def start_ladder(workdir: Path, layers: list[str], package: Path, resp_size: int) -> Server:
+    """A bench/ladder_server.py with the given cumulative layers."""
+    ready = workdir / "ladder.ready"
+    ready.unlink(missing_ok=True)
+    argv = [sys.executable, str(REPO / "bench" / "ladder_server.py"), "--layers", ",".join(layers),
+            "--package", str(package), "--resp-size", str(resp_size), "--ready-file", str(ready)]
+    proc, log_path = spawn("ladder", argv, workdir, {"OMP_NUM_THREADS": "1"})
+    info = wait_for(_read_ready_file(ready), proc, 120, f"ladder server {layers[-1]}")
+    return Server(f"ladder-{layers[-1]}", proc, int(info["port"]), workdir, log_path)

@@ -196,6 +196,31 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
               "same package (throughput there is threads on one container with 2 runners)."]
     L += ["", "## Acceptance ratios (issue 6)", ""] + _ratio_rows(results.get("ratios", {}))
 
+    lad = results.get("ladder")
+    if lad:
+        L += ["", "## Where aotiserve's per-request time goes: the echo floor, one layer at a time", "",
+              "Δ columns compare each row with the row it builds on; with other work on the machine, differences "
+              "under ~50 µs are noise.", "",
+              "`bench/ladder_server.py` adds aotiserve's per-request work to the bare echo server layer by layer "
+              "(each row includes the ones above it), driven with the same RunRequest bytes. The aotiserve row of "
+              "the tiny table above is the whole daemon for comparison.", "",
+              "| server | p50 µs | Δ p50 µs | req/s ×8 | server CPU µs/call | Δ CPU µs |",
+              "|---|---|---|---|---|---|"]
+        by = {row["layer"]: row for row in lad}
+        base = {"interceptor": "bare", "torch": "interceptor", "proto": "torch", "model_gil": "proto", "model": "proto",
+                "trailer": "model", "metrics": "trailer"}
+        for row in lad:
+            cpu = row["server_cpu_us_per_call"]
+            parent = by.get(base.get(row["layer"], ""), {})
+            ref, ref_p50 = parent.get("server_cpu_us_per_call"), parent.get("p50_us")
+            delta = "" if ref is None or cpu is None else f"{cpu - ref:+.0f}"
+            dp50 = "" if ref_p50 is None else f"{row['p50_us'] - ref_p50:+.0f}"
+            L.append(f"| {row['label']} | {_f(row['p50_us'])} | {dp50} | {_f(row['rps8'])} | {_f(cpu)} | {delta} |")
+        nat = results.get("tiny", {}).get("summary", {}).get("native")
+        if nat:
+            L.append(f"| aotiserve daemon (native Run), from the tiny table | {_f(nat['sequential']['p50_us'])} | | "
+                     f"{_f(nat['rps'].get('8'))} | {_f(nat.get('server_cpu_us_per_call'))} | |")
+
     c = results.get("compute")
     if c:
         s = c["server_settings"]

@@ -40,7 +40,27 @@ DOCS = REPO / "docs" / "benchmarks.md"
 IMG_DIR = REPO / "docs" / "img"
 
 TINY_SYSTEMS = ("inproc", "echo", "echo_aio", "native", "client", "oip", "kserve", "pytriton")
-WORKLOADS = ("tiny", "compute", "large", "memory")
+WORKLOADS = ("tiny", "ladder", "compute", "large", "memory")
+LADDER = {  # name -> the layers of bench/ladder_server.py it runs
+    "bare": ("bare",),
+    "interceptor": ("bare", "interceptor"),
+    "torch": ("bare", "interceptor", "torch"),
+    "proto": ("bare", "interceptor", "torch", "proto"),
+    "model_gil": ("bare", "interceptor", "torch", "proto", "model_gil"),
+    "model": ("bare", "interceptor", "torch", "proto", "model"),
+    "trailer": ("bare", "interceptor", "torch", "proto", "model", "trailer"),
+    "metrics": ("bare", "interceptor", "torch", "proto", "model", "trailer", "metrics"),
+}
+LADDER_LABELS = {
+    "bare": "bare grpcio echo (the floor)",
+    "interceptor": "+ a pass-through ServerInterceptor",
+    "torch": "+ `import torch` in the server (nothing else)",
+    "proto": "+ generated-protobuf parse, tensor_codec decode/encode, RunResponse",
+    "model_gil": "+ the model runs, torch's own binding (holds the GIL)",
+    "model": "+ the model runs, runner_ext (GIL released; instead of the row above)",
+    "trailer": "+ trailing metadata (weights version)",
+    "metrics": "+ aotiserve's 7 Prometheus updates per Run",
+}
 
 LABELS = {
     "inproc": "in-process extension call",
@@ -243,7 +263,7 @@ class Bench:
         if system == "inproc":
             cfg.update(kind="inproc", package=str(pkgs["mlp"]), num_runners=a.runners or 2)
         elif system in ("echo", "echo_aio"):
-            cfg.update(kind="echo", target=self.servers[system].target, req_size=req_size)
+            cfg.update(kind="echo", target=self.servers[system].target, req_size=req_size, runrequest=True)
         elif system in ("native", "client"):
             cfg.update(kind=system, target=self.servers["aotiserve"].target)
         else:
@@ -307,6 +327,42 @@ class Bench:
                  seq.get("p50_us", float("nan")), seq.get("p99_us", float("nan")), tp,
                  f"{out['server_cpu_us_per_call']:.0f}us" if "server_cpu_us_per_call" in out else "-",
                  out.get("client_cpu_us_per_call", float("nan")), f"  errors={errs}" if errs else "")
+
+    # ----------------------------------------------------------------- ladder
+
+    def ladder(self, pkgs: dict[str, Path]) -> None:
+        """The echo floor with aotiserve's per-request layers added one by one (bench/ladder_server.py)."""
+        _, resp_size = payload_sizes()
+        servers: dict[str, Server] = {}
+        try:
+            for layer, layers in LADDER.items():
+                servers[layer] = procs.start_ladder(self.work / f"ladder-{layer}", list(layers), pkgs["mlp"],
+                                                    resp_size)
+            runs: dict[str, list] = {k: [] for k in LADDER}
+            for r in range(self.args.rounds):
+                for layer, server in servers.items():
+                    cfg = {"kind": "echo", "target": server.target, "runrequest": True, "model": "mlp",
+                           "input_shapes": [[1, 64]], "seq_n": self.args.seq_n, "warmup": self.args.warmup,
+                           "concurrency": [8], "duration": self.args.duration, "mode": self.args.mode}
+                    cpu0 = cpu_seconds(server.pid)
+                    out = run_driver(sys.executable, cfg)
+                    out["server_cpu_us_per_call"] = 1e6 * (cpu_seconds(server.pid) - cpu0) / out["calls_total"]
+                    runs[layer].append(out)
+                    log.info("  ladder %-12s p50=%6.0fus c8=%6.0f/s server cpu/call=%4.0fus", layer,
+                             out["sequential"]["p50_us"], out["throughput"][0]["rps"], out["server_cpu_us_per_call"])
+        except (RuntimeError, TimeoutError) as exc:
+            self.note(f"ladder: {exc}")
+            return
+        finally:
+            for s in servers.values():
+                s.stop()
+        self.results["ladder"] = [
+            {"layer": k, "label": LADDER_LABELS[k],
+             "p50_us": median_of([o["sequential"]["p50_us"] for o in v]),
+             "rps8": median_of([o["throughput"][0]["rps"] for o in v]),
+             "server_cpu_us_per_call": median_of([o["server_cpu_us_per_call"] for o in v]),
+             "rounds": v}
+            for k, v in runs.items() if v]
 
     # ----------------------------------------------------------------- compute + large
 
@@ -422,6 +478,8 @@ class Bench:
         try:
             if "tiny" in a.workloads or "memory" in a.workloads:
                 self.tiny(pkgs)
+            if "ladder" in a.workloads:
+                self.ladder(pkgs)
             if {"compute", "large"} & set(a.workloads):
                 self.heavy(pkgs, set(a.workloads))
         finally:
