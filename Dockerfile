@@ -66,11 +66,12 @@ RUN if [ "$WHEELHOUSE_ONLY" = 1 ]; then export PIP_NO_INDEX=1; \
 # own (setup.py build_ext into /src/build), so that edits to the Python
 # packages reuse this layer; `pip wheel` below builds in-tree and finds the
 # compiled objects up to date.
-COPY pyproject.toml setup.py README.md* /src/
+COPY pyproject.toml setup.py /src/
 COPY runner_ext/ /src/runner_ext/
 WORKDIR /src
 RUN python setup.py -q build_ext
 
+COPY README.md /src/
 COPY server/ /src/server/
 COPY client/ /src/client/
 RUN pip wheel --no-build-isolation --no-deps -w /dist . \
@@ -85,12 +86,14 @@ RUN python /src/deploy/prepare_demo.py /opt/aotiserve-demo
 
 # Build-only packages stay behind; the runtime stage copies this venv. Without
 # a compiler there, torch's C++ headers and its test binaries are dead weight
-# (about 200 MB); torch_shm_manager stays (shared-memory tensors).
+# (about 200 MB); torch_shm_manager stays (shared-memory tensors). The
+# extension loses its debug info.
 RUN pip uninstall -y pybind11 ninja wheel pip \
  && torch_dir="$(python -c 'import os, torch; print(os.path.dirname(torch.__file__))')" \
  && rm -rf "$torch_dir/include" "$torch_dir/test" \
  && find "$torch_dir/bin" -mindepth 1 ! -name torch_shm_manager -exec rm -rf {} + \
  && find "$VIRTUAL_ENV" -name __pycache__ -prune -exec rm -rf {} + \
+ && find "$VIRTUAL_ENV" -path '*/aotiserve/*' -name '*.so' -exec strip --strip-debug {} + \
  && python -c "from aotiserve import runner_ext; print('runner_ext', runner_ext.compiled_backends())"
 
 # ---------------------------------------------------------------- runtime --

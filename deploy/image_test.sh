@@ -167,46 +167,92 @@ free_port() {
 }
 
 CID=""
+VOLUME=""
 cleanup() {
     if [ -n "$CID" ] && [ "${AOTISERVE_IMAGE_KEEP:-0}" != 1 ]; then
         podman rm -f -t 0 "$CID" >/dev/null 2>&1 || true
     fi
+    if [ -n "$VOLUME" ] && [ "${AOTISERVE_IMAGE_KEEP:-0}" != 1 ]; then
+        podman volume rm -f "$VOLUME" >/dev/null 2>&1 || true
+    fi
+}
+trap cleanup EXIT
+
+# SIGTERM (podman stop) must drain and exit 0.
+stop_and_check() {
+    local t0=$SECONDS code
+    log "sending SIGTERM (podman stop -t $STOP_TIMEOUT)"
+    podman stop -t "$STOP_TIMEOUT" "$CID" >/dev/null
+    code="$(podman inspect --format '{{.State.ExitCode}}' "$CID")"
+    log "container exited with code $code after $((SECONDS - t0)) s; its last lines:"
+    podman logs --tail 3 "$CID" >&2 || true
+    [ "$code" = 0 ] || die "exit code $code after SIGTERM (want 0)"
+    podman rm "$CID" >/dev/null
+    CID=""
 }
 
-smoke_test() {
-    local port mport run_args=()
-    # Like the Kubernetes manifests: read-only root with a writable /tmp, no
-    # capabilities, no privilege escalation (the image's user is 10001).
-    run_args=(--read-only --tmpfs "/tmp:rw,size=1g" --cap-drop ALL --security-opt no-new-privileges)
+# Like the Kubernetes manifests: read-only root with a writable /tmp, no
+# capabilities, no privilege escalation (the image's user is 10001).
+RUN_ARGS=(--read-only --tmpfs "/tmp:rw,size=1g" --cap-drop ALL --security-opt no-new-privileges)
+
+start_container() {
+    local port mport
+    port="$(free_port)"
+    mport="$(free_port)"
+    CID="$(podman run -d --init "${RUN_ARGS[@]}" \
+        -p "127.0.0.1:$port:8500" -p "127.0.0.1:$mport:8502" "$@" "$IMAGE")"
+    TARGET="127.0.0.1:$port"
+    METRICS="127.0.0.1:$mport"
+    log "started ${CID:0:12} on $TARGET (metrics $METRICS)"
+}
+
+smoke() {
+    "$PY" "$REPO/deploy/smoke.py" --target "$TARGET" --metrics "$METRICS" \
+        --timeout "$HEALTH_TIMEOUT" "$@" || { podman logs --tail 50 "$CID" >&2 || true; die "smoke test failed"; }
+}
+
+# 1. The image as shipped: the prebuilt demo, no compiler, HEALTHCHECK, drain.
+demo_test() {
     # Podman runs HEALTHCHECKs from systemd timers; without systemd it only
     # logs errors, so the check is run by hand below instead.
-    [ -S /run/systemd/private ] || run_args+=(--no-healthcheck)
+    [ -S /run/systemd/private ] || RUN_ARGS+=(--no-healthcheck)
     if podman run --rm --no-healthcheck --entrypoint sh "$IMAGE" -c \
         'command -v g++ || command -v gcc || command -v cc' >/dev/null; then
         die "the runtime image has a C/C++ compiler"
     fi
-    log "no C/C++ compiler in the runtime image: the demo is served prebuilt"
-    port="$(free_port)"
-    mport="$(free_port)"
-    log "starting $IMAGE on 127.0.0.1:$port (metrics 127.0.0.1:$mport), read-only root"
-    CID="$(podman run -d --init "${run_args[@]}" \
-        -p "127.0.0.1:$port:8500" -p "127.0.0.1:$mport:8502" "$IMAGE")"
-    trap cleanup EXIT
-    local t0=$SECONDS
-    if ! "$PY" "$REPO/deploy/smoke.py" --target "127.0.0.1:$port" --metrics "127.0.0.1:$mport" \
-        --timeout "$HEALTH_TIMEOUT"; then
-        podman logs --tail 50 "$CID" >&2 || true
-        die "smoke test failed"
-    fi
+    log "phase 1: the demo (no C/C++ compiler in the image: it is served prebuilt)"
+    start_container
+    smoke
     podman exec "$CID" aotiserve-healthcheck || die "the image's HEALTHCHECK command failed"
-    log "serving after $((SECONDS - t0)) s; sending SIGTERM (podman stop -t $STOP_TIMEOUT)"
-    t0=$SECONDS
-    podman stop -t "$STOP_TIMEOUT" "$CID" >/dev/null
-    local code
-    code="$(podman inspect --format '{{.State.ExitCode}}' "$CID")"
-    log "container exited with code $code after $((SECONDS - t0)) s; its last lines:"
-    podman logs --tail 4 "$CID" >&2 || true
-    [ "$code" = 0 ] || die "exit code $code after SIGTERM (want 0)"
+    stop_and_check
+}
+
+# 2. As Kubernetes runs it: a model repository mounted read-only, the admin
+# token as a file, a weights volume; roll new weights out with the operator
+# command, restart, and check the committed version survived.
+repository_test() {
+    local dir="$WORK/repository" version
+    rm -rf "$dir" && mkdir -p "$dir/models"
+    podman run --rm --no-healthcheck --entrypoint sh "$IMAGE" -c 'cat /opt/aotiserve-demo/*/demo.pt2' \
+        >"$dir/models/demo.pt2"
+    # Test token: readable by the container's uid 10001 (a Secret gets fsGroup).
+    od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$dir/admin-token"
+    chmod 0644 "$dir/admin-token"
+    VOLUME="aotiserve-image-test-weights-$$"
+    podman volume create "$VOLUME" >/dev/null
+    local args=(-v "$dir/models:/models:ro" -v "$VOLUME:/weights"
+                -v "$dir/admin-token:/etc/aotiserve/admin/token:ro"
+                -e AOTISERVE_MODEL_REPOSITORY=/models -e "AOTISERVE_ALLOWED_ROOTS=/models,/weights"
+                -e AOTISERVE_ADMIN_TOKEN_FILE=/etc/aotiserve/admin/token -e AOTISERVE_LOG_JSON=1)
+    log "phase 2: model repository, admin token, weights volume; weights rollout; restart"
+    start_container "${args[@]}"
+    version="$(smoke --rollout demo --admin-token-file "$dir/admin-token" | tee /dev/stderr \
+        | sed -n 's/^VERSION=//p')"
+    [ -n "$version" ] || die "no version from the rollout"
+    stop_and_check
+    start_container "${args[@]}"
+    smoke --expect-version "demo=$version"
+    stop_and_check
 }
 
 main() {
@@ -220,7 +266,8 @@ main() {
     ensure_base_image
     fill_wheelhouse
     build_image
-    smoke_test
+    demo_test
+    repository_test
     printf 'image-test: OK  image=%s  build=%ss  size=%s MB  total=%ss\n' \
         "$IMAGE" "$BUILD_SECONDS" "$((IMAGE_SIZE / 1000000))" "$((SECONDS - t_all))"
 }

@@ -4,15 +4,24 @@ With the aotiserve client: waits (bounded) until the server's grpc.health.v1
 status is SERVING, lists the models, runs each READY one on random inputs
 shaped from its specs (dynamic dimensions as 2) and checks the outputs'
 shapes, then reads the metrics endpoint and checks the calls were counted.
+
+``--rollout MODEL`` then pulls the model's weights, changes one tensor, and
+rolls the file out with ``aotiserve weights rollout`` (the operator command)
+against the target: the outputs must change and the version with them; the
+new version id is printed as ``VERSION=<id>``. ``--expect-version MODEL=ID``
+checks a (restarted) daemon serves that version.
 Prints one line per step; exits 1 on the first failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 
@@ -63,14 +72,68 @@ def smoke(target: str, metrics: str | None, timeout: float) -> None:
         print(f"metrics: {counted[0]}")
 
 
+def rollout(target: str, model: str, token_file: str) -> str:
+    """Pull, change, roll out: returns the new active version id."""
+    from safetensors.numpy import load_file, save_file
+
+    from aotiserve.client import weights
+
+    token = Path(token_file).read_text().strip()
+    with Client(target, admin_token=token, timeout=60) as client, \
+            tempfile.TemporaryDirectory() as tmp:
+        info = client.model(model).info()
+        x = [_random_input(spec) for spec in info.inputs]
+        before = np.asarray(client.model(model).run(x)[0])
+        old = Path(tmp) / "old.safetensors"
+        weights.pull(client, model, old)
+        tensors = load_file(old)
+        name = sorted(k for k in tensors if k.endswith("bias"))[-1]
+        tensors[name] = tensors[name] + np.float32(1.0)
+        new = Path(tmp) / f"{model}-v2.safetensors"
+        save_file(tensors, new)
+        cli = Path(sys.executable).with_name("aotiserve")
+        out = subprocess.run([str(cli), "--admin-token-file", token_file, "weights", "rollout",
+                              "--model", model, str(new), "--targets", target],
+                             capture_output=True, text=True, timeout=120)
+        print(out.stdout.rstrip())
+        if out.returncode != 0:
+            raise RuntimeError(f"aotiserve weights rollout exited {out.returncode}: {out.stderr}")
+        after = np.asarray(client.model(model).run(x)[0])
+        delta = float(np.abs(after - before).max())
+        if not delta > 0.5:
+            raise RuntimeError(f"outputs did not change after the rollout (max delta {delta})")
+        active = client.model(model).info().active_version
+        print(f"rollout: {name} += 1 -> outputs moved by up to {delta:.3f}; "
+              f"{model} serves {active.id} (was {info.active_version.id})")
+        print(f"VERSION={active.id}")
+        return active.id
+
+
+def expect_version(target: str, spec: str) -> None:
+    model, _, want = spec.partition("=")
+    with Client(target, timeout=30) as client:
+        active = client.model(model).info().active_version
+    got = active.id if active else None
+    if got != want:
+        raise RuntimeError(f"{model} serves weights {got}, expected {want}")
+    print(f"weights: {model} still serves {got} after the restart")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="host:port of the gRPC port")
     parser.add_argument("--metrics", help="host:port of the metrics port")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for SERVING")
+    parser.add_argument("--rollout", metavar="MODEL", help="roll changed weights out to MODEL")
+    parser.add_argument("--admin-token-file", help="the daemon's admin token (for --rollout)")
+    parser.add_argument("--expect-version", metavar="MODEL=ID", help="MODEL must serve weights ID")
     args = parser.parse_args()
     try:
         smoke(args.target, args.metrics, args.timeout)
+        if args.expect_version:
+            expect_version(args.target, args.expect_version)
+        if args.rollout:
+            rollout(args.target, args.rollout, args.admin_token_file)
     except Exception as err:  # noqa: BLE001 - a smoke test reports, it does not recover
         print(f"smoke test failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
