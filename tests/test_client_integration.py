@@ -387,3 +387,34 @@ def test_docs_snippet_runs_as_printed_against_the_demo_model(tmp_path):
             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip(), "the snippet prints its result"
+
+
+def test_upload_broken_on_the_client_side_raises_its_own_error_and_changes_nothing(zoo):
+    from aotiserve.client.dtypes import BY_TORCH_NAME
+    from aotiserve.client.tensor_codec import UploadItem, to_wire
+
+    with running_server(["mlp"]) as s, ac.Client(s.target) as client:
+        model = client.model("mlp")
+        original = model.extract_constants_map(False)
+
+        def broken():
+            raise OSError("weights file vanished")
+
+        f32 = BY_TORCH_NAME["float32"]
+        items = [UploadItem("fc1.weight", f32, (32, 64), lambda: to_wire(original["fc1.weight"] * 0)),
+                 UploadItem("fc1.bias", f32, (32,), broken)]
+        with pytest.raises(OSError, match="vanished"):
+            model.stream_constants(items, True, False, chunk_bytes=1024)
+
+        async def via_async():
+            async with ac.AsyncClient(s.target) as aclient:
+                await aclient.model("mlp").stream_constants(items, True, False, chunk_bytes=1024)
+        with pytest.raises(OSError, match="vanished"):
+            asyncio.run(via_async())
+
+        info = model.info()
+        assert info.active_version.id == "initial" and info.staged_version is None
+        x = zoo.MODELS["mlp"].inputs(2)
+        _assert_close(model.run(list(x))[0], zoo.eager("mlp", x)[0])
+        # and the next upload goes through
+        assert model.update_constant_buffer(original, True, True).id != "initial"

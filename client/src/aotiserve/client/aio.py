@@ -21,12 +21,13 @@ from aotiserve.client.client import (
     find_model,
     weights_version_of,
 )
-from aotiserve.client.errors import DeadlineExceededError, from_rpc_error
+from aotiserve.client.errors import ClientError, DeadlineExceededError, from_rpc_error
 from aotiserve.client.model_info import ModelInfo, WeightsVersion
 from aotiserve.client.tensor_codec import (
     DEFAULT_CHUNK_BYTES,
     ConstantsAssembler,
     OutputFormat,
+    RecordingIterator,
     UploadItem,
     encode_run_request,
     encode_upload,
@@ -127,13 +128,20 @@ class AsyncModel:
         chunk_bytes: int | None = None,
         progress: ProgressCallback | None = None,
     ) -> WeightsVersion | None:
-        requests = encode_upload(
+        requests = RecordingIterator(encode_upload(
             self.name, list(items), use_inactive=use_inactive,
             validate_full_updates=validate_full_updates, user_managed=user_managed,
             description=description, chunk_bytes=chunk_bytes or self._client.chunk_bytes,
             progress=progress,
-        )
-        r = await self._client._call("UpdateConstantBuffer", requests)
+        ))
+        try:
+            r = await self._client._call("UpdateConstantBuffer", iter(requests))
+        except (ClientError, asyncio.CancelledError):
+            # grpc.aio cancels the call when the request iterator raises; a
+            # cancellation of the caller's own task has no recorded error.
+            if requests.error is not None:
+                raise requests.error from None
+            raise
         return WeightsVersion.from_proto(r.version)
 
     async def rollback_constant_buffer(self) -> WeightsVersion | None:

@@ -20,12 +20,13 @@ from aotiserve.client.channel import (
     ChannelConfig,
     model_runner_stubs,
 )
-from aotiserve.client.errors import DeadlineExceededError, NotFoundError, from_rpc_error
+from aotiserve.client.errors import ClientError, DeadlineExceededError, NotFoundError, from_rpc_error
 from aotiserve.client.model_info import ModelInfo, WeightsVersion
 from aotiserve.client.tensor_codec import (
     DEFAULT_CHUNK_BYTES,
     ConstantsAssembler,
     OutputFormat,
+    RecordingIterator,
     UploadItem,
     encode_run_request,
     encode_upload,
@@ -170,13 +171,18 @@ class Model:
     ) -> WeightsVersion | None:
         """Extension: ``update_constant_buffer`` from lazily loaded items (one
         tensor in memory at a time), e.g. straight from a safetensors file."""
-        requests = encode_upload(
+        requests = RecordingIterator(encode_upload(
             self.name, list(items), use_inactive=use_inactive,
             validate_full_updates=validate_full_updates, user_managed=user_managed,
             description=description, chunk_bytes=chunk_bytes or self._client.chunk_bytes,
             progress=progress,
-        )
-        r = self._client._call("UpdateConstantBuffer", requests)
+        ))
+        try:
+            r = self._client._call("UpdateConstantBuffer", iter(requests))
+        except ClientError:
+            if requests.error is not None:  # the upload broke on our side: say why
+                raise requests.error from None
+            raise
         return WeightsVersion.from_proto(r.version)
 
     def rollback_constant_buffer(self) -> WeightsVersion | None:

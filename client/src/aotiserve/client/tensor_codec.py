@@ -292,6 +292,26 @@ def encode_upload(
                 progress(sent, total)
 
 
+class RecordingIterator:
+    """Wraps a request iterator and keeps the exception it raised, if any.
+
+    gRPC consumes request iterators on its own thread and turns an exception
+    there into a bare CANCELLED status; the client re-raises the original
+    (a file that could not be read, say) instead.
+    """
+
+    def __init__(self, requests: Iterator[bytes]) -> None:
+        self._requests = requests
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._requests
+        except BaseException as e:
+            self.error = e
+            raise
+
+
 # ---------------------------------------------------------------- decoding
 
 def _shape_of(shape, what: str) -> tuple[int, ...]:
