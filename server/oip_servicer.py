@@ -75,25 +75,35 @@ class Unimplemented(ServeError):
 # ---------------------------------------------------------------- messages (private pool)
 
 
-@functools.cache
-def messages() -> SimpleNamespace:
-    """The ``inference.*`` message classes, from a private descriptor pool.
+def _serialized_descriptor() -> bytes:
+    """The generated module's FileDescriptorProto, read from its source without running it.
 
-    The serialized FileDescriptorProto is the literal that the generated
-    module passes to ``AddSerializedFile``; it is parsed out of the source,
-    so protoc stays the only thing that compiles the proto.
+    It is the literal the module passes to ``AddSerializedFile``, so protoc
+    stays the only thing that compiles the proto. Where there is no source
+    (a .pyc-only install) the module is imported after all, which puts its
+    messages in the default pool too.
     """
     spec = importlib.util.find_spec(_GENERATED_MODULE)
-    if spec is None or spec.origin is None:
+    if spec is None:
         raise ImportError(f"{_GENERATED_MODULE} is missing; run `make proto`")
-    tree = ast.parse(Path(spec.origin).read_text())
-    serialized = next(
-        (node.args[0].value for node in ast.walk(tree)
-         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "AddSerializedFile"
-         and node.args and isinstance(node.args[0], ast.Constant)),
-        None)
-    if not isinstance(serialized, bytes):
-        raise ImportError(f"no serialized descriptor found in {spec.origin}")
+    try:
+        tree = ast.parse(Path(spec.origin or "").read_text())
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        log.warning("no source for %s; importing it (tritonclient can no longer be imported "
+                    "into this process)", _GENERATED_MODULE)
+        return importlib.import_module(_GENERATED_MODULE).DESCRIPTOR.serialized_pb
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "AddSerializedFile"
+                and node.args and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, bytes)):
+            return node.args[0].value
+    raise ImportError(f"no serialized descriptor found in {spec.origin}")
+
+
+@functools.cache
+def messages() -> SimpleNamespace:
+    """The ``inference.*`` message classes, from a private descriptor pool."""
+    serialized = _serialized_descriptor()
     pool = descriptor_pool.DescriptorPool()
     file = pool.AddSerializedFile(serialized)
     ns = SimpleNamespace(pool=pool, service=pool.FindServiceByName(SERVICE_NAME))
