@@ -266,11 +266,7 @@ def cmd_infer(cfg: CliConfig, args) -> int:
             except (OSError, ValueError) as e:
                 raise UsageError(f"cannot read input: {e}") from None
         started = time.perf_counter()
-        try:
-            outputs = model.run(inputs)
-        except TypeError as e:  # e.g. bfloat16 outputs where torch is not installed
-            print(f"aotiserve infer: {e}", file=sys.stderr)
-            return 1
+        outputs = model.run(inputs)
         latency_ms = (time.perf_counter() - started) * 1e3
     names = [s.name for s in info.outputs]
     names += [f"output__{i}" for i in range(len(names), len(outputs))]
@@ -450,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     key = (args.command, args.weights_command) if args.command == "weights" else args.command
     from aotiserve.client.errors import ClientError
+    from aotiserve.client.tensor_codec import UnsupportedDtypeError
     from aotiserve.client.weights import WeightsFileError
 
     try:
@@ -460,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (WeightsFileError, OSError) as e:
         print(f"aotiserve {args.command}: {e}", file=sys.stderr)
         return 2
-    except ClientError as e:
+    except (ClientError, UnsupportedDtypeError) as e:  # the latter: bfloat16 without torch
         print(f"aotiserve {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

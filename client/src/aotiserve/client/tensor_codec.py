@@ -328,6 +328,10 @@ def _dtype_of(wire: int, what: str) -> DType:
     return dtype
 
 
+class UnsupportedDtypeError(TypeError):
+    """A received tensor's dtype has no type on this side (bfloat16 without torch)."""
+
+
 _frombuffer_warned = False
 
 
@@ -341,7 +345,7 @@ def decode_bytes(data, dtype: DType, shape: tuple[int, ...], fmt: Literal["numpy
         )
     if fmt == "numpy":
         if dtype.numpy_name is None:
-            raise TypeError(
+            raise UnsupportedDtypeError(
                 f"{what} is {dtype.torch_name}, which numpy cannot hold: install torch "
                 "(or ask for torch outputs) to receive it"
             )
@@ -349,7 +353,7 @@ def decode_bytes(data, dtype: DType, shape: tuple[int, ...], fmt: Literal["numpy
     torch = _torch()
     torch_dtype = getattr(torch, dtype.torch_name, None)
     if torch_dtype is None:
-        raise TypeError(f"{what} is {dtype.torch_name}, which this torch {torch.__version__} lacks")
+        raise UnsupportedDtypeError(f"{what} is {dtype.torch_name}, which this torch {torch.__version__} lacks")
     if expected == 0:
         return torch.empty(shape, dtype=torch_dtype)
     if isinstance(data, bytes) and len(data) < 64:
