@@ -1,0 +1,85 @@
+"""The daemon on CUDA: a model on cuda:0, and one model on every GPU under concurrent load.
+
+Skipped where there is no CUDA device. The packages are compiled for CUDA here
+(into the test's temp folder), since zoo packages are CPU packages.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+
+import pytest
+import torch
+from torch.export import Dim
+
+import model_zoo
+import wire
+from aotiserve.server.packaging import pack
+from aotiserve.v1 import model_runner_pb2 as pb
+from server_harness import running_server
+from test_server_weights import eager_with, new_weights
+
+pytestmark = pytest.mark.cuda
+log = logging.getLogger(__name__)
+
+
+@pytest.fixture(scope="module")
+def cuda_repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("cuda-repo")
+    for name in ("mlp", "two_io"):
+        spec = model_zoo.MODELS[name]
+        inputs = tuple(t.cuda() for t in spec.inputs(4))
+        batch = Dim("batch", min=1, max=spec.max_batch)
+        pack(spec.module().cuda(), inputs, repo / f"{name}.pt2",
+             dynamic_shapes=tuple({0: batch} for _ in inputs), **spec.pack_kwargs)
+    return repo
+
+
+def _serve(cuda_repo, devices, **kw):
+    return running_server([], model_repository=str(cuda_repo), devices=devices,
+                          allowed_roots=(str(cuda_repo),), **kw)
+
+
+def test_cuda_models_serve_eager_results_and_swap_weights(cuda_repo):
+    with _serve(cuda_repo, ("cuda:0",)) as s:
+        for name in ("mlp", "two_io"):
+            inputs = model_zoo.MODELS[name].inputs(5, seed=3)
+            out = wire.outputs(s.stub.Run(wire.run_request(name, inputs)))
+            assert wire.close(out, model_zoo.eager(name, inputs)), name
+        weights = new_weights("mlp")
+        s.stub.UpdateConstantBuffer(wire.upload_requests("mlp", weights, validate_full=True,
+                                                         chunk_bytes=1000))
+        s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
+        inputs = model_zoo.MODELS["mlp"].inputs(3)
+        out = wire.outputs(s.stub.Run(wire.run_request("mlp", inputs)))
+        assert wire.close(out, eager_with("mlp", weights, inputs))
+        got = wire.extract(s.stub, "mlp")
+        assert all(torch.equal(got[k], weights[k]) for k in weights)
+        s.stub.RollbackConstantBuffer(pb.RollbackConstantBufferRequest(model="mlp"))
+        out = wire.outputs(s.stub.Run(wire.run_request("mlp", inputs)))
+        assert wire.close(out, model_zoo.eager("mlp", inputs))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_one_model_on_every_gpu_under_concurrent_load(cuda_repo):
+    devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+    with _serve(cuda_repo, devices, metrics_port=0) as s:
+        cases = []
+        for seed in range(4):
+            inputs = model_zoo.MODELS["mlp"].inputs(8 + seed, seed=seed)
+            cases.append((wire.run_request("mlp", inputs), model_zoo.eager("mlp", inputs)))
+
+        def client(tid):
+            ok = 0
+            for i in range(200):
+                req, want = cases[(tid + i) % 4]
+                ok += wire.close(wire.outputs(s.stub.Run(req)), want)
+            return ok
+
+        with cf.ThreadPoolExecutor(8) as ex:
+            assert list(ex.map(client, range(8))) == [200] * 8
+        counts = {d: s.app.metrics.device_requests.labels("mlp", d)._value.get() for d in devices}
+        print(f"per-device requests: {counts}")
+        assert sum(counts.values()) == 1600
+        assert all(c > 0 for c in counts.values()), counts
