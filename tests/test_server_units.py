@@ -1,0 +1,142 @@
+"""Unit tests of the server's small parts: codec, admission control, reader/writer lock, errors."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from aotiserve.client import dtypes as dt
+from aotiserve.server import tensor_codec as codec
+from aotiserve.server.device_pool import DevicePool
+from aotiserve.server.errors import (
+    DeadlineExceeded,
+    GENERIC_INTERNAL,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    to_status,
+)
+from aotiserve.server.rwlock import RWLock
+from aotiserve.v1 import model_runner_pb2 as pb
+
+
+@pytest.mark.parametrize("d", [d for d in dt.DTYPES if hasattr(torch, d.torch_name)],
+                         ids=lambda d: d.torch_name)
+def test_codec_round_trips_every_dtype(d):
+    dtype = getattr(torch, d.torch_name)
+    src = (torch.arange(24) % 2).to(torch.float32).reshape(2, 3, 4).to(dtype)
+    wire = codec.encode(src)
+    assert wire.dtype == d.wire and list(wire.shape) == [2, 3, 4]
+    assert len(wire.data) == 24 * d.itemsize == 24 * dtype.itemsize
+    back = codec.decode(wire, "x")
+    assert back.dtype == dtype and torch.equal(back.view(torch.uint8), src.view(torch.uint8))
+
+
+def test_codec_scalars_empty_and_non_contiguous():
+    assert codec.decode(codec.encode(torch.tensor(3.5)), "s").item() == 3.5
+    empty = codec.decode(codec.encode(torch.empty(0, 5)), "e")
+    assert empty.shape == (0, 5)
+    t = torch.arange(12.0).reshape(3, 4).t()
+    assert torch.equal(codec.decode(codec.encode(t), "t"), t)
+
+
+def test_codec_decode_does_not_copy():
+    data = torch.arange(4, dtype=torch.float32).numpy().tobytes()
+    msg = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[4], data=data)
+    payload = msg.data
+    t = codec.decode(pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[4], data=payload), "x")
+    assert t.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("shape,data,exc,msg", [
+    ([4], b"\0" * 15, InvalidArgument, "expected 16 bytes for float32[4], got 15"),
+    ([-1], b"", InvalidArgument, "negative dimension"),
+    ([1 << 62, 4], b"", ResourceExhausted, "elements"),
+    ([1] * 20, b"\0" * 4, InvalidArgument, "rank 20"),
+])
+def test_codec_rejects_malformed(shape, data, exc, msg):
+    with pytest.raises(exc, match=re.escape(msg)):
+        codec.decode(pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=shape, data=data), "input 0 ('x')")
+
+
+def test_codec_rejects_bad_bool_and_unknown_dtype():
+    with pytest.raises(InvalidArgument, match="bool"):
+        codec.decode(pb.Tensor(dtype=pb.DATA_TYPE_BOOL, shape=[2], data=b"\x00\x07"), "b")
+    with pytest.raises(InvalidArgument, match="unknown"):
+        codec.decode(pb.Tensor(dtype=0, shape=[1], data=b"\0"), "u")
+
+
+def test_pool_admission_queue_bound_and_deadline():
+    pool = DevicePool("cpu", max_queue=1)
+    slot = pool.slot(1, "model 'm'")
+    computed = []
+    with pool.admit(slot):
+        # One may wait; its deadline passes while the runner is busy: dropped, not computed.
+        with pytest.raises(DeadlineExceeded, match="not computed"):
+            with pool.admit(slot, deadline=time.monotonic() + 0.05):
+                computed.append(1)
+        waiter_in = threading.Event()
+        done = threading.Event()
+
+        def waiter():
+            waiter_in.set()
+            with pool.admit(slot):
+                computed.append(2)
+            done.set()
+
+        threading.Thread(target=waiter).start()
+        waiter_in.wait()
+        while pool.waiting == 0:  # the waiter has queued
+            time.sleep(0.001)
+        with pytest.raises(ResourceExhausted, match="full"):
+            with pool.admit(slot):
+                computed.append(3)
+    done.wait(5)
+    assert computed == [2] and pool.running == 0 and pool.waiting == 0
+
+
+def test_rwlock_writer_waits_for_readers_and_blocks_new_ones():
+    lock = RWLock()
+    order = []
+    reader_in = threading.Event()
+    release_reader = threading.Event()
+
+    def reader():
+        with lock.shared():
+            reader_in.set()
+            release_reader.wait(5)
+            order.append("r1")
+
+    def writer():
+        with lock.exclusive():
+            order.append("w")
+
+    def late_reader():
+        with lock.shared():
+            order.append("r2")
+
+    t1 = threading.Thread(target=reader)
+    t1.start()
+    reader_in.wait()
+    tw = threading.Thread(target=writer)
+    tw.start()
+    while not lock._writers_waiting:  # noqa: SLF001
+        time.sleep(0.001)
+    t2 = threading.Thread(target=late_reader)
+    t2.start()
+    release_reader.set()
+    for t in (t1, tw, t2):
+        t.join(5)
+    assert order == ["r1", "w", "r2"]
+
+
+def test_error_table():
+    assert to_status(NotFound("model 'x' is not loaded")) == (grpc.StatusCode.NOT_FOUND,
+                                                             "model 'x' is not loaded")
+    code, msg = to_status(KeyError("secret internals"))
+    assert code == grpc.StatusCode.INTERNAL and msg == GENERIC_INTERNAL and "secret" not in msg
