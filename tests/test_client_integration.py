@@ -418,3 +418,19 @@ def test_upload_broken_on_the_client_side_raises_its_own_error_and_changes_nothi
         _assert_close(model.run(list(x))[0], zoo.eager("mlp", x)[0])
         # and the next upload goes through
         assert model.update_constant_buffer(original, True, True).id != "initial"
+
+
+def test_weights_larger_than_the_message_limit_travel_both_ways(zoo):
+    # compute: four 4 MiB weight matrices; server and client limits of 1 MiB.
+    limit = 1 << 20
+    with running_server(["compute"], max_message_bytes=limit) as s, \
+            ac.Client(s.target, max_message_bytes=limit, chunk_bytes=8 << 20) as client:
+        model = client.model("compute")
+        weights = model.extract_constants_map(False)  # chunks sized to fit the client's limit
+        assert max(w.numel() * w.element_size() for w in weights.values()) == 4 << 20
+        new = _scaled(weights)
+        model.update_constant_buffer(new, True, True)  # 8 MiB chunks asked: shrunk to fit
+        model.swap_constant_buffer()
+        x = zoo.MODELS["compute"].inputs(1)
+        _assert_close(model.run(list(x))[0], _eager_with(zoo, "compute", x, new)[0])
+        assert all(torch.equal(v, new[k]) for k, v in model.extract_constants_map(False).items())

@@ -12,7 +12,12 @@ import grpc
 import grpc.aio
 
 from aotiserve.client import health as _health
-from aotiserve.client.channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelConfig, model_runner_stubs
+from aotiserve.client.channel import (
+    DEFAULT_DOWNLOAD_CHUNK_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ChannelConfig,
+    model_runner_stubs,
+)
 from aotiserve.client.client import (
     _RETRY_MAX_S,
     _RETRY_MIN_S,
@@ -75,6 +80,8 @@ class AsyncModel:
         return dict(r.dtypes)
 
     async def extract_constants_map(self, use_inactive: bool, *, chunk_bytes: int = 0) -> dict[str, Any]:
+        # Ask for chunks that fit this client's receive limit (not the server's default).
+        chunk_bytes = self._client._config.fit_chunk(chunk_bytes or DEFAULT_DOWNLOAD_CHUNK_BYTES)
         request = pb.ExtractConstantsMapRequest(model=self.name, use_inactive=use_inactive,
                                                 chunk_bytes=chunk_bytes)
         client = self._client
@@ -131,7 +138,8 @@ class AsyncModel:
         requests = RecordingIterator(encode_upload(
             self.name, list(items), use_inactive=use_inactive,
             validate_full_updates=validate_full_updates, user_managed=user_managed,
-            description=description, chunk_bytes=chunk_bytes or self._client.chunk_bytes,
+            description=description,
+            chunk_bytes=self._client._config.fit_chunk(chunk_bytes or self._client.chunk_bytes),
             progress=progress,
         ))
         try:

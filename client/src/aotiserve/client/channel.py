@@ -21,6 +21,9 @@ from aotiserve.v1 import model_runner_pb2 as pb
 #: never come near it; it bounds single Run requests and responses.
 DEFAULT_MAX_MESSAGE_BYTES = (64 << 20) + (64 << 10)
 
+#: Download chunk size asked of ExtractConstantsMap (the server's default too).
+DEFAULT_DOWNLOAD_CHUNK_BYTES = 4 << 20
+
 WEIGHTS_VERSION_TRAILER = "aotiserve-weights-version"
 
 
@@ -101,6 +104,12 @@ class ChannelConfig:
         if self.tls_server_name:
             opts.append(("grpc.ssl_target_name_override", self.tls_server_name))
         return opts + list(self.options)
+
+    def fit_chunk(self, chunk_bytes: int) -> int:
+        """``chunk_bytes``, shrunk so one chunk message fits the message-size limit
+        (leaving room for the name, offset and framing)."""
+        room = self.max_message_bytes - min(64 << 10, self.max_message_bytes // 2)
+        return max(1, min(chunk_bytes, room))
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Call metadata sent on every call: the admin token, when there is one."""

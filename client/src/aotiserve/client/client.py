@@ -15,6 +15,7 @@ import grpc
 
 from aotiserve.client import health as _health
 from aotiserve.client.channel import (
+    DEFAULT_DOWNLOAD_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     WEIGHTS_VERSION_TRAILER,
     ChannelConfig,
@@ -112,6 +113,8 @@ class Model:
 
         Keys are as the runner gives them (original FQNs).
         """
+        # Ask for chunks that fit this client's receive limit (not the server's default).
+        chunk_bytes = self._client._config.fit_chunk(chunk_bytes or DEFAULT_DOWNLOAD_CHUNK_BYTES)
         request = pb.ExtractConstantsMapRequest(model=self.name, use_inactive=use_inactive,
                                                 chunk_bytes=chunk_bytes)
         assembler = ConstantsAssembler(self._client.output_format)
@@ -174,7 +177,8 @@ class Model:
         requests = RecordingIterator(encode_upload(
             self.name, list(items), use_inactive=use_inactive,
             validate_full_updates=validate_full_updates, user_managed=user_managed,
-            description=description, chunk_bytes=chunk_bytes or self._client.chunk_bytes,
+            description=description,
+            chunk_bytes=self._client._config.fit_chunk(chunk_bytes or self._client.chunk_bytes),
             progress=progress,
         ))
         try:
