@@ -372,6 +372,7 @@ def _docs_snippet() -> str:
     return blocks[0]
 
 
+@pytest.mark.slow  # compiles the demo model on a cold cache, as `make serve` does
 def test_docs_snippet_runs_as_printed_against_the_demo_model(tmp_path):
     snippet = _docs_snippet()
     code_lines = [line for line in snippet.splitlines() if line.strip()]
