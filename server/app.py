@@ -44,12 +44,12 @@ SERVICER_PROVIDERS: list[ServicerProvider] = [
 ]
 
 
-def _read_token(path: str | None) -> str | None:
+def _read_token(path: str | None, what: str = "admin") -> str | None:
     if not path:
         return None
     token = Path(path).read_text().strip()
     if not token:
-        raise ValueError(f"admin token file {path!r} is empty")
+        raise ValueError(f"{what} token file {path!r} is empty")
     return token
 
 
@@ -83,35 +83,52 @@ class AppServer:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
         ]
+        separate_admin = config.admin_port is not None
         self.interceptor = ServingInterceptor(
             self.metrics, _read_token(config.admin_token_file), lambda: self.plane.draining,
-            is_model=self.registry.__contains__)
-        self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.grpc_workers,
-                                       thread_name_prefix="aotiserve-rpc"),
-            interceptors=[self.interceptor],
-            options=options,
-            maximum_concurrent_rpcs=None,
-        )
-        self.service_names = []
-        for add, name in providers:
-            add(self.plane, config, self.grpc_server)
-            self.service_names.append(name)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        reflection.enable_server_reflection(
-            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{config.host}:{config.port}"
+            is_model=self.registry.__contains__,
+            inference_token=_read_token(config.inference_token_file, "inference"),
+            admin_loopback_only=config.admin_loopback_only, admin_rpcs=not separate_admin)
         creds = _credentials(config)
-        self.port = (self.grpc_server.add_secure_port(address, creds) if creds
-                     else self.grpc_server.add_insecure_port(address))
-        if self.port == 0:
-            raise OSError(f"could not bind {address}")
+        self.service_names = [name for _add, name in providers]
+        self.grpc_server, self.port = self._grpc_server(
+            providers, self.interceptor, options, config.grpc_workers, "aotiserve-rpc",
+            f"{config.host}:{config.port}", creds)
+        # Optional admin port: the same services, where mutating RPCs are allowed.
+        self.admin_server: grpc.Server | None = None
+        self.admin_port: int | None = None
+        if separate_admin:
+            self.admin_server, self.admin_port = self._grpc_server(
+                providers, self.interceptor.admin_port(), options, 4, "aotiserve-admin",
+                f"{config.admin_host}:{config.admin_port}", creds)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics_port: int | None = None
         self.loaded = threading.Event()
         self.load_error: BaseException | None = None
         self._stopped = threading.Event()
+
+    def _grpc_server(self, providers: Sequence[ServicerProvider], interceptor, options,
+                     workers: int, prefix: str, address: str,
+                     creds: grpc.ServerCredentials | None) -> tuple[grpc.Server, int]:
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=prefix),
+            interceptors=[interceptor],
+            options=options,
+            # Beyond this many RPCs in progress gRPC answers RESOURCE_EXHAUSTED, instead of
+            # queueing them without bound in front of the worker threads.
+            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs or None,
+        )
+        for add, _name in providers:
+            add(self.plane, self.config, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"could not bind {address}")
+        return server, port
 
     def _set_health(self, status) -> None:
         for name in ("", *self.service_names):
@@ -130,6 +147,9 @@ class AppServer:
         self.grpc_server.start()
         log.info("aotiserve listening on %s:%d (%s)", self.config.host, self.port,
                  ", ".join(self.service_names))
+        if self.admin_server is not None:
+            self.admin_server.start()
+            log.info("admin RPCs on %s:%d only", self.config.admin_host, self.admin_port)
         if load == "now":
             self._load(load_gate)
         else:
@@ -167,6 +187,7 @@ class AppServer:
         path = Path(self.config.ready_file)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port,
+                                   "admin_port": self.admin_port,
                                    "pid": os.getpid()}))
         os.replace(tmp, path)
 
@@ -189,7 +210,11 @@ class AppServer:
             # Keep answering UNAVAILABLE a moment, so clients and load balancers move away
             # before the port closes.
             self._stopped.wait(min(self.config.drain_delay_s, max(0.0, deadline - time.monotonic())))
-            self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
+            stopping = [self.grpc_server.stop(max(0.0, deadline - time.monotonic()))]
+            if self.admin_server is not None:
+                stopping.append(self.admin_server.stop(max(0.0, deadline - time.monotonic())))
+            for done in stopping:
+                done.wait()
             self.registry.close()
             self.metrics.stop()
             self._stopped.set()

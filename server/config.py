@@ -44,6 +44,15 @@ class ServeConfig:
     allowed_roots: tuple[str, ...] = ()
     # Security (issue 8): mutating RPCs need this token when set.
     admin_token_file: str | None = None
+    # When set, every other RPC of the model services needs this token (or the admin one);
+    # health and reflection stay open for probes.
+    inference_token_file: str | None = None
+    # Mutating RPCs only from loopback peers (refused with PERMISSION_DENIED otherwise).
+    admin_loopback_only: bool = False
+    # Serve mutating RPCs only on this port (0 picks one), bound on admin_host; the main
+    # port then refuses them with PERMISSION_DENIED. None: one port for everything.
+    admin_port: int | None = None
+    admin_host: str = "127.0.0.1"
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
@@ -53,6 +62,13 @@ class ServeConfig:
     max_tensor_elements: int = 1 << 31
     max_tensor_rank: int = 16
     max_upload_bytes: int = 1 << 40
+    # Model instances one LoadModel may ask for per device.
+    max_runners_per_model: int = 64
+    # RPCs handled or waiting for a worker thread at once (beyond: RESOURCE_EXHAUSTED
+    # from gRPC), and HTTP/2 streams one connection may open at once (beyond: the
+    # client's transport waits).
+    max_concurrent_rpcs: int = 1024
+    max_concurrent_streams: int = 256
     extract_chunk_bytes: int = 4 * MIB
     grpc_workers: int = 32
     grace_period_s: float = 10.0
@@ -130,7 +146,7 @@ def _coerce(name: str, value: Any) -> Any:
             sep = os.pathsep if name == "allowed_roots" and os.pathsep in value else ","
             value = [v.strip() for v in value.split(sep) if v.strip()]
         return tuple(str(v) for v in value)
-    if name == "metrics_port":
+    if name in ("metrics_port", "admin_port"):
         if value is None or (isinstance(value, str) and value.lower() in ("", "none", "off")):
             return None
         value = int(value)
@@ -166,11 +182,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--allowed-root", dest="allowed_roots", action="append",
       help="folder below which LoadModel and blob paths may lie (repeatable)")
     a("--admin-token-file", help="file holding the admin token for mutating RPCs")
+    a("--inference-token-file",
+      help="file holding a token every non-admin RPC needs (health and reflection excepted)")
+    a("--admin-loopback-only", action="store_const", const=True,
+      help="accept mutating RPCs only from loopback peers")
+    a("--admin-port", type=int,
+      help="serve mutating RPCs only on this port (0 picks one; -1: on the main port)")
+    a("--admin-host", help="address the admin port binds (default 127.0.0.1)")
     a("--tls-cert", help="server certificate (PEM)")
     a("--tls-key", help="server private key (PEM)")
     a("--tls-ca", help="CA bundle: clients must present a certificate it signed (mTLS)")
     a("--max-message-bytes", type=int, help="largest gRPC message accepted or sent")
     a("--max-queue", type=int, help="requests waiting per device pool before RESOURCE_EXHAUSTED")
+    a("--max-upload-bytes", type=int, help="largest total of one weight upload")
+    a("--max-tensor-elements", type=int, help="largest element count of one request tensor")
+    a("--max-tensor-rank", type=int, help="most dimensions of one request tensor")
+    a("--max-runners-per-model", type=int, help="most model instances LoadModel may ask for")
+    a("--max-concurrent-rpcs", type=int,
+      help="RPCs in progress at once before RESOURCE_EXHAUSTED (default 1024)")
+    a("--max-concurrent-streams", type=int,
+      help="HTTP/2 streams per client connection at once (default 256)")
     a("--grace-period-s", type=float, help="seconds in-flight calls get after SIGTERM")
     a("--log-json", action="store_const", const=True, help="one JSON object per log line")
     a("--log-level", help="DEBUG, INFO, WARNING...")

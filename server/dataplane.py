@@ -262,6 +262,9 @@ class DataPlane:
 
     def load_model(self, name: str, path: str, devices: Sequence[str] = (), runners: int = 0,
                    package_model: str | None = None) -> ModelInfo:
+        if runners > self.config.max_runners_per_model:
+            raise InvalidArgument(f"runners_per_device {runners} exceeds this server's limit of "
+                                  f"{self.config.max_runners_per_model}")
         resolved = self.resolve_path(path, "model path")
         if not _is_file(resolved):
             raise InvalidArgument(f"model path {path!r} is not a file")

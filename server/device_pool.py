@@ -74,6 +74,11 @@ class DevicePool:
         ``deadline`` is a ``time.monotonic()`` instant.
         """
         start = time.monotonic()
+        if deadline is not None and deadline <= start:
+            # It waited in front of the pool (gRPC's worker queue, the model lock) until
+            # nobody waits for the answer any more.
+            raise DeadlineExceeded(f"deadline passed before the run reached {self.name}; "
+                                   "not computed")
         with self.lock:
             if slot.closed:
                 raise Unavailable(f"{slot.label} is unloading")

@@ -8,6 +8,7 @@ so no servicer has try/except for status codes: raise ``errors.ServeError``
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import threading
 import time
@@ -75,8 +76,14 @@ def _model_of(request: Any) -> str:
 class ServingInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: Metrics | None, admin_token: str | None,
                  is_draining: Callable[[], bool] = lambda: False,
-                 is_model: Callable[[str], bool] | None = None):
+                 is_model: Callable[[str], bool] | None = None, *,
+                 inference_token: str | None = None, admin_loopback_only: bool = False,
+                 admin_rpcs: bool = True):
+        """``admin_rpcs`` False: this port refuses mutating RPCs (see :meth:`admin_port`)."""
         self.metrics = metrics
+        self._inference_token = inference_token.encode() if inference_token else None
+        self._admin_loopback_only = admin_loopback_only
+        self._admin_rpcs = admin_rpcs
         # Metric labels name only models the server holds: a name from the request is
         # the caller's choice, and one series per made-up name would grow without bound.
         self._is_model = is_model
@@ -101,27 +108,51 @@ class ServingInterceptor(grpc.ServerInterceptor):
             if self._active == 0:
                 self._idle.notify_all()
 
-    def _authorize(self, method: str, metadata) -> bool:
-        if self._token is None:
-            return False
+    def admin_port(self) -> "grpc.ServerInterceptor":
+        """The interceptor of a separate admin port: same counters, token and metrics,
+        mutating RPCs allowed (this one's port then refuses them)."""
+        return _PortView(self, admin_rpcs=True)
+
+    def _authorize(self, method: str, metadata, peer: Callable[[], str], always_on: bool,
+                   admin_rpcs: bool) -> bool:
+        """Whether the caller holds the admin token; raises if the call is not allowed."""
         header = None
         for key, value in metadata or ():
             if key == "authorization":
                 header = value
-        if method not in MUTATING_METHODS:
-            return header is not None and self._check(header)
-        if header is None:
-            raise Unauthenticated(f"{method} needs the admin token "
-                                  "(metadata 'authorization: Bearer <token>')")
-        if not self._check(header):
-            raise PermissionDenied(f"{method}: wrong admin token")
-        return True
+        if method in MUTATING_METHODS:
+            if not admin_rpcs:
+                raise PermissionDenied(f"{method}: this server takes admin RPCs on its admin "
+                                       "port only")
+            if self._admin_loopback_only and not _is_loopback(peer()):
+                raise PermissionDenied(f"{method}: this server takes admin RPCs from loopback "
+                                       "only")
+            if self._token is None:
+                return False
+            if header is None:
+                raise Unauthenticated(f"{method} needs the admin token "
+                                      "(metadata 'authorization: Bearer <token>')")
+            if not self._check(header, self._token):
+                raise PermissionDenied(f"{method}: wrong admin token")
+            return True
+        is_admin = header is not None and self._token is not None and self._check(header, self._token)
+        if self._inference_token is not None and not always_on and not is_admin:
+            if header is None:
+                raise Unauthenticated(f"{method} needs a token "
+                                      "(metadata 'authorization: Bearer <token>')")
+            if not self._check(header, self._inference_token):
+                raise PermissionDenied(f"{method}: wrong token")
+        return is_admin
 
-    def _check(self, header: str) -> bool:
+    @staticmethod
+    def _check(header: str, want: bytes) -> bool:
         token = header[7:] if header.startswith("Bearer ") else header
-        return hmac.compare_digest(token.encode(), self._token)
+        return hmac.compare_digest(token.encode(), want)
 
     def intercept_service(self, continuation, handler_call_details):
+        return self._intercept(continuation, handler_call_details, self._admin_rpcs)
+
+    def _intercept(self, continuation, handler_call_details, admin_rpcs: bool):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
@@ -140,7 +171,7 @@ class ServingInterceptor(grpc.ServerInterceptor):
                 self.metrics.in_flight.labels(short).inc()
             if self._is_draining() and not always_on:
                 raise Unavailable("server is shutting down")
-            call.is_admin = self._authorize(method, metadata)
+            call.is_admin = self._authorize(method, metadata, context.peer, always_on, admin_rpcs)
             return call
 
         def finish(call: CallInfo, code: grpc.StatusCode, began: float) -> None:
@@ -238,6 +269,34 @@ class ServingInterceptor(grpc.ServerInterceptor):
 
         return grpc.stream_stream_rpc_method_handler(
             stream_stream, handler.request_deserializer, handler.response_serializer)
+
+
+class _PortView(grpc.ServerInterceptor):
+    """One ServingInterceptor seen from another port (drain counts both ports' calls)."""
+
+    def __init__(self, main: ServingInterceptor, admin_rpcs: bool):
+        self._main = main
+        self._admin_rpcs = admin_rpcs
+
+    def intercept_service(self, continuation, handler_call_details):
+        return self._main._intercept(continuation, handler_call_details, self._admin_rpcs)
+
+
+def _is_loopback(peer: str) -> bool:
+    """``context.peer()`` is ``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:...``."""
+    if peer.startswith("unix:"):
+        return True
+    host = peer.split(":", 1)[1] if ":" in peer else peer
+    if host.startswith("["):
+        host = host[1:host.find("]")]
+    else:
+        host = host.rsplit(":", 1)[0]
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _code(exc: BaseException) -> grpc.StatusCode:
