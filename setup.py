@@ -43,7 +43,7 @@ def make_extension():
     backends = select_backends()
     sources = [str(CSRC / "module.cpp")] + [str(CSRC / f"{b}.cpp") for b in backends]
     define = [("AOTISERVE_TORCH_VERSION", f'"{torch.__version__}"')]
-    extra = {"cxx": ["-O2", "-std=c++17"]}
+    extra = {"cxx": ["-O2"]}  # torch.utils.cpp_extension picks the C++ standard torch needs
     print(
         f"aotiserve.runner_ext: torch {torch.__version__}, backends {backends}, "
         f"CUDA_HOME={cpp_extension.CUDA_HOME}, sources {sources}",
