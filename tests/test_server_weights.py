@@ -315,3 +315,39 @@ def test_blob_path_outside_allowed_roots_is_permission_denied(server_factory, tm
             pb.UpdateConstantBufferFromBlobRequest(model="mlp", weights_path=p)))
         assert code == grpc.StatusCode.PERMISSION_DENIED, p
     assert info(s.stub, "mlp").active_version.id == "initial"
+
+
+def test_update_from_blob_inside_allowed_root(server_factory):
+    import zipfile
+    if not _blob_loadable():
+        pytest.skip("runner_ext cannot load blob packages here")
+    s = server_factory(["blob_mlp"])
+    with zipfile.ZipFile(s.repo / "blob_mlp.pt2") as zf:
+        member = next(n for n in zf.namelist() if n.endswith("_weights.blob"))
+        blob = s.repo / "weights.blob"
+        blob.write_bytes(zf.read(member))
+    inputs = model_zoo.MODELS["blob_mlp"].inputs(2)
+    version = s.stub.UpdateConstantBufferFromBlob(pb.UpdateConstantBufferFromBlobRequest(
+        model="blob_mlp", weights_path=str(blob))).version
+    assert version.id != "initial" and len(version.sha256) == 64
+    out, served = run(s.stub, "blob_mlp", inputs)
+    assert wire.close(out, model_zoo.eager("blob_mlp", inputs)) and served == version.id
+    code, _ = code_of(lambda: s.stub.UpdateConstantBufferFromBlob(pb.UpdateConstantBufferFromBlobRequest(
+        model="blob_mlp", weights_path=str(s.repo / "missing.blob"))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    bad = s.repo / "bad.blob"
+    bad.write_bytes(b"\0" * 16)
+    code, details = code_of(lambda: s.stub.UpdateConstantBufferFromBlob(
+        pb.UpdateConstantBufferFromBlobRequest(model="blob_mlp", weights_path=str(bad))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    out, served = run(s.stub, "blob_mlp", inputs)
+    assert wire.close(out, model_zoo.eager("blob_mlp", inputs)) and served == version.id
+
+
+def _blob_loadable() -> bool:
+    from aotiserve import runner_ext
+    try:
+        runner_ext.load_model(model_zoo.compiled("blob_mlp")).close()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
