@@ -1,0 +1,455 @@
+"""Who may talk to the daemon and change what it serves (issue 8).
+
+- TLS / mutual TLS at the transport: certificates from another CA are refused both ways
+  (the client library's happy paths live in test_client_tls.py);
+- the admin token on every mutating RPC of both services: missing → UNAUTHENTICATED,
+  wrong → PERMISSION_DENIED, right → the RPC runs; the token never reaches the log;
+- the optional inference token, admin RPCs on loopback only or on a separate admin port;
+- path traversal (``..``, symlinks, absolute paths outside the roots) for LoadModel,
+  UpdateConstantBufferFromBlob and OIP RepositoryModelLoad;
+- configured resource bounds answer with their status code;
+- nothing the server runs unpickles client data.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+import model_zoo
+import wire
+from aotiserve.oip import inference_pb2 as ipb
+from aotiserve.oip import inference_pb2_grpc as ipb_grpc
+from aotiserve.server import interceptors
+from aotiserve.v1 import model_runner_pb2 as pb
+from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_harness import REPO_ROOT, running_server, server_factory  # noqa: F401 (fixture)
+from test_server_weights import new_weights
+
+CODE = grpc.StatusCode
+TOKEN = "adm1n-s3cret-token"
+INFER_TOKEN = "inf3rence-token"
+
+
+def code_of(fn):
+    try:
+        fn()
+        return CODE.OK, ""
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+
+
+def _bearer(token: str):
+    return (("authorization", f"Bearer {token}"),)
+
+
+# ---------------------------------------------------------------- TLS
+
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _ca(d: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+             f"{name}.pem", "-days", "2", "-subj", f"/CN={name}", cwd=d)
+
+
+def _leaf(d: Path, name: str, ca: str, ext: str) -> None:
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+             f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+    (d / f"{name}.ext").write_text(ext + "\n")
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext",
+             cwd=d)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """Our CA (server + client certs) and a rogue CA (its own server + client certs)."""
+    d = tmp_path_factory.mktemp("pki")
+    san = "subjectAltName=DNS:localhost,IP:127.0.0.1"
+    for ca in ("ca", "rogue_ca"):
+        _ca(d, ca)
+        prefix = "" if ca == "ca" else "rogue_"
+        _leaf(d, f"{prefix}server", ca, san)
+        _leaf(d, f"{prefix}client", ca, "extendedKeyUsage=clientAuth")
+    return d
+
+
+def _secure_health(target: str, ca: Path, cert: Path | None = None, key: Path | None = None):
+    creds = grpc.ssl_channel_credentials(
+        ca.read_bytes(), key.read_bytes() if key else None, cert.read_bytes() if cert else None)
+    with grpc.secure_channel(target, creds) as ch:
+        return code_of(lambda: health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(), timeout=5))
+
+
+@needs_openssl
+def test_tls_refuses_a_server_from_another_ca_and_plaintext(pki):
+    with running_server(["mlp"], tls_cert=str(pki / "server.pem"),
+                        tls_key=str(pki / "server.key")) as s:
+        assert _secure_health(s.target, pki / "ca.pem")[0] == CODE.OK
+        # A client that trusts only the rogue CA refuses our server's certificate.
+        assert _secure_health(s.target, pki / "rogue_ca.pem")[0] == CODE.UNAVAILABLE
+        with grpc.insecure_channel(s.target) as ch:
+            code, _ = code_of(lambda: health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(), timeout=5))
+        assert code == CODE.UNAVAILABLE
+    # And a server with the rogue CA's certificate is refused by a client trusting ours.
+    with running_server(["mlp"], tls_cert=str(pki / "rogue_server.pem"),
+                        tls_key=str(pki / "rogue_server.key")) as s:
+        assert _secure_health(s.target, pki / "ca.pem")[0] == CODE.UNAVAILABLE
+
+
+@needs_openssl
+def test_mutual_tls_refuses_missing_and_foreign_client_certificates(pki):
+    with running_server(["mlp"], tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
+                        tls_ca=str(pki / "ca.pem")) as s:
+        ca = pki / "ca.pem"
+        assert _secure_health(s.target, ca, pki / "client.pem", pki / "client.key")[0] == CODE.OK
+        assert _secure_health(s.target, ca)[0] == CODE.UNAVAILABLE
+        # A well-formed client certificate, signed by a CA the server does not trust.
+        code, _ = _secure_health(s.target, ca, pki / "rogue_client.pem", pki / "rogue_client.key")
+        assert code == CODE.UNAVAILABLE
+        # Nothing reached a servicer: the refused handshakes ran no RPC.
+        runs = s.app.metrics.requests._metrics
+        assert not any(labels[1] == "Run" for labels in runs)
+
+
+# ---------------------------------------------------------------- admin token
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    d = tmp_path_factory.mktemp("guarded")
+    token_file = d / "token"
+    token_file.write_text(TOKEN + "\n")
+    with running_server(["mlp", "two_io"], admin_token_file=str(token_file)) as s:
+        (s.repo / "junk.blob").write_bytes(b"\0" * 100)
+        yield s
+
+
+def _upload(model="mlp"):
+    return lambda stub, md: stub.UpdateConstantBuffer(
+        wire.upload_requests(model, new_weights(model), validate_full=True), metadata=md,
+        timeout=30)
+
+
+# Each mutating RPC, called with the right token, in an order where it succeeds (or fails
+# on its own terms, showing it ran): (method, call(native stub, oip stub, metadata), code).
+MUTATING_CALLS = [
+    ("/aotiserve.v1.ModelRunner/LoadModel", lambda s, o, md, repo: s.LoadModel(
+        pb.LoadModelRequest(name="mlp2", path=str(repo / "mlp.pt2")), metadata=md), CODE.OK),
+    ("/aotiserve.v1.ModelRunner/UnloadModel", lambda s, o, md, repo: s.UnloadModel(
+        pb.UnloadModelRequest(name="mlp2"), metadata=md), CODE.OK),
+    ("/aotiserve.v1.ModelRunner/UpdateConstantBuffer",
+     lambda s, o, md, repo: _upload()(s, md), CODE.OK),
+    ("/aotiserve.v1.ModelRunner/SwapConstantBuffer", lambda s, o, md, repo: s.SwapConstantBuffer(
+        pb.SwapConstantBufferRequest(model="mlp"), metadata=md), CODE.OK),
+    ("/aotiserve.v1.ModelRunner/RollbackConstantBuffer",
+     lambda s, o, md, repo: s.RollbackConstantBuffer(
+         pb.RollbackConstantBufferRequest(model="mlp"), metadata=md), CODE.OK),
+    ("/aotiserve.v1.ModelRunner/FreeInactiveConstantBuffer",
+     lambda s, o, md, repo: s.FreeInactiveConstantBuffer(
+         pb.FreeInactiveConstantBufferRequest(model="mlp"), metadata=md), CODE.OK),
+    ("/aotiserve.v1.ModelRunner/UpdateConstantBufferFromBlob",
+     lambda s, o, md, repo: s.UpdateConstantBufferFromBlob(pb.UpdateConstantBufferFromBlobRequest(
+         model="mlp", weights_path=str(repo / "junk.blob")), metadata=md),
+     CODE.INVALID_ARGUMENT),  # it ran: the blob is too short for the model
+    ("/inference.GRPCInferenceService/RepositoryModelUnload",
+     lambda s, o, md, repo: o.RepositoryModelUnload(
+         ipb.RepositoryModelUnloadRequest(model_name="two_io"), metadata=md), CODE.OK),
+    ("/inference.GRPCInferenceService/RepositoryModelLoad",
+     lambda s, o, md, repo: o.RepositoryModelLoad(
+         ipb.RepositoryModelLoadRequest(model_name="two_io"), metadata=md), CODE.OK),
+]
+
+
+def test_every_mutating_rpc_is_in_the_table():
+    assert {m for m, _, _ in MUTATING_CALLS} == set(interceptors.MUTATING_METHODS)
+
+
+def test_admin_token_missing_wrong_right_for_each_mutating_rpc(guarded, caplog):
+    stub, oip = guarded.stub, ipb_grpc.GRPCInferenceServiceStub(guarded.channel)
+    inputs = model_zoo.MODELS["mlp"].inputs(2)
+    want = model_zoo.eager("mlp", inputs)
+    caplog.set_level(logging.DEBUG)
+    def state():
+        return sorted((m.name, m.active_version.id, m.staged_version.id, m.previous_version.id)
+                      for m in stub.ListModels(pb.ListModelsRequest()).models)
+
+    for method, call, right in MUTATING_CALLS:
+        before = state()
+        for md, expect in (((), CODE.UNAUTHENTICATED),
+                           (_bearer("wrong"), CODE.PERMISSION_DENIED),
+                           (_bearer(TOKEN[:-1]), CODE.PERMISSION_DENIED),
+                           (_bearer(TOKEN + "x"), CODE.PERMISSION_DENIED),
+                           ((("authorization", "Basic " + TOKEN),), CODE.PERMISSION_DENIED),
+                           ((("x-admin-token", TOKEN),), CODE.UNAUTHENTICATED)):
+            code, details = code_of(lambda: call(stub, oip, md, guarded.repo))
+            assert code == expect, (method, md, code, details)
+        assert state() == before, method  # refused calls changed nothing
+        code, details = code_of(lambda: call(stub, oip, _bearer(TOKEN), guarded.repo))
+        assert code == right, (method, code, details)
+    # After load/unload, stage/swap/rollback/free and the OIP unload/load: packaged weights.
+    assert wire.close(wire.outputs(stub.Run(wire.run_request("mlp", inputs))), want)
+    # Reads need no token.
+    assert stub.Run(wire.run_request("mlp", inputs)).outputs
+    assert stub.ListModels(pb.ListModelsRequest()).models
+    assert oip.ServerReady(ipb.ServerReadyRequest()).ready
+    assert TOKEN not in caplog.text
+
+
+def test_token_is_not_logged_at_start(tmp_path, caplog):
+    token_file = tmp_path / "tok"
+    token_file.write_text(TOKEN)
+    caplog.set_level(logging.DEBUG)
+    from aotiserve.server.config import ServeConfig
+    cfg = ServeConfig(admin_token_file=str(token_file), inference_token_file=str(token_file))
+    assert TOKEN not in repr(cfg.redacted()) and TOKEN not in repr(cfg)
+    with running_server(["mlp"], admin_token_file=str(token_file)):
+        pass
+    assert TOKEN not in caplog.text
+
+
+def test_inference_token(tmp_path):
+    (tmp_path / "admin").write_text(TOKEN)
+    (tmp_path / "infer").write_text(INFER_TOKEN)
+    with running_server(["mlp"], admin_token_file=str(tmp_path / "admin"),
+                        inference_token_file=str(tmp_path / "infer")) as s:
+        oip = ipb_grpc.GRPCInferenceServiceStub(s.channel)
+        req = wire.run_request("mlp", model_zoo.MODELS["mlp"].inputs(1))
+        for md, expect in (((), CODE.UNAUTHENTICATED), (_bearer("nope"), CODE.PERMISSION_DENIED),
+                           (_bearer(INFER_TOKEN), CODE.OK), (_bearer(TOKEN), CODE.OK)):
+            assert code_of(lambda: s.stub.Run(req, metadata=md))[0] == expect, md
+            assert code_of(lambda: s.stub.ListModels(pb.ListModelsRequest(), metadata=md))[0] \
+                == expect, md
+            assert code_of(lambda: oip.ServerMetadata(ipb.ServerMetadataRequest(),
+                                                      metadata=md))[0] == expect, md
+        # The inference token is no admin token.
+        code, _ = code_of(lambda: s.stub.SwapConstantBuffer(
+            pb.SwapConstantBufferRequest(model="mlp"), metadata=_bearer(INFER_TOKEN)))
+        assert code == CODE.PERMISSION_DENIED
+        # Probes need no token.
+        status = health_pb2_grpc.HealthStub(s.channel).Check(health_pb2.HealthCheckRequest())
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_loopback_peer_detection():
+    loop = interceptors._is_loopback
+    assert loop("ipv4:127.0.0.1:5000") and loop("ipv6:[::1]:5000") and loop("unix:/run/a.sock")
+    assert loop("ipv6:[::ffff:127.0.0.1]:5000")
+    assert not loop("ipv4:10.1.2.3:5000") and not loop("ipv6:[fe80::1]:5000")
+    assert not loop("ipv4:128.0.0.1:1") and not loop("garbage")
+
+
+def _external_ip() -> str | None:
+    """An address of this machine other than loopback, if it has one."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            ip = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if ip.startswith("127.") else ip
+
+
+def test_admin_loopback_only():
+    with running_server(["mlp"], host="0.0.0.0", admin_loopback_only=True) as s:
+        swap = pb.SwapConstantBufferRequest(model="mlp")
+        # From loopback the call runs (and fails on its own terms: nothing staged).
+        assert code_of(lambda: s.stub.SwapConstantBuffer(swap))[0] == CODE.FAILED_PRECONDITION
+        ip = _external_ip()
+        if ip is None:
+            pytest.skip("no non-loopback address on this machine")
+        port = s.target.rsplit(":", 1)[1]
+        with grpc.insecure_channel(f"{ip}:{port}") as ch:
+            stub = pb_grpc.ModelRunnerStub(ch)
+            code, details = code_of(lambda: stub.SwapConstantBuffer(swap, timeout=10))
+            assert code == CODE.PERMISSION_DENIED and "loopback" in details
+            assert code_of(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=10))[0] == CODE.OK
+
+
+def test_admin_rpcs_on_a_separate_port(tmp_path):
+    (tmp_path / "admin").write_text(TOKEN)
+    with running_server(["mlp"], admin_port=0, admin_token_file=str(tmp_path / "admin")) as s:
+        assert s.app.admin_port and s.app.admin_port != int(s.target.rsplit(":", 1)[1])
+        swap = pb.SwapConstantBufferRequest(model="mlp")
+        code, details = code_of(lambda: s.stub.SwapConstantBuffer(swap, metadata=_bearer(TOKEN)))
+        assert code == CODE.PERMISSION_DENIED and "admin port" in details
+        with grpc.insecure_channel(f"127.0.0.1:{s.app.admin_port}") as ch:
+            admin = pb_grpc.ModelRunnerStub(ch)
+            assert code_of(lambda: admin.SwapConstantBuffer(swap))[0] == CODE.UNAUTHENTICATED
+            code, _ = code_of(lambda: admin.SwapConstantBuffer(swap, metadata=_bearer(TOKEN)))
+            assert code == CODE.FAILED_PRECONDITION  # ran: nothing staged
+            version = admin.UpdateConstantBuffer(
+                wire.upload_requests("mlp", new_weights("mlp"), validate_full=True),
+                metadata=_bearer(TOKEN)).version
+            assert admin.SwapConstantBuffer(swap, metadata=_bearer(TOKEN)).active_version.id \
+                == version.id
+            assert admin.ListModels(pb.ListModelsRequest()).models
+        # Inference on the main port sees the swap.
+        out = s.stub.Run.with_call(wire.run_request("mlp", model_zoo.MODELS["mlp"].inputs(1)))
+        assert ("aotiserve-weights-version", version.id) in tuple(out[1].trailing_metadata())
+
+
+# ---------------------------------------------------------------- paths
+
+
+@pytest.fixture
+def roots(tmp_path):
+    """An allowed root with a package, a blob, and links and paths that leave it."""
+    root = tmp_path / "root"
+    outside = tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    shutil.copy(model_zoo.compiled("mlp"), outside / "real.pt2")  # a valid package, outside
+    (outside / "w.blob").write_bytes(b"\0" * 4096)
+    (root / "link_to_pkg.pt2").symlink_to(outside / "real.pt2")
+    (root / "link_to_dir").symlink_to(outside)
+    (root / "sub").mkdir()
+    (root / "sub" / "up.pt2").symlink_to("../../outside/real.pt2")  # relative link out
+    (root / "link_to_blob").symlink_to(outside / "w.blob")
+    (root / "loop_a").symlink_to(root / "loop_b")
+    (root / "loop_b").symlink_to(root / "loop_a")
+    escapes = [
+        str(outside / "real.pt2"), str(root / ".." / "outside" / "real.pt2"),
+        str(root / "sub" / ".." / ".." / "outside" / "real.pt2"), str(root / "link_to_pkg.pt2"),
+        str(root / "link_to_dir" / "real.pt2"), str(root / "sub" / "up.pt2"), "/etc/passwd",
+        "/proc/self/environ", str(root) + "_sibling/x.pt2", "../../../../etc/passwd",
+        str(root / "link_to_blob"), str(root / "link_to_dir" / "w.blob"),
+    ]
+    return root, outside, escapes
+
+
+def test_load_model_paths_stay_below_allowed_roots(server_factory, roots):
+    root, outside, escapes = roots
+    s = server_factory([], allowed_roots=(str(root),), model_repository=None)
+    for p in escapes:
+        code, details = code_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(name="x", path=p)))
+        assert code == CODE.PERMISSION_DENIED, (p, code, details)
+    code, _ = code_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(name="x", path=str(root / "loop_a"))))
+    assert code in (CODE.INVALID_ARGUMENT, CODE.PERMISSION_DENIED)
+    assert not s.stub.ListModels(pb.ListModelsRequest()).models
+    # The same package copied below the root loads.
+    shutil.copy(outside / "real.pt2", root / "ok.pt2")
+    info = s.stub.LoadModel(pb.LoadModelRequest(name="ok", path=str(root / "sub" / ".." / "ok.pt2")))
+    assert info.model.state == pb.MODEL_STATE_READY
+
+
+def test_blob_paths_stay_below_allowed_roots(server_factory, roots):
+    root, _outside, escapes = roots
+    s = server_factory(["mlp"], allowed_roots=(str(root),))
+    for p in escapes:
+        code, details = code_of(lambda: s.stub.UpdateConstantBufferFromBlob(
+            pb.UpdateConstantBufferFromBlobRequest(model="mlp", weights_path=p)))
+        assert code == CODE.PERMISSION_DENIED, (p, code, details)
+    info = s.stub.ListModels(pb.ListModelsRequest()).models[0]
+    assert info.active_version.id == "initial"
+
+
+def test_no_allowed_roots_refuses_every_path(server_factory):
+    s = server_factory(["mlp"], allowed_roots=())
+    code, _ = code_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(
+        name="x", path=str(s.repo / "mlp.pt2"))))
+    assert code == CODE.PERMISSION_DENIED
+
+
+def test_oip_repository_load_names_cannot_leave_the_repository(server_factory, roots):
+    root, outside, _ = roots
+    s = server_factory(["mlp"])
+    oip = ipb_grpc.GRPCInferenceServiceStub(s.channel)
+    (s.repo / "sub").mkdir()
+    shutil.copy(outside / "real.pt2", s.repo / "sub" / "nested.pt2")
+    for name in ("../outside/real", "..", ".", "sub/nested", "sub/../mlp", "/etc/passwd",
+                 str(outside / "real"), "..\\mlp", "", "mlp\0"):
+        code, details = code_of(lambda: oip.RepositoryModelLoad(
+            ipb.RepositoryModelLoadRequest(model_name=name)))
+        assert code in (CODE.INVALID_ARGUMENT, CODE.NOT_FOUND), (name, code, details)
+    code, _ = code_of(lambda: oip.RepositoryModelLoad(ipb.RepositoryModelLoadRequest(
+        model_name="mlp", parameters={"file:1/model.pt2": ipb.ModelRepositoryParameter(
+            bytes_param=b"\0")})))
+    assert code == CODE.UNIMPLEMENTED  # no packages from the client, ever
+    names = sorted(m.name for m in s.stub.ListModels(pb.ListModelsRequest()).models)
+    assert names == ["mlp"]
+
+
+# ---------------------------------------------------------------- resource bounds
+
+
+def test_configured_bounds_answer_with_their_codes(server_factory):
+    s = server_factory(["mlp"], max_tensor_rank=3, max_tensor_elements=4096,
+                       max_upload_bytes=1000, max_message_bytes=1 << 20, max_runners_per_model=4)
+    oip = ipb_grpc.GRPCInferenceServiceStub(s.channel)
+    t = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[1, 1, 1, 64], data=b"\0" * 256)
+    code, details = code_of(lambda: s.stub.Run(pb.RunRequest(model="mlp", inputs=[t])))
+    assert code == CODE.INVALID_ARGUMENT and "rank 4 exceeds the limit of 3" in details
+    x = torch.zeros(100, 64)
+    code, details = code_of(lambda: s.stub.Run(wire.run_request("mlp", [x])))
+    assert code == CODE.RESOURCE_EXHAUSTED and "4096 elements" in details
+    req = ipb.ModelInferRequest(model_name="mlp", raw_input_contents=[x.numpy().tobytes()])
+    req.inputs.add(name="x", datatype="FP32", shape=[100, 64])
+    assert code_of(lambda: oip.ModelInfer(req))[0] == CODE.RESOURCE_EXHAUSTED
+    # mlp's weights are ~10 KiB: over the 1000-byte upload limit, refused from the header.
+    code, details = code_of(lambda: s.stub.UpdateConstantBuffer(
+        wire.upload_requests("mlp", new_weights("mlp"), validate_full=True)))
+    assert code == CODE.RESOURCE_EXHAUSTED and "exceeds the limit" in details
+    big = pb.RunRequest(model="mlp", inputs=[pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32,
+                                                       shape=[2 << 20], data=b"\0" * (2 << 20))])
+    with grpc.insecure_channel(s.target, options=[("grpc.max_send_message_length", 8 << 20)]) as ch:
+        code, _ = code_of(lambda: pb_grpc.ModelRunnerStub(ch).Run(big))
+    assert code == CODE.RESOURCE_EXHAUSTED
+    code, details = code_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(
+        name="many", path=str(s.repo / "mlp.pt2"), runners_per_device=1 << 30)))
+    assert code == CODE.INVALID_ARGUMENT and "limit of 4" in details
+    # Small requests still work.
+    assert s.stub.Run(wire.run_request("mlp", [torch.zeros(2, 64)])).outputs
+
+
+def test_max_concurrent_rpcs(server_factory):
+    s = server_factory(["mlp"], max_concurrent_rpcs=2, runners_per_model=1)
+    pool = s.app.pools["cpu"]
+    slot = s.app.registry.get("mlp").replicas[0].slot
+    req = wire.run_request("mlp", [torch.zeros(1, 64)])
+    with pool.admit(slot):  # the only runner is busy: calls wait in the queue
+        waiting = [s.stub.Run.future(req, timeout=30) for _ in range(2)]
+        for _ in range(200):
+            if pool.waiting == 2:
+                break
+            threading.Event().wait(0.01)
+        code, details = code_of(lambda: s.stub.Run(req, timeout=10))
+        assert code == CODE.RESOURCE_EXHAUSTED, details
+    assert all(f.result().outputs for f in waiting)
+
+
+# ---------------------------------------------------------------- no unpickling
+
+_UNSAFE = re.compile(r"\bpickle\b|torch\.load\b|allow_pickle\s*=\s*True|\bmarshal\b|"
+                     r"yaml\.load\(|\beval\(|\bexec\(|jsonpickle|dill\b")
+
+
+def test_server_never_unpickles():
+    """Weights persist as safetensors, uploads are raw bytes, configs JSON/TOML: nothing in
+    the daemon's own code can deserialize code. (Loading a .pt2 runs its compiled .so: that
+    is why LoadModel needs the admin token and a path below an allowed root.)"""
+    hits = []
+    for folder in ("server", "runner_ext"):
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                code = line.split("#", 1)[0]
+                if _UNSAFE.search(code) and ".eval()" not in code:
+                    hits.append(f"{path.relative_to(REPO_ROOT)}:{i}: {line.strip()}")
+    assert not hits, hits
