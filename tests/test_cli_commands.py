@@ -4,6 +4,7 @@ that need none: flag/env resolution, `serve` delegation, weights key mapping."""
 from __future__ import annotations
 
 import json
+import textwrap
 import sys
 import types
 
@@ -234,3 +235,22 @@ def test_progress_bar_draws_on_a_terminal_only():
     with ProgressBar("x", stream=quiet) as bar:
         bar(1, 1)
     assert quiet.getvalue() == ""
+
+
+def test_commands_do_not_import_torch_when_numpy_will_do(srv, tmp_path):
+    # importing torch costs seconds per command; numpy models need none of it
+    import subprocess
+
+    code = textwrap.dedent(f"""
+        import sys
+        from aotiserve.client.cli import main
+        t = ["--target", {srv.target!r}]
+        assert main(["models", *t]) == 0
+        assert main(["infer", "--model", "two_io", "--random", *t]) == 0
+        assert main(["weights", "pull", "--model", "mlp", {str(tmp_path / "w.safetensors")!r}, *t]) == 0
+        assert main(["weights", "push", "--model", "mlp", "--no-swap", {str(tmp_path / "w.safetensors")!r}, *t]) == 0
+        assert main(["weights", "free", "--model", "mlp", *t]) == 0
+        assert "torch" not in sys.modules, "torch was imported"
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

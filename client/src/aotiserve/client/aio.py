@@ -53,7 +53,7 @@ class AsyncModel:
     def __repr__(self) -> str:
         return f"AsyncModel({self.name!r} at {self._client.target!r})"
 
-    async def run(self, inputs: Sequence[Any]) -> list:
+    async def run(self, inputs: Sequence[Any], *, output_format: OutputFormat | None = None) -> list:
         request = encode_run_request(self.name, inputs)
         client = self._client
         try:
@@ -63,7 +63,7 @@ class AsyncModel:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         self.last_weights_version = weights_version_of(response, trailer)
-        return decode_outputs(response, client.output_format)
+        return decode_outputs(response, client._format(output_format))
 
     async def get_call_spec(self) -> list[str]:
         r = await self._client._call("GetCallSpec", pb.GetCallSpecRequest(model=self.name))
@@ -79,13 +79,14 @@ class AsyncModel:
                                      pb.GetConstantNamesToDtypesRequest(model=self.name))
         return dict(r.dtypes)
 
-    async def extract_constants_map(self, use_inactive: bool, *, chunk_bytes: int = 0) -> dict[str, Any]:
+    async def extract_constants_map(self, use_inactive: bool, *, chunk_bytes: int = 0,
+                                    output_format: OutputFormat | None = None) -> dict[str, Any]:
         # Ask for chunks that fit this client's receive limit (not the server's default).
         chunk_bytes = self._client._config.fit_chunk(chunk_bytes or DEFAULT_DOWNLOAD_CHUNK_BYTES)
         request = pb.ExtractConstantsMapRequest(model=self.name, use_inactive=use_inactive,
                                                 chunk_bytes=chunk_bytes)
         client = self._client
-        assembler = ConstantsAssembler(client.output_format)
+        assembler = ConstantsAssembler(client._format(output_format))
         try:
             async for chunk in client._stubs.ExtractConstantsMap(
                     request, metadata=client._metadata, timeout=client.timeout):
@@ -205,6 +206,9 @@ class AsyncClient:
 
     def __repr__(self) -> str:
         return f"AsyncClient({self.target!r})"
+
+    def _format(self, output_format: OutputFormat | None):
+        return self.output_format if output_format is None else resolve_format(output_format)
 
     async def _call(self, rpc: str, request):
         try:

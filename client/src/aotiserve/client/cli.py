@@ -249,6 +249,8 @@ def _random_inputs(specs, batch: int, seed: int) -> list:
 def cmd_infer(cfg: CliConfig, args) -> int:
     import numpy as np
 
+    from aotiserve.client.dtypes import BY_TORCH_NAME
+
     if bool(args.input) == bool(args.random):
         raise UsageError("give either --input FILE.npy (once per input) or --random")
     if args.batch < 1:
@@ -266,7 +268,10 @@ def cmd_infer(cfg: CliConfig, args) -> int:
             except (OSError, ValueError) as e:
                 raise UsageError(f"cannot read input: {e}") from None
         started = time.perf_counter()
-        outputs = model.run(inputs)
+        # numpy outputs unless one needs torch (bfloat16...): importing torch costs seconds.
+        numpy_ok = all(BY_TORCH_NAME.get(o.dtype) and BY_TORCH_NAME[o.dtype].numpy_name
+                       for o in info.outputs)
+        outputs = model.run(inputs, output_format="numpy" if numpy_ok and info.outputs else "auto")
         latency_ms = (time.perf_counter() - started) * 1e3
     names = [s.name for s in info.outputs]
     names += [f"output__{i}" for i in range(len(names), len(outputs))]
@@ -454,6 +459,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"aotiserve {args.command}: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `aotiserve models | head -1`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (WeightsFileError, OSError) as e:
         print(f"aotiserve {args.command}: {e}", file=sys.stderr)
         return 2

@@ -81,16 +81,16 @@ class Model:
 
     # ---- the runner API, one for one
 
-    def run(self, inputs: Sequence[Any]) -> list:
+    def run(self, inputs: Sequence[Any], *, output_format: OutputFormat | None = None) -> list:
         """Runs the model on ``inputs`` (numpy arrays or torch tensors, in input order).
 
         Returns the outputs as torch tensors when torch is importable, else
-        numpy arrays (see the client's ``output_format``).
+        numpy arrays (``output_format`` overrides the client's choice).
         """
         request = encode_run_request(self.name, inputs)
         response, call = self._client._call("Run", request, with_call=True)
         self.last_weights_version = weights_version_of(response, call.trailing_metadata())
-        return decode_outputs(response, self._client.output_format)
+        return decode_outputs(response, self._client._format(output_format))
 
     def get_call_spec(self) -> list[str]:
         """[in_spec, out_spec]: the serialized pytree specs of inputs and outputs."""
@@ -108,7 +108,8 @@ class Model:
                                pb.GetConstantNamesToDtypesRequest(model=self.name))
         return dict(r.dtypes)
 
-    def extract_constants_map(self, use_inactive: bool, *, chunk_bytes: int = 0) -> dict[str, Any]:
+    def extract_constants_map(self, use_inactive: bool, *, chunk_bytes: int = 0,
+                              output_format: OutputFormat | None = None) -> dict[str, Any]:
         """The constants of the active (or inactive) buffer, streamed and reassembled.
 
         Keys are as the runner gives them (original FQNs).
@@ -117,7 +118,7 @@ class Model:
         chunk_bytes = self._client._config.fit_chunk(chunk_bytes or DEFAULT_DOWNLOAD_CHUNK_BYTES)
         request = pb.ExtractConstantsMapRequest(model=self.name, use_inactive=use_inactive,
                                                 chunk_bytes=chunk_bytes)
-        assembler = ConstantsAssembler(self._client.output_format)
+        assembler = ConstantsAssembler(self._client._format(output_format))
         for chunk in self._client._stream("ExtractConstantsMap", request):
             assembler.add(chunk)
         return assembler.result()
@@ -249,6 +250,9 @@ class Client:
         return f"Client({self.target!r})"
 
     # ---- plumbing: every call goes through here, so every error is a ClientError
+
+    def _format(self, output_format: OutputFormat | None):
+        return self.output_format if output_format is None else resolve_format(output_format)
 
     def _call(self, rpc: str, request, *, with_call: bool = False):
         stub = getattr(self._stubs, rpc)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from aotiserve.client.client import Client, ProgressCallback
-from aotiserve.client.dtypes import BY_TORCH_NAME, DType
+from aotiserve.client.dtypes import BY_SCALAR_TYPE, BY_TORCH_NAME, DType
 from aotiserve.client.errors import ClientError
 from aotiserve.client.model_info import WeightsVersion
 from aotiserve.client.tensor_codec import UploadItem, is_torch_tensor, to_wire, torch_available
@@ -32,6 +32,11 @@ _SAFETENSORS_DTYPES = {
 }
 
 FOLDED_PREFIX = "_FOLDED_CONST_"
+
+
+def _numpy_lacks(safetensors_dtype: str) -> bool:
+    dtype = BY_TORCH_NAME.get(_SAFETENSORS_DTYPES.get(safetensors_dtype, ""))
+    return dtype is not None and dtype.numpy_name is None
 
 
 class WeightsFileError(ValueError):
@@ -97,7 +102,12 @@ def map_keys(keys: Sequence[str], names_to_fqns: dict[str, str]) -> KeyMapping:
 def file_upload_items(path: str | os.PathLike, names_to_fqns: dict[str, str]) -> list[UploadItem]:
     """Upload items for the tensors of a safetensors file, read lazily one at a time."""
     safetensors = _safetensors()
-    framework = "pt" if torch_available() else "numpy"
+    # numpy unless a dtype needs torch: importing torch costs seconds.
+    framework = "numpy"
+    with safetensors.safe_open(os.fspath(path), framework="numpy") as f:
+        st_dtypes = {f.get_slice(key).get_dtype() for key in f.keys()}
+    if any(_numpy_lacks(d) for d in st_dtypes) and torch_available():
+        framework = "pt"
     # Not closed explicitly: gRPC reads the items on its own thread, which may
     # still be inside get_tensor when a refused upload returns here; the file
     # is closed when the last item is dropped.
@@ -174,7 +184,11 @@ def pull(client: Client, model: str, path: str | os.PathLike, *, use_inactive: b
     handle = client.model(model)
     info = handle.info()
     version = info.staged_version if use_inactive else info.active_version
-    tensors = handle.extract_constants_map(use_inactive)
+    # numpy unless a constant needs torch (bfloat16...): importing torch costs seconds.
+    codes = handle.get_constant_names_to_dtypes().values()
+    needs_torch = any(BY_SCALAR_TYPE.get(c) is not None and BY_SCALAR_TYPE[c].numpy_name is None
+                      for c in codes)
+    tensors = handle.extract_constants_map(use_inactive, output_format="auto" if needs_torch else "numpy")
     metadata = {"aotiserve.model": model}
     if version is not None:
         metadata["aotiserve.weights_version"] = version.id
