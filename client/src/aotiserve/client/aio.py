@@ -192,6 +192,8 @@ class AsyncClient:
             client_cert=client_cert, client_key=client_key, tls_server_name=tls_server_name,
             credentials=credentials, max_message_bytes=max_message_bytes, options=tuple(options),
         )
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.timeout = timeout
         self.output_format = resolve_format(output_format)
         self.chunk_bytes = chunk_bytes
