@@ -324,14 +324,23 @@ def test_update_from_blob_inside_allowed_root(server_factory):
     s = server_factory(["blob_mlp"])
     with zipfile.ZipFile(s.repo / "blob_mlp.pt2") as zf:
         member = next(n for n in zf.namelist() if n.endswith("_weights.blob"))
-        blob = s.repo / "weights.blob"
-        blob.write_bytes(zf.read(member))
+        data = bytearray(zf.read(member))
+    # A blob of new weights: the packaged blob with each constant's bytes replaced in place.
+    weights = new_weights("blob_mlp")
+    for name, tensor in wire.extract(s.stub, "blob_mlp").items():
+        old = tensor.numpy().tobytes()
+        at = data.find(old)
+        assert at >= 0 and data.find(old, at + 1) < 0, name
+        data[at:at + len(old)] = weights[name].numpy().tobytes()
+    blob = s.repo / "weights.blob"
+    blob.write_bytes(bytes(data))
     inputs = model_zoo.MODELS["blob_mlp"].inputs(2)
+    run(s.stub, "blob_mlp", inputs)  # fold the packaged weights first
     version = s.stub.UpdateConstantBufferFromBlob(pb.UpdateConstantBufferFromBlobRequest(
         model="blob_mlp", weights_path=str(blob))).version
     assert version.id != "initial" and len(version.sha256) == 64
     out, served = run(s.stub, "blob_mlp", inputs)
-    assert wire.close(out, model_zoo.eager("blob_mlp", inputs)) and served == version.id
+    assert wire.close(out, eager_with("blob_mlp", weights, inputs)) and served == version.id
     code, _ = code_of(lambda: s.stub.UpdateConstantBufferFromBlob(pb.UpdateConstantBufferFromBlobRequest(
         model="blob_mlp", weights_path=str(s.repo / "missing.blob"))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -341,7 +350,7 @@ def test_update_from_blob_inside_allowed_root(server_factory):
         pb.UpdateConstantBufferFromBlobRequest(model="blob_mlp", weights_path=str(bad))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
     out, served = run(s.stub, "blob_mlp", inputs)
-    assert wire.close(out, model_zoo.eager("blob_mlp", inputs)) and served == version.id
+    assert wire.close(out, eager_with("blob_mlp", weights, inputs)) and served == version.id
 
 
 def _blob_loadable() -> bool:
