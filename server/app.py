@@ -31,7 +31,7 @@ from .dataplane import DataPlane
 from .device_pool import DevicePool
 from .interceptors import ServingInterceptor
 from .metrics import Metrics
-from .model_registry import ModelRegistry
+from .model_registry import ModelRegistry, repository_models
 from .weights_store import WeightsStore
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class AppServer:
                 gate()
             expected = self.plane.expected_models
             if self.config.model_repository:
-                expected.update(p.stem for p in Path(self.config.model_repository).glob("*.pt2"))
+                expected.update(repository_models(Path(self.config.model_repository)))
                 self.registry.load_repository(self.config.model_repository)
             if self.config.serve_demo:
                 from .demo import DEMO_MODEL, ensure_demo_package

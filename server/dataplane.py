@@ -328,7 +328,7 @@ class DataPlane:
                     h.update(block)
             version = new_version(h.hexdigest(), author, f"blob {resolved.name}")
             try:
-                return model.update_from_blob(str(resolved), version)
+                return model.update_from_blob(str(resolved), version, self.registry.store)
             except (RuntimeError, ValueError) as exc:  # the extension checks size and layout
                 raise InvalidArgument(f"weights blob {path!r} was refused: {exc}") from exc
         return self._weights_op(name, "blob", op)

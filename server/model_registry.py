@@ -129,6 +129,12 @@ class ModelOptions:
     devices: tuple[str, ...]
     runners: int
     package_model: str | None = None
+    # Per-device packages: device ("cuda:1") or device type ("cuda") -> .pt2 path, for a
+    # model placed on devices of several types (AOTI compiles a package for one type).
+    device_paths: Mapping[str, str] = field(default_factory=dict)
+
+    def path_for(self, device: torch.device, default: str) -> str:
+        return self.device_paths.get(str(device)) or self.device_paths.get(device.type) or default
 
 
 class ServedModel:
@@ -159,7 +165,8 @@ class ServedModel:
             for device in self.options.devices:
                 pool = pools[device]
                 loaded = runner_ext.load_model(
-                    self.path, model_name=self.options.package_model, device=pool.device,
+                    self.options.path_for(pool.device, self.path),
+                    model_name=self.options.package_model, device=pool.device,
                     num_runners=self.options.runners)
                 self.replicas.append(Replica(loaded, pool, pool.slot(self.options.runners,
                                                                      f"model {self.name!r}")))
@@ -331,13 +338,18 @@ class ServedModel:
             if store is not None:
                 self._prune(store)
 
-    def update_from_blob(self, path: str, version: WeightsVersion) -> WeightsVersion:
+    def update_from_blob(self, path: str, version: WeightsVersion,
+                         store: WeightsStore | None = None) -> WeightsVersion:
         """Loads a weights blob into the active buffer of every replica (no run in flight)."""
         with self.weights_op:
             with self.rw.exclusive():
                 for replica in self.replicas:
                     replica.runner.update_constant_buffer_from_blob(path)
                 self.weights.active = version
+            if store is not None:
+                store.save_version(self.name, version, self._extract(0, False))
+                store.commit(self.name, version)
+                self._prune(store)
             self._gauge_version()
             return version
 
@@ -372,19 +384,49 @@ class ServedModel:
         return [r.pool.name for r in self.replicas] or list(self.options.devices)
 
 
-def _read_model_options(pt2: Path, defaults: ModelOptions) -> ModelOptions:
+DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
+
+
+def repository_models(folder: Path) -> dict[str, tuple[Path, dict[str, str]]]:
+    """name -> (package, {device type: variant package}) for a model repository.
+
+    ``<name>.pt2`` is the model; ``<name>.<device type>.pt2`` (e.g. ``mlp.cuda.pt2``) is
+    its package for that device type, used when the model is placed there.
+    """
+    found: dict[str, tuple[Path | None, dict[str, str]]] = {}
+    for pt2 in sorted(folder.glob("*.pt2")):
+        base, _, kind = pt2.stem.rpartition(".")
+        if base and kind in DEVICE_TYPES:
+            found.setdefault(base, (None, {}))[1][kind] = str(pt2)
+        else:
+            found.setdefault(pt2.stem, (None, {}))
+            found[pt2.stem] = (pt2, found[pt2.stem][1])
+    out = {}
+    for name, (main, variants) in found.items():
+        if main is None:  # only variants: the first one names the model's package
+            main = Path(next(iter(variants.values())))
+        out[name] = (main, variants)
+    return out
+
+
+def _read_model_options(pt2: Path, name: str, defaults: ModelOptions,
+                        variants: Mapping[str, str]) -> ModelOptions:
     for suffix, parse in ((".toml", tomllib.loads), (".json", json.loads)):
-        cfg = pt2.with_suffix(suffix)
+        cfg = pt2.parent / f"{name}{suffix}"
         if cfg.exists():
             data = parse(cfg.read_text())
             devices = data.get("devices", defaults.devices)
             if isinstance(devices, str):
                 devices = [d.strip() for d in devices.split(",") if d.strip()]
+            paths = dict(variants)
+            for key, value in (data.get("packages") or {}).items():
+                paths[key] = str(pt2.parent / value)
             return ModelOptions(
                 devices=tuple(devices),
                 runners=int(data.get("runners", data.get("runners_per_model", defaults.runners))),
-                package_model=data.get("package_model") or None)
-    return defaults
+                package_model=data.get("package_model") or None,
+                device_paths=paths)
+    return ModelOptions(defaults.devices, defaults.runners, defaults.package_model, dict(variants))
 
 
 class ModelRegistry:
@@ -494,11 +536,11 @@ class ModelRegistry:
             raise InvalidArgument(f"model repository {str(folder)!r} is not a folder")
         defaults = self.options()
         names = []
-        for pt2 in sorted(folder.glob("*.pt2")):
-            opts = _read_model_options(pt2, defaults)
+        for name, (pt2, variants) in repository_models(folder).items():
+            opts = _read_model_options(pt2, name, defaults, variants)
             self.options(opts.devices, opts.runners)  # validates devices
-            self.load(pt2.stem, pt2, opts)
-            names.append(pt2.stem)
+            self.load(name, pt2, opts)
+            names.append(name)
         return names
 
     def close(self) -> None:

@@ -71,3 +71,23 @@ def test_demo_model_is_compiled_once_and_served(server_factory):
     out = wire.outputs(s.stub.Run(wire.run_request("demo", [x])))
     with torch.no_grad():
         assert wire.close(out, [demo_module()(x)])
+
+
+def test_repository_per_model_config_and_device_variants(tmp_path):
+    import model_zoo
+    from server_harness import running_server
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "m.pt2").symlink_to(model_zoo.compiled("mlp"))
+    (repo / "m.cpu.pt2").symlink_to(model_zoo.compiled("mlp"))  # the package for cpu devices
+    (repo / "m.toml").write_text('devices = ["cpu:0", "cpu:1"]\nrunners = 1\n')
+    (repo / "only.cpu.pt2").symlink_to(model_zoo.compiled("two_io"))
+    with running_server([], model_repository=str(repo), devices=("cpu:0", "cpu:1"),
+                        allowed_roots=(str(repo),)) as s:
+        models = {m.name: m for m in s.stub.ListModels(pb.ListModelsRequest()).models}
+        assert sorted(models) == ["m", "only"]
+        assert list(models["m"].devices) == ["cpu:0", "cpu:1"] and models["m"].runners_per_device == 1
+        assert list(models["only"].devices) == ["cpu:0", "cpu:1"]
+        x = torch.randn(2, 64)
+        assert wire.close(wire.outputs(s.stub.Run(wire.run_request("m", [x]))),
+                          model_zoo.eager("mlp", [x]))
