@@ -8,8 +8,8 @@
 # CUDA (Ubuntu 24.04 CUDA images ship python3.12; torch's cu130 index has it):
 #   docker build -t aotiserve:cuda \
 #     --build-arg VARIANT=cuda \
-#     --build-arg BUILDER_IMAGE=nvidia/cuda:13.0.1-cudnn-devel-ubuntu24.04 \
-#     --build-arg RUNTIME_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 \
+#     --build-arg BUILDER_IMAGE=nvidia/cuda:13.0.1-devel-ubuntu24.04 \
+#     --build-arg RUNTIME_IMAGE=nvidia/cuda:13.0.1-base-ubuntu24.04 \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 .
 # Air-gapped: put every wheel in wheelhouse/ (deploy/wheelhouse.py) and add
 #   --build-arg WHEELHOUSE_ONLY=1

@@ -164,6 +164,9 @@ def test_grace_period_covers_prestop_and_drain(overlay):
         assert pre_stop["exec"]["command"][0] == "sleep"
         delay = float(pre_stop["exec"]["command"][1])
     assert spec["terminationGracePeriodSeconds"] >= delay + drain + 5
+    # Draining reports NOT_SERVING: liveness must not kill the pod mid-drain.
+    live = c["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > drain
 
 
 def test_rolling_update_never_drops_capacity(overlay):
@@ -235,6 +238,13 @@ def test_network_policy_admits_grpc_and_metrics(overlay):
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
     ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert ports == {"grpc", "metrics"}
+    # Egress: DNS, and gRPC to the fleet (a rollout run from inside a pod); nothing else.
+    egress = policy["spec"]["egress"]
+    dns = [r for r in egress if "to" not in r]
+    assert [{(p["port"], p["protocol"]) for p in r["ports"]} for r in dns] == [{(53, "UDP"), (53, "TCP")}]
+    (fleet,) = [r for r in egress if "to" in r]
+    assert [p["port"] for p in fleet["ports"]] == [GRPC_PORT]
+    assert fleet["to"][0]["podSelector"]["matchLabels"].items() <= pod_labels.items()
 
 
 # ----------------------------------------------------------------- services
