@@ -167,18 +167,17 @@ class DataPlane:
             raise InvalidArgument(
                 f"model {model.name!r} takes {len(specs)} inputs ({names}), got {len(inputs)}")
         for i, (t, spec) in enumerate(zip(inputs, specs)):
-            what = _input_label(i, spec)
             if spec.dtype is not None and t.dtype != spec.dtype:
-                raise InvalidArgument(f"{what}: dtype must be {codec.dtype_name(spec.dtype)}, "
-                                      f"got {codec.dtype_name(t.dtype)}")
+                raise InvalidArgument(f"{_input_label(i, spec)}: dtype must be "
+                                      f"{codec.dtype_name(spec.dtype)}, got {codec.dtype_name(t.dtype)}")
             if spec.shape is None:
                 continue
             if t.dim() != len(spec.shape):
-                raise InvalidArgument(f"{what}: expected {len(spec.shape)} dimensions "
-                                      f"{list(spec.shape)}, got shape {list(t.shape)}")
+                raise InvalidArgument(f"{_input_label(i, spec)}: expected {len(spec.shape)} "
+                                      f"dimensions {list(spec.shape)}, got shape {list(t.shape)}")
             for d, (got, want) in enumerate(zip(t.shape, spec.shape)):
                 if want >= 0 and got != want:
-                    raise InvalidArgument(f"{what}: dimension {d} must be {want} "
+                    raise InvalidArgument(f"{_input_label(i, spec)}: dimension {d} must be {want} "
                                           f"(shape {list(spec.shape)}), got shape {list(t.shape)}")
 
     def decode_inputs(self, model: ServedModel, tensors: Sequence[pb.Tensor]) -> list[torch.Tensor]:
@@ -207,10 +206,11 @@ class DataPlane:
                     computed = time.monotonic() - started
         finally:
             model.end()
-        if self.metrics:
-            self.metrics.queue_seconds.labels(model.name, pool.name).observe(waited)
-            self.metrics.compute_seconds.labels(model.name, pool.name).observe(computed)
-            self.metrics.device_requests.labels(model.name, pool.name).inc()
+        if replica.stats is not None:
+            queue_seconds, compute_seconds, device_requests = replica.stats
+            queue_seconds.observe(waited)
+            compute_seconds.observe(computed)
+            device_requests.inc()
         return RunResult(list(outputs), version)
 
     @staticmethod

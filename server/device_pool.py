@@ -55,6 +55,9 @@ class DevicePool:
         self.waiting = 0
         self.running = 0
         self._local = threading.local()
+        # Labelled children resolved once: .labels() costs microseconds per call.
+        self._queue_gauge = metrics.queue_depth.labels(self.name) if metrics else None
+        self._running_gauge = metrics.running.labels(self.name) if metrics else None
 
     def __repr__(self) -> str:
         return f"DevicePool({self.name}, running={self.running}, waiting={self.waiting})"
@@ -116,12 +119,12 @@ class DevicePool:
                 slot.free.notify()
 
     def _gauge_queue(self) -> None:
-        if self.metrics:
-            self.metrics.queue_depth.labels(self.name).set(self.waiting)
+        if self._queue_gauge is not None:
+            self._queue_gauge.set(self.waiting)
 
     def _gauge_running(self) -> None:
-        if self.metrics:
-            self.metrics.running.labels(self.name).set(self.running)
+        if self._running_gauge is not None:
+            self._running_gauge.set(self.running)
 
     # Device plumbing -----------------------------------------------------
 

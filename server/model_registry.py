@@ -96,6 +96,8 @@ class Replica:
     loaded: Any  # runner_ext.LoadedModel
     pool: DevicePool
     slot: Slot
+    # (queue_seconds, compute_seconds, device_requests) children for this model and device.
+    stats: tuple | None = None
 
     @property
     def runner(self) -> Any:
@@ -168,8 +170,14 @@ class ServedModel:
                     self.options.path_for(pool.device, self.path),
                     model_name=self.options.package_model, device=pool.device,
                     num_runners=self.options.runners)
-                self.replicas.append(Replica(loaded, pool, pool.slot(self.options.runners,
-                                                                     f"model {self.name!r}")))
+                stats = None
+                if self.metrics is not None:
+                    m = self.metrics
+                    stats = (m.queue_seconds.labels(self.name, pool.name),
+                             m.compute_seconds.labels(self.name, pool.name),
+                             m.device_requests.labels(self.name, pool.name))
+                self.replicas.append(Replica(
+                    loaded, pool, pool.slot(self.options.runners, f"model {self.name!r}"), stats))
             self._describe()
         except BaseException:
             self.close()
