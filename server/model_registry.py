@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from contextlib import contextmanager
 import os
 import threading
 import time
@@ -35,7 +36,7 @@ import tomllib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -249,7 +250,7 @@ class ServedModel:
         for constants not sent; otherwise the active buffer, in place, with no
         run in flight.
         """
-        with self.weights_op:
+        with self._weights_op():
             state = self.weights
             if use_inactive:
                 for i, replica in enumerate(self.replicas):
@@ -278,12 +279,20 @@ class ServedModel:
                     self._prune(store)
                 self._gauge_version()
 
+    @contextmanager
+    def _weights_op(self) -> Iterator[None]:
+        """One weight operation at a time, and none once the model is unloading."""
+        with self.weights_op:
+            if self.state not in (ModelState.READY, ModelState.LOADING) or not self.replicas:
+                raise Unavailable(f"model {self.name!r} is {self.state.name.lower()}")
+            yield
+
     def _extract(self, replica_index: int, use_inactive: bool) -> dict[str, torch.Tensor]:
         m = self.replicas[replica_index].runner.extract_constants_map(use_inactive)
         return {fqn: t for fqn, t in m.items() if fqn in self.constants}
 
     def extract(self, use_inactive: bool) -> tuple[dict[str, torch.Tensor], WeightsVersion]:
-        with self.weights_op:
+        with self._weights_op():
             state = self.weights
             if use_inactive:
                 version = state.staged or state.previous
@@ -296,7 +305,7 @@ class ServedModel:
             return self._extract(0, use_inactive), version
 
     def swap(self, store: WeightsStore | None) -> WeightsVersion:
-        with self.weights_op:
+        with self._weights_op():
             state = self.weights
             if state.staged is None:
                 hint = (" (previous weights are held: use RollbackConstantBuffer to restore them)"
@@ -312,7 +321,7 @@ class ServedModel:
             return state.active
 
     def rollback(self, store: WeightsStore | None) -> WeightsVersion:
-        with self.weights_op:
+        with self._weights_op():
             state = self.weights
             if state.previous is None:
                 raise FailedPrecondition(
@@ -332,7 +341,7 @@ class ServedModel:
             self.weights.swaps += 1
 
     def free_inactive(self, store: WeightsStore | None) -> None:
-        with self.weights_op:
+        with self._weights_op():
             state = self.weights
             if state.staged is None and state.previous is None:
                 return
@@ -349,7 +358,7 @@ class ServedModel:
     def update_from_blob(self, path: str, version: WeightsVersion,
                          store: WeightsStore | None = None) -> WeightsVersion:
         """Loads a weights blob into the active buffer of every replica (no run in flight)."""
-        with self.weights_op:
+        with self._weights_op():
             with self.rw.exclusive():
                 for replica in self.replicas:
                     replica.runner.update_constant_buffer_from_blob(path)
