@@ -27,12 +27,11 @@ import torch
 
 import model_zoo
 import wire
-from aotiserve.oip import inference_pb2 as ipb
-from aotiserve.oip import inference_pb2_grpc as ipb_grpc
 from aotiserve.server import interceptors
 from aotiserve.v1 import model_runner_pb2 as pb
 from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from oip_messages import OipStub, ipb
 from server_harness import REPO_ROOT, running_server, server_factory  # noqa: F401 (fixture)
 from test_server_weights import new_weights
 
@@ -183,7 +182,7 @@ def test_every_mutating_rpc_is_in_the_table():
 
 
 def test_admin_token_missing_wrong_right_for_each_mutating_rpc(guarded, caplog):
-    stub, oip = guarded.stub, ipb_grpc.GRPCInferenceServiceStub(guarded.channel)
+    stub, oip = guarded.stub, OipStub(guarded.channel)
     inputs = model_zoo.MODELS["mlp"].inputs(2)
     want = model_zoo.eager("mlp", inputs)
     caplog.set_level(logging.DEBUG)
@@ -230,7 +229,7 @@ def test_inference_token(tmp_path):
     (tmp_path / "infer").write_text(INFER_TOKEN)
     with running_server(["mlp"], admin_token_file=str(tmp_path / "admin"),
                         inference_token_file=str(tmp_path / "infer")) as s:
-        oip = ipb_grpc.GRPCInferenceServiceStub(s.channel)
+        oip = OipStub(s.channel)
         req = wire.run_request("mlp", model_zoo.MODELS["mlp"].inputs(1))
         for md, expect in (((), CODE.UNAUTHENTICATED), (_bearer("nope"), CODE.PERMISSION_DENIED),
                            (_bearer(INFER_TOKEN), CODE.OK), (_bearer(TOKEN), CODE.OK)):
@@ -371,7 +370,7 @@ def test_no_allowed_roots_refuses_every_path(server_factory):
 def test_oip_repository_load_names_cannot_leave_the_repository(server_factory, roots):
     root, outside, _ = roots
     s = server_factory(["mlp"])
-    oip = ipb_grpc.GRPCInferenceServiceStub(s.channel)
+    oip = OipStub(s.channel)
     (s.repo / "sub").mkdir()
     shutil.copy(outside / "real.pt2", s.repo / "sub" / "nested.pt2")
     for name in ("../outside/real", "..", ".", "sub/nested", "sub/../mlp", "/etc/passwd",
@@ -393,7 +392,7 @@ def test_oip_repository_load_names_cannot_leave_the_repository(server_factory, r
 def test_configured_bounds_answer_with_their_codes(server_factory):
     s = server_factory(["mlp"], max_tensor_rank=3, max_tensor_elements=4096,
                        max_upload_bytes=1000, max_message_bytes=1 << 20, max_runners_per_model=4)
-    oip = ipb_grpc.GRPCInferenceServiceStub(s.channel)
+    oip = OipStub(s.channel)
     t = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[1, 1, 1, 64], data=b"\0" * 256)
     code, details = code_of(lambda: s.stub.Run(pb.RunRequest(model="mlp", inputs=[t])))
     assert code == CODE.INVALID_ARGUMENT and "rank 4 exceeds the limit of 3" in details
