@@ -131,9 +131,10 @@ def test_weights_pull_push_rollback_free(srv, capsys, tmp_path, zoo):
 
     code, out, _ = run_cli(capsys, "weights", "rollback", "--model", "mlp", *t)
     assert code == 0 and "now serves initial" in out
-    code, out, _ = run_cli(capsys, "weights", "pull", "--model", "mlp", "--inactive",
+    code, out, _ = run_cli(capsys, "--json", "weights", "pull", "--model", "mlp", "--inactive",
                            str(tmp_path / "previous.safetensors"), *t)
     assert code == 0
+    assert json.loads(out)["version"]["id"] == pushed["active"]["id"]  # the previous weights
     assert torch.equal(load_file(tmp_path / "previous.safetensors")["fc1.weight"], scaled["fc1.weight"])
     code, out, _ = run_cli(capsys, "weights", "free", "--model", "mlp", *t)
     assert code == 0

@@ -183,7 +183,8 @@ def pull(client: Client, model: str, path: str | os.PathLike, *, use_inactive: b
     """Downloads the model's weights into a safetensors file. Returns (version, tensor count)."""
     handle = client.model(model)
     info = handle.info()
-    version = info.staged_version if use_inactive else info.active_version
+    # The inactive buffer holds the staged weights, or after a swap the previous ones.
+    version = (info.staged_version or info.previous_version) if use_inactive else info.active_version
     # numpy unless a constant needs torch (bfloat16...): importing torch costs seconds.
     codes = handle.get_constant_names_to_dtypes().values()
     needs_torch = any(BY_SCALAR_TYPE.get(c) is not None and BY_SCALAR_TYPE[c].numpy_name is None
