@@ -91,11 +91,12 @@ class Upload:
     """A weight upload in progress (see ``weights.StagingUpload``)."""
 
     def __init__(self, plane: "DataPlane", model: ServedModel, staging: StagingUpload,
-                 author: str):
+                 author: str, claimed: bool):
         self._plane = plane
         self.model = model
         self.staging = staging
         self.author = author
+        self._claimed = claimed  # holds the model's inactive buffer (ServedModel.begin_upload)
 
     def add_chunk(self, chunk: pb.ConstantChunk) -> None:
         self.staging.add_chunk(chunk)
@@ -116,14 +117,18 @@ class Upload:
             self._plane.metrics.staged_bytes.labels(model.name).inc(received)
         self._plane._count_op(model.name, "stage", None)
         names = sorted(self.staging.staged)
-        self.staging.discard()
+        self.discard()
         log.info("model %r: %s weights version %s (%d constants, %d bytes) from %s",
                  model.name, "staged" if self.staging.use_inactive else "updated active to",
                  version.id, len(names), received, self.author or "?")
         return version, received, names
 
     def discard(self) -> None:
+        """Drops staging and releases the model's inactive buffer (idempotent)."""
         self.staging.discard()
+        if self._claimed:
+            self._claimed = False
+            self.model.end_upload()
 
 
 class DataPlane:
@@ -303,10 +308,19 @@ class DataPlane:
             gauge = self.metrics.staging_bytes.labels(model.name) if self.metrics else None
             staging = StagingUpload(model, header, self.config.max_upload_bytes, self.limits,
                                     gauge.inc if gauge else None)
+            # Header valid: claim the inactive buffer and write into it in place.
+            claimed = header.use_inactive
+            targets = model.begin_upload(list(staging.declared)) if claimed else None
+            try:
+                staging.allocate(targets)
+            except BaseException:
+                if claimed:
+                    model.end_upload()
+                raise
         except BaseException as exc:
             self._count_op(model.name, "stage", exc)
             raise
-        return Upload(self, model, staging, author)
+        return Upload(self, model, staging, author, claimed)
 
     def swap(self, name: str) -> WeightsVersion:
         return self._weights_op(name, "swap", lambda m: m.swap(self.registry.store))

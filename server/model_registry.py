@@ -111,6 +111,10 @@ class WeightsState:
     staged: WeightsVersion | None = None
     previous: WeightsVersion | None = None
     swaps: int = 0  # parity tells which of the container's buffers is inactive
+    # The runner freed the inactive buffer: its extracted views point at freed memory.
+    inactive_freed: bool = False
+    # An upload is writing into the inactive buffer (one at a time per model).
+    uploading: bool = False
 
     @property
     def inactive_has_served(self) -> bool:
@@ -279,6 +283,57 @@ class ServedModel:
                     self._prune(store)
                 self._gauge_version()
 
+    def begin_upload(self, fqns: Sequence[str]) -> list[dict[str, torch.Tensor]] | None:
+        """Claims the inactive buffer for an upload; returns per-replica views to write into.
+
+        Writing in place keeps a staging at (active + new) memory: no extra copy of the
+        new weights. The buffer is first filled with the active weights when it holds
+        none (so a partial update starts from what serves). The staged and previous
+        versions it held are dropped: rollback is no longer possible once an upload
+        starts. Returns None where in-place writing is impossible (then the upload
+        allocates its own tensors). Always pair with :meth:`end_upload`.
+        """
+        with self._weights_op():
+            state = self.weights
+            if state.uploading:
+                raise FailedPrecondition(
+                    f"model {self.name!r}: another weights upload is in progress")
+            state.uploading = True
+            try:
+                state.staged = state.previous = None
+                views = []
+                for replica in self.replicas:
+                    current = {} if state.inactive_freed else \
+                        replica.runner.extract_constants_map(True)
+                    if not self._views_fit(current):
+                        active = replica.runner.extract_constants_map(False)
+                        full = {info.name: active[fqn] for fqn, info in self.constants.items()}
+                        replica.pool.run_in_stream(
+                            lambda r=replica, m=full: r.runner.update_constant_buffer(m, True, False))
+                        current = replica.runner.extract_constants_map(True)
+                    views.append({fqn: current[fqn] for fqn in fqns})
+                state.inactive_freed = False
+                if not all(self._views_fit(v, fqns) for v in views):
+                    return None
+                return views
+            except BaseException:
+                state.uploading = False
+                raise
+
+    def _views_fit(self, views: Mapping[str, torch.Tensor], fqns: Sequence[str] | None = None) -> bool:
+        for fqn in (fqns if fqns is not None else self.constants):
+            info = self.constants[fqn]
+            t = views.get(fqn)
+            if t is None or t.dtype != info.dtype or tuple(t.shape) != info.shape or \
+                    not t.is_contiguous():
+                return False
+        return True
+
+    def end_upload(self) -> None:
+        with self.weights_op:
+            if self.weights is not None:
+                self.weights.uploading = False
+
     @contextmanager
     def _weights_op(self) -> Iterator[None]:
         """One weight operation at a time, and none once the model is unloading."""
@@ -348,6 +403,7 @@ class ServedModel:
             if not state.inactive_has_served:
                 for replica in self.replicas:
                     replica.runner.free_inactive_constant_buffer()
+                state.inactive_freed = True
             else:
                 log.debug("model %r: the inactive buffer has served; keeping its memory "
                           "(freeing it makes the container crash on the next staging)", self.name)

@@ -191,17 +191,29 @@ class StagingUpload:
                 f"upload of {total} bytes exceeds the limit of {max_upload_bytes} bytes")
         self.total_bytes = total
         self.bytes_received = 0
+        self.declared = declared
         # The wire may name a constant by FQN or by constant name: map both.
         self._by_wire_name: dict[str, _Staged] = {}
         self.staged: dict[str, _Staged] = {}
         self._on_bytes = on_bytes
-        self._held = total * len(model.replicas)
-        if on_bytes:
-            on_bytes(self._held)
-        # Validation passed: allocate, one tensor per replica, on its device.
-        for fqn, (info, wire_name) in declared.items():
-            tensors = [torch.empty(info.shape, dtype=info.dtype, device=r.pool.device)
-                       for r in model.replicas]
+        self._held = 0
+        self.in_place = False
+
+    def allocate(self, targets: "list[Mapping[str, torch.Tensor]] | None" = None) -> None:
+        """Where chunks go: ``targets`` (per replica {fqn: tensor}, e.g. views of the
+        inactive buffer, written in place) or new tensors, one per replica, on its device."""
+        model = self.model
+        self.in_place = targets is not None
+        if not self.in_place:
+            self._held = self.total_bytes * len(model.replicas)
+            if self._on_bytes:
+                self._on_bytes(self._held)
+        for fqn, (info, wire_name) in self.declared.items():
+            if targets is not None:
+                tensors = [t[fqn] for t in targets]
+            else:
+                tensors = [torch.empty(info.shape, dtype=info.dtype, device=r.pool.device)
+                           for r in model.replicas]
             cpu_index = next((i for i, t in enumerate(tensors) if t.device.type == "cpu"), None)
             st = _Staged(info, tensors, [codec.byte_view(t) for t in tensors], cpu_index)
             st.block_filled = [0] * (-(-info.nbytes // HASH_BLOCK))

@@ -360,3 +360,34 @@ def _blob_loadable() -> bool:
         return True
     except Exception:  # noqa: BLE001
         return False
+
+
+def test_uploads_write_in_place_one_at_a_time(server_factory):
+    s = server_factory(["mlp"], metrics_port=0)
+    inputs = model_zoo.MODELS["mlp"].inputs(2)
+    weights = new_weights("mlp")
+    half_sent = threading.Event()
+    release = threading.Event()
+
+    def stream():
+        msgs = list(wire.upload_requests("mlp", weights, validate_full=True, chunk_bytes=512))
+        for i, m in enumerate(msgs):
+            if i == len(msgs) // 2:
+                half_sent.set()
+                release.wait(30)
+            yield m
+
+    first = s.stub.UpdateConstantBuffer.future(stream())
+    half_sent.wait(30)
+    # Chunks go straight into the inactive buffer: no staging copy is held.
+    assert s.app.metrics.staging_bytes.labels("mlp")._value.get() == 0
+    code, details = code_of(lambda: upload(s.stub, "mlp", weights, validate_full=True))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "in progress" in details
+    out, served = run(s.stub, "mlp", inputs)  # serving is unaffected meanwhile
+    assert wire.close(out, model_zoo.eager("mlp", inputs)) and served == "initial"
+    release.set()
+    version = first.result(30).version
+    s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
+    out, served = run(s.stub, "mlp", inputs)
+    assert wire.close(out, eager_with("mlp", weights, inputs)) and served == version.id
+    upload(s.stub, "mlp", {"fc2.bias": torch.zeros(10)})  # the claim was released
