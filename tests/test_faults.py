@@ -1,0 +1,263 @@
+"""Faults (issue 8): cancels, disconnects, expired deadlines, models that raise, SIGKILL.
+
+Covered elsewhere, not repeated here: a cancel mid-upload
+(test_server_weights.py::test_cancel_mid_upload_frees_staging_and_changes_nothing),
+SIGKILL mid-upload then restart (test_server_durability.py), SIGTERM under load with
+no accepted call lost (test_server_shutdown.py).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+import model_zoo
+import wire
+from aotiserve.server.device_pool import DevicePool
+from aotiserve.server.errors import DeadlineExceeded
+from aotiserve.v1 import model_runner_pb2 as pb
+from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
+from server_harness import running_server, server_factory, start_daemon  # noqa: F401
+from test_server_weights import eager_with, new_weights
+
+CODE = grpc.StatusCode
+
+
+def _wait(cond, timeout=10.0, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _computed(s, model="mlp") -> float:
+    return s.app.metrics.device_requests.labels(model, "cpu")._value.get()
+
+
+def _idle(s) -> bool:
+    pool = s.app.pools["cpu"]
+    return pool.running == 0 and pool.waiting == 0 and s.app.interceptor.wait_idle(0)
+
+
+@pytest.fixture
+def one_runner(server_factory):
+    s = server_factory(["mlp", "two_io"], runners_per_model=1)
+    s.slot = s.app.registry.get("mlp").replicas[0].slot
+    s.pool = s.app.pools["cpu"]
+    return s
+
+
+# ---------------------------------------------------------------- deadlines and cancels
+
+
+def test_queued_run_whose_deadline_passes_is_dropped_not_computed(one_runner):
+    s = one_runner
+    x = model_zoo.MODELS["mlp"].inputs(2)
+    s.stub.Run(wire.run_request("mlp", x))
+    before = _computed(s)
+    with s.pool.admit(s.slot):  # the only runner is busy
+        with pytest.raises(grpc.RpcError) as e:
+            s.stub.Run(wire.run_request("mlp", x), timeout=0.3)
+        assert e.value.code() == CODE.DEADLINE_EXCEEDED
+        _wait(lambda: s.pool.waiting == 0, what="the expired run to leave the queue")
+    _wait(lambda: _idle(s), what="idle")
+    assert _computed(s) == before  # dropped from the queue, never run
+    codes = {k[2] for k in s.app.metrics.requests._metrics if k[1] == "Run"}
+    assert "DEADLINE_EXCEEDED" in codes
+    assert wire.close(wire.outputs(s.stub.Run(wire.run_request("mlp", x))),
+                      model_zoo.eager("mlp", x))
+
+
+def test_run_reaching_a_free_runner_after_its_deadline_is_not_computed():
+    pool = DevicePool("cpu", max_queue=4)
+    slot = pool.slot(1, "model 'm'")
+    with pytest.raises(DeadlineExceeded, match="not computed"):
+        with pool.admit(slot, deadline=time.monotonic() - 0.01):
+            raise AssertionError("admitted after its deadline")
+    assert pool.running == 0 and pool.waiting == 0 and slot.running == 0
+    with pool.admit(slot, deadline=time.monotonic() + 10):
+        assert pool.running == 1
+
+
+def test_cancel_mid_run_frees_the_queue_and_the_pool_keeps_serving(one_runner):
+    s = one_runner
+    x = model_zoo.MODELS["mlp"].inputs(2)
+    want = model_zoo.eager("mlp", x)
+    with s.pool.admit(s.slot):
+        futures = [s.stub.Run.future(wire.run_request("mlp", x)) for _ in range(4)]
+        _wait(lambda: s.pool.waiting == 4, what="4 queued runs")
+        for f in futures[:3]:
+            f.cancel()
+    assert all(f.cancelled() for f in futures[:3])
+    assert wire.close(wire.outputs(futures[3].result(timeout=30)), want)
+    _wait(lambda: _idle(s), what="idle after cancels")
+    # Cancels during compute too: many short-lived calls, then normal service.
+    big = wire.run_request("mlp", [torch.randn(1024, 64)])
+    for _ in range(20):
+        f = s.stub.Run.future(big)
+        time.sleep(0.001)
+        f.cancel()
+    _wait(lambda: _idle(s), what="idle after cancels during compute")
+    assert wire.close(wire.outputs(s.stub.Run(wire.run_request("mlp", x))), want)
+
+
+def test_upload_cut_by_its_deadline_changes_nothing(server_factory):
+    s = server_factory(["mlp"])
+    x = model_zoo.MODELS["mlp"].inputs(2)
+    gauge = s.app.metrics.staging_bytes.labels("mlp")
+
+    def slow():
+        for i, m in enumerate(wire.upload_requests("mlp", new_weights("mlp"), validate_full=True,
+                                                   chunk_bytes=256)):
+            if i == 5:
+                time.sleep(1.0)  # the deadline passes here
+            yield m
+
+    with pytest.raises(grpc.RpcError) as e:
+        s.stub.UpdateConstantBuffer(slow(), timeout=0.5)
+    assert e.value.code() == CODE.DEADLINE_EXCEEDED
+    _wait(lambda: gauge._value.get() == 0 and _idle(s), what="staging freed")
+    m = s.stub.ListModels(pb.ListModelsRequest()).models[0]
+    assert m.active_version.id == "initial" and not m.HasField("staged_version")
+    assert wire.close(wire.outputs(s.stub.Run(wire.run_request("mlp", x))),
+                      model_zoo.eager("mlp", x))
+
+
+def test_client_disconnect_during_extract_stream(server_factory):
+    s = server_factory(["mlp"])
+    inflight = s.app.metrics.in_flight.labels("ExtractConstantsMap")
+    for how in ("cancel", "close channel"):
+        channel = grpc.insecure_channel(s.target)
+        stream = pb_grpc.ModelRunnerStub(channel).ExtractConstantsMap(
+            pb.ExtractConstantsMapRequest(model="mlp", chunk_bytes=64))
+        got = [next(stream) for _ in range(3)]
+        assert all(c.data for c in got)
+        if how == "cancel":
+            stream.cancel()
+        channel.close()
+        _wait(lambda: inflight._value.get() == 0 and _idle(s), what=f"stream ended ({how})")
+    # Nothing is left holding the model's weight lock: a full weight cycle works.
+    weights = new_weights("mlp")
+    s.stub.UpdateConstantBuffer(wire.upload_requests("mlp", weights, validate_full=True))
+    s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
+    x = model_zoo.MODELS["mlp"].inputs(2)
+    assert wire.close(wire.outputs(s.stub.Run(wire.run_request("mlp", x))),
+                      eager_with("mlp", weights, x))
+    assert len(wire.extract(s.stub, "mlp", chunk_bytes=64)) == 5
+
+
+# ---------------------------------------------------------------- models that raise
+
+
+def test_model_raising_inside_run_is_invalid_argument_and_the_pool_keeps_working(one_runner):
+    s = one_runner
+    guard = wire.run_request("two_io", model_zoo.MODELS["two_io"].inputs(1025))  # batch <= 1024
+    ids_out = list(model_zoo.MODELS["two_io"].inputs(3))
+    ids_out[1] = torch.tensor([1, 500, 2])  # embedding of 100 rows: index out of bounds
+    out_of_bounds = wire.run_request("two_io", ids_out)
+    good_x = model_zoo.MODELS["two_io"].inputs(3)
+    good, want = wire.run_request("two_io", good_x), model_zoo.eager("two_io", good_x)
+    results = []
+
+    def client(i):
+        for j in range(10):
+            req = (guard, out_of_bounds, good)[(i + j) % 3]
+            try:
+                out = wire.outputs(s.stub.Run(req, timeout=30))
+                results.append("ok" if wire.close(out, want) else "wrong")
+            except grpc.RpcError as e:
+                results.append((e.code(), "bounds" if req is out_of_bounds else "guard"))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert "wrong" not in results
+    errors = {r for r in results if r != "ok"}
+    assert errors == {(CODE.INVALID_ARGUMENT, "bounds"), (CODE.INVALID_ARGUMENT, "guard")}
+    assert results.count("ok") == sum(1 for i in range(4) for j in range(10) if (i + j) % 3 == 2)
+    _wait(lambda: _idle(s), what="idle")
+    assert wire.close(wire.outputs(s.stub.Run(good)), want)
+
+
+# ---------------------------------------------------------------- SIGKILL mid-staging and mid-swap
+
+
+def _daemon_stub(d):
+    channel = grpc.insecure_channel(d.target)
+    return channel, pb_grpc.ModelRunnerStub(channel)
+
+
+def _check_serves(stub, version_id: str, weights, x):
+    m = stub.ListModels(pb.ListModelsRequest()).models[0]
+    assert m.active_version.id == version_id
+    resp, call = stub.Run.with_call(wire.run_request("mlp", x))
+    want = eager_with("mlp", weights, x) if weights is not None else model_zoo.eager("mlp", x)
+    assert wire.close(wire.outputs(resp), want)
+
+
+@pytest.mark.slow
+def test_sigkill_during_staging_and_during_swap_then_restart(tmp_path):
+    """Each restart serves the last committed version: a version whose swap answered OK,
+    never one that was only staging, and never a half-written file."""
+    weights_dir = tmp_path / "weights"
+    args = ["--weights-dir", str(weights_dir)]
+    x = model_zoo.MODELS["mlp"].inputs(3)
+    w1, w2, w3 = (new_weights("mlp", f) for f in (0.5, 1.5, 2.5))
+
+    d = start_daemon(["mlp"], args)
+    try:
+        channel, stub = _daemon_stub(d)
+        v1 = stub.UpdateConstantBuffer(wire.upload_requests("mlp", w1, validate_full=True)).version
+        stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
+        # Kill while a complete upload is being staged (written to the runner and the store).
+        done = stub.UpdateConstantBuffer.future(
+            wire.upload_requests("mlp", w2, validate_full=True, chunk_bytes=512))
+        time.sleep(0.02)
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(30)
+        staged_ok = done.exception(30) is None
+        channel.close()
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+    d = start_daemon(["mlp"], args, repo=d.repo)
+    try:
+        channel, stub = _daemon_stub(d)
+        _check_serves(stub, v1.id, w1, x)  # staged or not, only a swap commits
+        assert not stub.ListModels(pb.ListModelsRequest()).models[0].HasField("staged_version")
+        # Kill during a swap: fire it and kill without waiting for the answer.
+        v3 = stub.UpdateConstantBuffer(wire.upload_requests("mlp", w3, validate_full=True)).version
+        swap = stub.SwapConstantBuffer.future(pb.SwapConstantBufferRequest(model="mlp"))
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(30)
+        swapped = swap.exception(30) is None
+        channel.close()
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+    d = start_daemon(["mlp"], args, repo=d.repo)
+    try:
+        channel, stub = _daemon_stub(d)
+        served = stub.ListModels(pb.ListModelsRequest()).models[0].active_version.id
+        if swapped:  # the client was told the swap happened: it must have been committed
+            assert served == v3.id
+        assert served in (v1.id, v3.id)
+        _check_serves(stub, served, w1 if served == v1.id else w3, x)
+        channel.close()
+    finally:
+        d.proc.kill()
+        d.proc.wait(30)
+    current = json.loads((weights_dir / "mlp" / "current.json").read_text())
+    assert current["id"] == served
+    assert not list(weights_dir.rglob("*.tmp"))
+    print(f"staging finished before the kill: {staged_ok}; swap answered: {swapped}")
