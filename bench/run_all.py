@@ -572,7 +572,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-install", action="store_true", help="skip peers that are not installed yet")
     ap.add_argument("--quick", action="store_true", help="a few-second smoke run (1 round, short windows)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every duration and call count")
-    ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the tiny systems")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="round-robin rounds over the systems; figures are medians over rounds")
     ap.add_argument("--concurrency", default="1,4,8,16", help="client counts for throughput")
     ap.add_argument("--mode", choices=("threads", "procs"), default="threads",
                     help="concurrent clients as threads of one client process, or as processes")
@@ -600,7 +601,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         a.seq_n, a.warmup, a.duration = 100, 20, 0.3
         a.large_n, a.compute_seq_n, a.compute_alternations = 2, 5, 1
     else:
-        a.seq_n, a.warmup, a.duration = max(50, int(1000 * sc)), max(20, int(200 * sc)), max(0.3, 3.0 * sc)
+        a.seq_n, a.warmup, a.duration = max(50, int(1000 * sc)), max(20, int(200 * sc)), max(0.3, 2.0 * sc)
         a.large_n, a.compute_seq_n = max(2, int(10 * sc)), max(5, int(30 * sc))
         a.compute_alternations = 3  # 1, 2, 1, 2, 1, 2 clients: drift in others' load hits both alike
     a.idle_probe = 0.5 if a.quick else 2.0
