@@ -268,9 +268,11 @@ class Runner : public Base {
       return fn();
     } catch (const std::exception& e) {
       const char* detail = nullptr;
-      decltype(&AOTInductorGetLastError) get = nullptr;
+      // Declared here, not taken from interface.h: torch < 2.13 lacks it.
+      using GetLastError = AOTIRuntimeError (*)(const char**);
+      GetLastError get = nullptr;
       try {  // models built by an older torch lack it
-        get = reinterpret_cast<decltype(&AOTInductorGetLastError)>(
+        get = reinterpret_cast<GetLastError>(
             this->model_so_->sym("AOTInductorGetLastError"));
       } catch (const c10::Error&) {
       }
@@ -299,7 +301,24 @@ class Runner : public Base {
       TORCH_CHECK_VALUE(
           inputs[i].defined(), "run: input ", i, " is an undefined tensor");
     }
-    return with_last_error("run", [&] { return this->run(inputs, stream_handle); });
+    // torch's run() leaks its input handles when the model refuses the inputs
+    // before taking them (a shape guard fails): the container steals each
+    // handle, setting it to null, only once its checks pass. So own them here
+    // and free whatever was not taken; otherwise every refused request pins
+    // its input tensors (and the request bytes under them) for good.
+    std::vector<AtenTensorHandle> handles =
+        torch::aot_inductor::unsafe_alloc_new_handles_from_tensors(inputs);
+    try {
+      return with_last_error(
+          "run", [&] { return this->run_impl(handles, stream_handle); });
+    } catch (...) {
+      for (AtenTensorHandle handle : handles) {
+        if (handle != nullptr) {
+          aoti_torch_delete_tensor_object(handle);
+        }
+      }
+      throw;
+    }
   }
 
  private:
