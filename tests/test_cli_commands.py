@@ -178,6 +178,17 @@ def test_admin_token_file(tmp_path, capsys):
     assert run_cli(capsys, "models", "--admin-token-file", str(empty))[0] == 2
 
 
+def test_token_file(tmp_path, capsys):
+    token = tmp_path / "token"
+    token.write_text("for-inference\n")
+    with running_server(["mlp"], inference_token_file=str(token)) as s:
+        code, _, err = run_cli(capsys, "infer", "--model", "mlp", "--random", "--target", s.target)
+        assert code == 1 and "UNAUTHENTICATED" in err
+        code, out, _ = run_cli(capsys, "infer", "--model", "mlp", "--random", "--target", s.target,
+                               "--token-file", str(token))
+        assert code == 0 and "output__0: float32[1, 10]" in out
+
+
 def test_serve_delegates_every_flag_to_the_server_cli(monkeypatch):
     seen = []
     fake = types.ModuleType("aotiserve.server.cli")

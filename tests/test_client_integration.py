@@ -292,6 +292,30 @@ def test_admin_token(tmp_path, zoo):
             assert m.swap_constant_buffer().id != "initial"
 
 
+def test_inference_token(tmp_path, zoo):
+    (tmp_path / "admin").write_text("admin-secret\n")
+    (tmp_path / "infer").write_text("infer-secret\n")
+    with running_server(["mlp"], admin_token_file=str(tmp_path / "admin"),
+                        inference_token_file=str(tmp_path / "infer")) as s:
+        x = list(zoo.MODELS["mlp"].inputs(1))
+        with ac.Client(s.target) as anonymous:
+            assert anonymous.health() == "SERVING"  # probes need no token
+            with pytest.raises(ac.UnauthenticatedError):
+                anonymous.model("mlp").run(x)
+        with ac.Client(s.target, token="wrong") as wrong:
+            with pytest.raises(ac.PermissionDeniedError):
+                wrong.model("mlp").run(x)
+        with ac.Client(s.target, token="infer-secret") as user:
+            _assert_close(user.model("mlp").run(x)[0], zoo.eager("mlp", x)[0])
+            with pytest.raises(ac.PermissionDeniedError, match="admin token"):  # not an admin
+                user.model("mlp").swap_constant_buffer()
+        with ac.Client(s.target, admin_token="admin-secret", token="infer-secret") as admin:
+            m = admin.model("mlp")
+            m.run(x)  # the admin token is taken for inference too
+            m.update_constant_buffer(m.extract_constants_map(False), True, True)
+            assert m.swap_constant_buffer().id != "initial"
+
+
 # ---------------------------------------------------------------- client level
 
 def test_model_management_and_health(srv, client, zoo):

@@ -175,6 +175,7 @@ class AsyncClient:
         target: str = "localhost:8500",
         *,
         admin_token: str | None = None,
+        token: str | None = None,
         tls: bool | None = None,
         ca_cert: bytes | str | os.PathLike | None = None,
         client_cert: bytes | str | os.PathLike | None = None,
@@ -188,7 +189,7 @@ class AsyncClient:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._config = ChannelConfig(
-            target=target, admin_token=admin_token, tls=tls, ca_cert=ca_cert,
+            target=target, admin_token=admin_token, token=token, tls=tls, ca_cert=ca_cert,
             client_cert=client_cert, client_key=client_key, tls_server_name=tls_server_name,
             credentials=credentials, max_message_bytes=max_message_bytes, options=tuple(options),
         )

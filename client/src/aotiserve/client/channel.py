@@ -70,6 +70,7 @@ class ChannelConfig:
 
     target: str
     admin_token: str | None = None
+    token: str | None = None
     tls: bool | None = None
     ca_cert: bytes | str | os.PathLike | None = None
     client_cert: bytes | str | os.PathLike | None = None
@@ -112,10 +113,16 @@ class ChannelConfig:
         return max(1, min(chunk_bytes, room))
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        """Call metadata sent on every call: the admin token, when there is one."""
-        if not self.admin_token:
+        """Call metadata sent on every call: the bearer token, when there is one.
+
+        The daemon takes the admin token for every RPC and the inference token
+        for all but the mutating ones, so one header serves both: the admin
+        token when given, else the inference token.
+        """
+        bearer = self.admin_token or self.token
+        if not bearer:
             return ()
-        return (("authorization", f"Bearer {self.admin_token}"),)
+        return (("authorization", f"Bearer {bearer}"),)
 
     def open(self, aio: bool = False):
         """A new ``grpc.Channel`` (or ``grpc.aio.Channel``)."""

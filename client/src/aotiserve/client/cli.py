@@ -9,7 +9,7 @@
 
 Connection flags work before or after the command: ``--target`` (default
 $AOTISERVE_TARGET, else localhost:8500), ``--admin-token-file``,
-``--tls-ca/--tls-cert/--tls-key``, ``--timeout``, ``--json``.
+``--token-file``, ``--tls-ca/--tls-cert/--tls-key``, ``--timeout``, ``--json``.
 Exit status: 0 done, 1 the server refused or failed, 2 bad usage.
 """
 
@@ -34,6 +34,7 @@ class CliConfig:
 
     target: str
     admin_token: str | None
+    token: str | None
     tls_ca: str | None
     tls_cert: str | None
     tls_key: str | None
@@ -43,14 +44,10 @@ class CliConfig:
 
     @classmethod
     def resolve(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> "CliConfig":
-        token = None
-        if args.admin_token_file:
-            token = Path(args.admin_token_file).read_text().strip()
-            if not token:
-                raise ValueError(f"admin token file {args.admin_token_file} is empty")
         return cls(
             target=args.target or environ.get(TARGET_ENV) or DEFAULT_TARGET,
-            admin_token=token,
+            admin_token=_read_token(args.admin_token_file, "admin token"),
+            token=_read_token(args.token_file, "token"),
             tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
             tls_server_name=args.tls_server_name,
             timeout=args.timeout,
@@ -61,9 +58,18 @@ class CliConfig:
         from aotiserve.client.client import Client
 
         tls = True if (self.tls_ca or self.tls_cert) else None
-        return Client(target or self.target, admin_token=self.admin_token, tls=tls,
+        return Client(target or self.target, admin_token=self.admin_token, token=self.token, tls=tls,
                       ca_cert=self.tls_ca, client_cert=self.tls_cert, client_key=self.tls_key,
                       tls_server_name=self.tls_server_name, timeout=self.timeout)
+
+
+def _read_token(path: str | None, what: str) -> str | None:
+    if not path:
+        return None
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"{what} file {path} is empty")
+    return token
 
 
 class UsageError(Exception):
@@ -79,6 +85,8 @@ def _connection_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
                    help=f"daemon address (default: ${TARGET_ENV}, else {DEFAULT_TARGET})")
     g.add_argument("--admin-token-file", default=d, metavar="FILE",
                    help="file holding the admin token (sent as 'authorization: Bearer ...')")
+    g.add_argument("--token-file", default=d, metavar="FILE",
+                   help="file holding the inference token, for a daemon that requires one")
     g.add_argument("--tls-ca", default=d, metavar="FILE", help="CA certificate: use TLS")
     g.add_argument("--tls-cert", default=d, metavar="FILE", help="client certificate (mutual TLS)")
     g.add_argument("--tls-key", default=d, metavar="FILE", help="client private key (mutual TLS)")

@@ -207,7 +207,9 @@ class Client:
     ``target`` is ``host:port``. TLS is used when ``tls`` is true or any
     certificate is given (``ca_cert``, and ``client_cert`` + ``client_key``
     for mutual TLS; each bytes, PEM text or a file path). ``admin_token`` is
-    sent as ``authorization: Bearer <token>`` on every call. ``timeout`` (s)
+    sent as ``authorization: Bearer <token>`` on every call; ``token`` is the
+    inference token of a daemon that requires one for every call (the admin
+    token, when given, is accepted in its place). ``timeout`` (s)
     bounds every call. Outputs are torch tensors when torch is importable,
     numpy arrays otherwise (``output_format`` forces one).
     """
@@ -217,6 +219,7 @@ class Client:
         target: str = "localhost:8500",
         *,
         admin_token: str | None = None,
+        token: str | None = None,
         tls: bool | None = None,
         ca_cert: bytes | str | os.PathLike | None = None,
         client_cert: bytes | str | os.PathLike | None = None,
@@ -230,7 +233,7 @@ class Client:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._config = ChannelConfig(
-            target=target, admin_token=admin_token, tls=tls, ca_cert=ca_cert,
+            target=target, admin_token=admin_token, token=token, tls=tls, ca_cert=ca_cert,
             client_cert=client_cert, client_key=client_key, tls_server_name=tls_server_name,
             credentials=credentials, max_message_bytes=max_message_bytes, options=tuple(options),
         )
