@@ -189,6 +189,19 @@ def test_token_file(tmp_path, capsys):
         assert code == 0 and "output__0: float32[1, 10]" in out
 
 
+def test_weights_commands_against_a_separate_admin_port(tmp_path, capsys):
+    with running_server(["mlp"], admin_port=0) as s:
+        admin = f"127.0.0.1:{s.app.admin_port}"
+        pulled = tmp_path / "w.safetensors"
+        assert run_cli(capsys, "weights", "pull", "--model", "mlp", str(pulled), "--target", s.target)[0] == 0
+        code, _, err = run_cli(capsys, "weights", "push", "--model", "mlp", str(pulled), "--target", s.target)
+        assert code == 1 and "admin port" in err
+        code, out, err = run_cli(capsys, "weights", "push", "--model", "mlp", str(pulled), "--target", admin)
+        assert code == 0, err
+        code, out, _ = run_cli(capsys, "models", "--target", admin)  # it serves the rest too
+        assert code == 0 and "initial" not in out.splitlines()[1]
+
+
 def test_serve_delegates_every_flag_to_the_server_cli(monkeypatch):
     seen = []
     fake = types.ModuleType("aotiserve.server.cli")
