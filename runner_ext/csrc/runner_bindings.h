@@ -7,6 +7,8 @@
 
 #include <ATen/DynamicLibrary.h>
 #include <torch/csrc/inductor/aoti_runner/model_container_runner.h>
+#include <torch/csrc/inductor/aoti_torch/tensor_converter.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/extension.h>
 
 #include <fstream>
