@@ -482,8 +482,13 @@ def repository_models(folder: Path) -> dict[str, tuple[Path, dict[str, str]]]:
     return out
 
 
-def _read_model_options(pt2: Path, name: str, defaults: ModelOptions,
-                        variants: Mapping[str, str]) -> ModelOptions:
+def _read_model_options(pt2: Path, defaults: ModelOptions, name: str | None = None,
+                        variants: Mapping[str, str] | None = None) -> ModelOptions:
+    """The placement of repository model ``name`` (default: the package's stem): its
+    ``<name>.toml``/``.json`` over ``defaults``, plus its per-device-type packages."""
+    name = name or pt2.stem
+    if variants is None:
+        variants = repository_models(pt2.parent).get(name, (pt2, {}))[1]
     for suffix, parse in ((".toml", tomllib.loads), (".json", json.loads)):
         cfg = pt2.parent / f"{name}{suffix}"
         if cfg.exists():
@@ -610,7 +615,7 @@ class ModelRegistry:
         defaults = self.options()
         names = []
         for name, (pt2, variants) in repository_models(folder).items():
-            opts = _read_model_options(pt2, name, defaults, variants)
+            opts = _read_model_options(pt2, defaults, name, variants)
             self.options(opts.devices, opts.runners)  # validates devices
             self.load(name, pt2, opts)
             names.append(name)
