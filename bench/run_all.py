@@ -26,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -616,7 +617,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results = Bench(args).run()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    out = Path(args.out) if args.out else RESULTS_DIR / f"{stamp}-{machine_name()}{'-quick' if args.quick else ''}.json"
+    # A --quick smoke run is not a result worth keeping: it goes to a temporary folder unless --out says.
+    results_dir = Path(tempfile.mkdtemp(prefix="aotiserve-bench-quick-")) if args.quick else RESULTS_DIR
+    out = Path(args.out) if args.out else results_dir / f"{stamp}-{machine_name()}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=float) + "\n")
     log.info("results: %s", out)
