@@ -11,6 +11,9 @@ import torch
 from aotiserve import runner_ext as rx
 
 TEST_MODELS = ("mlp", "conv", "two_io", "blob_mlp")
+# Models compiled by torch < 2.13 have no AOTInductorGetLastError: the error
+# then names the failed call only (the model's own message goes to stderr).
+OLD_TORCH_FAILURE = "API call failed at"
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +160,7 @@ def test_partial_update_with_validation_is_refused(model_package, zoo):
     model = _fresh(model_package)
     runner = model.runner
     partial = dict(list(_by_constant_name(runner, _new_weights(zoo).state_dict()).items())[:2])
-    with pytest.raises(RuntimeError, match="Cannot find constants"):
+    with pytest.raises(RuntimeError, match=f"Cannot find constants|{OLD_TORCH_FAILURE}"):
         runner.update_constant_buffer(partial, use_inactive=True, validate_full_updates=True)
     model.close()
 
@@ -221,7 +224,7 @@ def test_update_from_blob(model_package, zoo, tmp_path):
 def test_bad_inputs_raise(loaded, zoo, make, exc, message):
     runner = loaded("mlp").runner
     x = zoo.MODELS["mlp"].inputs(4)[0]
-    with pytest.raises(exc, match=message):
+    with pytest.raises(exc, match=f"{message}|{OLD_TORCH_FAILURE}"):
         runner.run(make(x))
     assert runner.run([x])[0].shape == (4, 10)  # still serving
 
