@@ -220,6 +220,7 @@ def _worker_loop(call: Callable[[], None], start: float, end: float, out: dict) 
     lat = []
     errors = 0
     calls = 0
+    done = []  # completion times, seconds into the window
     while True:
         t0 = clock()
         if t0 >= end:
@@ -235,7 +236,9 @@ def _worker_loop(call: Callable[[], None], start: float, end: float, out: dict) 
         if t0 >= start and t1 < end:
             count += 1
             lat.append((t1 - t0) * 1e6)
+            done.append(t1 - start)
     out["count"] = count
+    out["done"] = done
     out["calls"] = calls
     out["lat"] = lat
     out["errors"] = errors
@@ -259,6 +262,24 @@ def _proc_worker(cfg: dict, barrier, start_at, duration: float, warm: float, q) 
     out["calls"] += warm_calls
     out["cpu_s"] = _cpu_self()
     q.put(out)
+
+
+SLICE_S = 0.25
+
+
+def _median_slice_rate(done: list[float], duration: float) -> float:
+    """Completions per second in the median 0.25 s slice of the window.
+
+    Other work on a shared machine stalls a window now and then; the median
+    slice ignores such stalls where the window's mean would not.
+    """
+    n = max(1, int(duration / SLICE_S))
+    counts = [0] * n
+    for t in done:
+        counts[min(n - 1, int(t / SLICE_S))] += 1
+    counts.sort()
+    mid = counts[n // 2] if n % 2 else (counts[n // 2 - 1] + counts[n // 2]) / 2
+    return mid / (duration / n)
 
 
 def throughput(cfg: dict, concurrency: int, duration: float, mode: str, warm: float) -> dict:
@@ -306,6 +327,7 @@ def throughput(cfg: dict, concurrency: int, duration: float, mode: str, warm: fl
         "duration_s": duration,
         "completed": total,
         "rps": total / duration,
+        "rps_median_slice": _median_slice_rate([t for o in outs for t in o.get("done", [])], duration),
         "errors": sum(o.get("errors", 0) for o in outs),
         "latency": summarize(lat),
     }

@@ -72,6 +72,8 @@ def plots(results: dict, img_dir: Path) -> list[Path]:
         cs = sorted(int(c) for c in d["rps"])
         ax.plot(cs, [d["rps"][str(c)] for c in cs], marker="o", label=SHORT[s])
     ax.set_xscale("log", base=2)
+    ticks = sorted({int(c) for _, d in systems for c in d["rps"]})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("requests / s")
     ax.set_title(f"Tiny MLP throughput (client and server share the cores) — {machine}")
@@ -169,7 +171,9 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
         f"over {settings.get('rounds')} round(s); each figure is the median over rounds. Sequential latency: "
         f"{settings.get('seq_n')} calls after {settings.get('warmup')} warm-up calls, one client. Throughput: "
         f"{settings.get('duration'):.1f} s windows with 1/4/8/16 concurrent clients run as "
-        f"**{settings.get('mode')}** of one client process, each with its own channel. Every server process "
+        f"**{settings.get('mode')}** of one client process, each with its own channel; req/s is the rate in the "
+        f"median 0.25 s slice of the window (other work on this machine stalls a window now and then; the "
+        f"window means are in the JSON as `rps_window_mean`). Every server process "
         f"runs with OMP_NUM_THREADS=1. CPU µs/call is the process tree's user+system CPU time over every call "
         f"the client made (warm-ups included): it is what decides throughput when client and server share "
         f"two cores, and it is steadier than wall-clock figures when the machine is busy.",

@@ -74,6 +74,10 @@ LABELS = {
     "pytriton": "PyTriton 0.7.0 / Triton 2.51 (tritonclient)",
 }
 
+# Throughput figure used in summaries: completions/s in the median 0.25 s slice of each window
+# (robust to stalls caused by other work on the machine); the window mean is kept as "rps".
+RPS = "rps_median_slice"
+
 LARGE_ROWS = 16384  # [16384, 1024] float32 = 64 MiB
 MIB = 1 << 20
 
@@ -322,7 +326,7 @@ class Bench:
 
     def log_line(self, system: str, out: dict) -> None:
         seq = out.get("sequential", {})
-        tp = " ".join(f"c{t['concurrency']}={t['rps']:.0f}/s" for t in out.get("throughput", []))
+        tp = " ".join(f"c{t['concurrency']}={t[RPS]:.0f}/s" for t in out.get("throughput", []))
         errs = sum(t.get("errors", 0) for t in out.get("throughput", []))
         log.info("  %-9s p50=%7.0fus p99=%7.0fus  %s  cpu/call server=%s client=%.0fus%s", system,
                  seq.get("p50_us", float("nan")), seq.get("p99_us", float("nan")), tp,
@@ -350,7 +354,7 @@ class Bench:
                     out["server_cpu_us_per_call"] = 1e6 * (cpu_seconds(server.pid) - cpu0) / out["calls_total"]
                     runs[layer].append(out)
                     log.info("  ladder %-12s p50=%6.0fus c8=%6.0f/s server cpu/call=%4.0fus", layer,
-                             out["sequential"]["p50_us"], out["throughput"][0]["rps"], out["server_cpu_us_per_call"])
+                             out["sequential"]["p50_us"], out["throughput"][0][RPS], out["server_cpu_us_per_call"])
         except (RuntimeError, TimeoutError) as exc:
             self.note(f"ladder: {exc}")
             return
@@ -360,7 +364,7 @@ class Bench:
         self.results["ladder"] = [
             {"layer": k, "label": LADDER_LABELS[k],
              "p50_us": median_of([o["sequential"]["p50_us"] for o in v]),
-             "rps8": median_of([o["throughput"][0]["rps"] for o in v]),
+             "rps8": median_of([o["throughput"][0][RPS] for o in v]),
              "server_cpu_us_per_call": median_of([o["server_cpu_us_per_call"] for o in v]),
              "rounds": v}
             for k, v in runs.items() if v]
@@ -494,7 +498,7 @@ class Bench:
 
 def _rps(result: dict, c: int) -> float:
     """Median req/s over the windows run with ``c`` clients (compute alternates 1, 2, 1, 2...)."""
-    return statistics.median(t["rps"] for t in result["throughput"] if t["concurrency"] == c)
+    return statistics.median(t[RPS] for t in result["throughput"] if t["concurrency"] == c)
 
 
 def summarize_tiny(rounds: list[dict], systems: list[str]) -> dict:
@@ -507,12 +511,14 @@ def summarize_tiny(rounds: list[dict], systems: list[str]) -> dict:
         seq = {k: median_of([r["sequential"][k] for r in runs if "sequential" in r])
                for k in ("p50_us", "p90_us", "p99_us", "mean_us")}
         conc = sorted({t["concurrency"] for r in runs for t in r.get("throughput", [])})
-        tp = {str(c): median_of([t["rps"] for r in runs for t in r.get("throughput", []) if t["concurrency"] == c])
+        tp = {str(c): median_of([t[RPS] for r in runs for t in r.get("throughput", []) if t["concurrency"] == c])
               for c in conc}
+        tp_mean = {str(c): median_of([t["rps"] for r in runs for t in r.get("throughput", [])
+                                      if t["concurrency"] == c]) for c in conc}
         tp_p50 = {str(c): median_of([t["latency"]["p50_us"] for r in runs for t in r.get("throughput", [])
                                      if t["concurrency"] == c]) for c in conc}
         errors = sum(t.get("errors", 0) for r in runs for t in r.get("throughput", []))
-        out[s] = {"label": LABELS[s], "rounds": len(runs), "sequential": seq, "rps": tp,
+        out[s] = {"label": LABELS[s], "rounds": len(runs), "sequential": seq, "rps": tp, "rps_window_mean": tp_mean,
                   "p50_us_under_load": tp_p50, "errors": errors,
                   "server_cpu_us_per_call": median_of([r.get("server_cpu_us_per_call") for r in runs]),
                   "client_cpu_us_per_call": median_of([r.get("client_cpu_us_per_call") for r in runs])}

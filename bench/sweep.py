@@ -16,7 +16,7 @@ import shutil
 import sys
 
 from . import procs
-from .run_all import cpu_seconds, median_of, packages, run_driver
+from .run_all import RPS, cpu_seconds, median_of, packages, run_driver
 
 log = logging.getLogger("bench.sweep")
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[v].append(out)
                 log.info("%s=%s round %d: p50=%.0fus %s cpu/call=%.0fus", name, v, r + 1,
                          out["sequential"]["p50_us"],
-                         " ".join(f"c{t['concurrency']}={t['rps']:.0f}/s" for t in out["throughput"]),
+                         " ".join(f"c{t['concurrency']}={t[RPS]:.0f}/s" for t in out["throughput"]),
                          out["server_cpu_us_per_call"])
     finally:
         for s in servers.values():
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     table = {}
     for v, runs in results.items():
         row = {"p50_us": median_of([o["sequential"]["p50_us"] for o in runs]),
-               "rps": {c: median_of([t["rps"] for o in runs for t in o["throughput"] if str(t["concurrency"]) == c])
+               "rps": {c: median_of([t[RPS] for o in runs for t in o["throughput"] if str(t["concurrency"]) == c])
                        for c in conc},
                "server_cpu_us_per_call": median_of([o["server_cpu_us_per_call"] for o in runs])}
         table[v] = row
