@@ -200,6 +200,30 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
               "same package (throughput there is threads on one container with 2 runners)."]
     L += ["", "## Acceptance ratios (issue 6)", ""] + _ratio_rows(results.get("ratios", {}))
 
+    prof = results.get("profile")
+    if prof:
+        L += ["", "## Profile of the native Run hot path (py-spy, daemon side)", "",
+              "`py-spy record --gil` on the tiny daemon while one client process drives native Run: only the thread "
+              "holding the GIL is sampled, so this is the Python work per request — the part that serializes a "
+              "grpcio server's threads. Microseconds of GIL time per request.", ""]
+        keys = sorted(prof, key=int)
+        areas = sorted({a for k in keys for a in prof[k]["areas_self_us_per_request"]})
+        L += ["| where (self time) | " + " | ".join(f"{k} client(s)" for k in keys) + " |",
+              "|---|" + "---|" * len(keys)]
+        for a in areas:
+            L.append(f"| {a} | " + " | ".join(_f(prof[k]["areas_self_us_per_request"].get(a), "{:.1f}")
+                                               for k in keys) + " |")
+        L.append("| **total GIL time per request** | " + " | ".join(
+            f"**{_f(prof[k]['gil_us_per_request'], '{:.0f}')}**" for k in keys) + " |")
+        k0 = keys[0]
+        L += ["", f"Top functions, inclusive, {k0} client(s) ({_f(prof[k0]['rps_during'])} req/s while sampled):", "",
+              "| function | µs/request | share |", "|---|---|---|"]
+        for row in prof[k0]["top_inclusive"][:18]:
+            L.append(f"| `{row['function']}` | {row['us_per_request']:.1f} | {100 * row['share']:.0f}% |")
+        warn = [prof[k].get("warning") for k in keys if prof[k].get("warning")]
+        if warn:
+            L += ["", f"Note: {warn[0]}."]
+
     lad = results.get("ladder")
     if lad:
         L += ["", "## Where aotiserve's per-request time goes: the echo floor, one layer at a time", "",

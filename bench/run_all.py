@@ -41,7 +41,7 @@ DOCS = REPO / "docs" / "benchmarks.md"
 IMG_DIR = REPO / "docs" / "img"
 
 TINY_SYSTEMS = ("inproc", "echo", "echo_aio", "native", "client", "oip", "kserve", "pytriton")
-WORKLOADS = ("tiny", "ladder", "compute", "large", "memory")
+WORKLOADS = ("tiny", "profile", "ladder", "compute", "large", "memory")
 LADDER = {  # name -> the layers of bench/ladder_server.py it runs
     "bare": ("bare",),
     "interceptor": ("bare", "interceptor"),
@@ -320,9 +320,32 @@ class Bench:
             rounds.append(this)
         for name, s in self.servers.items():
             mem.setdefault(name, {})["after"] = s.memory()
+        if "profile" in self.args.workloads and "aotiserve" in self.servers:
+            self.profile(pkgs)
         self.stop_all()
         self.results["tiny"] = {"systems": systems, "rounds": rounds, "summary": summarize_tiny(rounds, systems)}
         self.results["memory"] = mem
+
+    def profile(self, pkgs: dict[str, Path]) -> None:
+        """py-spy on the tiny daemon: GIL µs per native Run, by function and by area."""
+        from . import profile
+
+        python, cfg = self.tiny_cfg("native", pkgs)
+        out = {}
+        for clients in (1, 8):
+            try:
+                out[str(clients)] = profile.profile_daemon(
+                    self.servers["aotiserve"], run_driver, dict(cfg, profile_clients=clients),
+                    self.args.profile_s, self.work)
+            except (RuntimeError, subprocess.SubprocessError, ValueError) as exc:
+                self.note(f"profile ({clients} clients): {exc}")
+                continue
+            p = out[str(clients)]
+            log.info("  profile %d client(s): %.0f us of GIL time per request; %s", clients,
+                     p["gil_us_per_request"], ", ".join(f"{k} {v:.0f}" for k, v in
+                                                       p["areas_self_us_per_request"].items()))
+        if out:
+            self.results["profile"] = out
 
     def log_line(self, system: str, out: dict) -> None:
         seq = out.get("sequential", {})
@@ -612,6 +635,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         a.large_n, a.compute_seq_n = max(2, int(10 * sc)), max(5, int(30 * sc))
         a.compute_alternations = 3  # 1, 2, 1, 2, 1, 2 clients: drift in others' load hits both alike
     a.idle_probe = 0.5 if a.quick else 2.0
+    a.profile_s = 2.0 if a.quick else 8.0
     return a
 
 
