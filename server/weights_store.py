@@ -84,7 +84,11 @@ class WeightsStore:
         log.info("model %r: committed weights version %s", model, version.id)
 
     def committed(self, model: str) -> tuple[WeightsVersion, dict[str, torch.Tensor] | None] | None:
-        """The committed version and its tensors (None for the packaged weights), or None."""
+        """The committed version and its tensors (None for the packaged weights), or None.
+
+        Called when the model loads: also removes temp files a crash left mid-write.
+        """
+        self._remove_temp_files(model)
         current = self._model_dir(model) / "current.json"
         if not current.exists():
             return None
@@ -93,6 +97,14 @@ class WeightsStore:
             return version, None
         path = self._model_dir(model) / "versions" / f"{_safe(version.id)}.safetensors"
         return version, load_file(str(path))
+
+    def _remove_temp_files(self, model: str) -> None:
+        folder = self._model_dir(model)
+        for sub in (folder, folder / "versions"):
+            if sub.is_dir():
+                for path in sub.glob(".*.tmp"):
+                    log.info("removing %s, left by an interrupted write", path)
+                    path.unlink(missing_ok=True)
 
     def prune(self, model: str, keep: set[str]) -> None:
         """Deletes stored versions not in ``keep`` (ids)."""
