@@ -106,6 +106,45 @@ def plots(results: dict, img_dir: Path) -> list[Path]:
     return out
 
 
+def _headline(results: dict) -> list[str]:
+    summary = results.get("tiny", {}).get("summary", {})
+    out = []
+
+    def p50(k):
+        return summary.get(k, {}).get("sequential", {}).get("p50_us")
+
+    def rps8(k):
+        return summary.get(k, {}).get("rps", {}).get("8")
+
+    present = [k for k in ("echo", "native", "oip", "kserve", "pytriton") if k in summary]
+    if present:
+        out.append("- Tiny model p50 (1 client): " + ", ".join(f"{SHORT[k]} {_f(p50(k))} µs" for k in present)
+                   + (f"; in-process {_f(p50('inproc'))} µs" if "inproc" in summary else "") + ".")
+        out.append("- Tiny model throughput, 8 clients: " + ", ".join(f"{SHORT[k]} {_f(rps8(k))} req/s"
+                                                                        for k in present) + ".")
+        cpu = [(k, summary[k].get("server_cpu_us_per_call")) for k in present]
+        if any(v for _, v in cpu):
+            out.append("- Server CPU per tiny call: " + ", ".join(f"{SHORT[k]} {_f(v)} µs" for k, v in cpu if v) + ".")
+    c = results.get("compute")
+    if c:
+        out.append(f"- Compute-bound model, 2 clients ÷ 1 on aotiserve: {_f(c['aotiserve_scaling_2_over_1'], '{:.2f}')}× "
+                   f"(the same package in-process with 2 threads, measured alongside: "
+                   f"{_f(c['inproc_scaling_2_over_1'], '{:.2f}')}×).")
+    g = results.get("large")
+    if g:
+        probe = g.get("copy_probe", {})
+        out.append(f"- 64 MiB in + 64 MiB out: {_f(g['gbps_round_trip'], '{:.2f}')} GB/s through aotiserve, "
+                   f"{_f(g.get('echo_gbps_round_trip'), '{:.2f}')} GB/s through a bare grpcio echo; "
+                   f"{_f(probe.get('server_copies'))} payload copies made in the server "
+                   f"(a hand-written codec needs {_f(probe.get('proposal_copies'))}).")
+    mem = results.get("memory", {})
+    if mem:
+        out.append("- Daemon RSS at rest / peak under load (MiB, process tree): " + ", ".join(
+            f"{n} {_f(mem[n]['at_rest']['tree_rss_mib'])} / {_f(mem[n].get('under_load_peak', {}).get('tree_rss_mib'))}"
+            for n in ("aotiserve", "kserve", "pytriton") if n in mem) + ".")
+    return out
+
+
 def _ratio_rows(r: dict) -> list[str]:
     acc = r.get("acceptance", {})
     rows = [
@@ -180,6 +219,10 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
         f"- **Machine load**: 1-minute load average {_f(meta.get('loadavg_start', [None])[0], '{:.1f}')} at the "
         f"start and {_f((meta.get('loadavg_end') or [None])[0], '{:.1f}')} at the end on {m.get('cpus')} CPUs "
         f"(other work shares this machine; above ~{m.get('cpus')} the figures are squeezed).",
+        "",
+        "## Headline",
+        "",
+        *_headline(results),
         "",
         "## Tiny model: [1,64] float32 → [1,10] (the zoo's `mlp`)",
         "",
