@@ -452,3 +452,27 @@ def test_server_never_unpickles():
                 if _UNSAFE.search(code) and ".eval()" not in code:
                     hits.append(f"{path.relative_to(REPO_ROOT)}:{i}: {line.strip()}")
     assert not hits, hits
+
+
+def test_bound_and_access_flags_reach_the_config():
+    import argparse
+
+    from aotiserve.server.config import ServeConfig, add_serve_arguments
+
+    args = add_serve_arguments(argparse.ArgumentParser()).parse_args([
+        "--max-upload-bytes", "100", "--max-tensor-elements", "7", "--max-tensor-rank", "3",
+        "--max-runners-per-model", "5", "--max-concurrent-rpcs", "9",
+        "--max-concurrent-streams", "11", "--admin-port", "0", "--admin-loopback-only",
+        "--inference-token-file", "/t", "--admin-host", "::1"])
+    c = ServeConfig.from_sources(args, {})
+    assert (c.max_upload_bytes, c.max_tensor_elements, c.max_tensor_rank, c.max_runners_per_model,
+            c.max_concurrent_rpcs, c.max_concurrent_streams) == (100, 7, 3, 5, 9, 11)
+    assert c.admin_port == 0 and c.admin_loopback_only and c.inference_token_file == "/t"
+    assert c.admin_host == "::1"
+    env = ServeConfig.from_sources({}, {"AOTISERVE_ADMIN_PORT": "-1",
+                                        "AOTISERVE_ADMIN_LOOPBACK_ONLY": "true",
+                                        "AOTISERVE_MAX_CONCURRENT_RPCS": "3"})
+    assert env.admin_port is None and env.admin_loopback_only and env.max_concurrent_rpcs == 3
+    defaults = ServeConfig()
+    assert defaults.admin_port is None and not defaults.admin_loopback_only
+    assert defaults.max_concurrent_rpcs and defaults.max_concurrent_streams
