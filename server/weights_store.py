@@ -14,6 +14,7 @@ one small atomic rename.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +35,22 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 def _safe(name: str) -> str:
     return _SAFE.sub("_", name) or "_"
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def _folder(model: str) -> str:
+    """One folder per model name, inside the weights folder.
+
+    Plain names are used as they are. Others ("..", "a b") get their unsafe characters
+    replaced and a digest of the real name appended, so two models never share a folder
+    ("a b" and "a_b") and no name leads outside the weights folder ("..").
+    """
+    if _PLAIN.fullmatch(model):
+        return model
+    digest = hashlib.sha256(model.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{_safe(model).lstrip('.')}~{digest}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -65,7 +82,7 @@ class WeightsStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _model_dir(self, model: str) -> Path:
-        return self.root / _safe(model)
+        return self.root / _folder(model)
 
     def save_version(self, model: str, version: WeightsVersion,
                      tensors: Mapping[str, torch.Tensor]) -> None:
