@@ -476,3 +476,25 @@ def test_bound_and_access_flags_reach_the_config():
     defaults = ServeConfig()
     assert defaults.admin_port is None and not defaults.admin_loopback_only
     assert defaults.max_concurrent_rpcs and defaults.max_concurrent_streams
+
+
+def test_model_names_cannot_leave_or_share_the_weights_folder(server_factory, tmp_path):
+    """A model named ".." wrote its committed weights beside the weights folder, and
+    "mlp v2" and "mlp_v2" shared one folder (a restart served one's weights as the other's)."""
+    weights = tmp_path / "w" / "weights"
+    s = server_factory(["mlp"], weights_dir=str(weights))
+    names = ("..", "mlp v2", "mlp_v2", ".hidden")
+    for i, name in enumerate(names):
+        s.stub.LoadModel(pb.LoadModelRequest(name=name, path=str(s.repo / "mlp.pt2")))
+        s.stub.UpdateConstantBuffer(wire.upload_requests(name, new_weights("mlp", 1.0 + i),
+                                                         validate_full=True))
+        s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model=name))
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["weights"]
+    folders = [p for p in weights.iterdir() if p.is_dir()]
+    assert len(folders) == len(names)
+    assert all(not p.name.startswith(".") for p in folders)
+    from aotiserve.server.weights_store import WeightsStore
+    store = WeightsStore(weights)
+    active = {m.name: m.active_version.id for m in s.stub.ListModels(pb.ListModelsRequest()).models}
+    for name in names:
+        assert store.committed(name)[0].id == active[name], name
