@@ -12,6 +12,9 @@ what each layer costs per call (CPU µs and latency) on this machine:
   with aotiserve's ``tensor_codec.decode``, a RunResponse built with
   ``tensor_codec.encode`` and serialized (the model is not run: the input is
   echoed as the output).
+- ``fastcodec``: instead of ``proto``, the hand-written RunRequest parser and
+  RunResponse writer sketched in ``bench/copies.py`` (no generated-code
+  objects on the Run path).
 - ``model``: the tiny model actually runs (``runner_ext``, 2 runners, GIL
   released during ``run``).
 - ``model_gil``: instead of ``model``, torch's own loader
@@ -36,7 +39,13 @@ from concurrent import futures
 
 import grpc
 
-LAYERS = ("bare", "interceptor", "torch", "proto", "model", "model_gil", "trailer", "metrics")
+if __package__ in (None, ""):  # run as a script: make `bench` importable for the fastcodec layer
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+LAYERS = ("bare", "interceptor", "torch", "proto", "fastcodec", "model", "model_gil", "trailer", "metrics")
 
 
 class PassThrough(grpc.ServerInterceptor):
@@ -60,6 +69,8 @@ def build(layers: set[str], package: str | None, resp_size: int):
     deserialize = serialize = None
     if "torch" in layers:
         import torch  # noqa: F401
+    if "fastcodec" in layers:
+        return _build_fast(layers, package)
     if "proto" not in layers:
         reply = b"\x00" * resp_size
 
@@ -107,6 +118,30 @@ def build(layers: set[str], package: str | None, resp_size: int):
         return pb.RunResponse(outputs=[codec.encode(t) for t in outputs], weights_version="initial")
 
     return run, deserialize, serialize
+
+
+def _build_fast(layers: set[str], package: str | None):
+    import torch
+
+    from bench.copies import parse_run_request, write_run_response
+
+    runner = None
+    if "model" in layers:
+        from aotiserve.runner_ext import load_model
+
+        runner = load_model(package, num_runners=2).runner
+    dtypes = {1: torch.float32}
+
+    def run(request: bytes, context) -> bytes:
+        _, specs = parse_run_request(request)
+        inputs = [torch.frombuffer(request, dtype=dtypes[d], count=n // 4, offset=o).view(shape)
+                  for d, shape, o, n in specs]
+        outputs = runner.run(inputs) if runner else inputs
+        if "trailer" in layers:
+            context.set_trailing_metadata((("aotiserve-weights-version", "initial"),))
+        return write_run_response(outputs, [1] * len(outputs), "initial")
+
+    return run, None, None
 
 
 def main() -> None:

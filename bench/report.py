@@ -278,7 +278,8 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
               "| server | p50 µs | Δ p50 µs | req/s ×8 | server CPU µs/call | Δ CPU µs |",
               "|---|---|---|---|---|---|"]
         by = {row["layer"]: row for row in lad}
-        base = {"interceptor": "bare", "torch": "interceptor", "proto": "torch", "model_gil": "proto", "model": "proto",
+        base = {"interceptor": "bare", "torch": "interceptor", "proto": "torch", "fastcodec": "torch",
+                "fast_model": "fastcodec", "model_gil": "proto", "model": "proto",
                 "trailer": "model", "metrics": "trailer"}
         for row in lad:
             cpu = row["server_cpu_us_per_call"]

@@ -47,6 +47,8 @@ LADDER = {  # name -> the layers of bench/ladder_server.py it runs
     "interceptor": ("bare", "interceptor"),
     "torch": ("bare", "interceptor", "torch"),
     "proto": ("bare", "interceptor", "torch", "proto"),
+    "fastcodec": ("bare", "interceptor", "torch", "fastcodec"),
+    "fast_model": ("bare", "interceptor", "torch", "fastcodec", "model"),
     "model_gil": ("bare", "interceptor", "torch", "proto", "model_gil"),
     "model": ("bare", "interceptor", "torch", "proto", "model"),
     "trailer": ("bare", "interceptor", "torch", "proto", "model", "trailer"),
@@ -57,6 +59,8 @@ LADDER_LABELS = {
     "interceptor": "+ a pass-through ServerInterceptor",
     "torch": "+ `import torch` in the server (nothing else)",
     "proto": "+ generated-protobuf parse, tensor_codec decode/encode, RunResponse",
+    "fastcodec": "… instead: hand-written RunRequest parser / RunResponse writer (bench/copies.py)",
+    "fast_model": "… hand-written codec + the model runs (runner_ext)",
     "model_gil": "+ the model runs, torch's own binding (holds the GIL)",
     "model": "+ the model runs, runner_ext (GIL released; instead of the row above)",
     "trailer": "+ trailing metadata (weights version)",
@@ -328,13 +332,13 @@ class Bench:
 
     def profile(self, pkgs: dict[str, Path]) -> None:
         """py-spy on the tiny daemon: GIL µs per native Run, by function and by area."""
-        from . import profile
+        from . import hotpath
 
         python, cfg = self.tiny_cfg("native", pkgs)
         out = {}
         for clients in (1, 8):
             try:
-                out[str(clients)] = profile.profile_daemon(
+                out[str(clients)] = hotpath.profile_daemon(
                     self.servers["aotiserve"], run_driver, dict(cfg, profile_clients=clients),
                     self.args.profile_s, self.work)
             except (RuntimeError, subprocess.SubprocessError, ValueError) as exc:
