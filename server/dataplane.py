@@ -32,7 +32,7 @@ from aotiserve.v1 import model_runner_pb2 as pb
 
 from . import tensor_codec as codec
 from .config import ServeConfig
-from .errors import InvalidArgument, PermissionDenied, ServeError
+from .errors import Internal, InvalidArgument, PermissionDenied, ServeError
 from .metrics import Metrics
 from .model_registry import IOSpec, ModelRegistry, ModelState, ServedModel
 from .weights import StagingUpload, WeightsVersion, new_version
@@ -227,7 +227,6 @@ class DataPlane:
                 or "out of bounds" in msg.lower()):
             return InvalidArgument(f"model {model.name!r} rejected the inputs: {msg}")
         log.error("model %r: run failed", model.name, exc_info=exc)
-        from .errors import Internal
         return Internal(f"model {model.name!r} failed to run; see the server log")
 
     # Description -------------------------------------------------------------
