@@ -202,7 +202,9 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
         "",
         f"- **Machine**: {m.get('name')} — {m.get('cpu_model', '?')}, {m.get('cpus')} CPUs, "
         f"{m.get('mem_total_mib', '?')} MiB RAM; torch {m.get('torch')}, grpcio {m.get('grpcio')}, "
-        f"Python {m.get('python')}; commit `{m.get('git_commit', '?')}`; {meta['date']}.",
+        f"Python {m.get('python')}; commit `{m.get('git_commit', '?')}`"
+        + (f" plus uncommitted changes to {', '.join(f'`{x}`' for x in m['uncommitted'])}" if m.get("uncommitted") else "")
+        + f"; {meta['date']}.",
         f"- **Command**: `{meta['command']}` ({meta.get('wall_s', '?')} s).",
         f"- **Method**: every client is a separate process from its server, and client and server share the "
         f"same {m.get('cpus')} cores, so absolute figures are noisy (differences under ~30% between runs are "

@@ -122,6 +122,10 @@ def machine_info() -> dict:
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                             text=True).stdout.strip()
+        # The bench runs the working tree: say which measured files differ from the commit.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "server", "runner_ext", "client", "bench"],
+                               cwd=REPO, capture_output=True, text=True).stdout.split("\n")
+        info["uncommitted"] = [line[3:] for line in dirty if line.strip()]
     except OSError:
         pass
     return info
