@@ -206,9 +206,17 @@ start_container() {
     log "started ${CID:0:12} on $TARGET (metrics $METRICS)"
 }
 
+# Runs deploy/smoke.py against the container; its report goes to stderr and
+# to $WORK/smoke.out.
 smoke() {
+    local rc=0
     "$PY" "$REPO/deploy/smoke.py" --target "$TARGET" --metrics "$METRICS" \
-        --timeout "$HEALTH_TIMEOUT" "$@" || { podman logs --tail 50 "$CID" >&2 || true; die "smoke test failed"; }
+        --timeout "$HEALTH_TIMEOUT" "$@" >"$WORK/smoke.out" || rc=$?
+    cat "$WORK/smoke.out" >&2
+    if [ "$rc" != 0 ]; then
+        podman logs --tail 50 "$CID" >&2 || true
+        die "smoke test failed"
+    fi
 }
 
 # 1. The image as shipped: the prebuilt demo, no compiler, HEALTHCHECK, drain.
@@ -246,8 +254,8 @@ repository_test() {
                 -e AOTISERVE_ADMIN_TOKEN_FILE=/etc/aotiserve/admin/token -e AOTISERVE_LOG_JSON=1)
     log "phase 2: model repository, admin token, weights volume; weights rollout; restart"
     start_container "${args[@]}"
-    version="$(smoke --rollout demo --admin-token-file "$dir/admin-token" | tee /dev/stderr \
-        | sed -n 's/^VERSION=//p')"
+    smoke --rollout demo --admin-token-file "$dir/admin-token"
+    version="$(sed -n 's/^VERSION=//p' "$WORK/smoke.out")"
     [ -n "$version" ] || die "no version from the rollout"
     stop_and_check
     start_container "${args[@]}"

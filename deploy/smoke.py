@@ -95,7 +95,10 @@ def rollout(target: str, model: str, token_file: str) -> str:
         out = subprocess.run([str(cli), "--admin-token-file", token_file, "weights", "rollout",
                               "--model", model, str(new), "--targets", target],
                              capture_output=True, text=True, timeout=120)
-        print(out.stdout.rstrip())
+        # The command's table, without its progress bar's redraws.
+        for line in out.stdout.replace("\r", "\n").splitlines():
+            if line.strip():
+                print(line.rstrip())
         if out.returncode != 0:
             raise RuntimeError(f"aotiserve weights rollout exited {out.returncode}: {out.stderr}")
         after = np.asarray(client.model(model).run(x)[0])
