@@ -164,6 +164,12 @@ class ServedModel:
         self.weights_op = threading.Lock()  # one weight operation at a time
         self._inflight = 0
         self._idle = threading.Condition()
+        # In-place uploads write (and hash) the runner's inactive buffer chunk by chunk,
+        # outside weights_op; close() waits for those in progress and refuses later ones,
+        # so nothing touches a freed buffer (an unload during an upload corrupted the heap).
+        self._buffer_users = 0
+        self._buffers_closed = False
+        self._buffers = threading.Condition()
 
     # Loading ---------------------------------------------------------------
 
@@ -214,7 +220,24 @@ class ServedModel:
             WeightsVersion(INITIAL, map_sha256(self, live), int(time.time() * 1000), "package",
                            os.path.basename(self.path)))
 
+    @contextmanager
+    def using_buffers(self) -> Iterator[None]:
+        """Holds the runners' buffers alive (no close) while an upload touches them."""
+        with self._buffers:
+            if self._buffers_closed:
+                raise Unavailable(f"model {self.name!r} is {self.state.name.lower()}")
+            self._buffer_users += 1
+        try:
+            yield
+        finally:
+            with self._buffers:
+                self._buffer_users -= 1
+                self._buffers.notify_all()
+
     def close(self) -> None:
+        with self._buffers:
+            self._buffers_closed = True
+            self._buffers.wait_for(lambda: self._buffer_users == 0)
         for replica in self.replicas:
             replica.pool.close_slot(replica.slot)
             replica.loaded.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import itertools
 import os
@@ -240,27 +241,35 @@ class StagingUpload:
         if (i > 0 and st.intervals[i - 1][1] > start) or (
                 i < len(st.intervals) and st.intervals[i][0] < end):
             raise InvalidArgument(f"{what}: chunk [{start}, {end}) overlaps bytes already received")
-        st.intervals.insert(i, (start, end))
         src = torch.frombuffer(data, dtype=torch.uint8)
-        for pool, view in zip((r.pool for r in self.model.replicas), st.views):
-            if view.device.type == "cpu":
-                view[start:end].copy_(src)
-            else:
-                pool.run_in_stream(lambda v=view: v[start:end].copy_(src, non_blocking=False))
+        with self._buffers():
+            for pool, view in zip((r.pool for r in self.model.replicas), st.views):
+                if view.device.type == "cpu":
+                    view[start:end].copy_(src)
+                else:
+                    pool.run_in_stream(lambda v=view: v[start:end].copy_(src, non_blocking=False))
+        st.intervals.insert(i, (start, end))
         st.received += n
         self.bytes_received += n
         if st.cpu_index is not None:
             self._hash_complete_blocks(st, start, end)
 
-    @staticmethod
-    def _hash_complete_blocks(st: _Staged, start: int, end: int) -> None:
+    def _buffers(self):
+        """In place, the runner's buffer is written: keep the model from closing meanwhile."""
+        return self.model.using_buffers() if self.in_place else contextlib.nullcontext()
+
+    def _guarded_block_hash(self, view: torch.Tensor, start: int, end: int) -> bytes:
+        with self._buffers():
+            return _block_hash(view, start, end)
+
+    def _hash_complete_blocks(self, st: _Staged, start: int, end: int) -> None:
         size = st.info.nbytes
         view = st.views[st.cpu_index]
         for b in range(start // HASH_BLOCK, (end - 1) // HASH_BLOCK + 1):
             lo, hi = b * HASH_BLOCK, min(size, (b + 1) * HASH_BLOCK)
             st.block_filled[b] += min(end, hi) - max(start, lo)
             if st.block_filled[b] == hi - lo:
-                st.block_hashes[b] = _hash_pool.submit(_block_hash, view, lo, hi)
+                st.block_hashes[b] = _hash_pool.submit(self._guarded_block_hash, view, lo, hi)
 
     def finish(self) -> tuple[dict[str, list[torch.Tensor]], str]:
         """Checks completeness; returns ({fqn: per-replica tensors}, sha256)."""
@@ -270,12 +279,14 @@ class StagingUpload:
                     f"constant {fqn!r}: received {st.received} of {st.info.nbytes} bytes; "
                     "the upload ended early")
         digests = []
-        for st in self.staged.values():
-            if st.cpu_index is not None:
-                digest = _combine(st.block_hashes[b].result() for b in range(len(st.block_filled)))
-            else:
-                digest = tensor_digest(st.tensors[0])  # device-only replicas: hash a host copy
-            digests.append((st.info, digest))
+        with self._buffers():
+            for st in self.staged.values():
+                if st.cpu_index is not None:
+                    digest = _combine(st.block_hashes[b].result()
+                                      for b in range(len(st.block_filled)))
+                else:
+                    digest = tensor_digest(st.tensors[0])  # device-only replicas: a host copy
+                digests.append((st.info, digest))
         return {fqn: st.tensors for fqn, st in self.staged.items()}, content_sha256(digests)
 
     def discard(self) -> None:
