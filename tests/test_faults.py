@@ -9,6 +9,7 @@ no accepted call lost (test_server_shutdown.py).
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import threading
 import time
@@ -287,3 +288,85 @@ def test_inputs_refused_by_a_shape_guard_are_freed(model_package):
         assert wire.close(loaded.runner.run(list(ok)), model_zoo.eager("two_io", ok))
     finally:
         loaded.close()
+
+
+@pytest.mark.slow
+def test_concurrent_weight_ops_loads_and_unloads_never_crash(tmp_path):
+    """Threads race stage/swap/rollback/free/extract/run/unload/load on one model (in a
+    daemon process, so a crash in the runner shows as a dead daemon, not a dead test);
+    every answer is a proper code, the daemon lives, the other model is untouched."""
+    import random
+
+    (tmp_path / "junk.blob").write_bytes(b"\0" * 64)
+    d = start_daemon(["mlp"], ["--weights-dir", str(tmp_path / "weights"),
+                               "--allowed-root", str(tmp_path)])
+    d_repo = d.repo
+    pkg = tmp_path / "victim.pt2"
+    shutil.copy(model_zoo.compiled("mlp"), pkg)  # below the allowed root (a link would leave it)
+    channel, stub = _daemon_stub(d)
+    load = pb.LoadModelRequest(name="victim", path=str(pkg))
+    stub.LoadModel(load)
+    x = model_zoo.MODELS["mlp"].inputs(2)
+    weights = new_weights("mlp", 1.7)
+    allowed = {CODE.OK, CODE.FAILED_PRECONDITION, CODE.NOT_FOUND, CODE.UNAVAILABLE,
+               CODE.ALREADY_EXISTS, CODE.INVALID_ARGUMENT}
+    ops = {
+        "stage": lambda: stub.UpdateConstantBuffer(
+            wire.upload_requests("victim", weights, validate_full=True, chunk_bytes=2048),
+            timeout=60),
+        "swap": lambda: stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="victim"),
+                                                timeout=60),
+        "rollback": lambda: stub.RollbackConstantBuffer(
+            pb.RollbackConstantBufferRequest(model="victim"), timeout=60),
+        "free": lambda: stub.FreeInactiveConstantBuffer(
+            pb.FreeInactiveConstantBufferRequest(model="victim"), timeout=60),
+        "extract": lambda: list(stub.ExtractConstantsMap(pb.ExtractConstantsMapRequest(
+            model="victim", use_inactive=random.random() < 0.5), timeout=60)),
+        "run": lambda: stub.Run(wire.run_request("victim", x), timeout=60),
+        "blob": lambda: stub.UpdateConstantBufferFromBlob(pb.UpdateConstantBufferFromBlobRequest(
+            model="victim", weights_path=str(tmp_path / "junk.blob")), timeout=60),
+        "unload": lambda: stub.UnloadModel(pb.UnloadModelRequest(name="victim"), timeout=60),
+        "load": lambda: stub.LoadModel(load, timeout=60),
+    }
+    names = list(ops)
+    bad: list = []
+    seen: dict = {}
+    stop = time.monotonic() + 15
+
+    def worker(seed):
+        rng = random.Random(seed)
+        while time.monotonic() < stop and not bad:
+            op = rng.choices(names, weights=[4, 3, 3, 3, 2, 4, 1, 1, 2])[0]
+            try:
+                ops[op]()
+                code = CODE.OK
+            except grpc.RpcError as e:
+                code = e.code()
+                if code not in allowed:
+                    bad.append((op, code, e.details()))
+            seen[(op, code)] = seen.get((op, code), 0) + 1
+
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert d.proc.poll() is None, d.log()[-3000:]
+        assert not bad, bad[:5]
+        assert seen.get(("swap", CODE.OK)) and seen.get(("unload", CODE.OK)), seen
+        assert wire.close(wire.outputs(stub.Run(wire.run_request("mlp", x))),
+                          model_zoo.eager("mlp", x))
+        # The victim, if loaded, serves one of the two weight sets.
+        try:
+            out = wire.outputs(stub.Run(wire.run_request("victim", x)))
+        except grpc.RpcError as e:
+            assert e.code() in (CODE.NOT_FOUND, CODE.UNAVAILABLE)
+        else:
+            assert wire.close(out, model_zoo.eager("mlp", x)) or \
+                wire.close(out, eager_with("mlp", weights, x))
+    finally:
+        channel.close()
+        d.proc.kill()
+        d.proc.wait(30)
+    assert d_repo.exists()
