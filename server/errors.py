@@ -69,6 +69,12 @@ class FailedPrecondition(ServeError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Aborted(ServeError):
+    """A concurrent change got in the way (e.g. the weights changed during a download): retry."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class DeadlineExceeded(ServeError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

@@ -46,6 +46,7 @@ from aotiserve.v1 import model_runner_pb2 as pb
 from . import tensor_codec as codec
 from .device_pool import DevicePool, Slot
 from .errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     Internal,
@@ -233,6 +234,16 @@ class ServedModel:
             with self._buffers:
                 self._buffer_users -= 1
                 self._buffers.notify_all()
+
+    def weights_snapshot(self) -> tuple:
+        """Which weights the buffers hold now (compare with :meth:`check_weights`)."""
+        w = self.weights
+        return (w.active, w.staged, w.previous) if w is not None else ()
+
+    def check_weights(self, snapshot: tuple) -> None:
+        """Refuses to go on reading buffers whose weights changed since ``snapshot``."""
+        if self.weights_snapshot() != snapshot:
+            raise Aborted(f"model {self.name!r}: its weights changed during the read; retry")
 
     def close(self) -> None:
         with self._buffers:

@@ -94,20 +94,30 @@ class NativeServicer(pb_grpc.ModelRunnerServicer):
         if request.chunk_bytes < 0:
             raise InvalidArgument(f"chunk_bytes must be >= 0, got {request.chunk_bytes}")
         chunk = min(request.chunk_bytes or self.chunk_bytes, self.max_chunk_bytes)
+        model = self.plane.model(request.model)
         tensors, _version = self.plane.extract_constants(request.model, request.use_inactive)
+        # The tensors alias the runner's buffers (no copy). Each read holds the buffers
+        # alive (an unload waits for it, and fails later reads) and checks they still
+        # hold the weights the stream started with (a swap or upload aborts the stream).
+        snapshot = model.weights_snapshot()
         for name in sorted(tensors):
             tensor = tensors[name]
             dtype = codec.wire_dtype(tensor.dtype)
             shape = list(tensor.shape)
-            host = tensor if tensor.device.type == "cpu" else tensor.cpu()
-            data = codec.byte_view(host.contiguous()).numpy()
+            with model.using_buffers():
+                model.check_weights(snapshot)
+                host = tensor if tensor.device.type == "cpu" else tensor.cpu()
+                data = codec.byte_view(host.contiguous()).numpy()
             size = data.nbytes
             offset = 0
             while True:
                 if not context.is_active():
                     return
                 end = min(size, offset + chunk)
-                yield pb.ConstantChunk(name=name, offset=offset, data=data[offset:end].tobytes(),
+                with model.using_buffers():
+                    model.check_weights(snapshot)
+                    payload = data[offset:end].tobytes()
+                yield pb.ConstantChunk(name=name, offset=offset, data=payload,
                                        dtype=dtype, shape=shape)
                 offset = end
                 if offset >= size:
