@@ -309,7 +309,8 @@ def test_concurrent_weight_ops_loads_and_unloads_never_crash(tmp_path):
     x = model_zoo.MODELS["mlp"].inputs(2)
     weights = new_weights("mlp", 1.7)
     allowed = {CODE.OK, CODE.FAILED_PRECONDITION, CODE.NOT_FOUND, CODE.UNAVAILABLE,
-               CODE.ALREADY_EXISTS, CODE.INVALID_ARGUMENT}
+               CODE.ALREADY_EXISTS, CODE.INVALID_ARGUMENT,
+               CODE.ABORTED}  # an extract whose weights flipped under it
     ops = {
         "stage": lambda: stub.UpdateConstantBuffer(
             wire.upload_requests("victim", weights, validate_full=True, chunk_bytes=2048),
@@ -370,3 +371,44 @@ def test_concurrent_weight_ops_loads_and_unloads_never_crash(tmp_path):
         d.proc.kill()
         d.proc.wait(30)
     assert d_repo.exists()
+
+
+def test_extract_stream_survives_unload_and_aborts_on_swap(tmp_path):
+    """ExtractConstantsMap streams views of the runner's buffers: an unload mid-stream
+    freed them under the reader (SIGSEGV with 16 MiB constants); a swap mid-stream mixed
+    old and new weights in one download."""
+    pkg = tmp_path / "big.pt2"
+    shutil.copy(model_zoo.compiled("compute"), pkg)  # 4 x Linear(1024, 1024): 16 MiB
+    d = start_daemon(["mlp"], ["--allowed-root", str(tmp_path)])
+    try:
+        channel = grpc.insecure_channel(d.target, options=[
+            ("grpc.max_receive_message_length", 64 << 20)])
+        stub = pb_grpc.ModelRunnerStub(channel)
+        stub.LoadModel(pb.LoadModelRequest(name="big", path=str(pkg)))
+        stream = stub.ExtractConstantsMap(pb.ExtractConstantsMapRequest(model="big",
+                                                                         chunk_bytes=1 << 16))
+        next(stream)
+        stub.UnloadModel(pb.UnloadModelRequest(name="big"), timeout=60)
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in stream:
+                pass
+        assert e.value.code() == CODE.UNAVAILABLE, e.value.details()
+        assert d.proc.poll() is None, d.log()[-2000:]
+        # A swap mid-stream aborts the download instead of mixing weight sets.
+        stub.UpdateConstantBuffer(wire.upload_requests("mlp", new_weights("mlp"),
+                                                       validate_full=True))
+        stream = stub.ExtractConstantsMap(pb.ExtractConstantsMapRequest(model="mlp",
+                                                                         chunk_bytes=256))
+        next(stream)
+        stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in stream:
+                pass
+        assert e.value.code() == CODE.ABORTED and "retry" in e.value.details()
+        got = wire.extract(stub, "mlp")
+        want = new_weights("mlp")
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        channel.close()
+    finally:
+        d.proc.kill()
+        d.proc.wait(30)
