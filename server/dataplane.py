@@ -237,15 +237,22 @@ class DataPlane:
     def list_models(self) -> list[ModelInfo]:
         return [_info(m) for m in sorted(self.registry.models(), key=lambda m: m.name)]
 
+    def _ask_runner(self, name: str, ask):
+        """``ask(runner)`` on the model's first runner, which an unload cannot close meanwhile
+        (unguarded, a racing unload emptied the replicas: INTERNAL, or a freed runner)."""
+        model = self.registry.get(name)
+        with model.using_buffers():
+            return ask(model.replicas[0].runner)
+
     def call_spec(self, name: str) -> tuple[str, str]:
-        spec = self.registry.get(name).replicas[0].runner.get_call_spec()
+        spec = self._ask_runner(name, lambda r: r.get_call_spec())
         return spec[0], spec[1]
 
     def constant_fqns(self, name: str) -> dict[str, str]:
-        return dict(self.registry.get(name).replicas[0].runner.get_constant_names_to_original_fqns())
+        return dict(self._ask_runner(name, lambda r: r.get_constant_names_to_original_fqns()))
 
     def constant_dtypes(self, name: str) -> dict[str, int]:
-        return dict(self.registry.get(name).replicas[0].runner.get_constant_names_to_dtypes())
+        return dict(self._ask_runner(name, lambda r: r.get_constant_names_to_dtypes()))
 
     # Model management ----------------------------------------------------------
 
