@@ -328,6 +328,10 @@ def test_concurrent_weight_ops_loads_and_unloads_never_crash(tmp_path):
             model="victim", weights_path=str(tmp_path / "junk.blob")), timeout=60),
         "unload": lambda: stub.UnloadModel(pb.UnloadModelRequest(name="victim"), timeout=60),
         "load": lambda: stub.LoadModel(load, timeout=60),
+        "describe": lambda: (
+            stub.GetCallSpec(pb.GetCallSpecRequest(model="victim"), timeout=60),
+            stub.GetConstantNamesToDtypes(pb.GetConstantNamesToDtypesRequest(model="victim"),
+                                          timeout=60)),
     }
     names = list(ops)
     bad: list = []
@@ -337,7 +341,7 @@ def test_concurrent_weight_ops_loads_and_unloads_never_crash(tmp_path):
     def worker(seed):
         rng = random.Random(seed)
         while time.monotonic() < stop and not bad:
-            op = rng.choices(names, weights=[4, 3, 3, 3, 2, 4, 1, 1, 2])[0]
+            op = rng.choices(names, weights=[4, 3, 3, 3, 2, 4, 1, 1, 2, 2])[0]
             try:
                 ops[op]()
                 code = CODE.OK
