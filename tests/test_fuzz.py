@@ -368,9 +368,9 @@ def test_fuzz_native_raw_bytes(env, raw, method):
             for _ in r:
                 pass
     except grpc.RpcError as exc:
-        assert exc.code() in PROPER | {grpc.StatusCode.INTERNAL} and (
-            exc.code() != grpc.StatusCode.INTERNAL or "deserializ" in (exc.details() or "").lower()
-            or "parse" in (exc.details() or "").lower()), (exc.code(), exc.details())
+        # Undecodable bytes are INVALID_ARGUMENT from the interceptor (gRPC's own
+        # deserializer would say INTERNAL and leak the call).
+        assert exc.code() in PROPER, (exc.code(), exc.details())
 
 
 def _raw_load(env, raw):

@@ -498,3 +498,24 @@ def test_model_names_cannot_leave_or_share_the_weights_folder(server_factory, tm
     active = {m.name: m.active_version.id for m in s.stub.ListModels(pb.ListModelsRequest()).models}
     for name in names:
         assert store.committed(name)[0].id == active[name], name
+
+
+def test_undecodable_requests_are_invalid_argument_and_leak_nothing(server_factory):
+    """grpcio keeps the call state of every request its deserializer refuses (~19 KB each,
+    never freed; with a stream limit, the connection stops taking calls): requests are
+    parsed by the interceptor instead. A 4-stream connection survives 200 garbage calls."""
+    s = server_factory(["mlp"], max_concurrent_streams=4)
+    oip = OipStub(s.channel)
+    garbage = b"\xff\xff\xff" + b"x" * 64
+    calls = [s.channel.unary_unary("/aotiserve.v1.ModelRunner/Run"),
+             s.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer"),
+             s.channel.unary_unary("/grpc.health.v1.Health/Check"),
+             s.channel.unary_unary("/aotiserve.v1.ModelRunner/LoadModel")]
+    for i in range(200):
+        code, details = code_of(lambda: calls[i % len(calls)](garbage, timeout=10))
+        assert code == CODE.INVALID_ARGUMENT and "not a valid message" in details, (i, code, details)
+    stream = s.channel.stream_unary("/aotiserve.v1.ModelRunner/UpdateConstantBuffer")
+    code, _ = code_of(lambda: stream(iter([garbage]), timeout=10))
+    assert code == CODE.INVALID_ARGUMENT
+    assert s.stub.Run(wire.run_request("mlp", [torch.zeros(1, 64)]), timeout=10).outputs
+    assert oip.ServerLive(ipb.ServerLiveRequest(), timeout=10).live
