@@ -93,7 +93,7 @@ RUN pip uninstall -y pybind11 ninja wheel pip \
  && rm -rf "$torch_dir/include" "$torch_dir/test" \
  && find "$torch_dir/bin" -mindepth 1 ! -name torch_shm_manager -exec rm -rf {} + \
  && find "$VIRTUAL_ENV" -name __pycache__ -prune -exec rm -rf {} + \
- && find "$VIRTUAL_ENV" -path '*/aotiserve/*' -name '*.so' -exec strip --strip-debug {} + \
+ && find "$VIRTUAL_ENV" -path '*/site-packages/aotiserve/*' -name '*.so' -exec strip --strip-debug {} + \
  && python -c "from aotiserve import runner_ext; print('runner_ext', runner_ext.compiled_backends())"
 
 # ---------------------------------------------------------------- runtime --
