@@ -14,7 +14,8 @@ Against it, at once:
   then a stage that is discarded unswapped, every ``--swap-every-s``;
 - a share of requests (``--bad-share``) are malformed on purpose (wrong shape,
   dtype, byte count, unknown model, batch beyond the shape guard, bad upload
-  header, a path outside the allowed roots), each expecting its status code.
+  header, a path outside the allowed roots, bytes that are no message at all),
+  each expecting its status code.
 
 Anything else — an unexpected code, a wrong result, a dead daemon — counts as
 an unexpected error. Every ``--interval-s`` a line shows requests, errors,
@@ -192,6 +193,9 @@ class Load:
                 timeout=30), CODE.INVALID_ARGUMENT),
             ("upload wrong shape", lambda: self.stub.UpdateConstantBuffer(
                 iter([pb.UpdateConstantBufferRequest(header=header)]), timeout=30),
+             CODE.INVALID_ARGUMENT),
+            ("undecodable bytes", lambda: self.channel.unary_unary(
+                "/aotiserve.v1.ModelRunner/Run")(b"\xff\xff\xff" + bytes(1024), timeout=30),
              CODE.INVALID_ARGUMENT),
             ("blob outside roots", lambda: self.stub.UpdateConstantBufferFromBlob(
                 pb.UpdateConstantBufferFromBlobRequest(model="mlp", weights_path=self.outside_path),
