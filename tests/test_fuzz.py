@@ -560,6 +560,7 @@ def test_fuzz_oip_unary(env, item):
 
 
 def test_after_fuzzing_results_are_unchanged_and_nothing_leaks(env):
+    print(f"generated requests sent: {dict(SENT)}")
     assert SENT["native"] >= 2000 * min(SCALE, 1), SENT
     assert SENT["oip"] >= 2000 * min(SCALE, 1), SENT
     for m in SERVED:
