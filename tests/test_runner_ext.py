@@ -339,3 +339,37 @@ def test_swap_without_staged_weights_is_refused(model_package, zoo):
         runner.swap_constant_buffer()
     _allclose(runner.run(list(x)), before)
     model.close()
+
+
+@pytest.mark.parametrize("name", ["mlp", "blob_mlp"])
+def test_staging_after_freeing_a_once_active_buffer(model_package, zoo, name):
+    """torch's free leaves a once-active buffer unusable (a later update crashes)."""
+    model = _fresh(model_package, name)
+    runner = model.runner
+    x = zoo.MODELS[name].inputs(3)
+    live = runner.extract_constants_map(False)
+    to_name = {fqn: n for n, fqn in runner.get_constant_names_to_original_fqns().items()}
+    for step in range(3):
+        scaled = {to_name[fqn]: t * (1.1 + step) for fqn, t in live.items()}
+        runner.update_constant_buffer(scaled, True, True)
+        runner.swap_constant_buffer()
+        runner.run(list(x))
+        runner.free_inactive_constant_buffer()
+        partial = dict(list(scaled.items())[:1])
+        runner.update_constant_buffer(partial, True, False)  # rest filled from the active buffer
+        runner.swap_constant_buffer()
+        runner.run(list(x))
+
+
+def test_user_managed_tensors_stay_alive(model_package, zoo):
+    model = _fresh(model_package)
+    runner = model.runner
+    new = _new_weights(zoo)
+    x = zoo.MODELS["mlp"].inputs(2)
+    runner.update_constant_buffer(_by_constant_name(runner, new.state_dict()), True, True, user_managed=True)
+    import gc
+    gc.collect()
+    runner.swap_constant_buffer()
+    with torch.no_grad():
+        _allclose(runner.run(list(x)), [new(*x)])
+    model.close()

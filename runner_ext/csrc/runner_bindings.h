@@ -117,11 +117,50 @@ class Runner : public Base {
           current->second.strides(), " (make it contiguous), got ",
           tensor.strides());
     }
+    // The container copies each tensor's whole storage (not just its
+    // elements) into the constant's slot: a view into a larger storage would
+    // overrun the buffer. Hand it compact tensors.
+    for (auto& entry : tensor_map) {
+      at::Tensor& t = entry.second;
+      const auto elems = t.numel() * static_cast<int64_t>(t.element_size());
+      if (!user_managed &&
+          (t.storage_offset() != 0 ||
+           static_cast<int64_t>(t.storage().nbytes()) != elems)) {
+        t = t.clone();
+      }
+    }
     std::lock_guard<std::mutex> lock(buffer_state_mutex_);
-    with_last_error("update_constant_buffer", [&] {
-      this->update_constant_buffer(
-          tensor_map, use_inactive, validate_full_updates, user_managed);
-    });
+    if (use_inactive && !user_managed) {
+      // Constants a partial update leaves out are taken from the inactive
+      // buffer, which may hold nothing valid (never filled, or freed): the
+      // container then reads freed memory. Fill them from the active buffer.
+      for (const auto& name : updatable_names()) {
+        if (tensor_map.count(name) == 0 && inactive_written_.count(name) == 0) {
+          tensor_map.emplace(name, live.at(fqns.at(name)).clone());
+        }
+      }
+    }
+    if (user_managed) {
+      // The container keeps raw pointers to the tensors it is given; torch's
+      // binding hands it the temporary map of one call, which dangles right
+      // after. Keep the tensors alive as long as their buffer uses them.
+      auto& kept = user_managed_[use_inactive ? 1 : 0];
+      torch::inductor::TensorConstantMap pointers;
+      for (auto& [name, tensor] : tensor_map) {
+        auto& slot = kept[name];
+        slot = tensor;
+        pointers.emplace(name, &slot);
+      }
+      with_last_error("update_constant_buffer", [&] {
+        this->update_constant_buffer(
+            pointers, use_inactive, validate_full_updates, /*user_managed=*/true);
+      });
+    } else {
+      with_last_error("update_constant_buffer", [&] {
+        this->update_constant_buffer(
+            tensor_map, use_inactive, validate_full_updates, false);
+      });
+    }
     if (use_inactive) {
       for (const auto& entry : tensor_map) {
         inactive_written_.insert(entry.first);
@@ -143,17 +182,49 @@ class Runner : public Base {
           "'; fill it with update_constant_buffer(..., use_inactive=True) first");
     }
     with_last_error("swap_constant_buffer", [&] { this->swap_constant_buffer(); });
-    // The inactive buffer now holds the previous (complete) weights.
+    // The inactive buffer now holds the previous (complete) weights, and it
+    // has been active: it may hold constants folded at run time.
     const auto all = updatable_names();
     inactive_written_ = std::set<std::string>(all.begin(), all.end());
+    std::swap(slot_was_active_[0], slot_was_active_[1]);
+    std::swap(user_managed_[0], user_managed_[1]);
+    slot_was_active_[0] = true;  // slot 0 = the active buffer, 1 = inactive
   }
 
-  void checked_free_inactive_constant_buffer() {
+  // Returns whether memory was released. torch's container frees a buffer by
+  // dropping its blob and nulling its run-time folded constants, and any
+  // later update of that buffer then dereferences the null entries and
+  // crashes. A buffer that was never active holds no folded constants and is
+  // freed; one that was active is only invalidated (a swap is refused until
+  // it is filled again) and keeps its memory for the next staging.
+  bool checked_free_inactive_constant_buffer() {
     std::lock_guard<std::mutex> lock(buffer_state_mutex_);
+    inactive_written_.clear();
+    user_managed_[1].clear();
+    if (slot_was_active_[1] && has_folded_constants()) {
+      return false;
+    }
     with_last_error("free_inactive_constant_buffer", [&] {
       this->free_inactive_constant_buffer();
     });
-    inactive_written_.clear();
+    return true;
+  }
+
+  bool has_folded_constants() const {
+    size_t count = 0;
+    check(sym<decltype(&AOTInductorModelContainerGetNumConstants)>(
+              "AOTInductorModelContainerGetNumConstants")(
+              this->container_handle_, &count),
+          "get_num_constants");
+    auto get_folded =
+        sym<decltype(&AOTInductorModelContainerGetConstantFromFolded)>(
+            "AOTInductorModelContainerGetConstantFromFolded");
+    for (size_t i = 0; i < count; ++i) {
+      bool folded = false;
+      check(get_folded(this->container_handle_, i, &folded), "get_from_folded");
+      if (folded) return true;
+    }
+    return false;
   }
 
   // The inactive buffer's entries may point at freed memory after
@@ -326,6 +397,9 @@ class Runner : public Base {
  private:
   mutable std::mutex buffer_state_mutex_;
   std::set<std::string> inactive_written_;
+  // [0] describes the active buffer, [1] the inactive one; swapped on swap.
+  bool slot_was_active_[2] = {true, false};
+  std::unordered_map<std::string, at::Tensor> user_managed_[2];
 
   template <class Fn>
   Fn sym(const char* name) const {
@@ -416,7 +490,7 @@ py::class_<Runner<Base>> bind_runner(py::module_& m, const char* name) {
           release())
       .def(
           "free_inactive_constant_buffer",
-          [](R& self) { self.checked_free_inactive_constant_buffer(); },
+          [](R& self) { return self.checked_free_inactive_constant_buffer(); },
           release())
       // torch's container loads a blob into model 0's map only, which no
       // longer is the live buffer once any update happened; read the blob
