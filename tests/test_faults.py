@@ -416,3 +416,27 @@ def test_extract_stream_survives_unload_and_aborts_on_swap(tmp_path):
     finally:
         d.proc.kill()
         d.proc.wait(30)
+
+
+def test_client_cancels_an_oip_infer_stream(server_factory):
+    from oip_messages import OipStub, ipb
+
+    s = server_factory(["mlp"])
+    oip = OipStub(s.channel)
+    x = model_zoo.MODELS["mlp"].inputs(2)[0]
+    req = ipb.ModelInferRequest(model_name="mlp", raw_input_contents=[x.numpy().tobytes()])
+    req.inputs.add(name="x", datatype="FP32", shape=[2, 64])
+    more = threading.Event()
+
+    def requests():
+        yield req
+        more.wait(30)  # the client stalls, then goes away
+        yield req
+
+    stream = oip.ModelStreamInfer(requests())
+    first = next(stream)
+    assert not first.error_message and first.infer_response.outputs
+    stream.cancel()
+    more.set()
+    _wait(lambda: _idle(s), what="stream handler finished")
+    assert oip.ModelInfer(req).outputs
