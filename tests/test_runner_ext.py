@@ -160,7 +160,7 @@ def test_partial_update_with_validation_is_refused(model_package, zoo):
     model = _fresh(model_package)
     runner = model.runner
     partial = dict(list(_by_constant_name(runner, _new_weights(zoo).state_dict()).items())[:2])
-    with pytest.raises(RuntimeError, match=f"Cannot find constants|{OLD_TORCH_FAILURE}"):
+    with pytest.raises(ValueError, match="validate_full_updates is set but the map has no"):
         runner.update_constant_buffer(partial, use_inactive=True, validate_full_updates=True)
     model.close()
 

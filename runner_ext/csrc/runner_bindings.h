@@ -129,6 +129,14 @@ class Runner : public Base {
         t = t.clone();
       }
     }
+    if (validate_full_updates) {
+      for (const auto& name : updatable_names()) {
+        TORCH_CHECK_VALUE(
+            tensor_map.count(name) != 0,
+            "update_constant_buffer: validate_full_updates is set but the map has no '",
+            name, "' (Cannot find constants ", name, " in constants_map)");
+      }
+    }
     std::lock_guard<std::mutex> lock(buffer_state_mutex_);
     if (use_inactive && !user_managed) {
       // Constants a partial update leaves out are taken from the inactive
