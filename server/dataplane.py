@@ -32,9 +32,16 @@ from aotiserve.v1 import model_runner_pb2 as pb
 
 from . import tensor_codec as codec
 from .config import ServeConfig
-from .errors import Internal, InvalidArgument, PermissionDenied, ServeError
+from .errors import Internal, InvalidArgument, NotFound, PermissionDenied, ServeError
 from .metrics import Metrics
-from .model_registry import IOSpec, ModelRegistry, ModelState, ServedModel
+from .model_registry import (
+    IOSpec,
+    ModelRegistry,
+    ModelState,
+    ServedModel,
+    read_model_options,
+    repository_models,
+)
 from .weights import StagingUpload, WeightsVersion, new_version
 
 log = logging.getLogger(__name__)
@@ -281,6 +288,24 @@ class DataPlane:
             raise InvalidArgument(f"model path {path!r} is not a file")
         opts = self.registry.options(devices, runners, package_model)
         return _info(self.registry.load(name, resolved, opts))
+
+    def load_from_repository(self, name: str) -> ModelInfo:
+        """Loads model ``name`` from the model repository folder, with its per-model
+        config and per-device packages, as at start-up (Open Inference Protocol
+        RepositoryModelLoad). The path is the server's own, so no root check."""
+        folder = self.config.model_repository
+        if not folder:
+            raise NotFound(f"model {name!r}: this server has no model repository "
+                           "(start it with --model-repository)")
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise InvalidArgument(f"invalid model name {name!r}")
+        found = repository_models(Path(folder)).get(name)
+        if found is None:
+            raise NotFound(f"model {name!r} is not in the model repository {str(folder)!r}")
+        path, variants = found
+        options = read_model_options(path, self.registry.options(), name, variants)
+        self.registry.options(options.devices, options.runners)  # validates the devices
+        return _info(self.registry.load(name, path, options))
 
     def unload_model(self, name: str) -> None:
         self.registry.unload(name)

@@ -83,6 +83,12 @@ class Cancelled(ServeError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Unimplemented(ServeError):
+    """A protocol feature aotiserve does not offer (BYTES tensors, shared memory, ...)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class Internal(ServeError):
     """A failure we understand but the caller cannot fix (message is safe to show)."""
 

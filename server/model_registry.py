@@ -516,7 +516,7 @@ def repository_models(folder: Path) -> dict[str, tuple[Path, dict[str, str]]]:
     return out
 
 
-def _read_model_options(pt2: Path, defaults: ModelOptions, name: str | None = None,
+def read_model_options(pt2: Path, defaults: ModelOptions, name: str | None = None,
                         variants: Mapping[str, str] | None = None) -> ModelOptions:
     """The placement of repository model ``name`` (default: the package's stem): its
     ``<name>.toml``/``.json`` over ``defaults``, plus its per-device-type packages."""
@@ -649,7 +649,7 @@ class ModelRegistry:
         defaults = self.options()
         names = []
         for name, (pt2, variants) in repository_models(folder).items():
-            opts = _read_model_options(pt2, defaults, name, variants)
+            opts = read_model_options(pt2, defaults, name, variants)
             self.options(opts.devices, opts.runners)  # validates devices
             self.load(name, pt2, opts)
             names.append(name)
@@ -661,3 +661,6 @@ class ModelRegistry:
                 self.unload(name, timeout=0)
             except Exception:  # noqa: BLE001 (closing everything regardless)
                 log.exception("unloading %r failed", name)
+
+
+_read_model_options = read_model_options  # older name, kept for callers

@@ -48,8 +48,8 @@ from aotiserve.client import dtypes as dt
 from . import tensor_codec as codec
 from .config import ServeConfig
 from .dataplane import DataPlane
-from .errors import InvalidArgument, NotFound, ServeError
-from .model_registry import IOSpec, ModelState, ServedModel, _read_model_options
+from .errors import InvalidArgument, NotFound, ServeError, Unimplemented
+from .model_registry import IOSpec, ModelState, ServedModel, repository_models
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +59,6 @@ PLATFORM = "pytorch_aoti"
 BACKEND = "aotiserve"
 EXTENSIONS = ("model_repository", "model_configuration", "parameters")
 _GENERATED_MODULE = "aotiserve.oip.inference_pb2"
-
-
-class Unimplemented(ServeError):
-    """A protocol feature aotiserve does not offer (BYTES tensors, shared memory, ...).
-
-    A row of the error table (``errors.py``) in all but location: it maps
-    through ``errors.to_status`` like every ServeError. Only this protocol
-    raises it so far.
-    """
-
-    code = grpc.StatusCode.UNIMPLEMENTED
 
 
 # ---------------------------------------------------------------- messages (private pool)
@@ -435,11 +424,7 @@ class OipServicer:
                                     "supported; put the package in the model repository")
         if self.plane.model_ready(name):
             return self.pb.RepositoryModelLoadResponse()  # already serving: nothing to do
-        path = self._repository_path(name)
-        registry = self.plane.registry
-        options = _read_model_options(path, registry.options())
-        registry.options(options.devices, options.runners)  # validates the devices
-        registry.load(name, path, options)
+        self.plane.load_from_repository(name)
         return self.pb.RepositoryModelLoadResponse()
 
     def RepositoryModelUnload(self, request, context):
@@ -449,23 +434,7 @@ class OipServicer:
     def _repository_names(self) -> list[str]:
         if self.repository is None or not self.repository.is_dir():
             return []
-        return [p.stem for p in self.repository.glob("*.pt2")]
-
-    def _repository_path(self, name: str) -> Path:
-        if self.repository is None:
-            raise NotFound(f"model {name!r}: this server has no model repository "
-                           "(start it with --model-repository)")
-        if not name or name in (".", "..") or "/" in name or "\\" in name:
-            raise InvalidArgument(f"invalid model name {name!r}")
-        path = self.repository / f"{name}.pt2"
-        try:
-            found = path.is_file()
-        except OSError:  # e.g. a name longer than the file system allows
-            found = False
-        if not found:
-            raise NotFound(f"model {name!r} is not in the model repository "
-                           f"({str(self.repository)!r} has no {path.name})")
-        return path
+        return list(repository_models(self.repository))
 
     # Versions ----------------------------------------------------------------
 
