@@ -1,0 +1,142 @@
+"""The GPU figures of the benchmark issue, side by side on one machine.
+
+For a small CUDA model (the zoo MLP compiled for cuda, input [1, 64]):
+- in-process: the extension's run() on cuda:0, host array in and out (the
+  same transfers the daemon does per request);
+- the bare grpcio echo floor with the same payload sizes;
+- aotiserve's native Run with the model placed on cuda:0, 1 and 4 clients.
+Checks: aotiserve p50 - in-process p50 <= echo p50 + 50 us, and throughput
+with 4 concurrent clients >= 1.5x one client.
+
+    python -m bench.gpu [--json OUT] [--runners 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from bench.procs import start_aotiserve, start_echo, tmpdir  # noqa: E402
+from bench.run_all import run_driver  # noqa: E402
+
+
+def _p(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def in_process(package: Path, n: int, threads: int, seconds: float) -> dict:
+    import torch
+
+    from aotiserve.runner_ext import load_model
+
+    model = load_model(package, device="cuda:0", num_runners=max(threads, 1))
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    local = threading.local()
+
+    def call() -> None:
+        if not hasattr(local, "stream"):
+            local.stream = torch.cuda.Stream()
+        with torch.cuda.stream(local.stream):
+            inp = torch.from_numpy(x).to("cuda:0", non_blocking=True)
+            out = model.runner.run([inp], local.stream.cuda_stream)
+            out[0].cpu().numpy()
+
+    for _ in range(200):
+        call()
+    lat = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        call()
+        lat.append((time.perf_counter() - t0) * 1e6)
+    rates = {}
+    for c in (1, threads):
+        counts = [0] * c
+        stop = time.perf_counter() + seconds
+
+        def work(i: int) -> None:
+            while time.perf_counter() < stop:
+                call()
+                counts[i] += 1
+
+        ts = [threading.Thread(target=work, args=(i,)) for i in range(c)]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        rates[c] = sum(counts) / (time.perf_counter() - t0)
+    return {"p50_us": statistics.median(lat), "p99_us": _p(lat, 0.99), "rps": rates}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--runners", type=int, default=4, help="runners per model in the daemon")
+    parser.add_argument("--n", type=int, default=2000, help="sequential calls per system")
+    parser.add_argument("--seconds", type=float, default=3.0, help="throughput window")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import model_zoo
+
+    package = model_zoo.compiled("mlp", device="cuda")
+    gpu = torch.cuda.get_device_name(0)
+    work = tmpdir("aotiserve-gpu-bench-")
+    req = 64 * 4 + 32  # RunRequest bytes for [1, 64] float32, about
+    results: dict = {"gpu": gpu, "model": "mlp [1,64] float32 -> [1,10], cuda:0"}
+    results["inproc"] = in_process(package, args.n, 4, args.seconds)
+
+    echo = start_echo(work, resp_size=10 * 4 + 32)
+    try:
+        results["echo"] = run_driver(sys.executable, {
+            "kind": "echo", "target": echo.target, "req_size": req, "seq_n": args.n, "warmup": 200,
+            "concurrency": [1, 4], "duration": args.seconds, "mode": "procs"})
+    finally:
+        echo.stop()
+    daemon = start_aotiserve(work, {"mlp": package}, runners=args.runners,
+                             extra_args=["--devices", "cuda:0"])
+    try:
+        results["aotiserve"] = run_driver(sys.executable, {
+            "kind": "native", "target": daemon.target, "model": "mlp", "input_shapes": [[1, 64]],
+            "seq_n": args.n, "warmup": 200, "concurrency": [1, 4], "duration": args.seconds,
+            "mode": "procs"})
+    finally:
+        daemon.stop()
+
+    p50 = {k: (results[k]["p50_us"] if k == "inproc" else results[k]["sequential"]["p50_us"])
+           for k in ("inproc", "echo", "aotiserve")}
+    tput = {c["concurrency"]: c["rps"] for c in results["aotiserve"]["throughput"]}
+    overhead = p50["aotiserve"] - p50["inproc"]
+    results["checks"] = {
+        "aotiserve_minus_inproc_p50_us": round(overhead, 1),
+        "echo_floor_p50_plus_50_us": round(p50["echo"] + 50, 1),
+        "latency_ok": overhead <= p50["echo"] + 50,
+        "rps_4_over_1": round(tput[4] / tput[1], 2),
+        "scaling_ok": tput[4] / tput[1] >= 1.5,
+    }
+    print(f"GPU: {gpu}")
+    print(f"{'system':12} {'p50 us':>8} {'rps 1c':>9} {'rps 4c':>9}")
+    print(f"{'in-process':12} {p50['inproc']:8.1f} {results['inproc']['rps'][1]:9.0f} {results['inproc']['rps'][4]:9.0f}")
+    for k in ("echo", "aotiserve"):
+        tp = {c["concurrency"]: c["rps"] for c in results[k]["throughput"]}
+        print(f"{k:12} {p50[k]:8.1f} {tp[1]:9.0f} {tp[4]:9.0f}")
+    print(json.dumps(results["checks"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
