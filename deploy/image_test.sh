@@ -133,7 +133,9 @@ fill_wheelhouse() {
     done
     if [ "${AOTISERVE_IMAGE_OFFLINE:-0}" = 1 ]; then
         log "wheelhouse: downloading every dependency for an offline build"
-        "$PY" "$REPO/deploy/wheelhouse.py" "$REPO/wheelhouse"
+        "$PY" "$REPO/deploy/wheelhouse.py" "$REPO/wheelhouse" >"$WORK/wheelhouse.log" 2>&1 \
+            || { tail -20 "$WORK/wheelhouse.log" >&2; die "filling the wheelhouse failed"; }
+        log "wheelhouse: $(find "$REPO/wheelhouse" -name '*.whl' | wc -l) wheels"
     fi
 }
 
