@@ -83,6 +83,19 @@ class Passthrough(torch.nn.Module):
         return x * self.w + self.b
 
 
+class BigEmbed(torch.nn.Module):
+    """4 x Embedding(65536, 1024) float32 = 1 GiB of weights, a trivial run (a row gather):
+    the weights bench and the 1 GiB upload test. Weights live outside the .so (a .so
+    with 1 GiB of constants compiles slowly)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables = torch.nn.ModuleList(torch.nn.Embedding(65536, 1024) for _ in range(4))
+
+    def forward(self, ids):
+        return sum(t(ids) for t in self.tables)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -134,6 +147,8 @@ MODELS: dict[str, ModelSpec] = {
             lambda b: (torch.randn(b, 1024),),
             max_batch=1 << 16,
         ),
+        ModelSpec("big_embed", BigEmbed, lambda b: (torch.randint(0, 65536, (b,)),),
+                  weights_outside_so=True),
     ]
 }
 

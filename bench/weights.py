@@ -1,0 +1,244 @@
+"""Hot weight swap bench: a 1 GiB update staged through the real client into a daemon.
+
+One command, one daemon (a subprocess on loopback serving the zoo's ``big_embed``:
+4 x Embedding(65536, 1024) float32 = 1 GiB of weights, a row gather per Run), and
+every ratio measured side by side in the same run::
+
+    .venv/bin/python -m bench.weights [--json] [--rounds 2]
+
+Per round (round 1 is the first upload, which also fills the inactive buffer; later
+rounds stage into the buffer the previous swap left inactive):
+
+- staging throughput: bytes / wall time of ``update_constant_buffer(map,
+  use_inactive=True, validate_full_updates=True)`` on the real client;
+- swap time: wall time of ``swap_constant_buffer()``;
+- peak RSS: the daemon's VmHWM over the staging (reset before it through
+  ``/proc/<pid>/clear_refs``; a 5 ms RSS sampler backs it up where that is refused),
+  relative to (RSS before the staging + the bytes of new weights a buffer still has
+  to grow by): round 1 expects active + new, later rounds active + inactive (no growth);
+- Run p99 during stage + swap relative to p99 over an equally long quiet window just
+  before, from one client thread calling Run continuously on 4 ids.
+
+Targets (issue 4): >= 1 GB/s staging, <= 1.1x RSS, <= 2x p99. The 1-minute load
+average is printed beside the figures: other work on the machine moves them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "big_embed"
+TARGETS = {"staging_gb_s": 1.0, "rss_ratio": 1.1, "p99_ratio": 2.0}
+
+
+def _status_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_hwm(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class RssSampler:
+    """Peak VmRSS of a process, sampled every ``period`` seconds on a thread."""
+
+    def __init__(self, pid: int, period: float = 0.005):
+        self.pid, self.period = pid, period
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kib = max(self.peak_kib, _status_kib(self.pid, "VmRSS"))
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_kib = max(self.peak_kib, _status_kib(self.pid, "VmRSS"))
+
+
+class RunLoop:
+    """One client thread calling Run back to back; keeps (start, latency) per call."""
+
+    def __init__(self, client, ids: np.ndarray):
+        self.model = client.model(MODEL)
+        self.ids = ids
+        self.calls: list[tuple[float, float]] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                self.model.run([self.ids], output_format="numpy")
+            except Exception:
+                self.errors += 1
+            self.calls.append((t0, time.perf_counter() - t0))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def window(self, lo: float, hi: float) -> list[float]:
+        """Latencies (s) of calls that overlapped [lo, hi]."""
+        return [lat for t0, lat in list(self.calls) if t0 <= hi and t0 + lat >= lo]
+
+
+def _p99(lat: list[float]) -> float:
+    if not lat:
+        return float("nan")
+    s = sorted(lat)
+    return s[min(len(s) - 1, int(0.99 * len(s)))]
+
+
+def _loadavg() -> float:
+    return os.getloadavg()[0]
+
+
+def new_weights(names: list[str], shapes: dict[str, tuple], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: rng.standard_normal(shapes[n], dtype=np.float32) for n in names}
+
+
+def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray], growth: int,
+                quiet_s: float) -> dict:
+    model = client.model(MODEL)
+    nbytes = sum(a.nbytes for a in weights.values())
+    # Quiet window: the same Run loop with nothing else going on.
+    time.sleep(quiet_s)
+    quiet_hi = time.perf_counter()
+    quiet = loop.window(quiet_hi - quiet_s, quiet_hi)
+    rss_before = _status_kib(pid, "VmRSS") * 1024
+    load = _loadavg()
+    hwm_reset = _reset_hwm(pid)
+    with RssSampler(pid) as sampler:
+        t0 = time.perf_counter()
+        version = model.update_constant_buffer(weights, use_inactive=True, validate_full_updates=True)
+        t1 = time.perf_counter()
+    hwm = _status_kib(pid, "VmHWM") * 1024 if hwm_reset else 0
+    peak = max(hwm, sampler.peak_kib * 1024)
+    s0 = time.perf_counter()
+    active = model.swap_constant_buffer()
+    s1 = time.perf_counter()
+    time.sleep(0.05)  # let the calls that overlapped the swap finish
+    during = loop.window(t0, s1)
+    expected = rss_before + growth
+    return {
+        "bytes": nbytes,
+        "staging_s": t1 - t0,
+        "staging_gb_s": nbytes / (t1 - t0) / 1e9,
+        "swap_ms": (s1 - s0) * 1e3,
+        "rss_before_mib": rss_before / 2**20,
+        "rss_peak_mib": peak / 2**20,
+        "rss_expected_mib": expected / 2**20,
+        "rss_ratio": peak / expected,
+        "rss_source": "VmHWM+sampler" if hwm_reset else "sampler",
+        "p99_quiet_ms": _p99(quiet) * 1e3,
+        "p99_swap_ms": _p99(during) * 1e3,
+        "p99_ratio": _p99(during) / _p99(quiet),
+        "runs_quiet": len(quiet),
+        "runs_during": len(during),
+        "loadavg_1m": load,
+        "version": version.id if version else "",
+        "active_after": active.id if active else "",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--rounds", type=int, default=2, help="uploads (round 1 is the first)")
+    parser.add_argument("--quiet-s", type=float, default=2.0, help="quiet p99 window (s)")
+    parser.add_argument("--chunk-bytes", type=int, default=None, help="client upload chunk size")
+    parser.add_argument("--weights-dir", action="store_true",
+                        help="give the daemon a --weights-dir (persisting each staged version)")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import model_zoo  # noqa: E402  (the test zoo is the bench's zoo too)
+    from aotiserve.client import Client
+
+    from bench import procs
+
+    package = model_zoo.compiled(MODEL)
+    workdir = procs.tmpdir("aotiserve-bench-weights-")
+    extra = ["--weights-dir", str(workdir / "weights")] if args.weights_dir else []
+    server = procs.start_aotiserve(workdir, {MODEL: package}, extra_args=extra)
+    results: dict = {"model": f"{MODEL} (4 x Embedding(65536, 1024) float32, 1 GiB)",
+                     "cpus": os.cpu_count(), "chunk_bytes": args.chunk_bytes, "rounds": []}
+    try:
+        kw = {"chunk_bytes": args.chunk_bytes} if args.chunk_bytes else {}
+        client = Client(server.target, **kw)
+        handle = client.model(MODEL)
+        fqns = sorted(handle.get_constant_names_to_original_fqns().values())
+        shapes = {f: (65536, 1024) for f in fqns}
+        ids = np.array([0, 1, 65535, 12345], dtype=np.int64)
+        loop = RunLoop(client, ids)
+        loop.start()
+        buffer_bytes = sum(int(np.prod(s)) * 4 for s in shapes.values())
+        for r in range(args.rounds):
+            weights = new_weights(fqns, shapes, seed=r + 1)
+            # Round 1 grows the daemon by the inactive buffer; later ones reuse it.
+            growth = buffer_bytes if r == 0 else 0
+            res = bench_round(client, server.pid, loop, weights, growth, args.quiet_s)
+            got = handle.run([ids], output_format="numpy")[0]
+            want = sum(w[ids] for w in weights.values())
+            res["served_new_weights"] = bool(np.allclose(got, want, rtol=1e-5, atol=1e-5))
+            res["round"] = r + 1
+            results["rounds"].append(res)
+            del weights
+        loop.stop()
+        results["run_errors"] = loop.errors
+        client.close()
+    finally:
+        server.stop()
+    last = results["rounds"][-1]
+    results["summary"] = {k: last[k] for k in ("staging_gb_s", "swap_ms", "rss_ratio", "p99_ratio")}
+    results["targets"] = TARGETS
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"model: {results['model']}; {results['cpus']} cpus; Run errors: {results['run_errors']}")
+    hdr = (f"{'round':>5} {'GB/s':>6} {'stage s':>8} {'swap ms':>8} {'RSS before':>10} {'peak':>8} "
+           f"{'expect':>8} {'RSS x':>6} {'p99 quiet':>9} {'p99 swap':>9} {'p99 x':>6} {'load1m':>6} ok")
+    print(hdr)
+    for r in results["rounds"]:
+        print(f"{r['round']:>5} {r['staging_gb_s']:>6.2f} {r['staging_s']:>8.2f} {r['swap_ms']:>8.1f} "
+              f"{r['rss_before_mib']:>9.0f}M {r['rss_peak_mib']:>7.0f}M {r['rss_expected_mib']:>7.0f}M "
+              f"{r['rss_ratio']:>6.3f} {r['p99_quiet_ms']:>7.1f}ms {r['p99_swap_ms']:>7.1f}ms "
+              f"{r['p99_ratio']:>6.2f} {r['loadavg_1m']:>6.1f} {r['served_new_weights']}")
+    print("targets: staging >= 1 GB/s, RSS <= 1.1x (active + new), p99 during swap <= 2x quiet")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
