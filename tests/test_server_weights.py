@@ -391,3 +391,29 @@ def test_uploads_write_in_place_one_at_a_time(server_factory):
     out, served = run(s.stub, "mlp", inputs)
     assert wire.close(out, eager_with("mlp", weights, inputs)) and served == version.id
     upload(s.stub, "mlp", {"fc2.bias": torch.zeros(10)})  # the claim was released
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores
+def test_one_gib_update_through_the_client_serves_eager_after_swap(server_factory):
+    """1 GiB in four 256 MiB tensors (each 4x the 64 MiB message limit), staged by the real
+    client: before the swap the old weights serve, after it exactly the new ones."""
+    from aotiserve.client import Client
+
+    s = server_factory(["big_embed"])
+    assert s.config.max_message_bytes < 256 << 20
+    module = model_zoo.MODELS["big_embed"].module()
+    ids = torch.tensor([0, 1, 4097, 65535, 31337])
+    with torch.no_grad():
+        old = module(ids)
+        for p in module.parameters():  # new weights in place: no second 1 GiB copy here
+            p.mul_(-0.5).add_(0.25)
+        new = module(ids)
+    weights = {k: v for k, v in module.state_dict().items()}
+    assert sum(v.nbytes for v in weights.values()) == 1 << 30
+    with Client(s.target) as client:
+        handle = client.model("big_embed")
+        staged = handle.update_constant_buffer(weights, use_inactive=True, validate_full_updates=True)
+        torch.testing.assert_close(handle.run([ids])[0], old, rtol=0, atol=0)
+        active = handle.swap_constant_buffer()
+        assert active.id == staged.id
+        torch.testing.assert_close(handle.run([ids])[0], new, rtol=0, atol=0)
