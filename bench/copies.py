@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import time
 
 MIB = 1 << 20
 
@@ -142,12 +143,14 @@ def probe(rows: int = 16384, cols: int = 1024) -> dict:
         # Peak growth counts transient buffers too (a copy made and freed in the step).
         _reset_hwm()
         before = _status_mib("VmRSS")
+        t0 = time.perf_counter()
         value = fn()
+        elapsed_ms = (time.perf_counter() - t0) * 1e3
         keep.append(value)
         peak = _status_mib("VmHWM") - before
         kept = _status_mib("VmRSS") - before
         steps.append({"step": name, "where": where, "peak_growth_mib": round(peak, 1),
-                      "kept_mib": round(kept, 1), "copies": round(peak * MIB / nbytes)})
+                      "kept_mib": round(kept, 1), "copies": round(peak * MIB / nbytes), "ms": round(elapsed_ms, 1)})
         return value
 
     request = step("RunRequest.FromString (grpcio calls the deserializer)", "protobuf (upb) parse",

@@ -332,6 +332,12 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
         if "echo" in g:
             L.append(f"| bare grpcio echo, same sizes | {_f(g['echo']['p50_us'] / 1e3, '{:.1f}')} | "
                      f"{_f(g.get('echo_gbps_round_trip'), '{:.2f}')} |")
+        mc = g.get("memcpy")
+        if mc:
+            L += ["", f"For scale: one 64 MiB copy on this machine during the run took "
+                  f"{mc['fresh_ms_per_copy']:.0f} ms into fresh memory ({mc['fresh_gbps']:.2f} GB/s, page faults "
+                  f"included, as `bytes`/`tobytes` do) and ran at {mc['touched_gbps']:.2f} GB/s into memory already "
+                  "touched; each copy the request path makes costs about that much."]
         L += ["", f"Server peak memory growth over one 64 MiB request (VmHWM after − before, fresh daemon): "
               f"{_f(g['hwm_growth_mib'], '{:.0f}')} MiB = **{_f(g['payload_copies_peak_estimate'], '{:.1f}')}× "
               "the payload held at once**. That counts every buffer alive at the peak (gRPC's receive buffer, the "
@@ -345,20 +351,24 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
                   "copies it made, transient ones included. grpcio adds "
                   f"{probe['grpcio_copies']} more outside the server's code (received bytes → Python `bytes`, "
                   "serialized `bytes` → send slice), the same for any grpcio server.", "",
-                  "| step | where | peak MiB | copies |", "|---|---|---|---|"]
+                  "| step | where | peak MiB | copies | ms |", "|---|---|---|---|---|"]
             for st in probe["steps"]:
-                L.append(f"| {st['step']} | {st['where']} | {st['peak_growth_mib']:.0f} | {st['copies']} |")
-            L.append(f"| **total made by the server** | | | **{probe['server_copies']}** |")
+                L.append(f"| {st['step']} | {st['where']} | {st['peak_growth_mib']:.0f} | {st['copies']} | "
+                         f"{_f(st.get('ms'), '{:.0f}')} |")
+            L.append(f"| **total made by the server** | | | **{probe['server_copies']}** | "
+                     f"{_f(sum(st.get('ms', 0) for st in probe['steps'] if 'model' not in st['where']), '{:.0f}')} |")
             if probe.get("proposal_steps"):
                 L += ["", "The same request through a hand-written RunRequest parser (inputs wrapped where they lie "
                       "in grpcio's received bytes with `torch.frombuffer(..., offset=)`) and a hand-written "
                       "RunResponse writer (one `b\"\".join` over a byte view of each output) — a sketch in "
                       "`bench/copies.py`, checked to parse back with the generated code "
                       f"({'ok' if probe.get('proposal_roundtrip_ok') else 'FAILED'}):", "",
-                      "| step | peak MiB | copies |", "|---|---|---|"]
+                      "| step | peak MiB | copies | ms |", "|---|---|---|---|"]
                 for st in probe["proposal_steps"]:
-                    L.append(f"| {st['step']} | {st['peak_growth_mib']:.0f} | {st['copies']} |")
-                L.append(f"| **total** | | **{probe['proposal_copies']}** |")
+                    L.append(f"| {st['step']} | {st['peak_growth_mib']:.0f} | {st['copies']} | "
+                             f"{_f(st.get('ms'), '{:.0f}')} |")
+                L.append(f"| **total** | | **{probe['proposal_copies']}** | "
+                         f"{_f(sum(st.get('ms', 0) for st in probe['proposal_steps'] if 'model' not in st['where']), '{:.0f}')} |")
     mem = results.get("memory")
     if mem:
         L += ["", "## Memory (tiny model; VmRSS of the daemon process, and of its whole process tree)", "",
