@@ -80,6 +80,31 @@ def test_one_model_on_every_gpu_under_concurrent_load(cuda_repo):
         with cf.ThreadPoolExecutor(8) as ex:
             assert list(ex.map(client, range(8))) == [200] * 8
         counts = {d: s.app.metrics.device_requests.labels("mlp", d)._value.get() for d in devices}
-        print(f"per-device requests: {counts}")
+        log.warning("per-device requests: %s", counts)
         assert sum(counts.values()) == 1600
+        assert all(c > 0 for c in counts.values()), counts
+
+
+def test_one_model_on_cpu_and_cuda_at_once(cuda_repo, tmp_path):
+    """`mlp.cpu.pt2` beside the CUDA `mlp.pt2`: one model, a replica on each device."""
+    import shutil
+
+    repo = tmp_path / "mixed"
+    repo.mkdir()
+    shutil.copy(cuda_repo / "mlp.pt2", repo / "mlp.cuda.pt2")
+    shutil.copy(model_zoo.compiled("mlp"), repo / "mlp.cpu.pt2")
+    devices = ("cpu", "cuda:0")
+    with running_server([], model_repository=str(repo), devices=devices,
+                        allowed_roots=(str(repo),), metrics_port=0) as s:
+        inputs = model_zoo.MODELS["mlp"].inputs(6, seed=1)
+        req, want = wire.run_request("mlp", inputs), model_zoo.eager("mlp", inputs)
+
+        def client(_):
+            return sum(wire.close(wire.outputs(s.stub.Run(req)), want) for _ in range(100))
+
+        with cf.ThreadPoolExecutor(8) as ex:
+            assert list(ex.map(client, range(8))) == [100] * 8
+        counts = {d: s.app.metrics.device_requests.labels("mlp", d)._value.get() for d in devices}
+        log.warning("per-device requests: %s", counts)
+        assert sum(counts.values()) == 800
         assert all(c > 0 for c in counts.values()), counts
