@@ -199,15 +199,18 @@ class DataPlane:
                 for i, t in enumerate(tensors)]
 
     def run(self, name: str | ServedModel, inputs: Sequence[torch.Tensor],
-            deadline: float | None = None) -> RunResult:
-        """Runs the model on host tensors; ``deadline`` is a time.monotonic() instant."""
+            deadline: float | None = None, call: Any = None) -> RunResult:
+        """Runs the model on host tensors; ``deadline`` is a time.monotonic() instant.
+
+        ``call`` (the gRPC context) lets a queued run leave the queue when it is cancelled.
+        """
         model = name if isinstance(name, ServedModel) else self.registry.get(name)
         self.validate_inputs(model, inputs)
         model.begin()
         try:
             replica = model.pick_replica()
             pool = replica.pool
-            with pool.admit(replica.slot, deadline) as waited:
+            with pool.admit(replica.slot, deadline, call) as waited:
                 with model.rw.shared():
                     started = time.monotonic()
                     version = model.weights.active.id

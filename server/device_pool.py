@@ -20,10 +20,20 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from .errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+class Waiter:
+    """A queued run's link to its call (guarded by the pool lock)."""
+
+    __slots__ = ("is_active", "queued")
+
+    def __init__(self, is_active: Callable[[], bool]):
+        self.is_active = is_active
+        self.queued = False
 
 
 class Slot:
@@ -70,11 +80,19 @@ class DevicePool:
             slot.closed = True
             slot.free.notify_all()
 
+    def _ended(self, slot: Slot, waiter: "Waiter") -> None:
+        with self.lock:  # the call ended, however it ended: wake it only if still queued
+            if waiter.queued:
+                slot.free.notify_all()
+
     @contextmanager
-    def admit(self, slot: Slot, deadline: float | None = None) -> Iterator[float]:
+    def admit(self, slot: Slot, deadline: float | None = None,
+              call: Any = None) -> Iterator[float]:
         """Holds one of the slot's runners; yields the seconds spent waiting.
 
-        ``deadline`` is a ``time.monotonic()`` instant.
+        ``deadline`` is a ``time.monotonic()`` instant. ``call`` (a gRPC context:
+        ``is_active``, ``add_callback``) drops a queued run as soon as its call is
+        cancelled, instead of computing it for nobody.
         """
         start = time.monotonic()
         if deadline is not None and deadline <= start:
@@ -92,6 +110,12 @@ class DevicePool:
                 self.waiting += 1
                 slot.waiting += 1
                 self._gauge_queue()
+                waiter = None
+                if call is not None:
+                    waiter = Waiter(call.is_active)
+                    waiter.queued = True
+                    call.add_callback(lambda: self._ended(slot, waiter))
+                left = True
                 try:
                     while slot.running >= slot.capacity and not slot.closed:
                         timeout = None if deadline is None else deadline - time.monotonic()
@@ -99,11 +123,21 @@ class DevicePool:
                             raise DeadlineExceeded(
                                 f"deadline passed after {time.monotonic() - start:.3f}s in the "
                                 f"queue of {self.name}; not computed")
+                        if waiter is not None and not waiter.is_active():
+                            raise Cancelled(f"cancelled after {time.monotonic() - start:.3f}s in "
+                                            f"the queue of {self.name}; not computed")
                         slot.free.wait(timeout)
+                    left = False
                 finally:
+                    if waiter is not None:
+                        waiter.queued = False
                     self.waiting -= 1
                     slot.waiting -= 1
                     self._gauge_queue()
+                    # A cancelled or expired waiter may have taken the wake-up of a freed
+                    # runner: pass it on.
+                    if left and slot.running < slot.capacity:
+                        slot.free.notify()
                 if slot.closed:
                     raise Unavailable(f"{slot.label} is unloading")
             slot.running += 1

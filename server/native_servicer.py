@@ -74,7 +74,7 @@ class NativeServicer(pb_grpc.ModelRunnerServicer):
     def Run(self, request: pb.RunRequest, context) -> pb.RunResponse:
         model = self.plane.model(request.model)
         inputs = self.plane.decode_inputs(model, request.inputs)
-        result = self.plane.run(model, inputs, _deadline(context))
+        result = self.plane.run(model, inputs, _deadline(context), context)
         context.set_trailing_metadata(((WEIGHTS_VERSION_TRAILER, result.weights_version),))
         return pb.RunResponse(outputs=[codec.encode(t) for t in result.outputs],
                               weights_version=result.weights_version)

@@ -306,7 +306,7 @@ class OipServicer:
             _check_request_parameters(request.parameters, model.name)
         inputs = self._decode_inputs(model, request)
         selected = self._selected_outputs(model, request.outputs) if request.outputs else None
-        result = self.plane.run(model, inputs, _deadline(context))
+        result = self.plane.run(model, inputs, _deadline(context), context)
         response = self.pb.ModelInferResponse(
             model_name=model.name, model_version=result.weights_version, id=request.id)
         if request.parameters:
