@@ -92,14 +92,19 @@ def test_cancel_mid_run_frees_the_queue_and_the_pool_keeps_serving(one_runner):
     s = one_runner
     x = model_zoo.MODELS["mlp"].inputs(2)
     want = model_zoo.eager("mlp", x)
+    s.stub.Run(wire.run_request("mlp", x))
+    before = _computed(s)
     with s.pool.admit(s.slot):
         futures = [s.stub.Run.future(wire.run_request("mlp", x)) for _ in range(4)]
         _wait(lambda: s.pool.waiting == 4, what="4 queued runs")
         for f in futures[:3]:
             f.cancel()
+        # Cancelled calls leave the queue at once, while the runner is still busy.
+        _wait(lambda: s.pool.waiting == 1, what="cancelled runs to leave the queue")
     assert all(f.cancelled() for f in futures[:3])
     assert wire.close(wire.outputs(futures[3].result(timeout=30)), want)
     _wait(lambda: _idle(s), what="idle after cancels")
+    assert _computed(s) == before + 1  # only the call still waiting for its answer ran
     # Cancels during compute too: many short-lived calls, then normal service.
     big = wire.run_request("mlp", [torch.randn(1024, 64)])
     for _ in range(20):
