@@ -1,0 +1,262 @@
+"""Hand-written wire codec of ``aotiserve.v1.RunRequest`` / ``RunResponse`` (the hot path).
+
+grpcio hands the native ``Run`` handler the request's bytes; the generated
+parser would copy every tensor's data into the message and again out of it.
+:func:`parse_run_request` instead walks the bytes and keeps each tensor's data
+as a ``memoryview`` slice of them (``torch.frombuffer`` wraps it: no copy).
+:func:`write_run_response` writes the response with one ``b"".join`` over the
+field headers and a byte view of each output (one copy of the payload).
+
+The fast parser handles the encodings a protobuf writer produces (known fields
+with their own wire type, packed or unpacked shape, unknown fields of wire type
+0/1/2/5, any order, repeats). Anything else it meets — a group, a known field
+with another wire type, an over-long varint, truncated or invalid bytes — is
+handed to the generated parser, which decides (and raises ``DecodeError`` on
+what it refuses), so this accepts exactly what protobuf accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from aotiserve.v1 import model_runner_pb2 as pb
+
+_MASK64 = (1 << 64) - 1
+
+
+class _Fallback(Exception):
+    """The fast parser met an encoding it leaves to the generated parser."""
+
+
+class WireTensor:
+    """One ``Tensor`` of a request: ``data`` is a view of the received bytes."""
+
+    __slots__ = ("dtype", "shape", "data")
+
+    def __init__(self, dtype: int, shape: list[int], data):
+        self.dtype = dtype
+        self.shape = shape
+        self.data = data
+
+
+class RunRequestView:
+    """A parsed ``RunRequest`` (the fields servicers read: ``model``, ``inputs``)."""
+
+    __slots__ = ("model", "inputs")
+
+    def __init__(self, model: str, inputs: list[WireTensor]):
+        self.model = model
+        self.inputs = inputs
+
+
+def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """(value, next pos) of the varint at pos, as an unsigned 64-bit value."""
+    if pos >= end:
+        raise _Fallback
+    b = buf[pos]
+    if b < 0x80:
+        return b, pos + 1
+    result = b & 0x7F
+    shift = 7
+    pos += 1
+    while True:
+        if pos >= end or shift > 63:
+            raise _Fallback  # truncated, or longer than 10 bytes
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result & _MASK64, pos
+        shift += 7
+
+
+def _skip(buf: bytes, pos: int, end: int, wire_type: int) -> int:
+    """Skips an unknown field's value; groups and bad wire types go to the fallback."""
+    if wire_type == 0:
+        return _varint(buf, pos, end)[1]
+    if wire_type == 2:
+        n, pos = _varint(buf, pos, end)
+        pos += n
+    elif wire_type == 1:
+        pos += 8
+    elif wire_type == 5:
+        pos += 4
+    else:
+        raise _Fallback
+    if pos > end:
+        raise _Fallback
+    return pos
+
+
+def _tag(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
+    key, pos = _varint(buf, pos, end)
+    if key >> 32 or key < 8:  # field number 0, or a key past 32 bits
+        raise _Fallback
+    return key >> 3, key & 7, pos
+
+
+def _signed64(v: int) -> int:
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _signed32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >> 31 else v
+
+
+def _tensor(buf: bytes, view: memoryview, pos: int, end: int) -> WireTensor:
+    dtype = 0
+    shape: list[int] = []
+    data = view[0:0]
+    while pos < end:
+        field, wt, pos = _tag(buf, pos, end)
+        if field == 1 and wt == 0:
+            v, pos = _varint(buf, pos, end)
+            dtype = _signed32(v)
+        elif field == 2 and wt == 2:
+            n, pos = _varint(buf, pos, end)
+            stop = pos + n
+            if stop > end:
+                raise _Fallback
+            while pos < stop:
+                v, pos = _varint(buf, pos, stop)
+                shape.append(_signed64(v))
+        elif field == 2 and wt == 0:
+            v, pos = _varint(buf, pos, end)
+            shape.append(_signed64(v))
+        elif field == 3 and wt == 2:
+            n, pos = _varint(buf, pos, end)
+            stop = pos + n
+            if stop > end:
+                raise _Fallback
+            data = view[pos:stop]
+            pos = stop
+        elif field <= 3:
+            raise _Fallback  # a known field with another wire type: protobuf decides
+        else:
+            pos = _skip(buf, pos, end, wt)
+    if pos != end:
+        raise _Fallback
+    return WireTensor(dtype, shape, data)
+
+
+def _fast(buf: bytes) -> RunRequestView:
+    view = memoryview(buf)
+    end = len(buf)
+    pos = 0
+    model = ""
+    inputs: list[WireTensor] = []
+    while pos < end:
+        field, wt, pos = _tag(buf, pos, end)
+        if field == 2 and wt == 2:
+            n, pos = _varint(buf, pos, end)
+            stop = pos + n
+            if stop > end:
+                raise _Fallback
+            inputs.append(_tensor(buf, view, pos, stop))
+            pos = stop
+        elif field == 1 and wt == 2:
+            n, pos = _varint(buf, pos, end)
+            stop = pos + n
+            if stop > end:
+                raise _Fallback
+            try:
+                model = str(buf[pos:stop], "utf-8")
+            except UnicodeDecodeError:
+                raise _Fallback from None
+            pos = stop
+        elif field <= 2:
+            raise _Fallback
+        else:
+            pos = _skip(buf, pos, end, wt)
+    if pos != end:
+        raise _Fallback
+    return RunRequestView(model, inputs)
+
+
+def _slow(buf: bytes) -> RunRequestView:
+    """The generated parser (raises ``DecodeError`` on what protobuf refuses)."""
+    request = pb.RunRequest.FromString(buf)
+    return RunRequestView(request.model, [WireTensor(t.dtype, list(t.shape), t.data)
+                                          for t in request.inputs])
+
+
+def parse_run_request(buf) -> RunRequestView:
+    """A ``RunRequest``'s wire bytes → model name and tensors viewing ``buf`` (no copy)."""
+    if not isinstance(buf, bytes):
+        buf = bytes(buf)
+    try:
+        return _fast(buf)
+    except _Fallback:
+        return _slow(buf)
+
+
+# Writing ----------------------------------------------------------------------
+
+_SMALL = [bytes([i]) for i in range(128)]
+
+
+def _put_varint(n: int) -> bytes:
+    if 0 <= n < 128:
+        return _SMALL[n]
+    n &= _MASK64
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _byte_view(tensor: torch.Tensor):
+    """The tensor's C-contiguous bytes as a buffer (no copy of a contiguous CPU tensor)."""
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    flat = tensor.contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return b""
+    return flat.view(torch.uint8).numpy()
+
+
+def write_run_response(outputs: Sequence[torch.Tensor], wire_dtypes: Sequence[int],
+                       weights_version: str) -> bytes:
+    """``RunResponse`` bytes, as the generated serializer writes them, in one join.
+
+    ``wire_dtypes[i]`` is the wire dtype of ``outputs[i]``.
+    """
+    parts: list = []
+    append = parts.append
+    for tensor, wire in zip(outputs, wire_dtypes):
+        data = _byte_view(tensor)
+        size = len(data) if isinstance(data, bytes) else data.nbytes
+        head = bytearray()
+        if wire:
+            head += b"\x08"
+            head += _put_varint(wire)
+        dims = tensor.shape
+        if len(dims):
+            packed = b"".join([_put_varint(d) for d in dims])
+            head += b"\x12"
+            head += _put_varint(len(packed))
+            head += packed
+        if size:
+            head += b"\x1a"
+            head += _put_varint(size)
+        append(b"\x0a")
+        append(_put_varint(len(head) + size))
+        append(head)
+        if size:
+            append(data)
+    if weights_version:
+        text = weights_version.encode("utf-8")
+        append(b"\x12")
+        append(_put_varint(len(text)))
+        append(text)
+    return b"".join(parts)
+
+
+def identity(data: bytes) -> bytes:
+    """The response serializer of a handler that returns wire bytes."""
+    return data
