@@ -15,6 +15,7 @@ import grpc
 from aotiserve.v1 import model_runner_pb2 as pb
 from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
 
+from . import run_wire
 from . import tensor_codec as codec
 from .dataplane import DataPlane, ModelInfo
 from .errors import InvalidArgument
@@ -71,13 +72,15 @@ class NativeServicer(pb_grpc.ModelRunnerServicer):
         # Room for the chunk's other fields inside one message.
         self.max_chunk_bytes = max(1024, max_message_bytes - 64 * 1024)
 
-    def Run(self, request: pb.RunRequest, context) -> pb.RunResponse:
+    def Run(self, request: run_wire.RunRequestView, context) -> bytes:
         model = self.plane.model(request.model)
         inputs = self.plane.decode_inputs(model, request.inputs)
         result = self.plane.run(model, inputs, _deadline(context), context)
         context.set_trailing_metadata(((WEIGHTS_VERSION_TRAILER, result.weights_version),))
-        return pb.RunResponse(outputs=[codec.encode(t) for t in result.outputs],
-                              weights_version=result.weights_version)
+        # RunResponse wire bytes in one join (see add_to_server and run_wire).
+        outputs = result.outputs
+        return run_wire.write_run_response(
+            outputs, [codec.wire_dtype(t.dtype) for t in outputs], result.weights_version)
 
     def GetCallSpec(self, request, context) -> pb.GetCallSpecResponse:
         in_spec, out_spec = self.plane.call_spec(request.model)
@@ -174,6 +177,30 @@ class NativeServicer(pb_grpc.ModelRunnerServicer):
         return pb.ListModelsResponse(models=[model_info_proto(i) for i in self.plane.list_models()])
 
 
+class _WithWireRun:
+    """The server as the generated ``add_ModelRunnerServicer_to_server`` sees it: Run's
+    handler is swapped for one that parses and writes the wire bytes itself
+    (``run_wire``: tensor data viewed where grpcio received it, one copy out). Same
+    service, same messages on the wire; every other method keeps the generated codec."""
+
+    def __init__(self, server: grpc.Server):
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass  # added with the registered ones below, Run swapped
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        handlers = dict(handlers)
+        run = handlers["Run"]
+        handlers["Run"] = grpc.unary_unary_rpc_method_handler(
+            run.unary_unary, request_deserializer=run_wire.parse_run_request,
+            response_serializer=run_wire.identity)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, handlers),))
+        self._server.add_registered_method_handlers(service, handlers)
+
+
 def add_to_server(plane: DataPlane, config, server: grpc.Server) -> None:
     pb_grpc.add_ModelRunnerServicer_to_server(
-        NativeServicer(plane, config.extract_chunk_bytes, config.max_message_bytes), server)
+        NativeServicer(plane, config.extract_chunk_bytes, config.max_message_bytes),
+        _WithWireRun(server))
