@@ -417,3 +417,53 @@ def test_one_gib_update_through_the_client_serves_eager_after_swap(server_factor
         active = handle.swap_constant_buffer()
         assert active.id == staged.id
         torch.testing.assert_close(handle.run([ids])[0], new, rtol=0, atol=0)
+
+
+def _decoded(raw: bytes):
+    from aotiserve.server.upload_codec import decode_update_request
+    try:
+        m = decode_update_request(raw)
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__
+    if m.WhichOneof("part") != "chunk":
+        return m.SerializeToString()
+    return (m.chunk.name, m.chunk.offset, bytes(m.chunk.data))
+
+
+def _by_protobuf(raw: bytes):
+    try:
+        m = pb.UpdateConstantBufferRequest.FromString(raw)
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__
+    if m.WhichOneof("part") != "chunk":
+        return m.SerializeToString()
+    return (m.chunk.name, m.chunk.offset, bytes(m.chunk.data))
+
+
+def test_chunk_decoder_agrees_with_protobuf():
+    """The zero-copy chunk decoder accepts, refuses and reads exactly what protobuf does."""
+    import random
+
+    from aotiserve.client.tensor_codec import encode_chunk_request
+
+    messages = [
+        _chunk("fc1.weight", 0, b"\1\2\3"), _chunk("w", 1 << 40, b"x" * 300),
+        _chunk("w", -5, b"abc"), _chunk("", 0, b""), _chunk("ünï", 7, b""),
+        _header(specs=[BIAS]), pb.UpdateConstantBufferRequest(),
+        pb.UpdateConstantBufferRequest(chunk=pb.ConstantChunk(name="w", data=b"1", dtype=F32, shape=[1])),
+    ]
+    raws = [m.SerializeToString() for m in messages]
+    raws += [encode_chunk_request("fc2.bias", 4, memoryview(b"\0" * 5000)),
+             _chunk("a", 1, b"x").SerializeToString() + _chunk("b", 2, b"y").SerializeToString(),
+             b"\x12\x05\x0a\x02\xff\xfe\x10", b"\x12\x03\x1a\x05ab", b"", b"\x12"]
+    rng = random.Random(0)
+    for base in list(raws):
+        for _ in range(200):
+            mutated = bytearray(base)
+            if mutated and rng.random() < 0.7:
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            else:
+                mutated = mutated[:rng.randrange(len(mutated) + 1)]
+            raws.append(bytes(mutated))
+    for raw in raws:
+        assert _decoded(raw) == _by_protobuf(raw), raw
