@@ -26,6 +26,7 @@ from .errors import (
     to_status,
 )
 from .metrics import Metrics
+from .upload_codec import decode_update_request
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,10 @@ def _model_of(request: Any) -> str:
         if isinstance(value, str):
             return value
     return ""
+
+
+# Methods whose requests are parsed by this server's own decoder, not protobuf's.
+_DESERIALIZERS = {"/aotiserve.v1.ModelRunner/UpdateConstantBuffer": decode_update_request}
 
 
 class ServingInterceptor(grpc.ServerInterceptor):
@@ -207,7 +212,8 @@ class ServingInterceptor(grpc.ServerInterceptor):
         # its deserializer refuses (the call state is never freed, not even when the
         # connection closes), so any client could grow the daemon's memory with garbage
         # bytes. Parsed here, a bad message is one INVALID_ARGUMENT and nothing kept.
-        deserialize = handler.request_deserializer
+        # Weight chunks are read off the wire without copying their payload (upload_codec).
+        deserialize = _DESERIALIZERS.get(method, handler.request_deserializer)
 
         def decode(raw):
             if deserialize is None:
