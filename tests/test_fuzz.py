@@ -78,6 +78,7 @@ def env():
         e.stub = srv.stub
         e.oip = OipStub(srv.channel)
         e.health = health_pb2_grpc.HealthStub(srv.channel)
+        e.raw_run = srv.channel.unary_unary("/aotiserve.v1.ModelRunner/Run")
         srv.stub.LoadModel(pb.LoadModelRequest(name="victim", path=str(srv.repo / "mlp.pt2")))
         e.constants = {n: t for n, t in wire.extract(srv.stub, "victim").items()}
         fqns = dict(srv.stub.GetConstantNamesToOriginalFqns(
@@ -371,6 +372,61 @@ def test_fuzz_native_raw_bytes(env, raw, method):
         # Undecodable bytes are INVALID_ARGUMENT from the interceptor (gRPC's own
         # deserializer would say INTERNAL and leak the call).
         assert exc.code() in PROPER, (exc.code(), exc.details())
+
+
+@st.composite
+def mutated_run_bytes(draw):
+    """A valid RunRequest's bytes with a few edits: bit flips, byte sets, inserts,
+    deletes, truncation, runs of 0xff (over-long varints)."""
+    model = draw(st.sampled_from(SERVED))
+    ins = model_zoo.MODELS[model].inputs(draw(st.integers(1, 3)), seed=draw(st.integers(0, 3)))
+    raw = bytearray(wire.run_request(model, ins).SerializeToString())
+    for _ in range(draw(st.integers(1, 4))):
+        if not raw:
+            break
+        kind = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate", "varint"]))
+        i = draw(st.integers(0, len(raw) - 1))
+        if kind == "flip":
+            raw[i] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "set":
+            raw[i] = draw(st.integers(0, 255))
+        elif kind == "insert":
+            raw[i:i] = draw(st.binary(min_size=1, max_size=12))
+        elif kind == "delete":
+            del raw[i:i + draw(st.integers(1, 8))]
+        elif kind == "truncate":
+            del raw[i:]
+        else:
+            raw[i:i] = b"\xff" * draw(st.integers(1, 11))
+    return bytes(raw)
+
+
+def _raw_run(env, raw: bytes):
+    SENT["native"] += 1
+    try:
+        out = env.raw_run(raw, timeout=TIMEOUT)
+        return grpc.StatusCode.OK, pb.RunResponse.FromString(out)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+
+
+@settings(max_examples=_n(400), **FUZZ)
+@given(raw=mutated_run_bytes())
+def test_fuzz_run_wire_bytes_against_protobuf(env, raw):
+    """Differential: the server's Run decoding must accept exactly what protobuf accepts,
+    and answer a mutated request as it answers protobuf's reading of it."""
+    code, got = _raw_run(env, raw)
+    assert code in PROPER, (code, got)
+    try:
+        parsed = pb.RunRequest.FromString(raw)
+    except Exception:  # noqa: BLE001 (DecodeError)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, got)
+        return
+    want_code, want = _raw_run(env, parsed.SerializeToString())
+    assert code == want_code, (code, got, want_code, want)
+    if code == grpc.StatusCode.OK:
+        assert [(t.dtype, list(t.shape), t.data) for t in got.outputs] == \
+            [(t.dtype, list(t.shape), t.data) for t in want.outputs]
 
 
 def _raw_load(env, raw):
