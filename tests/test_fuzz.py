@@ -79,6 +79,7 @@ def env():
         e.oip = OipStub(srv.channel)
         e.health = health_pb2_grpc.HealthStub(srv.channel)
         e.raw_run = srv.channel.unary_unary("/aotiserve.v1.ModelRunner/Run")
+        e.raw_upload = srv.channel.stream_unary("/aotiserve.v1.ModelRunner/UpdateConstantBuffer")
         srv.stub.LoadModel(pb.LoadModelRequest(name="victim", path=str(srv.repo / "mlp.pt2")))
         e.constants = {n: t for n, t in wire.extract(srv.stub, "victim").items()}
         fqns = dict(srv.stub.GetConstantNamesToOriginalFqns(
@@ -427,6 +428,69 @@ def test_fuzz_run_wire_bytes_against_protobuf(env, raw):
     if code == grpc.StatusCode.OK:
         assert [(t.dtype, list(t.shape), t.data) for t in got.outputs] == \
             [(t.dtype, list(t.shape), t.data) for t in want.outputs]
+
+
+@st.composite
+def mutated_upload_stream(draw, env):
+    """A valid victim upload (header + chunks) as bytes, one or two messages edited."""
+    weights = {k: v.clone() for k, v in env.constants.items()}
+    msgs = [m.SerializeToString() for m in wire.upload_requests(
+        "victim", weights, validate_full=draw(st.booleans()),
+        chunk_bytes=draw(st.sampled_from([512, 4096, 1 << 20])))]
+    for _ in range(draw(st.integers(1, 2))):
+        j = draw(st.integers(0, len(msgs) - 1))
+        raw = bytearray(msgs[j])
+        if not raw:
+            continue
+        i = draw(st.integers(0, len(raw) - 1))
+        kind = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate", "varint"]))
+        if kind == "flip":
+            raw[i] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "set":
+            raw[i] = draw(st.integers(0, 255))
+        elif kind == "insert":
+            raw[i:i] = draw(st.binary(min_size=1, max_size=12))
+        elif kind == "delete":
+            del raw[i:i + draw(st.integers(1, 8))]
+        elif kind == "truncate":
+            del raw[i:]
+        else:
+            raw[i:i] = b"\xff" * draw(st.integers(1, 11))
+        msgs[j] = bytes(raw)
+    return msgs
+
+
+def _raw_upload(env, msgs):
+    SENT["native"] += 1
+    try:
+        env.raw_upload(iter(msgs), timeout=TIMEOUT)
+        return grpc.StatusCode.OK, ""
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+
+
+@settings(max_examples=_n(200), **FUZZ)
+@given(data=st.data())
+def test_fuzz_upload_wire_bytes_against_protobuf(env, data):
+    """Differential, as for Run: a mutated upload stream gets the answer protobuf's
+    reading of it gets (undecodable: INVALID_ARGUMENT)."""
+    msgs = data.draw(mutated_upload_stream(env))
+    code, details = _raw_upload(env, msgs)
+    assert code in PROPER, (code, details)
+    # protobuf's reading: the messages it decodes, re-encoded, up to the first it refuses,
+    # which becomes bytes nobody decodes (the stream is read in order: an error in the
+    # prefix comes first).
+    canonical = []
+    for m in msgs:
+        try:
+            canonical.append(pb.UpdateConstantBufferRequest.FromString(m).SerializeToString())
+        except Exception:  # noqa: BLE001 (DecodeError)
+            canonical.append(b"\xff\xff\xff")
+            break
+    want_code, want = _raw_upload(env, canonical)
+    assert code == want_code, (code, details, want_code, want)
+    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+        assert details == want, (details, want)
 
 
 def _raw_load(env, raw):
