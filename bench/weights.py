@@ -48,6 +48,13 @@ def _status_kib(pid: int, key: str) -> int:
     return 0
 
 
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _reset_hwm(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/clear_refs", "w") as f:
@@ -124,6 +131,17 @@ def _loadavg() -> float:
     return os.getloadavg()[0]
 
 
+def copy_gb_s(nbytes: int = 256 << 20) -> float:
+    """One thread's memcpy rate right now (warm buffers): what the machine's load leaves
+    for each copy the staging path makes."""
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    t0 = time.perf_counter()
+    np.copyto(dst, src)
+    return nbytes / (time.perf_counter() - t0) / 1e9
+
+
 def new_weights(names: list[str], shapes: dict[str, tuple], seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {n: rng.standard_normal(shapes[n], dtype=np.float32) for n in names}
@@ -139,11 +157,14 @@ def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray],
     quiet = loop.window(quiet_hi - quiet_s, quiet_hi)
     rss_before = _status_kib(pid, "VmRSS") * 1024
     load = _loadavg()
+    memcpy = copy_gb_s()
     hwm_reset = _reset_hwm(pid)
     with RssSampler(pid) as sampler:
+        cpu0 = (_cpu_s(pid), _cpu_s(os.getpid()))
         t0 = time.perf_counter()
         version = model.update_constant_buffer(weights, use_inactive=True, validate_full_updates=True)
         t1 = time.perf_counter()
+        cpu1 = (_cpu_s(pid), _cpu_s(os.getpid()))
     hwm = _status_kib(pid, "VmHWM") * 1024 if hwm_reset else 0
     peak = max(hwm, sampler.peak_kib * 1024)
     s0 = time.perf_counter()
@@ -157,6 +178,10 @@ def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray],
         "staging_s": t1 - t0,
         "staging_gb_s": nbytes / (t1 - t0) / 1e9,
         "swap_ms": (s1 - s0) * 1e3,
+        # CPU seconds each side spent on the staging (the client side includes the Run
+        # loop and the RSS sampler threads): what the GB/s would be with cores to spare.
+        "daemon_cpu_s": cpu1[0] - cpu0[0],
+        "client_cpu_s": cpu1[1] - cpu0[1],
         "rss_before_mib": rss_before / 2**20,
         "rss_peak_mib": peak / 2**20,
         "rss_expected_mib": expected / 2**20,
@@ -168,6 +193,7 @@ def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray],
         "runs_quiet": len(quiet),
         "runs_during": len(during),
         "loadavg_1m": load,
+        "memcpy_gb_s": memcpy,
         "version": version.id if version else "",
         "active_after": active.id if active else "",
     }
@@ -235,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['round']:>5} {r['staging_gb_s']:>6.2f} {r['staging_s']:>8.2f} {r['swap_ms']:>8.1f} "
               f"{r['rss_before_mib']:>9.0f}M {r['rss_peak_mib']:>7.0f}M {r['rss_expected_mib']:>7.0f}M "
               f"{r['rss_ratio']:>6.3f} {r['p99_quiet_ms']:>7.1f}ms {r['p99_swap_ms']:>7.1f}ms "
-              f"{r['p99_ratio']:>6.2f} {r['loadavg_1m']:>6.1f} {r['served_new_weights']}")
+              f"{r['p99_ratio']:>6.2f} {r['loadavg_1m']:>6.1f} {r['memcpy_gb_s']:>6.2f} "
+              f"{r['daemon_cpu_s']:>4.1f}/{r['client_cpu_s']:<4.1f} {r['served_new_weights']}")
+    print("cpu d/c: CPU seconds the daemon / the bench client spent during the staging")
+    print("memcpy: one thread's copy rate (GB/s) just before the round, on this machine's load")
     print("targets: staging >= 1 GB/s, RSS <= 1.1x (active + new), p99 during swap <= 2x quiet")
     return 0
 
