@@ -57,14 +57,16 @@ def _same(raw: bytes) -> None:
     except DecodeError:
         with pytest.raises(Exception):
             run_wire.parse_run_request(raw)
+        with pytest.raises(Exception):
+            run_wire.parse_viewing(raw)
         return
-    got = run_wire.parse_run_request(raw)
-    assert got.model == want.model
-    assert len(got.inputs) == len(want.inputs)
-    for g, w in zip(got.inputs, want.inputs):
-        assert g.dtype == w.dtype
-        assert list(g.shape) == list(w.shape)
-        assert bytes(g.data) == w.data
+    for got in (run_wire.parse_run_request(raw), run_wire.parse_viewing(raw)):
+        assert got.model == want.model
+        assert len(got.inputs) == len(want.inputs)
+        for g, w in zip(got.inputs, want.inputs):
+            assert g.dtype == w.dtype
+            assert list(g.shape) == list(w.shape)
+            assert bytes(g.data) == w.data
 
 
 @settings(max_examples=400, deadline=None)
@@ -72,7 +74,7 @@ def _same(raw: bytes) -> None:
 def test_parse_matches_protobuf(req):
     raw = req.SerializeToString()
     _same(raw)
-    got = run_wire.parse_run_request(raw)
+    got = run_wire.parse_viewing(raw)
     for t in got.inputs:
         assert isinstance(t.data, memoryview)  # a view of the received bytes: no copy
 
@@ -155,6 +157,8 @@ def test_parse_refuses_what_protobuf_refuses(raw):
         pb.RunRequest.FromString(raw)
     with pytest.raises(Exception):
         run_wire.parse_run_request(raw)
+    with pytest.raises(Exception):
+        run_wire.parse_viewing(raw)
 
 
 def test_parse_accepts_groups_and_other_wire_types_like_protobuf():
@@ -197,8 +201,9 @@ def test_write_large_output_bytes():
 
 
 def test_decoded_inputs_view_the_received_bytes():
-    x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    x = torch.arange(64 * 1024, dtype=torch.float32).reshape(256, 256)  # a large request
     raw = pb.RunRequest(model="m", inputs=[codec.encode(x)]).SerializeToString()
+    assert len(raw) >= run_wire.SMALL_REQUEST_BYTES
     req = run_wire.parse_run_request(raw)
     t = codec.decode(req.inputs[0], "input 0")
     assert torch.equal(t, x)
