@@ -94,6 +94,27 @@ def _input_label(i: int, spec: IOSpec | None) -> str:
     return f"input {i} ({spec.name!r})" if spec is not None else f"input {i}"
 
 
+class _InputPlan:
+    """What each run checks of a model's inputs, worked out once per model load:
+    error labels, and per input (dtype, exact shape) for a one-comparison accept."""
+
+    __slots__ = ("specs", "labels", "fast")
+
+    def __init__(self, specs: Sequence[IOSpec]):
+        self.specs = specs
+        self.labels = [_input_label(i, s) for i, s in enumerate(specs)]
+        self.fast = [(s.dtype, tuple(s.shape)
+                      if s.shape is not None and all(d >= 0 for d in s.shape) else None)
+                     for s in specs]
+
+
+def _plan(model: ServedModel) -> _InputPlan:
+    plan = getattr(model, "_input_plan", None)
+    if plan is None or plan.specs is not model.inputs:
+        plan = model._input_plan = _InputPlan(model.inputs)
+    return plan
+
+
 class Upload:
     """A weight upload in progress (see ``weights.StagingUpload``)."""
 
@@ -173,12 +194,15 @@ class DataPlane:
         return self.registry.get(name)
 
     def validate_inputs(self, model: ServedModel, inputs: Sequence[torch.Tensor]) -> None:
-        specs = model.inputs
+        plan = _plan(model)
+        specs = plan.specs
         if len(inputs) != len(specs):
             names = ", ".join(s.name for s in specs)
             raise InvalidArgument(
                 f"model {model.name!r} takes {len(specs)} inputs ({names}), got {len(inputs)}")
-        for i, (t, spec) in enumerate(zip(inputs, specs)):
+        for i, (t, spec, (dtype, shape)) in enumerate(zip(inputs, specs, plan.fast)):
+            if shape is not None and t.dtype == dtype and t.shape == shape:
+                continue  # the common case: exactly what the model declares
             if spec.dtype is not None and t.dtype != spec.dtype:
                 raise InvalidArgument(f"{_input_label(i, spec)}: dtype must be "
                                       f"{codec.dtype_name(spec.dtype)}, got {codec.dtype_name(t.dtype)}")
@@ -194,8 +218,9 @@ class DataPlane:
 
     def decode_inputs(self, model: ServedModel, tensors: Sequence[pb.Tensor]) -> list[torch.Tensor]:
         """Wire tensors → torch, naming the input in every error."""
-        specs = model.inputs
-        return [codec.decode(t, _input_label(i, specs[i] if i < len(specs) else None), self.limits)
+        labels = _plan(model).labels
+        n = len(labels)
+        return [codec.decode(t, labels[i] if i < n else _input_label(i, None), self.limits)
                 for i, t in enumerate(tensors)]
 
     def run(self, name: str | ServedModel, inputs: Sequence[torch.Tensor],
