@@ -106,6 +106,8 @@ class ServingInterceptor(grpc.ServerInterceptor):
         self._idle = threading.Condition()
         # Labelled metric children by (metric, labels): .labels() costs microseconds a call.
         self._children: dict[tuple, Any] = {}
+        # (method, admin_rpcs) → (gRPC's handler, the wrapped handler).
+        self._wrapped: dict[tuple, tuple] = {}
 
     def _child(self, metric, *labels):
         key = (id(metric), labels)
@@ -177,8 +179,17 @@ class ServingInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        metadata = handler_call_details.invocation_metadata
+        # gRPC asks for the handler on every call: the wrapped one is built once per
+        # method (it reads the call's metadata from its context, not from here).
+        key = (handler_call_details.method, admin_rpcs)
+        cached = self._wrapped.get(key)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, handler_call_details.method, admin_rpcs)
+        self._wrapped[key] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler, method: str, admin_rpcs: bool):
         short = method.rsplit("/", 1)[-1]
         always_on = method.startswith(_ALWAYS_ON)
 
@@ -192,7 +203,8 @@ class ServingInterceptor(grpc.ServerInterceptor):
                 self._child(self.metrics.in_flight, short).inc()
             if self._is_draining() and not always_on:
                 raise Unavailable("server is shutting down")
-            call.is_admin = self._authorize(method, metadata, context.peer, always_on, admin_rpcs)
+            call.is_admin = self._authorize(method, context.invocation_metadata(), context.peer,
+                                            always_on, admin_rpcs)
             return call
 
         def finish(call: CallInfo, code: grpc.StatusCode, began: float) -> None:
