@@ -161,6 +161,9 @@ build_image() {
         "$REPO" >"$WORK/build.log" 2>&1 \
         || { tail -40 "$WORK/build.log" >&2; die "podman build failed (log: $WORK/build.log)"; }
     BUILD_SECONDS=$((SECONDS - t0))
+    # Bound the store's growth: layers no image uses and no build reused for a
+    # day go (today's build cache stays, so re-runs stay fast).
+    podman image prune -f --filter until=24h >/dev/null 2>&1 || true
     IMAGE_SIZE="$(podman image inspect --format '{{.Size}}' "$IMAGE")"
 }
 
