@@ -124,8 +124,14 @@ class DevicePool:
                                 f"deadline passed after {time.monotonic() - start:.3f}s in the "
                                 f"queue of {self.name}; not computed")
                         if waiter is not None and not waiter.is_active():
-                            raise Cancelled(f"cancelled after {time.monotonic() - start:.3f}s in "
-                                            f"the queue of {self.name}; not computed")
+                            # gRPC ends a call at its deadline too: say which it was.
+                            now = time.monotonic()
+                            if deadline is not None and now >= deadline - 0.1:
+                                raise DeadlineExceeded(
+                                    f"deadline passed after {now - start:.3f}s in the queue of "
+                                    f"{self.name}; not computed")
+                            raise Cancelled(f"cancelled after {now - start:.3f}s in the queue "
+                                            f"of {self.name}; not computed")
                         slot.free.wait(timeout)
                     left = False
                 finally:
