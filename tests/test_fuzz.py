@@ -411,7 +411,7 @@ def _raw_run(env, raw: bytes):
         return exc.code(), exc.details()
 
 
-@settings(max_examples=_n(400), **FUZZ)
+@settings(max_examples=_n(250), **FUZZ)
 @given(raw=mutated_run_bytes())
 def test_fuzz_run_wire_bytes_against_protobuf(env, raw):
     """Differential: the server's Run decoding must accept exactly what protobuf accepts,
@@ -469,7 +469,7 @@ def _raw_upload(env, msgs):
         return exc.code(), exc.details()
 
 
-@settings(max_examples=_n(200), **FUZZ)
+@settings(max_examples=_n(120), **FUZZ)
 @given(data=st.data())
 def test_fuzz_upload_wire_bytes_against_protobuf(env, data):
     """Differential, as for Run: a mutated upload stream gets the answer protobuf's
