@@ -701,8 +701,12 @@ def main(argv: list[str] | None = None) -> int:
     results = Bench(args).run()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     # A --quick smoke run is not a result worth keeping: it goes to a temporary folder unless --out says.
-    results_dir = Path(tempfile.mkdtemp(prefix="aotiserve-bench-quick-")) if args.quick else RESULTS_DIR
-    out = Path(args.out) if args.out else results_dir / f"{stamp}-{machine_name()}{'-quick' if args.quick else ''}.json"
+    if args.out:
+        out = Path(args.out)
+    elif args.quick:
+        out = Path(tempfile.mkdtemp(prefix="aotiserve-bench-quick-")) / f"{stamp}-{machine_name()}-quick.json"
+    else:
+        out = RESULTS_DIR / f"{stamp}-{machine_name()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=float) + "\n")
     log.info("results: %s", out)
