@@ -8,13 +8,13 @@ but every call that does real work releases the GIL, so threads calling
 
 from __future__ import annotations
 
-import torch
+import torch  # noqa: F401  (loads libtorch before the extension)
 
 from ._build_check import check_torch_matches_build
 
 check_torch_matches_build()
 
-from . import _C  # noqa: E402  (must follow the torch check: ABI)
+from . import _C  # noqa: E402,F401  (must follow the torch check: ABI)
 from ._C import (  # noqa: E402
     alloc_tensor_by_stealing_from_void_ptr,
     alloc_tensors_by_stealing_from_void_ptrs,

@@ -57,7 +57,7 @@ from .errors import (
 from .metrics import Metrics
 from .packaging import read_io_specs
 from .rwlock import RWLock
-from .weights import FOLDED_PREFIX, INITIAL, WeightsVersion, map_sha256, new_version
+from .weights import FOLDED_PREFIX, INITIAL, WeightsVersion, map_sha256
 from .weights_store import WeightsStore
 
 log = logging.getLogger(__name__)
