@@ -230,9 +230,8 @@ def _byte_view(tensor: torch.Tensor):
         tensor = tensor.contiguous()
     if tensor.numel() == 0:
         return b""
-    if tensor.dim() == 0:
-        tensor = tensor.reshape(1)
-    return tensor.view(torch.uint8).numpy()  # C-contiguous: joins as its bytes
+    # reshape(-1) gives stride 1 even where "contiguous" size-1 dims carry odd strides.
+    return tensor.reshape(-1).view(torch.uint8).numpy()  # joins as its bytes
 
 
 def write_run_response(outputs: Sequence[torch.Tensor], wire_dtypes: Sequence[int],
