@@ -21,12 +21,14 @@ from typing import Sequence
 
 import torch
 
+from aotiserve.client.wire import WireError
+from aotiserve.client.wire import put_varint as _put_varint
+from aotiserve.client.wire import read_varint as _varint
 from aotiserve.v1 import model_runner_pb2 as pb
 
-_MASK64 = (1 << 64) - 1
 
 
-class _Fallback(Exception):
+class _Fallback(WireError):
     """The fast parser met an encoding it leaves to the generated parser."""
 
 
@@ -49,27 +51,6 @@ class RunRequestView:
     def __init__(self, model: str, inputs: list[WireTensor]):
         self.model = model
         self.inputs = inputs
-
-
-def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-    """(value, next pos) of the varint at pos, as an unsigned 64-bit value."""
-    if pos >= end:
-        raise _Fallback
-    b = buf[pos]
-    if b < 0x80:
-        return b, pos + 1
-    result = b & 0x7F
-    shift = 7
-    pos += 1
-    while True:
-        if pos >= end or shift > 63:
-            raise _Fallback  # truncated, or longer than 10 bytes
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result & _MASK64, pos
-        shift += 7
 
 
 def _skip(buf: bytes, pos: int, end: int, wire_type: int) -> int:
@@ -201,26 +182,11 @@ def parse_viewing(buf: bytes) -> RunRequestView:
     """The hand-written parse (tensor data are views of ``buf``), any size."""
     try:
         return _fast(buf)
-    except _Fallback:
+    except WireError:  # _Fallback, or a malformed varint
         return _slow(buf)
 
 
 # Writing ----------------------------------------------------------------------
-
-_SMALL = [bytes([i]) for i in range(128)]
-
-
-def _put_varint(n: int) -> bytes:
-    if 0 <= n < 128:
-        return _SMALL[n]
-    n &= _MASK64
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
 
 def _byte_view(tensor: torch.Tensor):
     """The tensor's C-contiguous bytes as a buffer (no copy of a contiguous CPU tensor)."""

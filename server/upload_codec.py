@@ -11,6 +11,7 @@ what is accepted and what is refused stays exactly protobuf's.
 
 from __future__ import annotations
 
+from aotiserve.client.wire import read_varint
 from aotiserve.v1 import model_runner_pb2 as pb
 
 # Wire tags (field number << 3 | wire type).
@@ -41,17 +42,7 @@ class ChunkRequest:
         return "chunk" if group == "part" else None
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[pos]  # IndexError past the end: the caller falls back
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 64:
-            raise ValueError("varint too long")
+_varint = read_varint
 
 
 def _fast_chunk(raw: bytes) -> ChunkRequest | None:

@@ -12,6 +12,8 @@ protobuf descriptor pool, where grpc_health registers them in servers.
 
 from __future__ import annotations
 
+from aotiserve.client.wire import read_varint
+
 CHECK = "/grpc.health.v1.Health/Check"
 WATCH = "/grpc.health.v1.Health/Watch"
 
@@ -30,17 +32,7 @@ def encode_request(service: str) -> bytes:
     return b"\x0a" + bytes(size) + raw if raw else b""
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data):
-            raise ValueError("truncated health response")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
+_read_varint = read_varint
 
 
 def decode_response(data: bytes) -> str:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple, Sequen
 import numpy as np
 
 from aotiserve.client.dtypes import BY_NUMPY_NAME, BY_TORCH_NAME, BY_WIRE, DType
+from aotiserve.client.wire import key, put_varint
 from aotiserve.v1 import model_runner_pb2 as pb
 
 OutputFormat = Literal["auto", "numpy", "torch"]
@@ -150,24 +151,8 @@ def _torch_to_wire(tensor, what: str) -> WireTensor:
 
 # Minimal protobuf wire format writer: exactly what the messages below need.
 
-_SMALL_VARINTS = tuple(bytes((i,)) for i in range(0x80))
-
-
-def _varint(n: int) -> bytes:
-    if 0 <= n < 0x80:
-        return _SMALL_VARINTS[n]
-    if n < 0:
-        n += 1 << 64  # int64 two's complement, as protobuf encodes negatives
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _key(field: int, wire_type: int) -> bytes:
-    return _varint(field << 3 | wire_type)
+_varint = put_varint
+_key = key
 
 
 def _len_prefix(field: int, size: int) -> bytes:
