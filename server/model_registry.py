@@ -616,6 +616,8 @@ class ModelRegistry:
         return model
 
     def _failed(self, model: ServedModel, error: str) -> None:
+        with model.weights_op:
+            model.close()  # a failure after the runners loaded (e.g. restoring weights)
         model.state = ModelState.FAILED
         model.error = error
         if self.metrics:
@@ -629,6 +631,10 @@ class ModelRegistry:
                 raise NotFound(f"model {name!r} is not loaded")
             if model.state == ModelState.UNLOADING:
                 raise Unavailable(f"model {name!r} is already unloading")
+            if model.state == ModelState.LOADING:
+                # Closing it under the loading thread would leave that thread holding
+                # runners nobody frees, and a second instance writing the same stored weights.
+                raise Unavailable(f"model {name!r} is still loading; unload it once it is ready")
             with model._idle:
                 model.state = ModelState.UNLOADING
         model.wait_idle(timeout)

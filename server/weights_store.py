@@ -20,8 +20,10 @@ import logging
 import os
 import re
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -77,27 +79,41 @@ def _atomic_write(path: Path, write) -> None:
 
 
 class WeightsStore:
+    """One model's files are touched by one call at a time: a load's clean-up of
+    temp files (or a prune) must never delete a write that is still under way."""
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
 
     def _model_dir(self, model: str) -> Path:
         return self.root / _folder(model)
+
+    @contextmanager
+    def _locked(self, model: str) -> Iterator[None]:
+        with self._locks_lock:
+            lock = self._locks.setdefault(_folder(model), threading.Lock())
+        with lock:
+            yield
 
     def save_version(self, model: str, version: WeightsVersion,
                      tensors: Mapping[str, torch.Tensor]) -> None:
         """Writes a staged version's full weights (host copies are made as needed)."""
         versions = self._model_dir(model) / "versions"
         host = {k: (v if v.device.type == "cpu" else v.cpu()).contiguous() for k, v in tensors.items()}
-        _atomic_write(versions / f"{_safe(version.id)}.safetensors",
-                      lambda tmp: save_file(host, tmp, metadata={"version": version.id}))
-        _atomic_write(versions / f"{_safe(version.id)}.json",
-                      lambda tmp: Path(tmp).write_text(json.dumps(version.to_json())))
+        with self._locked(model):
+            _atomic_write(versions / f"{_safe(version.id)}.safetensors",
+                          lambda tmp: save_file(host, tmp, metadata={"version": version.id}))
+            _atomic_write(versions / f"{_safe(version.id)}.json",
+                          lambda tmp: Path(tmp).write_text(json.dumps(version.to_json())))
 
     def commit(self, model: str, version: WeightsVersion) -> None:
         """Makes ``version`` the one a restart serves."""
-        _atomic_write(self._model_dir(model) / "current.json",
-                      lambda tmp: Path(tmp).write_text(json.dumps(version.to_json())))
+        with self._locked(model):
+            _atomic_write(self._model_dir(model) / "current.json",
+                          lambda tmp: Path(tmp).write_text(json.dumps(version.to_json())))
         log.info("model %r: committed weights version %s", model, version.id)
 
     def committed(self, model: str) -> tuple[WeightsVersion, dict[str, torch.Tensor] | None] | None:
@@ -105,15 +121,16 @@ class WeightsStore:
 
         Called when the model loads: also removes temp files a crash left mid-write.
         """
-        self._remove_temp_files(model)
-        current = self._model_dir(model) / "current.json"
-        if not current.exists():
-            return None
-        version = WeightsVersion.from_json(json.loads(current.read_text()))
-        if version.id == "initial":
-            return version, None
-        path = self._model_dir(model) / "versions" / f"{_safe(version.id)}.safetensors"
-        return version, load_file(str(path))
+        with self._locked(model):
+            self._remove_temp_files(model)
+            current = self._model_dir(model) / "current.json"
+            if not current.exists():
+                return None
+            version = WeightsVersion.from_json(json.loads(current.read_text()))
+            if version.id == "initial":
+                return version, None
+            path = self._model_dir(model) / "versions" / f"{_safe(version.id)}.safetensors"
+            return version, load_file(str(path))
 
     def _remove_temp_files(self, model: str) -> None:
         folder = self._model_dir(model)
@@ -126,12 +143,13 @@ class WeightsStore:
     def prune(self, model: str, keep: set[str]) -> None:
         """Deletes stored versions not in ``keep`` (ids)."""
         versions = self._model_dir(model) / "versions"
-        if not versions.is_dir():
-            return
         wanted = {_safe(k) for k in keep}
-        for path in versions.iterdir():
-            if path.name.startswith("."):
-                if path.name.endswith(".tmp"):
-                    path.unlink(missing_ok=True)  # left by a crash mid-write
-            elif path.stem not in wanted:
-                path.unlink(missing_ok=True)
+        with self._locked(model):
+            if not versions.is_dir():
+                return
+            for path in versions.iterdir():
+                if path.name.startswith("."):
+                    if path.name.endswith(".tmp"):
+                        path.unlink(missing_ok=True)  # left by a crash mid-write
+                elif path.stem not in wanted:
+                    path.unlink(missing_ok=True)

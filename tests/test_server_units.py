@@ -19,6 +19,7 @@ from aotiserve.server.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
     to_status,
 )
 from aotiserve.server.rwlock import RWLock
@@ -140,3 +141,56 @@ def test_error_table():
                                                              "model 'x' is not loaded")
     code, msg = to_status(KeyError("secret internals"))
     assert code == grpc.StatusCode.INTERNAL and msg == GENERIC_INTERNAL and "secret" not in msg
+
+
+def test_unload_of_a_loading_model_is_refused_and_the_load_keeps_it():
+    """Unloading under a load closed runners the loading thread then kept using (a leak,
+    and two instances writing one model's stored weights); now it is UNAVAILABLE."""
+    from aotiserve.server.model_registry import (ModelOptions, ModelRegistry, ModelState,
+                                                 ServedModel)
+
+    registry = ModelRegistry({}, ("cpu",), 1)
+    model = ServedModel("m", "/nowhere.pt2", ModelOptions(("cpu",), 1), None)
+    model.state = ModelState.LOADING
+    registry._models["m"] = model
+    with pytest.raises(Unavailable, match="'m' is still loading"):
+        registry.unload("m")
+    assert registry._models["m"] is model and model.state == ModelState.LOADING
+
+
+def test_weights_store_cleanup_waits_for_a_write_under_way(tmp_path, monkeypatch):
+    """A load's removal of crash leftovers (and prune) must not delete a temp file that
+    another call is still writing: it waits for that write instead."""
+    from aotiserve.server import weights_store
+    from aotiserve.server.weights import new_version
+
+    store = weights_store.WeightsStore(tmp_path)
+    version = new_version("0" * 64, "t", "")
+    writing, release = threading.Event(), threading.Event()
+    real_save = weights_store.save_file
+
+    def slow_save(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        writing.set()
+        release.wait(30)
+
+    monkeypatch.setattr(weights_store, "save_file", slow_save)
+    errors = []
+
+    def save():
+        try:
+            store.save_version("m", version, {"w": torch.ones(4)})
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=save)
+    t.start()
+    assert writing.wait(30)
+    cleaner = threading.Thread(target=lambda: (store.committed("m"), store.prune("m", set())))
+    cleaner.start()
+    cleaner.join(0.2)
+    assert cleaner.is_alive()  # held back while the write is under way
+    release.set()
+    t.join(30)
+    cleaner.join(30)
+    assert not errors
