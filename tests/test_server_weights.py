@@ -365,6 +365,16 @@ def _blob_loadable() -> bool:
 def test_uploads_write_in_place_one_at_a_time(server_factory):
     s = server_factory(["mlp"], metrics_port=0)
     inputs = model_zoo.MODELS["mlp"].inputs(2)
+    gauge = s.app.metrics.staging_bytes.labels("mlp")
+    # The first full upload has no inactive buffer to write into: its own tensors become
+    # that buffer (no fill with the active weights, no copy at the end).
+    warm = new_weights("mlp", 2.0)
+    upload(s.stub, "mlp", warm, validate_full=True)
+    assert gauge._value.get() == 0
+    s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
+    out, _ = run(s.stub, "mlp", inputs)
+    assert wire.close(out, eager_with("mlp", warm, inputs))
+    s.stub.RollbackConstantBuffer(pb.RollbackConstantBufferRequest(model="mlp"))
     weights = new_weights("mlp")
     half_sent = threading.Event()
     release = threading.Event()
@@ -379,8 +389,9 @@ def test_uploads_write_in_place_one_at_a_time(server_factory):
 
     first = s.stub.UpdateConstantBuffer.future(stream())
     half_sent.wait(30)
-    # Chunks go straight into the inactive buffer: no staging copy is held.
-    assert s.app.metrics.staging_bytes.labels("mlp")._value.get() == 0
+    # Chunks go straight into the inactive buffer (the one the rollback left): no
+    # staging copy is held.
+    assert gauge._value.get() == 0
     code, details = code_of(lambda: upload(s.stub, "mlp", weights, validate_full=True))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "in progress" in details
     out, served = run(s.stub, "mlp", inputs)  # serving is unaffected meanwhile

@@ -168,6 +168,12 @@ class Runner : public Base {
         this->update_constant_buffer(
             tensor_map, use_inactive, validate_full_updates, false);
       });
+      // The buffer now holds its own copies: tensors once handed over for
+      // these constants are no longer used.
+      auto& kept = user_managed_[use_inactive ? 1 : 0];
+      for (const auto& entry : tensor_map) {
+        kept.erase(entry.first);
+      }
     }
     if (use_inactive) {
       for (const auto& entry : tensor_map) {
