@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import itertools
 import os
+import threading
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -90,8 +91,16 @@ def content_sha256(items: Iterable[tuple["ConstantInfo", bytes]]) -> str:
 
 
 HASH_BLOCK = 4 << 20
+def _background_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:
+        pass
+
+
 _hash_pool = cf.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2)),
-                                   thread_name_prefix="aotiserve-hash")
+                                   thread_name_prefix="aotiserve-hash",
+                                   initializer=_background_priority)
 
 
 def _block_hash(view: torch.Tensor, start: int, end: int) -> bytes:
