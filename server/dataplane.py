@@ -240,10 +240,11 @@ class DataPlane:
                     started = time.monotonic()
                     version = model.weights.active.id
                     try:
-                        outputs = pool.execute(replica.runner, inputs)
+                        outputs = pool.execute(replica.runner, inputs, replica.short_runs)
                     except (ValueError, RuntimeError) as exc:
                         raise self._run_error(model, exc) from exc
                     computed = time.monotonic() - started
+                    replica.note_compute(computed)
         finally:
             model.end()
         if replica.stats is not None:

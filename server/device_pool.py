@@ -175,10 +175,15 @@ class DevicePool:
             self._local.stream = stream
         return stream
 
-    def execute(self, runner: Any, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Runs ``runner`` on inputs (host tensors); returns host tensors."""
+    def execute(self, runner: Any, inputs: Sequence[torch.Tensor],
+                short: bool = False) -> list[torch.Tensor]:
+        """Runs ``runner`` on inputs (host tensors); returns host tensors.
+
+        ``short``: the model's runs take microseconds; on CPU they keep the GIL (its
+        release and contended reacquire cost more than the parallelism buys).
+        """
         if self.device.type == "cpu":
-            return runner.run(list(inputs))
+            return (runner.run_holding_gil if short else runner.run)(list(inputs))
         if self.device.type == "cuda":
             stream = self._stream()
             with torch.cuda.stream(stream):

@@ -100,10 +100,26 @@ class Replica:
     slot: Slot
     # (queue_seconds, compute_seconds, device_requests) children for this model and device.
     stats: tuple | None = None
+    # Recent compute time per run (moving average, seconds): runs shorter than a GIL
+    # handoff keep the GIL (see DevicePool.execute).
+    compute_avg: float = 2 * 50e-6
 
     @property
     def runner(self) -> Any:
         return self.loaded.runner
+
+    @property
+    def short_runs(self) -> bool:
+        return self.compute_avg < SHORT_RUN_S
+
+    def note_compute(self, seconds: float) -> None:
+        self.compute_avg += (seconds - self.compute_avg) * 0.05
+
+
+# A run this short costs less with the GIL held than the reacquire after releasing it
+# (a thread switch under concurrent calls): measured on the tiny MLP (~20 µs), 8 clients
+# got ~14% more throughput holding it. Compute-bound models stay far above this.
+SHORT_RUN_S = 50e-6
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from aotiserve.client.wire import WireError
@@ -26,6 +27,7 @@ from aotiserve.client.wire import put_varint as _put_varint
 from aotiserve.client.wire import read_varint as _varint
 from aotiserve.v1 import model_runner_pb2 as pb
 
+from .tensor_codec import NUMPY_DTYPE
 
 
 class _Fallback(WireError):
@@ -192,6 +194,14 @@ def _byte_view(tensor: torch.Tensor):
     """The tensor's C-contiguous bytes as a buffer (no copy of a contiguous CPU tensor)."""
     if not tensor.is_cpu:
         tensor = tensor.cpu()
+    if tensor.dtype in NUMPY_DTYPE and not tensor.requires_grad:
+        # numpy, not torch ops: no GIL release per call (see tensor_codec.NUMPY_DTYPE).
+        arr = tensor.numpy()
+        if arr.size == 0:
+            return b""
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        return arr.reshape(-1).view(np.uint8)
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
     if tensor.numel() == 0:

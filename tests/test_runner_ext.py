@@ -49,6 +49,30 @@ def test_run_matches_eager(loaded, zoo, name, batch):
     _allclose(loaded(name).runner.run(list(inputs)), zoo.eager(name, inputs))
 
 
+def test_run_holding_gil_matches_run_and_refuses_the_same_input(loaded, zoo):
+    """The GIL-holding variant (used for microsecond runs) computes and checks alike."""
+    runner = loaded("mlp").runner
+    inputs = zoo.MODELS["mlp"].inputs(3)
+    _allclose(runner.run_holding_gil(list(inputs)), runner.run(list(inputs)))
+    bad = [torch.zeros(3, 7)]
+    with pytest.raises((ValueError, RuntimeError)) as released:
+        runner.run(bad)
+    with pytest.raises((ValueError, RuntimeError)) as held:
+        runner.run_holding_gil(bad)
+    assert type(held.value) is type(released.value) and str(held.value) == str(released.value)
+
+
+def test_short_runs_follow_the_measured_compute_time():
+    from aotiserve.server.model_registry import SHORT_RUN_S, Replica
+
+    replica = Replica(loaded=None, pool=None, slot=None)
+    for _ in range(50):
+        replica.note_compute(SHORT_RUN_S / 4)
+    assert replica.short_runs
+    replica.note_compute(100 * SHORT_RUN_S)  # one long run is enough to release the GIL again
+    assert not replica.short_runs
+
+
 def test_compiled_backends_and_missing_backends():
     assert "cpu" in rx.compiled_backends()
     for backend, cls in [("cuda", rx.AOTIModelContainerRunnerCuda), ("xpu", rx.AOTIModelContainerRunnerXpu),

@@ -474,6 +474,18 @@ py::class_<Runner<Base>> bind_runner(py::module_& m, const char* name) {
          },
          py::arg("inputs"),
          py::arg("stream_handle") = py::none())
+      // For runs shorter than a GIL handoff: releasing the GIL for a few
+      // microseconds of compute costs more (a contended reacquire, often a
+      // context switch) than the parallelism it buys.
+      .def(
+          "run_holding_gil",
+          [](R& self,
+             const std::vector<at::Tensor>& inputs,
+             const py::object& stream_handle) {
+            return self.checked_run(inputs, stream_pointer(stream_handle));
+          },
+          py::arg("inputs"),
+          py::arg("stream_handle") = py::none())
       .def("get_call_spec", &R::get_call_spec, release())
       .def(
           "get_constant_names_to_original_fqns",
