@@ -27,6 +27,7 @@ Subprocess (real signals)::
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -110,6 +111,18 @@ class DaemonProcess:
         return self.log_path.read_text(errors="replace")
 
 
+_daemons: list[subprocess.Popen] = []
+
+
+@atexit.register
+def _kill_leftover_daemons() -> None:
+    """A test that failed before its own clean-up must not leave a daemon running."""
+    for proc in _daemons:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
 def start_daemon(models: Sequence[str], extra_args: Sequence[str] = (), *,
                  repo: Path | None = None, timeout: float = 120.0) -> DaemonProcess:
     repo = make_repository(models, repo)
@@ -122,6 +135,7 @@ def start_daemon(models: Sequence[str], extra_args: Sequence[str] = (), *,
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                 cwd=REPO_ROOT)
+    _daemons.append(proc)
     deadline = time.monotonic() + timeout
     # The daemon writes the ready file once SERVING; poll for it (the process, not
     # a port, is what we wait on, so there is nothing to health-check before it).
