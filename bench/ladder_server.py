@@ -13,7 +13,7 @@ what each layer costs per call (CPU µs and latency) on this machine:
   ``tensor_codec.encode`` and serialized (the model is not run: the input is
   echoed as the output).
 - ``fastcodec``: instead of ``proto``, the hand-written RunRequest parser and
-  RunResponse writer sketched in ``bench/copies.py`` (no generated-code
+  RunResponse writer the daemon registers for Run (``server/run_wire.py``; no generated-code
   objects on the Run path).
 - ``model``: the tiny model actually runs (``runner_ext``, 2 runners, GIL
   released during ``run``).
@@ -121,27 +121,24 @@ def build(layers: set[str], package: str | None, resp_size: int):
 
 
 def _build_fast(layers: set[str], package: str | None):
-    import torch
-
-    from bench.copies import parse_run_request, write_run_response
+    from aotiserve.server import run_wire
+    from aotiserve.server import tensor_codec as codec
 
     runner = None
     if "model" in layers:
         from aotiserve.runner_ext import load_model
 
         runner = load_model(package, num_runners=2).runner
-    dtypes = {1: torch.float32}
 
-    def run(request: bytes, context) -> bytes:
-        _, specs = parse_run_request(request)
-        inputs = [torch.frombuffer(request, dtype=dtypes[d], count=n // 4, offset=o).view(shape)
-                  for d, shape, o, n in specs]
+    def run(request, context) -> bytes:
+        inputs = [codec.decode(t, f"input {i}") for i, t in enumerate(request.inputs)]
         outputs = runner.run(inputs) if runner else inputs
         if "trailer" in layers:
             context.set_trailing_metadata((("aotiserve-weights-version", "initial"),))
-        return write_run_response(outputs, [1] * len(outputs), "initial")
+        return run_wire.write_run_response(outputs, [codec.wire_dtype(t.dtype) for t in outputs],
+                                           "initial")
 
-    return run, None, None
+    return run, run_wire.parse_run_request, run_wire.identity
 
 
 def main() -> None:

@@ -135,8 +135,8 @@ def _headline(results: dict) -> list[str]:
         probe = g.get("copy_probe", {})
         out.append(f"- 64 MiB in + 64 MiB out: {_f(g['gbps_round_trip'], '{:.2f}')} GB/s through aotiserve, "
                    f"{_f(g.get('echo_gbps_round_trip'), '{:.2f}')} GB/s through a bare grpcio echo; "
-                   f"{_f(probe.get('server_copies'))} payload copies made in the server "
-                   f"(a hand-written codec needs {_f(probe.get('proposal_copies'))}).")
+                   f"{_f(probe.get('server_copies'))} payload copy made by the server's Run path "
+                   f"(grpcio adds {_f(probe.get('grpcio_copies'))} of its own, as for any grpcio server).")
     mem = results.get("memory", {})
     if mem:
         out.append("- Daemon RSS at rest / peak under load (MiB, process tree): " + ", ".join(
@@ -346,7 +346,9 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
         probe = g.get("copy_probe")
         if probe:
             L += ["", "### Payload copies in the server, step by step (`python -m bench.copies`)", "",
-                  "The server's own codec and messages replayed on one 64 MiB request in a fresh process; a step's "
+                  "The server's own Run codec (`server/run_wire.py`) and decoding replayed on one 64 MiB request "
+                  "in a fresh process (read back with the generated parser: "
+                  f"{'ok' if probe.get('roundtrip_ok') else 'FAILED'}); a step's "
                   "peak memory growth (VmHWM reset before it) divided by the payload size is the number of full "
                   "copies it made, transient ones included. grpcio adds "
                   f"{probe['grpcio_copies']} more outside the server's code (received bytes → Python `bytes`, "
@@ -357,18 +359,6 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
                          f"{_f(st.get('ms'), '{:.0f}')} |")
             L.append(f"| **total made by the server** | | | **{probe['server_copies']}** | "
                      f"{_f(sum(st.get('ms', 0) for st in probe['steps'] if 'model' not in st['where']), '{:.0f}')} |")
-            if probe.get("proposal_steps"):
-                L += ["", "The same request through a hand-written RunRequest parser (inputs wrapped where they lie "
-                      "in grpcio's received bytes with `torch.frombuffer(..., offset=)`) and a hand-written "
-                      "RunResponse writer (one `b\"\".join` over a byte view of each output) — a sketch in "
-                      "`bench/copies.py`, checked to parse back with the generated code "
-                      f"({'ok' if probe.get('proposal_roundtrip_ok') else 'FAILED'}):", "",
-                      "| step | peak MiB | copies | ms |", "|---|---|---|---|"]
-                for st in probe["proposal_steps"]:
-                    L.append(f"| {st['step']} | {st['peak_growth_mib']:.0f} | {st['copies']} | "
-                             f"{_f(st.get('ms'), '{:.0f}')} |")
-                L.append(f"| **total** | | **{probe['proposal_copies']}** | "
-                         f"{_f(sum(st.get('ms', 0) for st in probe['proposal_steps'] if 'model' not in st['where']), '{:.0f}')} |")
     mem = results.get("memory")
     if mem:
         L += ["", "## Memory (tiny model; VmRSS of the daemon process, and of its whole process tree)", "",
