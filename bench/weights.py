@@ -17,7 +17,9 @@ rounds stage into the buffer the previous swap left inactive):
   relative to (RSS before the staging + the bytes of new weights a buffer still has
   to grow by): round 1 expects active + new, later rounds active + inactive (no growth);
 - Run p99 during stage + swap relative to p99 over an equally long quiet window just
-  before, from one client thread calling Run continuously on 4 ids.
+  before, from one client thread calling Run continuously on 4 ids;
+- Run p99 while the buffers flip back and forth (100 rollbacks back to back, each one
+  swap of the container's buffers) relative to the same quiet p99: the swap alone.
 
 Targets (issue 4): >= 1 GB/s staging, <= 1.1x RSS, <= 2x p99. The 1-minute load
 average is printed beside the figures: other work on the machine moves them.
@@ -148,7 +150,7 @@ def new_weights(names: list[str], shapes: dict[str, tuple], seed: int) -> dict[s
 
 
 def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray], growth: int,
-                quiet_s: float) -> dict:
+                quiet_s: float, flips: int = 50) -> dict:
     model = client.model(MODEL)
     nbytes = sum(a.nbytes for a in weights.values())
     # Quiet window: the same Run loop with nothing else going on.
@@ -172,6 +174,14 @@ def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray],
     s1 = time.perf_counter()
     time.sleep(0.05)  # let the calls that overlapped the swap finish
     during = loop.window(t0, s1)
+    # The flip alone, many times over: rollbacks back and forth between the two buffers
+    # (an even number, so the new weights serve at the end), Run going on meanwhile.
+    f0 = time.perf_counter()
+    for _ in range(2 * flips):
+        model.rollback_constant_buffer()
+    f1 = time.perf_counter()
+    time.sleep(0.05)
+    flipping = loop.window(f0, f1)
     expected = rss_before + growth
     return {
         "bytes": nbytes,
@@ -192,6 +202,12 @@ def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray],
         "p99_ratio": _p99(during) / _p99(quiet),
         "runs_quiet": len(quiet),
         "runs_during": len(during),
+        # Run p99 while the buffers flip (2 x flips rollbacks back to back): the swap itself.
+        "flips": 2 * flips,
+        "flip_ms": (f1 - f0) * 1e3 / (2 * flips),
+        "p99_flips_ms": _p99(flipping) * 1e3,
+        "p99_flip_ratio": _p99(flipping) / _p99(quiet),
+        "runs_flipping": len(flipping),
         "loadavg_1m": load,
         "memcpy_gb_s": memcpy,
         "version": version.id if version else "",
@@ -248,23 +264,25 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     last = results["rounds"][-1]
-    results["summary"] = {k: last[k] for k in ("staging_gb_s", "swap_ms", "rss_ratio", "p99_ratio")}
+    results["summary"] = {k: last[k] for k in ("staging_gb_s", "swap_ms", "rss_ratio", "p99_ratio",
+                                              "p99_flip_ratio")}
     results["targets"] = TARGETS
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     print(f"model: {results['model']}; {results['cpus']} cpus; Run errors: {results['run_errors']}")
     hdr = (f"{'round':>5} {'GB/s':>6} {'stage s':>8} {'swap ms':>8} {'RSS before':>10} {'peak':>8} "
-           f"{'expect':>8} {'RSS x':>6} {'p99 quiet':>9} {'p99 swap':>9} {'p99 x':>6} {'load1m':>6} ok")
+           f"{'expect':>8} {'RSS x':>6} {'p99 quiet':>9} {'p99 swap':>9} {'p99 x':>6} {'flip x':>6} {'load1m':>6} ok")
     print(hdr)
     for r in results["rounds"]:
         print(f"{r['round']:>5} {r['staging_gb_s']:>6.2f} {r['staging_s']:>8.2f} {r['swap_ms']:>8.1f} "
               f"{r['rss_before_mib']:>9.0f}M {r['rss_peak_mib']:>7.0f}M {r['rss_expected_mib']:>7.0f}M "
               f"{r['rss_ratio']:>6.3f} {r['p99_quiet_ms']:>7.1f}ms {r['p99_swap_ms']:>7.1f}ms "
-              f"{r['p99_ratio']:>6.2f} {r['loadavg_1m']:>6.1f} {r['memcpy_gb_s']:>6.2f} "
+              f"{r['p99_ratio']:>6.2f} {r['p99_flip_ratio']:>6.2f} {r['loadavg_1m']:>6.1f} {r['memcpy_gb_s']:>6.2f} "
               f"{r['daemon_cpu_s']:>4.1f}/{r['client_cpu_s']:<4.1f} {r['served_new_weights']}")
     print("cpu d/c: CPU seconds the daemon / the bench client spent during the staging")
     print("memcpy: one thread's copy rate (GB/s) just before the round, on this machine's load")
+    print("p99 x: Run p99 during stage + swap / quiet; flip x: during 100 back-to-back buffer flips / quiet")
     print("targets: staging >= 1 GB/s, RSS <= 1.1x (active + new), p99 during swap <= 2x quiet")
     return 0
 
