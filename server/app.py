@@ -74,7 +74,8 @@ class AppServer:
         self.pools = {d: DevicePool(d, config.max_queue, self.metrics) for d in config.devices}
         store = WeightsStore(config.weights_dir) if config.weights_dir else None
         self.registry = ModelRegistry(self.pools, config.devices, config.runners_per_model,
-                                      self.metrics, store)
+                                      self.metrics, store,
+                                      batching=(config.batch_max_size, config.batch_max_delay_us))
         self.plane = DataPlane(config, self.registry, self.metrics)
         self.health = health.HealthServicer(
             experimental_non_blocking=True,

@@ -70,6 +70,10 @@ class ServeConfig:
     max_concurrent_rpcs: int = 1024
     max_concurrent_streams: int = 256
     extract_chunk_bytes: int = 4 * MIB
+    # Dynamic batching (server/batching.py) for models with a dynamic first dimension:
+    # most rows in one run (0 or 1: off) and the longest a run waits for others to join.
+    batch_max_size: int = 0
+    batch_max_delay_us: int = 500
     grpc_workers: int = 32
     grace_period_s: float = 10.0
     # After SIGTERM, new calls get UNAVAILABLE for at least this long before the
@@ -83,6 +87,11 @@ class ServeConfig:
     demo_cache_dir: str = field(default_factory=_default_demo_cache)
     # Written as JSON {"port", "metrics_port"} once the server is SERVING.
     ready_file: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_max_size", "batch_max_delay_us"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def serve_demo(self) -> bool:
@@ -202,6 +211,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="RPCs in progress at once before RESOURCE_EXHAUSTED (default 1024)")
     a("--max-concurrent-streams", type=int,
       help="HTTP/2 streams per client connection at once (default 256)")
+    a("--batch-max-size", type=int,
+      help="dynamic batching: most rows in one run, for models with a dynamic first "
+           "dimension (default 0: off)")
+    a("--batch-max-delay-us", type=int,
+      help="dynamic batching: longest a run waits for others to join (default 500)")
     a("--grace-period-s", type=float, help="seconds in-flight calls get after SIGTERM")
     a("--log-json", action="store_const", const=True, help="one JSON object per log line")
     a("--log-level", help="DEBUG, INFO, WARNING...")

@@ -228,31 +228,45 @@ class DataPlane:
         """Runs the model on host tensors; ``deadline`` is a time.monotonic() instant.
 
         ``call`` (the gRPC context) lets a queued run leave the queue when it is cancelled.
+        With dynamic batching on for the model, the run may share one with others.
         """
         model = name if isinstance(name, ServedModel) else self.registry.get(name)
         self.validate_inputs(model, inputs)
         model.begin()
         try:
-            replica = model.pick_replica()
-            pool = replica.pool
-            with pool.admit(replica.slot, deadline, call) as waited:
-                with model.rw.shared():
-                    started = time.monotonic()
-                    version = model.weights.active.id
-                    try:
-                        outputs = pool.execute(replica.runner, inputs, replica.short_runs)
-                    except (ValueError, RuntimeError) as exc:
-                        raise self._run_error(model, exc) from exc
-                    computed = time.monotonic() - started
-                    replica.note_compute(computed)
+            batcher = model.batcher
+            if batcher is None:
+                outputs, version = self._execute(model, inputs, (deadline, call))
+            else:
+                outputs, version = batcher.run(
+                    list(inputs), (deadline, call),
+                    lambda xs, ctx: self._execute(model, xs, ctx), model.others_in_flight)
         finally:
             model.end()
+        return RunResult(list(outputs), version)
+
+    def _execute(self, model: ServedModel, inputs: Sequence[torch.Tensor],
+                 ctx: tuple[float | None, Any]) -> tuple[list[torch.Tensor], str]:
+        """One run on one replica: admission, the runner, per-device metrics."""
+        deadline, call = ctx
+        replica = model.pick_replica()
+        pool = replica.pool
+        with pool.admit(replica.slot, deadline, call) as waited:
+            with model.rw.shared():
+                started = time.monotonic()
+                version = model.weights.active.id
+                try:
+                    outputs = pool.execute(replica.runner, inputs, replica.short_runs)
+                except (ValueError, RuntimeError) as exc:
+                    raise self._run_error(model, exc) from exc
+                computed = time.monotonic() - started
+                replica.note_compute(computed)
         if replica.stats is not None:
             queue_seconds, compute_seconds, device_requests = replica.stats
             queue_seconds.observe(waited)
             compute_seconds.observe(computed)
             device_requests.inc()
-        return RunResult(list(outputs), version)
+        return outputs, version
 
     @staticmethod
     def _run_error(model: ServedModel, exc: Exception) -> ServeError:

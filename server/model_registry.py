@@ -34,7 +34,7 @@ import threading
 import time
 import tomllib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -44,6 +44,7 @@ from aotiserve import runner_ext
 from aotiserve.v1 import model_runner_pb2 as pb
 
 from . import tensor_codec as codec
+from .batching import Batcher, batchable
 from .device_pool import DevicePool, Slot
 from .errors import (
     Aborted,
@@ -156,6 +157,10 @@ class ModelOptions:
     # Per-device packages: device ("cuda:1") or device type ("cuda") -> .pt2 path, for a
     # model placed on devices of several types (AOTI compiles a package for one type).
     device_paths: Mapping[str, str] = field(default_factory=dict)
+    # Dynamic batching (server/batching.py): most rows in one run (< 2: off), and how long
+    # a run waits for others to join while the model is busy.
+    batch_max_size: int = 0
+    batch_max_delay_us: int = 500
 
     def path_for(self, device: torch.device, default: str) -> str:
         return self.device_paths.get(str(device)) or self.device_paths.get(device.type) or default
@@ -173,6 +178,7 @@ class ServedModel:
         self.metadata: dict[str, str] = {}
         self.inputs: list[IOSpec] = []
         self.outputs: list[IOSpec] = []
+        self.batcher: Batcher | None = None
         self.constants: dict[str, ConstantInfo] = {}  # by original FQN
         self.constants_by_name: dict[str, ConstantInfo] = {}
         self.folded_names: set[str] = set()
@@ -236,6 +242,19 @@ class ServedModel:
         self.weights = WeightsState(
             WeightsVersion(INITIAL, map_sha256(self, live), int(time.time() * 1000), "package",
                            os.path.basename(self.path)))
+        self._setup_batching()
+
+    def _setup_batching(self) -> None:
+        size = self.options.batch_max_size
+        if size < 2:
+            return
+        why_not = batchable(self.inputs, self.outputs)
+        if why_not is not None:
+            log.warning("model %r: dynamic batching is off: %s", self.name, why_not)
+            return
+        self.batcher = Batcher(size, self.options.batch_max_delay_us / 1e6)
+        log.info("model %r: dynamic batching up to %d rows, waiting up to %d µs", self.name,
+                 size, self.options.batch_max_delay_us)
 
     @contextmanager
     def using_buffers(self) -> Iterator[None]:
@@ -277,6 +296,10 @@ class ServedModel:
             if self.state != ModelState.READY:
                 raise Unavailable(f"model {self.name!r} is {self.state.name.lower()}")
             self._inflight += 1
+
+    def others_in_flight(self) -> bool:
+        """Whether runs other than the caller's are in progress (read without the lock)."""
+        return self._inflight > 1
 
     def end(self) -> None:
         with self._idle:
@@ -594,8 +617,11 @@ def read_model_options(pt2: Path, defaults: ModelOptions, name: str | None = Non
                 devices=tuple(devices),
                 runners=int(data.get("runners", data.get("runners_per_model", defaults.runners))),
                 package_model=data.get("package_model") or None,
-                device_paths=paths)
-    return ModelOptions(defaults.devices, defaults.runners, defaults.package_model, dict(variants))
+                device_paths=paths,
+                batch_max_size=int(data.get("batch_max_size", defaults.batch_max_size)),
+                batch_max_delay_us=int(data.get("batch_max_delay_us",
+                                                defaults.batch_max_delay_us)))
+    return replace(defaults, device_paths=dict(variants))
 
 
 class ModelRegistry:
@@ -603,12 +629,13 @@ class ModelRegistry:
 
     def __init__(self, pools: Mapping[str, DevicePool], default_devices: Sequence[str],
                  default_runners: int, metrics: Metrics | None = None,
-                 store: WeightsStore | None = None):
+                 store: WeightsStore | None = None, batching: tuple[int, int] = (0, 500)):
         self.pools = dict(pools)
         self.default_devices = tuple(default_devices)
         self.default_runners = default_runners
         self.metrics = metrics
         self.store = store
+        self.batching = batching
         self._models: dict[str, ServedModel] = {}
         self._lock = threading.Lock()
 
@@ -638,7 +665,8 @@ class ModelRegistry:
                 f"(configured: {', '.join(self.pools)})")
         if runners < 0:
             raise InvalidArgument(f"runners_per_device must be positive, got {runners}")
-        return ModelOptions(devices, runners or self.default_runners, package_model or None)
+        return ModelOptions(devices, runners or self.default_runners, package_model or None,
+                            batch_max_size=self.batching[0], batch_max_delay_us=self.batching[1])
 
     def load(self, name: str, path: str | os.PathLike, options: ModelOptions) -> ServedModel:
         if not name or "/" in name:
