@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -236,22 +236,24 @@ class DataPlane:
         try:
             batcher = model.batcher
             if batcher is None:
-                outputs, version = self._execute(model, inputs, (deadline, call))
+                outputs, version = self._execute(model, lambda: inputs, (deadline, call))
             else:
                 outputs, version = batcher.run(
                     list(inputs), (deadline, call),
-                    lambda xs, ctx: self._execute(model, xs, ctx), model.others_in_flight)
+                    lambda get, ctx: self._execute(model, get, ctx), model.others_in_flight)
         finally:
             model.end()
         return RunResult(list(outputs), version)
 
-    def _execute(self, model: ServedModel, inputs: Sequence[torch.Tensor],
+    def _execute(self, model: ServedModel, get_inputs: Callable[[], Sequence[torch.Tensor]],
                  ctx: tuple[float | None, Any]) -> tuple[list[torch.Tensor], str]:
-        """One run on one replica: admission, the runner, per-device metrics."""
+        """One run on one replica: admission, the runner, per-device metrics.
+        ``get_inputs()`` is called once a runner is held (a batch closes then)."""
         deadline, call = ctx
         replica = model.pick_replica()
         pool = replica.pool
         with pool.admit(replica.slot, deadline, call) as waited:
+            inputs = get_inputs()
             with model.rw.shared():
                 started = time.monotonic()
                 version = model.weights.active.id

@@ -141,6 +141,8 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec("blob_mlp", MLP, lambda b: (torch.randn(b, 64),), weights_outside_so=True),
         ModelSpec("compute", ComputeBound, lambda b: (torch.randn(64, 1024),), dynamic_batch=False),
+        # The same layers with a dynamic batch: where dynamic batching pays (bench/batching.py).
+        ModelSpec("compute_dyn", ComputeBound, lambda b: (torch.randn(b, 1024),), max_batch=256),
         ModelSpec(
             "passthrough",
             Passthrough,

@@ -16,7 +16,8 @@ from server_harness import server_factory  # noqa: F401 (fixture)
 
 
 def _double(calls):
-    def execute(inputs, ctx):
+    def execute(get_inputs, ctx):
+        inputs = get_inputs()
         calls.append((inputs[0].shape[0], ctx))
         if (inputs[0] < 0).any():
             raise ValueError("negative input")
@@ -91,17 +92,18 @@ def test_batcher_refuses_a_size_below_two():
         Batcher(max_size=1, max_delay_s=0.001)
 
 
-def test_server_batches_concurrent_runs_and_answers_each_exactly(server_factory):
-    s = server_factory(["mlp", "compute"], batch_max_size=32, batch_max_delay_us=20_000,
+@pytest.mark.parametrize("model", ["mlp", "two_io"])
+def test_server_batches_concurrent_runs_and_answers_each_exactly(server_factory, model):
+    s = server_factory([model, "compute"], batch_max_size=32, batch_max_delay_us=20_000,
                        metrics_port=0)
-    assert s.app.registry.get("mlp").batcher is not None
+    assert s.app.registry.get(model).batcher is not None
     assert s.app.registry.get("compute").batcher is None  # static batch: off, with a warning
     per_client = 25
     # Inputs and eager answers made up front: the zoo seeds torch's global generator.
-    cases = {(i, k): model_zoo.MODELS["mlp"].inputs(1 + (i + k) % 3, seed=100 * i + k)
+    cases = {(i, k): model_zoo.MODELS[model].inputs(1 + (i + k) % 3, seed=100 * i + k)
              for i in range(8) for k in range(per_client)}
-    want = {key: model_zoo.eager("mlp", x) for key, x in cases.items()}
-    requests = {key: wire.run_request("mlp", x) for key, x in cases.items()}
+    want = {key: model_zoo.eager(model, x) for key, x in cases.items()}
+    requests = {key: wire.run_request(model, x) for key, x in cases.items()}
 
     def client(i):
         for k in range(per_client):
@@ -110,11 +112,11 @@ def test_server_batches_concurrent_runs_and_answers_each_exactly(server_factory)
         return True
 
     assert _concurrently(8, client) == [True] * 8
-    runs = s.app.metrics.device_requests.labels("mlp", "cpu")._value.get()
+    runs = s.app.metrics.device_requests.labels(model, "cpu")._value.get()
     assert runs < 8 * per_client  # batched
-    assert s.app.registry.get("mlp").batcher.batches > 0
-    # A bad request in the mix fails alone, with its own code.
-    bad = pb.RunRequest(model="mlp", inputs=[pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[1, 7],
+    assert s.app.registry.get(model).batcher.batches > 0
+    # A bad request fails alone, with its own code.
+    bad = pb.RunRequest(model=model, inputs=[pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[1, 7],
                                                         data=b"\0" * 28)])
     with pytest.raises(grpc.RpcError) as err:
         s.stub.Run(bad)
