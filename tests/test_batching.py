@@ -72,8 +72,8 @@ def test_a_failing_batch_is_rerun_one_by_one_so_only_the_bad_request_fails():
     for i, r in enumerate(results):
         if i != 3:
             assert torch.equal(r[0][0], inputs[i] * 2)
-    # Alone, each request ran with its own context.
-    assert {ctx for rows, ctx in calls if rows == 1} >= {0, 1, 2, 4, 5} - {calls[0][1]}
+    # The bad request ran on its own, with its own context (whichever batch it was in).
+    assert (1, 3) in calls
 
 
 def test_batches_never_exceed_max_size_nor_mix_shapes():
