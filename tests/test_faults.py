@@ -25,7 +25,7 @@ from aotiserve.server.device_pool import DevicePool
 from aotiserve.server.errors import DeadlineExceeded
 from aotiserve.v1 import model_runner_pb2 as pb
 from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
-from server_harness import running_server, server_factory, start_daemon  # noqa: F401
+from server_harness import daemon_process, server_factory, start_daemon  # noqa: F401 (fixture)
 from test_server_weights import eager_with, new_weights
 
 CODE = grpc.StatusCode
@@ -221,8 +221,8 @@ def test_sigkill_during_staging_and_during_swap_then_restart(tmp_path):
     x = model_zoo.MODELS["mlp"].inputs(3)
     w1, w2, w3 = (new_weights("mlp", f) for f in (0.5, 1.5, 2.5))
 
-    d = start_daemon(["mlp"], args)
-    try:
+    with daemon_process(["mlp"], args) as d:
+        repo = d.repo
         channel, stub = _daemon_stub(d)
         v1 = stub.UpdateConstantBuffer(wire.upload_requests("mlp", w1, validate_full=True)).version
         stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
@@ -234,11 +234,7 @@ def test_sigkill_during_staging_and_during_swap_then_restart(tmp_path):
         d.proc.wait(30)
         staged_ok = done.exception(30) is None
         channel.close()
-    finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
-    d = start_daemon(["mlp"], args, repo=d.repo)
-    try:
+    with daemon_process(["mlp"], args, repo=repo) as d:
         channel, stub = _daemon_stub(d)
         _check_serves(stub, v1.id, w1, x)  # staged or not, only a swap commits
         assert not stub.ListModels(pb.ListModelsRequest()).models[0].HasField("staged_version")
@@ -249,11 +245,7 @@ def test_sigkill_during_staging_and_during_swap_then_restart(tmp_path):
         d.proc.wait(30)
         swapped = swap.exception(30) is None
         channel.close()
-    finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
-    d = start_daemon(["mlp"], args, repo=d.repo)
-    try:
+    with daemon_process(["mlp"], args, repo=repo) as d:
         channel, stub = _daemon_stub(d)
         served = stub.ListModels(pb.ListModelsRequest()).models[0].active_version.id
         if swapped:  # the client was told the swap happened: it must have been committed
@@ -261,9 +253,6 @@ def test_sigkill_during_staging_and_during_swap_then_restart(tmp_path):
         assert served in (v1.id, v3.id)
         _check_serves(stub, served, w1 if served == v1.id else w3, x)
         channel.close()
-    finally:
-        d.proc.kill()
-        d.proc.wait(30)
     current = json.loads((weights_dir / "mlp" / "current.json").read_text())
     assert current["id"] == served
     assert not list(weights_dir.rglob("*.tmp"))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import os
-import string
 
 import grpc
 import pytest
@@ -385,21 +384,27 @@ def mutated_run_bytes(draw):
     for _ in range(draw(st.integers(1, 4))):
         if not raw:
             break
-        kind = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate", "varint"]))
-        i = draw(st.integers(0, len(raw) - 1))
-        if kind == "flip":
-            raw[i] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "set":
-            raw[i] = draw(st.integers(0, 255))
-        elif kind == "insert":
-            raw[i:i] = draw(st.binary(min_size=1, max_size=12))
-        elif kind == "delete":
-            del raw[i:i + draw(st.integers(1, 8))]
-        elif kind == "truncate":
-            del raw[i:]
-        else:
-            raw[i:i] = b"\xff" * draw(st.integers(1, 11))
+        _edit(draw, raw)
     return bytes(raw)
+
+
+def _edit(draw, raw: bytearray) -> None:
+    """One edit of non-empty ``raw`` in place: a bit flip, a byte set, an insert, a delete,
+    a truncation or a run of 0xff (an over-long varint)."""
+    kind = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate", "varint"]))
+    i = draw(st.integers(0, len(raw) - 1))
+    if kind == "flip":
+        raw[i] ^= 1 << draw(st.integers(0, 7))
+    elif kind == "set":
+        raw[i] = draw(st.integers(0, 255))
+    elif kind == "insert":
+        raw[i:i] = draw(st.binary(min_size=1, max_size=12))
+    elif kind == "delete":
+        del raw[i:i + draw(st.integers(1, 8))]
+    elif kind == "truncate":
+        del raw[i:]
+    else:
+        raw[i:i] = b"\xff" * draw(st.integers(1, 11))
 
 
 def _raw_run(env, raw: bytes):
@@ -442,20 +447,7 @@ def mutated_upload_stream(draw, env):
         raw = bytearray(msgs[j])
         if not raw:
             continue
-        i = draw(st.integers(0, len(raw) - 1))
-        kind = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate", "varint"]))
-        if kind == "flip":
-            raw[i] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "set":
-            raw[i] = draw(st.integers(0, 255))
-        elif kind == "insert":
-            raw[i:i] = draw(st.binary(min_size=1, max_size=12))
-        elif kind == "delete":
-            del raw[i:i + draw(st.integers(1, 8))]
-        elif kind == "truncate":
-            del raw[i:]
-        else:
-            raw[i:i] = b"\xff" * draw(st.integers(1, 11))
+        _edit(draw, raw)
         msgs[j] = bytes(raw)
     return msgs
 

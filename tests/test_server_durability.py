@@ -12,7 +12,7 @@ import model_zoo
 import wire
 from aotiserve.v1 import model_runner_pb2 as pb
 from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
-from server_harness import start_daemon
+from server_harness import daemon_process
 from test_server_weights import eager_with, new_weights
 
 
@@ -33,8 +33,8 @@ def test_restart_after_sigkill_serves_committed_version(tmp_path):
     v1_weights = new_weights("mlp")
     want = eager_with("mlp", v1_weights, inputs)
 
-    d = start_daemon(["mlp"], args)
-    try:
+    with daemon_process(["mlp"], args) as d:
+        repo = d.repo
         channel, stub = _stub(d)
         v1 = stub.UpdateConstantBuffer(wire.upload_requests(
             "mlp", v1_weights, validate_full=True, description="v1")).version
@@ -42,18 +42,9 @@ def test_restart_after_sigkill_serves_committed_version(tmp_path):
         # Start a second upload and kill the daemon while it is half sent.
         half = threading.Event()
         hold = threading.Event()
-
-        def stream():
-            msgs = list(wire.upload_requests("mlp", new_weights("mlp", 3.0), validate_full=True,
-                                             chunk_bytes=256))
-            for i, m in enumerate(msgs):
-                if i == len(msgs) // 2:
-                    half.set()
-                    hold.wait(30)
-                    return
-                yield m
-
-        future = stub.UpdateConstantBuffer.future(stream())
+        future = stub.UpdateConstantBuffer.future(wire.pause_at_half(
+            wire.upload_requests("mlp", new_weights("mlp", 3.0), validate_full=True,
+                                 chunk_bytes=256), half, hold, end=True))
         half.wait(30)
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait(30)
@@ -61,12 +52,8 @@ def test_restart_after_sigkill_serves_committed_version(tmp_path):
         with pytest.raises(grpc.RpcError):
             future.result()
         channel.close()
-    finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
 
-    d2 = start_daemon(["mlp"], args, repo=d.repo)
-    try:
+    with daemon_process(["mlp"], args, repo=repo) as d2:
         channel, stub = _stub(d2)
         active = _active(stub)
         assert (active.id, active.sha256, active.description) == (v1.id, v1.sha256, "v1")
@@ -74,8 +61,5 @@ def test_restart_after_sigkill_serves_committed_version(tmp_path):
         assert wire.close(wire.outputs(resp), want)
         assert ("aotiserve-weights-version", v1.id) in tuple(call.trailing_metadata())
         channel.close()
-    finally:
-        d2.proc.kill()
-        d2.proc.wait(30)
     leftovers = [p.name for p in weights_dir.rglob("*.tmp")]
     assert not leftovers

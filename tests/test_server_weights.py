@@ -277,16 +277,9 @@ def test_cancel_mid_upload_frees_staging_and_changes_nothing(server_factory):
     half_sent = threading.Event()
     release = threading.Event()
 
-    def stream():
-        msgs = list(wire.upload_requests("mlp", weights, validate_full=True, chunk_bytes=512))
-        for i, m in enumerate(msgs):
-            if i == len(msgs) // 2:
-                half_sent.set()
-                release.wait(30)
-                return
-            yield m
-
-    future = s.stub.UpdateConstantBuffer.future(stream())
+    future = s.stub.UpdateConstantBuffer.future(wire.pause_at_half(
+        wire.upload_requests("mlp", weights, validate_full=True, chunk_bytes=512),
+        half_sent, release, end=True))
     half_sent.wait(30)
     gauge = s.app.metrics.staging_bytes.labels("mlp")
     future.cancel()
@@ -379,15 +372,9 @@ def test_uploads_write_in_place_one_at_a_time(server_factory):
     half_sent = threading.Event()
     release = threading.Event()
 
-    def stream():
-        msgs = list(wire.upload_requests("mlp", weights, validate_full=True, chunk_bytes=512))
-        for i, m in enumerate(msgs):
-            if i == len(msgs) // 2:
-                half_sent.set()
-                release.wait(30)
-            yield m
-
-    first = s.stub.UpdateConstantBuffer.future(stream())
+    first = s.stub.UpdateConstantBuffer.future(wire.pause_at_half(
+        wire.upload_requests("mlp", weights, validate_full=True, chunk_bytes=512),
+        half_sent, release))
     half_sent.wait(30)
     # Chunks go straight into the inactive buffer (the one the rollback left): no
     # staging copy is held.

@@ -55,3 +55,16 @@ def upload_requests(model: str, tensors: dict, *, use_inactive: bool = True,
         chunks = order(chunks)
     for c in chunks:
         yield pb.UpdateConstantBufferRequest(chunk=c)
+
+
+def pause_at_half(messages, reached, release, *, end: bool = False):
+    """Yields ``messages``; halfway it sets ``reached`` and waits (up to 30 s) for
+    ``release``, then goes on, or ends the stream there when ``end``."""
+    messages = list(messages)
+    for i, m in enumerate(messages):
+        if i == len(messages) // 2:
+            reached.set()
+            release.wait(30)
+            if end:
+                return
+        yield m
