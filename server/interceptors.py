@@ -193,8 +193,8 @@ class ServingInterceptor(grpc.ServerInterceptor):
         short = method.rsplit("/", 1)[-1]
         always_on = method.startswith(_ALWAYS_ON)
 
-        def start(request, context) -> tuple[CallInfo, float]:
-            call = CallInfo(method=short, model=_model_of(request) if request is not None else "")
+        def start(context) -> CallInfo:
+            call = CallInfo(method=short)  # the model is set once the request is decoded
             _current.call = call
             if not always_on:
                 self._enter()
@@ -248,7 +248,7 @@ class ServingInterceptor(grpc.ServerInterceptor):
                 began = time.monotonic()
                 call, code = CallInfo(short), grpc.StatusCode.INTERNAL
                 try:
-                    call = start(None, context)
+                    call = start(context)
                     request = decode(raw)
                     call.model = _model_of(request)
                     response = inner(request, context)
@@ -270,7 +270,7 @@ class ServingInterceptor(grpc.ServerInterceptor):
                 began = time.monotonic()
                 call, code = CallInfo(short), grpc.StatusCode.CANCELLED
                 try:
-                    call = start(None, context)
+                    call = start(context)
                     request = decode(raw)
                     call.model = _model_of(request)
                     yield from inner_us(request, context)
@@ -291,7 +291,7 @@ class ServingInterceptor(grpc.ServerInterceptor):
                 began = time.monotonic()
                 call, code = CallInfo(short), grpc.StatusCode.INTERNAL
                 try:
-                    call = start(None, context)
+                    call = start(context)
                     response = inner_su(map(decode, request_iterator), context)
                     code = grpc.StatusCode.OK
                     return response
@@ -310,7 +310,7 @@ class ServingInterceptor(grpc.ServerInterceptor):
             began = time.monotonic()
             call, code = CallInfo(short), grpc.StatusCode.CANCELLED
             try:
-                call = start(None, context)
+                call = start(context)
                 yield from inner_ss(map(decode, request_iterator), context)
                 code = grpc.StatusCode.OK
             except Exception as exc:  # noqa: BLE001

@@ -356,12 +356,8 @@ class ServedModel:
                         live = replica.runner.extract_constants_map(False)
                         m = {}
                         for fqn, ts in tensors.items():
-                            dst = live.get(fqn)
-                            if dst is not None and self._views_fit({fqn: dst}, [fqn]):
-                                replica.pool.run_in_stream(lambda d=dst, t=ts[i]: d.copy_(t))
-                            else:
-                                dst = ts[i]
-                            m[self.constants[fqn].name] = dst
+                            dst = self._copy_into(replica, fqn, live.get(fqn), ts[i])
+                            m[self.constants[fqn].name] = ts[i] if dst is None else dst
                         replica.pool.run_in_stream(
                             lambda r=replica, m=m: r.runner.update_constant_buffer(
                                 m, False, False, user_managed=True))
@@ -384,13 +380,20 @@ class ServedModel:
         for fqn, info in self.constants.items():
             t = new.get(fqn)
             if t is None:
-                t = current.get(fqn)
-                if t is None or not self._views_fit({fqn: t}, [fqn]):
+                t = self._copy_into(replica, fqn, current.get(fqn), active[fqn])
+                if t is None:
                     t = active[fqn].clone()
-                else:
-                    replica.pool.run_in_stream(lambda d=t, s=active[fqn]: d.copy_(s))
             full[info.name] = t
         return full
+
+    def _copy_into(self, replica: Replica, fqn: str, dst: torch.Tensor | None,
+                   src: torch.Tensor) -> torch.Tensor | None:
+        """Copies ``src`` into ``dst`` (a buffer's own memory for constant ``fqn``) and
+        returns ``dst``; None where there is no such memory to write into."""
+        if dst is None or not self._views_fit({fqn: dst}, [fqn]):
+            return None
+        replica.pool.run_in_stream(lambda: dst.copy_(src))
+        return dst
 
     def begin_upload(self, fqns: Sequence[str]) -> list[dict[str, torch.Tensor]] | None:
         """Claims the inactive buffer for an upload; returns per-replica views to write into.

@@ -3,7 +3,7 @@
 grpcio hands the native ``Run`` handler the request's bytes; the generated
 parser would copy every tensor's data into the message and again out of it.
 :func:`parse_run_request` instead walks the bytes and keeps each tensor's data
-as a ``memoryview`` slice of them (``torch.frombuffer`` wraps it: no copy).
+as a ``memoryview`` slice of them (``tensor_codec.decode`` wraps it: no copy).
 :func:`write_run_response` writes the response with one ``b"".join`` over the
 field headers and a byte view of each output (one copy of the payload).
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from aotiserve.client.wire import WireError
@@ -27,7 +26,7 @@ from aotiserve.client.wire import put_varint as _put_varint
 from aotiserve.client.wire import read_varint as _varint
 from aotiserve.v1 import model_runner_pb2 as pb
 
-from .tensor_codec import NUMPY_DTYPE
+from . import tensor_codec as codec
 
 
 class _Fallback(WireError):
@@ -190,26 +189,6 @@ def parse_viewing(buf: bytes) -> RunRequestView:
 
 # Writing ----------------------------------------------------------------------
 
-def _byte_view(tensor: torch.Tensor):
-    """The tensor's C-contiguous bytes as a buffer (no copy of a contiguous CPU tensor)."""
-    if not tensor.is_cpu:
-        tensor = tensor.cpu()
-    if tensor.dtype in NUMPY_DTYPE and not tensor.requires_grad:
-        # numpy, not torch ops: no GIL release per call (see tensor_codec.NUMPY_DTYPE).
-        arr = tensor.numpy()
-        if arr.size == 0:
-            return b""
-        if not arr.flags.c_contiguous:
-            arr = np.ascontiguousarray(arr)
-        return arr.reshape(-1).view(np.uint8)
-    if not tensor.is_contiguous():
-        tensor = tensor.contiguous()
-    if tensor.numel() == 0:
-        return b""
-    # reshape(-1) gives stride 1 even where "contiguous" size-1 dims carry odd strides.
-    return tensor.reshape(-1).view(torch.uint8).numpy()  # joins as its bytes
-
-
 def write_run_response(outputs: Sequence[torch.Tensor], wire_dtypes: Sequence[int],
                        weights_version: str) -> bytes:
     """``RunResponse`` bytes, as the generated serializer writes them, in one join.
@@ -219,7 +198,7 @@ def write_run_response(outputs: Sequence[torch.Tensor], wire_dtypes: Sequence[in
     parts: list = []
     append = parts.append
     for tensor, wire in zip(outputs, wire_dtypes):
-        data = _byte_view(tensor)
+        data = codec.byte_buffer(tensor)  # joins as its bytes
         size = len(data) if isinstance(data, bytes) else data.nbytes
         head = bytearray()
         if wire:

@@ -115,14 +115,29 @@ def decode(t: pb.Tensor, what: str, limits: Limits = Limits()) -> torch.Tensor:
     return tensor
 
 
+def byte_buffer(tensor: torch.Tensor):
+    """The tensor's C-contiguous bytes as a buffer (no copy of a contiguous CPU tensor)."""
+    if not tensor.is_cpu:
+        tensor = tensor.cpu()
+    if tensor.dtype in NUMPY_DTYPE and not tensor.requires_grad:
+        # numpy, not torch ops: no GIL release per call (see NUMPY_DTYPE).
+        arr = tensor.numpy()
+        if arr.size == 0:
+            return b""
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        return arr.reshape(-1).view(np.uint8)
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    if tensor.numel() == 0:
+        return b""
+    # reshape(-1) gives stride 1 even where "contiguous" size-1 dims carry odd strides.
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
     """The tensor's C-contiguous little-endian bytes (one copy)."""
-    if tensor.device.type != "cpu":
-        tensor = tensor.cpu()
-    flat = tensor.contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return b""
-    return flat.view(torch.uint8).numpy().tobytes()
+    return bytes(byte_buffer(tensor))
 
 
 def encode(tensor: torch.Tensor) -> pb.Tensor:
