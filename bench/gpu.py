@@ -4,7 +4,10 @@ For a small CUDA model (the zoo MLP compiled for cuda, input [1, 64]):
 - in-process: the extension's run() on cuda:0, host array in and out (the
   same transfers the daemon does per request);
 - the bare grpcio echo floor with the same payload sizes;
-- aotiserve's native Run with the model placed on cuda:0, 1 and 4 clients.
+- aotiserve's native Run with the model placed on cuda:0, 1 and 4 clients;
+- the daemon's core without gRPC (``DataPlane.run`` in this process, the same
+  validation, admission, stream and copies a Run does): splits the daemon's
+  overhead into the core's part and the transport's.
 Checks: aotiserve p50 - in-process p50 <= echo p50 + 50 us, and throughput
 with 4 concurrent clients >= 1.5x one client.
 
@@ -79,6 +82,32 @@ def in_process(package: Path, n: int, threads: int, seconds: float) -> dict:
     return {"p50_us": statistics.median(lat), "p99_us": _p(lat, 0.99), "rps": rates}
 
 
+def core(package: Path, n: int, runners: int, device: str = "cuda:0") -> dict:
+    """``DataPlane.run`` on ``device`` in this process: a Run without the transport."""
+    import torch
+
+    from aotiserve.server.config import ServeConfig
+    from aotiserve.server.dataplane import DataPlane
+    from aotiserve.server.device_pool import DevicePool
+    from aotiserve.server.model_registry import ModelRegistry
+
+    config = ServeConfig(devices=(device,), runners_per_model=runners)
+    pools = {d: DevicePool(d, config.max_queue) for d in config.devices}
+    registry = ModelRegistry(pools, config.devices, runners)
+    plane = DataPlane(config, registry)
+    registry.load("mlp", package, registry.options())
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32))
+    for _ in range(200):
+        plane.run("mlp", [x])
+    lat = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        plane.run("mlp", [x])
+        lat.append((time.perf_counter() - t0) * 1e6)
+    registry.close()
+    return {"p50_us": statistics.median(lat), "p99_us": _p(lat, 0.99)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results here too")
@@ -97,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     req = 64 * 4 + 32  # RunRequest bytes for [1, 64] float32, about
     results: dict = {"gpu": gpu, "model": "mlp [1,64] float32 -> [1,10], cuda:0"}
     results["inproc"] = in_process(package, args.n, 4, args.seconds)
+    results["core"] = core(package, args.n, args.runners)
 
     echo = start_echo(work, resp_size=10 * 4 + 32)
     try:
@@ -129,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"GPU: {gpu}")
     print(f"{'system':12} {'p50 us':>8} {'rps 1c':>9} {'rps 4c':>9}")
     print(f"{'in-process':12} {p50['inproc']:8.1f} {results['inproc']['rps'][1]:9.0f} {results['inproc']['rps'][4]:9.0f}")
+    print(f"{'core':12} {results['core']['p50_us']:8.1f}")
     for k in ("echo", "aotiserve"):
         tp = {c["concurrency"]: c["rps"] for c in results[k]["throughput"]}
         print(f"{k:12} {p50[k]:8.1f} {tp[1]:9.0f} {tp[4]:9.0f}")
