@@ -7,7 +7,8 @@ execute at once (its number of model instances) and at most ``max_queue``
 runs wait on the whole device; beyond that, RESOURCE_EXHAUSTED. A waiting run
 whose deadline passes is dropped without being computed.
 
-On CUDA each worker thread uses its own stream.
+On CUDA each worker thread uses its own stream (its current stream), and
+large inputs and every output travel through pinned host memory.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ from .errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+# Host tensors at least this big reach a GPU through a pinned buffer (DevicePool._to_cuda).
+PIN_MIN_BYTES = 64 * 1024
+
+# The pool whose stream the current thread has current (see DevicePool._stream).
+_thread = threading.local()
 
 
 class Waiter:
@@ -169,27 +176,52 @@ class DevicePool:
     # Device plumbing -----------------------------------------------------
 
     def _stream(self):
+        """This worker thread's CUDA stream for this device, made the thread's current
+        stream (and device) when the thread last worked for another pool: a run needs no
+        stream context (torch's current stream and device are per thread)."""
         stream = getattr(self._local, "stream", None)
         if stream is None:
-            stream = torch.cuda.Stream(device=self.device)
-            self._local.stream = stream
+            stream = self._local.stream = torch.cuda.Stream(device=self.device)
+        if getattr(_thread, "pool", None) is not self:
+            torch.cuda.set_stream(stream)  # sets the thread's device to the stream's too
+            _thread.pool = self
         return stream
+
+    def _to_cuda(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host → this device on the current stream, without blocking the thread.
+
+        Above ``PIN_MIN_BYTES`` the bytes go through a pinned buffer from torch's caching
+        host allocator (a DMA straight from it; the allocator keeps the buffer until the
+        copy is done); below, a pageable copy costs less than the extra host copy.
+        """
+        if tensor.numel() * tensor.element_size() < PIN_MIN_BYTES or tensor.is_pinned():
+            return tensor.to(self.device, non_blocking=True)
+        pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        pinned.copy_(tensor)
+        return pinned.to(self.device, non_blocking=True)
+
+    @staticmethod
+    def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+        """Device → a pinned host tensor, queued on the current stream (sync before use)."""
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        return host
 
     def execute(self, runner: Any, inputs: Sequence[torch.Tensor],
                 short: bool = False) -> list[torch.Tensor]:
         """Runs ``runner`` on inputs (host tensors); returns host tensors.
 
         ``short``: the model's runs take microseconds; on CPU they keep the GIL (its
-        release and contended reacquire cost more than the parallelism buys).
+        release and contended reacquire cost more than the parallelism buys). On CUDA
+        the copies in, the run and the copies out are queued on the worker's stream and
+        the thread waits once, at the end.
         """
         if self.device.type == "cpu":
             return (runner.run_holding_gil if short else runner.run)(list(inputs))
         if self.device.type == "cuda":
             stream = self._stream()
-            with torch.cuda.stream(stream):
-                dev_inputs = [t.to(self.device, non_blocking=True) for t in inputs]
-                outputs = runner.run(dev_inputs, stream.cuda_stream)
-                host = [o.to("cpu", non_blocking=False) for o in outputs]
+            outputs = runner.run([self._to_cuda(t) for t in inputs], stream.cuda_stream)
+            host = [self._to_host(o) for o in outputs]
             stream.synchronize()
             return host
         dev_inputs = [t.to(self.device) for t in inputs]
@@ -201,18 +233,16 @@ class DevicePool:
             return tensor
         if self.device.type == "cuda":
             stream = self._stream()
-            with torch.cuda.stream(stream):
-                out = tensor.to(self.device, non_blocking=True)
+            out = self._to_cuda(tensor)
             stream.synchronize()
             return out
         return tensor.to(self.device)
 
     def run_in_stream(self, fn: Callable[[], Any]) -> Any:
-        """Calls fn with this thread's stream current (CUDA), synchronizing after."""
+        """Calls fn on this thread's stream (CUDA), synchronizing after."""
         if self.device.type != "cuda":
             return fn()
         stream = self._stream()
-        with torch.cuda.stream(stream):
-            result = fn()
+        result = fn()
         stream.synchronize()
         return result

@@ -113,3 +113,49 @@ def test_one_model_on_cpu_and_cuda_at_once(cuda_repo, tmp_path):
         counts = _device_requests(s, devices)
         assert sum(counts.values()) == 800
         assert all(c > 0 for c in counts.values()), counts
+
+
+class _Doubler:
+    """A stand-in runner (pure unit of the pool's CUDA plumbing): 2 × each input, on the
+    stream it is given, as the extension's CUDA runner does."""
+
+    def run(self, inputs, stream_handle):
+        device = inputs[0].device
+        assert torch.cuda.current_stream(device).cuda_stream == stream_handle, \
+            "the worker's stream is not its current stream"
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream_handle, device=device)):
+            torch.cuda._sleep(2_000_000)  # a slow kernel: outputs must wait for it
+            return [t * 2 for t in inputs]
+
+
+@pytest.mark.parametrize("nbytes", [256, 4 << 20], ids=["pageable", "pinned"])
+def test_pool_moves_inputs_in_and_outputs_out_on_its_stream(nbytes):
+    from aotiserve.server.device_pool import PIN_MIN_BYTES, DevicePool
+
+    assert (nbytes >= PIN_MIN_BYTES) == (nbytes > 1 << 20)
+    pool = DevicePool("cuda:0", max_queue=4)
+    x = torch.arange(nbytes // 4, dtype=torch.float32)
+    (out,) = pool.execute(_Doubler(), [x])
+    assert out.device.type == "cpu" and out.is_pinned()
+    assert torch.equal(out, x * 2)
+    assert torch.equal(pool.to_device(x).cpu(), x)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_one_thread_serving_two_gpus_runs_each_on_its_own_device():
+    from aotiserve.server.device_pool import DevicePool
+
+    pools = [DevicePool(f"cuda:{i}", max_queue=4) for i in range(2)]
+    x = torch.ones(1 << 20)
+    for _ in range(2):  # back and forth in one thread
+        for i, pool in enumerate(pools):
+            seen = []
+
+            class Runner:
+                def run(self, inputs, stream_handle):
+                    seen.append((inputs[0].device, torch.cuda.current_device()))
+                    return [inputs[0] + i]
+
+            (out,) = pool.execute(Runner(), [x])
+            assert seen == [(torch.device(f"cuda:{i}"), i)]
+            assert torch.equal(out, x + i)
