@@ -107,7 +107,7 @@ def serve(pkg: str, ready: str) -> None:
     asyncio.run(main())
 
 
-def bench(variants: list[str], rounds: int) -> None:
+def bench(variants: list[str], rounds: int, native: str | None = None) -> None:
     import subprocess
 
     import model_zoo
@@ -125,6 +125,12 @@ def bench(variants: list[str], rounds: int) -> None:
         while not ready.exists():
             time.sleep(0.1)
         targets[v] = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+    if native:  # the gRPC C++ instrument of bench/native_run, 2 runners
+        ready = work / "ready-native"
+        protos.append(subprocess.Popen([native, str(pkg), "2", str(ready)], env=dict(os.environ, OMP_NUM_THREADS="1")))
+        while not ready.exists():
+            time.sleep(0.1)
+        targets["native-cpp"] = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
     req_size, resp_size = payload_sizes()
     echo = procs.start_echo(work / "e", resp_size)
     echo_aio = procs.start_echo(work / "ea", resp_size, aio=True)
@@ -137,7 +143,7 @@ def bench(variants: list[str], rounds: int) -> None:
         "daemon": dict(base, kind="native", target=daemon.target),
     }
     for v, t in targets.items():
-        systems["aio-" + v] = dict(base, kind="native", target=t)
+        systems[v if v == "native-cpp" else "aio-" + v] = dict(base, kind="native", target=t)
     res = {k: [] for k in systems}
     try:
         for _ in range(rounds):
@@ -169,5 +175,6 @@ if __name__ == "__main__":
         ap.add_argument("--variants", default="none;metrics;metrics,trailer;metrics,trailer,plane;"
                                               "metrics,trailer,model;all")
         ap.add_argument("--rounds", type=int, default=3)
+        ap.add_argument("--native", help="also the gRPC C++ Run server built by bench/native_run/build.sh")
         a = ap.parse_args()
-        bench(a.variants.split(";"), a.rounds)
+        bench([v for v in a.variants.split(";") if v], a.rounds, a.native)
