@@ -69,6 +69,10 @@ class ServeConfig:
     # client's transport waits).
     max_concurrent_rpcs: int = 1024
     max_concurrent_streams: int = 256
+    # Weight uploads (UpdateConstantBuffer) and downloads (ExtractConstantsMap) in progress
+    # at once: each holds a worker thread for as long as its client keeps the stream open
+    # (a slow or stalled reader too), so they get a share of grpc_workers, never all.
+    max_weight_streams: int = 8
     extract_chunk_bytes: int = 4 * MIB
     # Dynamic batching (server/batching.py) for models with a dynamic first dimension:
     # most rows in one run (0 or 1: off) and the longest a run waits for others to join.
@@ -92,6 +96,11 @@ class ServeConfig:
         for name in ("batch_max_size", "batch_max_delay_us"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 1 <= self.max_weight_streams < self.grpc_workers:
+            raise ValueError(
+                f"max_weight_streams must be at least 1 and below grpc_workers "
+                f"({self.grpc_workers}), so weight streams never hold every worker thread; "
+                f"got {self.max_weight_streams}")
 
     @property
     def serve_demo(self) -> bool:
@@ -211,6 +220,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="RPCs in progress at once before RESOURCE_EXHAUSTED (default 1024)")
     a("--max-concurrent-streams", type=int,
       help="HTTP/2 streams per client connection at once (default 256)")
+    a("--max-weight-streams", type=int,
+      help="weight uploads and downloads in progress at once, below --grpc-workers (default 8)")
     a("--batch-max-size", type=int,
       help="dynamic batching: most rows in one run, for models with a dynamic first "
            "dimension (default 0: off)")

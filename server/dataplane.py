@@ -21,10 +21,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -32,7 +34,14 @@ from aotiserve.v1 import model_runner_pb2 as pb
 
 from . import tensor_codec as codec
 from .config import ServeConfig
-from .errors import Internal, InvalidArgument, NotFound, PermissionDenied, ServeError
+from .errors import (
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ServeError,
+)
 from .metrics import Metrics
 from .model_registry import (
     IOSpec,
@@ -168,6 +177,8 @@ class DataPlane:
         self.limits = codec.Limits(config.max_tensor_elements, config.max_tensor_rank)
         self.draining = False
         self.expected_models: set[str] = set()
+        self._weight_streams_lock = threading.Lock()
+        self._weight_streams_open = 0
 
     # Health ------------------------------------------------------------------
 
@@ -357,6 +368,27 @@ class DataPlane:
         self.expected_models.discard(name)
 
     # Weights -------------------------------------------------------------------
+
+    @contextmanager
+    def weight_stream(self, what: str) -> Iterator[None]:
+        """Holds one of the ``max_weight_streams`` places of uploads and downloads; none
+        free: RESOURCE_EXHAUSTED (the stream would hold a worker thread Runs need)."""
+        limit = self.config.max_weight_streams
+        with self._weight_streams_lock:
+            if self._weight_streams_open >= limit:
+                raise ResourceExhausted(
+                    f"{what}: {limit} weight uploads/downloads are in progress, the most this "
+                    "server runs at once (max_weight_streams); retry later")
+            self._weight_streams_open += 1
+        try:
+            yield
+        finally:
+            with self._weight_streams_lock:
+                self._weight_streams_open -= 1
+
+    @property
+    def weight_streams_open(self) -> int:
+        return self._weight_streams_open
 
     def _count_op(self, model: str, op: str, exc: BaseException | None) -> None:
         if self.metrics:

@@ -97,6 +97,11 @@ class NativeServicer(pb_grpc.ModelRunnerServicer):
         if request.chunk_bytes < 0:
             raise InvalidArgument(f"chunk_bytes must be >= 0, got {request.chunk_bytes}")
         chunk = min(request.chunk_bytes or self.chunk_bytes, self.max_chunk_bytes)
+        with self.plane.weight_stream("ExtractConstantsMap"):
+            yield from self._extract_chunks(request, context, chunk)
+
+    def _extract_chunks(self, request: pb.ExtractConstantsMapRequest, context,
+                        chunk: int) -> Iterator[pb.ConstantChunk]:
         model = self.plane.model(request.model)
         tensors, _version = self.plane.extract_constants(request.model, request.use_inactive)
         # The tensors alias the runner's buffers (no copy). Each read holds the buffers
@@ -128,24 +133,25 @@ class NativeServicer(pb_grpc.ModelRunnerServicer):
 
     def UpdateConstantBuffer(self, request_iterator: Iterable[pb.UpdateConstantBufferRequest],
                              context) -> pb.UpdateConstantBufferResponse:
-        it = iter(request_iterator)
-        first = next(it, None)
-        if first is None or first.WhichOneof("part") != "header":
-            raise InvalidArgument("the first message of an upload must be its header")
-        set_call_model(first.header.model)
-        upload = self.plane.begin_upload(first.header, _author(context))
-        try:
-            for message in it:
-                if message.WhichOneof("part") != "chunk":
-                    raise InvalidArgument("only chunks may follow the header")
-                upload.add_chunk(message.chunk)
-        except BaseException:
-            upload.discard()  # cancel or bad chunk: nothing applied, staging freed
-            raise
-        if not context.is_active():
-            upload.discard()
-            return pb.UpdateConstantBufferResponse()
-        version, received, names = upload.commit()
+        with self.plane.weight_stream("UpdateConstantBuffer"):
+            it = iter(request_iterator)
+            first = next(it, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise InvalidArgument("the first message of an upload must be its header")
+            set_call_model(first.header.model)
+            upload = self.plane.begin_upload(first.header, _author(context))
+            try:
+                for message in it:
+                    if message.WhichOneof("part") != "chunk":
+                        raise InvalidArgument("only chunks may follow the header")
+                    upload.add_chunk(message.chunk)
+            except BaseException:
+                upload.discard()  # cancel or bad chunk: nothing applied, staging freed
+                raise
+            if not context.is_active():
+                upload.discard()
+                return pb.UpdateConstantBufferResponse()
+            version, received, names = upload.commit()
         return pb.UpdateConstantBufferResponse(
             version=version.to_proto(), bytes_received=received, updated=names)
 

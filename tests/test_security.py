@@ -418,6 +418,54 @@ def test_configured_bounds_answer_with_their_codes(server_factory):
     assert s.stub.Run(wire.run_request("mlp", [torch.zeros(2, 64)])).outputs
 
 
+def _wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    """Waits on server state (no fixed sleep): checks every 10 ms up to ``timeout``."""
+    tick = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        tick.wait(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_weight_streams_get_a_share_of_the_workers_never_all(server_factory):
+    """A stalled upload or download holds a worker thread: at most max_weight_streams of
+    them at once, the next ones RESOURCE_EXHAUSTED naming the limit, Runs unaffected."""
+    s = server_factory(["mlp"], max_weight_streams=1)
+    weights = new_weights("mlp")
+    reached, release = threading.Event(), threading.Event()
+    stalled = s.stub.UpdateConstantBuffer.future(wire.pause_at_half(
+        wire.upload_requests("mlp", weights, validate_full=True, chunk_bytes=512), reached, release))
+    try:
+        _wait_for(lambda: s.app.plane.weight_streams_open == 1, "the upload to hold its place")
+        for what, call in (
+                ("UpdateConstantBuffer", lambda: s.stub.UpdateConstantBuffer(
+                    wire.upload_requests("mlp", weights, validate_full=True))),
+                ("ExtractConstantsMap", lambda: list(s.stub.ExtractConstantsMap(
+                    pb.ExtractConstantsMapRequest(model="mlp"))))):
+            code, details = code_of(call)
+            assert code == CODE.RESOURCE_EXHAUSTED, (what, code, details)
+            assert what in details and "max_weight_streams" in details, details
+        inputs = model_zoo.MODELS["mlp"].inputs(2)
+        out = wire.outputs(s.stub.Run(wire.run_request("mlp", inputs)))
+        assert wire.close(out, model_zoo.eager("mlp", inputs))
+    finally:
+        release.set()
+    assert stalled.result(30).bytes_received == sum(t.nbytes for t in weights.values())
+    assert s.app.plane.weight_streams_open == 0  # the place is given back before the reply
+    chunks = list(s.stub.ExtractConstantsMap(pb.ExtractConstantsMapRequest(model="mlp")))
+    assert chunks and s.app.plane.weight_streams_open == 0
+
+
+def test_weight_streams_must_leave_worker_threads_for_runs():
+    from aotiserve.server.config import ServeConfig
+
+    for bad in (0, 32, 40):
+        with pytest.raises(ValueError, match="max_weight_streams"):
+            ServeConfig(max_weight_streams=bad, grpc_workers=32)
+    assert ServeConfig(max_weight_streams=31, grpc_workers=32).max_weight_streams == 31
+
+
 def test_max_concurrent_rpcs(server_factory):
     s = server_factory(["mlp"], max_concurrent_rpcs=2, runners_per_model=1)
     pool = s.app.pools["cpu"]
