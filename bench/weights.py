@@ -21,7 +21,9 @@ rounds stage into the buffer the previous swap left inactive):
 - Run p99 while the buffers flip back and forth (100 rollbacks back to back, each one
   swap of the container's buffers) relative to the same quiet p99: the swap alone;
 - p99 of the Runs that overlapped a swap call, over 100 swaps 20 ms apart (one swap at
-  a time, as in production) relative to the same quiet p99.
+  a time, as in production) relative to the same quiet p99;
+- the control for it: the same with ListModels in place of the swap (a read-only RPC of
+  about the same cost), i.e. what any concurrent RPC costs a Run on these shared cores.
 
 Targets (issue 4): >= 1 GB/s staging, <= 1.1x RSS, <= 2x p99. The 1-minute load
 average is printed beside the figures: other work on the machine moves them.
@@ -195,6 +197,15 @@ def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray],
         b = time.perf_counter()
         time.sleep(0.02)
         overlapping += loop.window(a, b)
+    # The control: the same pattern with a read-only RPC of about the same cost (ListModels)
+    # in place of the swap: what any concurrent RPC costs a Run on these shared cores.
+    control: list[float] = []
+    for _ in range(2 * flips):
+        a = time.perf_counter()
+        client.list_models()
+        b = time.perf_counter()
+        time.sleep(0.02)
+        control += loop.window(a, b)
     expected = rss_before + growth
     return {
         "bytes": nbytes,
@@ -224,6 +235,9 @@ def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray],
         "p99_one_swap_ms": _p99(overlapping) * 1e3,
         "p99_one_swap_ratio": _p99(overlapping) / _p99(quiet),
         "runs_overlapping_swaps": len(overlapping),
+        "p99_one_list_ms": _p99(control) * 1e3,
+        "p99_one_list_ratio": _p99(control) / _p99(quiet),
+        "runs_overlapping_lists": len(control),
         "loadavg_1m": load,
         "memcpy_gb_s": memcpy,
         "version": version.id if version else "",
@@ -285,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     last = results["rounds"][-1]
     results["summary"] = {k: last[k] for k in ("staging_gb_s", "swap_ms", "rss_ratio", "p99_ratio",
-                                              "p99_flip_ratio", "p99_one_swap_ratio")}
+                                              "p99_flip_ratio", "p99_one_swap_ratio", "p99_one_list_ratio")}
     results["targets"] = TARGETS
     if args.json:
         print(json.dumps(results, indent=2))
@@ -298,12 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['round']:>5} {r['staging_gb_s']:>6.2f} {r['staging_s']:>8.2f} {r['swap_ms']:>8.1f} "
               f"{r['rss_before_mib']:>9.0f}M {r['rss_peak_mib']:>7.0f}M {r['rss_expected_mib']:>7.0f}M "
               f"{r['rss_ratio']:>6.3f} {r['p99_quiet_ms']:>7.1f}ms {r['p99_swap_ms']:>7.1f}ms "
-              f"{r['p99_ratio']:>6.2f} {r['p99_flip_ratio']:>6.2f} {r['p99_one_swap_ratio']:>6.2f} {r['loadavg_1m']:>6.1f} {r['memcpy_gb_s']:>6.2f} "
+              f"{r['p99_ratio']:>6.2f} {r['p99_flip_ratio']:>6.2f} {r['p99_one_swap_ratio']:>6.2f} "
+              f"{r['p99_one_list_ratio']:>6.2f} {r['loadavg_1m']:>6.1f} {r['memcpy_gb_s']:>6.2f} "
               f"{r['daemon_cpu_s']:>4.1f}/{r['client_cpu_s']:<4.1f} {r['served_new_weights']}")
     print("cpu d/c: CPU seconds the daemon / the bench client spent during the staging")
     print("memcpy: one thread's copy rate (GB/s) just before the round, on this machine's load")
     print("p99 x: Run p99 during stage + swap / quiet; flip x: during 100 back-to-back buffer flips / quiet;")
     print("swap x: p99 of the Runs that overlapped a swap, 100 swaps 20 ms apart / quiet")
+    print("list x: the same with ListModels in place of the swap (what any concurrent RPC costs a Run here)")
     print("targets: staging >= 1 GB/s, RSS <= 1.1x (active + new), p99 during swap <= 2x quiet")
     return 0
 
