@@ -7,6 +7,8 @@ backend; the choice is printed when the build starts.
 """
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,30 +41,57 @@ def select_backends() -> list[str]:
     return backends
 
 
+def grpcpp_flags() -> tuple[list[str], list[str]] | None:
+    """(cflags, libs) of gRPC C++ from pkg-config, for the native data port; None: not
+    installed (e.g. Debian's libgrpc++-dev), and the extension is built without it."""
+    if not _wanted("NATIVE_RUN", shutil.which("pkg-config") is not None):
+        return None
+    try:
+        cflags = subprocess.run(["pkg-config", "--cflags", "grpc++"], check=True,
+                                capture_output=True, text=True).stdout.split()
+        libs = subprocess.run(["pkg-config", "--libs", "grpc++"], check=True,
+                              capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return cflags, libs
+
+
 def make_extension():
     backends = select_backends()
     sources = [str(CSRC / "module.cpp")] + [str(CSRC / f"{b}.cpp") for b in backends]
     define = [("AOTISERVE_TORCH_VERSION", f'"{torch.__version__}"')]
     extra = {"cxx": ["-O2"]}  # torch.utils.cpp_extension picks the C++ standard torch needs
+    link: list[str] = []
+    grpcpp = grpcpp_flags()
+    if grpcpp is not None:
+        sources.append(str(CSRC / "native_run.cpp"))
+        define.append(("AOTISERVE_NATIVE_RUN", "1"))
+        extra["cxx"] += grpcpp[0]
+        link = grpcpp[1] + ["-lcrypto"]
     print(
         f"aotiserve.runner_ext: torch {torch.__version__}, backends {backends}, "
-        f"CUDA_HOME={cpp_extension.CUDA_HOME}, sources {sources}",
+        f"CUDA_HOME={cpp_extension.CUDA_HOME}, native data port {grpcpp is not None}, "
+        f"sources {sources}",
         flush=True,
     )
     (HERE / "runner_ext" / "_build_info.py").write_text(
         "# Written by setup.py at build time.\n"
         f"TORCH_VERSION = {torch.__version__!r}\nBACKENDS = {tuple(backends)!r}\n"
+        f"NATIVE_RUN = {grpcpp is not None!r}\n"
     )
     if "cuda" in backends:
         return cpp_extension.CUDAExtension(
-            "aotiserve.runner_ext._C", sources, define_macros=define, extra_compile_args=extra
+            "aotiserve.runner_ext._C", sources, define_macros=define, extra_compile_args=extra,
+            extra_link_args=link,
         )
     if "xpu" in backends:
         return cpp_extension.SyclExtension(
-            "aotiserve.runner_ext._C", sources, define_macros=define, extra_compile_args=extra
+            "aotiserve.runner_ext._C", sources, define_macros=define, extra_compile_args=extra,
+            extra_link_args=link,
         )
     return cpp_extension.CppExtension(
-        "aotiserve.runner_ext._C", sources, define_macros=define, extra_compile_args=extra
+        "aotiserve.runner_ext._C", sources, define_macros=define, extra_compile_args=extra,
+        extra_link_args=link,
     )
 
 

@@ -29,6 +29,14 @@ from .backends import (  # noqa: E402
     compiled_backends,
     runner_class_for,
 )
+NativeRunServer = getattr(_C, "NativeRunServer", None)
+
+
+def native_run_available() -> bool:
+    """Whether this build has the native data port (gRPC C++ was found at build time)."""
+    return bool(getattr(_C, "_native_run", False))
+
+
 from .package import (  # noqa: E402
     LoadedModel,
     PackageError,
@@ -43,12 +51,14 @@ __all__ = [
     "AOTIModelContainerRunnerMps",
     "AOTIModelContainerRunnerXpu",
     "LoadedModel",
+    "NativeRunServer",
     "PackageError",
     "alloc_tensor_by_stealing_from_void_ptr",
     "alloc_tensors_by_stealing_from_void_ptrs",
     "compiled_backends",
     "list_package_models",
     "load_model",
+    "native_run_available",
     "read_package_metadata",
     "runner_class_for",
     "unsafe_alloc_void_ptr_from_tensor",

@@ -32,6 +32,7 @@ from .device_pool import DevicePool
 from .interceptors import ServingInterceptor
 from .metrics import Metrics
 from .model_registry import ModelRegistry, repository_models
+from .native_port import NativePort
 from .weights_store import WeightsStore
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,14 @@ class AppServer:
                                       self.metrics, store,
                                       batching=(config.batch_max_size, config.batch_max_delay_us))
         self.plane = DataPlane(config, self.registry, self.metrics)
+        # The native data port binds now (so its port is known), like the gRPC ports.
+        self.native: NativePort | None = None
+        self.native_port: int | None = None
+        if config.native_run_port is not None:
+            self.native = NativePort(config, _read_token(config.inference_token_file, "inference"))
+            self.native_port = self.native.port
+            self.registry.native = self.native
+            self.metrics.registry.register(self.native)
         self.health = health.HealthServicer(
             experimental_non_blocking=True,
             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))
@@ -189,6 +198,7 @@ class AppServer:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port,
                                    "admin_port": self.admin_port,
+                                   "native_run_port": self.native_port,
                                    "pid": os.getpid()}))
         os.replace(tmp, path)
 
@@ -201,6 +211,8 @@ class AppServer:
         """
         grace = self.config.grace_period_s if grace is None else grace
         self.plane.draining = True
+        if self.native is not None:
+            self.native.set_draining()
         self.health.enter_graceful_shutdown()
         deadline = time.monotonic() + grace
 
@@ -216,6 +228,8 @@ class AppServer:
                 stopping.append(self.admin_server.stop(max(0.0, deadline - time.monotonic())))
             for done in stopping:
                 done.wait()
+            if self.native is not None:  # it refuses new Runs since the drain began
+                self.native.stop(max(0.0, deadline - time.monotonic()))
             self.registry.close()
             self.metrics.stop()
             self._stopped.set()

@@ -32,6 +32,10 @@ class ServeConfig:
     # Network.
     host: str = "127.0.0.1"
     port: int = 8500
+    # The native data port (server/native_port.py): Run served by gRPC C++ for CPU models
+    # without dynamic batching; 0 picks a free port, None: off. Needs an extension built
+    # with gRPC C++ (runner_ext.native_run_available()).
+    native_run_port: int | None = None
     # Prometheus HTTP port: 0 picks a free port, None (or -1) disables metrics.
     metrics_port: int | None = 8502
     # Models.
@@ -96,6 +100,9 @@ class ServeConfig:
         for name in ("batch_max_size", "batch_max_delay_us"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.native_run_port is not None and self.tls_cert:
+            raise ValueError("native_run_port: the native data port has no TLS yet; "
+                             "leave it off where the main port uses TLS")
         if not 1 <= self.max_weight_streams < self.grpc_workers:
             raise ValueError(
                 f"max_weight_streams must be at least 1 and below grpc_workers "
@@ -220,6 +227,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="RPCs in progress at once before RESOURCE_EXHAUSTED (default 1024)")
     a("--max-concurrent-streams", type=int,
       help="HTTP/2 streams per client connection at once (default 256)")
+    a("--native-run-port", type=int,
+      help="also serve Run from gRPC C++ on this port (0 picks one) for CPU models without "
+           "dynamic batching: the fast path (needs the extension built with gRPC C++)")
     a("--max-weight-streams", type=int,
       help="weight uploads and downloads in progress at once, below --grpc-workers (default 8)")
     a("--batch-max-size", type=int,

@@ -37,7 +37,7 @@ import gc
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -185,6 +185,8 @@ class ServedModel:
         self.folded_names: set[str] = set()
         self.weights: WeightsState | None = None
         self.rw = RWLock()
+        # The native data port serving this model too (native_port.NativePort), if any.
+        self.native: Any = None
         self.weights_op = threading.Lock()  # one weight operation at a time
         self._inflight = 0
         self._idle = threading.Condition()
@@ -282,6 +284,9 @@ class ServedModel:
             raise Aborted(f"model {self.name!r}: its weights changed during the read; retry")
 
     def close(self) -> None:
+        if self.native is not None:  # its native runs end before the runners close
+            self.native.remove(self.name)
+            self.native = None
         with self._buffers:
             self._buffers_closed = True
             self._buffers.wait_for(lambda: self._buffer_users == 0)
@@ -349,7 +354,7 @@ class ServedModel:
                     merged = {fqn: (tensors[fqn][0] if fqn in tensors else active[fqn])
                               for fqn in self.constants}
                     store.save_version(self.name, version, merged)
-                with self.rw.exclusive():
+                with self._serving_weights_change():
                     for i, replica in enumerate(self.replicas):
                         # Into the serving buffer's own memory (no run in flight), then
                         # handed over as is: no second buffer is allocated.
@@ -453,6 +458,16 @@ class ServedModel:
                 self.weights.uploading = False
 
     @contextmanager
+    def _serving_weights_change(self) -> Iterator[None]:
+        """No run in flight, on any port, while the serving weights change."""
+        with self.rw.exclusive():
+            if self.native is None:
+                yield
+            else:
+                with self.native.weights_change(self):
+                    yield
+
+    @contextmanager
     def _weights_op(self) -> Iterator[None]:
         """One weight operation at a time, and none once the model is unloading."""
         with self.weights_op:
@@ -486,8 +501,10 @@ class ServedModel:
                 raise FailedPrecondition(
                     f"model {self.name!r}: nothing is staged in the inactive buffer; "
                     f"stage weights with UpdateConstantBuffer(use_inactive=true) first{hint}")
-            self._flip()
-            state.previous, state.active, state.staged = state.active, state.staged, None
+            def commit() -> None:
+                state.previous, state.active, state.staged = state.active, state.staged, None
+
+            self._flip(commit)
             if store is not None:
                 store.commit(self.name, state.active)
             self._gauge_version()
@@ -500,18 +517,23 @@ class ServedModel:
                 raise FailedPrecondition(
                     f"model {self.name!r}: no previous weights to roll back to "
                     "(nothing was swapped in, or the inactive buffer was freed or restaged)")
-            self._flip()
-            state.previous, state.active = state.active, state.previous
+            def back() -> None:
+                state.previous, state.active = state.active, state.previous
+
+            self._flip(back)
             if store is not None:
                 store.commit(self.name, state.active)
             self._gauge_version()
             return state.active
 
-    def _flip(self) -> None:
-        with self.rw.exclusive():
+    def _flip(self, versions: Callable[[], None]) -> None:
+        """Swaps every replica's buffers and, in the same instant, ``versions()`` moves
+        the version bookkeeping (so a Run's trailer names the weights that served it)."""
+        with self._serving_weights_change():
             for replica in self.replicas:
                 replica.runner.swap_constant_buffer()
             self.weights.swaps += 1
+            versions()
 
     def free_inactive(self, store: WeightsStore | None) -> None:
         with self._weights_op():
@@ -533,7 +555,7 @@ class ServedModel:
                          store: WeightsStore | None = None) -> WeightsVersion:
         """Loads a weights blob into the active buffer of every replica (no run in flight)."""
         with self._weights_op():
-            with self.rw.exclusive():
+            with self._serving_weights_change():
                 for replica in self.replicas:
                     replica.runner.update_constant_buffer_from_blob(path)
                 self.weights.active = version
@@ -640,6 +662,9 @@ class ModelRegistry:
         self.metrics = metrics
         self.store = store
         self.batching = batching
+        # The native data port (native_port.NativePort), when configured: READY models
+        # it can serve are handed to it.
+        self.native: Any = None
         self._models: dict[str, ServedModel] = {}
         self._lock = threading.Lock()
 
@@ -696,6 +721,11 @@ class ModelRegistry:
         except Exception as exc:
             self._failed(model, f"{type(exc).__name__}: {exc}")
             raise
+        if self.native is not None:
+            try:
+                self.native.add(model)
+            except Exception:  # noqa: BLE001 (the main port serves it regardless)
+                log.exception("model %r: the native data port could not take it", name)
         model.state = ModelState.READY
         model._gauge_version()
         # Everything allocated so far (torch, grpc, the model's objects) lives as long as the

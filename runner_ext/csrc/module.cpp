@@ -4,6 +4,9 @@
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 
 #include "runner_bindings.h"
+#ifdef AOTISERVE_NATIVE_RUN
+#include "native_run.h"
+#endif
 
 namespace aotiserve {
 
@@ -103,4 +106,10 @@ PYBIND11_MODULE(_C, m) {
   m.attr("_compiled_backends") = py::tuple(built);
   m.attr("_torch_version") = AOTISERVE_TORCH_VERSION;
   aotiserve::bind_handle_helpers(m);
+#ifdef AOTISERVE_NATIVE_RUN
+  aotiserve::bind_native_run(m);
+  m.attr("_native_run") = true;
+#else
+  m.attr("_native_run") = false;
+#endif
 }

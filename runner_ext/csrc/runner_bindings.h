@@ -25,6 +25,9 @@ namespace py = pybind11;
 
 using BackendBinder = std::function<void(py::module_&)>;
 
+// A runner's checked run on host tensors, as the native data port calls it.
+using RunFn = std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)>;
+
 // Backends register a binder at static-initialisation time; the module init
 // runs every registered binder. This keeps device #ifdefs out of shared code.
 struct BackendRegistrar {
@@ -543,6 +546,19 @@ py::class_<Runner<Base>> bind_runner(py::module_& m, const char* name) {
           py::arg("weights_path"),
           release())
       // Extensions beyond torch's binding: container introspection.
+      // For the native data port (native_run.cpp): a capsule of this runner's checked run.
+      // The runner must outlive every use: the registry removes the model from the port
+      // (which waits for its runs) before it closes the runner.
+      .def(
+          "_native_run_fn",
+          [](R& self) {
+            auto* fn = new RunFn([&self](const std::vector<at::Tensor>& inputs) {
+              return self.checked_run(inputs, nullptr);
+            });
+            return py::capsule(fn, "aotiserve.RunFn", [](PyObject* cap) {
+              delete static_cast<RunFn*>(PyCapsule_GetPointer(cap, "aotiserve.RunFn"));
+            });
+          })
       .def("get_num_inputs", &R::num_inputs)
       .def("get_num_outputs", &R::num_outputs)
       .def("get_input_names", &R::input_names)

@@ -1,0 +1,67 @@
+// The native data port: see native_run.cpp.
+#pragma once
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <ATen/Tensor.h>
+#include <grpcpp/grpcpp.h>
+
+#include "runner_bindings.h"
+
+namespace aotiserve {
+
+struct NativeInput {
+  std::string name;
+  at::ScalarType dtype;
+  std::string dtype_name;
+  std::vector<int64_t> shape;  // -1: any size
+};
+
+struct NativeModel;
+
+class NativeRunServer {
+ public:
+  NativeRunServer(const std::string& address, int max_message_bytes, const std::string& token,
+                  int max_queue, int64_t max_elements, int64_t max_rank);
+  ~NativeRunServer();
+  int port() const { return port_; }
+  void add_model(const std::string& name, RunFn run, int capacity,
+                 std::vector<NativeInput> inputs, const std::string& version);
+  // Waits for the model's runs in flight; later requests get NOT_FOUND.
+  void remove_model(const std::string& name);
+  // Around every change of a model's serving weights: runs wait, then see `version`.
+  void lock_weights(const std::string& name);
+  void unlock_weights(const std::string& name, const std::string& version);
+  void set_draining(bool draining);
+  void stop(double grace_s);
+  std::map<int, uint64_t> counts();  // requests by grpc status code
+
+ private:
+  class Service;
+  grpc::Status run(grpc::ServerContext* ctx, const grpc::ByteBuffer* req, grpc::ByteBuffer* resp);
+  bool authorized(grpc::ServerContext* ctx, grpc::Status& refusal) const;
+  std::shared_ptr<NativeModel> find(const std::string& name);
+  void count(grpc::StatusCode code);
+
+  std::string token_;
+  int max_queue_;
+  int64_t max_elements_;
+  int64_t max_rank_;
+  std::atomic<int> waiting_{0};
+  std::atomic<bool> draining_{false};
+  int port_ = 0;
+  std::mutex mu_;
+  std::map<std::string, std::shared_ptr<NativeModel>> models_;
+  std::map<int, uint64_t> counts_;
+  std::unique_ptr<Service> service_;
+  std::unique_ptr<grpc::Server> server_;
+};
+
+void bind_native_run(py::module_& m);
+
+}  // namespace aotiserve
