@@ -9,8 +9,8 @@ from pathlib import Path
 
 REQUIREMENTS = Path(__file__).with_name("requirements.txt")
 
-ORDER = ("inproc", "echo", "echo_aio", "native", "client", "oip", "kserve", "pytriton")
-SHORT = {"inproc": "in-process", "echo": "grpcio echo", "echo_aio": "grpc.aio echo", "native": "aotiserve Run", "client": "aotiserve client",
+ORDER = ("inproc", "echo", "echo_aio", "native", "fast", "client", "oip", "kserve", "pytriton")
+SHORT = {"inproc": "in-process", "echo": "grpcio echo", "echo_aio": "grpc.aio echo", "native": "aotiserve Run", "fast": "aotiserve Run (native port)", "client": "aotiserve client",
          "oip": "aotiserve OIP", "kserve": "KServe", "pytriton": "PyTriton"}
 
 
@@ -116,7 +116,7 @@ def _headline(results: dict) -> list[str]:
     def rps8(k):
         return summary.get(k, {}).get("rps", {}).get("8")
 
-    present = [k for k in ("echo", "native", "oip", "kserve", "pytriton") if k in summary]
+    present = [k for k in ("echo", "native", "fast", "oip", "kserve", "pytriton") if k in summary]
     if present:
         out.append("- Tiny model p50 (1 client): " + ", ".join(f"{SHORT[k]} {_f(p50(k))} µs" for k in present)
                    + (f"; in-process {_f(p50('inproc'))} µs" if "inproc" in summary else "") + ".")
@@ -153,6 +153,11 @@ def _ratio_rows(r: dict) -> list[str]:
         ("8 clients: aotiserve ÷ echo floor", "native_rps8_over_echo"),
         ("8 clients: aotiserve ÷ KServe", "native_rps8_over_kserve"),
         ("8 clients: aotiserve ÷ PyTriton", "native_rps8_over_pytriton"),
+        ("Tiny p50: aotiserve native data port ÷ echo floor", "fast_p50_over_echo_p50"),
+        ("Tiny p50: aotiserve native data port ÷ KServe", "fast_p50_over_kserve_p50"),
+        ("8 clients: aotiserve native data port ÷ echo floor", "fast_rps8_over_echo"),
+        ("8 clients: aotiserve native data port ÷ KServe", "fast_rps8_over_kserve"),
+        ("8 clients: aotiserve native data port ÷ PyTriton", "fast_rps8_over_pytriton"),
         ("Compute-bound: 2 clients ÷ 1 client", "compute_scaling_2_over_1"),
         ("64 MiB round trip, GB/s (in+out)", "large_gbps_round_trip"),
         ("64 MiB: payload copies made in the server", "large_server_copies"),

@@ -40,7 +40,9 @@ RESULTS_DIR = REPO / "bench" / "results"
 DOCS = REPO / "docs" / "benchmarks.md"
 IMG_DIR = REPO / "docs" / "img"
 
-TINY_SYSTEMS = ("inproc", "echo", "echo_aio", "native", "client", "oip", "kserve", "pytriton")
+TINY_SYSTEMS = ("inproc", "echo", "echo_aio", "native", "fast", "client", "oip", "kserve", "pytriton")
+# Systems served by the one tiny aotiserve daemon (its main port, or the native data port: fast).
+AOTISERVE_SYSTEMS = ("native", "fast", "client", "oip")
 WORKLOADS = ("tiny", "profile", "ladder", "compute", "large", "memory")
 LADDER = {  # name -> the layers of bench/ladder_server.py it runs
     "bare": ("bare",),
@@ -72,6 +74,7 @@ LABELS = {
     "echo": "bare grpcio echo (floor)",
     "echo_aio": "bare grpc.aio echo (for comparison)",
     "native": "aotiserve native Run (raw stub)",
+    "fast": "aotiserve native Run, native data port (raw stub)",
     "client": "aotiserve native Run (aotiserve.client)",
     "oip": "aotiserve OIP ModelInfer (tritonclient)",
     "kserve": "KServe 0.21.0 (tritonclient)",
@@ -254,11 +257,18 @@ class Bench:
                     self.servers[s] = procs.start_echo(self.work / "echo", resp_size, workers=8)
                 elif s == "echo_aio":
                     self.servers[s] = procs.start_echo(self.work / "echo_aio", resp_size, aio=True)
-                elif s in ("native", "client", "oip"):
+                elif s in AOTISERVE_SYSTEMS:
                     if "aotiserve" not in self.servers:
+                        from aotiserve import runner_ext
+
+                        # The native data port too, where the extension has it (opt-in in the daemon).
+                        fast = ["--native-run-port", "0"] if runner_ext.native_run_available() else []
                         self.servers["aotiserve"] = procs.start_aotiserve(
                             self.work / "aotiserve-tiny", {"mlp": pkgs["mlp"]}, runners=self.args.runners,
-                            env={"OMP_NUM_THREADS": "1"})
+                            env={"OMP_NUM_THREADS": "1"}, extra_args=fast)
+                    if s == "fast" and not self.servers["aotiserve"].extra["ready"].get("native_run_port"):
+                        raise peers.Skip("this build of aotiserve.runner_ext has no native data port "
+                                         "(gRPC C++ was not found at build time)")
                     if s == "oip" and not procs.oip_model_ready(self.servers["aotiserve"].target, "mlp"):
                         raise peers.Skip("aotiserve does not serve the Open Inference Protocol yet")
                     if s == "client":
@@ -276,7 +286,7 @@ class Bench:
         return started
 
     def server_of(self, system: str) -> Server | None:
-        return self.servers.get("aotiserve" if system in ("native", "client", "oip") else system)
+        return self.servers.get("aotiserve" if system in AOTISERVE_SYSTEMS else system)
 
     def stop_all(self) -> None:
         for s in list(self.servers.values()):
@@ -299,6 +309,9 @@ class Bench:
             cfg.update(kind="echo", target=self.servers[system].target, req_size=req_size, runrequest=True)
         elif system in ("native", "client"):
             cfg.update(kind=system, target=self.servers["aotiserve"].target)
+        elif system == "fast":
+            port = self.servers["aotiserve"].extra["ready"]["native_run_port"]
+            cfg.update(kind="native", target=f"127.0.0.1:{port}")
         else:
             python = peers.venv_python("oipclient")
             target = self.server_of(system).target
@@ -339,7 +352,7 @@ class Bench:
                     self.note(f"{LABELS[system]} round {r + 1}: {exc}")
                     continue
                 if server:
-                    key = "aotiserve" if system in ("native", "client", "oip") else system
+                    key = "aotiserve" if system in AOTISERVE_SYSTEMS else system
                     peak = mem.setdefault(key, {}).setdefault("under_load_peak", {})
                     for k, v in sampler.peak.items():
                         peak[k] = max(peak.get(k, 0.0), v)
@@ -609,6 +622,11 @@ def ratios(results: dict) -> dict:
         "native_cpu_capacity_over_echo": div(cap("native"), cap("echo")),
         "native_cpu_capacity_over_kserve": div(cap("native"), cap("kserve")),
         "native_cpu_capacity_over_pytriton": div(cap("native"), cap("pytriton")),
+        "fast_p50_over_echo_p50": div(p50("fast"), p50("echo")),
+        "fast_p50_over_kserve_p50": div(p50("fast"), p50("kserve")),
+        "fast_rps8_over_echo": div(rps8("fast"), rps8("echo")),
+        "fast_rps8_over_kserve": div(rps8("fast"), rps8("kserve")),
+        "fast_rps8_over_pytriton": div(rps8("fast"), rps8("pytriton")),
         "compute_scaling_2_over_1": results.get("compute", {}).get("aotiserve_scaling_2_over_1"),
         "large_gbps_round_trip": results.get("large", {}).get("gbps_round_trip"),
         "large_payload_copies_peak_estimate": results.get("large", {}).get("payload_copies_peak_estimate"),
@@ -619,6 +637,9 @@ def ratios(results: dict) -> dict:
         "native_rps8_over_echo": (">=", 0.8), "native_rps8_over_kserve": (">=", 2.5),
         "native_rps8_over_pytriton": (">=", 3.0), "compute_scaling_2_over_1": (">=", 1.7),
         "large_gbps_round_trip": (">=", 1.0), "large_server_copies": ("<=", 1),
+        "fast_p50_over_echo_p50": ("<=", 1.25), "fast_p50_over_kserve_p50": ("<=", 0.6),
+        "fast_rps8_over_echo": (">=", 0.8), "fast_rps8_over_kserve": (">=", 2.5),
+        "fast_rps8_over_pytriton": (">=", 3.0),
     }
     r["acceptance"] = {
         k: {"value": r[k], "target": f"{op} {t}",
