@@ -14,8 +14,9 @@ data plane, codec and metrics, minus the layers named in the variant:
 - ``model``: a canned result instead of running the model;
 - ``all``: canned reply bytes (no parsing at all: the aio echo floor with Run's bytes).
 
-Measured round-robin with the bare grpcio echo (sync and aio) and the real daemon,
-every server with OMP_NUM_THREADS=1; medians over rounds. A variant that calls the
+Measured round-robin with the bare grpcio echo (sync and aio) and the real daemon
+(its main port, and its native data port where the extension has one), every
+server with OMP_NUM_THREADS=1; medians over rounds. A variant that calls the
 runner directly also reports the runner's own time per call inside the server.
 """
 from __future__ import annotations
@@ -107,7 +108,7 @@ def serve(pkg: str, ready: str) -> None:
     asyncio.run(main())
 
 
-def bench(variants: list[str], rounds: int, native: str | None = None) -> None:
+def bench(variants: list[str], rounds: int) -> None:
     import subprocess
 
     import model_zoo
@@ -125,16 +126,14 @@ def bench(variants: list[str], rounds: int, native: str | None = None) -> None:
         while not ready.exists():
             time.sleep(0.1)
         targets[v] = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
-    if native:  # the gRPC C++ instrument of bench/native_run, 2 runners
-        ready = work / "ready-native"
-        protos.append(subprocess.Popen([native, str(pkg), "2", str(ready)], env=dict(os.environ, OMP_NUM_THREADS="1")))
-        while not ready.exists():
-            time.sleep(0.1)
-        targets["native-cpp"] = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
     req_size, resp_size = payload_sizes()
     echo = procs.start_echo(work / "e", resp_size)
     echo_aio = procs.start_echo(work / "ea", resp_size, aio=True)
-    daemon = procs.start_aotiserve(work / "d", {"mlp": pkg}, env={"OMP_NUM_THREADS": "1"})
+    from aotiserve import runner_ext
+
+    fast = ["--native-run-port", "0"] if runner_ext.native_run_available() else []
+    daemon = procs.start_aotiserve(work / "d", {"mlp": pkg}, env={"OMP_NUM_THREADS": "1"},
+                                   extra_args=fast)
     base = {"seq_n": 1000, "warmup": 200, "concurrency": [1, 8], "duration": 2.0, "mode": "threads",
             "input_shapes": [[1, 64]], "model": "mlp"}
     systems = {
@@ -142,8 +141,11 @@ def bench(variants: list[str], rounds: int, native: str | None = None) -> None:
         "echo_aio": dict(base, kind="echo", target=echo_aio.target, req_size=req_size, runrequest=True),
         "daemon": dict(base, kind="native", target=daemon.target),
     }
+    if daemon.extra["ready"].get("native_run_port"):  # the daemon's gRPC C++ Run
+        systems["daemon native port"] = dict(
+            base, kind="native", target=f"127.0.0.1:{daemon.extra['ready']['native_run_port']}")
     for v, t in targets.items():
-        systems[v if v == "native-cpp" else "aio-" + v] = dict(base, kind="native", target=t)
+        systems["aio-" + v] = dict(base, kind="native", target=t)
     res = {k: [] for k in systems}
     try:
         for _ in range(rounds):
@@ -175,6 +177,5 @@ if __name__ == "__main__":
         ap.add_argument("--variants", default="none;metrics;metrics,trailer;metrics,trailer,plane;"
                                               "metrics,trailer,model;all")
         ap.add_argument("--rounds", type=int, default=3)
-        ap.add_argument("--native", help="also the gRPC C++ Run server built by bench/native_run/build.sh")
         a = ap.parse_args()
-        bench([v for v in a.variants.split(";") if v], a.rounds, a.native)
+        bench([v for v in a.variants.split(";") if v], a.rounds)

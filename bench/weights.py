@@ -154,6 +154,18 @@ def new_weights(names: list[str], shapes: dict[str, tuple], seed: int) -> dict[s
     return {n: rng.standard_normal(shapes[n], dtype=np.float32) for n in names}
 
 
+def _overlapping(loop: RunLoop, call, times: int, spacing_s: float = 0.02) -> list[float]:
+    """Latencies of the Runs that overlapped ``call()``, called ``times`` times ``spacing_s`` apart."""
+    lat: list[float] = []
+    for _ in range(times):
+        a = time.perf_counter()
+        call()
+        b = time.perf_counter()
+        time.sleep(spacing_s)
+        lat += loop.window(a, b)
+    return lat
+
+
 def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray], growth: int,
                 quiet_s: float, flips: int = 50) -> dict:
     model = client.model(MODEL)
@@ -190,22 +202,10 @@ def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray],
     # One swap at a time, as in production: Runs that overlapped a flip call, over
     # 2 x flips flips spaced 20 ms apart (after the back-to-back ones have settled).
     time.sleep(0.5)
-    overlapping: list[float] = []
-    for _ in range(2 * flips):
-        a = time.perf_counter()
-        model.rollback_constant_buffer()
-        b = time.perf_counter()
-        time.sleep(0.02)
-        overlapping += loop.window(a, b)
+    overlapping = _overlapping(loop, model.rollback_constant_buffer, 2 * flips)
     # The control: the same pattern with a read-only RPC of about the same cost (ListModels)
     # in place of the swap: what any concurrent RPC costs a Run on these shared cores.
-    control: list[float] = []
-    for _ in range(2 * flips):
-        a = time.perf_counter()
-        client.list_models()
-        b = time.perf_counter()
-        time.sleep(0.02)
-        control += loop.window(a, b)
+    control = _overlapping(loop, client.list_models, 2 * flips)
     expected = rss_before + growth
     return {
         "bytes": nbytes,
