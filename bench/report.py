@@ -127,7 +127,9 @@ def _headline(results: dict) -> list[str]:
             out.append("- Server CPU per tiny call: " + ", ".join(f"{SHORT[k]} {_f(v)} µs" for k, v in cpu if v) + ".")
     c = results.get("compute")
     if c:
-        out.append(f"- Compute-bound model, 2 clients ÷ 1 on aotiserve: {_f(c['aotiserve_scaling_2_over_1'], '{:.2f}')}× "
+        fast = (f"; on the native data port {_f(c['fast_scaling_2_over_1'], '{:.2f}')}×"
+                if c.get("fast_scaling_2_over_1") else "")
+        out.append(f"- Compute-bound model, 2 clients ÷ 1 on aotiserve: {_f(c['aotiserve_scaling_2_over_1'], '{:.2f}')}×{fast} "
                    f"(the same package in-process with 2 threads, measured alongside: "
                    f"{_f(c['inproc_scaling_2_over_1'], '{:.2f}')}×).")
     g = results.get("large")
@@ -159,6 +161,7 @@ def _ratio_rows(r: dict) -> list[str]:
         ("8 clients: aotiserve native data port ÷ KServe", "fast_rps8_over_kserve"),
         ("8 clients: aotiserve native data port ÷ PyTriton", "fast_rps8_over_pytriton"),
         ("Compute-bound: 2 clients ÷ 1 client", "compute_scaling_2_over_1"),
+        ("Compute-bound: 2 clients ÷ 1 client, native data port", "fast_compute_scaling_2_over_1"),
         ("64 MiB round trip, GB/s (in+out)", "large_gbps_round_trip"),
         ("64 MiB: payload copies made in the server", "large_server_copies"),
     ]
@@ -317,6 +320,9 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
               "| | 1 client req/s | 2 clients req/s | 2 ÷ 1 |", "|---|---|---|---|",
               f"| aotiserve native Run | {_f(c['aotiserve_rps']['1'], '{:.1f}')} | "
               f"{_f(c['aotiserve_rps']['2'], '{:.1f}')} | {_f(c['aotiserve_scaling_2_over_1'], '{:.2f}')} |",
+              *([f"| aotiserve native Run, native data port | {_f(c['fast_rps']['1'], '{:.1f}')} | "
+                 f"{_f(c['fast_rps']['2'], '{:.1f}')} | {_f(c['fast_scaling_2_over_1'], '{:.2f}')} |"]
+                if c.get("fast_rps") else []),
               f"| in-process, 2 runners, 1 vs 2 threads | {_f(c['inproc_rps']['1'], '{:.1f}')} | "
               f"{_f(c['inproc_rps']['2'], '{:.1f}')} | {_f(c['inproc_scaling_2_over_1'], '{:.2f}')} |", "",
               "The in-process row, measured alternately with the daemon, is what the cores gave at the time: "
