@@ -171,7 +171,7 @@ def _coerce(name: str, value: Any) -> Any:
             sep = os.pathsep if name == "allowed_roots" and os.pathsep in value else ","
             value = [v.strip() for v in value.split(sep) if v.strip()]
         return tuple(str(v) for v in value)
-    if name in ("metrics_port", "admin_port"):
+    if name in ("metrics_port", "admin_port", "native_run_port"):
         if value is None or (isinstance(value, str) and value.lower() in ("", "none", "off")):
             return None
         value = int(value)
