@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -389,7 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in summary.items() if k != "intervals"}, indent=1), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=1))
-    return 1 if summary["unexpected_errors"] or not alive else 0
+    failed = bool(summary["unexpected_errors"]) or not alive
+    if failed:
+        log.warning("keeping the daemon's folder (log, weights) for a look: %s", work)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

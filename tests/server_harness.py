@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,9 +50,19 @@ from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# Temp folders the harness made (repositories, daemon logs): removed at exit.
+_temp_dirs: list[Path] = []
+
+
+def _temp_dir(prefix: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    _temp_dirs.append(path)
+    return path
+
+
 def make_repository(models: Sequence[str], folder: str | os.PathLike | None = None) -> Path:
     """A model repository folder with a symlink <name>.pt2 per zoo model."""
-    folder = Path(folder or tempfile.mkdtemp(prefix="aotiserve-repo-"))
+    folder = Path(folder) if folder else _temp_dir("aotiserve-repo-")
     folder.mkdir(parents=True, exist_ok=True)
     for name in models:
         link = folder / f"{name}.pt2"
@@ -116,17 +127,20 @@ _daemons: list[subprocess.Popen] = []
 
 @atexit.register
 def _kill_leftover_daemons() -> None:
-    """A test that failed before its own clean-up must not leave a daemon running."""
+    """A test that failed before its own clean-up must not leave a daemon running, nor
+    the session its temp folders."""
     for proc in _daemons:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+    for path in _temp_dirs:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def start_daemon(models: Sequence[str], extra_args: Sequence[str] = (), *,
                  repo: Path | None = None, timeout: float = 120.0) -> DaemonProcess:
     repo = make_repository(models, repo)
-    work = Path(tempfile.mkdtemp(prefix="aotiserve-daemon-"))
+    work = _temp_dir("aotiserve-daemon-")
     ready_file = work / "ready.json"
     log_path = work / "daemon.log"
     cmd = [sys.executable, "-m", "aotiserve.server", "--port", "0", "--metrics-port", "-1",
