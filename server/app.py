@@ -78,11 +78,12 @@ class AppServer:
                                       self.metrics, store,
                                       batching=(config.batch_max_size, config.batch_max_delay_us))
         self.plane = DataPlane(config, self.registry, self.metrics)
+        inference_token = _read_token(config.inference_token_file, "inference")
         # The native data port binds now (so its port is known), like the gRPC ports.
         self.native: NativePort | None = None
         self.native_port: int | None = None
         if config.native_run_port is not None:
-            self.native = NativePort(config, _read_token(config.inference_token_file, "inference"))
+            self.native = NativePort(config, inference_token)
             self.native_port = self.native.port
             self.registry.native = self.native
             self.metrics.registry.register(self.native)
@@ -99,7 +100,7 @@ class AppServer:
         self.interceptor = ServingInterceptor(
             self.metrics, _read_token(config.admin_token_file), lambda: self.plane.draining,
             is_model=self.registry.__contains__,
-            inference_token=_read_token(config.inference_token_file, "inference"),
+            inference_token=inference_token,
             admin_loopback_only=config.admin_loopback_only, admin_rpcs=not separate_admin)
         creds = _credentials(config)
         self.service_names = [name for _add, name in providers]

@@ -15,6 +15,7 @@ import logging
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
+import grpc
 import torch
 from prometheus_client.core import CounterMetricFamily
 
@@ -103,6 +104,4 @@ class NativePort:
         yield family
 
 
-_CODE_NAMES = {0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED",
-               5: "NOT_FOUND", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 13: "INTERNAL",
-               14: "UNAVAILABLE", 16: "UNAUTHENTICATED"}
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}

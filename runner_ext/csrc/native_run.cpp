@@ -15,6 +15,7 @@
 #include <openssl/crypto.h>
 
 #include <chrono>
+#include <cstring>
 #include <condition_variable>
 #include <map>
 #include <memory>
@@ -45,6 +46,13 @@ const std::map<uint64_t, WireType>& wire_types() {
       {9, {at::kByte, "uint8"}},      {10, {at::kBool, "bool"}},
   };
   return types;
+}
+
+uint64_t wire_number(at::ScalarType dtype) {
+  for (const auto& [n, type] : wire_types()) {
+    if (type.dtype == dtype) return n;
+  }
+  return 0;
 }
 
 bool read_varint(const uint8_t*& p, const uint8_t* end, uint64_t& v) {
@@ -120,9 +128,7 @@ bool parse_tensor(const uint8_t* p, const uint8_t* end, WireTensor& t) {
   return true;
 }
 
-bool parse_request(const std::string& buf, Request& req) {
-  auto p = reinterpret_cast<const uint8_t*>(buf.data());
-  auto end = p + buf.size();
+bool parse_request(const uint8_t* p, const uint8_t* end, Request& req) {
   while (p < end) {
     uint64_t tag, len;
     if (!read_varint(p, end, tag)) return false;
@@ -212,7 +218,7 @@ NativeRunServer::~NativeRunServer() { stop(0); }
 void NativeRunServer::stop(double grace_s) {
   std::unique_ptr<grpc::Server> server;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(server_mu_);
     server.swap(server_);
   }
   if (server) {
@@ -230,12 +236,12 @@ void NativeRunServer::add_model(const std::string& name, RunFn run, int capacity
   model->capacity = std::max(1, capacity);
   model->inputs = std::move(inputs);
   model->version = version;
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::shared_mutex> lock(models_mu_);
   models_[name] = std::move(model);
 }
 
 std::shared_ptr<NativeModel> NativeRunServer::find(const std::string& name) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::shared_lock<std::shared_mutex> lock(models_mu_);
   auto it = models_.find(name);
   return it == models_.end() ? nullptr : it->second;
 }
@@ -243,7 +249,7 @@ std::shared_ptr<NativeModel> NativeRunServer::find(const std::string& name) {
 void NativeRunServer::remove_model(const std::string& name) {
   std::shared_ptr<NativeModel> model;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::shared_mutex> lock(models_mu_);
     auto it = models_.find(name);
     if (it == models_.end()) return;
     model = it->second;
@@ -269,13 +275,16 @@ void NativeRunServer::unlock_weights(const std::string& name, const std::string&
 void NativeRunServer::set_draining(bool draining) { draining_ = draining; }
 
 void NativeRunServer::count(grpc::StatusCode code) {
-  std::lock_guard<std::mutex> lock(mu_);
-  ++counts_[int(code)];
+  size_t i = size_t(code);
+  if (i < counts_.size()) counts_[i].fetch_add(1, std::memory_order_relaxed);
 }
 
 std::map<int, uint64_t> NativeRunServer::counts() {
-  std::lock_guard<std::mutex> lock(mu_);
-  return counts_;
+  std::map<int, uint64_t> out;
+  for (size_t i = 0; i < counts_.size(); ++i) {
+    if (uint64_t n = counts_[i].load(std::memory_order_relaxed)) out[int(i)] = n;
+  }
+  return out;
 }
 
 bool NativeRunServer::authorized(grpc::ServerContext* ctx, grpc::Status& refusal) const {
@@ -302,12 +311,24 @@ grpc::Status NativeRunServer::run(grpc::ServerContext* ctx, const grpc::ByteBuff
   if (draining_) return {grpc::StatusCode::UNAVAILABLE, "server is shutting down"};
   grpc::Status refusal;
   if (!authorized(ctx, refusal)) return refusal;
-  std::vector<grpc::Slice> slices;
-  if (!raw->Dump(&slices).ok()) return invalid("Run: the request is not a valid message");
-  std::string buf;
-  for (auto& s : slices) buf.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  // The request's bytes: grpc's own slice when it is one (no copy), else joined once.
+  // Input tensors view them, so they stay alive for the whole run.
+  grpc::Slice single;
+  std::string joined;
+  const uint8_t* begin;
+  const uint8_t* end;
+  if (raw->TrySingleSlice(&single).ok()) {
+    begin = single.begin();
+    end = single.end();
+  } else {
+    std::vector<grpc::Slice> slices;
+    if (!raw->Dump(&slices).ok()) return invalid("Run: the request is not a valid message");
+    for (auto& s : slices) joined.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    begin = reinterpret_cast<const uint8_t*>(joined.data());
+    end = begin + joined.size();
+  }
   Request req;
-  if (!parse_request(buf, req)) return invalid("Run: the request is not a valid message");
+  if (!parse_request(begin, end, req)) return invalid("Run: the request is not a valid message");
   auto model = find(req.model);
   if (!model) {
     return {grpc::StatusCode::NOT_FOUND,
@@ -357,7 +378,7 @@ grpc::Status NativeRunServer::run(grpc::ServerContext* ctx, const grpc::ByteBuff
       }
     }
     inputs.push_back(numel == 0 ? at::empty(t.shape, type->second.dtype)
-                                // A view of the request bytes: `buf` outlives the run.
+                                // A view of the request bytes, alive for the whole run.
                                 : at::from_blob(const_cast<uint8_t*>(t.data), t.shape,
                                                 type->second.dtype));
   }
@@ -430,34 +451,46 @@ grpc::Status NativeRunServer::run(grpc::ServerContext* ctx, const grpc::ByteBuff
   }
   model->freed.notify_one();
   if (!failed.ok()) return failed;
-  // RunResponse{outputs=1 Tensor{dtype=1, shape=2, data=3}, weights_version=2}.
-  std::string out;
+  // RunResponse{outputs=1 Tensor{dtype=1, shape=2, data=3}, weights_version=2}: the field
+  // headers first, then one copy of each output's bytes into the reply's slice.
+  std::vector<at::Tensor> bodies;
+  std::vector<std::string> heads;
+  size_t total = 0;
   for (auto& o : outputs) {
     at::Tensor c = o.contiguous();
-    uint64_t wire = 0;
-    for (const auto& [n, type] : wire_types()) {
-      if (type.dtype == c.scalar_type()) wire = n;
-    }
     std::string shape, head;
     for (auto d : c.sizes()) put_varint(shape, uint64_t(d));
     uint64_t nbytes = c.numel() * c.element_size();
     head.push_back(char(1 << 3 | 0));
-    put_varint(head, wire);
+    put_varint(head, wire_number(c.scalar_type()));
     head.push_back(char(2 << 3 | 2));
     put_varint(head, shape.size());
     head += shape;
     head.push_back(char(3 << 3 | 2));
     put_varint(head, nbytes);
-    out.push_back(char(1 << 3 | 2));
-    put_varint(out, head.size() + nbytes);
-    out += head;
-    out.append(static_cast<const char*>(c.data_ptr()), nbytes);
+    std::string field;
+    field.push_back(char(1 << 3 | 2));
+    put_varint(field, head.size() + nbytes);
+    heads.push_back(field + head);
+    total += heads.back().size() + nbytes;
+    bodies.push_back(std::move(c));
   }
-  out.push_back(char(2 << 3 | 2));
-  put_varint(out, version.size());
-  out += version;
+  std::string tail;
+  tail.push_back(char(2 << 3 | 2));
+  put_varint(tail, version.size());
+  tail += version;
+  total += tail.size();
+  grpc::Slice slice(total);  // uninitialised, ours until handed to grpc
+  auto* w = const_cast<uint8_t*>(slice.begin());
+  for (size_t i = 0; i < bodies.size(); ++i) {
+    std::memcpy(w, heads[i].data(), heads[i].size());
+    w += heads[i].size();
+    size_t nbytes = bodies[i].numel() * bodies[i].element_size();
+    if (nbytes) std::memcpy(w, bodies[i].data_ptr(), nbytes);
+    w += nbytes;
+  }
+  std::memcpy(w, tail.data(), tail.size());
   ctx->AddTrailingMetadata(kTrailer, version);
-  grpc::Slice slice(out);
   *resp = grpc::ByteBuffer(&slice, 1);
   return grpc::Status::OK;
 }

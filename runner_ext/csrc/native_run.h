@@ -1,10 +1,12 @@
 // The native data port: see native_run.cpp.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
@@ -55,9 +57,10 @@ class NativeRunServer {
   std::atomic<int> waiting_{0};
   std::atomic<bool> draining_{false};
   int port_ = 0;
-  std::mutex mu_;
+  std::shared_mutex models_mu_;  // runs look models up shared
   std::map<std::string, std::shared_ptr<NativeModel>> models_;
-  std::map<int, uint64_t> counts_;
+  std::array<std::atomic<uint64_t>, 17> counts_{};  // by grpc::StatusCode
+  std::mutex server_mu_;
   std::unique_ptr<Service> service_;
   std::unique_ptr<grpc::Server> server_;
 };
