@@ -2,10 +2,10 @@
 the Python server, for the models it can take.
 
 The Python daemon stays the one place of truth: it hands a model to the port once
-the model is READY (CPU replica, no dynamic batching, dtypes the port speaks),
-takes it back before closing its runners, and wraps every change of the serving
-weights in the port's lock for that model, so a native Run never mixes weights
-and its trailer names the version that served. Same messages, codes and error
+the model is READY (one replica, on the CPU or one GPU; no dynamic batching; dtypes
+the port speaks), takes it back before closing its runners, and wraps every change
+of the serving weights in the port's lock for that model, so a native Run never
+mixes weights and its trailer names the version that served. Same messages, codes and error
 texts as the main port's Run; request counts join the Prometheus metrics.
 """
 
@@ -51,8 +51,10 @@ class NativePort:
     @staticmethod
     def why_not(model: "ServedModel") -> str | None:
         """Why the port cannot serve ``model`` (None: it can)."""
-        if len(model.replicas) != 1 or model.replicas[0].pool.device.type != "cpu":
-            return "placed on devices other than one cpu"
+        if len(model.replicas) != 1:
+            return "placed on several devices"
+        if model.replicas[0].pool.device.type not in ("cpu", "cuda"):
+            return f"placed on {model.replicas[0].pool.device}"
         if model.batcher is not None:
             return "dynamic batching is on"
         for spec in (*model.inputs, *model.outputs):
@@ -69,8 +71,9 @@ class NativePort:
             return
         replica = model.replicas[0]
         inputs = [(s.name, s.dtype, codec.dtype_name(s.dtype), list(s.shape)) for s in model.inputs]
-        self._server.add_model(model.name, replica.runner._native_run_fn(), replica.slot.capacity,
-                               inputs, model.weights.active.id)
+        run_fn = replica.runner._native_run_fn(str(replica.pool.device))
+        self._server.add_model(model.name, run_fn, replica.slot.capacity, inputs,
+                               model.weights.active.id)
         self._models.add(model.name)
         model.native = self
 

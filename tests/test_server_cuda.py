@@ -9,14 +9,17 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 
+import grpc
 import pytest
 import torch
 from torch.export import Dim
 
 import model_zoo
 import wire
+from aotiserve import runner_ext
 from aotiserve.server.packaging import pack
 from aotiserve.v1 import model_runner_pb2 as pb
+from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
 from server_harness import running_server
 from test_server_weights import eager_with, new_weights
 
@@ -59,6 +62,47 @@ def test_cuda_models_serve_eager_results_and_swap_weights(cuda_repo):
         s.stub.RollbackConstantBuffer(pb.RollbackConstantBufferRequest(model="mlp"))
         out = wire.outputs(s.stub.Run(wire.run_request("mlp", inputs)))
         assert wire.close(out, model_zoo.eager("mlp", inputs))
+
+
+@pytest.mark.skipif(not runner_ext.native_run_available(),
+                    reason="extension built without gRPC C++ (no native data port)")
+def test_native_port_serves_a_cuda_model_through_swaps(cuda_repo):
+    """The native data port on cuda:0: eager results from 8 concurrent clients, the
+    weights of every swap and rollback made on the main port, errors as the main port."""
+    with _serve(cuda_repo, ("cuda:0",), native_run_port=0, batch_max_size=0) as s:
+        assert s.app.registry.get("mlp").native is not None
+        channel = grpc.insecure_channel(f"127.0.0.1:{s.app.native_port}")
+        native = pb_grpc.ModelRunnerStub(channel)
+        for name in ("mlp", "two_io"):
+            inputs = model_zoo.MODELS[name].inputs(5, seed=4)
+            out = wire.outputs(native.Run(wire.run_request(name, inputs)))
+            assert wire.close(out, model_zoo.eager(name, inputs)), name
+        cases = []
+        for seed in range(4):
+            inputs = model_zoo.MODELS["mlp"].inputs(1 + seed, seed=seed)
+            cases.append((wire.run_request("mlp", inputs), model_zoo.eager("mlp", inputs)))
+
+        def client(tid):
+            return sum(wire.close(wire.outputs(native.Run(cases[(tid + i) % 4][0])),
+                                  cases[(tid + i) % 4][1]) for i in range(100))
+
+        with cf.ThreadPoolExecutor(8) as ex:
+            assert list(ex.map(client, range(8))) == [100] * 8
+        weights = new_weights("mlp")
+        s.stub.UpdateConstantBuffer(wire.upload_requests("mlp", weights, validate_full=True))
+        swapped = s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
+        inputs = model_zoo.MODELS["mlp"].inputs(3)
+        resp = native.Run(wire.run_request("mlp", inputs))
+        assert wire.close(wire.outputs(resp), eager_with("mlp", weights, inputs))
+        assert resp.weights_version == swapped.active_version.id
+        s.stub.RollbackConstantBuffer(pb.RollbackConstantBufferRequest(model="mlp"))
+        out = wire.outputs(native.Run(wire.run_request("mlp", inputs)))
+        assert wire.close(out, model_zoo.eager("mlp", inputs))
+        with pytest.raises(grpc.RpcError) as err:
+            native.Run(wire.run_request("mlp", [torch.zeros(2, 63)]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "dimension 1 must be 64" in err.value.details()
+        channel.close()
 
 
 def _device_requests(s, devices) -> dict:

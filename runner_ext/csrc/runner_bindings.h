@@ -458,6 +458,18 @@ inline void* stream_pointer(const py::object& handle) {
       std::string(py::str(py::type::handle_of(handle).attr("__name__"))));
 }
 
+// The native data port's run (native_run.cpp): host tensors in (views of the request's
+// bytes), host tensors out, whatever device the runner computes on. The runner must
+// outlive every use: the registry removes the model from the port (which waits for
+// its runs) before it closes the runner. A backend whose inputs live elsewhere
+// specializes it (cuda.cpp) before it binds its runner.
+template <class Base>
+RunFn native_run_fn(Runner<Base>& self, const std::string& /*device*/) {
+  return [&self](const std::vector<at::Tensor>& inputs) {
+    return self.checked_run(inputs, nullptr);
+  };
+}
+
 // Binds the methods shared by every backend, mirroring torch's own binding
 // (torch/csrc/inductor/aoti_runner/pybind.cpp) name for name, but releasing
 // the GIL for every call that does real work. Backends add constructors.
@@ -546,19 +558,16 @@ py::class_<Runner<Base>> bind_runner(py::module_& m, const char* name) {
           py::arg("weights_path"),
           release())
       // Extensions beyond torch's binding: container introspection.
-      // For the native data port (native_run.cpp): a capsule of this runner's checked run.
-      // The runner must outlive every use: the registry removes the model from the port
-      // (which waits for its runs) before it closes the runner.
+      // For the native data port: a capsule of native_run_fn on `device` (the runner's).
       .def(
           "_native_run_fn",
-          [](R& self) {
-            auto* fn = new RunFn([&self](const std::vector<at::Tensor>& inputs) {
-              return self.checked_run(inputs, nullptr);
-            });
+          [](R& self, const std::string& device) {
+            auto* fn = new RunFn(native_run_fn(self, device));
             return py::capsule(fn, "aotiserve.RunFn", [](PyObject* cap) {
               delete static_cast<RunFn*>(PyCapsule_GetPointer(cap, "aotiserve.RunFn"));
             });
-          })
+          },
+          py::arg("device"))
       .def("get_num_inputs", &R::num_inputs)
       .def("get_num_outputs", &R::num_outputs)
       .def("get_input_names", &R::input_names)
