@@ -82,6 +82,32 @@ def memory(pid: int) -> dict:
     }
 
 
+def reset_peak_memory(pid: int) -> bool:
+    """Sets a process's VmHWM back to its VmRSS (Linux clear_refs 5), so the peak of what
+    follows shows; False where the kernel refuses."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def metric(server: "Server", name: str) -> float | None:
+    """One unlabelled sample from aotiserve's Prometheus endpoint (None: no such sample, or
+    no metrics port)."""
+    import urllib.request
+
+    port = server.extra.get("ready", {}).get("metrics_port")
+    if not port:
+        return None
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return None
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -173,14 +199,14 @@ def _read_ready_file(path: Path):
 
 
 def start_echo(workdir: Path, resp_size: int, workers: int = 8, aio: bool = False,
-               max_msg: int = 160 << 20) -> Server:
+               max_msg: int = 160 << 20, env: dict | None = None) -> Server:
     ready = workdir / "echo.ready"
     ready.unlink(missing_ok=True)
     argv = [sys.executable, str(REPO / "bench" / "echo_server.py"), "--resp-size", str(resp_size),
             "--workers", str(workers), "--ready-file", str(ready), "--max-msg", str(max_msg)]
     if aio:
         argv.append("--aio")
-    proc, log_path = spawn("echo", argv, workdir)
+    proc, log_path = spawn("echo", argv, workdir, env)
     info = wait_for(_read_ready_file(ready), proc, 30, "echo server")
     return Server("echo_aio" if aio else "echo", proc, int(info["port"]), workdir, log_path)
 

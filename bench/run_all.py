@@ -86,6 +86,10 @@ LABELS = {
 RPS = "rps_median_slice"
 
 LARGE_ROWS = 16384  # [16384, 1024] float32 = 64 MiB
+# The large workload's client and echo processes: the huge-page malloc that `aotiserve serve`
+# sets for itself (server/process_env.py), so no side pays ~35 ms of page faults per fresh
+# 64 MiB buffer that the others don't.
+LARGE_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 MIB = 1 << 20
 
 
@@ -178,8 +182,8 @@ class RssSampler:
             self._thread.join()
 
 
-def run_driver(python: Path | str, cfg: dict, timeout: float = 900) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+def run_driver(python: Path | str, cfg: dict, timeout: float = 900, env: dict | None = None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
     proc = subprocess.run([str(python), str(REPO / "bench" / "driver.py"), json.dumps(cfg)], capture_output=True,
                           text=True, env=env, timeout=timeout, cwd=str(REPO))
     if proc.returncode != 0:
@@ -460,47 +464,68 @@ class Bench:
             server.stop()
 
     def large(self, server: Server) -> dict:
+        """64 MiB in, 64 MiB out through the daemon's main port and its native data port, and
+        through a bare grpcio echo. Every process of it (clients, echo server) runs with the
+        huge-page malloc setting ``aotiserve serve`` gives itself (LARGE_ENV)."""
         a = self.args
         nbytes = LARGE_ROWS * 1024 * 4
-        before = server.memory()
-        out: dict = {"payload_mib": nbytes / MIB, "memory_before": before, "memcpy": memcpy_rates(nbytes)}
+        out: dict = {"payload_mib": nbytes / MIB, "memory_before": server.memory(),
+                     "memcpy": memcpy_rates(nbytes), "process_env": LARGE_ENV}
         cfg = {"kind": "native", "target": server.target, "model": "passthrough", "input_shapes": [[LARGE_ROWS, 1024]],
                "seq_n": a.large_n, "warmup": 1}
-        # The first call (warm-up) shows the server's peak copies of one request: VmHWM growth.
-        res = run_driver(sys.executable, cfg)
-        after = server.memory()
-        out["memory_after"] = after
-        out["hwm_growth_mib"] = after["hwm_mib"] - before["hwm_mib"]
-        out["payload_copies_peak_estimate"] = round(out["hwm_growth_mib"] / (nbytes / MIB), 2)
-        out["native"] = res["sequential"]
-        p50_s = res["sequential"]["p50_us"] / 1e6
-        out["gbps_round_trip"] = 2 * nbytes / p50_s / 1e9  # bytes in + bytes out, per second
-        out["gbps_one_way"] = nbytes / p50_s / 1e9
+        ports = {"native": server.target}
+        native_port = server.extra["ready"].get("native_run_port")
+        if native_port:
+            ports["fast"] = f"127.0.0.1:{native_port}"
+        for key, target in ports.items():
+            # The server's peak over these calls (VmHWM reset first): the payloads it held at once.
+            procs.reset_peak_memory(server.pid)
+            before, copied = server.memory(), procs.metric(server, "aotiserve_native_copied_bytes_total")
+            res = run_driver(sys.executable, dict(cfg, target=target), env=LARGE_ENV)
+            growth = server.memory()["hwm_mib"] - before["rss_mib"]
+            p50_s = res["sequential"]["p50_us"] / 1e6
+            out[key] = res["sequential"] | {
+                "gbps_round_trip": 2 * nbytes / p50_s / 1e9,  # bytes in + bytes out, per second
+                "gbps_one_way": nbytes / p50_s / 1e9,
+                "peak_growth_mib": growth,
+                "payloads_held_at_peak": round(growth / (nbytes / MIB), 2)}
+            if key == "fast" and copied is not None:
+                # The port counts the payload bytes it copies: per request, in payloads.
+                calls = cfg["seq_n"] + cfg["warmup"]
+                done = procs.metric(server, "aotiserve_native_copied_bytes_total")
+                out["fast"]["server_copies"] = round((done - copied) / calls / nbytes, 3)
+            if "client" in self.args.systems:  # aotiserve's own client library on the same port
+                name = "client" if key == "native" else "fast_client"
+                try:
+                    c = run_driver(sys.executable, dict(cfg, target=target, kind="client"), env=LARGE_ENV)
+                    out[name] = c["sequential"] | {
+                        "gbps_round_trip": 2 * nbytes / (c["sequential"]["p50_us"] / 1e6) / 1e9}
+                except RuntimeError as exc:
+                    self.note(f"64 MiB through aotiserve.client on {target}: {exc}")
+        out["gbps_round_trip"] = out["native"]["gbps_round_trip"]
+        if "fast" in out:
+            out["fast_gbps_round_trip"] = out["fast"]["gbps_round_trip"]
+        # The best aotiserve path: what the issue's >= 1 GB/s is judged on.
+        paths = {k: out[k]["gbps_round_trip"] for k in ("native", "fast", "client", "fast_client") if k in out}
+        out["best_path"] = max(paths, key=paths.get)
+        out["best_gbps_round_trip"] = paths[out["best_path"]]
         # The same payload through a bare grpcio echo: grpcio's own ceiling here.
-        echo = procs.start_echo(self.work / "echo-large", nbytes, workers=2)
+        echo = procs.start_echo(self.work / "echo-large", nbytes, workers=2, env=LARGE_ENV)
         try:
             e = run_driver(sys.executable, {"kind": "echo", "target": echo.target, "req_size": nbytes,
-                                            "seq_n": a.large_n, "warmup": 1})
+                                            "seq_n": a.large_n, "warmup": 1}, env=LARGE_ENV)
             out["echo"] = e["sequential"]
             out["echo_gbps_round_trip"] = 2 * nbytes / (e["sequential"]["p50_us"] / 1e6) / 1e9
         finally:
             echo.stop()
-        if "client" in self.args.systems:
-            try:
-                c = run_driver(sys.executable, dict(cfg, kind="client"))
-                out["client"] = c["sequential"]
-                out["client_gbps_round_trip"] = 2 * nbytes / (c["sequential"]["p50_us"] / 1e6) / 1e9
-            except RuntimeError as exc:
-                self.note(f"64 MiB through aotiserve.client: {exc}")
         try:
             probe = subprocess.run([sys.executable, "-m", "bench.copies"], cwd=REPO, capture_output=True, text=True,
-                                   timeout=300, check=True)
+                                   timeout=300, check=True, env=dict(os.environ, **LARGE_ENV))
             out["copy_probe"] = json.loads(probe.stdout.strip().splitlines()[-1])
         except (subprocess.SubprocessError, ValueError) as exc:
             self.note(f"copy probe failed: {exc}")
-        log.info("  large: p50=%.1f ms  %.2f GB/s round trip (echo %.2f GB/s); HWM growth %.0f MiB",
-                 out["native"]["p50_us"] / 1e3, out["gbps_round_trip"], out.get("echo_gbps_round_trip", 0),
-                 out["hwm_growth_mib"])
+        log.info("  large: best %s %.2f GB/s round trip (echo %.2f GB/s)", out["best_path"],
+                 out["best_gbps_round_trip"], out.get("echo_gbps_round_trip", 0))
         return out
 
     def compute(self, server: Server, pkgs: dict[str, Path]) -> dict:
@@ -636,8 +661,12 @@ def ratios(results: dict) -> dict:
         "compute_scaling_2_over_1": results.get("compute", {}).get("aotiserve_scaling_2_over_1"),
         "fast_compute_scaling_2_over_1": results.get("compute", {}).get("fast_scaling_2_over_1"),
         "large_gbps_round_trip": results.get("large", {}).get("gbps_round_trip"),
-        "large_payload_copies_peak_estimate": results.get("large", {}).get("payload_copies_peak_estimate"),
+        "large_payloads_held_at_peak": results.get("large", {}).get("native", {}).get("payloads_held_at_peak"),
+        "fast_large_payloads_held_at_peak": results.get("large", {}).get("fast", {}).get("payloads_held_at_peak"),
         "large_server_copies": results.get("large", {}).get("copy_probe", {}).get("server_copies"),
+        "fast_large_gbps_round_trip": results.get("large", {}).get("fast_gbps_round_trip"),
+        "best_large_gbps_round_trip": results.get("large", {}).get("best_gbps_round_trip"),
+        "fast_large_server_copies": results.get("large", {}).get("fast", {}).get("server_copies"),
     }
     targets = {
         "native_p50_over_echo_p50": ("<=", 1.25), "native_p50_over_kserve_p50": ("<=", 0.6),
@@ -647,6 +676,7 @@ def ratios(results: dict) -> dict:
         "fast_p50_over_echo_p50": ("<=", 1.25), "fast_p50_over_kserve_p50": ("<=", 0.6),
         "fast_rps8_over_echo": (">=", 0.8), "fast_rps8_over_kserve": (">=", 2.5),
         "fast_rps8_over_pytriton": (">=", 3.0), "fast_compute_scaling_2_over_1": (">=", 1.7),
+        "best_large_gbps_round_trip": (">=", 1.0), "fast_large_server_copies": ("<=", 1),
     }
     r["acceptance"] = {
         k: {"value": r[k], "target": f"{op} {t}",

@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Sequence
 
+from . import process_env
 from .config import ServeConfig, add_serve_arguments
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def build_parser(prog: str = "aotiserve serve") -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         config = ServeConfig.from_sources(args, os.environ)
@@ -55,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"aotiserve serve: {exc}\n")  # logging is not set up yet
         return 2
     setup_logging(config)
+    if config.huge_pages:  # before torch or any large buffer exists
+        process_env.restart_with_huge_pages(os.environ, argv)
     log.info("configuration: %s", json.dumps(config.redacted(), default=str))
     from .app import serve  # imports torch and the extension: after logging is up
 

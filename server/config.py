@@ -32,8 +32,8 @@ class ServeConfig:
     # Network.
     host: str = "127.0.0.1"
     port: int = 8500
-    # The native data port (server/native_port.py): Run served by gRPC C++ for CPU models
-    # without dynamic batching; 0 picks a free port, None: off. Needs an extension built
+    # The native data port (server/native_port.py): Run served by gRPC C++ for models on
+    # the CPU or one GPU, without dynamic batching; 0 picks a free port, None: off. Needs an extension built
     # with gRPC C++ (runner_ext.native_run_available()).
     native_run_port: int | None = None
     # Prometheus HTTP port: 0 picks a free port, None (or -1) disables metrics.
@@ -83,6 +83,9 @@ class ServeConfig:
     batch_max_size: int = 0
     batch_max_delay_us: int = 500
     grpc_workers: int = 32
+    # Transparent huge pages for malloc and torch's CPU allocator (server/process_env.py):
+    # large tensors copy several times faster into fresh memory.
+    huge_pages: bool = True
     grace_period_s: float = 10.0
     # After SIGTERM, new calls get UNAVAILABLE for at least this long before the
     # transport closes (a call arriving as the transport closes would see CANCELLED).
@@ -228,8 +231,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--max-concurrent-streams", type=int,
       help="HTTP/2 streams per client connection at once (default 256)")
     a("--native-run-port", type=int,
-      help="also serve Run from gRPC C++ on this port (0 picks one) for CPU models without "
-           "dynamic batching: the fast path (needs the extension built with gRPC C++)")
+      help="also serve Run from gRPC C++ on this port (0 picks one) for models on the CPU or "
+           "one GPU without dynamic batching: the fast path (needs the extension built with "
+           "gRPC C++)")
     a("--max-weight-streams", type=int,
       help="weight uploads and downloads in progress at once, below --grpc-workers (default 8)")
     a("--batch-max-size", type=int,
@@ -237,6 +241,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
            "dimension (default 0: off)")
     a("--batch-max-delay-us", type=int,
       help="dynamic batching: longest a run waits for others to join (default 500)")
+    a("--no-huge-pages", dest="huge_pages", action="store_const", const=False,
+      help="leave malloc and torch's allocator without transparent huge pages")
     a("--grace-period-s", type=float, help="seconds in-flight calls get after SIGTERM")
     a("--log-json", action="store_const", const=True, help="one JSON object per log line")
     a("--log-level", help="DEBUG, INFO, WARNING...")

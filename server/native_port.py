@@ -99,12 +99,17 @@ class NativePort:
         self._server.stop(grace_s)
 
     def collect(self):
-        """Prometheus: the port's Run requests by status code."""
+        """Prometheus: the port's Run requests by status code, and the bytes it copied."""
         family = CounterMetricFamily("aotiserve_native_requests", "Runs answered on the native "
                                      "data port, by status code", labels=["code"])
         for code, count in sorted(self._server.counts().items()):
             family.add_metric([_CODE_NAMES.get(code, str(code))], count)
         yield family
+        yield CounterMetricFamily(
+            "aotiserve_native_copied_bytes", "Payload bytes the native data port copied: "
+            "requests joined from several gRPC slices, outputs under 64 KiB copied into the "
+            "reply (larger ones are sent from the output tensor itself)",
+            value=self._server.copied_bytes())
 
 
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}

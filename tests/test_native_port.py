@@ -199,3 +199,28 @@ def test_native_port_refuses_to_start_without_tls_where_the_main_port_has_it():
 
     with pytest.raises(ValueError, match="no TLS"):
         ServeConfig(native_run_port=0, tls_cert="c.pem", tls_key="k.pem")
+
+
+def test_large_outputs_leave_without_a_copy_and_the_port_counts_its_copies():
+    """passthrough [256, 1024] float32: 1 MiB in, 1 MiB out. The port copies the request at
+    most once (joined from gRPC's slices) and sends the output from the tensor itself; a
+    small output is copied into the reply."""
+    with running_server(["passthrough", "mlp"], native_run_port=0, batch_max_size=0) as s:
+        native = _Native(s)
+
+        def copied() -> float:
+            return next(smp.value for fam in s.app.native.collect() for smp in fam.samples
+                        if smp.name == "aotiserve_native_copied_bytes_total")
+
+        inputs = model_zoo.MODELS["passthrough"].inputs(256, seed=2)
+        request = wire.run_request("passthrough", inputs)
+        before = copied()
+        out, _ = native.run("passthrough", inputs)
+        assert wire.close(out, model_zoo.eager("passthrough", inputs))
+        assert copied() - before in (0, len(request.SerializeToString()))
+        inputs = model_zoo.MODELS["mlp"].inputs(1)
+        before = copied()
+        out, _ = native.run("mlp", inputs)
+        assert wire.close(out, model_zoo.eager("mlp", inputs))
+        assert copied() - before == out[0].numel() * out[0].element_size()  # request: one slice
+        native.channel.close()

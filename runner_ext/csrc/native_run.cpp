@@ -161,6 +161,53 @@ grpc::Status invalid(const std::string& msg) {
   return {grpc::StatusCode::INVALID_ARGUMENT, msg};
 }
 
+// Outputs this large go out as slices over the tensors' own memory (no copy); smaller
+// ones are copied into the reply's one slice, which costs less than a slice apiece.
+constexpr size_t kZeroCopyBytes = 64 * 1024;
+
+// RunResponse{outputs=1 Tensor{dtype=1, shape=2, data=3}, weights_version=2}, framed by
+// hand around the outputs' bytes: each output's field headers, then its data, copied
+// once into the reply (small) or lent to grpc until the reply is sent (large).
+grpc::ByteBuffer reply(const std::vector<at::Tensor>& outputs, const std::string& version,
+                       uint64_t& copied) {
+  std::vector<grpc::Slice> slices;
+  std::string pending;  // bytes not yet in a slice
+  auto flush = [&] {
+    if (!pending.empty()) slices.emplace_back(pending);
+    pending.clear();
+  };
+  for (const auto& o : outputs) {
+    at::Tensor c = o.is_contiguous() ? o : o.contiguous();
+    uint64_t nbytes = c.numel() * c.element_size();
+    std::string shape, head;
+    for (auto d : c.sizes()) put_varint(shape, uint64_t(d));
+    head.push_back(char(1 << 3 | 0));
+    put_varint(head, wire_number(c.scalar_type()));
+    head.push_back(char(2 << 3 | 2));
+    put_varint(head, shape.size());
+    head += shape;
+    head.push_back(char(3 << 3 | 2));
+    put_varint(head, nbytes);
+    pending.push_back(char(1 << 3 | 2));
+    put_varint(pending, head.size() + nbytes);
+    pending += head;
+    if (nbytes < kZeroCopyBytes) {
+      pending.append(static_cast<const char*>(c.data_ptr()), nbytes);
+      copied += nbytes;
+      continue;
+    }
+    flush();
+    auto* keep = new at::Tensor(c);  // released by grpc with the slice
+    slices.emplace_back(c.data_ptr(), nbytes,
+                        +[](void* t) { delete static_cast<at::Tensor*>(t); }, keep);
+  }
+  pending.push_back(char(2 << 3 | 2));
+  put_varint(pending, version.size());
+  pending += version;
+  flush();
+  return grpc::ByteBuffer(slices.data(), slices.size());
+}
+
 }  // namespace
 
 struct NativeModel {
@@ -311,10 +358,11 @@ grpc::Status NativeRunServer::run(grpc::ServerContext* ctx, const grpc::ByteBuff
   if (draining_) return {grpc::StatusCode::UNAVAILABLE, "server is shutting down"};
   grpc::Status refusal;
   if (!authorized(ctx, refusal)) return refusal;
-  // The request's bytes: grpc's own slice when it is one (no copy), else joined once.
-  // Input tensors view them, so they stay alive for the whole run.
+  // The request's bytes: grpc's own slice when it is one (no copy), else joined once
+  // into a tensor of torch's allocator (huge pages for large requests where the daemon
+  // turned them on). Input tensors view them, so they stay alive for the whole run.
   grpc::Slice single;
-  std::string joined;
+  at::Tensor joined;
   const uint8_t* begin;
   const uint8_t* end;
   if (raw->TrySingleSlice(&single).ok()) {
@@ -323,9 +371,15 @@ grpc::Status NativeRunServer::run(grpc::ServerContext* ctx, const grpc::ByteBuff
   } else {
     std::vector<grpc::Slice> slices;
     if (!raw->Dump(&slices).ok()) return invalid("Run: the request is not a valid message");
-    for (auto& s : slices) joined.append(reinterpret_cast<const char*>(s.begin()), s.size());
-    begin = reinterpret_cast<const uint8_t*>(joined.data());
-    end = begin + joined.size();
+    joined = at::empty({int64_t(raw->Length())}, at::kByte);
+    auto* w = joined.data_ptr<uint8_t>();
+    for (auto& s : slices) {
+      std::memcpy(w, s.begin(), s.size());
+      w += s.size();
+    }
+    begin = joined.data_ptr<uint8_t>();
+    end = w;
+    copied_bytes_.fetch_add(joined.numel(), std::memory_order_relaxed);
   }
   Request req;
   if (!parse_request(begin, end, req)) return invalid("Run: the request is not a valid message");
@@ -451,47 +505,10 @@ grpc::Status NativeRunServer::run(grpc::ServerContext* ctx, const grpc::ByteBuff
   }
   model->freed.notify_one();
   if (!failed.ok()) return failed;
-  // RunResponse{outputs=1 Tensor{dtype=1, shape=2, data=3}, weights_version=2}: the field
-  // headers first, then one copy of each output's bytes into the reply's slice.
-  std::vector<at::Tensor> bodies;
-  std::vector<std::string> heads;
-  size_t total = 0;
-  for (auto& o : outputs) {
-    at::Tensor c = o.contiguous();
-    std::string shape, head;
-    for (auto d : c.sizes()) put_varint(shape, uint64_t(d));
-    uint64_t nbytes = c.numel() * c.element_size();
-    head.push_back(char(1 << 3 | 0));
-    put_varint(head, wire_number(c.scalar_type()));
-    head.push_back(char(2 << 3 | 2));
-    put_varint(head, shape.size());
-    head += shape;
-    head.push_back(char(3 << 3 | 2));
-    put_varint(head, nbytes);
-    std::string field;
-    field.push_back(char(1 << 3 | 2));
-    put_varint(field, head.size() + nbytes);
-    heads.push_back(field + head);
-    total += heads.back().size() + nbytes;
-    bodies.push_back(std::move(c));
-  }
-  std::string tail;
-  tail.push_back(char(2 << 3 | 2));
-  put_varint(tail, version.size());
-  tail += version;
-  total += tail.size();
-  grpc::Slice slice(total);  // uninitialised, ours until handed to grpc
-  auto* w = const_cast<uint8_t*>(slice.begin());
-  for (size_t i = 0; i < bodies.size(); ++i) {
-    std::memcpy(w, heads[i].data(), heads[i].size());
-    w += heads[i].size();
-    size_t nbytes = bodies[i].numel() * bodies[i].element_size();
-    if (nbytes) std::memcpy(w, bodies[i].data_ptr(), nbytes);
-    w += nbytes;
-  }
-  std::memcpy(w, tail.data(), tail.size());
+  uint64_t copied = 0;
+  *resp = reply(outputs, version, copied);
+  copied_bytes_.fetch_add(copied, std::memory_order_relaxed);
   ctx->AddTrailingMetadata(kTrailer, version);
-  *resp = grpc::ByteBuffer(&slice, 1);
   return grpc::Status::OK;
 }
 
@@ -523,7 +540,8 @@ void bind_native_run(py::module_& m) {
            py::arg("version"), release())
       .def("set_draining", &NativeRunServer::set_draining, py::arg("draining"))
       .def("stop", &NativeRunServer::stop, py::arg("grace_s"), release())
-      .def("counts", &NativeRunServer::counts);
+      .def("counts", &NativeRunServer::counts)
+      .def("copied_bytes", &NativeRunServer::copied_bytes);
 }
 
 }  // namespace aotiserve

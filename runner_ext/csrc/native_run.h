@@ -42,6 +42,9 @@ class NativeRunServer {
   void set_draining(bool draining);
   void stop(double grace_s);
   std::map<int, uint64_t> counts();  // requests by grpc status code
+  // Payload bytes the port copied (requests joined from several slices, small outputs
+  // copied into the reply): divided by the bytes served, the copies per request.
+  uint64_t copied_bytes() const { return copied_bytes_.load(std::memory_order_relaxed); }
 
  private:
   class Service;
@@ -60,6 +63,7 @@ class NativeRunServer {
   std::shared_mutex models_mu_;  // runs look models up shared
   std::map<std::string, std::shared_ptr<NativeModel>> models_;
   std::array<std::atomic<uint64_t>, 17> counts_{};  // by grpc::StatusCode
+  std::atomic<uint64_t> copied_bytes_{0};
   std::mutex server_mu_;
   std::unique_ptr<Service> service_;
   std::unique_ptr<grpc::Server> server_;
