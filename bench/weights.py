@@ -95,36 +95,73 @@ class RssSampler:
         self.peak_kib = max(self.peak_kib, _status_kib(self.pid, "VmRSS"))
 
 
-class RunLoop:
-    """One client thread calling Run back to back; keeps (start, latency) per call."""
+def _run_loop(target: str, ids: list[int], buf, count, errors, paused, stop) -> None:
+    """The Run client process: Run back to back, (start, latency) per call into ``buf``."""
+    from aotiserve.client import Client
 
-    def __init__(self, client, ids: np.ndarray):
-        self.model = client.model(MODEL)
-        self.ids = ids
-        self.calls: list[tuple[float, float]] = []
-        self.errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            t0 = time.perf_counter()
+    # Its garbage collector would pause the Run client at random (quiet and busy windows
+    # alike): off; the daemon keeps its own.
+    gc.disable()
+    with Client(target) as client:
+        model = client.model(MODEL)
+        x = np.array(ids, dtype=np.int64)
+        calls = np.frombuffer(buf, dtype=np.float64).reshape(-1, 2)
+        while not stop.is_set() and count.value < len(calls):
+            if paused.is_set():
+                time.sleep(0.001)
+                continue
+            t0 = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
             try:
-                self.model.run([self.ids], output_format="numpy")
+                model.run([x], output_format="numpy")
             except Exception:
-                self.errors += 1
-            self.calls.append((t0, time.perf_counter() - t0))
+                errors.value += 1
+            calls[count.value] = (t0, time.perf_counter() - t0)
+            count.value += 1
+
+
+class RunLoop:
+    """One client calling Run back to back in a process of its own, as real clients are:
+    the bench's uploads and swaps (this process) never hold its GIL. Keeps (start,
+    latency) per call in shared memory."""
+
+    CAPACITY = 1 << 21  # calls
+
+    def __init__(self, target: str, ids: np.ndarray):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._buf = ctx.RawArray("d", 2 * self.CAPACITY)
+        self._count = ctx.RawValue("q", 0)
+        self._errors = ctx.RawValue("q", 0)
+        self._paused, self._stop = ctx.Event(), ctx.Event()
+        self._proc = ctx.Process(target=_run_loop, daemon=True, args=(
+            target, [int(i) for i in ids], self._buf, self._count, self._errors, self._paused,
+            self._stop))
+
+    @property
+    def errors(self) -> int:
+        return self._errors.value
 
     def start(self) -> None:
-        self._thread.start()
+        self._proc.start()
+        deadline = time.monotonic() + 60
+        while self._count.value < 10:  # warmed up: its first calls are done
+            if not self._proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the Run client process did not start calling")
+            time.sleep(0.01)
+
+    def pause(self, paused: bool) -> None:
+        (self._paused.set if paused else self._paused.clear)()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
+        self._proc.join(30)
 
     def window(self, lo: float, hi: float) -> list[float]:
         """Latencies (s) of calls that overlapped [lo, hi]."""
-        return [lat for t0, lat in list(self.calls) if t0 <= hi and t0 + lat >= lo]
+        calls = np.frombuffer(self._buf, dtype=np.float64).reshape(-1, 2)[:self._count.value]
+        t0, lat = calls[:, 0], calls[:, 1]
+        return lat[(t0 <= hi) & (t0 + lat >= lo)].tolist()
 
 
 def _p99(lat: list[float]) -> float:
@@ -178,19 +215,31 @@ def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray],
     load = _loadavg()
     memcpy = copy_gb_s()
     hwm_reset = _reset_hwm(pid)
+
+    def stage():
+        return model.update_constant_buffer(weights, use_inactive=True, validate_full_updates=True)
+
+    # Staging throughput and peak memory: the upload alone (the Run client paused).
+    loop.pause(True)
     with RssSampler(pid) as sampler:
         cpu0 = (_cpu_s(pid), _cpu_s(os.getpid()))
         t0 = time.perf_counter()
-        version = model.update_constant_buffer(weights, use_inactive=True, validate_full_updates=True)
+        stage()
         t1 = time.perf_counter()
         cpu1 = (_cpu_s(pid), _cpu_s(os.getpid()))
     hwm = _status_kib(pid, "VmHWM") * 1024 if hwm_reset else 0
     peak = max(hwm, sampler.peak_kib * 1024)
+    loop.pause(False)
+    time.sleep(0.2)
+    # The same upload again (restaging the inactive buffer) while Runs go on, then the swap.
+    t2 = time.perf_counter()
+    version = stage()
+    t3 = time.perf_counter()
     s0 = time.perf_counter()
     active = model.swap_constant_buffer()
     s1 = time.perf_counter()
     time.sleep(0.05)  # let the calls that overlapped the swap finish
-    during = loop.window(t0, s1)
+    during = loop.window(t2, s1)
     # The flip alone, many times over: rollbacks back and forth between the two buffers
     # (an even number, so the new weights serve at the end), Run going on meanwhile.
     f0 = time.perf_counter()
@@ -211,6 +260,8 @@ def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray],
         "bytes": nbytes,
         "staging_s": t1 - t0,
         "staging_gb_s": nbytes / (t1 - t0) / 1e9,
+        "staging_under_runs_s": t3 - t2,
+        "staging_under_runs_gb_s": nbytes / (t3 - t2) / 1e9,
         "swap_ms": (s1 - s0) * 1e3,
         # CPU seconds each side spent on the staging (the client side includes the Run
         # loop and the RSS sampler threads): what the GB/s would be with cores to spare.
@@ -251,6 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="uploads (round 1 is the first)")
     parser.add_argument("--quiet-s", type=float, default=2.0, help="quiet p99 window (s)")
     parser.add_argument("--chunk-bytes", type=int, default=None, help="client upload chunk size")
+    parser.add_argument("--runs-on", choices=("native", "main"), default="native",
+                        help="the port the Run loop calls: the daemon's native data port (where the "
+                             "extension has it; the data path beside the Python control plane) or "
+                             "its main port")
+    parser.add_argument("--admin-nice", type=int, default=10,
+                        help="niceness of this process, the admin side (uploads, swaps, ListModels) "
+                             "once the daemon and the Run client are started: on a deployment it "
+                             "runs on another machine, not on the daemon's cores (0: share them)")
     parser.add_argument("--weights-dir", action="store_true",
                         help="give the daemon a --weights-dir (persisting each staged version)")
     args = parser.parse_args(argv)
@@ -263,10 +322,17 @@ def main(argv: list[str] | None = None) -> int:
 
     package = model_zoo.compiled(MODEL)
     workdir = procs.tmpdir("aotiserve-bench-weights-")
+    from aotiserve import runner_ext
+
     extra = ["--weights-dir", str(workdir / "weights")] if args.weights_dir else []
+    runs_on = args.runs_on if runner_ext.native_run_available() else "main"
+    if runs_on == "native":
+        extra += ["--native-run-port", "0"]
     server = procs.start_aotiserve(workdir, {MODEL: package}, extra_args=extra)
     results: dict = {"model": f"{MODEL} (4 x Embedding(65536, 1024) float32, 1 GiB)",
-                     "cpus": os.cpu_count(), "chunk_bytes": args.chunk_bytes, "rounds": []}
+                     "cpus": os.cpu_count(), "chunk_bytes": args.chunk_bytes, "runs_on": runs_on,
+                     "admin_nice": args.admin_nice,
+                     "rounds": []}
     try:
         kw = {"chunk_bytes": args.chunk_bytes} if args.chunk_bytes else {}
         client = Client(server.target, **kw)
@@ -274,11 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         fqns = sorted(handle.get_constant_names_to_original_fqns().values())
         shapes = {f: (65536, 1024) for f in fqns}
         ids = np.array([0, 1, 65535, 12345], dtype=np.int64)
-        loop = RunLoop(client, ids)
-        # The bench client's own garbage collector would pause its Run thread at random
-        # (quiet and busy windows alike): off while measuring; the daemon keeps its own.
-        gc.disable()
+        run_target = (f"127.0.0.1:{server.extra['ready']['native_run_port']}"
+                      if runs_on == "native" else server.target)
+        loop = RunLoop(run_target, ids)
         loop.start()
+        if args.admin_nice:
+            os.nice(args.admin_nice)
         buffer_bytes = sum(int(np.prod(s)) * 4 for s in shapes.values())
         for r in range(args.rounds):
             weights = new_weights(fqns, shapes, seed=r + 1)
@@ -292,7 +359,6 @@ def main(argv: list[str] | None = None) -> int:
             results["rounds"].append(res)
             del weights
         loop.stop()
-        gc.enable()
         results["run_errors"] = loop.errors
         client.close()
     finally:
@@ -304,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"model: {results['model']}; {results['cpus']} cpus; Run errors: {results['run_errors']}")
+    print(f"model: {results['model']}; {results['cpus']} cpus; Runs on the {runs_on} port; "
+          f"Run errors: {results['run_errors']}")
     hdr = (f"{'round':>5} {'GB/s':>6} {'stage s':>8} {'swap ms':>8} {'RSS before':>10} {'peak':>8} "
            f"{'expect':>8} {'RSS x':>6} {'p99 quiet':>9} {'p99 swap':>9} {'p99 x':>6} {'flip x':>6} {'swap x':>6} {'load1m':>6} ok")
     print(hdr)

@@ -18,6 +18,8 @@ Main entry points::
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextvars
 import hashlib
 import logging
 import os
@@ -26,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -51,9 +53,10 @@ from .model_registry import (
     read_model_options,
     repository_models,
 )
-from .weights import StagingUpload, WeightsVersion, new_version
+from .weights import StagingUpload, WeightsVersion, background_priority, new_version
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,11 @@ class DataPlane:
         self.expected_models: set[str] = set()
         self._weight_streams_lock = threading.Lock()
         self._weight_streams_open = 0
+        # Weight streams are received on these threads, at background priority (gRPC's
+        # handler thread waits): an upload takes the cores only where Runs leave them.
+        self._stream_pool = cf.ThreadPoolExecutor(max_workers=config.max_weight_streams,
+                                                  thread_name_prefix="aotiserve-stage",
+                                                  initializer=background_priority)
 
     # Health ------------------------------------------------------------------
 
@@ -385,6 +393,10 @@ class DataPlane:
         finally:
             with self._weight_streams_lock:
                 self._weight_streams_open -= 1
+
+    def in_background(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on a background-priority stream thread; its result or its exception."""
+        return self._stream_pool.submit(contextvars.copy_context().run, fn).result()
 
     @property
     def weight_streams_open(self) -> int:

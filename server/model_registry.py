@@ -504,7 +504,7 @@ class ServedModel:
             def commit() -> None:
                 state.previous, state.active, state.staged = state.active, state.staged, None
 
-            self._flip(commit)
+            self._flip(commit, state.staged.id)
             if store is not None:
                 store.commit(self.name, state.active)
             self._gauge_version()
@@ -520,18 +520,23 @@ class ServedModel:
             def back() -> None:
                 state.previous, state.active = state.active, state.previous
 
-            self._flip(back)
+            self._flip(back, state.previous.id)
             if store is not None:
                 store.commit(self.name, state.active)
             self._gauge_version()
             return state.active
 
-    def _flip(self, versions: Callable[[], None]) -> None:
+    def _flip(self, versions: Callable[[], None], active_after: str) -> None:
         """Swaps every replica's buffers and, in the same instant, ``versions()`` moves
-        the version bookkeeping (so a Run's trailer names the weights that served it)."""
-        with self._serving_weights_change():
-            for replica in self.replicas:
-                replica.runner.swap_constant_buffer()
+        the version bookkeeping (so a Run's trailer names the weights that served it:
+        ``active_after``). On the native data port the flip and its version are one step
+        in C++, so native runs wait for the flip alone."""
+        with self.rw.exclusive():
+            if self.native is not None:
+                self.native.flip(self, active_after)
+            else:
+                for replica in self.replicas:
+                    replica.runner.swap_constant_buffer()
             self.weights.swaps += 1
             versions()
 

@@ -72,8 +72,8 @@ class NativePort:
         replica = model.replicas[0]
         inputs = [(s.name, s.dtype, codec.dtype_name(s.dtype), list(s.shape)) for s in model.inputs]
         run_fn = replica.runner._native_run_fn(str(replica.pool.device))
-        self._server.add_model(model.name, run_fn, replica.slot.capacity, inputs,
-                               model.weights.active.id)
+        self._server.add_model(model.name, run_fn, replica.runner._native_swap_fn(),
+                               replica.slot.capacity, inputs, model.weights.active.id)
         self._models.add(model.name)
         model.native = self
 
@@ -82,6 +82,12 @@ class NativePort:
         if name in self._models:
             self._models.discard(name)
             self._server.remove_model(name)
+
+    def flip(self, model: "ServedModel", version: str) -> None:
+        """Swaps the model's buffers (its one replica) and sets the version native runs
+        report, in one step under the port's lock, without the GIL: native runs wait for
+        the flip alone, never for Python."""
+        self._server.flip(model.name, version)
 
     @contextmanager
     def weights_change(self, model: "ServedModel") -> Iterator[None]:

@@ -140,11 +140,15 @@ class NativeServicer(pb_grpc.ModelRunnerServicer):
                 raise InvalidArgument("the first message of an upload must be its header")
             set_call_model(first.header.model)
             upload = self.plane.begin_upload(first.header, _author(context))
-            try:
+
+            def receive() -> None:
                 for message in it:
                     if message.WhichOneof("part") != "chunk":
                         raise InvalidArgument("only chunks may follow the header")
                     upload.add_chunk(message.chunk)
+
+            try:
+                self.plane.in_background(receive)
             except BaseException:
                 upload.discard()  # cancel or bad chunk: nothing applied, staging freed
                 raise

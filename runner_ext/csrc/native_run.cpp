@@ -213,6 +213,7 @@ grpc::ByteBuffer reply(const std::vector<at::Tensor>& outputs, const std::string
 struct NativeModel {
   std::string name;
   RunFn run;
+  SwapFn swap_buffers;
   int capacity = 1;
   std::vector<NativeInput> inputs;
   std::shared_mutex swap;  // runs: shared; a weights change: exclusive
@@ -275,11 +276,12 @@ void NativeRunServer::stop(double grace_s) {
   }
 }
 
-void NativeRunServer::add_model(const std::string& name, RunFn run, int capacity,
+void NativeRunServer::add_model(const std::string& name, RunFn run, SwapFn swap, int capacity,
                                 std::vector<NativeInput> inputs, const std::string& version) {
   auto model = std::make_shared<NativeModel>();
   model->name = name;
   model->run = std::move(run);
+  model->swap_buffers = std::move(swap);
   model->capacity = std::max(1, capacity);
   model->inputs = std::move(inputs);
   model->version = version;
@@ -304,6 +306,14 @@ void NativeRunServer::remove_model(const std::string& name) {
   }
   // No new run finds it; wait for the ones in flight (they hold the lock shared).
   std::unique_lock<std::shared_mutex> wait(model->swap);
+}
+
+void NativeRunServer::flip(const std::string& name, const std::string& version) {
+  auto model = find(name);
+  if (!model) throw std::runtime_error("native data port: no model '" + name + "'");
+  std::unique_lock<std::shared_mutex> lock(model->swap);
+  model->swap_buffers();
+  model->version = version;
 }
 
 void NativeRunServer::lock_weights(const std::string& name) {
@@ -521,19 +531,23 @@ void bind_native_run(py::module_& m) {
       .def_property_readonly("port", &NativeRunServer::port)
       .def(
           "add_model",
-          [](NativeRunServer& self, const std::string& name, py::capsule run_fn, int capacity,
+          [](NativeRunServer& self, const std::string& name, py::capsule run_fn,
+             py::capsule swap_fn, int capacity,
              const std::vector<std::tuple<std::string, at::ScalarType, std::string,
                                           std::vector<int64_t>>>& inputs,
              const std::string& version) {
             RunFn fn = *static_cast<RunFn*>(run_fn.get_pointer());
+            SwapFn swap = *static_cast<SwapFn*>(swap_fn.get_pointer());
             std::vector<NativeInput> specs;
             for (const auto& [n, dtype, dtype_name, shape] : inputs) {
               specs.push_back({n, dtype, dtype_name, shape});
             }
-            self.add_model(name, std::move(fn), capacity, std::move(specs), version);
+            self.add_model(name, std::move(fn), std::move(swap), capacity, std::move(specs),
+                           version);
           },
-          py::arg("name"), py::arg("run_fn"), py::arg("capacity"), py::arg("inputs"),
-          py::arg("version"))
+          py::arg("name"), py::arg("run_fn"), py::arg("swap_fn"), py::arg("capacity"),
+          py::arg("inputs"), py::arg("version"))
+      .def("flip", &NativeRunServer::flip, py::arg("name"), py::arg("version"), release())
       .def("remove_model", &NativeRunServer::remove_model, py::arg("name"), release())
       .def("lock_weights", &NativeRunServer::lock_weights, py::arg("name"), release())
       .def("unlock_weights", &NativeRunServer::unlock_weights, py::arg("name"),

@@ -32,11 +32,14 @@ class NativeRunServer {
                   int max_queue, int64_t max_elements, int64_t max_rank);
   ~NativeRunServer();
   int port() const { return port_; }
-  void add_model(const std::string& name, RunFn run, int capacity,
+  void add_model(const std::string& name, RunFn run, SwapFn swap, int capacity,
                  std::vector<NativeInput> inputs, const std::string& version);
   // Waits for the model's runs in flight; later requests get NOT_FOUND.
   void remove_model(const std::string& name);
-  // Around every change of a model's serving weights: runs wait, then see `version`.
+  // Swaps the model's buffers and sets `version`, all under its lock: runs wait for the
+  // flip alone (no GIL, no Python in between).
+  void flip(const std::string& name, const std::string& version);
+  // Around every other change of a model's serving weights: runs wait, then see `version`.
   void lock_weights(const std::string& name);
   void unlock_weights(const std::string& name, const std::string& version);
   void set_draining(bool draining);

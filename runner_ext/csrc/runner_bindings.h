@@ -27,6 +27,7 @@ using BackendBinder = std::function<void(py::module_&)>;
 
 // A runner's checked run on host tensors, as the native data port calls it.
 using RunFn = std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)>;
+using SwapFn = std::function<void()>;
 
 // Backends register a binder at static-initialisation time; the module init
 // runs every registered binder. This keeps device #ifdefs out of shared code.
@@ -568,6 +569,15 @@ py::class_<Runner<Base>> bind_runner(py::module_& m, const char* name) {
             });
           },
           py::arg("device"))
+      // For the native data port: a capsule of this runner's buffer swap, which the port
+      // makes under its own lock (native_run.cpp: NativeRunServer::flip), no GIL held.
+      .def("_native_swap_fn",
+           [](R& self) {
+             auto* fn = new SwapFn([&self] { self.checked_swap_constant_buffer(); });
+             return py::capsule(fn, "aotiserve.SwapFn", [](PyObject* cap) {
+               delete static_cast<SwapFn*>(PyCapsule_GetPointer(cap, "aotiserve.SwapFn"));
+             });
+           })
       .def("get_num_inputs", &R::num_inputs)
       .def("get_num_outputs", &R::num_outputs)
       .def("get_input_names", &R::input_names)
