@@ -791,7 +791,9 @@ class ModelRegistry:
         return names
 
     def close(self) -> None:
-        for name in list(self._models):
+        for name, model in list(self._models.items()):
+            if model.state == ModelState.UNLOADING:
+                continue  # an UnloadModel in progress finishes it
             try:
                 self.unload(name, timeout=0)
             except Exception:  # noqa: BLE001 (closing everything regardless)
