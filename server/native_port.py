@@ -43,7 +43,8 @@ class NativePort:
                 "pkg-config, then reinstall)")
         self._server = runner_ext.NativeRunServer(
             f"{config.host}:{config.native_run_port}", config.max_message_bytes, token or "",
-            config.max_queue, config.max_tensor_elements, config.max_tensor_rank)
+            config.max_queue, config.max_tensor_elements, config.max_tensor_rank,
+            config.grpc_workers)
         self.port = self._server.port
         self._models: set[str] = set()
         log.info("native data port (Run) on %s:%d", config.host, self.port)

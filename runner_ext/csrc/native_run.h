@@ -29,7 +29,7 @@ struct NativeModel;
 class NativeRunServer {
  public:
   NativeRunServer(const std::string& address, int max_message_bytes, const std::string& token,
-                  int max_queue, int64_t max_elements, int64_t max_rank);
+                  int max_queue, int64_t max_elements, int64_t max_rank, int workers);
   ~NativeRunServer();
   int port() const { return port_; }
   void add_model(const std::string& name, RunFn run, SwapFn swap, int capacity,
