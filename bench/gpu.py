@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runners", type=int, default=4, help="runners per model in the daemon")
     parser.add_argument("--n", type=int, default=2000, help="sequential calls per system")
     parser.add_argument("--seconds", type=float, default=3.0, help="throughput window")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of echo and daemon ports (medians)")
     args = parser.parse_args(argv)
 
     import torch
@@ -129,31 +130,39 @@ def main(argv: list[str] | None = None) -> int:
     results["inproc"] = in_process(package, args.n, 4, args.seconds)
     results["core"] = core(package, args.n, args.runners)
 
-    echo = start_echo(work, resp_size=10 * 4 + 32)
-    try:
-        results["echo"] = run_driver(sys.executable, {
-            "kind": "echo", "target": echo.target, "req_size": req, "seq_n": args.n, "warmup": 200,
-            "concurrency": [1, 4], "duration": args.seconds, "mode": "procs"})
-    finally:
-        echo.stop()
     from aotiserve import runner_ext
 
     # The daemon serves the model on its main port and, where the extension has it, on the
-    # native data port (gRPC C++) too: both are measured, the checks use the faster.
+    # native data port (gRPC C++) too: both are measured, the checks use the faster. Echo and
+    # daemon stay up while `rounds` rounds measure each in turn; figures are per-round medians
+    # (the machine's noise moves all of them together within a round).
     native = ["--native-run-port", "0"] if runner_ext.native_run_available() else []
+    echo = start_echo(work, resp_size=10 * 4 + 32)
     daemon = start_aotiserve(work, {"mlp": package}, runners=args.runners,
                              extra_args=["--devices", "cuda:0", *native])
-    ports = {"aotiserve": daemon.target}
+    targets = {"echo": echo.target, "aotiserve": daemon.target}
     if native:
-        ports["aotiserve_fast"] = f"127.0.0.1:{daemon.extra['ready']['native_run_port']}"
+        targets["aotiserve_fast"] = f"127.0.0.1:{daemon.extra['ready']['native_run_port']}"
+    rounds: dict[str, list] = {k: [] for k in targets}
     try:
-        for key, target in ports.items():
-            results[key] = run_driver(sys.executable, {
-                "kind": "native", "target": target, "model": "mlp", "input_shapes": [[1, 64]],
-                "seq_n": args.n, "warmup": 200, "concurrency": [1, 4], "duration": args.seconds,
-                "mode": "procs"})
+        for _ in range(args.rounds):
+            for key, target in targets.items():
+                cfg = {"kind": "native", "target": target, "model": "mlp", "input_shapes": [[1, 64]]}
+                if key == "echo":
+                    cfg = {"kind": "echo", "target": target, "req_size": req}
+                rounds[key].append(run_driver(sys.executable, cfg | {
+                    "seq_n": args.n, "warmup": 200, "concurrency": [1, 4], "duration": args.seconds,
+                    "mode": "procs"}))
     finally:
         daemon.stop()
+        echo.stop()
+    for key, runs in rounds.items():
+        rps = {c: statistics.median(t["rps"] for r in runs for t in r["throughput"] if t["concurrency"] == c)
+               for c in (1, 4)}
+        results[key] = {"sequential": {"p50_us": statistics.median(r["sequential"]["p50_us"] for r in runs)},
+                        "throughput": [{"concurrency": c, "rps": v} for c, v in rps.items()],
+                        "rounds": runs}
+    ports = {k: v for k, v in targets.items() if k != "echo"}
 
     served = list(ports)
     p50 = {k: (results[k]["p50_us"] if k == "inproc" else results[k]["sequential"]["p50_us"])
@@ -176,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("echo", *served):
         tp = {c["concurrency"]: c["rps"] for c in results[k]["throughput"]}
         print(f"{k:15} {p50[k]:8.1f} {tp[1]:9.0f} {tp[4]:9.0f}")
+    print("p50 per round (us): " + ", ".join(
+        f"{k} {[round(r['sequential']['p50_us']) for r in results[k]['rounds']]}" for k in ("echo", *served)))
     print(json.dumps(results["checks"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
