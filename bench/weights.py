@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import procs
+
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "big_embed"
 TARGETS = {"staging_gb_s": 1.0, "rss_ratio": 1.1, "p99_ratio": 2.0}
@@ -60,15 +62,6 @@ def _cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _reset_hwm(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class RssSampler:
@@ -214,7 +207,7 @@ def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray],
     rss_before = _status_kib(pid, "VmRSS") * 1024
     load = _loadavg()
     memcpy = copy_gb_s()
-    hwm_reset = _reset_hwm(pid)
+    hwm_reset = procs.reset_peak_memory(pid)
 
     def stage():
         return model.update_constant_buffer(weights, use_inactive=True, validate_full_updates=True)
@@ -318,7 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     import model_zoo  # noqa: E402  (the test zoo is the bench's zoo too)
     from aotiserve.client import Client
 
-    from bench import procs
 
     package = model_zoo.compiled(MODEL)
     workdir = procs.tmpdir("aotiserve-bench-weights-")
