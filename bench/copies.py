@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 import time
+
+from bench.procs import reset_peak_memory
 
 MIB = 1 << 20
 
@@ -28,16 +31,6 @@ def _status_mib(key: str) -> float:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
-
-
-def _reset_hwm() -> bool:
-    """Sets VmHWM back to VmRSS (Linux: clear_refs 5), so each step's peak shows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def probe(rows: int = 16384, cols: int = 1024) -> dict:
@@ -56,7 +49,7 @@ def probe(rows: int = 16384, cols: int = 1024) -> dict:
 
     def step(name: str, where: str, fn):
         # Peak growth counts transient buffers too (a copy made and freed in the step).
-        hwm = _reset_hwm()
+        hwm = reset_peak_memory(os.getpid())
         before = _status_mib("VmRSS")
         t0 = time.perf_counter()
         value = fn()
@@ -84,7 +77,7 @@ def probe(rows: int = 16384, cols: int = 1024) -> dict:
                           output.reshape(-1)))
     server_copies = sum(s["copies"] for s in steps if not s["where"].startswith("the model"))
     return {"payload_mib": nbytes / MIB, "steps": steps, "server_copies": server_copies,
-            "roundtrip_ok": ok, "grpcio_copies": 2, "hwm_reset": _reset_hwm(),
+            "roundtrip_ok": ok, "grpcio_copies": 2, "hwm_reset": reset_peak_memory(os.getpid()),
             "torch": torch.__version__}
 
 

@@ -162,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         results[key] = {"sequential": {"p50_us": statistics.median(r["sequential"]["p50_us"] for r in runs)},
                         "throughput": [{"concurrency": c, "rps": v} for c, v in rps.items()],
                         "rounds": runs}
-    ports = {k: v for k, v in targets.items() if k != "echo"}
-
-    served = list(ports)
+    served = [k for k in targets if k != "echo"]
     p50 = {k: (results[k]["p50_us"] if k == "inproc" else results[k]["sequential"]["p50_us"])
            for k in ("inproc", "echo", *served)}
     best = min(served, key=p50.get)

@@ -193,6 +193,11 @@ def run_driver(python: Path | str, cfg: dict, timeout: float = 900, env: dict | 
     return out
 
 
+def _gbps_round_trip(nbytes: int, res: dict) -> float:
+    """GB/s of ``nbytes`` in and ``nbytes`` out per sequential p50 call of a driver result."""
+    return 2 * nbytes / (res["sequential"]["p50_us"] / 1e6) / 1e9
+
+
 def memcpy_rates(nbytes: int) -> dict:
     """What one copy of the payload costs on this machine now (best of 3): into a touched buffer
     (memory bandwidth alone) and into a fresh one (as ``bytes``/``tobytes`` do: page faults too)."""
@@ -483,10 +488,9 @@ class Bench:
             before, copied = server.memory(), procs.metric(server, "aotiserve_native_copied_bytes_total")
             res = run_driver(sys.executable, dict(cfg, target=target), env=LARGE_ENV)
             growth = server.memory()["hwm_mib"] - before["rss_mib"]
-            p50_s = res["sequential"]["p50_us"] / 1e6
             out[key] = res["sequential"] | {
-                "gbps_round_trip": 2 * nbytes / p50_s / 1e9,  # bytes in + bytes out, per second
-                "gbps_one_way": nbytes / p50_s / 1e9,
+                "gbps_round_trip": _gbps_round_trip(nbytes, res),
+                "gbps_one_way": _gbps_round_trip(nbytes, res) / 2,
                 "peak_growth_mib": growth,
                 "payloads_held_at_peak": round(growth / (nbytes / MIB), 2)}
             if key == "fast" and copied is not None:
@@ -498,8 +502,7 @@ class Bench:
                 name = "client" if key == "native" else "fast_client"
                 try:
                     c = run_driver(sys.executable, dict(cfg, target=target, kind="client"), env=LARGE_ENV)
-                    out[name] = c["sequential"] | {
-                        "gbps_round_trip": 2 * nbytes / (c["sequential"]["p50_us"] / 1e6) / 1e9}
+                    out[name] = c["sequential"] | {"gbps_round_trip": _gbps_round_trip(nbytes, c)}
                 except RuntimeError as exc:
                     self.note(f"64 MiB through aotiserve.client on {target}: {exc}")
         out["gbps_round_trip"] = out["native"]["gbps_round_trip"]
@@ -515,7 +518,7 @@ class Bench:
             e = run_driver(sys.executable, {"kind": "echo", "target": echo.target, "req_size": nbytes,
                                             "seq_n": a.large_n, "warmup": 1}, env=LARGE_ENV)
             out["echo"] = e["sequential"]
-            out["echo_gbps_round_trip"] = 2 * nbytes / (e["sequential"]["p50_us"] / 1e6) / 1e9
+            out["echo_gbps_round_trip"] = _gbps_round_trip(nbytes, e)
         finally:
             echo.stop()
         try:

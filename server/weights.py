@@ -253,15 +253,18 @@ class StagingUpload:
         if (i > 0 and st.intervals[i - 1][1] > start) or (
                 i < len(st.intervals) and st.intervals[i][0] < end):
             raise InvalidArgument(f"{what}: chunk [{start}, {end}) overlaps bytes already received")
+        src = np.frombuffer(data, dtype=np.uint8)
+        dev_src = None  # the same bytes as a tensor, for device replicas
         with self._buffers():
             for pool, view in zip((r.pool for r in self.model.replicas), st.views):
                 if view.device.type == "cpu":
                     # One plain memcpy on this thread: torch's copy_ would split a chunk
                     # over its intra-op threads, whose spinning costs more than the copy.
-                    np.copyto(view[start:end].numpy(), np.frombuffer(data, dtype=np.uint8))
+                    np.copyto(view[start:end].numpy(), src)
                 else:
-                    src = torch.frombuffer(data, dtype=torch.uint8)
-                    pool.run_in_stream(lambda v=view, s=src: v[start:end].copy_(s, non_blocking=False))
+                    if dev_src is None:
+                        dev_src = torch.frombuffer(data, dtype=torch.uint8)
+                    pool.run_in_stream(lambda v=view: v[start:end].copy_(dev_src, non_blocking=False))
         st.intervals.insert(i, (start, end))
         st.received += n
         self.bytes_received += n
