@@ -86,6 +86,11 @@ class ServeConfig:
     # Transparent huge pages for malloc and torch's CPU allocator (server/process_env.py):
     # large tensors copy several times faster into fresh memory.
     huge_pages: bool = True
+    # The CPU time the kernel lets each of the daemon's threads run before a waking thread
+    # may preempt it (Linux >= 6.12, EEVDF; server/process_env.py). Longer than the kernel's
+    # default, a model's run is cut less often by clients and I/O threads on the same cores.
+    # 0: the kernel's default.
+    time_slice_ms: float = 20.0
     grace_period_s: float = 10.0
     # After SIGTERM, new calls get UNAVAILABLE for at least this long before the
     # transport closes (a call arriving as the transport closes would see CANCELLED).
@@ -103,6 +108,9 @@ class ServeConfig:
         for name in ("batch_max_size", "batch_max_delay_us"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.time_slice_ms and not 0.1 <= self.time_slice_ms <= 100:
+            raise ValueError(f"time_slice_ms must be 0 (the kernel's default) or between 0.1 and "
+                             f"100 (the kernel's bounds), got {self.time_slice_ms}")
         if self.native_run_port is not None and self.tls_cert:
             raise ValueError("native_run_port: the native data port has no TLS yet; "
                              "leave it off where the main port uses TLS")
@@ -243,6 +251,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="dynamic batching: longest a run waits for others to join (default 500)")
     a("--no-huge-pages", dest="huge_pages", action="store_const", const=False,
       help="leave malloc and torch's allocator without transparent huge pages")
+    a("--time-slice-ms", type=float,
+      help="CPU time a thread runs before a waking one may preempt it (Linux >= 6.12; "
+           "default 20, 0: the kernel's)")
     a("--grace-period-s", type=float, help="seconds in-flight calls get after SIGTERM")
     a("--log-json", action="store_const", const=True, help="one JSON object per log line")
     a("--log-level", help="DEBUG, INFO, WARNING...")

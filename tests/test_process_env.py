@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import struct
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import grpc
@@ -65,3 +72,68 @@ def test_the_daemon_restarts_itself_in_place_with_huge_pages():
         env = _environ(d.proc.pid)
         assert "GLIBC_TUNABLES" not in env and "THP_MEM_ALLOC_ENABLE" not in env
         assert _serving(d)
+
+
+# --------------------------------------------------------------------------- time slice
+
+_EEVDF_SLICES = tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2]) >= (6, 12)
+needs_slices = pytest.mark.skipif(not _EEVDF_SLICES or process_env.thread_slice_ns() is None,
+                                  reason="the kernel takes no time slice per thread (Linux < 6.12)")
+
+
+def _slices(pid: int) -> dict[int, int]:
+    out = {}
+    for sched in Path(f"/proc/{pid}/task").glob("*/sched"):
+        for line in sched.read_text().splitlines():
+            if line.startswith("se.slice"):
+                out[int(sched.parent.name)] = int(line.split(":")[1])
+    return out
+
+
+def test_sched_attr_is_the_kernels_version_0_struct():
+    attr = process_env._sched_attr(os.SCHED_BATCH, 5, 20_000_000)
+    assert len(attr) == 48
+    size, policy, flags, nice, prio, runtime, deadline, period = struct.unpack("IIQiIQQQ", attr)
+    assert (size, policy, flags, nice, prio, runtime, deadline, period) == (
+        48, os.SCHED_BATCH, 0, 5, 0, 20_000_000, 0, 0)
+
+
+def test_set_time_slice_of_zero_touches_nothing():
+    assert process_env.set_time_slice(0) == 0
+
+
+@needs_slices
+def test_every_thread_takes_the_slice_keeps_its_nice_value_and_passes_it_on():
+    # In a child process: the test runner's own threads keep the kernel's slice.
+    code = textwrap.dedent("""
+        import json, os, threading
+        from aotiserve.server import process_env as p
+        ready, done = threading.Event(), threading.Event()
+        def niced():
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 7)
+            ready.set(); done.wait()
+        t = threading.Thread(target=niced); t.start(); ready.wait()
+        took = p.set_time_slice(20)
+        later = {}
+        def child():
+            later["slice"] = p.thread_slice_ns()
+        c = threading.Thread(target=child); c.start(); c.join()
+        out = {"took": took, "main": p.thread_slice_ns(), "niced": p.thread_slice_ns(t.native_id),
+               "nice": os.getpriority(os.PRIO_PROCESS, t.native_id), "child": later["slice"]}
+        done.set(); t.join()
+        print(json.dumps(out))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    out = json.loads(proc.stdout)
+    assert out == {"took": 2, "main": 20_000_000, "niced": 20_000_000, "nice": 7, "child": 20_000_000}, out
+
+
+@needs_slices
+def test_the_daemons_threads_run_with_the_configured_slice():
+    with daemon_process(["mlp"]) as d:
+        assert _serving(d)
+        slices = _slices(d.proc.pid)
+        assert len(slices) > 3 and set(slices.values()) == {20_000_000}, slices
+    with daemon_process(["mlp"], ["--time-slice-ms", "0"]) as d:
+        assert _serving(d)
+        assert 20_000_000 not in _slices(d.proc.pid).values()

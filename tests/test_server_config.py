@@ -43,6 +43,15 @@ def test_precedence_cli_over_env_over_file_over_defaults(tmp_path):
     assert ServeConfig().serve_demo and not ServeConfig(model_repository="/m").serve_demo
 
 
+def test_time_slice_is_zero_or_within_the_kernels_bounds():
+    assert ServeConfig().time_slice_ms == 20.0
+    assert ServeConfig.from_sources({}, {"AOTISERVE_TIME_SLICE_MS": "0"}).time_slice_ms == 0
+    assert ServeConfig.from_sources(build_parser().parse_args(["--time-slice-ms", "5"]), {}).time_slice_ms == 5
+    for bad in (0.05, 101, -1):
+        with pytest.raises(ValueError, match=f"time_slice_ms must be 0 .* got {bad}"):
+            ServeConfig(time_slice_ms=bad)
+
+
 def test_admin_token_guards_mutating_rpcs(server_factory, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("s3cret\n")
