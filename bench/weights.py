@@ -6,8 +6,11 @@ every ratio measured side by side in the same run::
 
     .venv/bin/python -m bench.weights [--json] [--rounds 2]
 
-Per round (round 1 is the first upload, which also fills the inactive buffer; later
-rounds stage into the buffer the previous swap left inactive):
+Per round (round 1 is the first upload; later rounds stage into the buffer the previous
+swap left inactive). The daemon reserves the inactive buffer at load
+(``--reserve-inactive-buffer``), so round 1 writes in place as later rounds do;
+``--no-reserve`` leaves that to the first upload, which then also pays for fresh memory
+(on the 2-core test VM ~2.2 s per GiB never touched before):
 
 - staging throughput: bytes / wall time of ``update_constant_buffer(map,
   use_inactive=True, validate_full_updates=True)`` on the real client;
@@ -15,7 +18,8 @@ rounds stage into the buffer the previous swap left inactive):
 - peak RSS: the daemon's VmHWM over the staging (reset before it through
   ``/proc/<pid>/clear_refs``; a 5 ms RSS sampler backs it up where that is refused),
   relative to (RSS before the staging + the bytes of new weights a buffer still has
-  to grow by): round 1 expects active + new, later rounds active + inactive (no growth);
+  to grow by): round 1 expects active + new (with the reservation: already there), later rounds
+  active + inactive (no growth);
 - Run p99 during stage + swap relative to p99 over an equally long quiet window just
   before, from one client thread calling Run continuously on 4 ids;
 - Run p99 while the buffers flip back and forth (100 rollbacks back to back, each one
@@ -303,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="niceness of this process, the admin side (uploads, swaps, ListModels) "
                              "once the daemon and the Run client are started: on a deployment it "
                              "runs on another machine, not on the daemon's cores (0: share them)")
+    parser.add_argument("--no-reserve", dest="reserve", action="store_false",
+                        help="leave the inactive buffer to the first upload (no --reserve-inactive-buffer)")
     parser.add_argument("--weights-dir", action="store_true",
                         help="give the daemon a --weights-dir (persisting each staged version)")
     args = parser.parse_args(argv)
@@ -317,13 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     from aotiserve import runner_ext
 
     extra = ["--weights-dir", str(workdir / "weights")] if args.weights_dir else []
+    if args.reserve:
+        extra.append("--reserve-inactive-buffer")
     runs_on = args.runs_on if runner_ext.native_run_available() else "main"
     if runs_on == "native":
         extra += ["--native-run-port", "0"]
     server = procs.start_aotiserve(workdir, {MODEL: package}, extra_args=extra)
     results: dict = {"model": f"{MODEL} (4 x Embedding(65536, 1024) float32, 1 GiB)",
                      "cpus": os.cpu_count(), "chunk_bytes": args.chunk_bytes, "runs_on": runs_on,
-                     "admin_nice": args.admin_nice,
+                     "admin_nice": args.admin_nice, "reserve_inactive_buffer": args.reserve,
                      "rounds": []}
     try:
         kw = {"chunk_bytes": args.chunk_bytes} if args.chunk_bytes else {}
@@ -341,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         buffer_bytes = sum(int(np.prod(s)) * 4 for s in shapes.values())
         for r in range(args.rounds):
             weights = new_weights(fqns, shapes, seed=r + 1)
-            # Round 1 grows the daemon by the inactive buffer; later ones reuse it.
-            growth = buffer_bytes if r == 0 else 0
+            # Round 1 grows the daemon by the inactive buffer unless reserved; later ones reuse it.
+            growth = buffer_bytes if r == 0 and not args.reserve else 0
             res = bench_round(client, server.pid, loop, weights, growth, args.quiet_s)
             got = handle.run([ids], output_format="numpy")[0]
             want = sum(w[ids] for w in weights.values())

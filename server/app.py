@@ -76,7 +76,8 @@ class AppServer:
         store = WeightsStore(config.weights_dir) if config.weights_dir else None
         self.registry = ModelRegistry(self.pools, config.devices, config.runners_per_model,
                                       self.metrics, store,
-                                      batching=(config.batch_max_size, config.batch_max_delay_us))
+                                      batching=(config.batch_max_size, config.batch_max_delay_us),
+                                      reserve_inactive=config.reserve_inactive_buffer)
         self.plane = DataPlane(config, self.registry, self.metrics)
         inference_token = _read_token(config.inference_token_file, "inference")
         # The native data port binds now (so its port is known), like the gRPC ports.

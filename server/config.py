@@ -91,6 +91,11 @@ class ServeConfig:
     # default, a model's run is cut less often by clients and I/O threads on the same cores.
     # 0: the kernel's default.
     time_slice_ms: float = 20.0
+    # Give each model's inactive weights buffer its memory at load (a copy of the weights):
+    # the first upload then writes in place like every later one, and a model whose two
+    # buffers don't fit fails at load, not at its first upload. Per model in its config file
+    # (reserve_inactive_buffer = true).
+    reserve_inactive_buffer: bool = False
     grace_period_s: float = 10.0
     # After SIGTERM, new calls get UNAVAILABLE for at least this long before the
     # transport closes (a call arriving as the transport closes would see CANCELLED).
@@ -251,6 +256,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="dynamic batching: longest a run waits for others to join (default 500)")
     a("--no-huge-pages", dest="huge_pages", action="store_const", const=False,
       help="leave malloc and torch's allocator without transparent huge pages")
+    a("--reserve-inactive-buffer", action="store_const", const=True,
+      help="give every model's inactive weights buffer its memory at load (first uploads as "
+           "fast as later ones; twice the weights' memory from the start)")
     a("--time-slice-ms", type=float,
       help="CPU time a thread runs before a waking one may preempt it (Linux >= 6.12; "
            "default 20, 0: the kernel's)")

@@ -91,7 +91,7 @@ def test_repository_per_model_config_and_device_variants(tmp_path):
     repo.mkdir()
     (repo / "m.pt2").symlink_to(model_zoo.compiled("mlp"))
     (repo / "m.cpu.pt2").symlink_to(model_zoo.compiled("mlp"))  # the package for cpu devices
-    (repo / "m.toml").write_text('devices = ["cpu:0", "cpu:1"]\nrunners = 1\n')
+    (repo / "m.toml").write_text('devices = ["cpu:0", "cpu:1"]\nrunners = 1\nreserve_inactive_buffer = true\n')
     (repo / "only.cpu.pt2").symlink_to(model_zoo.compiled("two_io"))
     with running_server([], model_repository=str(repo), devices=("cpu:0", "cpu:1"),
                         allowed_roots=(str(repo),)) as s:
@@ -99,6 +99,11 @@ def test_repository_per_model_config_and_device_variants(tmp_path):
         assert sorted(models) == ["m", "only"]
         assert list(models["m"].devices) == ["cpu:0", "cpu:1"] and models["m"].runners_per_device == 1
         assert list(models["only"].devices) == ["cpu:0", "cpu:1"]
+        # m's file reserves its inactive buffers at load, the server's default does not.
+        assert s.app.registry.get("m").options.reserve_inactive
+        assert not s.app.registry.get("only").options.reserve_inactive
+        m = s.app.registry.get("m")
+        assert all(m._views_fit(r.runner.extract_constants_map(True)) for r in m.replicas)
         x = torch.randn(2, 64)
         assert wire.close(wire.outputs(s.stub.Run(wire.run_request("m", [x]))),
                           model_zoo.eager("mlp", [x]))

@@ -391,6 +391,45 @@ def test_uploads_write_in_place_one_at_a_time(server_factory):
     upload(s.stub, "mlp", {"fc2.bias": torch.zeros(10)})  # the claim was released
 
 
+def _inactive_ptrs(model) -> dict[str, int]:
+    views = model.replicas[0].runner.extract_constants_map(True)
+    return {fqn: views[fqn].data_ptr() for fqn in model.constants if fqn in views}
+
+
+def test_a_reserved_inactive_buffer_takes_the_first_upload_in_place(server_factory):
+    s = server_factory(["mlp"], reserve_inactive_buffer=True)
+    model = s.app.registry.get("mlp")
+    inputs = model_zoo.MODELS["mlp"].inputs(2)
+    # Loaded with both buffers: the inactive one a copy of the weights, but no version.
+    reserved = _inactive_ptrs(model)
+    assert set(reserved) == set(model.constants)
+    active = model.replicas[0].runner.extract_constants_map(False)
+    inactive = model.replicas[0].runner.extract_constants_map(True)
+    assert all(torch.equal(inactive[f], active[f]) for f in model.constants)
+    code, details = code_of(lambda: s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp")))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "nothing is staged" in details
+    code, _ = code_of(lambda: s.stub.RollbackConstantBuffer(pb.RollbackConstantBufferRequest(model="mlp")))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    out, served = run(s.stub, "mlp", inputs)
+    assert wire.close(out, model_zoo.eager("mlp", inputs)) and served == "initial"
+    # The first full upload writes into that memory (no tensors of its own).
+    weights = new_weights("mlp")
+    version = upload(s.stub, "mlp", weights, validate_full=True).version
+    assert _inactive_ptrs(model) == reserved
+    s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
+    out, served = run(s.stub, "mlp", inputs)
+    assert wire.close(out, eager_with("mlp", weights, inputs)) and served == version.id
+    s.stub.RollbackConstantBuffer(pb.RollbackConstantBufferRequest(model="mlp"))
+    out, served = run(s.stub, "mlp", inputs)
+    assert wire.close(out, model_zoo.eager("mlp", inputs)) and served == "initial"
+
+
+def test_without_a_reservation_the_inactive_buffer_waits_for_the_first_upload(server_factory):
+    s = server_factory(["mlp"])
+    model = s.app.registry.get("mlp")
+    assert not model._views_fit(model.replicas[0].runner.extract_constants_map(True))
+
+
 @pytest.mark.slow  # ~30 s on 2 busy cores
 def test_one_gib_update_through_the_client_serves_eager_after_swap(server_factory):
     """1 GiB in four 256 MiB tensors (each 4x the 64 MiB message limit), staged by the real
