@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(config)
     if config.huge_pages:  # before torch or any large buffer exists
-        process_env.restart_with_huge_pages(os.environ, argv)
+        process_env.restart_with_malloc_env(os.environ, argv)
     if config.time_slice_ms:  # before the daemon starts its threads: they inherit it
         process_env.set_time_slice(config.time_slice_ms)
     log.info("configuration: %s", json.dumps(config.redacted(), default=str))
