@@ -130,8 +130,10 @@ class WeightsState:
     staged: WeightsVersion | None = None
     previous: WeightsVersion | None = None
     swaps: int = 0  # parity tells which of the container's buffers is inactive
-    # The runner freed the inactive buffer: its extracted views point at freed memory.
-    inactive_freed: bool = False
+    # The inactive buffer holds no memory of its own: none yet (a model loads with one
+    # buffer), or the runner freed it. Its extracted views would point at nothing valid
+    # (a CUDA runner crashes reading them), so nothing extracts it then.
+    inactive_empty: bool = True
     # An upload is writing into the inactive buffer (one at a time per model).
     uploading: bool = False
 
@@ -347,6 +349,7 @@ class ServedModel:
                     replica.pool.run_in_stream(
                         lambda r=replica, m=full: r.runner.update_constant_buffer(
                             m, True, False, user_managed=True))
+                state.inactive_empty = False
                 if store is not None:
                     store.save_version(self.name, version, self._extract(0, True))
                 state.staged, state.previous = version, None
@@ -423,17 +426,17 @@ class ServedModel:
                 views = []
                 every = set(fqns) >= set(self.constants)
                 for replica in self.replicas:
-                    current = {} if state.inactive_freed else \
+                    current = {} if state.inactive_empty else \
                         replica.runner.extract_constants_map(True)
                     if not self._views_fit(current) and every:
                         # Nothing to write into, and every constant comes: the upload
-                        # makes its own tensors (no fill with weights it overwrites).
-                        state.inactive_freed = False
+                        # makes its own tensors (no fill with weights it overwrites),
+                        # which become the buffer once staged.
                         return None
                     if not self._views_fit(current):
                         current = self._fill_inactive(replica)
                     views.append({fqn: current[fqn] for fqn in fqns})
-                state.inactive_freed = False
+                state.inactive_empty = False
                 if not all(self._views_fit(v, fqns) for v in views):
                     return None
                 return views
@@ -460,10 +463,10 @@ class ServedModel:
         with self._weights_op():
             state = self.weights
             for replica in self.replicas:
-                current = {} if state.inactive_freed else replica.runner.extract_constants_map(True)
+                current = {} if state.inactive_empty else replica.runner.extract_constants_map(True)
                 if not self._views_fit(current):
                     self._fill_inactive(replica)
-            state.inactive_freed = False
+            state.inactive_empty = False
         log.info("model %r: inactive buffer reserved (%.1f MiB per replica)", self.name,
                  sum(i.nbytes for i in self.constants.values()) / 2**20)
 
@@ -572,7 +575,7 @@ class ServedModel:
             if not state.inactive_has_served:
                 for replica in self.replicas:
                     replica.runner.free_inactive_constant_buffer()
-                state.inactive_freed = True
+                state.inactive_empty = True
             else:
                 log.debug("model %r: the inactive buffer has served; keeping its memory "
                           "(freeing it makes the container crash on the next staging)", self.name)

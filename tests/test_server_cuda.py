@@ -64,6 +64,38 @@ def test_cuda_models_serve_eager_results_and_swap_weights(cuda_repo):
         assert wire.close(out, model_zoo.eager("mlp", inputs))
 
 
+def test_a_partial_first_upload_on_cuda_before_any_run(cuda_repo):
+    # The inactive buffer has no memory yet: it is filled from the serving weights, never read.
+    with _serve(cuda_repo, ("cuda:0",)) as s:
+        bias = {"fc2.bias": torch.full((10,), 0.25)}
+        s.stub.UpdateConstantBuffer(wire.upload_requests("mlp", bias))
+        s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
+        inputs = model_zoo.MODELS["mlp"].inputs(3)
+        out = wire.outputs(s.stub.Run(wire.run_request("mlp", inputs)))
+        assert wire.close(out, eager_with("mlp", bias, inputs))
+
+
+def test_a_reserved_inactive_buffer_on_cuda_takes_uploads_in_place(cuda_repo):
+    with _serve(cuda_repo, ("cuda:0",), reserve_inactive_buffer=True) as s:
+        model = s.app.registry.get("mlp")
+        runner = model.replicas[0].runner
+        active, inactive = runner.extract_constants_map(False), runner.extract_constants_map(True)
+        assert all(inactive[f].is_cuda and torch.equal(inactive[f], active[f]) for f in model.constants)
+        reserved = {f: inactive[f].data_ptr() for f in model.constants}
+        inputs = model_zoo.MODELS["mlp"].inputs(3)
+        # A partial first upload: completed with the serving weights, written in place.
+        bias = {"fc2.bias": torch.full((10,), 0.25)}
+        s.stub.UpdateConstantBuffer(wire.upload_requests("mlp", bias))
+        inactive = runner.extract_constants_map(True)
+        assert {f: inactive[f].data_ptr() for f in model.constants} == reserved
+        s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
+        out = wire.outputs(s.stub.Run(wire.run_request("mlp", inputs)))
+        assert wire.close(out, eager_with("mlp", bias, inputs))
+        s.stub.RollbackConstantBuffer(pb.RollbackConstantBufferRequest(model="mlp"))
+        out = wire.outputs(s.stub.Run(wire.run_request("mlp", inputs)))
+        assert wire.close(out, model_zoo.eager("mlp", inputs))
+
+
 @pytest.mark.skipif(not runner_ext.native_run_available(),
                     reason="extension built without gRPC C++ (no native data port)")
 def test_native_port_serves_a_cuda_model_through_swaps(cuda_repo):
