@@ -21,7 +21,9 @@ Known runner hazards guarded here (torch 2.13's model container):
   runner's memory only for a buffer that never served (a discarded stage);
   otherwise it forgets the version and keeps the memory for the next stage;
 - reading a freed inactive buffer reads freed memory, so extract(inactive)
-  needs a staged or previous version.
+  needs a staged or previous version;
+- extracting the inactive buffer before it ever got memory crashes a CUDA
+  runner, so nothing extracts it while ``inactive_empty``.
 """
 
 from __future__ import annotations
