@@ -83,8 +83,10 @@ class ServeConfig:
     batch_max_size: int = 0
     batch_max_delay_us: int = 500
     grpc_workers: int = 32
-    # Transparent huge pages for malloc and torch's CPU allocator (server/process_env.py):
-    # large tensors copy several times faster into fresh memory.
+    # The daemon restarts itself with malloc and torch's allocator set for payloads
+    # (server/process_env.py): transparent huge pages (large tensors copy several times
+    # faster into fresh memory) and malloc's mmap/trim thresholds (MiB-sized messages reuse
+    # heap memory). False: both allocators as the environment leaves them.
     huge_pages: bool = True
     # The CPU time the kernel lets each of the daemon's threads run before a waking thread
     # may preempt it (Linux >= 6.12, EEVDF; server/process_env.py). Longer than the kernel's
@@ -255,7 +257,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--batch-max-delay-us", type=int,
       help="dynamic batching: longest a run waits for others to join (default 500)")
     a("--no-huge-pages", dest="huge_pages", action="store_const", const=False,
-      help="leave malloc and torch's allocator without transparent huge pages")
+      help="leave malloc and torch's allocator as the environment sets them (no transparent "
+           "huge pages, no malloc thresholds)")
     a("--reserve-inactive-buffer", action="store_const", const=True,
       help="give every model's inactive weights buffer its memory at load (first uploads as "
            "fast as later ones; twice the weights' memory from the start)")

@@ -428,8 +428,7 @@ class ServedModel:
                 views = []
                 every = set(fqns) >= set(self.constants)
                 for replica in self.replicas:
-                    current = {} if state.inactive_empty else \
-                        replica.runner.extract_constants_map(True)
+                    current = self._inactive_views(replica)
                     if not self._views_fit(current) and every:
                         # Nothing to write into, and every constant comes: the upload
                         # makes its own tensors (no fill with weights it overwrites),
@@ -445,6 +444,12 @@ class ServedModel:
             except BaseException:
                 state.uploading = False
                 raise
+
+    def _inactive_views(self, replica: Replica) -> dict[str, torch.Tensor]:
+        """The replica's inactive buffer by FQN; empty while it has no memory (never read then)."""
+        if self.weights.inactive_empty:
+            return {}
+        return replica.runner.extract_constants_map(True)
 
     def _fill_inactive(self, replica: Replica) -> dict[str, torch.Tensor]:
         """Copies the active weights into the replica's inactive buffer (the runner allocates
@@ -465,8 +470,7 @@ class ServedModel:
         with self._weights_op():
             state = self.weights
             for replica in self.replicas:
-                current = {} if state.inactive_empty else replica.runner.extract_constants_map(True)
-                if not self._views_fit(current):
+                if not self._views_fit(self._inactive_views(replica)):
                     self._fill_inactive(replica)
             state.inactive_empty = False
         log.info("model %r: inactive buffer reserved (%.1f MiB per replica)", self.name,

@@ -13,8 +13,8 @@ Payloads of a few MiB (upload chunks, 256 KiB-64 MiB tensors) sit above malloc's
 threshold: each one was mapped, faulted in page by page, zeroed and unmapped again. With
 the threshold at 32 MiB and the heap trimmed only above 256 MiB free, they reuse heap memory
 instead: a 1 GiB upload in 4 MiB chunks went from 0.87-0.96 GB/s to 0.91-1.23 GB/s. Both
-tunables are set with the huge-page ones. Off with ``huge_pages = false``
-(``--no-huge-pages``); huge pages also where the kernel has THP off. A setting the user
+tunables are set with the huge-page ones. All of it off with ``huge_pages = false``
+(``--no-huge-pages``); huge pages alone off where the kernel has THP off. A setting the user
 made is kept.
 
 On 2 cores shared with clients, a compute-bound run (the zoo's ``compute``, ~7 ms) was
@@ -100,9 +100,10 @@ def _sched_attr(policy: int, nice: int, slice_ns: int) -> bytes:
     return struct.pack("IIQiIQQQ", 48, policy, 0, nice, 0, slice_ns, 0, 0)
 
 
-def thread_slice_ns(tid: int | str = "self") -> int | None:
-    """The slice the kernel gives a thread of this process (None where it does not say)."""
-    path = Path("/proc/thread-self/sched" if tid == "self" else f"/proc/self/task/{tid}/sched")
+def thread_slice_ns(tid: int | str = "self", pid: int | str = "self") -> int | None:
+    """The slice the kernel gives a thread (default: the calling one; None where the kernel
+    does not say)."""
+    path = Path("/proc/thread-self/sched" if tid == "self" else f"/proc/{pid}/task/{tid}/sched")
     try:
         for line in path.read_text().splitlines():
             if line.startswith("se.slice"):

@@ -89,12 +89,9 @@ needs_slices = pytest.mark.skipif(not _EEVDF_SLICES or process_env.thread_slice_
 
 
 def _slices(pid: int) -> dict[int, int]:
-    out = {}
-    for sched in Path(f"/proc/{pid}/task").glob("*/sched"):
-        for line in sched.read_text().splitlines():
-            if line.startswith("se.slice"):
-                out[int(sched.parent.name)] = int(line.split(":")[1])
-    return out
+    """Each live thread of process ``pid``: its slice."""
+    out = {int(t): process_env.thread_slice_ns(t, pid) for t in os.listdir(f"/proc/{pid}/task")}
+    return {tid: ns for tid, ns in out.items() if ns is not None}
 
 
 def test_sched_attr_is_the_kernels_version_0_struct():
