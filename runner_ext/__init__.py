@@ -17,6 +17,9 @@ check_torch_matches_build()
 from . import _C  # noqa: E402,F401  (must follow the torch check: ABI)
 from ._C import (  # noqa: E402
     alloc_tensor_by_stealing_from_void_ptr,
+    cpu_block_cache_stats,
+    empty_cpu_block_cache,
+    install_cpu_block_cache,
     alloc_tensors_by_stealing_from_void_ptrs,
     unsafe_alloc_void_ptr_from_tensor,
     unsafe_alloc_void_ptrs_from_tensors,
@@ -56,6 +59,9 @@ __all__ = [
     "alloc_tensor_by_stealing_from_void_ptr",
     "alloc_tensors_by_stealing_from_void_ptrs",
     "compiled_backends",
+    "cpu_block_cache_stats",
+    "empty_cpu_block_cache",
+    "install_cpu_block_cache",
     "list_package_models",
     "load_model",
     "native_run_available",

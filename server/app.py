@@ -25,6 +25,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from aotiserve import runner_ext
+
 from . import native_servicer, oip_servicer
 from .config import ServeConfig
 from .dataplane import DataPlane
@@ -72,6 +74,7 @@ class AppServer:
     def __init__(self, config: ServeConfig, providers: Sequence[ServicerProvider]):
         self.config = config
         self.metrics = Metrics()
+        self.metrics.watch_cpu_block_cache(runner_ext.cpu_block_cache_stats)
         self.pools = {d: DevicePool(d, config.max_queue, self.metrics) for d in config.devices}
         store = WeightsStore(config.weights_dir) if config.weights_dir else None
         self.registry = ModelRegistry(self.pools, config.devices, config.runners_per_model,
@@ -253,6 +256,8 @@ def create_server(config: ServeConfig,
 
 def serve(config: ServeConfig) -> int:
     """Runs the daemon until SIGTERM/SIGINT; drains within the grace period; returns 0."""
+    if config.cpu_block_cache_bytes:  # process-wide, so the daemon's and not create_server's
+        runner_ext.install_cpu_block_cache(config.cpu_block_cache_bytes)
     server, port = create_server(config)
     stop_requested = threading.Event()
 

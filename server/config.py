@@ -88,6 +88,10 @@ class ServeConfig:
     # faster into fresh memory) and malloc's mmap/trim thresholds (MiB-sized messages reuse
     # heap memory). False: both allocators as the environment leaves them.
     huge_pages: bool = True
+    # Freed CPU blocks of 32 MiB or more (which glibc would unmap, and map and zero afresh
+    # for the next request) are kept for reuse up to this many bytes (runner_ext
+    # cpu_cache.cpp); a request that fits none first gives them all back. 0: off.
+    cpu_block_cache_bytes: int = 512 * MIB
     # The CPU time the kernel lets each of the daemon's threads run before a waking thread
     # may preempt it (Linux >= 6.12, EEVDF; server/process_env.py). Longer than the kernel's
     # default, a model's run is cut less often by clients and I/O threads on the same cores.
@@ -115,6 +119,8 @@ class ServeConfig:
         for name in ("batch_max_size", "batch_max_delay_us"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.cpu_block_cache_bytes < 0:
+            raise ValueError(f"cpu_block_cache_bytes must be >= 0 (0: off), got {self.cpu_block_cache_bytes}")
         if self.time_slice_ms and not 0.1 <= self.time_slice_ms <= 100:
             raise ValueError(f"time_slice_ms must be 0 (the kernel's default) or between 0.1 and "
                              f"100 (the kernel's bounds), got {self.time_slice_ms}")
@@ -259,6 +265,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--no-huge-pages", dest="huge_pages", action="store_const", const=False,
       help="leave malloc and torch's allocator as the environment sets them (no transparent "
            "huge pages, no malloc thresholds)")
+    a("--cpu-block-cache-bytes", type=int,
+      help="keep freed CPU blocks of 32 MiB or more for reuse, up to this many bytes (default "
+           "512 MiB; 0: off)")
     a("--reserve-inactive-buffer", action="store_const", const=True,
       help="give every model's inactive weights buffer its memory at load (first uploads as "
            "fast as later ones; twice the weights' memory from the start)")

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
+from aotiserve import runner_ext
 from aotiserve.v1 import model_runner_pb2 as pb
 
 from . import tensor_codec as codec
@@ -166,6 +167,7 @@ class Upload:
     def discard(self) -> None:
         """Drops staging and releases the model's inactive buffer (idempotent)."""
         self.staging.discard()
+        runner_ext.empty_cpu_block_cache()  # a cut-off upload's memory goes back at once
         if self._claimed:
             self._claimed = False
             self.model.end_upload()

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,10 @@ class Metrics:
             if labels[0] == model:
                 self.weights_version.remove(*labels)
 
+    def watch_cpu_block_cache(self, stats: Callable[[], dict | None]) -> None:
+        """Exposes the CPU block cache (runner_ext) at each scrape; nothing while it is off."""
+        self.registry.register(_CpuBlockCacheCollector(stats))
+
     def serve(self, host: str, port: int) -> int:
         """Starts the HTTP exposition on host:port (0 picks one); returns the port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -84,3 +91,21 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _CpuBlockCacheCollector:
+    def __init__(self, stats: Callable[[], dict | None]) -> None:
+        self._stats = stats
+
+    def collect(self):
+        s = self._stats()
+        if s is None:
+            return
+        yield GaugeMetricFamily("aotiserve_cpu_block_cache_bytes",
+                                "Freed large CPU blocks kept for reuse", value=s["cached_bytes"])
+        family = CounterMetricFamily("aotiserve_cpu_block_cache_allocations",
+                                     "Large CPU allocations, by whether a kept block served them",
+                                     labels=["outcome"])
+        family.add_metric(["hit"], s["hits"])
+        family.add_metric(["miss"], s["misses"])
+        yield family

@@ -586,6 +586,7 @@ class ServedModel:
                 log.debug("model %r: the inactive buffer has served; keeping its memory "
                           "(freeing it makes the container crash on the next staging)", self.name)
             state.staged = state.previous = None
+            runner_ext.empty_cpu_block_cache()  # freed means given back, not kept for reuse
             if store is not None:
                 self._prune(store)
 
@@ -808,6 +809,7 @@ class ModelRegistry:
         model.wait_idle(timeout)
         with model.weights_op:
             model.close()
+        runner_ext.empty_cpu_block_cache()
         with self._lock:
             if self._models.get(name) is model:
                 del self._models[name]

@@ -1,4 +1,5 @@
-"""server/run_wire.py against protobuf's own parser and serializer."""
+"""server/run_wire.py (requests) and the client's response reader against protobuf's own
+parser and serializer."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aotiserve.client.tensor_codec import parse_run_response
 from aotiserve.server import run_wire
 from aotiserve.server import tensor_codec as codec
 from aotiserve.v1 import model_runner_pb2 as pb
@@ -79,10 +81,25 @@ def test_parse_matches_protobuf(req):
         assert isinstance(t.data, memoryview)  # a view of the received bytes: no copy
 
 
+def _same_response(raw: bytes) -> None:
+    """The client's reader accepts what protobuf accepts, with the same values."""
+    try:
+        want = pb.RunResponse.FromString(raw)
+    except DecodeError:
+        with pytest.raises(Exception):
+            parse_run_response(raw, viewing_min_bytes=0)
+        return
+    got = parse_run_response(raw, viewing_min_bytes=0)
+    assert got.weights_version == want.weights_version
+    assert len(got.outputs) == len(want.outputs)
+    for g, w in zip(got.outputs, want.outputs):
+        assert (g.dtype, list(g.shape), bytes(g.data)) == (w.dtype, list(w.shape), w.data)
+
+
 @st.composite
-def hand_encoded(draw):
+def hand_encoded(draw, text_field=1, tensor_field=2):
     """Non-canonical encodings: unpacked/packed shape mixes, repeats, unknown fields,
-    any field order."""
+    any field order (a RunRequest by default; fields 2 and 1 make a RunResponse)."""
     def tensor():
         parts = []
         for _ in range(draw(st.integers(0, 6))):
@@ -104,9 +121,9 @@ def hand_encoded(draw):
     for _ in range(draw(st.integers(0, 6))):
         what = draw(st.sampled_from(["model", "input", "unknown"]))
         if what == "model":
-            parts.append(_ld(1, draw(st.text(max_size=8)).encode()))
+            parts.append(_ld(text_field, draw(st.text(max_size=8)).encode()))
         elif what == "input":
-            parts.append(_ld(2, tensor()))
+            parts.append(_ld(tensor_field, tensor()))
         else:
             parts.append(_unknown(draw(st.integers(3, 5000)), draw(st.integers(0, 3))))
     return b"".join(parts)
@@ -118,10 +135,7 @@ def test_parse_noncanonical_matches_protobuf(raw):
     _same(raw)
 
 
-@settings(max_examples=600, deadline=None)
-@given(hand_encoded(), st.data())
-def test_parse_mangled_matches_protobuf(raw, data):
-    """Truncated, corrupted or extended bytes: same verdict and values as protobuf."""
+def _mangle(raw: bytes, data) -> bytes:
     op = data.draw(st.sampled_from(["truncate", "flip", "append", "insert"]))
     b = bytearray(raw)
     if op == "truncate" and b:
@@ -134,7 +148,30 @@ def test_parse_mangled_matches_protobuf(raw, data):
     elif b:
         i = data.draw(st.integers(0, len(b)))
         b[i:i] = data.draw(st.binary(min_size=1, max_size=6))
-    _same(bytes(b))
+    return bytes(b)
+
+
+@settings(max_examples=600, deadline=None)
+@given(hand_encoded(), st.data())
+def test_parse_mangled_matches_protobuf(raw, data):
+    """Truncated, corrupted or extended bytes: same verdict and values as protobuf."""
+    _same(_mangle(raw, data))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.builds(lambda outs, v: pb.RunResponse(outputs=outs, weights_version=v).SerializeToString(),
+                 st.lists(tensors, max_size=4), st.text(max_size=20)))
+def test_client_reads_responses_like_protobuf(raw):
+    _same_response(raw)
+    for t in parse_run_response(raw, viewing_min_bytes=0).outputs:
+        assert isinstance(t.data, memoryview)  # a view of the received bytes: no copy
+
+
+@settings(max_examples=600, deadline=None)
+@given(hand_encoded(text_field=2, tensor_field=1), st.data())
+def test_client_reads_noncanonical_and_mangled_responses_like_protobuf(raw, data):
+    _same_response(raw)
+    _same_response(_mangle(raw, data))
 
 
 @settings(max_examples=300, deadline=None)

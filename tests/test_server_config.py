@@ -43,6 +43,14 @@ def test_precedence_cli_over_env_over_file_over_defaults(tmp_path):
     assert ServeConfig().serve_demo and not ServeConfig(model_repository="/m").serve_demo
 
 
+def test_cpu_block_cache_limit_is_bytes_zero_is_off():
+    assert ServeConfig().cpu_block_cache_bytes == 512 << 20
+    assert ServeConfig.from_sources(build_parser().parse_args(["--cpu-block-cache-bytes", "0"]),
+                                    {}).cpu_block_cache_bytes == 0
+    with pytest.raises(ValueError, match="cpu_block_cache_bytes must be >= 0 .* got -1"):
+        ServeConfig(cpu_block_cache_bytes=-1)
+
+
 def test_time_slice_is_zero_or_within_the_kernels_bounds():
     assert ServeConfig().time_slice_ms == 20.0
     assert ServeConfig.from_sources({}, {"AOTISERVE_TIME_SLICE_MS": "0"}).time_slice_ms == 0

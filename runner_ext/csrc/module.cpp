@@ -106,6 +106,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("_compiled_backends") = py::tuple(built);
   m.attr("_torch_version") = AOTISERVE_TORCH_VERSION;
   aotiserve::bind_handle_helpers(m);
+  aotiserve::bind_cpu_cache(m);
 #ifdef AOTISERVE_NATIVE_RUN
   aotiserve::bind_native_run(m);
   m.attr("_native_run") = true;

@@ -40,6 +40,9 @@ std::vector<std::pair<std::string, BackendBinder>>& backend_registry();
 // Drops the C++ backtrace that c10 appends to error text.
 std::string without_backtrace(const std::string& what);
 
+// cpu_cache.cpp: a cache of large CPU blocks in front of torch's CPU allocator.
+void bind_cpu_cache(py::module_& m);
+
 // Adds the runner introspection torch's runner keeps protected: input and
 // output counts and names, read straight from the model container. The
 // server uses them to reject a wrong input count before it reaches the

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import grpc
 
+from aotiserve.client.tensor_codec import parse_run_response
 from aotiserve.v1 import model_runner_pb2 as pb
 
 #: Matches the server's default receive limit. Chunked uploads and downloads
@@ -32,7 +33,8 @@ def _serialize(message: Any) -> bytes:
 
 
 def model_runner_stubs(channel) -> SimpleNamespace:
-    """One multicallable per ``aotiserve.v1.ModelRunner`` RPC, by RPC name."""
+    """One multicallable per ``aotiserve.v1.ModelRunner`` RPC, by RPC name (``Run``'s
+    response read without copying its outputs: ``tensor_codec.parse_run_response``)."""
     service = pb.DESCRIPTOR.services_by_name["ModelRunner"]
     stubs = SimpleNamespace()
     for method in service.methods:
@@ -45,7 +47,8 @@ def model_runner_stubs(channel) -> SimpleNamespace:
         setattr(stubs, method.name, factory(
             f"/{service.full_name}/{method.name}",
             request_serializer=_serialize,
-            response_deserializer=getattr(pb, method.output_type.name).FromString,
+            response_deserializer=(parse_run_response if method.name == "Run"
+                                   else getattr(pb, method.output_type.name).FromString),
             _registered_method=True,
         ))
     return stubs

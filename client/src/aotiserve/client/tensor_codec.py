@@ -9,7 +9,9 @@ hand-written bytes are plain proto3 that the generated parser reads back
 (tests check it field for field).
 
 Decoding uses ``numpy.frombuffer`` / ``torch.frombuffer`` on the received bytes,
-so outputs are not copied again. numpy outputs decoded that way are read-only
+so outputs are not copied again: a large ``RunResponse`` is read by hand
+(:func:`parse_run_response`), its outputs views of the bytes grpc handed over,
+where protobuf's parser would copy each output's data into the message. numpy outputs decoded that way are read-only
 views (``numpy.array(x)`` makes a writable copy); torch tensors are writable.
 
 torch is never imported here unless a torch tensor is passed in or torch
@@ -29,6 +31,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple, Sequen
 import numpy as np
 
 from aotiserve.client.dtypes import BY_NUMPY_NAME, BY_TORCH_NAME, BY_WIRE, DType
+from aotiserve.client import wire
 from aotiserve.client.wire import key, put_varint
 from aotiserve.v1 import model_runner_pb2 as pb
 
@@ -348,12 +351,12 @@ def decode_bytes(data, dtype: DType, shape: tuple[int, ...], fmt: Literal["numpy
         # never hand torch a writable view of those.
         data = bytearray(data)
     global _frombuffer_warned
-    if _frombuffer_warned or not isinstance(data, bytes):
+    if _frombuffer_warned or not (isinstance(data, bytes) or getattr(data, "readonly", False)):
         flat = torch.frombuffer(data, dtype=torch_dtype)
     else:
-        # Received bytes objects are ours alone; torch warns (once per
-        # process) that bytes are immutable, harmless for a buffer nobody
-        # else holds. Silence that one warning, once.
+        # Received bytes (and views of them) are ours alone; torch warns
+        # (once per process) that bytes are immutable, harmless for a buffer
+        # nobody else holds. Silence that one warning, once.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             flat = torch.frombuffer(data, dtype=torch_dtype)
@@ -361,7 +364,49 @@ def decode_bytes(data, dtype: DType, shape: tuple[int, ...], fmt: Literal["numpy
     return flat.reshape(shape)
 
 
-def from_wire(tensor: pb.Tensor, fmt: Literal["numpy", "torch"], what: str = "tensor"):
+class RunResponseView:
+    """A ``RunResponse`` read by hand: ``outputs`` are :class:`wire.TensorView`."""
+
+    __slots__ = ("outputs", "weights_version")
+
+    def __init__(self, outputs: list[wire.TensorView], weights_version: str):
+        self.outputs = outputs
+        self.weights_version = weights_version
+
+
+def _read_run_response(buf: bytes) -> RunResponseView:
+    view = memoryview(buf)
+    pos, end = 0, len(buf)
+    outputs: list[wire.TensorView] = []
+    version = ""
+    while pos < end:
+        field, wt, pos = wire.read_tag(buf, pos, end)
+        if field == 1 and wt == 2:
+            start, pos = wire.read_length(buf, pos, end)
+            outputs.append(wire.read_tensor(buf, view, start, pos))
+        elif field == 2 and wt == 2:
+            start, pos = wire.read_length(buf, pos, end)
+            version = wire.utf8(buf, start, pos)
+        elif field <= 2:
+            raise wire.Fallback
+        else:
+            pos = wire.skip_field(buf, pos, end, wt)
+    return RunResponseView(outputs, version)
+
+
+def parse_run_response(buf: bytes, viewing_min_bytes: int = wire.VIEWING_MIN_BYTES):
+    """``RunResponse`` bytes → ``.outputs`` and ``.weights_version``; a response of
+    ``viewing_min_bytes`` or more is walked here, its output data views of ``buf`` (no
+    copy). What the walk does not take goes to protobuf's parser, which decides."""
+    if len(buf) >= viewing_min_bytes:
+        try:
+            return _read_run_response(buf)
+        except wire.WireError:
+            pass
+    return pb.RunResponse.FromString(buf)
+
+
+def from_wire(tensor: pb.Tensor | wire.TensorView, fmt: Literal["numpy", "torch"], what: str = "tensor"):
     """A received ``Tensor`` message as an array/tensor."""
     dtype = _dtype_of(tensor.dtype, what)
     return decode_bytes(tensor.data, dtype, _shape_of(tensor.shape, what), fmt, what)
