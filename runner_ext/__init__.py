@@ -17,10 +17,11 @@ check_torch_matches_build()
 from . import _C  # noqa: E402,F401  (must follow the torch check: ABI)
 from ._C import (  # noqa: E402
     alloc_tensor_by_stealing_from_void_ptr,
+    alloc_tensors_by_stealing_from_void_ptrs,
     cpu_block_cache_stats,
     empty_cpu_block_cache,
     install_cpu_block_cache,
-    alloc_tensors_by_stealing_from_void_ptrs,
+    trim_cpu_block_cache,
     unsafe_alloc_void_ptr_from_tensor,
     unsafe_alloc_void_ptrs_from_tensors,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "native_run_available",
     "read_package_metadata",
     "runner_class_for",
+    "trim_cpu_block_cache",
     "unsafe_alloc_void_ptr_from_tensor",
     "unsafe_alloc_void_ptrs_from_tensors",
 ]

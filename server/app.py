@@ -254,6 +254,11 @@ def create_server(config: ServeConfig,
     return server, server.port
 
 
+# A kept CPU block unused this long goes back to the system (a burst of large requests
+# leaves no memory behind once it is over).
+CPU_BLOCK_IDLE_S = 10.0
+
+
 def serve(config: ServeConfig) -> int:
     """Runs the daemon until SIGTERM/SIGINT; drains within the grace period; returns 0."""
     if config.cpu_block_cache_bytes:  # process-wide, so the daemon's and not create_server's
@@ -270,7 +275,7 @@ def serve(config: ServeConfig) -> int:
     signal.signal(signal.SIGINT, on_signal)
     server.start()
     while not stop_requested.wait(0.5):
-        pass
+        runner_ext.trim_cpu_block_cache(CPU_BLOCK_IDLE_S)
     started = time.monotonic()
     server.stop(config.grace_period_s).wait(config.grace_period_s + 30)
     log.info("drained in %.2fs", time.monotonic() - started)

@@ -60,6 +60,11 @@ _UNIT = textwrap.dedent("""
     rx.install_cpu_block_cache(100 * MIB)
     e = torch.ones(floats(34)); del e
     assert rx.cpu_block_cache_stats()["cached_bytes"] == 34 * MIB
+    rx.trim_cpu_block_cache(3600.0)  # kept for less than an hour: stays
+    assert rx.cpu_block_cache_stats()["cached_bytes"] == 34 * MIB
+    rx.trim_cpu_block_cache(0.0)  # unused for longer than no time at all: given back
+    assert rx.cpu_block_cache_stats()["cached_bytes"] == 0
+    f = torch.ones(floats(34)); del f
     rx.empty_cpu_block_cache()
     assert rx.cpu_block_cache_stats()["cached_bytes"] == 0
 
@@ -72,7 +77,7 @@ _UNIT = textwrap.dedent("""
 """)
 
 
-def test_large_blocks_are_kept_reused_bounded_and_given_back():
+def test_large_blocks_are_kept_reused_bounded_and_given_back_when_idle():
     proc = subprocess.run([sys.executable, "-c", _UNIT], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok"), proc.stdout

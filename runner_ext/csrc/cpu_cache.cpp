@@ -7,12 +7,15 @@
 // above that size are kept here when freed and handed to the next allocation
 // that fits (at most a quarter larger), up to a byte limit. A miss first gives
 // every cached block back, so idle cached memory never sits beside a fresh
-// allocation: the peak stays what the live tensors need. Smaller blocks go to
-// the allocator installed before (glibc's heap already reuses them).
+// allocation: the peak stays what the live tensors need; a block kept unused
+// for a while goes back too (trim_idle, called by the daemon's main loop).
+// Smaller blocks go to the allocator installed before (glibc's heap already
+// reuses them).
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <chrono>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -23,6 +26,12 @@ namespace aotiserve {
 namespace {
 
 constexpr size_t kRound = size_t{2} << 20;  // huge-page granularity
+using Clock = std::chrono::steady_clock;
+
+struct KeptBlock {
+  void* ptr;
+  Clock::time_point since;
+};
 
 class CpuBlockCache final : public c10::Allocator {
  public:
@@ -58,6 +67,16 @@ class CpuBlockCache final : public c10::Allocator {
     trim_locked(0);
   }
 
+  // Gives back the blocks kept unused for longer than idle_s.
+  void trim_idle(double idle_s) {
+    const auto cutoff = Clock::now() - std::chrono::duration_cast<Clock::duration>(
+                                          std::chrono::duration<double>(idle_s));
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = free_.begin(); it != free_.end();) {
+      it = it->second.since < cutoff ? give_back(it) : std::next(it);
+    }
+  }
+
   py::dict stats() {
     std::lock_guard<std::mutex> lock(mu_);
     py::dict d;
@@ -80,7 +99,7 @@ class CpuBlockCache final : public c10::Allocator {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = free_.lower_bound(want);
     if (it != free_.end() && it->first <= want + want / 4) {
-      void* ptr = it->second;
+      void* ptr = it->second.ptr;
       cached_ -= it->first;
       free_.erase(it);
       ++hits_;
@@ -104,7 +123,7 @@ class CpuBlockCache final : public c10::Allocator {
     }
     const size_t cap = it->second;
     if (cached_ + cap <= max_cached_) {
-      free_.emplace(cap, ptr);
+      free_.emplace(cap, KeptBlock{ptr, Clock::now()});
       cached_ += cap;
       return;
     }
@@ -115,19 +134,23 @@ class CpuBlockCache final : public c10::Allocator {
 
   void trim_locked(size_t keep) {
     while (cached_ > keep && !free_.empty()) {
-      auto last = std::prev(free_.end());  // largest first
-      cached_ -= last->first;
-      capacity_.erase(last->second);
-      c10::free_cpu(last->second);
-      free_.erase(last);
+      give_back(std::prev(free_.end()));  // largest first
     }
+  }
+
+  std::multimap<size_t, KeptBlock>::iterator give_back(
+      std::multimap<size_t, KeptBlock>::iterator it) {
+    cached_ -= it->first;
+    capacity_.erase(it->second.ptr);
+    c10::free_cpu(it->second.ptr);
+    return free_.erase(it);
   }
 
   c10::Allocator* base_;
   const size_t min_bytes_;
   size_t max_cached_;
   std::mutex mu_;
-  std::multimap<size_t, void*> free_;          // capacity -> idle block
+  std::multimap<size_t, KeptBlock> free_;      // capacity -> idle block
   std::unordered_map<void*, size_t> capacity_;  // every block of ours, live or idle
   size_t cached_ = 0;
   uint64_t hits_ = 0;
@@ -161,6 +184,12 @@ void bind_cpu_cache(py::module_& m) {
   m.def("empty_cpu_block_cache", []() {
     if (CpuBlockCache::instance != nullptr) CpuBlockCache::instance->empty();
   });
+  m.def(
+      "trim_cpu_block_cache",
+      [](double idle_s) {
+        if (CpuBlockCache::instance != nullptr) CpuBlockCache::instance->trim_idle(idle_s);
+      },
+      py::arg("idle_s"), "Gives back the kept blocks unused for longer than idle_s seconds.");
 }
 
 }  // namespace aotiserve
