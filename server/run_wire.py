@@ -39,25 +39,7 @@ class RunRequestView:
 
 
 def _fast(buf: bytes) -> RunRequestView:
-    view = memoryview(buf)
-    end = len(buf)
-    pos = 0
-    model = ""
-    inputs: list[wire.TensorView] = []
-    while pos < end:
-        field, wt, pos = wire.read_tag(buf, pos, end)
-        if field == 2 and wt == 2:
-            start, pos = wire.read_length(buf, pos, end)
-            inputs.append(wire.read_tensor(buf, view, start, pos))
-        elif field == 1 and wt == 2:
-            start, pos = wire.read_length(buf, pos, end)
-            model = wire.utf8(buf, start, pos)
-        elif field <= 2:
-            raise wire.Fallback
-        else:
-            pos = wire.skip_field(buf, pos, end, wt)
-    if pos != end:
-        raise wire.Fallback
+    model, inputs = wire.read_text_and_tensors(buf, text_field=1, tensor_field=2)
     return RunRequestView(model, inputs)
 
 

@@ -374,33 +374,14 @@ class RunResponseView:
         self.weights_version = weights_version
 
 
-def _read_run_response(buf: bytes) -> RunResponseView:
-    view = memoryview(buf)
-    pos, end = 0, len(buf)
-    outputs: list[wire.TensorView] = []
-    version = ""
-    while pos < end:
-        field, wt, pos = wire.read_tag(buf, pos, end)
-        if field == 1 and wt == 2:
-            start, pos = wire.read_length(buf, pos, end)
-            outputs.append(wire.read_tensor(buf, view, start, pos))
-        elif field == 2 and wt == 2:
-            start, pos = wire.read_length(buf, pos, end)
-            version = wire.utf8(buf, start, pos)
-        elif field <= 2:
-            raise wire.Fallback
-        else:
-            pos = wire.skip_field(buf, pos, end, wt)
-    return RunResponseView(outputs, version)
-
-
 def parse_run_response(buf: bytes, viewing_min_bytes: int = wire.VIEWING_MIN_BYTES):
     """``RunResponse`` bytes → ``.outputs`` and ``.weights_version``; a response of
     ``viewing_min_bytes`` or more is walked here, its output data views of ``buf`` (no
     copy). What the walk does not take goes to protobuf's parser, which decides."""
     if len(buf) >= viewing_min_bytes:
         try:
-            return _read_run_response(buf)
+            version, outputs = wire.read_text_and_tensors(buf, text_field=2, tensor_field=1)
+            return RunResponseView(outputs, version)
         except wire.WireError:
             pass
     return pb.RunResponse.FromString(buf)

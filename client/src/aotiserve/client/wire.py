@@ -154,3 +154,26 @@ def read_tensor(buf, view: memoryview, pos: int, end: int) -> TensorView:
     if pos != end:
         raise Fallback
     return TensorView(dtype, shape, data)
+
+
+def read_text_and_tensors(buf, text_field: int, tensor_field: int) -> tuple[str, list[TensorView]]:
+    """A message of one string field and one repeated ``Tensor`` field (``RunRequest``:
+    model = 1, inputs = 2; ``RunResponse``: outputs = 1, weights_version = 2), the tensors'
+    data views of ``buf``. Other fields are skipped."""
+    view = memoryview(buf)
+    pos, end = 0, len(buf)
+    text = ""
+    tensors: list[TensorView] = []
+    while pos < end:
+        field, wt, pos = read_tag(buf, pos, end)
+        if field == tensor_field and wt == 2:
+            start, pos = read_length(buf, pos, end)
+            tensors.append(read_tensor(buf, view, start, pos))
+        elif field == text_field and wt == 2:
+            start, pos = read_length(buf, pos, end)
+            text = utf8(buf, start, pos)
+        elif field in (text_field, tensor_field):
+            raise Fallback  # a known field with another wire type: protobuf decides
+        else:
+            pos = skip_field(buf, pos, end, wt)
+    return text, tensors
