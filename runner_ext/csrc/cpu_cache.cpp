@@ -181,15 +181,20 @@ void bind_cpu_cache(py::module_& m) {
     if (CpuBlockCache::instance == nullptr) return py::none();
     return CpuBlockCache::instance->stats();
   });
-  m.def("empty_cpu_block_cache", []() {
-    if (CpuBlockCache::instance != nullptr) CpuBlockCache::instance->empty();
-  });
+  // Giving blocks back unmaps them: no GIL needed, none held.
+  m.def(
+      "empty_cpu_block_cache",
+      []() {
+        if (CpuBlockCache::instance != nullptr) CpuBlockCache::instance->empty();
+      },
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "trim_cpu_block_cache",
       [](double idle_s) {
         if (CpuBlockCache::instance != nullptr) CpuBlockCache::instance->trim_idle(idle_s);
       },
-      py::arg("idle_s"), "Gives back the kept blocks unused for longer than idle_s seconds.");
+      py::arg("idle_s"), py::call_guard<py::gil_scoped_release>(),
+      "Gives back the kept blocks unused for longer than idle_s seconds.");
 }
 
 }  // namespace aotiserve
