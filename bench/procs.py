@@ -59,7 +59,8 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def _status_kib(pid: int, key: str) -> int:
+def status_kib(pid: int, key: str) -> int:
+    """A ``kB`` line of /proc/<pid>/status (VmRSS, VmHWM...); 0 where it cannot be read."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -74,10 +75,10 @@ def memory(pid: int) -> dict:
     """VmRSS / VmHWM (MiB) of a server: its own and summed over its process tree."""
     tree = process_tree(pid)
     return {
-        "rss_mib": _status_kib(pid, "VmRSS") / 1024,
-        "hwm_mib": _status_kib(pid, "VmHWM") / 1024,
-        "tree_rss_mib": sum(_status_kib(p, "VmRSS") for p in tree) / 1024,
-        "tree_hwm_mib": sum(_status_kib(p, "VmHWM") for p in tree) / 1024,
+        "rss_mib": status_kib(pid, "VmRSS") / 1024,
+        "hwm_mib": status_kib(pid, "VmHWM") / 1024,
+        "tree_rss_mib": sum(status_kib(p, "VmRSS") for p in tree) / 1024,
+        "tree_hwm_mib": sum(status_kib(p, "VmHWM") for p in tree) / 1024,
         "tree_pids": len(tree),
     }
 

@@ -488,9 +488,10 @@ class Bench:
             before, copied = server.memory(), procs.metric(server, "aotiserve_native_copied_bytes_total")
             res = run_driver(sys.executable, dict(cfg, target=target), env=LARGE_ENV)
             growth = server.memory()["hwm_mib"] - before["rss_mib"]
+            gbps = _gbps_round_trip(nbytes, res)
             out[key] = res["sequential"] | {
-                "gbps_round_trip": _gbps_round_trip(nbytes, res),
-                "gbps_one_way": _gbps_round_trip(nbytes, res) / 2,
+                "gbps_round_trip": gbps,
+                "gbps_one_way": gbps / 2,
                 "peak_growth_mib": growth,
                 "payloads_held_at_peak": round(growth / (nbytes / MIB), 2)}
             if key == "fast" and copied is not None:

@@ -54,14 +54,6 @@ MODEL = "big_embed"
 TARGETS = {"staging_gb_s": 1.0, "rss_ratio": 1.1, "p99_ratio": 2.0}
 
 
-def _status_kib(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def _cpu_s(pid: int) -> float:
     """utime + stime of a process, in seconds."""
     with open(f"/proc/{pid}/stat") as f:
@@ -80,7 +72,7 @@ class RssSampler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak_kib = max(self.peak_kib, _status_kib(self.pid, "VmRSS"))
+            self.peak_kib = max(self.peak_kib, procs.status_kib(self.pid, "VmRSS"))
             self._stop.wait(self.period)
 
     def __enter__(self) -> "RssSampler":
@@ -90,7 +82,7 @@ class RssSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_kib = max(self.peak_kib, _status_kib(self.pid, "VmRSS"))
+        self.peak_kib = max(self.peak_kib, procs.status_kib(self.pid, "VmRSS"))
 
 
 def _run_loop(target: str, ids: list[int], buf, count, errors, paused, stop) -> None:
@@ -211,7 +203,7 @@ def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray],
     time.sleep(quiet_s)
     quiet_hi = time.perf_counter()
     quiet = loop.window(quiet_hi - quiet_s, quiet_hi)
-    rss_before = _status_kib(pid, "VmRSS") * 1024
+    rss_before = procs.status_kib(pid, "VmRSS") * 1024
     load = _loadavg()
     memcpy = copy_gb_s()
     hwm_reset = procs.reset_peak_memory(pid)
@@ -227,7 +219,7 @@ def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray],
         stage()
         t1 = time.perf_counter()
         cpu1 = (_cpu_s(pid), _cpu_s(os.getpid()))
-    hwm = _status_kib(pid, "VmHWM") * 1024 if hwm_reset else 0
+    hwm = procs.status_kib(pid, "VmHWM") * 1024 if hwm_reset else 0
     peak = max(hwm, sampler.peak_kib * 1024)
     loop.pause(False)
     time.sleep(0.2)

@@ -11,8 +11,9 @@ hand-written bytes are plain proto3 that the generated parser reads back
 Decoding uses ``numpy.frombuffer`` / ``torch.frombuffer`` on the received bytes,
 so outputs are not copied again: a large ``RunResponse`` is read by hand
 (:func:`parse_run_response`), its outputs views of the bytes grpc handed over,
-where protobuf's parser would copy each output's data into the message. numpy outputs decoded that way are read-only
-views (``numpy.array(x)`` makes a writable copy); torch tensors are writable.
+where protobuf's parser would copy each output's data into the message. numpy
+outputs decoded that way are read-only views (``numpy.array(x)`` makes a
+writable copy); torch tensors are writable.
 
 torch is never imported here unless a torch tensor is passed in or torch
 outputs are asked for; bfloat16 and float8 values need torch (numpy has no
