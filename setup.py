@@ -58,7 +58,7 @@ def grpcpp_flags() -> tuple[list[str], list[str]] | None:
 
 def make_extension():
     backends = select_backends()
-    sources = [str(CSRC / "module.cpp"), str(CSRC / "cpu_cache.cpp")] + [str(CSRC / f"{b}.cpp") for b in backends]
+    sources = [str(CSRC / "module.cpp"), str(CSRC / "cpu_cache.cpp"), str(CSRC / "core_spread.cpp")] + [str(CSRC / f"{b}.cpp") for b in backends]
     define = [("AOTISERVE_TORCH_VERSION", f'"{torch.__version__}"')]
     extra = {"cxx": ["-O2"]}  # torch.utils.cpp_extension picks the C++ standard torch needs
     link: list[str] = []

@@ -75,6 +75,7 @@ class AppServer:
         self.config = config
         self.metrics = Metrics()
         self.metrics.watch_cpu_block_cache(runner_ext.cpu_block_cache_stats)
+        self.metrics.watch_core_spread(runner_ext.core_spread_stats)
         self.pools = {d: DevicePool(d, config.max_queue, self.metrics) for d in config.devices}
         store = WeightsStore(config.weights_dir) if config.weights_dir else None
         self.registry = ModelRegistry(self.pools, config.devices, config.runners_per_model,
@@ -263,6 +264,7 @@ def serve(config: ServeConfig) -> int:
     """Runs the daemon until SIGTERM/SIGINT; drains within the grace period; returns 0."""
     if config.cpu_block_cache_bytes:  # process-wide, so the daemon's and not create_server's
         runner_ext.install_cpu_block_cache(config.cpu_block_cache_bytes)
+    runner_ext.set_core_spread(config.spread_runs)
     server, port = create_server(config)
     stop_requested = threading.Event()
 

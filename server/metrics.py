@@ -78,6 +78,10 @@ class Metrics:
         """Exposes the CPU block cache (runner_ext) at each scrape; nothing while it is off."""
         self.registry.register(_CpuBlockCacheCollector(stats))
 
+    def watch_core_spread(self, stats: Callable[[], dict | None]) -> None:
+        """Exposes where long CPU runs were pinned (runner_ext) at each scrape; nothing while off."""
+        self.registry.register(_CoreSpreadCollector(stats))
+
     def serve(self, host: str, port: int) -> int:
         """Starts the HTTP exposition on host:port (0 picks one); returns the port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -109,3 +113,24 @@ class _CpuBlockCacheCollector:
         family.add_metric(["hit"], s["hits"])
         family.add_metric(["miss"], s["misses"])
         yield family
+
+
+class _CoreSpreadCollector:
+    def __init__(self, stats: Callable[[], dict | None]) -> None:
+        self._stats = stats
+
+    def collect(self):
+        s = self._stats()
+        if s is None:
+            return
+        family = CounterMetricFamily("aotiserve_spread_runs",
+                                     "Long single-threaded CPU runs pinned to a core while they ran, "
+                                     "by core", labels=["cpu"])
+        for cpu, runs in sorted(s["runs"].items()):
+            family.add_metric([str(cpu)], runs)
+        yield family
+        yield CounterMetricFamily("aotiserve_spread_runs_moved",
+                                  "Pinned runs moved off the core their thread was on", value=s["moved"])
+        yield CounterMetricFamily("aotiserve_spread_runs_shared",
+                                  "Pinned runs that shared their core with another pinned run "
+                                  "(more runs at once than cores)", value=s["shared"])

@@ -138,14 +138,15 @@ def _kill_leftover_daemons() -> None:
 
 
 def start_daemon(models: Sequence[str], extra_args: Sequence[str] = (), *,
-                 repo: Path | None = None, timeout: float = 120.0) -> DaemonProcess:
+                 repo: Path | None = None, timeout: float = 120.0,
+                 env: dict[str, str] | None = None) -> DaemonProcess:
     repo = make_repository(models, repo)
     work = _temp_dir("aotiserve-daemon-")
     ready_file = work / "ready.json"
     log_path = work / "daemon.log"
     cmd = [sys.executable, "-m", "aotiserve.server", "--port", "0", "--metrics-port", "-1",
            "--model-repository", str(repo), "--ready-file", str(ready_file), *extra_args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                 cwd=REPO_ROOT)

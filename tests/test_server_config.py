@@ -51,6 +51,12 @@ def test_cpu_block_cache_limit_is_bytes_zero_is_off():
         ServeConfig(cpu_block_cache_bytes=-1)
 
 
+def test_spreading_runs_is_on_unless_turned_off():
+    assert ServeConfig().spread_runs is True
+    assert ServeConfig.from_sources(build_parser().parse_args(["--no-spread-runs"]), {}).spread_runs is False
+    assert ServeConfig.from_sources({}, {"AOTISERVE_SPREAD_RUNS": "0"}).spread_runs is False
+
+
 def test_time_slice_is_zero_or_within_the_kernels_bounds():
     assert ServeConfig().time_slice_ms == 20.0
     assert ServeConfig.from_sources({}, {"AOTISERVE_TIME_SLICE_MS": "0"}).time_slice_ms == 0

@@ -107,6 +107,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("_torch_version") = AOTISERVE_TORCH_VERSION;
   aotiserve::bind_handle_helpers(m);
   aotiserve::bind_cpu_cache(m);
+  aotiserve::bind_core_spread(m);
 #ifdef AOTISERVE_NATIVE_RUN
   aotiserve::bind_native_run(m);
   m.attr("_native_run") = true;

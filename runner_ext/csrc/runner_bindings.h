@@ -7,15 +7,20 @@
 
 #include <ATen/DynamicLibrary.h>
 #include <torch/csrc/inductor/aoti_runner/model_container_runner.h>
+#include <torch/csrc/inductor/aoti_runner/model_container_runner_cpu.h>
 #include <torch/csrc/inductor/aoti_torch/tensor_converter.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/extension.h>
 
+#include "core_spread.h"
+
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <functional>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -402,6 +407,8 @@ class Runner : public Base {
     // its input tensors (and the request bytes under them) for good.
     std::vector<AtenTensorHandle> handles =
         torch::aot_inductor::unsafe_alloc_new_handles_from_tensors(inputs);
+    std::optional<RunPlacement> placement;  // a long run on the CPU: a core of its own
+    if constexpr (kOnHost) placement.emplace(typical_run_ns_);
     try {
       return with_last_error(
           "run", [&] { return this->run_impl(handles, stream_handle); });
@@ -416,6 +423,9 @@ class Runner : public Base {
   }
 
  private:
+  static constexpr bool kOnHost =
+      std::is_same_v<Base, torch::inductor::AOTIModelContainerRunnerCpu>;
+  std::atomic<int64_t> typical_run_ns_{0};  // RunPlacement's moving average
   mutable std::mutex buffer_state_mutex_;
   std::set<std::string> inactive_written_;
   // [0] describes the active buffer, [1] the inactive one; swapped on swap.

@@ -1,0 +1,146 @@
+"""Core spreading (runner_ext/csrc/core_spread.cpp): long single-threaded CPU runs that
+overlap each get a core of their own, and the daemon's use of it.
+
+Turning it on is process-wide, so the unit checks run in a child process (with
+OMP_NUM_THREADS=1, as a daemon serving compute-bound models on few cores runs).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import urllib.request
+
+import numpy as np
+import pytest
+
+import model_zoo
+from aotiserve.client import Client
+from server_harness import daemon_process
+
+pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 or more cores")
+
+_UNIT = textwrap.dedent("""
+    import os, sys, threading
+    import torch
+    from aotiserve import runner_ext as rx
+
+    compute = rx.load_model(sys.argv[1], num_runners=2).runner  # ~7 ms a run here
+    tiny = rx.load_model(sys.argv[2]).runner               # microseconds
+    x = torch.randn(64, 1024)
+    t = torch.randn(1, 64)
+    allowed = os.sched_getaffinity(0)
+
+    def total(s):
+        return sum(s["runs"].values())
+
+    assert rx.core_spread_stats() is None  # off until turned on
+    compute.run([x])
+    assert rx.core_spread_stats() is None
+    rx.set_core_spread(True)
+    assert rx.core_spread_stats() == {"runs": {}, "moved": 0, "shared": 0}
+
+    # A long run is pinned while it runs, and the thread gets its mask back.
+    for _ in range(3):
+        compute.run([x])
+    assert total(rx.core_spread_stats()) == 3, rx.core_spread_stats()
+    assert os.sched_getaffinity(0) == allowed
+
+    # Microsecond runs are left where they are.
+    for _ in range(200):
+        tiny.run([t])
+    assert total(rx.core_spread_stats()) == 3, rx.core_spread_stats()
+
+    # Two threads running at once: never two pinned runs on one core, both cores used.
+    masks = []
+    def work():
+        for _ in range(10):
+            compute.run([x])
+        masks.append(os.sched_getaffinity(0))
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    s = rx.core_spread_stats()
+    assert total(s) == 23 and s["shared"] == 0, s
+    assert len(s["runs"]) >= 2, s
+    assert masks == [allowed, allowed], masks
+
+    # Runs of several intra-op threads spread themselves: not pinned.
+    torch.set_num_threads(2)
+    done = []
+    worker = threading.Thread(target=lambda: done.append(compute.run([x])))
+    worker.start()
+    worker.join()
+    assert done and total(rx.core_spread_stats()) == 23, rx.core_spread_stats()
+
+    rx.set_core_spread(False)
+    assert rx.core_spread_stats() is None
+    print("ok", s)
+""")
+
+
+def test_long_runs_get_a_core_each_short_and_multithreaded_ones_are_left_alone():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _UNIT, str(model_zoo.compiled("compute")),
+                           str(model_zoo.compiled("mlp"))],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok"), proc.stdout
+
+
+def _spread_samples(metrics_port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith("aotiserve_spread_runs")}
+
+
+def _two_clients(target: str, calls: int) -> None:
+    x = np.random.default_rng(0).standard_normal((64, 1024)).astype(np.float32)
+    errors = []
+
+    def client():
+        try:
+            with Client(target) as c:
+                for _ in range(calls):
+                    (y,) = c.model("compute").run([x], output_format="numpy")
+                    assert y.shape == (64, 1024)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("port", ["main", "native"])
+def test_the_daemon_spreads_two_clients_runs_over_two_cores(port):
+    args = ["--metrics-port", "0", "--runners-per-model", "2"]
+    if port == "native":
+        from aotiserve import runner_ext
+        if not runner_ext.native_run_available():
+            pytest.skip("the extension was built without gRPC C++ (no native data port)")
+        args += ["--native-run-port", "0"]
+    with daemon_process(["compute"], args, env={"OMP_NUM_THREADS": "1"}) as d:
+        target = d.target if port == "main" else f"127.0.0.1:{d.ready['native_run_port']}"
+        _two_clients(target, 8)
+        s = _spread_samples(d.metrics_port)
+    per_cpu = {k: v for k, v in s.items() if k.startswith("aotiserve_spread_runs_total{")}
+    # Every run but each runner's first (no typical time yet) was pinned, never beside another.
+    assert sum(per_cpu.values()) >= 16 - 2, s
+    assert s["aotiserve_spread_runs_shared_total"] == 0, s
+
+
+def test_no_spread_runs_leaves_them_alone():
+    with daemon_process(["compute"], ["--metrics-port", "0", "--no-spread-runs"],
+                        env={"OMP_NUM_THREADS": "1"}) as d:
+        _two_clients(d.target, 2)
+        assert _spread_samples(d.metrics_port) == {}
