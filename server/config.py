@@ -92,9 +92,10 @@ class ServeConfig:
     # for the next request) are kept for reuse up to this many bytes (runner_ext
     # cpu_cache.cpp); a request that fits none first gives them all back. 0: off.
     cpu_block_cache_bytes: int = 512 * MIB
-    # Pin each long (>= 1 ms) single-threaded CPU run, while it runs, to the core with the
-    # fewest such runs (runner_ext core_spread.cpp): two compute-bound runs then never share
-    # a core while another idles. Runs of several intra-op threads are left alone.
+    # A long (>= 1 ms) single-threaded CPU run that starts while another is in flight is
+    # pinned, while it runs, to the core with the fewest such runs (runner_ext
+    # core_spread.cpp): two compute-bound runs then never share a core while another idles.
+    # A run alone, and runs of several intra-op threads, are left alone.
     spread_runs: bool = True
     # The CPU time the kernel lets each of the daemon's threads run before a waking thread
     # may preempt it (Linux >= 6.12, EEVDF; server/process_env.py). Longer than the kernel's
@@ -274,7 +275,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
            "512 MiB; 0: off)")
     a("--no-spread-runs", dest="spread_runs", action="store_const", const=False,
       help="leave long single-threaded CPU runs where the scheduler puts them (by default "
-           "each is pinned, while it runs, to the core with the fewest such runs)")
+           "one that starts beside another is pinned, while it runs, to the core with the "
+           "fewest such runs)")
     a("--reserve-inactive-buffer", action="store_const", const=True,
       help="give every model's inactive weights buffer its memory at load (first uploads as "
            "fast as later ones; twice the weights' memory from the start)")

@@ -124,13 +124,13 @@ class _CoreSpreadCollector:
         if s is None:
             return
         family = CounterMetricFamily("aotiserve_spread_runs",
-                                     "Long single-threaded CPU runs pinned to a core while they ran, "
-                                     "by core", labels=["cpu"])
+                                     "Long single-threaded CPU runs that started beside another, "
+                                     "pinned to a core while they ran, by core", labels=["cpu"])
         for cpu, runs in sorted(s["runs"].items()):
             family.add_metric([str(cpu)], runs)
         yield family
         yield CounterMetricFamily("aotiserve_spread_runs_moved",
                                   "Pinned runs moved off the core their thread was on", value=s["moved"])
         yield CounterMetricFamily("aotiserve_spread_runs_shared",
-                                  "Pinned runs that shared their core with another pinned run "
-                                  "(more runs at once than cores)", value=s["shared"])
+                                  "Pinned runs that shared their core with another long run "
+                                  "(more long runs at once than cores)", value=s["shared"])

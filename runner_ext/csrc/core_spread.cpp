@@ -5,8 +5,11 @@
 // core the request's bytes arrived on, and Linux will not move a thread that ran
 // there within the last 0.5 ms (sched_migration_cost) to an idle core. With 2 clients
 // of a ~7 ms model on 2 cores, 18% of the CPU time stayed idle and the pair ran only
-// 1.64x one client. Pinning each long run to the core with the fewest pinned runs
-// for its duration took idle time to 10% and the pair to 1.88x (docs/server.md).
+// 1.64x one client. Pinning a long run that starts while another is in flight to the
+// core with the fewest runs in flight, for its duration, took idle time to 10% and the
+// pair to 1.8-1.9x (docs/server.md). A run alone is left where it is: a pin gains it
+// nothing and costs it three system calls, and a thread that cannot move while others
+// wake on its core.
 //
 // A pinned thread cannot take an OpenMP team along, so only single-threaded runs
 // (ATen's intra-op threads = 1, e.g. OMP_NUM_THREADS=1) are pinned; a run of several
@@ -30,29 +33,35 @@ class CoreSpread {
 
   std::atomic<bool> enabled{false};
 
-  // The allowed core (of `allowed`) with the fewest pinned runs, `here` among equals;
-  // counted as taken. -1 where fewer than two cores are allowed.
+  // Counts a long run starting on core `here`. The first one in flight stays where it
+  // is (-1: one run alone gains nothing from a pin); a run that starts beside others gets
+  // the allowed core (of `allowed`) with the fewest runs in flight, `here` among equals.
   int take(const cpu_set_t& allowed, int here) {
     std::lock_guard<std::mutex> lock(mu_);
+    if (in_flight_ == 0 || CPU_COUNT(&allowed) < 2) {
+      ++in_flight_;
+      ++on_[here];
+      return -1;
+    }
     int best = -1;
     for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
       if (!CPU_ISSET(cpu, &allowed)) continue;
-      if (best < 0 || pinned_[cpu] < pinned_[best] ||
-          (pinned_[cpu] == pinned_[best] && cpu == here)) {
+      if (best < 0 || on_[cpu] < on_[best] || (on_[cpu] == on_[best] && cpu == here)) {
         best = cpu;
       }
     }
-    if (best < 0 || CPU_COUNT(&allowed) < 2) return -1;
-    shared_ += pinned_[best] > 0;
+    shared_ += on_[best] > 0;
     moved_ += best != here;
-    ++pinned_[best];
     ++runs_[best];
+    ++in_flight_;
+    ++on_[best];
     return best;
   }
 
   void give_back(int cpu) {
     std::lock_guard<std::mutex> lock(mu_);
-    --pinned_[cpu];
+    --in_flight_;
+    --on_[cpu];
   }
 
   py::dict stats() {
@@ -70,10 +79,11 @@ class CoreSpread {
 
  private:
   std::mutex mu_;
-  std::array<int, CPU_SETSIZE> pinned_{};      // runs pinned to each core now
-  std::array<uint64_t, CPU_SETSIZE> runs_{};   // runs pinned to each core, ever
+  int in_flight_ = 0;                      // long runs now
+  std::array<int, CPU_SETSIZE> on_{};      // long runs now, by the core each started on or was pinned to
+  std::array<uint64_t, CPU_SETSIZE> runs_{};  // runs pinned to each core, ever
   uint64_t moved_ = 0;   // pinned to another core than the one the thread was on
-  uint64_t shared_ = 0;  // pinned to a core that already held a pinned run
+  uint64_t shared_ = 0;  // pinned to a core where another long run was in flight
 };
 
 }  // namespace
@@ -88,23 +98,20 @@ RunPlacement::RunPlacement(std::atomic<int64_t>& typical_ns)
   // The thread's own mask, read now: a cpuset changed at run time (a container's CPU
   // manager) is followed, and restored exactly.
   if (sched_getaffinity(0, sizeof(before_), &before_) != 0) return;
-  int cpu = spread.take(before_, sched_getcpu());
-  if (cpu < 0) return;
+  const int here = sched_getcpu();
+  if (here < 0 || here >= CPU_SETSIZE) return;
+  const int pin = spread.take(before_, here);
+  counted_ = pin < 0 ? here : pin;
+  if (pin < 0) return;
   cpu_set_t one;
   CPU_ZERO(&one);
-  CPU_SET(cpu, &one);
-  if (sched_setaffinity(0, sizeof(one), &one) != 0) {
-    spread.give_back(cpu);
-    return;
-  }
-  cpu_ = cpu;
+  CPU_SET(pin, &one);
+  pinned_ = sched_setaffinity(0, sizeof(one), &one) == 0;
 }
 
 RunPlacement::~RunPlacement() {
-  if (cpu_ >= 0) {
-    sched_setaffinity(0, sizeof(before_), &before_);
-    CoreSpread::instance().give_back(cpu_);
-  }
+  if (pinned_) sched_setaffinity(0, sizeof(before_), &before_);
+  if (counted_ >= 0) CoreSpread::instance().give_back(counted_);
   const int64_t took = std::chrono::duration_cast<std::chrono::nanoseconds>(
                            std::chrono::steady_clock::now() - start_)
                            .count();
@@ -121,14 +128,14 @@ void bind_core_spread(py::module_& m) {
       "set_core_spread",
       [](bool enabled) { CoreSpread::instance().enabled.store(enabled); },
       py::arg("enabled"),
-      "Pins each long single-threaded CPU run, for its duration, to the allowed core with "
-      "the fewest pinned runs (process-wide; off by default).");
+      "Pins a long single-threaded CPU run that starts while another is in flight, for its "
+      "duration, to the allowed core with the fewest such runs (process-wide; off by default).");
   m.def("core_spread_stats", []() -> py::object {
     CoreSpread& spread = CoreSpread::instance();
     if (!spread.enabled.load()) return py::none();
     return spread.stats();
   }, "{'runs': {cpu: runs pinned there}, 'moved': pinned elsewhere than the thread was, "
-     "'shared': pinned beside another pinned run}; None while off.");
+     "'shared': pinned to a core where another long run was in flight}; None while off.");
 }
 
 }  // namespace aotiserve

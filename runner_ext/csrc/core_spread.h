@@ -13,11 +13,12 @@ namespace aotiserve {
 
 namespace py = pybind11;
 
-// Around one run on the CPU. Where spreading is on, the run is long (the model's
-// typical run, `typical_ns`, at least kMinRunNs) and single-threaded (ATen's
-// intra-op threads = 1 on this thread), the calling thread is pinned for the run to
-// the allowed core with the fewest pinned runs (its own core when that is among
-// them), and gets its CPU mask back afterwards. Keeps `typical_ns` up to date either
+// Around one run on the CPU. Where spreading is on and the run is long (the model's
+// typical run, `typical_ns`, at least kMinRunNs) and single-threaded (ATen's intra-op
+// threads = 1 on this thread), it counts as a long run in flight on its core; if another
+// is in flight already, the calling thread is pinned for the run to the allowed core
+// with the fewest long runs in flight (its own core when that is among them), and gets
+// its CPU mask back afterwards. Keeps `typical_ns` up to date either
 // way (this model's run time: the latest where it fell, a moving average where it rose).
 class RunPlacement {
  public:
@@ -33,7 +34,8 @@ class RunPlacement {
  private:
   std::atomic<int64_t>& typical_ns_;
   std::chrono::steady_clock::time_point start_;
-  int cpu_ = -1;  // pinned to; -1: not pinned
+  int counted_ = -1;     // the core this run counts on; -1: not a long run
+  bool pinned_ = false;  // to counted_
   cpu_set_t before_;
 };
 

@@ -425,7 +425,7 @@ class Runner : public Base {
  private:
   static constexpr bool kOnHost =
       std::is_same_v<Base, torch::inductor::AOTIModelContainerRunnerCpu>;
-  std::atomic<int64_t> typical_run_ns_{0};  // RunPlacement's moving average
+  std::atomic<int64_t> typical_run_ns_{0};  // how long a run takes (RunPlacement keeps it)
   mutable std::mutex buffer_state_mutex_;
   std::set<std::string> inactive_written_;
   // [0] describes the active buffer, [1] the inactive one; swapped on swap.
