@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from typing import Callable
+from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -76,11 +76,11 @@ class Metrics:
 
     def watch_cpu_block_cache(self, stats: Callable[[], dict | None]) -> None:
         """Exposes the CPU block cache (runner_ext) at each scrape; nothing while it is off."""
-        self.registry.register(_CpuBlockCacheCollector(stats))
+        self.registry.register(_StatsCollector(stats, _cpu_block_cache_families))
 
     def watch_core_spread(self, stats: Callable[[], dict | None]) -> None:
         """Exposes where long CPU runs were pinned (runner_ext) at each scrape; nothing while off."""
-        self.registry.register(_CoreSpreadCollector(stats))
+        self.registry.register(_StatsCollector(stats, _core_spread_families))
 
     def serve(self, host: str, port: int) -> int:
         """Starts the HTTP exposition on host:port (0 picks one); returns the port."""
@@ -97,40 +97,40 @@ class Metrics:
             self._http = None
 
 
-class _CpuBlockCacheCollector:
-    def __init__(self, stats: Callable[[], dict | None]) -> None:
+class _StatsCollector:
+    """Metric families made at each scrape from a stats dict of the extension's
+    (``families(stats)``); none while ``stats()`` returns None (the feature is off)."""
+
+    def __init__(self, stats: Callable[[], dict | None], families: Callable[[dict], Iterable]) -> None:
         self._stats = stats
+        self._families = families
 
     def collect(self):
         s = self._stats()
-        if s is None:
-            return
-        yield GaugeMetricFamily("aotiserve_cpu_block_cache_bytes",
-                                "Freed large CPU blocks kept for reuse", value=s["cached_bytes"])
-        family = CounterMetricFamily("aotiserve_cpu_block_cache_allocations",
-                                     "Large CPU allocations, by whether a kept block served them",
-                                     labels=["outcome"])
-        family.add_metric(["hit"], s["hits"])
-        family.add_metric(["miss"], s["misses"])
-        yield family
+        if s is not None:
+            yield from self._families(s)
 
 
-class _CoreSpreadCollector:
-    def __init__(self, stats: Callable[[], dict | None]) -> None:
-        self._stats = stats
+def _cpu_block_cache_families(s: dict):
+    yield GaugeMetricFamily("aotiserve_cpu_block_cache_bytes",
+                            "Freed large CPU blocks kept for reuse", value=s["cached_bytes"])
+    family = CounterMetricFamily("aotiserve_cpu_block_cache_allocations",
+                                 "Large CPU allocations, by whether a kept block served them",
+                                 labels=["outcome"])
+    family.add_metric(["hit"], s["hits"])
+    family.add_metric(["miss"], s["misses"])
+    yield family
 
-    def collect(self):
-        s = self._stats()
-        if s is None:
-            return
-        family = CounterMetricFamily("aotiserve_spread_runs",
-                                     "Long single-threaded CPU runs that started beside another, "
-                                     "pinned to a core while they ran, by core", labels=["cpu"])
-        for cpu, runs in sorted(s["runs"].items()):
-            family.add_metric([str(cpu)], runs)
-        yield family
-        yield CounterMetricFamily("aotiserve_spread_runs_moved",
-                                  "Pinned runs moved off the core their thread was on", value=s["moved"])
-        yield CounterMetricFamily("aotiserve_spread_runs_shared",
-                                  "Pinned runs that shared their core with another long run "
-                                  "(more long runs at once than cores)", value=s["shared"])
+
+def _core_spread_families(s: dict):
+    family = CounterMetricFamily("aotiserve_spread_runs",
+                                 "Long single-threaded CPU runs that started beside another, "
+                                 "pinned to a core while they ran, by core", labels=["cpu"])
+    for cpu, runs in sorted(s["runs"].items()):
+        family.add_metric([str(cpu)], runs)
+    yield family
+    yield CounterMetricFamily("aotiserve_spread_runs_moved",
+                              "Pinned runs moved off the core their thread was on", value=s["moved"])
+    yield CounterMetricFamily("aotiserve_spread_runs_shared",
+                              "Pinned runs that shared their core with another long run "
+                              "(more long runs at once than cores)", value=s["shared"])

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -120,6 +121,14 @@ class DaemonProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def metric_samples(self, prefix: str) -> dict[str, float]:
+        """The samples on the metrics port whose names start with ``prefix``, by series."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            text = resp.read().decode()
+        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                if line.startswith(prefix)}
 
 
 _daemons: list[subprocess.Popen] = []

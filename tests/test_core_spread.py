@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import urllib.request
 
 import numpy as np
 import pytest
@@ -93,13 +92,6 @@ def test_overlapping_long_runs_get_a_core_each_others_are_left_alone():
     assert proc.stdout.startswith("ok"), proc.stdout
 
 
-def _spread_samples(metrics_port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as resp:
-        text = resp.read().decode()
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith("aotiserve_spread_runs")}
-
-
 def _two_clients(target: str, calls: int) -> None:
     x = np.random.default_rng(0).standard_normal((64, 1024)).astype(np.float32)
     errors = []
@@ -132,7 +124,7 @@ def test_the_daemon_spreads_two_clients_runs_over_two_cores(port):
     with daemon_process(["compute"], args, env={"OMP_NUM_THREADS": "1"}) as d:
         target = d.target if port == "main" else f"127.0.0.1:{d.ready['native_run_port']}"
         _two_clients(target, 8)
-        s = _spread_samples(d.metrics_port)
+        s = d.metric_samples("aotiserve_spread_runs")
     per_cpu = {k: v for k, v in s.items() if k.startswith("aotiserve_spread_runs_total{")}
     # Runs that started beside the other client's got the other core; none shared one.
     assert sum(per_cpu.values()) >= 1, s
@@ -143,4 +135,4 @@ def test_no_spread_runs_leaves_them_alone():
     with daemon_process(["compute"], ["--metrics-port", "0", "--no-spread-runs"],
                         env={"OMP_NUM_THREADS": "1"}) as d:
         _two_clients(d.target, 2)
-        assert _spread_samples(d.metrics_port) == {}
+        assert d.metric_samples("aotiserve_spread_runs") == {}

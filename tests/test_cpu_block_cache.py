@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import urllib.request
 
 import numpy as np
 
@@ -83,13 +82,6 @@ def test_large_blocks_are_kept_reused_bounded_and_given_back_when_idle():
     assert proc.stdout.startswith("ok"), proc.stdout
 
 
-def _cache_samples(metrics_port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as resp:
-        text = resp.read().decode()
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith("aotiserve_cpu_block_cache")}
-
-
 def test_the_daemon_reuses_large_output_blocks_across_runs():
     x = np.random.default_rng(0).standard_normal((9000, 1024)).astype(np.float32)  # 35 MiB
     with daemon_process(["passthrough"], ["--metrics-port", "0"]) as d:
@@ -98,7 +90,7 @@ def test_the_daemon_reuses_large_output_blocks_across_runs():
             for _ in range(3):
                 (y,) = model.run([x], output_format="numpy")
                 np.testing.assert_allclose(y, x, rtol=0, atol=1e-6)  # x * 1 + 0
-        samples = _cache_samples(d.metrics_port)
+        samples = d.metric_samples("aotiserve_cpu_block_cache")
     hits = samples['aotiserve_cpu_block_cache_allocations_total{outcome="hit"}']
     assert hits >= 2, samples  # every run after the first took the kept output block
     assert samples["aotiserve_cpu_block_cache_bytes"] >= 35 * MIB, samples
@@ -106,4 +98,4 @@ def test_the_daemon_reuses_large_output_blocks_across_runs():
 
 def test_a_limit_of_zero_turns_the_cache_off():
     with daemon_process(["passthrough"], ["--metrics-port", "0", "--cpu-block-cache-bytes", "0"]) as d:
-        assert _cache_samples(d.metrics_port) == {}
+        assert d.metric_samples("aotiserve_cpu_block_cache") == {}
