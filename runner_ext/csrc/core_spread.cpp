@@ -6,7 +6,7 @@
 // there within the last 0.5 ms (sched_migration_cost) to an idle core. With 2 clients
 // of a ~7 ms model on 2 cores, 18% of the CPU time stayed idle and the pair ran only
 // 1.64x one client. Pinning a long run that starts while another is in flight to the
-// core with the fewest runs in flight, for its duration, took idle time to 10% and the
+// core with the fewest runs in flight, for its duration, took idle time to 11-12% and the
 // pair to 1.8-1.9x (docs/server.md). A run alone is left where it is: a pin gains it
 // nothing and costs it three system calls, and a thread that cannot move while others
 // wake on its core.
