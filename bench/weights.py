@@ -270,9 +270,10 @@ def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray],
     time.sleep(0.05)
     flipping = loop.window(f0, f1)
     # One swap at a time, as in production: Runs that overlapped a flip call, over
-    # ``spaced`` flips 20 ms apart (after the back-to-back ones have settled). The
-    # control takes turns with them: a read-only RPC of about the same cost (ListModels)
-    # in place of the swap, i.e. what any concurrent RPC costs a Run on these shared cores.
+    # ``spaced`` flips 20 ms apart (after the back-to-back ones have settled). Two controls
+    # take turns with them: a read-only RPC of about the same cost (ListModels), i.e. what
+    # any concurrent RPC costs a Run on these shared cores, and a busy loop as long as a
+    # flip with no RPC, what any CPU work beside the Runs costs them.
     time.sleep(0.5)
     flip_s = (f1 - f0) / (2 * flips)
     spaced = _overlapping(loop, {"swap": model.rollback_constant_buffer, "list": client.list_models,

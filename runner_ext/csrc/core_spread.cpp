@@ -88,11 +88,11 @@ class CoreSpread {
 
 }  // namespace
 
-RunPlacement::RunPlacement(std::atomic<int64_t>& typical_ns)
-    : typical_ns_(typical_ns), start_(std::chrono::steady_clock::now()) {
+RunPlacement::RunPlacement(std::atomic<int64_t>& typical_ns) : typical_ns_(typical_ns) {
   CoreSpread& spread = CoreSpread::instance();
-  if (!spread.enabled.load(std::memory_order_relaxed) ||
-      typical_ns_.load(std::memory_order_relaxed) < kMinRunNs || at::get_num_threads() != 1) {
+  if (!spread.enabled.load(std::memory_order_relaxed)) return;  // not even timed
+  start_ = std::chrono::steady_clock::now();
+  if (typical_ns_.load(std::memory_order_relaxed) < kMinRunNs || at::get_num_threads() != 1) {
     return;
   }
   // The thread's own mask, read now: a cpuset changed at run time (a container's CPU
@@ -110,12 +110,13 @@ RunPlacement::RunPlacement(std::atomic<int64_t>& typical_ns)
 }
 
 RunPlacement::~RunPlacement() {
+  if (start_ == std::chrono::steady_clock::time_point{}) return;  // spreading was off
   if (pinned_) sched_setaffinity(0, sizeof(before_), &before_);
   if (counted_ >= 0) CoreSpread::instance().give_back(counted_);
   const int64_t took = std::chrono::duration_cast<std::chrono::nanoseconds>(
                            std::chrono::steady_clock::now() - start_)
                            .count();
-  // Down at once, up over about 8 runs: a first run (lazy set-up) or one cut short by
+  // Down at once, up over about 8 runs: a first run (lazy set-up) or one held up by
   // other work says little about how long the model computes. Racing updates may drop
   // a sample.
   const int64_t typical = typical_ns_.load(std::memory_order_relaxed);
