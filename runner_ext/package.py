@@ -106,7 +106,12 @@ def _safe_extract(zf: zipfile.ZipFile, members: list[zipfile.ZipInfo], dest: Pat
 
 @dataclass
 class LoadedModel:
-    """A runner together with what it was loaded from. ``close()`` frees it."""
+    """A runner together with what it was loaded from. ``close()`` drops it.
+
+    The unpacked package files live as long as the runner itself, not as long as
+    this object: ``load_model(pkg).runner`` keeps working after the LoadedModel is
+    gone (CUDA loads kernel binaries from them lazily, at a later run).
+    """
 
     runner: Any
     device: torch.device
@@ -117,9 +122,9 @@ class LoadedModel:
     _finalizer: Any = field(default=None, repr=False)
 
     def close(self) -> None:
+        # The files go with the runner's last reference (see load_model), not now: a
+        # caller may still hold the runner.
         self.runner = None
-        if self._finalizer is not None:
-            self._finalizer()
 
 
 def _device_of(device: str | torch.device) -> torch.device:
@@ -195,6 +200,8 @@ def load_model(
             shutil.rmtree(workdir, ignore_errors=True)
             raise
     loaded = LoadedModel(runner, device, str(path), name, metadata, workdir)
-    # The folder lives as long as the LoadedModel: CUDA loads cubins lazily.
-    loaded._finalizer = weakref.finalize(loaded, shutil.rmtree, workdir, True)
+    # The folder lives as long as the runner (a weak reference's callback, run when the
+    # runner's last reference goes): CUDA loads cubins lazily, and a runner taken out of
+    # its LoadedModel must keep working.
+    loaded._finalizer = weakref.finalize(runner, shutil.rmtree, workdir, True)
     return loaded

@@ -82,6 +82,10 @@ class ServeConfig:
     # most rows in one run (0 or 1: off) and the longest a run waits for others to join.
     batch_max_size: int = 0
     batch_max_delay_us: int = 500
+    # Runs on zero inputs shaped from its input specs before a model turns READY, on every
+    # replica (server/warmup.py): the first requests then pay no lazy initialisation (CUDA
+    # loads kernels at their first launch). 0: off. Per model in its config file.
+    warmup_runs: int = 1
     grpc_workers: int = 32
     # The daemon restarts itself with malloc and torch's allocator set for payloads
     # (server/process_env.py): transparent huge pages (large tensors copy several times
@@ -121,7 +125,7 @@ class ServeConfig:
     ready_file: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_max_size", "batch_max_delay_us"):
+        for name in ("batch_max_size", "batch_max_delay_us", "warmup_runs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.cpu_block_cache_bytes < 0:
@@ -267,6 +271,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
            "dimension (default 0: off)")
     a("--batch-max-delay-us", type=int,
       help="dynamic batching: longest a run waits for others to join (default 500)")
+    a("--warmup-runs", type=int,
+      help="runs on zero inputs shaped from the model's specs, per replica, before a model "
+           "turns READY (default 1; 0: off)")
     a("--no-huge-pages", dest="huge_pages", action="store_const", const=False,
       help="leave malloc and torch's allocator as the environment sets them (no transparent "
            "huge pages, no malloc thresholds)")

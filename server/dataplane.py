@@ -35,6 +35,7 @@ import torch
 from aotiserve import runner_ext
 from aotiserve.v1 import model_runner_pb2 as pb
 
+from . import io_specs
 from . import tensor_codec as codec
 from .config import ServeConfig
 from .errors import (
@@ -189,6 +190,8 @@ class DataPlane:
         self._stream_pool = cf.ThreadPoolExecutor(max_workers=config.max_weight_streams,
                                                   thread_name_prefix="aotiserve-stage",
                                                   initializer=background_priority)
+        # Models loaded from now on (repository, LoadModel, the demo) warm up this much.
+        registry.warmup_runs = config.warmup_runs
 
     # Health ------------------------------------------------------------------
 
@@ -236,6 +239,12 @@ class DataPlane:
                 if want >= 0 and got != want:
                     raise InvalidArgument(f"{_input_label(i, spec)}: dimension {d} must be {want} "
                                           f"(shape {list(spec.shape)}), got shape {list(t.shape)}")
+            # The package's dynamic-dim guards, checked here so the caller learns what the
+            # model accepts and how to change that (the runner's own message says neither).
+            if spec.min_shape is not None or spec.max_shape is not None:
+                why = io_specs.check_bounds(_input_label(i, spec), spec, t.shape)
+                if why is not None:
+                    raise InvalidArgument(why)
 
     def decode_inputs(self, model: ServedModel, tensors: Sequence[pb.Tensor]) -> list[torch.Tensor]:
         """Wire tensors → torch, naming the input in every error."""

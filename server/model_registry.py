@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from aotiserve import runner_ext
+from aotiserve.client import pt2
 from aotiserve.v1 import model_runner_pb2 as pb
 
 from . import tensor_codec as codec
@@ -59,7 +60,8 @@ from .errors import (
     Unavailable,
 )
 from .metrics import Metrics
-from .packaging import read_io_specs
+from . import io_specs, warmup
+from .io_specs import IOSpec
 from .rwlock import RWLock
 from .weights import FOLDED_PREFIX, INITIAL, WeightsVersion, map_sha256
 from .weights_store import WeightsStore
@@ -72,15 +74,6 @@ class ModelState(enum.IntEnum):
     READY = pb.MODEL_STATE_READY
     UNLOADING = pb.MODEL_STATE_UNLOADING
     FAILED = pb.MODEL_STATE_FAILED
-
-
-@dataclass(frozen=True)
-class IOSpec:
-    """A model input or output. ``dtype``/``shape`` are None where unknown; -1 = dynamic dim."""
-
-    name: str
-    dtype: torch.dtype | None
-    shape: tuple[int, ...] | None
 
 
 @dataclass(frozen=True)
@@ -145,13 +138,6 @@ class WeightsState:
         return self.swaps > 0
 
 
-def _spec_from_json(d: Mapping[str, Any]) -> IOSpec:
-    dtype = getattr(torch, d.get("dtype", ""), None)
-    shape = d.get("shape")
-    return IOSpec(str(d["name"]), dtype if isinstance(dtype, torch.dtype) else None,
-                  tuple(int(x) for x in shape) if shape is not None else None)
-
-
 @dataclass
 class ModelOptions:
     """Placement of one model (per-model config file or LoadModel request)."""
@@ -168,6 +154,8 @@ class ModelOptions:
     batch_max_delay_us: int = 500
     # Fill the inactive buffer with a copy of the weights at load (ServedModel.reserve_inactive).
     reserve_inactive: bool = False
+    # Warm-up rounds per replica before the model turns READY (server/warmup.py; 0: off).
+    warmup_runs: int = 1
 
     def path_for(self, device: torch.device, default: str) -> str:
         return self.device_paths.get(str(device)) or self.device_paths.get(device.type) or default
@@ -230,14 +218,7 @@ class ServedModel:
         first = self.replicas[0]
         runner = first.runner
         self.metadata = dict(first.loaded.metadata)
-        specs = read_io_specs(self.metadata)
-        if specs is not None:
-            self.inputs = [_spec_from_json(d) for d in specs[0]]
-            self.outputs = [_spec_from_json(d) for d in specs[1]]
-        else:
-            self.inputs = [IOSpec(f"input__{i}", None, None) for i in range(runner.get_num_inputs())]
-            self.outputs = [IOSpec(f"output__{i}", None, None)
-                            for i in range(runner.get_num_outputs())]
+        self._describe_io(first)
         fqns = runner.get_constant_names_to_original_fqns()
         live = runner.extract_constants_map(False)
         for name, fqn in fqns.items():
@@ -253,6 +234,30 @@ class ServedModel:
                            os.path.basename(self.path)))
         self._setup_batching()
 
+    def _describe_io(self, first: Replica) -> None:
+        """Inputs and outputs from the package (io_specs), for every .pt2 alike."""
+        runner = first.runner
+        inputs, outputs, source = io_specs.from_package(
+            first.loaded.source, first.loaded.model_name, self.metadata,
+            runner.get_num_inputs(), runner.get_num_outputs())
+        if not all(io_specs.complete(o) for o in outputs):
+            outputs = io_specs.probe_outputs(
+                inputs, outputs, lambda xs: first.pool.execute(runner, xs))
+        self.inputs, self.outputs = inputs, outputs
+        if source == pt2.SOURCE_NONE:
+            log.warning("model %r: %s holds no input/output description (no aotiserve pack "
+                        "metadata, no generated wrapper source): requests are checked by the "
+                        "model's own guards only", self.name, self.path)
+        else:
+            # The complete specs, bounds included, where ListModels shows them (ModelInfo's
+            # TensorSpec has no room for bounds).
+            self.metadata[pt2.INPUTS_KEY] = pt2.specs_json([s.to_client() for s in inputs])
+            self.metadata[pt2.OUTPUTS_KEY] = pt2.specs_json([s.to_client() for s in outputs])
+        io_specs.log_lower_bounds(self.name, inputs)
+        log.info("model %r: inputs %s, outputs %s (from the %s)", self.name,
+                 ", ".join(f"{s.name} {_dtype_text(s)}{s.bounds_text()}" for s in inputs),
+                 ", ".join(f"{s.name} {_dtype_text(s)}{s.bounds_text()}" for s in outputs), source)
+
     def _setup_batching(self) -> None:
         size = self.options.batch_max_size
         if size < 2:
@@ -261,6 +266,14 @@ class ServedModel:
         if why_not is not None:
             log.warning("model %r: dynamic batching is off: %s", self.name, why_not)
             return
+        # A batch never grows past the rows the model's guards accept in one run.
+        limits = [s.max_shape[0] for s in self.inputs if s.max_shape and s.max_shape[0] >= 0]
+        if limits and min(limits) < size:
+            size = min(limits)
+            if size < 2:
+                log.warning("model %r: dynamic batching is off: it accepts %d row(s) per run",
+                            self.name, size)
+                return
         self.batcher = Batcher(size, self.options.batch_max_delay_us / 1e6)
         log.info("model %r: dynamic batching up to %d rows, waiting up to %d µs", self.name,
                  size, self.options.batch_max_delay_us)
@@ -636,6 +649,10 @@ class ServedModel:
         return [r.pool.name for r in self.replicas] or list(self.options.devices)
 
 
+def _dtype_text(spec: IOSpec) -> str:
+    return codec.dtype_name(spec.dtype) if spec.dtype is not None else "?"
+
+
 DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
 
 
@@ -686,7 +703,8 @@ def read_model_options(pt2: Path, defaults: ModelOptions, name: str | None = Non
                 batch_max_size=int(data.get("batch_max_size", defaults.batch_max_size)),
                 batch_max_delay_us=int(data.get("batch_max_delay_us",
                                                 defaults.batch_max_delay_us)),
-                reserve_inactive=bool(data.get("reserve_inactive_buffer", defaults.reserve_inactive)))
+                reserve_inactive=bool(data.get("reserve_inactive_buffer", defaults.reserve_inactive)),
+                warmup_runs=int(data.get("warmup_runs", defaults.warmup_runs)))
     return replace(defaults, device_paths=dict(variants))
 
 
@@ -696,7 +714,7 @@ class ModelRegistry:
     def __init__(self, pools: Mapping[str, DevicePool], default_devices: Sequence[str],
                  default_runners: int, metrics: Metrics | None = None,
                  store: WeightsStore | None = None, batching: tuple[int, int] = (0, 500),
-                 reserve_inactive: bool = False):
+                 reserve_inactive: bool = False, warmup_runs: int = 1):
         self.pools = dict(pools)
         self.default_devices = tuple(default_devices)
         self.default_runners = default_runners
@@ -704,6 +722,7 @@ class ModelRegistry:
         self.store = store
         self.batching = batching
         self.reserve_inactive = reserve_inactive
+        self.warmup_runs = warmup_runs
         # The native data port (native_port.NativePort), when configured: READY models
         # it can serve are handed to it.
         self.native: Any = None
@@ -738,7 +757,8 @@ class ModelRegistry:
             raise InvalidArgument(f"runners_per_device must be positive, got {runners}")
         return ModelOptions(devices, runners or self.default_runners, package_model or None,
                             batch_max_size=self.batching[0], batch_max_delay_us=self.batching[1],
-                            reserve_inactive=self.reserve_inactive)
+                            reserve_inactive=self.reserve_inactive,
+                            warmup_runs=self.warmup_runs)
 
     def load(self, name: str, path: str | os.PathLike, options: ModelOptions) -> ServedModel:
         if not name or "/" in name:
@@ -760,6 +780,9 @@ class ModelRegistry:
                              name, committed[0].id)
             if options.reserve_inactive:
                 model.reserve_inactive()
+            # READY only once every replica ran: the first requests pay no lazy start-up.
+            warmup.warm_up(name, model.replicas, model.inputs, options.warmup_runs,
+                           options.runners)
         except runner_ext.PackageError as exc:
             self._failed(model, str(exc))
             raise InvalidArgument(str(exc)) from exc

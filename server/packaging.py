@@ -5,8 +5,9 @@ Two things differ from a bare ``aoti_compile_and_package``:
   stays an updatable constant (without it inductor folds some weights into
   code and a weight swap silently keeps them);
 - input/output names, dtypes and shapes (-1 for dynamic dimensions) are
-  recorded in the package's AOTI metadata, so the server can describe the
-  model (Open Inference Protocol ModelMetadata) and validate requests.
+  recorded in the package's AOTI metadata under their own names, with the torch
+  version that compiled it (a plain package is described from its generated
+  wrapper source instead: aotiserve.client.pt2).
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from typing import Any, Sequence
 
 import torch
 
-log = logging.getLogger(__name__)
+from aotiserve.client.pt2 import INPUTS_KEY, OUTPUTS_KEY, TORCH_VERSION_KEY
 
-INPUTS_KEY = "aotiserve.inputs"
-OUTPUTS_KEY = "aotiserve.outputs"
+log = logging.getLogger(__name__)
 
 
 def _spec(name: str, value: Any) -> dict[str, Any]:
@@ -89,6 +89,8 @@ def pack(
     user_metadata.update(metadata or {})
     user_metadata[INPUTS_KEY] = json.dumps(inputs)
     user_metadata[OUTPUTS_KEY] = json.dumps(outputs)
+    # A package torch made alone does not say which torch made it (aotiserve inspect shows it).
+    user_metadata[TORCH_VERSION_KEY] = torch.__version__
     configs["aot_inductor.metadata"] = user_metadata
     package_path = Path(package_path)
     package_path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -105,6 +106,10 @@ class ModelSpec:
     max_batch: int = 1024
     weights_outside_so: bool = False
     pack_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Compiled with torch's own aoti_compile_and_package (no aotiserve pack): what most
+    # users bring. ``inductor_configs`` are passed as they are (default options: {}).
+    plain: bool = False
+    inductor_configs: dict[str, Any] = field(default_factory=dict)
 
     def module(self) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -124,7 +129,10 @@ class ModelSpec:
         src = inspect.getsource(self.factory) + inspect.getsource(self.example) + repr(
             (self.dynamic_batch, self.max_batch, self.weights_outside_so, sorted(self.pack_kwargs.items()))
         )
-        src += inspect.getsource(pack)
+        if self.plain:
+            src += repr(sorted(self.inductor_configs.items())) + inspect.getsource(_compile_plain)
+        else:
+            src += inspect.getsource(pack)
         return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
@@ -151,7 +159,22 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec("big_embed", BigEmbed, lambda b: (torch.randint(0, 65536, (b,)),),
                   weights_outside_so=True),
+        # Plain packages (issue 18): torch's defaults, so a Dim(min=1) batch refuses 1
+        # (check_lowerbound) and some weights are folded into code.
+        ModelSpec("plain_mlp", MLP, lambda b: (torch.randn(b, 64),), plain=True),
+        ModelSpec("plain_mlp_nolb", MLP, lambda b: (torch.randn(b, 64),), plain=True,
+                  inductor_configs={"aot_inductor.check_lowerbound": False}),
+        ModelSpec("plain_two_io", TwoInOut,
+                  lambda b: (torch.randn(b, 16), torch.randint(0, 100, (b,))), plain=True),
+        ModelSpec("plain_static", ConvNet, lambda b: (torch.randn(2, 3, 8, 8),),
+                  dynamic_batch=False, plain=True),
     ]
+}
+
+# Multi-model packages: package name -> {model name in the package: zoo model}. Made with
+# torch's package_aoti from the members' compiled files (nothing compiles twice).
+MULTI: dict[str, dict[str, str]] = {
+    "plain_multi": {"model": "plain_mlp", "static": "plain_static"},
 }
 
 
@@ -160,25 +183,66 @@ def cache_dir() -> Path:
     return root / f"torch-{torch.__version__}"
 
 
+def _compile_plain(spec: ModelSpec, device: str, path: Path) -> None:
+    """torch's plain API, as a user who never heard of aotiserve would call it."""
+    with torch.no_grad():
+        ep = torch.export.export(spec.module().to(device),
+                                 tuple(t.to(device) for t in spec.inputs(4)),
+                                 dynamic_shapes=spec.dynamic_shapes())
+        torch._inductor.aoti_compile_and_package(
+            ep, package_path=str(path), inductor_configs=dict(spec.inductor_configs) or None)
+
+
+def _package_multi(members: dict[str, str], device: str, path: Path, tmp: Path) -> None:
+    """A multi-model package: each member's files (from its own package) under its name."""
+    from torch._inductor.package import package_aoti
+
+    files: dict[str, list[str]] = {}
+    for model_name, zoo_name in members.items():
+        folder = tmp / model_name
+        folder.mkdir()
+        with zipfile.ZipFile(compiled(zoo_name, device)) as zf:
+            for member in zf.namelist():
+                if "/data/aotinductor/model/" in member:
+                    target = folder / Path(member).name
+                    target.write_bytes(zf.read(member))
+                    files.setdefault(model_name, []).append(str(target))
+    package_aoti(str(path), files)
+
+
+def _cache_path(name: str, device: str) -> Path:
+    suffix = "" if device == "cpu" else f"-{device.replace(':', '')}"
+    if name in MULTI:
+        key = repr(sorted((k, MODELS[v].cache_key()) for k, v in MULTI[name].items()))
+        key = hashlib.sha256((key + inspect.getsource(_package_multi)).encode()).hexdigest()[:16]
+    else:
+        key = MODELS[name].cache_key()
+    return cache_dir() / f"{name}-{key}{suffix}.pt2"
+
+
 def compiled(name: str, device: str = "cpu") -> Path:
     """Path of the compiled package for a zoo model, compiling it on a cache miss."""
-    spec = MODELS[name]
-    suffix = "" if device == "cpu" else f"-{device.replace(':', '')}"
-    path = cache_dir() / f"{name}-{spec.cache_key()}{suffix}.pt2"
+    path = _cache_path(name, device)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     # Compile to a temp name and rename, so a killed run leaves no half file.
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         tmp_path = Path(tmp) / path.name
-        pack(
-            spec.module().to(device),
-            tuple(t.to(device) for t in spec.inputs(4)),
-            tmp_path,
-            dynamic_shapes=spec.dynamic_shapes(),
-            weights_outside_so=spec.weights_outside_so,
-            **spec.pack_kwargs,
-        )
+        if name in MULTI:
+            _package_multi(MULTI[name], device, tmp_path, Path(tmp))
+        elif MODELS[name].plain:
+            _compile_plain(MODELS[name], device, tmp_path)
+        else:
+            spec = MODELS[name]
+            pack(
+                spec.module().to(device),
+                tuple(t.to(device) for t in spec.inputs(4)),
+                tmp_path,
+                dynamic_shapes=spec.dynamic_shapes(),
+                weights_outside_so=spec.weights_outside_so,
+                **spec.pack_kwargs,
+            )
         os.replace(tmp_path, path)
     return path
 

@@ -40,6 +40,8 @@ import model_zoo  # noqa: E402  (tests/ is on sys.path via conftest)
 
 REPO = Path(__file__).resolve().parent.parent
 SERVED = ("mlp", "conv", "two_io", "blob_mlp")
+# Packages torch made alone (no `aotiserve pack` metadata): described from their source.
+PLAIN = ("plain_mlp", "plain_mlp_nolb", "plain_two_io", "plain_static")
 START_TIMEOUT_S = 120
 
 
@@ -50,7 +52,7 @@ START_TIMEOUT_S = 120
 def repository(tmp_path_factory, model_package) -> Path:
     """A model repository folder holding the zoo packages as <name>.pt2."""
     root = tmp_path_factory.mktemp("oip-repo")
-    for name in SERVED:
+    for name in SERVED + PLAIN:
         shutil.copyfile(model_package(name), root / f"{name}.pt2")
     return root
 
@@ -247,6 +249,61 @@ def test_model_metadata_two_io_names(client):
     ]
 
 
+PLAIN_METADATA = {
+    "plain_mlp": ([("input__0", "FP32", [-1, 64])], [("output__0", "FP32", [-1, 10])]),
+    "plain_two_io": ([("input__0", "FP32", [-1, 16]), ("input__1", "INT64", [-1])],
+                     [("output__0", "FP32", [-1, 4]), ("output__1", "INT64", [-1])]),
+    "plain_static": ([("input__0", "FP32", [2, 3, 8, 8])], [("output__0", "FP32", [2, 5])]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN_METADATA))
+def test_plain_package_metadata(client, name):
+    """tritonclient's view of a package torch made alone, described from its source."""
+    meta = client.get_model_metadata(name)
+    inputs, outputs = PLAIN_METADATA[name]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == inputs
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == outputs
+    config = client.get_model_config(name).config
+    assert [(i.name, list(i.dims)) for i in config.input] == [(n, s) for n, _, s in inputs]
+
+
+def _plain_inputs(tensors, datatypes=("FP32", "INT64")) -> list:
+    inputs = []
+    for i, (t, datatype) in enumerate(zip(tensors, datatypes)):
+        inp = tritonclient_grpc.InferInput(f"input__{i}", list(t.shape), datatype)
+        inp.set_data_from_numpy(t.numpy())
+        inputs.append(inp)
+    return inputs
+
+
+def test_plain_package_infer(client):
+    tensors = model_zoo.MODELS["plain_two_io"].inputs(batch=3, seed=2)
+    result = client.infer("plain_two_io", _plain_inputs(tensors))
+    expected = model_zoo.eager("plain_two_io", tensors)
+    for name, ref in zip(("output__0", "output__1"), expected):
+        got = torch.from_numpy(np.array(result.as_numpy(name)))
+        assert got.dtype == ref.dtype
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_plain_package_guards(client):
+    """Batch 1 below torch's default lower bound is explained; without that check it
+    serves; a wrong datatype names the input."""
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("plain_mlp", _plain_inputs([torch.randn(1, 64)]))
+    assert code_of(e) == "INVALID_ARGUMENT"
+    assert "check_lowerbound" in str(e.value) and "aotiserve pack" in str(e.value)
+    one = [torch.randn(1, 64)]
+    result = client.infer("plain_mlp_nolb", _plain_inputs(one))
+    torch.testing.assert_close(torch.from_numpy(np.array(result.as_numpy("output__0"))),
+                               model_zoo.eager("plain_mlp_nolb", one)[0], rtol=1e-4, atol=1e-5)
+    tensors = [torch.randn(3, 16), torch.zeros(3)]
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("plain_two_io", _plain_inputs(tensors, ("FP32", "FP32")))
+    assert code_of(e) == "INVALID_ARGUMENT" and "'input__1'" in str(e.value)
+
+
 def test_model_metadata_unknown_model(client):
     with pytest.raises(InferenceServerException) as e:
         client.get_model_metadata("no_such_model")
@@ -395,7 +452,7 @@ def test_unload_and_load(client, stub):
     index = {m.name: m for m in client.get_model_repository_index().models}
     assert index["blob_mlp"].state == "UNAVAILABLE" and index["blob_mlp"].reason
     ready_only = stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True))
-    assert {m.name for m in ready_only.models} == set(SERVED) - {"blob_mlp"}
+    assert {m.name for m in ready_only.models} == set(SERVED + PLAIN) - {"blob_mlp"}
     assert client.is_model_ready("mlp")  # the others keep serving
     tensors = model_zoo.MODELS["blob_mlp"].inputs(batch=2)
     with pytest.raises(InferenceServerException) as e:

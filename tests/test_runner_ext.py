@@ -309,6 +309,45 @@ def test_run_releases_the_gil(loaded, zoo):
     assert ticks  # the spinner got the GIL while run() was executing
 
 
+def _runner_outlives_its_loaded_model(path, device: str, zoo, name: str) -> None:
+    import gc
+    import os
+
+    loaded = rx.load_model(path, device=device)
+    folder = loaded._workdir
+    runner = loaded.runner
+    del loaded
+    gc.collect()
+    assert os.path.isdir(folder)  # the unpacked files live as long as the runner
+    inputs = zoo.MODELS[name].inputs(3)
+    _allclose([o.cpu() for o in runner.run([t.to(device) for t in inputs])],
+              zoo.eager(name, inputs))
+    # Closing a LoadedModel drops its reference only: a runner held elsewhere still runs.
+    other = rx.load_model(path, device=device)
+    held = other.runner
+    other.close()
+    _allclose([o.cpu() for o in held.run([t.to(device) for t in inputs])], zoo.eager(name, inputs))
+    del runner
+    gc.collect()
+    assert not os.path.isdir(folder)  # ...and go with its last reference
+
+
+def test_runner_outlives_its_loaded_model(model_package, zoo):
+    """`load_model(pkg).runner` used after the LoadedModel is dropped still runs (issue 18)."""
+    _runner_outlives_its_loaded_model(model_package("plain_two_io"), "cpu", zoo, "plain_two_io")
+    runner = rx.load_model(model_package("mlp")).runner  # the one-line idiom
+    inputs = zoo.MODELS["mlp"].inputs(2)
+    _allclose(runner.run(list(inputs)), zoo.eager("mlp", inputs))
+
+
+@pytest.mark.cuda
+def test_cuda_runner_outlives_its_loaded_model(zoo):
+    """On CUDA the kernels load lazily from the unpacked files, at the first run."""
+    import model_zoo
+
+    _runner_outlives_its_loaded_model(model_zoo.compiled("mlp", device="cuda"), "cuda", zoo, "mlp")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", TEST_MODELS)
 def test_cuda_run_matches_eager(model_package, zoo, name, tmp_path):

@@ -2,6 +2,7 @@
 
     aotiserve serve [flags]                 run the daemon (needs the full distribution)
     aotiserve models                        list models: name, state, devices, weights version
+    aotiserve inspect PATH.pt2              what a package holds (no daemon, no torch needed)
     aotiserve infer --model M --random      run a model on random inputs (or --input x.npy ...)
     aotiserve health [--wait S]             the standard gRPC health status
     aotiserve load NAME PATH / unload NAME  model management
@@ -121,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="batch size of random inputs (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of random inputs")
     p.add_argument("--save", metavar="DIR", help="also write each output to DIR/<name>.npy")
+
+    p = command("inspect", "describe a .pt2 package: models, device, inputs/outputs, constants, "
+                "swappable and folded weights, warnings (reads the file; no daemon)")
+    p.add_argument("package", metavar="PATH.pt2")
+    p.add_argument("--weights", metavar="FILE.safetensors",
+                   help="the model's weights: names the ones folded into code at compile time")
 
     p = command("health", "print the daemon's health status (exit 0 only when SERVING)")
     p.add_argument("--service", default="", help="service name ('' for the whole server)")
@@ -304,6 +311,20 @@ def cmd_infer(cfg: CliConfig, args) -> int:
     return 0
 
 
+def cmd_inspect(cfg: CliConfig, args) -> int:
+    from aotiserve.client import inspect
+
+    try:
+        report = inspect.inspect_package(args.package, args.weights)
+    except inspect.InspectError as e:
+        raise UsageError(str(e)) from None
+    if cfg.json:
+        _print_json(report)
+    else:
+        print(inspect.render(report))
+    return 0
+
+
 def cmd_health(cfg: CliConfig, args) -> int:
     from aotiserve.client.errors import DeadlineExceededError
 
@@ -426,7 +447,7 @@ def cmd_weights_rollout(cfg: CliConfig, args) -> int:
 
 
 COMMANDS = {
-    "models": cmd_models, "infer": cmd_infer, "health": cmd_health,
+    "models": cmd_models, "infer": cmd_infer, "inspect": cmd_inspect, "health": cmd_health,
     "load": cmd_load, "unload": cmd_unload,
     ("weights", "push"): cmd_weights_push, ("weights", "pull"): cmd_weights_pull,
     ("weights", "rollback"): cmd_weights_rollback, ("weights", "free"): cmd_weights_free,
