@@ -251,3 +251,16 @@ def test_warm_up_off(record_runs):
     with running_server(["plain_mlp"], warmup_runs=0):
         pass
     assert record_runs == []
+
+
+def test_client_sees_bounds_and_infers_at_an_accepted_size(srv, capsys):
+    from aotiserve.client import Client, cli
+
+    with Client(srv.target) as client:
+        (spec,) = client.model("plain_mlp").info().inputs
+    assert (spec.shape, spec.min_shape, spec.max_shape) == ((-1, 64), (2, 64), (1024, 64))
+    # `aotiserve infer --random` picks the smallest batch the model accepts (2, not 1).
+    code = cli.main(["infer", "--model", "plain_mlp", "--random", "--target", srv.target])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "output__0: float32[2, 10]" in out

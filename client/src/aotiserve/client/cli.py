@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", default=[], metavar="FILE.npy",
                    help="an input as a .npy file, in input order (repeat for each input)")
     p.add_argument("--random", action="store_true", help="random inputs from the model's specs")
-    p.add_argument("--batch", type=int, default=1, help="batch size of random inputs (default 1)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size of random inputs (default: the smallest the model accepts, "
+                        "at least 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of random inputs")
     p.add_argument("--save", metavar="DIR", help="also write each output to DIR/<name>.npy")
 
@@ -233,7 +235,7 @@ def cmd_models(cfg: CliConfig, args) -> int:
     return 0
 
 
-def _random_inputs(specs, batch: int, seed: int) -> list:
+def _random_inputs(specs, batch: int | None, seed: int) -> list:
     import numpy as np
 
     from aotiserve.client.dtypes import BY_TORCH_NAME
@@ -241,7 +243,11 @@ def _random_inputs(specs, batch: int, seed: int) -> list:
     rng = np.random.default_rng(seed)
     inputs = []
     for spec in specs:
-        shape = tuple(batch if (d < 0 and i == 0) else (1 if d < 0 else d) for i, d in enumerate(spec.shape))
+        # A dynamic dim takes the smallest size the model accepts (a package compiled with
+        # torch's default guards refuses 1), dim 0 the batch asked for.
+        least = spec.min_shape or (0,) * len(spec.shape)
+        shape = tuple((batch if batch is not None else max(least[i], 1)) if (d < 0 and i == 0)
+                      else (max(least[i], 1) if d < 0 else d) for i, d in enumerate(spec.shape))
         dtype = BY_TORCH_NAME.get(spec.dtype)
         if dtype is None:
             raise UsageError(f"input {spec.name!r} has dtype {spec.dtype}; pass --input files")
@@ -268,7 +274,7 @@ def cmd_infer(cfg: CliConfig, args) -> int:
 
     if bool(args.input) == bool(args.random):
         raise UsageError("give either --input FILE.npy (once per input) or --random")
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         raise UsageError("--batch must be at least 1")
     with cfg.client() as client:
         model = client.model(args.model)

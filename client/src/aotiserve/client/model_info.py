@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from aotiserve.client.dtypes import wire_name
@@ -28,15 +29,36 @@ class WeightsVersion:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, dtype (torch's name, e.g. "float32") and shape (-1: dynamic) of an input or output."""
+    """Name, dtype (torch's name, e.g. "float32") and shape (-1: dynamic) of an input or output,
+    and the sizes each dim accepts where the server knows them (``max_shape`` -1: unbounded)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
+    min_shape: tuple[int, ...] | None = None
+    max_shape: tuple[int, ...] | None = None
 
     @classmethod
     def from_proto(cls, msg: pb.TensorSpec) -> "TensorSpec":
         return cls(msg.name, wire_name(msg.dtype), tuple(msg.shape))
+
+
+def _with_bounds(specs: list[TensorSpec], published: str | None) -> tuple[TensorSpec, ...]:
+    """The specs with the dim bounds the server publishes in ModelInfo.metadata (a JSON list:
+    ModelInfo's TensorSpec message has no field for them), matched by name and rank."""
+    try:
+        entries = {e["name"]: e for e in json.loads(published)} if published else {}
+    except (ValueError, TypeError, KeyError):
+        return tuple(specs)
+    out = []
+    for spec in specs:
+        e = entries.get(spec.name) or {}
+        lo, hi = e.get("min_shape"), e.get("max_shape")
+        if isinstance(lo, list) and isinstance(hi, list) and len(lo) == len(hi) == len(spec.shape):
+            spec = replace(spec, min_shape=tuple(int(x) for x in lo),
+                           max_shape=tuple(int(x) for x in hi))
+        out.append(spec)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -69,8 +91,10 @@ class ModelInfo:
             staged_version=WeightsVersion.from_proto(msg.staged_version),
             previous_version=WeightsVersion.from_proto(msg.previous_version),
             updatable_constants=tuple(msg.updatable_constants),
-            inputs=tuple(TensorSpec.from_proto(s) for s in msg.inputs),
-            outputs=tuple(TensorSpec.from_proto(s) for s in msg.outputs),
+            inputs=_with_bounds([TensorSpec.from_proto(s) for s in msg.inputs],
+                                msg.metadata.get("aotiserve.inputs")),
+            outputs=_with_bounds([TensorSpec.from_proto(s) for s in msg.outputs],
+                                 msg.metadata.get("aotiserve.outputs")),
             metadata=dict(msg.metadata),
             error=msg.error,
         )
