@@ -128,7 +128,9 @@ COPY deploy/healthcheck.py /opt/aotiserve/bin/aotiserve-healthcheck
 # --config). These defaults make it reachable from outside the container and
 # serve the prebuilt demo when no model repository is set. Packages unpack and
 # caches go to /tmp, so the root filesystem can be read-only (give /tmp a
-# tmpfs/emptyDir).
+# tmpfs/emptyDir). No admin token is set here: until one is mounted and named by
+# AOTISERVE_ADMIN_TOKEN_FILE (the manifests do), the daemon takes mutating RPCs
+# (weight pushes, load/unload) only from loopback, i.e. from inside the container.
 ENV PATH=/opt/aotiserve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

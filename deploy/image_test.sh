@@ -255,7 +255,7 @@ repository_test() {
     podman volume create "$VOLUME" >/dev/null
     local args=(-v "$dir/models:/models:ro" -v "$VOLUME:/weights"
                 -v "$dir/admin-token:/etc/aotiserve/admin/token:ro"
-                -e AOTISERVE_MODEL_REPOSITORY=/models -e "AOTISERVE_ALLOWED_ROOTS=/models,/weights"
+                -e AOTISERVE_MODEL_REPOSITORY=/models -e "AOTISERVE_ALLOWED_ROOTS=/models"
                 -e AOTISERVE_ADMIN_TOKEN_FILE=/etc/aotiserve/admin/token -e AOTISERVE_LOG_JSON=1)
     log "phase 2: model repository, admin token, weights volume; weights rollout; restart"
     start_container "${args[@]}"

@@ -36,14 +36,30 @@ class PackageError(ValueError):
     """The file is not a usable AOTInductor package."""
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # a zip's first local file header
+
+
 def _open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
+    """The package's zip archive, which must start at the file's first byte: zipfile
+    finds an archive behind any prefix, so a file that only ends in a zip (say,
+    uploaded weights with one appended) would otherwise open as a package."""
     path = Path(path)
     if not path.is_file():
         raise PackageError(f"model package {str(path)!r} does not exist or is not a file")
     try:
-        return zipfile.ZipFile(path)
+        with open(path, "rb") as f:
+            if f.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+                raise PackageError(f"model package {str(path)!r} is not a valid .pt2 archive: "
+                                   "it does not start with a zip header (PK\\x03\\x04)")
+        zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise PackageError(f"model package {str(path)!r} is not a valid .pt2 archive: {exc}") from exc
+    first = min((info.header_offset for info in zf.infolist()), default=0)
+    if first:
+        zf.close()
+        raise PackageError(f"model package {str(path)!r} is not a valid .pt2 archive: {first} "
+                           "bytes lie in front of its zip archive")
+    return zf
 
 
 def _model_members(zf: zipfile.ZipFile) -> dict[str, list[zipfile.ZipInfo]]:

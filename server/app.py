@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from aotiserve import runner_ext
 
+from . import health as served_health
 from . import native_servicer, oip_servicer
 from .config import ServeConfig
 from .dataplane import DataPlane
@@ -92,7 +93,7 @@ class AppServer:
             self.native_port = self.native.port
             self.registry.native = self.native
             self.metrics.registry.register(self.native)
-        self.health = health.HealthServicer(
+        self.health = served_health.HealthServicer(
             experimental_non_blocking=True,
             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))
         options = [
@@ -106,7 +107,8 @@ class AppServer:
             self.metrics, _read_token(config.admin_token_file), lambda: self.plane.draining,
             is_model=self.registry.__contains__,
             inference_token=inference_token,
-            admin_loopback_only=config.admin_loopback_only, admin_rpcs=not separate_admin)
+            admin_loopback_only=config.admin_loopback_only, admin_rpcs=not separate_admin,
+            insecure_admin=config.insecure_admin)
         creds = _credentials(config)
         self.service_names = [name for _add, name in providers]
         self.grpc_server, self.port = self._grpc_server(

@@ -62,6 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.time_slice_ms:  # before the daemon starts its threads: they inherit it
         process_env.set_time_slice(config.time_slice_ms)
     log.info("configuration: %s", json.dumps(config.redacted(), default=str))
+    if not config.admin_token_file:
+        if config.inference_token_file:
+            log.info("no admin token (--admin-token-file): mutating RPCs (weights, load/unload) "
+                     "are refused")
+        elif config.insecure_admin:
+            log.warning("--insecure-admin and no token: anyone who reaches port %d can change "
+                        "what is served", config.port)
+        else:
+            log.info("no admin token (--admin-token-file): mutating RPCs (weights, load/unload) "
+                     "are taken from loopback only")
     from .app import serve  # imports torch and the extension: after logging is up
 
     return serve(config)

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,15 +45,22 @@ class ServeConfig:
     runners_per_model: int = 2
     # Weights: committed versions are persisted below weights_dir (None: not persisted).
     weights_dir: str | None = None
-    # LoadModel paths and blob paths must resolve below one of these (empty: refuse all).
+    # LoadModel packages must resolve below one of these or the model repository: folders
+    # the daemon never writes (checked at start-up), since loading a package runs its code.
+    model_roots: tuple[str, ...] = ()
+    # UpdateConstantBufferFromBlob paths must resolve below one of these (empty: refuse all).
     allowed_roots: tuple[str, ...] = ()
-    # Security (issue 8): mutating RPCs need this token when set.
+    # Mutating RPCs need this token when set, and whenever any token is set.
     admin_token_file: str | None = None
     # When set, every other RPC of the model services needs this token (or the admin one);
     # health and reflection stay open for probes.
     inference_token_file: str | None = None
-    # Mutating RPCs only from loopback peers (refused with PERMISSION_DENIED otherwise).
+    # Mutating RPCs only from loopback peers (refused with PERMISSION_DENIED otherwise),
+    # with an admin token too. Without any token that is the default, unless insecure_admin.
     admin_loopback_only: bool = False
+    # No token at all: accept mutating RPCs from any peer (anyone who reaches the port can
+    # then change what is served).
+    insecure_admin: bool = False
     # Serve mutating RPCs only on this port (0 picks one), bound on admin_host; the main
     # port then refuses them with PERMISSION_DENIED. None: one port for everything.
     admin_port: int | None = None
@@ -63,9 +71,15 @@ class ServeConfig:
     # Resource bounds.
     max_message_bytes: int = 64 * MIB + 64 * 1024
     max_queue: int = 256
+    # Inputs of one request (also requested outputs, parameters and raw_input_contents
+    # entries of an OIP request), counted by the parsers before they keep anything.
+    max_inputs: int = 64
+    # Elements of one request tensor (and the largest single dimension of any shape).
     max_tensor_elements: int = 1 << 31
     max_tensor_rank: int = 16
     max_upload_bytes: int = 1 << 40
+    # Constants one weight-upload header may declare.
+    max_upload_constants: int = 1 << 16
     # Model instances one LoadModel may ask for per device.
     max_runners_per_model: int = 64
     # RPCs handled or waiting for a worker thread at once (beyond: RESOURCE_EXHAUSTED
@@ -141,6 +155,45 @@ class ServeConfig:
                 f"max_weight_streams must be at least 1 and below grpc_workers "
                 f"({self.grpc_workers}), so weight streams never hold every worker thread; "
                 f"got {self.max_weight_streams}")
+        for name in ("max_inputs", "max_tensor_rank", "max_tensor_elements",
+                     "max_upload_constants"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self._check_model_roots()
+
+    @property
+    def package_roots(self) -> tuple[str, ...]:
+        """The folders LoadModel takes packages from: the model roots and the repository."""
+        return self.model_roots + ((self.model_repository,) if self.model_repository else ())
+
+    def written_folders(self) -> list[tuple[str, str]]:
+        """(what, folder) for each folder the daemon writes files into."""
+        out = []
+        if self.weights_dir:
+            out.append(("the weights folder (weights_dir)", self.weights_dir))
+        if self.serve_demo:
+            out.append(("the demo cache (demo_cache_dir)", self.demo_cache_dir))
+        return out
+
+    def _check_model_roots(self) -> None:
+        """No model root may equal, contain or lie inside a folder the daemon writes (a
+        package there could be bytes a client uploaded), nor hold the temp folder where
+        packages unpack."""
+        roots = [(r, _real(r)) for r in self.package_roots]
+        for what, folder in self.written_folders():
+            real = _real(folder)
+            for root, root_real in roots:
+                if _overlap(root_real, real):
+                    raise ValueError(
+                        f"model root {root!r} overlaps {what} {folder!r}: the daemon writes "
+                        "there, and packages load only from folders it never writes; keep "
+                        "them apart")
+        tmp = _real(tempfile.gettempdir())
+        for root, root_real in roots:
+            if root_real == tmp or root_real in tmp.parents:
+                raise ValueError(
+                    f"model root {root!r} holds the temp folder {str(tmp)!r}, where the daemon "
+                    "unpacks packages; name a folder below it instead")
 
     @property
     def serve_demo(self) -> bool:
@@ -180,6 +233,15 @@ class ServeConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
 
 
+def _real(path: str) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    """Whether one of the two folders is, or lies inside, the other."""
+    return a == b or a in b.parents or b in a.parents
+
+
 def _read_config_file(path: Path) -> dict[str, Any]:
     text = path.read_text()
     data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
@@ -199,9 +261,9 @@ def _coerce(name: str, value: Any) -> Any:
     if name not in _FIELDS:
         raise ValueError(f"unknown setting {name!r}")
     default = _FIELDS[name].default
-    if name in ("devices", "allowed_roots"):
+    if name in ("devices", "allowed_roots", "model_roots"):
         if isinstance(value, str):
-            sep = os.pathsep if name == "allowed_roots" and os.pathsep in value else ","
+            sep = os.pathsep if name != "devices" and os.pathsep in value else ","
             value = [v.strip() for v in value.split(sep) if v.strip()]
         return tuple(str(v) for v in value)
     if name in ("metrics_port", "admin_port", "native_run_port"):
@@ -237,13 +299,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--devices", help="comma-separated devices, e.g. cpu,cuda:0")
     a("--runners-per-model", type=int, help="model instances per replica (default 2)")
     a("--weights-dir", help="folder where committed weight versions are persisted")
+    a("--model-root", dest="model_roots", action="append",
+      help="folder below which LoadModel packages may lie, besides --model-repository "
+           "(repeatable; never a folder the daemon writes)")
     a("--allowed-root", dest="allowed_roots", action="append",
-      help="folder below which LoadModel and blob paths may lie (repeatable)")
+      help="folder below which UpdateConstantBufferFromBlob paths may lie (repeatable)")
     a("--admin-token-file", help="file holding the admin token for mutating RPCs")
     a("--inference-token-file",
-      help="file holding a token every non-admin RPC needs (health and reflection excepted)")
+      help="file holding a token every non-admin RPC needs (health and reflection excepted); "
+           "mutating RPCs then need the admin token")
     a("--admin-loopback-only", action="store_const", const=True,
-      help="accept mutating RPCs only from loopback peers")
+      help="accept mutating RPCs only from loopback peers, with the admin token too")
+    a("--insecure-admin", action="store_const", const=True,
+      help="with no token configured, accept mutating RPCs from any peer (by default only "
+           "from loopback)")
     a("--admin-port", type=int,
       help="serve mutating RPCs only on this port (0 picks one; -1: on the main port)")
     a("--admin-host", help="address the admin port binds (default 127.0.0.1)")
@@ -253,8 +322,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--max-message-bytes", type=int, help="largest gRPC message accepted or sent")
     a("--max-queue", type=int, help="requests waiting per device pool before RESOURCE_EXHAUSTED")
     a("--max-upload-bytes", type=int, help="largest total of one weight upload")
-    a("--max-tensor-elements", type=int, help="largest element count of one request tensor")
+    a("--max-inputs", type=int,
+      help="most inputs of one request (default 64; also OIP requested outputs, parameters "
+           "and raw_input_contents entries)")
+    a("--max-tensor-elements", type=int,
+      help="largest element count of one request tensor, and largest single dimension")
     a("--max-tensor-rank", type=int, help="most dimensions of one request tensor")
+    a("--max-upload-constants", type=int,
+      help="most constants one weight-upload header may declare (default 65536)")
     a("--max-runners-per-model", type=int, help="most model instances LoadModel may ask for")
     a("--max-concurrent-rpcs", type=int,
       help="RPCs in progress at once before RESOURCE_EXHAUSTED (default 1024)")

@@ -180,7 +180,8 @@ class DataPlane:
         self.config = config
         self.registry = registry
         self.metrics = metrics
-        self.limits = codec.Limits(config.max_tensor_elements, config.max_tensor_rank)
+        self.limits = codec.Limits(config.max_tensor_elements, config.max_tensor_rank,
+                                   config.max_inputs, config.max_upload_constants)
         self.draining = False
         self.expected_models: set[str] = set()
         self._weight_streams_lock = threading.Lock()
@@ -338,27 +339,29 @@ class DataPlane:
 
     # Model management ----------------------------------------------------------
 
-    def resolve_path(self, path: str, what: str) -> Path:
-        """``path`` with symlinks and .. resolved; it must lie below an allowed root."""
+    def resolve_path(self, path: str, what: str, roots: Sequence[str], kind: str,
+                     flag: str) -> Path:
+        """``path`` with symlinks and .. resolved; it must lie below one of ``roots``
+        (``kind`` and ``flag`` name them in the error)."""
         if not path:
             raise InvalidArgument(f"{what}: empty path")
         if "\0" in path:
             raise InvalidArgument(f"{what}: the path holds a NUL character")
         resolved = Path(os.path.realpath(path))
-        for root in self.config.allowed_roots:
+        for root in roots:
             root_real = Path(os.path.realpath(root))
             if resolved == root_real or root_real in resolved.parents:
                 return resolved
         raise PermissionDenied(
-            f"{what}: {path!r} is not below an allowed root of this server "
-            "(configure --allowed-root)")
+            f"{what}: {path!r} is not below a {kind} of this server (configure {flag})")
 
     def load_model(self, name: str, path: str, devices: Sequence[str] = (), runners: int = 0,
                    package_model: str | None = None) -> ModelInfo:
         if runners > self.config.max_runners_per_model:
             raise InvalidArgument(f"runners_per_device {runners} exceeds this server's limit of "
                                   f"{self.config.max_runners_per_model}")
-        resolved = self.resolve_path(path, "model path")
+        resolved = self.resolve_path(path, "model path", self.config.package_roots,
+                                     "model root", "--model-root or --model-repository")
         if not _is_file(resolved):
             raise InvalidArgument(f"model path {path!r} is not a file")
         opts = self.registry.options(devices, runners, package_model)
@@ -464,7 +467,8 @@ class DataPlane:
 
     def update_from_blob(self, name: str, path: str, author: str) -> WeightsVersion:
         def op(model: ServedModel) -> WeightsVersion:
-            resolved = self.resolve_path(path, "weights path")
+            resolved = self.resolve_path(path, "weights path", self.config.allowed_roots,
+                                         "blob root", "--allowed-root")
             if not _is_file(resolved):
                 raise InvalidArgument(f"weights path {path!r} is not a file")
             h = hashlib.sha256()

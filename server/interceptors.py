@@ -3,6 +3,14 @@
 Every servicer method of every service goes through :class:`ServingInterceptor`,
 so no servicer has try/except for status codes: raise ``errors.ServeError``
 (or let anything else escape, which becomes INTERNAL with the traceback logged).
+
+Who may call a mutating RPC (:data:`MUTATING_METHODS`):
+- an admin token is configured: callers presenting it (missing → UNAUTHENTICATED,
+  wrong → PERMISSION_DENIED), from loopback only with ``admin_loopback_only``;
+- only an inference token is configured: nobody (PERMISSION_DENIED: a daemon
+  guarded by a token is never open to changes that need none);
+- no token at all: loopback peers only, unless ``insecure_admin``.
+Each refusal is logged, one line per reason at most once a minute.
 """
 
 from __future__ import annotations
@@ -26,7 +34,6 @@ from .errors import (
     to_status,
 )
 from .metrics import Metrics
-from .upload_codec import decode_update_request
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +88,28 @@ def _model_of(request: Any) -> str:
     return ""
 
 
-# Methods whose requests are parsed by this server's own decoder, not protobuf's.
-_DESERIALIZERS = {"/aotiserve.v1.ModelRunner/UpdateConstantBuffer": decode_update_request}
+class _RefusalLog:
+    """Logs why mutating calls are refused: one line per reason, then at most one a
+    minute with the count held back meanwhile (refused calls cannot flood the log)."""
+
+    INTERVAL_S = 60.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def note(self, reason: str, peer: str, why: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(reason)
+            if last is not None and now - last < self.INTERVAL_S:
+                self._held[reason] = self._held.get(reason, 0) + 1
+                return
+            self._last[reason] = now
+            held = self._held.pop(reason, 0)
+        more = f" ({held} more refused for this reason since the last such line)" if held else ""
+        log.warning("refused a mutating call from %s: %s%s", peer, why, more)
 
 
 class ServingInterceptor(grpc.ServerInterceptor):
@@ -90,11 +117,14 @@ class ServingInterceptor(grpc.ServerInterceptor):
                  is_draining: Callable[[], bool] = lambda: False,
                  is_model: Callable[[str], bool] | None = None, *,
                  inference_token: str | None = None, admin_loopback_only: bool = False,
-                 admin_rpcs: bool = True):
-        """``admin_rpcs`` False: this port refuses mutating RPCs (see :meth:`admin_port`)."""
+                 admin_rpcs: bool = True, insecure_admin: bool = False):
+        """``admin_rpcs`` False: this port refuses mutating RPCs (see :meth:`admin_port`).
+        ``insecure_admin``: with no token at all, mutating RPCs from any peer."""
         self.metrics = metrics
         self._inference_token = inference_token.encode() if inference_token else None
         self._admin_loopback_only = admin_loopback_only
+        self._insecure_admin = insecure_admin
+        self._refusals = _RefusalLog()
         self._admin_rpcs = admin_rpcs
         # Metric labels name only models the server holds: a name from the request is
         # the caller's choice, and one series per made-up name would grow without bound.
@@ -145,18 +175,29 @@ class ServingInterceptor(grpc.ServerInterceptor):
                 header = value
         if method in MUTATING_METHODS:
             if not admin_rpcs:
-                raise PermissionDenied(f"{method}: this server takes admin RPCs on its admin "
-                                       "port only")
+                raise self._refuse("admin port", peer, PermissionDenied(
+                    f"{method}: this server takes admin RPCs on its admin port only"))
             if self._admin_loopback_only and not _is_loopback(peer()):
-                raise PermissionDenied(f"{method}: this server takes admin RPCs from loopback "
-                                       "only")
+                raise self._refuse("loopback only", peer, PermissionDenied(
+                    f"{method}: this server takes admin RPCs from loopback only"))
             if self._token is None:
+                if self._inference_token is not None:
+                    raise self._refuse("no admin token", peer, PermissionDenied(
+                        f"{method}: this daemon has no admin token configured, so mutating "
+                        "RPCs are refused (it has an inference token; configure "
+                        "--admin-token-file)"))
+                if not self._insecure_admin and not _is_loopback(peer()):
+                    raise self._refuse("no token, not loopback", peer, PermissionDenied(
+                        f"{method}: this daemon has no admin token configured, so it takes "
+                        "mutating RPCs from loopback only (configure --admin-token-file, or "
+                        "start it with --insecure-admin)"))
                 return False
             if header is None:
-                raise Unauthenticated(f"{method} needs the admin token "
-                                      "(metadata 'authorization: Bearer <token>')")
+                raise self._refuse("token missing", peer, Unauthenticated(
+                    f"{method} needs the admin token (metadata 'authorization: Bearer <token>')"))
             if not self._check(header, self._token):
-                raise PermissionDenied(f"{method}: wrong admin token")
+                raise self._refuse("wrong token", peer, PermissionDenied(
+                    f"{method}: wrong admin token"))
             return True
         is_admin = header is not None and self._token is not None and self._check(header, self._token)
         if self._inference_token is not None and not always_on and not is_admin:
@@ -166,6 +207,11 @@ class ServingInterceptor(grpc.ServerInterceptor):
             if not self._check(header, self._inference_token):
                 raise PermissionDenied(f"{method}: wrong token")
         return is_admin
+
+    def _refuse(self, reason: str, peer: Callable[[], str], error: ServeError) -> ServeError:
+        """``error``, once logged (see :class:`_RefusalLog`)."""
+        self._refusals.note(reason, peer(), error.message)
+        return error
 
     @staticmethod
     def _check(header: str, want: bytes) -> bool:
@@ -224,14 +270,16 @@ class ServingInterceptor(grpc.ServerInterceptor):
         # its deserializer refuses (the call state is never freed, not even when the
         # connection closes), so any client could grow the daemon's memory with garbage
         # bytes. Parsed here, a bad message is one INVALID_ARGUMENT and nothing kept.
-        # Weight chunks are read off the wire without copying their payload (upload_codec).
-        deserialize = _DESERIALIZERS.get(method, handler.request_deserializer)
+        # A deserializer that refuses with a ServeError (a bound passed) says why.
+        deserialize = handler.request_deserializer
 
         def decode(raw):
             if deserialize is None:
                 return raw
             try:
                 return deserialize(raw)
+            except ServeError:
+                raise
             except Exception:  # noqa: BLE001 (DecodeError, RecursionError...)
                 raise InvalidArgument(f"{short}: the request is not a valid message") from None
 

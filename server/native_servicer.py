@@ -6,6 +6,7 @@ No decisions and no status codes here: the data plane decides, and
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Iterable, Iterator
@@ -15,7 +16,7 @@ import grpc
 from aotiserve.v1 import model_runner_pb2 as pb
 from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
 
-from . import run_wire
+from . import run_wire, upload_codec
 from . import tensor_codec as codec
 from .dataplane import DataPlane, ModelInfo
 from .errors import InvalidArgument
@@ -190,11 +191,14 @@ class NativeServicer(pb_grpc.ModelRunnerServicer):
 class _WithWireRun:
     """The server as the generated ``add_ModelRunnerServicer_to_server`` sees it: Run's
     handler is swapped for one that parses and writes the wire bytes itself
-    (``run_wire``: tensor data viewed where grpcio received it, one copy out). Same
-    service, same messages on the wire; every other method keeps the generated codec."""
+    (``run_wire``: tensor data viewed where grpcio received it, one copy out), and
+    UpdateConstantBuffer's parser for ``upload_codec``'s (chunk payloads viewed), both
+    within the server's bounds. Same service, same messages on the wire; every other
+    method keeps the generated codec."""
 
-    def __init__(self, server: grpc.Server):
+    def __init__(self, server: grpc.Server, bounds):
         self._server = server
+        self._bounds = bounds
 
     def add_generic_rpc_handlers(self, handlers) -> None:
         pass  # added with the registered ones below, Run swapped
@@ -203,8 +207,16 @@ class _WithWireRun:
         handlers = dict(handlers)
         run = handlers["Run"]
         handlers["Run"] = grpc.unary_unary_rpc_method_handler(
-            run.unary_unary, request_deserializer=run_wire.parse_run_request,
+            run.unary_unary,
+            request_deserializer=functools.partial(run_wire.parse_run_request,
+                                                   bounds=self._bounds),
             response_serializer=run_wire.identity)
+        upload = handlers["UpdateConstantBuffer"]
+        handlers["UpdateConstantBuffer"] = grpc.stream_unary_rpc_method_handler(
+            upload.stream_unary,
+            request_deserializer=functools.partial(upload_codec.decode_update_request,
+                                                   bounds=self._bounds),
+            response_serializer=upload.response_serializer)
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service, handlers),))
         self._server.add_registered_method_handlers(service, handlers)
@@ -213,4 +225,4 @@ class _WithWireRun:
 def add_to_server(plane: DataPlane, config, server: grpc.Server) -> None:
     pb_grpc.add_ModelRunnerServicer_to_server(
         NativeServicer(plane, config.extract_chunk_bytes, config.max_message_bytes),
-        _WithWireRun(server))
+        _WithWireRun(server, plane.limits.wire))

@@ -19,11 +19,19 @@ What is served: health, server/model metadata, model config (a small
 Triton-style subset), ModelInfer with ``raw_input_contents`` or typed
 ``contents`` (FP16/BF16 raw only), answers in ``raw_output_contents``,
 requested-output filtering, id and parameter echo, ModelStreamInfer (one
-response per request, in order, errors in-band), and the model repository
-(index, load, unload of ``<model-repository>/<name>.pt2``). A model's version
+response per request, in order, errors in-band: a request refused, even one that
+does not decode, gets its error in its response and the stream goes on), and the
+model repository (index, load, unload of ``<model-repository>/<name>.pt2``). A
+model's version
 is its active weights version (``initial`` for the packaged weights). BYTES
 tensors, shared memory, statistics, trace/log settings and classification
 answer UNIMPLEMENTED; sequence parameters INVALID_ARGUMENT.
+
+Bounds. protobuf builds one object per repeated entry, so inference requests are
+walked first (``wire.check_bounds``, keeping nothing): more inputs, requested
+outputs, parameters or raw_input_contents entries than ``max_inputs``, a shape
+longer than ``max_tensor_rank`` or a dimension above ``max_tensor_elements`` is
+INVALID_ARGUMENT before protobuf sees the bytes.
 """
 
 from __future__ import annotations
@@ -44,11 +52,12 @@ import torch
 from google.protobuf import descriptor_pool, message_factory
 
 from aotiserve.client import dtypes as dt
+from aotiserve.client import wire
 
 from . import tensor_codec as codec
 from .config import ServeConfig
 from .dataplane import DataPlane
-from .errors import InvalidArgument, NotFound, ServeError, Unimplemented
+from .errors import InvalidArgument, NotFound, ServeError, Unimplemented, to_status
 from .model_registry import IOSpec, ModelState, ServedModel, repository_models
 
 log = logging.getLogger(__name__)
@@ -233,6 +242,51 @@ def _datatype(spec: IOSpec) -> str:
     return OIP_BY_TORCH.get(spec.dtype, "") if spec.dtype is not None else ""
 
 
+# ---------------------------------------------------------------- bounded parsing
+
+# ModelInferRequest as wire.check_bounds walks it (parameters are map entries).
+_PARAMETERS = wire.Rule("entries", entries="parameters")
+_INFER_REQUEST = {
+    4: _PARAMETERS,
+    5: wire.Rule("entries", {1: wire.Rule("name"), 3: wire.Rule("dims"), 4: _PARAMETERS},
+                 entries="inputs"),
+    6: wire.Rule("entries", {1: wire.Rule("name"), 2: _PARAMETERS}, entries="requested outputs"),
+    7: wire.Rule("entries", entries="raw_input_contents entries"),
+}
+
+
+def _bounded(parse: Callable[[bytes], Any], bounds: wire.Bounds) -> Callable[[bytes], Any]:
+    """``parse`` (protobuf's) behind a walk of the bytes within ``bounds``."""
+    def deserialize(raw: bytes):
+        try:
+            wire.check_bounds(raw, _INFER_REQUEST, bounds, "ModelInferRequest")
+        except wire.BoundError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return parse(raw)
+    return deserialize
+
+
+class _Refused:
+    """A streamed request that could not be read: its error, answered in the stream."""
+
+    def __init__(self, error: ServeError):
+        self.error = error
+        self.model_name = self.model_version = self.id = ""
+
+
+def _in_stream(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """``deserialize``, answering an unreadable request with a :class:`_Refused`
+    (the interceptor would end the whole stream)."""
+    def parse(raw: bytes):
+        try:
+            return deserialize(raw)
+        except ServeError as exc:
+            return _Refused(exc)
+        except Exception:  # noqa: BLE001 (DecodeError, RecursionError...)
+            return _Refused(InvalidArgument("ModelStreamInfer: a request is not a valid message"))
+    return parse
+
+
 # ---------------------------------------------------------------- the servicer
 
 
@@ -327,10 +381,15 @@ class OipServicer:
         request's error travels in its response (``error_message``) and the stream goes on."""
         for request in request_iterator:
             try:
+                if isinstance(request, _Refused):
+                    raise request.error
                 response = self.ModelInfer(request, context)
-            except ServeError as exc:
+            except grpc.RpcError:
+                raise  # the client went away
+            except Exception as exc:  # noqa: BLE001 (answered in the stream; bugs logged)
+                code, message = to_status(exc, "ModelStreamInfer")
                 yield self.pb.ModelStreamInferResponse(
-                    error_message=f"{exc.code.name}: {exc.message}",
+                    error_message=f"{code.name}: {message}",
                     infer_response=self.pb.ModelInferResponse(
                         model_name=request.model_name, model_version=request.model_version,
                         id=request.id))
@@ -462,6 +521,8 @@ def add_to_server(plane: DataPlane, config: ServeConfig, server: grpc.Server) ->
     """Registers the service (every method: the ones we serve, the rest UNIMPLEMENTED)."""
     servicer = OipServicer(plane, config)
     pb = servicer.pb
+    infer = _bounded(pb.ModelInferRequest.FromString, plane.limits.wire)
+    deserializers = {"ModelInfer": infer, "ModelStreamInfer": _in_stream(infer)}
     handlers = {}
     for method in pb.service.methods:
         fn = getattr(servicer, method.name, None) or _unimplemented(method.name)
@@ -473,7 +534,8 @@ def add_to_server(plane: DataPlane, config: ServeConfig, server: grpc.Server) ->
             (True, False): grpc.stream_unary_rpc_method_handler,
             (True, True): grpc.stream_stream_rpc_method_handler,
         }[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = kind(fn, request_deserializer=request_cls.FromString,
-                                     response_serializer=response_cls.SerializeToString)
+        handlers[method.name] = kind(
+            fn, request_deserializer=deserializers.get(method.name, request_cls.FromString),
+            response_serializer=response_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -13,6 +13,11 @@ with their own wire type, packed or unpacked shape, unknown fields of wire type
 with another wire type, an over-long varint, truncated or invalid bytes — is
 handed to the generated parser, which decides (and raises ``DecodeError`` on
 what it refuses), so this accepts exactly what protobuf accepts.
+
+Both count as they read (``wire.Bounds``: inputs, dimensions, other fields): a
+request past a bound is refused (INVALID_ARGUMENT naming it) before anything is
+kept for the entry past it, and before protobuf's parser, which builds an object
+per entry, ever sees it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ from aotiserve.client.wire import put_varint as _put_varint
 from aotiserve.v1 import model_runner_pb2 as pb
 
 from . import tensor_codec as codec
+from .errors import InvalidArgument
+
+# RunRequest as check_bounds walks it: inputs (field 2), each a Tensor with a shape (2).
+_SCHEMA = {2: wire.Rule("entries", {2: wire.Rule("dims")}, entries="inputs")}
+_WHAT = "RunRequest"
 
 
 class RunRequestView:
@@ -38,8 +48,9 @@ class RunRequestView:
         self.inputs = inputs
 
 
-def _fast(buf: bytes) -> RunRequestView:
-    model, inputs = wire.read_text_and_tensors(buf, text_field=1, tensor_field=2)
+def _fast(buf: bytes, bounds: wire.Bounds) -> RunRequestView:
+    model, inputs = wire.read_text_and_tensors(buf, text_field=1, tensor_field=2, bounds=bounds,
+                                               what=_WHAT, entry="input")
     return RunRequestView(model, inputs)
 
 
@@ -53,22 +64,32 @@ def _slow(buf: bytes) -> RunRequestView:
 SMALL_REQUEST_BYTES = wire.VIEWING_MIN_BYTES
 
 
-def parse_run_request(buf):
+def parse_run_request(buf, bounds: wire.Bounds = wire.UNBOUNDED):
     """A ``RunRequest``'s wire bytes → ``.model`` and ``.inputs`` (each with ``dtype``,
-    ``shape``, ``data``); a large request's tensor data are views of ``buf`` (no copy)."""
+    ``shape``, ``data``); a large request's tensor data are views of ``buf`` (no copy).
+    Past ``bounds``: ``InvalidArgument`` naming what."""
     if not isinstance(buf, bytes):
         buf = bytes(buf)
-    if len(buf) < SMALL_REQUEST_BYTES:
-        return pb.RunRequest.FromString(buf)
-    return parse_viewing(buf)
+    if len(buf) >= SMALL_REQUEST_BYTES:
+        return parse_viewing(buf, bounds)
+    # Small: protobuf's parser is faster, and so few bytes bound what it builds (each
+    # shape is checked as its tensor is decoded).
+    request = pb.RunRequest.FromString(buf)
+    if len(request.inputs) > bounds.max_entries:
+        raise InvalidArgument(str(bounds.too_many(_WHAT, "inputs")))
+    return request
 
 
-def parse_viewing(buf: bytes) -> RunRequestView:
+def parse_viewing(buf: bytes, bounds: wire.Bounds = wire.UNBOUNDED) -> RunRequestView:
     """The hand-written parse (tensor data are views of ``buf``), any size."""
     try:
-        return _fast(buf)
-    except wire.WireError:  # Fallback, or a malformed varint
-        return _slow(buf)
+        try:
+            return _fast(buf, bounds)
+        except wire.WireError:  # Fallback, or a malformed varint: protobuf decides
+            wire.check_bounds(buf, _SCHEMA, bounds, _WHAT)
+            return _slow(buf)
+    except wire.BoundError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 # Writing ----------------------------------------------------------------------

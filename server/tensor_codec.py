@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from aotiserve.client import dtypes as dt
+from aotiserve.client import wire
 from aotiserve.v1 import model_runner_pb2 as pb
 
 from .errors import InvalidArgument, ResourceExhausted
@@ -50,10 +51,24 @@ NUMPY_DTYPE: dict[torch.dtype, np.dtype] = _numpy_dtypes()
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on one decoded tensor."""
+    """Bounds on one request and each tensor it holds."""
 
     max_elements: int = 1 << 31
     max_rank: int = 16
+    max_inputs: int = 64
+    max_constants: int = 1 << 16
+
+    @property
+    def wire(self) -> wire.Bounds:
+        """The same bounds as the wire walks check them (before anything is kept)."""
+        return wire.Bounds(
+            max_entries=self.max_inputs, max_rank=self.max_rank, max_dim=self.max_elements,
+            max_constants=self.max_constants, settings=WIRE_SETTINGS)
+
+
+# The setting behind each wire bound (errors name it).
+WIRE_SETTINGS = {"max_entries": "max_inputs", "max_rank": "max_tensor_rank",
+                 "max_dim": "max_tensor_elements", "max_constants": "max_upload_constants"}
 
 
 def torch_dtype(wire: int, what: str) -> torch.dtype:
@@ -75,18 +90,29 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def checked_numel(shape: Sequence[int], what: str, limits: Limits) -> int:
-    """prod(shape), refusing negative dims, too many dims and absurd sizes."""
+    """prod(shape), refusing negative dims, too many dims and absurd sizes: a single
+    dimension past ``max_elements``, or a zero-element shape whose other dimensions
+    multiply past it (INVALID_ARGUMENT: no tensor has that shape); a shape of more
+    elements than ``max_elements`` (RESOURCE_EXHAUSTED: too large for this server)."""
     if len(shape) > limits.max_rank:
         raise InvalidArgument(f"{what}: rank {len(shape)} exceeds the limit of {limits.max_rank}")
-    numel = 1
-    for d in shape:
+    empty = 0 in shape
+    numel = 1  # of the non-zero dimensions
+    for i, d in enumerate(shape):
         if d < 0:
             raise InvalidArgument(f"{what}: negative dimension {d} in shape {list(shape)}")
-        numel *= d
+        if d > limits.max_elements:
+            raise InvalidArgument(f"{what}: dimension {i} of shape {list(shape)} is above the "
+                                  f"limit of {limits.max_elements} (max_tensor_elements)")
+        numel *= d or 1
         if numel > limits.max_elements:
+            if empty:
+                raise InvalidArgument(
+                    f"{what}: shape {list(shape)} has no elements, but its other dimensions "
+                    f"multiply to more than {limits.max_elements} (max_tensor_elements)")
             raise ResourceExhausted(
                 f"{what}: shape {list(shape)} has more than {limits.max_elements} elements")
-    return numel
+    return 0 if empty else numel
 
 
 def describe(dtype: torch.dtype, shape: Sequence[int]) -> str:

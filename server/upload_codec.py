@@ -6,19 +6,34 @@ more than writing the bytes into the staging buffer. :func:`decode_update_reques
 reads a chunk message straight off the wire and hands out ``data`` as a memoryview
 of the received bytes. Anything it does not fully recognise (the header, a field
 it does not expect, a repeated field, a malformed message) goes to protobuf, so
-what is accepted and what is refused stays exactly protobuf's.
+what is accepted and what is refused stays exactly protobuf's, once
+``wire.check_bounds`` found it within its bounds (declared constants, dimensions,
+fields): past them, INVALID_ARGUMENT before protobuf builds anything.
 """
 
 from __future__ import annotations
 
+from aotiserve.client import wire
 from aotiserve.client.wire import read_varint
 from aotiserve.v1 import model_runner_pb2 as pb
+
+from .errors import InvalidArgument
 
 # Wire tags (field number << 3 | wire type).
 _CHUNK = 2 << 3 | 2  # UpdateConstantBufferRequest.chunk
 _NAME = 1 << 3 | 2  # ConstantChunk.name
 _OFFSET = 2 << 3 | 0  # ConstantChunk.offset
 _DATA = 3 << 3 | 2  # ConstantChunk.data
+
+# UpdateConstantBufferRequest as wire.check_bounds walks it: the header's declared
+# constants (TensorSpec, shape = 3) and a chunk's shape (5); header and chunk are
+# singular, so protobuf merges their repeats.
+_SPEC = {3: wire.Rule("dims")}
+_SCHEMA = {
+    1: wire.Rule("merged", {5: wire.Rule("entries", _SPEC, entries="declared constants",
+                                         bound="max_constants")}),
+    2: wire.Rule("merged", {5: wire.Rule("dims")}),
+}
 
 
 class ChunkView:
@@ -78,10 +93,18 @@ def _fast_chunk(raw: bytes) -> ChunkRequest | None:
     return ChunkRequest(ChunkView(name, offset, data if data is not None else view[0:0]))
 
 
-def decode_update_request(raw: bytes) -> pb.UpdateConstantBufferRequest | ChunkRequest:
-    """One ``UpdateConstantBufferRequest`` off the wire; chunks without a payload copy."""
+def decode_update_request(raw: bytes, bounds: wire.Bounds = wire.UNBOUNDED
+                          ) -> pb.UpdateConstantBufferRequest | ChunkRequest:
+    """One ``UpdateConstantBufferRequest`` off the wire; chunks without a payload copy.
+    Past ``bounds``: ``InvalidArgument`` naming what."""
     try:
         fast = _fast_chunk(raw)
     except (IndexError, ValueError):  # UnicodeDecodeError is a ValueError
         fast = None
-    return fast if fast is not None else pb.UpdateConstantBufferRequest.FromString(raw)
+    if fast is not None:
+        return fast
+    try:
+        wire.check_bounds(raw, _SCHEMA, bounds, "UpdateConstantBufferRequest")
+    except wire.BoundError as exc:
+        raise InvalidArgument(str(exc)) from None
+    return pb.UpdateConstantBufferRequest.FromString(raw)

@@ -13,7 +13,8 @@ In-process (fast; shares the test's process)::
     running_server(models=(), *, load="now", load_gate=None, providers=None, **config_overrides)
       models: zoo model names; each is served under its own name.
       config_overrides: any ServeConfig field (port defaults to 0, metrics_port to None,
-        demo to False, allowed_roots to (repo, zoo cache)).
+        demo to False, model_roots to (zoo cache,) besides the repository, which the
+        repository's links point into, allowed_roots (blob roots) to (repo,)).
       load: "now" (models loaded before the with-body) or "background" (health flips later);
       load_gate: callable the loader calls first (tests that watch health flip block on it).
 
@@ -88,7 +89,8 @@ def running_server(models: Sequence[str] = (), *, load: str = "now", load_gate=N
     repo = make_repository(models)
     settings: dict[str, Any] = dict(
         port=0, metrics_port=None, demo=False, model_repository=str(repo),
-        allowed_roots=(str(repo), str(model_zoo.cache_dir())), grace_period_s=5.0, drain_delay_s=0.0)
+        model_roots=(str(model_zoo.cache_dir()),), allowed_roots=(str(repo),),
+        grace_period_s=5.0, drain_delay_s=0.0)
     settings.update(overrides)
     config = ServeConfig(**settings)
     app, port = create_server(config, providers)

@@ -131,6 +131,44 @@ def test_rollout_to_a_dns_name(capsys, new_weights):
         assert [t["target"] for t in report["targets"]] == [f"127.0.0.1:{port}"]
 
 
+def _external_ip() -> str | None:
+    """An address of this machine other than loopback, if it has one."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            ip = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if ip.startswith("127.") else ip
+
+
+def test_the_admin_token_goes_in_plaintext_to_a_remote_target_only_with_insecure(
+        capsys, new_weights, tmp_path):
+    """As the rollout Job runs (pod addresses, plain gRPC): refused (exit 2, nothing
+    staged) until --insecure says the network is trusted; then every target switches."""
+    ip = _external_ip()
+    if ip is None:
+        pytest.skip("no non-loopback address on this machine")
+    path, _, _ = new_weights
+    token = tmp_path / "admin-token"
+    token.write_text("fleet-admin")
+    with running_server(["mlp"], host="0.0.0.0", admin_token_file=str(token)) as s:
+        target = f"{ip}:{s.target.rsplit(':', 1)[1]}"
+        argv = ["--json", "weights", "rollout", "--model", "mlp", str(path), "--targets", target,
+                "--admin-token-file", str(token)]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "plaintext" in err and target in err and "--insecure" in err, err
+        assert _versions([s]) == ["initial"]
+        assert cli.main([*argv, "--insecure"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["ok"] and _versions([s]) != ["initial"]
+        # Other commands likewise, with either token.
+        for flag in ("--admin-token-file", "--token-file"):
+            assert cli.main(["--target", target, flag, str(token), "models"]) == 2
+            assert "plaintext" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- target expansion
 
 def _fake_resolver(table):

@@ -157,15 +157,72 @@ def test_numpy_output_format(fake):
         assert isinstance(y, np.ndarray) and y.tolist() == [2, 2, 2]
 
 
-def test_admin_token_sent_on_every_call(fake):
+def test_admin_token_sent_on_mutating_calls_only(fake):
+    """The admin token goes with mutating calls only; the inference token with the others
+    (and with mutating ones when there is no admin token); health carries none."""
+    target, runner, _ = fake
+    for admin, token, want in ((TOKEN, None, [None, None, TOKEN]),
+                               (TOKEN, "inf", ["inf", "inf", TOKEN]),
+                               (None, "inf", ["inf", "inf", "inf"])):
+        runner.metadata.clear()
+        with ac.Client(target, admin_token=admin, token=token) as client:
+            m = client.model("echo")
+            m.run([np.zeros(1, dtype=np.float32)])
+            m.get_call_spec()
+            try:
+                m.swap_constant_buffer()
+            except ac.PermissionDeniedError:
+                assert admin is None
+            assert client.health() == "SERVING"
+        sent = [md.get("authorization") for md in runner.metadata]
+        assert sent == [f"Bearer {t}" if t else None for t in want], (admin, token, sent)
+
+
+def test_async_client_sends_the_admin_token_on_mutating_calls_only(fake):
     target, runner, _ = fake
     runner.metadata.clear()
-    with ac.Client(target, admin_token=TOKEN) as client:
-        m = client.model("echo")
-        m.run([np.zeros(1, dtype=np.float32)])
-        m.get_call_spec()
-        m.swap_constant_buffer()
-    assert [md.get("authorization") for md in runner.metadata] == [f"Bearer {TOKEN}"] * 3
+
+    async def main():
+        async with ac.AsyncClient(target, admin_token=TOKEN) as client:
+            m = client.model("echo")
+            await m.run([np.zeros(1, dtype=np.float32)])
+            await m.get_call_spec()
+            await m.swap_constant_buffer()
+
+    asyncio.run(main())
+    assert [md.get("authorization") for md in runner.metadata] == [None, None, f"Bearer {TOKEN}"]
+
+
+def _construct(cls, target, **kw) -> None:
+    """Makes (and closes) a client; AsyncClient inside an event loop, as it must be."""
+    if cls is ac.Client:
+        cls(target, **kw).close()
+        return
+
+    async def make():
+        await cls(target, **kw).close()
+
+    asyncio.run(make())
+
+
+@pytest.mark.parametrize("cls", [ac.Client, ac.AsyncClient])
+def test_no_token_in_plaintext_to_a_remote_target(cls):
+    """A token goes in plaintext only to loopback (or with insecure=True); TLS, or no
+    token, goes anywhere. Refused at construction, naming the target."""
+    for target in ("10.1.2.3:8500", "aotiserve-peers:8500", "[fd00::1]:8500",
+                   "dns:///example.com:443"):
+        for kw in ({"admin_token": TOKEN}, {"token": TOKEN}):
+            with pytest.raises(ValueError, match="plaintext") as e:
+                _construct(cls, target, **kw)
+            assert target in str(e.value)
+    for target, kw in (("10.1.2.3:8500", {"admin_token": TOKEN, "insecure": True}),
+                       ("10.1.2.3:8500", {"token": TOKEN, "tls": True}),
+                       ("10.1.2.3:8500", {}),
+                       ("localhost:8500", {"admin_token": TOKEN}),
+                       ("127.0.0.1:8500", {"token": TOKEN}),
+                       ("[::1]:8500", {"admin_token": TOKEN}),
+                       ("unix:/run/aotiserve.sock", {"admin_token": TOKEN})):
+        _construct(cls, target, **kw)
 
 
 def test_auth_errors_are_typed(fake):

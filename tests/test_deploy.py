@@ -227,8 +227,26 @@ def test_volumes_models_read_only_and_weights_persistent(overlay):
         one(docs, "PersistentVolumeClaim", claim)
     shared = one(docs, "PersistentVolumeClaim", volumes[weights["name"]]["persistentVolumeClaim"]["claimName"])
     assert shared["spec"]["accessModes"] == ["ReadWriteMany"]  # every pod sees committed versions
-    roots = re.split(r"[,:]", env["AOTISERVE_ALLOWED_ROOTS"])
-    assert env["AOTISERVE_WEIGHTS_DIR"] in roots
+    # Packages load only from folders the daemon never writes: the settings are accepted
+    # as they are (the daemon refuses a model root overlapping the weights folder at
+    # start-up), and the weights folder is neither a model root nor a blob root.
+    from aotiserve.server.config import ServeConfig
+
+    config = ServeConfig.from_sources({}, env)
+    written = Path(config.weights_dir)
+    for root in (*config.package_roots, *config.allowed_roots):
+        assert written != Path(root) and written not in Path(root).parents, root
+        assert Path(root) not in written.parents, root
+
+
+def test_mutating_rpcs_need_the_admin_token_by_default(overlay):
+    """No insecure switch anywhere: the image and the manifests need the admin token."""
+    _, docs = overlay
+    env = config_env(docs)
+    assert env["AOTISERVE_ADMIN_TOKEN_FILE"]
+    assert "AOTISERVE_INSECURE_ADMIN" not in env
+    assert "--insecure-admin" not in container(docs).get("args", [])
+    assert "INSECURE_ADMIN" not in _dockerfile() and "--insecure-admin" not in _dockerfile()
 
 
 def test_network_policy_admits_grpc_and_metrics(overlay):
@@ -287,7 +305,13 @@ def test_rollout_job_example_targets_the_headless_service(overlay):
     assert spec["securityContext"]["fsGroup"] == APP_UID  # may read the 0440 token file
     (c,) = spec["containers"]
     assert c["command"] == ["aotiserve"] and c["args"][:2] == ["weights", "rollout"]
-    args = dict(a.split("=", 1) for a in c["args"] if a.startswith("--"))
+    args = dict((a.split("=", 1) + [""])[:2] for a in c["args"] if a.startswith("--"))
+    # The CLI takes these arguments as they are (the token goes in plaintext to pod
+    # addresses only because the Job says --insecure; with TLS it would say --tls-ca).
+    from aotiserve.client import cli
+
+    parsed = cli.build_parser().parse_args(c["args"])
+    assert parsed.insecure or parsed.tls_ca
     peers = one(docs, "Service", "aotiserve-peers")
     assert args["--targets"] == f"{peers['metadata']['name']}:{GRPC_PORT}"
     token = Path(args["--admin-token-file"])

@@ -293,11 +293,13 @@ def test_concurrent_weight_ops_loads_and_unloads_never_crash(tmp_path):
     import random
 
     (tmp_path / "junk.blob").write_bytes(b"\0" * 64)
+    (tmp_path / "models").mkdir()
     d = start_daemon(["mlp"], ["--weights-dir", str(tmp_path / "weights"),
-                               "--allowed-root", str(tmp_path)])
+                               "--allowed-root", str(tmp_path),
+                               "--model-root", str(tmp_path / "models")])
     d_repo = d.repo
-    pkg = tmp_path / "victim.pt2"
-    shutil.copy(model_zoo.compiled("mlp"), pkg)  # below the allowed root (a link would leave it)
+    pkg = tmp_path / "models" / "victim.pt2"
+    shutil.copy(model_zoo.compiled("mlp"), pkg)  # below the model root (a link would leave it)
     channel, stub = _daemon_stub(d)
     load = pb.LoadModelRequest(name="victim", path=str(pkg))
     stub.LoadModel(load)
@@ -378,7 +380,7 @@ def test_extract_stream_survives_unload_and_aborts_on_swap(tmp_path):
     old and new weights in one download."""
     pkg = tmp_path / "big.pt2"
     shutil.copy(model_zoo.compiled("compute"), pkg)  # 4 x Linear(1024, 1024): 16 MiB
-    d = start_daemon(["mlp"], ["--allowed-root", str(tmp_path)])
+    d = start_daemon(["mlp"], ["--model-root", str(tmp_path)])
     try:
         channel = grpc.insecure_channel(d.target, options=[
             ("grpc.max_receive_message_length", 64 << 20)])

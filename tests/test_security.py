@@ -310,7 +310,7 @@ def test_admin_rpcs_on_a_separate_port(tmp_path):
 
 @pytest.fixture
 def roots(tmp_path):
-    """An allowed root with a package, a blob, and links and paths that leave it."""
+    """A root (model or blob) with a package, a blob, and links and paths that leave it."""
     root = tmp_path / "root"
     outside = tmp_path / "outside"
     root.mkdir()
@@ -334,9 +334,10 @@ def roots(tmp_path):
     return root, outside, escapes
 
 
-def test_load_model_paths_stay_below_allowed_roots(server_factory, roots):
+def test_load_model_paths_stay_below_model_roots(server_factory, roots):
     root, outside, escapes = roots
-    s = server_factory([], allowed_roots=(str(root),), model_repository=None)
+    s = server_factory([], model_roots=(str(root),), allowed_roots=(str(outside),),
+                       model_repository=None)
     for p in escapes:
         code, details = code_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(name="x", path=p)))
         assert code == CODE.PERMISSION_DENIED, (p, code, details)
@@ -350,8 +351,8 @@ def test_load_model_paths_stay_below_allowed_roots(server_factory, roots):
 
 
 def test_blob_paths_stay_below_allowed_roots(server_factory, roots):
-    root, _outside, escapes = roots
-    s = server_factory(["mlp"], allowed_roots=(str(root),))
+    root, outside, escapes = roots
+    s = server_factory(["mlp"], allowed_roots=(str(root),), model_roots=(str(outside),))
     for p in escapes:
         code, details = code_of(lambda: s.stub.UpdateConstantBufferFromBlob(
             pb.UpdateConstantBufferFromBlobRequest(model="mlp", weights_path=p)))
@@ -360,11 +361,16 @@ def test_blob_paths_stay_below_allowed_roots(server_factory, roots):
     assert info.active_version.id == "initial"
 
 
-def test_no_allowed_roots_refuses_every_path(server_factory):
-    s = server_factory(["mlp"], allowed_roots=())
-    code, _ = code_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(
-        name="x", path=str(s.repo / "mlp.pt2"))))
+def test_no_roots_refuse_every_path(server_factory):
+    s = server_factory(["mlp"], allowed_roots=(), model_roots=())
+    (s.repo / "w.blob").write_bytes(b"\0" * 64)
+    code, _ = code_of(lambda: s.stub.UpdateConstantBufferFromBlob(
+        pb.UpdateConstantBufferFromBlobRequest(model="mlp", weights_path=str(s.repo / "w.blob"))))
     assert code == CODE.PERMISSION_DENIED
+    # The repository is a model root of its own, but its links lead out of it.
+    code, details = code_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(
+        name="x", path=str(s.repo / "mlp.pt2"))))
+    assert code == CODE.PERMISSION_DENIED and "model root" in details
 
 
 def test_oip_repository_load_names_cannot_leave_the_repository(server_factory, roots):
@@ -567,3 +573,198 @@ def test_undecodable_requests_are_invalid_argument_and_leak_nothing(server_facto
     assert code == CODE.INVALID_ARGUMENT
     assert s.stub.Run(wire.run_request("mlp", [torch.zeros(1, 64)]), timeout=10).outputs
     assert oip.ServerLive(ipb.ServerLiveRequest(), timeout=10).live
+
+
+# ---------------------------------------------------------------- any token guards admin
+
+
+def _refusal_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "aotiserve.server.interceptors" and "refused a mutating call" in
+            r.getMessage()]
+
+
+def test_an_inference_token_alone_refuses_every_mutating_rpc(tmp_path, caplog):
+    """With only --inference-token-file, no token (or the inference token) changes
+    anything: the daemon has no admin token, so mutating RPCs are refused (UnloadModel
+    with no token used to succeed). The log says why, once, not once per call."""
+    (tmp_path / "infer").write_text(INFER_TOKEN)
+    caplog.set_level(logging.INFO)
+    with running_server(["mlp", "two_io"], inference_token_file=str(tmp_path / "infer")) as s:
+        (s.repo / "junk.blob").write_bytes(b"\0" * 100)
+        oip = OipStub(s.channel)
+        for method, call, _ in MUTATING_CALLS:
+            for md in ((), _bearer(INFER_TOKEN), _bearer("guess")):
+                code, details = code_of(lambda: call(s.stub, oip, md, s.repo))
+                assert code == CODE.PERMISSION_DENIED, (method, md, code, details)
+                assert "no admin token configured" in details, details
+        state = sorted((m.name, m.active_version.id) for m in s.stub.ListModels(
+            pb.ListModelsRequest(), metadata=_bearer(INFER_TOKEN)).models)
+        assert state == [("mlp", "initial"), ("two_io", "initial")]
+    lines = _refusal_lines(caplog)
+    assert len(lines) == 1 and "no admin token configured" in lines[0], lines
+    assert INFER_TOKEN not in caplog.text
+
+
+def test_without_any_token_mutating_rpcs_come_from_loopback_only(caplog):
+    """The safe default: no token configured, a peer that is not loopback cannot change
+    what is served (before, anyone who reached the port could); --insecure-admin lifts it."""
+    ip = _external_ip()
+    if ip is None:
+        pytest.skip("no non-loopback address on this machine")
+    swap = pb.SwapConstantBufferRequest(model="mlp")
+    caplog.set_level(logging.INFO)
+    with running_server(["mlp"], host="0.0.0.0") as s:
+        assert code_of(lambda: s.stub.SwapConstantBuffer(swap))[0] == CODE.FAILED_PRECONDITION
+        port = s.target.rsplit(":", 1)[1]
+        with grpc.insecure_channel(f"{ip}:{port}") as ch:
+            stub, oip = pb_grpc.ModelRunnerStub(ch), OipStub(ch)
+            for method, call, _ in MUTATING_CALLS:
+                code, details = code_of(lambda: call(stub, oip, (), s.repo))
+                assert code == CODE.PERMISSION_DENIED, (method, code, details)
+                assert "no admin token configured" in details and "loopback" in details
+            # Everything else is open as before.
+            assert stub.Run(wire.run_request("mlp", [torch.zeros(1, 64)]), timeout=10).outputs
+            assert [m.name for m in stub.ListModels(pb.ListModelsRequest()).models] == ["mlp"]
+        lines = _refusal_lines(caplog)
+        assert len(lines) == 1 and ip in lines[0] and "loopback" in lines[0], lines
+    with running_server(["mlp"], host="0.0.0.0", insecure_admin=True) as s:
+        port = s.target.rsplit(":", 1)[1]
+        with grpc.insecure_channel(f"{ip}:{port}") as ch:
+            code, _ = code_of(lambda: pb_grpc.ModelRunnerStub(ch).SwapConstantBuffer(swap))
+            assert code == CODE.FAILED_PRECONDITION  # it ran: nothing staged
+
+
+def test_refusals_are_logged_once_a_minute_per_reason():
+    log = interceptors._RefusalLog()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("aotiserve.server.interceptors")
+    logger.addHandler(handler)
+    try:
+        for _ in range(1000):
+            log.note("wrong token", "ipv4:10.0.0.1:5", "Swap: wrong admin token")
+        log.note("token missing", "ipv4:10.0.0.1:5", "Swap needs the admin token")
+        log._last = {k: v - log.INTERVAL_S for k, v in log._last.items()}  # a minute later
+        log.note("wrong token", "ipv4:10.0.0.2:5", "Swap: wrong admin token")
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert len(messages) == 3, messages
+    assert "999 more refused" in messages[2] and "10.0.0.2" in messages[2]
+
+
+# ---------------------------------------------------------------- model roots, packages
+
+
+def test_model_roots_never_overlap_a_folder_the_daemon_writes(tmp_path, capsys):
+    from aotiserve.server.cli import main as serve_main
+    from aotiserve.server.config import ServeConfig
+
+    weights, models, demo = tmp_path / "weights", tmp_path / "models", tmp_path / "demo"
+    for d in (weights, models, demo):
+        d.mkdir()
+    (tmp_path / "link").symlink_to(weights)
+    bad = [
+        ({"model_roots": (str(weights),), "weights_dir": str(weights)}, weights, weights),
+        ({"model_roots": (str(tmp_path),), "weights_dir": str(weights)}, tmp_path, weights),
+        ({"model_roots": (str(weights / "pk"),), "weights_dir": str(weights)}, weights / "pk",
+         weights),
+        ({"model_repository": str(tmp_path / "link"), "weights_dir": str(weights)},
+         tmp_path / "link", weights),
+        ({"model_roots": (str(models),), "demo": True, "demo_cache_dir": str(models / "d")},
+         models, models / "d"),
+        ({"model_roots": ("/",), "model_repository": str(models)}, "/", "/tmp"),
+    ]
+    for kw, root, folder in bad:
+        with pytest.raises(ValueError) as e:
+            ServeConfig(**kw)
+        message = str(e.value)
+        assert "\n" not in message and f"'{root}'" in message, message
+        assert str(folder) in message, message
+    ok = ServeConfig(model_roots=(str(models),), model_repository=str(models / "repo"),
+                     weights_dir=str(weights), demo_cache_dir=str(demo), demo=True)
+    assert ok.package_roots == (str(models), str(models / "repo"))
+    # From the command line: exit status 2, one line naming both folders.
+    assert serve_main(["--model-root", str(weights), "--weights-dir", str(weights / "w"),
+                       "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(weights) in err and "weights_dir" in err, err
+
+
+def test_uploaded_weights_never_load_as_a_package(server_factory, tmp_path):
+    """The weights folder may be a blob root, never a model root: a file there (bytes a
+    client wrote, or a package placed beside them) is refused by LoadModel."""
+    weights = tmp_path / "weights"
+    s = server_factory(["mlp"], weights_dir=str(weights), allowed_roots=(str(weights),))
+    s.stub.UpdateConstantBuffer(wire.upload_requests("mlp", new_weights("mlp"),
+                                                     validate_full=True))
+    s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
+    shutil.copy(model_zoo.compiled("mlp"), weights / "evil.pt2")
+    stored = [p for p in weights.rglob("*") if p.is_file()]
+    assert len(stored) >= 2
+    for path in stored:
+        code, details = code_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(
+            name="evil", path=str(path))))
+        assert code == CODE.PERMISSION_DENIED and "model root" in details, (path, details)
+    assert [m.name for m in s.stub.ListModels(pb.ListModelsRequest()).models] == ["mlp"]
+
+
+def test_a_package_is_a_zip_from_its_first_byte(server_factory, tmp_path):
+    """zipfile finds an archive behind any prefix (a package appended to uploaded weights
+    would open): LoadModel, and the repository's load at start, refuse it, naming the
+    path and why."""
+    root = tmp_path / "models"
+    root.mkdir()
+    package = model_zoo.compiled("mlp").read_bytes()
+    header = b'{"fc1.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    files = {
+        "prefixed.pt2": (b"\0" * 512 + package, "zip header"),
+        "zip_then_zip.pt2": (b"PK\x03\x04" + b"\0" * 60 + package, "bytes lie in front"),
+        "safetensors_then_zip.pt2": (len(header).to_bytes(8, "little") + header + b"\0" * 4
+                                     + package, "zip header"),
+        "empty.pt2": (b"", "zip header"),
+    }
+    for name, (data, _) in files.items():
+        (root / name).write_bytes(data)
+    (root / "ok.pt2").write_bytes(package)
+    s = server_factory([], model_roots=(str(root),), model_repository=None)
+    for name, (_, why) in files.items():
+        path = str(root / name)
+        code, details = code_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(
+            name=name.removesuffix(".pt2"), path=path)))
+        assert code == CODE.INVALID_ARGUMENT and path in details and why in details, details
+    info = s.stub.LoadModel(pb.LoadModelRequest(name="ok", path=str(root / "ok.pt2")))
+    assert info.model.state == pb.MODEL_STATE_READY
+    # A repository holding one: that model fails to load, saying why; health stays NOT_SERVING.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "bad.pt2").write_bytes(b"PK\x03\x04" + b"\0" * 508 + package)
+    with running_server([], model_repository=str(repo)) as bad:
+        (info,) = bad.stub.ListModels(pb.ListModelsRequest()).models
+        assert info.state == pb.MODEL_STATE_FAILED and "bytes lie in front" in info.error
+        status = health_pb2_grpc.HealthStub(bad.channel).Check(health_pb2.HealthCheckRequest())
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_security_flags_reach_the_config():
+    import argparse
+
+    from aotiserve.server.config import ServeConfig, add_serve_arguments
+
+    args = add_serve_arguments(argparse.ArgumentParser()).parse_args([
+        "--model-root", "/m1", "--model-root", "/m2", "--allowed-root", "/b", "--max-inputs",
+        "5", "--insecure-admin", "--max-upload-constants", "9"])
+    c = ServeConfig.from_sources(args, {})
+    assert c.model_roots == ("/m1", "/m2") and c.allowed_roots == ("/b",)
+    assert c.max_inputs == 5 and c.insecure_admin and c.max_upload_constants == 9
+    env = ServeConfig.from_sources({}, {"AOTISERVE_MODEL_ROOTS": "/m1,/m2",
+                                        "AOTISERVE_MAX_INPUTS": "7",
+                                        "AOTISERVE_INSECURE_ADMIN": "1"})
+    assert env.model_roots == ("/m1", "/m2") and env.max_inputs == 7 and env.insecure_admin
+    defaults = ServeConfig()
+    assert not defaults.insecure_admin and defaults.max_inputs == 64 and not defaults.model_roots
+    for name in ("max_inputs", "max_tensor_rank", "max_tensor_elements"):
+        with pytest.raises(ValueError, match=name):
+            ServeConfig(**{name: 0})

@@ -57,7 +57,9 @@ def test_codec_decode_does_not_copy():
 @pytest.mark.parametrize("shape,data,exc,msg", [
     ([4], b"\0" * 15, InvalidArgument, "expected 16 bytes for float32[4], got 15"),
     ([-1], b"", InvalidArgument, "negative dimension"),
-    ([1 << 62, 4], b"", ResourceExhausted, "elements"),
+    ([1 << 62, 4], b"", InvalidArgument, "dimension 0 of shape [4611686018427387904, 4]"),
+    ([1 << 20, 1 << 12], b"", ResourceExhausted, "more than 2147483648 elements"),
+    ([0, 1 << 31, 1 << 31, 1 << 31], b"", InvalidArgument, "has no elements"),
     ([1] * 20, b"\0" * 4, InvalidArgument, "rank 20"),
 ])
 def test_codec_rejects_malformed(shape, data, exc, msg):

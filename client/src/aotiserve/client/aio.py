@@ -187,11 +187,13 @@ class AsyncClient:
         output_format: OutputFormat = "auto",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         options: Sequence[tuple[str, Any]] = (),
+        insecure: bool = False,
     ) -> None:
         self._config = ChannelConfig(
             target=target, admin_token=admin_token, token=token, tls=tls, ca_cert=ca_cert,
             client_cert=client_cert, client_key=client_key, tls_server_name=tls_server_name,
             credentials=credentials, max_message_bytes=max_message_bytes, options=tuple(options),
+            insecure=insecure,
         )
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
@@ -199,6 +201,7 @@ class AsyncClient:
         self.output_format = resolve_format(output_format)
         self.chunk_bytes = chunk_bytes
         self._metadata = self._config.metadata()
+        self._metadata_of = self._config.metadata_of()
         self._channel = self._config.open(aio=True)
         self._stubs = model_runner_stubs(self._channel)
         self._health_check, self._health_watch = _health.stubs(self._channel)
@@ -215,7 +218,7 @@ class AsyncClient:
 
     async def _call(self, rpc: str, request):
         try:
-            return await getattr(self._stubs, rpc)(request, metadata=self._metadata,
+            return await getattr(self._stubs, rpc)(request, metadata=self._metadata_of[rpc],
                                                    timeout=self.timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
@@ -240,7 +243,7 @@ class AsyncClient:
     async def health(self, service: str = "") -> str:
         try:
             return await self._health_check(_health.encode_request(service),
-                                            metadata=self._metadata, timeout=self.timeout)
+                                            timeout=self.timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -251,8 +254,8 @@ class AsyncClient:
         request = _health.encode_request(service)
         while (remaining := deadline - time.monotonic()) > 0:
             try:
-                async for status in self._health_watch(request, metadata=self._metadata,
-                                                       timeout=remaining, wait_for_ready=True):
+                async for status in self._health_watch(request, timeout=remaining,
+                                                       wait_for_ready=True):
                     last = status
                     if status == "SERVING":
                         return

@@ -8,6 +8,7 @@ table serves ``grpc`` and ``grpc.aio`` channels.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -26,6 +27,12 @@ DEFAULT_MAX_MESSAGE_BYTES = (64 << 20) + (64 << 10)
 DEFAULT_DOWNLOAD_CHUNK_BYTES = 4 << 20
 
 WEIGHTS_VERSION_TRAILER = "aotiserve-weights-version"
+
+#: The RPCs that change what a daemon serves: the only ones the admin token goes with.
+MUTATING_RPCS = frozenset({
+    "LoadModel", "UnloadModel", "UpdateConstantBuffer", "SwapConstantBuffer",
+    "RollbackConstantBuffer", "FreeInactiveConstantBuffer", "UpdateConstantBufferFromBlob",
+})
 
 
 def _serialize(message: Any) -> bytes:
@@ -52,6 +59,41 @@ def model_runner_stubs(channel) -> SimpleNamespace:
             _registered_method=True,
         ))
     return stubs
+
+
+def is_loopback_target(target: str) -> bool:
+    """Whether a gRPC target names this machine: a loopback address, ``localhost``, or
+    a Unix socket. Any other name counts as remote (DNS may say anything)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target[len(scheme):]
+            break
+    if target.startswith("//"):  # dns://authority/host:port
+        target = target[2:].split("/", 1)[-1]
+    hosts = [h.strip() for h in target.split(",")] if "," in target else [target]
+    return bool(hosts) and all(_loopback_host(_host_of(h)) for h in hosts)
+
+
+def _host_of(hostport: str) -> str:
+    if hostport.startswith("["):
+        return hostport[1:hostport.find("]")] if "]" in hostport else hostport[1:]
+    if hostport.count(":") == 1:
+        return hostport.split(":", 1)[0]
+    return hostport  # no port, or a bare IPv6 address
+
+
+def _loopback_host(host: str) -> bool:
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _pem(value: bytes | str | os.PathLike | None, what: str) -> bytes | None:
@@ -82,6 +124,15 @@ class ChannelConfig:
     credentials: grpc.ChannelCredentials | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     options: Sequence[tuple[str, Any]] = ()
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.admin_token or self.token) and not self.use_tls() and not self.insecure \
+                and not is_loopback_target(self.target):
+            raise ValueError(
+                f"refusing to send a token in plaintext to {self.target!r}, which is not a "
+                "loopback address: use TLS (ca_cert=... or tls=True), or pass insecure=True "
+                "(CLI: --insecure) on a network you trust")
 
     def use_tls(self) -> bool:
         if self.tls is not None:
@@ -115,17 +166,22 @@ class ChannelConfig:
         room = self.max_message_bytes - min(64 << 10, self.max_message_bytes // 2)
         return max(1, min(chunk_bytes, room))
 
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        """Call metadata sent on every call: the bearer token, when there is one.
+    def metadata(self, mutating: bool = False) -> tuple[tuple[str, str], ...]:
+        """Call metadata of one call: the bearer token, when there is one.
 
-        The daemon takes the admin token for every RPC and the inference token
-        for all but the mutating ones, so one header serves both: the admin
-        token when given, else the inference token.
+        The admin token goes only with mutating calls (:data:`MUTATING_RPCS`); every
+        other call carries the inference token, if any (health needs none).
         """
-        bearer = self.admin_token or self.token
+        bearer = (self.admin_token or self.token) if mutating else self.token
         if not bearer:
             return ()
         return (("authorization", f"Bearer {bearer}"),)
+
+    def metadata_of(self) -> dict[str, tuple[tuple[str, str], ...]]:
+        """RPC name → its call metadata (mutating RPCs get the admin token)."""
+        plain, admin = self.metadata(), self.metadata(mutating=True)
+        names = pb.DESCRIPTOR.services_by_name["ModelRunner"].methods_by_name
+        return {name: admin if name in MUTATING_RPCS else plain for name in names}
 
     def open(self, aio: bool = False):
         """A new ``grpc.Channel`` (or ``grpc.aio.Channel``)."""

@@ -10,7 +10,8 @@
 
 Connection flags work before or after the command: ``--target`` (default
 $AOTISERVE_TARGET, else localhost:8500), ``--admin-token-file``,
-``--token-file``, ``--tls-ca/--tls-cert/--tls-key``, ``--timeout``, ``--json``.
+``--token-file``, ``--tls-ca/--tls-cert/--tls-key``, ``--insecure`` (send a token
+in plaintext to a non-loopback target), ``--timeout``, ``--json``.
 Exit status: 0 done, 1 the server refused or failed, 2 bad usage.
 """
 
@@ -42,6 +43,7 @@ class CliConfig:
     tls_server_name: str | None
     timeout: float | None
     json: bool
+    insecure: bool = False
 
     @classmethod
     def resolve(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> "CliConfig":
@@ -53,6 +55,7 @@ class CliConfig:
             tls_server_name=args.tls_server_name,
             timeout=args.timeout,
             json=bool(args.json),
+            insecure=bool(getattr(args, "insecure", False)),
         )
 
     def client(self, target: str | None = None):
@@ -61,7 +64,8 @@ class CliConfig:
         tls = True if (self.tls_ca or self.tls_cert) else None
         return Client(target or self.target, admin_token=self.admin_token, token=self.token, tls=tls,
                       ca_cert=self.tls_ca, client_cert=self.tls_cert, client_key=self.tls_key,
-                      tls_server_name=self.tls_server_name, timeout=self.timeout)
+                      tls_server_name=self.tls_server_name, timeout=self.timeout,
+                      insecure=self.insecure)
 
 
 def _read_token(path: str | None, what: str) -> str | None:
@@ -93,6 +97,9 @@ def _connection_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
     g.add_argument("--tls-key", default=d, metavar="FILE", help="client private key (mutual TLS)")
     g.add_argument("--tls-server-name", default=d, metavar="NAME",
                    help="expected server name in its certificate (default: the target host)")
+    g.add_argument("--insecure", default=False if not suppress else d, action="store_true",
+                   help="send the token in plaintext to a target that is not loopback (without "
+                        "it, a token goes only over TLS or to loopback)")
     g.add_argument("--timeout", default=d, type=float, metavar="SECONDS", help="per-call deadline")
     g.add_argument("--json", default=False if not suppress else d, action="store_true",
                    help="machine-readable output on stdout")
@@ -504,6 +511,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ClientError, UnsupportedDtypeError) as e:  # the latter: bfloat16 without torch
         print(f"aotiserve {args.command}: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # e.g. a token refused for a plaintext remote target
+        print(f"aotiserve {args.command}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -207,9 +207,11 @@ class Client:
     ``target`` is ``host:port``. TLS is used when ``tls`` is true or any
     certificate is given (``ca_cert``, and ``client_cert`` + ``client_key``
     for mutual TLS; each bytes, PEM text or a file path). ``admin_token`` is
-    sent as ``authorization: Bearer <token>`` on every call; ``token`` is the
-    inference token of a daemon that requires one for every call (the admin
-    token, when given, is accepted in its place). ``timeout`` (s)
+    sent as ``authorization: Bearer <token>`` on mutating calls only (load,
+    unload, weight changes); ``token`` is the inference token of a daemon that
+    requires one, sent on every other call (health needs none). A token is never
+    sent in plaintext to a target other than loopback: that raises ValueError
+    unless TLS is on or ``insecure=True``. ``timeout`` (s)
     bounds every call. Outputs are torch tensors when torch is importable,
     numpy arrays otherwise (``output_format`` forces one).
     """
@@ -231,11 +233,13 @@ class Client:
         output_format: OutputFormat = "auto",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         options: Sequence[tuple[str, Any]] = (),
+        insecure: bool = False,
     ) -> None:
         self._config = ChannelConfig(
             target=target, admin_token=admin_token, token=token, tls=tls, ca_cert=ca_cert,
             client_cert=client_cert, client_key=client_key, tls_server_name=tls_server_name,
             credentials=credentials, max_message_bytes=max_message_bytes, options=tuple(options),
+            insecure=insecure,
         )
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
@@ -243,6 +247,7 @@ class Client:
         self.output_format = resolve_format(output_format)
         self.chunk_bytes = chunk_bytes
         self._metadata = self._config.metadata()
+        self._metadata_of = self._config.metadata_of()
         self._channel = self._config.open()
         self._stubs = model_runner_stubs(self._channel)
         self._health_check, self._health_watch = _health.stubs(self._channel)
@@ -262,15 +267,16 @@ class Client:
     def _call(self, rpc: str, request, *, with_call: bool = False):
         stub = getattr(self._stubs, rpc)
         try:
+            metadata = self._metadata_of[rpc]
             if with_call:
-                return stub.with_call(request, metadata=self._metadata, timeout=self.timeout)
-            return stub(request, metadata=self._metadata, timeout=self.timeout)
+                return stub.with_call(request, metadata=metadata, timeout=self.timeout)
+            return stub(request, metadata=metadata, timeout=self.timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
     def _stream(self, rpc: str, request):
         try:
-            yield from getattr(self._stubs, rpc)(request, metadata=self._metadata,
+            yield from getattr(self._stubs, rpc)(request, metadata=self._metadata_of[rpc],
                                                  timeout=self.timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
@@ -301,8 +307,7 @@ class Client:
     def health(self, service: str = "") -> str:
         """The server's health status: "SERVING", "NOT_SERVING", "UNKNOWN", "SERVICE_UNKNOWN"."""
         try:
-            return self._health_check(_health.encode_request(service), metadata=self._metadata,
-                                      timeout=self.timeout)
+            return self._health_check(_health.encode_request(service), timeout=self.timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -317,8 +322,8 @@ class Client:
         request = _health.encode_request(service)
         while (remaining := deadline - time.monotonic()) > 0:
             try:
-                for status in self._health_watch(request, metadata=self._metadata,
-                                                 timeout=remaining, wait_for_ready=True):
+                for status in self._health_watch(request, timeout=remaining,
+                                                 wait_for_ready=True):
                     last = status
                     if status == "SERVING":
                         return
@@ -340,8 +345,7 @@ class Client:
         last, pause = "no answer", _RETRY_MIN_S
         while (remaining := deadline - time.monotonic()) > 0:
             try:
-                last = self._health_check(request, metadata=self._metadata, timeout=remaining,
-                                          wait_for_ready=True)
+                last = self._health_check(request, timeout=remaining, wait_for_ready=True)
                 if last == "SERVING":
                     return
             except grpc.RpcError as e:

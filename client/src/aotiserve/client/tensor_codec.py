@@ -375,16 +375,24 @@ class RunResponseView:
         self.weights_version = weights_version
 
 
+#: What the client takes in one Run response (a server's answer is bounded too).
+RESPONSE_BOUNDS = wire.Bounds(max_entries=1 << 12, max_rank=64, max_dim=(1 << 63) - 1)
+_RUN_RESPONSE = {1: wire.Rule("entries", {2: wire.Rule("dims")}, entries="outputs")}
+
+
 def parse_run_response(buf: bytes, viewing_min_bytes: int = wire.VIEWING_MIN_BYTES):
     """``RunResponse`` bytes → ``.outputs`` and ``.weights_version``; a response of
     ``viewing_min_bytes`` or more is walked here, its output data views of ``buf`` (no
-    copy). What the walk does not take goes to protobuf's parser, which decides."""
+    copy), within :data:`RESPONSE_BOUNDS` (``wire.BoundError`` past them). What the walk
+    does not take goes to protobuf's parser, which decides, once the bounds are checked."""
     if len(buf) >= viewing_min_bytes:
         try:
-            version, outputs = wire.read_text_and_tensors(buf, text_field=2, tensor_field=1)
+            version, outputs = wire.read_text_and_tensors(
+                buf, text_field=2, tensor_field=1, bounds=RESPONSE_BOUNDS, what="RunResponse",
+                entry="output")
             return RunResponseView(outputs, version)
         except wire.WireError:
-            pass
+            wire.check_bounds(buf, _RUN_RESPONSE, RESPONSE_BOUNDS, "RunResponse")
     return pb.RunResponse.FromString(buf)
 
 
