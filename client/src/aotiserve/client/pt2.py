@@ -136,8 +136,8 @@ def _wrapper_member(members: Sequence[zipfile.ZipInfo]) -> zipfile.ZipInfo | Non
     return others[0] if len(others) == 1 else None
 
 
-def read_models(path: str | os.PathLike) -> list[PackageModel]:
-    """Every model of the package, sorted by name."""
+def read_models(path: str | os.PathLike, only: str | None = None) -> list[PackageModel]:
+    """Every model of the package (or the one named ``only``), sorted by name."""
     path = Path(path)
     try:
         zf = zipfile.ZipFile(path)
@@ -146,6 +146,8 @@ def read_models(path: str | os.PathLike) -> list[PackageModel]:
     out = []
     with zf:
         for name, members in sorted(_members(zf).items()):
+            if only is not None and name != only:
+                continue
             wrapper = None
             member = _wrapper_member(members)
             if member is not None and member.file_size <= MAX_SOURCE_BYTES:
@@ -155,15 +157,14 @@ def read_models(path: str | os.PathLike) -> list[PackageModel]:
                 wrapper_file=PurePosixPath(member.filename).name if member else None,
                 files=tuple((PurePosixPath(i.filename).name, i.file_size) for i in members)))
     if not out:
-        raise Pt2Error(f"{str(path)!r} holds no AOTInductor model (no data/aotinductor/<model>/)")
+        what = f"no model named {only!r}" if only is not None else (
+            "no AOTInductor model (no data/aotinductor/<model>/)")
+        raise Pt2Error(f"{str(path)!r} holds {what}")
     return out
 
 
 def read_model(path: str | os.PathLike, model_name: str) -> PackageModel:
-    for model in read_models(path):
-        if model.name == model_name:
-            return model
-    raise Pt2Error(f"{str(path)!r} has no model named {model_name!r}")
+    return read_models(path, only=model_name)[0]
 
 
 # ---------------------------------------------------------------- served specs

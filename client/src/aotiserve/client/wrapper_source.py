@@ -249,9 +249,7 @@ def parse(source: str) -> WrapperInfo:
         inputs.append(_input(i, name, body, run_impl) if body is not None
                       else WrapperTensor(name))
     specs = {m.group(1): m.group(2) for m in _SPEC.finditer(source)}
-    features = frozenset(f for f in ("AOTInductorGetLastError",
-                                     "AOTInductorModelContainerGetConstantFromFolded")
-                         if f in source)
+    features = frozenset(f for f in ("AOTInductorGetLastError",) if f in source)
     return WrapperInfo(
         num_inputs=num_in if base else None,
         num_outputs=num_out if base else None,

@@ -1,0 +1,80 @@
+"""First-request latency with and without warm-up (issue 18), against the steady p50.
+
+For each setting a fresh in-process daemon serves the zoo model on the device;
+the first Run after it turns SERVING (and after a ListModels has connected the
+channel) is timed, then ``--runs`` more give the steady p50. Each setting runs ``--rounds`` times (a fresh daemon each time).
+
+    python -m bench.first_request [--device cuda:0] [--model mlp] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def _one(model: str, device: str, warmup_runs: int, runs: int) -> tuple[float, float]:
+    import model_zoo
+    import wire
+    from aotiserve.v1 import model_runner_pb2 as pb
+    from server_harness import running_server
+
+    inputs = model_zoo.MODELS[model].inputs(4)
+    request = wire.run_request(model, inputs)
+    with running_server([], model_repository=str(_repository(model, device)),
+                        devices=(device,), warmup_runs=warmup_runs, runners_per_model=1) as srv:
+        # The channel connects at its first call: a ListModels pays for that, not the Run.
+        srv.stub.ListModels(pb.ListModelsRequest())
+        started = time.perf_counter()
+        srv.stub.Run(request)
+        first = time.perf_counter() - started
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            srv.stub.Run(request)
+            times.append(time.perf_counter() - started)
+    return first, statistics.median(times)
+
+
+def _repository(model: str, device: str) -> Path:
+    import tempfile
+
+    import model_zoo
+
+    folder = Path(tempfile.mkdtemp(prefix="aotiserve-first-"))
+    (folder / f"{model}.pt2").symlink_to(model_zoo.compiled(model, device.split(":")[0]))
+    return folder
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", metavar="OUT")
+    args = parser.parse_args(argv)
+    results = {}
+    for warmup in (0, 1):
+        rounds = [_one(args.model, args.device, warmup, args.runs) for _ in range(args.rounds)]
+        results[f"warmup_runs={warmup}"] = {
+            "first_ms": [round(f * 1e3, 3) for f, _ in rounds],
+            "steady_p50_ms": [round(p * 1e3, 3) for _, p in rounds],
+            "first_over_p50": [round(f / p, 2) for f, p in rounds],
+        }
+        print(f"warmup_runs={warmup}: " + json.dumps(results[f"warmup_runs={warmup}"]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": args.device, "model": args.model,
+                                               **results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
