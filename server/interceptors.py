@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import grpc
 
+from aotiserve.client import wire
+
 from .errors import (
     InvalidArgument,
     PermissionDenied,
@@ -52,6 +54,9 @@ MUTATING_METHODS = frozenset({
 
 # Services that keep answering while draining (so probes see NOT_SERVING).
 _ALWAYS_ON = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+# Requests parsed by protobuf (control RPCs, health, reflection) hold a few fields each.
+TOP_LEVEL_BOUNDS = wire.Bounds()
 
 _MODEL_FIELDS = ("model", "model_name", "name")
 # The model label of requests naming a model the server does not hold.
@@ -270,14 +275,21 @@ class ServingInterceptor(grpc.ServerInterceptor):
         # its deserializer refuses (the call state is never freed, not even when the
         # connection closes), so any client could grow the daemon's memory with garbage
         # bytes. Parsed here, a bad message is one INVALID_ARGUMENT and nothing kept.
-        # A deserializer that refuses with a ServeError (a bound passed) says why.
+        # A deserializer that refuses with a ServeError (a bound passed) says why. One that
+        # does not count what it reads (protobuf's: an object or a copy per repeated
+        # field) gets bytes of at most TOP_LEVEL_BOUNDS.max_fields top-level fields.
         deserialize = handler.request_deserializer
+        counts = getattr(deserialize, "bounded", False)
 
         def decode(raw):
             if deserialize is None:
                 return raw
             try:
+                if not counts:
+                    wire.check_bounds(raw, {}, TOP_LEVEL_BOUNDS, f"the {short} request")
                 return deserialize(raw)
+            except wire.BoundError as exc:
+                raise InvalidArgument(str(exc)) from None
             except ServeError:
                 raise
             except Exception:  # noqa: BLE001 (DecodeError, RecursionError...)

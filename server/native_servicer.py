@@ -208,18 +208,24 @@ class _WithWireRun:
         run = handlers["Run"]
         handlers["Run"] = grpc.unary_unary_rpc_method_handler(
             run.unary_unary,
-            request_deserializer=functools.partial(run_wire.parse_run_request,
-                                                   bounds=self._bounds),
+            request_deserializer=_counting(run_wire.parse_run_request, self._bounds),
             response_serializer=run_wire.identity)
         upload = handlers["UpdateConstantBuffer"]
         handlers["UpdateConstantBuffer"] = grpc.stream_unary_rpc_method_handler(
             upload.stream_unary,
-            request_deserializer=functools.partial(upload_codec.decode_update_request,
-                                                   bounds=self._bounds),
+            request_deserializer=_counting(upload_codec.decode_update_request, self._bounds),
             response_serializer=upload.response_serializer)
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service, handlers),))
         self._server.add_registered_method_handlers(service, handlers)
+
+
+def _counting(parse, bounds):
+    """``parse`` with ``bounds``, marked as counting what it reads (the interceptor
+    leaves its bytes to it)."""
+    deserialize = functools.partial(parse, bounds=bounds)
+    deserialize.bounded = True
+    return deserialize
 
 
 def add_to_server(plane: DataPlane, config, server: grpc.Server) -> None:

@@ -263,6 +263,7 @@ def _bounded(parse: Callable[[bytes], Any], bounds: wire.Bounds) -> Callable[[by
         except wire.BoundError as exc:
             raise InvalidArgument(str(exc)) from None
         return parse(raw)
+    deserialize.bounded = True  # the interceptor leaves its bytes to it
     return deserialize
 
 
@@ -284,6 +285,7 @@ def _in_stream(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
             return _Refused(exc)
         except Exception:  # noqa: BLE001 (DecodeError, RecursionError...)
             return _Refused(InvalidArgument("ModelStreamInfer: a request is not a valid message"))
+    parse.bounded = True
     return parse
 
 

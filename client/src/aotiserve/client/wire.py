@@ -168,7 +168,7 @@ class Bounds:
 
     def too_many_fields(self, what: str) -> BoundError:
         return BoundError(f"{what} has more than {self.max_fields} fields besides its "
-                          "repeated entries (repeated or unknown fields)")
+                          "bounded repeated entries (repeated or unknown fields), the limit")
 
 
 DEFAULT_BOUNDS = Bounds()
