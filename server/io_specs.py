@@ -169,7 +169,9 @@ def probe_outputs(inputs: Sequence[IOSpec], outputs: Sequence[IOSpec],
         if len({len(s) for s in shapes}) != 1:
             done.append(spec)
             continue
-        shape = tuple(d if all(s[k] == d for s in shapes) else -1
+        # A dim that changed between the runs is dynamic; so is one that came out empty
+        # (on zeros a data-dependent size such as nonzero()'s is 0, never a real constant).
+        shape = tuple(d if d > 0 and all(s[k] == d for s in shapes) else -1
                       for k, d in enumerate(shapes[0]))
         done.append(IOSpec(spec.name, runs[0][i].dtype, shape,
                            tuple(max(d, 0) for d in shape), shape))

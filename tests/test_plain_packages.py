@@ -175,17 +175,18 @@ def test_packed_package_gets_bounds_from_its_source(tmp_path):
 
 def test_outputs_the_source_leaves_open_are_measured():
     inputs = [io_specs.IOSpec("x", torch.float32, (-1, 4), (2, 4), (8, 4))]
-    outputs = [io_specs.IOSpec("y", None, None), io_specs.IOSpec("z", None, None)]
+    outputs = [io_specs.IOSpec(n, None, None) for n in ("y", "z", "nz")]
     seen = []
 
     def run(xs):
         seen.append(tuple(xs[0].shape))
-        return [xs[0].sum(1).to(torch.int64), torch.zeros(3)]
+        return [xs[0].sum(1).to(torch.int64), torch.zeros(3), xs[0].nonzero()]
 
     done = io_specs.probe_outputs(inputs, outputs, run)
     assert seen == [(2, 4), (3, 4)]  # the smallest accepted size, then one more
-    assert [(o.name, o.dtype, o.shape) for o in done] == [("y", torch.int64, (-1,)),
-                                                          ("z", torch.float32, (3,))]
+    # nonzero() of zeros is empty: a data-dependent dim, so dynamic, not a constant 0.
+    assert [(o.name, o.dtype, o.shape) for o in done] == [
+        ("y", torch.int64, (-1,)), ("z", torch.float32, (3,)), ("nz", torch.int64, (-1, 2))]
 
     def failing(xs):
         raise RuntimeError("no")

@@ -92,9 +92,9 @@ def _warnings(model: pt2.PackageModel, inputs: list[pt2.TensorSpec],
                      "no dtype/shape checks of its own (the model's guards still apply)")
     for spec in inputs:
         for d, lo in spec.refused_below():
+            what = "a batch of 1" if d == 0 else "a size of 1"
             warns.append(f"input {spec.name!r} refuses sizes below {lo} in dim {d} (torch's default "
-                         "check_lowerbound, even for Dim(min=1)): a batch of 1 fails; "
-                         f"{LOWERBOUND_FIX}")
+                         f"check_lowerbound, even for Dim(min=1)): {what} fails; {LOWERBOUND_FIX}")
     unknown = [s.name for s in outputs if s.dtype is None or s.shape is None]
     if unknown:
         warns.append(f"the source does not say the dtype/shape of output(s) {', '.join(unknown)}: "
