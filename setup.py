@@ -7,7 +7,6 @@ backend; the choice is printed when the build starts.
 """
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,43 +40,44 @@ def select_backends() -> list[str]:
     return backends
 
 
-def grpcpp_flags() -> tuple[list[str], list[str]] | None:
-    """(cflags, libs) of gRPC C++ from pkg-config, for the native data port; None: not
-    installed (e.g. Debian's libgrpc++-dev), and the extension is built without it."""
-    if not _wanted("NATIVE_RUN", shutil.which("pkg-config") is not None):
-        return None
+GRPCPP_MISSING = (
+    "aotiserve: gRPC C++ (grpc++ with pkg-config) is required to build the extension: "
+    "install it with `apt-get install libgrpc++-dev pkg-config` (Debian/Ubuntu), "
+    "`brew install grpc pkg-config` (macOS) or `conda install -c conda-forge grpc-cpp pkg-config`"
+)
+
+
+def grpcpp_flags() -> tuple[list[str], list[str]]:
+    """(cflags, libs) of gRPC C++ from pkg-config; the daemon's port is built on it."""
     try:
         cflags = subprocess.run(["pkg-config", "--cflags", "grpc++"], check=True,
                                 capture_output=True, text=True).stdout.split()
         libs = subprocess.run(["pkg-config", "--libs", "grpc++"], check=True,
                               capture_output=True, text=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
-        return None
+        sys.exit(GRPCPP_MISSING)
     return cflags, libs
 
 
 def make_extension():
     backends = select_backends()
-    sources = [str(CSRC / "module.cpp"), str(CSRC / "cpu_cache.cpp"), str(CSRC / "core_spread.cpp")] + [str(CSRC / f"{b}.cpp") for b in backends]
+    shared = ("module", "cpu_cache", "core_spread", "wire", "port_stats", "bridge", "health", "port",
+              "port_bindings")
+    sources = [str(CSRC / f"{name}.cpp") for name in shared] + [str(CSRC / f"{b}.cpp") for b in backends]
     define = [("AOTISERVE_TORCH_VERSION", f'"{torch.__version__}"')]
     extra = {"cxx": ["-O2"]}  # torch.utils.cpp_extension picks the C++ standard torch needs
-    link: list[str] = []
-    grpcpp = grpcpp_flags()
-    if grpcpp is not None:
-        sources.append(str(CSRC / "native_run.cpp"))
-        define.append(("AOTISERVE_NATIVE_RUN", "1"))
-        extra["cxx"] += grpcpp[0]
-        link = grpcpp[1] + ["-lcrypto"]
+    grpc_cflags, grpc_libs = grpcpp_flags()
+    extra["cxx"] += grpc_cflags
+    link = grpc_libs + ["-lcrypto"]
     print(
         f"aotiserve.runner_ext: torch {torch.__version__}, backends {backends}, "
-        f"CUDA_HOME={cpp_extension.CUDA_HOME}, native data port {grpcpp is not None}, "
+        f"CUDA_HOME={cpp_extension.CUDA_HOME}, "
         f"sources {sources}",
         flush=True,
     )
     (HERE / "runner_ext" / "_build_info.py").write_text(
         "# Written by setup.py at build time.\n"
         f"TORCH_VERSION = {torch.__version__!r}\nBACKENDS = {tuple(backends)!r}\n"
-        f"NATIVE_RUN = {grpcpp is not None!r}\n"
     )
     if "cuda" in backends:
         return cpp_extension.CUDAExtension(

@@ -35,12 +35,10 @@ from .backends import (  # noqa: E402
     compiled_backends,
     runner_class_for,
 )
-NativeRunServer = getattr(_C, "NativeRunServer", None)
-
-
-def native_run_available() -> bool:
-    """Whether this build has the native data port (gRPC C++ was found at build time)."""
-    return bool(getattr(_C, "_native_run", False))
+# The daemon's one port (gRPC C++): server/port.py and server/bridge.py drive it.
+PortServer = _C.PortServer
+BridgeCall = _C.BridgeCall
+port_set_dtypes = _C.port_set_dtypes
 
 
 from .package import (  # noqa: E402
@@ -57,8 +55,9 @@ __all__ = [
     "AOTIModelContainerRunnerMps",
     "AOTIModelContainerRunnerXpu",
     "LoadedModel",
-    "NativeRunServer",
+    "BridgeCall",
     "PackageError",
+    "PortServer",
     "alloc_tensor_by_stealing_from_void_ptr",
     "alloc_tensors_by_stealing_from_void_ptrs",
     "compiled_backends",
@@ -68,7 +67,7 @@ __all__ = [
     "install_cpu_block_cache",
     "list_package_models",
     "load_model",
-    "native_run_available",
+    "port_set_dtypes",
     "read_package_metadata",
     "runner_class_for",
     "set_core_spread",

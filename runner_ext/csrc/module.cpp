@@ -4,9 +4,7 @@
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 
 #include "runner_bindings.h"
-#ifdef AOTISERVE_NATIVE_RUN
-#include "native_run.h"
-#endif
+#include "port.h"
 
 namespace aotiserve {
 
@@ -108,10 +106,5 @@ PYBIND11_MODULE(_C, m) {
   aotiserve::bind_handle_helpers(m);
   aotiserve::bind_cpu_cache(m);
   aotiserve::bind_core_spread(m);
-#ifdef AOTISERVE_NATIVE_RUN
-  aotiserve::bind_native_run(m);
-  m.attr("_native_run") = true;
-#else
-  m.attr("_native_run") = false;
-#endif
+  aotiserve::bind_port(m);
 }

@@ -1,0 +1,258 @@
+// See bridge.h.
+#include "bridge.h"
+
+namespace aotiserve {
+namespace {
+
+std::string to_string(const grpc::ByteBuffer& buf) {
+  std::vector<grpc::Slice> slices;
+  std::string out;
+  if (!buf.Dump(&slices).ok()) return out;
+  out.reserve(buf.Length());
+  for (const auto& s : slices) out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  return out;
+}
+
+grpc::ByteBuffer to_buffer(const std::string& s) {
+  grpc::Slice slice(s.data(), s.size());
+  return grpc::ByteBuffer(&slice, 1);
+}
+
+}  // namespace
+
+Metadata client_metadata(const grpc::ServerContextBase& ctx) {
+  Metadata md;
+  for (const auto& [k, v] : ctx.client_metadata()) {
+    md.emplace_back(std::string(k.data(), k.size()), std::string(v.data(), v.size()));
+  }
+  return md;
+}
+
+BridgeCall::~BridgeCall() { ended(); }
+
+void BridgeCall::ended() {
+  if (!ended_) {
+    ended_ = true;
+    if (on_end) on_end();
+  }
+}
+
+double BridgeCall::time_remaining() const {
+  if (deadline == std::chrono::system_clock::time_point::max()) return -1;
+  auto left = std::chrono::duration<double>(deadline - std::chrono::system_clock::now()).count();
+  return std::max(0.0, left);
+}
+
+// Bridge --------------------------------------------------------------------------
+
+bool Bridge::push(std::shared_ptr<BridgeCall> call) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_ || pending_calls_ >= max_pending_) return false;
+    ++pending_calls_;
+    items_.push_back({std::move(call), 0});
+  }
+  ready_.notify_one();
+  return true;
+}
+
+void Bridge::cancelled(uint64_t id) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return;
+    items_.push_back({nullptr, id});
+  }
+  ready_.notify_one();
+}
+
+std::optional<BridgeItem> Bridge::next() {
+  std::unique_lock<std::mutex> lock(mu_);
+  ready_.wait(lock, [&] { return closed_ || !items_.empty(); });
+  if (items_.empty()) return std::nullopt;
+  BridgeItem item = std::move(items_.front());
+  items_.pop_front();
+  if (item.call) --pending_calls_;
+  return item;
+}
+
+void Bridge::close() {
+  std::deque<BridgeItem> left;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    closed_ = true;
+    left.swap(items_);
+    pending_calls_ = 0;
+  }
+  ready_.notify_all();
+  for (auto& item : left) {
+    if (item.call) item.call->finish(int(grpc::StatusCode::UNAVAILABLE), "server is shutting down", {});
+  }
+}
+
+// StreamCall ------------------------------------------------------------------------
+
+class StreamCall::Reactor : public grpc::ServerGenericBidiReactor {
+ public:
+  explicit Reactor(std::shared_ptr<StreamCall> call) : call_(std::move(call)) {}
+  void OnReadDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(call_->mu_);
+    call_->reading_ = false;
+    call_->read_ok_ = ok;
+    if (!ok) call_->reads_done_ = true;
+    call_->cv_.notify_all();
+  }
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(call_->mu_);
+    call_->writing_ = false;
+    call_->write_ok_ = ok;
+    call_->cv_.notify_all();
+  }
+  void OnCancel() override {
+    uint64_t id;
+    {
+      std::lock_guard<std::mutex> lock(call_->mu_);
+      call_->cancelled_ = true;
+      call_->cv_.notify_all();
+      id = call_->id;
+    }
+    call_->bridge_->cancelled(id);
+  }
+  void OnDone() override {
+    {
+      std::lock_guard<std::mutex> lock(call_->mu_);
+      call_->reactor_ = nullptr;
+      call_->ctx_ = nullptr;
+      call_->cv_.notify_all();
+    }
+    call_->ended();
+    delete this;
+  }
+  using grpc::ServerGenericBidiReactor::Finish;
+  using grpc::ServerGenericBidiReactor::StartRead;
+  using grpc::ServerGenericBidiReactor::StartWrite;
+
+ private:
+  std::shared_ptr<StreamCall> call_;
+};
+
+grpc::ServerGenericBidiReactor* StreamCall::reactor(grpc::GenericCallbackServerContext* ctx,
+                                                    std::shared_ptr<StreamCall> self) {
+  ctx_ = ctx;
+  reactor_ = new Reactor(std::move(self));
+  return reactor_;
+}
+
+void StreamCall::finish_locked(std::unique_lock<std::mutex>& lock, const grpc::Status& status) {
+  if (finished_ || reactor_ == nullptr) return;
+  finished_ = true;
+  Reactor* r = reactor_;
+  lock.unlock();
+  r->Finish(status);
+  lock.lock();
+}
+
+void StreamCall::refuse(const grpc::Status& status) {
+  std::unique_lock<std::mutex> lock(mu_);
+  finish_locked(lock, status);
+}
+
+std::optional<std::string> StreamCall::read() {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (finished_ || cancelled_ || reads_done_ || reactor_ == nullptr) return std::nullopt;
+  reading_ = true;
+  Reactor* r = reactor_;
+  lock.unlock();
+  r->StartRead(&rbuf_);
+  lock.lock();
+  auto idle = std::chrono::duration<double>(idle_s_);
+  bool arrived = idle_s_ <= 0
+                     ? (cv_.wait(lock, [&] { return !reading_; }), true)
+                     : cv_.wait_for(lock, idle, [&] { return !reading_; });
+  if (!arrived) {
+    // The client sent nothing for the idle limit: end the call (the read then fails).
+    finish_locked(lock, {grpc::StatusCode::DEADLINE_EXCEEDED,
+                         method + ": no message from the client for " +
+                             std::to_string(int(idle_s_)) + " s; stream closed"});
+    cv_.wait(lock, [&] { return !reading_; });
+    return std::nullopt;
+  }
+  if (!read_ok_) return std::nullopt;
+  std::string out = to_string(rbuf_);
+  rbuf_.Clear();
+  return out;
+}
+
+bool StreamCall::write(const std::string& message) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (finished_ || cancelled_ || reactor_ == nullptr) return false;
+  wbuf_ = to_buffer(message);
+  writing_ = true;
+  Reactor* r = reactor_;
+  lock.unlock();
+  r->StartWrite(&wbuf_);
+  lock.lock();
+  cv_.wait(lock, [&] { return !writing_; });
+  return write_ok_;
+}
+
+void StreamCall::finish(int code, const std::string& details, const Metadata& trailers) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (finished_ || reactor_ == nullptr) return;
+  for (const auto& [k, v] : trailers) ctx_->AddTrailingMetadata(k, v);
+  finish_locked(lock, grpc::Status(grpc::StatusCode(code), details));
+}
+
+bool StreamCall::active() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return !finished_ && !cancelled_ && reactor_ != nullptr;
+}
+
+// UnaryCall -------------------------------------------------------------------------
+
+std::optional<std::string> UnaryCall::read() {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto out = std::move(request_);
+  request_.reset();
+  return out;
+}
+
+bool UnaryCall::write(const std::string& message) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (finished_) return false;
+  response_ = message;
+  has_response_ = true;
+  return true;
+}
+
+void UnaryCall::finish(int code, const std::string& details, const Metadata& trailers) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finished_) return;
+    finished_ = true;
+    status_ = grpc::Status(grpc::StatusCode(code), details);
+    trailers_ = trailers;
+  }
+  cv_.notify_all();
+}
+
+bool UnaryCall::active() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return !finished_ && !ctx_->IsCancelled();
+}
+
+grpc::Status UnaryCall::wait(grpc::ByteBuffer* response) {
+  std::unique_lock<std::mutex> lock(mu_);
+  bool told = false;
+  while (!cv_.wait_for(lock, std::chrono::milliseconds(50), [&] { return finished_; })) {
+    if (!told && ctx_->IsCancelled()) {  // lets a run queued in Python leave its queue
+      told = true;
+      bridge_->cancelled(id);
+    }
+  }
+  for (const auto& [k, v] : trailers_) ctx_->AddTrailingMetadata(k, v);
+  if (status_.ok() && has_response_) *response = to_buffer(response_);
+  ended();
+  return status_;
+}
+
+}  // namespace aotiserve

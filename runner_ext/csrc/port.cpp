@@ -1,0 +1,904 @@
+// See port.h. One grpc::Server per listener (the main port, and an admin port when
+// the daemon has one), each with three services:
+//   HotService     Run, ModelInfer: sync handlers on gRPC's polling threads, no Python;
+//   HealthService  Check, Watch (health.cpp), callback handlers;
+//   BridgeService  every other method: a callback generic service whose calls go to
+//                  the Python threads of server/bridge.py.
+#include "port.h"
+
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/impl/rpc_service_method.h>
+#include <grpcpp/resource_quota.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/support/method_handler.h>
+
+#include <ATen/ATen.h>
+#include <openssl/crypto.h>
+
+#include <arpa/inet.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+namespace aotiserve {
+using wire::Span;
+namespace {
+
+constexpr const char* kRun = "/aotiserve.v1.ModelRunner/Run";
+constexpr const char* kInfer = "/inference.GRPCInferenceService/ModelInfer";
+constexpr const char* kTrailer = "aotiserve-weights-version";
+// torch's CPU allocator aligns every tensor to 64 bytes, and AOTInductor's kernels may
+// take a different (vectorized) path on aligned data: inputs are handed over aligned so
+// results are bit for bit those of an in-process run.
+constexpr uintptr_t kAlign = 64;
+// Outputs this large go out as slices over the tensors' own memory (no copy).
+constexpr size_t kZeroCopyBytes = 64 * 1024;
+
+using Clock = std::chrono::steady_clock;
+
+double since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+bool always_on(const std::string& method) {
+  return method.rfind("/grpc.health.v1.Health/", 0) == 0 ||
+         method.rfind("/grpc.reflection.", 0) == 0;
+}
+
+std::string short_name(const std::string& method) {
+  auto i = method.rfind('/');
+  return i == std::string::npos ? method : method.substr(i + 1);
+}
+
+// ipv4:127.0.0.1:5000, ipv6:[::1]:5000, ipv6:[::ffff:127.0.0.1]:5000, unix:/path
+bool is_loopback(const std::string& peer) {
+  if (peer.rfind("unix:", 0) == 0) return true;
+  auto colon = peer.find(':');
+  if (colon == std::string::npos) return false;
+  std::string host = peer.substr(colon + 1);
+  if (!host.empty() && host[0] == '[') {
+    host = host.substr(1, host.find(']') - 1);
+  } else {
+    host = host.substr(0, host.rfind(':'));
+  }
+  in_addr v4{};
+  if (inet_pton(AF_INET, host.c_str(), &v4) == 1) return (ntohl(v4.s_addr) >> 24) == 127;
+  in6_addr v6{};
+  if (inet_pton(AF_INET6, host.c_str(), &v6) != 1) return false;
+  if (IN6_IS_ADDR_LOOPBACK(&v6)) return true;
+  return IN6_IS_ADDR_V4MAPPED(&v6) && v6.s6_addr[12] == 127;
+}
+
+bool token_matches(const std::string& header, const std::string& want) {
+  std::string got = header.rfind("Bearer ", 0) == 0 ? header.substr(7) : header;
+  return !want.empty() && got.size() == want.size() &&
+         CRYPTO_memcmp(got.data(), want.data(), got.size()) == 0;
+}
+
+grpc::Status invalid(const std::string& msg) { return {grpc::StatusCode::INVALID_ARGUMENT, msg}; }
+
+std::string strip_backtrace(std::string msg) {
+  return msg.substr(0, msg.find("\nException raised from"));
+}
+
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  return s;
+}
+
+// Where the first tensor payload of a request starts, read from the request's first
+// slice (-1: not within it). Run: RunRequest.inputs[0].data; ModelInfer:
+// raw_input_contents[0]. A request joined from several slices is laid out so that
+// payload lands aligned.
+int64_t payload_offset(const uint8_t* begin, const uint8_t* end, bool infer) {
+  const uint8_t* p = begin;
+  while (p < end) {
+    uint64_t tag, len;
+    if (!wire::read_varint(p, end, tag)) return -1;
+    uint64_t field = tag >> 3, wt = tag & 7;
+    if (wt != 2) {
+      if (!wire::skip_field(p, end, wt)) return -1;
+      continue;
+    }
+    if (!wire::read_varint(p, end, len)) return -1;
+    if (infer && field == 7) return p - begin;
+    if (!infer && field == 2) {  // a Tensor: find its data field
+      const uint8_t* q = p;
+      const uint8_t* stop = std::min(end, p + len);
+      while (q < stop) {
+        uint64_t ttag, tlen;
+        if (!wire::read_varint(q, stop, ttag)) return -1;
+        if ((ttag >> 3) == 3 && (ttag & 7) == 2) {
+          if (!wire::read_varint(q, stop, tlen)) return -1;
+          return q - begin;
+        }
+        if (!wire::skip_field(q, stop, ttag & 7)) return -1;
+      }
+      return -1;
+    }
+    if (len > uint64_t(end - p)) return -1;
+    p += len;
+  }
+  return -1;
+}
+
+void put_tensor_fields(std::string& head, const at::Tensor& c, uint64_t wire_dtype) {
+  std::string shape;
+  for (auto d : c.sizes()) wire::put_varint(shape, uint64_t(d));
+  head.push_back(char(1 << 3 | 0));
+  wire::put_varint(head, wire_dtype);
+  wire::put_header(head, 2, shape.size());
+  head += shape;
+}
+
+// Frames messages around output bytes: small outputs copied into the pending slice,
+// large ones lent to gRPC (the slice holds a reference to the tensor).
+class ReplyWriter {
+ public:
+  explicit ReplyWriter(std::atomic<uint64_t>& copied) : copied_(copied) {}
+  std::string& pending() { return pending_; }
+  void data(const at::Tensor& c) {
+    uint64_t nbytes = c.numel() * c.element_size();
+    if (nbytes < kZeroCopyBytes) {
+      pending_.append(static_cast<const char*>(c.data_ptr()), nbytes);
+      copied_.fetch_add(nbytes, std::memory_order_relaxed);
+      return;
+    }
+    flush();
+    auto* keep = new at::Tensor(c);
+    slices_.emplace_back(c.data_ptr(), nbytes, +[](void* t) { delete static_cast<at::Tensor*>(t); },
+                         keep);
+  }
+  grpc::ByteBuffer done() {
+    flush();
+    return grpc::ByteBuffer(slices_.data(), slices_.size());
+  }
+
+ private:
+  void flush() {
+    if (!pending_.empty()) slices_.emplace_back(pending_);
+    pending_.clear();
+  }
+  std::atomic<uint64_t>& copied_;
+  std::string pending_;
+  std::vector<grpc::Slice> slices_;
+};
+
+}  // namespace
+
+// The request's bytes, contiguous, and what keeps them alive: input tensors viewing
+// them hold `keep`, so an output that aliases an input keeps the request alive too.
+struct Port::Payload {
+  const uint8_t* begin = nullptr;
+  const uint8_t* end = nullptr;
+  std::shared_ptr<void> keep;
+  std::string str() const { return {reinterpret_cast<const char*>(begin), size_t(end - begin)}; }
+};
+
+struct Port::Listener {
+  bool admin_rpcs = false;
+  int port = 0;
+  std::unique_ptr<HotService> hot;
+  std::unique_ptr<HealthService> health;
+  std::unique_ptr<BridgeService> generic;
+  std::unique_ptr<grpc::ServerBuilder> builder;
+  std::unique_ptr<grpc::Server> server;
+};
+
+class Port::HotService : public grpc::Service {
+ public:
+  HotService(Port* port, bool admin_rpcs) {
+    for (const char* name : {kRun, kInfer}) {
+      bool infer = name == kInfer;
+      AddMethod(new grpc::internal::RpcServiceMethod(
+          name, grpc::internal::RpcMethod::NORMAL_RPC,
+          new grpc::internal::RpcMethodHandler<HotService, grpc::ByteBuffer, grpc::ByteBuffer>(
+              [port, infer, admin_rpcs](HotService*, grpc::ServerContext* ctx,
+                                        const grpc::ByteBuffer* req, grpc::ByteBuffer* resp) {
+                return port->run(ctx, req, resp, infer, admin_rpcs);
+              },
+              this)));
+    }
+  }
+};
+
+class Port::BridgeService : public grpc::CallbackGenericService {
+ public:
+  BridgeService(Port* port, bool admin_rpcs) : port_(port), admin_rpcs_(admin_rpcs) {}
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
+    return port_->bridged(ctx, admin_rpcs_);
+  }
+
+ private:
+  Port* port_;
+  bool admin_rpcs_;
+};
+
+Port::Port(PortConfig config, std::vector<double> latency_buckets)
+    : config_(std::move(config)),
+      stats_(std::move(latency_buckets)),
+      bridge_(size_t(std::max(1, config_.max_pending))) {}
+
+Port::~Port() { stop(0); }
+
+int Port::listen(const std::string& address, bool admin_rpcs) {
+  auto l = std::make_unique<Listener>();
+  l->admin_rpcs = admin_rpcs;
+  l->hot = std::make_unique<HotService>(this, admin_rpcs);
+  l->health = std::make_unique<HealthService>([this] { return admit_stream(); },
+                                              [this] { release_stream(); });
+  l->generic = std::make_unique<BridgeService>(this, admin_rpcs);
+  std::shared_ptr<grpc::ServerCredentials> creds;
+  if (!config_.tls_cert.empty()) {
+    grpc::SslServerCredentialsOptions ssl(
+        config_.tls_ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                               : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+    ssl.pem_key_cert_pairs.push_back({config_.tls_key, config_.tls_cert});
+    ssl.pem_root_certs = config_.tls_ca;
+    creds = grpc::SslServerCredentials(ssl);
+  } else {
+    creds = grpc::InsecureServerCredentials();
+  }
+  auto& b = *(l->builder = std::make_unique<grpc::ServerBuilder>());
+  b.AddListeningPort(address, creds, &l->port);
+  b.SetMaxReceiveMessageSize(config_.max_message_bytes);
+  b.SetMaxSendMessageSize(config_.max_message_bytes);
+  b.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, config_.max_concurrent_streams);
+  b.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  if (config_.max_connection_idle_ms > 0) {
+    b.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, int(config_.max_connection_idle_ms));
+  }
+  // Up to `workers` threads stay polling between requests: with gRPC's default of two,
+  // more concurrent requests start and end a thread for nearly every request.
+  b.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS,
+                        std::max(2, config_.workers));
+  grpc::ResourceQuota quota("aotiserve");
+  quota.SetMaxThreads(std::max(config_.workers + 8, config_.max_threads));
+  b.SetResourceQuota(quota);
+  b.RegisterService(l->hot.get());
+  b.RegisterService(l->health.get());
+  b.RegisterCallbackGenericService(l->generic.get());
+  l->server = b.BuildAndStart();
+  if (!l->server || l->port == 0) throw std::runtime_error("could not bind " + address);
+  int port = l->port;
+  listeners_.push_back(std::move(l));
+  return port;
+}
+
+void Port::start() {}
+
+// Models ---------------------------------------------------------------------------
+
+DevicePoolState* Port::pool(const std::string& device) {
+  std::lock_guard<std::mutex> lock(pools_mu_);
+  auto& slot = pools_[device];
+  if (!slot) {
+    slot = std::make_unique<DevicePoolState>();
+    slot->device = device;
+  }
+  return slot.get();
+}
+
+void Port::add_model(std::shared_ptr<PortModel> model) {
+  model->run_stats = stats_.method(model->name, "Run");
+  model->infer_stats = stats_.method(model->name, "ModelInfer");
+  std::unique_lock<std::shared_mutex> lock(models_mu_);
+  models_[model->name] = std::move(model);
+}
+
+std::shared_ptr<PortModel> Port::find(const std::string& name) {
+  std::shared_lock<std::shared_mutex> lock(models_mu_);
+  auto it = models_.find(name);
+  return it == models_.end() ? nullptr : it->second;
+}
+
+void Port::remove_model(const std::string& name) {
+  std::shared_ptr<PortModel> model;
+  {
+    std::unique_lock<std::shared_mutex> lock(models_mu_);
+    auto it = models_.find(name);
+    if (it == models_.end()) return;
+    model = it->second;
+    models_.erase(it);
+  }
+  {
+    std::lock_guard<std::mutex> lock(model->admit);
+    model->closed = true;
+  }
+  model->freed.notify_all();
+  // Runs past admission hold the weights shared: wait for them.
+  std::unique_lock<std::shared_mutex> wait(model->weights);
+}
+
+void Port::flip(const std::string& name, const std::string& version) {
+  auto model = find(name);
+  if (!model) throw std::runtime_error("port: no model '" + name + "'");
+  std::unique_lock<std::shared_mutex> lock(model->weights);
+  for (auto& r : model->replicas) r.swap();
+  model->version = version;
+}
+
+void Port::lock_weights(const std::string& name) {
+  if (auto model = find(name)) model->weights.lock();
+}
+
+void Port::unlock_weights(const std::string& name, const std::string& version) {
+  if (auto model = find(name)) {
+    model->version = version;
+    model->weights.unlock();
+  }
+}
+
+// Lifecycle --------------------------------------------------------------------------
+
+void Port::set_health(const std::string& service, bool serving) {
+  for (auto& l : listeners_) {
+    l->health->set(service, serving ? HealthService::SERVING : HealthService::NOT_SERVING);
+  }
+}
+
+void Port::set_draining() {
+  draining_ = true;
+  for (auto& l : listeners_) l->health->shutdown();
+}
+
+void Port::enter() {
+  std::lock_guard<std::mutex> lock(idle_mu_);
+  ++active_;
+}
+
+void Port::leave() {
+  std::lock_guard<std::mutex> lock(idle_mu_);
+  if (--active_ == 0) idle_cv_.notify_all();
+}
+
+bool Port::wait_idle(double timeout_s) {
+  std::unique_lock<std::mutex> lock(idle_mu_);
+  return idle_cv_.wait_for(lock, std::chrono::duration<double>(timeout_s),
+                           [&] { return active_ == 0; });
+}
+
+void Port::stop(double grace_s) {
+  auto deadline = std::chrono::system_clock::now() +
+                  std::chrono::milliseconds(int64_t(std::max(0.0, grace_s) * 1000));
+  for (auto& l : listeners_) {
+    if (l->server) l->health->end_watches();
+  }
+  for (auto& l : listeners_) {
+    if (l->server) l->server->Shutdown(deadline);
+  }
+  bridge_.close();
+  for (auto& l : listeners_) {
+    if (l->server) {
+      l->server->Wait();
+      l->server.reset();
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(log_mu_);
+    log_closed_ = true;
+  }
+  log_cv_.notify_all();
+}
+
+void Port::log(std::string line) {
+  {
+    std::lock_guard<std::mutex> lock(log_mu_);
+    if (log_lines_.size() >= 1000) log_lines_.pop_front();  // never grows without bound
+    log_lines_.push_back(std::move(line));
+  }
+  log_cv_.notify_one();
+}
+
+std::optional<std::string> Port::next_log() {
+  std::unique_lock<std::mutex> lock(log_mu_);
+  log_cv_.wait(lock, [&] { return log_closed_ || !log_lines_.empty(); });
+  if (log_lines_.empty()) return std::nullopt;
+  std::string line = std::move(log_lines_.front());
+  log_lines_.pop_front();
+  return line;
+}
+
+// Auth and limits -------------------------------------------------------------------
+
+bool Port::authorize(const std::string& method, grpc::ServerContextBase& ctx, bool admin_rpcs,
+                     grpc::Status& refusal, bool& is_admin) {
+  std::string header;
+  bool has_header = false;
+  for (const auto& [k, v] : ctx.client_metadata()) {
+    if (k == "authorization") {
+      header.assign(v.data(), v.size());
+      has_header = true;
+    }
+  }
+  const auto& c = config_;
+  if (c.mutating.count(method)) {
+    std::string peer = ctx.peer();
+    if (!admin_rpcs) {
+      refusal = {grpc::StatusCode::PERMISSION_DENIED,
+                 method + ": this server takes admin RPCs on its admin port only"};
+      return false;
+    }
+    if (c.admin_loopback_only && !is_loopback(peer)) {
+      refusal = {grpc::StatusCode::PERMISSION_DENIED,
+                 method + ": this server takes admin RPCs from loopback only"};
+      return false;
+    }
+    if (!c.admin_token.empty()) {
+      if (!has_header) {
+        refusal = {grpc::StatusCode::UNAUTHENTICATED,
+                   method + " needs the admin token (metadata 'authorization: Bearer <token>')"};
+        return false;
+      }
+      if (!token_matches(header, c.admin_token)) {
+        refusal = {grpc::StatusCode::PERMISSION_DENIED, method + ": wrong admin token"};
+        return false;
+      }
+      is_admin = true;
+      return true;
+    }
+    if (!c.inference_token.empty()) {
+      refusal = {grpc::StatusCode::PERMISSION_DENIED,
+                 method + ": this server has an inference token but no admin token, so it "
+                          "refuses every mutating RPC (start it with --admin-token-file)"};
+      return false;
+    }
+    if (!c.insecure_admin && !is_loopback(peer)) {
+      refusal = {grpc::StatusCode::PERMISSION_DENIED,
+                 method + ": this server has no admin token, so it takes mutating RPCs from "
+                          "loopback only (start it with --admin-token-file, or --insecure-admin "
+                          "to accept them from anyone)"};
+      return false;
+    }
+    return true;
+  }
+  is_admin = has_header && token_matches(header, c.admin_token);
+  if (!c.inference_token.empty() && !always_on(method) && !is_admin) {
+    if (!has_header) {
+      refusal = {grpc::StatusCode::UNAUTHENTICATED,
+                 method + " needs a token (metadata 'authorization: Bearer <token>')"};
+      return false;
+    }
+    if (!token_matches(header, c.inference_token)) {
+      refusal = {grpc::StatusCode::PERMISSION_DENIED, method + ": wrong token"};
+      return false;
+    }
+  }
+  return true;
+}
+
+bool Port::admit_stream() {
+  int n = streams_.fetch_add(1);
+  if (n >= config_.max_streams) {
+    streams_.fetch_sub(1);
+    return false;
+  }
+  return true;
+}
+
+void Port::release_stream() { streams_.fetch_sub(1); }
+
+// The bridge ----------------------------------------------------------------------
+
+grpc::ServerGenericBidiReactor* Port::bridged(grpc::GenericCallbackServerContext* ctx,
+                                              bool admin_rpcs) {
+  auto call = std::make_shared<StreamCall>(&bridge_, config_.stream_idle_s);
+  auto* reactor = call->reactor(ctx, call);
+  call->id = bridge_.next_id();
+  call->method = ctx->method();
+  call->peer = ctx->peer();
+  call->metadata = client_metadata(*ctx);
+  call->deadline = ctx->deadline();
+  const std::string& method = call->method;
+  bool on = always_on(method);
+  grpc::Status refusal;
+  if (draining_ && !on) {
+    call->refuse({grpc::StatusCode::UNAVAILABLE, "server is shutting down"});
+    return reactor;
+  }
+  if (!authorize(method, *ctx, admin_rpcs, refusal, call->is_admin)) {
+    if (config_.mutating.count(method)) {
+      std::lock_guard<std::mutex> lock(log_mu_);
+      if (warned_peers_.size() < 1000 && warned_peers_.insert(call->peer).second) {
+        log_lines_.push_back("refused " + method + " from " + call->peer + ": " +
+                             refusal.error_message());
+        log_cv_.notify_one();
+      }
+    }
+    call->refuse(refusal);
+    return reactor;
+  }
+  bool stream = config_.streaming.count(method) > 0;
+  if (stream && !admit_stream()) {
+    call->refuse({grpc::StatusCode::RESOURCE_EXHAUSTED,
+                  short_name(method) + ": too many long-lived streams are open on this server (" +
+                      std::to_string(config_.max_streams) + "); retry later"});
+    return reactor;
+  }
+  if (!on) enter();
+  call->on_end = [this, stream, on] {
+    if (stream) release_stream();
+    if (!on) leave();
+  };
+  if (!bridge_.push(call)) {
+    call->refuse({grpc::StatusCode::RESOURCE_EXHAUSTED,
+                  short_name(method) + ": the server is busy (" +
+                      std::to_string(config_.max_pending) + " calls waiting); retry later"});
+  }
+  return reactor;
+}
+
+grpc::Status Port::forward(grpc::ServerContext* ctx, const std::string& method,
+                           const Payload& payload, bool is_admin, grpc::ByteBuffer* resp) {
+  auto call = std::make_shared<UnaryCall>(&bridge_, ctx, payload.str());
+  call->id = bridge_.next_id();
+  call->method = method;
+  call->peer = ctx->peer();
+  call->metadata = client_metadata(*ctx);
+  call->deadline = ctx->deadline();
+  call->is_admin = is_admin;
+  if (!bridge_.push(call)) {
+    return {grpc::StatusCode::RESOURCE_EXHAUSTED,
+            short_name(method) + ": the server is busy (" + std::to_string(config_.max_pending) +
+                " calls waiting); retry later"};
+  }
+  return call->wait(resp);
+}
+
+// The hot path ----------------------------------------------------------------------
+
+grpc::Status Port::execute(grpc::ServerContext* ctx, PortModel& model,
+                           std::vector<at::Tensor>& inputs, std::vector<at::Tensor>& outputs,
+                           std::string& version) {
+  auto queued_at = Clock::now();
+  PortReplica* replica = nullptr;
+  {
+    std::unique_lock<std::mutex> lock(model.admit);
+    auto pick = [&]() -> PortReplica* {
+      PortReplica* best = nullptr;
+      for (auto& r : model.replicas) {
+        if (r.running < r.capacity && (!best || r.running < best->running)) best = &r;
+      }
+      return best;
+    };
+    if (model.closed) return {grpc::StatusCode::UNAVAILABLE, "model '" + model.name + "' is unloading"};
+    replica = pick();
+    if (!replica) {
+      DevicePoolState* pool = model.replicas[0].pool;
+      if (pool->waiting >= config_.max_queue) {
+        return {grpc::StatusCode::RESOURCE_EXHAUSTED,
+                "queue of " + pool->device + " is full (" + std::to_string(config_.max_queue) +
+                    " waiting); retry later"};
+      }
+      ++pool->waiting;
+      auto deadline = ctx->deadline();
+      grpc::Status gave_up;
+      while (!(replica = pick())) {
+        if (model.closed) {
+          gave_up = {grpc::StatusCode::UNAVAILABLE, "model '" + model.name + "' is unloading"};
+          break;
+        }
+        auto now = std::chrono::system_clock::now();
+        if (now >= deadline) {
+          gave_up = {grpc::StatusCode::DEADLINE_EXCEEDED,
+                     "deadline passed after " + std::to_string(since(queued_at)) +
+                         "s in the queue of " + pool->device + "; not computed"};
+          break;
+        }
+        if (ctx->IsCancelled()) {
+          gave_up = {grpc::StatusCode::CANCELLED, "cancelled in the queue of " + pool->device +
+                                                      "; not computed"};
+          break;
+        }
+        // Cancellation has no wake-up of its own: look again every 50 ms.
+        model.freed.wait_until(lock, std::min(deadline, now + std::chrono::milliseconds(50)));
+      }
+      --pool->waiting;
+      if (!replica) return gave_up;
+    }
+    ++replica->running;
+  }
+  double queued = since(queued_at);
+  grpc::Status status = grpc::Status::OK;
+  Clock::time_point started;
+  {
+    std::shared_lock<std::shared_mutex> weights(model.weights);
+    bool closed;
+    {
+      std::lock_guard<std::mutex> lock(model.admit);
+      closed = model.closed;
+    }
+    if (closed) {
+      status = {grpc::StatusCode::UNAVAILABLE, "model '" + model.name + "' is unloading"};
+    } else {
+      version = model.version;
+      started = Clock::now();
+      try {
+        outputs = replica->run(inputs);
+      } catch (const c10::ValueError& e) {
+        status = invalid("model '" + model.name + "' rejected the inputs: " +
+                         e.what_without_backtrace());
+      } catch (const std::exception& e) {
+        std::string msg = strip_backtrace(e.what());
+        std::string l = lower(msg);
+        // Shape guards name the input; bounds checks fire on input values: the caller's.
+        if (l.find("input") != std::string::npos || l.find("out of bounds") != std::string::npos) {
+          status = invalid("model '" + model.name + "' rejected the inputs: " + msg);
+        } else {
+          log("model '" + model.name + "': run failed: " + msg);
+          status = {grpc::StatusCode::INTERNAL,
+                    "model '" + model.name + "' failed to run; the server log has the details"};
+        }
+      }
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(model.admit);
+    --replica->running;
+  }
+  model.freed.notify_one();
+  if (status.ok() && replica->stats) replica->stats->record(queued, since(started));
+  return status;
+}
+
+grpc::Status Port::run(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
+                       grpc::ByteBuffer* resp, bool infer, bool admin_rpcs) {
+  auto began = Clock::now();
+  const std::string method = infer ? kInfer : kRun;
+  const std::string shorty = infer ? "ModelInfer" : "Run";
+  static thread_local std::atomic<int64_t>* flights[2] = {nullptr, nullptr};
+  auto*& in_flight = flights[infer];
+  if (!in_flight) in_flight = stats_.in_flight(shorty);
+  in_flight->fetch_add(1, std::memory_order_relaxed);
+  enter();
+  MethodSeries* series = nullptr;
+  auto done = [&](grpc::Status s) {
+    if (series == nullptr) series = stats_.method("", shorty);
+    series->record(int(s.error_code()), since(began));
+    in_flight->fetch_sub(1, std::memory_order_relaxed);
+    leave();
+    return s;
+  };
+  if (draining_) return done({grpc::StatusCode::UNAVAILABLE, "server is shutting down"});
+  grpc::Status refusal;
+  bool is_admin = false;
+  if (!authorize(method, *ctx, admin_rpcs, refusal, is_admin)) return done(refusal);
+
+  // The request's bytes: gRPC's own slice when it is one, else joined once into torch's
+  // allocator, laid out so the first payload is aligned.
+  Payload payload;
+  grpc::Slice single;
+  if (raw->TrySingleSlice(&single).ok()) {
+    auto keep = std::make_shared<grpc::Slice>(single);
+    payload.begin = keep->begin();
+    payload.end = keep->end();
+    payload.keep = keep;
+  } else {
+    std::vector<grpc::Slice> slices;
+    if (!raw->Dump(&slices).ok() || slices.empty()) {
+      return done(invalid(shorty + ": the request is not a valid message"));
+    }
+    int64_t off = payload_offset(slices[0].begin(), slices[0].end(), infer);
+    auto joined = std::make_shared<at::Tensor>(at::empty({int64_t(raw->Length() + kAlign)}, at::kByte));
+    auto* base = joined->data_ptr<uint8_t>();
+    size_t shift = off < 0 ? 0 : (kAlign - (reinterpret_cast<uintptr_t>(base) + off) % kAlign) % kAlign;
+    uint8_t* w = base + shift;
+    for (auto& s : slices) {
+      std::memcpy(w, s.begin(), s.size());
+      w += s.size();
+    }
+    payload.begin = base + shift;
+    payload.end = w;
+    payload.keep = joined;
+    copied_bytes_.fetch_add(raw->Length(), std::memory_order_relaxed);
+  }
+
+  // Parse with bounds; anything the hot path does not serve goes to Python.
+  std::shared_ptr<PortModel> model;
+  wire::RunRequest run_req;
+  wire::InferRequest infer_req;
+  std::vector<wire::WireTensor>* tensors;
+  std::string err;
+  if (infer) {
+    err = wire::parse_infer_request(payload.begin, payload.end, config_.limits, infer_req);
+    tensors = &infer_req.inputs;
+  } else {
+    err = wire::parse_run_request(payload.begin, payload.end, config_.limits, run_req);
+    tensors = &run_req.inputs;
+  }
+  if (!err.empty()) return done(invalid(shorty + ": " + err));
+  model = find(infer ? infer_req.model_name.str() : run_req.model);
+  if (!model || (infer && (!infer_req.plain || (infer_req.model_version.size &&
+                                                 infer_req.model_version.str() != model->version)))) {
+    // Python answers (it records the call's metrics itself).
+    in_flight->fetch_sub(1, std::memory_order_relaxed);
+    leave();
+    return forward(ctx, method, payload, is_admin, resp);
+  }
+  series = infer ? model->infer_stats : model->run_stats;
+  const auto& specs = model->inputs;
+
+  // Inputs, in the model's order: Run is positional, ModelInfer names them.
+  std::vector<const wire::WireTensor*> ordered(specs.size(), nullptr);
+  std::vector<Span> datas(specs.size());
+  std::vector<std::string> labels(specs.size());
+  if (infer) {
+    if (!infer_req.raw.empty() && infer_req.raw.size() != tensors->size()) {
+      return done(invalid("raw_input_contents has " + std::to_string(infer_req.raw.size()) +
+                          " entries for " + std::to_string(tensors->size()) + " inputs"));
+    }
+    for (size_t i = 0; i < tensors->size(); ++i) {
+      const auto& t = (*tensors)[i];
+      std::string what = "input '" + t.name + "'";
+      size_t slot = specs.size();
+      for (size_t s = 0; s < specs.size(); ++s) {
+        if (specs[s].name == t.name) slot = s;
+      }
+      if (slot == specs.size()) {
+        std::string names;
+        for (size_t s = 0; s < specs.size(); ++s) names += (s ? ", " : "") + specs[s].name;
+        return done(invalid(what + ": model '" + model->name + "' has no such input (its inputs: " +
+                            names + ")"));
+      }
+      if (ordered[slot]) return done(invalid(what + " is given twice"));
+      if (infer_req.raw.empty()) {
+        return done(invalid(what + " carries no data (neither contents nor raw_input_contents)"));
+      }
+      ordered[slot] = &t;
+      datas[slot] = infer_req.raw[i];
+      labels[slot] = what;
+    }
+    std::string missing;
+    for (size_t s = 0; s < specs.size(); ++s) {
+      if (!ordered[s]) missing += (missing.empty() ? "'" : ", '") + specs[s].name + "'";
+    }
+    if (!missing.empty()) {
+      return done(invalid("model '" + model->name + "': missing input(s) " + missing));
+    }
+  } else {
+    if (tensors->size() != specs.size()) {
+      std::string names;
+      for (size_t i = 0; i < specs.size(); ++i) names += (i ? ", " : "") + specs[i].name;
+      return done(invalid("model '" + model->name + "' takes " + std::to_string(specs.size()) +
+                          " inputs (" + names + "), got " + std::to_string(tensors->size())));
+    }
+    for (size_t i = 0; i < specs.size(); ++i) {
+      ordered[i] = &(*tensors)[i];
+      datas[i] = (*tensors)[i].data;
+      labels[i] = "input " + std::to_string(i) + " ('" + specs[i].name + "')";
+    }
+  }
+
+  std::vector<at::Tensor> inputs;
+  inputs.reserve(specs.size());
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const auto& t = *ordered[i];
+    const auto& spec = specs[i];
+    const std::string& what = labels[i];
+    const wire::DType* type = infer ? wire::by_oip(t.datatype) : wire::by_wire(t.dtype);
+    if (!type) {
+      if (infer && t.datatype == "BYTES") {
+        return done({grpc::StatusCode::UNIMPLEMENTED,
+                     what + ": BYTES tensors are not supported; aotiserve models take numeric tensors"});
+      }
+      return done(invalid(what + ": unknown or unsupported " +
+                          (infer ? "datatype '" + t.datatype + "'" : "dtype " + std::to_string(t.dtype))));
+    }
+    if (spec.dtype && spec.dtype != type) {
+      return done(invalid(what + (infer ? ": datatype must be " + spec.dtype->oip + ", got " + type->oip
+                                        : ": dtype must be " + spec.dtype->name + ", got " + type->name)));
+    }
+    uint64_t numel;
+    bool too_many;
+    err = wire::checked_numel(t.shape, config_.limits, what, numel, too_many);
+    if (!err.empty()) {
+      return done(too_many ? grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, err) : invalid(err));
+    }
+    if (spec.has_shape) {
+      if (t.shape.size() != spec.shape.size()) {
+        return done(invalid(what + ": expected " + std::to_string(spec.shape.size()) + " dimensions " +
+                            wire::dims(spec.shape) + ", got shape " + wire::dims(t.shape)));
+      }
+      for (size_t d = 0; d < t.shape.size(); ++d) {
+        if (spec.shape[d] >= 0 && t.shape[d] != spec.shape[d]) {
+          return done(invalid(what + ": dimension " + std::to_string(d) + " must be " +
+                              std::to_string(spec.shape[d]) + " (shape " + wire::dims(spec.shape) +
+                              "), got shape " + wire::dims(t.shape)));
+        }
+        if (d < spec.lower.size() && t.shape[d] < spec.lower[d]) {
+          return done(invalid(
+              what + ": dimension " + std::to_string(d) + " is " + std::to_string(t.shape[d]) +
+              ", but model '" + model->name + "' accepts sizes from " + std::to_string(spec.lower[d]) +
+              " there (torch's dynamic-shape guard; recompile with inductor_configs="
+              "{\"aot_inductor.check_lowerbound\": False}, or use `aotiserve pack`)"));
+        }
+      }
+    }
+    uint64_t want = numel * c10::elementSize(type->scalar);
+    const Span& data = datas[i];
+    if (data.size != want) {
+      return done(invalid(what + ": expected " + std::to_string(want) + " bytes for " + type->name +
+                          wire::dims(t.shape) + ", got " + std::to_string(data.size)));
+    }
+    if (type->scalar == at::kBool) {
+      for (uint64_t b = 0; b < data.size; ++b) {
+        if (data.data[b] > 1) return done(invalid(what + ": bool tensor holds bytes other than 0 and 1"));
+      }
+    }
+    if (numel == 0) {
+      inputs.push_back(at::empty(t.shape, type->scalar));
+    } else if (reinterpret_cast<uintptr_t>(data.data) % kAlign == 0) {
+      auto keep = payload.keep;  // the tensor (and any output viewing it) holds the request
+      inputs.push_back(at::from_blob(const_cast<uint8_t*>(data.data), t.shape,
+                                     [keep](void*) mutable { keep.reset(); },
+                                     at::TensorOptions().dtype(type->scalar)));
+    } else {
+      inputs.push_back(at::empty(t.shape, type->scalar));
+      std::memcpy(inputs.back().data_ptr(), data.data, data.size);
+      copied_bytes_.fetch_add(data.size, std::memory_order_relaxed);
+    }
+  }
+
+  std::vector<at::Tensor> outputs;
+  std::string version;
+  grpc::Status status = execute(ctx, *model, inputs, outputs, version);
+  inputs.clear();
+  if (!status.ok()) return done(status);
+
+  // The reply, framed by hand around the outputs' bytes.
+  ReplyWriter out(copied_bytes_);
+  if (infer) {
+    auto& p = out.pending();
+    wire::put_string(p, 1, model->name);
+    wire::put_string(p, 2, version);
+    if (infer_req.id.size) {
+      wire::put_header(p, 3, infer_req.id.size);
+      p.append(reinterpret_cast<const char*>(infer_req.id.data), infer_req.id.size);
+    }
+    std::vector<at::Tensor> contiguous;
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      at::Tensor c = outputs[i].is_contiguous() ? outputs[i] : outputs[i].contiguous();
+      const wire::DType* type = wire::by_scalar(c.scalar_type());
+      std::string name = i < model->outputs.size() ? model->outputs[i] : "output__" + std::to_string(i);
+      if (!type || type->oip.empty()) {
+        return done({grpc::StatusCode::UNIMPLEMENTED,
+                     "output '" + name + "': dtype " + std::string(c10::toString(c.scalar_type())) +
+                         " has no Open Inference Protocol datatype; use the native aotiserve.v1 API"});
+      }
+      std::string shape, head;
+      for (auto d : c.sizes()) wire::put_varint(shape, uint64_t(d));
+      wire::put_string(head, 1, name);
+      wire::put_string(head, 2, type->oip);
+      if (!shape.empty()) {
+        wire::put_header(head, 3, shape.size());
+        head += shape;
+      }
+      wire::put_header(p, 5, head.size());
+      p += head;
+      contiguous.push_back(std::move(c));
+    }
+    for (const auto& c : contiguous) {
+      wire::put_header(out.pending(), 6, c.numel() * c.element_size());
+      out.data(c);
+    }
+  } else {
+    for (const auto& o : outputs) {
+      at::Tensor c = o.is_contiguous() ? o : o.contiguous();
+      const wire::DType* type = wire::by_scalar(c.scalar_type());
+      uint64_t nbytes = c.numel() * c.element_size();
+      std::string head;
+      put_tensor_fields(head, c, type ? type->wire : 0);
+      wire::put_header(head, 3, nbytes);
+      wire::put_header(out.pending(), 1, head.size() + nbytes);
+      out.pending() += head;
+      out.data(c);
+    }
+    wire::put_string(out.pending(), 2, version);
+  }
+  *resp = out.done();
+  ctx->AddTrailingMetadata(kTrailer, version);
+  return done(grpc::Status::OK);
+}
+
+}  // namespace aotiserve

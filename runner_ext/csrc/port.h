@@ -1,0 +1,158 @@
+// The daemon's one port, served by gRPC C++ (port.cpp). Hot paths (aotiserve.v1 Run,
+// OIP ModelInfer) are answered here without Python or the GIL; health is answered
+// here; every other RPC goes through the bridge (bridge.h) to the Python servicers.
+// Auth, drain, limits, TLS and the stream limits live here, once, for every call.
+#pragma once
+
+#include <ATen/Tensor.h>
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+#include "bridge.h"
+#include "health.h"
+#include "port_stats.h"
+#include "runner_bindings.h"
+#include "wire.h"
+
+namespace aotiserve {
+
+struct PortConfig {
+  int max_message_bytes = 64 << 20;
+  std::string admin_token, inference_token;
+  bool insecure_admin = false, admin_loopback_only = false;
+  wire::Limits limits;
+  int max_queue = 256;             // runs waiting for a runner, per device
+  int workers = 32;                // gRPC threads kept polling for the hot path
+  int max_threads = 1024;          // gRPC threads at most (beyond: RESOURCE_EXHAUSTED)
+  int max_pending = 1024;          // calls waiting for a Python thread
+  int max_streams = 16;            // long-lived streams open at once, all kinds
+  double stream_idle_s = 300;      // a stream whose client sends nothing this long ends
+  int max_concurrent_streams = 256;  // HTTP/2 streams per connection
+  int64_t max_connection_idle_ms = 0;  // 0: connections never time out idle
+  std::string tls_cert, tls_key, tls_ca;  // PEM
+  std::set<std::string> mutating, streaming;  // method names, "/pkg.Service/Method"
+};
+
+struct InputSpec {
+  std::string name;
+  const wire::DType* dtype = nullptr;  // null: any
+  bool has_shape = false;
+  std::vector<int64_t> shape;          // -1: any size
+  std::vector<int64_t> lower;          // smallest size of each dimension (0: none)
+};
+
+struct DevicePoolState {
+  std::string device;
+  std::atomic<int> waiting{0};
+};
+
+struct PortReplica {
+  RunFn run;
+  SwapFn swap;
+  int capacity = 1;
+  int running = 0;  // guarded by the model's admit mutex
+  DevicePoolState* pool = nullptr;
+  DeviceSeries* stats = nullptr;
+};
+
+struct PortModel {
+  std::string name;
+  std::vector<InputSpec> inputs;
+  std::vector<std::string> outputs;
+  std::vector<PortReplica> replicas;
+  MethodSeries* run_stats = nullptr;
+  MethodSeries* infer_stats = nullptr;
+  std::shared_mutex weights;  // runs: shared; a weights change or removal: exclusive
+  std::string version;        // guarded by weights
+  std::mutex admit;
+  std::condition_variable freed;
+  bool closed = false;        // guarded by admit
+};
+
+class Port {
+ public:
+  Port(PortConfig config, std::vector<double> latency_buckets);
+  ~Port();
+  // Binds `address` with every service; `admin_rpcs` false: mutating RPCs are refused
+  // there (the daemon has a separate admin listener). Returns the bound port.
+  int listen(const std::string& address, bool admin_rpcs);
+  // Serving starts; call after every listen().
+  void start();
+
+  void add_model(std::shared_ptr<PortModel> model);
+  void remove_model(const std::string& name);  // waits for its runs in flight
+  void flip(const std::string& name, const std::string& version);
+  void lock_weights(const std::string& name);
+  void unlock_weights(const std::string& name, const std::string& version);
+  DevicePoolState* pool(const std::string& device);
+
+  void set_health(const std::string& service, bool serving);
+  void set_draining();
+  // Waits until no call (health and reflection aside) is being handled; false on timeout.
+  bool wait_idle(double timeout_s);
+  void stop(double grace_s);
+
+  Bridge& bridge() { return bridge_; }
+  Stats& stats() { return stats_; }
+  std::optional<std::string> next_log();  // blocks; nullopt once stopped
+  uint64_t copied_bytes() const { return copied_bytes_.load(std::memory_order_relaxed); }
+
+  // Used by the services (port.cpp).
+  grpc::Status run(grpc::ServerContext* ctx, const grpc::ByteBuffer* req, grpc::ByteBuffer* resp,
+                   bool infer, bool admin_rpcs);
+  grpc::ServerGenericBidiReactor* bridged(grpc::GenericCallbackServerContext* ctx, bool admin_rpcs);
+
+ private:
+  struct Listener;
+  class HotService;
+  class BridgeService;
+  struct Payload;
+
+  bool authorize(const std::string& method, grpc::ServerContextBase& ctx, bool admin_rpcs,
+                 grpc::Status& refusal, bool& is_admin);
+  bool admit_stream();
+  void release_stream();
+  void enter();
+  void leave();
+  void log(std::string line);
+  std::shared_ptr<PortModel> find(const std::string& name);
+  grpc::Status forward(grpc::ServerContext* ctx, const std::string& method, const Payload& payload,
+                       bool is_admin, grpc::ByteBuffer* resp);
+  grpc::Status execute(grpc::ServerContext* ctx, PortModel& model, std::vector<at::Tensor>& inputs,
+                       std::vector<at::Tensor>& outputs, std::string& version);
+
+  PortConfig config_;
+  Stats stats_;
+  Bridge bridge_;
+  std::vector<std::unique_ptr<Listener>> listeners_;
+  std::shared_mutex models_mu_;
+  std::map<std::string, std::shared_ptr<PortModel>> models_;
+  std::mutex pools_mu_;
+  std::map<std::string, std::unique_ptr<DevicePoolState>> pools_;
+  std::atomic<bool> draining_{false};
+  std::atomic<int> streams_{0};
+  std::mutex idle_mu_;
+  std::condition_variable idle_cv_;
+  int active_ = 0;
+  std::atomic<uint64_t> copied_bytes_{0};
+  std::mutex log_mu_;
+  std::condition_variable log_cv_;
+  std::deque<std::string> log_lines_;
+  bool log_closed_ = false;
+  std::set<std::string> warned_peers_;
+};
+
+void bind_port(pybind11::module_& m);
+
+}  // namespace aotiserve

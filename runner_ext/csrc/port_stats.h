@@ -1,0 +1,72 @@
+// Request and run statistics of the port, kept in C++ so the hot path counts without
+// Python; the daemon's Prometheus collector reads them at each scrape (server/metrics.py).
+// Calls answered by Python (the bridge) are recorded here too: one store, one exposition.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace aotiserve {
+
+class Histogram {
+ public:
+  explicit Histogram(const std::vector<double>* bounds) : bounds_(bounds) {}
+  void observe(double seconds);
+  // Cumulative counts per bound (then +Inf), and the sum in seconds.
+  std::vector<uint64_t> cumulative() const;
+  double sum() const { return double(sum_ns_.load(std::memory_order_relaxed)) * 1e-9; }
+
+ private:
+  const std::vector<double>* bounds_;
+  std::array<std::atomic<uint64_t>, 32> counts_{};
+  std::atomic<uint64_t> sum_ns_{0};
+};
+
+// One (model, method): answers by status code and whole-call latency.
+struct MethodSeries {
+  explicit MethodSeries(const std::vector<double>* b) : latency(b) {}
+  std::array<std::atomic<uint64_t>, 17> codes{};
+  Histogram latency;
+  void record(int code, double seconds);
+};
+
+// One (model, device): time queued for a runner, time in the runner, runs.
+struct DeviceSeries {
+  explicit DeviceSeries(const std::vector<double>* b) : queue(b), compute(b) {}
+  Histogram queue, compute;
+  std::atomic<uint64_t> runs{0};
+  void record(double queued, double computed);
+};
+
+class Stats {
+ public:
+  explicit Stats(std::vector<double> bounds) : bounds_(std::move(bounds)) {}
+  // Pointers stay valid for the Stats' life: the hot path keeps them.
+  MethodSeries* method(const std::string& model, const std::string& method);
+  DeviceSeries* device(const std::string& model, const std::string& device);
+  std::atomic<int64_t>* in_flight(const std::string& method);
+  const std::vector<double>& bounds() const { return bounds_; }
+
+  struct Snapshot {
+    std::vector<std::tuple<std::string, std::string, std::map<int, uint64_t>,
+                           std::vector<uint64_t>, double>> methods;
+    std::vector<std::tuple<std::string, std::string, std::vector<uint64_t>, double,
+                           std::vector<uint64_t>, double, uint64_t>> devices;
+    std::map<std::string, int64_t> in_flight;
+  };
+  Snapshot snapshot();
+
+ private:
+  std::vector<double> bounds_;
+  std::mutex mu_;
+  std::map<std::pair<std::string, std::string>, std::unique_ptr<MethodSeries>> methods_;
+  std::map<std::pair<std::string, std::string>, std::unique_ptr<DeviceSeries>> devices_;
+  std::map<std::string, std::unique_ptr<std::atomic<int64_t>>> in_flight_;
+};
+
+}  // namespace aotiserve

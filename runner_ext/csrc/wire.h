@@ -1,0 +1,92 @@
+// The server's wire codec: protobuf's encoding read and written by hand, with bounds,
+// for the hot path (aotiserve.v1 Run and OIP ModelInfer). Every parser stops at its
+// bound before it allocates per entry, so a hostile message costs at most its size.
+#pragma once
+
+#include <ATen/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace aotiserve::wire {
+
+// One element type as the wire names it. The table is handed over by the Python
+// package at start-up (aotiserve.client.dtypes), so both sides read one table.
+struct DType {
+  uint64_t wire = 0;            // aotiserve.v1.DataType
+  at::ScalarType scalar;        // torch's element type
+  std::string name;             // "float32"
+  std::string oip;              // "FP32"; empty: no OIP datatype
+};
+
+void set_dtypes(std::vector<DType> table);
+const DType* by_wire(uint64_t wire);
+const DType* by_scalar(at::ScalarType scalar);
+const DType* by_oip(const std::string& oip);
+
+struct Limits {
+  int64_t max_inputs = 64;
+  int64_t max_rank = 16;
+  int64_t max_elements = int64_t(1) << 31;
+};
+
+// protobuf's varint / length-delimited primitives.
+bool read_varint(const uint8_t*& p, const uint8_t* end, uint64_t& v);
+void put_varint(std::string& out, uint64_t v);
+bool skip_field(const uint8_t*& p, const uint8_t* end, uint64_t wire_type);
+// A length-delimited field's body: [p, p + len) after the length.
+bool read_bytes(const uint8_t*& p, const uint8_t* end, const uint8_t*& body, uint64_t& len);
+
+struct Span {
+  const uint8_t* data = nullptr;
+  uint64_t size = 0;
+  std::string str() const { return {reinterpret_cast<const char*>(data), size_t(size)}; }
+};
+
+// A tensor as it arrived: element type, shape, a view of its bytes.
+struct WireTensor {
+  std::string name;        // OIP only
+  std::string datatype;    // OIP only
+  uint64_t dtype = 0;      // aotiserve.v1 only
+  std::vector<int64_t> shape;
+  Span data;
+  bool has_contents = false;     // OIP typed contents
+  bool has_parameters = false;   // OIP per-tensor parameters
+};
+
+// aotiserve.v1.RunRequest. Returns "" or what was wrong (INVALID_ARGUMENT).
+struct RunRequest {
+  std::string model;
+  std::vector<WireTensor> inputs;
+};
+std::string parse_run_request(const uint8_t* p, const uint8_t* end, const Limits& limits,
+                              RunRequest& out);
+
+// inference.ModelInferRequest, the parts the hot path serves. `plain` is false when
+// the request uses anything the hot path leaves to the full implementation: request
+// or tensor parameters, typed contents, requested outputs.
+struct InferRequest {
+  Span model_name, model_version, id;
+  std::vector<WireTensor> inputs;
+  std::vector<Span> raw;
+  bool plain = true;
+};
+std::string parse_infer_request(const uint8_t* p, const uint8_t* end, const Limits& limits,
+                                InferRequest& out);
+
+// "[1, 2, 3]"
+std::string dims(const std::vector<int64_t>& shape);
+std::string dims(at::IntArrayRef shape);
+
+// Elements of `shape`, or an error naming `what` when a dimension is negative or passes
+// limits.max_elements (`too_many` false: INVALID_ARGUMENT), or the product passes it
+// (`too_many` true: RESOURCE_EXHAUSTED).
+std::string checked_numel(const std::vector<int64_t>& shape, const Limits& limits,
+                          const std::string& what, uint64_t& numel, bool& too_many);
+
+// Field headers of a length-delimited field `field` of `len` bytes.
+void put_header(std::string& out, uint32_t field, uint64_t len);
+void put_string(std::string& out, uint32_t field, const std::string& s);
+
+}  // namespace aotiserve::wire
