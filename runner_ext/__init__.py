@@ -37,6 +37,7 @@ from .backends import (  # noqa: E402
 )
 # The daemon's one port (gRPC C++): server/port.py and server/bridge.py drive it.
 PortServer = _C.PortServer
+PortStats = _C.PortStats
 BridgeCall = _C.BridgeCall
 port_set_dtypes = _C.port_set_dtypes
 
@@ -58,6 +59,7 @@ __all__ = [
     "BridgeCall",
     "PackageError",
     "PortServer",
+    "PortStats",
     "alloc_tensor_by_stealing_from_void_ptr",
     "alloc_tensors_by_stealing_from_void_ptrs",
     "compiled_backends",

@@ -1,12 +1,15 @@
-"""Assembles the daemon: pools, registry, data plane, servicers, health, reflection, metrics.
+"""Assembles the daemon: pools, registry, data plane, servicers, the port, metrics.
 
 ``create_server(config) -> (server, port)`` binds the port (0 picks one) and
 returns an :class:`AppServer`; ``server.start()`` starts serving, loads the
 configured models (health turns SERVING once all are loaded) and
 ``server.stop(grace)`` drains. :func:`serve` runs one until SIGTERM/SIGINT.
 
+One port (server/port.py, gRPC C++) serves every service: the hot path and health in
+C++, every other RPC through the bridge (server/bridge.py) to the servicers here.
 Another protocol plugs in with one line in :data:`SERVICER_PROVIDERS`: a
-``(add_fn(plane, config, grpc_server), service_full_name)`` pair.
+``(add_fn(plane, config, server), service_full_name)`` pair, where ``server`` takes
+handlers as a ``grpc.Server`` does.
 """
 
 from __future__ import annotations
@@ -19,9 +22,8 @@ import threading
 import time
 from concurrent import futures
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -29,18 +31,19 @@ from aotiserve import runner_ext
 
 from . import health as served_health
 from . import native_servicer, oip_servicer
+from .bridge import Bridge, collect_handlers, streaming_methods
 from .config import ServeConfig
 from .dataplane import DataPlane
 from .device_pool import DevicePool
 from .interceptors import ServingInterceptor
 from .metrics import Metrics
 from .model_registry import ModelRegistry, repository_models
-from .native_port import NativePort
+from .port import Port
 from .weights_store import WeightsStore
 
 log = logging.getLogger(__name__)
 
-ServicerProvider = tuple[Callable[[DataPlane, ServeConfig, grpc.Server], None], str]
+ServicerProvider = tuple[Callable[[DataPlane, ServeConfig, Any], None], str]
 
 SERVICER_PROVIDERS: list[ServicerProvider] = [
     (native_servicer.add_to_server, native_servicer.SERVICE_NAME),
@@ -57,20 +60,8 @@ def _read_token(path: str | None, what: str = "admin") -> str | None:
     return token
 
 
-def _credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
-    if not (config.tls_cert or config.tls_key):
-        return None
-    if not (config.tls_cert and config.tls_key):
-        raise ValueError("TLS needs both --tls-cert and --tls-key")
-    key = Path(config.tls_key).read_bytes()
-    cert = Path(config.tls_cert).read_bytes()
-    ca = Path(config.tls_ca).read_bytes() if config.tls_ca else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                       require_client_auth=ca is not None)
-
-
 class AppServer:
-    """The running daemon. ``grpc_server`` is the grpc.Server underneath."""
+    """The running daemon. ``port_server`` is the gRPC C++ port underneath."""
 
     def __init__(self, config: ServeConfig, providers: Sequence[ServicerProvider]):
         self.config = config
@@ -82,75 +73,52 @@ class AppServer:
         self.registry = ModelRegistry(self.pools, config.devices, config.runners_per_model,
                                       self.metrics, store,
                                       batching=(config.batch_max_size, config.batch_max_delay_us),
-                                      reserve_inactive=config.reserve_inactive_buffer)
+                                      reserve_inactive=config.reserve_inactive_buffer,
+                                      warmup_runs=config.warmup_runs)
         self.plane = DataPlane(config, self.registry, self.metrics)
         inference_token = _read_token(config.inference_token_file, "inference")
-        # The native data port binds now (so its port is known), like the gRPC ports.
-        self.native: NativePort | None = None
-        self.native_port: int | None = None
-        if config.native_run_port is not None:
-            self.native = NativePort(config, inference_token)
-            self.native_port = self.native.port
-            self.registry.native = self.native
-            self.metrics.registry.register(self.native)
+        # Health/List is answered in Python; Check and Watch by the port (health.cpp).
         self.health = served_health.HealthServicer(
             experimental_non_blocking=True,
             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))
-        options = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
-        ]
-        separate_admin = config.admin_port is not None
         self.interceptor = ServingInterceptor(
-            self.metrics, _read_token(config.admin_token_file), lambda: self.plane.draining,
+            self.metrics, _read_token(config.admin_token_file),
             is_model=self.registry.__contains__,
             inference_token=inference_token,
-            admin_loopback_only=config.admin_loopback_only, admin_rpcs=not separate_admin,
+            admin_loopback_only=config.admin_loopback_only,
             insecure_admin=config.insecure_admin)
-        creds = _credentials(config)
         self.service_names = [name for _add, name in providers]
-        self.grpc_server, self.port = self._grpc_server(
-            providers, self.interceptor, options, config.grpc_workers, "aotiserve-rpc",
-            f"{config.host}:{config.port}", creds)
-        # Optional admin port: the same services, where mutating RPCs are allowed.
-        self.admin_server: grpc.Server | None = None
+        adders = [lambda server, add=add: add(self.plane, self.config, server)
+                  for add, _name in providers]
+        adders.append(lambda server: health_pb2_grpc.add_HealthServicer_to_server(self.health, server))
+        adders.append(lambda server: reflection.enable_server_reflection(
+            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server))
+        handlers = collect_handlers(adders)
+        self.port_server = Port(config, self.metrics.stats, inference_token,
+                                streaming_methods(handlers))
+        self.registry.port = self.port_server
+        self.metrics.registry.register(self.port_server)
+        self.bridge = Bridge(self.port_server.server, handlers, self.interceptor,
+                             config.grpc_workers)
+        # The admin port, when there is one, takes the mutating RPCs (the main port then
+        # refuses them); it is the same port with a second listener.
+        separate_admin = config.admin_port is not None
+        self.port = self.port_server.listen(f"{config.host}:{config.port}",
+                                            admin_rpcs=not separate_admin)
         self.admin_port: int | None = None
         if separate_admin:
-            self.admin_server, self.admin_port = self._grpc_server(
-                providers, self.interceptor.admin_port(), options, 4, "aotiserve-admin",
-                f"{config.admin_host}:{config.admin_port}", creds)
+            self.admin_port = self.port_server.listen(
+                f"{config.admin_host}:{config.admin_port}", admin_rpcs=True)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics_port: int | None = None
         self.loaded = threading.Event()
         self.load_error: BaseException | None = None
         self._stopped = threading.Event()
 
-    def _grpc_server(self, providers: Sequence[ServicerProvider], interceptor, options,
-                     workers: int, prefix: str, address: str,
-                     creds: grpc.ServerCredentials | None) -> tuple[grpc.Server, int]:
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=prefix),
-            interceptors=[interceptor],
-            options=options,
-            # Beyond this many RPCs in progress gRPC answers RESOURCE_EXHAUSTED, instead of
-            # queueing them without bound in front of the worker threads.
-            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs or None,
-        )
-        for add, _name in providers:
-            add(self.plane, self.config, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"could not bind {address}")
-        return server, port
-
     def _set_health(self, status) -> None:
         for name in ("", *self.service_names):
             self.health.set(name, status)
+            self.port_server.set_health(name, status == health_pb2.HealthCheckResponse.SERVING)
 
     # Lifecycle ---------------------------------------------------------------
 
@@ -162,11 +130,10 @@ class AppServer:
         """
         if self.config.metrics_enabled:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
-        self.grpc_server.start()
+        self.bridge.start()
         log.info("aotiserve listening on %s:%d (%s)", self.config.host, self.port,
                  ", ".join(self.service_names))
-        if self.admin_server is not None:
-            self.admin_server.start()
+        if self.admin_port is not None:
             log.info("admin RPCs on %s:%d only", self.config.admin_host, self.admin_port)
         if load == "now":
             self._load(load_gate)
@@ -206,7 +173,6 @@ class AppServer:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port,
                                    "admin_port": self.admin_port,
-                                   "native_run_port": self.native_port,
                                    "pid": os.getpid()}))
         os.replace(tmp, path)
 
@@ -219,25 +185,19 @@ class AppServer:
         """
         grace = self.config.grace_period_s if grace is None else grace
         self.plane.draining = True
-        if self.native is not None:
-            self.native.set_draining()
+        self.port_server.set_draining()  # new calls: UNAVAILABLE; health: NOT_SERVING
         self.health.enter_graceful_shutdown()
         deadline = time.monotonic() + grace
 
         def finish():
-            if not self.interceptor.wait_idle(grace):
+            if not self.port_server.wait_idle(grace):
                 log.warning("grace period of %.1fs over with calls in flight; cancelling them",
                             grace)
             # Keep answering UNAVAILABLE a moment, so clients and load balancers move away
             # before the port closes.
             self._stopped.wait(min(self.config.drain_delay_s, max(0.0, deadline - time.monotonic())))
-            stopping = [self.grpc_server.stop(max(0.0, deadline - time.monotonic()))]
-            if self.admin_server is not None:
-                stopping.append(self.admin_server.stop(max(0.0, deadline - time.monotonic())))
-            for done in stopping:
-                done.wait()
-            if self.native is not None:  # it refuses new Runs since the drain began
-                self.native.stop(max(0.0, deadline - time.monotonic()))
+            self.port_server.stop(deadline - time.monotonic())
+            self.bridge.join(max(0.0, deadline - time.monotonic()) + 1.0)
             self.registry.close()
             self.metrics.stop()
             self._stopped.set()

@@ -33,10 +33,6 @@ class ServeConfig:
     # Network.
     host: str = "127.0.0.1"
     port: int = 8500
-    # The native data port (server/native_port.py): Run served by gRPC C++ for models on
-    # the CPU or one GPU, without dynamic batching; 0 picks a free port, None: off. Needs an extension built
-    # with gRPC C++ (runner_ext.native_run_available()).
-    native_run_port: int | None = None
     # Prometheus HTTP port: 0 picks a free port, None (or -1) disables metrics.
     metrics_port: int | None = 8502
     # Models.
@@ -91,6 +87,15 @@ class ServeConfig:
     # at once: each holds a worker thread for as long as its client keeps the stream open
     # (a slow or stalled reader too), so they get a share of grpc_workers, never all.
     max_weight_streams: int = 8
+    # Long-lived streams open at once, every kind together (health Watch, reflection,
+    # ModelStreamInfer, weight uploads and downloads): beyond, RESOURCE_EXHAUSTED. Each
+    # but Watch holds a bridge thread while open, so this stays below grpc_workers and
+    # unary calls always find one. A stream whose client sends nothing for
+    # stream_idle_timeout_s ends (DEADLINE_EXCEEDED); a connection with no call for
+    # connection_idle_timeout_s is closed (0: never).
+    max_streams: int = 16
+    stream_idle_timeout_s: float = 300.0
+    connection_idle_timeout_s: float = 0.0
     extract_chunk_bytes: int = 4 * MIB
     # Dynamic batching (server/batching.py) for models with a dynamic first dimension:
     # most rows in one run (0 or 1: off) and the longest a run waits for others to join.
@@ -147,9 +152,13 @@ class ServeConfig:
         if self.time_slice_ms and not 0.1 <= self.time_slice_ms <= 100:
             raise ValueError(f"time_slice_ms must be 0 (the kernel's default) or between 0.1 and "
                              f"100 (the kernel's bounds), got {self.time_slice_ms}")
-        if self.native_run_port is not None and self.tls_cert:
-            raise ValueError("native_run_port: the native data port has no TLS yet; "
-                             "leave it off where the main port uses TLS")
+        if not self.max_weight_streams <= self.max_streams < self.grpc_workers:
+            raise ValueError(
+                f"max_streams must be at least max_weight_streams ({self.max_weight_streams}) "
+                f"and below grpc_workers ({self.grpc_workers}), so streams never hold every "
+                f"bridge thread; got {self.max_streams}")
+        if self.stream_idle_timeout_s < 0 or self.connection_idle_timeout_s < 0:
+            raise ValueError("stream_idle_timeout_s and connection_idle_timeout_s must be >= 0")
         if not 1 <= self.max_weight_streams < self.grpc_workers:
             raise ValueError(
                 f"max_weight_streams must be at least 1 and below grpc_workers "
@@ -266,7 +275,7 @@ def _coerce(name: str, value: Any) -> Any:
             sep = os.pathsep if name != "devices" and os.pathsep in value else ","
             value = [v.strip() for v in value.split(sep) if v.strip()]
         return tuple(str(v) for v in value)
-    if name in ("metrics_port", "admin_port", "native_run_port"):
+    if name in ("metrics_port", "admin_port"):
         if value is None or (isinstance(value, str) and value.lower() in ("", "none", "off")):
             return None
         value = int(value)
@@ -335,10 +344,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="RPCs in progress at once before RESOURCE_EXHAUSTED (default 1024)")
     a("--max-concurrent-streams", type=int,
       help="HTTP/2 streams per client connection at once (default 256)")
-    a("--native-run-port", type=int,
-      help="also serve Run from gRPC C++ on this port (0 picks one) for models on the CPU or "
-           "one GPU without dynamic batching: the fast path (needs the extension built with "
-           "gRPC C++)")
+    a("--max-streams", type=int,
+      help="long-lived streams open at once, all kinds (health Watch, reflection, stream "
+           "infer, weight streams); below --grpc-workers")
+    a("--stream-idle-timeout-s", type=float,
+      help="end a stream whose client sent nothing this long (0: never)")
+    a("--connection-idle-timeout-s", type=float,
+      help="close a connection with no call this long (0: never)")
     a("--max-weight-streams", type=int,
       help="weight uploads and downloads in progress at once, below --grpc-workers (default 8)")
     a("--batch-max-size", type=int,

@@ -294,11 +294,8 @@ class DataPlane:
                     raise self._run_error(model, exc) from exc
                 computed = time.monotonic() - started
                 replica.note_compute(computed)
-        if replica.stats is not None:
-            queue_seconds, compute_seconds, device_requests = replica.stats
-            queue_seconds.observe(waited)
-            compute_seconds.observe(computed)
-            device_requests.inc()
+        if replica.stats is not None:  # Metrics.stats.record_run(model, device, ...)
+            replica.stats(waited, computed)
         return outputs, version
 
     @staticmethod

@@ -1,6 +1,8 @@
-"""The one server interceptor: errors → status codes, request metrics, admin auth, draining.
+"""The one interceptor of the calls answered in Python: errors → status codes, request
+metrics, admin auth.
 
-Every servicer method of every service goes through :class:`ServingInterceptor`,
+Every call the port hands to Python (server/bridge.py) goes through
+:class:`ServingInterceptor`,
 so no servicer has try/except for status codes: raise ``errors.ServeError``
 (or let anything else escape, which becomes INTERNAL with the traceback logged).
 
@@ -32,7 +34,6 @@ from .errors import (
     PermissionDenied,
     ServeError,
     Unauthenticated,
-    Unavailable,
     to_status,
 )
 from .metrics import Metrics
@@ -52,7 +53,7 @@ MUTATING_METHODS = frozenset({
     "/inference.GRPCInferenceService/RepositoryModelUnload",
 })
 
-# Services that keep answering while draining (so probes see NOT_SERVING).
+# Services open to every caller (probes, tooling), token or not.
 _ALWAYS_ON = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 # Requests parsed by protobuf (control RPCs, health, reflection) hold a few fields each.
@@ -117,59 +118,23 @@ class _RefusalLog:
         log.warning("refused a mutating call from %s: %s%s", peer, why, more)
 
 
-class ServingInterceptor(grpc.ServerInterceptor):
+class ServingInterceptor:
     def __init__(self, metrics: Metrics | None, admin_token: str | None,
-                 is_draining: Callable[[], bool] = lambda: False,
                  is_model: Callable[[str], bool] | None = None, *,
                  inference_token: str | None = None, admin_loopback_only: bool = False,
-                 admin_rpcs: bool = True, insecure_admin: bool = False):
-        """``admin_rpcs`` False: this port refuses mutating RPCs (see :meth:`admin_port`).
-        ``insecure_admin``: with no token at all, mutating RPCs from any peer."""
+                 insecure_admin: bool = False):
+        """``insecure_admin``: with no token at all, mutating RPCs from any peer."""
         self.metrics = metrics
         self._inference_token = inference_token.encode() if inference_token else None
         self._admin_loopback_only = admin_loopback_only
         self._insecure_admin = insecure_admin
         self._refusals = _RefusalLog()
-        self._admin_rpcs = admin_rpcs
         # Metric labels name only models the server holds: a name from the request is
         # the caller's choice, and one series per made-up name would grow without bound.
         self._is_model = is_model
         self._token = admin_token.encode() if admin_token else None
-        self._is_draining = is_draining
-        # Calls being handled (health/reflection excluded): drain waits for zero.
-        self._active = 0
-        self._idle = threading.Condition()
-        # Labelled metric children by (metric, labels): .labels() costs microseconds a call.
-        self._children: dict[tuple, Any] = {}
         # (method, admin_rpcs) → (gRPC's handler, the wrapped handler).
         self._wrapped: dict[tuple, tuple] = {}
-
-    def _child(self, metric, *labels):
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
-    def wait_idle(self, timeout: float | None) -> bool:
-        """Waits until no call is being handled; False on timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._active == 0, timeout)
-
-    def _enter(self) -> None:
-        with self._idle:
-            self._active += 1
-
-    def _leave(self) -> None:
-        with self._idle:
-            self._active -= 1
-            if self._active == 0:
-                self._idle.notify_all()
-
-    def admin_port(self) -> "grpc.ServerInterceptor":
-        """The interceptor of a separate admin port: same counters, token and metrics,
-        mutating RPCs allowed (this one's port then refuses them)."""
-        return _PortView(self, admin_rpcs=True)
 
     def _authorize(self, method: str, metadata, peer: Callable[[], str], always_on: bool,
                    admin_rpcs: bool) -> bool:
@@ -223,10 +188,9 @@ class ServingInterceptor(grpc.ServerInterceptor):
         token = header[7:] if header.startswith("Bearer ") else header
         return hmac.compare_digest(token.encode(), want)
 
-    def intercept_service(self, continuation, handler_call_details):
-        return self._intercept(continuation, handler_call_details, self._admin_rpcs)
-
-    def _intercept(self, continuation, handler_call_details, admin_rpcs: bool):
+    def intercept_for(self, continuation, handler_call_details, admin_rpcs: bool):
+        """The handler of a call that came through a listener taking mutating RPCs
+        (``admin_rpcs``) or not, wrapped; None for a method nobody serves."""
         handler = continuation(handler_call_details)
         if handler is None:
             return None
@@ -247,29 +211,23 @@ class ServingInterceptor(grpc.ServerInterceptor):
         def start(context) -> CallInfo:
             call = CallInfo(method=short)  # the model is set once the request is decoded
             _current.call = call
-            if not always_on:
-                self._enter()
-                call.counted = True
             if self.metrics:
-                self._child(self.metrics.in_flight, short).inc()
-            if self._is_draining() and not always_on:
-                raise Unavailable("server is shutting down")
+                self.metrics.stats.add_in_flight(short, 1)
+                call.counted = True
             call.is_admin = self._authorize(method, context.invocation_metadata(), context.peer,
                                             always_on, admin_rpcs)
             return call
 
         def finish(call: CallInfo, code: grpc.StatusCode, began: float) -> None:
             _current.call = None
-            if call.counted:
-                self._leave()
             if self.metrics:
-                self._child(self.metrics.in_flight, short).dec()
+                if call.counted:
+                    self.metrics.stats.add_in_flight(short, -1)
                 model = call.model
                 if model and self._is_model is not None and not self._is_model(model):
                     model = UNKNOWN_MODEL_LABEL
-                self._child(self.metrics.requests, model, short, code.name).inc()
-                self._child(self.metrics.request_seconds, model, short).observe(
-                    time.monotonic() - began)
+                self.metrics.stats.record_request(model, short, code.value[0],
+                                                  time.monotonic() - began)
 
         # Requests are parsed here, not by gRPC: grpcio (1.85) leaks ~19 KB per request
         # its deserializer refuses (the call state is never freed, not even when the
@@ -381,17 +339,6 @@ class ServingInterceptor(grpc.ServerInterceptor):
 
         return grpc.stream_stream_rpc_method_handler(
             stream_stream, None, handler.response_serializer)
-
-
-class _PortView(grpc.ServerInterceptor):
-    """One ServingInterceptor seen from another port (drain counts both ports' calls)."""
-
-    def __init__(self, main: ServingInterceptor, admin_rpcs: bool):
-        self._main = main
-        self._admin_rpcs = admin_rpcs
-
-    def intercept_service(self, continuation, handler_call_details):
-        return self._main._intercept(continuation, handler_call_details, self._admin_rpcs)
 
 
 def _is_loopback(peer: str) -> bool:

@@ -10,8 +10,10 @@ import logging
 
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from aotiserve import runner_ext
 
 log = logging.getLogger(__name__)
 
@@ -24,27 +26,15 @@ _LATENCY_BUCKETS = (
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter(
-            "aotiserve_requests_total", "RPCs by model, method and status code",
-            ["model", "method", "code"], registry=r)
-        self.request_seconds = Histogram(
-            "aotiserve_request_seconds", "Whole RPC latency",
-            ["model", "method"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_seconds = Histogram(
-            "aotiserve_queue_seconds", "Time a run waited for a free runner",
-            ["model", "device"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.compute_seconds = Histogram(
-            "aotiserve_compute_seconds", "Time in the runner (incl. device copies)",
-            ["model", "device"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge(
-            "aotiserve_in_flight_requests", "RPCs being handled", ["method"], registry=r)
+        # Requests and runs are counted in C++ (runner_ext PortStats), by the port for the
+        # calls it answers and by the interceptor and data plane for the others; the
+        # families are made from it at each scrape (_request_families).
+        self.stats = runner_ext.PortStats(list(_LATENCY_BUCKETS))
+        r.register(_StatsCollector(self.stats.stats, _request_families))
         self.queue_depth = Gauge(
             "aotiserve_queue_depth", "Runs waiting for a runner", ["device"], registry=r)
         self.running = Gauge(
             "aotiserve_running", "Runs executing now", ["device"], registry=r)
-        self.device_requests = Counter(
-            "aotiserve_device_requests_total", "Runs executed, by model and device",
-            ["model", "device"], registry=r)
         self.model_loads = Counter(
             "aotiserve_model_loads_total", "Model loads by outcome",
             ["model", "outcome"], registry=r)
@@ -61,6 +51,11 @@ class Metrics:
             "aotiserve_weights_version_info", "1 for the weights version serving now",
             ["model", "version", "sha256"], registry=r)
         self._http = None
+
+    def sample(self, name: str, **labels: str) -> float:
+        """One sample's value as a scrape would show it (0.0 when absent)."""
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
 
     def set_active_version(self, model: str, version: str, sha256: str) -> None:
         """Keeps exactly one weights_version series per model at 1."""
@@ -109,6 +104,56 @@ class _StatsCollector:
         s = self._stats()
         if s is not None:
             yield from self._families(s)
+
+
+_CODE_NAMES = {}
+
+
+def _code_name(code: int) -> str:
+    if not _CODE_NAMES:
+        import grpc  # the daemon has it; kept out of import time for tools reading metrics
+
+        _CODE_NAMES.update({c.value[0]: c.name for c in grpc.StatusCode})
+    return _CODE_NAMES.get(code, str(code))
+
+
+def _histogram(family: HistogramMetricFamily, labels: list[str], bounds, cumulative, total) -> None:
+    buckets = [(repr(float(b)), cumulative[i]) for i, b in enumerate(bounds)]
+    buckets.append(("+Inf", cumulative[-1]))
+    family.add_metric(labels, buckets, total)
+
+
+def _request_families(s: dict):
+    bounds = s["buckets"]
+    requests = CounterMetricFamily("aotiserve_requests", "RPCs by model, method and status code",
+                                   labels=["model", "method", "code"])
+    latency = HistogramMetricFamily("aotiserve_request_seconds", "Whole RPC latency",
+                                    labels=["model", "method"])
+    for model, method, codes, cumulative, total in s["methods"]:
+        for code, n in sorted(codes.items()):
+            requests.add_metric([model, method, _code_name(code)], n)
+        _histogram(latency, [model, method], bounds, cumulative, total)
+    yield requests
+    yield latency
+    queue = HistogramMetricFamily("aotiserve_queue_seconds", "Time a run waited for a free runner",
+                                  labels=["model", "device"])
+    compute = HistogramMetricFamily("aotiserve_compute_seconds",
+                                    "Time in the runner (incl. device copies)",
+                                    labels=["model", "device"])
+    runs = CounterMetricFamily("aotiserve_device_requests", "Runs executed, by model and device",
+                               labels=["model", "device"])
+    for model, device, q_cum, q_sum, c_cum, c_sum, n in s["devices"]:
+        _histogram(queue, [model, device], bounds, q_cum, q_sum)
+        _histogram(compute, [model, device], bounds, c_cum, c_sum)
+        runs.add_metric([model, device], n)
+    yield queue
+    yield compute
+    yield runs
+    in_flight = GaugeMetricFamily("aotiserve_in_flight_requests", "RPCs being handled",
+                                  labels=["method"])
+    for method, n in sorted(s["in_flight"].items()):
+        in_flight.add_metric([method], n)
+    yield in_flight
 
 
 def _cpu_block_cache_families(s: dict):

@@ -29,6 +29,7 @@ Known runner hazards guarded here (torch 2.13's model container):
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 from contextlib import contextmanager
 import os
@@ -96,7 +97,7 @@ class Replica:
     pool: DevicePool
     slot: Slot
     # (queue_seconds, compute_seconds, device_requests) children for this model and device.
-    stats: tuple | None = None
+    stats: Callable[[float, float], None] | None = None  # (queued s, computed s)
     # Recent compute time per run (moving average, seconds): runs shorter than a GIL
     # handoff keep the GIL (see DevicePool.execute).
     compute_avg: float = 2 * 50e-6
@@ -179,8 +180,8 @@ class ServedModel:
         self.folded_names: set[str] = set()
         self.weights: WeightsState | None = None
         self.rw = RWLock()
-        # The native data port serving this model too (native_port.NativePort), if any.
-        self.native: Any = None
+        # The port's C++ hot path serving this model (port.Port), if it took it.
+        self.port: Any = None
         self.weights_op = threading.Lock()  # one weight operation at a time
         self._inflight = 0
         self._idle = threading.Condition()
@@ -204,9 +205,7 @@ class ServedModel:
                 stats = None
                 if self.metrics is not None:
                     m = self.metrics
-                    stats = (m.queue_seconds.labels(self.name, pool.name),
-                             m.compute_seconds.labels(self.name, pool.name),
-                             m.device_requests.labels(self.name, pool.name))
+                    stats = functools.partial(m.stats.record_run, self.name, pool.name)
                 self.replicas.append(Replica(
                     loaded, pool, pool.slot(self.options.runners, f"model {self.name!r}"), stats))
             self._describe()
@@ -303,9 +302,9 @@ class ServedModel:
             raise Aborted(f"model {self.name!r}: its weights changed during the read; retry")
 
     def close(self) -> None:
-        if self.native is not None:  # its native runs end before the runners close
-            self.native.remove(self.name)
-            self.native = None
+        if self.port is not None:  # its C++ runs end before the runners close
+            self.port.remove(self.name)
+            self.port = None
         with self._buffers:
             self._buffers_closed = True
             self._buffers.wait_for(lambda: self._buffer_users == 0)
@@ -507,10 +506,10 @@ class ServedModel:
     def _serving_weights_change(self) -> Iterator[None]:
         """No run in flight, on any port, while the serving weights change."""
         with self.rw.exclusive():
-            if self.native is None:
+            if self.port is None:
                 yield
             else:
-                with self.native.weights_change(self):
+                with self.port.weights_change(self):
                     yield
 
     @contextmanager
@@ -575,11 +574,11 @@ class ServedModel:
     def _flip(self, versions: Callable[[], None], active_after: str) -> None:
         """Swaps every replica's buffers and, in the same instant, ``versions()`` moves
         the version bookkeeping (so a Run's trailer names the weights that served it:
-        ``active_after``). On the native data port the flip and its version are one step
-        in C++, so native runs wait for the flip alone."""
+        ``active_after``). On the port's hot path the flip and its version are one step
+        in C++, so its runs wait for the flip alone."""
         with self.rw.exclusive():
-            if self.native is not None:
-                self.native.flip(self, active_after)
+            if self.port is not None:
+                self.port.flip(self, active_after)
             else:
                 for replica in self.replicas:
                     replica.runner.swap_constant_buffer()
@@ -723,9 +722,9 @@ class ModelRegistry:
         self.batching = batching
         self.reserve_inactive = reserve_inactive
         self.warmup_runs = warmup_runs
-        # The native data port (native_port.NativePort), when configured: READY models
+        # The port (port.Port): READY models
         # it can serve are handed to it.
-        self.native: Any = None
+        self.port: Any = None
         self._models: dict[str, ServedModel] = {}
         self._lock = threading.Lock()
 
@@ -789,11 +788,11 @@ class ModelRegistry:
         except Exception as exc:
             self._failed(model, f"{type(exc).__name__}: {exc}")
             raise
-        if self.native is not None:
+        if self.port is not None:
             try:
-                self.native.add(model)
-            except Exception:  # noqa: BLE001 (the main port serves it regardless)
-                log.exception("model %r: the native data port could not take it", name)
+                self.port.add(model)
+            except Exception:  # noqa: BLE001 (Python's Run path serves it regardless)
+                log.exception("model %r: the port's hot path could not take it", name)
         model.state = ModelState.READY
         model._gauge_version()
         # Everything allocated so far (torch, grpc, the model's objects) lives as long as the

@@ -31,6 +31,9 @@ class BridgeCall {
   Metadata metadata;
   std::chrono::system_clock::time_point deadline;
   bool is_admin = false;
+  // Whether the listener it came through takes mutating RPCs (false: the daemon has a
+  // separate admin port).
+  bool admin_rpcs = true;
   // Runs once, when the call is finished (stream and call counts of the port).
   std::function<void()> on_end;
 

@@ -34,6 +34,12 @@ bool parse_service(const grpc::ByteBuffer* req, std::string& service) {
   return true;
 }
 
+// As server/health.py words it: the name, cut at 64 characters.
+std::string unknown(const std::string& service) {
+  std::string shown = service.size() > 64 ? service.substr(0, 64) + "..." : service;
+  return "health: this server serves no service named '" + shown + "'";
+}
+
 grpc::ByteBuffer response(int status) {
   std::string out;
   out.push_back(char(1 << 3 | 0));
@@ -167,7 +173,7 @@ grpc::ServerUnaryReactor* HealthService::check(grpc::CallbackServerContext* ctx,
   {
     std::lock_guard<std::recursive_mutex> lock(mu_);
     if (!lookup(service, status)) {
-      reactor->Finish({grpc::StatusCode::NOT_FOUND, "unknown service"});
+      reactor->Finish({grpc::StatusCode::NOT_FOUND, unknown(service)});
       return reactor;
     }
   }
@@ -192,7 +198,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* HealthService::watch(grpc::CallbackS
     w->end({grpc::StatusCode::INVALID_ARGUMENT, "Watch: the request is not a valid message"});
   } else if (!known) {
     // Nothing is kept for a name the daemon does not serve.
-    w->end({grpc::StatusCode::NOT_FOUND, "unknown service"});
+    w->end({grpc::StatusCode::NOT_FOUND, unknown(service)});
   } else if (!counted) {
     w->end({grpc::StatusCode::RESOURCE_EXHAUSTED,
             "Watch: too many long-lived streams are open on this server; retry later"});

@@ -15,8 +15,6 @@
 #include <ATen/ATen.h>
 #include <openssl/crypto.h>
 
-#include <arpa/inet.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -49,25 +47,6 @@ bool always_on(const std::string& method) {
 std::string short_name(const std::string& method) {
   auto i = method.rfind('/');
   return i == std::string::npos ? method : method.substr(i + 1);
-}
-
-// ipv4:127.0.0.1:5000, ipv6:[::1]:5000, ipv6:[::ffff:127.0.0.1]:5000, unix:/path
-bool is_loopback(const std::string& peer) {
-  if (peer.rfind("unix:", 0) == 0) return true;
-  auto colon = peer.find(':');
-  if (colon == std::string::npos) return false;
-  std::string host = peer.substr(colon + 1);
-  if (!host.empty() && host[0] == '[') {
-    host = host.substr(1, host.find(']') - 1);
-  } else {
-    host = host.substr(0, host.rfind(':'));
-  }
-  in_addr v4{};
-  if (inet_pton(AF_INET, host.c_str(), &v4) == 1) return (ntohl(v4.s_addr) >> 24) == 127;
-  in6_addr v6{};
-  if (inet_pton(AF_INET6, host.c_str(), &v6) != 1) return false;
-  if (IN6_IS_ADDR_LOOPBACK(&v6)) return true;
-  return IN6_IS_ADDR_V4MAPPED(&v6) && v6.s6_addr[12] == 127;
 }
 
 bool token_matches(const std::string& header, const std::string& want) {
@@ -215,9 +194,9 @@ class Port::BridgeService : public grpc::CallbackGenericService {
   bool admin_rpcs_;
 };
 
-Port::Port(PortConfig config, std::vector<double> latency_buckets)
+Port::Port(PortConfig config, std::shared_ptr<Stats> stats)
     : config_(std::move(config)),
-      stats_(std::move(latency_buckets)),
+      stats_(std::move(stats)),
       bridge_(size_t(std::max(1, config_.max_pending))) {}
 
 Port::~Port() { stop(0); }
@@ -281,8 +260,8 @@ DevicePoolState* Port::pool(const std::string& device) {
 }
 
 void Port::add_model(std::shared_ptr<PortModel> model) {
-  model->run_stats = stats_.method(model->name, "Run");
-  model->infer_stats = stats_.method(model->name, "ModelInfer");
+  model->run_stats = stats_->method(model->name, "Run");
+  model->infer_stats = stats_->method(model->name, "ModelInfer");
   std::unique_lock<std::shared_mutex> lock(models_mu_);
   models_[model->name] = std::move(model);
 }
@@ -402,7 +381,7 @@ std::optional<std::string> Port::next_log() {
 
 // Auth and limits -------------------------------------------------------------------
 
-bool Port::authorize(const std::string& method, grpc::ServerContextBase& ctx, bool admin_rpcs,
+bool Port::authorize(const std::string& method, grpc::ServerContextBase& ctx,
                      grpc::Status& refusal, bool& is_admin) {
   std::string header;
   bool has_header = false;
@@ -413,46 +392,6 @@ bool Port::authorize(const std::string& method, grpc::ServerContextBase& ctx, bo
     }
   }
   const auto& c = config_;
-  if (c.mutating.count(method)) {
-    std::string peer = ctx.peer();
-    if (!admin_rpcs) {
-      refusal = {grpc::StatusCode::PERMISSION_DENIED,
-                 method + ": this server takes admin RPCs on its admin port only"};
-      return false;
-    }
-    if (c.admin_loopback_only && !is_loopback(peer)) {
-      refusal = {grpc::StatusCode::PERMISSION_DENIED,
-                 method + ": this server takes admin RPCs from loopback only"};
-      return false;
-    }
-    if (!c.admin_token.empty()) {
-      if (!has_header) {
-        refusal = {grpc::StatusCode::UNAUTHENTICATED,
-                   method + " needs the admin token (metadata 'authorization: Bearer <token>')"};
-        return false;
-      }
-      if (!token_matches(header, c.admin_token)) {
-        refusal = {grpc::StatusCode::PERMISSION_DENIED, method + ": wrong admin token"};
-        return false;
-      }
-      is_admin = true;
-      return true;
-    }
-    if (!c.inference_token.empty()) {
-      refusal = {grpc::StatusCode::PERMISSION_DENIED,
-                 method + ": this server has an inference token but no admin token, so it "
-                          "refuses every mutating RPC (start it with --admin-token-file)"};
-      return false;
-    }
-    if (!c.insecure_admin && !is_loopback(peer)) {
-      refusal = {grpc::StatusCode::PERMISSION_DENIED,
-                 method + ": this server has no admin token, so it takes mutating RPCs from "
-                          "loopback only (start it with --admin-token-file, or --insecure-admin "
-                          "to accept them from anyone)"};
-      return false;
-    }
-    return true;
-  }
   is_admin = has_header && token_matches(header, c.admin_token);
   if (!c.inference_token.empty() && !always_on(method) && !is_admin) {
     if (!has_header) {
@@ -492,21 +431,11 @@ grpc::ServerGenericBidiReactor* Port::bridged(grpc::GenericCallbackServerContext
   call->deadline = ctx->deadline();
   const std::string& method = call->method;
   bool on = always_on(method);
-  grpc::Status refusal;
+  // Who may call what is decided by the interceptor (server/interceptors.py) for calls
+  // answered in Python; here only what protects the port itself: drain and limits.
+  call->admin_rpcs = admin_rpcs;
   if (draining_ && !on) {
     call->refuse({grpc::StatusCode::UNAVAILABLE, "server is shutting down"});
-    return reactor;
-  }
-  if (!authorize(method, *ctx, admin_rpcs, refusal, call->is_admin)) {
-    if (config_.mutating.count(method)) {
-      std::lock_guard<std::mutex> lock(log_mu_);
-      if (warned_peers_.size() < 1000 && warned_peers_.insert(call->peer).second) {
-        log_lines_.push_back("refused " + method + " from " + call->peer + ": " +
-                             refusal.error_message());
-        log_cv_.notify_one();
-      }
-    }
-    call->refuse(refusal);
     return reactor;
   }
   bool stream = config_.streaming.count(method) > 0;
@@ -530,7 +459,8 @@ grpc::ServerGenericBidiReactor* Port::bridged(grpc::GenericCallbackServerContext
 }
 
 grpc::Status Port::forward(grpc::ServerContext* ctx, const std::string& method,
-                           const Payload& payload, bool is_admin, grpc::ByteBuffer* resp) {
+                           const Payload& payload, bool is_admin, bool admin_rpcs,
+                           grpc::ByteBuffer* resp) {
   auto call = std::make_shared<UnaryCall>(&bridge_, ctx, payload.str());
   call->id = bridge_.next_id();
   call->method = method;
@@ -538,6 +468,7 @@ grpc::Status Port::forward(grpc::ServerContext* ctx, const std::string& method,
   call->metadata = client_metadata(*ctx);
   call->deadline = ctx->deadline();
   call->is_admin = is_admin;
+  call->admin_rpcs = admin_rpcs;
   if (!bridge_.push(call)) {
     return {grpc::StatusCode::RESOURCE_EXHAUSTED,
             short_name(method) + ": the server is busy (" + std::to_string(config_.max_pending) +
@@ -649,12 +580,12 @@ grpc::Status Port::run(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
   const std::string shorty = infer ? "ModelInfer" : "Run";
   static thread_local std::atomic<int64_t>* flights[2] = {nullptr, nullptr};
   auto*& in_flight = flights[infer];
-  if (!in_flight) in_flight = stats_.in_flight(shorty);
+  if (!in_flight) in_flight = stats_->in_flight(shorty);
   in_flight->fetch_add(1, std::memory_order_relaxed);
   enter();
   MethodSeries* series = nullptr;
   auto done = [&](grpc::Status s) {
-    if (series == nullptr) series = stats_.method("", shorty);
+    if (series == nullptr) series = stats_->method("", shorty);
     series->record(int(s.error_code()), since(began));
     in_flight->fetch_sub(1, std::memory_order_relaxed);
     leave();
@@ -663,7 +594,7 @@ grpc::Status Port::run(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
   if (draining_) return done({grpc::StatusCode::UNAVAILABLE, "server is shutting down"});
   grpc::Status refusal;
   bool is_admin = false;
-  if (!authorize(method, *ctx, admin_rpcs, refusal, is_admin)) return done(refusal);
+  if (!authorize(method, *ctx, refusal, is_admin)) return done(refusal);
 
   // The request's bytes: gRPC's own slice when it is one, else joined once into torch's
   // allocator, laid out so the first payload is aligned.
@@ -713,8 +644,9 @@ grpc::Status Port::run(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
                                                  infer_req.model_version.str() != model->version)))) {
     // Python answers (it records the call's metrics itself).
     in_flight->fetch_sub(1, std::memory_order_relaxed);
+    grpc::Status s = forward(ctx, method, payload, is_admin, admin_rpcs, resp);
     leave();
-    return forward(ctx, method, payload, is_admin, resp);
+    return s;
   }
   series = infer ? model->infer_stats : model->run_stats;
   const auto& specs = model->inputs;
@@ -806,12 +738,23 @@ grpc::Status Port::run(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
                               std::to_string(spec.shape[d]) + " (shape " + wire::dims(spec.shape) +
                               "), got shape " + wire::dims(t.shape)));
         }
-        if (d < spec.lower.size() && t.shape[d] < spec.lower[d]) {
-          return done(invalid(
-              what + ": dimension " + std::to_string(d) + " is " + std::to_string(t.shape[d]) +
-              ", but model '" + model->name + "' accepts sizes from " + std::to_string(spec.lower[d]) +
-              " there (torch's dynamic-shape guard; recompile with inductor_configs="
-              "{\"aot_inductor.check_lowerbound\": False}, or use `aotiserve pack`)"));
+        if (spec.shape[d] >= 0) continue;
+        // The package's dynamic-dim guards (io_specs.check_bounds says the same).
+        int64_t lo = d < spec.lower.size() ? spec.lower[d] : 0;
+        int64_t hi = d < spec.upper.size() ? spec.upper[d] : -1;
+        std::string at = what + ": dimension " + std::to_string(d) + " is " + std::to_string(t.shape[d]);
+        if (t.shape[d] < lo) {
+          std::string why = lo == 2 ? config_.lowerbound_hint
+                                    : "the model was exported with a minimum of " +
+                                          std::to_string(lo) + " for this dim";
+          return done(invalid(at + ", below the smallest size the model accepts (" +
+                              std::to_string(lo) + "; shape " + spec.bounds_text + "); " + why));
+        }
+        if (hi >= 0 && t.shape[d] > hi) {
+          return done(invalid(at + ", above the largest size the model accepts (" +
+                              std::to_string(hi) + "; shape " + spec.bounds_text +
+                              "); split the request or recompile the model with a larger "
+                              "maximum for this Dim"));
         }
       }
     }

@@ -30,7 +30,6 @@ namespace aotiserve {
 struct PortConfig {
   int max_message_bytes = 64 << 20;
   std::string admin_token, inference_token;
-  bool insecure_admin = false, admin_loopback_only = false;
   wire::Limits limits;
   int max_queue = 256;             // runs waiting for a runner, per device
   int workers = 32;                // gRPC threads kept polling for the hot path
@@ -41,7 +40,8 @@ struct PortConfig {
   int max_concurrent_streams = 256;  // HTTP/2 streams per connection
   int64_t max_connection_idle_ms = 0;  // 0: connections never time out idle
   std::string tls_cert, tls_key, tls_ca;  // PEM
-  std::set<std::string> mutating, streaming;  // method names, "/pkg.Service/Method"
+  std::string lowerbound_hint;  // what a batch below torch's default guard of 2 should do
+  std::set<std::string> streaming;  // long-lived stream methods, "/pkg.Service/Method"
 };
 
 struct InputSpec {
@@ -49,7 +49,9 @@ struct InputSpec {
   const wire::DType* dtype = nullptr;  // null: any
   bool has_shape = false;
   std::vector<int64_t> shape;          // -1: any size
-  std::vector<int64_t> lower;          // smallest size of each dimension (0: none)
+  std::vector<int64_t> lower;          // smallest size of each dimension (empty: none)
+  std::vector<int64_t> upper;          // largest (-1: none; empty: none)
+  std::string bounds_text;             // "[2..1024, 64]", for messages
 };
 
 struct DevicePoolState {
@@ -82,7 +84,7 @@ struct PortModel {
 
 class Port {
  public:
-  Port(PortConfig config, std::vector<double> latency_buckets);
+  Port(PortConfig config, std::shared_ptr<Stats> stats);
   ~Port();
   // Binds `address` with every service; `admin_rpcs` false: mutating RPCs are refused
   // there (the daemon has a separate admin listener). Returns the bound port.
@@ -104,7 +106,7 @@ class Port {
   void stop(double grace_s);
 
   Bridge& bridge() { return bridge_; }
-  Stats& stats() { return stats_; }
+  Stats& stats() { return *stats_; }
   std::optional<std::string> next_log();  // blocks; nullopt once stopped
   uint64_t copied_bytes() const { return copied_bytes_.load(std::memory_order_relaxed); }
 
@@ -119,8 +121,9 @@ class Port {
   class BridgeService;
   struct Payload;
 
-  bool authorize(const std::string& method, grpc::ServerContextBase& ctx, bool admin_rpcs,
-                 grpc::Status& refusal, bool& is_admin);
+  // The hot path's token check (the rules for control RPCs: server/interceptors.py).
+  bool authorize(const std::string& method, grpc::ServerContextBase& ctx, grpc::Status& refusal,
+                 bool& is_admin);
   bool admit_stream();
   void release_stream();
   void enter();
@@ -128,12 +131,12 @@ class Port {
   void log(std::string line);
   std::shared_ptr<PortModel> find(const std::string& name);
   grpc::Status forward(grpc::ServerContext* ctx, const std::string& method, const Payload& payload,
-                       bool is_admin, grpc::ByteBuffer* resp);
+                       bool is_admin, bool admin_rpcs, grpc::ByteBuffer* resp);
   grpc::Status execute(grpc::ServerContext* ctx, PortModel& model, std::vector<at::Tensor>& inputs,
                        std::vector<at::Tensor>& outputs, std::string& version);
 
   PortConfig config_;
-  Stats stats_;
+  std::shared_ptr<Stats> stats_;
   Bridge bridge_;
   std::vector<std::unique_ptr<Listener>> listeners_;
   std::shared_mutex models_mu_;
@@ -150,7 +153,6 @@ class Port {
   std::condition_variable log_cv_;
   std::deque<std::string> log_lines_;
   bool log_closed_ = false;
-  std::set<std::string> warned_peers_;
 };
 
 void bind_port(pybind11::module_& m);

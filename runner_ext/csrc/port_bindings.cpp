@@ -23,8 +23,6 @@ PortConfig make_config(const py::dict& d) {
   c.max_message_bytes = get("max_message_bytes").cast<int>();
   c.admin_token = get("admin_token").cast<std::string>();
   c.inference_token = get("inference_token").cast<std::string>();
-  c.insecure_admin = get("insecure_admin").cast<bool>();
-  c.admin_loopback_only = get("admin_loopback_only").cast<bool>();
   c.limits.max_inputs = get("max_inputs").cast<int64_t>();
   c.limits.max_rank = get("max_rank").cast<int64_t>();
   c.limits.max_elements = get("max_elements").cast<int64_t>();
@@ -39,7 +37,7 @@ PortConfig make_config(const py::dict& d) {
   c.tls_cert = get("tls_cert").cast<std::string>();
   c.tls_key = get("tls_key").cast<std::string>();
   c.tls_ca = get("tls_ca").cast<std::string>();
-  for (auto m : get("mutating")) c.mutating.insert(m.cast<std::string>());
+  c.lowerbound_hint = get("lowerbound_hint").cast<std::string>();
   for (auto m : get("streaming")) c.streaming.insert(m.cast<std::string>());
   return c;
 }
@@ -63,6 +61,7 @@ void bind_port(py::module_& m) {
       .def_readonly("method", &BridgeCall::method)
       .def_readonly("peer", &BridgeCall::peer)
       .def_readonly("is_admin", &BridgeCall::is_admin)
+      .def_readonly("admin_rpcs", &BridgeCall::admin_rpcs)
       .def_property_readonly("metadata",
                              [](const BridgeCall& c) {
                                py::list out;
@@ -96,24 +95,51 @@ void bind_port(py::module_& m) {
       .def("finish", &BridgeCall::finish, py::arg("code"), py::arg("details"),
            py::arg("trailers"), release());
 
+  py::class_<Stats, std::shared_ptr<Stats>>(m, "PortStats", py::module_local())
+      .def(py::init<std::vector<double>>(), py::arg("latency_buckets"))
+      .def("record_request",
+           [](Stats& self, const std::string& model, const std::string& method, int code,
+              double seconds) { self.method(model, method)->record(code, seconds); },
+           py::arg("model"), py::arg("method"), py::arg("code"), py::arg("seconds"))
+      .def("record_run",
+           [](Stats& self, const std::string& model, const std::string& device, double queued,
+              double computed) { self.device(model, device)->record(queued, computed); },
+           py::arg("model"), py::arg("device"), py::arg("queued"), py::arg("computed"))
+      .def("add_in_flight",
+           [](Stats& self, const std::string& method, int delta) {
+             self.in_flight(method)->fetch_add(delta);
+           },
+           py::arg("method"), py::arg("delta"))
+      .def("stats",
+           [](Stats& self) {
+             auto s = self.snapshot();
+             py::dict out;
+             out["methods"] = s.methods;
+             out["devices"] = s.devices;
+             out["in_flight"] = s.in_flight;
+             out["buckets"] = self.bounds();
+             return out;
+           });
+
   py::class_<Port>(m, "PortServer", py::module_local())
-      .def(py::init([](const py::dict& config, std::vector<double> buckets) {
-             return std::make_unique<Port>(make_config(config), std::move(buckets));
+      .def(py::init([](const py::dict& config, std::shared_ptr<Stats> stats) {
+             return std::make_unique<Port>(make_config(config), std::move(stats));
            }),
-           py::arg("config"), py::arg("latency_buckets"))
+           py::arg("config"), py::arg("stats"))
       .def("listen", &Port::listen, py::arg("address"), py::arg("admin_rpcs"), release())
       .def(
           "add_model",
           [](Port& self, const std::string& name,
              const std::vector<std::tuple<std::string, std::optional<uint64_t>,
                                           std::optional<std::vector<int64_t>>,
-                                          std::vector<int64_t>>>& inputs,
+                                          std::vector<int64_t>, std::vector<int64_t>,
+                                          std::string>>& inputs,
              const std::vector<std::string>& outputs,
              const std::vector<std::tuple<py::capsule, py::capsule, int, std::string>>& replicas,
              const std::string& version) {
             auto model = std::make_shared<PortModel>();
             model->name = name;
-            for (const auto& [n, wire_dtype, shape, lower] : inputs) {
+            for (const auto& [n, wire_dtype, shape, lower, upper, bounds] : inputs) {
               InputSpec spec;
               spec.name = n;
               if (wire_dtype) spec.dtype = wire::by_wire(*wire_dtype);
@@ -122,6 +148,8 @@ void bind_port(py::module_& m) {
                 spec.shape = *shape;
               }
               spec.lower = lower;
+              spec.upper = upper;
+              spec.bounds_text = bounds;
               model->inputs.push_back(std::move(spec));
             }
             model->outputs = outputs;
@@ -166,29 +194,6 @@ void bind_port(py::module_& m) {
                line = self.next_log();
              }
              return line ? py::object(py::str(*line)) : py::object(py::none());
-           })
-      .def("record_request",
-           [](Port& self, const std::string& model, const std::string& method, int code,
-              double seconds) { self.stats().method(model, method)->record(code, seconds); },
-           py::arg("model"), py::arg("method"), py::arg("code"), py::arg("seconds"))
-      .def("record_run",
-           [](Port& self, const std::string& model, const std::string& device, double queued,
-              double computed) { self.stats().device(model, device)->record(queued, computed); },
-           py::arg("model"), py::arg("device"), py::arg("queued"), py::arg("computed"))
-      .def("add_in_flight",
-           [](Port& self, const std::string& method, int delta) {
-             self.stats().in_flight(method)->fetch_add(delta);
-           },
-           py::arg("method"), py::arg("delta"))
-      .def("stats",
-           [](Port& self) {
-             auto s = self.stats().snapshot();
-             py::dict out;
-             out["methods"] = s.methods;
-             out["devices"] = s.devices;
-             out["in_flight"] = s.in_flight;
-             out["buckets"] = self.stats().bounds();
-             return out;
            })
       .def("copied_bytes", &Port::copied_bytes);
 }

@@ -1,0 +1,165 @@
+"""The daemon's one port: gRPC C++ (``runner_ext.PortServer``) serving every service.
+
+The C++ side answers ``Run`` and OIP ``ModelInfer`` for the models handed to it
+(parse with bounds, least-loaded replica, admission per device, the run, the reply),
+and health; everything else goes through the bridge (server/bridge.py) to the Python
+servicers. This module is the Python daemon's handle on it: it binds the listeners,
+hands READY models to the hot path and takes them back before their runners close,
+wraps every change of a model's serving weights in the port's lock for that model (so
+a run never mixes weights and its trailer names the version that served it), and
+forwards the port's log lines to ``logging``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from prometheus_client.core import CounterMetricFamily
+
+from aotiserve import runner_ext
+from aotiserve.client import dtypes
+
+from .config import ServeConfig
+from .io_specs import LOWERBOUND_HINT
+
+if TYPE_CHECKING:
+    from .model_registry import ServedModel
+
+log = logging.getLogger(__name__)
+
+_WIRE_BY_TORCH = {d.torch_name: d.wire for d in dtypes.DTYPES}
+
+
+def _dtype_table() -> list[tuple[int, int, str, str]]:
+    return [(d.wire, d.scalar_type, d.torch_name, d.oip_name or "") for d in dtypes.DTYPES]
+
+
+def _pem(path: str | None) -> str:
+    return Path(path).read_text() if path else ""
+
+
+class Port:
+    """The port of one daemon. ``listen`` binds; serving starts at once."""
+
+    def __init__(self, config: ServeConfig, stats: runner_ext.PortStats,
+                 inference_token: str | None, streaming: Sequence[str]):
+        if bool(config.tls_cert) != bool(config.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        runner_ext.port_set_dtypes(_dtype_table())
+        self._server = runner_ext.PortServer({
+            "max_message_bytes": config.max_message_bytes,
+            "admin_token": "",  # the hot path has no mutating RPC: only the inference token
+            "inference_token": inference_token or "",
+            "max_inputs": config.max_inputs,
+            "max_rank": config.max_tensor_rank,
+            "max_elements": config.max_tensor_elements,
+            "max_queue": config.max_queue,
+            "workers": config.grpc_workers,
+            "max_threads": config.max_concurrent_rpcs,
+            "max_pending": config.max_concurrent_rpcs,
+            "max_streams": config.max_streams,
+            "stream_idle_s": config.stream_idle_timeout_s,
+            "max_concurrent_streams": config.max_concurrent_streams,
+            "max_connection_idle_ms": int(config.connection_idle_timeout_s * 1000),
+            "tls_cert": _pem(config.tls_cert),
+            "tls_key": _pem(config.tls_key),
+            "tls_ca": _pem(config.tls_ca),
+            "lowerbound_hint": LOWERBOUND_HINT,
+            "streaming": list(streaming),
+        }, stats)
+        self._models: set[str] = set()
+        self._log_thread = threading.Thread(target=self._forward_log, name="aotiserve-port-log",
+                                            daemon=True)
+        self._log_thread.start()
+
+    @property
+    def server(self) -> runner_ext.PortServer:
+        return self._server
+
+    def listen(self, address: str, admin_rpcs: bool) -> int:
+        port = self._server.listen(address, admin_rpcs)
+        if port == 0:
+            raise OSError(f"could not bind {address}")
+        return port
+
+    # Models ------------------------------------------------------------------
+
+    @staticmethod
+    def why_not(model: "ServedModel") -> str | None:
+        """Why the hot path leaves ``model``'s runs to Python (None: it takes them)."""
+        if model.batcher is not None:
+            return "dynamic batching is on"
+        for replica in model.replicas:
+            if replica.pool.device.type not in ("cpu", "cuda"):
+                return f"placed on {replica.pool.device}"
+        return None
+
+    def add(self, model: "ServedModel") -> None:
+        why = self.why_not(model)
+        if why is not None:
+            log.info("model %r: runs answered in Python (%s)", model.name, why)
+            return
+        inputs = []
+        for s in model.inputs:
+            wire = _WIRE_BY_TORCH.get(str(s.dtype).removeprefix("torch.")) if s.dtype else None
+            shape = list(s.shape) if s.shape is not None else None
+            lower = list(s.min_shape) if s.min_shape is not None and shape is not None else []
+            upper = list(s.max_shape) if s.max_shape is not None and shape is not None else []
+            inputs.append((s.name, wire, shape, lower, upper,
+                           s.bounds_text() if shape is not None else ""))
+        replicas = [(r.runner._native_run_fn(str(r.pool.device)), r.runner._native_swap_fn(),
+                     r.slot.capacity, r.pool.name) for r in model.replicas]
+        self._server.add_model(model.name, inputs, [s.name for s in model.outputs], replicas,
+                               model.weights.active.id)
+        self._models.add(model.name)
+        model.port = self
+
+    def remove(self, name: str) -> None:
+        """Takes the model back; waits for its runs in flight."""
+        if name in self._models:
+            self._models.discard(name)
+            self._server.remove_model(name)
+
+    def flip(self, model: "ServedModel", version: str) -> None:
+        """Swaps every replica's buffers and sets the version runs report, in one step
+        under the port's lock, without the GIL: runs wait for the flip alone."""
+        self._server.flip(model.name, version)
+
+    @contextmanager
+    def weights_change(self, model: "ServedModel") -> Iterator[None]:
+        """The model's C++ runs wait meanwhile; afterwards they report its active version."""
+        self._server.lock_weights(model.name)
+        try:
+            yield
+        finally:
+            self._server.unlock_weights(model.name, model.weights.active.id)
+
+    # Lifecycle ---------------------------------------------------------------
+
+    def set_health(self, service: str, serving: bool) -> None:
+        self._server.set_health(service, serving)
+
+    def set_draining(self) -> None:
+        self._server.set_draining()
+
+    def wait_idle(self, timeout: float) -> bool:
+        return self._server.wait_idle(max(0.0, timeout))
+
+    def stop(self, grace_s: float) -> None:
+        self._server.stop(max(0.0, grace_s))
+
+    def _forward_log(self) -> None:
+        while (line := self._server.next_log()) is not None:
+            log.error("%s", line)
+
+    def collect(self):
+        """Prometheus: the payload bytes the port copied."""
+        yield CounterMetricFamily(
+            "aotiserve_port_copied_bytes", "Payload bytes the port copied: requests joined from "
+            "several gRPC slices, inputs not aligned as torch aligns tensors, outputs under "
+            "64 KiB copied into the reply (larger ones are sent from the output tensor itself)",
+            value=self._server.copied_bytes())
