@@ -154,6 +154,12 @@ def _request_families(s: dict):
     for method, n in sorted(s["in_flight"].items()):
         in_flight.add_metric([method], n)
     yield in_flight
+    hot = CounterMetricFamily("aotiserve_hot_path_requests", "Requests the port's C++ hot path "
+                              "answered itself (the others were answered in Python)",
+                              labels=["method"])
+    for method, n in sorted(s["hot"].items()):
+        hot.add_metric([method], n)
+    yield hot
 
 
 def _cpu_block_cache_families(s: dict):

@@ -585,6 +585,7 @@ grpc::Status Port::run(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
   enter();
   MethodSeries* series = nullptr;
   auto done = [&](grpc::Status s) {
+    stats_->hot(infer ? 1 : 0);
     if (series == nullptr) series = stats_->method("", shorty);
     series->record(int(s.error_code()), since(began));
     in_flight->fetch_sub(1, std::memory_order_relaxed);

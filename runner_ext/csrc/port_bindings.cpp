@@ -117,6 +117,10 @@ void bind_port(py::module_& m) {
              out["methods"] = s.methods;
              out["devices"] = s.devices;
              out["in_flight"] = s.in_flight;
+             py::dict hot;
+             hot["Run"] = s.hot_run;
+             hot["ModelInfer"] = s.hot_infer;
+             out["hot"] = hot;
              out["buckets"] = self.bounds();
              return out;
            });

@@ -70,6 +70,8 @@ Stats::Snapshot Stats::snapshot() {
                            d->runs.load(std::memory_order_relaxed));
   }
   for (const auto& [method, n] : in_flight_) s.in_flight[method] = n->load();
+  s.hot_run = hot_[0].load();
+  s.hot_infer = hot_[1].load();
   return s;
 }
 

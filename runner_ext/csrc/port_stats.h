@@ -50,6 +50,8 @@ class Stats {
   MethodSeries* method(const std::string& model, const std::string& method);
   DeviceSeries* device(const std::string& model, const std::string& device);
   std::atomic<int64_t>* in_flight(const std::string& method);
+  // Requests the C++ hot path answered itself (not handed to Python): 0 Run, 1 ModelInfer.
+  void hot(int which) { hot_[which].fetch_add(1, std::memory_order_relaxed); }
   const std::vector<double>& bounds() const { return bounds_; }
 
   struct Snapshot {
@@ -58,6 +60,7 @@ class Stats {
     std::vector<std::tuple<std::string, std::string, std::vector<uint64_t>, double,
                            std::vector<uint64_t>, double, uint64_t>> devices;
     std::map<std::string, int64_t> in_flight;
+    uint64_t hot_run = 0, hot_infer = 0;
   };
   Snapshot snapshot();
 
@@ -67,6 +70,7 @@ class Stats {
   std::map<std::pair<std::string, std::string>, std::unique_ptr<MethodSeries>> methods_;
   std::map<std::pair<std::string, std::string>, std::unique_ptr<DeviceSeries>> devices_;
   std::map<std::string, std::unique_ptr<std::atomic<int64_t>>> in_flight_;
+  std::array<std::atomic<uint64_t>, 2> hot_{};
 };
 
 }  // namespace aotiserve
