@@ -61,6 +61,7 @@ class Port:
             "workers": config.grpc_workers,
             "max_threads": config.max_concurrent_rpcs,
             "max_pending": config.max_concurrent_rpcs,
+            "max_calls": config.max_concurrent_rpcs,
             "max_streams": config.max_streams,
             "stream_idle_s": config.stream_idle_timeout_s,
             "max_concurrent_streams": config.max_concurrent_streams,
@@ -138,6 +139,17 @@ class Port:
         finally:
             self._server.unlock_weights(model.name, model.weights.active.id)
 
+    @contextmanager
+    def holding_a_runner(self, model: str) -> Iterator[None]:
+        """Occupies one of the model's runners meanwhile, as a run would (operators'
+        tooling and tests hold a model busy with it)."""
+        if not self._server.hold_runner(model):
+            raise RuntimeError(f"model {model!r}: no runner free on the port's hot path")
+        try:
+            yield
+        finally:
+            self._server.release_runner(model)
+
     # Lifecycle ---------------------------------------------------------------
 
     def set_health(self, service: str, serving: bool) -> None:
@@ -151,6 +163,19 @@ class Port:
 
     def stop(self, grace_s: float) -> None:
         self._server.stop(max(0.0, grace_s))
+
+    def flush_log(self) -> None:
+        """Logs what the port has queued now (the log thread does so as lines come)."""
+        for line in self._server.pending_log():
+            log.error("%s", line)
+
+    def watchers(self) -> int:
+        """Health Watch streams open now."""
+        return self._server.watchers()
+
+    def pool_state(self, device: str) -> tuple[int, int]:
+        """(running, waiting) of the hot path's runs on ``device``."""
+        return self._server.pool_state(device)
 
     def _forward_log(self) -> None:
         while (line := self._server.next_log()) is not None:

@@ -97,6 +97,28 @@ class BigEmbed(torch.nn.Module):
         return sum(t(ids) for t in self.tables)
 
 
+class Alias(torch.nn.Module):
+    """Its first output is a view of its input (AOTInductor hands such views back as they
+    are): the port must keep the request's bytes alive while it sends them."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(3.0))
+
+    def forward(self, x):
+        return x.view(-1), x * self.w
+
+
+class FailingCheck(torch.nn.Module):
+    """A runtime check of the model's own that no input passes: every run fails inside
+    the runner, not over the caller's input."""
+
+    def forward(self, x):
+        n = (x > 1e30).sum().item()
+        torch._check(n > 0)
+        return x + n
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -157,6 +179,8 @@ MODELS: dict[str, ModelSpec] = {
             lambda b: (torch.randn(b, 1024),),
             max_batch=1 << 16,
         ),
+        ModelSpec("alias", Alias, lambda b: (torch.randn(b, 1024),), max_batch=4096),
+        ModelSpec("failing", FailingCheck, lambda b: (torch.randn(b, 8),), dynamic_batch=False),
         ModelSpec("big_embed", BigEmbed, lambda b: (torch.randint(0, 65536, (b,)),),
                   weights_outside_so=True),
         # Plain packages (issue 18): torch's defaults, so a Dim(min=1) batch refuses 1

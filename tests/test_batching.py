@@ -112,7 +112,7 @@ def test_server_batches_concurrent_runs_and_answers_each_exactly(server_factory,
         return True
 
     assert _concurrently(8, client) == [True] * 8
-    runs = s.app.metrics.device_requests.labels(model, "cpu")._value.get()
+    runs = s.app.metrics.sample("aotiserve_device_requests_total", model=model, device="cpu")
     assert runs < 8 * per_client  # batched
     assert s.app.registry.get(model).batcher.batches > 0
     # A bad request fails alone, with its own code.

@@ -113,17 +113,10 @@ def _two_clients(target: str, calls: int) -> None:
     assert not errors, errors
 
 
-@pytest.mark.parametrize("port", ["main", "native"])
-def test_the_daemon_spreads_two_clients_runs_over_two_cores(port):
+def test_the_daemon_spreads_two_clients_runs_over_two_cores():
     args = ["--metrics-port", "0", "--runners-per-model", "2"]
-    if port == "native":
-        from aotiserve import runner_ext
-        if not runner_ext.native_run_available():
-            pytest.skip("the extension was built without gRPC C++ (no native data port)")
-        args += ["--native-run-port", "0"]
     with daemon_process(["compute"], args, env={"OMP_NUM_THREADS": "1"}) as d:
-        target = d.target if port == "main" else f"127.0.0.1:{d.ready['native_run_port']}"
-        _two_clients(target, 8)
+        _two_clients(d.target, 8)
         s = d.metric_samples("aotiserve_spread_runs")
     per_cpu = {k: v for k, v in s.items() if k.startswith("aotiserve_spread_runs_total{")}
     # Runs that started beside the other client's got the other core; none shared one.

@@ -41,12 +41,13 @@ def _wait(cond, timeout=10.0, what="condition"):
 
 
 def _computed(s, model="mlp") -> float:
-    return s.app.metrics.device_requests.labels(model, "cpu")._value.get()
+    return s.app.metrics.sample("aotiserve_device_requests_total", model=model, device="cpu")
 
 
 def _idle(s) -> bool:
     pool = s.app.pools["cpu"]
-    return pool.running == 0 and pool.waiting == 0 and s.app.interceptor.wait_idle(0)
+    return (pool.running == 0 and pool.waiting == 0 and s.app.port_server.pool_state("cpu") == (0, 0)
+            and s.app.port_server.wait_idle(0))
 
 
 @pytest.fixture
@@ -65,15 +66,15 @@ def test_queued_run_whose_deadline_passes_is_dropped_not_computed(one_runner):
     x = model_zoo.MODELS["mlp"].inputs(2)
     s.stub.Run(wire.run_request("mlp", x))
     before = _computed(s)
-    with s.pool.admit(s.slot):  # the only runner is busy
+    with s.app.port_server.holding_a_runner("mlp"):  # the only runner is busy
         with pytest.raises(grpc.RpcError) as e:
             s.stub.Run(wire.run_request("mlp", x), timeout=0.3)
         assert e.value.code() == CODE.DEADLINE_EXCEEDED
-        _wait(lambda: s.pool.waiting == 0, what="the expired run to leave the queue")
+        _wait(lambda: s.app.port_server.pool_state("cpu")[1] == 0, what="the expired run to leave the queue")
     _wait(lambda: _idle(s), what="idle")
     assert _computed(s) == before  # dropped from the queue, never run
-    codes = {k[2] for k in s.app.metrics.requests._metrics if k[1] == "Run"}
-    assert "DEADLINE_EXCEEDED" in codes
+    assert s.app.metrics.sample("aotiserve_requests_total", model="mlp", method="Run",
+                                code="DEADLINE_EXCEEDED") >= 1
     assert wire.close(wire.outputs(s.stub.Run(wire.run_request("mlp", x))),
                       model_zoo.eager("mlp", x))
 
@@ -95,13 +96,13 @@ def test_cancel_mid_run_frees_the_queue_and_the_pool_keeps_serving(one_runner):
     want = model_zoo.eager("mlp", x)
     s.stub.Run(wire.run_request("mlp", x))
     before = _computed(s)
-    with s.pool.admit(s.slot):
+    with s.app.port_server.holding_a_runner("mlp"):
         futures = [s.stub.Run.future(wire.run_request("mlp", x)) for _ in range(4)]
-        _wait(lambda: s.pool.waiting == 4, what="4 queued runs")
+        _wait(lambda: s.app.port_server.pool_state("cpu")[1] == 4, what="4 queued runs")
         for f in futures[:3]:
             f.cancel()
         # Cancelled calls leave the queue at once, while the runner is still busy.
-        _wait(lambda: s.pool.waiting == 1, what="cancelled runs to leave the queue")
+        _wait(lambda: s.app.port_server.pool_state("cpu")[1] == 1, what="cancelled runs to leave the queue")
     assert all(f.cancelled() for f in futures[:3])
     assert wire.close(wire.outputs(futures[3].result(timeout=30)), want)
     _wait(lambda: _idle(s), what="idle after cancels")
@@ -140,7 +141,6 @@ def test_upload_cut_by_its_deadline_changes_nothing(server_factory):
 
 def test_client_disconnect_during_extract_stream(server_factory):
     s = server_factory(["mlp"])
-    inflight = s.app.metrics.in_flight.labels("ExtractConstantsMap")
     for how in ("cancel", "close channel"):
         channel = grpc.insecure_channel(s.target)
         stream = pb_grpc.ModelRunnerStub(channel).ExtractConstantsMap(
@@ -150,7 +150,8 @@ def test_client_disconnect_during_extract_stream(server_factory):
         if how == "cancel":
             stream.cancel()
         channel.close()
-        _wait(lambda: inflight._value.get() == 0 and _idle(s), what=f"stream ended ({how})")
+        _wait(lambda: s.app.metrics.sample("aotiserve_in_flight_requests", method="ExtractConstantsMap") == 0
+              and _idle(s), what=f"stream ended ({how})")
     # Nothing is left holding the model's weight lock: a full weight cycle works.
     weights = new_weights("mlp")
     s.stub.UpdateConstantBuffer(wire.upload_requests("mlp", weights, validate_full=True))

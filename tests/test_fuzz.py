@@ -688,5 +688,6 @@ def test_after_fuzzing_results_are_unchanged_and_nothing_leaks(env):
     # Request metrics are labelled by model: a fuzzed name adds a series only where an
     # (admin) load registered it, never from a plain request.
     known = {m.name for m in env.srv.app.registry.models()} | LOADED_NAMES | {"", "<unknown>"}
-    models = {labels[0] for labels in metrics.requests._metrics}
+    models = {sample.labels["model"] for family in metrics.registry.collect()
+              if family.name == "aotiserve_requests" for sample in family.samples}
     assert models <= known, sorted(models - known)[:20]

@@ -313,16 +313,16 @@ def test_health_watch_takes_only_served_names_and_list_answers(server_factory):
         code, _ = code_of(lambda: stub.Check(health_pb2.HealthCheckRequest(service=name),
                                              timeout=10))
         assert code == CODE.NOT_FOUND
-    assert s.app.health.watched() == 0  # nothing kept for them
+    assert s.app.port_server.watchers() == 0  # nothing kept for them
     # A served name is watched as ever, and forgotten with its last stream.
     streams = [stub.Watch(health_pb2.HealthCheckRequest(service="aotiserve.v1.ModelRunner"),
                           timeout=30) for _ in range(2)]
     for stream in streams:
         assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
-    assert s.app.health.watched() == 1
+    assert s.app.port_server.watchers() == 1
     for stream in streams:
         stream.cancel()
-    _wait_for(lambda: s.app.health.watched() == 0, "the watchers to be forgotten")
+    _wait_for(lambda: s.app.port_server.watchers() == 0, "the watchers to be forgotten")
     listed = stub.List(health_pb2.HealthListRequest(), timeout=10)
     assert set(listed.statuses) == served
     assert {v.status for v in listed.statuses.values()} == {health_pb2.HealthCheckResponse.SERVING}

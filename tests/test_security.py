@@ -124,8 +124,9 @@ def test_mutual_tls_refuses_missing_and_foreign_client_certificates(pki):
         code, _ = _secure_health(s.target, ca, pki / "rogue_client.pem", pki / "rogue_client.key")
         assert code == CODE.UNAVAILABLE
         # Nothing reached a servicer: the refused handshakes ran no RPC.
-        runs = s.app.metrics.requests._metrics
-        assert not any(labels[1] == "Run" for labels in runs)
+        assert not any(sample.labels.get("method") == "Run"
+                       for family in s.app.metrics.registry.collect()
+                       if family.name == "aotiserve_requests" for sample in family.samples)
 
 
 # ---------------------------------------------------------------- admin token
@@ -474,13 +475,12 @@ def test_weight_streams_must_leave_worker_threads_for_runs():
 
 def test_max_concurrent_rpcs(server_factory):
     s = server_factory(["mlp"], max_concurrent_rpcs=2, runners_per_model=1)
-    pool = s.app.pools["cpu"]
-    slot = s.app.registry.get("mlp").replicas[0].slot
+    port = s.app.port_server
     req = wire.run_request("mlp", [torch.zeros(1, 64)])
-    with pool.admit(slot):  # the only runner is busy: calls wait in the queue
+    with port.holding_a_runner("mlp"):  # the only runner is busy: calls wait in the queue
         waiting = [s.stub.Run.future(req, timeout=30) for _ in range(2)]
         for _ in range(200):
-            if pool.waiting == 2:
+            if port.pool_state("cpu")[1] == 2:
                 break
             threading.Event().wait(0.01)
         code, details = code_of(lambda: s.stub.Run(req, timeout=10))

@@ -31,8 +31,7 @@ def test_precedence_cli_over_env_over_file_over_defaults(tmp_path):
     assert cfg.log_json is True and cfg.host == "127.0.0.1"  # env, default
     assert ServeConfig.from_sources({}, {"AOTISERVE_METRICS_PORT": "-1"}).metrics_enabled is False
     assert ServeConfig.from_sources({}, {"AOTISERVE_DEVICES": "cpu,cuda:1"}).devices == ("cpu", "cuda:1")
-    assert ServeConfig.from_sources({"native_run_port": "8510"}, {}).native_run_port == 8510
-    assert ServeConfig.from_sources({}, {"AOTISERVE_NATIVE_RUN_PORT": "off"}).native_run_port is None
+    assert ServeConfig.from_sources({}, {"AOTISERVE_ADMIN_PORT": "off"}).admin_port is None
     json_file = tmp_path / "serve.json"
     json_file.write_text(json.dumps({"serve": {"runners_per_model": 3}}))
     assert ServeConfig.from_sources(argparse.Namespace(config=str(json_file)), {}).runners_per_model == 3

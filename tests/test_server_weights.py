@@ -252,7 +252,7 @@ def test_swap_under_load_every_response_old_or_new(server_factory, devices):
     assert any(kind == "old" for kind, _, _ in flat)
     if len(devices) > 1:  # least-loaded routing used every replica
         for dev in devices:
-            assert s.app.metrics.device_requests.labels("mlp", dev)._value.get() > 0, dev
+            assert s.app.metrics.sample("aotiserve_device_requests_total", model="mlp", device=dev) > 0, dev
 
 
 def test_free_discards_a_stage_that_never_served(server_factory):

@@ -155,6 +155,11 @@ void HealthService::shutdown() {
   for (auto* w : std::set<Watcher*>(watchers_)) w->send(NOT_SERVING);
 }
 
+int HealthService::watchers() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  return int(watchers_.size());
+}
+
 void HealthService::end_watches() {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   for (auto* w : std::set<Watcher*>(watchers_)) w->end(grpc::Status(grpc::StatusCode::UNAVAILABLE, "server is shutting down"));

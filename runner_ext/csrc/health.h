@@ -27,6 +27,7 @@ class HealthService : public grpc::Service {
   void shutdown();
   // Ends every Watch (the server is stopping).
   void end_watches();
+  int watchers();
 
  private:
   class Watcher;

@@ -322,9 +322,41 @@ void Port::set_draining() {
   for (auto& l : listeners_) l->health->shutdown();
 }
 
-void Port::enter() {
+bool Port::enter() {
   std::lock_guard<std::mutex> lock(idle_mu_);
+  if (active_ >= config_.max_calls) return false;
   ++active_;
+  return true;
+}
+
+bool Port::hold_runner(const std::string& name) {
+  auto model = find(name);
+  if (!model) return false;
+  std::lock_guard<std::mutex> lock(model->admit);
+  for (auto& r : model->replicas) {
+    if (r.running < r.capacity) {
+      ++r.running;
+      ++r.pool->running;
+      return true;
+    }
+  }
+  return false;
+}
+
+void Port::release_runner(const std::string& name) {
+  auto model = find(name);
+  if (!model) return;
+  {
+    std::lock_guard<std::mutex> lock(model->admit);
+    for (auto& r : model->replicas) {
+      if (r.running > 0) {
+        --r.running;
+        --r.pool->running;
+        break;
+      }
+    }
+  }
+  model->freed.notify_all();
 }
 
 void Port::leave() {
@@ -368,6 +400,19 @@ void Port::log(std::string line) {
     log_lines_.push_back(std::move(line));
   }
   log_cv_.notify_one();
+}
+
+std::vector<std::string> Port::pending_log() {
+  std::lock_guard<std::mutex> lock(log_mu_);
+  std::vector<std::string> out(log_lines_.begin(), log_lines_.end());
+  log_lines_.clear();
+  return out;
+}
+
+int Port::watchers() {
+  int n = 0;
+  for (auto& l : listeners_) n += l->health->watchers();
+  return n;
 }
 
 std::optional<std::string> Port::next_log() {
@@ -445,7 +490,13 @@ grpc::ServerGenericBidiReactor* Port::bridged(grpc::GenericCallbackServerContext
                       std::to_string(config_.max_streams) + "); retry later"});
     return reactor;
   }
-  if (!on) enter();
+  if (!on && !enter()) {
+    if (stream) release_stream();
+    call->refuse({grpc::StatusCode::RESOURCE_EXHAUSTED,
+                  short_name(method) + ": the server is handling its limit of " +
+                      std::to_string(config_.max_calls) + " calls; retry later"});
+    return reactor;
+  }
   call->on_end = [this, stream, on] {
     if (stream) release_stream();
     if (!on) leave();
@@ -529,6 +580,7 @@ grpc::Status Port::execute(grpc::ServerContext* ctx, PortModel& model,
       if (!replica) return gave_up;
     }
     ++replica->running;
+    ++replica->pool->running;
   }
   double queued = since(queued_at);
   grpc::Status status = grpc::Status::OK;
@@ -567,6 +619,7 @@ grpc::Status Port::execute(grpc::ServerContext* ctx, PortModel& model,
   {
     std::lock_guard<std::mutex> lock(model.admit);
     --replica->running;
+    --replica->pool->running;
   }
   model.freed.notify_one();
   if (status.ok() && replica->stats) replica->stats->record(queued, since(started));
@@ -581,8 +634,13 @@ grpc::Status Port::run(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
   static thread_local std::atomic<int64_t>* flights[2] = {nullptr, nullptr};
   auto*& in_flight = flights[infer];
   if (!in_flight) in_flight = stats_->in_flight(shorty);
+  if (!enter()) {
+    stats_->method("", shorty)->record(int(grpc::StatusCode::RESOURCE_EXHAUSTED), since(began));
+    return {grpc::StatusCode::RESOURCE_EXHAUSTED,
+            shorty + ": the server is handling its limit of " + std::to_string(config_.max_calls) +
+                " calls; retry later"};
+  }
   in_flight->fetch_add(1, std::memory_order_relaxed);
-  enter();
   MethodSeries* series = nullptr;
   auto done = [&](grpc::Status s) {
     stats_->hot(infer ? 1 : 0);

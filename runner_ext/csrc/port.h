@@ -35,6 +35,7 @@ struct PortConfig {
   int workers = 32;                // gRPC threads kept polling for the hot path
   int max_threads = 1024;          // gRPC threads at most (beyond: RESOURCE_EXHAUSTED)
   int max_pending = 1024;          // calls waiting for a Python thread
+  int max_calls = 1024;            // calls being handled at once (beyond: RESOURCE_EXHAUSTED)
   int max_streams = 16;            // long-lived streams open at once, all kinds
   double stream_idle_s = 300;      // a stream whose client sends nothing this long ends
   int max_concurrent_streams = 256;  // HTTP/2 streams per connection
@@ -57,6 +58,7 @@ struct InputSpec {
 struct DevicePoolState {
   std::string device;
   std::atomic<int> waiting{0};
+  std::atomic<int> running{0};
 };
 
 struct PortReplica {
@@ -98,6 +100,10 @@ class Port {
   void lock_weights(const std::string& name);
   void unlock_weights(const std::string& name, const std::string& version);
   DevicePoolState* pool(const std::string& device);
+  // Occupies one runner of the model as a run would (false: none free now); release
+  // gives it back. Operators' tooling and tests use it to hold a model busy.
+  bool hold_runner(const std::string& name);
+  void release_runner(const std::string& name);
 
   void set_health(const std::string& service, bool serving);
   void set_draining();
@@ -108,6 +114,8 @@ class Port {
   Bridge& bridge() { return bridge_; }
   Stats& stats() { return *stats_; }
   std::optional<std::string> next_log();  // blocks; nullopt once stopped
+  std::vector<std::string> pending_log();  // what is queued now, without waiting
+  int watchers();                          // health Watch streams open
   uint64_t copied_bytes() const { return copied_bytes_.load(std::memory_order_relaxed); }
 
   // Used by the services (port.cpp).
@@ -126,7 +134,7 @@ class Port {
                  bool& is_admin);
   bool admit_stream();
   void release_stream();
-  void enter();
+  bool enter();  // false: max_calls reached
   void leave();
   void log(std::string line);
   std::shared_ptr<PortModel> find(const std::string& name);

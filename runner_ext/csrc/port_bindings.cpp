@@ -30,6 +30,7 @@ PortConfig make_config(const py::dict& d) {
   c.workers = get("workers").cast<int>();
   c.max_threads = get("max_threads").cast<int>();
   c.max_pending = get("max_pending").cast<int>();
+  c.max_calls = get("max_calls").cast<int>();
   c.max_streams = get("max_streams").cast<int>();
   c.stream_idle_s = get("stream_idle_s").cast<double>();
   c.max_concurrent_streams = get("max_concurrent_streams").cast<int>();
@@ -199,7 +200,17 @@ void bind_port(py::module_& m) {
              }
              return line ? py::object(py::str(*line)) : py::object(py::none());
            })
-      .def("copied_bytes", &Port::copied_bytes);
+      .def("copied_bytes", &Port::copied_bytes)
+      .def("pending_log", &Port::pending_log)
+      .def("watchers", &Port::watchers)
+      .def("hold_runner", &Port::hold_runner, py::arg("name"))
+      .def("release_runner", &Port::release_runner, py::arg("name"))
+      .def("pool_state",
+           [](Port& self, const std::string& device) {
+             auto* p = self.pool(device);
+             return py::make_tuple(p->running.load(), p->waiting.load());
+           },
+           py::arg("device"));
 }
 
 }  // namespace aotiserve
