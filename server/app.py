@@ -77,12 +77,13 @@ class AppServer:
                                       warmup_runs=config.warmup_runs)
         self.plane = DataPlane(config, self.registry, self.metrics)
         inference_token = _read_token(config.inference_token_file, "inference")
+        admin_token = _read_token(config.admin_token_file)
         # Health/List is answered in Python; Check and Watch by the port (health.cpp).
         self.health = served_health.HealthServicer(
             experimental_non_blocking=True,
             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))
         self.interceptor = ServingInterceptor(
-            self.metrics, _read_token(config.admin_token_file),
+            self.metrics, admin_token,
             is_model=self.registry.__contains__,
             inference_token=inference_token,
             admin_loopback_only=config.admin_loopback_only,
@@ -94,7 +95,7 @@ class AppServer:
         adders.append(lambda server: reflection.enable_server_reflection(
             (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server))
         handlers = collect_handlers(adders)
-        self.port_server = Port(config, self.metrics.stats, inference_token,
+        self.port_server = Port(config, self.metrics.stats, admin_token, inference_token,
                                 streaming_methods(handlers))
         self.registry.port = self.port_server
         self.metrics.registry.register(self.port_server)

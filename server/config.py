@@ -152,11 +152,10 @@ class ServeConfig:
         if self.time_slice_ms and not 0.1 <= self.time_slice_ms <= 100:
             raise ValueError(f"time_slice_ms must be 0 (the kernel's default) or between 0.1 and "
                              f"100 (the kernel's bounds), got {self.time_slice_ms}")
-        if not self.max_weight_streams <= self.max_streams < self.grpc_workers:
+        if not 1 <= self.max_streams < self.grpc_workers:
             raise ValueError(
-                f"max_streams must be at least max_weight_streams ({self.max_weight_streams}) "
-                f"and below grpc_workers ({self.grpc_workers}), so streams never hold every "
-                f"bridge thread; got {self.max_streams}")
+                f"max_streams must be at least 1 and below grpc_workers ({self.grpc_workers}), "
+                f"so streams never hold every bridge thread; got {self.max_streams}")
         if self.stream_idle_timeout_s < 0 or self.connection_idle_timeout_s < 0:
             raise ValueError("stream_idle_timeout_s and connection_idle_timeout_s must be >= 0")
         if not 1 <= self.max_weight_streams < self.grpc_workers:

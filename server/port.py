@@ -46,13 +46,15 @@ class Port:
     """The port of one daemon. ``listen`` binds; serving starts at once."""
 
     def __init__(self, config: ServeConfig, stats: runner_ext.PortStats,
-                 inference_token: str | None, streaming: Sequence[str]):
+                 admin_token: str | None, inference_token: str | None, streaming: Sequence[str]):
         if bool(config.tls_cert) != bool(config.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         runner_ext.port_set_dtypes(_dtype_table())
         self._server = runner_ext.PortServer({
             "max_message_bytes": config.max_message_bytes,
-            "admin_token": "",  # the hot path has no mutating RPC: only the inference token
+            # The hot path has no mutating RPC: the admin token is one more token its
+            # calls accept where an inference token is required.
+            "admin_token": admin_token or "",
             "inference_token": inference_token or "",
             "max_inputs": config.max_inputs,
             "max_rank": config.max_tensor_rank,
@@ -170,7 +172,7 @@ class Port:
             log.error("%s", line)
 
     def watchers(self) -> int:
-        """Health Watch streams open now."""
+        """Service names with a health Watch open now."""
         return self._server.watchers()
 
     def pool_state(self, device: str) -> tuple[int, int]:

@@ -218,7 +218,9 @@ def test_ready_only_after_warm_up(record_runs, caplog):
         # 3 rounds x 2 concurrent calls (one per model instance), at the smallest size.
         assert record_runs == [[(2, 16), (2,)]] * 6
         srv.stub.Run(wire.run_request("plain_two_io", model_zoo.MODELS["plain_two_io"].inputs(3)))
-        assert len(record_runs) == 7
+        # Served by the port's C++ hot path, not through DevicePool.execute.
+        assert len(record_runs) == 6
+        assert srv.app.metrics.sample("aotiserve_hot_path_requests_total", method="Run") == 1
     assert any("warmed up with 6 run(s) on 1 replica(s)" in r.getMessage() for r in caplog.records)
 
 

@@ -19,9 +19,11 @@ bool parse_service(const grpc::ByteBuffer* req, std::string& service) {
   for (const auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
   const auto* p = reinterpret_cast<const uint8_t*>(bytes.data());
   const auto* end = p + bytes.size();
+  int64_t fields = 0;
   while (p < end) {
     uint64_t tag;
     if (!wire::read_varint(p, end, tag)) return false;
+    if (++fields > wire::kMaxFields) return false;
     if (tag == (1 << 3 | 2)) {
       const uint8_t* body;
       uint64_t len;
@@ -155,9 +157,11 @@ void HealthService::shutdown() {
   for (auto* w : std::set<Watcher*>(watchers_)) w->send(NOT_SERVING);
 }
 
-int HealthService::watchers() {
+int HealthService::watched() {
   std::lock_guard<std::recursive_mutex> lock(mu_);
-  return int(watchers_.size());
+  std::set<std::string> names;
+  for (auto* w : watchers_) names.insert(w->service());
+  return int(names.size());
 }
 
 void HealthService::end_watches() {
@@ -171,7 +175,7 @@ grpc::ServerUnaryReactor* HealthService::check(grpc::CallbackServerContext* ctx,
   auto* reactor = ctx->DefaultReactor();
   std::string service;
   if (!parse_service(req, service)) {
-    reactor->Finish({grpc::StatusCode::INVALID_ARGUMENT, "Check: the request is not a valid message"});
+    reactor->Finish({grpc::StatusCode::INVALID_ARGUMENT, "Check: the request is not a valid message, or has more than 64 fields (the limit)"});
     return reactor;
   }
   Status status;
@@ -200,7 +204,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* HealthService::watch(grpc::CallbackS
   bool counted = valid && known && admit_stream_();
   auto* w = new Watcher(this, service, counted);
   if (!valid) {
-    w->end({grpc::StatusCode::INVALID_ARGUMENT, "Watch: the request is not a valid message"});
+    w->end({grpc::StatusCode::INVALID_ARGUMENT, "Watch: the request is not a valid message, or has more than 64 fields (the limit)"});
   } else if (!known) {
     // Nothing is kept for a name the daemon does not serve.
     w->end({grpc::StatusCode::NOT_FOUND, unknown(service)});

@@ -27,7 +27,7 @@ class HealthService : public grpc::Service {
   void shutdown();
   // Ends every Watch (the server is stopping).
   void end_watches();
-  int watchers();
+  int watched();  // service names with a Watch open
 
  private:
   class Watcher;

@@ -197,7 +197,9 @@ class Port::BridgeService : public grpc::CallbackGenericService {
 Port::Port(PortConfig config, std::shared_ptr<Stats> stats)
     : config_(std::move(config)),
       stats_(std::move(stats)),
-      bridge_(size_t(std::max(1, config_.max_pending))) {}
+      bridge_(size_t(std::max(1, config_.max_pending))),
+      run_in_flight_(stats_->in_flight("Run")),
+      infer_in_flight_(stats_->in_flight("ModelInfer")) {}
 
 Port::~Port() { stop(0); }
 
@@ -411,7 +413,7 @@ std::vector<std::string> Port::pending_log() {
 
 int Port::watchers() {
   int n = 0;
-  for (auto& l : listeners_) n += l->health->watchers();
+  for (auto& l : listeners_) n = std::max(n, l->health->watched());
   return n;
 }
 
@@ -628,12 +630,22 @@ grpc::Status Port::execute(grpc::ServerContext* ctx, PortModel& model,
 
 grpc::Status Port::run(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
                        grpc::ByteBuffer* resp, bool infer, bool admin_rpcs) {
+  try {
+    return serve(ctx, raw, resp, infer, admin_rpcs);
+  } catch (const std::exception& e) {
+    log(std::string(infer ? "ModelInfer" : "Run") + " failed: " + strip_backtrace(e.what()));
+  } catch (...) {
+    log(std::string(infer ? "ModelInfer" : "Run") + " failed with an unknown exception");
+  }
+  return {grpc::StatusCode::INTERNAL, "internal error; the server log has the details"};
+}
+
+grpc::Status Port::serve(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
+                         grpc::ByteBuffer* resp, bool infer, bool admin_rpcs) {
   auto began = Clock::now();
   const std::string method = infer ? kInfer : kRun;
   const std::string shorty = infer ? "ModelInfer" : "Run";
-  static thread_local std::atomic<int64_t>* flights[2] = {nullptr, nullptr};
-  auto*& in_flight = flights[infer];
-  if (!in_flight) in_flight = stats_->in_flight(shorty);
+  std::atomic<int64_t>* in_flight = infer ? infer_in_flight_ : run_in_flight_;
   if (!enter()) {
     stats_->method("", shorty)->record(int(grpc::StatusCode::RESOURCE_EXHAUSTED), since(began));
     return {grpc::StatusCode::RESOURCE_EXHAUSTED,
@@ -641,13 +653,20 @@ grpc::Status Port::run(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
                 " calls; retry later"};
   }
   in_flight->fetch_add(1, std::memory_order_relaxed);
+  struct Exit {  // however this call ends, thrown out of or not
+    Port* port;
+    std::atomic<int64_t>* in_flight;
+    ~Exit() {
+      in_flight->fetch_sub(1, std::memory_order_relaxed);
+      port->leave();
+    }
+  } on_exit{this, in_flight};
+  static std::atomic<int64_t> uncounted{0};  // in flight in Python, which counts them
   MethodSeries* series = nullptr;
   auto done = [&](grpc::Status s) {
     stats_->hot(infer ? 1 : 0);
     if (series == nullptr) series = stats_->method("", shorty);
     series->record(int(s.error_code()), since(began));
-    in_flight->fetch_sub(1, std::memory_order_relaxed);
-    leave();
     return s;
   };
   if (draining_) return done({grpc::StatusCode::UNAVAILABLE, "server is shutting down"});
@@ -690,22 +709,32 @@ grpc::Status Port::run(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
   wire::InferRequest infer_req;
   std::vector<wire::WireTensor>* tensors;
   std::string err;
+  wire::ParseError perr;
   if (infer) {
-    err = wire::parse_infer_request(payload.begin, payload.end, config_.limits, infer_req);
+    perr = wire::parse_infer_request(payload.begin, payload.end, config_.limits, infer_req);
     tensors = &infer_req.inputs;
   } else {
-    err = wire::parse_run_request(payload.begin, payload.end, config_.limits, run_req);
+    perr = wire::parse_run_request(payload.begin, payload.end, config_.limits, run_req);
     tensors = &run_req.inputs;
   }
-  if (!err.empty()) return done(invalid(shorty + ": " + err));
+  if (!perr.empty()) {
+    std::string msg = perr.detail;
+    if (perr.input >= 0) {
+      std::string label = "input " + std::to_string(perr.input);
+      const auto& t = (*tensors)[size_t(perr.input)];
+      if (infer && !t.name.empty()) label += " ('" + t.name + "')";
+      msg = label + ": " + msg;
+    }
+    return done(invalid(shorty + ": " + msg));
+  }
   model = find(infer ? infer_req.model_name.str() : run_req.model);
   if (!model || (infer && (!infer_req.plain || (infer_req.model_version.size &&
                                                  infer_req.model_version.str() != model->version)))) {
     // Python answers (it records the call's metrics itself).
     in_flight->fetch_sub(1, std::memory_order_relaxed);
-    grpc::Status s = forward(ctx, method, payload, is_admin, admin_rpcs, resp);
-    leave();
-    return s;
+    uncounted.fetch_add(1, std::memory_order_relaxed);
+    on_exit.in_flight = &uncounted;
+    return forward(ctx, method, payload, is_admin, admin_rpcs, resp);
   }
   series = infer ? model->infer_stats : model->run_stats;
   const auto& specs = model->inputs;
@@ -782,7 +811,7 @@ grpc::Status Port::run(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
     }
     uint64_t numel;
     bool too_many;
-    err = wire::checked_numel(t.shape, config_.limits, what, numel, too_many);
+    err = wire::checked_numel(t.shape, t.rank, config_.limits, what, numel, too_many);
     if (!err.empty()) {
       return done(too_many ? grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, err) : invalid(err));
     }

@@ -115,12 +115,14 @@ class Port {
   Stats& stats() { return *stats_; }
   std::optional<std::string> next_log();  // blocks; nullopt once stopped
   std::vector<std::string> pending_log();  // what is queued now, without waiting
-  int watchers();                          // health Watch streams open
+  int watchers();                          // service names with a health Watch open
   uint64_t copied_bytes() const { return copied_bytes_.load(std::memory_order_relaxed); }
 
   // Used by the services (port.cpp).
   grpc::Status run(grpc::ServerContext* ctx, const grpc::ByteBuffer* req, grpc::ByteBuffer* resp,
                    bool infer, bool admin_rpcs);
+  grpc::Status serve(grpc::ServerContext* ctx, const grpc::ByteBuffer* req, grpc::ByteBuffer* resp,
+                     bool infer, bool admin_rpcs);
   grpc::ServerGenericBidiReactor* bridged(grpc::GenericCallbackServerContext* ctx, bool admin_rpcs);
 
  private:
@@ -146,6 +148,8 @@ class Port {
   PortConfig config_;
   std::shared_ptr<Stats> stats_;
   Bridge bridge_;
+  std::atomic<int64_t>* run_in_flight_;
+  std::atomic<int64_t>* infer_in_flight_;
   std::vector<std::unique_ptr<Listener>> listeners_;
   std::shared_mutex models_mu_;
   std::map<std::string, std::shared_ptr<PortModel>> models_;

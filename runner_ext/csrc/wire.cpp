@@ -1,6 +1,7 @@
 // See wire.h.
 #include "wire.h"
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -17,7 +18,11 @@ constexpr uint64_t kVarint = 0, kFixed64 = 1, kBytes = 2, kFixed32 = 5;
 
 }  // namespace
 
-void set_dtypes(std::vector<DType> t) { table() = std::move(t); }
+// Set once per process: models keep pointers into the table.
+void set_dtypes(std::vector<DType> t) {
+  static std::once_flag once;
+  std::call_once(once, [&] { table() = std::move(t); });
+}
 
 const DType* by_wire(uint64_t wire) {
   for (const auto& d : table()) {
@@ -100,46 +105,52 @@ std::string dims(at::IntArrayRef shape) {
   return s.str();
 }
 
-std::string checked_numel(const std::vector<int64_t>& shape, const Limits& limits,
+std::string checked_numel(const std::vector<int64_t>& shape, int64_t rank, const Limits& limits,
                           const std::string& what, uint64_t& numel, bool& too_many) {
-  numel = 1;
   too_many = false;
-  bool zero = false;
-  for (auto d : shape) {
+  numel = 0;
+  if (rank > limits.max_rank) {
+    return what + ": rank " + std::to_string(rank) + " exceeds the limit of " +
+           std::to_string(limits.max_rank);
+  }
+  bool empty = std::find(shape.begin(), shape.end(), 0) != shape.end();
+  uint64_t n = 1;  // of the non-zero dimensions
+  for (size_t i = 0; i < shape.size(); ++i) {
+    int64_t d = shape[i];
     if (d < 0) return what + ": negative dimension " + std::to_string(d) + " in shape " + dims(shape);
     if (d > limits.max_elements) {
-      return what + ": dimension " + std::to_string(d) + " in shape " + dims(shape) +
-             " exceeds the limit of " + std::to_string(limits.max_elements) + " elements";
+      return what + ": dimension " + std::to_string(i) + " of shape " + dims(shape) +
+             " is above the limit of " + std::to_string(limits.max_elements) +
+             " (max_tensor_elements)";
     }
-    if (d == 0) zero = true;
-    // Checked even past a zero dimension: [0, 2^62, 2^62] names an impossible tensor.
-    if (numel > uint64_t(limits.max_elements) / uint64_t(std::max<int64_t>(d, 1))) {
-      too_many = !zero;
+    uint64_t f = uint64_t(std::max<int64_t>(d, 1));
+    if (n > uint64_t(limits.max_elements) / f) {
+      if (empty) {
+        return what + ": shape " + dims(shape) + " has no elements, but its other dimensions "
+               "multiply to more than " + std::to_string(limits.max_elements) +
+               " (max_tensor_elements)";
+      }
+      too_many = true;
       return what + ": shape " + dims(shape) + " has more than " +
              std::to_string(limits.max_elements) + " elements";
     }
-    numel *= uint64_t(std::max<int64_t>(d, 1));
+    n *= f;
   }
-  if (zero) numel = 0;
+  numel = empty ? 0 : n;
   return "";
 }
 
 namespace {
 
-// A repeated int64 field entry (packed or not), appended to `shape` with its bounds.
+// A repeated int64 field entry (packed or not) of tensor `t`: the first max_rank
+// dimensions are kept, the rest only counted, up to kMaxCountedRank.
 std::string read_shape(const uint8_t*& p, const uint8_t* end, uint64_t wt, const Limits& limits,
-                       const std::string& what, std::vector<int64_t>& shape) {
+                       WireTensor& t) {
   auto add = [&](uint64_t v) -> std::string {
-    if (int64_t(shape.size()) >= limits.max_rank) {
-      return what + ": rank exceeds the limit of " + std::to_string(limits.max_rank);
+    if (++t.rank > kMaxCountedRank) {
+      return "rank exceeds the limit of " + std::to_string(limits.max_rank);
     }
-    int64_t d = int64_t(v);
-    if (d < 0) return what + ": negative dimension " + std::to_string(d);
-    if (d > limits.max_elements) {
-      return what + ": dimension " + std::to_string(d) + " exceeds the limit of " +
-             std::to_string(limits.max_elements) + " elements";
-    }
-    shape.push_back(d);
+    if (int64_t(t.shape.size()) < limits.max_rank) t.shape.push_back(int64_t(v));
     return "";
   };
   uint64_t v;
@@ -158,109 +169,167 @@ std::string read_shape(const uint8_t*& p, const uint8_t* end, uint64_t wt, const
   return "";
 }
 
-std::string input_label(size_t i) { return "input " + std::to_string(i); }
+// Skips a field of any wire type; a group's fields count as fields of the message.
+bool skip_counted(const uint8_t*& p, const uint8_t* end, uint64_t tag, int64_t& fields,
+                  int depth = 0) {
+  uint64_t wt = tag & 7;
+  if (wt == 4) return false;  // an end without a start
+  if (wt != 3) return skip_field(p, end, wt);
+  if (depth > 32) return false;
+  while (p < end) {
+    uint64_t inner;
+    if (!read_varint(p, end, inner)) return false;
+    if ((inner & 7) == 4) return (inner >> 3) == (tag >> 3);
+    if (++fields > kMaxFields) return true;  // the caller sees the count
+    if (!skip_counted(p, end, inner, fields, depth + 1)) return false;
+  }
+  return false;
+}
+
+std::string too_many_fields(const std::string& what) {
+  return "the " + what + " request has more than " + std::to_string(kMaxFields) +
+         " fields besides its bounded repeated entries (repeated or unknown fields), the limit";
+}
 
 const char* kMalformed = "the request is not a valid message";
 
 }  // namespace
 
-std::string parse_run_request(const uint8_t* p, const uint8_t* end, const Limits& limits,
-                              RunRequest& out) {
+ParseError parse_run_request(const uint8_t* p, const uint8_t* end, const Limits& limits,
+                             RunRequest& out) {
+  int64_t fields = 0;
   while (p < end) {
     uint64_t tag;
-    if (!read_varint(p, end, tag)) return kMalformed;
+    if (!read_varint(p, end, tag)) return {kMalformed};
     uint64_t field = tag >> 3, wt = tag & 7;
     const uint8_t* body;
     uint64_t len;
-    if (field == 1 && wt == kBytes) {
-      if (!read_bytes(p, end, body, len)) return kMalformed;
-      out.model.assign(reinterpret_cast<const char*>(body), len);
-    } else if (field == 2 && wt == kBytes) {
+    if (field == 2 && wt == kBytes) {
       if (int64_t(out.inputs.size()) >= limits.max_inputs) {
-        return "more than " + std::to_string(limits.max_inputs) + " inputs (the limit)";
+        return {"the Run request has more than " + std::to_string(limits.max_inputs) +
+                " inputs, the limit (max_inputs)"};
       }
-      if (!read_bytes(p, end, body, len)) return kMalformed;
+      if (!read_bytes(p, end, body, len)) return {kMalformed};
       const uint8_t* stop = body + len;
       WireTensor& t = out.inputs.emplace_back();
-      std::string what = input_label(out.inputs.size() - 1);
+      int64_t index = int64_t(out.inputs.size()) - 1;
+      int64_t tfields = 0;
       while (body < stop) {
         uint64_t ttag;
-        if (!read_varint(body, stop, ttag)) return kMalformed;
+        if (!read_varint(body, stop, ttag)) return {kMalformed};
         uint64_t tf = ttag >> 3, twt = ttag & 7;
+        if (tf == 2 && (twt == kVarint || twt == kBytes)) {
+          auto err = read_shape(body, stop, twt, limits, t);
+          if (err == "bad") return {kMalformed};
+          if (!err.empty()) return {err, index};
+          continue;
+        }
+        if (++tfields > kMaxFields) {
+          return {"has more than " + std::to_string(kMaxFields) + " fields besides its shape "
+                  "(repeated or unknown fields), the limit", index};
+        }
         if (tf == 1 && twt == kVarint) {
-          if (!read_varint(body, stop, t.dtype)) return kMalformed;
-        } else if (tf == 2 && (twt == kVarint || twt == kBytes)) {
-          auto err = read_shape(body, stop, twt, limits, what, t.shape);
-          if (err == "bad") return kMalformed;
-          if (!err.empty()) return err;
+          if (!read_varint(body, stop, t.dtype)) return {kMalformed};
         } else if (tf == 3 && twt == kBytes) {
-          if (!read_bytes(body, stop, t.data.data, t.data.size)) return kMalformed;
-        } else if (!skip_field(body, stop, twt)) {
-          return kMalformed;
+          if (!read_bytes(body, stop, t.data.data, t.data.size)) return {kMalformed};
+        } else if (!skip_counted(body, stop, ttag, tfields)) {
+          return {kMalformed};
         }
       }
-    } else if (!skip_field(p, end, wt)) {
-      return kMalformed;
+      continue;
     }
+    if (++fields > kMaxFields) return {too_many_fields("Run")};
+    if (field == 1 && wt == kBytes) {
+      if (!read_bytes(p, end, body, len)) return {kMalformed};
+      out.model.assign(reinterpret_cast<const char*>(body), len);
+    } else if (!skip_counted(p, end, tag, fields)) {
+      return {kMalformed};
+    }
+    if (fields > kMaxFields) return {too_many_fields("Run")};
   }
-  return "";
+  return {};
 }
 
-std::string parse_infer_request(const uint8_t* p, const uint8_t* end, const Limits& limits,
-                                InferRequest& out) {
+ParseError parse_infer_request(const uint8_t* p, const uint8_t* end, const Limits& limits,
+                               InferRequest& out) {
+  int64_t fields = 0, parameters = 0, outputs = 0;
+  auto bound = [&](const char* what) -> ParseError {
+    return {"the ModelInfer request has more than " + std::to_string(limits.max_inputs) + " " +
+            what + ", the limit (max_inputs)"};
+  };
   while (p < end) {
     uint64_t tag;
-    if (!read_varint(p, end, tag)) return kMalformed;
+    if (!read_varint(p, end, tag)) return {kMalformed};
     uint64_t field = tag >> 3, wt = tag & 7;
     const uint8_t* body;
     uint64_t len;
-    if (wt != kBytes || field < 1 || field > 7) {
-      if (!skip_field(p, end, wt)) return kMalformed;
+    bool counted = wt == kBytes && field >= 4 && field <= 7;
+    if (!counted) {
+      if (++fields > kMaxFields) return {too_many_fields("ModelInfer")};
+      if (wt == kBytes && field >= 1 && field <= 3) {
+        if (!read_bytes(p, end, body, len)) return {kMalformed};
+        Span span{body, len};
+        (field == 1 ? out.model_name : field == 2 ? out.model_version : out.id) = span;
+      } else if (!skip_counted(p, end, tag, fields)) {
+        return {kMalformed};
+      }
+      if (fields > kMaxFields) return {too_many_fields("ModelInfer")};
       continue;
     }
-    if (!read_bytes(p, end, body, len)) return kMalformed;
+    if (!read_bytes(p, end, body, len)) return {kMalformed};
     Span span{body, len};
     switch (field) {
-      case 1: out.model_name = span; break;
-      case 2: out.model_version = span; break;
-      case 3: out.id = span; break;
-      case 4: out.plain = false; break;   // request parameters
-      case 6: out.plain = false; break;   // requested outputs
+      case 4:  // request parameters: Python's to serve
+        if (++parameters > limits.max_inputs) return bound("parameters");
+        out.plain = false;
+        break;
+      case 6:  // requested outputs: Python's to serve
+        if (++outputs > limits.max_inputs) return bound("requested outputs");
+        out.plain = false;
+        break;
       case 7:
-        if (int64_t(out.raw.size()) >= limits.max_inputs) {
-          return "raw_input_contents: more than " + std::to_string(limits.max_inputs) +
-                 " entries (the limit)";
-        }
+        if (int64_t(out.raw.size()) >= limits.max_inputs) return bound("raw_input_contents entries");
         out.raw.push_back(span);
         break;
       case 5: {
-        if (int64_t(out.inputs.size()) >= limits.max_inputs) {
-          return "more than " + std::to_string(limits.max_inputs) + " inputs (the limit)";
-        }
+        if (int64_t(out.inputs.size()) >= limits.max_inputs) return bound("inputs");
         WireTensor& t = out.inputs.emplace_back();
+        int64_t index = int64_t(out.inputs.size()) - 1;
         const uint8_t* stop = body + len;
-        std::string what = input_label(out.inputs.size() - 1);
+        int64_t tfields = 0, tparams = 0;
         while (body < stop) {
           uint64_t ttag;
-          if (!read_varint(body, stop, ttag)) return kMalformed;
+          if (!read_varint(body, stop, ttag)) return {kMalformed};
           uint64_t tf = ttag >> 3, twt = ttag & 7;
           const uint8_t* b2;
           uint64_t l2;
-          if ((tf == 1 || tf == 2) && twt == kBytes) {
-            if (!read_bytes(body, stop, b2, l2)) return kMalformed;
-            (tf == 1 ? t.name : t.datatype).assign(reinterpret_cast<const char*>(b2), l2);
-          } else if (tf == 3 && (twt == kVarint || twt == kBytes)) {
-            auto err = read_shape(body, stop, twt, limits, what, t.shape);
-            if (err == "bad") return kMalformed;
-            if (!err.empty()) return err;
-          } else if (tf == 4 && twt == kBytes) {
+          if (tf == 3 && (twt == kVarint || twt == kBytes)) {
+            auto err = read_shape(body, stop, twt, limits, t);
+            if (err == "bad") return {kMalformed};
+            if (!err.empty()) return {err, index};
+            continue;
+          }
+          if (tf == 4 && twt == kBytes) {
+            if (++tparams > limits.max_inputs) {
+              return {"has more than " + std::to_string(limits.max_inputs) +
+                      " parameters, the limit (max_inputs)", index};
+            }
             t.has_parameters = true;
-            if (!skip_field(body, stop, twt)) return kMalformed;
+            if (!skip_field(body, stop, twt)) return {kMalformed};
+            continue;
+          }
+          if (++tfields > kMaxFields) {
+            return {"has more than " + std::to_string(kMaxFields) + " fields besides its "
+                    "shape and parameters (repeated or unknown fields), the limit", index};
+          }
+          if ((tf == 1 || tf == 2) && twt == kBytes) {
+            if (!read_bytes(body, stop, b2, l2)) return {kMalformed};
+            (tf == 1 ? t.name : t.datatype).assign(reinterpret_cast<const char*>(b2), l2);
           } else if (tf == 5 && twt == kBytes) {
             t.has_contents = true;
-            if (!skip_field(body, stop, twt)) return kMalformed;
-          } else if (!skip_field(body, stop, twt)) {
-            return kMalformed;
+            if (!skip_field(body, stop, twt)) return {kMalformed};
+          } else if (!skip_counted(body, stop, ttag, tfields)) {
+            return {kMalformed};
           }
         }
         if (t.has_parameters || t.has_contents) out.plain = false;
@@ -268,7 +337,7 @@ std::string parse_infer_request(const uint8_t* p, const uint8_t* end, const Limi
       }
     }
   }
-  return "";
+  return {};
 }
 
 }  // namespace aotiserve::wire

@@ -20,7 +20,7 @@ struct DType {
   std::string oip;              // "FP32"; empty: no OIP datatype
 };
 
-void set_dtypes(std::vector<DType> table);
+void set_dtypes(std::vector<DType> table);  // the first call wins: entries never move
 const DType* by_wire(uint64_t wire);
 const DType* by_scalar(at::ScalarType scalar);
 const DType* by_oip(const std::string& oip);
@@ -46,6 +46,7 @@ struct Span {
 
 // A tensor as it arrived: element type, shape, a view of its bytes.
 struct WireTensor {
+  int64_t rank = 0;        // shape entries sent (shape keeps max_rank of them)
   std::string name;        // OIP only
   std::string datatype;    // OIP only
   uint64_t dtype = 0;      // aotiserve.v1 only
@@ -55,13 +56,27 @@ struct WireTensor {
   bool has_parameters = false;   // OIP per-tensor parameters
 };
 
-// aotiserve.v1.RunRequest. Returns "" or what was wrong (INVALID_ARGUMENT).
+// What a parser refused: `detail`, about input `input` (-1: the message as a whole),
+// for the caller to label with the input's name once it knows the model.
+struct ParseError {
+  std::string detail;
+  int64_t input = -1;
+  bool empty() const { return detail.empty(); }
+};
+
+// Shape entries past this many are not even counted: the message is refused as it is.
+constexpr int64_t kMaxCountedRank = 1024;
+// Fields of one message besides its bounded repeated entries (names, ids, repeats,
+// unknown fields, fields inside groups).
+constexpr int64_t kMaxFields = 64;
+
+// aotiserve.v1.RunRequest.
 struct RunRequest {
   std::string model;
   std::vector<WireTensor> inputs;
 };
-std::string parse_run_request(const uint8_t* p, const uint8_t* end, const Limits& limits,
-                              RunRequest& out);
+ParseError parse_run_request(const uint8_t* p, const uint8_t* end, const Limits& limits,
+                             RunRequest& out);
 
 // inference.ModelInferRequest, the parts the hot path serves. `plain` is false when
 // the request uses anything the hot path leaves to the full implementation: request
@@ -72,17 +87,18 @@ struct InferRequest {
   std::vector<Span> raw;
   bool plain = true;
 };
-std::string parse_infer_request(const uint8_t* p, const uint8_t* end, const Limits& limits,
-                                InferRequest& out);
+ParseError parse_infer_request(const uint8_t* p, const uint8_t* end, const Limits& limits,
+                               InferRequest& out);
 
 // "[1, 2, 3]"
 std::string dims(const std::vector<int64_t>& shape);
 std::string dims(at::IntArrayRef shape);
 
-// Elements of `shape`, or an error naming `what` when a dimension is negative or passes
-// limits.max_elements (`too_many` false: INVALID_ARGUMENT), or the product passes it
-// (`too_many` true: RESOURCE_EXHAUSTED).
-std::string checked_numel(const std::vector<int64_t>& shape, const Limits& limits,
+// Elements of `shape` (`rank` entries sent), or an error naming `what` (the words of
+// server/tensor_codec.py's checked_numel): too many dimensions, a negative one, one past
+// limits.max_elements, a zero-element shape whose others multiply past it (`too_many`
+// false: INVALID_ARGUMENT), or more elements than that (`too_many` true: RESOURCE_EXHAUSTED).
+std::string checked_numel(const std::vector<int64_t>& shape, int64_t rank, const Limits& limits,
                           const std::string& what, uint64_t& numel, bool& too_many);
 
 // Field headers of a length-delimited field `field` of `len` bytes.
