@@ -225,9 +225,16 @@ class Bridge:
                 close()
 
 
+class CallEnded(grpc.RpcError):
+    """The client cancelled, or the call ended, while the handler read its requests
+    (as grpcio's request iterator raises)."""
+
+
 def _requests(call: runner_ext.BridgeCall) -> Iterator[bytes]:
     while True:
         message = call.read()
         if message is None:
+            if not call.is_active():
+                raise CallEnded(f"{call.method}: the call ended before its last request")
             return
         yield message

@@ -4,15 +4,6 @@
 namespace aotiserve {
 namespace {
 
-std::string to_string(const grpc::ByteBuffer& buf) {
-  std::vector<grpc::Slice> slices;
-  std::string out;
-  if (!buf.Dump(&slices).ok()) return out;
-  out.reserve(buf.Length());
-  for (const auto& s : slices) out.append(reinterpret_cast<const char*>(s.begin()), s.size());
-  return out;
-}
-
 grpc::ByteBuffer to_buffer(const std::string& s) {
   grpc::Slice slice(s.data(), s.size());
   return grpc::ByteBuffer(&slice, 1);
@@ -156,7 +147,7 @@ void StreamCall::refuse(const grpc::Status& status) {
   finish_locked(lock, status);
 }
 
-std::optional<std::string> StreamCall::read() {
+std::optional<grpc::ByteBuffer> StreamCall::read() {
   std::unique_lock<std::mutex> lock(mu_);
   if (finished_ || cancelled_ || reads_done_ || reactor_ == nullptr) return std::nullopt;
   reading_ = true;
@@ -165,20 +156,20 @@ std::optional<std::string> StreamCall::read() {
   r->StartRead(&rbuf_);
   lock.lock();
   auto idle = std::chrono::duration<double>(idle_s_);
-  bool arrived = idle_s_ <= 0
-                     ? (cv_.wait(lock, [&] { return !reading_; }), true)
-                     : cv_.wait_for(lock, idle, [&] { return !reading_; });
+  // A cancelled call's pending read fails too, but maybe later: don't wait for it.
+  auto done = [&] { return !reading_ || cancelled_; };
+  bool arrived = idle_s_ <= 0 ? (cv_.wait(lock, done), true) : cv_.wait_for(lock, idle, done);
   if (!arrived) {
     // The client sent nothing for the idle limit: end the call (the read then fails).
     finish_locked(lock, {grpc::StatusCode::DEADLINE_EXCEEDED,
                          method + ": no message from the client for " +
                              std::to_string(int(idle_s_)) + " s; stream closed"});
-    cv_.wait(lock, [&] { return !reading_; });
+    cv_.wait(lock, done);
     return std::nullopt;
   }
-  if (!read_ok_) return std::nullopt;
-  std::string out = to_string(rbuf_);
-  rbuf_.Clear();
+  if (reading_ || !read_ok_) return std::nullopt;
+  grpc::ByteBuffer out;
+  out.Swap(&rbuf_);
   return out;
 }
 
@@ -209,7 +200,7 @@ bool StreamCall::active() {
 
 // UnaryCall -------------------------------------------------------------------------
 
-std::optional<std::string> UnaryCall::read() {
+std::optional<grpc::ByteBuffer> UnaryCall::read() {
   std::lock_guard<std::mutex> lock(mu_);
   auto out = std::move(request_);
   request_.reset();

@@ -40,7 +40,7 @@ class BridgeCall {
   // The next request message; nullopt once the client has sent its last, the call
   // ended, or the client sent nothing for the idle limit (the call then ends with
   // DEADLINE_EXCEEDED). Blocks: call without the GIL.
-  virtual std::optional<std::string> read() = 0;
+  virtual std::optional<grpc::ByteBuffer> read() = 0;
   // Sends one response message; false when the call has ended. Blocks until gRPC took it.
   virtual bool write(const std::string& message) = 0;
   virtual void finish(int code, const std::string& details, const Metadata& trailers) = 0;
@@ -94,7 +94,7 @@ class StreamCall : public BridgeCall {
   // Ends the call from C++ before Python saw it (refused: auth, limits, draining).
   void refuse(const grpc::Status& status);
 
-  std::optional<std::string> read() override;
+  std::optional<grpc::ByteBuffer> read() override;
   bool write(const std::string& message) override;
   void finish(int code, const std::string& details, const Metadata& trailers) override;
   bool active() override;
@@ -121,9 +121,9 @@ class StreamCall : public BridgeCall {
 // the gRPC thread that holds it waits for Python's answer.
 class UnaryCall : public BridgeCall {
  public:
-  UnaryCall(Bridge* bridge, grpc::ServerContext* ctx, std::string request)
-      : bridge_(bridge), ctx_(ctx), request_(std::move(request)) {}
-  std::optional<std::string> read() override;
+  UnaryCall(Bridge* bridge, grpc::ServerContext* ctx, const grpc::ByteBuffer& request)
+      : bridge_(bridge), ctx_(ctx), request_(request) {}  // shares the slices, no copy
+  std::optional<grpc::ByteBuffer> read() override;
   bool write(const std::string& message) override;
   void finish(int code, const std::string& details, const Metadata& trailers) override;
   bool active() override;
@@ -135,7 +135,7 @@ class UnaryCall : public BridgeCall {
   grpc::ServerContext* ctx_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::optional<std::string> request_;
+  std::optional<grpc::ByteBuffer> request_;
   std::string response_;
   bool has_response_ = false, finished_ = false;
   grpc::Status status_;

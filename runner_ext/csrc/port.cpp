@@ -512,9 +512,9 @@ grpc::ServerGenericBidiReactor* Port::bridged(grpc::GenericCallbackServerContext
 }
 
 grpc::Status Port::forward(grpc::ServerContext* ctx, const std::string& method,
-                           const Payload& payload, bool is_admin, bool admin_rpcs,
+                           const grpc::ByteBuffer& request, bool is_admin, bool admin_rpcs,
                            grpc::ByteBuffer* resp) {
-  auto call = std::make_shared<UnaryCall>(&bridge_, ctx, payload.str());
+  auto call = std::make_shared<UnaryCall>(&bridge_, ctx, request);
   call->id = bridge_.next_id();
   call->method = method;
   call->peer = ctx->peer();
@@ -734,7 +734,8 @@ grpc::Status Port::serve(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
     in_flight->fetch_sub(1, std::memory_order_relaxed);
     uncounted.fetch_add(1, std::memory_order_relaxed);
     on_exit.in_flight = &uncounted;
-    return forward(ctx, method, payload, is_admin, admin_rpcs, resp);
+    payload = Payload();  // the joined copy, if any, is not needed: Python gets the slices
+    return forward(ctx, method, *raw, is_admin, admin_rpcs, resp);
   }
   series = infer ? model->infer_stats : model->run_stats;
   const auto& specs = model->inputs;

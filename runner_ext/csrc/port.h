@@ -140,7 +140,8 @@ class Port {
   void leave();
   void log(std::string line);
   std::shared_ptr<PortModel> find(const std::string& name);
-  grpc::Status forward(grpc::ServerContext* ctx, const std::string& method, const Payload& payload,
+  grpc::Status forward(grpc::ServerContext* ctx, const std::string& method,
+                       const grpc::ByteBuffer& request,
                        bool is_admin, bool admin_rpcs, grpc::ByteBuffer* resp);
   grpc::Status execute(grpc::ServerContext* ctx, PortModel& model, std::vector<at::Tensor>& inputs,
                        std::vector<at::Tensor>& outputs, std::string& version);

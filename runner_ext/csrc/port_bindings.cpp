@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
+
 #include "port.h"
 
 namespace py = pybind11;
@@ -79,13 +81,29 @@ void bind_port(py::module_& m) {
       .def("is_active", &BridgeCall::active, release())
       .def("read",
            [](BridgeCall& c) -> py::object {
-             std::optional<std::string> msg;
+             std::optional<grpc::ByteBuffer> msg;
              {
                py::gil_scoped_release unlocked;
                msg = c.read();
              }
              if (!msg) return py::none();
-             return py::bytes(*msg);
+             // Straight from gRPC's slices into the bytes object: one copy, and the
+             // slices are freed as soon as it is made.
+             PyObject* out = PyBytes_FromStringAndSize(nullptr, Py_ssize_t(msg->Length()));
+             if (!out) throw py::error_already_set();
+             {
+               py::gil_scoped_release unlocked;
+               std::vector<grpc::Slice> slices;
+               (void)msg->Dump(&slices);
+               char* w = PyBytes_AS_STRING(out);
+               for (const auto& s : slices) {
+                 std::memcpy(w, s.begin(), s.size());
+                 w += s.size();
+               }
+               slices.clear();
+               msg.reset();
+             }
+             return py::reinterpret_steal<py::bytes>(out);
            })
       .def("write",
            [](BridgeCall& c, const py::bytes& data) {
