@@ -32,12 +32,14 @@ ARG WHEELHOUSE_ONLY=0
 ARG PIP_CERT
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
+# gRPC C++ (libgrpc++-dev, found with pkg-config): the extension serves the
+# daemon's port with it and does not build without it.
 # DL3008: apt versions follow the base image's point release (pinning them
 # breaks the build at every Debian security update); the base tag pins the suite.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3 python3-venv python3-dev g++ \
+        python3 python3-venv python3-dev g++ libgrpc++-dev pkg-config \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 
@@ -70,6 +72,18 @@ COPY pyproject.toml setup.py /src/
 COPY runner_ext/ /src/runner_ext/
 WORKDIR /src
 RUN python setup.py -q build_ext
+
+# The runtime stage installs the packages that own the system libraries the
+# extension links (gRPC C++ and what it needs: libgrpc++1.51 on Debian bookworm,
+# libgrpc++1.51t64 on Ubuntu 24.04), and no -dev package. torch's libraries are
+# in the virtualenv, which the runtime stage copies.
+RUN so="$(find /src/build -name '_C*.so')" \
+ && [ -f "$so" ] \
+ && ldd "$so" | awk -v venv="$VIRTUAL_ENV/" '$2 == "=>" && $3 ~ /^\// && index($3, venv) != 1 {print $1}' \
+    | while read -r lib; do dpkg -S "*/$lib" || { echo "no package owns $lib" >&2; exit 1; }; done \
+    | sed -E 's/: \/.*$//; s/, /\n/g' | sed -E 's/:.*$//' | sort -u >/src/runtime-packages.txt \
+ && grep -q '^libgrpc++' /src/runtime-packages.txt \
+ && echo "runtime packages: $(tr '\n' ' ' </src/runtime-packages.txt)"
 
 COPY README.md /src/
 COPY server/ /src/server/
@@ -106,11 +120,14 @@ LABEL org.opencontainers.image.title="aotiserve" \
       io.aotiserve.variant="${VARIANT}"
 
 # python3 (no -dev, no compiler: prebuilt .pt2 packages load without one),
-# tini as PID 1 so SIGTERM reaches the server and drains it.
+# tini as PID 1 so SIGTERM reaches the server and drains it, and the runtime
+# libraries of gRPC C++ that the extension links (listed by the builder).
+COPY --from=builder /src/runtime-packages.txt /usr/share/aotiserve/runtime-packages.txt
 # DL3008: as in the builder stage.
 # hadolint ignore=DL3008
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 tini \
+RUN mapfile -t libs </usr/share/aotiserve/runtime-packages.txt \
+ && apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 tini "${libs[@]}" \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 aotiserve \
@@ -120,6 +137,8 @@ RUN apt-get update \
  && chown 10001:10001 /models /weights
 
 COPY --from=builder /opt/aotiserve /opt/aotiserve
+# The extension loads here, without a compiler or any -dev package.
+RUN ["/opt/aotiserve/bin/python", "-B", "-c", "from aotiserve import runner_ext; print('runner_ext', runner_ext.compiled_backends())"]
 COPY --from=builder /opt/aotiserve-demo /opt/aotiserve-demo
 COPY deploy/healthcheck.py /opt/aotiserve/bin/aotiserve-healthcheck
 

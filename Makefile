@@ -15,7 +15,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py requirements-dev.txt $(wildcard runner_ext/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	deploy/native_deps.sh
+	deploy/build_deps.sh
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(PIP) install -q -r requirements-dev.txt

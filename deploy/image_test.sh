@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CPU image with podman and smoke-tests it: start, gRPC health
-# SERVING, one inference on the demo model, SIGTERM, exit code 0.
+# SERVING, one inference on the demo model answered by the C++ hot path (its
+# metric), SIGTERM, exit code 0.
 #
 # Works on a machine with no Docker engine and no access to image registries
 # (only to package registries): the base image is made locally with
@@ -140,8 +141,14 @@ fill_wheelhouse() {
 }
 
 build_image() {
-    local offline=0 ca_args=()
+    local offline=0 ca_args=() torch_args=()
     [ "${AOTISERVE_IMAGE_OFFLINE:-0}" = 1 ] && offline=1
+    # With the CPU torch wheel in the wheelhouse, no torch index at all
+    # (download.pytorch.org may be unreachable); without it, the Dockerfile's
+    # default, the CPU index (PyPI's torch is the CUDA build, GBs).
+    if compgen -G "$REPO/wheelhouse/torch-*+cpu-*.whl" >/dev/null; then
+        torch_args=(--build-arg TORCH_INDEX_URL=)
+    fi
     # TLS to the package index inside the build needs this host's CA bundle
     # (it includes the egress proxy's CA); mounted for the build, never baked.
     local ca=/etc/ssl/certs/ca-certificates.crt
@@ -153,11 +160,9 @@ build_image() {
     buildah rm --all >/dev/null 2>&1 || true
     log "building $IMAGE (offline=$offline)"
     local t0=$SECONDS
-    # --format docker: OCI images drop SHELL and HEALTHCHECK. TORCH_INDEX_URL
-    # is emptied because the wheelhouse has the CPU torch wheel (and
-    # download.pytorch.org may be unreachable).
+    # --format docker: OCI images drop SHELL and HEALTHCHECK.
     podman build --pull=never --network=host --format docker -f "$REPO/Dockerfile" -t "$IMAGE" \
-        --build-arg WHEELHOUSE_ONLY="$offline" --build-arg TORCH_INDEX_URL= "${ca_args[@]}" \
+        --build-arg WHEELHOUSE_ONLY="$offline" "${torch_args[@]}" "${ca_args[@]}" \
         "$REPO" >"$WORK/build.log" 2>&1 \
         || { tail -40 "$WORK/build.log" >&2; die "podman build failed (log: $WORK/build.log)"; }
     BUILD_SECONDS=$((SECONDS - t0))
@@ -197,14 +202,16 @@ stop_and_check() {
 }
 
 # Like the Kubernetes manifests: read-only root with a writable /tmp, no
-# capabilities, no privilege escalation (the image's user is 10001).
+# capabilities, no privilege escalation (the image's user is 10001), and no
+# --init: the image's own tini is PID 1 and forwards SIGTERM (podman's --init
+# would also need the catatonit package).
 RUN_ARGS=(--read-only --tmpfs "/tmp:rw,size=1g" --cap-drop ALL --security-opt no-new-privileges)
 
 start_container() {
     local port mport
     port="$(free_port)"
     mport="$(free_port)"
-    CID="$(podman run -d --init "${RUN_ARGS[@]}" \
+    CID="$(podman run -d "${RUN_ARGS[@]}" \
         -p "127.0.0.1:$port:8500" -p "127.0.0.1:$mport:8502" "$@" "$IMAGE")"
     TARGET="127.0.0.1:$port"
     METRICS="127.0.0.1:$mport"
@@ -224,6 +231,42 @@ smoke() {
     fi
 }
 
+# The Runs that smoke() made were answered by the C++ hot path: its counter
+# aotiserve_hot_path_requests_total{method="Run"} (only requests answered in C++
+# count) is above 0. A failure is reported at once and fails the test at the end,
+# after the other checks have run.
+HOT_PATH_METRIC='aotiserve_hot_path_requests_total{method="Run"}'
+HOT_PATH_FAILED=""
+HOT_PATH_RUNS=""
+hot_path_check() {
+    local out rc=0
+    out="$("$PY" - "$METRICS" <<'PYTHON'
+import sys
+import urllib.request
+
+with urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=10) as reply:
+    text = reply.read().decode()
+name = "aotiserve_hot_path_requests_total"
+samples = [line for line in text.splitlines()
+           if line.startswith(name + "{") and 'method="Run"' in line]
+if not samples:
+    print(f"/metrics has no {name} sample with method=\"Run\"")
+    sys.exit(1)
+total = sum(float(line.rsplit(None, 1)[1]) for line in samples)
+print("; ".join(samples))
+sys.exit(0 if total > 0 else 1)
+PYTHON
+)" || rc=$?
+    if [ "$rc" = 0 ]; then
+        log "hot path: $out"
+        [ -n "$HOT_PATH_RUNS" ] || HOT_PATH_RUNS="${out##* }"
+    else
+        local failure="$1: want $HOT_PATH_METRIC > 0 (the C++ hot path answered the Runs), got: $out"
+        log "FAIL: hot path, $failure"
+        [ -n "$HOT_PATH_FAILED" ] || HOT_PATH_FAILED="$failure"
+    fi
+}
+
 # 1. The image as shipped: the prebuilt demo, no compiler, HEALTHCHECK, drain.
 demo_test() {
     # Podman runs HEALTHCHECKs from systemd timers; without systemd it only
@@ -233,9 +276,14 @@ demo_test() {
         'command -v g++ || command -v gcc || command -v cc' >/dev/null; then
         die "the runtime image has a C/C++ compiler"
     fi
+    local dev
+    dev="$(podman run --rm --no-healthcheck --entrypoint sh "$IMAGE" -c \
+        "dpkg-query -W -f '\${Package}\n' | grep -e '-dev\$' -e '^pkg-config\$' || true")"
+    [ -z "$dev" ] || die "the runtime image has build-only packages: $(echo "$dev" | tr '\n' ' ')"
     log "phase 1: the demo (no C/C++ compiler in the image: it is served prebuilt)"
     start_container
     smoke
+    hot_path_check "phase 1"
     podman exec "$CID" aotiserve-healthcheck || die "the image's HEALTHCHECK command failed"
     stop_and_check
 }
@@ -265,6 +313,7 @@ repository_test() {
     stop_and_check
     start_container "${args[@]}"
     smoke --expect-version "demo=$version"
+    hot_path_check "phase 2"
     stop_and_check
 }
 
@@ -281,8 +330,12 @@ main() {
     build_image
     demo_test
     repository_test
-    printf 'image-test: OK  image=%s  build=%ss  size=%s MB  total=%ss\n' \
-        "$IMAGE" "$BUILD_SECONDS" "$((IMAGE_SIZE / 1000000))" "$((SECONDS - t_all))"
+    if [ -n "$HOT_PATH_FAILED" ]; then
+        printf 'image-test: FAIL  hot path, %s\n' "$HOT_PATH_FAILED"
+        exit 1
+    fi
+    printf 'image-test: OK  image=%s  build=%ss  size=%s MB  hot-path Runs=%s  total=%ss\n' \
+        "$IMAGE" "$BUILD_SECONDS" "$((IMAGE_SIZE / 1000000))" "$HOT_PATH_RUNS" "$((SECONDS - t_all))"
 }
 
 main "$@"

@@ -365,6 +365,53 @@ def test_dockerfile_matches_the_manifests():
     assert "--no-build-isolation" in text and "pip wheel" in text
 
 
+def test_dockerfile_builds_with_grpcpp_and_ships_only_its_runtime_libraries():
+    """gRPC C++ is a build dependency of the extension (it serves the port): the builder
+    installs the -dev package, the runtime stage only what the built extension links."""
+    text = _dockerfile()
+    builder, runtime = text[:text.index("AS runtime")], text[text.index("AS runtime"):]
+    assert re.search(r"apt-get install [^\n]*(\\\n[^\n]*)*\blibgrpc\+\+-dev pkg-config\b", builder)
+    assert "ldd" in builder and "dpkg -S" in builder  # what the built extension links, by package
+    instructions = "\n".join(line for line in runtime.splitlines() if not line.lstrip().startswith("#"))
+    assert not re.search(r"-dev\b|\bpkg-config\b", instructions)
+    packages = re.search(r"^COPY --from=builder (\S+) (\S+)$", runtime, re.M)
+    assert packages and packages.group(1).endswith("runtime-packages.txt")
+    assert re.search(rf"mapfile -t (\w+) *<{re.escape(packages.group(2))}", runtime)
+    # The runtime stage fails to build if the extension does not load there.
+    assert re.search(r'^RUN \[.*"from aotiserve import runner_ext', runtime, re.M)
+
+
+def test_build_deps_names_the_missing_package(tmp_path):
+    """`make setup` stops with one line naming the package when gRPC C++ is missing and
+    cannot be installed (no root apt-get); it passes silently when pkg-config finds it."""
+    script = DEPLOY / "build_deps.sh"
+    assert os.access(script, os.X_OK)
+    assert re.search(r"^\t(\./)?deploy/build_deps\.sh$", (REPO / "Makefile").read_text(), re.M)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck:
+        out = subprocess.run([shellcheck, "-S", "warning", str(script)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+
+    def stub(name: str, body: str) -> None:
+        (stubs / name).write_text(f"#!{shutil.which('bash')}\n{body}\n")
+        (stubs / name).chmod(0o755)
+
+    stub("id", "echo 1000")  # not root, and no apt-get on PATH
+    for found, want_rc in ((False, 1), (True, 0)):
+        stub("pkg-config", "exit 0" if found else "exit 1")
+        out = subprocess.run([shutil.which("bash"), str(script)], capture_output=True, text=True,
+                             env={"PATH": str(stubs)}, timeout=30)
+        assert out.returncode == want_rc, out.stderr
+        if found:
+            assert out.stdout == out.stderr == ""
+        else:
+            assert out.stdout == "" and len(out.stderr.splitlines()) == 1, out.stderr
+            assert "libgrpc++-dev" in out.stderr and "pkg-config" in out.stderr
+
+
 def test_dockerignore_keeps_the_context_small():
     lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
@@ -395,6 +442,12 @@ def test_image_test_script_is_valid_bash():
     if shellcheck:
         out = subprocess.run([shellcheck, "-S", "warning", str(script)], capture_output=True, text=True)
         assert out.returncode == 0, out.stdout
+    text = script.read_text()
+    # No `podman run --init`: it needs catatonit, which a fresh machine lacks; the image's
+    # tini is PID 1 (as under Kubernetes).
+    assert not re.search(r"podman run[^\n]*--init\b", text)
+    # The test proves the C++ hot path answered the demo's Runs.
+    assert 'aotiserve_hot_path_requests_total{method="Run"}' in text
 
 
 @pytest.mark.slow
