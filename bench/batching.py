@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                                                env={"OMP_NUM_THREADS": "1"}, extra_args=extra)
                 try:
                     res = run_driver(sys.executable, {
-                        "kind": "native", "target": server.target, "model": model,
+                        "kind": "run", "target": server.target, "model": model,
                         "input_shapes": shapes, "concurrency": concurrency,
                         "duration": args.duration, "mode": "threads", "seq_n": 0})
                 finally:

@@ -1,11 +1,13 @@
 """Load generator: one client process that drives one system and prints JSON.
 
-Run as a script, possibly by a peer's interpreter (``bench/.peers/*/bin/python``),
-so it imports only what the chosen system needs: grpcio for the echo floor and
-aotiserve's native Run, tritonclient for every Open Inference Protocol server
-(KServe, PyTriton, aotiserve's OIP endpoint), torch and aotiserve for the
-in-process call. The config is one JSON argument; the result is the last line
-of stdout.
+Every system is driven through one client library: grpcio with the generated protobuf
+classes, in this interpreter. ``run`` calls aotiserve's Run (aotiserve.v1), ``echo``
+sends the very same RunRequest to an echo floor that answers a serialized RunResponse
+(so only the server differs), ``oip`` calls Open Inference Protocol ModelInfer
+(aotiserve.oip) on aotiserve, KServe or PyTriton alike. ``client`` is aotiserve's own
+client library (``aotiserve.client``), what a user would call; ``inproc`` is the
+extension called in this process. The config is one JSON argument; the result is the
+last line of stdout.
 
 Each client worker owns its own channel (an independent client, as separate
 users would be). Concurrency runs either as threads in this process or as
@@ -35,53 +37,34 @@ CHANNEL_OPTIONS = [
 # --------------------------------------------------------------------------- calls
 
 
-def _echo_call(cfg: dict) -> Callable[[], None]:
-    import grpc
-
-    channel = grpc.insecure_channel(cfg["target"], options=CHANNEL_OPTIONS)
-    call = channel.unary_unary("/bench.Echo/Echo")  # bytes in, bytes out
-    if cfg.get("runrequest"):
-        # The very bytes aotiserve's tiny Run gets (ladder servers parse them).
-        from aotiserve.v1 import model_runner_pb2 as pb
-
-        arrays = _inputs(cfg)
-        payload = pb.RunRequest(model=cfg["model"], inputs=[
-            pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=a.shape, data=a.tobytes()) for a in arrays
-        ]).SerializeToString()
-    else:
-        payload = b"\x01" * cfg["req_size"]
-
-    def run() -> None:
-        call(payload)
-
-    run.channel = channel
-    return run
-
-
 def _inputs(cfg: dict) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     return [rng.standard_normal(tuple(shape)).astype(np.float32) for shape in cfg["input_shapes"]]
 
 
-def _native_call(cfg: dict) -> Callable[[], None]:
-    """aotiserve's Run through the raw generated stub: the least client work possible."""
+RUN_METHOD = "/aotiserve.v1.ModelRunner/Run"
+ECHO_METHOD = "/bench.Echo/Echo"
+
+
+def _run_call(cfg: dict, method: str = RUN_METHOD) -> Callable[[], None]:
+    """A Run through grpcio and the generated protobuf classes: encode a RunRequest per call,
+    as any client would, parse the RunResponse, view each output as a numpy array."""
     import grpc
 
     from aotiserve.v1 import model_runner_pb2 as pb
-    from aotiserve.v1 import model_runner_pb2_grpc
 
     channel = grpc.insecure_channel(cfg["target"], options=CHANNEL_OPTIONS)
-    stub = model_runner_pb2_grpc.ModelRunnerStub(channel)
+    call = channel.unary_unary(method, request_serializer=pb.RunRequest.SerializeToString,
+                               response_deserializer=pb.RunResponse.FromString)
     arrays = _inputs(cfg)
     model = cfg["model"]
 
     def run() -> None:
-        # Encode per call, as a real client would.
         req = pb.RunRequest(
             model=model,
             inputs=[pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=a.shape, data=a.tobytes()) for a in arrays],
         )
-        resp = stub.Run(req)
+        resp = call(req)
         for t in resp.outputs:
             np.frombuffer(t.data, dtype=np.float32).reshape(tuple(t.shape))
 
@@ -89,8 +72,14 @@ def _native_call(cfg: dict) -> Callable[[], None]:
     return run
 
 
+def _echo_call(cfg: dict) -> Callable[[], None]:
+    """The echo floors with the very client work of a Run (``_run_call``): the echo servers
+    answer /bench.Echo/Echo with a serialized RunResponse, so only the server differs."""
+    return _run_call(cfg, ECHO_METHOD)
+
+
 def _client_call(cfg: dict) -> Callable[[], None]:
-    """aotiserve's own client library (``aotiserve.client``)."""
+    """aotiserve's own client library (``aotiserve.client``): what a user would call."""
     from aotiserve.client import Client
 
     client = Client(cfg["target"])
@@ -105,30 +94,39 @@ def _client_call(cfg: dict) -> Callable[[], None]:
 
 
 def _oip_call(cfg: dict) -> Callable[[], None]:
-    """Any Open Inference Protocol server, through tritonclient (the reference client)."""
-    import tritonclient.grpc as tc
+    """Open Inference Protocol ModelInfer through grpcio and the generated protobuf classes
+    (aotiserve.oip: the KServe v2 / Triton protos, package ``inference``), inputs in
+    ``raw_input_contents`` and outputs read from ``raw_output_contents``, as tritonclient
+    sends and reads them. The same client for aotiserve, KServe and PyTriton."""
+    import grpc
 
-    client = tc.InferenceServerClient(cfg["target"])
+    from aotiserve.oip import inference_pb2 as ipb
+    from aotiserve.oip import inference_pb2_grpc
+
+    channel = grpc.insecure_channel(cfg["target"], options=CHANNEL_OPTIONS)
+    stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
     model = cfg["model"]
-    in_names, out_names = cfg.get("input_names"), cfg.get("output_names")
+    in_names = cfg.get("input_names")
     if not in_names:
-        meta = client.get_model_metadata(model, as_json=True)
-        in_names = [i["name"] for i in meta["inputs"]]
-        out_names = [o["name"] for o in meta["outputs"]]
+        meta = stub.ModelMetadata(ipb.ModelMetadataRequest(name=model))
+        in_names = [i.name for i in meta.inputs]
     arrays = _inputs(cfg)
+    Tensor = ipb.ModelInferRequest.InferInputTensor
 
     def run() -> None:
-        inputs = []
-        for name, a in zip(in_names, arrays):
-            inp = tc.InferInput(name, list(a.shape), "FP32")
-            inp.set_data_from_numpy(a)
-            inputs.append(inp)
-        outputs = [tc.InferRequestedOutput(n) for n in out_names]
-        result = client.infer(model, inputs, outputs=outputs)
-        for n in out_names:
-            result.as_numpy(n)
+        req = ipb.ModelInferRequest(
+            model_name=model,
+            inputs=[Tensor(name=n, datatype="FP32", shape=a.shape) for n, a in zip(in_names, arrays)],
+            raw_input_contents=[a.tobytes() for a in arrays],
+        )
+        resp = stub.ModelInfer(req)
+        if len(resp.raw_output_contents) != len(resp.outputs):
+            raise RuntimeError(f"ModelInfer answered {len(resp.outputs)} outputs with "
+                               f"{len(resp.raw_output_contents)} raw_output_contents")
+        for o, raw in zip(resp.outputs, resp.raw_output_contents):
+            np.frombuffer(raw, dtype=np.float32).reshape(tuple(o.shape))
 
-    run.client = client
+    run.channel = channel
     return run
 
 
@@ -157,7 +155,7 @@ def _inproc_call(cfg: dict) -> Callable[[], None]:
 
 FACTORIES = {
     "echo": _echo_call,
-    "native": _native_call,
+    "run": _run_call,
     "client": _client_call,
     "oip": _oip_call,
     "inproc": _inproc_call,

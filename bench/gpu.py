@@ -1,18 +1,28 @@
-"""The GPU figures of the benchmark issue, side by side on one machine.
+"""The GPU figures of issue 16, side by side in one run on one machine.
 
-For a small CUDA model (the zoo MLP compiled for cuda, input [1, 64]):
-- in-process: the extension's run() on cuda:0, host array in and out (the
-  same transfers the daemon does per request);
-- the bare grpcio echo floor with the same payload sizes;
-- aotiserve's native Run with the model placed on cuda:0, 1 and 4 clients, on the
-  daemon's main port and on its native data port (aotiserve_fast, where built);
-- the daemon's core without gRPC (``DataPlane.run`` in this process, the same
-  validation, admission, stream and copies a Run does): splits the daemon's
-  overhead into the core's part and the transport's.
-Checks: aotiserve p50 - in-process p50 <= echo p50 + 50 us, and throughput
-with 4 concurrent clients >= 1.5x one client.
+The daemon serves everything on its one port (gRPC C++ in the extension; Run answered
+by the C++ hot path). Every client is bench/driver.py: grpcio and the generated protobuf
+classes, clients as separate processes.
 
-    python -m bench.gpu [--json OUT] [--runners 4]
+1. Tiny CUDA model (the zoo's ``mlp`` compiled for cuda, [1,64] float32 -> [1,10]):
+   - in-process: the extension's ``run()`` on the device, host array in and out (the
+     same transfers the daemon makes per request), one thread;
+   - the gRPC C++ echo floor (bench/echo_server.cc) and the grpcio echo floor, answering
+     the same RunRequest with the bytes the daemon answers;
+   - aotiserve Run.
+   Check: aotiserve p50 - in-process p50 <= C++ echo p50 + 30 us.
+2. ResNet-50 (torchvision where importable, else bench/resnet.py; random init) fp32,
+   batch 8 (4.8 MB requests): 4 clients' img/s against the daemon vs 4 threads of this
+   process calling ``run()`` on a container of the same package with as many runners as
+   the daemon has, on the same device, in the same run; p50 and p99 of both.
+   Check: daemon img/s >= 0.8 x in-process.
+3. ``--devices N`` (N >= 2): ResNet-50 req/s with 8 clients on a daemon serving on one
+   GPU vs one serving on N (replicas on each, least-loaded chosen by the port).
+
+    python -m bench.gpu [--json OUT] [--runners 4] [--devices 2] [--rounds 3]
+
+Where gRPC C++ is not installed system-wide, bench/gpu_recipe.sh sets PKG_CONFIG_* so
+that the C++ echo builds against the same unpacked gRPC the extension was built with.
 """
 
 from __future__ import annotations
@@ -30,8 +40,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from bench.procs import start_aotiserve, start_echo, tmpdir  # noqa: E402
-from bench.run_all import run_driver  # noqa: E402
+from bench import procs  # noqa: E402
+from bench.run_all import HOT_METRIC, run_driver, run_reply  # noqa: E402
+
+TINY_SHAPES = [[1, 64]]
 
 
 def _p(values: list[float], q: float) -> float:
@@ -39,153 +51,244 @@ def _p(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def in_process(package: Path, n: int, threads: int, seconds: float) -> dict:
+def in_process(package: Path, device: str, shape: list[int], n: int, threads: int, seconds: float,
+               runners: int) -> dict:
+    """``run()`` on ``device`` in this process: sequential latency, then ``threads`` threads
+    calling back to back for ``seconds`` (latency of every call, and calls/s)."""
     import torch
 
     from aotiserve.runner_ext import load_model
 
-    model = load_model(package, device="cuda:0", num_runners=max(threads, 1))
-    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    model = load_model(package, device=device, num_runners=runners)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     local = threading.local()
+    cuda = device.startswith("cuda")
 
     def call() -> None:
+        if not cuda:
+            model.runner.run([torch.from_numpy(x)])[0].numpy()
+            return
         if not hasattr(local, "stream"):
-            local.stream = torch.cuda.Stream()
+            local.stream = torch.cuda.Stream(device=device)
         with torch.cuda.stream(local.stream):
-            inp = torch.from_numpy(x).to("cuda:0", non_blocking=True)
+            inp = torch.from_numpy(x).to(device, non_blocking=True)
             out = model.runner.run([inp], local.stream.cuda_stream)
             out[0].cpu().numpy()
 
-    for _ in range(200):
+    for _ in range(min(200, max(20, n // 5))):
         call()
     lat = []
     for _ in range(n):
         t0 = time.perf_counter()
         call()
         lat.append((time.perf_counter() - t0) * 1e6)
-    rates = {}
-    for c in (1, threads):
-        counts = [0] * c
-        stop = time.perf_counter() + seconds
+    out = {"sequential": {"p50_us": statistics.median(lat), "p99_us": _p(lat, 0.99)}}
+    counts = [0] * threads
+    lats: list[list[float]] = [[] for _ in range(threads)]
+    start = time.perf_counter() + 0.2
+    stop = start + seconds
 
-        def work(i: int) -> None:
-            while time.perf_counter() < stop:
-                call()
+    def work(i: int) -> None:
+        while time.perf_counter() < start:  # every thread warm and going before the window
+            call()
+        while (t0 := time.perf_counter()) < stop:
+            call()
+            t1 = time.perf_counter()
+            if t1 < stop:
                 counts[i] += 1
+                lats[i].append((t1 - t0) * 1e6)
 
-        ts = [threading.Thread(target=work, args=(i,)) for i in range(c)]
-        t0 = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        rates[c] = sum(counts) / (time.perf_counter() - t0)
-    return {"p50_us": statistics.median(lat), "p99_us": _p(lat, 0.99), "rps": rates}
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    every = [x for xs in lats for x in xs]
+    out["concurrent"] = {"threads": threads, "rps": sum(counts) / seconds,
+                         "p50_us": statistics.median(every), "p99_us": _p(every, 0.99)}
+    del model
+    return out
 
 
-def core(package: Path, n: int, runners: int, device: str = "cuda:0") -> dict:
-    """``DataPlane.run`` on ``device`` in this process: a Run without the transport."""
-    import torch
+def _driver(target: str, kind: str, model: str, shapes, n: int, clients: list[int], seconds: float,
+            warmup: int) -> dict:
+    cfg = {"kind": kind, "target": target, "model": model, "input_shapes": shapes, "seq_n": n,
+           "warmup": warmup, "concurrency": clients, "duration": seconds, "mode": "procs"}
+    return run_driver(sys.executable, cfg)
 
-    from aotiserve.server.config import ServeConfig
-    from aotiserve.server.dataplane import DataPlane
-    from aotiserve.server.device_pool import DevicePool
-    from aotiserve.server.model_registry import ModelRegistry
 
-    config = ServeConfig(devices=(device,), runners_per_model=runners)
-    pools = {d: DevicePool(d, config.max_queue) for d in config.devices}
-    registry = ModelRegistry(pools, config.devices, runners)
-    plane = DataPlane(config, registry)
-    registry.load("mlp", package, registry.options())
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32))
-    for _ in range(200):
-        plane.run("mlp", [x])
-    lat = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        plane.run("mlp", [x])
-        lat.append((time.perf_counter() - t0) * 1e6)
-    registry.close()
-    return {"p50_us": statistics.median(lat), "p99_us": _p(lat, 0.99)}
+def _tp(res: dict, c: int) -> dict:
+    return next(t for t in res["throughput"] if t["concurrency"] == c)
+
+
+def _med(xs) -> float:
+    return statistics.median(xs)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results here too")
-    parser.add_argument("--runners", type=int, default=4, help="runners per model in the daemon")
-    parser.add_argument("--n", type=int, default=2000, help="sequential calls per system")
+    parser.add_argument("--device", default="cuda:0", help="the device (cpu only to try the bench itself)")
+    parser.add_argument("--runners", type=int, default=4, help="runners per model, daemon and in-process alike")
+    parser.add_argument("--n", type=int, default=2000, help="sequential calls per system, tiny model")
+    parser.add_argument("--resnet-n", type=int, default=200, help="sequential calls, ResNet-50")
     parser.add_argument("--seconds", type=float, default=3.0, help="throughput window")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of echo and daemon ports (medians)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the servers (medians)")
+    parser.add_argument("--batch", type=int, default=8, help="ResNet-50 batch")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="N >= 2 adds ResNet-50 req/s with 8 clients on one GPU vs N GPUs")
+    parser.add_argument("--skip-resnet", action="store_true")
     args = parser.parse_args(argv)
 
     import torch
 
     import model_zoo
 
-    package = model_zoo.compiled("mlp", device="cuda")
-    gpu = torch.cuda.get_device_name(0)
-    work = tmpdir("aotiserve-gpu-bench-")
-    req = 64 * 4 + 32  # RunRequest bytes for [1, 64] float32, about
-    results: dict = {"gpu": gpu, "model": "mlp [1,64] float32 -> [1,10], cuda:0"}
-    results["inproc"] = in_process(package, args.n, 4, args.seconds)
-    results["core"] = core(package, args.n, args.runners)
+    from bench import resnet
 
-    from aotiserve import runner_ext
+    dev = args.device
+    kind = "cuda" if dev.startswith("cuda") else "cpu"
+    results: dict = {"device": torch.cuda.get_device_name(dev) if kind == "cuda" else "cpu",
+                     "device_count": torch.cuda.device_count() if kind == "cuda" else 0,
+                     "torch": torch.__version__, "settings": vars(args)}
+    notes: list[str] = results.setdefault("notes", [])
+    tiny_pkg = model_zoo.compiled("mlp", device=kind)
+    models = {"mlp": tiny_pkg}
+    resnet_shape = [args.batch, 3, 224, 224]
+    if not args.skip_resnet:
+        t0 = time.time()
+        rn_pkg, source = resnet.package(kind, args.batch)
+        models["resnet50"] = rn_pkg
+        results["resnet50"] = {"source": source, "input": resnet_shape, "request_mb": np.prod(resnet_shape) * 4 / 1e6,
+                               "compile_or_cache_s": round(time.time() - t0, 1)}
 
-    # The daemon serves the model on its main port and, where the extension has it, on the
-    # native data port (gRPC C++) too: both are measured, the checks use the faster. Echo and
-    # daemon stay up while `rounds` rounds measure each in turn; figures are per-round medians
-    # (the machine's noise moves all of them together within a round).
-    native = ["--native-run-port", "0"] if runner_ext.native_run_available() else []
-    echo = start_echo(work, resp_size=10 * 4 + 32)
-    daemon = start_aotiserve(work, {"mlp": package}, runners=args.runners,
-                             extra_args=["--devices", "cuda:0", *native])
-    targets = {"echo": echo.target, "aotiserve": daemon.target}
-    if native:
-        targets["aotiserve_fast"] = f"127.0.0.1:{daemon.extra['ready']['native_run_port']}"
-    rounds: dict[str, list] = {k: [] for k in targets}
+    # In-process first, alone on the device (the daemon is not up yet).
+    results["inproc_tiny"] = in_process(tiny_pkg, dev, TINY_SHAPES[0], args.n, 1, 1.0, 1)
+    if not args.skip_resnet:
+        results["inproc_resnet50"] = [in_process(models["resnet50"], dev, resnet_shape, args.resnet_n, 4,
+                                                 args.seconds, args.runners) for _ in range(args.rounds)]
+
+    work = procs.tmpdir("aotiserve-gpu-bench-")
+    servers: dict[str, procs.Server] = {}
     try:
+        servers["aotiserve"] = procs.start_aotiserve(work / "aotiserve", models, runners=args.runners,
+                                                     extra_args=["--devices", dev])
+        daemon = servers["aotiserve"]
+        reply = run_reply(daemon.target, "mlp", TINY_SHAPES, [1, 10])
+        for name, cpp in (("echo_cpp", True), ("echo", False)):
+            try:
+                servers[name] = procs.start_echo(work / name, reply, cpp=cpp)
+            except Exception as exc:  # noqa: BLE001 - a floor that cannot run is noted, not fatal
+                notes.append(f"{name}: skipped: {exc}")
+        tiny: dict[str, list] = {k: [] for k in servers}
+        rn: list[dict] = []
         for _ in range(args.rounds):
-            for key, target in targets.items():
-                cfg = {"kind": "native", "target": target, "model": "mlp", "input_shapes": [[1, 64]]}
-                if key == "echo":
-                    cfg = {"kind": "echo", "target": target, "req_size": req}
-                rounds[key].append(run_driver(sys.executable, cfg | {
-                    "seq_n": args.n, "warmup": 200, "concurrency": [1, 4], "duration": args.seconds,
-                    "mode": "procs"}))
+            for key, server in servers.items():
+                tiny[key].append(_driver(server.target, "run" if key == "aotiserve" else "echo", "mlp",
+                                         TINY_SHAPES, args.n, [1, 4], args.seconds, 200))
+            if not args.skip_resnet:
+                hot0 = procs.metric(daemon, HOT_METRIC, {"method": "Run"})
+                res = _driver(daemon.target, "run", "resnet50", [resnet_shape], args.resnet_n, [4],
+                              args.seconds, 10)
+                hot1 = procs.metric(daemon, HOT_METRIC, {"method": "Run"})
+                if hot0 is not None:
+                    res["hot_path_share"] = (hot1 - hot0) / res["calls_total"]
+                rn.append(res)
+        results["tiny"] = {k: {"p50_us": _med(r["sequential"]["p50_us"] for r in runs),
+                               "p99_us": _med(r["sequential"]["p99_us"] for r in runs),
+                               "rps_1": _med(_tp(r, 1)["rps"] for r in runs),
+                               "rps_4": _med(_tp(r, 4)["rps"] for r in runs),
+                               "p50_us_rounds": [round(r["sequential"]["p50_us"], 1) for r in runs]}
+                           for k, runs in tiny.items()}
+        if rn:
+            results["resnet50"]["aotiserve"] = {
+                "p50_us_1_client": _med(r["sequential"]["p50_us"] for r in rn),
+                "p99_us_1_client": _med(r["sequential"]["p99_us"] for r in rn),
+                "rps_4": _med(_tp(r, 4)["rps"] for r in rn),
+                "p50_us_4": _med(_tp(r, 4)["latency"]["p50_us"] for r in rn),
+                "p99_us_4": _med(_tp(r, 4)["latency"]["p99_us"] for r in rn),
+                "errors": sum(_tp(r, 4)["errors"] for r in rn),
+                "hot_path_share": _med(r.get("hot_path_share", float("nan")) for r in rn)}
+            ip = results["inproc_resnet50"]
+            results["resnet50"]["inproc"] = {
+                "p50_us_1_thread": _med(r["sequential"]["p50_us"] for r in ip),
+                "p99_us_1_thread": _med(r["sequential"]["p99_us"] for r in ip),
+                "rps_4": _med(r["concurrent"]["rps"] for r in ip),
+                "p50_us_4": _med(r["concurrent"]["p50_us"] for r in ip),
+                "p99_us_4": _med(r["concurrent"]["p99_us"] for r in ip)}
+        results["tiny_rounds"] = tiny
+        results["resnet50_rounds"] = rn
+        for s in servers.values():
+            s.stop()
+        servers.clear()
+
+        if args.devices >= 2 and not args.skip_resnet:
+            if kind != "cuda" or torch.cuda.device_count() < args.devices:
+                notes.append(f"--devices {args.devices}: only {results['device_count']} GPU(s) here: skipped")
+            else:
+                many = ",".join(f"cuda:{i}" for i in range(args.devices))
+                rows: dict[str, list] = {"1": [], str(args.devices): []}
+                for label, devs in (("1", dev), (str(args.devices), many)):
+                    server = procs.start_aotiserve(work / f"devices-{label}", {"resnet50": models["resnet50"]},
+                                                   runners=args.runners, extra_args=["--devices", devs])
+                    servers[label] = server
+                for _ in range(args.rounds):
+                    for label in rows:
+                        r = _driver(servers[label].target, "run", "resnet50", [resnet_shape], 0, [8],
+                                    args.seconds, 0)
+                        rows[label].append(_tp(r, 8))
+                results["devices"] = {label: {"rps_8": _med(t["rps"] for t in ts),
+                                              "p50_us_8": _med(t["latency"]["p50_us"] for t in ts),
+                                              "p99_us_8": _med(t["latency"]["p99_us"] for t in ts)}
+                                      for label, ts in rows.items()}
     finally:
-        daemon.stop()
-        echo.stop()
-    for key, runs in rounds.items():
-        rps = {c: statistics.median(t["rps"] for r in runs for t in r["throughput"] if t["concurrency"] == c)
-               for c in (1, 4)}
-        results[key] = {"sequential": {"p50_us": statistics.median(r["sequential"]["p50_us"] for r in runs)},
-                        "throughput": [{"concurrency": c, "rps": v} for c, v in rps.items()],
-                        "rounds": runs}
-    served = [k for k in targets if k != "echo"]
-    p50 = {k: (results[k]["p50_us"] if k == "inproc" else results[k]["sequential"]["p50_us"])
-           for k in ("inproc", "echo", *served)}
-    best = min(served, key=p50.get)
-    tput = {c["concurrency"]: c["rps"] for c in results[best]["throughput"]}
-    overhead = p50[best] - p50["inproc"]
-    results["checks"] = {
-        "port": "native data port" if best == "aotiserve_fast" else "main port",
-        "aotiserve_minus_inproc_p50_us": round(overhead, 1),
-        "echo_floor_p50_plus_50_us": round(p50["echo"] + 50, 1),
-        "latency_ok": overhead <= p50["echo"] + 50,
-        "rps_4_over_1": round(tput[4] / tput[1], 2),
-        "scaling_ok": tput[4] / tput[1] >= 1.5,
-    }
-    print(f"GPU: {gpu}")
-    print(f"{'system':15} {'p50 us':>8} {'rps 1c':>9} {'rps 4c':>9}")
-    print(f"{'in-process':15} {p50['inproc']:8.1f} {results['inproc']['rps'][1]:9.0f} {results['inproc']['rps'][4]:9.0f}")
-    print(f"{'core':15} {results['core']['p50_us']:8.1f}")
-    for k in ("echo", *served):
-        tp = {c["concurrency"]: c["rps"] for c in results[k]["throughput"]}
-        print(f"{k:15} {p50[k]:8.1f} {tp[1]:9.0f} {tp[4]:9.0f}")
-    print("p50 per round (us): " + ", ".join(
-        f"{k} {[round(r['sequential']['p50_us']) for r in results[k]['rounds']]}" for k in ("echo", *served)))
-    print(json.dumps(results["checks"]))
+        for s in servers.values():
+            s.stop()
+
+    t = results["tiny"]
+    inproc = results["inproc_tiny"]["sequential"]["p50_us"]
+    checks: dict = {}
+    if "aotiserve" in t:
+        overhead = t["aotiserve"]["p50_us"] - inproc
+        checks["tiny_aotiserve_minus_inproc_p50_us"] = round(overhead, 1)
+        if "echo_cpp" in t:
+            checks["tiny_echo_cpp_p50_plus_30_us"] = round(t["echo_cpp"]["p50_us"] + 30, 1)
+            checks["tiny_latency_ok"] = overhead <= t["echo_cpp"]["p50_us"] + 30
+    r = results.get("resnet50", {})
+    if "aotiserve" in r and "inproc" in r:
+        checks["resnet50_img_s_4_clients"] = round(r["aotiserve"]["rps_4"] * args.batch, 1)
+        checks["resnet50_img_s_4_inproc_threads"] = round(r["inproc"]["rps_4"] * args.batch, 1)
+        checks["resnet50_ratio"] = round(r["aotiserve"]["rps_4"] / r["inproc"]["rps_4"], 3)
+        checks["resnet50_ok"] = checks["resnet50_ratio"] >= 0.8
+    d = results.get("devices")
+    if d:
+        checks[f"devices_{args.devices}_over_1_rps_8"] = round(d[str(args.devices)]["rps_8"] / d["1"]["rps_8"], 3)
+    results["checks"] = checks
+
+    print(f"device: {results['device']} ({results['device_count']} GPU(s)); torch {results['torch']}")
+    print(f"tiny model [1,64] -> [1,10], medians of {args.rounds} round(s):")
+    print(f"  {'system':12} {'p50 us':>9} {'p99 us':>9} {'rps 1c':>9} {'rps 4c':>9}  p50 per round")
+    print(f"  {'in-process':12} {inproc:9.1f} {results['inproc_tiny']['sequential']['p99_us']:9.1f}")
+    for k, v in t.items():
+        print(f"  {k:12} {v['p50_us']:9.1f} {v['p99_us']:9.1f} {v['rps_1']:9.0f} {v['rps_4']:9.0f}  {v['p50_us_rounds']}")
+    if "aotiserve" in r:
+        a, i = r["aotiserve"], r["inproc"]
+        print(f"ResNet-50 ({r['source']}) fp32 batch {args.batch}, {r['request_mb']:.1f} MB requests, "
+              f"{args.runners} runners:")
+        print(f"  aotiserve, 4 clients:        {a['rps_4'] * args.batch:8.0f} img/s  p50 {a['p50_us_4'] / 1e3:7.2f} ms  "
+              f"p99 {a['p99_us_4'] / 1e3:7.2f} ms  (1 client: p50 {a['p50_us_1_client'] / 1e3:.2f} ms, "
+              f"p99 {a['p99_us_1_client'] / 1e3:.2f} ms; hot path {100 * a['hot_path_share']:.0f}%)")
+        print(f"  in-process, 4 threads:       {i['rps_4'] * args.batch:8.0f} img/s  p50 {i['p50_us_4'] / 1e3:7.2f} ms  "
+              f"p99 {i['p99_us_4'] / 1e3:7.2f} ms  (1 thread: p50 {i['p50_us_1_thread'] / 1e3:.2f} ms, "
+              f"p99 {i['p99_us_1_thread'] / 1e3:.2f} ms)")
+    if d:
+        for label, v in d.items():
+            print(f"  ResNet-50, 8 clients, {label} GPU(s): {v['rps_8']:8.0f} req/s ({v['rps_8'] * args.batch:.0f} img/s) "
+                  f"p50 {v['p50_us_8'] / 1e3:.2f} ms p99 {v['p99_us_8'] / 1e3:.2f} ms")
+    for n in notes:
+        print(f"note: {n.splitlines()[0]}")
+    print(json.dumps(checks))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     return 0

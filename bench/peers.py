@@ -3,11 +3,11 @@
 ``ensure(name)`` installs a peer once (torch==2.13.0 first, so pip takes the
 local CPU wheel and never a CUDA build) and returns its interpreter, or a
 ``Skip`` with the reason. ``start(name, ...)`` serves one AOTI package with it
-on 127.0.0.1 and waits for ModelReady. The Open Inference Protocol client
-(tritonclient[grpc]) gets a venv of its own, because its protobuf pin clashes
-with aotiserve's.
+on 127.0.0.1 and waits for ModelReady. The bench drives them from its own
+interpreter with the same client as every other system (grpcio and the generated
+Open Inference Protocol classes, bench/driver.py), so no client venv is needed.
 
-Install with ``python -m bench.peers install [kserve pytriton oipclient]``.
+Install with ``python -m bench.peers install [kserve pytriton]``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 PEERS_DIR = REPO / "bench" / ".peers"
 TORCH_SPEC = "torch==2.13.0"
-TRITONCLIENT_SPEC = "tritonclient[grpc]==2.73.0"
 
 
 @dataclass(frozen=True)
@@ -40,12 +39,9 @@ class PeerSpec:
 
 
 PEERS = {
-    "kserve": PeerSpec("kserve", "KServe 0.21.0 ModelServer", ("kserve==0.21.0", TRITONCLIENT_SPEC),
-                       check_import="kserve"),
-    "pytriton": PeerSpec("pytriton", "PyTriton 0.7.0 (Triton 2.51)", ("nvidia-pytriton==0.7.0", TRITONCLIENT_SPEC),
+    "kserve": PeerSpec("kserve", "KServe 0.21.0 ModelServer", ("kserve==0.21.0",), check_import="kserve"),
+    "pytriton": PeerSpec("pytriton", "PyTriton 0.7.0 (Triton 2.51)", ("nvidia-pytriton==0.7.0",),
                          check_import="pytriton.triton"),
-    "oipclient": PeerSpec("oipclient", "tritonclient[grpc] 2.73.0", (TRITONCLIENT_SPEC, "numpy"),
-                          needs_torch=False, check_import="tritonclient.grpc"),
 }
 
 

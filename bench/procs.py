@@ -94,19 +94,26 @@ def reset_peak_memory(pid: int) -> bool:
         return False
 
 
-def metric(server: "Server", name: str) -> float | None:
-    """One unlabelled sample from aotiserve's Prometheus endpoint (None: no such sample, or
-    no metrics port)."""
+def metric(server: "Server", name: str, labels: dict[str, str] | None = None) -> float | None:
+    """The sum of aotiserve's Prometheus samples called ``name`` whose labels include
+    ``labels`` (None: no such sample, or no metrics port)."""
     import urllib.request
 
     port = server.extra.get("ready", {}).get("metrics_port")
     if not port:
         return None
+    want = [f'{k}="{v}"' for k, v in (labels or {}).items()]
+    total = None
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return None
+            if line.startswith("#"):
+                continue
+            sample, _, value = line.rpartition(" ")
+            base, _, rest = sample.partition("{")
+            if base != name or not all(w in rest for w in want):
+                continue
+            total = (total or 0.0) + float(value)
+    return total
 
 
 # --------------------------------------------------------------------------- processes
@@ -199,17 +206,32 @@ def _read_ready_file(path: Path):
     return check
 
 
-def start_echo(workdir: Path, resp_size: int, workers: int = 8, aio: bool = False,
+def start_echo(workdir: Path, reply: bytes | int, workers: int | None = None, cpp: bool = False,
                max_msg: int = 160 << 20, env: dict | None = None) -> Server:
+    """A bare echo floor: bench/echo_server.py (grpcio, ThreadPool(``workers``, default 8)) or,
+    with ``cpp``, bench/echo_server.cc (gRPC C++ sync server, ``workers`` pollers, default 32 as
+    the daemon's port). It answers every call with ``reply`` (bytes), or with that many zero
+    bytes (int)."""
     ready = workdir / "echo.ready"
+    workdir.mkdir(parents=True, exist_ok=True)
     ready.unlink(missing_ok=True)
-    argv = [sys.executable, str(REPO / "bench" / "echo_server.py"), "--resp-size", str(resp_size),
-            "--workers", str(workers), "--ready-file", str(ready), "--max-msg", str(max_msg)]
-    if aio:
-        argv.append("--aio")
-    proc, log_path = spawn("echo", argv, workdir, env)
-    info = wait_for(_read_ready_file(ready), proc, 30, "echo server")
-    return Server("echo_aio" if aio else "echo", proc, int(info["port"]), workdir, log_path)
+    if isinstance(reply, int):
+        payload = ["--resp-size", str(reply)]
+    else:
+        reply_file = workdir / "echo.reply"
+        reply_file.write_bytes(reply)
+        payload = ["--reply-file", str(reply_file)]
+    if cpp:
+        from . import cpp_echo
+
+        argv = [str(cpp_echo.binary()), "--workers", str(workers or 32)]
+    else:
+        argv = [sys.executable, str(REPO / "bench" / "echo_server.py"), "--workers", str(workers or 8)]
+    argv += [*payload, "--ready-file", str(ready), "--max-msg", str(max_msg)]
+    name = "echo_cpp" if cpp else "echo"
+    proc, log_path = spawn(name, argv, workdir, env)
+    info = wait_for(_read_ready_file(ready), proc, 30, f"{name} server")
+    return Server(name, proc, int(info["port"]), workdir, log_path)
 
 
 def start_aotiserve(workdir: Path, packages: dict[str, Path], *, runners: int | None = None,
@@ -265,14 +287,3 @@ def oip_model_ready(target: str, model: str) -> bool:
 
 def tmpdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
-
-
-def start_ladder(workdir: Path, layers: list[str], package: Path, resp_size: int) -> Server:
-    """A bench/ladder_server.py with the given cumulative layers."""
-    ready = workdir / "ladder.ready"
-    ready.unlink(missing_ok=True)
-    argv = [sys.executable, str(REPO / "bench" / "ladder_server.py"), "--layers", ",".join(layers),
-            "--package", str(package), "--resp-size", str(resp_size), "--ready-file", str(ready)]
-    proc, log_path = spawn("ladder", argv, workdir, {"OMP_NUM_THREADS": "1"})
-    info = wait_for(_read_ready_file(ready), proc, 120, f"ladder server {layers[-1]}")
-    return Server(f"ladder-{layers[-1]}", proc, int(info["port"]), workdir, log_path)

@@ -332,10 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="uploads (round 1 is the first)")
     parser.add_argument("--quiet-s", type=float, default=2.0, help="quiet p99 window (s)")
     parser.add_argument("--chunk-bytes", type=int, default=None, help="client upload chunk size")
-    parser.add_argument("--runs-on", choices=("native", "main"), default="native",
-                        help="the port the Run loop calls: the daemon's native data port (where the "
-                             "extension has it; the data path beside the Python control plane) or "
-                             "its main port")
     parser.add_argument("--admin", choices=("idle", "nice", "share"), default="idle",
                         help="how this process, the admin side (uploads, swaps, ListModels), steps "
                              "aside once the daemon and the Run client are started (on a deployment "
@@ -354,17 +350,12 @@ def main(argv: list[str] | None = None) -> int:
 
     package = model_zoo.compiled(MODEL)
     workdir = procs.tmpdir("aotiserve-bench-weights-")
-    from aotiserve import runner_ext
-
     extra = ["--weights-dir", str(workdir / "weights")] if args.weights_dir else []
     if args.reserve:
         extra.append("--reserve-inactive-buffer")
-    runs_on = args.runs_on if runner_ext.native_run_available() else "main"
-    if runs_on == "native":
-        extra += ["--native-run-port", "0"]
     server = procs.start_aotiserve(workdir, {MODEL: package}, extra_args=extra)
     results: dict = {"model": f"{MODEL} (4 x Embedding(65536, 1024) float32, 1 GiB)",
-                     "cpus": os.cpu_count(), "chunk_bytes": args.chunk_bytes, "runs_on": runs_on,
+                     "cpus": os.cpu_count(), "chunk_bytes": args.chunk_bytes,
                      "admin": args.admin, "reserve_inactive_buffer": args.reserve,
                      "rounds": []}
     try:
@@ -374,9 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         fqns = sorted(handle.get_constant_names_to_original_fqns().values())
         shapes = {f: (65536, 1024) for f in fqns}
         ids = np.array([0, 1, 65535, 12345], dtype=np.int64)
-        run_target = (f"127.0.0.1:{server.extra['ready']['native_run_port']}"
-                      if runs_on == "native" else server.target)
-        loop = RunLoop(run_target, ids)
+        loop = RunLoop(server.target, ids)
         loop.start()
         step_aside(args.admin)
         buffer_bytes = sum(int(np.prod(s)) * 4 for s in shapes.values())
@@ -404,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"model: {results['model']}; {results['cpus']} cpus; Runs on the {runs_on} port; "
+    print(f"model: {results['model']}; {results['cpus']} cpus; "
           f"Run errors: {results['run_errors']}")
     hdr = (f"{'round':>5} {'GB/s':>6} {'stage s':>8} {'swap ms':>8} {'RSS before':>10} {'peak':>8} "
            f"{'expect':>8} {'RSS x':>6} {'p99 quiet':>9} {'p99 swap':>9} {'p99 x':>6} {'flip x':>6} {'swap x':>6} "
