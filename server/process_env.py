@@ -5,7 +5,7 @@ this kind of machine that costs more than the copy (about 35 ms against 6 ms). W
 transparent huge pages it is 32 faults. Two allocators matter: glibc's malloc (the
 ``bytes`` grpcio hands Python, the messages protobuf builds) takes huge pages with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, and torch's CPU allocator (tensors the
-models write, the native data port's request buffers) with ``THP_MEM_ALLOC_ENABLE=1``.
+models write, the port's joined request buffers) with ``THP_MEM_ALLOC_ENABLE=1``.
 Both are read once, when the process starts, so ``aotiserve serve`` executes itself
 again (same pid) with them set, before anything large is allocated.
 
