@@ -18,7 +18,6 @@ Each refusal is logged, one line per reason at most once a minute.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import threading
 import time
@@ -28,6 +27,7 @@ from typing import Any, Callable
 import grpc
 
 from aotiserve.client import wire
+from aotiserve.client.channel import is_loopback_host
 
 from .errors import (
     InvalidArgument,
@@ -350,12 +350,7 @@ def _is_loopback(peer: str) -> bool:
         host = host[1:host.find("]")]
     else:
         host = host.rsplit(":", 1)[0]
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(addr, "ipv4_mapped", None)
-    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
+    return is_loopback_host(host)
 
 
 def _code(exc: BaseException) -> grpc.StatusCode:

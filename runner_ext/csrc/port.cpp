@@ -152,7 +152,6 @@ struct Port::Payload {
   const uint8_t* begin = nullptr;
   const uint8_t* end = nullptr;
   std::shared_ptr<void> keep;
-  std::string str() const { return {reinterpret_cast<const char*>(begin), size_t(end - begin)}; }
 };
 
 struct Port::Listener {
@@ -246,8 +245,6 @@ int Port::listen(const std::string& address, bool admin_rpcs) {
   listeners_.push_back(std::move(l));
   return port;
 }
-
-void Port::start() {}
 
 // Models ---------------------------------------------------------------------------
 
@@ -655,13 +652,12 @@ grpc::Status Port::serve(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
   in_flight->fetch_add(1, std::memory_order_relaxed);
   struct Exit {  // however this call ends, thrown out of or not
     Port* port;
-    std::atomic<int64_t>* in_flight;
+    std::atomic<int64_t>* in_flight;  // null once the call is Python's to count
     ~Exit() {
-      in_flight->fetch_sub(1, std::memory_order_relaxed);
+      if (in_flight) in_flight->fetch_sub(1, std::memory_order_relaxed);
       port->leave();
     }
   } on_exit{this, in_flight};
-  static std::atomic<int64_t> uncounted{0};  // in flight in Python, which counts them
   MethodSeries* series = nullptr;
   auto done = [&](grpc::Status s) {
     stats_->hot(infer ? 1 : 0);
@@ -731,9 +727,8 @@ grpc::Status Port::serve(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
   if (!model || (infer && (!infer_req.plain || (infer_req.model_version.size &&
                                                  infer_req.model_version.str() != model->version)))) {
     // Python answers (it records the call's metrics itself).
-    in_flight->fetch_sub(1, std::memory_order_relaxed);
-    uncounted.fetch_add(1, std::memory_order_relaxed);
-    on_exit.in_flight = &uncounted;
+    in_flight->fetch_sub(1, std::memory_order_relaxed);  // the interceptor counts it
+    on_exit.in_flight = nullptr;
     payload = Payload();  // the joined copy, if any, is not needed: Python gets the slices
     return forward(ctx, method, *raw, is_admin, admin_rpcs, resp);
   }

@@ -88,11 +88,10 @@ class Port {
  public:
   Port(PortConfig config, std::shared_ptr<Stats> stats);
   ~Port();
-  // Binds `address` with every service; `admin_rpcs` false: mutating RPCs are refused
-  // there (the daemon has a separate admin listener). Returns the bound port.
+  // Binds `address` with every service and starts serving there; `admin_rpcs` false:
+  // mutating RPCs are refused there (the daemon has a separate admin listener). Returns
+  // the bound port.
   int listen(const std::string& address, bool admin_rpcs);
-  // Serving starts; call after every listen().
-  void start();
 
   void add_model(std::shared_ptr<PortModel> model);
   void remove_model(const std::string& name);  // waits for its runs in flight

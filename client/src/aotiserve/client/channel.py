@@ -73,7 +73,7 @@ def is_loopback_target(target: str) -> bool:
     if target.startswith("//"):  # dns://authority/host:port
         target = target[2:].split("/", 1)[-1]
     hosts = [h.strip() for h in target.split(",")] if "," in target else [target]
-    return bool(hosts) and all(_loopback_host(_host_of(h)) for h in hosts)
+    return bool(hosts) and all(is_loopback_host(_host_of(h)) for h in hosts)
 
 
 def _host_of(hostport: str) -> str:
@@ -84,7 +84,8 @@ def _host_of(hostport: str) -> str:
     return hostport  # no port, or a bare IPv6 address
 
 
-def _loopback_host(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv4-mapped included) is this machine."""
     host = host.lower().rstrip(".")
     if host == "localhost" or host.endswith(".localhost"):
         return True
