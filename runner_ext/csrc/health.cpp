@@ -1,6 +1,8 @@
 // See health.h.
 #include "health.h"
 
+#include <algorithm>
+
 #include <grpcpp/impl/rpc_service_method.h>
 #include <grpcpp/support/callback_common.h>
 #include <grpcpp/support/server_callback.h>
@@ -11,26 +13,76 @@
 namespace aotiserve {
 namespace {
 
-// HealthCheckRequest{service = 1}; "" when absent. False: not a valid message.
+// Reads a message across gRPC's slices without joining them: a hostile request costs
+// no copy of its size (only the service name is copied).
+class SliceReader {
+ public:
+  explicit SliceReader(std::vector<grpc::Slice> slices) : slices_(std::move(slices)) {}
+  bool done() {
+    while (i_ < slices_.size() && off_ == slices_[i_].size()) next();
+    return i_ == slices_.size();
+  }
+  bool byte(uint8_t& b) {
+    if (done()) return false;
+    b = slices_[i_].begin()[off_++];
+    return true;
+  }
+  bool varint(uint64_t& v) {
+    v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      uint8_t b;
+      if (!byte(b)) return false;
+      v |= uint64_t(b & 0x7f) << shift;
+      if (!(b & 0x80)) return true;
+    }
+    return false;
+  }
+  // Skips (out null) or copies `n` bytes.
+  bool take(uint64_t n, std::string* out) {
+    while (n > 0) {
+      if (done()) return false;
+      size_t k = std::min<uint64_t>(n, slices_[i_].size() - off_);
+      if (out) out->append(reinterpret_cast<const char*>(slices_[i_].begin() + off_), k);
+      off_ += k;
+      n -= k;
+    }
+    return true;
+  }
+
+ private:
+  void next() {
+    ++i_;
+    off_ = 0;
+  }
+  std::vector<grpc::Slice> slices_;
+  size_t i_ = 0, off_ = 0;
+};
+
+// HealthCheckRequest{service = 1}; "" when absent. False: not a valid message, or more
+// than kMaxFields fields.
 bool parse_service(const grpc::ByteBuffer* req, std::string& service) {
   std::vector<grpc::Slice> slices;
-  std::string bytes;
   if (!req->Dump(&slices).ok()) return false;
-  for (const auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
-  const auto* p = reinterpret_cast<const uint8_t*>(bytes.data());
-  const auto* end = p + bytes.size();
+  SliceReader r(std::move(slices));
   int64_t fields = 0;
-  while (p < end) {
-    uint64_t tag;
-    if (!wire::read_varint(p, end, tag)) return false;
+  while (!r.done()) {
+    uint64_t tag, v;
+    if (!r.varint(tag) || (tag >> 3) < 1 || (tag >> 3) > 0x1FFFFFFF) return false;
     if (++fields > wire::kMaxFields) return false;
-    if (tag == (1 << 3 | 2)) {
-      const uint8_t* body;
-      uint64_t len;
-      if (!wire::read_bytes(p, end, body, len)) return false;
-      service.assign(reinterpret_cast<const char*>(body), len);
-    } else if (!wire::skip_field(p, end, tag & 7)) {
-      return false;
+    switch (tag & 7) {
+      case 0: if (!r.varint(v)) return false; break;
+      case 1: if (!r.take(8, nullptr)) return false; break;
+      case 5: if (!r.take(4, nullptr)) return false; break;
+      case 2:
+        if (!r.varint(v)) return false;
+        if (tag == (1 << 3 | 2)) {
+          service.clear();
+          if (!r.take(v, &service)) return false;
+        } else if (!r.take(v, nullptr)) {
+          return false;
+        }
+        break;
+      default: return false;
     }
   }
   return true;

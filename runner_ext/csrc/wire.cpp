@@ -55,6 +55,12 @@ bool read_varint(const uint8_t*& p, const uint8_t* end, uint64_t& v) {
   return false;
 }
 
+bool read_tag(const uint8_t*& p, const uint8_t* end, uint64_t& tag) {
+  if (!read_varint(p, end, tag)) return false;
+  uint64_t field = tag >> 3;
+  return field >= 1 && field <= 0x1FFFFFFF;  // protobuf's field numbers; others: corrupt
+}
+
 void put_varint(std::string& out, uint64_t v) {
   while (v >= 0x80) {
     out.push_back(char(v | 0x80));
@@ -178,7 +184,7 @@ bool skip_counted(const uint8_t*& p, const uint8_t* end, uint64_t tag, int64_t& 
   if (depth > 32) return false;
   while (p < end) {
     uint64_t inner;
-    if (!read_varint(p, end, inner)) return false;
+    if (!read_tag(p, end, inner)) return false;
     if ((inner & 7) == 4) return (inner >> 3) == (tag >> 3);
     if (++fields > kMaxFields) return true;  // the caller sees the count
     if (!skip_counted(p, end, inner, fields, depth + 1)) return false;
@@ -200,7 +206,7 @@ ParseError parse_run_request(const uint8_t* p, const uint8_t* end, const Limits&
   int64_t fields = 0;
   while (p < end) {
     uint64_t tag;
-    if (!read_varint(p, end, tag)) return {kMalformed};
+    if (!read_tag(p, end, tag)) return {kMalformed};
     uint64_t field = tag >> 3, wt = tag & 7;
     const uint8_t* body;
     uint64_t len;
@@ -216,7 +222,7 @@ ParseError parse_run_request(const uint8_t* p, const uint8_t* end, const Limits&
       int64_t tfields = 0;
       while (body < stop) {
         uint64_t ttag;
-        if (!read_varint(body, stop, ttag)) return {kMalformed};
+        if (!read_tag(body, stop, ttag)) return {kMalformed};
         uint64_t tf = ttag >> 3, twt = ttag & 7;
         if (tf == 2 && (twt == kVarint || twt == kBytes)) {
           auto err = read_shape(body, stop, twt, limits, t);
@@ -259,7 +265,7 @@ ParseError parse_infer_request(const uint8_t* p, const uint8_t* end, const Limit
   };
   while (p < end) {
     uint64_t tag;
-    if (!read_varint(p, end, tag)) return {kMalformed};
+    if (!read_tag(p, end, tag)) return {kMalformed};
     uint64_t field = tag >> 3, wt = tag & 7;
     const uint8_t* body;
     uint64_t len;
@@ -299,7 +305,7 @@ ParseError parse_infer_request(const uint8_t* p, const uint8_t* end, const Limit
         int64_t tfields = 0, tparams = 0;
         while (body < stop) {
           uint64_t ttag;
-          if (!read_varint(body, stop, ttag)) return {kMalformed};
+          if (!read_tag(body, stop, ttag)) return {kMalformed};
           uint64_t tf = ttag >> 3, twt = ttag & 7;
           const uint8_t* b2;
           uint64_t l2;

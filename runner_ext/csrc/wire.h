@@ -33,6 +33,8 @@ struct Limits {
 
 // protobuf's varint / length-delimited primitives.
 bool read_varint(const uint8_t*& p, const uint8_t* end, uint64_t& v);
+// A field's tag; false for a malformed varint or a field number protobuf refuses.
+bool read_tag(const uint8_t*& p, const uint8_t* end, uint64_t& tag);
 void put_varint(std::string& out, uint64_t v);
 bool skip_field(const uint8_t*& p, const uint8_t* end, uint64_t wire_type);
 // A length-delimited field's body: [p, p + len) after the length.
