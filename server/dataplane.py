@@ -35,10 +35,11 @@ import torch
 from aotiserve import runner_ext
 from aotiserve.v1 import model_runner_pb2 as pb
 
-from . import io_specs
+from . import io_specs, safetensors_source, weights_ipc, weights_pull
 from . import tensor_codec as codec
 from .config import ServeConfig
 from .errors import (
+    Cancelled,
     Internal,
     InvalidArgument,
     NotFound,
@@ -133,8 +134,10 @@ class Upload:
     """A weight upload in progress (see ``weights.StagingUpload``)."""
 
     def __init__(self, plane: "DataPlane", model: ServedModel, staging: StagingUpload,
-                 author: str, claimed: bool):
+                 author: str, claimed: bool, path: str = "upload"):
         self._plane = plane
+        self.path = path  # how the bytes came: upload, file, gpu-direct (metrics)
+        self._started = time.perf_counter()
         self.model = model
         self.staging = staging
         self.author = author
@@ -143,11 +146,12 @@ class Upload:
     def add_chunk(self, chunk: pb.ConstantChunk) -> None:
         self.staging.add_chunk(chunk)
 
-    def commit(self) -> tuple[WeightsVersion, int, list[str]]:
-        """Validates completeness and writes the weights; returns (version, bytes, names)."""
+    def commit(self, sha256: str | None = None) -> tuple[WeightsVersion, int, list[str]]:
+        """Validates completeness and writes the weights; returns (version, bytes, names).
+        ``sha256``: the version's, computed by the caller (else the tree hash)."""
         model = self.model
         try:
-            tensors, sha = self.staging.finish()
+            tensors, sha = self.staging.finish(sha256)
             version = new_version(sha, self.author, self.staging.header.description)
             model.stage(tensors, self.staging.use_inactive, version, self._plane.registry.store)
         except BaseException as exc:
@@ -156,13 +160,16 @@ class Upload:
             raise
         received = self.staging.bytes_received
         if self._plane.metrics:
-            self._plane.metrics.staged_bytes.labels(model.name).inc(received)
+            self._plane.metrics.staged(model.name, self.path, received,
+                                       time.perf_counter() - self._started)
         self._plane._count_op(model.name, "stage", None)
         names = sorted(self.staging.staged)
         self.discard()
-        log.info("model %r: %s weights version %s (%d constants, %d bytes) from %s",
-                 model.name, "staged" if self.staging.use_inactive else "updated active to",
-                 version.id, len(names), received, self.author or "?")
+        log.info("model %r: %s weights version %s (%d constants, %d bytes, %s) from %s in "
+                 "%.3fs", model.name,
+                 "staged" if self.staging.use_inactive else "updated active to",
+                 version.id, len(names), received, self.path, self.author or "?",
+                 time.perf_counter() - self._started)
         return version, received, names
 
     def discard(self) -> None:
@@ -453,11 +460,93 @@ class DataPlane:
             raise
         return Upload(self, model, staging, author, claimed)
 
+    def load_weights(self, name: str, path: str, validate_full: bool, description: str,
+                     author: str, is_active: Callable[[], bool] = lambda: True
+                     ) -> tuple[WeightsVersion, int, list[str]]:
+        """Stages a safetensors file (or sharded folder) below an allowed root into the
+        inactive buffer (``weights_pull``); returns (version, bytes, constants written)."""
+        model = self.registry.get(name)
+        started = time.perf_counter()
+        try:
+            resolved = self.resolve_path(path, "weights path", self.config.allowed_roots,
+                                         "weights root", "--allowed-root")
+            check = safetensors_source.check_below([Path(r) for r in self.config.allowed_roots])
+            with safetensors_source.open_source(resolved, check, self.limits,
+                                                self.limits.max_constants) as source:
+                header, entries = weights_pull.upload_header(name, source, validate_full,
+                                                             description)
+                upload = self._claim(model, header, author, "file")
+                upload._started = started
+                try:
+                    source.advise_sequential()
+                    weights_pull.fill(upload.staging, entries, is_active)
+                except BaseException:
+                    upload.discard()
+                    raise
+        except BaseException as exc:
+            self._count_op(model.name, "stage", exc)
+            raise
+        if not is_active():
+            upload.discard()
+            raise Cancelled("the call was cancelled; nothing was staged")
+        return upload.commit()
+
+    def load_weights_from_cuda(self, request: pb.LoadWeightsFromCudaRequest, author: str,
+                               is_active: Callable[[], bool] = lambda: True
+                               ) -> tuple[WeightsVersion, int, list[str]]:
+        """Stages CUDA tensors a colocated process shares by IPC handle (``weights_ipc``)."""
+        model = self.registry.get(request.model)
+        started = time.perf_counter()
+        try:
+            index = weights_ipc.check_placement(model, request)
+            weights_ipc.check_extents(request)
+            upload = self._claim(model, weights_ipc.upload_header(request), author, "gpu-direct")
+            upload._started = started
+            try:
+                sha = weights_ipc.fill(upload.staging, request, index, is_active)
+                if not is_active():
+                    raise Cancelled("the call was cancelled; nothing was staged")
+            except BaseException:
+                upload.discard()
+                raise
+        except BaseException as exc:
+            self._count_op(model.name, "stage", exc)
+            raise
+        return upload.commit(sha)
+
+    def _claim(self, model: ServedModel, header: pb.UpdateConstantBufferHeader, author: str,
+               path: str) -> Upload:
+        """A validated staging of ``header``'s constants written in place into the
+        model's inactive buffer (claimed until the Upload commits or is discarded)."""
+        gauge = self.metrics.staging_bytes.labels(model.name) if self.metrics else None
+        staging = StagingUpload(model, header, self.config.max_upload_bytes, self.limits,
+                                gauge.inc if gauge else None)
+        targets = model.begin_upload(list(staging.declared))
+        try:
+            staging.allocate(targets)
+        except BaseException:
+            model.end_upload()
+            raise
+        return Upload(self, model, staging, author, True, path)
+
     def swap(self, name: str) -> WeightsVersion:
-        return self._weights_op(name, "swap", lambda m: m.swap(self.registry.store))
+        return self._weights_op(name, "swap", self._timed_flip("swap", lambda m: m.swap(
+            self.registry.store)))
 
     def rollback(self, name: str) -> WeightsVersion:
-        return self._weights_op(name, "rollback", lambda m: m.rollback(self.registry.store))
+        return self._weights_op(name, "rollback", self._timed_flip("rollback", lambda m: m.rollback(
+            self.registry.store)))
+
+    def _timed_flip(self, op: str, flip: Callable[[ServedModel], WeightsVersion]
+                    ) -> Callable[[ServedModel], WeightsVersion]:
+        def timed(model: ServedModel) -> WeightsVersion:
+            started = time.perf_counter()
+            version = flip(model)
+            if self.metrics:
+                self.metrics.swap_seconds.labels(model.name, op).observe(
+                    time.perf_counter() - started)
+            return version
+        return timed
 
     def free_inactive(self, name: str) -> None:
         return self._weights_op(name, "free", lambda m: m.free_inactive(self.registry.store))

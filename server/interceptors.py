@@ -49,6 +49,8 @@ MUTATING_METHODS = frozenset({
     "/aotiserve.v1.ModelRunner/RollbackConstantBuffer",
     "/aotiserve.v1.ModelRunner/FreeInactiveConstantBuffer",
     "/aotiserve.v1.ModelRunner/UpdateConstantBufferFromBlob",
+    "/aotiserve.v1.ModelRunner/LoadWeights",
+    "/aotiserve.v1.ModelRunner/LoadWeightsFromCuda",
     "/inference.GRPCInferenceService/RepositoryModelLoad",
     "/inference.GRPCInferenceService/RepositoryModelUnload",
 })

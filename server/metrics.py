@@ -7,10 +7,11 @@ process (tests) do not collide; :meth:`Metrics.serve` exposes it over HTTP.
 from __future__ import annotations
 
 import logging
+import time
 
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from aotiserve import runner_ext
@@ -21,6 +22,10 @@ _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0,
 )
+
+# Weight stagings: a small model's in milliseconds to many GiB in tens of seconds.
+_WEIGHTS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 120.0, 300.0)
 
 
 class Metrics:
@@ -42,8 +47,18 @@ class Metrics:
             "aotiserve_constant_buffer_ops_total", "Weight operations by outcome",
             ["model", "op", "outcome"], registry=r)
         self.staged_bytes = Counter(
-            "aotiserve_staged_bytes_total", "Weight bytes received for staging",
-            ["model"], registry=r)
+            "aotiserve_staged_bytes_total", "Weight bytes staged, by the path they came "
+            "(upload: UpdateConstantBuffer; file: LoadWeights; gpu-direct: LoadWeightsFromCuda)",
+            ["model", "path"], registry=r)
+        self.stage_seconds = Histogram(
+            "aotiserve_weights_stage_seconds", "Time to stage weights (validate, write, hash, "
+            "hand over), by path", ["model", "path"], buckets=_WEIGHTS_BUCKETS, registry=r)
+        self.swap_seconds = Histogram(
+            "aotiserve_weights_swap_seconds", "Time of a swap or rollback RPC's flip",
+            ["model", "op"], buckets=_LATENCY_BUCKETS, registry=r)
+        # model -> created_unix_ms of the version serving (the age gauge is made per scrape).
+        self._active_created: dict[str, int] = {}
+        r.register(_StatsCollector(lambda: dict(self._active_created), _age_families))
         self.staging_bytes = Gauge(
             "aotiserve_staging_bytes", "Bytes held by uploads in progress",
             ["model"], registry=r)
@@ -57,14 +72,23 @@ class Metrics:
         value = self.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
 
-    def set_active_version(self, model: str, version: str, sha256: str) -> None:
+    def staged(self, model: str, path: str, nbytes: int, seconds: float) -> None:
+        """One staging finished: its bytes and duration, by path."""
+        self.staged_bytes.labels(model, path).inc(nbytes)
+        self.stage_seconds.labels(model, path).observe(seconds)
+
+    def set_active_version(self, model: str, version: str, sha256: str,
+                           created_unix_ms: int | None = None) -> None:
         """Keeps exactly one weights_version series per model at 1."""
+        if created_unix_ms is not None:
+            self._active_created[model] = created_unix_ms
         for labels in list(self.weights_version._metrics):  # noqa: SLF001 (no public API)
             if labels[0] == model:
                 self.weights_version.remove(*labels)
         self.weights_version.labels(model, version, sha256[:16]).set(1)
 
     def forget_model(self, model: str) -> None:
+        self._active_created.pop(model, None)
         for labels in list(self.weights_version._metrics):  # noqa: SLF001
             if labels[0] == model:
                 self.weights_version.remove(*labels)
@@ -185,3 +209,13 @@ def _core_spread_families(s: dict):
     yield CounterMetricFamily("aotiserve_spread_runs_shared",
                               "Pinned runs that shared their core with another long run "
                               "(more long runs at once than cores)", value=s["shared"])
+
+
+def _age_families(created: dict[str, int]):
+    family = GaugeMetricFamily("aotiserve_weights_active_age_seconds",
+                               "Seconds since the weights version serving now was created",
+                               labels=["model"])
+    now_ms = time.time() * 1000
+    for model, ms in sorted(created.items()):
+        family.add_metric([model], max(0.0, (now_ms - ms) / 1000))
+    yield family

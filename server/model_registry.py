@@ -64,6 +64,7 @@ from .metrics import Metrics
 from . import io_specs, warmup
 from .io_specs import IOSpec
 from .rwlock import RWLock
+from .buffer_contents import BufferContents
 from .weights import FOLDED_PREFIX, INITIAL, WeightsVersion, map_sha256
 from .weights_store import WeightsStore
 
@@ -132,6 +133,8 @@ class WeightsState:
     inactive_empty: bool = True
     # An upload is writing into the inactive buffer (one at a time per model).
     uploading: bool = False
+    # What each buffer holds per constant (partial stagings copy only what differs).
+    contents: BufferContents = field(default_factory=lambda: BufferContents(()))
 
     @property
     def inactive_has_served(self) -> bool:
@@ -230,7 +233,8 @@ class ServedModel:
             self.constants_by_name[name] = info
         self.weights = WeightsState(
             WeightsVersion(INITIAL, map_sha256(self, live), int(time.time() * 1000), "package",
-                           os.path.basename(self.path)))
+                           os.path.basename(self.path)),
+            contents=BufferContents(self.constants))
         self._setup_batching()
 
     def _describe_io(self, first: Replica) -> None:
@@ -354,8 +358,10 @@ class ServedModel:
         with self._weights_op():
             state = self.weights
             if use_inactive:
+                stale = state.contents.stale(set(self.constants) - set(tensors))
                 for i, replica in enumerate(self.replicas):
-                    full = self._inactive_map(replica, {fqn: ts[i] for fqn, ts in tensors.items()})
+                    full = self._inactive_map(replica, {fqn: ts[i] for fqn, ts in tensors.items()},
+                                              stale)
                     # Handed over, not copied: the tensors are the inactive buffer's own
                     # memory (written in place) or ones made for this upload alone. A
                     # copy here doubled the time of a staging and, for a buffer torch had
@@ -364,6 +370,8 @@ class ServedModel:
                         lambda r=replica, m=full: r.runner.update_constant_buffer(
                             m, True, False, user_managed=True))
                 state.inactive_empty = False
+                state.contents.synced(stale)
+                state.contents.written_inactive(tensors)
                 if store is not None:
                     store.save_version(self.name, version, self._extract(0, True))
                 state.staged, state.previous = version, None
@@ -386,24 +394,28 @@ class ServedModel:
                             lambda r=replica, m=m: r.runner.update_constant_buffer(
                                 m, False, False, user_managed=True))
                     state.active = version
+                    state.contents.written_active(tensors)
                 if store is not None:
                     store.commit(self.name, version)
                     self._prune(store)
                 self._gauge_version()
 
-    def _inactive_map(self, replica: Replica, new: Mapping[str, torch.Tensor]
-                      ) -> dict[str, torch.Tensor]:
+    def _inactive_map(self, replica: Replica, new: Mapping[str, torch.Tensor],
+                      stale: set[str]) -> dict[str, torch.Tensor]:
         """The inactive buffer's next content, by constant name: ``new`` ({fqn: tensor},
-        tensors nothing else uses), and for every other constant the active weights,
-        copied into the inactive buffer's own memory (a partial update starts from what
-        serves). No tensor of the result shares memory with the active buffer."""
+        tensors nothing else uses), and for every other constant the active weights (a
+        partial update starts from what serves): kept where the inactive buffer already
+        holds them, copied into its own memory where it does not (``stale``, see
+        buffer_contents). No tensor of the result shares memory with the active buffer."""
         missing = [fqn for fqn in self.constants if fqn not in new]
-        current = replica.runner.extract_constants_map(True) if missing else {}
-        active = replica.runner.extract_constants_map(False) if missing else {}
+        current = self._inactive_views(replica) if missing else {}
+        active = replica.runner.extract_constants_map(False) if stale else {}
         full = {}
         for fqn, info in self.constants.items():
             t = new.get(fqn)
-            if t is None:
+            if t is None and fqn not in stale and self._views_fit(current, [fqn]):
+                t = current[fqn]  # holds the active content already: nothing to copy
+            elif t is None:
                 t = self._copy_into(replica, fqn, current.get(fqn), active[fqn])
                 if t is None:
                     t = active[fqn].clone()
@@ -439,16 +451,23 @@ class ServedModel:
                 state.staged = state.previous = None
                 views = []
                 every = set(fqns) >= set(self.constants)
+                filled = False
                 for replica in self.replicas:
                     current = self._inactive_views(replica)
                     if not self._views_fit(current) and every:
                         # Nothing to write into, and every constant comes: the upload
                         # makes its own tensors (no fill with weights it overwrites),
                         # which become the buffer once staged.
+                        state.contents.forget_inactive()
                         return None
                     if not self._views_fit(current):
                         current = self._fill_inactive(replica)
+                        filled = True
                     views.append({fqn: current[fqn] for fqn in fqns})
+                if filled:
+                    state.contents.synced(self.constants)
+                # Overwritten from here on (a failed upload leaves them half written).
+                state.contents.forget_inactive(fqns)
                 state.inactive_empty = False
                 if not all(self._views_fit(v, fqns) for v in views):
                     return None
@@ -481,9 +500,13 @@ class ServedModel:
         a model whose two buffers do not fit fails now rather than at its first upload."""
         with self._weights_op():
             state = self.weights
+            filled = False
             for replica in self.replicas:
                 if not self._views_fit(self._inactive_views(replica)):
                     self._fill_inactive(replica)
+                    filled = True
+            if filled:
+                state.contents.synced(self.constants)
             state.inactive_empty = False
         log.info("model %r: inactive buffer reserved (%.1f MiB per replica)", self.name,
                  sum(i.nbytes for i in self.constants.values()) / 2**20)
@@ -583,6 +606,7 @@ class ServedModel:
                 for replica in self.replicas:
                     replica.runner.swap_constant_buffer()
             self.weights.swaps += 1
+            self.weights.contents.flip()
             versions()
 
     def free_inactive(self, store: WeightsStore | None) -> None:
@@ -594,6 +618,7 @@ class ServedModel:
                 for replica in self.replicas:
                     replica.runner.free_inactive_constant_buffer()
                 state.inactive_empty = True
+                state.contents.forget_inactive()
             else:
                 log.debug("model %r: the inactive buffer has served; keeping its memory "
                           "(freeing it makes the container crash on the next staging)", self.name)
@@ -610,6 +635,7 @@ class ServedModel:
                 for replica in self.replicas:
                     replica.runner.update_constant_buffer_from_blob(path)
                 self.weights.active = version
+                self.weights.contents.written_active(self.constants)
             if store is not None:
                 store.save_version(self.name, version, self._extract(0, False))
                 store.commit(self.name, version)
@@ -639,7 +665,8 @@ class ServedModel:
     def _gauge_version(self) -> None:
         if self.metrics and self.weights:
             self.metrics.set_active_version(self.name, self.weights.active.id,
-                                            self.weights.active.sha256)
+                                            self.weights.active.sha256,
+                                            self.weights.active.created_unix_ms)
 
     # Description -----------------------------------------------------------
 

@@ -175,6 +175,22 @@ class NativeServicer(pb_grpc.ModelRunnerServicer):
         version = self.plane.update_from_blob(request.model, request.weights_path, _author(context))
         return pb.UpdateConstantBufferFromBlobResponse(version=version.to_proto())
 
+    def LoadWeights(self, request: pb.LoadWeightsRequest, context) -> pb.LoadWeightsResponse:
+        with self.plane.weight_stream("LoadWeights"):
+            version, staged, names = self.plane.load_weights(
+                request.model, request.path, request.validate_full_updates, request.description,
+                _author(context), context.is_active)
+        return pb.LoadWeightsResponse(version=version.to_proto(), bytes_staged=staged,
+                                      updated=names)
+
+    def LoadWeightsFromCuda(self, request: pb.LoadWeightsFromCudaRequest,
+                            context) -> pb.LoadWeightsFromCudaResponse:
+        with self.plane.weight_stream("LoadWeightsFromCuda"):
+            version, staged, names = self.plane.load_weights_from_cuda(
+                request, _author(context), context.is_active)
+        return pb.LoadWeightsFromCudaResponse(version=version.to_proto(), bytes_staged=staged,
+                                              updated=names)
+
     def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
         info = self.plane.load_model(request.name, request.path, list(request.devices),
                                      request.runners_per_device, request.package_model or None)

@@ -110,6 +110,13 @@ def _block_hash(view: torch.Tensor, start: int, end: int) -> bytes:
     return hashlib.sha256(memoryview(view[start:end].numpy())).digest()
 
 
+def block_digests(host: torch.Tensor, start: int, end: int) -> dict[int, bytes]:
+    """Digests of the hash blocks of bytes [start, end) of a constant, read from ``host``
+    (a flat uint8 CPU tensor holding exactly those bytes); ``start`` on a block boundary."""
+    return {(start + lo) // HASH_BLOCK: _block_hash(host, lo, min(end - start, lo + HASH_BLOCK))
+            for lo in range(0, end - start, HASH_BLOCK)}
+
+
 def _combine(block_digests: Iterable[bytes]) -> bytes:
     h = hashlib.sha256()
     for d in block_digests:
@@ -211,6 +218,7 @@ class StagingUpload:
         self._on_bytes = on_bytes
         self._held = 0
         self.in_place = False
+        self._written_lock = threading.Lock()
 
     def allocate(self, targets: "list[Mapping[str, torch.Tensor]] | None" = None) -> None:
         """Where chunks go: ``targets`` (per replica {fqn: tensor}, e.g. views of the
@@ -271,6 +279,23 @@ class StagingUpload:
         if st.cpu_index is not None:
             self._hash_complete_blocks(st, start, end)
 
+    def written(self, fqn: str, start: int, end: int, block_digests: Mapping[int, bytes]) -> None:
+        """Bytes [start, end) of constant ``fqn`` were written into every replica's tensor
+        by the caller (a server-side pull), with the digests of the hash blocks (by block
+        number) they cover, which must be whole blocks: ``start`` on a block boundary,
+        ``end`` on one or at the constant's end. Non-overlapping calls, any order."""
+        st = self.staged[fqn]
+        with self._written_lock:  # called from several reading threads at once
+            i = bisect.bisect_left(st.intervals, (start, end))
+            st.intervals.insert(i, (start, end))
+            st.received += end - start
+            self.bytes_received += end - start
+        for b, digest in block_digests.items():
+            done: cf.Future[bytes] = cf.Future()
+            done.set_result(digest)
+            st.block_hashes[b] = done
+            st.block_filled[b] = min(st.info.nbytes, (b + 1) * HASH_BLOCK) - b * HASH_BLOCK
+
     def _buffers(self):
         """In place, the runner's buffer is written: keep the model from closing meanwhile."""
         return self.model.using_buffers() if self.in_place else contextlib.nullcontext()
@@ -288,17 +313,20 @@ class StagingUpload:
             if st.block_filled[b] == hi - lo:
                 st.block_hashes[b] = _hash_pool.submit(self._guarded_block_hash, view, lo, hi)
 
-    def finish(self) -> tuple[dict[str, list[torch.Tensor]], str]:
-        """Checks completeness; returns ({fqn: per-replica tensors}, sha256)."""
+    def finish(self, sha256: str | None = None) -> tuple[dict[str, list[torch.Tensor]], str]:
+        """Checks completeness; returns ({fqn: per-replica tensors}, sha256). ``sha256``
+        given (a gpu-direct hand-off fingerprints on the device): no tree hash."""
         for fqn, st in sorted(self.staged.items()):
             if st.received != st.info.nbytes:
                 raise InvalidArgument(
                     f"constant {fqn!r}: received {st.received} of {st.info.nbytes} bytes; "
                     "the upload ended early")
+        if sha256 is not None:
+            return {fqn: st.tensors for fqn, st in self.staged.items()}, sha256
         digests = []
         with self._buffers():
             for st in self.staged.values():
-                if st.cpu_index is not None:
+                if st.cpu_index is not None or st.block_hashes:
                     digest = _combine(st.block_hashes[b].result()
                                       for b in range(len(st.block_filled)))
                 else:

@@ -97,6 +97,18 @@ class BigEmbed(torch.nn.Module):
         return sum(t(ids) for t in self.tables)
 
 
+class ManyEmbed(torch.nn.Module):
+    """100 x Embedding(rows, 1024) float32: 1 GiB (rows=2622) of weights in 100 constants
+    of 1% each, for partial updates (bench/weights.py --paths: updating 1% of the bytes)."""
+
+    def __init__(self, rows: int = 2622):
+        super().__init__()
+        self.tables = torch.nn.ModuleList(torch.nn.Embedding(rows, 1024) for _ in range(100))
+
+    def forward(self, ids):
+        return sum(t(ids) for t in self.tables)
+
+
 class Alias(torch.nn.Module):
     """Its first output is a view of its input (AOTInductor hands such views back as they
     are): the port must keep the request's bytes alive while it sends them."""
@@ -183,6 +195,11 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("failing", FailingCheck, lambda b: (torch.randn(b, 8),), dynamic_batch=False),
         ModelSpec("big_embed", BigEmbed, lambda b: (torch.randint(0, 65536, (b,)),),
                   weights_outside_so=True),
+        ModelSpec("many_embed", ManyEmbed, lambda b: (torch.randint(0, 2622, (b,)),),
+                  weights_outside_so=True),
+        # The same at 4 GiB (GPU recipe: bench/weights.py --paths --gib 4).
+        ModelSpec("many_embed_4g", lambda: ManyEmbed(10488),
+                  lambda b: (torch.randint(0, 10488, (b,)),), weights_outside_so=True),
         # Plain packages (issue 18): torch's defaults, so a Dim(min=1) batch refuses 1
         # (check_lowerbound) and some weights are folded into code.
         ModelSpec("plain_mlp", MLP, lambda b: (torch.randn(b, 64),), plain=True),

@@ -169,6 +169,14 @@ MUTATING_CALLS = [
      lambda s, o, md, repo: s.UpdateConstantBufferFromBlob(pb.UpdateConstantBufferFromBlobRequest(
          model="mlp", weights_path=str(repo / "junk.blob")), metadata=md),
      CODE.INVALID_ARGUMENT),  # it ran: the blob is too short for the model
+    ("/aotiserve.v1.ModelRunner/LoadWeights",
+     lambda s, o, md, repo: s.LoadWeights(pb.LoadWeightsRequest(
+         model="mlp", path=str(repo / "junk.blob")), metadata=md),
+     CODE.INVALID_ARGUMENT),  # it ran: not a safetensors file
+    ("/aotiserve.v1.ModelRunner/LoadWeightsFromCuda",
+     lambda s, o, md, repo: s.LoadWeightsFromCuda(pb.LoadWeightsFromCudaRequest(
+         model="mlp", host_id="another-host"), metadata=md),
+     CODE.FAILED_PRECONDITION),  # it ran: handles from another host are refused
     ("/inference.GRPCInferenceService/RepositoryModelUnload",
      lambda s, o, md, repo: o.RepositoryModelUnload(
          ipb.RepositoryModelUnloadRequest(model_name="two_io"), metadata=md), CODE.OK),

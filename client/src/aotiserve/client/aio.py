@@ -125,6 +125,24 @@ class AsyncModel:
             model=self.name, weights_path=os.fspath(weights_path)))
         return WeightsVersion.from_proto(r.version)
 
+    async def load_weights(self, path: str | os.PathLike, *, validate_full_updates: bool = False,
+                           description: str = "") -> WeightsVersion | None:
+        """Extension: the server stages a safetensors file from its own disk (see Model)."""
+        r = await self._client._call("LoadWeights", pb.LoadWeightsRequest(
+            model=self.name, path=os.fspath(path), validate_full_updates=validate_full_updates,
+            description=description))
+        return WeightsVersion.from_proto(r.version)
+
+    async def load_weights_from_cuda(self, tensor_map, *, validate_full_updates: bool = False,
+                                     description: str = "") -> WeightsVersion | None:
+        """Extension: GPU-direct hand-off of CUDA tensors (see Model)."""
+        from aotiserve.client import cuda_ipc
+
+        r = await self._client._call("LoadWeightsFromCuda", cuda_ipc.share(
+            self.name, tensor_map, validate_full_updates=validate_full_updates,
+            description=description))
+        return WeightsVersion.from_proto(r.version)
+
     async def stream_constants(
         self,
         items: Iterable[UploadItem],

@@ -32,6 +32,7 @@ WEIGHTS_VERSION_TRAILER = "aotiserve-weights-version"
 MUTATING_RPCS = frozenset({
     "LoadModel", "UnloadModel", "UpdateConstantBuffer", "SwapConstantBuffer",
     "RollbackConstantBuffer", "FreeInactiveConstantBuffer", "UpdateConstantBufferFromBlob",
+    "LoadWeights", "LoadWeightsFromCuda",
 })
 
 

@@ -6,7 +6,7 @@
     aotiserve infer --model M --random      run a model on random inputs (or --input x.npy ...)
     aotiserve health [--wait S]             the standard gRPC health status
     aotiserve load NAME PATH / unload NAME  model management
-    aotiserve weights push|pull|rollback|free|rollout ...
+    aotiserve weights push|load|pull|rollback|free|rollout ...
 
 Connection flags work before or after the command: ``--target`` (default
 $AOTISERVE_TARGET, else localhost:8500), ``--admin-token-file``,
@@ -173,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = action("push", "stage a safetensors file (validated), then swap it in")
     upload_flags(p)
     p.add_argument("--no-swap", action="store_true", help="stage only; swap later with the runner API")
+    p = action("load", "have the server stage a safetensors file from its own disk "
+               "(below its --allowed-root), then optionally swap it in")
+    p.add_argument("path", metavar="PATH",
+                   help="on the server: a .safetensors file, or a folder of shards with "
+                   "model.safetensors.index.json")
+    p.add_argument("--full", action="store_true",
+                   help="require the file to cover every weight (default: partial allowed)")
+    p.add_argument("--swap", action="store_true", help="swap it in once staged")
+    p.add_argument("--description", default="", help="kept with the version (default: file name)")
     p = action("pull", "download the served weights as a safetensors file")
     p.add_argument("out", metavar="OUT.safetensors")
     p.add_argument("--inactive", action="store_true", help="the inactive (staged/previous) buffer")
@@ -404,6 +413,24 @@ def cmd_weights_push(cfg: CliConfig, args) -> int:
     return 0
 
 
+def cmd_weights_load(cfg: CliConfig, args) -> int:
+    from aotiserve.client import weights
+
+    with cfg.client() as client:
+        staged, active = weights.load(client, args.model, args.path, partial=not args.full,
+                                      swap=args.swap, description=args.description)
+    if cfg.json:
+        _print_json({"model": args.model, "staged": _version_dict(staged),
+                     "active": _version_dict(active)})
+    elif active is None:
+        print(f"staged {staged.id if staged else '?'} on {args.model} from {args.path} "
+              "(not swapped in)")
+    else:
+        print(f"{args.model} now serves {active.id} (from {args.path}); "
+              f"`aotiserve weights rollback --model {args.model}` restores the previous weights")
+    return 0
+
+
 def cmd_weights_pull(cfg: CliConfig, args) -> int:
     from aotiserve.client import weights
 
@@ -463,6 +490,7 @@ COMMANDS = {
     "models": cmd_models, "infer": cmd_infer, "inspect": cmd_inspect, "health": cmd_health,
     "load": cmd_load, "unload": cmd_unload,
     ("weights", "push"): cmd_weights_push, ("weights", "pull"): cmd_weights_pull,
+    ("weights", "load"): cmd_weights_load,
     ("weights", "rollback"): cmd_weights_rollback, ("weights", "free"): cmd_weights_free,
     ("weights", "rollout"): cmd_weights_rollout,
 }

@@ -133,13 +133,35 @@ class Model:
         description: str = "",
         chunk_bytes: int | None = None,
         progress: ProgressCallback | None = None,
+        gpu_direct: bool | None = None,
     ) -> WeightsVersion | None:
         """Writes constants (keys: constant names or original FQNs) into a buffer.
 
         The tensors stream in chunks of ``chunk_bytes`` after a header that
         declares them all, so any size travels and nothing is built as one
         message. Returns the version the written weights form (torch returns None).
+
+        CUDA tensors (all on one GPU) staged with ``use_inactive=True`` are handed over
+        GPU-direct when the daemon runs on the same host and GPU (``LoadWeightsFromCuda``:
+        CUDA IPC handles, copied device to device, no host round trip); where it cannot
+        (another host or GPU), they are streamed instead. ``gpu_direct=True`` insists
+        (the daemon's FAILED_PRECONDITION, with its reason, is raised), ``False`` always
+        streams.
         """
+        from aotiserve.client import cuda_ipc
+
+        if gpu_direct is not False and use_inactive and cuda_ipc.all_cuda(tensor_map):
+            try:
+                return self.load_weights_from_cuda(
+                    tensor_map, validate_full_updates=validate_full_updates,
+                    description=description)
+            except ClientError as e:
+                if gpu_direct or e.code not in (grpc.StatusCode.FAILED_PRECONDITION,
+                                                grpc.StatusCode.UNIMPLEMENTED):
+                    raise
+        elif gpu_direct:
+            raise ValueError("gpu_direct=True needs use_inactive=True and "
+                             + (cuda_ipc.why_not_shareable(tensor_map) or "CUDA tensors"))
         return self.stream_constants(
             upload_items(tensor_map), use_inactive, validate_full_updates, user_managed,
             description=description, chunk_bytes=chunk_bytes, progress=progress,
@@ -188,6 +210,31 @@ class Model:
             if requests.error is not None:  # the upload broke on our side: say why
                 raise requests.error from None
             raise
+        return WeightsVersion.from_proto(r.version)
+
+    def load_weights(self, path: str | os.PathLike, *, validate_full_updates: bool = False,
+                     description: str = "") -> WeightsVersion | None:
+        """Extension: stages a safetensors file on the server (or a folder of shards with
+        ``model.safetensors.index.json``), below its allowed roots, into the inactive
+        buffer: read there at disk/memory speed, validated and hashed as an upload.
+        Swap it in with :meth:`swap_constant_buffer`."""
+        r = self._client._call("LoadWeights", pb.LoadWeightsRequest(
+            model=self.name, path=os.fspath(path), validate_full_updates=validate_full_updates,
+            description=description))
+        return WeightsVersion.from_proto(r.version)
+
+    def load_weights_from_cuda(self, tensor_map: Mapping[str, Any], *,
+                               validate_full_updates: bool = False,
+                               description: str = "") -> WeightsVersion | None:
+        """Extension: hands CUDA tensors over GPU-direct (CUDA IPC) into the inactive
+        buffer; FAILED_PRECONDITION (with the reason) where the daemon cannot open them:
+        another host, another GPU, a tensor freed meanwhile."""
+        from aotiserve.client import cuda_ipc
+
+        request = cuda_ipc.share(self.name, tensor_map,
+                                 validate_full_updates=validate_full_updates,
+                                 description=description)
+        r = self._client._call("LoadWeightsFromCuda", request)
         return WeightsVersion.from_proto(r.version)
 
     def rollback_constant_buffer(self) -> WeightsVersion | None:

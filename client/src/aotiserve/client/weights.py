@@ -178,6 +178,26 @@ def push(client: Client, model: str, path: str | os.PathLike, *, partial: bool =
     return staged, active
 
 
+def load(client: Client, model: str, path: str | os.PathLike, *, partial: bool = True,
+         swap: bool = False, description: str = ""
+         ) -> tuple[WeightsVersion | None, WeightsVersion | None]:
+    """Has the server stage a safetensors file (or sharded folder) from its own disk,
+    then optionally swaps. Returns (staged version, version serving after the swap or
+    None). If the swap fails, the staged weights are discarded."""
+    handle = client.model(model)
+    staged = handle.load_weights(path, validate_full_updates=not partial,
+                                 description=description)
+    if not swap:
+        return staged, None
+    try:
+        active = handle.swap_constant_buffer()
+    except ClientError:
+        with contextlib.suppress(ClientError):
+            handle.free_inactive_constant_buffer()
+        raise
+    return staged, active
+
+
 def pull(client: Client, model: str, path: str | os.PathLike, *, use_inactive: bool = False
          ) -> tuple[WeightsVersion | None, int]:
     """Downloads the model's weights into a safetensors file. Returns (version, tensor count)."""

@@ -304,6 +304,82 @@ class UpdateConstantBufferFromBlobResponse(_message.Message):
     version: WeightsVersion
     def __init__(self, version: _Optional[_Union[WeightsVersion, _Mapping]] = ...) -> None: ...
 
+class LoadWeightsRequest(_message.Message):
+    __slots__ = ("model", "path", "validate_full_updates", "description")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_FULL_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    path: str
+    validate_full_updates: bool
+    description: str
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., validate_full_updates: _Optional[bool] = ..., description: _Optional[str] = ...) -> None: ...
+
+class LoadWeightsResponse(_message.Message):
+    __slots__ = ("version", "bytes_staged", "updated")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_STAGED_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    version: WeightsVersion
+    bytes_staged: int
+    updated: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[_Union[WeightsVersion, _Mapping]] = ..., bytes_staged: _Optional[int] = ..., updated: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CudaIpcTensor(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "stride", "storage_offset", "storage_handle", "storage_size_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DataType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    stride: _containers.RepeatedScalarFieldContainer[int]
+    storage_offset: int
+    storage_handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., stride: _Optional[_Iterable[int]] = ..., storage_offset: _Optional[int] = ..., storage_handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
+
+class LoadWeightsFromCudaRequest(_message.Message):
+    __slots__ = ("model", "host_id", "device_uuid", "tensors", "validate_full_updates", "description")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_FULL_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    host_id: str
+    device_uuid: str
+    tensors: _containers.RepeatedCompositeFieldContainer[CudaIpcTensor]
+    validate_full_updates: bool
+    description: str
+    def __init__(self, model: _Optional[str] = ..., host_id: _Optional[str] = ..., device_uuid: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[CudaIpcTensor, _Mapping]]] = ..., validate_full_updates: _Optional[bool] = ..., description: _Optional[str] = ...) -> None: ...
+
+class LoadWeightsFromCudaResponse(_message.Message):
+    __slots__ = ("version", "bytes_staged", "updated")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_STAGED_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    version: WeightsVersion
+    bytes_staged: int
+    updated: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[_Union[WeightsVersion, _Mapping]] = ..., bytes_staged: _Optional[int] = ..., updated: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class LoadModelRequest(_message.Message):
     __slots__ = ("name", "path", "devices", "runners_per_device", "package_model")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -85,6 +85,16 @@ class ModelRunnerStub:
                 request_serializer=aotiserve_dot_v1_dot_model__runner__pb2.UpdateConstantBufferFromBlobRequest.SerializeToString,
                 response_deserializer=aotiserve_dot_v1_dot_model__runner__pb2.UpdateConstantBufferFromBlobResponse.FromString,
                 _registered_method=True)
+        self.LoadWeights = channel.unary_unary(
+                '/aotiserve.v1.ModelRunner/LoadWeights',
+                request_serializer=aotiserve_dot_v1_dot_model__runner__pb2.LoadWeightsRequest.SerializeToString,
+                response_deserializer=aotiserve_dot_v1_dot_model__runner__pb2.LoadWeightsResponse.FromString,
+                _registered_method=True)
+        self.LoadWeightsFromCuda = channel.unary_unary(
+                '/aotiserve.v1.ModelRunner/LoadWeightsFromCuda',
+                request_serializer=aotiserve_dot_v1_dot_model__runner__pb2.LoadWeightsFromCudaRequest.SerializeToString,
+                response_deserializer=aotiserve_dot_v1_dot_model__runner__pb2.LoadWeightsFromCudaResponse.FromString,
+                _registered_method=True)
         self.LoadModel = channel.unary_unary(
                 '/aotiserve.v1.ModelRunner/LoadModel',
                 request_serializer=aotiserve_dot_v1_dot_model__runner__pb2.LoadModelRequest.SerializeToString,
@@ -166,6 +176,18 @@ class ModelRunnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadWeights(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadWeightsFromCuda(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LoadModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -236,6 +258,16 @@ def add_ModelRunnerServicer_to_server(servicer, server):
                     servicer.UpdateConstantBufferFromBlob,
                     request_deserializer=aotiserve_dot_v1_dot_model__runner__pb2.UpdateConstantBufferFromBlobRequest.FromString,
                     response_serializer=aotiserve_dot_v1_dot_model__runner__pb2.UpdateConstantBufferFromBlobResponse.SerializeToString,
+            ),
+            'LoadWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadWeights,
+                    request_deserializer=aotiserve_dot_v1_dot_model__runner__pb2.LoadWeightsRequest.FromString,
+                    response_serializer=aotiserve_dot_v1_dot_model__runner__pb2.LoadWeightsResponse.SerializeToString,
+            ),
+            'LoadWeightsFromCuda': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadWeightsFromCuda,
+                    request_deserializer=aotiserve_dot_v1_dot_model__runner__pb2.LoadWeightsFromCudaRequest.FromString,
+                    response_serializer=aotiserve_dot_v1_dot_model__runner__pb2.LoadWeightsFromCudaResponse.SerializeToString,
             ),
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
@@ -524,6 +556,60 @@ class ModelRunner:
             '/aotiserve.v1.ModelRunner/UpdateConstantBufferFromBlob',
             aotiserve_dot_v1_dot_model__runner__pb2.UpdateConstantBufferFromBlobRequest.SerializeToString,
             aotiserve_dot_v1_dot_model__runner__pb2.UpdateConstantBufferFromBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aotiserve.v1.ModelRunner/LoadWeights',
+            aotiserve_dot_v1_dot_model__runner__pb2.LoadWeightsRequest.SerializeToString,
+            aotiserve_dot_v1_dot_model__runner__pb2.LoadWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadWeightsFromCuda(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aotiserve.v1.ModelRunner/LoadWeightsFromCuda',
+            aotiserve_dot_v1_dot_model__runner__pb2.LoadWeightsFromCudaRequest.SerializeToString,
+            aotiserve_dot_v1_dot_model__runner__pb2.LoadWeightsFromCudaResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,239 @@
+"""GPU-direct weight hand-off: CUDA tensors of a colocated process (a trainer) copied
+device to device into the inactive buffer, with no host round trip.
+
+The client shares each tensor with torch's own CUDA IPC
+(``torch.multiprocessing.reductions.reduce_tensor``: a ``cudaIpcMemHandle`` of the
+allocation, the storage's offset and size in it, the sender's reference counter and an
+event to wait on) and sends those fields in ``LoadWeightsFromCuda``. The server:
+
+1. refuses with FAILED_PRECONDITION, before opening anything, handles from another host
+   (boot id), from a GPU that is not one of its own (device UUID, so differing
+   ``CUDA_VISIBLE_DEVICES`` numberings do not matter) or that holds no replica of the
+   model, and on a server without CUDA;
+2. validates the declared names, dtypes and shapes exactly as an upload header, and each
+   tensor's strides and offset against the storage size it declares (INVALID_ARGUMENT);
+3. claims the inactive buffer, opens each handle (``rebuild_cuda_tensor``; a handle that
+   cannot be opened, e.g. freed by a sender that exited, is FAILED_PRECONDITION), checks
+   the storage lies inside the allocation the driver mapped (``cuMemGetAddressRange``),
+   copies it into every replica's staging tensor on a side stream, and
+4. synchronizes and drops every opened tensor before answering, so the sender may free
+   or overwrite its tensors as soon as the call returns.
+
+A gpu-direct version's sha256 is not the tree hash of the bytes (that needs every byte on
+the host, which is what this path avoids): per constant it hashes the FQN, dtype, shape
+and a device-side fingerprint (the int64 sums of the constant's 32-bit words, all and
+even-indexed). It tells versions apart; use a file or an upload where a content hash
+that other servers recompute is required (fleet rollout compares them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from aotiserve.v1 import model_runner_pb2 as pb
+
+from . import tensor_codec as codec
+from .errors import FailedPrecondition, InvalidArgument
+from .weights import StagingUpload, content_sha256
+
+if TYPE_CHECKING:
+    from .model_registry import ServedModel
+
+log = logging.getLogger(__name__)
+
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+@functools.cache
+def host_id() -> str:
+    """This host's identity as CUDA IPC sees it: the kernel's boot id (shared by every
+    container of the host)."""
+    try:
+        with open(BOOT_ID) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def device_index_of(uuid: str) -> int | None:
+    """The local CUDA index of the GPU with ``uuid`` (None: not visible here)."""
+    if not torch.cuda.is_available():
+        return None
+    for i in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(i).uuid) == uuid:
+            return i
+    return None
+
+
+def upload_header(request: pb.LoadWeightsFromCudaRequest) -> pb.UpdateConstantBufferHeader:
+    return pb.UpdateConstantBufferHeader(
+        model=request.model, use_inactive=True,
+        validate_full_updates=request.validate_full_updates,
+        constants=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape))
+                   for t in request.tensors],
+        description=request.description or "gpu-direct")
+
+
+def check_placement(model: "ServedModel", request: pb.LoadWeightsFromCudaRequest) -> int:
+    """Where the handles can be opened: the local device index (FAILED_PRECONDITION with
+    the reason otherwise)."""
+    here = host_id()
+    if not request.host_id or request.host_id != here:
+        raise FailedPrecondition(
+            f"GPU-direct hand-off needs the sender on this server's host: the tensors are on "
+            f"host {request.host_id or '?'}, the server on {here or '?'} (CUDA IPC works only "
+            "between processes of one host); send them with UpdateConstantBuffer instead")
+    if not torch.cuda.is_available():
+        raise FailedPrecondition("GPU-direct hand-off needs CUDA, and this server has none")
+    index = device_index_of(request.device_uuid)
+    if index is None:
+        raise FailedPrecondition(
+            f"the tensors are on GPU {request.device_uuid or '?'}, which this server does not "
+            "see (not among its CUDA_VISIBLE_DEVICES)")
+    device = torch.device("cuda", index)
+    if not any(r.pool.device == device for r in model.replicas):
+        raise FailedPrecondition(
+            f"the tensors are on {device} (GPU {request.device_uuid}), where model "
+            f"{model.name!r} has no replica (it is on {', '.join(model.devices)}); "
+            "GPU-direct hand-off copies within one GPU")
+    return index
+
+
+def check_extents(request: pb.LoadWeightsFromCudaRequest) -> None:
+    """Each tensor's elements lie inside the storage it declares."""
+    for t in request.tensors:
+        what = f"tensor {t.name!r}"
+        dtype = codec.torch_dtype(t.dtype, what)
+        shape, stride = list(t.shape), list(t.stride)
+        if len(stride) != len(shape):
+            raise InvalidArgument(f"{what}: {len(stride)} strides for {len(shape)} dimensions")
+        if t.storage_offset < 0 or t.storage_offset_bytes < 0 or t.storage_size_bytes < 0:
+            raise InvalidArgument(f"{what}: negative storage offset or size")
+        if any(s < 0 for s in stride):
+            raise InvalidArgument(f"{what}: negative stride")
+        if 0 in shape:
+            continue
+        last = t.storage_offset + sum((n - 1) * s for n, s in zip(shape, stride))
+        if (last + 1) * dtype.itemsize > t.storage_size_bytes:
+            raise InvalidArgument(
+                f"{what}: its elements reach byte {(last + 1) * dtype.itemsize} of a storage "
+                f"of {t.storage_size_bytes} bytes")
+        if not t.storage_handle:
+            raise InvalidArgument(f"{what}: no storage handle")
+
+
+def _open(t: pb.CudaIpcTensor, index: int) -> torch.Tensor:
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    dtype = codec.torch_dtype(t.dtype, f"tensor {t.name!r}")
+    try:
+        with torch.cuda.device(index):
+            tensor = rebuild_cuda_tensor(
+                torch.Tensor, torch.Size(t.shape), tuple(t.stride), t.storage_offset,
+                torch.storage.TypedStorage, dtype, index, bytes(t.storage_handle),
+                t.storage_size_bytes, t.storage_offset_bytes, False,
+                bytes(t.ref_counter_handle), t.ref_counter_offset, bytes(t.event_handle),
+                t.event_sync_required)
+    except (RuntimeError, OSError, ValueError, TypeError) as exc:
+        raise FailedPrecondition(
+            f"tensor {t.name!r}: its CUDA IPC handle could not be opened ({exc}); the sending "
+            "process may have freed the tensor or exited") from None
+    _check_allocation(tensor, t)
+    return tensor
+
+
+@functools.cache
+def _cu_mem_get_address_range():
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        fn = lib.cuMemGetAddressRange_v2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t),
+                   ctypes.c_uint64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _check_allocation(tensor: torch.Tensor, t: pb.CudaIpcTensor) -> None:
+    """The declared storage lies inside the allocation the handle mapped (a sender that
+    declared a larger storage would have the copy read past it)."""
+    fn = _cu_mem_get_address_range()
+    if fn is None or t.storage_size_bytes == 0:
+        return
+    ptr = tensor.untyped_storage().data_ptr()
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    with torch.cuda.device(tensor.device):
+        rc = fn(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr))
+    if rc != 0:
+        raise FailedPrecondition(f"tensor {t.name!r}: the driver does not know its memory "
+                                 f"(cuMemGetAddressRange error {rc})")
+    if ptr + t.storage_size_bytes > base.value + size.value:
+        raise InvalidArgument(
+            f"tensor {t.name!r}: its storage of {t.storage_size_bytes} bytes at offset "
+            f"{ptr - base.value} overruns the shared allocation of {size.value} bytes")
+
+
+def fingerprint(tensor: torch.Tensor) -> bytes:
+    """A device-side fingerprint of a contiguous tensor's bytes (see the module doc)."""
+    flat = codec.byte_view(tensor)
+    n = flat.numel()
+    words = flat[: n - n % 4].view(torch.int32)
+    tail = flat[n - n % 4:]
+    sums = torch.stack([words.sum(dtype=torch.int64), words[::2].sum(dtype=torch.int64),
+                        tail.sum(dtype=torch.int64)])
+    return hashlib.sha256(b"gpu-direct\0" + sums.cpu().numpy().tobytes()).digest()
+
+
+def fill(staging: StagingUpload, request: pb.LoadWeightsFromCudaRequest, index: int,
+         is_active: Callable[[], bool]) -> str:
+    """Opens, copies and releases every handle; returns the version's sha256."""
+    model = staging.model
+    by_name = {t.name: t for t in request.tensors}
+    digests = []
+    streams: dict[torch.device, torch.cuda.Stream] = {}
+    opened: list[torch.Tensor] = []
+    try:
+        with model.using_buffers():
+            for fqn, st in staging.staged.items():
+                t = by_name[staging.declared[fqn][1]]
+                if st.info.nbytes == 0:
+                    digests.append((st.info, fingerprint(st.tensors[0])))
+                    continue
+                src = _open(t, index)
+                opened.append(src)
+                for dst in st.tensors:
+                    stream = streams.get(dst.device)
+                    if stream is None:
+                        stream = streams[dst.device] = torch.cuda.Stream(device=dst.device) \
+                            if dst.device.type == "cuda" else None
+                    if stream is None:
+                        dst.copy_(src)
+                    else:
+                        stream.wait_stream(torch.cuda.current_stream(src.device))
+                        with torch.cuda.stream(stream):
+                            dst.copy_(src, non_blocking=True)
+                nbytes = st.info.nbytes
+                staging.written(fqn, 0, nbytes, {})
+                if not is_active():
+                    break
+            for stream in streams.values():
+                stream.synchronize()
+            # Fingerprints of what landed in the buffer (the first replica's copy).
+            for fqn, st in staging.staged.items():
+                if st.info.nbytes:
+                    with torch.cuda.stream(streams.get(st.tensors[0].device)):
+                        digests.append((st.info, fingerprint(st.tensors[0])))
+    finally:
+        # Released before the call returns: the sender may free its tensors then.
+        del opened[:]
+        for stream in streams.values():
+            stream.synchronize()
+        torch.cuda.ipc_collect()
+    return content_sha256(digests)
