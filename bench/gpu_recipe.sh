@@ -27,6 +27,8 @@
 #                                        #   floor builds and loads against it
 #   bench/gpu_recipe.sh [all]            # GPU machine: build, bench, CUDA tests (each logged)
 #   bench/gpu_recipe.sh build|bench|test # one step (build is needed once per machine)
+#   bench/gpu_recipe.sh weights          # GPU machine, after build: bench.weights --paths on
+#                                        #   cuda:0 (4 GiB), into weights.json / weights.txt
 #   eval "$(bench/gpu_recipe.sh env)"    # the environment the steps use, for commands of your own
 #
 # With the device tool (the store is an ignored path, so it is carried):
@@ -223,6 +225,18 @@ cmd_bench() {
     "$PY" -m bench.gpu --json "$OUT/gpu.json" ${BENCH_ARGS:-}) 2>&1 | tee "$OUT/gpu.log"
 }
 
+# Weights at device speed (issue 19): upload, file pull and GPU-direct side by side, with
+# pinned H2D and D2D copies of the same bytes (WEIGHTS_ARGS: e.g. "--gib 1 --rounds 1").
+cmd_weights() {
+  enter_env
+  mkdir -p "$OUT"
+  # shellcheck disable=SC2086
+  (cd "$REPO" && LD_PRELOAD=$PRELOAD PYTHONUNBUFFERED=1 ${BENCH_TIMEOUT:+timeout "$BENCH_TIMEOUT"} \
+    "$PY" -m bench.weights --paths --device cuda:0 --json ${WEIGHTS_ARGS:---gib 4 --rounds 2}) \
+    > "$OUT/weights.json" 2> "$OUT/weights.log"
+  (cd "$REPO" && "$PY" -c 'import json, sys; from bench import weights_paths; weights_paths.report(json.load(open(sys.argv[1])))' "$OUT/weights.json") | tee "$OUT/weights.txt"
+}
+
 cmd_all() {
   local start=$SECONDS budget=${RECIPE_BUDGET_S:-570} rc_build=0 rc_bench=0 rc_test=0 left
   mkdir -p "$OUT"
@@ -259,9 +273,9 @@ main() {
   local step
   for step in "$@"; do
     case "$step" in
-      prepare | unpack | env | check | build | test | bench | all) "cmd_$step" ;;
+      prepare | unpack | env | check | build | test | bench | weights | all) "cmd_$step" ;;
       -h | --help | help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' ;;
-      *) die "unknown step '$step' (prepare, check, env, build, bench, test, all)" ;;
+      *) die "unknown step '$step' (prepare, check, env, build, bench, weights, test, all)" ;;
     esac
   done
 }

@@ -5,6 +5,7 @@ One command, one daemon (a subprocess on loopback serving the zoo's ``big_embed`
 every ratio measured side by side in the same run::
 
     .venv/bin/python -m bench.weights [--json] [--rounds 2]
+    .venv/bin/python -m bench.weights --paths [--device cuda:0] [--gib 4]   (issue 19)
 
 Per round (round 1 is the first upload; later rounds stage into the buffer the previous
 swap left inactive). The daemon reserves the inactive buffer at load
@@ -341,7 +342,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave the inactive buffer to the first upload (no --reserve-inactive-buffer)")
     parser.add_argument("--weights-dir", action="store_true",
                         help="give the daemon a --weights-dir (persisting each staged version)")
+    parser.add_argument("--paths", action="store_true",
+                        help="instead: upload, file pull and (CUDA) GPU-direct side by side, full "
+                             "and 1%% partial, with memcpy/H2D/D2D limits (bench/weights_paths.py)")
+    parser.add_argument("--gib", type=int, choices=(1, 4), default=1,
+                        help="--paths: model size (many_embed, many_embed_4g)")
+    parser.add_argument("--device", default="cpu", help="--paths: where the model runs (cuda:0)")
     args = parser.parse_args(argv)
+    if args.paths:
+        from bench import weights_paths
+
+        out = weights_paths.main(args)
+        if args.json:
+            print(json.dumps(out, indent=2))
+        else:
+            weights_paths.report(out)
+        return 0
 
     sys.path.insert(0, str(REPO / "tests"))
     import model_zoo  # noqa: E402  (the test zoo is the bench's zoo too)

@@ -199,6 +199,7 @@ def fill(staging: StagingUpload, request: pb.LoadWeightsFromCudaRequest, index: 
     digests = []
     streams: dict[torch.device, torch.cuda.Stream] = {}
     opened: list[torch.Tensor] = []
+    src = None
     try:
         with model.using_buffers():
             for fqn, st in staging.staged.items():
@@ -233,6 +234,7 @@ def fill(staging: StagingUpload, request: pb.LoadWeightsFromCudaRequest, index: 
     finally:
         # Released before the call returns: the sender may free its tensors then.
         del opened[:]
+        src = None  # noqa: F841 (drops the last opened tensor now, not with the frame)
         for stream in streams.values():
             stream.synchronize()
         torch.cuda.ipc_collect()
