@@ -72,6 +72,43 @@ def test_load_a_file_stage_swap_and_the_same_sha_as_an_upload(server_factory, tm
     assert 0 <= age < 3600
 
 
+def test_runs_across_file_loads_and_swaps_are_never_mixed(server_factory):
+    """Runs going on while files are loaded and swapped in: every Run answers, and with
+    exactly the output of the version it reports."""
+    import threading
+
+    s = server_factory(["mlp"])
+    inputs = model_zoo.MODELS["mlp"].inputs(3)
+    expected = {"initial": model_zoo.eager("mlp", inputs)}
+    stop = threading.Event()
+    seen: list[tuple[str, list]] = []
+    failed: list[BaseException] = []
+
+    def loop():
+        while not stop.is_set():
+            try:
+                seen.append(run(s.stub, "mlp", inputs)[::-1])
+            except grpc.RpcError as e:  # counted: none may fail
+                failed.append(e)
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        for i in range(4):
+            weights = new_weights("mlp", 1.0 + i, 0.01 * i)
+            path = s.repo / f"v{i}.safetensors"
+            save_file(weights, path)
+            version = load(s, "mlp", path, validate_full_updates=True).version.id
+            expected[version] = eager_with("mlp", weights, inputs)
+            s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
+    finally:
+        stop.set()
+        thread.join()
+    assert not failed and len(seen) > 4
+    versions = {v for v, _ in seen}
+    assert versions <= set(expected), versions
+    assert all(wire.close(out, expected[v]) for v, out in seen)
+
+
 def test_load_a_sharded_folder_partially(server_factory):
     s = server_factory(["mlp"])
     weights = new_weights("mlp", 2.0)
