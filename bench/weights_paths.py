@@ -11,10 +11,13 @@ SHA-256 of the same bytes on every core (the tree hash a file or upload goes thr
 on CUDA, pinned host-to-device and device-to-device copies of the same bytes. Per path:
 a full update, then 1% (1 of the model's 100 constants) twice: the first partial after a
 full one also brings the inactive buffer's other 99% up to date, the second does not; the
-time ratios to the full update, the daemon's peak RSS over the full file load relative to (active + new), and
-Runs under load across each swap: a checker thread calls Run back to back and compares
-every output with the one the weights version it reports must give (0 failed, 0 mixed),
-with the p99 of the Runs that overlapped the swap.
+time ratios to the full update, the daemon's peak RSS over each staging relative to
+(active + new), and Runs under load across each swap: a checker thread calls Run back to
+back and compares every output with the one the weights version it reports must give
+(0 failed, 0 mixed), with the p99 of the Runs that overlapped the swap.
+
+On CUDA the gpu-direct time is the hand-off call as the sending process times it (its
+start-up and making the tensors are not counted).
 
 The model is the zoo's ``many_embed`` (100 x Embedding(2622, 1024) float32 = 1 GiB) or,
 ``--gib 4``, ``many_embed_4g`` (4 GiB). Weights are filled per table with a constant that
@@ -312,7 +315,8 @@ def report(out: dict) -> None:
           f"{out['runs']}, failed {out['runs_failed']}, mixed {out['runs_mixed']}")
     paths = ["upload", "file"] + (["gpu-direct"] if out["device"].startswith("cuda") else [])
     for r in out["rounds"]:
-        limits = f"memcpy {r['memcpy_gb_s']:.2f} GB/s, SHA-256 all cores {r['sha256_gb_s']:.2f} GB/s"
+        limits = (f"memcpy {r['memcpy_gb_s']:.2f} GB/s, SHA-256 all cores "
+                  f"{r['sha256_gb_s']:.2f} GB/s")
         if "h2d_pinned_gb_s" in r:
             limits += f", H2D pinned {r['h2d_pinned_gb_s']:.2f}, D2D {r['d2d_gb_s']:.1f} GB/s"
         print(f"round {r['round']} ({limits}; load {r['loadavg_1m']:.1f}; quiet Run p99 "
@@ -324,7 +328,8 @@ def report(out: dict) -> None:
                   f"{r[f'{p}_partial_s']:>7.3f} {r[f'{p}_partial_over_full']:>7.3f} "
                   f"{r[f'{p}_partial_after_full_s']:>7.3f} "
                   f"{r[f'{p}_partial_after_full_over_full']:>8.3f} "
-                  f"{r[f'{p}_full_swap_ms']:>7.1f} {r[f'{p}_full_p99_overlapping_swap_ms']:>6.2f}ms "
+                  f"{r[f'{p}_full_swap_ms']:>7.1f} "
+                  f"{r[f'{p}_full_p99_overlapping_swap_ms']:>6.2f}ms "
                   f"{r[f'{p}_full_rss_peak_ratio']:>6.3f}")
         line = (f"  file / memcpy {r['file_over_memcpy']:.2f}, file / SHA-256 "
                 f"{r['file_over_sha256']:.2f}")

@@ -152,6 +152,9 @@ def _open_checked(path: Path, check: Callable[[Path], None], what: str) -> tuple
 
 def _read_exact(fd: int, offset: int, n: int) -> bytes:
     data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise InvalidArgument(f"the file ended after {offset + len(data)} bytes while its "
+                              f"header was read ({offset + n} expected)")
     return data
 
 

@@ -4,7 +4,6 @@ change, GPU-direct hand-off refusals, and the weights metrics (issue 19)."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
