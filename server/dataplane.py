@@ -89,10 +89,16 @@ class ModelInfo:
 
 def _info(model: ServedModel) -> ModelInfo:
     w = model.weights
+    metadata = dict(model.metadata)
+    cuda = [r.pool.device for r in model.replicas if r.pool.device.type == "cuda"]
+    if cuda:  # where a client's CUDA tensors can be handed over GPU-direct
+        metadata[weights_ipc.HOST_ID_KEY] = weights_ipc.host_id()
+        metadata[weights_ipc.CUDA_UUIDS_KEY] = ",".join(
+            str(torch.cuda.get_device_properties(d).uuid) for d in cuda)
     return ModelInfo(
         name=model.name, path=model.path, devices=model.devices,
         runners_per_device=model.options.runners, state=model.state,
-        inputs=list(model.inputs), outputs=list(model.outputs), metadata=dict(model.metadata),
+        inputs=list(model.inputs), outputs=list(model.outputs), metadata=metadata,
         updatable_constants=sorted(model.constants),
         active_version=w.active if w else None, staged_version=w.staged if w else None,
         previous_version=w.previous if w else None, error=model.error)
@@ -498,18 +504,27 @@ class DataPlane:
         model = self.registry.get(request.model)
         started = time.perf_counter()
         try:
+            # Refused here (another host, no CUDA, a GPU not ours): nothing opened, and the
+            # sender's counters are not ours to touch (the client checks host and GPU from
+            # ListModels first, so it shares nothing such a daemon would refuse).
             index = weights_ipc.check_placement(model, request)
+        except BaseException as exc:
+            self._count_op(model.name, "stage", exc)
+            raise
+        opened: set[str] = set()
+        try:
             weights_ipc.check_extents(request)
             upload = self._claim(model, weights_ipc.upload_header(request), author, "gpu-direct")
             upload._started = started
             try:
-                sha = weights_ipc.fill(upload.staging, request, index, is_active)
+                sha = weights_ipc.fill(upload.staging, request, index, is_active, opened)
                 if not is_active():
                     raise Cancelled("the call was cancelled; nothing was staged")
             except BaseException:
                 upload.discard()
                 raise
         except BaseException as exc:
+            weights_ipc.release_unopened(request, opened)
             self._count_op(model.name, "stage", exc)
             raise
         return upload.commit(sha)

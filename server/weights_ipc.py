@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
+# ListModels metadata of a model with CUDA replicas: where GPU-direct can reach it.
+HOST_ID_KEY = "aotiserve.host_id"
+CUDA_UUIDS_KEY = "aotiserve.cuda_uuids"
 
 
 @functools.cache
@@ -191,9 +194,25 @@ def fingerprint(tensor: torch.Tensor) -> bytes:
     return hashlib.sha256(b"gpu-direct\0" + sums.cpu().numpy().tobytes()).digest()
 
 
+def release_unopened(request: pb.LoadWeightsFromCudaRequest, opened: set[str]) -> None:
+    """Gives the sender back the reference torch's sharing counted for each handle this
+    server did not open (an opened one is given back when its tensor is dropped): without
+    it, the sender's memory would stay reserved for a reader that never comes."""
+    for t in request.tensors:
+        if t.name in opened or not t.ref_counter_handle:
+            continue
+        try:
+            torch.UntypedStorage._release_ipc_counter_cuda(bytes(t.ref_counter_handle),
+                                                           t.ref_counter_offset)
+        except (RuntimeError, OSError, ValueError, TypeError) as exc:
+            log.debug("tensor %r: its sender's reference counter could not be released: %s",
+                      t.name, exc)
+
+
 def fill(staging: StagingUpload, request: pb.LoadWeightsFromCudaRequest, index: int,
-         is_active: Callable[[], bool]) -> str:
-    """Opens, copies and releases every handle; returns the version's sha256."""
+         is_active: Callable[[], bool], opened_names: set[str]) -> str:
+    """Opens, copies and releases every handle; returns the version's sha256. The names
+    of the tensors it opened go into ``opened_names``."""
     model = staging.model
     by_name = {t.name: t for t in request.tensors}
     digests = []
@@ -207,6 +226,7 @@ def fill(staging: StagingUpload, request: pb.LoadWeightsFromCudaRequest, index: 
                 if st.info.nbytes == 0:
                     digests.append((st.info, fingerprint(st.tensors[0])))
                     continue
+                opened_names.add(t.name)
                 src = _open(t, index)
                 opened.append(src)
                 for dst in st.tensors:

@@ -303,7 +303,7 @@ _SENDER = textwrap.dedent("""
     active = model.extract_constants_map(False)
     new = {k: (active[k] * 0.5 + 0.1).cuda() for k in fqns if k in active}
     if mode == "handoff":
-        v = model.update_constant_buffer(new, True, True, gpu_direct=True)
+        v = model.update_constant_buffer(new, True, True)  # auto: picks GPU-direct here
         torch.save({k: t.cpu() for k, t in new.items()}, sys.argv[3])
         print(v.id)
     else:  # print a request whose tensors this process frees when it exits

@@ -151,14 +151,20 @@ class Model:
         from aotiserve.client import cuda_ipc
 
         if gpu_direct is not False and use_inactive and cuda_ipc.all_cuda(tensor_map):
-            try:
-                return self.load_weights_from_cuda(
-                    tensor_map, validate_full_updates=validate_full_updates,
-                    description=description)
-            except ClientError as e:
-                if gpu_direct or e.code not in (grpc.StatusCode.FAILED_PRECONDITION,
-                                                grpc.StatusCode.UNIMPLEMENTED):
-                    raise
+            # Auto: only where the daemon says it shares this host and GPU (ListModels), so
+            # nothing is shared that it would refuse; True: ask, and raise its reason.
+            if gpu_direct or cuda_ipc.reachable(self.info().metadata, tensor_map):
+                try:
+                    return self.load_weights_from_cuda(
+                        tensor_map, validate_full_updates=validate_full_updates,
+                        description=description)
+                except ValueError:  # not shareable (the allocator's memory)
+                    if gpu_direct:
+                        raise
+                except ClientError as e:
+                    if gpu_direct or e.code not in (grpc.StatusCode.FAILED_PRECONDITION,
+                                                    grpc.StatusCode.UNIMPLEMENTED):
+                        raise
         elif gpu_direct:
             raise ValueError("gpu_direct=True needs use_inactive=True and "
                              + (cuda_ipc.why_not_shareable(tensor_map) or "CUDA tensors"))

@@ -50,6 +50,22 @@ def why_not_shareable(tensor_map: Mapping[str, Any]) -> str | None:
     return None
 
 
+HOST_ID_KEY = "aotiserve.host_id"
+CUDA_UUIDS_KEY = "aotiserve.cuda_uuids"
+
+
+def reachable(metadata: Mapping[str, str], tensor_map: Mapping[str, Any]) -> bool:
+    """Whether a daemon whose model has this ListModels ``metadata`` can take
+    ``tensor_map`` GPU-direct: it runs on this host and has a replica on their GPU."""
+    import torch
+
+    if metadata.get(HOST_ID_KEY, "") != host_id() or not host_id():
+        return False
+    device = next(iter(tensor_map.values())).device
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    return uuid in metadata.get(CUDA_UUIDS_KEY, "").split(",")
+
+
 def share(model: str, tensor_map: Mapping[str, Any], *, validate_full_updates: bool,
           description: str = "") -> pb.LoadWeightsFromCudaRequest:
     """The ``LoadWeightsFromCuda`` request handing over ``tensor_map`` (CUDA tensors)."""
@@ -68,7 +84,10 @@ def share(model: str, tensor_map: Mapping[str, Any], *, validate_full_updates: b
         dtype = BY_TORCH_NAME.get(str(tensor.dtype).removeprefix("torch."))
         if dtype is None:
             raise ValueError(f"weight {name!r}: dtype {tensor.dtype} cannot be sent")
-        _rebuild, args = reduce_tensor(tensor.detach())
+        try:
+            _rebuild, args = reduce_tensor(tensor.detach())
+        except RuntimeError as exc:  # e.g. memory from an allocator CUDA IPC cannot share
+            raise ValueError(f"weight {name!r} cannot be shared by CUDA IPC: {exc}") from None
         (_cls, size, stride, offset, _storage_cls, _dtype, _device, handle, storage_size,
          storage_offset, _grad, ref_handle, ref_offset, event_handle, event_sync) = args
         request.tensors.append(pb.CudaIpcTensor(
