@@ -409,7 +409,7 @@ class ServedModel:
         buffer_contents). No tensor of the result shares memory with the active buffer."""
         missing = [fqn for fqn in self.constants if fqn not in new]
         current = self._inactive_views(replica) if missing else {}
-        active = replica.runner.extract_constants_map(False) if stale else {}
+        active = replica.runner.extract_constants_map(False) if missing else {}
         full = {}
         for fqn, info in self.constants.items():
             t = new.get(fqn)
