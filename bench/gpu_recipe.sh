@@ -232,7 +232,7 @@ cmd_weights() {
   mkdir -p "$OUT"
   # shellcheck disable=SC2086
   (cd "$REPO" && LD_PRELOAD=$PRELOAD PYTHONUNBUFFERED=1 ${BENCH_TIMEOUT:+timeout "$BENCH_TIMEOUT"} \
-    "$PY" -m bench.weights --paths --device cuda:0 --json ${WEIGHTS_ARGS:---gib 4 --rounds 2}) \
+    "$PY" -m bench.weights --paths --device cuda:0 --json ${WEIGHTS_ARGS:---gib 4 --rounds 2 --clients 4}) \
     > "$OUT/weights.json" 2> "$OUT/weights.log"
   (cd "$REPO" && "$PY" -c 'import json, sys; from bench import weights_paths; weights_paths.report(json.load(open(sys.argv[1])))' "$OUT/weights.json") | tee "$OUT/weights.txt"
 }

@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gib", type=int, choices=(1, 4), default=1,
                         help="--paths: model size (many_embed, many_embed_4g)")
     parser.add_argument("--device", default="cpu", help="--paths: where the model runs (cuda:0)")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="--paths: Run clients checking every output across the swaps")
     args = parser.parse_args(argv)
     if args.paths:
         from bench import weights_paths

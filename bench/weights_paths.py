@@ -12,8 +12,8 @@ on CUDA, pinned host-to-device and device-to-device copies of the same bytes. Pe
 a full update, then 1% (1 of the model's 100 constants) twice: the first partial after a
 full one also brings the inactive buffer's other 99% up to date, the second does not; the
 time ratios to the full update, the daemon's peak RSS over each staging relative to
-(active + new), and Runs under load across each swap: a checker thread calls Run back to
-back and compares every output with the one the weights version it reports must give
+(active + new), and Runs under load across each swap: ``--clients`` checker threads (own
+channels) call Run back to back and compare every output with the one the weights version it reports must give
 (0 failed, 0 mixed), with the p99 of the Runs that overlapped the swap.
 
 On CUDA the gpu-direct time is the hand-off call as the sending process times it (its
@@ -113,23 +113,29 @@ def cuda_limits(nbytes: int, device: str) -> dict:
 
 
 class Checker:
-    """Run back to back on one thread; every output checked against its version's."""
+    """``clients`` threads calling Run back to back, each on its own channel; every output
+    checked against the one of the version it reports."""
 
-    def __init__(self, model, ids: np.ndarray):
-        self.model, self.ids = model, ids
+    def __init__(self, target: str, name: str, ids: np.ndarray, clients: int = 1):
+        from aotiserve.client import Client
+
+        self._clients = [Client(target) for _ in range(clients)]
+        self.models = [c.model(name) for c in self._clients]
+        self.ids = ids
         self.expected: dict[str, np.ndarray] = {}
         self.calls: list[tuple[float, float, str]] = []
         self.failed = self.mixed = 0
         self.mixed_examples: list[str] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._threads = [threading.Thread(target=self._loop, args=(m,), daemon=True)
+                         for m in self.models]
 
-    def _loop(self) -> None:
+    def _loop(self, model) -> None:
         while not self._stop.is_set():
             t0 = time.perf_counter()
             try:
-                out = self.model.run([self.ids], output_format="numpy")[0]
-                version = self.model.last_weights_version or ""
+                out = model.run([self.ids], output_format="numpy")[0]
+                version = model.last_weights_version or ""
             except Exception:  # noqa: BLE001 (counted)
                 self.failed += 1
                 continue
@@ -142,11 +148,15 @@ class Checker:
             self.calls.append((t0, t1 - t0, version))
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
+        for t in self._threads:
+            t.join()
+        for c in self._clients:
+            c.close()
 
     def overlapping(self, lo: float, hi: float) -> list[float]:
         return [lat for t0, lat, _ in list(self.calls) if t0 <= hi and t0 + lat >= lo]
@@ -240,12 +250,13 @@ def main(args) -> dict:
     nbytes = TABLES * table_bytes
     out: dict = {"model": f"{name} ({TABLES} x Embedding({rows}, 1024) float32, "
                           f"{nbytes / 2**30:.2f} GiB)", "device": device, "cpus": os.cpu_count(),
+                 "run_clients": args.clients,
                  "loadavg_1m_start": os.getloadavg()[0], "rounds": []}
     try:
         client = Client(server.target)
         model = client.model(name)
         ids = np.array([0, 1, rows - 1, 7], dtype=np.int64)
-        checker = Checker(client.model(name), ids)
+        checker = Checker(server.target, name, ids, args.clients)
         checker.expected["initial"] = model.run([ids], output_format="numpy")[0]
         checker.start()
         seed = 1.0
@@ -311,8 +322,9 @@ def main(args) -> dict:
 
 
 def report(out: dict) -> None:
-    print(f"model: {out['model']} on {out['device']}; {out['cpus']} cpus; Runs checked: "
-          f"{out['runs']}, failed {out['runs_failed']}, mixed {out['runs_mixed']}")
+    print(f"model: {out['model']} on {out['device']}; {out['cpus']} cpus; Runs checked "
+          f"({out.get('run_clients', 1)} clients): {out['runs']}, failed {out['runs_failed']}, "
+          f"mixed {out['runs_mixed']}")
     paths = ["upload", "file"] + (["gpu-direct"] if out["device"].startswith("cuda") else [])
     for r in out["rounds"]:
         limits = (f"memcpy {r['memcpy_gb_s']:.2f} GB/s, SHA-256 all cores "
