@@ -147,7 +147,6 @@ def _open(t: pb.CudaIpcTensor, index: int) -> torch.Tensor:
         raise FailedPrecondition(
             f"tensor {t.name!r}: its CUDA IPC handle could not be opened ({exc}); the sending "
             "process may have freed the tensor or exited") from None
-    _check_allocation(tensor, t)
     return tensor
 
 
@@ -226,9 +225,11 @@ def fill(staging: StagingUpload, request: pb.LoadWeightsFromCudaRequest, index: 
                 if st.info.nbytes == 0:
                     digests.append((st.info, fingerprint(st.tensors[0])))
                     continue
-                opened_names.add(t.name)
                 src = _open(t, index)
+                # Opened: its reference goes back to the sender when it is dropped.
+                opened_names.add(t.name)
                 opened.append(src)
+                _check_allocation(src, t)
                 for dst in st.tensors:
                     stream = streams.get(dst.device)
                     if stream is None:
@@ -245,17 +246,24 @@ def fill(staging: StagingUpload, request: pb.LoadWeightsFromCudaRequest, index: 
                 if not is_active():
                     break
             for stream in streams.values():
-                stream.synchronize()
+                if stream is not None:
+                    stream.synchronize()
             # Fingerprints of what landed in the buffer (the first replica's copy).
             for fqn, st in staging.staged.items():
                 if st.info.nbytes:
                     with torch.cuda.stream(streams.get(st.tensors[0].device)):
                         digests.append((st.info, fingerprint(st.tensors[0])))
     finally:
-        # Released before the call returns: the sender may free its tensors then.
+        # No copy may still read an opened handle when it is closed (on a failure midway
+        # copies can be in flight): wait for them, then release every handle before the
+        # call returns, so the sender may free its tensors then.
+        for stream in streams.values():
+            if stream is not None:
+                try:
+                    stream.synchronize()
+                except RuntimeError:
+                    log.exception("waiting for the GPU-direct copies failed")
         del opened[:]
         src = None  # noqa: F841 (drops the last opened tensor now, not with the frame)
-        for stream in streams.values():
-            stream.synchronize()
         torch.cuda.ipc_collect()
     return content_sha256(digests)
