@@ -140,10 +140,11 @@ class Upload:
     """A weight upload in progress (see ``weights.StagingUpload``)."""
 
     def __init__(self, plane: "DataPlane", model: ServedModel, staging: StagingUpload,
-                 author: str, claimed: bool, path: str = "upload"):
+                 author: str, claimed: bool, path: str = "upload",
+                 started: float | None = None):
         self._plane = plane
         self.path = path  # how the bytes came: upload, file, gpu-direct (metrics)
-        self._started = time.perf_counter()
+        self._started = time.perf_counter() if started is None else started
         self.model = model
         self.staging = staging
         self.author = author
@@ -481,8 +482,7 @@ class DataPlane:
                                                 self.limits.max_constants) as source:
                 header, entries = weights_pull.upload_header(name, source, validate_full,
                                                              description)
-                upload = self._claim(model, header, author, "file")
-                upload._started = started
+                upload = self._claim(model, header, author, "file", started)
                 try:
                     source.advise_sequential()
                     weights_pull.fill(upload.staging, entries, is_active)
@@ -494,7 +494,9 @@ class DataPlane:
             raise
         if not is_active():
             upload.discard()
-            raise Cancelled("the call was cancelled; nothing was staged")
+            exc = Cancelled("the call was cancelled; nothing was staged")
+            self._count_op(model.name, "stage", exc)
+            raise exc
         return upload.commit()
 
     def load_weights_from_cuda(self, request: pb.LoadWeightsFromCudaRequest, author: str,
@@ -514,8 +516,8 @@ class DataPlane:
         opened: set[str] = set()
         try:
             weights_ipc.check_extents(request)
-            upload = self._claim(model, weights_ipc.upload_header(request), author, "gpu-direct")
-            upload._started = started
+            upload = self._claim(model, weights_ipc.upload_header(request), author,
+                                 "gpu-direct", started)
             try:
                 sha = weights_ipc.fill(upload.staging, request, index, is_active, opened)
                 if not is_active():
@@ -530,7 +532,7 @@ class DataPlane:
         return upload.commit(sha)
 
     def _claim(self, model: ServedModel, header: pb.UpdateConstantBufferHeader, author: str,
-               path: str) -> Upload:
+               path: str, started: float) -> Upload:
         """A validated staging of ``header``'s constants written in place into the
         model's inactive buffer (claimed until the Upload commits or is discarded)."""
         gauge = self.metrics.staging_bytes.labels(model.name) if self.metrics else None
@@ -542,7 +544,7 @@ class DataPlane:
         except BaseException:
             model.end_upload()
             raise
-        return Upload(self, model, staging, author, True, path)
+        return Upload(self, model, staging, author, True, path, started)
 
     def swap(self, name: str) -> WeightsVersion:
         return self._weights_op(name, "swap", self._timed_flip("swap", lambda m: m.swap(
