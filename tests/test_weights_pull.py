@@ -429,3 +429,32 @@ def test_fuzz_files_get_invalid_argument_or_stage(fuzz_server):
         assert run(s.stub, "mlp", inputs)[0]
 
     check()
+
+
+def test_the_client_picks_gpu_direct_only_where_the_daemon_can_take_it(server_factory,
+                                                                        monkeypatch):
+    """update_constant_buffer with CUDA tensors (stood in for here: this machine has no GPU):
+    a daemon whose ListModels does not say it shares this host and GPU gets them streamed;
+    one that refuses the hand-off with FAILED_PRECONDITION too; gpu_direct=True raises it."""
+    from aotiserve.client import cuda_ipc
+
+    s = server_factory(["mlp"], metrics_port=0)
+    weights = new_weights("mlp", 1.5)
+    monkeypatch.setattr(cuda_ipc, "all_cuda", lambda m: True)
+    refusal = pb.LoadWeightsFromCudaRequest(model="mlp", host_id="another-host")
+    monkeypatch.setattr(cuda_ipc, "share", lambda *a, **k: refusal)
+    metrics = s.app.metrics
+    with ac.Client(s.target) as client:
+        m = client.model("mlp")
+        assert weights_ipc.HOST_ID_KEY not in m.info().metadata  # a CPU model
+        m.update_constant_buffer(weights, True, True)  # not reachable: streamed
+        assert metrics.sample("aotiserve_staged_bytes_total", model="mlp", path="upload") > 0
+        monkeypatch.setattr(cuda_ipc, "reachable", lambda md, t: True)
+        v = m.update_constant_buffer(weights, True, True)  # refused, then streamed
+        assert v.id == m.info().staged_version.id
+        assert metrics.sample("aotiserve_constant_buffer_ops_total", model="mlp", op="stage",
+                              outcome="failed_precondition") == 1
+        with pytest.raises(ac.ClientError) as info:
+            m.update_constant_buffer(weights, True, True, gpu_direct=True)
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "host" in info.value.details
