@@ -61,7 +61,7 @@ def grpcpp_flags() -> tuple[list[str], list[str]]:
 
 def make_extension():
     backends = select_backends()
-    shared = ("module", "cpu_cache", "core_spread", "wire", "port_stats", "bridge", "health", "port",
+    shared = ("module", "cpu_cache", "core_spread", "wire", "port_stats", "control_queue", "bridge", "health", "port",
               "port_bindings")
     sources = [str(CSRC / f"{name}.cpp") for name in shared] + [str(CSRC / f"{b}.cpp") for b in backends]
     define = [("AOTISERVE_TORCH_VERSION", f'"{torch.__version__}"')]

@@ -1,8 +1,9 @@
 """The GPU figures of issue 16, side by side in one run on one machine.
 
 The daemon serves everything on its one port (gRPC C++ in the extension; Run answered
-by the C++ hot path). Every client is bench/driver.py: grpcio and the generated protobuf
-classes, clients as separate processes.
+by the C++ hot path). Every client is bench/driver.py, clients as separate processes:
+grpcio and the generated protobuf classes for the tiny model (the echo floors get the
+very same client), and aotiserve.client for ResNet-50 (with the plain client beside it).
 
 1. Tiny CUDA model (the zoo's ``mlp`` compiled for cuda, [1,64] float32 -> [1,10]):
    - in-process: the extension's ``run()`` on the device, host array in and out (the
@@ -14,8 +15,11 @@ classes, clients as separate processes.
 2. ResNet-50 (torchvision where importable, else bench/resnet.py; random init) fp32,
    batch 8 (4.8 MB requests): 4 clients' img/s against the daemon vs 4 threads of this
    process calling ``run()`` on a container of the same package with as many runners as
-   the daemon has, on the same device, in the same run; p50 and p99 of both.
-   Check: daemon img/s >= 0.8 x in-process.
+   the daemon has, on the same device, in the same run; p50 and p99 of both. The clients
+   are ``aotiserve.client`` (what users call; it sends tensors' bytes without a protobuf
+   copy); the same figures with a plain grpcio + protobuf client are printed beside them
+   (that client's own encoding of 4.8 MB is most of its time per call).
+   Check: daemon img/s (aotiserve.client) >= 0.8 x in-process.
 3. ``--devices N`` (N >= 2): ResNet-50 req/s with 8 clients on a daemon serving on one
    GPU vs one serving on N (replicas on each, least-loaded chosen by the port).
 
@@ -182,34 +186,39 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - a floor that cannot run is noted, not fatal
                 notes.append(f"{name}: skipped: {exc}")
         tiny: dict[str, list] = {k: [] for k in servers}
-        rn: list[dict] = []
+        rn: dict[str, list[dict]] = {"client": [], "run": []}
         for _ in range(args.rounds):
             for key, server in servers.items():
                 tiny[key].append(_driver(server.target, "run" if key == "aotiserve" else "echo", "mlp",
                                          TINY_SHAPES, args.n, [1, 4], args.seconds, 200))
-            if not args.skip_resnet:
+            for client_kind in (() if args.skip_resnet else rn):
                 hot0 = procs.metric(daemon, HOT_METRIC, {"method": "Run"})
-                res = _driver(daemon.target, "run", "resnet50", [resnet_shape], args.resnet_n, [4],
+                res = _driver(daemon.target, client_kind, "resnet50", [resnet_shape], args.resnet_n, [4],
                               args.seconds, 10)
                 hot1 = procs.metric(daemon, HOT_METRIC, {"method": "Run"})
                 if hot0 is not None:
                     res["hot_path_share"] = (hot1 - hot0) / res["calls_total"]
-                rn.append(res)
+                rn[client_kind].append(res)
         results["tiny"] = {k: {"p50_us": _med(r["sequential"]["p50_us"] for r in runs),
                                "p99_us": _med(r["sequential"]["p99_us"] for r in runs),
                                "rps_1": _med(_tp(r, 1)["rps"] for r in runs),
                                "rps_4": _med(_tp(r, 4)["rps"] for r in runs),
                                "p50_us_rounds": [round(r["sequential"]["p50_us"], 1) for r in runs]}
                            for k, runs in tiny.items()}
-        if rn:
-            results["resnet50"]["aotiserve"] = {
-                "p50_us_1_client": _med(r["sequential"]["p50_us"] for r in rn),
-                "p99_us_1_client": _med(r["sequential"]["p99_us"] for r in rn),
-                "rps_4": _med(_tp(r, 4)["rps"] for r in rn),
-                "p50_us_4": _med(_tp(r, 4)["latency"]["p50_us"] for r in rn),
-                "p99_us_4": _med(_tp(r, 4)["latency"]["p99_us"] for r in rn),
-                "errors": sum(_tp(r, 4)["errors"] for r in rn),
-                "hot_path_share": _med(r.get("hot_path_share", float("nan")) for r in rn)}
+        for client_kind, runs in rn.items():
+            if not runs:
+                continue
+            key = "aotiserve" if client_kind == "client" else "aotiserve_plain_client"
+            results["resnet50"][key] = {
+                "client": "aotiserve.client" if client_kind == "client" else "grpcio + protobuf",
+                "p50_us_1_client": _med(r["sequential"]["p50_us"] for r in runs),
+                "p99_us_1_client": _med(r["sequential"]["p99_us"] for r in runs),
+                "rps_4": _med(_tp(r, 4)["rps"] for r in runs),
+                "p50_us_4": _med(_tp(r, 4)["latency"]["p50_us"] for r in runs),
+                "p99_us_4": _med(_tp(r, 4)["latency"]["p99_us"] for r in runs),
+                "errors": sum(_tp(r, 4)["errors"] for r in runs),
+                "hot_path_share": _med(r.get("hot_path_share", float("nan")) for r in runs)}
+        if rn["client"]:
             ip = results["inproc_resnet50"]
             results["resnet50"]["inproc"] = {
                 "p50_us_1_thread": _med(r["sequential"]["p50_us"] for r in ip),
@@ -260,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         checks["resnet50_img_s_4_clients"] = round(r["aotiserve"]["rps_4"] * args.batch, 1)
         checks["resnet50_img_s_4_inproc_threads"] = round(r["inproc"]["rps_4"] * args.batch, 1)
         checks["resnet50_ratio"] = round(r["aotiserve"]["rps_4"] / r["inproc"]["rps_4"], 3)
+        if "aotiserve_plain_client" in r:
+            checks["resnet50_ratio_plain_client"] = round(
+                r["aotiserve_plain_client"]["rps_4"] / r["inproc"]["rps_4"], 3)
         checks["resnet50_ok"] = checks["resnet50_ratio"] >= 0.8
     d = results.get("devices")
     if d:
@@ -273,12 +285,16 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in t.items():
         print(f"  {k:12} {v['p50_us']:9.1f} {v['p99_us']:9.1f} {v['rps_1']:9.0f} {v['rps_4']:9.0f}  {v['p50_us_rounds']}")
     if "aotiserve" in r:
-        a, i = r["aotiserve"], r["inproc"]
+        i = r["inproc"]
         print(f"ResNet-50 ({r['source']}) fp32 batch {args.batch}, {r['request_mb']:.1f} MB requests, "
               f"{args.runners} runners:")
-        print(f"  aotiserve, 4 clients:        {a['rps_4'] * args.batch:8.0f} img/s  p50 {a['p50_us_4'] / 1e3:7.2f} ms  "
-              f"p99 {a['p99_us_4'] / 1e3:7.2f} ms  (1 client: p50 {a['p50_us_1_client'] / 1e3:.2f} ms, "
-              f"p99 {a['p99_us_1_client'] / 1e3:.2f} ms; hot path {100 * a['hot_path_share']:.0f}%)")
+        for key, label in (("aotiserve", "aotiserve.client"), ("aotiserve_plain_client", "plain grpcio client")):
+            if key not in r:
+                continue
+            a = r[key]
+            print(f"  {label + ', 4 clients:':28} {a['rps_4'] * args.batch:8.0f} img/s  p50 {a['p50_us_4'] / 1e3:7.2f} ms  "
+                  f"p99 {a['p99_us_4'] / 1e3:7.2f} ms  (1 client: p50 {a['p50_us_1_client'] / 1e3:.2f} ms, "
+                  f"p99 {a['p99_us_1_client'] / 1e3:.2f} ms; hot path {100 * a['hot_path_share']:.0f}%)")
         print(f"  in-process, 4 threads:       {i['rps_4'] * args.batch:8.0f} img/s  p50 {i['p50_us_4'] / 1e3:7.2f} ms  "
               f"p99 {i['p99_us_4'] / 1e3:7.2f} ms  (1 thread: p50 {i['p50_us_1_thread'] / 1e3:.2f} ms, "
               f"p99 {i['p99_us_1_thread'] / 1e3:.2f} ms)")

@@ -817,7 +817,7 @@ class ModelRegistry:
             raise
         if self.port is not None:
             try:
-                self.port.add(model)
+                self.port.add(model, warm=options.warmup_runs > 0)
             except Exception:  # noqa: BLE001 (Python's Run path serves it regardless)
                 log.exception("model %r: the port's hot path could not take it", name)
         model.state = ModelState.READY

@@ -24,6 +24,7 @@ from aotiserve import runner_ext
 from aotiserve.client import dtypes
 
 from .config import ServeConfig
+from . import io_specs
 from .io_specs import LOWERBOUND_HINT
 
 if TYPE_CHECKING:
@@ -101,7 +102,9 @@ class Port:
                 return f"placed on {replica.pool.device}"
         return None
 
-    def add(self, model: "ServedModel") -> None:
+    def add(self, model: "ServedModel", warm: bool = False) -> None:
+        """Serves ``model``'s runs here; ``warm``: one run per replica through the hot path
+        first (its CUDA streams and pinned buffers start lazily, like the model did)."""
         why = self.why_not(model)
         if why is not None:
             log.info("model %r: runs answered in Python (%s)", model.name, why)
@@ -118,8 +121,19 @@ class Port:
                      r.slot.capacity, r.pool.name) for r in model.replicas]
         self._server.add_model(model.name, inputs, [s.name for s in model.outputs], replicas,
                                model.weights.active.id)
+        if warm:
+            self._warm(model)
         self._models.add(model.name)
         model.port = self
+
+    def _warm(self, model: "ServedModel") -> None:
+        tensors = io_specs.representative_inputs(model.inputs)
+        if tensors is None:
+            return
+        try:
+            self._server.warm(model.name, tensors)
+        except Exception as exc:  # noqa: BLE001 (warm-up already judged the model)
+            log.warning("model %r: hot-path warm-up failed: %s", model.name, str(exc).split("\n")[0])
 
     def remove(self, name: str) -> None:
         """Takes the model back; waits for its runs in flight."""

@@ -82,89 +82,67 @@ void Bridge::close() {
 
 // StreamCall ------------------------------------------------------------------------
 
-class StreamCall::Reactor : public grpc::ServerGenericBidiReactor {
- public:
-  explicit Reactor(std::shared_ptr<StreamCall> call) : call_(std::move(call)) {}
-  void OnReadDone(bool ok) override {
-    std::lock_guard<std::mutex> lock(call_->mu_);
-    call_->reading_ = false;
-    call_->read_ok_ = ok;
-    if (!ok) call_->reads_done_ = true;
-    call_->cv_.notify_all();
-  }
-  void OnWriteDone(bool ok) override {
-    std::lock_guard<std::mutex> lock(call_->mu_);
-    call_->writing_ = false;
-    call_->write_ok_ = ok;
-    call_->cv_.notify_all();
-  }
-  void OnCancel() override {
-    uint64_t id;
-    {
-      std::lock_guard<std::mutex> lock(call_->mu_);
-      call_->cancelled_ = true;
-      call_->cv_.notify_all();
-      id = call_->id;
-    }
-    call_->bridge_->cancelled(id);
-  }
-  void OnDone() override {
-    {
-      std::lock_guard<std::mutex> lock(call_->mu_);
-      call_->reactor_ = nullptr;
-      call_->ctx_ = nullptr;
-      call_->cv_.notify_all();
-    }
-    call_->ended();
-    delete this;
-  }
-  using grpc::ServerGenericBidiReactor::Finish;
-  using grpc::ServerGenericBidiReactor::StartRead;
-  using grpc::ServerGenericBidiReactor::StartWrite;
-
- private:
-  std::shared_ptr<StreamCall> call_;
-};
-
-grpc::ServerGenericBidiReactor* StreamCall::reactor(grpc::GenericCallbackServerContext* ctx,
-                                                    std::shared_ptr<StreamCall> self) {
-  ctx_ = ctx;
-  reactor_ = new Reactor(std::move(self));
-  return reactor_;
+std::shared_ptr<StreamCall> StreamCall::make(Bridge* bridge, double idle_s,
+                                             std::shared_ptr<AsyncCall> call) {
+  std::shared_ptr<StreamCall> self(new StreamCall(bridge, idle_s, std::move(call)));
+  self->self_ = self;
+  return self;
 }
 
-void StreamCall::finish_locked(std::unique_lock<std::mutex>& lock, const grpc::Status& status) {
-  if (finished_ || reactor_ == nullptr) return;
+void StreamCall::watch() {
+  auto self = self_.lock();
+  call_->on_done([self](bool cancelled) { self->over(cancelled); });
+}
+
+// The call is over: finished, or cancelled by the client, its deadline or shutdown.
+void StreamCall::over(bool cancelled) {
+  uint64_t cancelled_id = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    over_ = true;
+    if (cancelled && !cancelled_) {
+      cancelled_ = true;
+      cancelled_id = id;
+    }
+    cv_.notify_all();
+  }
+  if (cancelled_id) bridge_->cancelled(cancelled_id);
+  ended();
+}
+
+void StreamCall::finish_locked(const grpc::Status& status) {
+  if (finished_ || over_) return;
   finished_ = true;
-  Reactor* r = reactor_;
-  lock.unlock();
-  r->Finish(status);
-  lock.lock();
+  call_->finish(status);
 }
 
 void StreamCall::refuse(const grpc::Status& status) {
-  std::unique_lock<std::mutex> lock(mu_);
-  finish_locked(lock, status);
+  std::lock_guard<std::mutex> lock(mu_);
+  finish_locked(status);
 }
 
 std::optional<grpc::ByteBuffer> StreamCall::read() {
   std::unique_lock<std::mutex> lock(mu_);
-  if (finished_ || cancelled_ || reads_done_ || reactor_ == nullptr) return std::nullopt;
-  reading_ = true;
-  Reactor* r = reactor_;
-  lock.unlock();
-  r->StartRead(&rbuf_);
-  lock.lock();
+  if (finished_ || cancelled_ || over_ || reads_done_ || reading_) return std::nullopt;
+  auto self = self_.lock();
+  reading_ = call_->read(&rbuf_, [self](bool ok) {
+    std::lock_guard<std::mutex> lock(self->mu_);
+    self->reading_ = false;
+    self->read_ok_ = ok;
+    if (!ok) self->reads_done_ = true;
+    self->cv_.notify_all();
+  });
+  if (!reading_) return std::nullopt;
+  // A cancelled call's pending read fails too, but maybe later: don't wait for it (the
+  // read holds this call until it completes).
+  auto done = [&] { return !reading_ || cancelled_ || over_; };
   auto idle = std::chrono::duration<double>(idle_s_);
-  // A cancelled call's pending read fails too, but maybe later: don't wait for it.
-  auto done = [&] { return !reading_ || cancelled_; };
   bool arrived = idle_s_ <= 0 ? (cv_.wait(lock, done), true) : cv_.wait_for(lock, idle, done);
   if (!arrived) {
     // The client sent nothing for the idle limit: end the call (the read then fails).
-    finish_locked(lock, {grpc::StatusCode::DEADLINE_EXCEEDED,
-                         method + ": no message from the client for " +
-                             std::to_string(int(idle_s_)) + " s; stream closed"});
-    cv_.wait(lock, done);
+    finish_locked({grpc::StatusCode::DEADLINE_EXCEEDED,
+                   method + ": no message from the client for " + std::to_string(int(idle_s_)) +
+                       " s; stream closed"});
     return std::nullopt;
   }
   if (reading_ || !read_ok_) return std::nullopt;
@@ -175,27 +153,30 @@ std::optional<grpc::ByteBuffer> StreamCall::read() {
 
 bool StreamCall::write(const std::string& message) {
   std::unique_lock<std::mutex> lock(mu_);
-  if (finished_ || cancelled_ || reactor_ == nullptr) return false;
+  if (finished_ || cancelled_ || over_ || writing_) return false;
   wbuf_ = to_buffer(message);
-  writing_ = true;
-  Reactor* r = reactor_;
-  lock.unlock();
-  r->StartWrite(&wbuf_);
-  lock.lock();
+  auto self = self_.lock();
+  writing_ = call_->write(wbuf_, [self](bool ok) {
+    std::lock_guard<std::mutex> lock(self->mu_);
+    self->writing_ = false;
+    self->write_ok_ = ok;
+    self->cv_.notify_all();
+  });
+  if (!writing_) return false;
   cv_.wait(lock, [&] { return !writing_; });
   return write_ok_;
 }
 
 void StreamCall::finish(int code, const std::string& details, const Metadata& trailers) {
-  std::unique_lock<std::mutex> lock(mu_);
-  if (finished_ || reactor_ == nullptr) return;
-  for (const auto& [k, v] : trailers) ctx_->AddTrailingMetadata(k, v);
-  finish_locked(lock, grpc::Status(grpc::StatusCode(code), details));
+  std::lock_guard<std::mutex> lock(mu_);
+  if (finished_ || over_) return;
+  for (const auto& [k, v] : trailers) call_->ctx.AddTrailingMetadata(k, v);
+  finish_locked(grpc::Status(grpc::StatusCode(code), details));
 }
 
 bool StreamCall::active() {
   std::lock_guard<std::mutex> lock(mu_);
-  return !finished_ && !cancelled_ && reactor_ != nullptr;
+  return !finished_ && !cancelled_ && !over_;
 }
 
 // UnaryCall -------------------------------------------------------------------------

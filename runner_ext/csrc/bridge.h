@@ -8,6 +8,8 @@
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 
+#include "control_queue.h"
+
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -87,12 +89,14 @@ class Bridge {
 // for): a bidi stream of raw messages driven by the Python thread that handles it.
 class StreamCall : public BridgeCall {
  public:
-  StreamCall(Bridge* bridge, double idle_s) : bridge_(bridge), idle_s_(idle_s) {}
-  // The reactor gRPC drives; it deletes itself when the call is done.
-  grpc::ServerGenericBidiReactor* reactor(grpc::GenericCallbackServerContext* ctx,
-                                          std::shared_ptr<StreamCall> self);
+  static std::shared_ptr<StreamCall> make(Bridge* bridge, double idle_s,
+                                          std::shared_ptr<AsyncCall> call);
+  // From here on the end of the gRPC call ends this one (on_end runs then): call once
+  // on_end is set.
+  void watch();
   // Ends the call from C++ before Python saw it (refused: auth, limits, draining).
   void refuse(const grpc::Status& status);
+  const grpc::GenericServerContext& context() const { return call_->ctx; }
 
   std::optional<grpc::ByteBuffer> read() override;
   bool write(const std::string& message) override;
@@ -100,17 +104,18 @@ class StreamCall : public BridgeCall {
   bool active() override;
 
  private:
-  class Reactor;
-  friend class Reactor;
-  void finish_locked(std::unique_lock<std::mutex>& lock, const grpc::Status& status);
+  StreamCall(Bridge* bridge, double idle_s, std::shared_ptr<AsyncCall> call)
+      : bridge_(bridge), idle_s_(idle_s), call_(std::move(call)) {}
+  void finish_locked(const grpc::Status& status);
+  void over(bool cancelled);
 
   Bridge* bridge_;
   double idle_s_;
+  std::shared_ptr<AsyncCall> call_;
+  std::weak_ptr<StreamCall> self_;
   std::mutex mu_;
   std::condition_variable cv_;
-  Reactor* reactor_ = nullptr;
-  grpc::GenericCallbackServerContext* ctx_ = nullptr;
-  bool finished_ = false, cancelled_ = false, reads_done_ = false;
+  bool finished_ = false, cancelled_ = false, over_ = false, reads_done_ = false;
   bool reading_ = false, read_ok_ = false;
   bool writing_ = false, write_ok_ = false;
   grpc::ByteBuffer rbuf_, wbuf_;

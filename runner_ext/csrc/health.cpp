@@ -3,10 +3,7 @@
 
 #include <algorithm>
 
-#include <grpcpp/impl/rpc_service_method.h>
-#include <grpcpp/support/callback_common.h>
-#include <grpcpp/support/server_callback.h>
-#include <grpcpp/impl/codegen/server_callback_handlers.h>
+#include <optional>
 
 #include "wire.h"
 
@@ -104,86 +101,78 @@ grpc::ByteBuffer response(int status) {
 
 }  // namespace
 
-class HealthService::Watcher : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+// One Watch: the latest status goes out, one write at a time; the call holds its
+// stream slot until it is over.
+class HealthService::Watcher : public std::enable_shared_from_this<Watcher> {
  public:
-  Watcher(HealthService* owner, std::string service, bool counted)
-      : owner_(owner), service_(std::move(service)), counted_(counted) {}
+  Watcher(std::shared_ptr<AsyncCall> call, std::string service)
+      : call_(std::move(call)), service_(std::move(service)) {}
 
   // Sends `status` now, or after the write in flight (only the latest is kept).
-  // gRPC operations start outside the lock: their reactions may run inline.
   void send(int status) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (finished_ || status == last_) return;
-      if (writing_) {
-        next_ = status;
-        return;
-      }
-      writing_ = true;
-      last_ = status;
-      buf_ = response(status);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finished_ || status == last_) return;
+    if (writing_) {
+      next_ = status;
+      return;
     }
-    StartWrite(&buf_);
+    start_write(status);
   }
+  // Ends the call with `status` (after the write in flight, if any).
   void end(const grpc::Status& status) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (finished_) return;
-      finished_ = true;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finished_) return;
+    finished_ = true;
+    if (writing_) {
+      ending_ = status;
+      return;
     }
-    Finish(status);
+    call_->finish(status);
   }
-  void OnWriteDone(bool ok) override {
-    int again = -1;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      writing_ = false;
-      if (ok && !finished_ && next_ >= 0 && next_ != last_) again = next_;
-      next_ = -1;
-    }
-    if (!ok) {
-      end(grpc::Status::CANCELLED);
-    } else if (again >= 0) {
-      send(again);
-    }
-  }
-  void OnCancel() override { end(grpc::Status::CANCELLED); }
-  void OnDone() override {
-    {
-      std::lock_guard<std::recursive_mutex> lock(owner_->mu_);
-      owner_->watchers_.erase(this);
-    }
-    if (counted_) owner_->release_stream_();
-    delete this;
+  // The call is over: nothing more is sent.
+  void over() {
+    std::lock_guard<std::mutex> lock(mu_);
+    finished_ = true;
+    ending_.reset();
   }
   const std::string& service() const { return service_; }
 
  private:
-  HealthService* owner_;
+  void start_write(int status) {  // under mu_
+    last_ = status;
+    buf_ = response(status);
+    auto self = shared_from_this();
+    writing_ = call_->write(buf_, [self](bool ok) { self->written(ok); });
+  }
+  void written(bool ok) {
+    std::lock_guard<std::mutex> lock(mu_);
+    writing_ = false;
+    if (finished_) {
+      if (ending_) call_->finish(*ending_);
+      ending_.reset();
+      return;
+    }
+    if (!ok) {
+      finished_ = true;
+      call_->finish(grpc::Status::CANCELLED);
+      return;
+    }
+    if (next_ >= 0 && next_ != last_) start_write(next_);
+    next_ = -1;
+  }
+
+  std::shared_ptr<AsyncCall> call_;
   std::string service_;
-  bool counted_;
   std::mutex mu_;
   bool writing_ = false, finished_ = false;
   int next_ = -1, last_ = -1;
+  std::optional<grpc::Status> ending_;
   grpc::ByteBuffer buf_;
 };
 
 HealthService::HealthService(std::function<bool()> admit_stream,
                              std::function<void()> release_stream)
-    : admit_stream_(std::move(admit_stream)), release_stream_(std::move(release_stream)) {
-  AddMethod(new grpc::internal::RpcServiceMethod(
-      "/grpc.health.v1.Health/Check", grpc::internal::RpcMethod::NORMAL_RPC, nullptr));
-  MarkMethodCallback(0, new grpc::internal::CallbackUnaryHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
-                            [this](grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* req,
-                                   grpc::ByteBuffer* resp) { return check(ctx, req, resp); }));
-  AddMethod(new grpc::internal::RpcServiceMethod(
-      "/grpc.health.v1.Health/Watch", grpc::internal::RpcMethod::SERVER_STREAMING, nullptr));
-  MarkMethodCallback(
-      1, new grpc::internal::CallbackServerStreamingHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
-             [this](grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* req) {
-               return watch(ctx, req);
-             }));
-}
+    : admit_stream_(std::move(admit_stream)), release_stream_(std::move(release_stream)) {}
 
 HealthService::~HealthService() = default;
 
@@ -195,80 +184,105 @@ bool HealthService::lookup(const std::string& service, Status& status) {
 }
 
 void HealthService::set(const std::string& service, Status status) {
-  std::lock_guard<std::recursive_mutex> lock(mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (shutdown_) return;
   statuses_[service] = status;
-  for (auto* w : std::set<Watcher*>(watchers_)) {
+  for (const auto& w : watchers_) {
     if (w->service() == service) w->send(status);
   }
 }
 
 void HealthService::shutdown() {
-  std::lock_guard<std::recursive_mutex> lock(mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   shutdown_ = true;
-  for (auto* w : std::set<Watcher*>(watchers_)) w->send(NOT_SERVING);
+  for (const auto& w : watchers_) w->send(NOT_SERVING);
 }
 
 int HealthService::watched() {
-  std::lock_guard<std::recursive_mutex> lock(mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   std::set<std::string> names;
-  for (auto* w : watchers_) names.insert(w->service());
+  for (const auto& w : watchers_) names.insert(w->service());
   return int(names.size());
 }
 
 void HealthService::end_watches() {
-  std::lock_guard<std::recursive_mutex> lock(mu_);
-  for (auto* w : std::set<Watcher*>(watchers_)) w->end(grpc::Status(grpc::StatusCode::UNAVAILABLE, "server is shutting down"));
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& w : watchers_) {
+    w->end(grpc::Status(grpc::StatusCode::UNAVAILABLE, "server is shutting down"));
+  }
 }
 
-grpc::ServerUnaryReactor* HealthService::check(grpc::CallbackServerContext* ctx,
-                                               const grpc::ByteBuffer* req,
-                                               grpc::ByteBuffer* resp) {
-  auto* reactor = ctx->DefaultReactor();
+void HealthService::check(std::shared_ptr<AsyncCall> call) {
+  auto req = std::make_shared<grpc::ByteBuffer>();
+  call->read(req.get(), [this, call, req](bool ok) {
+    std::string service;
+    if (!ok || !parse_service(req.get(), service)) {
+      call->finish({grpc::StatusCode::INVALID_ARGUMENT,
+                    "Check: the request is not a valid message, or has more than 64 fields "
+                    "(the limit)"});
+      return;
+    }
+    Status status;
+    bool known;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      known = lookup(service, status);
+    }
+    if (!known) {
+      call->finish({grpc::StatusCode::NOT_FOUND, unknown(service)});
+    } else {
+      call->write_and_finish(response(status), grpc::Status::OK);
+    }
+  });
+}
+
+void HealthService::watch(std::shared_ptr<AsyncCall> call) {
+  auto req = std::make_shared<grpc::ByteBuffer>();
+  call->read(req.get(), [this, call, req](bool ok) {
+    if (!ok) {
+      call->finish({grpc::StatusCode::INVALID_ARGUMENT, "Watch: the call carried no request"});
+      return;
+    }
+    start_watch(call, *req);
+  });
+}
+
+void HealthService::start_watch(std::shared_ptr<AsyncCall> call, const grpc::ByteBuffer& req) {
   std::string service;
-  if (!parse_service(req, service)) {
-    reactor->Finish({grpc::StatusCode::INVALID_ARGUMENT, "Check: the request is not a valid message, or has more than 64 fields (the limit)"});
-    return reactor;
+  if (!parse_service(&req, service)) {
+    call->finish({grpc::StatusCode::INVALID_ARGUMENT,
+                  "Watch: the request is not a valid message, or has more than 64 fields (the "
+                  "limit)"});
+    return;
   }
-  Status status;
+  Status status = NOT_SERVING;
   {
-    std::lock_guard<std::recursive_mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     if (!lookup(service, status)) {
-      reactor->Finish({grpc::StatusCode::NOT_FOUND, unknown(service)});
-      return reactor;
+      // Nothing is kept for a name the daemon does not serve.
+      call->finish({grpc::StatusCode::NOT_FOUND, unknown(service)});
+      return;
     }
   }
-  *resp = response(status);
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
-}
-
-grpc::ServerWriteReactor<grpc::ByteBuffer>* HealthService::watch(grpc::CallbackServerContext* ctx,
-                                                                 const grpc::ByteBuffer* req) {
-  std::string service;
-  bool valid = parse_service(req, service);
-  Status status = NOT_SERVING;
-  bool known = false;
-  if (valid) {
-    std::lock_guard<std::recursive_mutex> lock(mu_);
-    known = lookup(service, status);
+  if (!admit_stream_()) {
+    call->finish({grpc::StatusCode::RESOURCE_EXHAUSTED,
+                  "Watch: too many long-lived streams are open on this server; retry later"});
+    return;
   }
-  bool counted = valid && known && admit_stream_();
-  auto* w = new Watcher(this, service, counted);
-  if (!valid) {
-    w->end({grpc::StatusCode::INVALID_ARGUMENT, "Watch: the request is not a valid message, or has more than 64 fields (the limit)"});
-  } else if (!known) {
-    // Nothing is kept for a name the daemon does not serve.
-    w->end({grpc::StatusCode::NOT_FOUND, unknown(service)});
-  } else if (!counted) {
-    w->end({grpc::StatusCode::RESOURCE_EXHAUSTED,
-            "Watch: too many long-lived streams are open on this server; retry later"});
-  } else {
-    std::lock_guard<std::recursive_mutex> lock(mu_);
+  auto w = std::make_shared<Watcher>(call, service);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
     watchers_.insert(w);
     w->send(shutdown_ ? NOT_SERVING : status);
   }
-  return w;
+  call->on_done([this, w](bool) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      watchers_.erase(w);
+    }
+    w->over();
+    release_stream_();
+  });
 }
 
 }  // namespace aotiserve

@@ -1,9 +1,9 @@
 // See port.h. One grpc::Server per listener (the main port, and an admin port when
 // the daemon has one), each with three services:
 //   HotService     Run, ModelInfer: sync handlers on gRPC's polling threads, no Python;
-//   HealthService  Check, Watch (health.cpp), callback handlers;
-//   BridgeService  every other method: a callback generic service whose calls go to
-//                  the Python threads of server/bridge.py.
+//   an async generic service for every other method, on the listener's control queue
+//   (control_queue.h): Health Check and Watch answered in C++ (health.cpp), the rest
+//   handed to the Python threads of server/bridge.py.
 #include "port.h"
 
 #include <grpcpp/generic/async_generic_service.h>
@@ -32,6 +32,14 @@ constexpr const char* kTrailer = "aotiserve-weights-version";
 constexpr uintptr_t kAlign = 64;
 // Outputs this large go out as slices over the tensors' own memory (no copy).
 constexpr size_t kZeroCopyBytes = 64 * 1024;
+// Requests this large for a model on a GPU are gathered into pinned host memory (torch's
+// caching host allocator): the host-to-device copy is then one asynchronous DMA, not a
+// copy through the driver's staging buffer that holds the thread and serialises with
+// the other requests' copies.
+constexpr size_t kPinnedBytes = 64 * 1024;
+// Threads of each listener's control queue (their handlers never block). One: each
+// thread waiting on it is one more poller beside the hot path's (control_queue.h).
+constexpr int kControlThreads = 1;
 
 using Clock = std::chrono::steady_clock;
 
@@ -64,6 +72,16 @@ std::string strip_backtrace(std::string msg) {
 std::string lower(std::string s) {
   std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
   return s;
+}
+
+// The model a request names (field 1 of RunRequest and ModelInferRequest alike), read
+// from its first slice: protobuf writes fields in number order, so it leads. Empty when
+// it is not there.
+std::string leading_model_name(const uint8_t* p, const uint8_t* end) {
+  uint64_t tag, len;
+  if (!wire::read_varint(p, end, tag) || tag != (1 << 3 | 2)) return {};
+  if (!wire::read_varint(p, end, len) || len > uint64_t(end - p) || len > 4096) return {};
+  return std::string(reinterpret_cast<const char*>(p), len);
 }
 
 // Where the first tensor payload of a request starts, read from the request's first
@@ -159,9 +177,10 @@ struct Port::Listener {
   int port = 0;
   std::unique_ptr<HotService> hot;
   std::unique_ptr<HealthService> health;
-  std::unique_ptr<BridgeService> generic;
+  grpc::AsyncGenericService generic;
   std::unique_ptr<grpc::ServerBuilder> builder;
   std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<ControlQueue> queue;  // after server: shut down before it is destroyed
 };
 
 class Port::HotService : public grpc::Service {
@@ -181,18 +200,6 @@ class Port::HotService : public grpc::Service {
   }
 };
 
-class Port::BridgeService : public grpc::CallbackGenericService {
- public:
-  BridgeService(Port* port, bool admin_rpcs) : port_(port), admin_rpcs_(admin_rpcs) {}
-  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
-    return port_->bridged(ctx, admin_rpcs_);
-  }
-
- private:
-  Port* port_;
-  bool admin_rpcs_;
-};
-
 Port::Port(PortConfig config, std::shared_ptr<Stats> stats)
     : config_(std::move(config)),
       stats_(std::move(stats)),
@@ -208,7 +215,6 @@ int Port::listen(const std::string& address, bool admin_rpcs) {
   l->hot = std::make_unique<HotService>(this, admin_rpcs);
   l->health = std::make_unique<HealthService>([this] { return admit_stream(); },
                                               [this] { release_stream(); });
-  l->generic = std::make_unique<BridgeService>(this, admin_rpcs);
   std::shared_ptr<grpc::ServerCredentials> creds;
   if (!config_.tls_cert.empty()) {
     grpc::SslServerCredentialsOptions ssl(
@@ -237,13 +243,34 @@ int Port::listen(const std::string& address, bool admin_rpcs) {
   quota.SetMaxThreads(std::max(config_.workers + 8, config_.max_threads));
   b.SetResourceQuota(quota);
   b.RegisterService(l->hot.get());
-  b.RegisterService(l->health.get());
-  b.RegisterCallbackGenericService(l->generic.get());
+  b.RegisterAsyncGenericService(&l->generic);
+  // Not listening: the hot path's threads stay the only pollers (control_queue.h).
+  auto cq = b.AddCompletionQueue(/*is_frequently_polled=*/false);
   l->server = b.BuildAndStart();
   if (!l->server || l->port == 0) throw std::runtime_error("could not bind " + address);
+  l->queue = std::make_unique<ControlQueue>(std::move(cq), kControlThreads);
   int port = l->port;
+  Listener* raw = l.get();
   listeners_.push_back(std::move(l));
+  // A few calls requested at once, so a burst of health checks does not wait on one.
+  for (int i = 0; i < 4; ++i) accept(raw);
   return port;
+}
+
+void Port::accept(Listener* l) {
+  auto call = std::make_shared<AsyncCall>(l->queue.get());
+  call->request(&l->generic, [this, l, call](bool ok) {
+    if (!ok) return;  // shutting down
+    accept(l);
+    const std::string& method = call->ctx.method();
+    if (method == HealthService::kCheck) {
+      l->health->check(call);
+    } else if (method == HealthService::kWatch) {
+      l->health->watch(call);
+    } else {
+      bridged(call, l->admin_rpcs);
+    }
+  });
 }
 
 // Models ---------------------------------------------------------------------------
@@ -259,10 +286,25 @@ DevicePoolState* Port::pool(const std::string& device) {
 }
 
 void Port::add_model(std::shared_ptr<PortModel> model) {
+  for (const auto& r : model->replicas) {
+    if (r.pool->device.rfind("cuda", 0) == 0) model->on_gpu = true;
+  }
   model->run_stats = stats_->method(model->name, "Run");
   model->infer_stats = stats_->method(model->name, "ModelInfer");
   std::unique_lock<std::shared_mutex> lock(models_mu_);
   models_[model->name] = std::move(model);
+}
+
+int Port::warm(const std::string& name, const std::vector<at::Tensor>& inputs) {
+  auto model = find(name);
+  if (!model) return 0;
+  std::shared_lock<std::shared_mutex> weights(model->weights);
+  int runs = 0;
+  for (auto& r : model->replicas) {
+    r.run(inputs);
+    ++runs;
+  }
+  return runs;
 }
 
 std::shared_ptr<PortModel> Port::find(const std::string& name) {
@@ -382,6 +424,7 @@ void Port::stop(double grace_s) {
   for (auto& l : listeners_) {
     if (l->server) {
       l->server->Wait();
+      l->queue->shutdown();
       l->server.reset();
     }
   }
@@ -464,10 +507,9 @@ void Port::release_stream() { streams_.fetch_sub(1); }
 
 // The bridge ----------------------------------------------------------------------
 
-grpc::ServerGenericBidiReactor* Port::bridged(grpc::GenericCallbackServerContext* ctx,
-                                              bool admin_rpcs) {
-  auto call = std::make_shared<StreamCall>(&bridge_, config_.stream_idle_s);
-  auto* reactor = call->reactor(ctx, call);
+void Port::bridged(std::shared_ptr<AsyncCall> accepted, bool admin_rpcs) {
+  const grpc::GenericServerContext* ctx = &accepted->ctx;
+  auto call = StreamCall::make(&bridge_, config_.stream_idle_s, std::move(accepted));
   call->id = bridge_.next_id();
   call->method = ctx->method();
   call->peer = ctx->peer();
@@ -480,32 +522,32 @@ grpc::ServerGenericBidiReactor* Port::bridged(grpc::GenericCallbackServerContext
   call->admin_rpcs = admin_rpcs;
   if (draining_ && !on) {
     call->refuse({grpc::StatusCode::UNAVAILABLE, "server is shutting down"});
-    return reactor;
+    return;
   }
   bool stream = config_.streaming.count(method) > 0;
   if (stream && !admit_stream()) {
     call->refuse({grpc::StatusCode::RESOURCE_EXHAUSTED,
                   short_name(method) + ": too many long-lived streams are open on this server (" +
                       std::to_string(config_.max_streams) + "); retry later"});
-    return reactor;
+    return;
   }
   if (!on && !enter()) {
     if (stream) release_stream();
     call->refuse({grpc::StatusCode::RESOURCE_EXHAUSTED,
                   short_name(method) + ": the server is handling its limit of " +
                       std::to_string(config_.max_calls) + " calls; retry later"});
-    return reactor;
+    return;
   }
   call->on_end = [this, stream, on] {
     if (stream) release_stream();
     if (!on) leave();
   };
+  call->watch();
   if (!bridge_.push(call)) {
     call->refuse({grpc::StatusCode::RESOURCE_EXHAUSTED,
                   short_name(method) + ": the server is busy (" +
                       std::to_string(config_.max_pending) + " calls waiting); retry later"});
   }
-  return reactor;
 }
 
 grpc::Status Port::forward(grpc::ServerContext* ctx, const std::string& method,
@@ -671,21 +713,30 @@ grpc::Status Port::serve(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
   if (!authorize(method, *ctx, refusal, is_admin)) return done(refusal);
 
   // The request's bytes: gRPC's own slice when it is one, else joined once into torch's
-  // allocator, laid out so the first payload is aligned.
+  // allocator, laid out so the first payload is aligned. For a model on a GPU, large
+  // requests are gathered into pinned memory.
   Payload payload;
   grpc::Slice single;
+  std::vector<grpc::Slice> slices;
   if (raw->TrySingleSlice(&single).ok()) {
-    auto keep = std::make_shared<grpc::Slice>(single);
+    slices.push_back(single);
+  } else if (!raw->Dump(&slices).ok() || slices.empty()) {
+    return done(invalid(shorty + ": the request is not a valid message"));
+  }
+  bool pinned = false;
+  if (raw->Length() >= kPinnedBytes) {
+    auto named = find(leading_model_name(slices[0].begin(), slices[0].end()));
+    pinned = named && named->on_gpu;
+  }
+  if (slices.size() == 1 && !pinned) {
+    auto keep = std::make_shared<grpc::Slice>(slices[0]);
     payload.begin = keep->begin();
     payload.end = keep->end();
     payload.keep = keep;
   } else {
-    std::vector<grpc::Slice> slices;
-    if (!raw->Dump(&slices).ok() || slices.empty()) {
-      return done(invalid(shorty + ": the request is not a valid message"));
-    }
     int64_t off = payload_offset(slices[0].begin(), slices[0].end(), infer);
-    auto joined = std::make_shared<at::Tensor>(at::empty({int64_t(raw->Length() + kAlign)}, at::kByte));
+    auto options = at::TensorOptions().dtype(at::kByte).pinned_memory(pinned);
+    auto joined = std::make_shared<at::Tensor>(at::empty({int64_t(raw->Length() + kAlign)}, options));
     auto* base = joined->data_ptr<uint8_t>();
     size_t shift = off < 0 ? 0 : (kAlign - (reinterpret_cast<uintptr_t>(base) + off) % kAlign) % kAlign;
     uint8_t* w = base + shift;
@@ -693,6 +744,7 @@ grpc::Status Port::serve(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
       std::memcpy(w, s.begin(), s.size());
       w += s.size();
     }
+    slices.clear();
     payload.begin = base + shift;
     payload.end = w;
     payload.keep = joined;

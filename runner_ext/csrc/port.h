@@ -75,6 +75,7 @@ struct PortModel {
   std::vector<InputSpec> inputs;
   std::vector<std::string> outputs;
   std::vector<PortReplica> replicas;
+  bool on_gpu = false;  // a replica is on a GPU: large requests are joined into pinned memory
   MethodSeries* run_stats = nullptr;
   MethodSeries* infer_stats = nullptr;
   std::shared_mutex weights;  // runs: shared; a weights change or removal: exclusive
@@ -99,6 +100,10 @@ class Port {
   void lock_weights(const std::string& name);
   void unlock_weights(const std::string& name, const std::string& version);
   DevicePoolState* pool(const std::string& device);
+  // Runs `inputs` (host tensors) once on each replica of the model through the hot path's
+  // own run (its CUDA stream pool, pinned host buffers), so the first request does not
+  // pay for them. Returns the runs made.
+  int warm(const std::string& name, const std::vector<at::Tensor>& inputs);
   // Occupies one runner of the model as a run would (false: none free now); release
   // gives it back. Operators' tooling and tests use it to hold a model busy.
   bool hold_runner(const std::string& name);
@@ -122,17 +127,17 @@ class Port {
                    bool infer, bool admin_rpcs);
   grpc::Status serve(grpc::ServerContext* ctx, const grpc::ByteBuffer* req, grpc::ByteBuffer* resp,
                      bool infer, bool admin_rpcs);
-  grpc::ServerGenericBidiReactor* bridged(grpc::GenericCallbackServerContext* ctx, bool admin_rpcs);
 
  private:
   struct Listener;
   class HotService;
-  class BridgeService;
   struct Payload;
 
   // The hot path's token check (the rules for control RPCs: server/interceptors.py).
   bool authorize(const std::string& method, grpc::ServerContextBase& ctx, grpc::Status& refusal,
                  bool& is_admin);
+  void accept(Listener* l);  // asks the listener's generic service for its next call
+  void bridged(std::shared_ptr<AsyncCall> call, bool admin_rpcs);
   bool admit_stream();
   void release_stream();
   bool enter();  // false: max_calls reached

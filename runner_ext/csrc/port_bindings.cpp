@@ -190,6 +190,7 @@ void bind_port(py::module_& m) {
           },
           py::arg("name"), py::arg("inputs"), py::arg("outputs"), py::arg("replicas"),
           py::arg("version"))
+      .def("warm", &Port::warm, py::arg("name"), py::arg("inputs"), release())
       .def("remove_model", &Port::remove_model, py::arg("name"), release())
       .def("flip", &Port::flip, py::arg("name"), py::arg("version"), release())
       .def("lock_weights", &Port::lock_weights, py::arg("name"), release())
