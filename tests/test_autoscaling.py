@@ -27,8 +27,6 @@ DEPLOY = REPO / "deploy"
 HPA_COMPONENT = DEPLOY / "components" / "autoscale-hpa"
 KEDA_COMPONENT = DEPLOY / "components" / "autoscale-keda"
 KEDA_SCHEMA = ("keda-v2.20.2", "scaledobjects.json")
-# Inference calls: what the in-flight signal counts.
-INFERENCE_METHODS = {"Run", "ModelInfer", "ModelStreamInfer"}
 
 
 def with_component(tmp_path: Path, overlay: str, component: Path) -> list[dict]:
@@ -117,22 +115,12 @@ def test_keda_schema_refuses_a_bad_trigger(tmp_path):
         validate_crd(scaled, *KEDA_SCHEMA)
 
 
-def test_in_flight_signal_counts_inference_calls_only():
-    queries = [r["metricsQuery"] for r in adapter_rules()]
-    queries += [t["metadata"]["query"] for t in
-                yaml.safe_load((KEDA_COMPONENT / "scaledobject.yaml").read_text())["spec"]["triggers"]]
-    for query in queries:
-        if "aotiserve_in_flight_requests" in query:
-            (methods,) = re.findall(r'method=~"([^"]+)"', query)
-            assert set(methods.split("|")) == INFERENCE_METHODS
-
-
 # ------------------------------------------------- the series a daemon exposes
 
 # What the rules and queries may read; test_the_daemon_exposes_every_series_the_scalers_read
 # proves a real daemon exposes each of them.
 DAEMON_SERIES = {"aotiserve_queue_seconds_sum", "aotiserve_queue_seconds_count",
-                 "aotiserve_in_flight_requests"}
+                 "aotiserve_model_in_flight_requests"}
 
 
 def test_the_daemon_exposes_every_series_the_scalers_read(server_factory, model_package):
@@ -149,8 +137,5 @@ def test_the_daemon_exposes_every_series_the_scalers_read(server_factory, model_
     exposed = {line.split("{")[0].split()[0] for line in text.splitlines()
                if line and not line.startswith("#")}
     assert DAEMON_SERIES <= exposed, DAEMON_SERIES - exposed
-    for line in text.splitlines():
-        if line.startswith("aotiserve_in_flight_requests{"):
-            method = re.search(r'method="([^"]+)"', line).group(1)
-            assert method  # the rules filter on this label
+    assert re.search(r'^aotiserve_model_in_flight_requests\{model="mlp"\} 0', text, re.M)
     assert re.search(r'^aotiserve_queue_seconds_count\{[^}]*model="mlp"[^}]*\} [1-9]', text, re.M)

@@ -77,6 +77,7 @@ struct PortModel {
   std::vector<PortReplica> replicas;
   MethodSeries* run_stats = nullptr;
   MethodSeries* infer_stats = nullptr;
+  ModelLoad* load = nullptr;  // requests in flight and queued now (metrics)
   std::shared_mutex weights;  // runs: shared; a weights change or removal: exclusive
   std::string version;        // guarded by weights
   std::mutex admit;
