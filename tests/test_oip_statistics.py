@@ -149,7 +149,9 @@ def test_batched_runs_have_per_batch_size_stats(client, daemon):
     assert max(batches) <= BATCH_MAX
     assert sum(size * b.compute_infer.count for size, b in batches.items()) == rows_sent
     assert sum(b.compute_infer.count for b in batches.values()) == s.execution_count
-    assert sum(b.compute_infer.ns for b in batches.values()) == s.inference_stats.compute_infer.ns
+    # The same runs' time, summed per batch size and per device (seconds in between: 1 ns).
+    assert sum(b.compute_infer.ns for b in batches.values()) == pytest.approx(
+        s.inference_stats.compute_infer.ns, abs=len(batches) + 1)
     assert s.inference_count == requests == s.inference_stats.success.count
     assert s.execution_count < s.inference_count
     for b in batches.values():
