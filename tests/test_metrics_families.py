@@ -135,8 +135,10 @@ def test_gpu_memory_and_nvml_families(tmp_path):
         m = s.app.metrics
         allocated = m.sample("aotiserve_gpu_memory_allocated_bytes", device="cuda:0")
         reserved = m.sample("aotiserve_gpu_memory_reserved_bytes", device="cuda:0")
-        assert allocated == torch.cuda.memory_allocated(0) > 0  # the model's weights at least
-        assert reserved >= allocated
+        # torch's allocator gave the run its intermediate buffers and outputs, and keeps
+        # them cached (the weights are the model container's own cudaMalloc, outside it).
+        assert reserved == torch.cuda.memory_reserved(0) > 0
+        assert 0 <= allocated <= reserved
         try:
             import pynvml  # noqa: F401
         except ImportError:
@@ -146,5 +148,5 @@ def test_gpu_memory_and_nvml_families(tmp_path):
         total = m.sample("aotiserve_gpu_memory_total_bytes", device="cuda:0")
         used = m.sample("aotiserve_gpu_memory_used_bytes", device="cuda:0")
         util = m.sample("aotiserve_gpu_utilization_ratio", device="cuda:0")
-        assert total >= used >= reserved > 0  # NVML sees at least what torch holds
+        assert total >= used >= reserved > 0  # NVML sees all: torch's, the weights, the context
         assert 0.0 <= util <= 1.0
