@@ -256,9 +256,8 @@ class _GpuCollector:
     """GPU families at each scrape. Memory of this process from torch's caching allocator
     (runs' intermediate buffers and outputs; a model's weights are, by default, its
     container's own allocation, seen only in NVML's used memory); utilisation and the
-    device's memory from
-    NVML (the optional ``nvidia-ml-py``), matched to each CUDA device by UUID, so
-    CUDA_VISIBLE_DEVICES renumbering does not mislabel them."""
+    device's memory from NVML (the optional ``nvidia-ml-py``), matched to each CUDA device
+    by UUID, so CUDA_VISIBLE_DEVICES renumbering does not mislabel them."""
 
     def __init__(self, devices: list[str]) -> None:
         self._devices = devices
