@@ -68,6 +68,7 @@ class AppServer:
         self.metrics = Metrics()
         self.metrics.watch_cpu_block_cache(runner_ext.cpu_block_cache_stats)
         self.metrics.watch_core_spread(runner_ext.core_spread_stats)
+        self.metrics.watch_gpus(config.devices)
         self.pools = {d: DevicePool(d, config.max_queue, self.metrics) for d in config.devices}
         store = WeightsStore(config.weights_dir) if config.weights_dir else None
         self.registry = ModelRegistry(self.pools, config.devices, config.runners_per_model,

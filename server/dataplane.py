@@ -278,6 +278,9 @@ class DataPlane:
         model = name if isinstance(name, ServedModel) else self.registry.get(name)
         self.validate_inputs(model, inputs)
         model.begin()
+        stats = self.metrics.stats if self.metrics else None
+        if stats is not None:  # aotiserve_model_in_flight_requests
+            stats.add_load(model.name, 1, 0)
         try:
             batcher = model.batcher
             if batcher is None:
@@ -288,6 +291,8 @@ class DataPlane:
                     lambda get, ctx: self._execute(model, get, ctx), model.others_in_flight)
         finally:
             model.end()
+            if stats is not None:
+                stats.add_load(model.name, -1, 0)
         return RunResult(list(outputs), version)
 
     def _execute(self, model: ServedModel, get_inputs: Callable[[], Sequence[torch.Tensor]],
@@ -297,7 +302,10 @@ class DataPlane:
         deadline, call = ctx
         replica = model.pick_replica()
         pool = replica.pool
-        with pool.admit(replica.slot, deadline, call) as waited:
+        stats = self.metrics.stats if self.metrics else None
+        with self._queued(stats, model.name) as admitted, \
+                pool.admit(replica.slot, deadline, call) as waited:
+            admitted()
             inputs = get_inputs()
             with model.rw.shared():
                 started = time.monotonic()
@@ -310,7 +318,30 @@ class DataPlane:
                 replica.note_compute(computed)
         if replica.stats is not None:  # Metrics.stats.record_run(model, device, ...)
             replica.stats(waited, computed)
+        if stats is not None and model.batcher is not None and inputs and inputs[0].dim():
+            stats.record_batch(model.name, int(inputs[0].shape[0]), computed)
         return outputs, version
+
+    @staticmethod
+    @contextmanager
+    def _queued(stats: Any, model: str) -> Iterator[Callable[[], None]]:
+        """Counts a run as queued (aotiserve_model_queued_requests) until the callable it
+        yields is called, once the run holds a runner, or it leaves the queue otherwise."""
+        if stats is None:
+            yield lambda: None
+            return
+        queued = [True]
+
+        def admitted() -> None:
+            if queued[0]:
+                queued[0] = False
+                stats.add_load(model, 0, -1)
+
+        stats.add_load(model, 0, 1)
+        try:
+            yield admitted
+        finally:
+            admitted()
 
     @staticmethod
     def _run_error(model: ServedModel, exc: Exception) -> ServeError:

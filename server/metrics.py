@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -26,6 +26,8 @@ _LATENCY_BUCKETS = (
 # Weight stagings: a small model's in milliseconds to many GiB in tens of seconds.
 _WEIGHTS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, 120.0, 300.0)
+# Rows per batched run: powers of two (batch_max_size is at most what a model takes).
+_BATCH_BUCKETS = tuple(float(1 << i) for i in range(17))
 
 
 class Metrics:
@@ -100,6 +102,13 @@ class Metrics:
     def watch_core_spread(self, stats: Callable[[], dict | None]) -> None:
         """Exposes where long CPU runs were pinned (runner_ext) at each scrape; nothing while off."""
         self.registry.register(_StatsCollector(stats, _core_spread_families))
+
+    def watch_gpus(self, devices: Iterable[str]) -> None:
+        """Per CUDA device the daemon serves on: memory held by torch's allocator, and the
+        device's utilisation and memory from NVML when nvidia-ml-py is installed."""
+        cuda = sorted({d for d in devices if d.split(":")[0] == "cuda"})
+        if cuda:
+            self.registry.register(_GpuCollector([d if ":" in d else "cuda:0" for d in cuda]))
 
     def serve(self, host: str, port: int) -> int:
         """Starts the HTTP exposition on host:port (0 picks one); returns the port."""
@@ -178,6 +187,28 @@ def _request_families(s: dict):
     for method, n in sorted(s["in_flight"].items()):
         in_flight.add_metric([method], n)
     yield in_flight
+    model_in_flight = GaugeMetricFamily("aotiserve_model_in_flight_requests",
+                                        "Inference requests of the model admitted to run: waiting "
+                                        "for a runner or running", labels=["model"])
+    queued = GaugeMetricFamily("aotiserve_model_queued_requests",
+                               "Runs of the model waiting for a free runner (a dynamic batch "
+                               "counts once)", labels=["model"])
+    for model, (n_in_flight, n_queued) in sorted(s["load"].items()):
+        model_in_flight.add_metric([model], n_in_flight)
+        queued.add_metric([model], n_queued)
+    yield model_in_flight
+    yield queued
+    batch = HistogramMetricFamily("aotiserve_batch_size", "Rows per run of dynamically "
+                                  "batched models (each run once)", labels=["model"])
+    sizes: dict[str, dict[int, int]] = {}
+    for model, size, runs, _compute_ns in s["batches"]:
+        sizes.setdefault(model, {})[size] = runs
+    for model, runs in sorted(sizes.items()):
+        cumulative = [sum(n for size, n in runs.items() if size <= bound) for bound in _BATCH_BUCKETS]
+        cumulative.append(sum(runs.values()))
+        _histogram(batch, [model], _BATCH_BUCKETS, cumulative,
+                   sum(size * n for size, n in runs.items()))
+    yield batch
     hot = CounterMetricFamily("aotiserve_hot_path_requests", "Requests the port's C++ hot path "
                               "answered itself (the others were answered in Python)",
                               labels=["method"])
@@ -219,3 +250,87 @@ def _age_families(created: dict[str, int]):
     for model, ms in sorted(created.items()):
         family.add_metric([model], max(0.0, (now_ms - ms) / 1000))
     yield family
+
+
+class _GpuCollector:
+    """GPU families at each scrape. Memory of this process from torch's caching allocator
+    (runs' intermediate buffers and outputs; a model's weights are, by default, its
+    container's own allocation, seen only in NVML's used memory); utilisation and the
+    device's memory from NVML (the optional ``nvidia-ml-py``), matched to each CUDA device
+    by UUID, so CUDA_VISIBLE_DEVICES renumbering does not mislabel them."""
+
+    def __init__(self, devices: list[str]) -> None:
+        self._devices = devices
+        self._nvml: dict[str, Any] | None = None  # device -> NVML handle; {} without NVML
+
+    def _nvml_handles(self) -> dict[str, Any]:
+        if self._nvml is not None:
+            return self._nvml
+        self._nvml = {}
+        try:
+            import pynvml  # nvidia-ml-py: optional
+        except ImportError:
+            log.info("GPU utilisation metrics off: nvidia-ml-py is not installed")
+            return self._nvml
+        import torch
+
+        try:
+            pynvml.nvmlInit()
+            by_uuid = {}
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+                uuid = pynvml.nvmlDeviceGetUUID(handle)
+                uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+                by_uuid[uuid.removeprefix("GPU-")] = handle
+            for device in self._devices:
+                uuid = str(torch.cuda.get_device_properties(torch.device(device)).uuid)
+                if uuid.removeprefix("GPU-") in by_uuid:
+                    self._nvml[device] = by_uuid[uuid.removeprefix("GPU-")]
+                else:
+                    log.warning("NVML has no device with the UUID of %s (%s)", device, uuid)
+        except pynvml.NVMLError as exc:
+            log.warning("GPU utilisation metrics off: NVML: %s", exc)
+        return self._nvml
+
+    def collect(self):
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        allocated = GaugeMetricFamily("aotiserve_gpu_memory_allocated_bytes",
+                                      "GPU memory this daemon's tensors occupy (torch's "
+                                      "allocator)", labels=["device"])
+        reserved = GaugeMetricFamily("aotiserve_gpu_memory_reserved_bytes",
+                                     "GPU memory torch's allocator holds for this daemon "
+                                     "(occupied or cached)", labels=["device"])
+        for device in self._devices:
+            index = torch.device(device).index or 0
+            allocated.add_metric([device], torch.cuda.memory_allocated(index))
+            reserved.add_metric([device], torch.cuda.memory_reserved(index))
+        yield allocated
+        yield reserved
+        handles = self._nvml_handles()
+        if not handles:
+            return
+        import pynvml
+
+        util = GaugeMetricFamily("aotiserve_gpu_utilization_ratio", "Fraction of the last "
+                                 "sample period the GPU ran kernels (NVML), all processes",
+                                 labels=["device"])
+        used = GaugeMetricFamily("aotiserve_gpu_memory_used_bytes",
+                                 "GPU memory in use, all processes (NVML)", labels=["device"])
+        total = GaugeMetricFamily("aotiserve_gpu_memory_total_bytes",
+                                  "GPU memory in all (NVML)", labels=["device"])
+        for device, handle in handles.items():
+            try:
+                rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
+                memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            except pynvml.NVMLError as exc:
+                log.debug("NVML on %s: %s", device, exc)
+                continue
+            util.add_metric([device], rates.gpu / 100.0)
+            used.add_metric([device], memory.used)
+            total.add_metric([device], memory.total)
+        yield util
+        yield used
+        yield total

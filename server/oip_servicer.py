@@ -24,8 +24,8 @@ does not decode, gets its error in its response and the stream goes on), and the
 model repository (index, load, unload of ``<model-repository>/<name>.pt2``). A
 model's version
 is its active weights version (``initial`` for the packaged weights). BYTES
-tensors, shared memory, statistics, trace/log settings and classification
-answer UNIMPLEMENTED; sequence parameters INVALID_ARGUMENT.
+tensors, shared memory, trace/log settings and classification answer
+UNIMPLEMENTED; sequence parameters INVALID_ARGUMENT. ModelStatistics: oip_statistics.py.
 
 Bounds. protobuf builds one object per repeated entry, so inference requests are
 walked first (``wire.check_bounds``, keeping nothing): more inputs, requested
@@ -54,6 +54,7 @@ from google.protobuf import descriptor_pool, message_factory
 from aotiserve.client import dtypes as dt
 from aotiserve.client import wire
 
+from . import oip_statistics
 from . import tensor_codec as codec
 from .config import ServeConfig
 from .dataplane import DataPlane
@@ -66,7 +67,7 @@ SERVICE_NAME = "inference.GRPCInferenceService"
 SERVER_NAME = "aotiserve"
 PLATFORM = "pytorch_aoti"
 BACKEND = "aotiserve"
-EXTENSIONS = ("model_repository", "model_configuration", "parameters")
+EXTENSIONS = ("model_repository", "model_configuration", "parameters", "statistics")
 _GENERATED_MODULE = "aotiserve.oip.inference_pb2"
 
 
@@ -496,6 +497,16 @@ class OipServicer:
         if self.repository is None or not self.repository.is_dir():
             return []
         return list(repository_models(self.repository))
+
+    # Statistics --------------------------------------------------------------
+
+    def ModelStatistics(self, request, context):
+        if self.plane.metrics is None:
+            raise Unimplemented("ModelStatistics: this server keeps no statistics")
+        served = {m.name: m.weights.active.id if m.weights else ""
+                  for m in self.plane.registry.models() if m.state == ModelState.READY}
+        return oip_statistics.model_statistics(self.pb, self.plane.metrics.stats, served,
+                                               request.name, request.version)
 
     # Versions ----------------------------------------------------------------
 

@@ -634,7 +634,7 @@ def test_unserved_rpcs_are_unimplemented(stub):
         stub.SystemSharedMemoryRegister(service_pb2.SystemSharedMemoryRegisterRequest(name="r", key="/k", byte_size=8))
     assert code_of(e) == "UNIMPLEMENTED"
     with pytest.raises(grpc.RpcError) as e:
-        stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name="mlp"))
+        stub.TraceSetting(service_pb2.TraceSettingRequest(model_name="mlp"))
     assert code_of(e) == "UNIMPLEMENTED"
 
 

@@ -575,6 +575,11 @@ grpc::Status Port::execute(grpc::ServerContext* ctx, PortModel& model,
                            std::vector<at::Tensor>& inputs, std::vector<at::Tensor>& outputs,
                            std::string& version) {
   auto queued_at = Clock::now();
+  struct InFlight {  // aotiserve_model_in_flight_requests, however this returns
+    ModelLoad* l;
+    explicit InFlight(ModelLoad* load) : l(load) { if (l) l->in_flight.fetch_add(1); }
+    ~InFlight() { if (l) l->in_flight.fetch_sub(1); }
+  } in_flight(model.load);
   PortReplica* replica = nullptr;
   {
     std::unique_lock<std::mutex> lock(model.admit);
@@ -595,6 +600,7 @@ grpc::Status Port::execute(grpc::ServerContext* ctx, PortModel& model,
                     " waiting); retry later"};
       }
       ++pool->waiting;
+      if (model.load) model.load->queued.fetch_add(1);
       auto deadline = ctx->deadline();
       grpc::Status gave_up;
       while (!(replica = pick())) {
@@ -618,6 +624,7 @@ grpc::Status Port::execute(grpc::ServerContext* ctx, PortModel& model,
         model.freed.wait_until(lock, std::min(deadline, now + std::chrono::milliseconds(50)));
       }
       --pool->waiting;
+      if (model.load) model.load->queued.fetch_sub(1);
       if (!replica) return gave_up;
     }
     ++replica->running;

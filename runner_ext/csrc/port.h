@@ -78,6 +78,7 @@ struct PortModel {
   bool on_gpu = false;  // a replica is on a GPU: large requests are joined into pinned memory
   MethodSeries* run_stats = nullptr;
   MethodSeries* infer_stats = nullptr;
+  ModelLoad* load = nullptr;  // requests in flight and queued now (metrics)
   std::shared_mutex weights;  // runs: shared; a weights change or removal: exclusive
   std::string version;        // guarded by weights
   std::mutex admit;

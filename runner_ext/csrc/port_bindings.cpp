@@ -129,6 +129,18 @@ void bind_port(py::module_& m) {
              self.in_flight(method)->fetch_add(delta);
            },
            py::arg("method"), py::arg("delta"))
+      .def("record_batch",
+           [](Stats& self, const std::string& model, int64_t rows, double computed) {
+             self.batch(model, rows)->record(computed);
+           },
+           py::arg("model"), py::arg("rows"), py::arg("computed"))
+      .def("add_load",
+           [](Stats& self, const std::string& model, int in_flight, int queued) {
+             auto* l = self.load(model);
+             l->in_flight.fetch_add(in_flight);
+             l->queued.fetch_add(queued);
+           },
+           py::arg("model"), py::arg("in_flight"), py::arg("queued"))
       .def("stats",
            [](Stats& self) {
              auto s = self.snapshot();
@@ -136,6 +148,9 @@ void bind_port(py::module_& m) {
              out["methods"] = s.methods;
              out["devices"] = s.devices;
              out["in_flight"] = s.in_flight;
+             out["outcomes"] = s.outcomes;
+             out["batches"] = s.batches;
+             out["load"] = s.load;
              py::dict hot;
              hot["Run"] = s.hot_run;
              hot["ModelInfer"] = s.hot_infer;
@@ -186,6 +201,7 @@ void bind_port(py::module_& m) {
               model->replicas.push_back(std::move(r));
             }
             model->version = version;
+            model->load = self.stats().load(name);
             self.add_model(std::move(model));
           },
           py::arg("name"), py::arg("inputs"), py::arg("outputs"), py::arg("replicas"),

@@ -2,6 +2,7 @@
 #include "port_stats.h"
 
 #include <algorithm>
+#include <chrono>
 
 namespace aotiserve {
 
@@ -24,6 +25,17 @@ std::vector<uint64_t> Histogram::cumulative() const {
 void MethodSeries::record(int code, double seconds) {
   if (code >= 0 && size_t(code) < codes.size()) codes[code].fetch_add(1, std::memory_order_relaxed);
   latency.observe(seconds);
+  // The conversion Histogram::observe makes: the two sums add up to the latency's sum.
+  uint64_t ns = uint64_t(std::max(0.0, seconds) * 1e9);
+  (code == 0 ? ok_ns : fail_ns).fetch_add(ns, std::memory_order_relaxed);
+  auto now = std::chrono::system_clock::now().time_since_epoch();
+  last_ms.store(std::chrono::duration_cast<std::chrono::milliseconds>(now).count(),
+                std::memory_order_relaxed);
+}
+
+void BatchSeries::record(double computed) {
+  runs.fetch_add(1, std::memory_order_relaxed);
+  compute_ns.fetch_add(uint64_t(std::max(0.0, computed) * 1e9), std::memory_order_relaxed);
 }
 
 void DeviceSeries::record(double queued, double computed) {
@@ -53,6 +65,20 @@ std::atomic<int64_t>* Stats::in_flight(const std::string& method) {
   return slot.get();
 }
 
+BatchSeries* Stats::batch(const std::string& model, int64_t rows) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto& slot = batches_[{model, rows}];
+  if (!slot) slot = std::make_unique<BatchSeries>();
+  return slot.get();
+}
+
+ModelLoad* Stats::load(const std::string& model) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto& slot = load_[model];
+  if (!slot) slot = std::make_unique<ModelLoad>();
+  return slot.get();
+}
+
 Stats::Snapshot Stats::snapshot() {
   std::lock_guard<std::mutex> lock(mu_);
   Snapshot s;
@@ -63,7 +89,13 @@ Stats::Snapshot Stats::snapshot() {
     }
     s.methods.emplace_back(key.first, key.second, std::move(codes), m->latency.cumulative(),
                            m->latency.sum());
+    s.outcomes.emplace_back(key.first, key.second, m->ok_ns.load(), m->fail_ns.load(),
+                            m->last_ms.load());
   }
+  for (const auto& [key, b] : batches_) {
+    s.batches.emplace_back(key.first, key.second, b->runs.load(), b->compute_ns.load());
+  }
+  for (const auto& [model, l] : load_) s.load[model] = {l->in_flight.load(), l->queued.load()};
   for (const auto& [key, d] : devices_) {
     s.devices.emplace_back(key.first, key.second, d->queue.cumulative(), d->queue.sum(),
                            d->compute.cumulative(), d->compute.sum(),

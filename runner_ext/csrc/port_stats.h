@@ -32,7 +32,23 @@ struct MethodSeries {
   explicit MethodSeries(const std::vector<double>* b) : latency(b) {}
   std::array<std::atomic<uint64_t>, 17> codes{};
   Histogram latency;
+  // Whole-call time of the calls answered OK and of the others, and when the last one was
+  // answered (ms since the epoch): OIP ModelStatistics' success, fail and last_inference.
+  std::atomic<uint64_t> ok_ns{0}, fail_ns{0};
+  std::atomic<int64_t> last_ms{0};
   void record(int code, double seconds);
+};
+
+// One (model, rows of a run) of dynamic batching: runs, and their time in the runner.
+struct BatchSeries {
+  std::atomic<uint64_t> runs{0}, compute_ns{0};
+  void record(double computed);
+};
+
+// One model's load now: inference requests admitted to run (waiting for a runner or
+// running), and runs waiting for a runner.
+struct ModelLoad {
+  std::atomic<int64_t> in_flight{0}, queued{0};
 };
 
 // One (model, device): time queued for a runner, time in the runner, runs.
@@ -50,6 +66,8 @@ class Stats {
   MethodSeries* method(const std::string& model, const std::string& method);
   DeviceSeries* device(const std::string& model, const std::string& device);
   std::atomic<int64_t>* in_flight(const std::string& method);
+  BatchSeries* batch(const std::string& model, int64_t rows);
+  ModelLoad* load(const std::string& model);
   // Requests the C++ hot path answered itself (not handed to Python): 0 Run, 1 ModelInfer.
   void hot(int which) { hot_[which].fetch_add(1, std::memory_order_relaxed); }
   const std::vector<double>& bounds() const { return bounds_; }
@@ -60,6 +78,11 @@ class Stats {
     std::vector<std::tuple<std::string, std::string, std::vector<uint64_t>, double,
                            std::vector<uint64_t>, double, uint64_t>> devices;
     std::map<std::string, int64_t> in_flight;
+    // (model, method, ok_ns, fail_ns, last_ms)
+    std::vector<std::tuple<std::string, std::string, uint64_t, uint64_t, int64_t>> outcomes;
+    // (model, rows, runs, compute_ns)
+    std::vector<std::tuple<std::string, int64_t, uint64_t, uint64_t>> batches;
+    std::map<std::string, std::pair<int64_t, int64_t>> load;  // model -> (in flight, queued)
     uint64_t hot_run = 0, hot_infer = 0;
   };
   Snapshot snapshot();
@@ -70,6 +93,8 @@ class Stats {
   std::map<std::pair<std::string, std::string>, std::unique_ptr<MethodSeries>> methods_;
   std::map<std::pair<std::string, std::string>, std::unique_ptr<DeviceSeries>> devices_;
   std::map<std::string, std::unique_ptr<std::atomic<int64_t>>> in_flight_;
+  std::map<std::pair<std::string, int64_t>, std::unique_ptr<BatchSeries>> batches_;
+  std::map<std::string, std::unique_ptr<ModelLoad>> load_;
   std::array<std::atomic<uint64_t>, 2> hot_{};
 };
 
