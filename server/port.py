@@ -130,10 +130,22 @@ class Port:
         tensors = io_specs.representative_inputs(model.inputs)
         if tensors is None:
             return
-        try:
-            self._server.warm(model.name, tensors)
-        except Exception as exc:  # noqa: BLE001 (warm-up already judged the model)
-            log.warning("model %r: hot-path warm-up failed: %s", model.name, str(exc).split("\n")[0])
+        failed: list[BaseException] = []
+
+        def warm() -> None:
+            try:
+                self._server.warm(model.name, tensors)
+            except Exception as exc:  # noqa: BLE001 (warm-up already judged the model)
+                failed.append(exc)
+
+        # On a thread that ends here: what it creates per thread (cuDNN/cuBLAS handles) goes
+        # back to torch's pools for the port's threads (server/warmup.py).
+        thread = threading.Thread(target=warm, name="aotiserve-warmup")
+        thread.start()
+        thread.join()
+        if failed:
+            log.warning("model %r: hot-path warm-up failed: %s", model.name,
+                        str(failed[0]).split("\n")[0])
 
     def remove(self, name: str) -> None:
         """Takes the model back; waits for its runs in flight."""

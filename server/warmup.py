@@ -2,7 +2,9 @@
 
 The first run of a model pays for lazy initialisation — on CUDA each kernel
 module loads at its first launch, allocators grow, and CPU thread pools start —
-so without warm-up the first real requests are the slow ones. Each replica runs
+so without warm-up the first real requests are the slow ones. Warm-up runs on threads
+that end when it is done, so the library handles they created (cuDNN, cuBLAS: one per
+thread, milliseconds to create) are left in torch's pools for the serving threads. Each replica runs
 ``runs`` rounds; a round makes one call per model instance of the container, at
 once, so that the instances a container picks for concurrent requests are warm
 too. Inputs are zeros shaped from the input specs (io_specs.representative_inputs).
@@ -51,11 +53,10 @@ def _warm_replica(replica: Any, tensors: list[torch.Tensor], runs: int, runners:
     def once(_: int) -> None:
         replica.pool.execute(replica.runner, tensors)
 
+    # Threads of their own, which end here: per-thread library handles (cuDNN, cuBLAS) that
+    # a run creates go back to torch's pools when their thread ends, and the serving
+    # threads' first runs take them from there instead of creating their own.
     width = max(1, runners)
-    if width == 1:
-        for i in range(runs):
-            once(i)
-        return runs
     with ThreadPoolExecutor(max_workers=width, thread_name_prefix="aotiserve-warmup") as pool:
         for _ in range(runs):
             list(pool.map(once, range(width)))
