@@ -12,7 +12,7 @@ def check_torch_matches_build() -> None:
         from ._build_info import TORCH_VERSION
     except ImportError as exc:  # the extension was never built
         raise ImportError(f"aotiserve.runner_ext is not built; {REBUILD_HINT}") from exc
-    if TORCH_VERSION != torch.__version__:
+    if torch.__version__ != TORCH_VERSION:
         raise ImportError(
             f"aotiserve.runner_ext was built against torch {TORCH_VERSION} but torch "
             f"{torch.__version__} is installed; {REBUILD_HINT}"

@@ -14,15 +14,18 @@ handlers as a ``grpc.Server`` does.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import signal
 import threading
 import time
+import warnings
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -30,14 +33,15 @@ from grpc_reflection.v1alpha import reflection
 from aotiserve import runner_ext
 
 from . import health as served_health
-from . import native_servicer, oip_servicer
+from . import oip_servicer, runner_servicer
 from .bridge import Bridge, collect_handlers, streaming_methods
 from .config import ServeConfig
 from .dataplane import DataPlane
 from .device_pool import DevicePool
 from .interceptors import ServingInterceptor
 from .metrics import Metrics
-from .model_registry import ModelRegistry, repository_models
+from .model_registry import ModelRegistry
+from .model_repository import repository_models
 from .port import Port
 from .weights_store import WeightsStore
 
@@ -46,9 +50,33 @@ log = logging.getLogger(__name__)
 ServicerProvider = tuple[Callable[[DataPlane, ServeConfig, Any], None], str]
 
 SERVICER_PROVIDERS: list[ServicerProvider] = [
-    (native_servicer.add_to_server, native_servicer.SERVICE_NAME),
+    (runner_servicer.add_to_server, runner_servicer.SERVICE_NAME),
     (oip_servicer.add_to_server, oip_servicer.SERVICE_NAME),
 ]
+
+
+_process_settings_applied = False
+
+
+def apply_process_settings() -> None:
+    """Settings that hold for the whole process, applied once (every server of the
+    process shares them)."""
+    global _process_settings_applied
+    if _process_settings_applied:
+        return
+    _process_settings_applied = True
+    # Decoded inputs are numpy/torch views over the received (immutable) bytes; torch
+    # warns about that once per process. Runners never write their inputs.
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def _freeze_gc() -> None:
+    """Everything allocated so far (torch, grpc, the model's objects) lives as long as the
+    daemon: out of the cyclic collector's sight, a full collection takes well under a
+    millisecond instead of ~80 ms with every request stalled behind it (measured on a
+    2-core VM: 177k objects tracked after start-up). Called after each model load."""
+    gc.freeze()
 
 
 def _read_token(path: str | None, what: str = "admin") -> str | None:
@@ -64,6 +92,7 @@ class AppServer:
     """The running daemon. ``port_server`` is the gRPC C++ port underneath."""
 
     def __init__(self, config: ServeConfig, providers: Sequence[ServicerProvider]):
+        apply_process_settings()
         self.config = config
         self.metrics = Metrics()
         self.metrics.watch_cpu_block_cache(runner_ext.cpu_block_cache_stats)
@@ -76,6 +105,7 @@ class AppServer:
                                       batching=(config.batch_max_size, config.batch_max_delay_us),
                                       reserve_inactive=config.reserve_inactive_buffer,
                                       warmup_runs=config.warmup_runs)
+        self.registry.on_loaded = _freeze_gc
         self.plane = DataPlane(config, self.registry, self.metrics)
         inference_token = _read_token(config.inference_token_file, "inference")
         admin_token = _read_token(config.admin_token_file)
@@ -125,7 +155,7 @@ class AppServer:
     # Lifecycle ---------------------------------------------------------------
 
     def start(self, load: str = "background", load_gate: Callable[[], None] | None = None
-              ) -> "AppServer":
+              ) -> AppServer:
         """Starts serving; loads models ``"background"`` (health flips when done) or ``"now"``.
 
         ``load_gate`` (tests) is called before loading starts.

@@ -22,7 +22,8 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -167,5 +168,6 @@ def batchable(inputs: Sequence, outputs: Sequence) -> str | None:
             if spec.shape is None:
                 return f"{kind} {spec.name!r} has no recorded shape"
             if not spec.shape or spec.shape[0] != -1:
-                return f"{kind} {spec.name!r} has no dynamic first dimension (shape {list(spec.shape)})"
+                return (f"{kind} {spec.name!r} has no dynamic first dimension "
+                        f"(shape {list(spec.shape)})")
     return None

@@ -15,7 +15,8 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 

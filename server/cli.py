@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import process_env
 from .config import ServeConfig, add_serve_arguments

@@ -16,7 +16,8 @@ import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 ENV_PREFIX = "AOTISERVE_"
 MIB = 1 << 20
@@ -221,7 +222,7 @@ class ServeConfig:
         args: argparse.Namespace | Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
         config_file: str | os.PathLike | None = None,
-    ) -> "ServeConfig":
+    ) -> ServeConfig:
         """CLI values (non-None) > ``AOTISERVE_*`` env > config file > defaults."""
         values: dict[str, Any] = {}
         cli = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})

@@ -1,6 +1,6 @@
-"""The protocol-neutral core: every servicer (native, Open Inference Protocol) calls this.
+"""The protocol-neutral core: every servicer (aotiserve.v1, Open Inference Protocol) calls this.
 
-Servicers convert wire messages to torch tensors and plain values, call one
+Servicers convert wire messages to torch tensors and plain values (``model_types``), call one
 method here, and convert the result back. Everything the server decides —
 which model, which replica, validation, admission, weight lifecycle, paths —
 happens here or below, and failures are raised as ``errors.ServeError``.
@@ -13,78 +13,45 @@ Main entry points::
     unload_model(name)                      ready() / live() / model_ready(name)
     call_spec / constant_fqns / constant_dtypes / extract_constants
     begin_upload(header, author) -> Upload (add_chunk, commit, discard)
+    extract_chunks(name, use_inactive, chunk_bytes, is_active) -> ConstantChunk...
     swap / rollback / free_inactive / update_from_blob
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import contextvars
 import hashlib
 import logging
 import os
-import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any
 
 import torch
 
-from aotiserve import runner_ext
-from aotiserve.v1 import model_runner_pb2 as pb
-
-from . import io_specs, safetensors_source, weights_ipc, weights_pull
+from . import safetensors_source, weights_ipc, weights_pull
 from . import tensor_codec as codec
 from .config import ServeConfig
-from .errors import (
-    Cancelled,
-    Internal,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    ResourceExhausted,
-    ServeError,
-)
+from .errors import Cancelled, InvalidArgument, NotFound, PermissionDenied, ServeError
+from .input_checks import InputPlan, run_error, validate_inputs
 from .metrics import Metrics
-from .model_registry import (
-    IOSpec,
-    ModelRegistry,
+from .model_registry import ModelRegistry
+from .model_repository import read_model_options, repository_models
+from .model_types import (
+    ConstantChunk,
+    CudaHandoff,
+    ModelInfo,
     ModelState,
-    ServedModel,
-    read_model_options,
-    repository_models,
+    RunResult,
+    UploadHeader,
+    WeightsVersion,
 )
-from .weights import StagingUpload, WeightsVersion, background_priority, new_version
+from .served_model import ServedModel
+from .weight_transfers import TransferSlots, Upload, extract_chunks
+from .weights import StagingUpload, new_version
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class RunResult:
-    outputs: list[torch.Tensor]
-    weights_version: str
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a servicer may say about a model (protocol-neutral)."""
-
-    name: str
-    path: str
-    devices: list[str]
-    runners_per_device: int
-    state: ModelState
-    inputs: list[IOSpec]
-    outputs: list[IOSpec]
-    metadata: dict[str, str]
-    updatable_constants: list[str]
-    active_version: WeightsVersion | None
-    staged_version: WeightsVersion | None
-    previous_version: WeightsVersion | None
-    error: str = ""
 
 
 def _info(model: ServedModel) -> ModelInfo:
@@ -111,83 +78,6 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _input_label(i: int, spec: IOSpec | None) -> str:
-    return f"input {i} ({spec.name!r})" if spec is not None else f"input {i}"
-
-
-class _InputPlan:
-    """What each run checks of a model's inputs, worked out once per model load:
-    error labels, and per input (dtype, exact shape) for a one-comparison accept."""
-
-    __slots__ = ("specs", "labels", "fast")
-
-    def __init__(self, specs: Sequence[IOSpec]):
-        self.specs = specs
-        self.labels = [_input_label(i, s) for i, s in enumerate(specs)]
-        self.fast = [(s.dtype, tuple(s.shape)
-                      if s.shape is not None and all(d >= 0 for d in s.shape) else None)
-                     for s in specs]
-
-
-def _plan(model: ServedModel) -> _InputPlan:
-    plan = getattr(model, "_input_plan", None)
-    if plan is None or plan.specs is not model.inputs:
-        plan = model._input_plan = _InputPlan(model.inputs)
-    return plan
-
-
-class Upload:
-    """A weight upload in progress (see ``weights.StagingUpload``)."""
-
-    def __init__(self, plane: "DataPlane", model: ServedModel, staging: StagingUpload,
-                 author: str, claimed: bool, path: str = "upload",
-                 started: float | None = None):
-        self._plane = plane
-        self.path = path  # how the bytes came: upload, file, gpu-direct (metrics)
-        self._started = time.perf_counter() if started is None else started
-        self.model = model
-        self.staging = staging
-        self.author = author
-        self._claimed = claimed  # holds the model's inactive buffer (ServedModel.begin_upload)
-
-    def add_chunk(self, chunk: pb.ConstantChunk) -> None:
-        self.staging.add_chunk(chunk)
-
-    def commit(self, sha256: str | None = None) -> tuple[WeightsVersion, int, list[str]]:
-        """Validates completeness and writes the weights; returns (version, bytes, names).
-        ``sha256``: the version's, computed by the caller (else the tree hash)."""
-        model = self.model
-        try:
-            tensors, sha = self.staging.finish(sha256)
-            version = new_version(sha, self.author, self.staging.header.description)
-            model.stage(tensors, self.staging.use_inactive, version, self._plane.registry.store)
-        except BaseException as exc:
-            self.discard()
-            self._plane._count_op(model.name, "stage", exc)
-            raise
-        received = self.staging.bytes_received
-        if self._plane.metrics:
-            self._plane.metrics.staged(model.name, self.path, received,
-                                       time.perf_counter() - self._started)
-        self._plane._count_op(model.name, "stage", None)
-        names = sorted(self.staging.staged)
-        self.discard()
-        log.info("model %r: %s weights version %s (%d constants, %d bytes, %s) from %s in "
-                 "%.3fs", model.name,
-                 "staged" if self.staging.use_inactive else "updated active to",
-                 version.id, len(names), received, self.path, self.author or "?",
-                 time.perf_counter() - self._started)
-        return version, received, names
-
-    def discard(self) -> None:
-        """Drops staging and releases the model's inactive buffer (idempotent)."""
-        self.staging.discard()
-        runner_ext.empty_cpu_block_cache()  # a cut-off upload's memory goes back at once
-        if self._claimed:
-            self._claimed = False
-            self.model.end_upload()
-
-
 class DataPlane:
     def __init__(self, config: ServeConfig, registry: ModelRegistry,
                  metrics: Metrics | None = None):
@@ -198,13 +88,7 @@ class DataPlane:
                                    config.max_inputs, config.max_upload_constants)
         self.draining = False
         self.expected_models: set[str] = set()
-        self._weight_streams_lock = threading.Lock()
-        self._weight_streams_open = 0
-        # Weight streams are received on these threads, at background priority (gRPC's
-        # handler thread waits): an upload takes the cores only where Runs leave them.
-        self._stream_pool = cf.ThreadPoolExecutor(max_workers=config.max_weight_streams,
-                                                  thread_name_prefix="aotiserve-stage",
-                                                  initializer=background_priority)
+        self._transfers = TransferSlots(config.max_weight_streams)
         # Models loaded from now on (repository, LoadModel, the demo) warm up this much.
         registry.warmup_runs = config.warmup_runs
 
@@ -232,41 +116,13 @@ class DataPlane:
     def model(self, name: str) -> ServedModel:
         return self.registry.get(name)
 
-    def validate_inputs(self, model: ServedModel, inputs: Sequence[torch.Tensor]) -> None:
-        plan = _plan(model)
-        specs = plan.specs
-        if len(inputs) != len(specs):
-            names = ", ".join(s.name for s in specs)
-            raise InvalidArgument(
-                f"model {model.name!r} takes {len(specs)} inputs ({names}), got {len(inputs)}")
-        for i, (t, spec, (dtype, shape)) in enumerate(zip(inputs, specs, plan.fast)):
-            if shape is not None and t.dtype == dtype and t.shape == shape:
-                continue  # the common case: exactly what the model declares
-            if spec.dtype is not None and t.dtype != spec.dtype:
-                raise InvalidArgument(f"{_input_label(i, spec)}: dtype must be "
-                                      f"{codec.dtype_name(spec.dtype)}, got {codec.dtype_name(t.dtype)}")
-            if spec.shape is None:
-                continue
-            if t.dim() != len(spec.shape):
-                raise InvalidArgument(f"{_input_label(i, spec)}: expected {len(spec.shape)} "
-                                      f"dimensions {list(spec.shape)}, got shape {list(t.shape)}")
-            for d, (got, want) in enumerate(zip(t.shape, spec.shape)):
-                if want >= 0 and got != want:
-                    raise InvalidArgument(f"{_input_label(i, spec)}: dimension {d} must be {want} "
-                                          f"(shape {list(spec.shape)}), got shape {list(t.shape)}")
-            # The package's dynamic-dim guards, checked here so the caller learns what the
-            # model accepts and how to change that (the runner's own message says neither).
-            if spec.min_shape is not None or spec.max_shape is not None:
-                why = io_specs.check_bounds(_input_label(i, spec), spec, t.shape)
-                if why is not None:
-                    raise InvalidArgument(why)
+    def input_plan(self, model: ServedModel) -> InputPlan:
+        """The model's inputs as requests are checked against them (labels for errors)."""
+        return model.input_plan
 
-    def decode_inputs(self, model: ServedModel, tensors: Sequence[pb.Tensor]) -> list[torch.Tensor]:
-        """Wire tensors → torch, naming the input in every error."""
-        labels = _plan(model).labels
-        n = len(labels)
-        return [codec.decode(t, labels[i] if i < n else _input_label(i, None), self.limits)
-                for i, t in enumerate(tensors)]
+    def active_version(self, model: ServedModel) -> str:
+        """The id of the weights serving ``model`` now."""
+        return model.weights.active.id
 
     def run(self, name: str | ServedModel, inputs: Sequence[torch.Tensor],
             deadline: float | None = None, call: Any = None) -> RunResult:
@@ -276,7 +132,7 @@ class DataPlane:
         With dynamic batching on for the model, the run may share one with others.
         """
         model = name if isinstance(name, ServedModel) else self.registry.get(name)
-        self.validate_inputs(model, inputs)
+        validate_inputs(model.name, model.input_plan, inputs)
         model.begin()
         stats = self.metrics.stats if self.metrics else None
         if stats is not None:  # aotiserve_model_in_flight_requests
@@ -313,7 +169,7 @@ class DataPlane:
                 try:
                     outputs = pool.execute(replica.runner, inputs, replica.short_runs)
                 except (ValueError, RuntimeError) as exc:
-                    raise self._run_error(model, exc) from exc
+                    raise run_error(model.name, exc) from exc
                 computed = time.monotonic() - started
                 replica.note_compute(computed)
         if replica.stats is not None:  # Metrics.stats.record_run(model, device, ...)
@@ -343,16 +199,10 @@ class DataPlane:
         finally:
             admitted()
 
-    @staticmethod
-    def _run_error(model: ServedModel, exc: Exception) -> ServeError:
-        msg = str(exc).split("\nException raised from")[0].strip()
-        # Shape guards name the input; bounds checks fire on input values (an embedding
-        # id past the table): both are the caller's to fix.
-        if (isinstance(exc, ValueError) or "input" in msg.lower()
-                or "out of bounds" in msg.lower()):
-            return InvalidArgument(f"model {model.name!r} rejected the inputs: {msg}")
-        log.error("model %r: run failed", model.name, exc_info=exc)
-        return Internal(f"model {model.name!r} failed to run; see the server log")
+    def served_versions(self) -> dict[str, str]:
+        """The active weights version of every READY model (OIP ModelStatistics)."""
+        return {m.name: m.weights.active.id if m.weights else ""
+                for m in self.registry.models() if m.state == ModelState.READY}
 
     # Description -------------------------------------------------------------
 
@@ -437,26 +287,16 @@ class DataPlane:
     def weight_stream(self, what: str) -> Iterator[None]:
         """Holds one of the ``max_weight_streams`` places of uploads and downloads; none
         free: RESOURCE_EXHAUSTED (the stream would hold a worker thread Runs need)."""
-        limit = self.config.max_weight_streams
-        with self._weight_streams_lock:
-            if self._weight_streams_open >= limit:
-                raise ResourceExhausted(
-                    f"{what}: {limit} weight uploads/downloads are in progress, the most this "
-                    "server runs at once (max_weight_streams); retry later")
-            self._weight_streams_open += 1
-        try:
+        with self._transfers.hold(what):
             yield
-        finally:
-            with self._weight_streams_lock:
-                self._weight_streams_open -= 1
 
-    def in_background(self, fn: Callable[[], T]) -> T:
+    def in_background(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` on a background-priority stream thread; its result or its exception."""
-        return self._stream_pool.submit(contextvars.copy_context().run, fn).result()
+        return self._transfers.in_background(fn)
 
     @property
     def weight_streams_open(self) -> int:
-        return self._weight_streams_open
+        return self._transfers.open
 
     def _count_op(self, model: str, op: str, exc: BaseException | None) -> None:
         if self.metrics:
@@ -476,9 +316,17 @@ class DataPlane:
 
     def extract_constants(self, name: str, use_inactive: bool
                           ) -> tuple[dict[str, torch.Tensor], WeightsVersion]:
-        return self._weights_op(name, "extract", lambda m: m.extract(use_inactive))
+        return self._weights_op(name, "extract", lambda m: m.weights.extract(use_inactive))
 
-    def begin_upload(self, header: pb.UpdateConstantBufferHeader, author: str) -> Upload:
+    def extract_chunks(self, name: str, use_inactive: bool, chunk_bytes: int,
+                       is_active: Callable[[], bool]) -> Iterator[ConstantChunk]:
+        """The model's constants (active or inactive buffer) in pieces of ``chunk_bytes``;
+        aborted if its weights change meanwhile (see ``weight_transfers.extract_chunks``)."""
+        model = self.registry.get(name)
+        tensors, _version = self.extract_constants(name, use_inactive)
+        return extract_chunks(model, tensors, chunk_bytes, is_active)
+
+    def begin_upload(self, header: UploadHeader, author: str) -> Upload:
         model = self.registry.get(header.model)
         try:
             gauge = self.metrics.staging_bytes.labels(model.name) if self.metrics else None
@@ -486,17 +334,18 @@ class DataPlane:
                                     gauge.inc if gauge else None)
             # Header valid: claim the inactive buffer and write into it in place.
             claimed = header.use_inactive
-            targets = model.begin_upload(list(staging.declared)) if claimed else None
+            targets = model.weights.begin_upload(list(staging.declared)) if claimed else None
             try:
                 staging.allocate(targets)
             except BaseException:
                 if claimed:
-                    model.end_upload()
+                    model.weights.end_upload()
                 raise
         except BaseException as exc:
             self._count_op(model.name, "stage", exc)
             raise
-        return Upload(self, model, staging, author, claimed)
+        return Upload(model, staging, author, claimed, self.registry.store, self._count_op,
+                      self.metrics.staged if self.metrics else None)
 
     def load_weights(self, name: str, path: str, validate_full: bool, description: str,
                      author: str, is_active: Callable[[], bool] = lambda: True
@@ -530,7 +379,7 @@ class DataPlane:
             raise exc
         return upload.commit()
 
-    def load_weights_from_cuda(self, request: pb.LoadWeightsFromCudaRequest, author: str,
+    def load_weights_from_cuda(self, request: CudaHandoff, author: str,
                                is_active: Callable[[], bool] = lambda: True
                                ) -> tuple[WeightsVersion, int, list[str]]:
         """Stages CUDA tensors a colocated process shares by IPC handle (``weights_ipc``)."""
@@ -562,28 +411,29 @@ class DataPlane:
             raise
         return upload.commit(sha)
 
-    def _claim(self, model: ServedModel, header: pb.UpdateConstantBufferHeader, author: str,
+    def _claim(self, model: ServedModel, header: UploadHeader, author: str,
                path: str, started: float) -> Upload:
         """A validated staging of ``header``'s constants written in place into the
         model's inactive buffer (claimed until the Upload commits or is discarded)."""
         gauge = self.metrics.staging_bytes.labels(model.name) if self.metrics else None
         staging = StagingUpload(model, header, self.config.max_upload_bytes, self.limits,
                                 gauge.inc if gauge else None)
-        targets = model.begin_upload(list(staging.declared))
+        targets = model.weights.begin_upload(list(staging.declared))
         try:
             staging.allocate(targets)
         except BaseException:
-            model.end_upload()
+            model.weights.end_upload()
             raise
-        return Upload(self, model, staging, author, True, path, started)
+        return Upload(model, staging, author, True, self.registry.store, self._count_op,
+                      self.metrics.staged if self.metrics else None, path, started)
 
     def swap(self, name: str) -> WeightsVersion:
-        return self._weights_op(name, "swap", self._timed_flip("swap", lambda m: m.swap(
-            self.registry.store)))
+        return self._weights_op(name, "swap", self._timed_flip(
+            "swap", lambda m: m.weights.swap(self.registry.store)))
 
     def rollback(self, name: str) -> WeightsVersion:
-        return self._weights_op(name, "rollback", self._timed_flip("rollback", lambda m: m.rollback(
-            self.registry.store)))
+        return self._weights_op(name, "rollback", self._timed_flip(
+            "rollback", lambda m: m.weights.rollback(self.registry.store)))
 
     def _timed_flip(self, op: str, flip: Callable[[ServedModel], WeightsVersion]
                     ) -> Callable[[ServedModel], WeightsVersion]:
@@ -597,7 +447,7 @@ class DataPlane:
         return timed
 
     def free_inactive(self, name: str) -> None:
-        return self._weights_op(name, "free", lambda m: m.free_inactive(self.registry.store))
+        return self._weights_op(name, "free", lambda m: m.weights.free_inactive(self.registry.store))
 
     def update_from_blob(self, name: str, path: str, author: str) -> WeightsVersion:
         def op(model: ServedModel) -> WeightsVersion:
@@ -611,7 +461,8 @@ class DataPlane:
                     h.update(block)
             version = new_version(h.hexdigest(), author, f"blob {resolved.name}")
             try:
-                return model.update_from_blob(str(resolved), version, self.registry.store)
+                return model.weights.update_from_blob(str(resolved), version,
+                                                     self.registry.store)
             except (RuntimeError, ValueError) as exc:  # the extension checks size and layout
                 raise InvalidArgument(f"weights blob {path!r} was refused: {exc}") from exc
         return self._weights_op(name, "blob", op)

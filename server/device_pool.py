@@ -17,7 +17,8 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -46,7 +47,7 @@ class Waiter:
 class Slot:
     """Admission state of one replica inside its pool (guarded by the pool lock)."""
 
-    def __init__(self, pool: "DevicePool", capacity: int, label: str):
+    def __init__(self, pool: DevicePool, capacity: int, label: str):
         self.pool = pool
         self.capacity = capacity
         self.label = label
@@ -87,7 +88,7 @@ class DevicePool:
             slot.closed = True
             slot.free.notify_all()
 
-    def _ended(self, slot: Slot, waiter: "Waiter") -> None:
+    def _ended(self, slot: Slot, waiter: Waiter) -> None:
         with self.lock:  # the call ended, however it ended: wake it only if still queued
             if waiter.queued:
                 slot.free.notify_all()

@@ -22,7 +22,8 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import grpc
 
@@ -86,6 +87,15 @@ def set_call_model(model: str) -> None:
     call = current_call()
     if call is not None:
         call.model = model
+
+
+def call_deadline(context: Any) -> float | None:
+    """The call's deadline as a time.monotonic() instant (None: it has none)."""
+    remaining = context.time_remaining()
+    # grpc reports "no deadline" as an enormous remaining time.
+    if remaining is None or remaining > 1e7:
+        return None
+    return time.monotonic() + remaining
 
 
 def _model_of(request: Any) -> str:
@@ -348,10 +358,7 @@ def _is_loopback(peer: str) -> bool:
     if peer.startswith("unix:"):
         return True
     host = peer.split(":", 1)[1] if ":" in peer else peer
-    if host.startswith("["):
-        host = host[1:host.find("]")]
-    else:
-        host = host.rsplit(":", 1)[0]
+    host = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
     return is_loopback_host(host)
 
 

@@ -100,7 +100,7 @@ class Metrics:
         self.registry.register(_StatsCollector(stats, _cpu_block_cache_families))
 
     def watch_core_spread(self, stats: Callable[[], dict | None]) -> None:
-        """Exposes where long CPU runs were pinned (runner_ext) at each scrape; nothing while off."""
+        """Exposes where long CPU runs were pinned (runner_ext) at each scrape; nothing if off."""
         self.registry.register(_StatsCollector(stats, _core_spread_families))
 
     def watch_gpus(self, devices: Iterable[str]) -> None:

@@ -1,19 +1,11 @@
 """``inference.GRPCInferenceService``: the Open Inference Protocol (KServe v2) over the data plane.
 
-Like the native servicer, this only converts proto ↔ torch and calls
-:class:`~aotiserve.server.dataplane.DataPlane`; status codes come from the
+Like the ``aotiserve.v1`` servicer, this only converts proto ↔ torch (``oip_codec``) and
+calls :class:`~aotiserve.server.dataplane.DataPlane`; status codes come from the
 error table through the one interceptor. Served on the daemon's port next to
 ``aotiserve.v1.ModelRunner``, so Triton/KServe clients (``tritonclient``)
-work unchanged.
-
-Private descriptor pool. Our generated ``aotiserve.oip.inference_pb2`` and
-tritonclient both register messages named ``inference.*`` in protobuf's
-process-wide default pool, which refuses the second registration. So the
-server never imports the generated module: it loads the same compiled
-descriptor (read from that module's source, not executed) into a pool of its
-own. A process embedding the server can then import tritonclient too (bench,
-in-process tests); only ``aotiserve.oip`` and tritonclient still exclude each
-other. Server reflection lists this service but cannot describe its messages.
+work unchanged. ``ModelInfer`` reaches this servicer only for models the port's C++
+hot path leaves to Python (``port.Port.why_not``).
 
 What is served: health, server/model metadata, model config (a small
 Triton-style subset), ModelInfer with ``raw_input_contents`` or typed
@@ -22,272 +14,42 @@ requested-output filtering, id and parameter echo, ModelStreamInfer (one
 response per request, in order, errors in-band: a request refused, even one that
 does not decode, gets its error in its response and the stream goes on), and the
 model repository (index, load, unload of ``<model-repository>/<name>.pt2``). A
-model's version
-is its active weights version (``initial`` for the packaged weights). BYTES
-tensors, shared memory, trace/log settings and classification answer
+model's version is its active weights version (``initial`` for the packaged weights).
+BYTES tensors, shared memory, trace/log settings and classification answer
 UNIMPLEMENTED; sequence parameters INVALID_ARGUMENT. ModelStatistics: oip_statistics.py.
-
-Bounds. protobuf builds one object per repeated entry, so inference requests are
-walked first (``wire.check_bounds``, keeping nothing): more inputs, requested
-outputs, parameters or raw_input_contents entries than ``max_inputs``, a shape
-longer than ``max_tensor_rank`` or a dimension above ``max_tensor_elements`` is
-INVALID_ARGUMENT before protobuf sees the bytes.
 """
 
 from __future__ import annotations
 
-import ast
-import functools
 import importlib.metadata
-import importlib.util
 import logging
-import time
+from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable, Sequence
 
 import grpc
-import numpy as np
 import torch
-from google.protobuf import descriptor_pool, message_factory
 
-from aotiserve.client import dtypes as dt
-from aotiserve.client import wire
-
+from . import oip_codec as oc
 from . import oip_statistics
 from . import tensor_codec as codec
 from .config import ServeConfig
 from .dataplane import DataPlane
-from .errors import InvalidArgument, NotFound, ServeError, Unimplemented, to_status
-from .model_registry import IOSpec, ModelState, ServedModel, repository_models
+from .errors import InvalidArgument, NotFound, Unimplemented, to_status
+from .interceptors import call_deadline
+from .io_specs import IOSpec
+from .model_repository import repository_models
+from .model_types import ModelState
+from .oip_codec import SERVICE_NAME, messages
+from .served_model import ServedModel
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "inference.GRPCInferenceService"
+__all__ = ["SERVICE_NAME", "OipServicer", "add_to_server", "messages"]
+
 SERVER_NAME = "aotiserve"
 PLATFORM = "pytorch_aoti"
 BACKEND = "aotiserve"
 EXTENSIONS = ("model_repository", "model_configuration", "parameters", "statistics")
-_GENERATED_MODULE = "aotiserve.oip.inference_pb2"
-
-
-# ---------------------------------------------------------------- messages (private pool)
-
-
-def _serialized_descriptor() -> bytes:
-    """The generated module's FileDescriptorProto, read from its source without running it.
-
-    It is the literal the module passes to ``AddSerializedFile``, so protoc
-    stays the only thing that compiles the proto. Where there is no source
-    (a .pyc-only install) the module is imported after all, which puts its
-    messages in the default pool too.
-    """
-    spec = importlib.util.find_spec(_GENERATED_MODULE)
-    if spec is None:
-        raise ImportError(f"{_GENERATED_MODULE} is missing; run `make proto`")
-    try:
-        tree = ast.parse(Path(spec.origin or "").read_text())
-    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-        log.warning("no source for %s; importing it (tritonclient can no longer be imported "
-                    "into this process)", _GENERATED_MODULE)
-        return importlib.import_module(_GENERATED_MODULE).DESCRIPTOR.serialized_pb
-    for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "AddSerializedFile"
-                and node.args and isinstance(node.args[0], ast.Constant)
-                and isinstance(node.args[0].value, bytes)):
-            return node.args[0].value
-    raise ImportError(f"no serialized descriptor found in {spec.origin}")
-
-
-@functools.cache
-def messages() -> SimpleNamespace:
-    """The ``inference.*`` message classes, from a private descriptor pool."""
-    serialized = _serialized_descriptor()
-    pool = descriptor_pool.DescriptorPool()
-    file = pool.AddSerializedFile(serialized)
-    ns = SimpleNamespace(pool=pool, service=pool.FindServiceByName(SERVICE_NAME))
-    for name in file.message_types_by_name:
-        setattr(ns, name, message_factory.GetMessageClass(pool.FindMessageTypeByName(f"inference.{name}")))
-    ns.config_dtype = {v.name: v.number for v in pool.FindEnumTypeByName("inference.DataType").values}
-    return ns
-
-
-# ---------------------------------------------------------------- datatypes
-
-
-def _torch(d: dt.DType) -> torch.dtype | None:
-    value = getattr(torch, d.torch_name, None)
-    return value if isinstance(value, torch.dtype) else None
-
-
-TORCH_BY_OIP: dict[str, torch.dtype] = {
-    d.oip_name: _torch(d) for d in dt.DTYPES if d.oip_name and _torch(d) is not None
-}
-OIP_BY_TORCH: dict[torch.dtype, str] = {v: k for k, v in TORCH_BY_OIP.items()}
-
-# Which InferTensorContents field carries each datatype, and numpy's name for
-# the field's own element type (the wire width, before narrowing).
-_TYPED_FIELDS: dict[str, tuple[str, str]] = {
-    "BOOL": ("bool_contents", "bool"),
-    "INT8": ("int_contents", "int32"),
-    "INT16": ("int_contents", "int32"),
-    "INT32": ("int_contents", "int32"),
-    "INT64": ("int64_contents", "int64"),
-    "UINT8": ("uint_contents", "uint32"),
-    "UINT16": ("uint_contents", "uint32"),
-    "UINT32": ("uint_contents", "uint32"),
-    "UINT64": ("uint64_contents", "uint64"),
-    "FP32": ("fp32_contents", "float32"),
-    "FP64": ("fp64_contents", "float64"),
-}
-_ALL_TYPED_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_contents",
-                     "uint64_contents", "fp32_contents", "fp64_contents", "bytes_contents")
-
-_SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
-_SEQUENCE_PARAMS = ("sequence_id", "sequence_start", "sequence_end")
-
-
-def _torch_dtype(datatype: str, what: str) -> torch.dtype:
-    dtype = TORCH_BY_OIP.get(datatype)
-    if dtype is not None:
-        return dtype
-    if datatype == "BYTES":
-        raise Unimplemented(f"{what}: BYTES tensors are not supported; aotiserve models take "
-                            "numeric tensors")
-    raise InvalidArgument(f"{what}: unknown datatype {datatype!r} (expected one of "
-                          f"{', '.join(sorted(TORCH_BY_OIP))})")
-
-
-def _oip_datatype(dtype: torch.dtype, what: str) -> str:
-    name = OIP_BY_TORCH.get(dtype)
-    if name is None:
-        raise Unimplemented(f"{what}: dtype {codec.dtype_name(dtype)} has no Open Inference "
-                            "Protocol datatype; use the native aotiserve.v1 API")
-    return name
-
-
-# ---------------------------------------------------------------- tensors
-
-
-def _decode_raw(data: bytes, dtype: torch.dtype, shape: Sequence[int], what: str,
-                limits: codec.Limits) -> torch.Tensor:
-    """A tensor over ``data`` without a copy (the same contract as tensor_codec.decode)."""
-    numel = codec.checked_numel(shape, what, limits)
-    expected = numel * dtype.itemsize
-    if len(data) != expected:
-        raise InvalidArgument(
-            f"{what}: expected {expected} bytes for {codec.describe(dtype, shape)}, got {len(data)}")
-    if numel == 0:
-        return torch.empty(tuple(shape), dtype=dtype)
-    tensor = torch.frombuffer(data, dtype=dtype).view(tuple(shape))
-    if dtype == torch.bool and tensor.view(torch.uint8).max() > 1:
-        raise InvalidArgument(f"{what}: BOOL tensor holds bytes other than 0 and 1")
-    return tensor
-
-
-def _decode_typed(contents: Any, datatype: str, dtype: torch.dtype, shape: Sequence[int],
-                  what: str, limits: codec.Limits) -> torch.Tensor:
-    numel = codec.checked_numel(shape, what, limits)
-    field = _TYPED_FIELDS.get(datatype)
-    if field is None:
-        raise InvalidArgument(f"{what}: {datatype} data travels only in raw_input_contents "
-                              "(the protocol has no typed field for it)")
-    name, wire_np = field
-    values = getattr(contents, name)
-    if len(values) != numel:
-        others = [f for f in _ALL_TYPED_FIELDS if f != name and len(getattr(contents, f))]
-        hint = f" (the request filled {', '.join(others)})" if others else ""
-        raise InvalidArgument(f"{what}: expected {numel} {datatype} values in contents.{name} "
-                              f"for shape {list(shape)}, got {len(values)}{hint}")
-    array = np.array(values, dtype=wire_np)
-    target = np.dtype(dt.BY_OIP_NAME[datatype].numpy_name)
-    if target != array.dtype:
-        if array.size and np.issubdtype(target, np.integer):
-            info = np.iinfo(target)
-            if array.min() < info.min or array.max() > info.max:
-                raise InvalidArgument(f"{what}: a value in contents.{name} is out of range for "
-                                      f"{datatype}")
-        array = array.astype(target)
-    return torch.from_numpy(array).view(tuple(shape))
-
-
-def _check_tensor_parameters(parameters, what: str) -> None:
-    for key in _SHARED_MEMORY_PARAMS:
-        if key in parameters:
-            raise Unimplemented(f"{what}: shared-memory tensors are not supported; send the data "
-                                "in the request")
-
-
-def _check_request_parameters(parameters, model: str) -> None:
-    for key in _SEQUENCE_PARAMS:
-        if key in parameters:
-            p = parameters[key]
-            which = p.WhichOneof("parameter_choice")
-            if which is not None and getattr(p, which):
-                raise InvalidArgument(f"model {model!r} is not a sequence model: sequence "
-                                      f"batching ({key}) is not supported")
-
-
-def _deadline(context: grpc.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    if remaining is None or remaining > 1e7:  # grpc's "no deadline"
-        return None
-    return time.monotonic() + remaining
-
-
-def _shape(spec: IOSpec) -> list[int]:
-    return list(spec.shape) if spec.shape is not None else []
-
-
-def _datatype(spec: IOSpec) -> str:
-    return OIP_BY_TORCH.get(spec.dtype, "") if spec.dtype is not None else ""
-
-
-# ---------------------------------------------------------------- bounded parsing
-
-# ModelInferRequest as wire.check_bounds walks it (parameters are map entries).
-_PARAMETERS = wire.Rule("entries", entries="parameters")
-_INFER_REQUEST = {
-    4: _PARAMETERS,
-    5: wire.Rule("entries", {1: wire.Rule("name"), 3: wire.Rule("dims"), 4: _PARAMETERS},
-                 entries="inputs"),
-    6: wire.Rule("entries", {1: wire.Rule("name"), 2: _PARAMETERS}, entries="requested outputs"),
-    7: wire.Rule("entries", entries="raw_input_contents entries"),
-}
-
-
-def _bounded(parse: Callable[[bytes], Any], bounds: wire.Bounds) -> Callable[[bytes], Any]:
-    """``parse`` (protobuf's) behind a walk of the bytes within ``bounds``."""
-    def deserialize(raw: bytes):
-        try:
-            wire.check_bounds(raw, _INFER_REQUEST, bounds, "ModelInferRequest")
-        except wire.BoundError as exc:
-            raise InvalidArgument(str(exc)) from None
-        return parse(raw)
-    deserialize.bounded = True  # the interceptor leaves its bytes to it
-    return deserialize
-
-
-class _Refused:
-    """A streamed request that could not be read: its error, answered in the stream."""
-
-    def __init__(self, error: ServeError):
-        self.error = error
-        self.model_name = self.model_version = self.id = ""
-
-
-def _in_stream(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    """``deserialize``, answering an unreadable request with a :class:`_Refused`
-    (the interceptor would end the whole stream)."""
-    def parse(raw: bytes):
-        try:
-            return deserialize(raw)
-        except ServeError as exc:
-            return _Refused(exc)
-        except Exception:  # noqa: BLE001 (DecodeError, RecursionError...)
-            return _Refused(InvalidArgument("ModelStreamInfer: a request is not a valid message"))
-    parse.bounded = True
-    return parse
 
 
 # ---------------------------------------------------------------- the servicer
@@ -299,7 +61,7 @@ class OipServicer:
     def __init__(self, plane: DataPlane, config: ServeConfig):
         self.plane = plane
         self.repository = Path(config.model_repository) if config.model_repository else None
-        self.pb = messages()
+        self.pb = oc.messages()
         try:
             self.version = importlib.metadata.version("aotiserve")
         except importlib.metadata.PackageNotFoundError:
@@ -332,8 +94,8 @@ class OipServicer:
         tm = self.pb.ModelMetadataResponse.TensorMetadata
         return self.pb.ModelMetadataResponse(
             name=info.name, versions=[version] if version else [], platform=PLATFORM,
-            inputs=[tm(name=s.name, datatype=_datatype(s), shape=_shape(s)) for s in info.inputs],
-            outputs=[tm(name=s.name, datatype=_datatype(s), shape=_shape(s)) for s in info.outputs])
+            inputs=[tm(name=s.name, datatype=oc.spec_datatype(s), shape=oc.spec_shape(s)) for s in info.inputs],
+            outputs=[tm(name=s.name, datatype=oc.spec_datatype(s), shape=oc.spec_shape(s)) for s in info.outputs])
 
     def ModelConfig(self, request, context):
         info = self.plane.describe(request.name)
@@ -342,14 +104,14 @@ class OipServicer:
         pb = self.pb
 
         def config_dtype(s: IOSpec) -> int:
-            name = _datatype(s)
+            name = oc.spec_datatype(s)
             return pb.config_dtype.get(f"TYPE_{name}", 0) if name else 0
 
         config = pb.ModelConfig(
             name=info.name, platform=PLATFORM, backend=BACKEND, max_batch_size=0,
-            input=[pb.ModelInput(name=s.name, data_type=config_dtype(s), dims=_shape(s))
+            input=[pb.ModelInput(name=s.name, data_type=config_dtype(s), dims=oc.spec_shape(s))
                    for s in info.inputs],
-            output=[pb.ModelOutput(name=s.name, data_type=config_dtype(s), dims=_shape(s))
+            output=[pb.ModelOutput(name=s.name, data_type=config_dtype(s), dims=oc.spec_shape(s))
                     for s in info.outputs])
         return pb.ModelConfigResponse(config=config)
 
@@ -358,12 +120,13 @@ class OipServicer:
     def ModelInfer(self, request, context):
         model = self.plane.model(request.model_name)
         if request.model_version:
-            self._check_version(model.name, request.model_version, model.weights.active.id)
+            self._check_version(model.name, request.model_version,
+                                self.plane.active_version(model))
         if request.parameters:
-            _check_request_parameters(request.parameters, model.name)
+            oc.check_request_parameters(request.parameters, model.name)
         inputs = self._decode_inputs(model, request)
         selected = self._selected_outputs(model, request.outputs) if request.outputs else None
-        result = self.plane.run(model, inputs, _deadline(context), context)
+        result = self.plane.run(model, inputs, call_deadline(context), context)
         response = self.pb.ModelInferResponse(
             model_name=model.name, model_version=result.weights_version, id=request.id)
         if request.parameters:
@@ -374,7 +137,7 @@ class OipServicer:
         for i in (selected if selected is not None else range(len(outputs))):
             tensor = outputs[i]
             name = specs[i].name if i < len(specs) else f"output__{i}"
-            response.outputs.add(name=name, datatype=_oip_datatype(tensor.dtype, f"output {name!r}"),
+            response.outputs.add(name=name, datatype=oc.oip_datatype(tensor.dtype, f"output {name!r}"),
                                  shape=tensor.shape)
             response.raw_output_contents.append(codec.tensor_bytes(tensor))
         return response
@@ -384,7 +147,7 @@ class OipServicer:
         request's error travels in its response (``error_message``) and the stream goes on."""
         for request in request_iterator:
             try:
-                if isinstance(request, _Refused):
+                if isinstance(request, oc.Refused):
                     raise request.error
                 response = self.ModelInfer(request, context)
             except grpc.RpcError:
@@ -417,20 +180,20 @@ class OipServicer:
             if tensors[slot] is not None:
                 raise InvalidArgument(f"{what} is given twice")
             if inp.parameters:
-                _check_tensor_parameters(inp.parameters, what)
-            dtype = _torch_dtype(inp.datatype, what)
+                oc.check_tensor_parameters(inp.parameters, what)
+            dtype = oc.torch_dtype(inp.datatype, what)
             want = specs[slot].dtype
             if want is not None and dtype != want:  # the data plane checks too; this speaks OIP
-                raise InvalidArgument(f"{what}: datatype must be {_datatype(specs[slot])}, "
+                raise InvalidArgument(f"{what}: datatype must be {oc.spec_datatype(specs[slot])}, "
                                       f"got {inp.datatype}")
             has_contents = inp.HasField("contents")
             if raw:
                 if has_contents:
                     raise InvalidArgument(f"{what}: typed contents and raw_input_contents cannot "
                                           "be mixed in one request")
-                tensor = _decode_raw(raw[i], dtype, inp.shape, what, limits)
+                tensor = oc.decode_raw(raw[i], dtype, inp.shape, what, limits)
             elif has_contents:
-                tensor = _decode_typed(inp.contents, inp.datatype, dtype, inp.shape, what, limits)
+                tensor = oc.decode_typed(inp.contents, inp.datatype, dtype, inp.shape, what, limits)
             else:
                 raise InvalidArgument(f"{what} carries no data (neither contents nor "
                                       "raw_input_contents)")
@@ -452,7 +215,7 @@ class OipServicer:
                 raise InvalidArgument(f"{what}: model {model.name!r} has no such output "
                                       f"(its outputs: {', '.join(index)})")
             if out.parameters:
-                _check_tensor_parameters(out.parameters, what)
+                oc.check_tensor_parameters(out.parameters, what)
                 if "classification" in out.parameters:
                     raise Unimplemented(f"{what}: the classification extension is not supported")
             selected.append(i)
@@ -503,10 +266,9 @@ class OipServicer:
     def ModelStatistics(self, request, context):
         if self.plane.metrics is None:
             raise Unimplemented("ModelStatistics: this server keeps no statistics")
-        served = {m.name: m.weights.active.id if m.weights else ""
-                  for m in self.plane.registry.models() if m.state == ModelState.READY}
-        return oip_statistics.model_statistics(self.pb, self.plane.metrics.stats, served,
-                                               request.name, request.version)
+        return oip_statistics.model_statistics(self.pb, self.plane.metrics.stats,
+                                               self.plane.served_versions(), request.name,
+                                               request.version)
 
     # Versions ----------------------------------------------------------------
 
@@ -534,8 +296,8 @@ def add_to_server(plane: DataPlane, config: ServeConfig, server: grpc.Server) ->
     """Registers the service (every method: the ones we serve, the rest UNIMPLEMENTED)."""
     servicer = OipServicer(plane, config)
     pb = servicer.pb
-    infer = _bounded(pb.ModelInferRequest.FromString, plane.limits.wire)
-    deserializers = {"ModelInfer": infer, "ModelStreamInfer": _in_stream(infer)}
+    infer = oc.bounded(pb.ModelInferRequest.FromString, plane.limits.wire)
+    deserializers = {"ModelInfer": infer, "ModelStreamInfer": oc.in_stream(infer)}
     handlers = {}
     for method in pb.service.methods:
         fn = getattr(servicer, method.name, None) or _unimplemented(method.name)

@@ -16,23 +16,23 @@ import logging
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily
 
 from aotiserve import runner_ext
 from aotiserve.client import dtypes
 
-from .config import ServeConfig
 from . import io_specs
+from . import tensor_codec as codec
+from .config import ServeConfig
 from .io_specs import LOWERBOUND_HINT
 
 if TYPE_CHECKING:
-    from .model_registry import ServedModel
+    from .served_model import ServedModel
 
 log = logging.getLogger(__name__)
-
-_WIRE_BY_TORCH = {d.torch_name: d.wire for d in dtypes.DTYPES}
 
 
 def _dtype_table() -> list[tuple[int, int, str, str]]:
@@ -111,13 +111,13 @@ class Port:
             return
         inputs = []
         for s in model.inputs:
-            wire = _WIRE_BY_TORCH.get(str(s.dtype).removeprefix("torch.")) if s.dtype else None
+            wire = codec.WIRE_BY_TORCH_DTYPE.get(s.dtype) if s.dtype else None
             shape = list(s.shape) if s.shape is not None else None
             lower = list(s.min_shape) if s.min_shape is not None and shape is not None else []
             upper = list(s.max_shape) if s.max_shape is not None and shape is not None else []
             inputs.append((s.name, wire, shape, lower, upper,
                            s.bounds_text() if shape is not None else ""))
-        replicas = [(r.runner._native_run_fn(str(r.pool.device)), r.runner._native_swap_fn(),
+        replicas = [(r.runner._hot_run_fn(str(r.pool.device)), r.runner._hot_swap_fn(),
                      r.slot.capacity, r.pool.name) for r in model.replicas]
         self._server.add_model(model.name, inputs, [s.name for s in model.outputs], replicas,
                                model.weights.active.id)

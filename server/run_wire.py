@@ -22,7 +22,7 @@ per entry, ever sees it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -1,45 +1,47 @@
-"""Wire tensors (``aotiserve.v1.Tensor``) to torch tensors and back, copying as little as we can.
+"""The server's one dtype table (torch ↔ aotiserve.v1 wire code ↔ Open Inference Protocol
+name) and tensors from and to bytes, copying as little as we can.
 
 Decoding wraps the received bytes (``numpy.frombuffer``, or ``torch.frombuffer``
 for dtypes numpy lacks; no copy; the tensor is read-only by contract: runners
 never write their inputs). Encoding
 takes the tensor's bytes once (``numpy().tobytes()`` of a uint8 view works for
-every dtype, bfloat16 and float8 included).
+every dtype, bfloat16 and float8 included). Protocol messages are the servicers'
+(``runner_codec``, ``oip_codec``): here a wire tensor is anything with ``dtype`` (wire
+code), ``shape`` and ``data``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from aotiserve.client import dtypes as dt
 from aotiserve.client import wire
-from aotiserve.v1 import model_runner_pb2 as pb
-
 from .errors import InvalidArgument, ResourceExhausted
-
-# frombuffer/from_numpy over an immutable ``bytes`` warn once; inputs are never written.
-warnings.filterwarnings("ignore", message="The given buffer is not writable")
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 TORCH_DTYPE_BY_WIRE: dict[int, torch.dtype] = {
     d.wire: getattr(torch, d.torch_name) for d in dt.DTYPES if hasattr(torch, d.torch_name)
 }
 WIRE_BY_TORCH_DTYPE: dict[torch.dtype, int] = {v: k for k, v in TORCH_DTYPE_BY_WIRE.items()}
+# Open Inference Protocol datatype names ("FP32"), for the dtypes both sides have.
+TORCH_BY_OIP: dict[str, torch.dtype] = {
+    d.oip_name: getattr(torch, d.torch_name) for d in dt.DTYPES
+    if d.oip_name and isinstance(getattr(torch, d.torch_name, None), torch.dtype)
+}
+OIP_BY_TORCH: dict[torch.dtype, str] = {v: k for k, v in TORCH_BY_OIP.items()}
 
 
 def _numpy_dtypes() -> dict[torch.dtype, np.dtype]:
     out = {}
     for d in TORCH_DTYPE_BY_WIRE.values():
-        try:
+        with contextlib.suppress(TypeError, RuntimeError):  # bfloat16, float8...: torch only
             out[d] = torch.empty(0, dtype=d).numpy().dtype
-        except (TypeError, RuntimeError):  # bfloat16, float8...: torch only
-            pass
     return out
 
 
@@ -119,8 +121,9 @@ def describe(dtype: torch.dtype, shape: Sequence[int]) -> str:
     return f"{dtype_name(dtype)}[{', '.join(str(d) for d in shape)}]"
 
 
-def decode(t: pb.Tensor, what: str, limits: Limits = Limits()) -> torch.Tensor:
-    """A CPU tensor over ``t.data`` (no copy). ``what`` names it in errors."""
+def decode(t: Any, what: str, limits: Limits = Limits()) -> torch.Tensor:
+    """A CPU tensor over ``t.data`` (no copy) of wire tensor ``t`` (``dtype``, ``shape``,
+    ``data``: an ``aotiserve.v1.Tensor`` or a ``run_wire`` view). ``what`` names it in errors."""
     dtype = torch_dtype(t.dtype, what)
     shape = tuple(t.shape)
     numel = checked_numel(shape, what, limits)
@@ -164,11 +167,6 @@ def byte_buffer(tensor: torch.Tensor):
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
     """The tensor's C-contiguous little-endian bytes (one copy)."""
     return bytes(byte_buffer(tensor))
-
-
-def encode(tensor: torch.Tensor) -> pb.Tensor:
-    return pb.Tensor(
-        dtype=wire_dtype(tensor.dtype), shape=list(tensor.shape), data=tensor_bytes(tensor))
 
 
 def byte_view(tensor: torch.Tensor) -> torch.Tensor:

@@ -26,19 +26,17 @@ import os
 import threading
 import logging
 import time
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from aotiserve.v1 import model_runner_pb2 as pb
-
 from . import tensor_codec as codec
 from .errors import InvalidArgument, ResourceExhausted
-
-if TYPE_CHECKING:
-    from .model_registry import ConstantInfo, ServedModel
+from .model_types import ConstantInfo, UploadHeader, WeightsVersion
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +44,16 @@ FOLDED_PREFIX = "_FOLDED_CONST_"
 INITIAL = "initial"
 
 
-@dataclass(frozen=True)
-class WeightsVersion:
-    id: str
-    sha256: str
-    created_unix_ms: int
-    author: str = ""
-    description: str = ""
+class _Model(Protocol):
+    """What staging uses of its ``served_model.ServedModel``."""
 
-    def to_proto(self) -> pb.WeightsVersion:
-        return pb.WeightsVersion(
-            id=self.id, sha256=self.sha256, created_unix_ms=self.created_unix_ms,
-            author=self.author, description=self.description)
+    name: str
+    replicas: list[Any]  # served_model.Replica: .pool (device, run_in_stream)
+    constants: dict[str, ConstantInfo]  # by original FQN
+    constants_by_name: dict[str, ConstantInfo]
+    folded_names: set[str]
 
-    def to_json(self) -> dict:
-        return {"id": self.id, "sha256": self.sha256, "created_unix_ms": self.created_unix_ms,
-                "author": self.author, "description": self.description}
-
-    @classmethod
-    def from_json(cls, data: Mapping) -> "WeightsVersion":
-        return cls(str(data["id"]), str(data["sha256"]), int(data["created_unix_ms"]),
-                   str(data.get("author", "")), str(data.get("description", "")))
+    def using_buffers(self) -> AbstractContextManager[None]: ...
 
 
 _ids = itertools.count(1)
@@ -78,11 +65,11 @@ def new_version(sha256: str, author: str, description: str) -> WeightsVersion:
     return WeightsVersion(vid, sha256, int(now * 1000), author, description)
 
 
-def _digest_header(info: "ConstantInfo") -> bytes:
+def _digest_header(info: ConstantInfo) -> bytes:
     return f"{info.fqn}\0{codec.dtype_name(info.dtype)}\0{list(info.shape)}\0".encode()
 
 
-def content_sha256(items: Iterable[tuple["ConstantInfo", bytes]]) -> str:
+def content_sha256(items: Iterable[tuple[ConstantInfo, bytes]]) -> str:
     """The version sha256 from (constant, per-constant digest) pairs."""
     h = hashlib.sha256()
     for info, digest in sorted(items, key=lambda it: it[0].fqn):
@@ -92,13 +79,13 @@ def content_sha256(items: Iterable[tuple["ConstantInfo", bytes]]) -> str:
 
 
 HASH_BLOCK = 4 << 20
+
+
 def background_priority() -> None:
     """Lowest CPU priority for the calling thread (a pool initializer): weight transfers
     and hashing yield the cores to Runs whenever both want them."""
-    try:
+    with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except OSError:
-        pass
 
 
 _hash_pool = cf.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2)),
@@ -136,14 +123,13 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
     return _combine(f.result() for f in futures)
 
 
-def map_sha256(model: "ServedModel", tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 of a {fqn: tensor} map (e.g. the packaged weights)."""
+def map_sha256(constants: Mapping[str, ConstantInfo], tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a {fqn: tensor} map (e.g. the packaged weights) of ``constants`` (by FQN)."""
     return content_sha256(
-        (model.constants[fqn], tensor_digest(t)) for fqn, t in tensors.items()
-        if fqn in model.constants)
+        (constants[fqn], tensor_digest(t)) for fqn, t in tensors.items() if fqn in constants)
 
 
-def resolve_constant(model: "ServedModel", name: str) -> "ConstantInfo":
+def resolve_constant(model: _Model, name: str) -> ConstantInfo:
     """The updatable constant called ``name`` (original FQN or constant name)."""
     info = model.constants.get(name) or model.constants_by_name.get(name)
     if info is not None:
@@ -160,26 +146,26 @@ def resolve_constant(model: "ServedModel", name: str) -> "ConstantInfo":
 
 @dataclass
 class _Staged:
-    info: "ConstantInfo"
+    info: ConstantInfo
     tensors: list[torch.Tensor]  # one per replica, on its device
     views: list[torch.Tensor]  # flat uint8 views of tensors
     cpu_index: int | None  # which replica tensor is on the host (for hashing), if any
     intervals: list[tuple[int, int]] = field(default_factory=list)  # sorted, disjoint
     received: int = 0
     block_filled: list[int] = field(default_factory=list)  # bytes received per hash block
-    block_hashes: dict[int, "cf.Future[bytes]"] = field(default_factory=dict)
+    block_hashes: dict[int, cf.Future[bytes]] = field(default_factory=dict)
 
 
 class StagingUpload:
     """One upload in progress. Call :meth:`add_chunk` per chunk, then :meth:`finish`."""
 
-    def __init__(self, model: "ServedModel", header: pb.UpdateConstantBufferHeader,
-                 max_upload_bytes: int, limits: codec.Limits, on_bytes=None):
+    def __init__(self, model: _Model, header: UploadHeader, max_upload_bytes: int,
+                 limits: codec.Limits, on_bytes: Callable[[int], None] | None = None):
         self.model = model
         self.header = header
         self.use_inactive = header.use_inactive
         self.validate_full = header.validate_full_updates
-        declared: dict[str, tuple["ConstantInfo", str]] = {}
+        declared: dict[str, tuple[ConstantInfo, str]] = {}
         total = 0
         if not header.constants:
             raise InvalidArgument("the upload header declares no constants")
@@ -220,7 +206,7 @@ class StagingUpload:
         self.in_place = False
         self._written_lock = threading.Lock()
 
-    def allocate(self, targets: "list[Mapping[str, torch.Tensor]] | None" = None) -> None:
+    def allocate(self, targets: list[Mapping[str, torch.Tensor]] | None = None) -> None:
         """Where chunks go: ``targets`` (per replica {fqn: tensor}, e.g. views of the
         inactive buffer, written in place) or new tensors, one per replica, on its device."""
         model = self.model
@@ -242,14 +228,14 @@ class StagingUpload:
             for key in (fqn, info.name, wire_name):
                 self._by_wire_name[key] = st
 
-    def add_chunk(self, chunk: pb.ConstantChunk) -> None:
-        st = self._by_wire_name.get(chunk.name)
-        what = f"constant {chunk.name!r}"
+    def add_chunk(self, name: str, offset: int, data: bytes | memoryview) -> None:
+        """Writes ``data``, bytes ``offset``.. of constant ``name``, to every replica."""
+        st = self._by_wire_name.get(name)
+        what = f"constant {name!r}"
         if st is None:
             raise InvalidArgument(f"chunk for {what}, which the header did not declare")
-        data = chunk.data
         n = len(data)
-        start = chunk.offset
+        start = offset
         end = start + n
         size = st.info.nbytes
         if start < 0 or end > size:
@@ -272,7 +258,8 @@ class StagingUpload:
                 else:
                     if dev_src is None:
                         dev_src = torch.frombuffer(data, dtype=torch.uint8)
-                    pool.run_in_stream(lambda v=view: v[start:end].copy_(dev_src, non_blocking=False))
+                    pool.run_in_stream(
+                        lambda v=view, s=dev_src: v[start:end].copy_(s, non_blocking=False))
         st.intervals.insert(i, (start, end))
         st.received += n
         self.bytes_received += n
@@ -342,6 +329,3 @@ class StagingUpload:
             self._on_bytes(-self._held)
         self._held = 0
 
-
-def replace_author(version: WeightsVersion, author: str) -> WeightsVersion:
-    return replace(version, author=author)

@@ -36,14 +36,13 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from aotiserve.v1 import model_runner_pb2 as pb
-
 from . import tensor_codec as codec
 from .errors import FailedPrecondition, InvalidArgument
+from .model_types import CudaHandoff, CudaIpcTensor, DeclaredConstant, UploadHeader
 from .weights import StagingUpload, content_sha256
 
 if TYPE_CHECKING:
-    from .model_registry import ServedModel
+    from .served_model import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +73,16 @@ def device_index_of(uuid: str) -> int | None:
     return None
 
 
-def upload_header(request: pb.LoadWeightsFromCudaRequest) -> pb.UpdateConstantBufferHeader:
-    return pb.UpdateConstantBufferHeader(
+def upload_header(request: CudaHandoff) -> UploadHeader:
+    return UploadHeader(
         model=request.model, use_inactive=True,
         validate_full_updates=request.validate_full_updates,
-        constants=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape))
-                   for t in request.tensors],
+        constants=tuple(DeclaredConstant(t.name, t.dtype, tuple(t.shape))
+                        for t in request.tensors),
         description=request.description or "gpu-direct")
 
 
-def check_placement(model: "ServedModel", request: pb.LoadWeightsFromCudaRequest) -> int:
+def check_placement(model: "ServedModel", request: CudaHandoff) -> int:
     """Where the handles can be opened: the local device index (FAILED_PRECONDITION with
     the reason otherwise)."""
     here = host_id()
@@ -108,7 +107,7 @@ def check_placement(model: "ServedModel", request: pb.LoadWeightsFromCudaRequest
     return index
 
 
-def check_extents(request: pb.LoadWeightsFromCudaRequest) -> None:
+def check_extents(request: CudaHandoff) -> None:
     """Each tensor's elements lie inside the storage it declares."""
     for t in request.tensors:
         what = f"tensor {t.name!r}"
@@ -131,7 +130,7 @@ def check_extents(request: pb.LoadWeightsFromCudaRequest) -> None:
             raise InvalidArgument(f"{what}: no storage handle")
 
 
-def _open(t: pb.CudaIpcTensor, index: int) -> torch.Tensor:
+def _open(t: CudaIpcTensor, index: int) -> torch.Tensor:
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
     dtype = codec.torch_dtype(t.dtype, f"tensor {t.name!r}")
@@ -163,7 +162,7 @@ def _cu_mem_get_address_range():
     return fn
 
 
-def _check_allocation(tensor: torch.Tensor, t: pb.CudaIpcTensor) -> None:
+def _check_allocation(tensor: torch.Tensor, t: CudaIpcTensor) -> None:
     """The declared storage lies inside the allocation the handle mapped (a sender that
     declared a larger storage would have the copy read past it)."""
     fn = _cu_mem_get_address_range()
@@ -193,7 +192,7 @@ def fingerprint(tensor: torch.Tensor) -> bytes:
     return hashlib.sha256(b"gpu-direct\0" + sums.cpu().numpy().tobytes()).digest()
 
 
-def release_unopened(request: pb.LoadWeightsFromCudaRequest, opened: set[str]) -> None:
+def release_unopened(request: CudaHandoff, opened: set[str]) -> None:
     """Gives the sender back the reference torch's sharing counted for each handle this
     server did not open (an opened one is given back when its tensor is dropped): without
     it, the sender's memory would stay reserved for a reader that never comes."""
@@ -208,7 +207,7 @@ def release_unopened(request: pb.LoadWeightsFromCudaRequest, opened: set[str]) -
                       t.name, exc)
 
 
-def fill(staging: StagingUpload, request: pb.LoadWeightsFromCudaRequest, index: int,
+def fill(staging: StagingUpload, request: CudaHandoff, index: int,
          is_active: Callable[[], bool], opened_names: set[str]) -> str:
     """Opens, copies and releases every handle; returns the version's sha256. The names
     of the tensors it opened go into ``opened_names``."""

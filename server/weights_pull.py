@@ -35,15 +35,14 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from aotiserve.v1 import model_runner_pb2 as pb
-
 from . import tensor_codec as codec
 from .errors import Cancelled
+from .model_types import DeclaredConstant, UploadHeader
 from .safetensors_source import Entry, SafetensorsSource, windows
 from .weights import FOLDED_PREFIX, HASH_BLOCK, StagingUpload, background_priority, block_digests
 
 if TYPE_CHECKING:
-    from .model_registry import ServedModel
+    from .served_model import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +62,19 @@ _pool = cf.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
 
 
 def upload_header(model_name: str, source: SafetensorsSource, validate_full: bool,
-                  description: str) -> tuple[pb.UpdateConstantBufferHeader, dict[str, Entry]]:
+                  description: str) -> tuple[UploadHeader, dict[str, Entry]]:
     """The upload header a file's tensors make (``_FOLDED_CONST_*`` keys are skipped, as
     the client's push skips them), and the entries by key."""
     specs, by_key = [], {}
     for entry in source.entries:
         if entry.key.startswith(FOLDED_PREFIX):
             continue
-        specs.append(pb.TensorSpec(name=entry.key, dtype=codec.wire_dtype(entry.dtype),
-                                   shape=list(entry.shape)))
+        specs.append(DeclaredConstant(entry.key, codec.wire_dtype(entry.dtype),
+                                      tuple(entry.shape)))
         by_key[entry.key] = entry
-    header = pb.UpdateConstantBufferHeader(
+    header = UploadHeader(
         model=model_name, use_inactive=True, validate_full_updates=validate_full,
-        constants=specs, description=description or source.description)
+        constants=tuple(specs), description=description or source.description)
     return header, by_key
 
 

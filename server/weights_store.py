@@ -23,12 +23,12 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .weights import WeightsVersion
+from .model_types import WeightsVersion
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,17 @@ def _folder(model: str) -> str:
         return model
     digest = hashlib.sha256(model.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return f"{_safe(model).lstrip('.')}~{digest}"
+
+
+def version_json(version: WeightsVersion) -> dict:
+    return {"id": version.id, "sha256": version.sha256,
+            "created_unix_ms": version.created_unix_ms, "author": version.author,
+            "description": version.description}
+
+
+def version_from_json(data: Mapping) -> WeightsVersion:
+    return WeightsVersion(str(data["id"]), str(data["sha256"]), int(data["created_unix_ms"]),
+                          str(data.get("author", "")), str(data.get("description", "")))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -107,13 +118,13 @@ class WeightsStore:
             _atomic_write(versions / f"{_safe(version.id)}.safetensors",
                           lambda tmp: save_file(host, tmp, metadata={"version": version.id}))
             _atomic_write(versions / f"{_safe(version.id)}.json",
-                          lambda tmp: Path(tmp).write_text(json.dumps(version.to_json())))
+                          lambda tmp: Path(tmp).write_text(json.dumps(version_json(version))))
 
     def commit(self, model: str, version: WeightsVersion) -> None:
         """Makes ``version`` the one a restart serves."""
         with self._locked(model):
             _atomic_write(self._model_dir(model) / "current.json",
-                          lambda tmp: Path(tmp).write_text(json.dumps(version.to_json())))
+                          lambda tmp: Path(tmp).write_text(json.dumps(version_json(version))))
         log.info("model %r: committed weights version %s", model, version.id)
 
     def committed(self, model: str) -> tuple[WeightsVersion, dict[str, torch.Tensor] | None] | None:
@@ -126,7 +137,7 @@ class WeightsStore:
             current = self._model_dir(model) / "current.json"
             if not current.exists():
                 return None
-            version = WeightsVersion.from_json(json.loads(current.read_text()))
+            version = version_from_json(json.loads(current.read_text()))
             if version.id == "initial":
                 return version, None
             path = self._model_dir(model) / "versions" / f"{_safe(version.id)}.safetensors"

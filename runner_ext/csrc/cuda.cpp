@@ -11,16 +11,16 @@ namespace aotiserve {
 
 using CudaRunner = Runner<torch::inductor::AOTIModelContainerRunnerCuda>;
 
-// The native data port on a GPU: each grpc worker thread takes one stream per device
+// The port's hot path on a GPU: each grpc worker thread takes one stream per device
 // from torch's pool, once, so concurrent requests copy and compute side by side.
 // Inputs go host -> device on that stream (from the request's bytes; the call returns
 // once CUDA has them), the model runs on it, outputs come back into pinned host
 // tensors, and one synchronize ends the request.
 template <>
-RunFn native_run_fn(CudaRunner& self, const std::string& device_str) {
+RunFn hot_run_fn(CudaRunner& self, const std::string& device_str) {
   const c10::Device device(device_str);
   TORCH_CHECK_VALUE(device.is_cuda() && device.has_index(),
-                    "native data port: '", device_str, "' is not a cuda:N device");
+                    "hot path: '", device_str, "' is not a cuda:N device");
   return [&self, device](const std::vector<at::Tensor>& host) {
     thread_local std::unordered_map<c10::DeviceIndex, c10::cuda::CUDAStream> streams;
     auto it = streams.find(device.index());

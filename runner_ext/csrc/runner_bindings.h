@@ -30,7 +30,7 @@ namespace py = pybind11;
 
 using BackendBinder = std::function<void(py::module_&)>;
 
-// A runner's checked run on host tensors, as the native data port calls it.
+// A runner's checked run on host tensors, as the port's hot path calls it.
 using RunFn = std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)>;
 using SwapFn = std::function<void()>;
 
@@ -472,13 +472,13 @@ inline void* stream_pointer(const py::object& handle) {
       std::string(py::str(py::type::handle_of(handle).attr("__name__"))));
 }
 
-// The native data port's run (native_run.cpp): host tensors in (views of the request's
+// The hot path's run (port.cpp): host tensors in (views of the request's
 // bytes), host tensors out, whatever device the runner computes on. The runner must
 // outlive every use: the registry removes the model from the port (which waits for
 // its runs) before it closes the runner. A backend whose inputs live elsewhere
 // specializes it (cuda.cpp) before it binds its runner.
 template <class Base>
-RunFn native_run_fn(Runner<Base>& self, const std::string& /*device*/) {
+RunFn hot_run_fn(Runner<Base>& self, const std::string& /*device*/) {
   return [&self](const std::vector<at::Tensor>& inputs) {
     return self.checked_run(inputs, nullptr);
   };
@@ -572,19 +572,19 @@ py::class_<Runner<Base>> bind_runner(py::module_& m, const char* name) {
           py::arg("weights_path"),
           release())
       // Extensions beyond torch's binding: container introspection.
-      // For the native data port: a capsule of native_run_fn on `device` (the runner's).
+      // For the port's hot path: a capsule of hot_run_fn on `device` (the runner's).
       .def(
-          "_native_run_fn",
+          "_hot_run_fn",
           [](R& self, const std::string& device) {
-            auto* fn = new RunFn(native_run_fn(self, device));
+            auto* fn = new RunFn(hot_run_fn(self, device));
             return py::capsule(fn, "aotiserve.RunFn", [](PyObject* cap) {
               delete static_cast<RunFn*>(PyCapsule_GetPointer(cap, "aotiserve.RunFn"));
             });
           },
           py::arg("device"))
-      // For the native data port: a capsule of this runner's buffer swap, which the port
-      // makes under its own lock (native_run.cpp: NativeRunServer::flip), no GIL held.
-      .def("_native_swap_fn",
+      // For the port's hot path: a capsule of this runner's buffer swap, which the port
+      // makes under its own lock (port.cpp: Port::flip), no GIL held.
+      .def("_hot_swap_fn",
            [](R& self) {
              auto* fn = new SwapFn([&self] { self.checked_swap_constant_buffer(); });
              return py::capsule(fn, "aotiserve.SwapFn", [](PyObject* cap) {

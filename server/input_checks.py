@@ -1,0 +1,82 @@
+"""What a model accepts as inputs, checked before a run, and what a failed run means.
+
+Each error names the offending input (``input 1 ('mask')``) and says what the
+model takes, so the caller can fix the request without reading the package.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from . import io_specs
+from . import tensor_codec as codec
+from .errors import Internal, InvalidArgument, ServeError
+from .io_specs import IOSpec
+
+log = logging.getLogger(__name__)
+
+
+def input_label(i: int, spec: IOSpec | None) -> str:
+    return f"input {i} ({spec.name!r})" if spec is not None else f"input {i}"
+
+
+class InputPlan:
+    """What each run checks of a model's inputs, worked out once per model load:
+    error labels, and per input (dtype, exact shape) for a one-comparison accept."""
+
+    __slots__ = ("specs", "labels", "fast")
+
+    def __init__(self, specs: Sequence[IOSpec]):
+        self.specs = specs
+        self.labels = [input_label(i, s) for i, s in enumerate(specs)]
+        self.fast = [(s.dtype, tuple(s.shape)
+                      if s.shape is not None and all(d >= 0 for d in s.shape) else None)
+                     for s in specs]
+
+    def label(self, i: int) -> str:
+        return self.labels[i] if i < len(self.labels) else input_label(i, None)
+
+
+def validate_inputs(model: str, plan: InputPlan, inputs: Sequence[torch.Tensor]) -> None:
+    """Refuses inputs the model does not take (count, dtype, shape, dynamic-dim bounds)."""
+    specs = plan.specs
+    if len(inputs) != len(specs):
+        names = ", ".join(s.name for s in specs)
+        raise InvalidArgument(
+            f"model {model!r} takes {len(specs)} inputs ({names}), got {len(inputs)}")
+    for i, (t, spec, (dtype, shape)) in enumerate(zip(inputs, specs, plan.fast)):
+        if shape is not None and t.dtype == dtype and t.shape == shape:
+            continue  # the common case: exactly what the model declares
+        if spec.dtype is not None and t.dtype != spec.dtype:
+            raise InvalidArgument(f"{input_label(i, spec)}: dtype must be "
+                                  f"{codec.dtype_name(spec.dtype)}, got {codec.dtype_name(t.dtype)}")
+        if spec.shape is None:
+            continue
+        if t.dim() != len(spec.shape):
+            raise InvalidArgument(f"{input_label(i, spec)}: expected {len(spec.shape)} "
+                                  f"dimensions {list(spec.shape)}, got shape {list(t.shape)}")
+        for d, (got, want) in enumerate(zip(t.shape, spec.shape)):
+            if want >= 0 and got != want:
+                raise InvalidArgument(f"{input_label(i, spec)}: dimension {d} must be {want} "
+                                      f"(shape {list(spec.shape)}), got shape {list(t.shape)}")
+        # The package's dynamic-dim guards, checked here so the caller learns what the
+        # model accepts and how to change that (the runner's own message says neither).
+        if spec.min_shape is not None or spec.max_shape is not None:
+            why = io_specs.check_bounds(input_label(i, spec), spec, t.shape)
+            if why is not None:
+                raise InvalidArgument(why)
+
+
+def run_error(model: str, exc: Exception) -> ServeError:
+    """The error a runner's exception stands for: the caller's inputs, or our fault."""
+    msg = str(exc).split("\nException raised from")[0].strip()
+    # Shape guards name the input; bounds checks fire on input values (an embedding
+    # id past the table): both are the caller's to fix.
+    if (isinstance(exc, ValueError) or "input" in msg.lower()
+            or "out of bounds" in msg.lower()):
+        return InvalidArgument(f"model {model!r} rejected the inputs: {msg}")
+    log.error("model %r: run failed", model, exc_info=exc)
+    return Internal(f"model {model!r} failed to run; see the server log")
