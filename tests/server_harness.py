@@ -18,7 +18,7 @@ In-process (fast; shares the test's process)::
       load: "now" (models loaded before the with-body) or "background" (health flips later);
       load_gate: callable the loader calls first (tests that watch health flip block on it).
 
-The pytest fixture ``server_factory`` wraps it and stops every server at teardown.
+The pytest fixture ``server_factory`` (conftest.py) wraps it and stops every server at teardown.
 
 Subprocess (real signals)::
 
@@ -40,7 +40,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 
 import grpc
 
@@ -186,19 +187,3 @@ def daemon_process(models: Sequence[str], extra_args: Sequence[str] = (), **kw
             d.proc.kill()
             d.proc.wait(30)
 
-
-try:
-    import pytest
-
-    @pytest.fixture
-    def server_factory():
-        """server_factory(models, **kw) -> RunningServer; all are stopped at teardown."""
-        stack = contextlib.ExitStack()
-
-        def start(models: Sequence[str] = (), **kw) -> RunningServer:
-            return stack.enter_context(running_server(models, **kw))
-
-        with stack:
-            yield start
-except ImportError:  # pragma: no cover (pytest absent: helpers still usable)
-    pass

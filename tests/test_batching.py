@@ -12,7 +12,6 @@ import model_zoo
 import wire
 from aotiserve.server.batching import Batcher
 from aotiserve.v1 import model_runner_pb2 as pb
-from server_harness import server_factory  # noqa: F401 (fixture)
 
 
 def _double(calls):

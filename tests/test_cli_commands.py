@@ -270,10 +270,11 @@ def test_commands_do_not_import_torch_when_numpy_will_do(srv, tmp_path):
         import sys
         from aotiserve.client.cli import main
         t = ["--target", {srv.target!r}]
+        w = {str(tmp_path / "w.safetensors")!r}
         assert main(["models", *t]) == 0
         assert main(["infer", "--model", "two_io", "--random", *t]) == 0
-        assert main(["weights", "pull", "--model", "mlp", {str(tmp_path / "w.safetensors")!r}, *t]) == 0
-        assert main(["weights", "push", "--model", "mlp", "--no-swap", {str(tmp_path / "w.safetensors")!r}, *t]) == 0
+        assert main(["weights", "pull", "--model", "mlp", w, *t]) == 0
+        assert main(["weights", "push", "--model", "mlp", "--no-swap", w, *t]) == 0
         assert main(["weights", "free", "--model", "mlp", *t]) == 0
         assert "torch" not in sys.modules, "torch was imported"
     """)

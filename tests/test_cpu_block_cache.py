@@ -27,7 +27,8 @@ _UNIT = textwrap.dedent("""
     assert rx.cpu_block_cache_stats() is None  # off until installed
     rx.install_cpu_block_cache(100 * MIB)
     s = rx.cpu_block_cache_stats()
-    assert (s["hits"], s["misses"], s["cached_bytes"], s["min_block_bytes"]) == (0, 0, 0, 32 * MIB), s
+    counts = (s["hits"], s["misses"], s["cached_bytes"], s["min_block_bytes"])
+    assert counts == (0, 0, 0, 32 * MIB), s
 
     small = torch.ones(floats(8))  # below 32 MiB: the allocator underneath
     del small

@@ -25,19 +25,12 @@ from aotiserve.server.device_pool import DevicePool
 from aotiserve.server.errors import DeadlineExceeded
 from aotiserve.v1 import model_runner_pb2 as pb
 from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
-from server_harness import daemon_process, server_factory, start_daemon  # noqa: F401 (fixture)
-from test_server_weights import eager_with, new_weights
+from server_harness import daemon_process, start_daemon
+from helpers import eager_with, new_weights, wait_for
 
 CODE = grpc.StatusCode
 
 
-def _wait(cond, timeout=10.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _computed(s, model="mlp") -> float:
@@ -70,8 +63,8 @@ def test_queued_run_whose_deadline_passes_is_dropped_not_computed(one_runner):
         with pytest.raises(grpc.RpcError) as e:
             s.stub.Run(wire.run_request("mlp", x), timeout=0.3)
         assert e.value.code() == CODE.DEADLINE_EXCEEDED
-        _wait(lambda: s.app.port_server.pool_state("cpu")[1] == 0, what="the expired run to leave the queue")
-    _wait(lambda: _idle(s), what="idle")
+        wait_for(lambda: s.app.port_server.pool_state("cpu")[1] == 0, what="the expired run to leave the queue")
+    wait_for(lambda: _idle(s), what="idle")
     assert _computed(s) == before  # dropped from the queue, never run
     assert s.app.metrics.sample("aotiserve_requests_total", model="mlp", method="Run",
                                 code="DEADLINE_EXCEEDED") >= 1
@@ -98,14 +91,14 @@ def test_cancel_mid_run_frees_the_queue_and_the_pool_keeps_serving(one_runner):
     before = _computed(s)
     with s.app.port_server.holding_a_runner("mlp"):
         futures = [s.stub.Run.future(wire.run_request("mlp", x)) for _ in range(4)]
-        _wait(lambda: s.app.port_server.pool_state("cpu")[1] == 4, what="4 queued runs")
+        wait_for(lambda: s.app.port_server.pool_state("cpu")[1] == 4, what="4 queued runs")
         for f in futures[:3]:
             f.cancel()
         # Cancelled calls leave the queue at once, while the runner is still busy.
-        _wait(lambda: s.app.port_server.pool_state("cpu")[1] == 1, what="cancelled runs to leave the queue")
+        wait_for(lambda: s.app.port_server.pool_state("cpu")[1] == 1, what="cancelled runs to leave the queue")
     assert all(f.cancelled() for f in futures[:3])
     assert wire.close(wire.outputs(futures[3].result(timeout=30)), want)
-    _wait(lambda: _idle(s), what="idle after cancels")
+    wait_for(lambda: _idle(s), what="idle after cancels")
     assert _computed(s) == before + 1  # only the call still waiting for its answer ran
     # Cancels during compute too: many short-lived calls, then normal service.
     big = wire.run_request("mlp", [torch.randn(1024, 64)])
@@ -113,7 +106,7 @@ def test_cancel_mid_run_frees_the_queue_and_the_pool_keeps_serving(one_runner):
         f = s.stub.Run.future(big)
         time.sleep(0.001)
         f.cancel()
-    _wait(lambda: _idle(s), what="idle after cancels during compute")
+    wait_for(lambda: _idle(s), what="idle after cancels during compute")
     assert wire.close(wire.outputs(s.stub.Run(wire.run_request("mlp", x))), want)
 
 
@@ -132,7 +125,7 @@ def test_upload_cut_by_its_deadline_changes_nothing(server_factory):
     with pytest.raises(grpc.RpcError) as e:
         s.stub.UpdateConstantBuffer(slow(), timeout=0.5)
     assert e.value.code() == CODE.DEADLINE_EXCEEDED
-    _wait(lambda: gauge._value.get() == 0 and _idle(s), what="staging freed")
+    wait_for(lambda: gauge._value.get() == 0 and _idle(s), what="staging freed")
     m = s.stub.ListModels(pb.ListModelsRequest()).models[0]
     assert m.active_version.id == "initial" and not m.HasField("staged_version")
     assert wire.close(wire.outputs(s.stub.Run(wire.run_request("mlp", x))),
@@ -150,7 +143,7 @@ def test_client_disconnect_during_extract_stream(server_factory):
         if how == "cancel":
             stream.cancel()
         channel.close()
-        _wait(lambda: s.app.metrics.sample("aotiserve_in_flight_requests", method="ExtractConstantsMap") == 0
+        wait_for(lambda: s.app.metrics.sample("aotiserve_in_flight_requests", method="ExtractConstantsMap") == 0
               and _idle(s), what=f"stream ended ({how})")
     # Nothing is left holding the model's weight lock: a full weight cycle works.
     weights = new_weights("mlp")
@@ -193,7 +186,7 @@ def test_model_raising_inside_run_is_invalid_argument_and_the_pool_keeps_working
     errors = {r for r in results if r != "ok"}
     assert errors == {(CODE.INVALID_ARGUMENT, "bounds"), (CODE.INVALID_ARGUMENT, "guard")}
     assert results.count("ok") == sum(1 for i in range(4) for j in range(10) if (i + j) % 3 == 2)
-    _wait(lambda: _idle(s), what="idle")
+    wait_for(lambda: _idle(s), what="idle")
     assert wire.close(wire.outputs(s.stub.Run(good)), want)
 
 
@@ -436,5 +429,5 @@ def test_client_cancels_an_oip_infer_stream(server_factory):
     assert not first.error_message and first.infer_response.outputs
     stream.cancel()
     more.set()
-    _wait(lambda: _idle(s), what="stream handler finished")
+    wait_for(lambda: _idle(s), what="stream handler finished")
     assert oip.ModelInfer(req).outputs

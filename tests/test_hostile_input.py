@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
 import grpc
 import pytest
@@ -26,7 +25,8 @@ import wire
 from aotiserve.v1 import model_runner_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from oip_messages import OipStub, ipb
-from server_harness import daemon_process, server_factory  # noqa: F401 (fixture)
+from helpers import status_of, wait_for
+from server_harness import daemon_process
 
 CODE = grpc.StatusCode
 MIB = 1 << 20
@@ -38,12 +38,6 @@ UPLOAD = "/aotiserve.v1.ModelRunner/UpdateConstantBuffer"
 TRANSPORT_SLACK = 16 * MIB
 
 
-def code_of(fn):
-    try:
-        fn()
-        return CODE.OK, ""
-    except grpc.RpcError as exc:
-        return exc.code(), exc.details()
 
 
 def _varint(n: int) -> bytes:
@@ -145,7 +139,7 @@ def daemon():
             ("grpc.max_send_message_length", 2 * HOSTILE_BYTES)])
         # gRPC grows its receive buffers on the first large message, whatever it holds:
         # one that is nothing to walk (one 64 MiB unknown field) pays that first.
-        code, details = code_of(lambda: _send(channel, RUN, _ld(1, b"mlp") + _ld(
+        code, details = status_of(lambda: _send(channel, RUN, _ld(1, b"mlp") + _ld(
             15, bytes(HOSTILE_BYTES - 64))))
         assert code == CODE.INVALID_ARGUMENT and "got 0" in details, details
         yield d, channel
@@ -159,7 +153,7 @@ def test_hostile_64_mib_request_is_refused_cheaply(daemon, name, method, raw, na
     assert len(raw) >= HOSTILE_BYTES - MIB
     _reset_peak(pid)
     before, cpu_before = _proc_status(pid), _cpu_seconds(pid)
-    code, details = code_of(lambda: _send(channel, method, raw))
+    code, details = status_of(lambda: _send(channel, method, raw))
     after, cpu_after = _proc_status(pid), _cpu_seconds(pid)
     assert code == CODE.INVALID_ARGUMENT and names in details, (code, details)
     grown = after["VmHWM"] - min(before["VmRSS"], before["VmHWM"])
@@ -223,7 +217,7 @@ def test_oversized_or_overflowing_shape_is_invalid_argument_naming_the_input(
              "'x'"),
             ("ModelInfer (typed contents)", lambda: oip.ModelInfer(typed, timeout=10), "'x'")):
         caplog.clear()
-        code, details = code_of(call)
+        code, details = status_of(call)
         assert code == CODE.INVALID_ARGUMENT and names in details, (what, code, details)
         records = [r for r in caplog.records if r.name.startswith("aotiserve")]
         assert len(records) <= 1 and not any(r.exc_info for r in records), (what, records)
@@ -239,13 +233,13 @@ def test_max_inputs_is_configurable(server_factory):
     for request in (wire.run_request("two_io", [*inputs, inputs[0]]),
                     pb.RunRequest.FromString(_big(wire.run_request(
                         "two_io", [*inputs, inputs[0]]).SerializeToString()))):
-        code, details = code_of(lambda: s.stub.Run(request, timeout=10))
+        code, details = status_of(lambda: s.stub.Run(request, timeout=10))
         assert code == CODE.INVALID_ARGUMENT and "more than 2 inputs" in details, details
         assert "max_inputs" in details
     req = ipb.ModelInferRequest(model_name="two_io")
     for name in ("a", "b", "c"):
         req.inputs.add(name=name, datatype="FP32", shape=[1])
-    code, details = code_of(lambda: oip.ModelInfer(req, timeout=10))
+    code, details = status_of(lambda: oip.ModelInfer(req, timeout=10))
     assert code == CODE.INVALID_ARGUMENT and "more than 2 inputs" in details, details
 
 
@@ -292,13 +286,6 @@ def test_stream_infer_answers_a_bad_message_in_the_stream_and_goes_on(server_fac
 # ---------------------------------------------------------------- health
 
 
-def _wait_for(condition, what: str, timeout: float = 30.0) -> None:
-    tick = threading.Event()
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        tick.wait(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_health_watch_takes_only_served_names_and_list_answers(server_factory):
@@ -310,7 +297,7 @@ def test_health_watch_takes_only_served_names_and_list_answers(server_factory):
         with pytest.raises(grpc.RpcError) as e:
             next(stream)
         assert e.value.code() == CODE.NOT_FOUND, e.value.details()
-        code, _ = code_of(lambda: stub.Check(health_pb2.HealthCheckRequest(service=name),
+        code, _ = status_of(lambda: stub.Check(health_pb2.HealthCheckRequest(service=name),
                                              timeout=10))
         assert code == CODE.NOT_FOUND
     assert s.app.port_server.watchers() == 0  # nothing kept for them
@@ -322,7 +309,7 @@ def test_health_watch_takes_only_served_names_and_list_answers(server_factory):
     assert s.app.port_server.watchers() == 1
     for stream in streams:
         stream.cancel()
-    _wait_for(lambda: s.app.port_server.watchers() == 0, "the watchers to be forgotten")
+    wait_for(lambda: s.app.port_server.watchers() == 0, "the watchers to be forgotten")
     listed = stub.List(health_pb2.HealthListRequest(), timeout=10)
     assert set(listed.statuses) == served
     assert {v.status for v in listed.statuses.values()} == {health_pb2.HealthCheckResponse.SERVING}

@@ -433,7 +433,7 @@ def test_typed_contents_8_in_flight(stub):
 
 
 def test_typed_contents_narrow_integer_types(stub):
-    """INT32 travels in int_contents; the model wants INT64 so it is refused by dtype, not by decoding."""
+    """INT32 travels in int_contents; the model wants INT64: refused by dtype, not by decoding."""
     request = service_pb2.ModelInferRequest(model_name="two_io")
     request.inputs.add(name="x", datatype="FP32", shape=[1, 16]).contents.fp32_contents.extend([0.0] * 16)
     request.inputs.add(name="ids", datatype="INT32", shape=[1]).contents.int_contents.extend([3])
@@ -674,7 +674,7 @@ def test_daemon_still_serves_after_everything(client):
 
 
 def test_model_version_follows_weight_swaps(daemon, client):
-    """model_version is the active weights version: it changes with a swap and back with a rollback."""
+    """model_version is the active weights version: a swap changes it, a rollback restores it."""
     from aotiserve.client import Client
 
     spec = model_zoo.MODELS["mlp"]
@@ -785,13 +785,13 @@ TYPED_CASES = {
 @pytest.mark.parametrize("datatype", list(TYPED_CASES))
 def test_decode_typed_contents_every_datatype(datatype):
     """The server's typed decoding, in process (its messages live in a private pool)."""
-    from aotiserve.server import oip_servicer as oip
+    from aotiserve.server import oip_codec as oip
     from aotiserve.server.tensor_codec import Limits
 
     field, values, dtype = TYPED_CASES[datatype]
     contents = oip.messages().InferTensorContents()
     getattr(contents, field).extend(values)
-    tensor = oip._decode_typed(contents, datatype, oip.TORCH_BY_OIP[datatype], [2, 2], "input 'v'", Limits())
+    tensor = oip.decode_typed(contents, datatype, oip.TORCH_BY_OIP[datatype], [2, 2], "input 'v'", Limits())
     assert tensor.dtype == dtype and tensor.shape == (2, 2)
     if dtype in (torch.uint16, torch.uint32, torch.uint64):  # beyond torch.tensor's reach
         assert [int(v) for v in tensor.flatten().tolist()] == values
@@ -802,7 +802,7 @@ def test_decode_typed_contents_every_datatype(datatype):
 
 @pytest.mark.parametrize("datatype,value", [("INT8", 128), ("INT8", -129), ("UINT8", 256), ("INT16", 40000)])
 def test_decode_typed_contents_out_of_range(datatype, value):
-    from aotiserve.server import oip_servicer as oip
+    from aotiserve.server import oip_codec as oip
     from aotiserve.server.errors import InvalidArgument
     from aotiserve.server.tensor_codec import Limits
 
@@ -810,7 +810,7 @@ def test_decode_typed_contents_out_of_range(datatype, value):
     contents = oip.messages().InferTensorContents()
     getattr(contents, field).append(value)
     with pytest.raises(InvalidArgument, match="out of range"):
-        oip._decode_typed(contents, datatype, oip.TORCH_BY_OIP[datatype], [1], "input 'v'", Limits())
+        oip.decode_typed(contents, datatype, oip.TORCH_BY_OIP[datatype], [1], "input 'v'", Limits())
 
 
 def test_oip_stub_helper_beside_tritonclient(daemon):

@@ -16,8 +16,9 @@ import model_zoo
 import wire
 from aotiserve.server import io_specs
 from aotiserve.server.device_pool import DevicePool
-from aotiserve.server.model_registry import ModelState
+from aotiserve.server.model_types import ModelState
 from aotiserve.v1 import model_runner_pb2 as pb
+from helpers import code_of
 from server_harness import running_server
 
 PLAIN = ("plain_mlp", "plain_mlp_nolb", "plain_two_io", "plain_static")
@@ -50,10 +51,6 @@ def _specs(specs) -> list[tuple]:
     return [(s.name, s.dtype, list(s.shape)) for s in specs]
 
 
-def _code_of(fn) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        fn()
-    return info.value.code(), info.value.details()
 
 
 def test_list_models_has_complete_specs(srv):
@@ -91,19 +88,19 @@ def test_run_equals_eager(srv, name):
     ("plain_mlp", lambda: [torch.randn(2000, 64)], "above the largest size the model accepts (1024"),
 ])
 def test_wrong_dtype_or_shape_names_the_input(srv, name, inputs, where):
-    code, details = _code_of(lambda: srv.stub.Run(wire.run_request(name, inputs())))
+    code, details = code_of(lambda: srv.stub.Run(wire.run_request(name, inputs())))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert where in details, details
 
 
 def test_batch_below_the_lower_bound_explains_how_to_recompile(srv):
-    code, details = _code_of(lambda: srv.stub.Run(wire.run_request("plain_mlp", [torch.randn(1, 64)])))
+    code, details = code_of(lambda: srv.stub.Run(wire.run_request("plain_mlp", [torch.randn(1, 64)])))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "input 0 ('input__0'): dimension 0 is 1" in details
     assert "[2..1024, 64]" in details  # what it accepts
     assert '"aot_inductor.check_lowerbound": False' in details and "aotiserve pack" in details
     # The other input of a two-input model is named when it is the one too small.
-    code, details = _code_of(lambda: srv.stub.Run(wire.run_request(
+    code, details = code_of(lambda: srv.stub.Run(wire.run_request(
         "plain_two_io", [torch.randn(1, 16), torch.zeros(1, dtype=torch.int64)])))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "'input__0'" in details
 
@@ -138,7 +135,7 @@ def test_two_model_package_serves_each_model(tmp_path):
         inputs = model_zoo.MODELS["plain_static"].inputs(2)
         resp = srv.stub.Run(wire.run_request("multi_static", inputs))
         assert wire.close(wire.outputs(resp), model_zoo.eager("plain_static", inputs))
-        code, details = _code_of(lambda: srv.stub.Run(wire.run_request("multi_mlp", [torch.randn(1, 64)])))
+        code, details = code_of(lambda: srv.stub.Run(wire.run_request("multi_mlp", [torch.randn(1, 64)])))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "check_lowerbound" in details
 
 
@@ -160,7 +157,7 @@ def test_package_without_source_serves_with_positional_specs(tmp_path, caplog):
         resp = srv.stub.Run(wire.run_request("bare", inputs))
         assert wire.close(wire.outputs(resp), model_zoo.eager("plain_mlp", inputs))
         # The model's own guard still refuses batch 1.
-        code, details = _code_of(lambda: srv.stub.Run(wire.run_request("bare", [torch.randn(1, 64)])))
+        code, details = code_of(lambda: srv.stub.Run(wire.run_request("bare", [torch.randn(1, 64)])))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "too small" in details
     assert any("holds no input/output description" in r.getMessage() for r in caplog.records)
 

@@ -114,7 +114,7 @@ def test_streams_past_the_limit_are_refused_and_run_and_health_keep_answering():
         def idle_requests():
             stalled.wait()
             return
-            yield  # noqa: unreachable (a generator that sends nothing until released)
+            yield  # unreachable: a generator that sends nothing until released
 
         health = health_pb2_grpc.HealthStub(crowd)
         refl = reflection_pb2_grpc.ServerReflectionStub(crowd)
@@ -161,7 +161,7 @@ def test_an_idle_stream_ends_after_the_idle_limit():
         def nothing():
             release.wait(30)
             return
-            yield  # noqa: unreachable
+            yield  # unreachable
 
         with pytest.raises(grpc.RpcError) as e:
             s.stub.UpdateConstantBuffer(nothing(), timeout=20)

@@ -48,7 +48,8 @@ def test_malloc_env_adds_what_is_missing_and_keeps_the_users_settings():
     assert process_env.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:" + THRESHOLDS,
                                    "THP_MEM_ALLOC_ENABLE": "0"}, "madvise") == {}
     assert process_env.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}, "never") == {
-        "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576:glibc.malloc.trim_threshold=268435456"}
+        "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576:"
+                          "glibc.malloc.trim_threshold=268435456"}
     # THP off or unknown: the thresholds alone.
     assert process_env.malloc_env({}, "never") == {"GLIBC_TUNABLES": THRESHOLDS}
     assert process_env.malloc_env({}, None) == {"GLIBC_TUNABLES": THRESHOLDS}

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aotiserve.client.tensor_codec import parse_run_response
-from aotiserve.server import run_wire
+from aotiserve.server import run_wire, runner_codec
 from aotiserve.server import tensor_codec as codec
 from aotiserve.v1 import model_runner_pb2 as pb
 
@@ -223,7 +223,7 @@ def test_write_matches_protobuf(specs, version, transpose):
         outputs.append(t)
     got = run_wire.write_run_response(outputs, [codec.wire_dtype(t.dtype) for t in outputs],
                                       version)
-    want = pb.RunResponse(outputs=[codec.encode(t) for t in outputs], weights_version=version)
+    want = pb.RunResponse(outputs=[runner_codec.encode(t) for t in outputs], weights_version=version)
     assert got == want.SerializeToString()
     assert pb.RunResponse.FromString(got) == want
 
@@ -239,7 +239,7 @@ def test_write_large_output_bytes():
 
 def test_decoded_inputs_view_the_received_bytes():
     x = torch.arange(64 * 1024, dtype=torch.float32).reshape(256, 256)  # a large request
-    raw = pb.RunRequest(model="m", inputs=[codec.encode(x)]).SerializeToString()
+    raw = pb.RunRequest(model="m", inputs=[runner_codec.encode(x)]).SerializeToString()
     assert len(raw) >= run_wire.SMALL_REQUEST_BYTES
     req = run_wire.parse_run_request(raw)
     t = codec.decode(req.inputs[0], "input 0")

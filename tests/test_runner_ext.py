@@ -63,7 +63,7 @@ def test_run_holding_gil_matches_run_and_refuses_the_same_input(loaded, zoo):
 
 
 def test_short_runs_follow_the_measured_compute_time():
-    from aotiserve.server.model_registry import SHORT_RUN_S, Replica
+    from aotiserve.server.served_model import SHORT_RUN_S, Replica
 
     replica = Replica(loaded=None, pool=None, slot=None)
     for _ in range(50):

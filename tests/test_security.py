@@ -31,21 +31,15 @@ from aotiserve.server import interceptors
 from aotiserve.v1 import model_runner_pb2 as pb
 from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import new_weights, status_of, wait_for
 from oip_messages import OipStub, ipb
-from server_harness import REPO_ROOT, running_server, server_factory  # noqa: F401 (fixture)
-from test_server_weights import new_weights
+from server_harness import REPO_ROOT, running_server
 
 CODE = grpc.StatusCode
 TOKEN = "adm1n-s3cret-token"
 INFER_TOKEN = "inf3rence-token"
 
 
-def code_of(fn):
-    try:
-        fn()
-        return CODE.OK, ""
-    except grpc.RpcError as exc:
-        return exc.code(), exc.details()
 
 
 def _bearer(token: str):
@@ -92,7 +86,7 @@ def _secure_health(target: str, ca: Path, cert: Path | None = None, key: Path | 
     creds = grpc.ssl_channel_credentials(
         ca.read_bytes(), key.read_bytes() if key else None, cert.read_bytes() if cert else None)
     with grpc.secure_channel(target, creds) as ch:
-        return code_of(lambda: health_pb2_grpc.HealthStub(ch).Check(
+        return status_of(lambda: health_pb2_grpc.HealthStub(ch).Check(
             health_pb2.HealthCheckRequest(), timeout=5))
 
 
@@ -104,7 +98,7 @@ def test_tls_refuses_a_server_from_another_ca_and_plaintext(pki):
         # A client that trusts only the rogue CA refuses our server's certificate.
         assert _secure_health(s.target, pki / "rogue_ca.pem")[0] == CODE.UNAVAILABLE
         with grpc.insecure_channel(s.target) as ch:
-            code, _ = code_of(lambda: health_pb2_grpc.HealthStub(ch).Check(
+            code, _ = status_of(lambda: health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(), timeout=5))
         assert code == CODE.UNAVAILABLE
     # And a server with the rogue CA's certificate is refused by a client trusting ours.
@@ -207,10 +201,10 @@ def test_admin_token_missing_wrong_right_for_each_mutating_rpc(guarded, caplog):
                            (_bearer(TOKEN + "x"), CODE.PERMISSION_DENIED),
                            ((("authorization", "Basic " + TOKEN),), CODE.PERMISSION_DENIED),
                            ((("x-admin-token", TOKEN),), CODE.UNAUTHENTICATED)):
-            code, details = code_of(lambda: call(stub, oip, md, guarded.repo))
+            code, details = status_of(lambda: call(stub, oip, md, guarded.repo))
             assert code == expect, (method, md, code, details)
         assert state() == before, method  # refused calls changed nothing
-        code, details = code_of(lambda: call(stub, oip, _bearer(TOKEN), guarded.repo))
+        code, details = status_of(lambda: call(stub, oip, _bearer(TOKEN), guarded.repo))
         assert code == right, (method, code, details)
     # After load/unload, stage/swap/rollback/free and the OIP unload/load: packaged weights.
     assert wire.close(wire.outputs(stub.Run(wire.run_request("mlp", inputs))), want)
@@ -242,13 +236,13 @@ def test_inference_token(tmp_path):
         req = wire.run_request("mlp", model_zoo.MODELS["mlp"].inputs(1))
         for md, expect in (((), CODE.UNAUTHENTICATED), (_bearer("nope"), CODE.PERMISSION_DENIED),
                            (_bearer(INFER_TOKEN), CODE.OK), (_bearer(TOKEN), CODE.OK)):
-            assert code_of(lambda: s.stub.Run(req, metadata=md))[0] == expect, md
-            assert code_of(lambda: s.stub.ListModels(pb.ListModelsRequest(), metadata=md))[0] \
+            assert status_of(lambda: s.stub.Run(req, metadata=md))[0] == expect, md
+            assert status_of(lambda: s.stub.ListModels(pb.ListModelsRequest(), metadata=md))[0] \
                 == expect, md
-            assert code_of(lambda: oip.ServerMetadata(ipb.ServerMetadataRequest(),
+            assert status_of(lambda: oip.ServerMetadata(ipb.ServerMetadataRequest(),
                                                       metadata=md))[0] == expect, md
         # The inference token is no admin token.
-        code, _ = code_of(lambda: s.stub.SwapConstantBuffer(
+        code, _ = status_of(lambda: s.stub.SwapConstantBuffer(
             pb.SwapConstantBufferRequest(model="mlp"), metadata=_bearer(INFER_TOKEN)))
         assert code == CODE.PERMISSION_DENIED
         # Probes need no token.
@@ -279,16 +273,16 @@ def test_admin_loopback_only():
     with running_server(["mlp"], host="0.0.0.0", admin_loopback_only=True) as s:
         swap = pb.SwapConstantBufferRequest(model="mlp")
         # From loopback the call runs (and fails on its own terms: nothing staged).
-        assert code_of(lambda: s.stub.SwapConstantBuffer(swap))[0] == CODE.FAILED_PRECONDITION
+        assert status_of(lambda: s.stub.SwapConstantBuffer(swap))[0] == CODE.FAILED_PRECONDITION
         ip = _external_ip()
         if ip is None:
             pytest.skip("no non-loopback address on this machine")
         port = s.target.rsplit(":", 1)[1]
         with grpc.insecure_channel(f"{ip}:{port}") as ch:
             stub = pb_grpc.ModelRunnerStub(ch)
-            code, details = code_of(lambda: stub.SwapConstantBuffer(swap, timeout=10))
+            code, details = status_of(lambda: stub.SwapConstantBuffer(swap, timeout=10))
             assert code == CODE.PERMISSION_DENIED and "loopback" in details
-            assert code_of(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=10))[0] == CODE.OK
+            assert status_of(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=10))[0] == CODE.OK
 
 
 def test_admin_rpcs_on_a_separate_port(tmp_path):
@@ -296,12 +290,12 @@ def test_admin_rpcs_on_a_separate_port(tmp_path):
     with running_server(["mlp"], admin_port=0, admin_token_file=str(tmp_path / "admin")) as s:
         assert s.app.admin_port and s.app.admin_port != int(s.target.rsplit(":", 1)[1])
         swap = pb.SwapConstantBufferRequest(model="mlp")
-        code, details = code_of(lambda: s.stub.SwapConstantBuffer(swap, metadata=_bearer(TOKEN)))
+        code, details = status_of(lambda: s.stub.SwapConstantBuffer(swap, metadata=_bearer(TOKEN)))
         assert code == CODE.PERMISSION_DENIED and "admin port" in details
         with grpc.insecure_channel(f"127.0.0.1:{s.app.admin_port}") as ch:
             admin = pb_grpc.ModelRunnerStub(ch)
-            assert code_of(lambda: admin.SwapConstantBuffer(swap))[0] == CODE.UNAUTHENTICATED
-            code, _ = code_of(lambda: admin.SwapConstantBuffer(swap, metadata=_bearer(TOKEN)))
+            assert status_of(lambda: admin.SwapConstantBuffer(swap))[0] == CODE.UNAUTHENTICATED
+            code, _ = status_of(lambda: admin.SwapConstantBuffer(swap, metadata=_bearer(TOKEN)))
             assert code == CODE.FAILED_PRECONDITION  # ran: nothing staged
             version = admin.UpdateConstantBuffer(
                 wire.upload_requests("mlp", new_weights("mlp"), validate_full=True),
@@ -348,9 +342,9 @@ def test_load_model_paths_stay_below_model_roots(server_factory, roots):
     s = server_factory([], model_roots=(str(root),), allowed_roots=(str(outside),),
                        model_repository=None)
     for p in escapes:
-        code, details = code_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(name="x", path=p)))
+        code, details = status_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(name="x", path=p)))
         assert code == CODE.PERMISSION_DENIED, (p, code, details)
-    code, _ = code_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(name="x", path=str(root / "loop_a"))))
+    code, _ = status_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(name="x", path=str(root / "loop_a"))))
     assert code in (CODE.INVALID_ARGUMENT, CODE.PERMISSION_DENIED)
     assert not s.stub.ListModels(pb.ListModelsRequest()).models
     # The same package copied below the root loads.
@@ -363,7 +357,7 @@ def test_blob_paths_stay_below_allowed_roots(server_factory, roots):
     root, outside, escapes = roots
     s = server_factory(["mlp"], allowed_roots=(str(root),), model_roots=(str(outside),))
     for p in escapes:
-        code, details = code_of(lambda: s.stub.UpdateConstantBufferFromBlob(
+        code, details = status_of(lambda: s.stub.UpdateConstantBufferFromBlob(
             pb.UpdateConstantBufferFromBlobRequest(model="mlp", weights_path=p)))
         assert code == CODE.PERMISSION_DENIED, (p, code, details)
     info = s.stub.ListModels(pb.ListModelsRequest()).models[0]
@@ -373,11 +367,11 @@ def test_blob_paths_stay_below_allowed_roots(server_factory, roots):
 def test_no_roots_refuse_every_path(server_factory):
     s = server_factory(["mlp"], allowed_roots=(), model_roots=())
     (s.repo / "w.blob").write_bytes(b"\0" * 64)
-    code, _ = code_of(lambda: s.stub.UpdateConstantBufferFromBlob(
+    code, _ = status_of(lambda: s.stub.UpdateConstantBufferFromBlob(
         pb.UpdateConstantBufferFromBlobRequest(model="mlp", weights_path=str(s.repo / "w.blob"))))
     assert code == CODE.PERMISSION_DENIED
     # The repository is a model root of its own, but its links lead out of it.
-    code, details = code_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(
+    code, details = status_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(
         name="x", path=str(s.repo / "mlp.pt2"))))
     assert code == CODE.PERMISSION_DENIED and "model root" in details
 
@@ -390,10 +384,10 @@ def test_oip_repository_load_names_cannot_leave_the_repository(server_factory, r
     shutil.copy(outside / "real.pt2", s.repo / "sub" / "nested.pt2")
     for name in ("../outside/real", "..", ".", "sub/nested", "sub/../mlp", "/etc/passwd",
                  str(outside / "real"), "..\\mlp", "", "mlp\0"):
-        code, details = code_of(lambda: oip.RepositoryModelLoad(
+        code, details = status_of(lambda: oip.RepositoryModelLoad(
             ipb.RepositoryModelLoadRequest(model_name=name)))
         assert code in (CODE.INVALID_ARGUMENT, CODE.NOT_FOUND), (name, code, details)
-    code, _ = code_of(lambda: oip.RepositoryModelLoad(ipb.RepositoryModelLoadRequest(
+    code, _ = status_of(lambda: oip.RepositoryModelLoad(ipb.RepositoryModelLoadRequest(
         model_name="mlp", parameters={"file:1/model.pt2": ipb.ModelRepositoryParameter(
             bytes_param=b"\0")})))
     assert code == CODE.UNIMPLEMENTED  # no packages from the client, ever
@@ -409,38 +403,30 @@ def test_configured_bounds_answer_with_their_codes(server_factory):
                        max_upload_bytes=1000, max_message_bytes=1 << 20, max_runners_per_model=4)
     oip = OipStub(s.channel)
     t = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[1, 1, 1, 64], data=b"\0" * 256)
-    code, details = code_of(lambda: s.stub.Run(pb.RunRequest(model="mlp", inputs=[t])))
+    code, details = status_of(lambda: s.stub.Run(pb.RunRequest(model="mlp", inputs=[t])))
     assert code == CODE.INVALID_ARGUMENT and "rank 4 exceeds the limit of 3" in details
     x = torch.zeros(100, 64)
-    code, details = code_of(lambda: s.stub.Run(wire.run_request("mlp", [x])))
+    code, details = status_of(lambda: s.stub.Run(wire.run_request("mlp", [x])))
     assert code == CODE.RESOURCE_EXHAUSTED and "4096 elements" in details
     req = ipb.ModelInferRequest(model_name="mlp", raw_input_contents=[x.numpy().tobytes()])
     req.inputs.add(name="x", datatype="FP32", shape=[100, 64])
-    assert code_of(lambda: oip.ModelInfer(req))[0] == CODE.RESOURCE_EXHAUSTED
+    assert status_of(lambda: oip.ModelInfer(req))[0] == CODE.RESOURCE_EXHAUSTED
     # mlp's weights are ~10 KiB: over the 1000-byte upload limit, refused from the header.
-    code, details = code_of(lambda: s.stub.UpdateConstantBuffer(
+    code, details = status_of(lambda: s.stub.UpdateConstantBuffer(
         wire.upload_requests("mlp", new_weights("mlp"), validate_full=True)))
     assert code == CODE.RESOURCE_EXHAUSTED and "exceeds the limit" in details
     big = pb.RunRequest(model="mlp", inputs=[pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32,
                                                        shape=[2 << 20], data=b"\0" * (2 << 20))])
     with grpc.insecure_channel(s.target, options=[("grpc.max_send_message_length", 8 << 20)]) as ch:
-        code, _ = code_of(lambda: pb_grpc.ModelRunnerStub(ch).Run(big))
+        code, _ = status_of(lambda: pb_grpc.ModelRunnerStub(ch).Run(big))
     assert code == CODE.RESOURCE_EXHAUSTED
-    code, details = code_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(
+    code, details = status_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(
         name="many", path=str(s.repo / "mlp.pt2"), runners_per_device=1 << 30)))
     assert code == CODE.INVALID_ARGUMENT and "limit of 4" in details
     # Small requests still work.
     assert s.stub.Run(wire.run_request("mlp", [torch.zeros(2, 64)])).outputs
 
 
-def _wait_for(condition, what: str, timeout: float = 30.0) -> None:
-    """Waits on server state (no fixed sleep): checks every 10 ms up to ``timeout``."""
-    tick = threading.Event()
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        tick.wait(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_weight_streams_get_a_share_of_the_workers_never_all(server_factory):
@@ -452,13 +438,13 @@ def test_weight_streams_get_a_share_of_the_workers_never_all(server_factory):
     stalled = s.stub.UpdateConstantBuffer.future(wire.pause_at_half(
         wire.upload_requests("mlp", weights, validate_full=True, chunk_bytes=512), reached, release))
     try:
-        _wait_for(lambda: s.app.plane.weight_streams_open == 1, "the upload to hold its place")
+        wait_for(lambda: s.app.plane.weight_streams_open == 1, "the upload to hold its place")
         for what, call in (
                 ("UpdateConstantBuffer", lambda: s.stub.UpdateConstantBuffer(
                     wire.upload_requests("mlp", weights, validate_full=True))),
                 ("ExtractConstantsMap", lambda: list(s.stub.ExtractConstantsMap(
                     pb.ExtractConstantsMapRequest(model="mlp"))))):
-            code, details = code_of(call)
+            code, details = status_of(call)
             assert code == CODE.RESOURCE_EXHAUSTED, (what, code, details)
             assert what in details and "max_weight_streams" in details, details
         inputs = model_zoo.MODELS["mlp"].inputs(2)
@@ -491,7 +477,7 @@ def test_max_concurrent_rpcs(server_factory):
             if port.pool_state("cpu")[1] == 2:
                 break
             threading.Event().wait(0.01)
-        code, details = code_of(lambda: s.stub.Run(req, timeout=10))
+        code, details = status_of(lambda: s.stub.Run(req, timeout=10))
         assert code == CODE.RESOURCE_EXHAUSTED, details
     assert all(f.result().outputs for f in waiting)
 
@@ -574,10 +560,10 @@ def test_undecodable_requests_are_invalid_argument_and_leak_nothing(server_facto
              s.channel.unary_unary("/grpc.health.v1.Health/Check"),
              s.channel.unary_unary("/aotiserve.v1.ModelRunner/LoadModel")]
     for i in range(200):
-        code, details = code_of(lambda: calls[i % len(calls)](garbage, timeout=10))
+        code, details = status_of(lambda: calls[i % len(calls)](garbage, timeout=10))
         assert code == CODE.INVALID_ARGUMENT and "not a valid message" in details, (i, code, details)
     stream = s.channel.stream_unary("/aotiserve.v1.ModelRunner/UpdateConstantBuffer")
-    code, _ = code_of(lambda: stream(iter([garbage]), timeout=10))
+    code, _ = status_of(lambda: stream(iter([garbage]), timeout=10))
     assert code == CODE.INVALID_ARGUMENT
     assert s.stub.Run(wire.run_request("mlp", [torch.zeros(1, 64)]), timeout=10).outputs
     assert oip.ServerLive(ipb.ServerLiveRequest(), timeout=10).live
@@ -603,7 +589,7 @@ def test_an_inference_token_alone_refuses_every_mutating_rpc(tmp_path, caplog):
         oip = OipStub(s.channel)
         for method, call, _ in MUTATING_CALLS:
             for md in ((), _bearer(INFER_TOKEN), _bearer("guess")):
-                code, details = code_of(lambda: call(s.stub, oip, md, s.repo))
+                code, details = status_of(lambda: call(s.stub, oip, md, s.repo))
                 assert code == CODE.PERMISSION_DENIED, (method, md, code, details)
                 assert "no admin token configured" in details, details
         state = sorted((m.name, m.active_version.id) for m in s.stub.ListModels(
@@ -623,12 +609,12 @@ def test_without_any_token_mutating_rpcs_come_from_loopback_only(caplog):
     swap = pb.SwapConstantBufferRequest(model="mlp")
     caplog.set_level(logging.INFO)
     with running_server(["mlp"], host="0.0.0.0") as s:
-        assert code_of(lambda: s.stub.SwapConstantBuffer(swap))[0] == CODE.FAILED_PRECONDITION
+        assert status_of(lambda: s.stub.SwapConstantBuffer(swap))[0] == CODE.FAILED_PRECONDITION
         port = s.target.rsplit(":", 1)[1]
         with grpc.insecure_channel(f"{ip}:{port}") as ch:
             stub, oip = pb_grpc.ModelRunnerStub(ch), OipStub(ch)
             for method, call, _ in MUTATING_CALLS:
-                code, details = code_of(lambda: call(stub, oip, (), s.repo))
+                code, details = status_of(lambda: call(stub, oip, (), s.repo))
                 assert code == CODE.PERMISSION_DENIED, (method, code, details)
                 assert "no admin token configured" in details and "loopback" in details
             # Everything else is open as before.
@@ -639,7 +625,7 @@ def test_without_any_token_mutating_rpcs_come_from_loopback_only(caplog):
     with running_server(["mlp"], host="0.0.0.0", insecure_admin=True) as s:
         port = s.target.rsplit(":", 1)[1]
         with grpc.insecure_channel(f"{ip}:{port}") as ch:
-            code, _ = code_of(lambda: pb_grpc.ModelRunnerStub(ch).SwapConstantBuffer(swap))
+            code, _ = status_of(lambda: pb_grpc.ModelRunnerStub(ch).SwapConstantBuffer(swap))
             assert code == CODE.FAILED_PRECONDITION  # it ran: nothing staged
 
 
@@ -713,7 +699,7 @@ def test_uploaded_weights_never_load_as_a_package(server_factory, tmp_path):
     stored = [p for p in weights.rglob("*") if p.is_file()]
     assert len(stored) >= 2
     for path in stored:
-        code, details = code_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(
+        code, details = status_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(
             name="evil", path=str(path))))
         assert code == CODE.PERMISSION_DENIED and "model root" in details, (path, details)
     assert [m.name for m in s.stub.ListModels(pb.ListModelsRequest()).models] == ["mlp"]
@@ -740,7 +726,7 @@ def test_a_package_is_a_zip_from_its_first_byte(server_factory, tmp_path):
     s = server_factory([], model_roots=(str(root),), model_repository=None)
     for name, (_, why) in files.items():
         path = str(root / name)
-        code, details = code_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(
+        code, details = status_of(lambda: s.stub.LoadModel(pb.LoadModelRequest(
             name=name.removesuffix(".pt2"), path=path)))
         assert code == CODE.INVALID_ARGUMENT and path in details and why in details, details
     info = s.stub.LoadModel(pb.LoadModelRequest(name="ok", path=str(root / "ok.pt2")))

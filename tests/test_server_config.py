@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import wire
+from aotiserve.server.buffer_writes import views_fit
 from aotiserve.server.cli import build_parser
 from aotiserve.server.config import ServeConfig
 from aotiserve.v1 import model_runner_pb2 as pb
-from server_harness import REPO_ROOT, server_factory  # noqa: F401 (fixture)
+from server_harness import REPO_ROOT
 
 
 def test_precedence_cli_over_env_over_file_over_defaults(tmp_path):
@@ -116,7 +117,7 @@ def test_repository_per_model_config_and_device_variants(tmp_path):
         assert s.app.registry.get("m").options.reserve_inactive
         assert not s.app.registry.get("only").options.reserve_inactive
         m = s.app.registry.get("m")
-        assert all(m._views_fit(r.runner.extract_constants_map(True)) for r in m.replicas)
+        assert all(views_fit(m.constants, r.runner.extract_constants_map(True)) for r in m.replicas)
         x = torch.randn(2, 64)
         assert wire.close(wire.outputs(s.stub.Run(wire.run_request("m", [x]))),
                           model_zoo.eager("mlp", [x]))

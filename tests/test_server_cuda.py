@@ -16,12 +16,10 @@ from torch.export import Dim
 
 import model_zoo
 import wire
-from aotiserve import runner_ext
 from aotiserve.server.packaging import pack
 from aotiserve.v1 import model_runner_pb2 as pb
-from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
 from server_harness import running_server
-from test_server_weights import eager_with, new_weights
+from helpers import eager_with, new_weights
 
 pytestmark = pytest.mark.cuda
 log = logging.getLogger(__name__)

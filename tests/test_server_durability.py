@@ -13,7 +13,7 @@ import wire
 from aotiserve.v1 import model_runner_pb2 as pb
 from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
 from server_harness import daemon_process
-from test_server_weights import eager_with, new_weights
+from helpers import eager_with, new_weights
 
 
 def _stub(d):

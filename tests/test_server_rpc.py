@@ -1,4 +1,5 @@
-"""Every native RPC against a real in-process server on port 0, compared with eager and runner_ext."""
+"""Every aotiserve.v1 RPC against a real in-process server on port 0, compared with eager and
+runner_ext."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import torch
 import model_zoo
 import wire
 from aotiserve import runner_ext
-from aotiserve.server import tensor_codec as codec
+from aotiserve.server import runner_codec
 from aotiserve.v1 import model_runner_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_harness import running_server, server_factory  # noqa: F401 (fixture)
+from helpers import code_of
+from server_harness import running_server
 
 
 
@@ -41,15 +43,11 @@ def srv():
 def direct():
     """The same packages loaded straight through runner_ext, for parity."""
     loaded = {m: runner_ext.load_model(model_zoo.compiled(m)) for m in MODELS}
-    yield {m: l.runner for m, l in loaded.items()}
-    for l in loaded.values():
-        l.close()
+    yield {m: lm.runner for m, lm in loaded.items()}
+    for lm in loaded.values():
+        lm.close()
 
 
-def code_of(fn) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        fn()
-    return info.value.code(), info.value.details()
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -92,7 +90,7 @@ def test_list_models(srv):
 
 
 def _bad(model, mutate):
-    inputs = [codec.encode(t) for t in model_zoo.MODELS[model].inputs(4)]
+    inputs = [runner_codec.encode(t) for t in model_zoo.MODELS[model].inputs(4)]
     mutate(inputs)
     return pb.RunRequest(model=model, inputs=inputs)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from aotiserve.client import dtypes as dt
+from aotiserve.server import runner_codec
 from aotiserve.server import tensor_codec as codec
 from aotiserve.server.device_pool import DevicePool
 from aotiserve.server.errors import (
@@ -31,7 +32,7 @@ from aotiserve.v1 import model_runner_pb2 as pb
 def test_codec_round_trips_every_dtype(d):
     dtype = getattr(torch, d.torch_name)
     src = (torch.arange(24) % 2).to(torch.float32).reshape(2, 3, 4).to(dtype)
-    wire = codec.encode(src)
+    wire = runner_codec.encode(src)
     assert wire.dtype == d.wire and list(wire.shape) == [2, 3, 4]
     assert len(wire.data) == 24 * d.itemsize == 24 * dtype.itemsize
     back = codec.decode(wire, "x")
@@ -39,11 +40,11 @@ def test_codec_round_trips_every_dtype(d):
 
 
 def test_codec_scalars_empty_and_non_contiguous():
-    assert codec.decode(codec.encode(torch.tensor(3.5)), "s").item() == 3.5
-    empty = codec.decode(codec.encode(torch.empty(0, 5)), "e")
+    assert codec.decode(runner_codec.encode(torch.tensor(3.5)), "s").item() == 3.5
+    empty = codec.decode(runner_codec.encode(torch.empty(0, 5)), "e")
     assert empty.shape == (0, 5)
     t = torch.arange(12.0).reshape(3, 4).t()
-    assert torch.equal(codec.decode(codec.encode(t), "t"), t)
+    assert torch.equal(codec.decode(runner_codec.encode(t), "t"), t)
 
 
 def test_codec_decode_does_not_copy():
@@ -148,8 +149,9 @@ def test_error_table():
 def test_unload_of_a_loading_model_is_refused_and_the_load_keeps_it():
     """Unloading under a load closed runners the loading thread then kept using (a leak,
     and two instances writing one model's stored weights); now it is UNAVAILABLE."""
-    from aotiserve.server.model_registry import (ModelOptions, ModelRegistry, ModelState,
-                                                 ServedModel)
+    from aotiserve.server.model_registry import ModelRegistry
+    from aotiserve.server.model_types import ModelOptions, ModelState
+    from aotiserve.server.served_model import ServedModel
 
     registry = ModelRegistry({}, ("cpu",), 1)
     model = ServedModel("m", "/nowhere.pt2", ModelOptions(("cpu",), 1), None)

@@ -11,28 +11,13 @@ import torch
 import model_zoo
 import wire
 from aotiserve.v1 import model_runner_pb2 as pb
-from server_harness import server_factory  # noqa: F401 (fixture)
+from helpers import code_of, eager_with, new_weights
 
 
-def new_weights(model: str, factor: float = 0.5, shift: float = 0.1) -> dict[str, torch.Tensor]:
-    sd = model_zoo.MODELS[model].module().state_dict()
-    return {k: (v * factor + shift).contiguous() for k, v in sd.items() if v.is_floating_point()}
 
 
-def eager_with(model: str, weights: dict[str, torch.Tensor], inputs) -> list[torch.Tensor]:
-    module = model_zoo.MODELS[model].module()
-    sd = module.state_dict()
-    sd.update(weights)
-    module.load_state_dict(sd)
-    with torch.no_grad():
-        out = module(*inputs)
-    return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def code_of(fn):
-    with pytest.raises(grpc.RpcError) as info:
-        fn()
-    return info.value.code(), info.value.details()
 
 
 def upload(stub, model, tensors, **kw) -> pb.UpdateConstantBufferResponse:
@@ -115,7 +100,8 @@ def test_stage_swap_rollback_free_lifecycle(server_factory, model):
 
     import urllib.request
     text = urllib.request.urlopen(f"http://127.0.0.1:{s.app.metrics_port}/metrics").read().decode()
-    assert f'aotiserve_weights_version_info{{model="{model}",sha256="{v4.sha256[:16]}",version="{v4.id}"}} 1.0' in text
+    labels = f'model="{model}",sha256="{v4.sha256[:16]}",version="{v4.id}"'
+    assert f"aotiserve_weights_version_info{{{labels}}} 1.0" in text
     assert f'aotiserve_constant_buffer_ops_total{{model="{model}",op="swap",outcome="ok"}}' in text
 
 

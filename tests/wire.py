@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from aotiserve.server import runner_codec
 from aotiserve.server import tensor_codec as codec
 from aotiserve.v1 import model_runner_pb2 as pb
 
 
 def run_request(model: str, inputs) -> pb.RunRequest:
-    return pb.RunRequest(model=model, inputs=[codec.encode(t) for t in inputs])
+    return pb.RunRequest(model=model, inputs=[runner_codec.encode(t) for t in inputs])
 
 
 def outputs(resp: pb.RunResponse) -> list[torch.Tensor]:
