@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     import model_zoo  # noqa: E402 (the test zoo is the bench's zoo too)
 
     from bench import procs
-    from bench.run_all import run_driver
+    from bench.common import run_driver
 
     concurrency = [int(c) for c in args.concurrency.split(",")]
     packages = {m: model_zoo.compiled(m) for m in MODELS}

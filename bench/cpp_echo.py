@@ -76,4 +76,4 @@ if __name__ == "__main__":
         print(binary())
     except Unavailable as exc:
         print(f"bench.cpp_echo: {exc}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None

@@ -2,7 +2,8 @@
 
 For each setting a fresh in-process daemon serves the zoo model on the device;
 the first Run after it turns SERVING (and after a ListModels has connected the
-channel) is timed, then ``--runs`` more give the steady p50. Each setting runs ``--rounds`` times (a fresh daemon each time).
+channel) is timed, then ``--runs`` more give the steady p50. Each setting runs ``--rounds``
+times (a fresh daemon each time).
 
     python -m bench.first_request [--device cuda:0] [--model mlp] [--json OUT]
 """

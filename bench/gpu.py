@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from bench import procs  # noqa: E402
-from bench.run_all import HOT_METRIC, run_driver, run_reply  # noqa: E402
+from bench.common import HOT_METRIC, run_driver, run_reply  # noqa: E402
 
 TINY_SHAPES = [[1, 64]]
 
@@ -110,7 +110,7 @@ def in_process(package: Path, device: str, shape: list[int], n: int, threads: in
     every = [x for xs in lats for x in xs]
     out["concurrent"] = {"threads": threads, "rps": sum(counts) / seconds,
                          "p50_us": statistics.median(every), "p99_us": _p(every, 0.99)}
-    del model
+    model.close()  # the runners go now, not whenever the closure above is collected
     return out
 
 

@@ -7,6 +7,7 @@ with SIGTERM then SIGKILL to the group, so nothing outlives the bench.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def reset_peak_memory(pid: int) -> bool:
         return False
 
 
-def metric(server: "Server", name: str, labels: dict[str, str] | None = None) -> float | None:
+def metric(server: Server, name: str, labels: dict[str, str] | None = None) -> float | None:
     """The sum of aotiserve's Prometheus samples called ``name`` whose labels include
     ``labels`` (None: no such sample, or no metrics port)."""
     import urllib.request
@@ -144,19 +145,13 @@ class Server:
 
     def stop(self, grace: float = 5.0) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
         # Whatever is left of the group (Triton's children, stubs) goes too.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
@@ -263,10 +258,8 @@ def start_aotiserve(workdir: Path, packages: dict[str, Path], *, runners: int | 
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 

@@ -147,7 +147,7 @@ def _headline(results: dict) -> list[str]:
 
 
 def _ratio_rows(r: dict) -> list[str]:
-    from .run_all import INFO
+    from .ratios import INFO
 
     out = ["| ratio | value | target | met |", "|---|---|---|---|"]
     for key, a in r.get("acceptance", {}).items():
@@ -163,7 +163,7 @@ def summary_table(results: dict) -> str:
     lines = [f"machine: {results['meta']['machine'].get('name')}  ({results['meta']['machine'].get('cpu_model', '')})"]
     conc = ("1", "4", "8", "16")
     lines.append(f"{'system':<48}{'p50 µs':>9}{'p99 µs':>9}" + "".join(f"{'c' + c:>9}" for c in conc) + "  hot path")
-    for s, d in _systems(results):
+    for _s, d in _systems(results):
         hot = d.get("hot_path_share")
         lines.append(f"{d['label']:<48}{_f(d['sequential']['p50_us']):>9}{_f(d['sequential']['p99_us']):>9}" + "".join(
             f"{_f(d['rps'].get(c)):>9}" for c in conc) + (f"  {100 * hot:.0f}%" if hot is not None else ""))
@@ -172,7 +172,7 @@ def summary_table(results: dict) -> str:
     for k, v in r.get("acceptance", {}).items():
         lines.append(f"  {v.get('label', k):<66} {_f(v['value'], '{:.2f}'):>7}  target {v['target']:<7} "
                      f"met={'not measured' if v['met'] is None else v['met']}")
-    from .run_all import INFO
+    from .ratios import INFO
 
     extra = [(label, r[k]) for k, label in INFO.items() if r.get(k) is not None]
     if extra:
@@ -240,7 +240,7 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
               "| system | p50 µs | p90 µs | p99 µs | " + " | ".join(f"req/s ×{c}" for c in conc)
               + " | p50 µs at ×8 | server CPU µs/call | client CPU µs/call | CPU-bound capacity req/s | hot path |",
               "|---|---|---|---|" + "---|" * len(conc) + "---|---|---|---|---|"]
-        for s, d in systems:
+        for _s, d in systems:
             q = d["sequential"]
             hot = d.get("hot_path_share")
             L.append(f"| {d['label']} | {_f(q['p50_us'])} | {_f(q['p90_us'])} | {_f(q['p99_us'])} | "

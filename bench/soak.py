@@ -49,6 +49,7 @@ import torch
 
 from aotiserve.oip import inference_pb2 as ipb
 from aotiserve.oip import inference_pb2_grpc as ipb_grpc
+from aotiserve.server import runner_codec
 from aotiserve.server import tensor_codec as codec
 from aotiserve.v1 import model_runner_pb2 as pb
 from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
@@ -153,7 +154,7 @@ class Load:
         with torch.no_grad():
             module.load_state_dict(self.new_weights)
             self.mlp_want.append([module(*self.x["mlp"])])
-        self.run_req = {m: pb.RunRequest(model=m, inputs=[codec.encode(t) for t in self.x[m]])
+        self.run_req = {m: pb.RunRequest(model=m, inputs=[runner_codec.encode(t) for t in self.x[m]])
                         for m in self.x}
         self.infer_req = {m: self._infer_request(m) for m in self.x}
         self.bad_requests = self._bad_requests(zoo)
@@ -171,7 +172,7 @@ class Load:
 
     def _bad_requests(self, zoo):
         x = self.x["mlp"][0]
-        enc = codec.encode
+        enc = runner_codec.encode
         wrong_shape = pb.RunRequest(model="mlp", inputs=[enc(torch.randn(4, 63))])
         wrong_dtype = pb.RunRequest(model="mlp", inputs=[enc(x.double())])
         truncated = pb.RunRequest(model="mlp", inputs=[enc(x)])

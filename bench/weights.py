@@ -86,7 +86,7 @@ class RssSampler:
             self.peak_kib = max(self.peak_kib, procs.status_kib(self.pid, "VmRSS"))
             self._stop.wait(self.period)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
