@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.aotiserve-setup
 
-.PHONY: setup serve test proto proto-check bench clean image-test
+.PHONY: setup serve test lint format proto proto-check bench clean image-test
 
 setup: $(STAMP)
 
@@ -27,6 +27,16 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff (pinned in requirements-dev.txt; configured in pyproject.toml): lint and format check.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Sorts imports and formats every file (re-run it to resolve formatting conflicts).
+format: setup
+	$(VENV)/bin/ruff check --select I --fix .
+	$(VENV)/bin/ruff format .
 
 proto: setup
 	$(PY) proto/generate.py

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 
 import grpc
 import grpc.aio
@@ -45,7 +46,7 @@ from aotiserve.v1 import model_runner_pb2 as pb
 class AsyncModel:
     """:class:`~aotiserve.client.Model` with ``async`` methods."""
 
-    def __init__(self, client: "AsyncClient", name: str) -> None:
+    def __init__(self, client: AsyncClient, name: str) -> None:
         self._client = client
         self.name = name
         self.last_weights_version: str | None = None
@@ -295,7 +296,7 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

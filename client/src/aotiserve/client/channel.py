@@ -12,7 +12,8 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import grpc
 

@@ -24,7 +24,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 DEFAULT_TARGET = "localhost:8500"
 TARGET_ENV = "AOTISERVE_TARGET"
@@ -46,7 +47,7 @@ class CliConfig:
     insecure: bool = False
 
     @classmethod
-    def resolve(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> "CliConfig":
+    def resolve(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> CliConfig:
         return cls(
             target=args.target or environ.get(TARGET_ENV) or DEFAULT_TARGET,
             admin_token=_read_token(args.admin_token_file, "admin token"),
@@ -440,8 +441,8 @@ def cmd_weights_pull(cfg: CliConfig, args) -> int:
         _print_json({"model": args.model, "file": args.out, "tensors": count,
                      "version": _version_dict(version)})
     else:
-        print(f"wrote {count} tensors of {args.model} ({version.id if version else 'unknown version'}) "
-              f"to {args.out}")
+        which = version.id if version else "unknown version"
+        print(f"wrote {count} tensors of {args.model} ({which}) to {args.out}")
     return 0
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import grpc
 
@@ -70,7 +71,7 @@ class Model:
     Created by :meth:`Client.model`; holds no server state of its own.
     """
 
-    def __init__(self, client: "Client", name: str) -> None:
+    def __init__(self, client: Client, name: str) -> None:
         self._client = client
         self.name = name
         #: Id of the weights version that computed the last ``run`` (extension).
@@ -414,7 +415,7 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:

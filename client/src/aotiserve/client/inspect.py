@@ -16,7 +16,8 @@ import json
 import math
 import os
 import struct
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from aotiserve.client import pt2
 from aotiserve.client.dtypes import BY_TORCH_NAME

@@ -21,7 +21,7 @@ class WeightsVersion:
     description: str = ""
 
     @classmethod
-    def from_proto(cls, msg: pb.WeightsVersion) -> "WeightsVersion | None":
+    def from_proto(cls, msg: pb.WeightsVersion) -> WeightsVersion | None:
         if not msg.id:
             return None
         return cls(msg.id, msg.sha256, msg.created_unix_ms, msg.author, msg.description)
@@ -39,7 +39,7 @@ class TensorSpec:
     max_shape: tuple[int, ...] | None = None
 
     @classmethod
-    def from_proto(cls, msg: pb.TensorSpec) -> "TensorSpec":
+    def from_proto(cls, msg: pb.TensorSpec) -> TensorSpec:
         return cls(msg.name, wire_name(msg.dtype), tuple(msg.shape))
 
 
@@ -80,7 +80,7 @@ class ModelInfo:
     error: str = ""
 
     @classmethod
-    def from_proto(cls, msg: pb.ModelInfo) -> "ModelInfo":
+    def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
         return cls(
             name=msg.name,
             path=msg.path,

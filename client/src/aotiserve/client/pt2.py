@@ -15,7 +15,8 @@ import os
 import zipfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from aotiserve.client import wrapper_source
 from aotiserve.client.wrapper_source import WrapperInfo, WrapperTensor
@@ -60,7 +61,7 @@ class TensorSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
         def dims(key: str) -> tuple[int, ...] | None:
             v = d.get(key)
             return tuple(int(x) for x in v) if v is not None else None

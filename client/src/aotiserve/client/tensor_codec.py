@@ -27,7 +27,8 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -228,7 +229,7 @@ class UploadItem:
         return math.prod(self.shape) * self.dtype.itemsize
 
     @classmethod
-    def of(cls, name: str, value: Any) -> "UploadItem":
+    def of(cls, name: str, value: Any) -> UploadItem:
         wire = to_wire(value, f"constant {name!r}")
         return cls(name, wire.dtype, wire.shape, lambda: wire)
 
@@ -431,7 +432,8 @@ class ConstantsAssembler:
             raise ValueError(f"{what}: chunks disagree on dtype/shape")
         if chunk.offset < 0 or chunk.offset + len(data) > nbytes:
             raise ValueError(
-                f"{what}: chunk [{chunk.offset}, {chunk.offset + len(data)}) beyond its {nbytes} bytes"
+                f"{what}: chunk [{chunk.offset}, {chunk.offset + len(data)}) "
+                f"beyond its {nbytes} bytes"
             )
         buffer = entry[2]
         if not isinstance(buffer, bytearray):

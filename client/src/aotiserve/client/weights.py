@@ -15,7 +15,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 from aotiserve.client.client import Client, ProgressCallback
 from aotiserve.client.dtypes import BY_SCALAR_TYPE, BY_TORCH_NAME, DType
@@ -90,7 +91,8 @@ def map_keys(keys: Sequence[str], names_to_fqns: dict[str, str]) -> KeyMapping:
     if unknown:
         known = sorted({fqn for fqn in names_to_fqns.values() if not fqn.startswith(FOLDED_PREFIX)})
         raise WeightsFileError(
-            f"{len(unknown)} key(s) match no constant of the model: {', '.join(sorted(unknown)[:10])}"
+            f"{len(unknown)} key(s) match no constant of the model: "
+            f"{', '.join(sorted(unknown)[:10])}"
             f"{' ...' if len(unknown) > 10 else ''} (the model's weights: {', '.join(known[:20])}"
             f"{' ...' if len(known) > 20 else ''})"
         )
@@ -105,7 +107,7 @@ def file_upload_items(path: str | os.PathLike, names_to_fqns: dict[str, str]) ->
     # numpy unless a dtype needs torch: importing torch costs seconds.
     framework = "numpy"
     with safetensors.safe_open(os.fspath(path), framework="numpy") as f:
-        st_dtypes = {f.get_slice(key).get_dtype() for key in f.keys()}
+        st_dtypes = {f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     if any(_numpy_lacks(d) for d in st_dtypes) and torch_available():
         framework = "pt"
     # Not closed explicitly: gRPC reads the items on its own thread, which may

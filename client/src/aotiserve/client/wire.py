@@ -16,9 +16,10 @@ a walk over the same bytes that keeps nothing at all.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
-from typing import Mapping
+from collections.abc import Mapping
 
 MASK64 = (1 << 64) - 1
 _SMALL = tuple(bytes((i,)) for i in range(0x80))
@@ -294,7 +295,7 @@ class Rule:
     """
 
     kind: str
-    message: "Mapping[int, Rule] | None" = None
+    message: Mapping[int, Rule] | None = None
     entries: str = ""
     bound: str = "max_entries"
 
@@ -308,10 +309,8 @@ def check_bounds(buf, schema: Mapping[int, Rule], bounds: Bounds, what: str) -> 
     does not name (unknown fields and groups included) count against ``max_fields``.
     Stops quietly at the first bytes protobuf refuses: its parser stops there too,
     having built only what came before."""
-    try:
+    with contextlib.suppress(WireError):
         _scan(buf, 0, len(buf), schema, bounds, what, {})
-    except WireError:
-        pass
 
 
 def _scan(buf, pos: int, end: int, schema: Mapping[int, Rule], bounds: Bounds, where: str,

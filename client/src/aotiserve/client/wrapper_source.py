@@ -167,7 +167,7 @@ def _check_bodies(source: str) -> dict[int, str]:
 
 def _run_impl(source: str) -> str:
     m = None
-    for m in _RUN_IMPL.finditer(source):  # the definition is the last mention
+    for m in _RUN_IMPL.finditer(source):  # noqa: B007 (the definition is the last mention)
         pass
     if m is None:
         return ""
