@@ -26,7 +26,6 @@ log = logging.getLogger("bench")
 
 RESULTS_DIR = REPO / "bench" / "results"
 DOCS = REPO / "docs" / "benchmarks.md"
-IMG_DIR = REPO / "docs" / "img"
 
 TINY_SYSTEMS = ("inproc", "echo_cpp", "echo", "run", "oip", "client", "kserve", "pytriton")
 # Systems served by the one tiny aotiserve daemon.

@@ -19,8 +19,6 @@ from concurrent import futures
 
 import grpc
 
-METHOD = "/bench.Echo/Echo"
-
 
 def serve(reply: bytes, workers: int, max_msg: int) -> tuple[grpc.Server, int]:
     def echo(request: bytes, context) -> bytes:
