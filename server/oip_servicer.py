@@ -39,12 +39,10 @@ from .interceptors import call_deadline
 from .io_specs import IOSpec
 from .model_repository import repository_models
 from .model_types import ModelState
-from .oip_codec import SERVICE_NAME, messages
+from .oip_codec import SERVICE_NAME
 from .served_model import ServedModel
 
 log = logging.getLogger(__name__)
-
-__all__ = ["SERVICE_NAME", "OipServicer", "add_to_server", "messages"]
 
 SERVER_NAME = "aotiserve"
 PLATFORM = "pytorch_aoti"

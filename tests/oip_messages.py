@@ -3,14 +3,14 @@
 ``aotiserve.oip.inference_pb2`` and tritonclient both register ``inference.*`` in
 the process-wide default descriptor pool; pytest runs test_oip.py (tritonclient) in
 the same process as other test files. So these tests use the server's private pool
-(``oip_servicer.messages()``, the same compiled descriptor) and a stub built on it.
+(``oip_codec.messages()``, the same compiled descriptor) and a stub built on it.
 """
 
 from __future__ import annotations
 
 import grpc
 
-from aotiserve.server.oip_servicer import SERVICE_NAME, messages
+from aotiserve.server.oip_codec import SERVICE_NAME, messages
 
 ipb = messages()
 

@@ -3,7 +3,7 @@
 ``from oip_stub import ipb, GRPCInferenceServiceStub`` is a drop-in for
 ``aotiserve.oip.inference_pb2`` / ``inference_pb2_grpc`` in tests: the
 classes come from the server's private descriptor pool
-(``aotiserve.server.oip_servicer.messages()``), so tritonclient can be
+(``aotiserve.server.oip_codec.messages()``), so tritonclient can be
 imported in the same process (see test_oip_isolated.py for why that matters).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import grpc
 
-from aotiserve.server.oip_servicer import SERVICE_NAME, messages
+from aotiserve.server.oip_codec import SERVICE_NAME, messages
 
 ipb = messages()
 
