@@ -21,6 +21,7 @@ import torch
 import aotiserve.client as ac
 from aotiserve import runner_ext
 from conftest import TEST_MODELS
+from helpers import wait_for
 from server_harness import daemon_process, running_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -425,12 +426,17 @@ def test_upload_broken_on_the_client_side_raises_its_own_error_and_changes_nothi
                  UploadItem("fc1.bias", f32, (32,), broken)]
         with pytest.raises(OSError, match="vanished"):
             model.stream_constants(items, True, False, chunk_bytes=1024)
+        # The client gave up at once; the server learns of the cancel and releases the
+        # inactive buffer it claimed a moment later (one upload per model at a time).
+        served = s.app.registry.get("mlp")
+        wait_for(lambda: not served.weights.uploading, "the cancelled upload's release")
 
         async def via_async():
             async with ac.AsyncClient(s.target) as aclient:
                 await aclient.model("mlp").stream_constants(items, True, False, chunk_bytes=1024)
         with pytest.raises(OSError, match="vanished"):
             asyncio.run(via_async())
+        wait_for(lambda: not served.weights.uploading, "the cancelled upload's release")
 
         info = model.info()
         assert info.active_version.id == "initial" and info.staged_version is None
