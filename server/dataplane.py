@@ -19,12 +19,11 @@ Main entry points::
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import torch
 from . import safetensors_source, weights_ipc, weights_pull
 from . import tensor_codec as codec
 from .config import ServeConfig
-from .errors import Cancelled, InvalidArgument, NotFound, PermissionDenied, ServeError
+from .errors import Cancelled, InvalidArgument, NotFound, ServeError
 from .input_checks import InputPlan, run_error, validate_inputs
 from .metrics import Metrics
 from .model_registry import ModelRegistry
@@ -47,6 +46,7 @@ from .model_types import (
     UploadHeader,
     WeightsVersion,
 )
+from .paths import file_sha256, is_file, resolve_below
 from .served_model import ServedModel
 from .weight_transfers import TransferSlots, Upload, extract_chunks
 from .weights import StagingUpload, new_version
@@ -55,27 +55,17 @@ log = logging.getLogger(__name__)
 
 
 def _info(model: ServedModel) -> ModelInfo:
-    w = model.weights
-    metadata = dict(model.metadata)
+    """The model's description, with where a client's CUDA tensors can be handed over
+    GPU-direct (``weights_ipc``) for a model on CUDA."""
+    info = model.info()
     cuda = [r.pool.device for r in model.replicas if r.pool.device.type == "cuda"]
-    if cuda:  # where a client's CUDA tensors can be handed over GPU-direct
-        metadata[weights_ipc.HOST_ID_KEY] = weights_ipc.host_id()
-        metadata[weights_ipc.CUDA_UUIDS_KEY] = ",".join(
-            str(torch.cuda.get_device_properties(d).uuid) for d in cuda)
-    return ModelInfo(
-        name=model.name, path=model.path, devices=model.devices,
-        runners_per_device=model.options.runners, state=model.state,
-        inputs=list(model.inputs), outputs=list(model.outputs), metadata=metadata,
-        updatable_constants=sorted(model.constants),
-        active_version=w.active if w else None, staged_version=w.staged if w else None,
-        previous_version=w.previous if w else None, error=model.error)
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except OSError:  # e.g. ENAMETOOLONG: not a file we can open either
-        return False
+    if not cuda:
+        return info
+    metadata = dict(info.metadata)
+    metadata[weights_ipc.HOST_ID_KEY] = weights_ipc.host_id()
+    metadata[weights_ipc.CUDA_UUIDS_KEY] = ",".join(
+        str(torch.cuda.get_device_properties(d).uuid) for d in cuda)
+    return replace(info, metadata=metadata)
 
 
 class DataPlane:
@@ -231,30 +221,14 @@ class DataPlane:
 
     # Model management ----------------------------------------------------------
 
-    def resolve_path(self, path: str, what: str, roots: Sequence[str], kind: str,
-                     flag: str) -> Path:
-        """``path`` with symlinks and .. resolved; it must lie below one of ``roots``
-        (``kind`` and ``flag`` name them in the error)."""
-        if not path:
-            raise InvalidArgument(f"{what}: empty path")
-        if "\0" in path:
-            raise InvalidArgument(f"{what}: the path holds a NUL character")
-        resolved = Path(os.path.realpath(path))
-        for root in roots:
-            root_real = Path(os.path.realpath(root))
-            if resolved == root_real or root_real in resolved.parents:
-                return resolved
-        raise PermissionDenied(
-            f"{what}: {path!r} is not below a {kind} of this server (configure {flag})")
-
     def load_model(self, name: str, path: str, devices: Sequence[str] = (), runners: int = 0,
                    package_model: str | None = None) -> ModelInfo:
         if runners > self.config.max_runners_per_model:
             raise InvalidArgument(f"runners_per_device {runners} exceeds this server's limit of "
                                   f"{self.config.max_runners_per_model}")
-        resolved = self.resolve_path(path, "model path", self.config.package_roots,
-                                     "model root", "--model-root or --model-repository")
-        if not _is_file(resolved):
+        resolved = resolve_below(path, "model path", self.config.package_roots, "model root",
+                                 "--model-root or --model-repository")
+        if not is_file(resolved):
             raise InvalidArgument(f"model path {path!r} is not a file")
         opts = self.registry.options(devices, runners, package_model)
         return _info(self.registry.load(name, resolved, opts))
@@ -355,8 +329,8 @@ class DataPlane:
         model = self.registry.get(name)
         started = time.perf_counter()
         try:
-            resolved = self.resolve_path(path, "weights path", self.config.allowed_roots,
-                                         "weights root", "--allowed-root")
+            resolved = resolve_below(path, "weights path", self.config.allowed_roots,
+                                     "weights root", "--allowed-root")
             check = safetensors_source.check_below([Path(r) for r in self.config.allowed_roots])
             with safetensors_source.open_source(resolved, check, self.limits,
                                                 self.limits.max_constants) as source:
@@ -451,15 +425,11 @@ class DataPlane:
 
     def update_from_blob(self, name: str, path: str, author: str) -> WeightsVersion:
         def op(model: ServedModel) -> WeightsVersion:
-            resolved = self.resolve_path(path, "weights path", self.config.allowed_roots,
-                                         "blob root", "--allowed-root")
-            if not _is_file(resolved):
+            resolved = resolve_below(path, "weights path", self.config.allowed_roots,
+                                     "blob root", "--allowed-root")
+            if not is_file(resolved):
                 raise InvalidArgument(f"weights path {path!r} is not a file")
-            h = hashlib.sha256()
-            with open(resolved, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-            version = new_version(h.hexdigest(), author, f"blob {resolved.name}")
+            version = new_version(file_sha256(resolved), author, f"blob {resolved.name}")
             try:
                 return model.weights.update_from_blob(str(resolved), version,
                                                      self.registry.store)

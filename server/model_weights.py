@@ -187,10 +187,9 @@ class ModelWeights:
     def reserve_inactive(self) -> None:
         """Gives every replica an inactive buffer now, holding a copy of the active weights
         (no version: nothing to swap to, rollback still refused). The first upload then
-        writes in place into memory the daemon already holds, as every later one does,
-        instead of faulting in fresh pages as it goes (on the test VM fresh memory costs
-        ~2.2 s per GiB: the first 1 GiB upload ran at 0.44 GB/s, later ones at ~1 GB/s), and
-        a model whose two buffers do not fit fails now rather than at its first upload."""
+        writes in place into memory the daemon already holds instead of faulting in fresh
+        pages (docs/benchmarks-server.md), and a model whose two buffers do not fit fails
+        now rather than at its first upload."""
         model = self._model
         with self._op():
             filled = False

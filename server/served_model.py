@@ -30,7 +30,7 @@ from .errors import Unavailable
 from .input_checks import InputPlan
 from .io_specs import IOSpec
 from .metrics import Metrics
-from .model_types import ConstantInfo, ModelOptions, ModelState, WeightsVersion
+from .model_types import ConstantInfo, ModelInfo, ModelOptions, ModelState, WeightsVersion
 from .model_weights import ModelWeights
 from .rwlock import RWLock
 from .weights import FOLDED_PREFIX, INITIAL, map_sha256
@@ -248,6 +248,17 @@ class ServedModel:
     @property
     def devices(self) -> list[str]:
         return [r.pool.name for r in self.replicas] or list(self.options.devices)
+
+    def info(self) -> ModelInfo:
+        """What a servicer may say about this model (a snapshot)."""
+        w = self.weights
+        return ModelInfo(
+            name=self.name, path=self.path, devices=self.devices,
+            runners_per_device=self.options.runners, state=self.state,
+            inputs=list(self.inputs), outputs=list(self.outputs), metadata=dict(self.metadata),
+            updatable_constants=sorted(self.constants),
+            active_version=w.active if w else None, staged_version=w.staged if w else None,
+            previous_version=w.previous if w else None, error=self.error)
 
 
 def _dtype_text(spec: IOSpec) -> str:

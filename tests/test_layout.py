@@ -18,7 +18,7 @@ CLIENT = REPO / "client" / "src" / "aotiserve" / "client"
 # run_wire, upload_codec, oip_servicer, oip_codec, health, app).
 CORE = (
     "batching", "buffer_writes", "dataplane", "device_pool", "input_checks", "io_specs",
-    "model_registry", "model_repository", "model_types", "model_weights", "served_model",
+    "model_registry", "model_repository", "model_types", "model_weights", "paths", "served_model",
     "tensor_codec", "warmup", "weight_transfers", "weights", "weights_store",
 )
 SERVICERS = ("runner_servicer", "oip_servicer", "runner_codec", "oip_codec", "run_wire",
