@@ -107,7 +107,7 @@ def cuda_limits(nbytes: int, device: str) -> dict:
             torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - t0)
         out[name] = nbytes / best / 1e9
-    del host, a, b
+    host = a = b = None  # dropped before empty_cache (the lambdas above are done with them)
     torch.cuda.empty_cache()
     return out
 

@@ -15,7 +15,7 @@ being overwritten by an upload in progress.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class BufferContents:

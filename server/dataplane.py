@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from . import safetensors_source, weights_ipc, weights_pull
+from . import weights_ipc
 from . import tensor_codec as codec
 from .config import ServeConfig
-from .errors import Cancelled, InvalidArgument, NotFound, ServeError
+from .errors import InvalidArgument, NotFound, ServeError
 from .input_checks import InputPlan, run_error, validate_inputs
 from .metrics import Metrics
 from .model_registry import ModelRegistry
@@ -48,6 +48,7 @@ from .model_types import (
 )
 from .paths import file_sha256, is_file, resolve_below
 from .served_model import ServedModel
+from .weight_loads import WeightLoads
 from .weight_transfers import TransferSlots, Upload, extract_chunks
 from .weights import StagingUpload, new_version
 
@@ -79,6 +80,7 @@ class DataPlane:
         self.draining = False
         self.expected_models: set[str] = set()
         self._transfers = TransferSlots(config.max_weight_streams)
+        self._loads = WeightLoads(config, registry, self.limits, metrics, self._count_op)
         # Models loaded from now on (repository, LoadModel, the demo) warm up this much.
         registry.warmup_runs = config.warmup_runs
 
@@ -325,81 +327,14 @@ class DataPlane:
                      author: str, is_active: Callable[[], bool] = lambda: True
                      ) -> tuple[WeightsVersion, int, list[str]]:
         """Stages a safetensors file (or sharded folder) below an allowed root into the
-        inactive buffer (``weights_pull``); returns (version, bytes, constants written)."""
-        model = self.registry.get(name)
-        started = time.perf_counter()
-        try:
-            resolved = resolve_below(path, "weights path", self.config.allowed_roots,
-                                     "weights root", "--allowed-root")
-            check = safetensors_source.check_below([Path(r) for r in self.config.allowed_roots])
-            with safetensors_source.open_source(resolved, check, self.limits,
-                                                self.limits.max_constants) as source:
-                header, entries = weights_pull.upload_header(name, source, validate_full,
-                                                             description)
-                upload = self._claim(model, header, author, "file", started)
-                try:
-                    source.advise_sequential()
-                    weights_pull.fill(upload.staging, entries, is_active)
-                except BaseException:
-                    upload.discard()
-                    raise
-        except BaseException as exc:
-            self._count_op(model.name, "stage", exc)
-            raise
-        if not is_active():
-            upload.discard()
-            exc = Cancelled("the call was cancelled; nothing was staged")
-            self._count_op(model.name, "stage", exc)
-            raise exc
-        return upload.commit()
+        inactive buffer; returns (version, bytes, constants written)."""
+        return self._loads.load_file(name, path, validate_full, description, author, is_active)
 
     def load_weights_from_cuda(self, request: CudaHandoff, author: str,
                                is_active: Callable[[], bool] = lambda: True
                                ) -> tuple[WeightsVersion, int, list[str]]:
-        """Stages CUDA tensors a colocated process shares by IPC handle (``weights_ipc``)."""
-        model = self.registry.get(request.model)
-        started = time.perf_counter()
-        try:
-            # Refused here (another host, no CUDA, a GPU not ours): nothing opened, and the
-            # sender's counters are not ours to touch (the client checks host and GPU from
-            # ListModels first, so it shares nothing such a daemon would refuse).
-            index = weights_ipc.check_placement(model, request)
-        except BaseException as exc:
-            self._count_op(model.name, "stage", exc)
-            raise
-        opened: set[str] = set()
-        try:
-            weights_ipc.check_extents(request)
-            upload = self._claim(model, weights_ipc.upload_header(request), author,
-                                 "gpu-direct", started)
-            try:
-                sha = weights_ipc.fill(upload.staging, request, index, is_active, opened)
-                if not is_active():
-                    raise Cancelled("the call was cancelled; nothing was staged")
-            except BaseException:
-                upload.discard()
-                raise
-        except BaseException as exc:
-            weights_ipc.release_unopened(request, opened)
-            self._count_op(model.name, "stage", exc)
-            raise
-        return upload.commit(sha)
-
-    def _claim(self, model: ServedModel, header: UploadHeader, author: str,
-               path: str, started: float) -> Upload:
-        """A validated staging of ``header``'s constants written in place into the
-        model's inactive buffer (claimed until the Upload commits or is discarded)."""
-        gauge = self.metrics.staging_bytes.labels(model.name) if self.metrics else None
-        staging = StagingUpload(model, header, self.config.max_upload_bytes, self.limits,
-                                gauge.inc if gauge else None)
-        targets = model.weights.begin_upload(list(staging.declared))
-        try:
-            staging.allocate(targets)
-        except BaseException:
-            model.weights.end_upload()
-            raise
-        return Upload(model, staging, author, True, self.registry.store, self._count_op,
-                      self.metrics.staged if self.metrics else None, path, started)
+        """Stages CUDA tensors a colocated process shares by IPC handle."""
+        return self._loads.load_from_cuda(request, author, is_active)
 
     def swap(self, name: str) -> WeightsVersion:
         return self._weights_op(name, "swap", self._timed_flip(

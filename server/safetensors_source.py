@@ -22,13 +22,15 @@ and the open cannot lead outside them.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -112,7 +114,7 @@ class SafetensorsSource:
         for shard in self.shards:
             shard.close()
 
-    def __enter__(self) -> "SafetensorsSource":
+    def __enter__(self) -> SafetensorsSource:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -121,10 +123,8 @@ class SafetensorsSource:
     def advise_sequential(self) -> None:
         """Tells the kernel the files are read through once (deeper read-ahead)."""
         for shard in self.shards:
-            try:
+            with contextlib.suppress(AttributeError, OSError):
                 os.posix_fadvise(shard.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            except (AttributeError, OSError):
-                pass
 
 
 def _open_checked(path: Path, check: Callable[[Path], None], what: str) -> tuple[int, int]:

@@ -32,7 +32,8 @@ import ctypes
 import functools
 import hashlib
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
@@ -82,7 +83,7 @@ def upload_header(request: CudaHandoff) -> UploadHeader:
         description=request.description or "gpu-direct")
 
 
-def check_placement(model: "ServedModel", request: CudaHandoff) -> int:
+def check_placement(model: ServedModel, request: CudaHandoff) -> int:
     """Where the handles can be opened: the local device index (FAILED_PRECONDITION with
     the reason otherwise)."""
     here = host_id()
@@ -248,7 +249,7 @@ def fill(staging: StagingUpload, request: CudaHandoff, index: int,
                 if stream is not None:
                     stream.synchronize()
             # Fingerprints of what landed in the buffer (the first replica's copy).
-            for fqn, st in staging.staged.items():
+            for st in staging.staged.values():
                 if st.info.nbytes:
                     with torch.cuda.stream(streams.get(st.tensors[0].device)):
                         digests.append((st.info, fingerprint(st.tensors[0])))

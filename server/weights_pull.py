@@ -30,7 +30,8 @@ import logging
 import os
 import queue
 import threading
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -86,7 +87,7 @@ class _PinnedSlot:
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.events: list[torch.cuda.Event] = []
 
-    def stream(self, device: torch.device) -> "torch.cuda.Stream":
+    def stream(self, device: torch.device) -> torch.cuda.Stream:
         s = self.streams.get(device)
         if s is None:
             s = self.streams[device] = torch.cuda.Stream(device=device)
@@ -109,7 +110,7 @@ def fill(staging: StagingUpload, entries: dict[str, Entry], is_active: Callable[
     if first is None:
         return
     host_side = first.cpu_index is not None
-    slots: "queue.Queue[_PinnedSlot] | None" = None
+    slots: queue.Queue[_PinnedSlot] | None = None
     if not host_side:
         slots = queue.Queue()
         for _ in range(PINNED_BUFFERS):
@@ -149,7 +150,7 @@ def fill(staging: StagingUpload, entries: dict[str, Entry], is_active: Callable[
         raise
 
 
-def _fill_host(st, entry: Entry, start: int, end: int, model: "ServedModel") -> dict[int, bytes]:
+def _fill_host(st, entry: Entry, start: int, end: int, model: ServedModel) -> dict[int, bytes]:
     host = st.views[st.cpu_index][start:end]
     entry.read_into(start, memoryview(host.numpy()))
     digests = block_digests(host, start, end)
@@ -161,12 +162,12 @@ def _fill_host(st, entry: Entry, start: int, end: int, model: "ServedModel") -> 
             np.copyto(view[start:end].numpy(), host.numpy())
         else:  # a CPU replica beside device ones: copy the host bytes over
             src = host if src is None else src
-            replica.pool.run_in_stream(lambda v=view: v[start:end].copy_(src))
+            replica.pool.run_in_stream(lambda v=view, s=src: v[start:end].copy_(s))
     return digests
 
 
 def _fill_devices(st, entry: Entry, start: int, end: int,
-                  slots: "queue.Queue[_PinnedSlot]") -> dict[int, bytes]:
+                  slots: queue.Queue[_PinnedSlot]) -> dict[int, bytes]:
     slot = slots.get()
     try:
         n = end - start

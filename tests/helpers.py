@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import model_zoo
+import wire
+from aotiserve.v1 import model_runner_pb2 as pb
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -53,3 +55,19 @@ def eager_with(model: str, weights: dict[str, torch.Tensor], inputs) -> list[tor
     with torch.no_grad():
         out = module(*inputs)
     return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def upload(stub, model, tensors, **kw) -> pb.UpdateConstantBufferResponse:
+    """``tensors`` ({name: tensor}) staged with one UpdateConstantBuffer stream."""
+    return stub.UpdateConstantBuffer(wire.upload_requests(model, tensors, **kw))
+
+
+def run(stub, model, inputs):
+    """(outputs, weights version) of one Run."""
+    resp = stub.Run(wire.run_request(model, inputs))
+    return wire.outputs(resp), resp.weights_version
+
+
+def info(stub, name) -> pb.ModelInfo:
+    """Model ``name``'s entry of ListModels."""
+    return next(m for m in stub.ListModels(pb.ListModelsRequest()).models if m.name == name)

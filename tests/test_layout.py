@@ -17,9 +17,10 @@ CLIENT = REPO / "client" / "src" / "aotiserve" / "client"
 # messages belong to the servicers and their codecs (runner_servicer, runner_codec,
 # run_wire, upload_codec, oip_servicer, oip_codec, health, app).
 CORE = (
-    "batching", "buffer_writes", "dataplane", "device_pool", "input_checks", "io_specs",
-    "model_registry", "model_repository", "model_types", "model_weights", "paths", "served_model",
-    "tensor_codec", "warmup", "weight_transfers", "weights", "weights_store",
+    "batching", "buffer_contents", "buffer_writes", "dataplane", "device_pool", "input_checks",
+    "io_specs", "model_registry", "model_repository", "model_types", "model_weights", "paths",
+    "safetensors_source", "served_model", "tensor_codec", "warmup", "weight_loads",
+    "weight_transfers", "weights", "weights_ipc", "weights_pull", "weights_store",
 )
 SERVICERS = ("runner_servicer", "oip_servicer", "runner_codec", "oip_codec", "run_wire",
              "upload_codec", "interceptors", "bridge", "health", "app")

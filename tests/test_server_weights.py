@@ -11,7 +11,7 @@ import torch
 import model_zoo
 import wire
 from aotiserve.v1 import model_runner_pb2 as pb
-from helpers import code_of, eager_with, new_weights
+from helpers import code_of, eager_with, info, new_weights, run, upload
 
 
 
@@ -20,17 +20,10 @@ from helpers import code_of, eager_with, new_weights
 
 
 
-def upload(stub, model, tensors, **kw) -> pb.UpdateConstantBufferResponse:
-    return stub.UpdateConstantBuffer(wire.upload_requests(model, tensors, **kw))
 
 
-def run(stub, model, inputs):
-    resp = stub.Run(wire.run_request(model, inputs))
-    return wire.outputs(resp), resp.weights_version
 
 
-def info(stub, name) -> pb.ModelInfo:
-    return next(m for m in stub.ListModels(pb.ListModelsRequest()).models if m.name == name)
 
 
 @pytest.mark.parametrize("model", ["mlp", "two_io"])

@@ -18,10 +18,9 @@ import aotiserve.client as ac
 import model_zoo
 import wire
 from aotiserve.client import cli
-from aotiserve.server import weights_ipc
+from aotiserve.server import buffer_writes, weights_ipc
 from aotiserve.v1 import model_runner_pb2 as pb
-from server_harness import server_factory  # noqa: F401 (fixture)
-from test_server_weights import code_of, eager_with, info, new_weights, run, upload
+from helpers import code_of, eager_with, info, new_weights, run, upload
 
 
 def load(s, model, path, **kw) -> pb.LoadWeightsResponse:
@@ -213,18 +212,17 @@ def test_paths_outside_the_roots_and_symlink_escapes(server_factory, tmp_path):
     assert after[:2] == before[:2] and wire.close(after[2], before[2])
 
 
-def test_partial_stagings_copy_only_what_differs(server_factory):
+def test_partial_stagings_copy_only_what_differs(server_factory, monkeypatch):
     """k of n constants staged: the inactive buffer keeps what it already holds of the
     active weights; only constants whose content differs are copied."""
     s = server_factory(["mlp"])
-    model = s.app.registry.get("mlp")
     copied: list[str] = []
-    original = model._copy_into
+    original = buffer_writes.copy_into
 
-    def counting(replica, fqn, dst, src):
+    def counting(replica, constants, fqn, dst, src):
         copied.append(fqn)
-        return original(replica, fqn, dst, src)
-    model._copy_into = counting
+        return original(replica, constants, fqn, dst, src)
+    monkeypatch.setattr(buffer_writes, "copy_into", counting)
     inputs = model_zoo.MODELS["mlp"].inputs(3)
     base = model_zoo.MODELS["mlp"].module().state_dict()
     expect = {k: v.clone() for k, v in base.items()}

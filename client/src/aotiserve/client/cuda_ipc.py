@@ -9,7 +9,8 @@ with CUDA; imported only when CUDA tensors are handed over.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from aotiserve.client.dtypes import BY_TORCH_NAME
 from aotiserve.v1 import model_runner_pb2 as pb
