@@ -13,8 +13,8 @@ a full update, then 1% (1 of the model's 100 constants) twice: the first partial
 full one also brings the inactive buffer's other 99% up to date, the second does not; the
 time ratios to the full update, the daemon's peak RSS over each staging relative to
 (active + new), and Runs under load across each swap: ``--clients`` checker threads (own
-channels) call Run back to back and compare every output with the one the weights version it reports must give
-(0 failed, 0 mixed), with the p99 of the Runs that overlapped the swap.
+channels) call Run back to back and compare every output with the one the weights version
+it reports must give (0 failed, 0 mixed), with the p99 of the Runs that overlapped the swap.
 
 On CUDA the gpu-direct time is the hand-off call as the sending process times it (its
 start-up and making the tensors are not counted).

@@ -81,10 +81,10 @@ def write_inactive(replica: Any, constants: Mapping[str, ConstantInfo],
                    tensors: Mapping[str, torch.Tensor], stale: set[str],
                    inactive_empty: bool) -> None:
     """Stages ``tensors`` ({fqn: tensor}) in the inactive buffer, completed with the
-    active weights for constants not given (copied where ``stale``). Handed over, not copied: the tensors are
-    the inactive buffer's own memory (written in place) or ones made for this upload
-    alone. A copy here doubled the time of a staging and, for a buffer torch had
-    filled from the package, allocated a second one for good."""
+    active weights for constants not given (copied where ``stale``). Handed over, not
+    copied: the tensors are the inactive buffer's own memory (written in place) or ones
+    made for this upload alone. A copy here doubled the time of a staging and, for a
+    buffer torch had filled from the package, allocated a second one for good."""
     full = inactive_map(replica, constants, tensors, stale, inactive_empty)
     replica.pool.run_in_stream(
         lambda: replica.runner.update_constant_buffer(full, True, False, user_managed=True))
