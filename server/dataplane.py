@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from . import weights_ipc
 from . import tensor_codec as codec
+from . import weights_ipc
 from .config import ServeConfig
 from .errors import InvalidArgument, NotFound, ServeError
 from .input_checks import InputPlan, run_error, validate_inputs
@@ -46,37 +46,34 @@ from .model_types import (
     UploadHeader,
     WeightsVersion,
 )
-from .paths import file_sha256, is_file, resolve_below
+from .paths import is_file, resolve_below
 from .served_model import ServedModel
 from .weight_loads import WeightLoads
 from .weight_transfers import TransferSlots, Upload, extract_chunks
-from .weights import StagingUpload, new_version
 
 log = logging.getLogger(__name__)
 
 
 def _info(model: ServedModel) -> ModelInfo:
-    """The model's description, with where a client's CUDA tensors can be handed over
-    GPU-direct (``weights_ipc``) for a model on CUDA."""
+    """The model's description, with where a client's CUDA tensors can be handed over."""
     info = model.info()
-    cuda = [r.pool.device for r in model.replicas if r.pool.device.type == "cuda"]
-    if not cuda:
-        return info
-    metadata = dict(info.metadata)
-    metadata[weights_ipc.HOST_ID_KEY] = weights_ipc.host_id()
-    metadata[weights_ipc.CUDA_UUIDS_KEY] = ",".join(
-        str(torch.cuda.get_device_properties(d).uuid) for d in cuda)
-    return replace(info, metadata=metadata)
+    handoff = weights_ipc.handoff_metadata([r.pool.device for r in model.replicas])
+    return replace(info, metadata={**info.metadata, **handoff}) if handoff else info
 
 
 class DataPlane:
-    def __init__(self, config: ServeConfig, registry: ModelRegistry,
-                 metrics: Metrics | None = None):
+    def __init__(
+        self, config: ServeConfig, registry: ModelRegistry, metrics: Metrics | None = None
+    ):
         self.config = config
         self.registry = registry
         self.metrics = metrics
-        self.limits = codec.Limits(config.max_tensor_elements, config.max_tensor_rank,
-                                   config.max_inputs, config.max_upload_constants)
+        self.limits = codec.Limits(
+            config.max_tensor_elements,
+            config.max_tensor_rank,
+            config.max_inputs,
+            config.max_upload_constants,
+        )
         self.draining = False
         self.expected_models: set[str] = set()
         self._transfers = TransferSlots(config.max_weight_streams)
@@ -94,8 +91,9 @@ class DataPlane:
         if self.draining:
             return False
         models = {m.name: m for m in self.registry.models()}
-        return all(n in models and models[n].state == ModelState.READY
-                   for n in self.expected_models)
+        return all(
+            n in models and models[n].state == ModelState.READY for n in self.expected_models
+        )
 
     def model_ready(self, name: str) -> bool:
         try:
@@ -116,8 +114,13 @@ class DataPlane:
         """The id of the weights serving ``model`` now."""
         return model.weights.active.id
 
-    def run(self, name: str | ServedModel, inputs: Sequence[torch.Tensor],
-            deadline: float | None = None, call: Any = None) -> RunResult:
+    def run(
+        self,
+        name: str | ServedModel,
+        inputs: Sequence[torch.Tensor],
+        deadline: float | None = None,
+        call: Any = None,
+    ) -> RunResult:
         """Runs the model on host tensors; ``deadline`` is a time.monotonic() instant.
 
         ``call`` (the gRPC context) lets a queued run leave the queue when it is cancelled.
@@ -135,16 +138,23 @@ class DataPlane:
                 outputs, version = self._execute(model, lambda: inputs, (deadline, call))
             else:
                 outputs, version = batcher.run(
-                    list(inputs), (deadline, call),
-                    lambda get, ctx: self._execute(model, get, ctx), model.others_in_flight)
+                    list(inputs),
+                    (deadline, call),
+                    lambda get, ctx: self._execute(model, get, ctx),
+                    model.others_in_flight,
+                )
         finally:
             model.end()
             if stats is not None:
                 stats.add_load(model.name, -1, 0)
         return RunResult(list(outputs), version)
 
-    def _execute(self, model: ServedModel, get_inputs: Callable[[], Sequence[torch.Tensor]],
-                 ctx: tuple[float | None, Any]) -> tuple[list[torch.Tensor], str]:
+    def _execute(
+        self,
+        model: ServedModel,
+        get_inputs: Callable[[], Sequence[torch.Tensor]],
+        ctx: tuple[float | None, Any],
+    ) -> tuple[list[torch.Tensor], str]:
         """One run on one replica: admission, the runner, per-device metrics.
         ``get_inputs()`` is called once a runner is held (a batch closes then)."""
         deadline, call = ctx
@@ -223,13 +233,26 @@ class DataPlane:
 
     # Model management ----------------------------------------------------------
 
-    def load_model(self, name: str, path: str, devices: Sequence[str] = (), runners: int = 0,
-                   package_model: str | None = None) -> ModelInfo:
+    def load_model(
+        self,
+        name: str,
+        path: str,
+        devices: Sequence[str] = (),
+        runners: int = 0,
+        package_model: str | None = None,
+    ) -> ModelInfo:
         if runners > self.config.max_runners_per_model:
-            raise InvalidArgument(f"runners_per_device {runners} exceeds this server's limit of "
-                                  f"{self.config.max_runners_per_model}")
-        resolved = resolve_below(path, "model path", self.config.package_roots, "model root",
-                                 "--model-root or --model-repository")
+            raise InvalidArgument(
+                f"runners_per_device {runners} exceeds this server's limit of "
+                f"{self.config.max_runners_per_model}"
+            )
+        resolved = resolve_below(
+            path,
+            "model path",
+            self.config.package_roots,
+            "model root",
+            "--model-root or --model-repository",
+        )
         if not is_file(resolved):
             raise InvalidArgument(f"model path {path!r} is not a file")
         opts = self.registry.options(devices, runners, package_model)
@@ -241,8 +264,10 @@ class DataPlane:
         RepositoryModelLoad). The path is the server's own, so no root check."""
         folder = self.config.model_repository
         if not folder:
-            raise NotFound(f"model {name!r}: this server has no model repository "
-                           "(start it with --model-repository)")
+            raise NotFound(
+                f"model {name!r}: this server has no model repository "
+                "(start it with --model-repository)"
+            )
         if not name or name in (".", "..") or "/" in name or "\\" in name:
             raise InvalidArgument(f"invalid model name {name!r}")
         found = repository_models(Path(folder)).get(name)
@@ -276,8 +301,11 @@ class DataPlane:
 
     def _count_op(self, model: str, op: str, exc: BaseException | None) -> None:
         if self.metrics:
-            outcome = "ok" if exc is None else (
-                exc.code.name.lower() if isinstance(exc, ServeError) else "internal")
+            outcome = (
+                "ok"
+                if exc is None
+                else (exc.code.name.lower() if isinstance(exc, ServeError) else "internal")
+            )
             self.metrics.constant_buffer_ops.labels(model, op, outcome).inc()
 
     def _weights_op(self, name: str, op: str, fn):
@@ -290,12 +318,14 @@ class DataPlane:
         self._count_op(name, op, None)
         return result
 
-    def extract_constants(self, name: str, use_inactive: bool
-                          ) -> tuple[dict[str, torch.Tensor], WeightsVersion]:
+    def extract_constants(
+        self, name: str, use_inactive: bool
+    ) -> tuple[dict[str, torch.Tensor], WeightsVersion]:
         return self._weights_op(name, "extract", lambda m: m.weights.extract(use_inactive))
 
-    def extract_chunks(self, name: str, use_inactive: bool, chunk_bytes: int,
-                       is_active: Callable[[], bool]) -> Iterator[ConstantChunk]:
+    def extract_chunks(
+        self, name: str, use_inactive: bool, chunk_bytes: int, is_active: Callable[[], bool]
+    ) -> Iterator[ConstantChunk]:
         """The model's constants (active or inactive buffer) in pieces of ``chunk_bytes``;
         aborted if its weights change meanwhile (see ``weight_transfers.extract_chunks``)."""
         model = self.registry.get(name)
@@ -303,71 +333,59 @@ class DataPlane:
         return extract_chunks(model, tensors, chunk_bytes, is_active)
 
     def begin_upload(self, header: UploadHeader, author: str) -> Upload:
-        model = self.registry.get(header.model)
-        try:
-            gauge = self.metrics.staging_bytes.labels(model.name) if self.metrics else None
-            staging = StagingUpload(model, header, self.config.max_upload_bytes, self.limits,
-                                    gauge.inc if gauge else None)
-            # Header valid: claim the inactive buffer and write into it in place.
-            claimed = header.use_inactive
-            targets = model.weights.begin_upload(list(staging.declared)) if claimed else None
-            try:
-                staging.allocate(targets)
-            except BaseException:
-                if claimed:
-                    model.weights.end_upload()
-                raise
-        except BaseException as exc:
-            self._count_op(model.name, "stage", exc)
-            raise
-        return Upload(model, staging, author, claimed, self.registry.store, self._count_op,
-                      self.metrics.staged if self.metrics else None)
+        """An upload of ``header``'s constants, validated, its buffer claimed (see
+        ``weight_loads.WeightLoads.begin_upload``)."""
+        return self._loads.begin_upload(header, author)
 
-    def load_weights(self, name: str, path: str, validate_full: bool, description: str,
-                     author: str, is_active: Callable[[], bool] = lambda: True
-                     ) -> tuple[WeightsVersion, int, list[str]]:
+    def load_weights(
+        self,
+        name: str,
+        path: str,
+        validate_full: bool,
+        description: str,
+        author: str,
+        is_active: Callable[[], bool] = lambda: True,
+    ) -> tuple[WeightsVersion, int, list[str]]:
         """Stages a safetensors file (or sharded folder) below an allowed root into the
         inactive buffer; returns (version, bytes, constants written)."""
         return self._loads.load_file(name, path, validate_full, description, author, is_active)
 
-    def load_weights_from_cuda(self, request: CudaHandoff, author: str,
-                               is_active: Callable[[], bool] = lambda: True
-                               ) -> tuple[WeightsVersion, int, list[str]]:
+    def load_weights_from_cuda(
+        self, request: CudaHandoff, author: str, is_active: Callable[[], bool] = lambda: True
+    ) -> tuple[WeightsVersion, int, list[str]]:
         """Stages CUDA tensors a colocated process shares by IPC handle."""
         return self._loads.load_from_cuda(request, author, is_active)
 
     def swap(self, name: str) -> WeightsVersion:
-        return self._weights_op(name, "swap", self._timed_flip(
-            "swap", lambda m: m.weights.swap(self.registry.store)))
+        return self._weights_op(
+            name, "swap", self._timed_flip("swap", lambda m: m.weights.swap(self.registry.store))
+        )
 
     def rollback(self, name: str) -> WeightsVersion:
-        return self._weights_op(name, "rollback", self._timed_flip(
-            "rollback", lambda m: m.weights.rollback(self.registry.store)))
+        return self._weights_op(
+            name,
+            "rollback",
+            self._timed_flip("rollback", lambda m: m.weights.rollback(self.registry.store)),
+        )
 
-    def _timed_flip(self, op: str, flip: Callable[[ServedModel], WeightsVersion]
-                    ) -> Callable[[ServedModel], WeightsVersion]:
+    def _timed_flip(
+        self, op: str, flip: Callable[[ServedModel], WeightsVersion]
+    ) -> Callable[[ServedModel], WeightsVersion]:
         def timed(model: ServedModel) -> WeightsVersion:
             started = time.perf_counter()
             version = flip(model)
             if self.metrics:
                 self.metrics.swap_seconds.labels(model.name, op).observe(
-                    time.perf_counter() - started)
+                    time.perf_counter() - started
+                )
             return version
+
         return timed
 
     def free_inactive(self, name: str) -> None:
-        return self._weights_op(name, "free", lambda m: m.weights.free_inactive(self.registry.store))
+        return self._weights_op(
+            name, "free", lambda m: m.weights.free_inactive(self.registry.store)
+        )
 
     def update_from_blob(self, name: str, path: str, author: str) -> WeightsVersion:
-        def op(model: ServedModel) -> WeightsVersion:
-            resolved = resolve_below(path, "weights path", self.config.allowed_roots,
-                                     "blob root", "--allowed-root")
-            if not is_file(resolved):
-                raise InvalidArgument(f"weights path {path!r} is not a file")
-            version = new_version(file_sha256(resolved), author, f"blob {resolved.name}")
-            try:
-                return model.weights.update_from_blob(str(resolved), version,
-                                                     self.registry.store)
-            except (RuntimeError, ValueError) as exc:  # the extension checks size and layout
-                raise InvalidArgument(f"weights blob {path!r} was refused: {exc}") from exc
-        return self._weights_op(name, "blob", op)
+        return self._weights_op(name, "blob", lambda m: self._loads.load_blob(m, path, author))

@@ -1,27 +1,17 @@
 """A served model's weights state machine: stage, swap, rollback, free, versions.
 
-Weight state follows the runner's two buffers::
+Weight state follows the runner's two buffers: ``active`` serves now; ``staged`` is written
+to the inactive buffer, not swapped in yet; ``previous`` is in the inactive buffer after a
+swap (what rollback restores). Runs take the model's reader/writer lock shared; flips (swap,
+rollback, direct active updates, blob loads) take it exclusive, so every replica changes
+between two requests and each response reports the version that computed it.
 
-    active    serving now
-    staged    written to the inactive buffer, not swapped in yet
-    previous  in the inactive buffer after a swap: what rollback restores
-
-Runs take the model's reader/writer lock shared; flips (swap, rollback, direct
-active updates, blob loads) take it exclusive, so every replica changes between
-two requests and each response reports the version that computed it.
-
-Known runner hazards guarded here (torch 2.13's model container):
-- swapping with an empty inactive buffer leaves the model unable to run, so
-  swap needs a staged version;
-- freeing an inactive buffer that has ever been the active one (its folded
-  constants were computed) makes the next staging into it segfault (seen with
-  sequences stage-swap-run-stage-swap-free-stage), so free releases the
-  runner's memory only for a buffer that never served (a discarded stage);
-  otherwise it forgets the version and keeps the memory for the next stage;
-- reading a freed inactive buffer reads freed memory, so extract(inactive)
-  needs a staged or previous version;
-- extracting the inactive buffer before it ever got memory crashes a CUDA
-  runner, so nothing extracts it while ``inactive_empty``.
+Runner hazards guarded here (torch 2.13's model container; docs/server.md lists them):
+swap needs a staged version (swapping to an empty buffer leaves the model unable to run);
+free releases the runner's memory only for a buffer that never served (freeing one that
+did, then staging into it, segfaults), else it forgets the version and keeps the memory;
+extract(inactive) needs a staged or previous version (a freed buffer is freed memory), and
+nothing reads the inactive buffer while ``inactive_empty`` (a CUDA runner crashes).
 """
 
 from __future__ import annotations
@@ -90,13 +80,17 @@ class ModelWeights:
     def check(self, snapshot: tuple) -> None:
         """Refuses to go on reading buffers whose weights changed since ``snapshot``."""
         if self.snapshot() != snapshot:
-            raise Aborted(f"model {self._model.name!r}: its weights changed during the read; "
-                          "retry")
+            raise Aborted(f"model {self._model.name!r}: its weights changed during the read; retry")
 
     # Staging -----------------------------------------------------------------
 
-    def stage(self, tensors: Mapping[str, Sequence[torch.Tensor]], use_inactive: bool,
-              version: WeightsVersion, store: WeightsStore | None) -> None:
+    def stage(
+        self,
+        tensors: Mapping[str, Sequence[torch.Tensor]],
+        use_inactive: bool,
+        version: WeightsVersion,
+        store: WeightsStore | None,
+    ) -> None:
         """Writes per-replica tensors ({fqn: [tensor per replica]}) into a buffer.
 
         ``use_inactive``: the inactive buffer, completed with the active weights
@@ -108,9 +102,13 @@ class ModelWeights:
             if use_inactive:
                 stale = self.contents.stale(set(model.constants) - set(tensors))
                 for i, replica in enumerate(model.replicas):
-                    bw.write_inactive(replica, model.constants,
-                                      {fqn: ts[i] for fqn, ts in tensors.items()}, stale,
-                                      self.inactive_empty)
+                    bw.write_inactive(
+                        replica,
+                        model.constants,
+                        {fqn: ts[i] for fqn, ts in tensors.items()},
+                        stale,
+                        self.inactive_empty,
+                    )
                 self.inactive_empty = False
                 self.contents.synced(stale)
                 self.contents.written_inactive(tensors)
@@ -120,13 +118,16 @@ class ModelWeights:
                 return
             if store is not None:
                 active = self._extract(0, False)
-                merged = {fqn: (tensors[fqn][0] if fqn in tensors else active[fqn])
-                          for fqn in model.constants}
+                merged = {
+                    fqn: (tensors[fqn][0] if fqn in tensors else active[fqn])
+                    for fqn in model.constants
+                }
                 store.save_version(model.name, version, merged)
             with self._serving_change():
                 for i, replica in enumerate(model.replicas):
-                    bw.write_active(replica, model.constants,
-                                    {fqn: ts[i] for fqn, ts in tensors.items()})
+                    bw.write_active(
+                        replica, model.constants, {fqn: ts[i] for fqn, ts in tensors.items()}
+                    )
                 self.active = version
                 self.contents.written_active(tensors)
             if store is not None:
@@ -148,7 +149,8 @@ class ModelWeights:
         with self._op():
             if self.uploading:
                 raise FailedPrecondition(
-                    f"model {model.name!r}: another weights upload is in progress")
+                    f"model {model.name!r}: another weights upload is in progress"
+                )
             self.uploading = True
             try:
                 self.staged = self.previous = None
@@ -201,8 +203,11 @@ class ModelWeights:
             if filled:
                 self.contents.synced(model.constants)
             self.inactive_empty = False
-        log.info("model %r: inactive buffer reserved (%.1f MiB per replica)", model.name,
-                 sum(i.nbytes for i in model.constants.values()) / 2**20)
+        log.info(
+            "model %r: inactive buffer reserved (%.1f MiB per replica)",
+            model.name,
+            sum(i.nbytes for i in model.constants.values()) / 2**20,
+        )
 
     def restore(self, version: WeightsVersion, tensors: Mapping[str, torch.Tensor]) -> None:
         """Serves a persisted version (at load, before the model is READY)."""
@@ -213,8 +218,10 @@ class ModelWeights:
                 raise Internal(f"stored version {version.id} of {model.name!r} lacks {fqn!r}")
             t = tensors[fqn]
             if t.dtype != info.dtype or tuple(t.shape) != info.shape:
-                raise Internal(f"stored version {version.id} of {model.name!r}: {fqn!r} does "
-                               "not match the package")
+                raise Internal(
+                    f"stored version {version.id} of {model.name!r}: {fqn!r} does "
+                    "not match the package"
+                )
             per_replica[fqn] = [r.pool.to_device(t) for r in model.replicas]
         self.stage(per_replica, True, version, None)
         self.swap(None)
@@ -229,7 +236,8 @@ class ModelWeights:
                 if version is None:
                     raise FailedPrecondition(
                         f"model {self._model.name!r}: the inactive buffer holds no weights "
-                        "(nothing staged, or it was freed)")
+                        "(nothing staged, or it was freed)"
+                    )
             else:
                 version = self.active
             return self._extract(0, use_inactive), version
@@ -245,11 +253,15 @@ class ModelWeights:
         name = self._model.name
         with self._op():
             if self.staged is None:
-                hint = (" (previous weights are held: use RollbackConstantBuffer to restore them)"
-                        if self.previous else "")
+                hint = (
+                    " (previous weights are held: use RollbackConstantBuffer to restore them)"
+                    if self.previous
+                    else ""
+                )
                 raise FailedPrecondition(
                     f"model {name!r}: nothing is staged in the inactive buffer; "
-                    f"stage weights with UpdateConstantBuffer(use_inactive=true) first{hint}")
+                    f"stage weights with UpdateConstantBuffer(use_inactive=true) first{hint}"
+                )
 
             def commit() -> None:
                 self.previous, self.active, self.staged = self.active, self.staged, None
@@ -266,7 +278,8 @@ class ModelWeights:
             if self.previous is None:
                 raise FailedPrecondition(
                     f"model {name!r}: no previous weights to roll back to "
-                    "(nothing was swapped in, or the inactive buffer was freed or restaged)")
+                    "(nothing was swapped in, or the inactive buffer was freed or restaged)"
+                )
 
             def back() -> None:
                 self.previous, self.active = self.active, self.previous
@@ -304,16 +317,19 @@ class ModelWeights:
                 self.inactive_empty = True
                 self.contents.forget_inactive()
             else:
-                log.debug("model %r: the inactive buffer has served; keeping its memory "
-                          "(freeing it makes the container crash on the next staging)",
-                          model.name)
+                log.debug(
+                    "model %r: the inactive buffer has served; keeping its memory "
+                    "(freeing it makes the container crash on the next staging)",
+                    model.name,
+                )
             self.staged = self.previous = None
             runner_ext.empty_cpu_block_cache()  # freed means given back, not kept for reuse
             if store is not None:
                 self._prune(store)
 
-    def update_from_blob(self, path: str, version: WeightsVersion,
-                         store: WeightsStore | None = None) -> WeightsVersion:
+    def update_from_blob(
+        self, path: str, version: WeightsVersion, store: WeightsStore | None = None
+    ) -> WeightsVersion:
         """Loads a weights blob into the active buffer of every replica (no run in flight)."""
         model = self._model
         with self._op():
@@ -332,14 +348,16 @@ class ModelWeights:
     # Bookkeeping ---------------------------------------------------------------
 
     def _prune(self, store: WeightsStore) -> None:
-        store.prune(self._model.name,
-                    {v.id for v in (self.active, self.staged, self.previous) if v})
+        store.prune(
+            self._model.name, {v.id for v in (self.active, self.staged, self.previous) if v}
+        )
 
     def gauge_version(self) -> None:
         metrics = self._model.metrics
         if metrics:
-            metrics.set_active_version(self._model.name, self.active.id, self.active.sha256,
-                                       self.active.created_unix_ms)
+            metrics.set_active_version(
+                self._model.name, self.active.id, self.active.sha256, self.active.created_unix_ms
+            )
 
     @contextmanager
     def _serving_change(self) -> Iterator[None]:

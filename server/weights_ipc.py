@@ -32,8 +32,8 @@ import ctypes
 import functools
 import hashlib
 import logging
-from typing import TYPE_CHECKING
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -51,6 +51,16 @@ BOOT_ID = "/proc/sys/kernel/random/boot_id"
 # ListModels metadata of a model with CUDA replicas: where GPU-direct can reach it.
 HOST_ID_KEY = "aotiserve.host_id"
 CUDA_UUIDS_KEY = "aotiserve.cuda_uuids"
+
+
+def handoff_metadata(devices: list[torch.device]) -> dict[str, str]:
+    """ListModels metadata saying where a client's CUDA tensors can be handed over
+    GPU-direct to a model on ``devices`` (nothing for a model off CUDA)."""
+    cuda = [d for d in devices if d.type == "cuda"]
+    if not cuda:
+        return {}
+    uuids = ",".join(str(torch.cuda.get_device_properties(d).uuid) for d in cuda)
+    return {HOST_ID_KEY: host_id(), CUDA_UUIDS_KEY: uuids}
 
 
 @functools.cache
@@ -76,11 +86,12 @@ def device_index_of(uuid: str) -> int | None:
 
 def upload_header(request: CudaHandoff) -> UploadHeader:
     return UploadHeader(
-        model=request.model, use_inactive=True,
+        model=request.model,
+        use_inactive=True,
         validate_full_updates=request.validate_full_updates,
-        constants=tuple(DeclaredConstant(t.name, t.dtype, tuple(t.shape))
-                        for t in request.tensors),
-        description=request.description or "gpu-direct")
+        constants=tuple(DeclaredConstant(t.name, t.dtype, tuple(t.shape)) for t in request.tensors),
+        description=request.description or "gpu-direct",
+    )
 
 
 def check_placement(model: ServedModel, request: CudaHandoff) -> int:
@@ -91,20 +102,23 @@ def check_placement(model: ServedModel, request: CudaHandoff) -> int:
         raise FailedPrecondition(
             f"GPU-direct hand-off needs the sender on this server's host: the tensors are on "
             f"host {request.host_id or '?'}, the server on {here or '?'} (CUDA IPC works only "
-            "between processes of one host); send them with UpdateConstantBuffer instead")
+            "between processes of one host); send them with UpdateConstantBuffer instead"
+        )
     if not torch.cuda.is_available():
         raise FailedPrecondition("GPU-direct hand-off needs CUDA, and this server has none")
     index = device_index_of(request.device_uuid)
     if index is None:
         raise FailedPrecondition(
             f"the tensors are on GPU {request.device_uuid or '?'}, which this server does not "
-            "see (not among its CUDA_VISIBLE_DEVICES)")
+            "see (not among its CUDA_VISIBLE_DEVICES)"
+        )
     device = torch.device("cuda", index)
     if not any(r.pool.device == device for r in model.replicas):
         raise FailedPrecondition(
             f"the tensors are on {device} (GPU {request.device_uuid}), where model "
             f"{model.name!r} has no replica (it is on {', '.join(model.devices)}); "
-            "GPU-direct hand-off copies within one GPU")
+            "GPU-direct hand-off copies within one GPU"
+        )
     return index
 
 
@@ -126,7 +140,8 @@ def check_extents(request: CudaHandoff) -> None:
         if (last + 1) * dtype.itemsize > t.storage_size_bytes:
             raise InvalidArgument(
                 f"{what}: its elements reach byte {(last + 1) * dtype.itemsize} of a storage "
-                f"of {t.storage_size_bytes} bytes")
+                f"of {t.storage_size_bytes} bytes"
+            )
         if not t.storage_handle:
             raise InvalidArgument(f"{what}: no storage handle")
 
@@ -138,15 +153,27 @@ def _open(t: CudaIpcTensor, index: int) -> torch.Tensor:
     try:
         with torch.cuda.device(index):
             tensor = rebuild_cuda_tensor(
-                torch.Tensor, torch.Size(t.shape), tuple(t.stride), t.storage_offset,
-                torch.storage.TypedStorage, dtype, index, bytes(t.storage_handle),
-                t.storage_size_bytes, t.storage_offset_bytes, False,
-                bytes(t.ref_counter_handle), t.ref_counter_offset, bytes(t.event_handle),
-                t.event_sync_required)
+                torch.Tensor,
+                torch.Size(t.shape),
+                tuple(t.stride),
+                t.storage_offset,
+                torch.storage.TypedStorage,
+                dtype,
+                index,
+                bytes(t.storage_handle),
+                t.storage_size_bytes,
+                t.storage_offset_bytes,
+                False,
+                bytes(t.ref_counter_handle),
+                t.ref_counter_offset,
+                bytes(t.event_handle),
+                t.event_sync_required,
+            )
     except (RuntimeError, OSError, ValueError, TypeError) as exc:
         raise FailedPrecondition(
             f"tensor {t.name!r}: its CUDA IPC handle could not be opened ({exc}); the sending "
-            "process may have freed the tensor or exited") from None
+            "process may have freed the tensor or exited"
+        ) from None
     return tensor
 
 
@@ -157,8 +184,11 @@ def _cu_mem_get_address_range():
         fn = lib.cuMemGetAddressRange_v2
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t),
-                   ctypes.c_uint64]
+    fn.argtypes = [
+        ctypes.POINTER(ctypes.c_uint64),
+        ctypes.POINTER(ctypes.c_size_t),
+        ctypes.c_uint64,
+    ]
     fn.restype = ctypes.c_int
     return fn
 
@@ -174,12 +204,15 @@ def _check_allocation(tensor: torch.Tensor, t: CudaIpcTensor) -> None:
     with torch.cuda.device(tensor.device):
         rc = fn(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr))
     if rc != 0:
-        raise FailedPrecondition(f"tensor {t.name!r}: the driver does not know its memory "
-                                 f"(cuMemGetAddressRange error {rc})")
+        raise FailedPrecondition(
+            f"tensor {t.name!r}: the driver does not know its memory "
+            f"(cuMemGetAddressRange error {rc})"
+        )
     if ptr + t.storage_size_bytes > base.value + size.value:
         raise InvalidArgument(
             f"tensor {t.name!r}: its storage of {t.storage_size_bytes} bytes at offset "
-            f"{ptr - base.value} overruns the shared allocation of {size.value} bytes")
+            f"{ptr - base.value} overruns the shared allocation of {size.value} bytes"
+        )
 
 
 def fingerprint(tensor: torch.Tensor) -> bytes:
@@ -187,9 +220,14 @@ def fingerprint(tensor: torch.Tensor) -> bytes:
     flat = codec.byte_view(tensor)
     n = flat.numel()
     words = flat[: n - n % 4].view(torch.int32)
-    tail = flat[n - n % 4:]
-    sums = torch.stack([words.sum(dtype=torch.int64), words[::2].sum(dtype=torch.int64),
-                        tail.sum(dtype=torch.int64)])
+    tail = flat[n - n % 4 :]
+    sums = torch.stack(
+        [
+            words.sum(dtype=torch.int64),
+            words[::2].sum(dtype=torch.int64),
+            tail.sum(dtype=torch.int64),
+        ]
+    )
     return hashlib.sha256(b"gpu-direct\0" + sums.cpu().numpy().tobytes()).digest()
 
 
@@ -201,15 +239,22 @@ def release_unopened(request: CudaHandoff, opened: set[str]) -> None:
         if t.name in opened or not t.ref_counter_handle:
             continue
         try:
-            torch.UntypedStorage._release_ipc_counter_cuda(bytes(t.ref_counter_handle),
-                                                           t.ref_counter_offset)
+            torch.UntypedStorage._release_ipc_counter_cuda(
+                bytes(t.ref_counter_handle), t.ref_counter_offset
+            )
         except (RuntimeError, OSError, ValueError, TypeError) as exc:
-            log.debug("tensor %r: its sender's reference counter could not be released: %s",
-                      t.name, exc)
+            log.debug(
+                "tensor %r: its sender's reference counter could not be released: %s", t.name, exc
+            )
 
 
-def fill(staging: StagingUpload, request: CudaHandoff, index: int,
-         is_active: Callable[[], bool], opened_names: set[str]) -> str:
+def fill(
+    staging: StagingUpload,
+    request: CudaHandoff,
+    index: int,
+    is_active: Callable[[], bool],
+    opened_names: set[str],
+) -> str:
     """Opens, copies and releases every handle; returns the version's sha256. The names
     of the tensors it opened go into ``opened_names``."""
     model = staging.model
@@ -233,8 +278,11 @@ def fill(staging: StagingUpload, request: CudaHandoff, index: int,
                 for dst in st.tensors:
                     stream = streams.get(dst.device)
                     if stream is None:
-                        stream = streams[dst.device] = torch.cuda.Stream(device=dst.device) \
-                            if dst.device.type == "cuda" else None
+                        stream = streams[dst.device] = (
+                            torch.cuda.Stream(device=dst.device)
+                            if dst.device.type == "cuda"
+                            else None
+                        )
                     if stream is None:
                         dst.copy_(src)
                     else:
