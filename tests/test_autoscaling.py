@@ -18,9 +18,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from test_deploy import OVERLAYS, by_kind, one, render  # noqa: E402
-from test_kserve import validate_crd  # noqa: E402
-from server_harness import server_factory  # noqa: E402,F401 (fixture)
+from deploy_helpers import OVERLAYS, by_kind, one, render, validate_crd  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

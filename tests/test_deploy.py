@@ -22,42 +22,16 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
+from deploy_helpers import OVERLAYS, one, render  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
-OVERLAYS = ("cpu", "gpu")
 GRPC_PORT = 8500
 METRICS_PORT = 8502
 APP_UID = 10001
 # Kubernetes versions the manifests must validate against: the oldest with
 # stable gRPC probes that we support, and the newest schema available.
 K8S_VERSIONS = ("1.29.0", None)
-
-
-def _kustomize_cmd() -> list[str] | None:
-    if shutil.which("kubectl"):
-        return ["kubectl", "kustomize"]
-    if shutil.which("kustomize"):
-        return ["kustomize", "build"]
-    return None
-
-
-def render(path: Path) -> list[dict]:
-    cmd = _kustomize_cmd()
-    if cmd is None:
-        pytest.skip("neither kubectl nor kustomize is installed")
-    out = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
-
-
-def by_kind(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:
-    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
-
-
-def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
-    found = by_kind(docs, kind, name)
-    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
-    return found[0]
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)

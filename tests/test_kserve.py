@@ -11,9 +11,7 @@ daemon with the runtime's own flags and env and calls the model by its file name
 from __future__ import annotations
 
 import copy
-import json
 import shutil
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -21,11 +19,10 @@ import pytest
 yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
 
-from test_deploy import render  # noqa: E402  (tests/ is on sys.path via conftest)
+from deploy_helpers import render, validate_crd  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 KSERVE = REPO / "deploy" / "kserve"
-SCHEMAS = REPO / "deploy" / "schemas"
 # The oldest KServe release the manifests support and the newest pinned.
 KSERVE_VERSIONS = ("v0.15.2", "v0.20.0")
 SCHEMA_FILES = {
@@ -38,38 +35,6 @@ MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts the storage
 
 
 # ------------------------------------------------------------------ schemas
-
-
-def strict(schema):
-    """The schema with unknown fields refused wherever the CRD lists its fields (and does
-    not keep unknown ones): what `kubectl apply` with strict field validation reports."""
-    if isinstance(schema, list):
-        return [strict(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: strict(v) for k, v in schema.items()}
-    if ("properties" in out and "additionalProperties" not in out
-            and not out.get("x-kubernetes-preserve-unknown-fields")):
-        out["additionalProperties"] = False
-    return out
-
-
-@lru_cache(maxsize=None)
-def crd_schema(folder: str, filename: str) -> dict:
-    vendored = json.loads((SCHEMAS / folder / filename).read_text())
-    assert "source" in vendored and len(vendored["source_sha256"]) == 64
-    return vendored
-
-
-def validate_crd(doc: dict, folder: str, filename: str) -> None:
-    vendored = crd_schema(folder, filename)
-    assert doc["apiVersion"] == f"{vendored['group']}/{vendored['version']}", doc["apiVersion"]
-    assert doc["kind"] == vendored["kind"]
-    validator = jsonschema.Draft7Validator(strict(vendored["schema"]))
-    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
-    if errors:
-        pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} invalid for {folder}:\n" + "\n".join(
-            f"  {'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:10]))
 
 
 def validate_kserve(doc: dict, version: str) -> None:
@@ -249,7 +214,7 @@ def test_gpu_example_schedules_on_a_gpu(runtime):
 def test_storage_layouts_name_the_models(tmp_path):
     """What the storage initializer leaves in /mnt/models: a single object keeps its file
     name; a folder its files. The repository scan names models by file stem."""
-    from aotiserve.server.model_registry import repository_models
+    from aotiserve.server.model_repository import repository_models
 
     single = tmp_path / "single"
     single.mkdir()

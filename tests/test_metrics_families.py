@@ -12,7 +12,6 @@ against a sequence of requests whose effect is known, on a real server.
 from __future__ import annotations
 
 import re
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,18 +19,12 @@ import pytest
 
 import model_zoo
 import wire
-from server_harness import running_server, server_factory  # noqa: F401 (fixture)
+from helpers import wait_for
+from server_harness import running_server
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _wait(cond, timeout=30.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def load(s, model="mlp") -> tuple[float, float]:
@@ -47,11 +40,11 @@ def test_in_flight_and_queued_on_the_hot_path(server_factory):
     assert load(s) == (0, 0)
     with s.app.port_server.holding_a_runner("mlp"):  # the only runner is busy
         futures = [s.stub.Run.future(wire.run_request("mlp", x)) for _ in range(3)]
-        _wait(lambda: s.app.port_server.pool_state("cpu")[1] == 3, what="3 queued runs")
+        wait_for(lambda: s.app.port_server.pool_state("cpu")[1] == 3, what="3 queued runs")
         assert load(s) == (3, 3)
     for f in futures:
         wire.outputs(f.result(timeout=30))
-    _wait(lambda: load(s) == (0, 0), what="nothing in flight")
+    wait_for(lambda: load(s) == (0, 0), what="nothing in flight")
 
 
 def test_in_flight_queued_and_batch_size_with_dynamic_batching(server_factory):
@@ -65,14 +58,14 @@ def test_in_flight_queued_and_batch_size_with_dynamic_batching(server_factory):
     m = s.app.metrics
     with pool.admit(slot):  # hold the model's only runner
         first = s.stub.Run.future(wire.run_request("mlp", x))
-        _wait(lambda: load(s) == (1, 1), what="the first request queued")
+        wait_for(lambda: load(s) == (1, 1), what="the first request queued")
         second = s.stub.Run.future(wire.run_request("mlp", x))
-        _wait(lambda: load(s)[0] == 2, what="the second request in flight")
+        wait_for(lambda: load(s)[0] == 2, what="the second request in flight")
         assert load(s) == (2, 1)  # it joined the queued batch: still one run queued
     want = model_zoo.eager("mlp", x)
     for f in (first, second):
         assert wire.close(wire.outputs(f.result(timeout=30)), want)
-    _wait(lambda: load(s) == (0, 0), what="nothing in flight")
+    wait_for(lambda: load(s) == (0, 0), what="nothing in flight")
     assert m.sample("aotiserve_batch_size_count", model="mlp") == 1
     assert m.sample("aotiserve_batch_size_sum", model="mlp") == 4
     assert m.sample("aotiserve_batch_size_bucket", model="mlp", le="2.0") == 0
