@@ -23,7 +23,8 @@ together; ``version`` is the version serving now.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from .errors import NotFound
 

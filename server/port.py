@@ -93,7 +93,7 @@ class Port:
     # Models ------------------------------------------------------------------
 
     @staticmethod
-    def why_not(model: "ServedModel") -> str | None:
+    def why_not(model: ServedModel) -> str | None:
         """Why the hot path leaves ``model``'s runs to Python (None: it takes them)."""
         if model.batcher is not None:
             return "dynamic batching is on"
@@ -102,7 +102,7 @@ class Port:
                 return f"placed on {replica.pool.device}"
         return None
 
-    def add(self, model: "ServedModel", warm: bool = False) -> None:
+    def add(self, model: ServedModel, warm: bool = False) -> None:
         """Serves ``model``'s runs here; ``warm``: one run per replica through the hot path
         first (its CUDA streams and pinned buffers start lazily, like the model did)."""
         why = self.why_not(model)
@@ -126,7 +126,7 @@ class Port:
         self._models.add(model.name)
         model.port = self
 
-    def _warm(self, model: "ServedModel") -> None:
+    def _warm(self, model: ServedModel) -> None:
         tensors = io_specs.representative_inputs(model.inputs)
         if tensors is None:
             return
@@ -153,13 +153,13 @@ class Port:
             self._models.discard(name)
             self._server.remove_model(name)
 
-    def flip(self, model: "ServedModel", version: str) -> None:
+    def flip(self, model: ServedModel, version: str) -> None:
         """Swaps every replica's buffers and sets the version runs report, in one step
         under the port's lock, without the GIL: runs wait for the flip alone."""
         self._server.flip(model.name, version)
 
     @contextmanager
-    def weights_change(self, model: "ServedModel") -> Iterator[None]:
+    def weights_change(self, model: ServedModel) -> Iterator[None]:
         """The model's C++ runs wait meanwhile; afterwards they report its active version."""
         self._server.lock_weights(model.name)
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from functools import lru_cache
+from functools import lru_cache, cache
 from pathlib import Path
 
 import pytest
@@ -59,7 +59,7 @@ def strict(schema):
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def crd_schema(folder: str, filename: str) -> dict:
     vendored = json.loads((SCHEMAS / folder / filename).read_text())
     assert "source" in vendored and len(vendored["source_sha256"]) == 64

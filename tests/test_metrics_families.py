@@ -129,7 +129,8 @@ def test_gpu_memory_and_nvml_families(tmp_path):
         allocated = m.sample("aotiserve_gpu_memory_allocated_bytes", device="cuda:0")
         reserved = m.sample("aotiserve_gpu_memory_reserved_bytes", device="cuda:0")
         # torch's allocator gave the run its intermediate buffers and outputs, and keeps
-        # them cached (the weights are, by default, the model container's own cudaMalloc, outside it).
+        # them cached (the weights are, by default, the model container's own cudaMalloc,
+        # outside it).
         assert reserved == torch.cuda.memory_reserved(0) > 0
         assert 0 <= allocated <= reserved
         try:
