@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from functools import lru_cache, cache
+from functools import cache
 from pathlib import Path
 
 import pytest
