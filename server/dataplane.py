@@ -32,6 +32,7 @@ import torch
 from . import tensor_codec as codec
 from . import weights_ipc
 from .config import ServeConfig
+from .device_pool import queued
 from .errors import InvalidArgument, NotFound, ServeError
 from .input_checks import InputPlan, run_error, validate_inputs
 from .metrics import Metrics
@@ -161,7 +162,7 @@ class DataPlane:
         replica = model.pick_replica()
         pool = replica.pool
         stats = self.metrics.stats if self.metrics else None
-        with self._queued(stats, model.name) as admitted, \
+        with queued(stats, model.name) as admitted, \
                 pool.admit(replica.slot, deadline, call) as waited:
             admitted()
             inputs = get_inputs()
@@ -179,27 +180,6 @@ class DataPlane:
         if stats is not None and model.batcher is not None and inputs and inputs[0].dim():
             stats.record_batch(model.name, int(inputs[0].shape[0]), computed)
         return outputs, version
-
-    @staticmethod
-    @contextmanager
-    def _queued(stats: Any, model: str) -> Iterator[Callable[[], None]]:
-        """Counts a run as queued (aotiserve_model_queued_requests) until the callable it
-        yields is called, once the run holds a runner, or it leaves the queue otherwise."""
-        if stats is None:
-            yield lambda: None
-            return
-        queued = [True]
-
-        def admitted() -> None:
-            if queued[0]:
-                queued[0] = False
-                stats.add_load(model, 0, -1)
-
-        stats.add_load(model, 0, 1)
-        try:
-            yield admitted
-        finally:
-            admitted()
 
     def served_versions(self) -> dict[str, str]:
         """The active weights version of every READY model (OIP ModelStatistics)."""

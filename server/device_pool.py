@@ -247,3 +247,24 @@ class DevicePool:
         result = fn()
         stream.synchronize()
         return result
+
+
+@contextmanager
+def queued(stats: Any, model: str) -> Iterator[Callable[[], None]]:
+    """Counts a run as queued (aotiserve_model_queued_requests) until the callable it
+    yields is called, once the run holds a runner, or it leaves the queue otherwise."""
+    if stats is None:
+        yield lambda: None
+        return
+    queued = [True]
+
+    def admitted() -> None:
+        if queued[0]:
+            queued[0] = False
+            stats.add_load(model, 0, -1)
+
+    stats.add_load(model, 0, 1)
+    try:
+        yield admitted
+    finally:
+        admitted()
