@@ -50,10 +50,12 @@ GRPCPP_MISSING = (
 def grpcpp_flags() -> tuple[list[str], list[str]]:
     """(cflags, libs) of gRPC C++ from pkg-config; the daemon's port is built on it."""
     try:
-        cflags = subprocess.run(["pkg-config", "--cflags", "grpc++"], check=True,
-                                capture_output=True, text=True).stdout.split()
-        libs = subprocess.run(["pkg-config", "--libs", "grpc++"], check=True,
-                              capture_output=True, text=True).stdout.split()
+        cflags = subprocess.run(
+            ["pkg-config", "--cflags", "grpc++"], check=True, capture_output=True, text=True
+        ).stdout.split()
+        libs = subprocess.run(
+            ["pkg-config", "--libs", "grpc++"], check=True, capture_output=True, text=True
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         sys.exit(GRPCPP_MISSING)
     return cflags, libs
@@ -61,9 +63,21 @@ def grpcpp_flags() -> tuple[list[str], list[str]]:
 
 def make_extension():
     backends = select_backends()
-    shared = ("module", "cpu_cache", "core_spread", "wire", "port_stats", "control_queue", "bridge", "health", "port",
-              "port_bindings")
-    sources = [str(CSRC / f"{name}.cpp") for name in shared] + [str(CSRC / f"{b}.cpp") for b in backends]
+    shared = (
+        "module",
+        "cpu_cache",
+        "core_spread",
+        "wire",
+        "port_stats",
+        "control_queue",
+        "bridge",
+        "health",
+        "port",
+        "port_bindings",
+    )
+    sources = [str(CSRC / f"{name}.cpp") for name in shared] + [
+        str(CSRC / f"{b}.cpp") for b in backends
+    ]
     define = [("AOTISERVE_TORCH_VERSION", f'"{torch.__version__}"')]
     extra = {"cxx": ["-O2"]}  # torch.utils.cpp_extension picks the C++ standard torch needs
     grpc_cflags, grpc_libs = grpcpp_flags()
@@ -81,16 +95,25 @@ def make_extension():
     )
     if "cuda" in backends:
         return cpp_extension.CUDAExtension(
-            "aotiserve.runner_ext._C", sources, define_macros=define, extra_compile_args=extra,
+            "aotiserve.runner_ext._C",
+            sources,
+            define_macros=define,
+            extra_compile_args=extra,
             extra_link_args=link,
         )
     if "xpu" in backends:
         return cpp_extension.SyclExtension(
-            "aotiserve.runner_ext._C", sources, define_macros=define, extra_compile_args=extra,
+            "aotiserve.runner_ext._C",
+            sources,
+            define_macros=define,
+            extra_compile_args=extra,
             extra_link_args=link,
         )
     return cpp_extension.CppExtension(
-        "aotiserve.runner_ext._C", sources, define_macros=define, extra_compile_args=extra,
+        "aotiserve.runner_ext._C",
+        sources,
+        define_macros=define,
+        extra_compile_args=extra,
         extra_link_args=link,
     )
 

@@ -46,27 +46,43 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.rounds):
         for model, shapes in MODELS.items():
             for config, extra in CONFIGS.items():
-                server = procs.start_aotiserve(procs.tmpdir(f"aotiserve-batch-{config}-"),
-                                               {model: packages[model]}, runners=2,
-                                               env={"OMP_NUM_THREADS": "1"}, extra_args=extra)
+                server = procs.start_aotiserve(
+                    procs.tmpdir(f"aotiserve-batch-{config}-"),
+                    {model: packages[model]},
+                    runners=2,
+                    env={"OMP_NUM_THREADS": "1"},
+                    extra_args=extra,
+                )
                 try:
-                    res = run_driver(sys.executable, {
-                        "kind": "run", "target": server.target, "model": model,
-                        "input_shapes": shapes, "concurrency": concurrency,
-                        "duration": args.duration, "mode": "threads", "seq_n": 0})
+                    res = run_driver(
+                        sys.executable,
+                        {
+                            "kind": "run",
+                            "target": server.target,
+                            "model": model,
+                            "input_shapes": shapes,
+                            "concurrency": concurrency,
+                            "duration": args.duration,
+                            "mode": "threads",
+                            "seq_n": 0,
+                        },
+                    )
                 finally:
                     server.stop()
                 for tp in res["throughput"]:
                     runs[model][config][tp["concurrency"]].append(
-                        (tp["rps"], tp["latency"]["p50_us"]))
+                        (tp["rps"], tp["latency"]["p50_us"])
+                    )
     out: dict = {"models": {}, "rounds": args.rounds, "configs": CONFIGS}
     for model in MODELS:
         rows = {}
         for config in CONFIGS:
             for c in concurrency:
                 xs = runs[model][config][c]
-                rows[f"{config}_c{c}"] = {"rps": statistics.median(r for r, _ in xs),
-                                          "p50_us": statistics.median(p for _, p in xs)}
+                rows[f"{config}_c{c}"] = {
+                    "rps": statistics.median(r for r, _ in xs),
+                    "p50_us": statistics.median(p for _, p in xs),
+                }
         for c in concurrency:
             rows[f"on_over_off_c{c}"] = rows[f"on_c{c}"]["rps"] / rows[f"off_c{c}"]["rps"]
         out["models"][model] = rows
@@ -74,13 +90,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print("one-row requests; batching on = --batch-max-size 32 --batch-max-delay-us 1000")
-    print(f"{'model':12} {'clients':>7} {'off req/s':>10} {'on req/s':>9} {'on/off':>7} "
-          f"{'off p50 µs':>11} {'on p50 µs':>10}")
+    print(
+        f"{'model':12} {'clients':>7} {'off req/s':>10} {'on req/s':>9} {'on/off':>7} "
+        f"{'off p50 µs':>11} {'on p50 µs':>10}"
+    )
     for model, rows in out["models"].items():
         for c in concurrency:
             off, on = rows[f"off_c{c}"], rows[f"on_c{c}"]
-            print(f"{model:12} {c:>7} {off['rps']:>10.0f} {on['rps']:>9.0f} "
-                  f"{rows[f'on_over_off_c{c}']:>7.2f} {off['p50_us']:>11.0f} {on['p50_us']:>10.0f}")
+            print(
+                f"{model:12} {c:>7} {off['rps']:>10.0f} {on['rps']:>9.0f} "
+                f"{rows[f'on_over_off_c{c}']:>7.2f} {off['p50_us']:>11.0f} {on['p50_us']:>10.0f}"
+            )
     return 0
 
 

@@ -82,12 +82,17 @@ def machine_name() -> str:
 
 
 def machine_info() -> dict:
-    info = {"name": machine_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version()}
+    info = {
+        "name": machine_name(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in f
-                                     if line.startswith("model name"))
+            info["cpu_model"] = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
         with open("/proc/meminfo") as f:
             info["mem_total_mib"] = int(f.readline().split()[1]) // 1024
     except (OSError, StopIteration):
@@ -98,11 +103,16 @@ def machine_info() -> dict:
     info["torch"] = torch.__version__
     info["grpcio"] = grpc.__version__
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                            text=True).stdout.strip()
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
         # The bench runs the working tree: say which measured files differ from the commit.
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "server", "runner_ext", "client", "bench"],
-                               cwd=REPO, capture_output=True, text=True).stdout.split("\n")
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "server", "runner_ext", "client", "bench"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        ).stdout.split("\n")
         info["uncommitted"] = [line[3:] for line in dirty if line.strip()]
     except OSError:
         pass
@@ -122,12 +132,18 @@ def run_request(model: str, shapes: list[list[int]]) -> bytes:
 
     from .driver import _inputs
 
-    return pb.RunRequest(model=model, inputs=[
-        pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=a.shape, data=a.tobytes())
-        for a in _inputs({"input_shapes": shapes})]).SerializeToString()
+    return pb.RunRequest(
+        model=model,
+        inputs=[
+            pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=a.shape, data=a.tobytes())
+            for a in _inputs({"input_shapes": shapes})
+        ],
+    ).SerializeToString()
 
 
-def run_reply(target: str | None, model: str, shapes: list[list[int]], out_shape: list[int]) -> bytes:
+def run_reply(
+    target: str | None, model: str, shapes: list[list[int]], out_shape: list[int]
+) -> bytes:
     """The echo floors' reply: the bytes aotiserve answers this Run with (asked of the daemon at
     ``target``), or, without a daemon, a RunResponse of ``out_shape`` float32 built here."""
     if target:
@@ -139,14 +155,20 @@ def run_reply(target: str | None, model: str, shapes: list[list[int]], out_shape
             with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as ch:
                 return ch.unary_unary(RUN_METHOD)(run_request(model, shapes), timeout=120)
         except grpc.RpcError as exc:
-            log.warning("Run on %s failed (%s): the echo floors answer a reply built here", target, exc.code())
+            log.warning(
+                "Run on %s failed (%s): the echo floors answer a reply built here",
+                target,
+                exc.code(),
+            )
     from aotiserve.v1 import model_runner_pb2 as pb
 
     n = 4
     for d in out_shape:
         n *= d
-    return pb.RunResponse(outputs=[pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=out_shape, data=bytes(n))],
-                          weights_version="initial").SerializeToString()
+    return pb.RunResponse(
+        outputs=[pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=out_shape, data=bytes(n))],
+        weights_version="initial",
+    ).SerializeToString()
 
 
 class RssSampler:
@@ -176,12 +198,22 @@ class RssSampler:
             self._thread.join()
 
 
-def run_driver(python: Path | str, cfg: dict, timeout: float = 900, env: dict | None = None) -> dict:
+def run_driver(
+    python: Path | str, cfg: dict, timeout: float = 900, env: dict | None = None
+) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
-    proc = subprocess.run([str(python), str(REPO / "bench" / "driver.py"), json.dumps(cfg)], capture_output=True,
-                          text=True, env=env, timeout=timeout, cwd=str(REPO))
+    proc = subprocess.run(
+        [str(python), str(REPO / "bench" / "driver.py"), json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=str(REPO),
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"driver for {cfg['kind']} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        raise RuntimeError(
+            f"driver for {cfg['kind']} failed ({proc.returncode}): {proc.stderr[-2000:]}"
+        )
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["loadavg_1m_after"] = os.getloadavg()[0]  # others' work on the same cores shows here
     return out
@@ -208,8 +240,11 @@ def memcpy_rates(nbytes: int) -> dict:
         b = src.tobytes()
         fresh.append(time.perf_counter() - t)
         del b
-    return {"touched_gbps": nbytes / min(warm) / 1e9, "fresh_gbps": nbytes / min(fresh) / 1e9,
-            "fresh_ms_per_copy": 1e3 * min(fresh)}
+    return {
+        "touched_gbps": nbytes / min(warm) / 1e9,
+        "fresh_gbps": nbytes / min(fresh) / 1e9,
+        "fresh_ms_per_copy": 1e3 * min(fresh),
+    }
 
 
 def cpu_seconds(pid: int) -> float:

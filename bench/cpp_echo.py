@@ -36,14 +36,18 @@ def _pkg_config() -> tuple[list[str], list[str]]:
     if not shutil.which("pkg-config"):
         raise Unavailable("pkg-config is not installed (apt-get install pkg-config)")
     try:
-        cflags = subprocess.run(["pkg-config", "--cflags", "grpc++"], check=True, capture_output=True,
-                                text=True).stdout
-        libs = subprocess.run(["pkg-config", "--libs", "grpc++"], check=True, capture_output=True,
-                              text=True).stdout
+        cflags = subprocess.run(
+            ["pkg-config", "--cflags", "grpc++"], check=True, capture_output=True, text=True
+        ).stdout
+        libs = subprocess.run(
+            ["pkg-config", "--libs", "grpc++"], check=True, capture_output=True, text=True
+        ).stdout
     except subprocess.CalledProcessError as exc:
         why = (exc.stderr or "").strip().splitlines()
-        raise Unavailable("gRPC C++ not found by pkg-config (apt-get install libgrpc++-dev)"
-                          + (f": {why[0]}" if why else "")) from None
+        raise Unavailable(
+            "gRPC C++ not found by pkg-config (apt-get install libgrpc++-dev)"
+            + (f": {why[0]}" if why else "")
+        ) from None
     return shlex.split(cflags), shlex.split(libs)
 
 
@@ -53,7 +57,9 @@ def binary() -> Path:
     if not cxx:
         raise Unavailable("no C++ compiler (g++) found")
     cflags, libs = _pkg_config()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    version = subprocess.run(
+        [cxx, "--version"], capture_output=True, text=True
+    ).stdout.splitlines()[:1]
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), repr((cxx, version, cflags, libs)).encode()):
         key.update(part)

@@ -54,15 +54,21 @@ def _run_call(cfg: dict, method: str = RUN_METHOD) -> Callable[[], None]:
     from aotiserve.v1 import model_runner_pb2 as pb
 
     channel = grpc.insecure_channel(cfg["target"], options=CHANNEL_OPTIONS)
-    call = channel.unary_unary(method, request_serializer=pb.RunRequest.SerializeToString,
-                               response_deserializer=pb.RunResponse.FromString)
+    call = channel.unary_unary(
+        method,
+        request_serializer=pb.RunRequest.SerializeToString,
+        response_deserializer=pb.RunResponse.FromString,
+    )
     arrays = _inputs(cfg)
     model = cfg["model"]
 
     def run() -> None:
         req = pb.RunRequest(
             model=model,
-            inputs=[pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=a.shape, data=a.tobytes()) for a in arrays],
+            inputs=[
+                pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=a.shape, data=a.tobytes())
+                for a in arrays
+            ],
         )
         resp = call(req)
         for t in resp.outputs:
@@ -116,13 +122,17 @@ def _oip_call(cfg: dict) -> Callable[[], None]:
     def run() -> None:
         req = ipb.ModelInferRequest(
             model_name=model,
-            inputs=[Tensor(name=n, datatype="FP32", shape=a.shape) for n, a in zip(in_names, arrays)],
+            inputs=[
+                Tensor(name=n, datatype="FP32", shape=a.shape) for n, a in zip(in_names, arrays)
+            ],
             raw_input_contents=[a.tobytes() for a in arrays],
         )
         resp = stub.ModelInfer(req)
         if len(resp.raw_output_contents) != len(resp.outputs):
-            raise RuntimeError(f"ModelInfer answered {len(resp.outputs)} outputs with "
-                               f"{len(resp.raw_output_contents)} raw_output_contents")
+            raise RuntimeError(
+                f"ModelInfer answered {len(resp.outputs)} outputs with "
+                f"{len(resp.raw_output_contents)} raw_output_contents"
+            )
         for o, raw in zip(resp.outputs, resp.raw_output_contents):
             np.frombuffer(raw, dtype=np.float32).reshape(tuple(o.shape))
 
@@ -176,7 +186,9 @@ def _cpu_self() -> float:
     import resource
 
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime  # every call this process made (warm-ups included): the server's CPU is divided by it
+    return (
+        ru.ru_utime + ru.ru_stime
+    )  # every call this process made (warm-ups included): the server's CPU is divided by it
 
 
 def _pct(sorted_us: list[float], q: float) -> float:
@@ -305,7 +317,9 @@ def throughput(cfg: dict, concurrency: int, duration: float, mode: str, warm: fl
         start_at = ctx.Value("d", 0.0)
         q = ctx.Queue()
         procs = [
-            ctx.Process(target=_proc_worker, args=(cfg, barrier, start_at, duration, warm, q), daemon=True)
+            ctx.Process(
+                target=_proc_worker, args=(cfg, barrier, start_at, duration, warm, q), daemon=True
+            )
             for _ in range(concurrency)
         ]
         for p in procs:
@@ -325,7 +339,9 @@ def throughput(cfg: dict, concurrency: int, duration: float, mode: str, warm: fl
         "duration_s": duration,
         "completed": total,
         "rps": total / duration,
-        "rps_median_slice": _median_slice_rate([t for o in outs for t in o.get("done", [])], duration),
+        "rps_median_slice": _median_slice_rate(
+            [t for o in outs for t in o.get("done", [])], duration
+        ),
         "errors": sum(o.get("errors", 0) for o in outs),
         "latency": summarize(lat),
     }
@@ -344,7 +360,15 @@ def run(cfg: dict) -> dict:
     del call
     tp = []
     for c in cfg.get("concurrency", []):
-        tp.append(throughput(cfg, c, cfg.get("duration", 2.0), cfg.get("mode", "threads"), cfg.get("tp_warm", 0.3)))
+        tp.append(
+            throughput(
+                cfg,
+                c,
+                cfg.get("duration", 2.0),
+                cfg.get("mode", "threads"),
+                cfg.get("tp_warm", 0.3),
+            )
+        )
     if tp:
         result["throughput"] = tp
     result["calls_total"] = CALLS[0]

@@ -29,7 +29,10 @@ def serve(reply: bytes, workers: int, max_msg: int) -> tuple[grpc.Server, int]:
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
-        options=[("grpc.max_receive_message_length", max_msg), ("grpc.max_send_message_length", max_msg)],
+        options=[
+            ("grpc.max_receive_message_length", max_msg),
+            ("grpc.max_send_message_length", max_msg),
+        ],
     )
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -48,7 +51,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     payload = ap.add_mutually_exclusive_group(required=True)
     payload.add_argument("--reply-file", help="answer every call with this file's bytes")
-    payload.add_argument("--resp-size", type=int, help="answer every call with this many zero bytes")
+    payload.add_argument(
+        "--resp-size", type=int, help="answer every call with this many zero bytes"
+    )
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--max-msg", type=int, default=64 << 20)
     ap.add_argument("--ready-file", required=True)

@@ -24,13 +24,19 @@ sys.path.insert(0, str(REPO / "tests"))
 def _one(model: str, device: str, warmup_runs: int, runs: int) -> tuple[float, float]:
     import model_zoo
     import wire
-    from aotiserve.v1 import model_runner_pb2 as pb
     from server_harness import running_server
+
+    from aotiserve.v1 import model_runner_pb2 as pb
 
     inputs = model_zoo.MODELS[model].inputs(4)
     request = wire.run_request(model, inputs)
-    with running_server([], model_repository=str(_repository(model, device)),
-                        devices=(device,), warmup_runs=warmup_runs, runners_per_model=1) as srv:
+    with running_server(
+        [],
+        model_repository=str(_repository(model, device)),
+        devices=(device,),
+        warmup_runs=warmup_runs,
+        runners_per_model=1,
+    ) as srv:
         # The channel connects at its first call: a ListModels pays for that, not the Run.
         srv.stub.ListModels(pb.ListModelsRequest())
         started = time.perf_counter()
@@ -72,8 +78,9 @@ def main(argv=None) -> int:
         }
         print(f"warmup_runs={warmup}: " + json.dumps(results[f"warmup_runs={warmup}"]), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": args.device, "model": args.model,
-                                               **results}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"device": args.device, "model": args.model, **results}, indent=2)
+        )
     return 0
 
 

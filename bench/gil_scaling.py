@@ -67,21 +67,27 @@ def measure(seconds: float) -> dict:
                 runner.run([x])
             one = _throughput(runner, x, 1, seconds)
             two = _throughput(runner, x, 2, seconds)
-            results[name] = {"1_thread_per_s": round(one, 1), "2_threads_per_s": round(two, 1),
-                             "ratio": round(two / one, 3)}
+            results[name] = {
+                "1_thread_per_s": round(one, 1),
+                "2_threads_per_s": round(two, 1),
+                "ratio": round(two / one, 3),
+            }
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring window per point")
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args(argv)
     if os.environ.get("OMP_NUM_THREADS") != "1":
         # AOTI kernels read OMP_NUM_THREADS at start-up: re-run with it set.
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        return subprocess.call([sys.executable, "-m", "bench.gil_scaling", *(argv or sys.argv[1:])],
-                               env=env, cwd=REPO)
+        return subprocess.call(
+            [sys.executable, "-m", "bench.gil_scaling", *(argv or sys.argv[1:])], env=env, cwd=REPO
+        )
     results = measure(args.seconds)
     if args.json:
         print(json.dumps(results))

@@ -55,8 +55,9 @@ def _p(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def in_process(package: Path, device: str, shape: list[int], n: int, threads: int, seconds: float,
-               runners: int) -> dict:
+def in_process(
+    package: Path, device: str, shape: list[int], n: int, threads: int, seconds: float, runners: int
+) -> dict:
     """``run()`` on ``device`` in this process: sequential latency, then ``threads`` threads
     calling back to back for ``seconds`` (latency of every call, and calls/s)."""
     import torch
@@ -108,16 +109,37 @@ def in_process(package: Path, device: str, shape: list[int], n: int, threads: in
     for t in ts:
         t.join()
     every = [x for xs in lats for x in xs]
-    out["concurrent"] = {"threads": threads, "rps": sum(counts) / seconds,
-                         "p50_us": statistics.median(every), "p99_us": _p(every, 0.99)}
+    out["concurrent"] = {
+        "threads": threads,
+        "rps": sum(counts) / seconds,
+        "p50_us": statistics.median(every),
+        "p99_us": _p(every, 0.99),
+    }
     model.close()  # the runners go now, not whenever the closure above is collected
     return out
 
 
-def _driver(target: str, kind: str, model: str, shapes, n: int, clients: list[int], seconds: float,
-            warmup: int) -> dict:
-    cfg = {"kind": kind, "target": target, "model": model, "input_shapes": shapes, "seq_n": n,
-           "warmup": warmup, "concurrency": clients, "duration": seconds, "mode": "procs"}
+def _driver(
+    target: str,
+    kind: str,
+    model: str,
+    shapes,
+    n: int,
+    clients: list[int],
+    seconds: float,
+    warmup: int,
+) -> dict:
+    cfg = {
+        "kind": kind,
+        "target": target,
+        "model": model,
+        "input_shapes": shapes,
+        "seq_n": n,
+        "warmup": warmup,
+        "concurrency": clients,
+        "duration": seconds,
+        "mode": "procs",
+    }
     return run_driver(sys.executable, cfg)
 
 
@@ -130,32 +152,45 @@ def _med(xs) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", help="write the results here too")
-    parser.add_argument("--device", default="cuda:0", help="the device (cpu only to try the bench itself)")
-    parser.add_argument("--runners", type=int, default=4, help="runners per model, daemon and in-process alike")
-    parser.add_argument("--n", type=int, default=2000, help="sequential calls per system, tiny model")
+    parser.add_argument(
+        "--device", default="cuda:0", help="the device (cpu only to try the bench itself)"
+    )
+    parser.add_argument(
+        "--runners", type=int, default=4, help="runners per model, daemon and in-process alike"
+    )
+    parser.add_argument(
+        "--n", type=int, default=2000, help="sequential calls per system, tiny model"
+    )
     parser.add_argument("--resnet-n", type=int, default=200, help="sequential calls, ResNet-50")
     parser.add_argument("--seconds", type=float, default=3.0, help="throughput window")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over the servers (medians)")
     parser.add_argument("--batch", type=int, default=8, help="ResNet-50 batch")
-    parser.add_argument("--devices", type=int, default=1,
-                        help="N >= 2 adds ResNet-50 req/s with 8 clients on one GPU vs N GPUs")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="N >= 2 adds ResNet-50 req/s with 8 clients on one GPU vs N GPUs",
+    )
     parser.add_argument("--skip-resnet", action="store_true")
     args = parser.parse_args(argv)
 
-    import torch
-
     import model_zoo
+    import torch
 
     from bench import resnet
 
     dev = args.device
     kind = "cuda" if dev.startswith("cuda") else "cpu"
-    results: dict = {"device": torch.cuda.get_device_name(dev) if kind == "cuda" else "cpu",
-                     "device_count": torch.cuda.device_count() if kind == "cuda" else 0,
-                     "torch": torch.__version__, "settings": vars(args)}
+    results: dict = {
+        "device": torch.cuda.get_device_name(dev) if kind == "cuda" else "cpu",
+        "device_count": torch.cuda.device_count() if kind == "cuda" else 0,
+        "torch": torch.__version__,
+        "settings": vars(args),
+    }
     notes: list[str] = results.setdefault("notes", [])
     tiny_pkg = model_zoo.compiled("mlp", device=kind)
     models = {"mlp": tiny_pkg}
@@ -164,20 +199,29 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         rn_pkg, source = resnet.package(kind, args.batch)
         models["resnet50"] = rn_pkg
-        results["resnet50"] = {"source": source, "input": resnet_shape, "request_mb": np.prod(resnet_shape) * 4 / 1e6,
-                               "compile_or_cache_s": round(time.time() - t0, 1)}
+        results["resnet50"] = {
+            "source": source,
+            "input": resnet_shape,
+            "request_mb": np.prod(resnet_shape) * 4 / 1e6,
+            "compile_or_cache_s": round(time.time() - t0, 1),
+        }
 
     # In-process first, alone on the device (the daemon is not up yet).
     results["inproc_tiny"] = in_process(tiny_pkg, dev, TINY_SHAPES[0], args.n, 1, 1.0, 1)
     if not args.skip_resnet:
-        results["inproc_resnet50"] = [in_process(models["resnet50"], dev, resnet_shape, args.resnet_n, 4,
-                                                 args.seconds, args.runners) for _ in range(args.rounds)]
+        results["inproc_resnet50"] = [
+            in_process(
+                models["resnet50"], dev, resnet_shape, args.resnet_n, 4, args.seconds, args.runners
+            )
+            for _ in range(args.rounds)
+        ]
 
     work = procs.tmpdir("aotiserve-gpu-bench-")
     servers: dict[str, procs.Server] = {}
     try:
-        servers["aotiserve"] = procs.start_aotiserve(work / "aotiserve", models, runners=args.runners,
-                                                     extra_args=["--devices", dev])
+        servers["aotiserve"] = procs.start_aotiserve(
+            work / "aotiserve", models, runners=args.runners, extra_args=["--devices", dev]
+        )
         daemon = servers["aotiserve"]
         reply = run_reply(daemon.target, "mlp", TINY_SHAPES, [1, 10])
         for name, cpp in (("echo_cpp", True), ("echo", False)):
@@ -189,22 +233,44 @@ def main(argv: list[str] | None = None) -> int:
         rn: dict[str, list[dict]] = {"client": [], "run": []}
         for _ in range(args.rounds):
             for key, server in servers.items():
-                tiny[key].append(_driver(server.target, "run" if key == "aotiserve" else "echo", "mlp",
-                                         TINY_SHAPES, args.n, [1, 4], args.seconds, 200))
-            for client_kind in (() if args.skip_resnet else rn):
+                tiny[key].append(
+                    _driver(
+                        server.target,
+                        "run" if key == "aotiserve" else "echo",
+                        "mlp",
+                        TINY_SHAPES,
+                        args.n,
+                        [1, 4],
+                        args.seconds,
+                        200,
+                    )
+                )
+            for client_kind in () if args.skip_resnet else rn:
                 hot0 = procs.metric(daemon, HOT_METRIC, {"method": "Run"})
-                res = _driver(daemon.target, client_kind, "resnet50", [resnet_shape], args.resnet_n, [4],
-                              args.seconds, 10)
+                res = _driver(
+                    daemon.target,
+                    client_kind,
+                    "resnet50",
+                    [resnet_shape],
+                    args.resnet_n,
+                    [4],
+                    args.seconds,
+                    10,
+                )
                 hot1 = procs.metric(daemon, HOT_METRIC, {"method": "Run"})
                 if hot0 is not None:
                     res["hot_path_share"] = (hot1 - hot0) / res["calls_total"]
                 rn[client_kind].append(res)
-        results["tiny"] = {k: {"p50_us": _med(r["sequential"]["p50_us"] for r in runs),
-                               "p99_us": _med(r["sequential"]["p99_us"] for r in runs),
-                               "rps_1": _med(_tp(r, 1)["rps"] for r in runs),
-                               "rps_4": _med(_tp(r, 4)["rps"] for r in runs),
-                               "p50_us_rounds": [round(r["sequential"]["p50_us"], 1) for r in runs]}
-                           for k, runs in tiny.items()}
+        results["tiny"] = {
+            k: {
+                "p50_us": _med(r["sequential"]["p50_us"] for r in runs),
+                "p99_us": _med(r["sequential"]["p99_us"] for r in runs),
+                "rps_1": _med(_tp(r, 1)["rps"] for r in runs),
+                "rps_4": _med(_tp(r, 4)["rps"] for r in runs),
+                "p50_us_rounds": [round(r["sequential"]["p50_us"], 1) for r in runs],
+            }
+            for k, runs in tiny.items()
+        }
         for client_kind, runs in rn.items():
             if not runs:
                 continue
@@ -217,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                 "p50_us_4": _med(_tp(r, 4)["latency"]["p50_us"] for r in runs),
                 "p99_us_4": _med(_tp(r, 4)["latency"]["p99_us"] for r in runs),
                 "errors": sum(_tp(r, 4)["errors"] for r in runs),
-                "hot_path_share": _med(r.get("hot_path_share", float("nan")) for r in runs)}
+                "hot_path_share": _med(r.get("hot_path_share", float("nan")) for r in runs),
+            }
         if rn["client"]:
             ip = results["inproc_resnet50"]
             results["resnet50"]["inproc"] = {
@@ -225,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                 "p99_us_1_thread": _med(r["sequential"]["p99_us"] for r in ip),
                 "rps_4": _med(r["concurrent"]["rps"] for r in ip),
                 "p50_us_4": _med(r["concurrent"]["p50_us"] for r in ip),
-                "p99_us_4": _med(r["concurrent"]["p99_us"] for r in ip)}
+                "p99_us_4": _med(r["concurrent"]["p99_us"] for r in ip),
+            }
         results["tiny_rounds"] = tiny
         results["resnet50_rounds"] = rn
         for s in servers.values():
@@ -234,23 +302,41 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.devices >= 2 and not args.skip_resnet:
             if kind != "cuda" or torch.cuda.device_count() < args.devices:
-                notes.append(f"--devices {args.devices}: only {results['device_count']} GPU(s) here: skipped")
+                notes.append(
+                    f"--devices {args.devices}: only {results['device_count']} GPU(s) here: skipped"
+                )
             else:
                 many = ",".join(f"cuda:{i}" for i in range(args.devices))
                 rows: dict[str, list] = {"1": [], str(args.devices): []}
                 for label, devs in (("1", dev), (str(args.devices), many)):
-                    server = procs.start_aotiserve(work / f"devices-{label}", {"resnet50": models["resnet50"]},
-                                                   runners=args.runners, extra_args=["--devices", devs])
+                    server = procs.start_aotiserve(
+                        work / f"devices-{label}",
+                        {"resnet50": models["resnet50"]},
+                        runners=args.runners,
+                        extra_args=["--devices", devs],
+                    )
                     servers[label] = server
                 for _ in range(args.rounds):
                     for label in rows:
-                        r = _driver(servers[label].target, "run", "resnet50", [resnet_shape], 0, [8],
-                                    args.seconds, 0)
+                        r = _driver(
+                            servers[label].target,
+                            "run",
+                            "resnet50",
+                            [resnet_shape],
+                            0,
+                            [8],
+                            args.seconds,
+                            0,
+                        )
                         rows[label].append(_tp(r, 8))
-                results["devices"] = {label: {"rps_8": _med(t["rps"] for t in ts),
-                                              "p50_us_8": _med(t["latency"]["p50_us"] for t in ts),
-                                              "p99_us_8": _med(t["latency"]["p99_us"] for t in ts)}
-                                      for label, ts in rows.items()}
+                results["devices"] = {
+                    label: {
+                        "rps_8": _med(t["rps"] for t in ts),
+                        "p50_us_8": _med(t["latency"]["p50_us"] for t in ts),
+                        "p99_us_8": _med(t["latency"]["p99_us"] for t in ts),
+                    }
+                    for label, ts in rows.items()
+                }
     finally:
         for s in servers.values():
             s.stop()
@@ -271,37 +357,57 @@ def main(argv: list[str] | None = None) -> int:
         checks["resnet50_ratio"] = round(r["aotiserve"]["rps_4"] / r["inproc"]["rps_4"], 3)
         if "aotiserve_plain_client" in r:
             checks["resnet50_ratio_plain_client"] = round(
-                r["aotiserve_plain_client"]["rps_4"] / r["inproc"]["rps_4"], 3)
+                r["aotiserve_plain_client"]["rps_4"] / r["inproc"]["rps_4"], 3
+            )
         checks["resnet50_ok"] = checks["resnet50_ratio"] >= 0.8
     d = results.get("devices")
     if d:
-        checks[f"devices_{args.devices}_over_1_rps_8"] = round(d[str(args.devices)]["rps_8"] / d["1"]["rps_8"], 3)
+        checks[f"devices_{args.devices}_over_1_rps_8"] = round(
+            d[str(args.devices)]["rps_8"] / d["1"]["rps_8"], 3
+        )
     results["checks"] = checks
 
-    print(f"device: {results['device']} ({results['device_count']} GPU(s)); torch {results['torch']}")
+    print(
+        f"device: {results['device']} ({results['device_count']} GPU(s)); torch {results['torch']}"
+    )
     print(f"tiny model [1,64] -> [1,10], medians of {args.rounds} round(s):")
     print(f"  {'system':12} {'p50 us':>9} {'p99 us':>9} {'rps 1c':>9} {'rps 4c':>9}  p50 per round")
-    print(f"  {'in-process':12} {inproc:9.1f} {results['inproc_tiny']['sequential']['p99_us']:9.1f}")
+    print(
+        f"  {'in-process':12} {inproc:9.1f} {results['inproc_tiny']['sequential']['p99_us']:9.1f}"
+    )
     for k, v in t.items():
-        print(f"  {k:12} {v['p50_us']:9.1f} {v['p99_us']:9.1f} {v['rps_1']:9.0f} {v['rps_4']:9.0f}  {v['p50_us_rounds']}")
+        print(
+            f"  {k:12} {v['p50_us']:9.1f} {v['p99_us']:9.1f} {v['rps_1']:9.0f} {v['rps_4']:9.0f}  {v['p50_us_rounds']}"
+        )
     if "aotiserve" in r:
         i = r["inproc"]
-        print(f"ResNet-50 ({r['source']}) fp32 batch {args.batch}, {r['request_mb']:.1f} MB requests, "
-              f"{args.runners} runners:")
-        for key, label in (("aotiserve", "aotiserve.client"), ("aotiserve_plain_client", "plain grpcio client")):
+        print(
+            f"ResNet-50 ({r['source']}) fp32 batch {args.batch}, {r['request_mb']:.1f} MB requests, "
+            f"{args.runners} runners:"
+        )
+        for key, label in (
+            ("aotiserve", "aotiserve.client"),
+            ("aotiserve_plain_client", "plain grpcio client"),
+        ):
             if key not in r:
                 continue
             a = r[key]
-            print(f"  {label + ', 4 clients:':28} {a['rps_4'] * args.batch:8.0f} img/s  p50 {a['p50_us_4'] / 1e3:7.2f} ms  "
-                  f"p99 {a['p99_us_4'] / 1e3:7.2f} ms  (1 client: p50 {a['p50_us_1_client'] / 1e3:.2f} ms, "
-                  f"p99 {a['p99_us_1_client'] / 1e3:.2f} ms; hot path {100 * a['hot_path_share']:.0f}%)")
-        print(f"  in-process, 4 threads:       {i['rps_4'] * args.batch:8.0f} img/s  p50 {i['p50_us_4'] / 1e3:7.2f} ms  "
-              f"p99 {i['p99_us_4'] / 1e3:7.2f} ms  (1 thread: p50 {i['p50_us_1_thread'] / 1e3:.2f} ms, "
-              f"p99 {i['p99_us_1_thread'] / 1e3:.2f} ms)")
+            print(
+                f"  {label + ', 4 clients:':28} {a['rps_4'] * args.batch:8.0f} img/s  p50 {a['p50_us_4'] / 1e3:7.2f} ms  "
+                f"p99 {a['p99_us_4'] / 1e3:7.2f} ms  (1 client: p50 {a['p50_us_1_client'] / 1e3:.2f} ms, "
+                f"p99 {a['p99_us_1_client'] / 1e3:.2f} ms; hot path {100 * a['hot_path_share']:.0f}%)"
+            )
+        print(
+            f"  in-process, 4 threads:       {i['rps_4'] * args.batch:8.0f} img/s  p50 {i['p50_us_4'] / 1e3:7.2f} ms  "
+            f"p99 {i['p99_us_4'] / 1e3:7.2f} ms  (1 thread: p50 {i['p50_us_1_thread'] / 1e3:.2f} ms, "
+            f"p99 {i['p99_us_1_thread'] / 1e3:.2f} ms)"
+        )
     if d:
         for label, v in d.items():
-            print(f"  ResNet-50, 8 clients, {label} GPU(s): {v['rps_8']:8.0f} req/s ({v['rps_8'] * args.batch:.0f} img/s) "
-                  f"p50 {v['p50_us_8'] / 1e3:.2f} ms p99 {v['p99_us_8'] / 1e3:.2f} ms")
+            print(
+                f"  ResNet-50, 8 clients, {label} GPU(s): {v['rps_8']:8.0f} req/s ({v['rps_8'] * args.batch:.0f} img/s) "
+                f"p50 {v['p50_us_8'] / 1e3:.2f} ms p99 {v['p99_us_8'] / 1e3:.2f} ms"
+            )
     for n in notes:
         print(f"note: {n.splitlines()[0]}")
     print(json.dumps(checks))

@@ -60,14 +60,18 @@ def main() -> None:
             self.ready = True
             return self.ready
 
-        async def predict(self, payload: InferRequest, headers=None, response_headers=None) -> InferResponse:
+        async def predict(
+            self, payload: InferRequest, headers=None, response_headers=None
+        ) -> InferResponse:
             x = torch.from_numpy(payload.inputs[0].as_numpy())
             with torch.no_grad():
                 out = self.model(x)
             out = (out[0] if isinstance(out, (tuple, list)) else out).numpy()
             result = InferOutput(name="output__0", shape=list(out.shape), datatype="FP32")
             result.set_data_from_numpy(out, binary_data=True)
-            return InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=[result])
+            return InferResponse(
+                response_id=payload.id, model_name=self.name, infer_outputs=[result]
+            )
 
     model = AOTIModel(args.model, args.package)
     model.load()

@@ -42,10 +42,14 @@ def main() -> None:
         return results
 
     config = TritonConfig(
-        grpc_address="127.0.0.1", grpc_port=args.grpc_port,
-        http_address="127.0.0.1", http_port=args.http_port,
-        metrics_port=args.metrics_port, allow_metrics=False,
-        exit_on_error=True, log_verbose=0,
+        grpc_address="127.0.0.1",
+        grpc_port=args.grpc_port,
+        http_address="127.0.0.1",
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        allow_metrics=False,
+        exit_on_error=True,
+        log_verbose=0,
     )
     with Triton(config=config) as triton:
         triton.bind(

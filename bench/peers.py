@@ -39,9 +39,15 @@ class PeerSpec:
 
 
 PEERS = {
-    "kserve": PeerSpec("kserve", "KServe 0.21.0 ModelServer", ("kserve==0.21.0",), check_import="kserve"),
-    "pytriton": PeerSpec("pytriton", "PyTriton 0.7.0 (Triton 2.51)", ("nvidia-pytriton==0.7.0",),
-                         check_import="pytriton.triton"),
+    "kserve": PeerSpec(
+        "kserve", "KServe 0.21.0 ModelServer", ("kserve==0.21.0",), check_import="kserve"
+    ),
+    "pytriton": PeerSpec(
+        "pytriton",
+        "PyTriton 0.7.0 (Triton 2.51)",
+        ("nvidia-pytriton==0.7.0",),
+        check_import="pytriton.triton",
+    ),
 }
 
 
@@ -57,7 +63,12 @@ def _works(spec: PeerSpec) -> bool:
     py = venv_python(spec.name)
     if not py.exists():
         return False
-    return subprocess.run([str(py), "-c", f"import {spec.check_import}"], capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            [str(py), "-c", f"import {spec.check_import}"], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def ensure(name: str, install: bool = True) -> Path:
@@ -92,8 +103,12 @@ def _base_python() -> str:
 
 
 def _libdir(python: Path) -> str:
-    out = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 
@@ -103,17 +118,41 @@ def start(name: str, package: Path, model: str, workdir: Path, timeout: float = 
     grpc_port, http_port = free_port(), free_port()
     env: dict[str, str] = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if name == "kserve":
-        argv = [str(py), str(REPO / "bench" / "peer_kserve.py"), "--package", str(package), "--model", model,
-                "--grpc-port", str(grpc_port), "--http-port", str(http_port)]
+        argv = [
+            str(py),
+            str(REPO / "bench" / "peer_kserve.py"),
+            "--package",
+            str(package),
+            "--model",
+            model,
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(http_port),
+        ]
     elif name == "pytriton":
         # PyTriton refuses an existing workspace: a fresh TMPDIR, removed at stop.
         workdir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix="pytriton-", dir=workdir))
         env["TMPDIR"] = str(tmp)
         # Its Python backend stub links the base interpreter's libpython.
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [_libdir(py), os.environ.get("LD_LIBRARY_PATH")]))
-        argv = [str(py), str(REPO / "bench" / "peer_pytriton.py"), "--package", str(package), "--model", model,
-                "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(free_port())]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            filter(None, [_libdir(py), os.environ.get("LD_LIBRARY_PATH")])
+        )
+        argv = [
+            str(py),
+            str(REPO / "bench" / "peer_pytriton.py"),
+            "--package",
+            str(package),
+            "--model",
+            model,
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(http_port),
+            "--metrics-port",
+            str(free_port()),
+        ]
     else:
         raise ValueError(f"unknown peer {name!r}")
     proc, log_path = spawn(name, argv, workdir, env)

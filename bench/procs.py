@@ -17,9 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +164,20 @@ class Server:
             return ""
 
 
-def spawn(name: str, argv: list[str], workdir: Path, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+def spawn(
+    name: str, argv: list[str], workdir: Path, env: dict | None = None
+) -> tuple[subprocess.Popen, Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     full_env = dict(os.environ)
     full_env.update(env or {})
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(
-            argv, stdout=logf, stderr=subprocess.STDOUT, env=full_env, cwd=str(workdir),
+            argv,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=str(workdir),
             start_new_session=True,
         )
     return proc, log_path
@@ -201,8 +207,14 @@ def _read_ready_file(path: Path):
     return check
 
 
-def start_echo(workdir: Path, reply: bytes | int, workers: int | None = None, cpp: bool = False,
-               max_msg: int = 160 << 20, env: dict | None = None) -> Server:
+def start_echo(
+    workdir: Path,
+    reply: bytes | int,
+    workers: int | None = None,
+    cpp: bool = False,
+    max_msg: int = 160 << 20,
+    env: dict | None = None,
+) -> Server:
     """A bare echo floor: bench/echo_server.py (grpcio, ThreadPool(``workers``, default 8)) or,
     with ``cpp``, bench/echo_server.cc (gRPC C++ sync server, ``workers`` pollers, default 32 as
     the daemon's port). It answers every call with ``reply`` (bytes), or with that many zero
@@ -221,7 +233,12 @@ def start_echo(workdir: Path, reply: bytes | int, workers: int | None = None, cp
 
         argv = [str(cpp_echo.binary()), "--workers", str(workers or 32)]
     else:
-        argv = [sys.executable, str(REPO / "bench" / "echo_server.py"), "--workers", str(workers or 8)]
+        argv = [
+            sys.executable,
+            str(REPO / "bench" / "echo_server.py"),
+            "--workers",
+            str(workers or 8),
+        ]
     argv += [*payload, "--ready-file", str(ready), "--max-msg", str(max_msg)]
     name = "echo_cpp" if cpp else "echo"
     proc, log_path = spawn(name, argv, workdir, env)
@@ -229,9 +246,15 @@ def start_echo(workdir: Path, reply: bytes | int, workers: int | None = None, cp
     return Server(name, proc, int(info["port"]), workdir, log_path)
 
 
-def start_aotiserve(workdir: Path, packages: dict[str, Path], *, runners: int | None = None,
-                    env: dict | None = None, extra_args: list[str] | None = None,
-                    timeout: float = 180) -> Server:
+def start_aotiserve(
+    workdir: Path,
+    packages: dict[str, Path],
+    *,
+    runners: int | None = None,
+    env: dict | None = None,
+    extra_args: list[str] | None = None,
+    timeout: float = 180,
+) -> Server:
     """Starts the daemon on a model repository holding ``<name>.pt2`` for each package."""
     repo = workdir / "models"
     repo.mkdir(parents=True, exist_ok=True)
@@ -242,8 +265,19 @@ def start_aotiserve(workdir: Path, packages: dict[str, Path], *, runners: int | 
         link.symlink_to(Path(pkg).resolve())
     ready = workdir / "aotiserve.ready"
     ready.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "aotiserve.server", "--model-repository", str(repo), "--port", "0",
-            "--metrics-port", "0", "--ready-file", str(ready)]
+    argv = [
+        sys.executable,
+        "-m",
+        "aotiserve.server",
+        "--model-repository",
+        str(repo),
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--ready-file",
+        str(ready),
+    ]
     if runners:
         argv += ["--runners-per-model", str(runners)]
     argv += extra_args or []

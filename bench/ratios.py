@@ -30,7 +30,8 @@ INFO = {
     "run_hot_path_share": "Tiny Run calls answered by the C++ hot path (share)",
     "oip_hot_path_share": "Tiny ModelInfer calls answered by the C++ hot path (share)",
     "compute_inproc_scaling_2_over_1": (
-        "Compute-bound in-process, 2 threads ÷ 1 (what the cores gave)"),
+        "Compute-bound in-process, 2 threads ÷ 1 (what the cores gave)"
+    ),
     "large_port_copies_per_request": "64 MiB: payload copies the port made per request",
     "large_echo_cpp_gbps_round_trip": "64 MiB round trip through the gRPC C++ echo, GB/s",
     "large_echo_gbps_round_trip": "64 MiB round trip through the grpcio echo, GB/s",
@@ -85,8 +86,12 @@ def ratios(results: dict) -> dict:
         "large_client_gbps_round_trip": large.get("client", {}).get("gbps_round_trip"),
     }
     r["acceptance"] = {
-        k: {"value": r[k], "target": f"{op} {t}", "label": label,
-            "met": None if r[k] is None else (r[k] <= t if op == "<=" else r[k] >= t)}
+        k: {
+            "value": r[k],
+            "target": f"{op} {t}",
+            "label": label,
+            "met": None if r[k] is None else (r[k] <= t if op == "<=" else r[k] >= t),
+        }
         for k, (op, t, label) in TARGETS.items()
     }
     return r

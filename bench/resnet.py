@@ -25,7 +25,9 @@ CACHE = REPO / ".cache" / "bench"
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -65,8 +67,12 @@ class ResNet50(nn.Module):
     def _layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * Bottleneck.expansion:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * Bottleneck.expansion, 1, stride=stride,
-                                                 bias=False), nn.BatchNorm2d(planes * Bottleneck.expansion))
+            downsample = nn.Sequential(
+                nn.Conv2d(
+                    self.inplanes, planes * Bottleneck.expansion, 1, stride=stride, bias=False
+                ),
+                nn.BatchNorm2d(planes * Bottleneck.expansion),
+            )
         layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
         self.inplanes = planes * Bottleneck.expansion
         layers += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
@@ -84,7 +90,9 @@ def model() -> tuple[nn.Module, str]:
     try:
         import torchvision
 
-        return torchvision.models.resnet50(weights=None), f"torchvision {torchvision.__version__} resnet50"
+        return torchvision.models.resnet50(
+            weights=None
+        ), f"torchvision {torchvision.__version__} resnet50"
     except ImportError:
         return ResNet50(), "bench/resnet.py ResNet50 (torchvision not importable)"
 
@@ -94,8 +102,17 @@ def package(device: str = "cuda", batch: int = 8) -> tuple[Path, str]:
     from aotiserve.server.packaging import pack
 
     net, source = model()
-    key = hashlib.sha256(repr((torch.__version__, source, device, batch,
-                               inspect.getsource(ResNet50) if "bench/" in source else "")).encode())
+    key = hashlib.sha256(
+        repr(
+            (
+                torch.__version__,
+                source,
+                device,
+                batch,
+                inspect.getsource(ResNet50) if "bench/" in source else "",
+            )
+        ).encode()
+    )
     path = CACHE / f"resnet50-{device.split(':')[0]}-b{batch}-{key.hexdigest()[:12]}.pt2"
     if path.exists():
         return path, source

@@ -74,8 +74,14 @@ class Bench:
             s.stop()
         self.servers.clear()
 
-    def measure(self, system: str, server: Server | None, cfg: dict, env: dict | None = None,
-                sampler: bool = True) -> dict:
+    def measure(
+        self,
+        system: str,
+        server: Server | None,
+        cfg: dict,
+        env: dict | None = None,
+        sampler: bool = True,
+    ) -> dict:
         """One driver run against ``server``: adds the server's CPU per call and, for aotiserve,
         the share of the calls its C++ hot path answered (from its own counter)."""
         hot = HOT_METHOD.get(system)
@@ -90,7 +96,9 @@ class Bench:
         if calls:
             out["client_cpu_us_per_call"] = 1e6 * out["client_cpu_s"] / calls
         if hot0 is not None and calls:
-            out["hot_path_share"] = (procs.metric(server, HOT_METRIC, {"method": hot}) - hot0) / calls
+            out["hot_path_share"] = (
+                procs.metric(server, HOT_METRIC, {"method": hot}) - hot0
+            ) / calls
         return out
 
     def run(self) -> dict:
@@ -128,27 +136,64 @@ class Bench:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workloads", default=",".join(WORKLOADS),
-                    help=f"comma list of {', '.join(WORKLOADS)} (default: all)")
-    ap.add_argument("--systems", default=",".join(TINY_SYSTEMS),
-                    help=f"comma list of {', '.join(TINY_SYSTEMS)} (default: all that can run)")
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.run_all", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma list of {', '.join(WORKLOADS)} (default: all)",
+    )
+    ap.add_argument(
+        "--systems",
+        default=",".join(TINY_SYSTEMS),
+        help=f"comma list of {', '.join(TINY_SYSTEMS)} (default: all that can run)",
+    )
     ap.add_argument("--no-peers", action="store_true", help="leave out KServe and PyTriton")
-    ap.add_argument("--no-install", action="store_true", help="skip peers that are not installed yet")
-    ap.add_argument("--quick", action="store_true", help="a few-second smoke run (1 round, short windows)")
-    ap.add_argument("--scale", type=float, default=1.0, help="multiplies every duration and call count")
-    ap.add_argument("--rounds", type=int, default=5,
-                    help="round-robin rounds over the systems; figures are medians over rounds")
+    ap.add_argument(
+        "--no-install", action="store_true", help="skip peers that are not installed yet"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="a few-second smoke run (1 round, short windows)"
+    )
+    ap.add_argument(
+        "--scale", type=float, default=1.0, help="multiplies every duration and call count"
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="round-robin rounds over the systems; figures are medians over rounds",
+    )
     ap.add_argument("--concurrency", default="1,4,8,16", help="client counts for throughput")
-    ap.add_argument("--mode", choices=("threads", "procs"), default="threads",
-                    help="concurrent clients as threads of one client process, or as processes")
-    ap.add_argument("--runners", type=int, default=None,
-                    help="--runners-per-model for the tiny daemon (default: the daemon's own default)")
-    ap.add_argument("--out", default=None, help="results JSON path (default bench/results/<date>-<machine>.json)")
-    ap.add_argument("--docs", default=None, help="markdown report path (default docs/benchmarks.md; 'none' to skip)")
+    ap.add_argument(
+        "--mode",
+        choices=("threads", "procs"),
+        default="threads",
+        help="concurrent clients as threads of one client process, or as processes",
+    )
+    ap.add_argument(
+        "--runners",
+        type=int,
+        default=None,
+        help="--runners-per-model for the tiny daemon (default: the daemon's own default)",
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results JSON path (default bench/results/<date>-<machine>.json)",
+    )
+    ap.add_argument(
+        "--docs",
+        default=None,
+        help="markdown report path (default docs/benchmarks.md; 'none' to skip)",
+    )
     ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--report-only", metavar="JSON",
-                    help="measure nothing: rewrite the report and plots from an earlier results file")
+    ap.add_argument(
+        "--report-only",
+        metavar="JSON",
+        help="measure nothing: rewrite the report and plots from an earlier results file",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
     a.workloads = [w for w in a.workloads.split(",") if w]
@@ -168,24 +213,35 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         a.seq_n, a.warmup, a.duration = 100, 20, 0.3
         a.large_n, a.compute_seq_n, a.compute_alternations = 2, 5, 1
     else:
-        a.seq_n, a.warmup, a.duration = max(50, int(1000 * sc)), max(20, int(200 * sc)), max(0.3, 2.0 * sc)
+        a.seq_n, a.warmup, a.duration = (
+            max(50, int(1000 * sc)),
+            max(20, int(200 * sc)),
+            max(0.3, 2.0 * sc),
+        )
         a.large_n, a.compute_seq_n = max(2, int(10 * sc)), max(5, int(30 * sc))
-        a.compute_alternations = 3  # 1, 2, 1, 2, 1, 2 clients: drift in others' load hits both alike
+        a.compute_alternations = (
+            3  # 1, 2, 1, 2, 1, 2 clients: drift in others' load hits both alike
+        )
     a.idle_probe = 0.5 if a.quick else 2.0
     return a
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     from . import report  # matplotlib is needed only here
 
     if args.report_only:
         out = Path(args.report_only)
         results = json.loads(out.read_text())
         if "tiny" in results:  # summaries are recomputed from the raw rounds
-            results["tiny"]["summary"] = tiny.summarize(results["tiny"]["rounds"], results["tiny"]["systems"])
+            results["tiny"]["summary"] = tiny.summarize(
+                results["tiny"]["rounds"], results["tiny"]["systems"]
+            )
         results["ratios"] = ratios(results)
         docs = Path(args.docs) if args.docs and args.docs != "none" else DOCS
         docs.parent.mkdir(parents=True, exist_ok=True)
@@ -200,13 +256,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
     elif args.quick:
-        out = Path(tempfile.mkdtemp(prefix="aotiserve-bench-quick-")) / f"{stamp}-{machine_name()}-quick.json"
+        out = (
+            Path(tempfile.mkdtemp(prefix="aotiserve-bench-quick-"))
+            / f"{stamp}-{machine_name()}-quick.json"
+        )
     else:
         out = RESULTS_DIR / f"{stamp}-{machine_name()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=float) + "\n")
     log.info("results: %s", out)
-    docs = None if args.docs == "none" else Path(args.docs) if args.docs else (None if args.quick else DOCS)
+    docs = (
+        None
+        if args.docs == "none"
+        else Path(args.docs)
+        if args.docs
+        else (None if args.quick else DOCS)
+    )
     if docs:
         img_dir = docs.parent / "img"
         plots = [] if args.no_plots else report.plots(results, img_dir)

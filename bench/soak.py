@@ -69,7 +69,8 @@ def _zoo():
 
 def _close(a, b) -> bool:
     return len(a) == len(b) and all(
-        x.shape == y.shape and torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(a, b))
+        x.shape == y.shape and torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(a, b)
+    )
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -131,15 +132,24 @@ class Stats:
 class Load:
     """The traffic: inference, weight cycles and bad requests against one daemon."""
 
-    def __init__(self, target: str, zoo, bad_share: float, swap_every_s: float, stats: Stats,
-                 outside_path: str):
+    def __init__(
+        self,
+        target: str,
+        zoo,
+        bad_share: float,
+        swap_every_s: float,
+        stats: Stats,
+        outside_path: str,
+    ):
         self.stats = stats
         self.bad_share = bad_share
         self.swap_every_s = swap_every_s
         self.outside_path = outside_path
         self.stop = threading.Event()
-        opts = [("grpc.max_receive_message_length", 64 << 20),
-                ("grpc.max_send_message_length", 64 << 20)]
+        opts = [
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20),
+        ]
         self.channel = grpc.insecure_channel(target, options=opts)
         self.stub = pb_grpc.ModelRunnerStub(self.channel)
         self.oip = ipb_grpc.GRPCInferenceServiceStub(self.channel)
@@ -148,14 +158,17 @@ class Load:
         self.two_io_want = zoo.eager("two_io", self.x["two_io"])
         module = zoo.MODELS["mlp"].module()
         torch.manual_seed(1234)
-        self.new_weights = {k: (v + 0.05 * torch.randn_like(v)).contiguous()
-                            for k, v in module.state_dict().items()}
+        self.new_weights = {
+            k: (v + 0.05 * torch.randn_like(v)).contiguous() for k, v in module.state_dict().items()
+        }
         self.mlp_want = [zoo.eager("mlp", self.x["mlp"])]
         with torch.no_grad():
             module.load_state_dict(self.new_weights)
             self.mlp_want.append([module(*self.x["mlp"])])
-        self.run_req = {m: pb.RunRequest(model=m, inputs=[runner_codec.encode(t) for t in self.x[m]])
-                        for m in self.x}
+        self.run_req = {
+            m: pb.RunRequest(model=m, inputs=[runner_codec.encode(t) for t in self.x[m]])
+            for m in self.x
+        }
         self.infer_req = {m: self._infer_request(m) for m in self.x}
         self.bad_requests = self._bad_requests(zoo)
 
@@ -178,30 +191,78 @@ class Load:
         truncated = pb.RunRequest(model="mlp", inputs=[enc(x)])
         truncated.inputs[0].data = truncated.inputs[0].data[:-3]
         # two_io was exported with batch <= 1024: the runner's shape guard refuses 1025.
-        beyond_guard = pb.RunRequest(model="two_io", inputs=[
-            enc(t) for t in zoo.MODELS["two_io"].inputs(1025)])
-        header = pb.UpdateConstantBufferHeader(model="mlp", use_inactive=True, constants=[
-            pb.TensorSpec(name="fc1.weight", dtype=pb.DATA_TYPE_FLOAT32, shape=[64, 32])])
+        beyond_guard = pb.RunRequest(
+            model="two_io", inputs=[enc(t) for t in zoo.MODELS["two_io"].inputs(1025)]
+        )
+        header = pb.UpdateConstantBufferHeader(
+            model="mlp",
+            use_inactive=True,
+            constants=[
+                pb.TensorSpec(name="fc1.weight", dtype=pb.DATA_TYPE_FLOAT32, shape=[64, 32])
+            ],
+        )
         return [
-            ("run wrong shape", lambda: self.stub.Run(wrong_shape, timeout=30), CODE.INVALID_ARGUMENT),
-            ("run wrong dtype", lambda: self.stub.Run(wrong_dtype, timeout=30), CODE.INVALID_ARGUMENT),
+            (
+                "run wrong shape",
+                lambda: self.stub.Run(wrong_shape, timeout=30),
+                CODE.INVALID_ARGUMENT,
+            ),
+            (
+                "run wrong dtype",
+                lambda: self.stub.Run(wrong_dtype, timeout=30),
+                CODE.INVALID_ARGUMENT,
+            ),
             ("run truncated", lambda: self.stub.Run(truncated, timeout=30), CODE.INVALID_ARGUMENT),
-            ("run beyond shape guard", lambda: self.stub.Run(beyond_guard, timeout=30), CODE.INVALID_ARGUMENT),
-            ("run unknown model", lambda: self.stub.Run(pb.RunRequest(model="nope"), timeout=30),
-             CODE.NOT_FOUND),
-            ("infer unknown input", lambda: self.oip.ModelInfer(ipb.ModelInferRequest(
-                model_name="mlp", inputs=[ipb.ModelInferRequest.InferInputTensor(
-                    name="y", datatype="FP32", shape=[1])], raw_input_contents=[b"\0" * 4]),
-                timeout=30), CODE.INVALID_ARGUMENT),
-            ("upload wrong shape", lambda: self.stub.UpdateConstantBuffer(
-                iter([pb.UpdateConstantBufferRequest(header=header)]), timeout=30),
-             CODE.INVALID_ARGUMENT),
-            ("undecodable bytes", lambda: self.channel.unary_unary(
-                "/aotiserve.v1.ModelRunner/Run")(b"\xff\xff\xff" + bytes(1024), timeout=30),
-             CODE.INVALID_ARGUMENT),
-            ("blob outside roots", lambda: self.stub.UpdateConstantBufferFromBlob(
-                pb.UpdateConstantBufferFromBlobRequest(model="mlp", weights_path=self.outside_path),
-                timeout=30), CODE.PERMISSION_DENIED),
+            (
+                "run beyond shape guard",
+                lambda: self.stub.Run(beyond_guard, timeout=30),
+                CODE.INVALID_ARGUMENT,
+            ),
+            (
+                "run unknown model",
+                lambda: self.stub.Run(pb.RunRequest(model="nope"), timeout=30),
+                CODE.NOT_FOUND,
+            ),
+            (
+                "infer unknown input",
+                lambda: self.oip.ModelInfer(
+                    ipb.ModelInferRequest(
+                        model_name="mlp",
+                        inputs=[
+                            ipb.ModelInferRequest.InferInputTensor(
+                                name="y", datatype="FP32", shape=[1]
+                            )
+                        ],
+                        raw_input_contents=[b"\0" * 4],
+                    ),
+                    timeout=30,
+                ),
+                CODE.INVALID_ARGUMENT,
+            ),
+            (
+                "upload wrong shape",
+                lambda: self.stub.UpdateConstantBuffer(
+                    iter([pb.UpdateConstantBufferRequest(header=header)]), timeout=30
+                ),
+                CODE.INVALID_ARGUMENT,
+            ),
+            (
+                "undecodable bytes",
+                lambda: self.channel.unary_unary("/aotiserve.v1.ModelRunner/Run")(
+                    b"\xff\xff\xff" + bytes(1024), timeout=30
+                ),
+                CODE.INVALID_ARGUMENT,
+            ),
+            (
+                "blob outside roots",
+                lambda: self.stub.UpdateConstantBufferFromBlob(
+                    pb.UpdateConstantBufferFromBlobRequest(
+                        model="mlp", weights_path=self.outside_path
+                    ),
+                    timeout=30,
+                ),
+                CODE.PERMISSION_DENIED,
+            ),
         ]
 
     # ------------------------------------------------------------- threads
@@ -226,17 +287,26 @@ class Load:
             try:
                 if oip:
                     resp = self.oip.ModelInfer(self.infer_req[model], timeout=30)
-                    outs = [torch.frombuffer(bytearray(raw), dtype=codec.TORCH_DTYPE_BY_WIRE[
-                        {"FP32": pb.DATA_TYPE_FLOAT32, "INT64": pb.DATA_TYPE_INT64}[o.datatype]]
-                        ).reshape(list(o.shape)) for o, raw in zip(resp.outputs,
-                                                                   resp.raw_output_contents)]
+                    outs = [
+                        torch.frombuffer(
+                            bytearray(raw),
+                            dtype=codec.TORCH_DTYPE_BY_WIRE[
+                                {"FP32": pb.DATA_TYPE_FLOAT32, "INT64": pb.DATA_TYPE_INT64}[
+                                    o.datatype
+                                ]
+                            ],
+                        ).reshape(list(o.shape))
+                        for o, raw in zip(resp.outputs, resp.raw_output_contents)
+                    ]
                 else:
                     resp = self.stub.Run(self.run_req[model], timeout=30)
-                    outs = [codec.decode(t, f"output {i}").clone()
-                            for i, t in enumerate(resp.outputs)]
+                    outs = [
+                        codec.decode(t, f"output {i}").clone() for i, t in enumerate(resp.outputs)
+                    ]
             except grpc.RpcError as exc:
-                self.stats.error(f"{'infer' if oip else 'run'} {model}",
-                                 f"{exc.code()} {exc.details()}")
+                self.stats.error(
+                    f"{'infer' if oip else 'run'} {model}", f"{exc.code()} {exc.details()}"
+                )
                 continue
             ms = (time.perf_counter() - began) * 1000
             wants = self.mlp_want if model == "mlp" else [self.two_io_want]
@@ -258,15 +328,28 @@ class Load:
         return True
 
     def _upload(self):
-        msgs = [pb.UpdateConstantBufferRequest(header=pb.UpdateConstantBufferHeader(
-            model="mlp", use_inactive=True, validate_full_updates=True, description="soak",
-            constants=[pb.TensorSpec(name=n, dtype=codec.wire_dtype(t.dtype), shape=list(t.shape))
-                       for n, t in self.new_weights.items()]))]
+        msgs = [
+            pb.UpdateConstantBufferRequest(
+                header=pb.UpdateConstantBufferHeader(
+                    model="mlp",
+                    use_inactive=True,
+                    validate_full_updates=True,
+                    description="soak",
+                    constants=[
+                        pb.TensorSpec(name=n, dtype=codec.wire_dtype(t.dtype), shape=list(t.shape))
+                        for n, t in self.new_weights.items()
+                    ],
+                )
+            )
+        ]
         for n, t in self.new_weights.items():
             data = codec.tensor_bytes(t)
             for off in range(0, max(1, len(data)), 4096):
-                msgs.append(pb.UpdateConstantBufferRequest(chunk=pb.ConstantChunk(
-                    name=n, offset=off, data=data[off:off + 4096])))
+                msgs.append(
+                    pb.UpdateConstantBufferRequest(
+                        chunk=pb.ConstantChunk(name=n, offset=off, data=data[off : off + 4096])
+                    )
+                )
         return self.stub.UpdateConstantBuffer(iter(msgs), timeout=60)
 
     def weights(self) -> None:
@@ -278,18 +361,34 @@ class Load:
             if not self._op("stage", self._upload):
                 continue
             if cycle % 4 == 0:
-                self._op("free", lambda: self.stub.FreeInactiveConstantBuffer(
-                    pb.FreeInactiveConstantBufferRequest(model=model), timeout=30))
+                self._op(
+                    "free",
+                    lambda: self.stub.FreeInactiveConstantBuffer(
+                        pb.FreeInactiveConstantBufferRequest(model=model), timeout=30
+                    ),
+                )
                 continue
-            if not self._op("swap", lambda: self.stub.SwapConstantBuffer(
-                    pb.SwapConstantBufferRequest(model=model), timeout=30)):
+            if not self._op(
+                "swap",
+                lambda: self.stub.SwapConstantBuffer(
+                    pb.SwapConstantBufferRequest(model=model), timeout=30
+                ),
+            ):
                 continue
             if self.stop.wait(self.swap_every_s / 2):
                 break
-            self._op("rollback", lambda: self.stub.RollbackConstantBuffer(
-                pb.RollbackConstantBufferRequest(model=model), timeout=30))
-            self._op("free", lambda: self.stub.FreeInactiveConstantBuffer(
-                pb.FreeInactiveConstantBufferRequest(model=model), timeout=30))
+            self._op(
+                "rollback",
+                lambda: self.stub.RollbackConstantBuffer(
+                    pb.RollbackConstantBufferRequest(model=model), timeout=30
+                ),
+            )
+            self._op(
+                "free",
+                lambda: self.stub.FreeInactiveConstantBuffer(
+                    pb.FreeInactiveConstantBufferRequest(model=model), timeout=30
+                ),
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,8 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=4, help="inference threads")
     p.add_argument("--interval-s", type=float, default=15.0, help="reporting interval")
-    p.add_argument("--warmup-s", type=float, default=None,
-                   help="RSS drift is measured from here (default: 20%% of the run, at most 120 s)")
+    p.add_argument(
+        "--warmup-s",
+        type=float,
+        default=None,
+        help="RSS drift is measured from here (default: 20%% of the run, at most 120 s)",
+    )
     p.add_argument("--swap-every-s", type=float, default=2.0)
     p.add_argument("--bad-share", type=float, default=0.05, help="share of malformed requests")
     p.add_argument("--runners", type=int, default=2, help="--runners-per-model of the daemon")
@@ -314,23 +417,40 @@ def main(argv: list[str] | None = None) -> int:
     outside.write_bytes(b"\0" * 64)
     pkgs = {n: zoo.compiled(n) for n in ("mlp", "two_io")}
     server = procs.start_aotiserve(
-        work / "daemon", pkgs, runners=a.runners,
-        extra_args=["--weights-dir", str(work / "weights"),
-                    "--allowed-root", str(work / "daemon" / "models")])
-    log.info("daemon pid %d on %s; %d inference threads for %.1f min (warm-up %.0f s)",
-             server.pid, server.target, a.threads, a.minutes, warmup)
+        work / "daemon",
+        pkgs,
+        runners=a.runners,
+        extra_args=[
+            "--weights-dir",
+            str(work / "weights"),
+            "--allowed-root",
+            str(work / "daemon" / "models"),
+        ],
+    )
+    log.info(
+        "daemon pid %d on %s; %d inference threads for %.1f min (warm-up %.0f s)",
+        server.pid,
+        server.target,
+        a.threads,
+        a.minutes,
+        warmup,
+    )
     stats = Stats()
     load = Load(server.target, zoo, a.bad_share, a.swap_every_s, stats, str(outside))
-    threads = [threading.Thread(target=load.inference, args=(i,), daemon=True)
-               for i in range(a.threads)]
+    threads = [
+        threading.Thread(target=load.inference, args=(i,), daemon=True) for i in range(a.threads)
+    ]
     threads.append(threading.Thread(target=load.weights, daemon=True))
     started = time.monotonic()
     for t in threads:
         t.start()
     rows = []
     rss_warm = None
-    print(f"{'t_s':>6} {'good':>7} {'bad':>5} {'w_ops':>5} {'unexp':>5} {'p50_ms':>7} "
-          f"{'p99_ms':>7} {'rss_mib':>8}", flush=True)
+    print(
+        f"{'t_s':>6} {'good':>7} {'bad':>5} {'w_ops':>5} {'unexp':>5} {'p50_ms':>7} "
+        f"{'p99_ms':>7} {'rss_mib':>8}",
+        flush=True,
+    )
     try:
         while True:
             left = duration - (time.monotonic() - started)
@@ -345,14 +465,22 @@ def main(argv: list[str] | None = None) -> int:
                 stats.error("daemon died", f"exit status {server.proc.returncode}")
             if rss_warm is None and t >= warmup:
                 rss_warm = rss
-            row = {"t_s": round(t, 1), "good": iv.good, "bad": iv.bad, "weight_ops": iv.weight_ops,
-                   "unexpected": iv.unexpected,
-                   "p50_ms": round(_pct(iv.latencies_ms, 0.5), 3),
-                   "p99_ms": round(_pct(iv.latencies_ms, 0.99), 3), "rss_mib": round(rss, 1)}
+            row = {
+                "t_s": round(t, 1),
+                "good": iv.good,
+                "bad": iv.bad,
+                "weight_ops": iv.weight_ops,
+                "unexpected": iv.unexpected,
+                "p50_ms": round(_pct(iv.latencies_ms, 0.5), 3),
+                "p99_ms": round(_pct(iv.latencies_ms, 0.99), 3),
+                "rss_mib": round(rss, 1),
+            }
             rows.append(row)
-            print(f"{row['t_s']:>6} {iv.good:>7} {iv.bad:>5} {iv.weight_ops:>5} "
-                  f"{iv.unexpected:>5} {row['p50_ms']:>7} {row['p99_ms']:>7} {row['rss_mib']:>8}",
-                  flush=True)
+            print(
+                f"{row['t_s']:>6} {iv.good:>7} {iv.bad:>5} {iv.weight_ops:>5} "
+                f"{iv.unexpected:>5} {row['p50_ms']:>7} {row['p99_ms']:>7} {row['rss_mib']:>8}",
+                flush=True,
+            )
             if not alive:
                 break
     finally:
@@ -361,9 +489,15 @@ def main(argv: list[str] | None = None) -> int:
             t.join(60)
         final = stats.take()
         if final.unexpected:
-            rows.append({"t_s": round(time.monotonic() - started, 1), "good": final.good,
-                         "bad": final.bad, "weight_ops": final.weight_ops,
-                         "unexpected": final.unexpected})
+            rows.append(
+                {
+                    "t_s": round(time.monotonic() - started, 1),
+                    "good": final.good,
+                    "bad": final.bad,
+                    "weight_ops": final.weight_ops,
+                    "unexpected": final.unexpected,
+                }
+            )
         load.channel.close()
         alive = server.alive()
         memory = server.memory() if alive else {}
@@ -374,18 +508,27 @@ def main(argv: list[str] | None = None) -> int:
     rss_last = after[-1] if after else float("nan")
     drift = (rss_last - rss_warm) / rss_warm * 100 if rss_warm else float("nan")
     summary = {
-        "minutes": a.minutes, "threads": a.threads, "warmup_s": warmup,
+        "minutes": a.minutes,
+        "threads": a.threads,
+        "warmup_s": warmup,
         "unexpected_errors": sum(stats.unexpected.values()),
-        "unexpected_by_kind": dict(stats.unexpected), "unexpected_samples": stats.samples,
+        "unexpected_by_kind": dict(stats.unexpected),
+        "unexpected_samples": stats.samples,
         "totals": dict(stats.totals),
-        "rss_warm_mib": rss_warm, "rss_last_mib": rss_last,
+        "rss_warm_mib": rss_warm,
+        "rss_last_mib": rss_last,
         "rss_max_after_warmup_mib": max(after) if after else None,
         "rss_drift_pct": round(drift, 2),
         "rss_hwm_mib": memory.get("hwm_mib"),
-        "p99_ms_median_interval": round(statistics.median(
-            [r["p99_ms"] for r in rows if r.get("p99_ms") == r.get("p99_ms") and "p99_ms" in r]
-            or [float("nan")]), 3),
-        "intervals": rows, "daemon_alive_at_end": alive,
+        "p99_ms_median_interval": round(
+            statistics.median(
+                [r["p99_ms"] for r in rows if r.get("p99_ms") == r.get("p99_ms") and "p99_ms" in r]
+                or [float("nan")]
+            ),
+            3,
+        ),
+        "intervals": rows,
+        "daemon_alive_at_end": alive,
         "load_average": os.getloadavg(),
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "intervals"}, indent=1), flush=True)

@@ -41,14 +41,20 @@ def start_servers(bench: Bench, systems: list[str], pkgs: dict[str, Path]) -> li
     if set(systems) & set(AOTISERVE_SYSTEMS):
         try:
             bench.servers["aotiserve"] = procs.start_aotiserve(
-                bench.work / "aotiserve-tiny", {"mlp": pkgs["mlp"]}, runners=bench.args.runners,
-                env={"OMP_NUM_THREADS": "1"})
+                bench.work / "aotiserve-tiny",
+                {"mlp": pkgs["mlp"]},
+                runners=bench.args.runners,
+                env={"OMP_NUM_THREADS": "1"},
+            )
         except (RuntimeError, TimeoutError) as exc:
             bench.note(f"aotiserve: skipped: {exc}")
     daemon = bench.servers.get("aotiserve")
     reply = run_reply(daemon.target if daemon else None, "mlp", TINY_SHAPES, TINY_OUT)
-    bench.results["payload_bytes"] = {"request": len(run_request("mlp", TINY_SHAPES)), "response": len(reply),
-                                     "response_from": "aotiserve" if daemon else "built by the bench"}
+    bench.results["payload_bytes"] = {
+        "request": len(run_request("mlp", TINY_SHAPES)),
+        "response": len(reply),
+        "response_from": "aotiserve" if daemon else "built by the bench",
+    }
     for s in systems:
         try:
             if s == "inproc":
@@ -72,8 +78,13 @@ def start_servers(bench: Bench, systems: list[str], pkgs: dict[str, Path]) -> li
 def driver_cfg(bench: Bench, system: str, pkgs: dict[str, Path]) -> dict:
     a = bench.args
     cfg = {
-        "seq_n": a.seq_n, "warmup": a.warmup, "concurrency": a.concurrency,
-        "duration": a.duration, "mode": a.mode, "input_shapes": TINY_SHAPES, "model": "mlp",
+        "seq_n": a.seq_n,
+        "warmup": a.warmup,
+        "concurrency": a.concurrency,
+        "duration": a.duration,
+        "mode": a.mode,
+        "input_shapes": TINY_SHAPES,
+        "model": "mlp",
     }
     if system == "inproc":
         cfg.update(kind="inproc", package=str(pkgs["mlp"]), num_runners=a.runners or 2)
@@ -100,7 +111,9 @@ def run(bench: Bench, pkgs: dict[str, Path]) -> None:
     time.sleep(bench.args.idle_probe)
     elapsed = time.monotonic() - t0
     bench.results["idle_cpu_percent"] = {
-        n: round(100 * (cpu_seconds(s.pid) - idle_cpu0[n]) / elapsed, 2) for n, s in bench.servers.items()}
+        n: round(100 * (cpu_seconds(s.pid) - idle_cpu0[n]) / elapsed, 2)
+        for n, s in bench.servers.items()
+    }
     rounds = []
     for r in range(bench.args.rounds):
         this: dict[str, dict] = {}
@@ -124,7 +137,11 @@ def run(bench: Bench, pkgs: dict[str, Path]) -> None:
     for name, s in bench.servers.items():
         mem.setdefault(name, {})["after"] = s.memory()
     bench.stop_all()
-    bench.results["tiny"] = {"systems": systems, "rounds": rounds, "summary": summarize(rounds, systems)}
+    bench.results["tiny"] = {
+        "systems": systems,
+        "rounds": rounds,
+        "summary": summarize(rounds, systems),
+    }
     bench.results["memory"] = mem
 
 
@@ -133,10 +150,17 @@ def log_line(bench: Bench, system: str, out: dict) -> None:
     tp = " ".join(f"c{t['concurrency']}={t[RPS]:.0f}/s" for t in out.get("throughput", []))
     errs = sum(t.get("errors", 0) for t in out.get("throughput", []))
     hot = f"  hot path {100 * out['hot_path_share']:.0f}%" if "hot_path_share" in out else ""
-    log.info("  %-9s p50=%7.0fus p99=%7.0fus  %s  cpu/call server=%s client=%.0fus%s%s", system,
-             seq.get("p50_us", float("nan")), seq.get("p99_us", float("nan")), tp,
-             f"{out['server_cpu_us_per_call']:.0f}us" if "server_cpu_us_per_call" in out else "-",
-             out.get("client_cpu_us_per_call", float("nan")), hot, f"  errors={errs}" if errs else "")
+    log.info(
+        "  %-9s p50=%7.0fus p99=%7.0fus  %s  cpu/call server=%s client=%.0fus%s%s",
+        system,
+        seq.get("p50_us", float("nan")),
+        seq.get("p99_us", float("nan")),
+        tp,
+        f"{out['server_cpu_us_per_call']:.0f}us" if "server_cpu_us_per_call" in out else "-",
+        out.get("client_cpu_us_per_call", float("nan")),
+        hot,
+        f"  errors={errs}" if errs else "",
+    )
 
 
 def summarize(rounds: list[dict], systems: list[str]) -> dict:
@@ -146,24 +170,55 @@ def summarize(rounds: list[dict], systems: list[str]) -> dict:
         runs = [r[s] for r in rounds if s in r]
         if not runs:
             continue
-        seq = {k: median_of([r["sequential"][k] for r in runs if "sequential" in r])
-               for k in ("p50_us", "p90_us", "p99_us", "mean_us")}
+        seq = {
+            k: median_of([r["sequential"][k] for r in runs if "sequential" in r])
+            for k in ("p50_us", "p90_us", "p99_us", "mean_us")
+        }
         conc = sorted({t["concurrency"] for r in runs for t in r.get("throughput", [])})
-        tp = {str(c): median_of([t[RPS] for r in runs for t in r.get("throughput", []) if t["concurrency"] == c])
-              for c in conc}
-        tp_mean = {str(c): median_of([t["rps"] for r in runs for t in r.get("throughput", [])
-                                      if t["concurrency"] == c]) for c in conc}
-        tp_p50 = {str(c): median_of([t["latency"]["p50_us"] for r in runs for t in r.get("throughput", [])
-                                     if t["concurrency"] == c]) for c in conc}
+        tp = {
+            str(c): median_of(
+                [t[RPS] for r in runs for t in r.get("throughput", []) if t["concurrency"] == c]
+            )
+            for c in conc
+        }
+        tp_mean = {
+            str(c): median_of(
+                [t["rps"] for r in runs for t in r.get("throughput", []) if t["concurrency"] == c]
+            )
+            for c in conc
+        }
+        tp_p50 = {
+            str(c): median_of(
+                [
+                    t["latency"]["p50_us"]
+                    for r in runs
+                    for t in r.get("throughput", [])
+                    if t["concurrency"] == c
+                ]
+            )
+            for c in conc
+        }
         errors = sum(t.get("errors", 0) for r in runs for t in r.get("throughput", []))
         cpu_server = median_of([r.get("server_cpu_us_per_call") for r in runs])
         cpu_client = median_of([r.get("client_cpu_us_per_call") for r in runs])
         # What the CPU time per call allows when client and server share every core: a ceiling that
         # stalls from other work on the machine do not move (they move the measured req/s).
-        capacity = (os.cpu_count() or 1) * 1e6 / (cpu_server + cpu_client) if cpu_server and cpu_client else None
-        out[s] = {"label": LABELS[s], "rounds": len(runs), "sequential": seq, "rps": tp, "rps_window_mean": tp_mean,
-                  "cpu_capacity_rps": capacity,
-                  "p50_us_under_load": tp_p50, "errors": errors,
-                  "server_cpu_us_per_call": cpu_server, "client_cpu_us_per_call": cpu_client,
-                  "hot_path_share": median_of([r.get("hot_path_share") for r in runs])}
+        capacity = (
+            (os.cpu_count() or 1) * 1e6 / (cpu_server + cpu_client)
+            if cpu_server and cpu_client
+            else None
+        )
+        out[s] = {
+            "label": LABELS[s],
+            "rounds": len(runs),
+            "sequential": seq,
+            "rps": tp,
+            "rps_window_mean": tp_mean,
+            "cpu_capacity_rps": capacity,
+            "p50_us_under_load": tp_p50,
+            "errors": errors,
+            "server_cpu_us_per_call": cpu_server,
+            "client_cpu_us_per_call": cpu_client,
+            "hot_path_share": median_of([r.get("hot_path_share") for r in runs]),
+        }
     return out

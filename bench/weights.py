@@ -135,9 +135,19 @@ class RunLoop:
         self._count = ctx.RawValue("q", 0)
         self._errors = ctx.RawValue("q", 0)
         self._paused, self._stop = ctx.Event(), ctx.Event()
-        self._proc = ctx.Process(target=_run_loop, daemon=True, args=(
-            target, [int(i) for i in ids], self._buf, self._count, self._errors, self._paused,
-            self._stop))
+        self._proc = ctx.Process(
+            target=_run_loop,
+            daemon=True,
+            args=(
+                target,
+                [int(i) for i in ids],
+                self._buf,
+                self._count,
+                self._errors,
+                self._paused,
+                self._stop,
+            ),
+        )
 
     @property
     def errors(self) -> int:
@@ -160,7 +170,7 @@ class RunLoop:
 
     def window(self, lo: float, hi: float) -> list[float]:
         """Latencies (s) of calls that overlapped [lo, hi]."""
-        calls = np.frombuffer(self._buf, dtype=np.float64).reshape(-1, 2)[:self._count.value]
+        calls = np.frombuffer(self._buf, dtype=np.float64).reshape(-1, 2)[: self._count.value]
         t0, lat = calls[:, 0], calls[:, 1]
         return lat[(t0 <= hi) & (t0 + lat >= lo)].tolist()
 
@@ -225,8 +235,16 @@ def _overlapping(loop: RunLoop, calls: dict, times: int, spacing_s: float = 0.02
     return {name: [x for a, b in ab for x in loop.window(a, b)] for name, ab in spans.items()}
 
 
-def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray], growth: int,
-                quiet_s: float, flips: int = 50, spaced: int = 300) -> dict:
+def bench_round(
+    client,
+    pid: int,
+    loop: RunLoop,
+    weights: dict[str, np.ndarray],
+    growth: int,
+    quiet_s: float,
+    flips: int = 50,
+    spaced: int = 300,
+) -> dict:
     model = client.model(MODEL)
     nbytes = sum(a.nbytes for a in weights.values())
     # Quiet window: the same Run loop with nothing else going on.
@@ -277,8 +295,15 @@ def bench_round(client, pid: int, loop: RunLoop, weights: dict[str, np.ndarray],
     # flip with no RPC, what any CPU work beside the Runs costs them.
     time.sleep(0.5)
     flip_s = (f1 - f0) / (2 * flips)
-    spaced = _overlapping(loop, {"swap": model.rollback_constant_buffer, "list": client.list_models,
-                                 "busy": lambda: busy(flip_s)}, spaced)
+    spaced = _overlapping(
+        loop,
+        {
+            "swap": model.rollback_constant_buffer,
+            "list": client.list_models,
+            "busy": lambda: busy(flip_s),
+        },
+        spaced,
+    )
     overlapping, control = spaced["swap"], spaced["list"]
     expected = rss_before + growth
     return {
@@ -333,23 +358,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="uploads (round 1 is the first)")
     parser.add_argument("--quiet-s", type=float, default=2.0, help="quiet p99 window (s)")
     parser.add_argument("--chunk-bytes", type=int, default=None, help="client upload chunk size")
-    parser.add_argument("--admin", choices=("idle", "nice", "share"), default="idle",
-                        help="how this process, the admin side (uploads, swaps, ListModels), steps "
-                             "aside once the daemon and the Run client are started (on a deployment "
-                             "it runs on another machine): SCHED_IDLE (default), niceness 10, or "
-                             "not at all")
-    parser.add_argument("--no-reserve", dest="reserve", action="store_false",
-                        help="leave the inactive buffer to the first upload (no --reserve-inactive-buffer)")
-    parser.add_argument("--weights-dir", action="store_true",
-                        help="give the daemon a --weights-dir (persisting each staged version)")
-    parser.add_argument("--paths", action="store_true",
-                        help="instead: upload, file pull and (CUDA) GPU-direct side by side, full "
-                             "and 1%% partial, with memcpy/H2D/D2D limits (bench/weights_paths.py)")
-    parser.add_argument("--gib", type=int, choices=(1, 4), default=1,
-                        help="--paths: model size (many_embed, many_embed_4g)")
+    parser.add_argument(
+        "--admin",
+        choices=("idle", "nice", "share"),
+        default="idle",
+        help="how this process, the admin side (uploads, swaps, ListModels), steps "
+        "aside once the daemon and the Run client are started (on a deployment "
+        "it runs on another machine): SCHED_IDLE (default), niceness 10, or "
+        "not at all",
+    )
+    parser.add_argument(
+        "--no-reserve",
+        dest="reserve",
+        action="store_false",
+        help="leave the inactive buffer to the first upload (no --reserve-inactive-buffer)",
+    )
+    parser.add_argument(
+        "--weights-dir",
+        action="store_true",
+        help="give the daemon a --weights-dir (persisting each staged version)",
+    )
+    parser.add_argument(
+        "--paths",
+        action="store_true",
+        help="instead: upload, file pull and (CUDA) GPU-direct side by side, full "
+        "and 1%% partial, with memcpy/H2D/D2D limits (bench/weights_paths.py)",
+    )
+    parser.add_argument(
+        "--gib",
+        type=int,
+        choices=(1, 4),
+        default=1,
+        help="--paths: model size (many_embed, many_embed_4g)",
+    )
     parser.add_argument("--device", default="cpu", help="--paths: where the model runs (cuda:0)")
-    parser.add_argument("--clients", type=int, default=1,
-                        help="--paths: Run clients checking every output across the swaps")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        help="--paths: Run clients checking every output across the swaps",
+    )
     args = parser.parse_args(argv)
     if args.paths:
         from bench import weights_paths
@@ -363,8 +411,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(REPO / "tests"))
     import model_zoo  # noqa: E402  (the test zoo is the bench's zoo too)
-    from aotiserve.client import Client
 
+    from aotiserve.client import Client
 
     package = model_zoo.compiled(MODEL)
     workdir = procs.tmpdir("aotiserve-bench-weights-")
@@ -372,10 +420,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.reserve:
         extra.append("--reserve-inactive-buffer")
     server = procs.start_aotiserve(workdir, {MODEL: package}, extra_args=extra)
-    results: dict = {"model": f"{MODEL} (4 x Embedding(65536, 1024) float32, 1 GiB)",
-                     "cpus": os.cpu_count(), "chunk_bytes": args.chunk_bytes,
-                     "admin": args.admin, "reserve_inactive_buffer": args.reserve,
-                     "rounds": []}
+    results: dict = {
+        "model": f"{MODEL} (4 x Embedding(65536, 1024) float32, 1 GiB)",
+        "cpus": os.cpu_count(),
+        "chunk_bytes": args.chunk_bytes,
+        "admin": args.admin,
+        "reserve_inactive_buffer": args.reserve,
+        "rounds": [],
+    }
     try:
         kw = {"chunk_bytes": args.chunk_bytes} if args.chunk_bytes else {}
         client = Client(server.target, **kw)
@@ -404,31 +456,49 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     last = results["rounds"][-1]
-    results["summary"] = {k: last[k] for k in ("staging_gb_s", "swap_ms", "rss_ratio", "p99_ratio",
-                                              "p99_flip_ratio", "p99_one_swap_ratio", "p99_one_list_ratio",
-                                              "p99_swap_over_list", "p99_one_busy_ratio")}
+    results["summary"] = {
+        k: last[k]
+        for k in (
+            "staging_gb_s",
+            "swap_ms",
+            "rss_ratio",
+            "p99_ratio",
+            "p99_flip_ratio",
+            "p99_one_swap_ratio",
+            "p99_one_list_ratio",
+            "p99_swap_over_list",
+            "p99_one_busy_ratio",
+        )
+    }
     results["targets"] = TARGETS
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"model: {results['model']}; {results['cpus']} cpus; "
-          f"Run errors: {results['run_errors']}")
-    hdr = (f"{'round':>5} {'GB/s':>6} {'stage s':>8} {'swap ms':>8} {'RSS before':>10} {'peak':>8} "
-           f"{'expect':>8} {'RSS x':>6} {'p99 quiet':>9} {'p99 swap':>9} {'p99 x':>6} {'flip x':>6} {'swap x':>6} "
-           f"{'list x':>6} {'s/l':>5} {'busy x':>6} {'load1m':>6} {'memcpy':>6} {'cpu d/c':>7} ok")
+    print(f"model: {results['model']}; {results['cpus']} cpus; Run errors: {results['run_errors']}")
+    hdr = (
+        f"{'round':>5} {'GB/s':>6} {'stage s':>8} {'swap ms':>8} {'RSS before':>10} {'peak':>8} "
+        f"{'expect':>8} {'RSS x':>6} {'p99 quiet':>9} {'p99 swap':>9} {'p99 x':>6} {'flip x':>6} {'swap x':>6} "
+        f"{'list x':>6} {'s/l':>5} {'busy x':>6} {'load1m':>6} {'memcpy':>6} {'cpu d/c':>7} ok"
+    )
     print(hdr)
     for r in results["rounds"]:
-        print(f"{r['round']:>5} {r['staging_gb_s']:>6.2f} {r['staging_s']:>8.2f} {r['swap_ms']:>8.1f} "
-              f"{r['rss_before_mib']:>9.0f}M {r['rss_peak_mib']:>7.0f}M {r['rss_expected_mib']:>7.0f}M "
-              f"{r['rss_ratio']:>6.3f} {r['p99_quiet_ms']:>7.1f}ms {r['p99_swap_ms']:>7.1f}ms "
-              f"{r['p99_ratio']:>6.2f} {r['p99_flip_ratio']:>6.2f} {r['p99_one_swap_ratio']:>6.2f} "
-              f"{r['p99_one_list_ratio']:>6.2f} {r['p99_swap_over_list']:>5.2f} {r['p99_one_busy_ratio']:>6.2f} {r['loadavg_1m']:>6.1f} {r['memcpy_gb_s']:>6.2f} "
-              f"{r['daemon_cpu_s']:>4.1f}/{r['client_cpu_s']:<4.1f} {r['served_new_weights']}")
+        print(
+            f"{r['round']:>5} {r['staging_gb_s']:>6.2f} {r['staging_s']:>8.2f} {r['swap_ms']:>8.1f} "
+            f"{r['rss_before_mib']:>9.0f}M {r['rss_peak_mib']:>7.0f}M {r['rss_expected_mib']:>7.0f}M "
+            f"{r['rss_ratio']:>6.3f} {r['p99_quiet_ms']:>7.1f}ms {r['p99_swap_ms']:>7.1f}ms "
+            f"{r['p99_ratio']:>6.2f} {r['p99_flip_ratio']:>6.2f} {r['p99_one_swap_ratio']:>6.2f} "
+            f"{r['p99_one_list_ratio']:>6.2f} {r['p99_swap_over_list']:>5.2f} {r['p99_one_busy_ratio']:>6.2f} {r['loadavg_1m']:>6.1f} {r['memcpy_gb_s']:>6.2f} "
+            f"{r['daemon_cpu_s']:>4.1f}/{r['client_cpu_s']:<4.1f} {r['served_new_weights']}"
+        )
     print("cpu d/c: CPU seconds the daemon / the bench client spent during the staging")
     print("memcpy: one thread's copy rate (GB/s) just before the round, on this machine's load")
-    print("p99 x: Run p99 during stage + swap / quiet; flip x: during 100 back-to-back buffer flips / quiet;")
+    print(
+        "p99 x: Run p99 during stage + swap / quiet; flip x: during 100 back-to-back buffer flips / quiet;"
+    )
     print("swap x: p99 of the Runs that overlapped a swap, 300 swaps 20 ms apart / quiet")
-    print("list x: the same with ListModels in place of the swap (what any concurrent RPC costs a Run here),")
+    print(
+        "list x: the same with ListModels in place of the swap (what any concurrent RPC costs a Run here),"
+    )
     print("  taking turns with the swaps; s/l: swap x / list x, what the swap adds beyond any RPC;")
     print("busy x: the same with a busy loop as long as a flip in the admin process (no RPC)")
     print("targets: staging >= 1 GB/s, RSS <= 1.1x (active + new), p99 during swap <= 2x quiet")

@@ -46,8 +46,9 @@ TABLES = 100
 
 def _tables(rows: int, seed: float, only: list[int] | None = None) -> dict[str, np.ndarray]:
     idx = range(TABLES) if only is None else only
-    return {f"tables.{i}.weight": np.full((rows, 1024), seed + i * 1e-3, dtype=np.float32)
-            for i in idx}
+    return {
+        f"tables.{i}.weight": np.full((rows, 1024), seed + i * 1e-3, dtype=np.float32) for i in idx
+    }
 
 
 def _expected(values: dict[int, float], rows_ids: np.ndarray) -> np.ndarray:
@@ -83,8 +84,11 @@ def sha256_gb_s(nbytes: int) -> float:
     with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
         for _ in range(2):
             t0 = time.perf_counter()
-            list(pool.map(lambda b: hashlib.sha256(view[b:b + block]).digest(),
-                          range(0, nbytes, block)))
+            list(
+                pool.map(
+                    lambda b: hashlib.sha256(view[b : b + block]).digest(), range(0, nbytes, block)
+                )
+            )
             best = min(best, time.perf_counter() - t0)
     return nbytes / best / 1e9
 
@@ -96,8 +100,10 @@ def cuda_limits(nbytes: int, device: str) -> dict:
     a = torch.empty(nbytes, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     out = {}
-    for name, fn in (("h2d_pinned_gb_s", lambda: a.copy_(host, non_blocking=True)),
-                     ("d2d_gb_s", lambda: b.copy_(a))):
+    for name, fn in (
+        ("h2d_pinned_gb_s", lambda: a.copy_(host, non_blocking=True)),
+        ("d2d_gb_s", lambda: b.copy_(a)),
+    ):
         fn()
         torch.cuda.synchronize(device)
         best = float("inf")
@@ -127,8 +133,9 @@ class Checker:
         self.failed = self.mixed = 0
         self.mixed_examples: list[str] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, args=(m,), daemon=True)
-                         for m in self.models]
+        self._threads = [
+            threading.Thread(target=self._loop, args=(m,), daemon=True) for m in self.models
+        ]
 
     def _loop(self, model) -> None:
         while not self._stop.is_set():
@@ -220,8 +227,21 @@ class _stager:
         # gpu-direct: a second process makes the tensors on the GPU and hands them over;
         # the whole process is timed here, the call alone by the sender.
         proc = subprocess.run(
-            [sys.executable, "-c", _SENDER, self.target, self.name, str(self.rows), str(seed),
-             self.device, "0" if full else "1"], capture_output=True, text=True, check=True)
+            [
+                sys.executable,
+                "-c",
+                _SENDER,
+                self.target,
+                self.name,
+                str(self.rows),
+                str(seed),
+                self.device,
+                "0" if full else "1",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         sent = json.loads(proc.stdout.strip().splitlines()[-1])
         self.seconds = sent["seconds"]
         return sent["version"]
@@ -234,6 +254,7 @@ class _stager:
 def main(args) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     import model_zoo  # noqa: E402
+
     from aotiserve.client import Client
 
     name, rows = MODELS[args.gib]
@@ -244,14 +265,20 @@ def main(args) -> dict:
     files = workdir / "files"
     files.mkdir()
     server = procs.start_aotiserve(
-        workdir, {name: package}, extra_args=["--reserve-inactive-buffer", "--allowed-root",
-                                              str(files), "--devices", device])
+        workdir,
+        {name: package},
+        extra_args=["--reserve-inactive-buffer", "--allowed-root", str(files), "--devices", device],
+    )
     table_bytes = rows * 1024 * 4
     nbytes = TABLES * table_bytes
-    out: dict = {"model": f"{name} ({TABLES} x Embedding({rows}, 1024) float32, "
-                          f"{nbytes / 2**30:.2f} GiB)", "device": device, "cpus": os.cpu_count(),
-                 "run_clients": args.clients,
-                 "loadavg_1m_start": os.getloadavg()[0], "rounds": []}
+    out: dict = {
+        "model": f"{name} ({TABLES} x Embedding({rows}, 1024) float32, {nbytes / 2**30:.2f} GiB)",
+        "device": device,
+        "cpus": os.cpu_count(),
+        "run_clients": args.clients,
+        "loadavg_1m_start": os.getloadavg()[0],
+        "rounds": [],
+    }
     try:
         client = Client(server.target)
         model = client.model(name)
@@ -302,7 +329,8 @@ def main(args) -> dict:
                     res[f"{key}_rss_peak_ratio"] = peak / rss0 if peak else float("nan")
                 res[f"{path}_partial_over_full"] = res[f"{path}_partial_s"] / res[f"{path}_full_s"]
                 res[f"{path}_partial_after_full_over_full"] = (
-                    res[f"{path}_partial_after_full_s"] / res[f"{path}_full_s"])
+                    res[f"{path}_partial_after_full_s"] / res[f"{path}_full_s"]
+                )
             res["file_over_memcpy"] = res["file_full_gb_s"] / res["memcpy_gb_s"]
             res["file_over_sha256"] = res["file_full_gb_s"] / res["sha256_gb_s"]
             if cuda:
@@ -322,36 +350,55 @@ def main(args) -> dict:
 
 
 def report(out: dict) -> None:
-    print(f"model: {out['model']} on {out['device']}; {out['cpus']} cpus; Runs checked "
-          f"({out.get('run_clients', 1)} clients): {out['runs']}, failed {out['runs_failed']}, "
-          f"mixed {out['runs_mixed']}")
+    print(
+        f"model: {out['model']} on {out['device']}; {out['cpus']} cpus; Runs checked "
+        f"({out.get('run_clients', 1)} clients): {out['runs']}, failed {out['runs_failed']}, "
+        f"mixed {out['runs_mixed']}"
+    )
     paths = ["upload", "file"] + (["gpu-direct"] if out["device"].startswith("cuda") else [])
     for r in out["rounds"]:
-        limits = (f"memcpy {r['memcpy_gb_s']:.2f} GB/s, SHA-256 all cores "
-                  f"{r['sha256_gb_s']:.2f} GB/s")
+        limits = (
+            f"memcpy {r['memcpy_gb_s']:.2f} GB/s, SHA-256 all cores {r['sha256_gb_s']:.2f} GB/s"
+        )
         if "h2d_pinned_gb_s" in r:
             limits += f", H2D pinned {r['h2d_pinned_gb_s']:.2f}, D2D {r['d2d_gb_s']:.1f} GB/s"
-        print(f"round {r['round']} ({limits}; load {r['loadavg_1m']:.1f}; quiet Run p99 "
-              f"{r['quiet_p99_ms']:.2f} ms)")
-        print(f"  {'path':<11} {'full s':>7} {'GB/s':>6} {'1% s':>7} {'1%/full':>7} "
-              f"{'1%* s':>7} {'1%*/full':>8} {'swap ms':>7} {'p99 swap':>8} {'RSS x':>6}")
+        print(
+            f"round {r['round']} ({limits}; load {r['loadavg_1m']:.1f}; quiet Run p99 "
+            f"{r['quiet_p99_ms']:.2f} ms)"
+        )
+        print(
+            f"  {'path':<11} {'full s':>7} {'GB/s':>6} {'1% s':>7} {'1%/full':>7} "
+            f"{'1%* s':>7} {'1%*/full':>8} {'swap ms':>7} {'p99 swap':>8} {'RSS x':>6}"
+        )
         for p in paths:
-            print(f"  {p:<11} {r[f'{p}_full_s']:>7.3f} {r[f'{p}_full_gb_s']:>6.2f} "
-                  f"{r[f'{p}_partial_s']:>7.3f} {r[f'{p}_partial_over_full']:>7.3f} "
-                  f"{r[f'{p}_partial_after_full_s']:>7.3f} "
-                  f"{r[f'{p}_partial_after_full_over_full']:>8.3f} "
-                  f"{r[f'{p}_full_swap_ms']:>7.1f} "
-                  f"{r[f'{p}_full_p99_overlapping_swap_ms']:>6.2f}ms "
-                  f"{r[f'{p}_full_rss_peak_ratio']:>6.3f}")
-        line = (f"  file / memcpy {r['file_over_memcpy']:.2f}, file / SHA-256 "
-                f"{r['file_over_sha256']:.2f}")
+            print(
+                f"  {p:<11} {r[f'{p}_full_s']:>7.3f} {r[f'{p}_full_gb_s']:>6.2f} "
+                f"{r[f'{p}_partial_s']:>7.3f} {r[f'{p}_partial_over_full']:>7.3f} "
+                f"{r[f'{p}_partial_after_full_s']:>7.3f} "
+                f"{r[f'{p}_partial_after_full_over_full']:>8.3f} "
+                f"{r[f'{p}_full_swap_ms']:>7.1f} "
+                f"{r[f'{p}_full_p99_overlapping_swap_ms']:>6.2f}ms "
+                f"{r[f'{p}_full_rss_peak_ratio']:>6.3f}"
+            )
+        line = (
+            f"  file / memcpy {r['file_over_memcpy']:.2f}, file / SHA-256 "
+            f"{r['file_over_sha256']:.2f}"
+        )
         if "file_over_h2d" in r:
-            line += (f", file / H2D {r['file_over_h2d']:.2f}, gpu-direct / D2D "
-                     f"{r['gpu-direct_over_d2d']:.3f}")
+            line += (
+                f", file / H2D {r['file_over_h2d']:.2f}, gpu-direct / D2D "
+                f"{r['gpu-direct_over_d2d']:.3f}"
+            )
         print(line)
-    print("1%: one of the 100 constants after another 1% update; 1%*: the first 1% after a "
-          "full update (it also copies the 99% the full update changed into the inactive buffer)")
-    print("p99 swap: Runs overlapping the swap after the full update; Runs are checked against "
-          "the version each reports (failed/mixed above)")
-    print("RSS x: daemon peak RSS over the full staging / RSS before it (the inactive buffer "
-          "is reserved: active + new)")
+    print(
+        "1%: one of the 100 constants after another 1% update; 1%*: the first 1% after a "
+        "full update (it also copies the 99% the full update changed into the inactive buffer)"
+    )
+    print(
+        "p99 swap: Runs overlapping the swap after the full update; Runs are checked against "
+        "the version each reports (failed/mixed above)"
+    )
+    print(
+        "RSS x: daemon peak RSS over the full staging / RSS before it (the inactive buffer "
+        "is reserved: active + new)"
+    )

@@ -43,9 +43,14 @@ def smoke(target: str, metrics: str | None, timeout: float) -> None:
         client.wait_until_ready(timeout=timeout)
         print(f"health: SERVING after {time.monotonic() - start:.1f} s")
         models = client.list_models()
-        print("models: " + ", ".join(f"{m.name} ({m.state}, {'/'.join(m.devices)}, "
-                                     f"weights {m.active_version.id if m.active_version else '-'})"
-                                     for m in models))
+        print(
+            "models: "
+            + ", ".join(
+                f"{m.name} ({m.state}, {'/'.join(m.devices)}, "
+                f"weights {m.active_version.id if m.active_version else '-'})"
+                for m in models
+            )
+        )
         ready = [m for m in models if m.state == "READY"]
         if not ready:
             raise RuntimeError("no READY model")
@@ -60,14 +65,19 @@ def smoke(target: str, metrics: str | None, timeout: float) -> None:
                 got = list(out.shape)
                 if len(want) != len(got) or any(w not in (-1, g) for w, g in zip(want, got)):
                     raise RuntimeError(f"{info.name}: output {spec.name} shape {got}, spec {want}")
-            print(f"run {info.name}: {[tuple(i.shape) for i in inputs]} -> "
-                  f"{[(tuple(o.shape), str(o.dtype)) for o in outputs]} in {ms:.1f} ms; "
-                  f"first row {np.asarray(outputs[0]).reshape(-1)[:3].round(4).tolist()}")
+            print(
+                f"run {info.name}: {[tuple(i.shape) for i in inputs]} -> "
+                f"{[(tuple(o.shape), str(o.dtype)) for o in outputs]} in {ms:.1f} ms; "
+                f"first row {np.asarray(outputs[0]).reshape(-1)[:3].round(4).tolist()}"
+            )
     if metrics:
         with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as reply:
             text = reply.read().decode()
-        counted = [line for line in text.splitlines()
-                   if line.startswith("aotiserve_") and "_total{" in line and 'method="Run"' in line]
+        counted = [
+            line
+            for line in text.splitlines()
+            if line.startswith("aotiserve_") and "_total{" in line and 'method="Run"' in line
+        ]
         if not counted or not counted[0].endswith(" 2.0"):
             raise RuntimeError(f"metrics: want 2 Run calls counted, got {counted}")
         print(f"metrics: {counted[0]}")
@@ -80,8 +90,10 @@ def rollout(target: str, model: str, token_file: str) -> str:
     from aotiserve.client import weights
 
     token = Path(token_file).read_text().strip()
-    with Client(target, admin_token=token, timeout=60) as client, \
-            tempfile.TemporaryDirectory() as tmp:
+    with (
+        Client(target, admin_token=token, timeout=60) as client,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         info = client.model(model).info()
         x = [_random_input(spec) for spec in info.inputs]
         before = np.asarray(client.model(model).run(x)[0])
@@ -93,9 +105,23 @@ def rollout(target: str, model: str, token_file: str) -> str:
         new = Path(tmp) / f"{model}-v2.safetensors"
         save_file(tensors, new)
         cli = Path(sys.executable).with_name("aotiserve")
-        out = subprocess.run([str(cli), "--admin-token-file", token_file, "weights", "rollout",
-                              "--model", model, str(new), "--targets", target],
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [
+                str(cli),
+                "--admin-token-file",
+                token_file,
+                "weights",
+                "rollout",
+                "--model",
+                model,
+                str(new),
+                "--targets",
+                target,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         # The command's table, without its progress bar's redraws.
         for line in out.stdout.replace("\r", "\n").splitlines():
             if line.strip():
@@ -107,8 +133,10 @@ def rollout(target: str, model: str, token_file: str) -> str:
         if not delta > 0.5:
             raise RuntimeError(f"outputs did not change after the rollout (max delta {delta})")
         active = client.model(model).info().active_version
-        print(f"rollout: {name} += 1 -> outputs moved by up to {delta:.3f}; "
-              f"{model} serves {active.id} (was {info.active_version.id})")
+        print(
+            f"rollout: {name} += 1 -> outputs moved by up to {delta:.3f}; "
+            f"{model} serves {active.id} (was {info.active_version.id})"
+        )
         print(f"VERSION={active.id}")
         return active.id
 

@@ -27,13 +27,30 @@ def main() -> int:
     parser.add_argument("dest", type=Path)
     parser.add_argument("--python-version", default="3.11")
     parser.add_argument("--torch-spec", default="torch==2.13.0")
-    parser.add_argument("--torch-index-url", default=None,
-                        help="extra index for torch, e.g. https://download.pytorch.org/whl/cpu")
+    parser.add_argument(
+        "--torch-index-url",
+        default=None,
+        help="extra index for torch, e.g. https://download.pytorch.org/whl/cpu",
+    )
     args = parser.parse_args()
     args.dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:",
-           "--python-version", args.python_version, "--implementation", "cp",
-           "-c", str(HERE / "constraints.txt"), "-d", str(args.dest), "--find-links", str(args.dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--only-binary=:all:",
+        "--python-version",
+        args.python_version,
+        "--implementation",
+        "cp",
+        "-c",
+        str(HERE / "constraints.txt"),
+        "-d",
+        str(args.dest),
+        "--find-links",
+        str(args.dest),
+    ]
     for platform in PLATFORMS:
         cmd += ["--platform", platform]
     if args.torch_index_url:

@@ -55,7 +55,11 @@ def check() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         fresh, committed = generated_files(Path(tmp)), generated_files(OUT_ROOT)
-        stale = [str(p) for p in fresh if p not in committed or not filecmp.cmp(Path(tmp) / p, OUT_ROOT / p, shallow=False)]
+        stale = [
+            str(p)
+            for p in fresh
+            if p not in committed or not filecmp.cmp(Path(tmp) / p, OUT_ROOT / p, shallow=False)
+        ]
         extra = [str(p) for p in committed if p not in fresh]
     if stale or extra:
         print(f"generated code is stale: {stale + extra}; run `make proto`", file=sys.stderr)

@@ -35,6 +35,7 @@ from .backends import (  # noqa: E402
     compiled_backends,
     runner_class_for,
 )
+
 # The daemon's one port (gRPC C++): server/port.py and server/bridge.py drive it.
 PortServer = _C.PortServer
 PortStats = _C.PortStats

@@ -49,16 +49,22 @@ def _open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
     try:
         with open(path, "rb") as f:
             if f.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
-                raise PackageError(f"model package {str(path)!r} is not a valid .pt2 archive: "
-                                   "it does not start with a zip header (PK\\x03\\x04)")
+                raise PackageError(
+                    f"model package {str(path)!r} is not a valid .pt2 archive: "
+                    "it does not start with a zip header (PK\\x03\\x04)"
+                )
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise PackageError(f"model package {str(path)!r} is not a valid .pt2 archive: {exc}") from exc
+        raise PackageError(
+            f"model package {str(path)!r} is not a valid .pt2 archive: {exc}"
+        ) from exc
     first = min((info.header_offset for info in zf.infolist()), default=0)
     if first:
         zf.close()
-        raise PackageError(f"model package {str(path)!r} is not a valid .pt2 archive: {first} "
-                           "bytes lie in front of its zip archive")
+        raise PackageError(
+            f"model package {str(path)!r} is not a valid .pt2 archive: {first} "
+            "bytes lie in front of its zip archive"
+        )
     return zf
 
 
@@ -83,7 +89,11 @@ def _select(models: dict[str, list[zipfile.ZipInfo]], path, model_name: str | No
     if not models:
         raise PackageError(f"model package {str(path)!r} contains no AOTInductor model")
     if model_name is None:
-        model_name = DEFAULT_MODEL_NAME if DEFAULT_MODEL_NAME in models or len(models) > 1 else next(iter(models))
+        model_name = (
+            DEFAULT_MODEL_NAME
+            if DEFAULT_MODEL_NAME in models or len(models) > 1
+            else next(iter(models))
+        )
     if model_name not in models:
         raise PackageError(
             f"model package {str(path)!r} has no model named {model_name!r} "
@@ -150,15 +160,27 @@ def _device_of(device: str | torch.device) -> torch.device:
     return device
 
 
-def _construct(runner_cls, so_path: str, device: torch.device, num_runners: int, bin_dir: str,
-               run_single_threaded: bool):
+def _construct(
+    runner_cls,
+    so_path: str,
+    device: torch.device,
+    num_runners: int,
+    bin_dir: str,
+    run_single_threaded: bool,
+):
     if device.type in ("cpu", "mps"):
         return runner_cls(so_path, num_runners, run_single_threaded)
     return runner_cls(so_path, num_runners, str(device), bin_dir, run_single_threaded)
 
 
-def _runner_from_folder(runner_cls, folder: Path, device: torch.device, num_runners: int,
-                        run_single_threaded: bool, what: str):
+def _runner_from_folder(
+    runner_cls,
+    folder: Path,
+    device: torch.device,
+    num_runners: int,
+    run_single_threaded: bool,
+    what: str,
+):
     so_files = sorted(folder.glob("*.so"))
     wrappers = [p for p in so_files if p.name.endswith(".wrapper.so")] or so_files
     if len(wrappers) != 1:
@@ -166,8 +188,9 @@ def _runner_from_folder(runner_cls, folder: Path, device: torch.device, num_runn
             f"{what} has {len(wrappers)} shared libraries, expected one "
             "(packages holding only C++ sources must be compiled first)"
         )
-    runner = _construct(runner_cls, str(wrappers[0]), device, num_runners, str(folder),
-                        run_single_threaded)
+    runner = _construct(
+        runner_cls, str(wrappers[0]), device, num_runners, str(folder), run_single_threaded
+    )
     for blob in folder.glob("*_weights.blob"):
         runner.update_constant_buffer_from_blob(str(blob))
     return runner
@@ -194,8 +217,9 @@ def load_model(
     if path.suffix == ".so":
         if not path.is_file():
             raise PackageError(f"model library {str(path)!r} does not exist or is not a file")
-        runner = _construct(runner_cls, str(path), device, num_runners, str(path.parent),
-                            run_single_threaded)
+        runner = _construct(
+            runner_cls, str(path), device, num_runners, str(path.parent), run_single_threaded
+        )
         return LoadedModel(runner, device, str(path), path.stem)
 
     with _open_zip(path) as zf:
@@ -210,8 +234,14 @@ def load_model(
         workdir = tempfile.mkdtemp(prefix="aotiserve-model-")
         try:
             _safe_extract(zf, members, Path(workdir))
-            runner = _runner_from_folder(runner_cls, Path(workdir), device, num_runners,
-                                         run_single_threaded, f"model {name!r} in {str(path)!r}")
+            runner = _runner_from_folder(
+                runner_cls,
+                Path(workdir),
+                device,
+                num_runners,
+                run_single_threaded,
+                f"model {name!r} in {str(path)!r}",
+            )
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise

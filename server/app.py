@@ -100,11 +100,16 @@ class AppServer:
         self.metrics.watch_gpus(config.devices)
         self.pools = {d: DevicePool(d, config.max_queue, self.metrics) for d in config.devices}
         store = WeightsStore(config.weights_dir) if config.weights_dir else None
-        self.registry = ModelRegistry(self.pools, config.devices, config.runners_per_model,
-                                      self.metrics, store,
-                                      batching=(config.batch_max_size, config.batch_max_delay_us),
-                                      reserve_inactive=config.reserve_inactive_buffer,
-                                      warmup_runs=config.warmup_runs)
+        self.registry = ModelRegistry(
+            self.pools,
+            config.devices,
+            config.runners_per_model,
+            self.metrics,
+            store,
+            batching=(config.batch_max_size, config.batch_max_delay_us),
+            reserve_inactive=config.reserve_inactive_buffer,
+            warmup_runs=config.warmup_runs,
+        )
         self.registry.on_loaded = _freeze_gc
         self.plane = DataPlane(config, self.registry, self.metrics)
         inference_token = _read_token(config.inference_token_file, "inference")
@@ -112,35 +117,48 @@ class AppServer:
         # Health/List is answered in Python; Check and Watch by the port (health.cpp).
         self.health = served_health.HealthServicer(
             experimental_non_blocking=True,
-            experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))
+            experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
+        )
         self.interceptor = ServingInterceptor(
-            self.metrics, admin_token,
+            self.metrics,
+            admin_token,
             is_model=self.registry.__contains__,
             inference_token=inference_token,
             admin_loopback_only=config.admin_loopback_only,
-            insecure_admin=config.insecure_admin)
+            insecure_admin=config.insecure_admin,
+        )
         self.service_names = [name for _add, name in providers]
-        adders = [lambda server, add=add: add(self.plane, self.config, server)
-                  for add, _name in providers]
-        adders.append(lambda server: health_pb2_grpc.add_HealthServicer_to_server(self.health, server))
-        adders.append(lambda server: reflection.enable_server_reflection(
-            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server))
+        adders = [
+            lambda server, add=add: add(self.plane, self.config, server) for add, _name in providers
+        ]
+        adders.append(
+            lambda server: health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        )
+        adders.append(
+            lambda server: reflection.enable_server_reflection(
+                (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+        )
         handlers = collect_handlers(adders)
-        self.port_server = Port(config, self.metrics.stats, admin_token, inference_token,
-                                streaming_methods(handlers))
+        self.port_server = Port(
+            config, self.metrics.stats, admin_token, inference_token, streaming_methods(handlers)
+        )
         self.registry.port = self.port_server
         self.metrics.registry.register(self.port_server)
-        self.bridge = Bridge(self.port_server.server, handlers, self.interceptor,
-                             config.grpc_workers)
+        self.bridge = Bridge(
+            self.port_server.server, handlers, self.interceptor, config.grpc_workers
+        )
         # The admin port, when there is one, takes the mutating RPCs (the main port then
         # refuses them); it is the same port with a second listener.
         separate_admin = config.admin_port is not None
-        self.port = self.port_server.listen(f"{config.host}:{config.port}",
-                                            admin_rpcs=not separate_admin)
+        self.port = self.port_server.listen(
+            f"{config.host}:{config.port}", admin_rpcs=not separate_admin
+        )
         self.admin_port: int | None = None
         if separate_admin:
             self.admin_port = self.port_server.listen(
-                f"{config.admin_host}:{config.admin_port}", admin_rpcs=True)
+                f"{config.admin_host}:{config.admin_port}", admin_rpcs=True
+            )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics_port: int | None = None
         self.loaded = threading.Event()
@@ -154,8 +172,9 @@ class AppServer:
 
     # Lifecycle ---------------------------------------------------------------
 
-    def start(self, load: str = "background", load_gate: Callable[[], None] | None = None
-              ) -> AppServer:
+    def start(
+        self, load: str = "background", load_gate: Callable[[], None] | None = None
+    ) -> AppServer:
         """Starts serving; loads models ``"background"`` (health flips when done) or ``"now"``.
 
         ``load_gate`` (tests) is called before loading starts.
@@ -163,15 +182,20 @@ class AppServer:
         if self.config.metrics_enabled:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         self.bridge.start()
-        log.info("aotiserve listening on %s:%d (%s)", self.config.host, self.port,
-                 ", ".join(self.service_names))
+        log.info(
+            "aotiserve listening on %s:%d (%s)",
+            self.config.host,
+            self.port,
+            ", ".join(self.service_names),
+        )
         if self.admin_port is not None:
             log.info("admin RPCs on %s:%d only", self.config.admin_host, self.admin_port)
         if load == "now":
             self._load(load_gate)
         else:
-            threading.Thread(target=self._load, args=(load_gate,), name="aotiserve-load",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._load, args=(load_gate,), name="aotiserve-load", daemon=True
+            ).start()
         return self
 
     def _load(self, gate: Callable[[], None] | None) -> None:
@@ -184,13 +208,16 @@ class AppServer:
                 self.registry.load_repository(self.config.model_repository)
             if self.config.serve_demo:
                 from .demo import DEMO_MODEL, ensure_demo_package
+
                 expected.add(DEMO_MODEL)
                 path = ensure_demo_package(self.config.demo_cache_dir)
                 self.registry.load(DEMO_MODEL, path, self.registry.options())
             if self.plane.ready():
                 self._set_health(health_pb2.HealthCheckResponse.SERVING)
-                log.info("serving: %s", ", ".join(m.name for m in self.registry.models()) or
-                         "no models yet")
+                log.info(
+                    "serving: %s",
+                    ", ".join(m.name for m in self.registry.models()) or "no models yet",
+                )
                 self._write_ready_file()
         except BaseException as exc:  # noqa: BLE001 (reported via health and the log)
             self.load_error = exc
@@ -203,9 +230,16 @@ class AppServer:
             return
         path = Path(self.config.ready_file)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port,
-                                   "admin_port": self.admin_port,
-                                   "pid": os.getpid()}))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "port": self.port,
+                    "metrics_port": self.metrics_port,
+                    "admin_port": self.admin_port,
+                    "pid": os.getpid(),
+                }
+            )
+        )
         os.replace(tmp, path)
 
     def stop(self, grace: float | None = None) -> threading.Event:
@@ -223,11 +257,14 @@ class AppServer:
 
         def finish():
             if not self.port_server.wait_idle(grace):
-                log.warning("grace period of %.1fs over with calls in flight; cancelling them",
-                            grace)
+                log.warning(
+                    "grace period of %.1fs over with calls in flight; cancelling them", grace
+                )
             # Keep answering UNAVAILABLE a moment, so clients and load balancers move away
             # before the port closes.
-            self._stopped.wait(min(self.config.drain_delay_s, max(0.0, deadline - time.monotonic())))
+            self._stopped.wait(
+                min(self.config.drain_delay_s, max(0.0, deadline - time.monotonic()))
+            )
             self.port_server.stop(deadline - time.monotonic())
             self.bridge.join(max(0.0, deadline - time.monotonic()) + 1.0)
             self.registry.close()
@@ -242,8 +279,9 @@ class AppServer:
         return self._stopped.wait(timeout)
 
 
-def create_server(config: ServeConfig,
-                  providers: Sequence[ServicerProvider] | None = None) -> tuple[AppServer, int]:
+def create_server(
+    config: ServeConfig, providers: Sequence[ServicerProvider] | None = None
+) -> tuple[AppServer, int]:
     """Builds the daemon and binds its port (not started yet). Returns (server, port)."""
     server = AppServer(config, SERVICER_PROVIDERS if providers is None else providers)
     return server, server.port
@@ -263,8 +301,11 @@ def serve(config: ServeConfig) -> int:
     stop_requested = threading.Event()
 
     def on_signal(signum, _frame):
-        log.info("received %s: draining (grace %.1fs)", signal.Signals(signum).name,
-                 config.grace_period_s)
+        log.info(
+            "received %s: draining (grace %.1fs)",
+            signal.Signals(signum).name,
+            config.grace_period_s,
+        )
         stop_requested.set()
 
     signal.signal(signal.SIGTERM, on_signal)

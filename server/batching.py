@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Callable, Sequence
 
 import torch
 
@@ -68,8 +68,13 @@ class Batcher:
         self._open: _Batch | None = None
         self.batches = 0  # runs made for more than one request (for tests and logs)
 
-    def run(self, inputs: list[torch.Tensor], ctx: Any, execute: Execute,
-            others_in_flight: Callable[[], bool]) -> tuple[list[torch.Tensor], str]:
+    def run(
+        self,
+        inputs: list[torch.Tensor],
+        ctx: Any,
+        execute: Execute,
+        others_in_flight: Callable[[], bool],
+    ) -> tuple[list[torch.Tensor], str]:
         """This request's (outputs, weights version)."""
         rows = int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 0
         if not inputs or rows == 0 or rows >= self.max_size:
@@ -78,8 +83,12 @@ class Batcher:
         key = _key(inputs)
         with self._cond:
             batch = self._open
-            if (batch is not None and not batch.closed and batch.key == key
-                    and batch.rows + rows <= self.max_size):
+            if (
+                batch is not None
+                and not batch.closed
+                and batch.key == key
+                and batch.rows + rows <= self.max_size
+            ):
                 batch.members.append(request)  # follow: the leader runs it
                 batch.rows += rows
                 if batch.rows >= self.max_size:
@@ -118,13 +127,11 @@ class Batcher:
             return members[0].inputs
         return [torch.cat([m.inputs[i] for m in members]) for i in range(len(members[0].inputs))]
 
-    def _lead(self, batch: _Batch, execute: Execute,
-              others_in_flight: Callable[[], bool]) -> None:
+    def _lead(self, batch: _Batch, execute: Execute, others_in_flight: Callable[[], bool]) -> None:
         leader = batch.members[0]
         try:
             try:
-                outputs, version = execute(lambda: self._seal(batch, others_in_flight),
-                                           leader.ctx)
+                outputs, version = execute(lambda: self._seal(batch, others_in_flight), leader.ctx)
             except Exception as exc:  # noqa: BLE001 (each request gets its own answer)
                 with self._cond:
                     self._close(batch)  # refused before it ran (queue, deadline): seal it
@@ -168,6 +175,8 @@ def batchable(inputs: Sequence, outputs: Sequence) -> str | None:
             if spec.shape is None:
                 return f"{kind} {spec.name!r} has no recorded shape"
             if not spec.shape or spec.shape[0] != -1:
-                return (f"{kind} {spec.name!r} has no dynamic first dimension "
-                        f"(shape {list(spec.shape)})")
+                return (
+                    f"{kind} {spec.name!r} has no dynamic first dimension "
+                    f"(shape {list(spec.shape)})"
+                )
     return None

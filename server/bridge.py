@@ -15,8 +15,8 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from typing import Any
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import grpc
 
@@ -25,7 +25,8 @@ from aotiserve import runner_ext
 log = logging.getLogger(__name__)
 
 _HandlerCallDetails = collections.namedtuple(
-    "_HandlerCallDetails", ("method", "invocation_metadata"))
+    "_HandlerCallDetails", ("method", "invocation_metadata")
+)
 
 
 class _Abort(Exception):
@@ -133,14 +134,17 @@ def streaming_methods(handlers: Sequence[Any]) -> list[str]:
 class Bridge:
     """``workers`` threads answering the port's bridged calls with ``handlers``."""
 
-    def __init__(self, port: runner_ext.PortServer, handlers: Sequence[Any], interceptor,
-                 workers: int):
+    def __init__(
+        self, port: runner_ext.PortServer, handlers: Sequence[Any], interceptor, workers: int
+    ):
         self._port = port
         self._generic = list(handlers)
         self._interceptor = interceptor
         self._contexts: dict[int, BridgeContext] = {}
-        self._threads = [threading.Thread(target=self._loop, name=f"aotiserve-bridge-{i}",
-                                          daemon=True) for i in range(workers)]
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"aotiserve-bridge-{i}", daemon=True)
+            for i in range(workers)
+        ]
 
     def start(self) -> None:
         for t in self._threads:
@@ -178,7 +182,8 @@ class Bridge:
         method = call.method
         details = _HandlerCallDetails(method, call.metadata)
         handler = self._interceptor.intercept_for(
-            lambda d: self._find(d.method, d.invocation_metadata), details, call.admin_rpcs)
+            lambda d: self._find(d.method, d.invocation_metadata), details, call.admin_rpcs
+        )
         if handler is None:
             call.finish(grpc.StatusCode.UNIMPLEMENTED.value[0], f"Method not found: {method}", [])
             return

@@ -17,21 +17,33 @@ import torch
 from .model_types import ConstantInfo
 
 
-def views_fit(constants: Mapping[str, ConstantInfo], views: Mapping[str, torch.Tensor],
-              fqns: Sequence[str] | None = None) -> bool:
+def views_fit(
+    constants: Mapping[str, ConstantInfo],
+    views: Mapping[str, torch.Tensor],
+    fqns: Sequence[str] | None = None,
+) -> bool:
     """Whether ``views`` hold a contiguous tensor of the right dtype and shape for each
     of ``fqns`` (default: every constant)."""
-    for fqn in (fqns if fqns is not None else constants):
+    for fqn in fqns if fqns is not None else constants:
         info = constants[fqn]
         t = views.get(fqn)
-        if t is None or t.dtype != info.dtype or tuple(t.shape) != info.shape or \
-                not t.is_contiguous():
+        if (
+            t is None
+            or t.dtype != info.dtype
+            or tuple(t.shape) != info.shape
+            or not t.is_contiguous()
+        ):
             return False
     return True
 
 
-def copy_into(replica: Any, constants: Mapping[str, ConstantInfo], fqn: str,
-              dst: torch.Tensor | None, src: torch.Tensor) -> torch.Tensor | None:
+def copy_into(
+    replica: Any,
+    constants: Mapping[str, ConstantInfo],
+    fqn: str,
+    dst: torch.Tensor | None,
+    src: torch.Tensor,
+) -> torch.Tensor | None:
     """Copies ``src`` into ``dst`` (a buffer's own memory for constant ``fqn``) and
     returns ``dst``; None where there is no such memory to write into."""
     if dst is None or not views_fit(constants, {fqn: dst}, [fqn]):
@@ -40,9 +52,13 @@ def copy_into(replica: Any, constants: Mapping[str, ConstantInfo], fqn: str,
     return dst
 
 
-def inactive_map(replica: Any, constants: Mapping[str, ConstantInfo],
-                 new: Mapping[str, torch.Tensor], stale: set[str],
-                 inactive_empty: bool) -> dict[str, torch.Tensor]:
+def inactive_map(
+    replica: Any,
+    constants: Mapping[str, ConstantInfo],
+    new: Mapping[str, torch.Tensor],
+    stale: set[str],
+    inactive_empty: bool,
+) -> dict[str, torch.Tensor]:
     """The inactive buffer's next content, by constant name: ``new`` ({fqn: tensor},
     tensors nothing else uses), and for every other constant the active weights (a
     partial update starts from what serves): kept where the inactive buffer already
@@ -64,8 +80,9 @@ def inactive_map(replica: Any, constants: Mapping[str, ConstantInfo],
     return full
 
 
-def write_active(replica: Any, constants: Mapping[str, ConstantInfo],
-                 tensors: Mapping[str, torch.Tensor]) -> None:
+def write_active(
+    replica: Any, constants: Mapping[str, ConstantInfo], tensors: Mapping[str, torch.Tensor]
+) -> None:
     """Writes ``tensors`` ({fqn: tensor}) into the serving buffer's own memory (no run
     may be in flight), then hands them over as they are: no second buffer is allocated."""
     live = replica.runner.extract_constants_map(False)
@@ -74,12 +91,17 @@ def write_active(replica: Any, constants: Mapping[str, ConstantInfo],
         dst = copy_into(replica, constants, fqn, live.get(fqn), t)
         m[constants[fqn].name] = t if dst is None else dst
     replica.pool.run_in_stream(
-        lambda: replica.runner.update_constant_buffer(m, False, False, user_managed=True))
+        lambda: replica.runner.update_constant_buffer(m, False, False, user_managed=True)
+    )
 
 
-def write_inactive(replica: Any, constants: Mapping[str, ConstantInfo],
-                   tensors: Mapping[str, torch.Tensor], stale: set[str],
-                   inactive_empty: bool) -> None:
+def write_inactive(
+    replica: Any,
+    constants: Mapping[str, ConstantInfo],
+    tensors: Mapping[str, torch.Tensor],
+    stale: set[str],
+    inactive_empty: bool,
+) -> None:
     """Stages ``tensors`` ({fqn: tensor}) in the inactive buffer, completed with the
     active weights for constants not given (copied where ``stale``). Handed over, not
     copied: the tensors are the inactive buffer's own memory (written in place) or ones
@@ -87,7 +109,8 @@ def write_inactive(replica: Any, constants: Mapping[str, ConstantInfo],
     buffer torch had filled from the package, allocated a second one for good."""
     full = inactive_map(replica, constants, tensors, stale, inactive_empty)
     replica.pool.run_in_stream(
-        lambda: replica.runner.update_constant_buffer(full, True, False, user_managed=True))
+        lambda: replica.runner.update_constant_buffer(full, True, False, user_managed=True)
+    )
 
 
 def inactive_views(replica: Any, empty: bool) -> dict[str, torch.Tensor]:
@@ -103,6 +126,5 @@ def fill_inactive(replica: Any, constants: Mapping[str, ConstantInfo]) -> dict[s
     it where it has none); returns the buffer's views by FQN."""
     active = replica.runner.extract_constants_map(False)
     full = {info.name: active[fqn] for fqn, info in constants.items()}
-    replica.pool.run_in_stream(
-        lambda: replica.runner.update_constant_buffer(full, True, False))
+    replica.pool.run_in_stream(lambda: replica.runner.update_constant_buffer(full, True, False))
     return replica.runner.extract_constants_map(True)

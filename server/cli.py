@@ -43,8 +43,10 @@ def setup_logging(config: ServeConfig) -> None:
 
 def build_parser(prog: str = "aotiserve serve") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Serve AOTInductor models over gRPC (with no arguments: "
-        "the built-in demo model on 127.0.0.1:8500).")
+        prog=prog,
+        description="Serve AOTInductor models over gRPC (with no arguments: "
+        "the built-in demo model on 127.0.0.1:8500).",
+    )
     return add_serve_arguments(parser)
 
 
@@ -64,14 +66,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("configuration: %s", json.dumps(config.redacted(), default=str))
     if not config.admin_token_file:
         if config.inference_token_file:
-            log.info("no admin token (--admin-token-file): mutating RPCs (weights, load/unload) "
-                     "are refused")
+            log.info(
+                "no admin token (--admin-token-file): mutating RPCs (weights, load/unload) "
+                "are refused"
+            )
         elif config.insecure_admin:
-            log.warning("--insecure-admin and no token: anyone who reaches port %d can change "
-                        "what is served", config.port)
+            log.warning(
+                "--insecure-admin and no token: anyone who reaches port %d can change "
+                "what is served",
+                config.port,
+            )
         else:
-            log.info("no admin token (--admin-token-file): mutating RPCs (weights, load/unload) "
-                     "are taken from loopback only")
+            log.info(
+                "no admin token (--admin-token-file): mutating RPCs (weights, load/unload) "
+                "are taken from loopback only"
+            )
     from .app import serve  # imports torch and the extension: after logging is up
 
     return serve(config)

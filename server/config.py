@@ -13,11 +13,12 @@ import dataclasses
 import json
 import os
 import tempfile
-import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Mapping
+
+import tomllib
 
 ENV_PREFIX = "AOTISERVE_"
 MIB = 1 << 20
@@ -149,23 +150,33 @@ class ServeConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.cpu_block_cache_bytes < 0:
-            raise ValueError(f"cpu_block_cache_bytes must be >= 0 (0: off), got {self.cpu_block_cache_bytes}")
+            raise ValueError(
+                f"cpu_block_cache_bytes must be >= 0 (0: off), got {self.cpu_block_cache_bytes}"
+            )
         if self.time_slice_ms and not 0.1 <= self.time_slice_ms <= 100:
-            raise ValueError(f"time_slice_ms must be 0 (the kernel's default) or between 0.1 and "
-                             f"100 (the kernel's bounds), got {self.time_slice_ms}")
+            raise ValueError(
+                f"time_slice_ms must be 0 (the kernel's default) or between 0.1 and "
+                f"100 (the kernel's bounds), got {self.time_slice_ms}"
+            )
         if not 1 <= self.max_streams < self.grpc_workers:
             raise ValueError(
                 f"max_streams must be at least 1 and below grpc_workers ({self.grpc_workers}), "
-                f"so streams never hold every bridge thread; got {self.max_streams}")
+                f"so streams never hold every bridge thread; got {self.max_streams}"
+            )
         if self.stream_idle_timeout_s < 0 or self.connection_idle_timeout_s < 0:
             raise ValueError("stream_idle_timeout_s and connection_idle_timeout_s must be >= 0")
         if not 1 <= self.max_weight_streams < self.grpc_workers:
             raise ValueError(
                 f"max_weight_streams must be at least 1 and below grpc_workers "
                 f"({self.grpc_workers}), so weight streams never hold every worker thread; "
-                f"got {self.max_weight_streams}")
-        for name in ("max_inputs", "max_tensor_rank", "max_tensor_elements",
-                     "max_upload_constants"):
+                f"got {self.max_weight_streams}"
+            )
+        for name in (
+            "max_inputs",
+            "max_tensor_rank",
+            "max_tensor_elements",
+            "max_upload_constants",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         self._check_model_roots()
@@ -196,13 +207,15 @@ class ServeConfig:
                     raise ValueError(
                         f"model root {root!r} overlaps {what} {folder!r}: the daemon writes "
                         "there, and packages load only from folders it never writes; keep "
-                        "them apart")
+                        "them apart"
+                    )
         tmp = _real(tempfile.gettempdir())
         for root, root_real in roots:
             if root_real == tmp or root_real in tmp.parents:
                 raise ValueError(
                     f"model root {root!r} holds the temp folder {str(tmp)!r}, where the daemon "
-                    "unpacks packages; name a folder below it instead")
+                    "unpacks packages; name a folder below it instead"
+                )
 
     @property
     def serve_demo(self) -> bool:
@@ -308,22 +321,43 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--devices", help="comma-separated devices, e.g. cpu,cuda:0")
     a("--runners-per-model", type=int, help="model instances per replica (default 2)")
     a("--weights-dir", help="folder where committed weight versions are persisted")
-    a("--model-root", dest="model_roots", action="append",
-      help="folder below which LoadModel packages may lie, besides --model-repository "
-           "(repeatable; never a folder the daemon writes)")
-    a("--allowed-root", dest="allowed_roots", action="append",
-      help="folder below which UpdateConstantBufferFromBlob paths may lie (repeatable)")
+    a(
+        "--model-root",
+        dest="model_roots",
+        action="append",
+        help="folder below which LoadModel packages may lie, besides --model-repository "
+        "(repeatable; never a folder the daemon writes)",
+    )
+    a(
+        "--allowed-root",
+        dest="allowed_roots",
+        action="append",
+        help="folder below which UpdateConstantBufferFromBlob paths may lie (repeatable)",
+    )
     a("--admin-token-file", help="file holding the admin token for mutating RPCs")
-    a("--inference-token-file",
-      help="file holding a token every non-admin RPC needs (health and reflection excepted); "
-           "mutating RPCs then need the admin token")
-    a("--admin-loopback-only", action="store_const", const=True,
-      help="accept mutating RPCs only from loopback peers, with the admin token too")
-    a("--insecure-admin", action="store_const", const=True,
-      help="with no token configured, accept mutating RPCs from any peer (by default only "
-           "from loopback)")
-    a("--admin-port", type=int,
-      help="serve mutating RPCs only on this port (0 picks one; -1: on the main port)")
+    a(
+        "--inference-token-file",
+        help="file holding a token every non-admin RPC needs (health and reflection excepted); "
+        "mutating RPCs then need the admin token",
+    )
+    a(
+        "--admin-loopback-only",
+        action="store_const",
+        const=True,
+        help="accept mutating RPCs only from loopback peers, with the admin token too",
+    )
+    a(
+        "--insecure-admin",
+        action="store_const",
+        const=True,
+        help="with no token configured, accept mutating RPCs from any peer (by default only "
+        "from loopback)",
+    )
+    a(
+        "--admin-port",
+        type=int,
+        help="serve mutating RPCs only on this port (0 picks one; -1: on the main port)",
+    )
     a("--admin-host", help="address the admin port binds (default 127.0.0.1)")
     a("--tls-cert", help="server certificate (PEM)")
     a("--tls-key", help="server private key (PEM)")
@@ -331,55 +365,111 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--max-message-bytes", type=int, help="largest gRPC message accepted or sent")
     a("--max-queue", type=int, help="requests waiting per device pool before RESOURCE_EXHAUSTED")
     a("--max-upload-bytes", type=int, help="largest total of one weight upload")
-    a("--max-inputs", type=int,
-      help="most inputs of one request (default 64; also OIP requested outputs, parameters "
-           "and raw_input_contents entries)")
-    a("--max-tensor-elements", type=int,
-      help="largest element count of one request tensor, and largest single dimension")
+    a(
+        "--max-inputs",
+        type=int,
+        help="most inputs of one request (default 64; also OIP requested outputs, parameters "
+        "and raw_input_contents entries)",
+    )
+    a(
+        "--max-tensor-elements",
+        type=int,
+        help="largest element count of one request tensor, and largest single dimension",
+    )
     a("--max-tensor-rank", type=int, help="most dimensions of one request tensor")
-    a("--max-upload-constants", type=int,
-      help="most constants one weight-upload header may declare (default 65536)")
+    a(
+        "--max-upload-constants",
+        type=int,
+        help="most constants one weight-upload header may declare (default 65536)",
+    )
     a("--max-runners-per-model", type=int, help="most model instances LoadModel may ask for")
-    a("--max-concurrent-rpcs", type=int,
-      help="RPCs in progress at once before RESOURCE_EXHAUSTED (default 1024)")
-    a("--max-concurrent-streams", type=int,
-      help="HTTP/2 streams per client connection at once (default 256)")
-    a("--max-streams", type=int,
-      help="long-lived streams open at once, all kinds (health Watch, reflection, stream "
-           "infer, weight streams); below --grpc-workers")
-    a("--stream-idle-timeout-s", type=float,
-      help="end a stream whose client sent nothing this long (0: never)")
-    a("--connection-idle-timeout-s", type=float,
-      help="close a connection with no call this long (0: never)")
-    a("--max-weight-streams", type=int,
-      help="weight uploads and downloads in progress at once, below --grpc-workers (default 8)")
-    a("--batch-max-size", type=int,
-      help="dynamic batching: most rows in one run, for models with a dynamic first "
-           "dimension (default 0: off)")
-    a("--batch-max-delay-us", type=int,
-      help="dynamic batching: longest a run waits for others to join (default 500)")
-    a("--warmup-runs", type=int,
-      help="runs on zero inputs shaped from the model's specs, per replica, before a model "
-           "turns READY (default 1; 0: off)")
-    a("--no-huge-pages", dest="huge_pages", action="store_const", const=False,
-      help="leave malloc and torch's allocator as the environment sets them (no transparent "
-           "huge pages, no malloc thresholds)")
-    a("--cpu-block-cache-bytes", type=int,
-      help="keep freed CPU blocks of 32 MiB or more for reuse, up to this many bytes (default "
-           "512 MiB; 0: off)")
-    a("--no-spread-runs", dest="spread_runs", action="store_const", const=False,
-      help="leave long single-threaded CPU runs where the scheduler puts them (by default "
-           "one that starts beside another is pinned, while it runs, to the core with the "
-           "fewest such runs)")
-    a("--reserve-inactive-buffer", action="store_const", const=True,
-      help="give every model's inactive weights buffer its memory at load (first uploads as "
-           "fast as later ones; twice the weights' memory from the start)")
-    a("--time-slice-ms", type=float,
-      help="CPU time a thread runs before a waking one may preempt it (Linux >= 6.12; "
-           "default 20, 0: the kernel's)")
+    a(
+        "--max-concurrent-rpcs",
+        type=int,
+        help="RPCs in progress at once before RESOURCE_EXHAUSTED (default 1024)",
+    )
+    a(
+        "--max-concurrent-streams",
+        type=int,
+        help="HTTP/2 streams per client connection at once (default 256)",
+    )
+    a(
+        "--max-streams",
+        type=int,
+        help="long-lived streams open at once, all kinds (health Watch, reflection, stream "
+        "infer, weight streams); below --grpc-workers",
+    )
+    a(
+        "--stream-idle-timeout-s",
+        type=float,
+        help="end a stream whose client sent nothing this long (0: never)",
+    )
+    a(
+        "--connection-idle-timeout-s",
+        type=float,
+        help="close a connection with no call this long (0: never)",
+    )
+    a(
+        "--max-weight-streams",
+        type=int,
+        help="weight uploads and downloads in progress at once, below --grpc-workers (default 8)",
+    )
+    a(
+        "--batch-max-size",
+        type=int,
+        help="dynamic batching: most rows in one run, for models with a dynamic first "
+        "dimension (default 0: off)",
+    )
+    a(
+        "--batch-max-delay-us",
+        type=int,
+        help="dynamic batching: longest a run waits for others to join (default 500)",
+    )
+    a(
+        "--warmup-runs",
+        type=int,
+        help="runs on zero inputs shaped from the model's specs, per replica, before a model "
+        "turns READY (default 1; 0: off)",
+    )
+    a(
+        "--no-huge-pages",
+        dest="huge_pages",
+        action="store_const",
+        const=False,
+        help="leave malloc and torch's allocator as the environment sets them (no transparent "
+        "huge pages, no malloc thresholds)",
+    )
+    a(
+        "--cpu-block-cache-bytes",
+        type=int,
+        help="keep freed CPU blocks of 32 MiB or more for reuse, up to this many bytes (default "
+        "512 MiB; 0: off)",
+    )
+    a(
+        "--no-spread-runs",
+        dest="spread_runs",
+        action="store_const",
+        const=False,
+        help="leave long single-threaded CPU runs where the scheduler puts them (by default "
+        "one that starts beside another is pinned, while it runs, to the core with the "
+        "fewest such runs)",
+    )
+    a(
+        "--reserve-inactive-buffer",
+        action="store_const",
+        const=True,
+        help="give every model's inactive weights buffer its memory at load (first uploads as "
+        "fast as later ones; twice the weights' memory from the start)",
+    )
+    a(
+        "--time-slice-ms",
+        type=float,
+        help="CPU time a thread runs before a waking one may preempt it (Linux >= 6.12; "
+        "default 20, 0: the kernel's)",
+    )
     a("--grace-period-s", type=float, help="seconds in-flight calls get after SIGTERM")
     a("--log-json", action="store_const", const=True, help="one JSON object per log line")
     a("--log-level", help="DEBUG, INFO, WARNING...")
     a("--demo", action="store_const", const=True, help="also serve the built-in demo model")
-    a("--ready-file", help="write {\"port\", \"metrics_port\"} here once serving")
+    a("--ready-file", help='write {"port", "metrics_port"} here once serving')
     return parser

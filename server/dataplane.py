@@ -162,8 +162,10 @@ class DataPlane:
         replica = model.pick_replica()
         pool = replica.pool
         stats = self.metrics.stats if self.metrics else None
-        with queued(stats, model.name) as admitted, \
-                pool.admit(replica.slot, deadline, call) as waited:
+        with (
+            queued(stats, model.name) as admitted,
+            pool.admit(replica.slot, deadline, call) as waited,
+        ):
             admitted()
             inputs = get_inputs()
             with model.rw.shared():
@@ -183,8 +185,11 @@ class DataPlane:
 
     def served_versions(self) -> dict[str, str]:
         """The active weights version of every READY model (OIP ModelStatistics)."""
-        return {m.name: m.weights.active.id if m.weights else ""
-                for m in self.registry.models() if m.state == ModelState.READY}
+        return {
+            m.name: m.weights.active.id if m.weights else ""
+            for m in self.registry.models()
+            if m.state == ModelState.READY
+        }
 
     # Description -------------------------------------------------------------
 

@@ -47,14 +47,22 @@ def ensure_demo_package(cache_dir: str | os.PathLike) -> Path:
     from .packaging import pack
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("demo model: compiling a tiny MLP with AOTInductor into %s "
-             "(first start only; this takes a minute)...", path)
+    log.info(
+        "demo model: compiling a tiny MLP with AOTInductor into %s "
+        "(first start only; this takes a minute)...",
+        path,
+    )
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         tmp_path = Path(tmp) / path.name
-        pack(demo_module(), (torch.randn(2, 8),), tmp_path,
-             dynamic_shapes=({0: Dim("batch", min=1, max=4096)},),
-             input_names=("x",), output_names=("y",))
+        pack(
+            demo_module(),
+            (torch.randn(2, 8),),
+            tmp_path,
+            dynamic_shapes=({0: Dim("batch", min=1, max=4096)},),
+            input_names=("x",),
+            output_names=("y",),
+        )
         os.replace(tmp_path, path)
     log.info("demo model: compiled in %.1fs", time.monotonic() - started)
     return path

@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
-from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -94,8 +94,7 @@ class DevicePool:
                 slot.free.notify_all()
 
     @contextmanager
-    def admit(self, slot: Slot, deadline: float | None = None,
-              call: Any = None) -> Iterator[float]:
+    def admit(self, slot: Slot, deadline: float | None = None, call: Any = None) -> Iterator[float]:
         """Holds one of the slot's runners; yields the seconds spent waiting.
 
         ``deadline`` is a ``time.monotonic()`` instant. ``call`` (a gRPC context:
@@ -106,15 +105,17 @@ class DevicePool:
         if deadline is not None and deadline <= start:
             # It waited in front of the pool (gRPC's worker queue, the model lock) until
             # nobody waits for the answer any more.
-            raise DeadlineExceeded(f"deadline passed before the run reached {self.name}; "
-                                   "not computed")
+            raise DeadlineExceeded(
+                f"deadline passed before the run reached {self.name}; not computed"
+            )
         with self.lock:
             if slot.closed:
                 raise Unavailable(f"{slot.label} is unloading")
             if slot.running >= slot.capacity or slot.waiting:
                 if self.waiting >= self.max_queue:
                     raise ResourceExhausted(
-                        f"queue of {self.name} is full ({self.max_queue} waiting); retry later")
+                        f"queue of {self.name} is full ({self.max_queue} waiting); retry later"
+                    )
                 self.waiting += 1
                 slot.waiting += 1
                 self._gauge_queue()
@@ -130,16 +131,20 @@ class DevicePool:
                         if timeout is not None and timeout <= 0:
                             raise DeadlineExceeded(
                                 f"deadline passed after {time.monotonic() - start:.3f}s in the "
-                                f"queue of {self.name}; not computed")
+                                f"queue of {self.name}; not computed"
+                            )
                         if waiter is not None and not waiter.is_active():
                             # gRPC ends a call at its deadline too: say which it was.
                             now = time.monotonic()
                             if deadline is not None and now >= deadline - 0.1:
                                 raise DeadlineExceeded(
                                     f"deadline passed after {now - start:.3f}s in the queue of "
-                                    f"{self.name}; not computed")
-                            raise Cancelled(f"cancelled after {now - start:.3f}s in the queue "
-                                            f"of {self.name}; not computed")
+                                    f"{self.name}; not computed"
+                                )
+                            raise Cancelled(
+                                f"cancelled after {now - start:.3f}s in the queue "
+                                f"of {self.name}; not computed"
+                            )
                         slot.free.wait(timeout)
                     left = False
                 finally:
@@ -208,8 +213,9 @@ class DevicePool:
         host.copy_(tensor, non_blocking=True)
         return host
 
-    def execute(self, runner: Any, inputs: Sequence[torch.Tensor],
-                short: bool = False) -> list[torch.Tensor]:
+    def execute(
+        self, runner: Any, inputs: Sequence[torch.Tensor], short: bool = False
+    ) -> list[torch.Tensor]:
         """Runs ``runner`` on inputs (host tensors); returns host tensors.
 
         ``short``: the model's runs take microseconds; on CPU they keep the GIL (its

@@ -45,9 +45,12 @@ class HealthServicer(health.HealthServicer):
     def List(self, request, context):
         with self._lock:
             statuses = dict(self._server_status)
-        return health_pb2.HealthListResponse(statuses={
-            name: health_pb2.HealthCheckResponse(status=status)
-            for name, status in statuses.items()})
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in statuses.items()
+            }
+        )
 
     def _on_close_callback(self, send_response_callback, service):
         def callback():

@@ -32,9 +32,13 @@ class InputPlan:
     def __init__(self, specs: Sequence[IOSpec]):
         self.specs = specs
         self.labels = [input_label(i, s) for i, s in enumerate(specs)]
-        self.fast = [(s.dtype, tuple(s.shape)
-                      if s.shape is not None and all(d >= 0 for d in s.shape) else None)
-                     for s in specs]
+        self.fast = [
+            (
+                s.dtype,
+                tuple(s.shape) if s.shape is not None and all(d >= 0 for d in s.shape) else None,
+            )
+            for s in specs
+        ]
 
     def label(self, i: int) -> str:
         return self.labels[i] if i < len(self.labels) else input_label(i, None)
@@ -46,22 +50,29 @@ def validate_inputs(model: str, plan: InputPlan, inputs: Sequence[torch.Tensor])
     if len(inputs) != len(specs):
         names = ", ".join(s.name for s in specs)
         raise InvalidArgument(
-            f"model {model!r} takes {len(specs)} inputs ({names}), got {len(inputs)}")
+            f"model {model!r} takes {len(specs)} inputs ({names}), got {len(inputs)}"
+        )
     for i, (t, spec, (dtype, shape)) in enumerate(zip(inputs, specs, plan.fast)):
         if shape is not None and t.dtype == dtype and t.shape == shape:
             continue  # the common case: exactly what the model declares
         if spec.dtype is not None and t.dtype != spec.dtype:
-            raise InvalidArgument(f"{input_label(i, spec)}: dtype must be "
-                                  f"{codec.dtype_name(spec.dtype)}, got {codec.dtype_name(t.dtype)}")
+            raise InvalidArgument(
+                f"{input_label(i, spec)}: dtype must be "
+                f"{codec.dtype_name(spec.dtype)}, got {codec.dtype_name(t.dtype)}"
+            )
         if spec.shape is None:
             continue
         if t.dim() != len(spec.shape):
-            raise InvalidArgument(f"{input_label(i, spec)}: expected {len(spec.shape)} "
-                                  f"dimensions {list(spec.shape)}, got shape {list(t.shape)}")
+            raise InvalidArgument(
+                f"{input_label(i, spec)}: expected {len(spec.shape)} "
+                f"dimensions {list(spec.shape)}, got shape {list(t.shape)}"
+            )
         for d, (got, want) in enumerate(zip(t.shape, spec.shape)):
             if want >= 0 and got != want:
-                raise InvalidArgument(f"{input_label(i, spec)}: dimension {d} must be {want} "
-                                      f"(shape {list(spec.shape)}), got shape {list(t.shape)}")
+                raise InvalidArgument(
+                    f"{input_label(i, spec)}: dimension {d} must be {want} "
+                    f"(shape {list(spec.shape)}), got shape {list(t.shape)}"
+                )
         # The package's dynamic-dim guards, checked here so the caller learns what the
         # model accepts and how to change that (the runner's own message says neither).
         if spec.min_shape is not None or spec.max_shape is not None:
@@ -75,8 +86,7 @@ def run_error(model: str, exc: Exception) -> ServeError:
     msg = str(exc).split("\nException raised from")[0].strip()
     # Shape guards name the input; bounds checks fire on input values (an embedding
     # id past the table): both are the caller's to fix.
-    if (isinstance(exc, ValueError) or "input" in msg.lower()
-            or "out of bounds" in msg.lower()):
+    if isinstance(exc, ValueError) or "input" in msg.lower() or "out of bounds" in msg.lower():
         return InvalidArgument(f"model {model!r} rejected the inputs: {msg}")
     log.error("model %r: run failed", model, exc_info=exc)
     return Internal(f"model {model!r} failed to run; see the server log")

@@ -21,9 +21,9 @@ import hmac
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Callable
 
 import grpc
 
@@ -42,19 +42,21 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 # RPCs that change what the server serves: they need the admin token when one is set.
-MUTATING_METHODS = frozenset({
-    "/aotiserve.v1.ModelRunner/LoadModel",
-    "/aotiserve.v1.ModelRunner/UnloadModel",
-    "/aotiserve.v1.ModelRunner/UpdateConstantBuffer",
-    "/aotiserve.v1.ModelRunner/SwapConstantBuffer",
-    "/aotiserve.v1.ModelRunner/RollbackConstantBuffer",
-    "/aotiserve.v1.ModelRunner/FreeInactiveConstantBuffer",
-    "/aotiserve.v1.ModelRunner/UpdateConstantBufferFromBlob",
-    "/aotiserve.v1.ModelRunner/LoadWeights",
-    "/aotiserve.v1.ModelRunner/LoadWeightsFromCuda",
-    "/inference.GRPCInferenceService/RepositoryModelLoad",
-    "/inference.GRPCInferenceService/RepositoryModelUnload",
-})
+MUTATING_METHODS = frozenset(
+    {
+        "/aotiserve.v1.ModelRunner/LoadModel",
+        "/aotiserve.v1.ModelRunner/UnloadModel",
+        "/aotiserve.v1.ModelRunner/UpdateConstantBuffer",
+        "/aotiserve.v1.ModelRunner/SwapConstantBuffer",
+        "/aotiserve.v1.ModelRunner/RollbackConstantBuffer",
+        "/aotiserve.v1.ModelRunner/FreeInactiveConstantBuffer",
+        "/aotiserve.v1.ModelRunner/UpdateConstantBufferFromBlob",
+        "/aotiserve.v1.ModelRunner/LoadWeights",
+        "/aotiserve.v1.ModelRunner/LoadWeightsFromCuda",
+        "/inference.GRPCInferenceService/RepositoryModelLoad",
+        "/inference.GRPCInferenceService/RepositoryModelUnload",
+    }
+)
 
 # Services open to every caller (probes, tooling), token or not.
 _ALWAYS_ON = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -131,10 +133,16 @@ class _RefusalLog:
 
 
 class ServingInterceptor:
-    def __init__(self, metrics: Metrics | None, admin_token: str | None,
-                 is_model: Callable[[str], bool] | None = None, *,
-                 inference_token: str | None = None, admin_loopback_only: bool = False,
-                 insecure_admin: bool = False):
+    def __init__(
+        self,
+        metrics: Metrics | None,
+        admin_token: str | None,
+        is_model: Callable[[str], bool] | None = None,
+        *,
+        inference_token: str | None = None,
+        admin_loopback_only: bool = False,
+        insecure_admin: bool = False,
+    ):
         """``insecure_admin``: with no token at all, mutating RPCs from any peer."""
         self.metrics = metrics
         self._inference_token = inference_token.encode() if inference_token else None
@@ -148,8 +156,9 @@ class ServingInterceptor:
         # (method, admin_rpcs) → (gRPC's handler, the wrapped handler).
         self._wrapped: dict[tuple, tuple] = {}
 
-    def _authorize(self, method: str, metadata, peer: Callable[[], str], always_on: bool,
-                   admin_rpcs: bool) -> bool:
+    def _authorize(
+        self, method: str, metadata, peer: Callable[[], str], always_on: bool, admin_rpcs: bool
+    ) -> bool:
         """Whether the caller holds the admin token; raises if the call is not allowed."""
         header = None
         for key, value in metadata or ():
@@ -157,35 +166,62 @@ class ServingInterceptor:
                 header = value
         if method in MUTATING_METHODS:
             if not admin_rpcs:
-                raise self._refuse("admin port", peer, PermissionDenied(
-                    f"{method}: this server takes admin RPCs on its admin port only"))
+                raise self._refuse(
+                    "admin port",
+                    peer,
+                    PermissionDenied(
+                        f"{method}: this server takes admin RPCs on its admin port only"
+                    ),
+                )
             if self._admin_loopback_only and not _is_loopback(peer()):
-                raise self._refuse("loopback only", peer, PermissionDenied(
-                    f"{method}: this server takes admin RPCs from loopback only"))
+                raise self._refuse(
+                    "loopback only",
+                    peer,
+                    PermissionDenied(f"{method}: this server takes admin RPCs from loopback only"),
+                )
             if self._token is None:
                 if self._inference_token is not None:
-                    raise self._refuse("no admin token", peer, PermissionDenied(
-                        f"{method}: this daemon has no admin token configured, so mutating "
-                        "RPCs are refused (it has an inference token; configure "
-                        "--admin-token-file)"))
+                    raise self._refuse(
+                        "no admin token",
+                        peer,
+                        PermissionDenied(
+                            f"{method}: this daemon has no admin token configured, so mutating "
+                            "RPCs are refused (it has an inference token; configure "
+                            "--admin-token-file)"
+                        ),
+                    )
                 if not self._insecure_admin and not _is_loopback(peer()):
-                    raise self._refuse("no token, not loopback", peer, PermissionDenied(
-                        f"{method}: this daemon has no admin token configured, so it takes "
-                        "mutating RPCs from loopback only (configure --admin-token-file, or "
-                        "start it with --insecure-admin)"))
+                    raise self._refuse(
+                        "no token, not loopback",
+                        peer,
+                        PermissionDenied(
+                            f"{method}: this daemon has no admin token configured, so it takes "
+                            "mutating RPCs from loopback only (configure --admin-token-file, or "
+                            "start it with --insecure-admin)"
+                        ),
+                    )
                 return False
             if header is None:
-                raise self._refuse("token missing", peer, Unauthenticated(
-                    f"{method} needs the admin token (metadata 'authorization: Bearer <token>')"))
+                raise self._refuse(
+                    "token missing",
+                    peer,
+                    Unauthenticated(
+                        f"{method} needs the admin token (metadata 'authorization: Bearer <token>')"
+                    ),
+                )
             if not self._check(header, self._token):
-                raise self._refuse("wrong token", peer, PermissionDenied(
-                    f"{method}: wrong admin token"))
+                raise self._refuse(
+                    "wrong token", peer, PermissionDenied(f"{method}: wrong admin token")
+                )
             return True
-        is_admin = header is not None and self._token is not None and self._check(header, self._token)
+        is_admin = (
+            header is not None and self._token is not None and self._check(header, self._token)
+        )
         if self._inference_token is not None and not always_on and not is_admin:
             if header is None:
-                raise Unauthenticated(f"{method} needs a token "
-                                      "(metadata 'authorization: Bearer <token>')")
+                raise Unauthenticated(
+                    f"{method} needs a token (metadata 'authorization: Bearer <token>')"
+                )
             if not self._check(header, self._inference_token):
                 raise PermissionDenied(f"{method}: wrong token")
         return is_admin
@@ -226,8 +262,9 @@ class ServingInterceptor:
             if self.metrics:
                 self.metrics.stats.add_in_flight(short, 1)
                 call.counted = True
-            call.is_admin = self._authorize(method, context.invocation_metadata(), context.peer,
-                                            always_on, admin_rpcs)
+            call.is_admin = self._authorize(
+                method, context.invocation_metadata(), context.peer, always_on, admin_rpcs
+            )
             return call
 
         def finish(call: CallInfo, code: grpc.StatusCode, began: float) -> None:
@@ -238,8 +275,9 @@ class ServingInterceptor:
                 model = call.model
                 if model and self._is_model is not None and not self._is_model(model):
                     model = UNKNOWN_MODEL_LABEL
-                self.metrics.stats.record_request(model, short, code.value[0],
-                                                  time.monotonic() - began)
+                self.metrics.stats.record_request(
+                    model, short, code.value[0], time.monotonic() - began
+                )
 
         # Requests are parsed here, not by gRPC: grpcio (1.85) leaks ~19 KB per request
         # its deserializer refuses (the call state is never freed, not even when the
@@ -291,7 +329,8 @@ class ServingInterceptor:
                     finish(call, code, began)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, None, handler.response_serializer)
+                unary_unary, None, handler.response_serializer
+            )
 
         if handler.unary_stream:
             inner_us = handler.unary_stream
@@ -312,7 +351,8 @@ class ServingInterceptor:
                     finish(call, code, began)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, None, handler.response_serializer)
+                unary_stream, None, handler.response_serializer
+            )
 
         if handler.stream_unary:
             inner_su = handler.stream_unary
@@ -332,7 +372,8 @@ class ServingInterceptor:
                     finish(call, code, began)
 
             return grpc.stream_unary_rpc_method_handler(
-                stream_unary, None, handler.response_serializer)
+                stream_unary, None, handler.response_serializer
+            )
 
         inner_ss = handler.stream_stream
 
@@ -350,7 +391,8 @@ class ServingInterceptor:
                 finish(call, code, began)
 
         return grpc.stream_stream_rpc_method_handler(
-            stream_stream, None, handler.response_serializer)
+            stream_stream, None, handler.response_serializer
+        )
 
 
 def _is_loopback(peer: str) -> bool:
@@ -358,7 +400,7 @@ def _is_loopback(peer: str) -> bool:
     if peer.startswith("unix:"):
         return True
     host = peer.split(":", 1)[1] if ":" in peer else peer
-    host = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+    host = host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
     return is_loopback_host(host)
 
 

@@ -16,8 +16,8 @@ Where they come from (see docs/server.md, "Which inputs a model takes"):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 # The recompile advice for a dynamic dim that refuses sizes below 2.
 LOWERBOUND_HINT = (
     "torch's default dynamic-dim guard (aot_inductor.check_lowerbound) refuses sizes below 2, "
-    "even for Dim(min=1); recompile with inductor_configs={\"aot_inductor.check_lowerbound\": "
-    "False}, or with `aotiserve pack` (which does), to accept them")
+    'even for Dim(min=1); recompile with inductor_configs={"aot_inductor.check_lowerbound": '
+    "False}, or with `aotiserve pack` (which does), to accept them"
+)
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,20 @@ class IOSpec:
         """(dim, smallest size) for each dynamic dim whose guard refuses sizes below 2."""
         if self.shape is None or self.min_shape is None:
             return []
-        return [(d, lo) for d, (s, lo) in enumerate(zip(self.shape, self.min_shape))
-                if s < 0 and lo >= 2]
+        return [
+            (d, lo)
+            for d, (s, lo) in enumerate(zip(self.shape, self.min_shape))
+            if s < 0 and lo >= 2
+        ]
 
     def to_client(self) -> pt2.TensorSpec:
-        return pt2.TensorSpec(self.name, codec.dtype_name(self.dtype) if self.dtype else None,
-                              self.shape, self.min_shape, self.max_shape)
+        return pt2.TensorSpec(
+            self.name,
+            codec.dtype_name(self.dtype) if self.dtype else None,
+            self.shape,
+            self.min_shape,
+            self.max_shape,
+        )
 
 
 def _torch_dtype(name: str | None) -> torch.dtype | None:
@@ -87,16 +96,19 @@ def from_client(spec: pt2.TensorSpec) -> IOSpec:
 
 
 def positional(num_inputs: int, num_outputs: int) -> tuple[list[IOSpec], list[IOSpec]]:
-    return ([IOSpec(f"input__{i}", None, None) for i in range(num_inputs)],
-            [IOSpec(f"output__{i}", None, None) for i in range(num_outputs)])
+    return (
+        [IOSpec(f"input__{i}", None, None) for i in range(num_inputs)],
+        [IOSpec(f"output__{i}", None, None) for i in range(num_outputs)],
+    )
 
 
 def complete(spec: IOSpec) -> bool:
     return spec.dtype is not None and spec.shape is not None
 
 
-def from_package(path: str, model_name: str, metadata: dict[str, str],
-                 num_inputs: int, num_outputs: int) -> tuple[list[IOSpec], list[IOSpec], str]:
+def from_package(
+    path: str, model_name: str, metadata: dict[str, str], num_inputs: int, num_outputs: int
+) -> tuple[list[IOSpec], list[IOSpec], str]:
     """(inputs, outputs, source) of one model of a package (steps 1, 2 and 4 above)."""
     wrapper = None
     if path.endswith(".pt2"):
@@ -107,15 +119,24 @@ def from_package(path: str, model_name: str, metadata: dict[str, str],
     ins, outs, source = pt2.served_specs(metadata, wrapper)
     if len(ins) != num_inputs or len(outs) != num_outputs:
         if source != pt2.SOURCE_NONE:
-            log.warning("model %r of %s: its %s describes %d inputs and %d outputs, the model "
-                        "has %d and %d; serving it without specs", model_name, path, source,
-                        len(ins), len(outs), num_inputs, num_outputs)
+            log.warning(
+                "model %r of %s: its %s describes %d inputs and %d outputs, the model "
+                "has %d and %d; serving it without specs",
+                model_name,
+                path,
+                source,
+                len(ins),
+                len(outs),
+                num_inputs,
+                num_outputs,
+            )
         return (*positional(num_inputs, num_outputs), pt2.SOURCE_NONE)
     return [from_client(s) for s in ins], [from_client(s) for s in outs], source
 
 
-def representative_inputs(specs: Sequence[IOSpec], dynamic_size: int | None = None
-                          ) -> list[torch.Tensor] | None:
+def representative_inputs(
+    specs: Sequence[IOSpec], dynamic_size: int | None = None
+) -> list[torch.Tensor] | None:
     """Zero host tensors every guard accepts (None where a spec is incomplete).
 
     A dynamic dim takes ``dynamic_size`` clamped into its bounds, by default its
@@ -143,8 +164,11 @@ def _has_dynamic(specs: Sequence[IOSpec]) -> bool:
     return any(d < 0 for s in specs for d in (s.shape or ()))
 
 
-def probe_outputs(inputs: Sequence[IOSpec], outputs: Sequence[IOSpec],
-                  run: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]]) -> list[IOSpec]:
+def probe_outputs(
+    inputs: Sequence[IOSpec],
+    outputs: Sequence[IOSpec],
+    run: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]],
+) -> list[IOSpec]:
     """Outputs completed by running the model (step 3 above); unchanged where it fails."""
     first = representative_inputs(inputs)
     if first is None or all(complete(o) for o in outputs):
@@ -152,13 +176,23 @@ def probe_outputs(inputs: Sequence[IOSpec], outputs: Sequence[IOSpec],
     try:
         runs = [list(run(first))]
         if _has_dynamic(inputs):
-            second = representative_inputs(inputs, max(t.shape[d] for t, s in zip(first, inputs)
-                                                       for d, n in enumerate(s.shape) if n < 0) + 1)
+            second = representative_inputs(
+                inputs,
+                max(
+                    t.shape[d]
+                    for t, s in zip(first, inputs)
+                    for d, n in enumerate(s.shape)
+                    if n < 0
+                )
+                + 1,
+            )
             if second is not None:
                 runs.append(list(run(second)))
     except Exception as exc:  # noqa: BLE001 (a model that refuses zeros is still served)
-        log.warning("measuring the outputs on zero inputs failed (%s); their specs stay unknown",
-                    str(exc).split("\n")[0])
+        log.warning(
+            "measuring the outputs on zero inputs failed (%s); their specs stay unknown",
+            str(exc).split("\n")[0],
+        )
         return list(outputs)
     done = []
     for i, spec in enumerate(outputs):
@@ -171,10 +205,12 @@ def probe_outputs(inputs: Sequence[IOSpec], outputs: Sequence[IOSpec],
             continue
         # A dim that changed between the runs is dynamic; so is one that came out empty
         # (on zeros a data-dependent size such as nonzero()'s is 0, never a real constant).
-        shape = tuple(d if d > 0 and all(s[k] == d for s in shapes) else -1
-                      for k, d in enumerate(shapes[0]))
-        done.append(IOSpec(spec.name, runs[0][i].dtype, shape,
-                           tuple(max(d, 0) for d in shape), shape))
+        shape = tuple(
+            d if d > 0 and all(s[k] == d for s in shapes) else -1 for k, d in enumerate(shapes[0])
+        )
+        done.append(
+            IOSpec(spec.name, runs[0][i].dtype, shape, tuple(max(d, 0) for d in shape), shape)
+        )
     return done
 
 
@@ -186,14 +222,21 @@ def check_bounds(label: str, spec: IOSpec, shape: Sequence[int]) -> str | None:
         lo = spec.min_shape[d] if spec.min_shape else 0
         hi = spec.max_shape[d] if spec.max_shape else -1
         if got < lo:
-            why = (LOWERBOUND_HINT if lo == 2 else
-                   f"the model was exported with a minimum of {lo} for this dim")
-            return (f"{label}: dimension {d} is {got}, below the smallest size the model accepts "
-                    f"({lo}; shape {spec.bounds_text()}); {why}")
+            why = (
+                LOWERBOUND_HINT
+                if lo == 2
+                else f"the model was exported with a minimum of {lo} for this dim"
+            )
+            return (
+                f"{label}: dimension {d} is {got}, below the smallest size the model accepts "
+                f"({lo}; shape {spec.bounds_text()}); {why}"
+            )
         if 0 <= hi < got:
-            return (f"{label}: dimension {d} is {got}, above the largest size the model accepts "
-                    f"({hi}; shape {spec.bounds_text()}); split the request or recompile the "
-                    "model with a larger maximum for this Dim")
+            return (
+                f"{label}: dimension {d} is {got}, above the largest size the model accepts "
+                f"({hi}; shape {spec.bounds_text()}); split the request or recompile the "
+                "model with a larger maximum for this Dim"
+            )
     return None
 
 
@@ -203,5 +246,11 @@ def log_lower_bounds(model: str, inputs: Sequence[IOSpec]) -> None:
         refused = spec.refused_below()
         if refused:
             dims = ", ".join(f"dim {d} >= {lo}" for d, lo in refused)
-            log.warning("model %r: input %r accepts only %s (shape %s); %s", model, spec.name,
-                        dims, spec.bounds_text(), LOWERBOUND_HINT)
+            log.warning(
+                "model %r: input %r accepts only %s (shape %s); %s",
+                model,
+                spec.name,
+                dims,
+                spec.bounds_text(),
+                LOWERBOUND_HINT,
+            )

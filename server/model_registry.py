@@ -32,10 +32,17 @@ log = logging.getLogger(__name__)
 class ModelRegistry:
     """Name → ServedModel, plus the device pools they are placed on."""
 
-    def __init__(self, pools: Mapping[str, DevicePool], default_devices: Sequence[str],
-                 default_runners: int, metrics: Metrics | None = None,
-                 store: WeightsStore | None = None, batching: tuple[int, int] = (0, 500),
-                 reserve_inactive: bool = False, warmup_runs: int = 1):
+    def __init__(
+        self,
+        pools: Mapping[str, DevicePool],
+        default_devices: Sequence[str],
+        default_runners: int,
+        metrics: Metrics | None = None,
+        store: WeightsStore | None = None,
+        batching: tuple[int, int] = (0, 500),
+        reserve_inactive: bool = False,
+        warmup_runs: int = 1,
+    ):
         self.pools = dict(pools)
         self.default_devices = tuple(default_devices)
         self.default_runners = default_runners
@@ -67,20 +74,27 @@ class ModelRegistry:
     def __contains__(self, name: object) -> bool:
         return name in self._models
 
-    def options(self, devices: Sequence[str] = (), runners: int = 0,
-                package_model: str | None = None) -> ModelOptions:
+    def options(
+        self, devices: Sequence[str] = (), runners: int = 0, package_model: str | None = None
+    ) -> ModelOptions:
         devices = tuple(devices) or self.default_devices
         unknown = [d for d in devices if d not in self.pools]
         if unknown:
             raise InvalidArgument(
                 f"device(s) {', '.join(unknown)} are not served here "
-                f"(configured: {', '.join(self.pools)})")
+                f"(configured: {', '.join(self.pools)})"
+            )
         if runners < 0:
             raise InvalidArgument(f"runners_per_device must be positive, got {runners}")
-        return ModelOptions(devices, runners or self.default_runners, package_model or None,
-                            batch_max_size=self.batching[0], batch_max_delay_us=self.batching[1],
-                            reserve_inactive=self.reserve_inactive,
-                            warmup_runs=self.warmup_runs)
+        return ModelOptions(
+            devices,
+            runners or self.default_runners,
+            package_model or None,
+            batch_max_size=self.batching[0],
+            batch_max_delay_us=self.batching[1],
+            reserve_inactive=self.reserve_inactive,
+            warmup_runs=self.warmup_runs,
+        )
 
     def load(self, name: str, path: str | os.PathLike, options: ModelOptions) -> ServedModel:
         if not name or "/" in name:
@@ -98,13 +112,13 @@ class ModelRegistry:
                 committed = self.store.committed(name)
                 if committed is not None and committed[1] is not None:
                     model.weights.restore(committed[0], committed[1])
-                    log.info("model %r: serving committed weights version %s",
-                             name, committed[0].id)
+                    log.info(
+                        "model %r: serving committed weights version %s", name, committed[0].id
+                    )
             if options.reserve_inactive:
                 model.weights.reserve_inactive()
             # READY only once every replica ran: the first requests pay no lazy start-up.
-            warmup.warm_up(name, model.replicas, model.inputs, options.warmup_runs,
-                           options.runners)
+            warmup.warm_up(name, model.replicas, model.inputs, options.warmup_runs, options.runners)
         except runner_ext.PackageError as exc:
             self._failed(model, str(exc))
             raise InvalidArgument(str(exc)) from exc
@@ -122,8 +136,14 @@ class ModelRegistry:
             self.on_loaded()
         if self.metrics:
             self.metrics.model_loads.labels(name, "ok").inc()
-        log.info("model %r loaded from %s on %s (%d runners each) in %.2fs", name, path,
-                 ",".join(model.devices), options.runners, time.monotonic() - started)
+        log.info(
+            "model %r loaded from %s on %s (%d runners each) in %.2fs",
+            name,
+            path,
+            ",".join(model.devices),
+            options.runners,
+            time.monotonic() - started,
+        )
         return model
 
     def _failed(self, model: ServedModel, error: str) -> None:

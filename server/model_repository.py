@@ -8,10 +8,11 @@ per-device-type packages ``<name>.<device type>.pt2`` (e.g. ``mlp.cuda.pt2``).
 from __future__ import annotations
 
 import json
-import tomllib
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+
+import tomllib
 
 from .model_types import ModelOptions
 
@@ -40,8 +41,12 @@ def repository_models(folder: Path) -> dict[str, tuple[Path, dict[str, str]]]:
     return out
 
 
-def read_model_options(pt2: Path, defaults: ModelOptions, name: str | None = None,
-                       variants: Mapping[str, str] | None = None) -> ModelOptions:
+def read_model_options(
+    pt2: Path,
+    defaults: ModelOptions,
+    name: str | None = None,
+    variants: Mapping[str, str] | None = None,
+) -> ModelOptions:
     """The placement of repository model ``name`` (default: the package's stem): its
     ``<name>.toml``/``.json`` over ``defaults``, plus its per-device-type packages."""
     name = name or pt2.stem
@@ -63,9 +68,10 @@ def read_model_options(pt2: Path, defaults: ModelOptions, name: str | None = Non
                 package_model=data.get("package_model") or None,
                 device_paths=paths,
                 batch_max_size=int(data.get("batch_max_size", defaults.batch_max_size)),
-                batch_max_delay_us=int(data.get("batch_max_delay_us",
-                                                defaults.batch_max_delay_us)),
-                reserve_inactive=bool(data.get("reserve_inactive_buffer",
-                                               defaults.reserve_inactive)),
-                warmup_runs=int(data.get("warmup_runs", defaults.warmup_runs)))
+                batch_max_delay_us=int(data.get("batch_max_delay_us", defaults.batch_max_delay_us)),
+                reserve_inactive=bool(
+                    data.get("reserve_inactive_buffer", defaults.reserve_inactive)
+                ),
+                warmup_runs=int(data.get("warmup_runs", defaults.warmup_runs)),
+            )
     return replace(defaults, device_paths=dict(variants))

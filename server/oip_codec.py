@@ -67,13 +67,20 @@ def _serialized_descriptor() -> bytes:
     try:
         tree = ast.parse(Path(spec.origin or "").read_text())
     except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-        log.warning("no source for %s; importing it (tritonclient can no longer be imported "
-                    "into this process)", _GENERATED_MODULE)
+        log.warning(
+            "no source for %s; importing it (tritonclient can no longer be imported "
+            "into this process)",
+            _GENERATED_MODULE,
+        )
         return importlib.import_module(_GENERATED_MODULE).DESCRIPTOR.serialized_pb
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "AddSerializedFile"
-                and node.args and isinstance(node.args[0], ast.Constant)
-                and isinstance(node.args[0].value, bytes)):
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", "") == "AddSerializedFile"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, bytes)
+        ):
             return node.args[0].value
     raise ImportError(f"no serialized descriptor found in {spec.origin}")
 
@@ -86,8 +93,14 @@ def messages() -> SimpleNamespace:
     file = pool.AddSerializedFile(serialized)
     ns = SimpleNamespace(pool=pool, service=pool.FindServiceByName(SERVICE_NAME))
     for name in file.message_types_by_name:
-        setattr(ns, name, message_factory.GetMessageClass(pool.FindMessageTypeByName(f"inference.{name}")))
-    ns.config_dtype = {v.name: v.number for v in pool.FindEnumTypeByName("inference.DataType").values}
+        setattr(
+            ns,
+            name,
+            message_factory.GetMessageClass(pool.FindMessageTypeByName(f"inference.{name}")),
+        )
+    ns.config_dtype = {
+        v.name: v.number for v in pool.FindEnumTypeByName("inference.DataType").values
+    }
     return ns
 
 
@@ -112,8 +125,16 @@ _TYPED_FIELDS: dict[str, tuple[str, str]] = {
     "FP32": ("fp32_contents", "float32"),
     "FP64": ("fp64_contents", "float64"),
 }
-_ALL_TYPED_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_contents",
-                     "uint64_contents", "fp32_contents", "fp64_contents", "bytes_contents")
+_ALL_TYPED_FIELDS = (
+    "bool_contents",
+    "int_contents",
+    "int64_contents",
+    "uint_contents",
+    "uint64_contents",
+    "fp32_contents",
+    "fp64_contents",
+    "bytes_contents",
+)
 
 _SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 _SEQUENCE_PARAMS = ("sequence_id", "sequence_start", "sequence_end")
@@ -124,31 +145,37 @@ def torch_dtype(datatype: str, what: str) -> torch.dtype:
     if dtype is not None:
         return dtype
     if datatype == "BYTES":
-        raise Unimplemented(f"{what}: BYTES tensors are not supported; aotiserve models take "
-                            "numeric tensors")
-    raise InvalidArgument(f"{what}: unknown datatype {datatype!r} (expected one of "
-                          f"{', '.join(sorted(TORCH_BY_OIP))})")
+        raise Unimplemented(
+            f"{what}: BYTES tensors are not supported; aotiserve models take numeric tensors"
+        )
+    raise InvalidArgument(
+        f"{what}: unknown datatype {datatype!r} (expected one of {', '.join(sorted(TORCH_BY_OIP))})"
+    )
 
 
 def oip_datatype(dtype: torch.dtype, what: str) -> str:
     name = OIP_BY_TORCH.get(dtype)
     if name is None:
-        raise Unimplemented(f"{what}: dtype {codec.dtype_name(dtype)} has no Open Inference "
-                            "Protocol datatype; use the native aotiserve.v1 API")
+        raise Unimplemented(
+            f"{what}: dtype {codec.dtype_name(dtype)} has no Open Inference "
+            "Protocol datatype; use the native aotiserve.v1 API"
+        )
     return name
 
 
 # ---------------------------------------------------------------- tensors
 
 
-def decode_raw(data: bytes, dtype: torch.dtype, shape: Sequence[int], what: str,
-                limits: codec.Limits) -> torch.Tensor:
+def decode_raw(
+    data: bytes, dtype: torch.dtype, shape: Sequence[int], what: str, limits: codec.Limits
+) -> torch.Tensor:
     """A tensor over ``data`` without a copy (the same contract as tensor_codec.decode)."""
     numel = codec.checked_numel(shape, what, limits)
     expected = numel * dtype.itemsize
     if len(data) != expected:
         raise InvalidArgument(
-            f"{what}: expected {expected} bytes for {codec.describe(dtype, shape)}, got {len(data)}")
+            f"{what}: expected {expected} bytes for {codec.describe(dtype, shape)}, got {len(data)}"
+        )
     if numel == 0:
         return torch.empty(tuple(shape), dtype=dtype)
     tensor = torch.frombuffer(data, dtype=dtype).view(tuple(shape))
@@ -157,28 +184,39 @@ def decode_raw(data: bytes, dtype: torch.dtype, shape: Sequence[int], what: str,
     return tensor
 
 
-def decode_typed(contents: Any, datatype: str, dtype: torch.dtype, shape: Sequence[int],
-                  what: str, limits: codec.Limits) -> torch.Tensor:
+def decode_typed(
+    contents: Any,
+    datatype: str,
+    dtype: torch.dtype,
+    shape: Sequence[int],
+    what: str,
+    limits: codec.Limits,
+) -> torch.Tensor:
     numel = codec.checked_numel(shape, what, limits)
     field = _TYPED_FIELDS.get(datatype)
     if field is None:
-        raise InvalidArgument(f"{what}: {datatype} data travels only in raw_input_contents "
-                              "(the protocol has no typed field for it)")
+        raise InvalidArgument(
+            f"{what}: {datatype} data travels only in raw_input_contents "
+            "(the protocol has no typed field for it)"
+        )
     name, wire_np = field
     values = getattr(contents, name)
     if len(values) != numel:
         others = [f for f in _ALL_TYPED_FIELDS if f != name and len(getattr(contents, f))]
         hint = f" (the request filled {', '.join(others)})" if others else ""
-        raise InvalidArgument(f"{what}: expected {numel} {datatype} values in contents.{name} "
-                              f"for shape {list(shape)}, got {len(values)}{hint}")
+        raise InvalidArgument(
+            f"{what}: expected {numel} {datatype} values in contents.{name} "
+            f"for shape {list(shape)}, got {len(values)}{hint}"
+        )
     array = np.array(values, dtype=wire_np)
     target = np.dtype(dt.BY_OIP_NAME[datatype].numpy_name)
     if target != array.dtype:
         if array.size and np.issubdtype(target, np.integer):
             info = np.iinfo(target)
             if array.min() < info.min or array.max() > info.max:
-                raise InvalidArgument(f"{what}: a value in contents.{name} is out of range for "
-                                      f"{datatype}")
+                raise InvalidArgument(
+                    f"{what}: a value in contents.{name} is out of range for {datatype}"
+                )
         array = array.astype(target)
     return torch.from_numpy(array).view(tuple(shape))
 
@@ -186,8 +224,9 @@ def decode_typed(contents: Any, datatype: str, dtype: torch.dtype, shape: Sequen
 def check_tensor_parameters(parameters, what: str) -> None:
     for key in _SHARED_MEMORY_PARAMS:
         if key in parameters:
-            raise Unimplemented(f"{what}: shared-memory tensors are not supported; send the data "
-                                "in the request")
+            raise Unimplemented(
+                f"{what}: shared-memory tensors are not supported; send the data in the request"
+            )
 
 
 def check_request_parameters(parameters, model: str) -> None:
@@ -196,8 +235,10 @@ def check_request_parameters(parameters, model: str) -> None:
             p = parameters[key]
             which = p.WhichOneof("parameter_choice")
             if which is not None and getattr(p, which):
-                raise InvalidArgument(f"model {model!r} is not a sequence model: sequence "
-                                      f"batching ({key}) is not supported")
+                raise InvalidArgument(
+                    f"model {model!r} is not a sequence model: sequence "
+                    f"batching ({key}) is not supported"
+                )
 
 
 def spec_shape(spec: IOSpec) -> list[int]:
@@ -216,8 +257,9 @@ def spec_datatype(spec: IOSpec) -> str:
 _PARAMETERS = wire.Rule("entries", entries="parameters")
 _INFER_REQUEST = {
     4: _PARAMETERS,
-    5: wire.Rule("entries", {1: wire.Rule("name"), 3: wire.Rule("dims"), 4: _PARAMETERS},
-                 entries="inputs"),
+    5: wire.Rule(
+        "entries", {1: wire.Rule("name"), 3: wire.Rule("dims"), 4: _PARAMETERS}, entries="inputs"
+    ),
     6: wire.Rule("entries", {1: wire.Rule("name"), 2: _PARAMETERS}, entries="requested outputs"),
     7: wire.Rule("entries", entries="raw_input_contents entries"),
 }
@@ -225,12 +267,14 @@ _INFER_REQUEST = {
 
 def bounded(parse: Callable[[bytes], Any], bounds: wire.Bounds) -> Callable[[bytes], Any]:
     """``parse`` (protobuf's) behind a walk of the bytes within ``bounds``."""
+
     def deserialize(raw: bytes):
         try:
             wire.check_bounds(raw, _INFER_REQUEST, bounds, "ModelInferRequest")
         except wire.BoundError as exc:
             raise InvalidArgument(str(exc)) from None
         return parse(raw)
+
     deserialize.bounded = True  # the interceptor leaves its bytes to it
     return deserialize
 
@@ -246,6 +290,7 @@ class Refused:
 def in_stream(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     """``deserialize``, answering an unreadable request with a :class:`Refused`
     (the interceptor would end the whole stream)."""
+
     def parse(raw: bytes):
         try:
             return deserialize(raw)
@@ -253,5 +298,6 @@ def in_stream(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
             return Refused(exc)
         except Exception:  # noqa: BLE001 (DecodeError, RecursionError...)
             return Refused(InvalidArgument("ModelStreamInfer: a request is not a valid message"))
+
     parse.bounded = True
     return parse

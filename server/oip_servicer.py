@@ -83,7 +83,8 @@ class OipServicer:
 
     def ServerMetadata(self, request, context):
         return self.pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
+            name=SERVER_NAME, version=self.version, extensions=EXTENSIONS
+        )
 
     def ModelMetadata(self, request, context):
         info = self.plane.describe(request.name)
@@ -91,14 +92,24 @@ class OipServicer:
         self._check_version(request.name, request.version, version)
         tm = self.pb.ModelMetadataResponse.TensorMetadata
         return self.pb.ModelMetadataResponse(
-            name=info.name, versions=[version] if version else [], platform=PLATFORM,
-            inputs=[tm(name=s.name, datatype=oc.spec_datatype(s), shape=oc.spec_shape(s)) for s in info.inputs],
-            outputs=[tm(name=s.name, datatype=oc.spec_datatype(s), shape=oc.spec_shape(s)) for s in info.outputs])
+            name=info.name,
+            versions=[version] if version else [],
+            platform=PLATFORM,
+            inputs=[
+                tm(name=s.name, datatype=oc.spec_datatype(s), shape=oc.spec_shape(s))
+                for s in info.inputs
+            ],
+            outputs=[
+                tm(name=s.name, datatype=oc.spec_datatype(s), shape=oc.spec_shape(s))
+                for s in info.outputs
+            ],
+        )
 
     def ModelConfig(self, request, context):
         info = self.plane.describe(request.name)
-        self._check_version(request.name, request.version,
-                            info.active_version.id if info.active_version else "")
+        self._check_version(
+            request.name, request.version, info.active_version.id if info.active_version else ""
+        )
         pb = self.pb
 
         def config_dtype(s: IOSpec) -> int:
@@ -106,11 +117,19 @@ class OipServicer:
             return pb.config_dtype.get(f"TYPE_{name}", 0) if name else 0
 
         config = pb.ModelConfig(
-            name=info.name, platform=PLATFORM, backend=BACKEND, max_batch_size=0,
-            input=[pb.ModelInput(name=s.name, data_type=config_dtype(s), dims=oc.spec_shape(s))
-                   for s in info.inputs],
-            output=[pb.ModelOutput(name=s.name, data_type=config_dtype(s), dims=oc.spec_shape(s))
-                    for s in info.outputs])
+            name=info.name,
+            platform=PLATFORM,
+            backend=BACKEND,
+            max_batch_size=0,
+            input=[
+                pb.ModelInput(name=s.name, data_type=config_dtype(s), dims=oc.spec_shape(s))
+                for s in info.inputs
+            ],
+            output=[
+                pb.ModelOutput(name=s.name, data_type=config_dtype(s), dims=oc.spec_shape(s))
+                for s in info.outputs
+            ],
+        )
         return pb.ModelConfigResponse(config=config)
 
     # Inference ---------------------------------------------------------------
@@ -118,25 +137,28 @@ class OipServicer:
     def ModelInfer(self, request, context):
         model = self.plane.model(request.model_name)
         if request.model_version:
-            self._check_version(model.name, request.model_version,
-                                self.plane.active_version(model))
+            self._check_version(model.name, request.model_version, self.plane.active_version(model))
         if request.parameters:
             oc.check_request_parameters(request.parameters, model.name)
         inputs = self._decode_inputs(model, request)
         selected = self._selected_outputs(model, request.outputs) if request.outputs else None
         result = self.plane.run(model, inputs, call_deadline(context), context)
         response = self.pb.ModelInferResponse(
-            model_name=model.name, model_version=result.weights_version, id=request.id)
+            model_name=model.name, model_version=result.weights_version, id=request.id
+        )
         if request.parameters:
             for key, value in request.parameters.items():
                 response.parameters[key].CopyFrom(value)
         outputs = result.outputs
         specs = model.outputs
-        for i in (selected if selected is not None else range(len(outputs))):
+        for i in selected if selected is not None else range(len(outputs)):
             tensor = outputs[i]
             name = specs[i].name if i < len(specs) else f"output__{i}"
-            response.outputs.add(name=name, datatype=oc.oip_datatype(tensor.dtype, f"output {name!r}"),
-                                 shape=tensor.shape)
+            response.outputs.add(
+                name=name,
+                datatype=oc.oip_datatype(tensor.dtype, f"output {name!r}"),
+                shape=tensor.shape,
+            )
             response.raw_output_contents.append(codec.tensor_bytes(tensor))
         return response
 
@@ -155,8 +177,11 @@ class OipServicer:
                 yield self.pb.ModelStreamInferResponse(
                     error_message=f"{code.name}: {message}",
                     infer_response=self.pb.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version,
-                        id=request.id))
+                        model_name=request.model_name,
+                        model_version=request.model_version,
+                        id=request.id,
+                    ),
+                )
                 continue
             yield self.pb.ModelStreamInferResponse(infer_response=response)
 
@@ -165,16 +190,19 @@ class OipServicer:
         index = {s.name: i for i, s in enumerate(specs)}
         raw = request.raw_input_contents
         if raw and len(raw) != len(request.inputs):
-            raise InvalidArgument(f"raw_input_contents has {len(raw)} entries for "
-                                  f"{len(request.inputs)} inputs")
+            raise InvalidArgument(
+                f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
+            )
         tensors: list[torch.Tensor | None] = [None] * len(specs)
         limits = self.plane.limits
         for i, inp in enumerate(request.inputs):
             what = f"input {inp.name!r}"
             slot = index.get(inp.name)
             if slot is None:
-                raise InvalidArgument(f"{what}: model {model.name!r} has no such input "
-                                      f"(its inputs: {', '.join(index)})")
+                raise InvalidArgument(
+                    f"{what}: model {model.name!r} has no such input "
+                    f"(its inputs: {', '.join(index)})"
+                )
             if tensors[slot] is not None:
                 raise InvalidArgument(f"{what} is given twice")
             if inp.parameters:
@@ -182,24 +210,29 @@ class OipServicer:
             dtype = oc.torch_dtype(inp.datatype, what)
             want = specs[slot].dtype
             if want is not None and dtype != want:  # the data plane checks too; this speaks OIP
-                raise InvalidArgument(f"{what}: datatype must be {oc.spec_datatype(specs[slot])}, "
-                                      f"got {inp.datatype}")
+                raise InvalidArgument(
+                    f"{what}: datatype must be {oc.spec_datatype(specs[slot])}, got {inp.datatype}"
+                )
             has_contents = inp.HasField("contents")
             if raw:
                 if has_contents:
-                    raise InvalidArgument(f"{what}: typed contents and raw_input_contents cannot "
-                                          "be mixed in one request")
+                    raise InvalidArgument(
+                        f"{what}: typed contents and raw_input_contents cannot "
+                        "be mixed in one request"
+                    )
                 tensor = oc.decode_raw(raw[i], dtype, inp.shape, what, limits)
             elif has_contents:
                 tensor = oc.decode_typed(inp.contents, inp.datatype, dtype, inp.shape, what, limits)
             else:
-                raise InvalidArgument(f"{what} carries no data (neither contents nor "
-                                      "raw_input_contents)")
+                raise InvalidArgument(
+                    f"{what} carries no data (neither contents nor raw_input_contents)"
+                )
             tensors[slot] = tensor
         missing = [specs[i].name for i, t in enumerate(tensors) if t is None]
         if missing:
-            raise InvalidArgument(f"model {model.name!r}: missing input(s) "
-                                  f"{', '.join(repr(m) for m in missing)}")
+            raise InvalidArgument(
+                f"model {model.name!r}: missing input(s) {', '.join(repr(m) for m in missing)}"
+            )
         return tensors  # type: ignore[return-value]
 
     @staticmethod
@@ -210,8 +243,10 @@ class OipServicer:
             what = f"requested output {out.name!r}"
             i = index.get(out.name)
             if i is None:
-                raise InvalidArgument(f"{what}: model {model.name!r} has no such output "
-                                      f"(its outputs: {', '.join(index)})")
+                raise InvalidArgument(
+                    f"{what}: model {model.name!r} has no such output "
+                    f"(its outputs: {', '.join(index)})"
+                )
             if out.parameters:
                 oc.check_tensor_parameters(out.parameters, what)
                 if "classification" in out.parameters:
@@ -230,11 +265,19 @@ class OipServicer:
             if info is None:
                 models.append(entry(name=name, state="UNAVAILABLE", reason="unloaded"))
                 continue
-            state = {ModelState.READY: "READY", ModelState.LOADING: "LOADING",
-                     ModelState.UNLOADING: "UNLOADING"}.get(info.state, "UNAVAILABLE")
-            models.append(entry(
-                name=name, state=state, reason=info.error,
-                version=info.active_version.id if info.active_version else ""))
+            state = {
+                ModelState.READY: "READY",
+                ModelState.LOADING: "LOADING",
+                ModelState.UNLOADING: "UNLOADING",
+            }.get(info.state, "UNAVAILABLE")
+            models.append(
+                entry(
+                    name=name,
+                    state=state,
+                    reason=info.error,
+                    version=info.active_version.id if info.active_version else "",
+                )
+            )
         if request.ready:
             models = [m for m in models if m.state == "READY"]
         return self.pb.RepositoryIndexResponse(models=models)
@@ -243,8 +286,10 @@ class OipServicer:
         name = request.model_name
         for key in request.parameters:
             if key == "config" or key.startswith("file:"):
-                raise Unimplemented(f"RepositoryModelLoad: the {key!r} parameter is not "
-                                    "supported; put the package in the model repository")
+                raise Unimplemented(
+                    f"RepositoryModelLoad: the {key!r} parameter is not "
+                    "supported; put the package in the model repository"
+                )
         if self.plane.model_ready(name):
             return self.pb.RepositoryModelLoadResponse()  # already serving: nothing to do
         self.plane.load_from_repository(name)
@@ -264,9 +309,13 @@ class OipServicer:
     def ModelStatistics(self, request, context):
         if self.plane.metrics is None:
             raise Unimplemented("ModelStatistics: this server keeps no statistics")
-        return oip_statistics.model_statistics(self.pb, self.plane.metrics.stats,
-                                               self.plane.served_versions(), request.name,
-                                               request.version)
+        return oip_statistics.model_statistics(
+            self.pb,
+            self.plane.metrics.stats,
+            self.plane.served_versions(),
+            request.name,
+            request.version,
+        )
 
     # Versions ----------------------------------------------------------------
 
@@ -277,8 +326,9 @@ class OipServicer:
     @staticmethod
     def _check_version(model: str, requested: str, active: str) -> None:
         if requested and requested != active:
-            raise NotFound(f"model {model!r} has no version {requested!r} "
-                           f"(serving version {active!r})")
+            raise NotFound(
+                f"model {model!r} has no version {requested!r} (serving version {active!r})"
+            )
 
 
 # ---------------------------------------------------------------- registration
@@ -287,6 +337,7 @@ class OipServicer:
 def _unimplemented(method: str) -> Callable:
     def handler(request_or_iterator, context):
         raise Unimplemented(f"{SERVICE_NAME}/{method} is not supported by aotiserve")
+
     return handler
 
 
@@ -308,7 +359,9 @@ def add_to_server(plane: DataPlane, config: ServeConfig, server: grpc.Server) ->
             (True, True): grpc.stream_stream_rpc_method_handler,
         }[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = kind(
-            fn, request_deserializer=deserializers.get(method.name, request_cls.FromString),
-            response_serializer=response_cls.SerializeToString)
+            fn,
+            request_deserializer=deserializers.get(method.name, request_cls.FromString),
+            response_serializer=response_cls.SerializeToString,
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

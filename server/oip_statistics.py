@@ -23,8 +23,8 @@ together; ``version`` is the version serving now.
 
 from __future__ import annotations
 
-from typing import Any
 from collections.abc import Iterable
+from typing import Any
 
 from .errors import NotFound
 
@@ -36,8 +36,17 @@ def _ns(seconds: float) -> int:
 
 
 class _Totals:
-    __slots__ = ("ok", "fail", "ok_ns", "fail_ns", "last_ms", "runs", "queue_ns", "compute_ns",
-                 "batches")
+    __slots__ = (
+        "ok",
+        "fail",
+        "ok_ns",
+        "fail_ns",
+        "last_ms",
+        "runs",
+        "queue_ns",
+        "compute_ns",
+        "batches",
+    )
 
     def __init__(self) -> None:
         self.ok = self.fail = self.ok_ns = self.fail_ns = self.last_ms = 0
@@ -82,8 +91,10 @@ def model_statistics(pb: Any, stats: Any, served: dict[str, str], name: str, ver
         if name not in served:
             raise NotFound(f"ModelStatistics: no model named {name!r} is served")
         if version and version != served[name]:
-            raise NotFound(f"ModelStatistics: model {name!r} has no version {version!r} "
-                           f"(serving version {served[name]!r})")
+            raise NotFound(
+                f"ModelStatistics: model {name!r} has no version {version!r} "
+                f"(serving version {served[name]!r})"
+            )
         names = [name]
     else:
         names = sorted(served)
@@ -92,15 +103,25 @@ def model_statistics(pb: Any, stats: Any, served: dict[str, str], name: str, ver
     out = []
     for n in names:
         t = totals[n]
-        out.append(pb.ModelStatistics(
-            name=n, version=served[n], last_inference=t.last_ms,
-            inference_count=t.ok, execution_count=t.runs,
-            inference_stats=pb.InferStatistics(
-                success=duration(count=t.ok, ns=t.ok_ns),
-                fail=duration(count=t.fail, ns=t.fail_ns),
-                queue=duration(count=t.runs, ns=t.queue_ns),
-                compute_infer=duration(count=t.runs, ns=t.compute_ns)),
-            batch_stats=[pb.InferBatchStatistics(
-                batch_size=size, compute_infer=duration(count=runs, ns=ns))
-                for size, (runs, ns) in sorted(t.batches.items())]))
+        out.append(
+            pb.ModelStatistics(
+                name=n,
+                version=served[n],
+                last_inference=t.last_ms,
+                inference_count=t.ok,
+                execution_count=t.runs,
+                inference_stats=pb.InferStatistics(
+                    success=duration(count=t.ok, ns=t.ok_ns),
+                    fail=duration(count=t.fail, ns=t.fail_ns),
+                    queue=duration(count=t.runs, ns=t.queue_ns),
+                    compute_infer=duration(count=t.runs, ns=t.compute_ns),
+                ),
+                batch_stats=[
+                    pb.InferBatchStatistics(
+                        batch_size=size, compute_infer=duration(count=runs, ns=ns)
+                    )
+                    for size, (runs, ns) in sorted(t.batches.items())
+                ],
+            )
+        )
     return pb.ModelStatisticsResponse(model_stats=out)

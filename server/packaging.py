@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
 
 import torch
 
@@ -27,19 +27,24 @@ log = logging.getLogger(__name__)
 
 
 def _spec(name: str, value: Any) -> dict[str, Any]:
-    shape = [int(d) if isinstance(d, int) or not isinstance(d, torch.SymInt) else -1 for d in value.shape]
+    shape = [
+        int(d) if isinstance(d, int) or not isinstance(d, torch.SymInt) else -1 for d in value.shape
+    ]
     return {"name": name, "dtype": str(value.dtype).removeprefix("torch."), "shape": shape}
 
 
 def _io_specs(ep: torch.export.ExportedProgram, input_names, output_names):
     user_inputs = [
-        node for node in ep.graph.nodes
+        node
+        for node in ep.graph.nodes
         if node.op == "placeholder" and node.name in set(ep.graph_signature.user_inputs)
     ]
     output_node = next(n for n in ep.graph.nodes if n.op == "output")
     user_outputs = [a for a in output_node.args[0]][: len(ep.graph_signature.user_outputs)]
     in_names = list(input_names) if input_names else [n.name for n in user_inputs]
-    out_names = list(output_names) if output_names else [f"output__{i}" for i in range(len(user_outputs))]
+    out_names = (
+        list(output_names) if output_names else [f"output__{i}" for i in range(len(user_outputs))]
+    )
     if len(in_names) != len(user_inputs) or len(out_names) != len(user_outputs):
         raise ValueError(
             f"the model has {len(user_inputs)} inputs and {len(user_outputs)} outputs; "
@@ -84,8 +89,11 @@ def pack(
     configs.update(inductor_configs or {})
     # Older torch releases lack some options; drop what this torch does not know.
     known = torch._inductor.config.aot_inductor
-    configs = {k: v for k, v in configs.items()
-               if not k.startswith("aot_inductor.") or hasattr(known, k.split(".", 1)[1])}
+    configs = {
+        k: v
+        for k, v in configs.items()
+        if not k.startswith("aot_inductor.") or hasattr(known, k.split(".", 1)[1])
+    }
     user_metadata = dict(configs.pop("aot_inductor.metadata", {}) or {})
     user_metadata.update(metadata or {})
     user_metadata[INPUTS_KEY] = json.dumps(inputs)

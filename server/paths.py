@@ -23,7 +23,8 @@ def resolve_below(path: str, what: str, roots: Sequence[str], kind: str, flag: s
         if resolved == root_real or root_real in resolved.parents:
             return resolved
     raise PermissionDenied(
-        f"{what}: {path!r} is not below a {kind} of this server (configure {flag})")
+        f"{what}: {path!r} is not below a {kind} of this server (configure {flag})"
+    )
 
 
 def is_file(path: Path) -> bool:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily
@@ -46,38 +46,48 @@ def _pem(path: str | None) -> str:
 class Port:
     """The port of one daemon. ``listen`` binds; serving starts at once."""
 
-    def __init__(self, config: ServeConfig, stats: runner_ext.PortStats,
-                 admin_token: str | None, inference_token: str | None, streaming: Sequence[str]):
+    def __init__(
+        self,
+        config: ServeConfig,
+        stats: runner_ext.PortStats,
+        admin_token: str | None,
+        inference_token: str | None,
+        streaming: Sequence[str],
+    ):
         if bool(config.tls_cert) != bool(config.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         runner_ext.port_set_dtypes(_dtype_table())
-        self._server = runner_ext.PortServer({
-            "max_message_bytes": config.max_message_bytes,
-            # The hot path has no mutating RPC: the admin token is one more token its
-            # calls accept where an inference token is required.
-            "admin_token": admin_token or "",
-            "inference_token": inference_token or "",
-            "max_inputs": config.max_inputs,
-            "max_rank": config.max_tensor_rank,
-            "max_elements": config.max_tensor_elements,
-            "max_queue": config.max_queue,
-            "workers": config.grpc_workers,
-            "max_threads": config.max_concurrent_rpcs,
-            "max_pending": config.max_concurrent_rpcs,
-            "max_calls": config.max_concurrent_rpcs,
-            "max_streams": config.max_streams,
-            "stream_idle_s": config.stream_idle_timeout_s,
-            "max_concurrent_streams": config.max_concurrent_streams,
-            "max_connection_idle_ms": int(config.connection_idle_timeout_s * 1000),
-            "tls_cert": _pem(config.tls_cert),
-            "tls_key": _pem(config.tls_key),
-            "tls_ca": _pem(config.tls_ca),
-            "lowerbound_hint": LOWERBOUND_HINT,
-            "streaming": list(streaming),
-        }, stats)
+        self._server = runner_ext.PortServer(
+            {
+                "max_message_bytes": config.max_message_bytes,
+                # The hot path has no mutating RPC: the admin token is one more token its
+                # calls accept where an inference token is required.
+                "admin_token": admin_token or "",
+                "inference_token": inference_token or "",
+                "max_inputs": config.max_inputs,
+                "max_rank": config.max_tensor_rank,
+                "max_elements": config.max_tensor_elements,
+                "max_queue": config.max_queue,
+                "workers": config.grpc_workers,
+                "max_threads": config.max_concurrent_rpcs,
+                "max_pending": config.max_concurrent_rpcs,
+                "max_calls": config.max_concurrent_rpcs,
+                "max_streams": config.max_streams,
+                "stream_idle_s": config.stream_idle_timeout_s,
+                "max_concurrent_streams": config.max_concurrent_streams,
+                "max_connection_idle_ms": int(config.connection_idle_timeout_s * 1000),
+                "tls_cert": _pem(config.tls_cert),
+                "tls_key": _pem(config.tls_key),
+                "tls_ca": _pem(config.tls_ca),
+                "lowerbound_hint": LOWERBOUND_HINT,
+                "streaming": list(streaming),
+            },
+            stats,
+        )
         self._models: set[str] = set()
-        self._log_thread = threading.Thread(target=self._forward_log, name="aotiserve-port-log",
-                                            daemon=True)
+        self._log_thread = threading.Thread(
+            target=self._forward_log, name="aotiserve-port-log", daemon=True
+        )
         self._log_thread.start()
 
     @property
@@ -115,12 +125,21 @@ class Port:
             shape = list(s.shape) if s.shape is not None else None
             lower = list(s.min_shape) if s.min_shape is not None and shape is not None else []
             upper = list(s.max_shape) if s.max_shape is not None and shape is not None else []
-            inputs.append((s.name, wire, shape, lower, upper,
-                           s.bounds_text() if shape is not None else ""))
-        replicas = [(r.runner._hot_run_fn(str(r.pool.device)), r.runner._hot_swap_fn(),
-                     r.slot.capacity, r.pool.name) for r in model.replicas]
-        self._server.add_model(model.name, inputs, [s.name for s in model.outputs], replicas,
-                               model.weights.active.id)
+            inputs.append(
+                (s.name, wire, shape, lower, upper, s.bounds_text() if shape is not None else "")
+            )
+        replicas = [
+            (
+                r.runner._hot_run_fn(str(r.pool.device)),
+                r.runner._hot_swap_fn(),
+                r.slot.capacity,
+                r.pool.name,
+            )
+            for r in model.replicas
+        ]
+        self._server.add_model(
+            model.name, inputs, [s.name for s in model.outputs], replicas, model.weights.active.id
+        )
         if warm:
             self._warm(model)
         self._models.add(model.name)
@@ -144,8 +163,9 @@ class Port:
         thread.start()
         thread.join()
         if failed:
-            log.warning("model %r: hot-path warm-up failed: %s", model.name,
-                        str(failed[0]).split("\n")[0])
+            log.warning(
+                "model %r: hot-path warm-up failed: %s", model.name, str(failed[0]).split("\n")[0]
+            )
 
     def remove(self, name: str) -> None:
         """Takes the model back; waits for its runs in flight."""
@@ -212,7 +232,9 @@ class Port:
     def collect(self):
         """Prometheus: the payload bytes the port copied."""
         yield CounterMetricFamily(
-            "aotiserve_port_copied_bytes", "Payload bytes the port copied: requests joined from "
+            "aotiserve_port_copied_bytes",
+            "Payload bytes the port copied: requests joined from "
             "several gRPC slices, inputs not aligned as torch aligns tensors, outputs under "
             "64 KiB copied into the reply (larger ones are sent from the output tensor itself)",
-            value=self._server.copied_bytes())
+            value=self._server.copied_bytes(),
+        )

@@ -33,16 +33,18 @@ import os
 import platform
 import struct
 import sys
-from pathlib import Path
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 GLIBC_HUGETLB = "glibc.malloc.hugetlb"
 # Payload-sized blocks come from the heap, and stay there between requests.
-MALLOC_THRESHOLDS = (("glibc.malloc.mmap_threshold", str(32 << 20)),
-                     ("glibc.malloc.trim_threshold", str(256 << 20)))
+MALLOC_THRESHOLDS = (
+    ("glibc.malloc.mmap_threshold", str(32 << 20)),
+    ("glibc.malloc.trim_threshold", str(256 << 20)),
+)
 
 
 def thp_mode(setting: Path = THP_SETTING) -> str | None:
@@ -52,7 +54,7 @@ def thp_mode(setting: Path = THP_SETTING) -> str | None:
     except OSError:
         return None
     start, end = text.find("["), text.find("]")
-    return text[start + 1:end] if 0 <= start < end else None
+    return text[start + 1 : end] if 0 <= start < end else None
 
 
 def malloc_env(env: Mapping[str, str], mode: str | None) -> dict[str, str]:
@@ -82,11 +84,15 @@ def restart_with_malloc_env(env: Mapping[str, str], argv: Sequence[str]) -> None
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execve(sys.executable, [sys.executable, "-m", "aotiserve.server", *argv],
-                  {**env, **updates})
+        os.execve(
+            sys.executable, [sys.executable, "-m", "aotiserve.server", *argv], {**env, **updates}
+        )
     except OSError as exc:
-        log.warning("malloc settings for payloads: could not restart with %s (%s); "
-                    "running without them", updates, exc)
+        log.warning(
+            "malloc settings for payloads: could not restart with %s (%s); running without them",
+            updates,
+            exc,
+        )
 
 
 # sched_setattr(2) has no wrapper in glibc or Python's os: its number per architecture.

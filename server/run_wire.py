@@ -49,16 +49,18 @@ class RunRequestView:
 
 
 def _fast(buf: bytes, bounds: wire.Bounds) -> RunRequestView:
-    model, inputs = wire.read_text_and_tensors(buf, text_field=1, tensor_field=2, bounds=bounds,
-                                               what=_WHAT, entry="input")
+    model, inputs = wire.read_text_and_tensors(
+        buf, text_field=1, tensor_field=2, bounds=bounds, what=_WHAT, entry="input"
+    )
     return RunRequestView(model, inputs)
 
 
 def _slow(buf: bytes) -> RunRequestView:
     """The generated parser (raises ``DecodeError`` on what protobuf refuses)."""
     request = pb.RunRequest.FromString(buf)
-    return RunRequestView(request.model, [wire.TensorView(t.dtype, list(t.shape), t.data)
-                                          for t in request.inputs])
+    return RunRequestView(
+        request.model, [wire.TensorView(t.dtype, list(t.shape), t.data) for t in request.inputs]
+    )
 
 
 SMALL_REQUEST_BYTES = wire.VIEWING_MIN_BYTES
@@ -94,8 +96,10 @@ def parse_viewing(buf: bytes, bounds: wire.Bounds = wire.UNBOUNDED) -> RunReques
 
 # Writing ----------------------------------------------------------------------
 
-def write_run_response(outputs: Sequence[torch.Tensor], wire_dtypes: Sequence[int],
-                       weights_version: str) -> bytes:
+
+def write_run_response(
+    outputs: Sequence[torch.Tensor], wire_dtypes: Sequence[int], weights_version: str
+) -> bytes:
     """``RunResponse`` bytes, as the generated serializer writes them, in one join.
 
     ``wire_dtypes[i]`` is the wire dtype of ``outputs[i]``.

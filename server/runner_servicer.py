@@ -50,34 +50,41 @@ class RunnerServicer(pb_grpc.ModelRunnerServicer):
         # RunResponse wire bytes in one join (see add_to_server and run_wire).
         outputs = result.outputs
         return run_wire.write_run_response(
-            outputs, [codec.wire_dtype(t.dtype) for t in outputs], result.weights_version)
+            outputs, [codec.wire_dtype(t.dtype) for t in outputs], result.weights_version
+        )
 
     def GetCallSpec(self, request, context) -> pb.GetCallSpecResponse:
         in_spec, out_spec = self.plane.call_spec(request.model)
         return pb.GetCallSpecResponse(in_spec=in_spec, out_spec=out_spec)
 
     def GetConstantNamesToOriginalFqns(self, request, context):
-        return pb.GetConstantNamesToOriginalFqnsResponse(fqns=self.plane.constant_fqns(request.model))
+        return pb.GetConstantNamesToOriginalFqnsResponse(
+            fqns=self.plane.constant_fqns(request.model)
+        )
 
     def GetConstantNamesToDtypes(self, request, context):
         return pb.GetConstantNamesToDtypesResponse(dtypes=self.plane.constant_dtypes(request.model))
 
-    def ExtractConstantsMap(self, request: pb.ExtractConstantsMapRequest,
-                            context) -> Iterator[pb.ConstantChunk]:
+    def ExtractConstantsMap(
+        self, request: pb.ExtractConstantsMapRequest, context
+    ) -> Iterator[pb.ConstantChunk]:
         if request.chunk_bytes < 0:
             raise InvalidArgument(f"chunk_bytes must be >= 0, got {request.chunk_bytes}")
         chunk = min(request.chunk_bytes or self.chunk_bytes, self.max_chunk_bytes)
         with self.plane.weight_stream("ExtractConstantsMap"):
             yield from self._extract_chunks(request, context, chunk)
 
-    def _extract_chunks(self, request: pb.ExtractConstantsMapRequest, context,
-                        chunk: int) -> Iterator[pb.ConstantChunk]:
-        for piece in self.plane.extract_chunks(request.model, request.use_inactive, chunk,
-                                               context.is_active):
+    def _extract_chunks(
+        self, request: pb.ExtractConstantsMapRequest, context, chunk: int
+    ) -> Iterator[pb.ConstantChunk]:
+        for piece in self.plane.extract_chunks(
+            request.model, request.use_inactive, chunk, context.is_active
+        ):
             yield rc.constant_chunk(piece)
 
-    def UpdateConstantBuffer(self, request_iterator: Iterable[pb.UpdateConstantBufferRequest],
-                             context) -> pb.UpdateConstantBufferResponse:
+    def UpdateConstantBuffer(
+        self, request_iterator: Iterable[pb.UpdateConstantBufferRequest], context
+    ) -> pb.UpdateConstantBufferResponse:
         with self.plane.weight_stream("UpdateConstantBuffer"):
             it = iter(request_iterator)
             first = next(it, None)
@@ -103,14 +110,18 @@ class RunnerServicer(pb_grpc.ModelRunnerServicer):
                 return pb.UpdateConstantBufferResponse()
             version, received, names = upload.commit()
         return pb.UpdateConstantBufferResponse(
-            version=rc.version(version), bytes_received=received, updated=names)
+            version=rc.version(version), bytes_received=received, updated=names
+        )
 
     def SwapConstantBuffer(self, request, context) -> pb.SwapConstantBufferResponse:
-        return pb.SwapConstantBufferResponse(active_version=rc.version(self.plane.swap(request.model)))
+        return pb.SwapConstantBufferResponse(
+            active_version=rc.version(self.plane.swap(request.model))
+        )
 
     def RollbackConstantBuffer(self, request, context) -> pb.RollbackConstantBufferResponse:
         return pb.RollbackConstantBufferResponse(
-            active_version=rc.version(self.plane.rollback(request.model)))
+            active_version=rc.version(self.plane.rollback(request.model))
+        )
 
     def FreeInactiveConstantBuffer(self, request, context):
         self.plane.free_inactive(request.model)
@@ -123,22 +134,36 @@ class RunnerServicer(pb_grpc.ModelRunnerServicer):
     def LoadWeights(self, request: pb.LoadWeightsRequest, context) -> pb.LoadWeightsResponse:
         with self.plane.weight_stream("LoadWeights"):
             version, staged, names = self.plane.load_weights(
-                request.model, request.path, request.validate_full_updates, request.description,
-                _author(context), context.is_active)
-        return pb.LoadWeightsResponse(version=rc.version(version), bytes_staged=staged,
-                                      updated=names)
+                request.model,
+                request.path,
+                request.validate_full_updates,
+                request.description,
+                _author(context),
+                context.is_active,
+            )
+        return pb.LoadWeightsResponse(
+            version=rc.version(version), bytes_staged=staged, updated=names
+        )
 
-    def LoadWeightsFromCuda(self, request: pb.LoadWeightsFromCudaRequest,
-                            context) -> pb.LoadWeightsFromCudaResponse:
+    def LoadWeightsFromCuda(
+        self, request: pb.LoadWeightsFromCudaRequest, context
+    ) -> pb.LoadWeightsFromCudaResponse:
         with self.plane.weight_stream("LoadWeightsFromCuda"):
             version, staged, names = self.plane.load_weights_from_cuda(
-                rc.cuda_handoff(request), _author(context), context.is_active)
-        return pb.LoadWeightsFromCudaResponse(version=rc.version(version), bytes_staged=staged,
-                                              updated=names)
+                rc.cuda_handoff(request), _author(context), context.is_active
+            )
+        return pb.LoadWeightsFromCudaResponse(
+            version=rc.version(version), bytes_staged=staged, updated=names
+        )
 
     def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
-        info = self.plane.load_model(request.name, request.path, list(request.devices),
-                                     request.runners_per_device, request.package_model or None)
+        info = self.plane.load_model(
+            request.name,
+            request.path,
+            list(request.devices),
+            request.runners_per_device,
+            request.package_model or None,
+        )
         return pb.LoadModelResponse(model=rc.model_info(info))
 
     def UnloadModel(self, request, context) -> pb.UnloadModelResponse:
@@ -170,14 +195,17 @@ class _WithWireRun:
         handlers["Run"] = grpc.unary_unary_rpc_method_handler(
             run.unary_unary,
             request_deserializer=_counting(run_wire.parse_run_request, self._bounds),
-            response_serializer=run_wire.identity)
+            response_serializer=run_wire.identity,
+        )
         upload = handlers["UpdateConstantBuffer"]
         handlers["UpdateConstantBuffer"] = grpc.stream_unary_rpc_method_handler(
             upload.stream_unary,
             request_deserializer=_counting(upload_codec.decode_update_request, self._bounds),
-            response_serializer=upload.response_serializer)
+            response_serializer=upload.response_serializer,
+        )
         self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(service, handlers),))
+            (grpc.method_handlers_generic_handler(service, handlers),)
+        )
         self._server.add_registered_method_handlers(service, handlers)
 
 
@@ -192,4 +220,5 @@ def _counting(parse, bounds):
 def add_to_server(plane: DataPlane, config, server: grpc.Server) -> None:
     pb_grpc.add_ModelRunnerServicer_to_server(
         RunnerServicer(plane, config.extract_chunk_bytes, config.max_message_bytes),
-        _WithWireRun(server, plane.limits.wire))
+        _WithWireRun(server, plane.limits.wire),
+    )

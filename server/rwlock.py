@@ -8,8 +8,8 @@ Writer preference keeps a stream of runs from starving the swap.
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class RWLock:

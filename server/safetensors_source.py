@@ -23,14 +23,13 @@ and the open cannot lead outside them.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import logging
 import os
 import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterator
 
 import torch
 
@@ -46,10 +45,18 @@ MAX_INDEX_BYTES = 64 << 20
 
 #: safetensors dtype names -> torch dtypes.
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _attr):
@@ -73,7 +80,8 @@ class ShardFile:
             if got <= 0:
                 raise InvalidArgument(
                     f"{what}: {self.path.name} ended after {offset + done} bytes while it was "
-                    "read (truncated or rewritten meanwhile)")
+                    "read (truncated or rewritten meanwhile)"
+                )
             done += got
 
     def close(self) -> None:
@@ -141,8 +149,9 @@ def _open_checked(path: Path, check: Callable[[Path], None], what: str) -> tuple
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise InvalidArgument(f"{what}: {str(path)!r} is not a regular file")
-        opened = Path(os.readlink(f"/proc/self/fd/{fd}")) if os.path.exists("/proc/self/fd") \
-            else path
+        opened = (
+            Path(os.readlink(f"/proc/self/fd/{fd}")) if os.path.exists("/proc/self/fd") else path
+        )
         check(opened)
         return fd, st.st_size
     except BaseException:
@@ -153,8 +162,10 @@ def _open_checked(path: Path, check: Callable[[Path], None], what: str) -> tuple
 def _read_exact(fd: int, offset: int, n: int) -> bytes:
     data = os.pread(fd, n, offset)
     if len(data) != n:
-        raise InvalidArgument(f"the file ended after {offset + len(data)} bytes while its "
-                              f"header was read ({offset + n} expected)")
+        raise InvalidArgument(
+            f"the file ended after {offset + len(data)} bytes while its "
+            f"header was read ({offset + n} expected)"
+        )
     return data
 
 
@@ -170,15 +181,21 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
 def _parse_header(shard: ShardFile, limits: codec.Limits, max_entries: int) -> list[Entry]:
     name = shard.path.name
     if shard.size < 8:
-        raise InvalidArgument(f"{name} is not a safetensors file ({shard.size} bytes, "
-                              "shorter than the 8-byte header length)")
+        raise InvalidArgument(
+            f"{name} is not a safetensors file ({shard.size} bytes, "
+            "shorter than the 8-byte header length)"
+        )
     n = int.from_bytes(_read_exact(shard.fd, 0, 8), "little")
     if n > MAX_HEADER_BYTES:
-        raise InvalidArgument(f"{name}: header of {n} bytes exceeds the bound of "
-                              f"{MAX_HEADER_BYTES} bytes (not a safetensors file?)")
+        raise InvalidArgument(
+            f"{name}: header of {n} bytes exceeds the bound of "
+            f"{MAX_HEADER_BYTES} bytes (not a safetensors file?)"
+        )
     if 8 + n > shard.size:
-        raise InvalidArgument(f"{name} is truncated: its header claims {n} bytes but the file "
-                              f"holds {shard.size - 8} after the length")
+        raise InvalidArgument(
+            f"{name} is truncated: its header claims {n} bytes but the file "
+            f"holds {shard.size - 8} after the length"
+        )
     raw = _read_exact(shard.fd, 8, n)
     try:
         header = json.loads(raw, object_pairs_hook=_no_duplicates)
@@ -190,8 +207,10 @@ def _parse_header(shard: ShardFile, limits: codec.Limits, max_entries: int) -> l
         raise InvalidArgument(f"{name}: the header is not a JSON object")
     header.pop("__metadata__", None)
     if len(header) > max_entries:
-        raise InvalidArgument(f"{name} holds {len(header)} tensors, more than the "
-                              f"{max_entries} this server takes in one update")
+        raise InvalidArgument(
+            f"{name} holds {len(header)} tensors, more than the "
+            f"{max_entries} this server takes in one update"
+        )
     shard.data_start = 8 + n
     data_size = shard.size - shard.data_start
     entries = []
@@ -205,29 +224,37 @@ def _parse_header(shard: ShardFile, limits: codec.Limits, max_entries: int) -> l
             raise InvalidArgument(f"{what}: dtype {st_dtype!r} is not supported")
         shape = spec.get("shape")
         offsets = spec.get("data_offsets")
-        if not isinstance(shape, list) or not all(
-                type(d) is int and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise InvalidArgument(f"{what}: shape {shape!r} is not a list of sizes")
         if len(shape) > limits.max_rank:
             raise InvalidArgument(f"{what}: rank {len(shape)} exceeds {limits.max_rank}")
         numel = codec.checked_numel(tuple(shape), what, limits)
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
             raise InvalidArgument(f"{what}: data_offsets {offsets!r} are not [begin, end]")
         begin, end = offsets
         nbytes = numel * dtype.itemsize
         if end - begin != nbytes:
-            raise InvalidArgument(f"{what}: data_offsets span {end - begin} bytes but "
-                                  f"{codec.dtype_name(dtype)}{shape} needs {nbytes}")
+            raise InvalidArgument(
+                f"{what}: data_offsets span {end - begin} bytes but "
+                f"{codec.dtype_name(dtype)}{shape} needs {nbytes}"
+            )
         if end > data_size:
-            raise InvalidArgument(f"{name} is truncated: tensor {key!r} needs bytes up to "
-                                  f"{end} of the data but the file holds {data_size}")
+            raise InvalidArgument(
+                f"{name} is truncated: tensor {key!r} needs bytes up to "
+                f"{end} of the data but the file holds {data_size}"
+            )
         entries.append(Entry(key, dtype, tuple(shape), shard, shard.data_start + begin, nbytes))
     return entries
 
 
-def open_source(path: Path, check: Callable[[Path], None], limits: codec.Limits,
-                max_entries: int) -> SafetensorsSource:
+def open_source(
+    path: Path, check: Callable[[Path], None], limits: codec.Limits, max_entries: int
+) -> SafetensorsSource:
     """Opens ``path`` (already resolved below a root): a ``.safetensors`` file, a folder
     holding ``model.safetensors.index.json``, or that index file. ``check(path)`` raises
     PermissionDenied for a path outside the roots; it is applied to every file opened."""
@@ -238,7 +265,8 @@ def open_source(path: Path, check: Callable[[Path], None], limits: codec.Limits,
         if not index.exists():
             raise InvalidArgument(
                 f"{what}: folder {str(path)!r} holds no {INDEX_NAME} (give a .safetensors file, "
-                "or a folder of shards with their index)")
+                "or a folder of shards with their index)"
+            )
     elif path.name.endswith(".index.json"):
         index = path
     shards: list[ShardFile] = []
@@ -256,13 +284,20 @@ def open_source(path: Path, check: Callable[[Path], None], limits: codec.Limits,
         raise
 
 
-def _open_sharded(index: Path, check: Callable[[Path], None], limits: codec.Limits,
-                  max_entries: int, shards: list[ShardFile]) -> SafetensorsSource:
+def _open_sharded(
+    index: Path,
+    check: Callable[[Path], None],
+    limits: codec.Limits,
+    max_entries: int,
+    shards: list[ShardFile],
+) -> SafetensorsSource:
     fd, size = _open_checked(index, check, "weights index")
     try:
         if size > MAX_INDEX_BYTES:
-            raise InvalidArgument(f"{index.name}: {size} bytes exceeds the bound of "
-                                  f"{MAX_INDEX_BYTES} bytes for an index")
+            raise InvalidArgument(
+                f"{index.name}: {size} bytes exceeds the bound of "
+                f"{MAX_INDEX_BYTES} bytes for an index"
+            )
         raw = _read_exact(fd, 0, size)
     finally:
         os.close(fd)
@@ -273,12 +308,13 @@ def _open_sharded(index: Path, check: Callable[[Path], None], limits: codec.Limi
     except (ValueError, RecursionError) as exc:
         raise InvalidArgument(f"{index.name} is not valid JSON ({exc})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-            isinstance(v, str) for v in weight_map.values()):
-        raise InvalidArgument(f"{index.name}: no \"weight_map\" of key -> shard file")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InvalidArgument(f'{index.name}: no "weight_map" of key -> shard file')
     if len(weight_map) > max_entries:
-        raise InvalidArgument(f"{index.name} maps {len(weight_map)} tensors, more than the "
-                              f"{max_entries} this server takes in one update")
+        raise InvalidArgument(
+            f"{index.name} maps {len(weight_map)} tensors, more than the "
+            f"{max_entries} this server takes in one update"
+        )
     folder = index.parent
     by_shard: dict[str, list[str]] = {}
     for key, shard_name in weight_map.items():
@@ -286,8 +322,9 @@ def _open_sharded(index: Path, check: Callable[[Path], None], limits: codec.Limi
     entries: list[Entry] = []
     for shard_name, keys in by_shard.items():
         if not shard_name or "/" in shard_name or "\\" in shard_name or shard_name in (".", ".."):
-            raise InvalidArgument(f"{index.name}: shard {shard_name!r} is not a file name in "
-                                  "the index's folder")
+            raise InvalidArgument(
+                f"{index.name}: shard {shard_name!r} is not a file name in the index's folder"
+            )
         shard_path = folder / shard_name
         fd, size = _open_checked(shard_path, check, f"shard {shard_name!r}")
         shard = ShardFile(shard_path, fd, size)
@@ -296,8 +333,9 @@ def _open_sharded(index: Path, check: Callable[[Path], None], limits: codec.Limi
         for key in keys:
             entry = found.get(key)
             if entry is None:
-                raise InvalidArgument(f"{index.name} maps {key!r} to {shard_name}, which does "
-                                      "not hold it")
+                raise InvalidArgument(
+                    f"{index.name} maps {key!r} to {shard_name}, which does not hold it"
+                )
             entries.append(entry)
     return SafetensorsSource(entries, shards, f"{index.parent.name}/{index.name}")
 
@@ -318,5 +356,7 @@ def check_below(roots: list[Path]) -> Callable[[Path], None]:
         if not any(real == r or r in real.parents for r in real_roots):
             raise PermissionDenied(
                 f"weights path: {str(path)!r} is not below an allowed root of this server "
-                "(configure --allowed-root)")
+                "(configure --allowed-root)"
+            )
+
     return check

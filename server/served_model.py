@@ -105,13 +105,18 @@ class ServedModel:
                 pool = pools[device]
                 loaded = runner_ext.load_model(
                     self.options.path_for(pool.device, self.path),
-                    model_name=self.options.package_model, device=pool.device,
-                    num_runners=self.options.runners)
+                    model_name=self.options.package_model,
+                    device=pool.device,
+                    num_runners=self.options.runners,
+                )
                 stats = None
                 if self.metrics is not None:
                     stats = functools.partial(self.metrics.stats.record_run, self.name, pool.name)
-                self.replicas.append(Replica(
-                    loaded, pool, pool.slot(self.options.runners, f"model {self.name!r}"), stats))
+                self.replicas.append(
+                    Replica(
+                        loaded, pool, pool.slot(self.options.runners, f"model {self.name!r}"), stats
+                    )
+                )
             self._describe()
         except BaseException:
             self.close()
@@ -132,35 +137,55 @@ class ServedModel:
             info = ConstantInfo(name, fqn, tensor.dtype, tuple(tensor.shape))
             self.constants[fqn] = info
             self.constants_by_name[name] = info
-        self.weights = ModelWeights(self, WeightsVersion(
-            INITIAL, map_sha256(self.constants, live), int(time.time() * 1000), "package",
-            os.path.basename(self.path)))
+        self.weights = ModelWeights(
+            self,
+            WeightsVersion(
+                INITIAL,
+                map_sha256(self.constants, live),
+                int(time.time() * 1000),
+                "package",
+                os.path.basename(self.path),
+            ),
+        )
         self._setup_batching()
 
     def _describe_io(self, first: Replica) -> None:
         """Inputs and outputs from the package (io_specs), for every .pt2 alike."""
         runner = first.runner
         inputs, outputs, source = io_specs.from_package(
-            first.loaded.source, first.loaded.model_name, self.metadata,
-            runner.get_num_inputs(), runner.get_num_outputs())
+            first.loaded.source,
+            first.loaded.model_name,
+            self.metadata,
+            runner.get_num_inputs(),
+            runner.get_num_outputs(),
+        )
         if not all(io_specs.complete(o) for o in outputs):
             outputs = io_specs.probe_outputs(
-                inputs, outputs, lambda xs: first.pool.execute(runner, xs))
+                inputs, outputs, lambda xs: first.pool.execute(runner, xs)
+            )
         self.inputs, self.outputs = inputs, outputs
         self.input_plan = InputPlan(inputs)
         if source == pt2.SOURCE_NONE:
-            log.warning("model %r: %s holds no input/output description (no aotiserve pack "
-                        "metadata, no generated wrapper source): requests are checked by the "
-                        "model's own guards only", self.name, self.path)
+            log.warning(
+                "model %r: %s holds no input/output description (no aotiserve pack "
+                "metadata, no generated wrapper source): requests are checked by the "
+                "model's own guards only",
+                self.name,
+                self.path,
+            )
         else:
             # The complete specs, bounds included, where ListModels shows them (ModelInfo's
             # TensorSpec has no room for bounds).
             self.metadata[pt2.INPUTS_KEY] = pt2.specs_json([s.to_client() for s in inputs])
             self.metadata[pt2.OUTPUTS_KEY] = pt2.specs_json([s.to_client() for s in outputs])
         io_specs.log_lower_bounds(self.name, inputs)
-        log.info("model %r: inputs %s, outputs %s (from the %s)", self.name,
-                 ", ".join(f"{s.name} {_dtype_text(s)}{s.bounds_text()}" for s in inputs),
-                 ", ".join(f"{s.name} {_dtype_text(s)}{s.bounds_text()}" for s in outputs), source)
+        log.info(
+            "model %r: inputs %s, outputs %s (from the %s)",
+            self.name,
+            ", ".join(f"{s.name} {_dtype_text(s)}{s.bounds_text()}" for s in inputs),
+            ", ".join(f"{s.name} {_dtype_text(s)}{s.bounds_text()}" for s in outputs),
+            source,
+        )
 
     def _setup_batching(self) -> None:
         size = self.options.batch_max_size
@@ -175,12 +200,19 @@ class ServedModel:
         if limits and min(limits) < size:
             size = min(limits)
             if size < 2:
-                log.warning("model %r: dynamic batching is off: it accepts %d row(s) per run",
-                            self.name, size)
+                log.warning(
+                    "model %r: dynamic batching is off: it accepts %d row(s) per run",
+                    self.name,
+                    size,
+                )
                 return
         self.batcher = Batcher(size, self.options.batch_max_delay_us / 1e6)
-        log.info("model %r: dynamic batching up to %d rows, waiting up to %d µs", self.name,
-                 size, self.options.batch_max_delay_us)
+        log.info(
+            "model %r: dynamic batching up to %d rows, waiting up to %d µs",
+            self.name,
+            size,
+            self.options.batch_max_delay_us,
+        )
 
     # Buffers' lifetime ---------------------------------------------------------
 
@@ -253,12 +285,20 @@ class ServedModel:
         """What a servicer may say about this model (a snapshot)."""
         w = self.weights
         return ModelInfo(
-            name=self.name, path=self.path, devices=self.devices,
-            runners_per_device=self.options.runners, state=self.state,
-            inputs=list(self.inputs), outputs=list(self.outputs), metadata=dict(self.metadata),
+            name=self.name,
+            path=self.path,
+            devices=self.devices,
+            runners_per_device=self.options.runners,
+            state=self.state,
+            inputs=list(self.inputs),
+            outputs=list(self.outputs),
+            metadata=dict(self.metadata),
             updatable_constants=sorted(self.constants),
-            active_version=w.active if w else None, staged_version=w.staged if w else None,
-            previous_version=w.previous if w else None, error=self.error)
+            active_version=w.active if w else None,
+            staged_version=w.staged if w else None,
+            previous_version=w.previous if w else None,
+            error=self.error,
+        )
 
 
 def _dtype_text(spec: IOSpec) -> str:

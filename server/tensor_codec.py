@@ -23,6 +23,7 @@ import torch
 
 from aotiserve.client import dtypes as dt
 from aotiserve.client import wire
+
 from .errors import InvalidArgument, ResourceExhausted
 
 TORCH_DTYPE_BY_WIRE: dict[int, torch.dtype] = {
@@ -31,7 +32,8 @@ TORCH_DTYPE_BY_WIRE: dict[int, torch.dtype] = {
 WIRE_BY_TORCH_DTYPE: dict[torch.dtype, int] = {v: k for k, v in TORCH_DTYPE_BY_WIRE.items()}
 # Open Inference Protocol datatype names ("FP32"), for the dtypes both sides have.
 TORCH_BY_OIP: dict[str, torch.dtype] = {
-    d.oip_name: getattr(torch, d.torch_name) for d in dt.DTYPES
+    d.oip_name: getattr(torch, d.torch_name)
+    for d in dt.DTYPES
     if d.oip_name and isinstance(getattr(torch, d.torch_name, None), torch.dtype)
 }
 OIP_BY_TORCH: dict[torch.dtype, str] = {v: k for k, v in TORCH_BY_OIP.items()}
@@ -64,20 +66,30 @@ class Limits:
     def wire(self) -> wire.Bounds:
         """The same bounds as the wire walks check them (before anything is kept)."""
         return wire.Bounds(
-            max_entries=self.max_inputs, max_rank=self.max_rank, max_dim=self.max_elements,
-            max_constants=self.max_constants, settings=WIRE_SETTINGS)
+            max_entries=self.max_inputs,
+            max_rank=self.max_rank,
+            max_dim=self.max_elements,
+            max_constants=self.max_constants,
+            settings=WIRE_SETTINGS,
+        )
 
 
 # The setting behind each wire bound (errors name it).
-WIRE_SETTINGS = {"max_entries": "max_inputs", "max_rank": "max_tensor_rank",
-                 "max_dim": "max_tensor_elements", "max_constants": "max_upload_constants"}
+WIRE_SETTINGS = {
+    "max_entries": "max_inputs",
+    "max_rank": "max_tensor_rank",
+    "max_dim": "max_tensor_elements",
+    "max_constants": "max_upload_constants",
+}
 
 
 def torch_dtype(wire: int, what: str) -> torch.dtype:
     try:
         return TORCH_DTYPE_BY_WIRE[wire]
     except KeyError:
-        raise InvalidArgument(f"{what}: unknown or unsupported dtype {dt.wire_name(wire)}") from None
+        raise InvalidArgument(
+            f"{what}: unknown or unsupported dtype {dt.wire_name(wire)}"
+        ) from None
 
 
 def wire_dtype(dtype: torch.dtype) -> int:
@@ -104,16 +116,20 @@ def checked_numel(shape: Sequence[int], what: str, limits: Limits) -> int:
         if d < 0:
             raise InvalidArgument(f"{what}: negative dimension {d} in shape {list(shape)}")
         if d > limits.max_elements:
-            raise InvalidArgument(f"{what}: dimension {i} of shape {list(shape)} is above the "
-                                  f"limit of {limits.max_elements} (max_tensor_elements)")
+            raise InvalidArgument(
+                f"{what}: dimension {i} of shape {list(shape)} is above the "
+                f"limit of {limits.max_elements} (max_tensor_elements)"
+            )
         numel *= d or 1
         if numel > limits.max_elements:
             if empty:
                 raise InvalidArgument(
                     f"{what}: shape {list(shape)} has no elements, but its other dimensions "
-                    f"multiply to more than {limits.max_elements} (max_tensor_elements)")
+                    f"multiply to more than {limits.max_elements} (max_tensor_elements)"
+                )
             raise ResourceExhausted(
-                f"{what}: shape {list(shape)} has more than {limits.max_elements} elements")
+                f"{what}: shape {list(shape)} has more than {limits.max_elements} elements"
+            )
     return 0 if empty else numel
 
 
@@ -131,7 +147,8 @@ def decode(t: Any, what: str, limits: Limits = Limits()) -> torch.Tensor:
     expected = numel * dtype.itemsize
     if len(data) != expected:
         raise InvalidArgument(
-            f"{what}: expected {expected} bytes for {describe(dtype, shape)}, got {len(data)}")
+            f"{what}: expected {expected} bytes for {describe(dtype, shape)}, got {len(data)}"
+        )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     np_dtype = NUMPY_DTYPE.get(dtype)

@@ -30,8 +30,10 @@ _DATA = 3 << 3 | 2  # ConstantChunk.data
 # singular, so protobuf merges their repeats.
 _SPEC = {3: wire.Rule("dims")}
 _SCHEMA = {
-    1: wire.Rule("merged", {5: wire.Rule("entries", _SPEC, entries="declared constants",
-                                         bound="max_constants")}),
+    1: wire.Rule(
+        "merged",
+        {5: wire.Rule("entries", _SPEC, entries="declared constants", bound="max_constants")},
+    ),
     2: wire.Rule("merged", {5: wire.Rule("dims")}),
 }
 
@@ -93,8 +95,9 @@ def _fast_chunk(raw: bytes) -> ChunkRequest | None:
     return ChunkRequest(ChunkView(name, offset, data if data is not None else view[0:0]))
 
 
-def decode_update_request(raw: bytes, bounds: wire.Bounds = wire.UNBOUNDED
-                          ) -> pb.UpdateConstantBufferRequest | ChunkRequest:
+def decode_update_request(
+    raw: bytes, bounds: wire.Bounds = wire.UNBOUNDED
+) -> pb.UpdateConstantBufferRequest | ChunkRequest:
     """One ``UpdateConstantBufferRequest`` off the wire; chunks without a payload copy.
     Past ``bounds``: ``InvalidArgument`` naming what."""
     try:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from collections.abc import Sequence
 
 import torch
 
@@ -25,8 +25,9 @@ from . import io_specs
 log = logging.getLogger(__name__)
 
 
-def warm_up(name: str, replicas: Sequence[Any], inputs: Sequence[io_specs.IOSpec],
-            runs: int, runners: int) -> int:
+def warm_up(
+    name: str, replicas: Sequence[Any], inputs: Sequence[io_specs.IOSpec], runs: int, runners: int
+) -> int:
     """Runs every replica ``runs`` rounds of ``runners`` concurrent calls; returns the
     number of runs made (0 where warm-up is off or impossible). A failing run ends the
     warm-up with a warning: the model still serves (its own guards judge requests)."""
@@ -42,11 +43,17 @@ def warm_up(name: str, replicas: Sequence[Any], inputs: Sequence[io_specs.IOSpec
         for replica in replicas:
             done += _warm_replica(replica, tensors, runs, runners)
     except Exception as exc:  # noqa: BLE001 (a model that refuses zeros is still served)
-        log.warning("model %r: warm-up run failed after %d run(s): %s", name, done,
-                    str(exc).split("\n")[0])
+        log.warning(
+            "model %r: warm-up run failed after %d run(s): %s", name, done, str(exc).split("\n")[0]
+        )
         return done
-    log.info("model %r: warmed up with %d run(s) on %d replica(s) in %.1f ms", name, done,
-             len(replicas), (time.monotonic() - started) * 1e3)
+    log.info(
+        "model %r: warmed up with %d run(s) on %d replica(s) in %.1f ms",
+        name,
+        done,
+        len(replicas),
+        (time.monotonic() - started) * 1e3,
+    )
     return done
 
 

@@ -43,10 +43,18 @@ OnStaged = Callable[[str, str, int, float], None]
 class Upload:
     """A weight upload in progress (see ``weights.StagingUpload``)."""
 
-    def __init__(self, model: ServedModel, staging: StagingUpload, author: str, claimed: bool,
-                 store: WeightsStore | None, count_op: CountOp,
-                 on_staged: OnStaged | None = None, path: str = "upload",
-                 started: float | None = None):
+    def __init__(
+        self,
+        model: ServedModel,
+        staging: StagingUpload,
+        author: str,
+        claimed: bool,
+        store: WeightsStore | None,
+        count_op: CountOp,
+        on_staged: OnStaged | None = None,
+        path: str = "upload",
+        started: float | None = None,
+    ):
         self.path = path  # how the bytes came: upload, file, gpu-direct (metrics)
         self._started = time.perf_counter() if started is None else started
         self.model = model
@@ -78,11 +86,17 @@ class Upload:
         self._count_op(model.name, "stage", None)
         names = sorted(self.staging.staged)
         self.discard()
-        log.info("model %r: %s weights version %s (%d constants, %d bytes, %s) from %s in "
-                 "%.3fs", model.name,
-                 "staged" if self.staging.use_inactive else "updated active to",
-                 version.id, len(names), received, self.path, self.author or "?",
-                 time.perf_counter() - self._started)
+        log.info(
+            "model %r: %s weights version %s (%d constants, %d bytes, %s) from %s in %.3fs",
+            model.name,
+            "staged" if self.staging.use_inactive else "updated active to",
+            version.id,
+            len(names),
+            received,
+            self.path,
+            self.author or "?",
+            time.perf_counter() - self._started,
+        )
         return version, received, names
 
     def discard(self) -> None:
@@ -94,8 +108,9 @@ class Upload:
             self.model.weights.end_upload()
 
 
-def extract_chunks(model: ServedModel, tensors: dict[str, torch.Tensor], chunk: int,
-                   is_active: Callable[[], bool]) -> Iterator[ConstantChunk]:
+def extract_chunks(
+    model: ServedModel, tensors: dict[str, torch.Tensor], chunk: int, is_active: Callable[[], bool]
+) -> Iterator[ConstantChunk]:
     """``tensors`` (views of the model's buffers, by name) in pieces of ``chunk`` bytes.
 
     The tensors alias the runner's buffers (no copy). Each read holds the buffers
@@ -135,8 +150,9 @@ class TransferSlots:
         self.limit = limit
         self._lock = threading.Lock()
         self.open = 0
-        self._pool = cf.ThreadPoolExecutor(max_workers=limit, thread_name_prefix="aotiserve-stage",
-                                           initializer=background_priority)
+        self._pool = cf.ThreadPoolExecutor(
+            max_workers=limit, thread_name_prefix="aotiserve-stage", initializer=background_priority
+        )
 
     @contextmanager
     def hold(self, what: str) -> Iterator[None]:
@@ -146,7 +162,8 @@ class TransferSlots:
             if self.open >= self.limit:
                 raise ResourceExhausted(
                     f"{what}: {self.limit} weight uploads/downloads are in progress, the most "
-                    "this server runs at once (max_weight_streams); retry later")
+                    "this server runs at once (max_weight_streams); retry later"
+                )
             self.open += 1
         try:
             yield

@@ -22,13 +22,13 @@ import concurrent.futures as cf
 import contextlib
 import hashlib
 import itertools
+import logging
 import os
 import threading
-import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -88,9 +88,11 @@ def background_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
-_hash_pool = cf.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2)),
-                                   thread_name_prefix="aotiserve-hash",
-                                   initializer=background_priority)
+_hash_pool = cf.ThreadPoolExecutor(
+    max_workers=max(1, (os.cpu_count() or 2)),
+    thread_name_prefix="aotiserve-hash",
+    initializer=background_priority,
+)
 
 
 def _block_hash(view: torch.Tensor, start: int, end: int) -> bytes:
@@ -100,8 +102,10 @@ def _block_hash(view: torch.Tensor, start: int, end: int) -> bytes:
 def block_digests(host: torch.Tensor, start: int, end: int) -> dict[int, bytes]:
     """Digests of the hash blocks of bytes [start, end) of a constant, read from ``host``
     (a flat uint8 CPU tensor holding exactly those bytes); ``start`` on a block boundary."""
-    return {(start + lo) // HASH_BLOCK: _block_hash(host, lo, min(end - start, lo + HASH_BLOCK))
-            for lo in range(0, end - start, HASH_BLOCK)}
+    return {
+        (start + lo) // HASH_BLOCK: _block_hash(host, lo, min(end - start, lo + HASH_BLOCK))
+        for lo in range(0, end - start, HASH_BLOCK)
+    }
 
 
 def _combine(block_digests: Iterable[bytes]) -> bytes:
@@ -118,15 +122,18 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
         t = t.cpu()
     view = codec.byte_view(t.contiguous())
     size = view.numel()
-    futures = [_hash_pool.submit(_block_hash, view, b, min(size, b + HASH_BLOCK))
-               for b in range(0, size, HASH_BLOCK)]
+    futures = [
+        _hash_pool.submit(_block_hash, view, b, min(size, b + HASH_BLOCK))
+        for b in range(0, size, HASH_BLOCK)
+    ]
     return _combine(f.result() for f in futures)
 
 
 def map_sha256(constants: Mapping[str, ConstantInfo], tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 of a {fqn: tensor} map (e.g. the packaged weights) of ``constants`` (by FQN)."""
     return content_sha256(
-        (constants[fqn], tensor_digest(t)) for fqn, t in tensors.items() if fqn in constants)
+        (constants[fqn], tensor_digest(t)) for fqn, t in tensors.items() if fqn in constants
+    )
 
 
 def resolve_constant(model: _Model, name: str) -> ConstantInfo:
@@ -137,11 +144,13 @@ def resolve_constant(model: _Model, name: str) -> ConstantInfo:
     if name.startswith(FOLDED_PREFIX) or name in model.folded_names:
         raise InvalidArgument(
             f"constant {name!r} is computed from other weights at run time "
-            "(runtime constant folding) and cannot be set; send the weights it is folded from")
+            "(runtime constant folding) and cannot be set; send the weights it is folded from"
+        )
     raise InvalidArgument(
         f"{name!r} is not an updatable constant of model {model.name!r}; if it is a weight of "
         "the original module, the package folded it into code at compile time: recompile with "
-        "aot_inductor.use_runtime_constant_folding=True (aotiserve.server.packaging.pack does)")
+        "aot_inductor.use_runtime_constant_folding=True (aotiserve.server.packaging.pack does)"
+    )
 
 
 @dataclass
@@ -159,8 +168,14 @@ class _Staged:
 class StagingUpload:
     """One upload in progress. Call :meth:`add_chunk` per chunk, then :meth:`finish`."""
 
-    def __init__(self, model: _Model, header: UploadHeader, max_upload_bytes: int,
-                 limits: codec.Limits, on_bytes: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        model: _Model,
+        header: UploadHeader,
+        max_upload_bytes: int,
+        limits: codec.Limits,
+        on_bytes: Callable[[int], None] | None = None,
+    ):
         self.model = model
         self.header = header
         self.use_inactive = header.use_inactive
@@ -180,10 +195,12 @@ class StagingUpload:
             if dtype != info.dtype:
                 raise InvalidArgument(
                     f"{what}: dtype must be {codec.dtype_name(info.dtype)} (as the model's), "
-                    f"got {codec.dtype_name(dtype)}")
+                    f"got {codec.dtype_name(dtype)}"
+                )
             if shape != info.shape:
                 raise InvalidArgument(
-                    f"{what}: shape must be {list(info.shape)} (as the model's), got {list(shape)}")
+                    f"{what}: shape must be {list(info.shape)} (as the model's), got {list(shape)}"
+                )
             declared[info.fqn] = (info, spec.name)
             total += info.nbytes
         if self.validate_full:
@@ -191,10 +208,12 @@ class StagingUpload:
             if missing:
                 raise InvalidArgument(
                     "validate_full_updates is set but the upload misses constants: "
-                    + ", ".join(missing))
+                    + ", ".join(missing)
+                )
         if total > max_upload_bytes:
             raise ResourceExhausted(
-                f"upload of {total} bytes exceeds the limit of {max_upload_bytes} bytes")
+                f"upload of {total} bytes exceeds the limit of {max_upload_bytes} bytes"
+            )
         self.total_bytes = total
         self.bytes_received = 0
         self.declared = declared
@@ -219,8 +238,10 @@ class StagingUpload:
             if targets is not None:
                 tensors = [t[fqn] for t in targets]
             else:
-                tensors = [torch.empty(info.shape, dtype=info.dtype, device=r.pool.device)
-                           for r in model.replicas]
+                tensors = [
+                    torch.empty(info.shape, dtype=info.dtype, device=r.pool.device)
+                    for r in model.replicas
+                ]
             cpu_index = next((i for i, t in enumerate(tensors) if t.device.type == "cpu"), None)
             st = _Staged(info, tensors, [codec.byte_view(t) for t in tensors], cpu_index)
             st.block_filled = [0] * (-(-info.nbytes // HASH_BLOCK))
@@ -240,12 +261,14 @@ class StagingUpload:
         size = st.info.nbytes
         if start < 0 or end > size:
             raise InvalidArgument(
-                f"{what}: chunk [{start}, {end}) lies beyond the constant's {size} bytes")
+                f"{what}: chunk [{start}, {end}) lies beyond the constant's {size} bytes"
+            )
         if n == 0:
             return
         i = bisect.bisect_left(st.intervals, (start, end))
         if (i > 0 and st.intervals[i - 1][1] > start) or (
-                i < len(st.intervals) and st.intervals[i][0] < end):
+            i < len(st.intervals) and st.intervals[i][0] < end
+        ):
             raise InvalidArgument(f"{what}: chunk [{start}, {end}) overlaps bytes already received")
         src = np.frombuffer(data, dtype=np.uint8)
         dev_src = None  # the same bytes as a tensor, for device replicas
@@ -259,7 +282,8 @@ class StagingUpload:
                     if dev_src is None:
                         dev_src = torch.frombuffer(data, dtype=torch.uint8)
                     pool.run_in_stream(
-                        lambda v=view, s=dev_src: v[start:end].copy_(s, non_blocking=False))
+                        lambda v=view, s=dev_src: v[start:end].copy_(s, non_blocking=False)
+                    )
         st.intervals.insert(i, (start, end))
         st.received += n
         self.bytes_received += n
@@ -307,15 +331,17 @@ class StagingUpload:
             if st.received != st.info.nbytes:
                 raise InvalidArgument(
                     f"constant {fqn!r}: received {st.received} of {st.info.nbytes} bytes; "
-                    "the upload ended early")
+                    "the upload ended early"
+                )
         if sha256 is not None:
             return {fqn: st.tensors for fqn, st in self.staged.items()}, sha256
         digests = []
         with self._buffers():
             for st in self.staged.values():
                 if st.cpu_index is not None or st.block_hashes:
-                    digest = _combine(st.block_hashes[b].result()
-                                      for b in range(len(st.block_filled)))
+                    digest = _combine(
+                        st.block_hashes[b].result() for b in range(len(st.block_filled))
+                    )
                 else:
                     digest = tensor_digest(st.tensors[0])  # device-only replicas: a host copy
                 digests.append((st.info, digest))
@@ -328,4 +354,3 @@ class StagingUpload:
         if self._held and self._on_bytes:
             self._on_bytes(-self._held)
         self._held = 0
-

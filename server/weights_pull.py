@@ -30,8 +30,8 @@ import logging
 import os
 import queue
 import threading
-from typing import TYPE_CHECKING
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -57,25 +57,31 @@ WINDOW = 16 * HASH_BLOCK
 CUDA_WINDOW = 4 * HASH_BLOCK
 PINNED_BUFFERS = max(2, os.cpu_count() or 2)
 
-_pool = cf.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
-                              thread_name_prefix="aotiserve-pull",
-                              initializer=background_priority)
+_pool = cf.ThreadPoolExecutor(
+    max_workers=max(2, os.cpu_count() or 2),
+    thread_name_prefix="aotiserve-pull",
+    initializer=background_priority,
+)
 
 
-def upload_header(model_name: str, source: SafetensorsSource, validate_full: bool,
-                  description: str) -> tuple[UploadHeader, dict[str, Entry]]:
+def upload_header(
+    model_name: str, source: SafetensorsSource, validate_full: bool, description: str
+) -> tuple[UploadHeader, dict[str, Entry]]:
     """The upload header a file's tensors make (``_FOLDED_CONST_*`` keys are skipped, as
     the client's push skips them), and the entries by key."""
     specs, by_key = [], {}
     for entry in source.entries:
         if entry.key.startswith(FOLDED_PREFIX):
             continue
-        specs.append(DeclaredConstant(entry.key, codec.wire_dtype(entry.dtype),
-                                      tuple(entry.shape)))
+        specs.append(DeclaredConstant(entry.key, codec.wire_dtype(entry.dtype), tuple(entry.shape)))
         by_key[entry.key] = entry
     header = UploadHeader(
-        model=model_name, use_inactive=True, validate_full_updates=validate_full,
-        constants=tuple(specs), description=description or source.description)
+        model=model_name,
+        use_inactive=True,
+        validate_full_updates=validate_full,
+        constants=tuple(specs),
+        description=description or source.description,
+    )
     return header, by_key
 
 
@@ -99,8 +105,7 @@ class _PinnedSlot:
         self.events = []
 
 
-def fill(staging: StagingUpload, entries: dict[str, Entry], is_active: Callable[[], bool]
-         ) -> None:
+def fill(staging: StagingUpload, entries: dict[str, Entry], is_active: Callable[[], bool]) -> None:
     """Reads every declared constant from its entry into the staging tensors (the
     inactive buffer), hashing as it goes; raises on the first failure (the caller
     discards the staging). ``is_active()`` false (the call was cancelled) stops it."""
@@ -166,8 +171,9 @@ def _fill_host(st, entry: Entry, start: int, end: int, model: ServedModel) -> di
     return digests
 
 
-def _fill_devices(st, entry: Entry, start: int, end: int,
-                  slots: queue.Queue[_PinnedSlot]) -> dict[int, bytes]:
+def _fill_devices(
+    st, entry: Entry, start: int, end: int, slots: queue.Queue[_PinnedSlot]
+) -> dict[int, bytes]:
     slot = slots.get()
     try:
         n = end - start

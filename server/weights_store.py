@@ -21,9 +21,9 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -56,14 +56,23 @@ def _folder(model: str) -> str:
 
 
 def version_json(version: WeightsVersion) -> dict:
-    return {"id": version.id, "sha256": version.sha256,
-            "created_unix_ms": version.created_unix_ms, "author": version.author,
-            "description": version.description}
+    return {
+        "id": version.id,
+        "sha256": version.sha256,
+        "created_unix_ms": version.created_unix_ms,
+        "author": version.author,
+        "description": version.description,
+    }
 
 
 def version_from_json(data: Mapping) -> WeightsVersion:
-    return WeightsVersion(str(data["id"]), str(data["sha256"]), int(data["created_unix_ms"]),
-                          str(data.get("author", "")), str(data.get("description", "")))
+    return WeightsVersion(
+        str(data["id"]),
+        str(data["sha256"]),
+        int(data["created_unix_ms"]),
+        str(data.get("author", "")),
+        str(data.get("description", "")),
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -109,22 +118,31 @@ class WeightsStore:
         with lock:
             yield
 
-    def save_version(self, model: str, version: WeightsVersion,
-                     tensors: Mapping[str, torch.Tensor]) -> None:
+    def save_version(
+        self, model: str, version: WeightsVersion, tensors: Mapping[str, torch.Tensor]
+    ) -> None:
         """Writes a staged version's full weights (host copies are made as needed)."""
         versions = self._model_dir(model) / "versions"
-        host = {k: (v if v.device.type == "cpu" else v.cpu()).contiguous() for k, v in tensors.items()}
+        host = {
+            k: (v if v.device.type == "cpu" else v.cpu()).contiguous() for k, v in tensors.items()
+        }
         with self._locked(model):
-            _atomic_write(versions / f"{_safe(version.id)}.safetensors",
-                          lambda tmp: save_file(host, tmp, metadata={"version": version.id}))
-            _atomic_write(versions / f"{_safe(version.id)}.json",
-                          lambda tmp: Path(tmp).write_text(json.dumps(version_json(version))))
+            _atomic_write(
+                versions / f"{_safe(version.id)}.safetensors",
+                lambda tmp: save_file(host, tmp, metadata={"version": version.id}),
+            )
+            _atomic_write(
+                versions / f"{_safe(version.id)}.json",
+                lambda tmp: Path(tmp).write_text(json.dumps(version_json(version))),
+            )
 
     def commit(self, model: str, version: WeightsVersion) -> None:
         """Makes ``version`` the one a restart serves."""
         with self._locked(model):
-            _atomic_write(self._model_dir(model) / "current.json",
-                          lambda tmp: Path(tmp).write_text(json.dumps(version_json(version))))
+            _atomic_write(
+                self._model_dir(model) / "current.json",
+                lambda tmp: Path(tmp).write_text(json.dumps(version_json(version))),
+            )
         log.info("model %r: committed weights version %s", model, version.id)
 
     def committed(self, model: str) -> tuple[WeightsVersion, dict[str, torch.Tensor] | None] | None:

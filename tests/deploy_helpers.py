@@ -36,7 +36,9 @@ def render(path: Path) -> list[dict]:
 
 
 def by_kind(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:
-    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    return [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
 
 
 def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
@@ -53,8 +55,11 @@ def strict(schema):
     if not isinstance(schema, dict):
         return schema
     out = {k: strict(v) for k, v in schema.items()}
-    if ("properties" in out and "additionalProperties" not in out
-            and not out.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -74,5 +79,9 @@ def validate_crd(doc: dict, folder: str, filename: str) -> None:
     validator = jsonschema.Draft7Validator(strict(vendored["schema"]))
     errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
     if errors:
-        pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} invalid for {folder}:\n" + "\n".join(
-            f"  {'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:10]))
+        pytest.fail(
+            f"{doc['kind']}/{doc['metadata']['name']} invalid for {folder}:\n"
+            + "\n".join(
+                f"  {'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:10]
+            )
+        )

@@ -6,11 +6,11 @@ import threading
 from collections.abc import Callable
 
 import grpc
+import model_zoo
 import pytest
 import torch
-
-import model_zoo
 import wire
+
 from aotiserve.v1 import model_runner_pb2 as pb
 
 

@@ -12,10 +12,10 @@ import inspect
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import torch
 from torch.export import Dim
@@ -161,8 +161,17 @@ class ModelSpec:
         return tuple({0: batch} for _ in self.example(2))
 
     def cache_key(self) -> str:
-        src = inspect.getsource(self.factory) + inspect.getsource(self.example) + repr(
-            (self.dynamic_batch, self.max_batch, self.weights_outside_so, sorted(self.pack_kwargs.items()))
+        src = (
+            inspect.getsource(self.factory)
+            + inspect.getsource(self.example)
+            + repr(
+                (
+                    self.dynamic_batch,
+                    self.max_batch,
+                    self.weights_outside_so,
+                    sorted(self.pack_kwargs.items()),
+                )
+            )
         )
         if self.plain:
             src += repr(sorted(self.inductor_configs.items())) + inspect.getsource(_compile_plain)
@@ -194,22 +203,48 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec("alias", Alias, lambda b: (torch.randn(b, 1024),), max_batch=4096),
         ModelSpec("failing", FailingCheck, lambda b: (torch.randn(b, 8),), dynamic_batch=False),
-        ModelSpec("big_embed", BigEmbed, lambda b: (torch.randint(0, 65536, (b,)),),
-                  weights_outside_so=True),
-        ModelSpec("many_embed", ManyEmbed, lambda b: (torch.randint(0, 2622, (b,)),),
-                  weights_outside_so=True),
+        ModelSpec(
+            "big_embed",
+            BigEmbed,
+            lambda b: (torch.randint(0, 65536, (b,)),),
+            weights_outside_so=True,
+        ),
+        ModelSpec(
+            "many_embed",
+            ManyEmbed,
+            lambda b: (torch.randint(0, 2622, (b,)),),
+            weights_outside_so=True,
+        ),
         # The same at 4 GiB (GPU recipe: bench/weights.py --paths --gib 4).
-        ModelSpec("many_embed_4g", lambda: ManyEmbed(10488),
-                  lambda b: (torch.randint(0, 10488, (b,)),), weights_outside_so=True),
+        ModelSpec(
+            "many_embed_4g",
+            lambda: ManyEmbed(10488),
+            lambda b: (torch.randint(0, 10488, (b,)),),
+            weights_outside_so=True,
+        ),
         # Plain packages (issue 18): torch's defaults, so a Dim(min=1) batch refuses 1
         # (check_lowerbound) and some weights are folded into code.
         ModelSpec("plain_mlp", MLP, lambda b: (torch.randn(b, 64),), plain=True),
-        ModelSpec("plain_mlp_nolb", MLP, lambda b: (torch.randn(b, 64),), plain=True,
-                  inductor_configs={"aot_inductor.check_lowerbound": False}),
-        ModelSpec("plain_two_io", TwoInOut,
-                  lambda b: (torch.randn(b, 16), torch.randint(0, 100, (b,))), plain=True),
-        ModelSpec("plain_static", ConvNet, lambda b: (torch.randn(2, 3, 8, 8),),
-                  dynamic_batch=False, plain=True),
+        ModelSpec(
+            "plain_mlp_nolb",
+            MLP,
+            lambda b: (torch.randn(b, 64),),
+            plain=True,
+            inductor_configs={"aot_inductor.check_lowerbound": False},
+        ),
+        ModelSpec(
+            "plain_two_io",
+            TwoInOut,
+            lambda b: (torch.randn(b, 16), torch.randint(0, 100, (b,))),
+            plain=True,
+        ),
+        ModelSpec(
+            "plain_static",
+            ConvNet,
+            lambda b: (torch.randn(2, 3, 8, 8),),
+            dynamic_batch=False,
+            plain=True,
+        ),
     ]
 }
 
@@ -228,11 +263,14 @@ def cache_dir() -> Path:
 def _compile_plain(spec: ModelSpec, device: str, path: Path) -> None:
     """torch's plain API, as a user who never heard of aotiserve would call it."""
     with torch.no_grad():
-        ep = torch.export.export(spec.module().to(device),
-                                 tuple(t.to(device) for t in spec.inputs(4)),
-                                 dynamic_shapes=spec.dynamic_shapes())
+        ep = torch.export.export(
+            spec.module().to(device),
+            tuple(t.to(device) for t in spec.inputs(4)),
+            dynamic_shapes=spec.dynamic_shapes(),
+        )
         torch._inductor.aoti_compile_and_package(
-            ep, package_path=str(path), inductor_configs=dict(spec.inductor_configs) or None)
+            ep, package_path=str(path), inductor_configs=dict(spec.inductor_configs) or None
+        )
 
 
 def _package_multi(members: dict[str, str], device: str, path: Path, tmp: Path) -> None:

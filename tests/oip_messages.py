@@ -22,9 +22,18 @@ class OipStub:
         for m in ipb.service.methods:
             request = getattr(ipb, m.input_type.name)
             response = getattr(ipb, m.output_type.name)
-            kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
-                    (True, False): channel.stream_unary, (True, True): channel.stream_stream,
-                    }[(m.client_streaming, m.server_streaming)]
-            setattr(self, m.name, kind(f"/{SERVICE_NAME}/{m.name}",
-                                       request_serializer=request.SerializeToString,
-                                       response_deserializer=response.FromString))
+            kind = {
+                (False, False): channel.unary_unary,
+                (False, True): channel.unary_stream,
+                (True, False): channel.stream_unary,
+                (True, True): channel.stream_stream,
+            }[(m.client_streaming, m.server_streaming)]
+            setattr(
+                self,
+                m.name,
+                kind(
+                    f"/{SERVICE_NAME}/{m.name}",
+                    request_serializer=request.SerializeToString,
+                    response_deserializer=response.FromString,
+                ),
+            )

@@ -27,8 +27,12 @@ class GRPCInferenceServiceStub:
                 (True, False): channel.stream_unary,
                 (True, True): channel.stream_stream,
             }[(method.client_streaming, method.server_streaming)]
-            setattr(self, method.name, make(
-                f"/{SERVICE_NAME}/{method.name}",
-                request_serializer=getattr(ipb, method.input_type.name).SerializeToString,
-                response_deserializer=getattr(ipb, method.output_type.name).FromString,
-            ))
+            setattr(
+                self,
+                method.name,
+                make(
+                    f"/{SERVICE_NAME}/{method.name}",
+                    request_serializer=getattr(ipb, method.input_type.name).SerializeToString,
+                    response_deserializer=getattr(ipb, method.output_type.name).FromString,
+                ),
+            )

@@ -17,7 +17,11 @@ import sys
 def _message(md) -> dict:
     fields = {}
     for f in md.fields:
-        kind = f.message_type.full_name if f.message_type else (f.enum_type.full_name if f.enum_type else f.type)
+        kind = (
+            f.message_type.full_name
+            if f.message_type
+            else (f.enum_type.full_name if f.enum_type else f.type)
+        )
         fields[f.name] = [f.number, kind, f.is_repeated]
     out = {md.full_name: fields}
     for nested in md.nested_types:
@@ -42,7 +46,10 @@ def schema(which: str) -> dict:
         for svc in fd.services_by_name.values():
             for m in svc.methods:
                 out["methods"][f"{svc.full_name}/{m.name}"] = [
-                    m.input_type.full_name, m.output_type.full_name, m.client_streaming, m.server_streaming
+                    m.input_type.full_name,
+                    m.output_type.full_name,
+                    m.client_streaming,
+                    m.server_streaming,
                 ]
         for md in fd.message_types_by_name.values():
             types.update(_message(md))

@@ -38,14 +38,14 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator, Sequence
 
 import grpc
-
 import model_zoo
+
 from aotiserve.server.app import AppServer, create_server
 from aotiserve.server.config import ServeConfig
 from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
@@ -85,21 +85,37 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_server(models: Sequence[str] = (), *, load: str = "now", load_gate=None,
-                   providers=None, **overrides: Any) -> Iterator[RunningServer]:
+def running_server(
+    models: Sequence[str] = (),
+    *,
+    load: str = "now",
+    load_gate=None,
+    providers=None,
+    **overrides: Any,
+) -> Iterator[RunningServer]:
     repo = make_repository(models)
     settings: dict[str, Any] = dict(
-        port=0, metrics_port=None, demo=False, model_repository=str(repo),
-        model_roots=(str(model_zoo.cache_dir()),), allowed_roots=(str(repo),),
-        grace_period_s=5.0, drain_delay_s=0.0)
+        port=0,
+        metrics_port=None,
+        demo=False,
+        model_repository=str(repo),
+        model_roots=(str(model_zoo.cache_dir()),),
+        allowed_roots=(str(repo),),
+        grace_period_s=5.0,
+        drain_delay_s=0.0,
+    )
     settings.update(overrides)
     config = ServeConfig(**settings)
     app, port = create_server(config, providers)
     app.start(load=load, load_gate=load_gate)
     target = f"127.0.0.1:{port}"
-    channel = grpc.insecure_channel(target, options=[
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes)])
+    channel = grpc.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ],
+    )
     try:
         yield RunningServer(app, target, channel, pb_grpc.ModelRunnerStub(channel), repo, config)
     finally:
@@ -130,8 +146,11 @@ class DaemonProcess:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=30) as resp:
             text = resp.read().decode()
-        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-                if line.startswith(prefix)}
+        return {
+            line.split()[0]: float(line.split()[1])
+            for line in text.splitlines()
+            if line.startswith(prefix)
+        }
 
 
 _daemons: list[subprocess.Popen] = []
@@ -149,19 +168,37 @@ def _kill_leftover_daemons() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def start_daemon(models: Sequence[str], extra_args: Sequence[str] = (), *,
-                 repo: Path | None = None, timeout: float = 120.0,
-                 env: dict[str, str] | None = None) -> DaemonProcess:
+def start_daemon(
+    models: Sequence[str],
+    extra_args: Sequence[str] = (),
+    *,
+    repo: Path | None = None,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+) -> DaemonProcess:
     repo = make_repository(models, repo)
     work = _temp_dir("aotiserve-daemon-")
     ready_file = work / "ready.json"
     log_path = work / "daemon.log"
-    cmd = [sys.executable, "-m", "aotiserve.server", "--port", "0", "--metrics-port", "-1",
-           "--model-repository", str(repo), "--ready-file", str(ready_file), *extra_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "aotiserve.server",
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+        "--model-repository",
+        str(repo),
+        "--ready-file",
+        str(ready_file),
+        *extra_args,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                cwd=REPO_ROOT)
+        proc = subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT
+        )
     _daemons.append(proc)
     deadline = time.monotonic() + timeout
     # The daemon writes the ready file once SERVING; poll for it (the process, not
@@ -177,8 +214,9 @@ def start_daemon(models: Sequence[str], extra_args: Sequence[str] = (), *,
 
 
 @contextlib.contextmanager
-def daemon_process(models: Sequence[str], extra_args: Sequence[str] = (), **kw
-                   ) -> Iterator[DaemonProcess]:
+def daemon_process(
+    models: Sequence[str], extra_args: Sequence[str] = (), **kw
+) -> Iterator[DaemonProcess]:
     d = start_daemon(models, extra_args, **kw)
     try:
         yield d
@@ -186,4 +224,3 @@ def daemon_process(models: Sequence[str], extra_args: Sequence[str] = (), **kw
         if d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait(30)
-

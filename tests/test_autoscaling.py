@@ -34,7 +34,8 @@ def with_component(tmp_path: Path, overlay: str, component: Path) -> list[dict]:
     (work / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
         f"resources:\n  - {rel}/overlays/{overlay}\n"
-        f"components:\n  - {os.path.relpath(component, work)}\n")
+        f"components:\n  - {os.path.relpath(component, work)}\n"
+    )
     return render(work)
 
 
@@ -61,7 +62,10 @@ def test_hpa_component_scales_on_load_metrics(tmp_path, overlay):
         kv.validate(hpa, version, strict=True)
     deployment = one(docs, "Deployment", "aotiserve")
     assert hpa["spec"]["scaleTargetRef"] == {
-        "apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
     assert hpa["spec"]["minReplicas"] >= 2  # the PDB keeps one serving
     metrics = hpa["spec"]["metrics"]
     assert {m["type"] for m in metrics} == {"Pods"}  # CPU no longer drives it
@@ -117,12 +121,16 @@ def test_keda_schema_refuses_a_bad_trigger(tmp_path):
 
 # What the rules and queries may read; test_the_daemon_exposes_every_series_the_scalers_read
 # proves a real daemon exposes each of them.
-DAEMON_SERIES = {"aotiserve_queue_seconds_sum", "aotiserve_queue_seconds_count",
-                 "aotiserve_model_in_flight_requests"}
+DAEMON_SERIES = {
+    "aotiserve_queue_seconds_sum",
+    "aotiserve_queue_seconds_count",
+    "aotiserve_model_in_flight_requests",
+}
 
 
 def test_the_daemon_exposes_every_series_the_scalers_read(server_factory, model_package):
     import numpy as np
+
     from aotiserve.client import Client
 
     srv = server_factory(["mlp"], metrics_port=0)
@@ -132,8 +140,11 @@ def test_the_daemon_exposes_every_series_the_scalers_read(server_factory, model_
     url = f"http://127.0.0.1:{srv.app.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=30) as resp:
         text = resp.read().decode()
-    exposed = {line.split("{")[0].split()[0] for line in text.splitlines()
-               if line and not line.startswith("#")}
+    exposed = {
+        line.split("{")[0].split()[0]
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert exposed >= DAEMON_SERIES, DAEMON_SERIES - exposed
     assert re.search(r'^aotiserve_model_in_flight_requests\{model="mlp"\} 0', text, re.M)
     assert re.search(r'^aotiserve_queue_seconds_count\{[^}]*model="mlp"[^}]*\} [1-9]', text, re.M)

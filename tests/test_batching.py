@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 
 import grpc
+import model_zoo
 import pytest
 import torch
-
-import model_zoo
 import wire
+
 from aotiserve.server.batching import Batcher
 from aotiserve.v1 import model_runner_pb2 as pb
 
@@ -21,6 +21,7 @@ def _double(calls):
         if (inputs[0] < 0).any():
             raise ValueError("negative input")
         return [x * 2 for x in inputs], "v1"
+
     return execute
 
 
@@ -79,8 +80,9 @@ def test_batches_never_exceed_max_size_nor_mix_shapes():
     batcher = Batcher(max_size=4, max_delay_s=0.2)
     calls: list = []
     shapes = [(1, 4), (1, 4), (1, 8), (1, 8), (1, 4), (1, 4), (1, 4), (1, 8)]
-    results = _concurrently(8, lambda i: batcher.run(
-        [torch.full(shapes[i], float(i))], i, _double(calls), lambda: True))
+    results = _concurrently(
+        8, lambda i: batcher.run([torch.full(shapes[i], float(i))], i, _double(calls), lambda: True)
+    )
     for i, (outputs, _) in enumerate(results):
         assert torch.equal(outputs[0], torch.full(shapes[i], 2.0 * i))
     assert all(rows <= 4 for rows, _ in calls)
@@ -93,14 +95,18 @@ def test_batcher_refuses_a_size_below_two():
 
 @pytest.mark.parametrize("model", ["mlp", "two_io"])
 def test_server_batches_concurrent_runs_and_answers_each_exactly(server_factory, model):
-    s = server_factory([model, "compute"], batch_max_size=32, batch_max_delay_us=20_000,
-                       metrics_port=0)
+    s = server_factory(
+        [model, "compute"], batch_max_size=32, batch_max_delay_us=20_000, metrics_port=0
+    )
     assert s.app.registry.get(model).batcher is not None
     assert s.app.registry.get("compute").batcher is None  # static batch: off, with a warning
     per_client = 25
     # Inputs and eager answers made up front: the zoo seeds torch's global generator.
-    cases = {(i, k): model_zoo.MODELS[model].inputs(1 + (i + k) % 3, seed=100 * i + k)
-             for i in range(8) for k in range(per_client)}
+    cases = {
+        (i, k): model_zoo.MODELS[model].inputs(1 + (i + k) % 3, seed=100 * i + k)
+        for i in range(8)
+        for k in range(per_client)
+    }
     want = {key: model_zoo.eager(model, x) for key, x in cases.items()}
     requests = {key: wire.run_request(model, x) for key, x in cases.items()}
 
@@ -115,8 +121,9 @@ def test_server_batches_concurrent_runs_and_answers_each_exactly(server_factory,
     assert runs < 8 * per_client  # batched
     assert s.app.registry.get(model).batcher.batches > 0
     # A bad request fails alone, with its own code.
-    bad = pb.RunRequest(model=model, inputs=[pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[1, 7],
-                                                        data=b"\0" * 28)])
+    bad = pb.RunRequest(
+        model=model, inputs=[pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[1, 7], data=b"\0" * 28)]
+    )
     with pytest.raises(grpc.RpcError) as err:
         s.stub.Run(bad)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -20,9 +20,25 @@ SYSTEMS = ("inproc", "echo_cpp", "echo", "run", "oip")
 def bench_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.json"
     docs = out.with_name("benchmarks.md")
-    cmd = [sys.executable, "-m", "bench.run_all", "--quick", "--no-peers", "--no-install", "--no-plots",
-           "--workloads", "tiny,memory", "--systems", ",".join(SYSTEMS), "--concurrency", "1,8",
-           "--out", str(out), "--docs", str(docs)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.run_all",
+        "--quick",
+        "--no-peers",
+        "--no-install",
+        "--no-plots",
+        "--workloads",
+        "tiny,memory",
+        "--systems",
+        ",".join(SYSTEMS),
+        "--concurrency",
+        "1,8",
+        "--out",
+        str(out),
+        "--docs",
+        str(docs),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), docs.read_text()
@@ -51,8 +67,13 @@ def test_memory_and_ratios_present(bench_results):
     assert _positive(mem["at_rest"]["rss_mib"])
     assert mem["under_load_peak"]["rss_mib"] >= 1
     ratios = results["ratios"]
-    for key in ("run_p50_over_echo_cpp_p50", "run_p50_over_echo_p50", "run_rps8_over_echo_cpp",
-                "oip_p50_over_run_p50", "oip_rps8_over_run"):
+    for key in (
+        "run_p50_over_echo_cpp_p50",
+        "run_p50_over_echo_p50",
+        "run_rps8_over_echo_cpp",
+        "oip_p50_over_run_p50",
+        "oip_rps8_over_run",
+    ):
         assert _positive(ratios[key]), key
         assert ratios["acceptance"][key]["met"] in (True, False), key
     # Measured on the daemon's own hot-path counter: a share of the calls, whatever it is.

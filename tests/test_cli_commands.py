@@ -4,18 +4,18 @@ that need none: flag/env resolution, `serve` delegation, weights key mapping."""
 from __future__ import annotations
 
 import json
-import textwrap
 import sys
+import textwrap
 import types
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from server_harness import running_server
 
 import aotiserve.client as ac
 from aotiserve.client import cli, weights
-from server_harness import running_server
 
 
 @pytest.fixture(scope="module")
@@ -58,23 +58,39 @@ def test_health_of_an_unreachable_daemon_exits_1(capsys):
 
 
 def test_infer_random_and_npy_inputs(srv, capsys, tmp_path, zoo):
-    code, out, _ = run_cli(capsys, "infer", "--model", "two_io", "--random", "--batch", "3",
-                           "--target", srv.target)
+    code, out, _ = run_cli(
+        capsys, "infer", "--model", "two_io", "--random", "--batch", "3", "--target", srv.target
+    )
     assert code == 0
     assert "h: float32[3, 4]" in out and "ids2: int64[3]" in out and "weights initial" in out
 
     x = zoo.MODELS["mlp"].inputs(2)[0]
     np.save(tmp_path / "x.npy", x.numpy())
-    code, out, _ = run_cli(capsys, "--json", "infer", "--model", "mlp", "--input", str(tmp_path / "x.npy"),
-                           "--target", srv.target, "--save", str(tmp_path / "out"))
+    code, out, _ = run_cli(
+        capsys,
+        "--json",
+        "infer",
+        "--model",
+        "mlp",
+        "--input",
+        str(tmp_path / "x.npy"),
+        "--target",
+        srv.target,
+        "--save",
+        str(tmp_path / "out"),
+    )
     assert code == 0
     result = json.loads(out)
     assert result["weights_version"] == "initial"
     (output,) = result["outputs"]
     assert output["shape"] == [2, 10] and output["dtype"] == "float32"
     want = zoo.eager("mlp", [x])[0].numpy()
-    np.testing.assert_allclose(np.array(output["data"], dtype=np.float32), want, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.load(tmp_path / "out" / f"{output['name']}.npy"), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.array(output["data"], dtype=np.float32), want, rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.load(tmp_path / "out" / f"{output['name']}.npy"), want, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_infer_errors(srv, capsys, tmp_path):
@@ -83,14 +99,32 @@ def test_infer_errors(srv, capsys, tmp_path):
     code, _, err = run_cli(capsys, "infer", "--model", "mlp", "--target", srv.target)
     assert code == 2 and "--random" in err
     np.save(tmp_path / "bad.npy", np.zeros((2, 3), np.float32))
-    code, _, err = run_cli(capsys, "infer", "--model", "mlp", "--input", str(tmp_path / "bad.npy"),
-                           "--target", srv.target)
+    code, _, err = run_cli(
+        capsys,
+        "infer",
+        "--model",
+        "mlp",
+        "--input",
+        str(tmp_path / "bad.npy"),
+        "--target",
+        srv.target,
+    )
     assert code == 1 and "INVALID_ARGUMENT" in err and "input 0" in err
 
 
 def test_load_and_unload(srv, capsys):
-    code, out, _ = run_cli(capsys, "load", "extra", str(srv.repo / "mlp.pt2"), "--devices", "cpu",
-                           "--runners-per-device", "1", "--target", srv.target)
+    code, out, _ = run_cli(
+        capsys,
+        "load",
+        "extra",
+        str(srv.repo / "mlp.pt2"),
+        "--devices",
+        "cpu",
+        "--runners-per-device",
+        "1",
+        "--target",
+        srv.target,
+    )
     assert code == 0 and "loaded extra on cpu" in out
     code, out, _ = run_cli(capsys, "unload", "extra", "--target", srv.target, "--json")
     assert code == 0 and json.loads(out) == {"unloaded": "extra"}
@@ -109,13 +143,28 @@ def test_weights_pull_push_rollback_free(srv, capsys, tmp_path, zoo):
     assert set(tensors) == set(want) and all(torch.equal(tensors[k], want[k]) for k in want)
 
     # keys may be constant names too (fc1_weight) as well as original FQNs
-    names = {fqn: name for name, fqn in
-             ac.Client(srv.target).model("mlp").get_constant_names_to_original_fqns().items()}
+    names = {
+        fqn: name
+        for name, fqn in ac.Client(srv.target)
+        .model("mlp")
+        .get_constant_names_to_original_fqns()
+        .items()
+    }
     new = {names[k] if k.startswith("fc1") else k: v * 0.5 for k, v in tensors.items()}
     new_file = tmp_path / "new.safetensors"
     save_file(new, new_file)
-    code, out, err = run_cli(capsys, "--json", "weights", "push", "--model", "mlp", str(new_file),
-                             "--chunk-mib", "0.001", *t)
+    code, out, err = run_cli(
+        capsys,
+        "--json",
+        "weights",
+        "push",
+        "--model",
+        "mlp",
+        str(new_file),
+        "--chunk-mib",
+        "0.001",
+        *t,
+    )
     assert code == 0, err
     pushed = json.loads(out)
     assert pushed["active"]["id"] == pushed["staged"]["id"] != "initial"
@@ -131,11 +180,22 @@ def test_weights_pull_push_rollback_free(srv, capsys, tmp_path, zoo):
 
     code, out, _ = run_cli(capsys, "weights", "rollback", "--model", "mlp", *t)
     assert code == 0 and "now serves initial" in out
-    code, out, _ = run_cli(capsys, "--json", "weights", "pull", "--model", "mlp", "--inactive",
-                           str(tmp_path / "previous.safetensors"), *t)
+    code, out, _ = run_cli(
+        capsys,
+        "--json",
+        "weights",
+        "pull",
+        "--model",
+        "mlp",
+        "--inactive",
+        str(tmp_path / "previous.safetensors"),
+        *t,
+    )
     assert code == 0
     assert json.loads(out)["version"]["id"] == pushed["active"]["id"]  # the previous weights
-    assert torch.equal(load_file(tmp_path / "previous.safetensors")["fc1.weight"], scaled["fc1.weight"])
+    assert torch.equal(
+        load_file(tmp_path / "previous.safetensors")["fc1.weight"], scaled["fc1.weight"]
+    )
     code, out, _ = run_cli(capsys, "weights", "free", "--model", "mlp", *t)
     assert code == 0
     code, _, err = run_cli(capsys, "weights", "rollback", "--model", "mlp", *t)
@@ -154,9 +214,13 @@ def test_weights_push_refuses_bad_files_before_touching_anything(srv, capsys, tm
     assert code == 1 and "INVALID_ARGUMENT" in err  # a full update is the default
     wrong_shape = tmp_path / "shape.safetensors"
     save_file({"proj.bias": torch.zeros(5)}, wrong_shape)
-    code, _, err = run_cli(capsys, "weights", "push", "--model", "two_io", "--partial", str(wrong_shape), *t)
+    code, _, err = run_cli(
+        capsys, "weights", "push", "--model", "two_io", "--partial", str(wrong_shape), *t
+    )
     assert code == 1 and "proj.bias" in err
-    code, _, err = run_cli(capsys, "weights", "push", "--model", "two_io", str(tmp_path / "missing.safetensors"), *t)
+    code, _, err = run_cli(
+        capsys, "weights", "push", "--model", "two_io", str(tmp_path / "missing.safetensors"), *t
+    )
     assert code == 2
     info = ac.Client(srv.target).model("two_io").info()
     assert info.active_version.id == "initial" and info.staged_version is None
@@ -167,11 +231,28 @@ def test_admin_token_file(tmp_path, capsys):
     token.write_text("tok\n")
     with running_server(["mlp"], admin_token_file=str(token)) as s:
         pulled = tmp_path / "w.safetensors"
-        assert run_cli(capsys, "weights", "pull", "--model", "mlp", str(pulled), "--target", s.target)[0] == 0
-        code, _, err = run_cli(capsys, "weights", "push", "--model", "mlp", str(pulled), "--target", s.target)
+        assert (
+            run_cli(capsys, "weights", "pull", "--model", "mlp", str(pulled), "--target", s.target)[
+                0
+            ]
+            == 0
+        )
+        code, _, err = run_cli(
+            capsys, "weights", "push", "--model", "mlp", str(pulled), "--target", s.target
+        )
         assert code == 1 and "UNAUTHENTICATED" in err
-        code, _, err = run_cli(capsys, "weights", "push", "--model", "mlp", str(pulled), "--target", s.target,
-                               "--admin-token-file", str(token))
+        code, _, err = run_cli(
+            capsys,
+            "weights",
+            "push",
+            "--model",
+            "mlp",
+            str(pulled),
+            "--target",
+            s.target,
+            "--admin-token-file",
+            str(token),
+        )
         assert code == 0, err
     empty = tmp_path / "empty"
     empty.write_text("")
@@ -184,8 +265,17 @@ def test_token_file(tmp_path, capsys):
     with running_server(["mlp"], inference_token_file=str(token)) as s:
         code, _, err = run_cli(capsys, "infer", "--model", "mlp", "--random", "--target", s.target)
         assert code == 1 and "UNAUTHENTICATED" in err
-        code, out, _ = run_cli(capsys, "infer", "--model", "mlp", "--random", "--target", s.target,
-                               "--token-file", str(token))
+        code, out, _ = run_cli(
+            capsys,
+            "infer",
+            "--model",
+            "mlp",
+            "--random",
+            "--target",
+            s.target,
+            "--token-file",
+            str(token),
+        )
         assert code == 0 and "output__0: float32[1, 10]" in out
 
 
@@ -193,10 +283,19 @@ def test_weights_commands_against_a_separate_admin_port(tmp_path, capsys):
     with running_server(["mlp"], admin_port=0) as s:
         admin = f"127.0.0.1:{s.app.admin_port}"
         pulled = tmp_path / "w.safetensors"
-        assert run_cli(capsys, "weights", "pull", "--model", "mlp", str(pulled), "--target", s.target)[0] == 0
-        code, _, err = run_cli(capsys, "weights", "push", "--model", "mlp", str(pulled), "--target", s.target)
+        assert (
+            run_cli(capsys, "weights", "pull", "--model", "mlp", str(pulled), "--target", s.target)[
+                0
+            ]
+            == 0
+        )
+        code, _, err = run_cli(
+            capsys, "weights", "push", "--model", "mlp", str(pulled), "--target", s.target
+        )
         assert code == 1 and "admin port" in err
-        code, out, err = run_cli(capsys, "weights", "push", "--model", "mlp", str(pulled), "--target", admin)
+        code, out, err = run_cli(
+            capsys, "weights", "push", "--model", "mlp", str(pulled), "--target", admin
+        )
         assert code == 0, err
         code, out, _ = run_cli(capsys, "models", "--target", admin)  # it serves the rest too
         assert code == 0 and "initial" not in out.splitlines()[1]
@@ -238,7 +337,9 @@ def test_map_keys_accepts_fqns_and_constant_names():
 
 
 def test_map_keys_refuses_unknown_and_duplicate_keys():
-    with pytest.raises(weights.WeightsFileError, match="fc9.weight.*the model's weights: fc1.bias, fc1.weight"):
+    with pytest.raises(
+        weights.WeightsFileError, match="fc9.weight.*the model's weights: fc1.bias, fc1.weight"
+    ):
         weights.map_keys(["fc9.weight"], FQNS)
     with pytest.raises(weights.WeightsFileError, match="both name constant 'fc1.weight'"):
         weights.map_keys(["fc1.weight", "fc1_weight"], FQNS)
@@ -254,7 +355,9 @@ def test_progress_bar_draws_on_a_terminal_only():
         bar(0, 4 << 20)
         bar(4 << 20, 4 << 20)
     text = out.getvalue()
-    assert text.startswith("\rmlp <- w.safetensors [") and "100.0%" in text and "4.0/4.0 MiB" in text
+    assert (
+        text.startswith("\rmlp <- w.safetensors [") and "100.0%" in text and "4.0/4.0 MiB" in text
+    )
     assert text.endswith("\n")
     quiet = io.StringIO()  # StringIO is not a TTY: nothing drawn by default
     with ProgressBar("x", stream=quiet) as bar:

@@ -10,15 +10,15 @@ import contextlib
 import json
 import socket
 
+import model_zoo
 import pytest
 import torch
 from safetensors.torch import save_file
+from server_harness import running_server
 
 import aotiserve.client as ac
-import model_zoo
 from aotiserve.client import cli, weights
 from aotiserve.client.model_info import WeightsVersion
-from server_harness import running_server
 
 
 @contextlib.contextmanager
@@ -55,7 +55,9 @@ def _versions(servers) -> list[str]:
 
 def _rollout(capsys, servers, path, *extra):
     targets = ",".join(s.target for s in servers)
-    code = cli.main(["--json", "weights", "rollout", "--model", "mlp", str(path), "--targets", targets, *extra])
+    code = cli.main(
+        ["--json", "weights", "rollout", "--model", "mlp", str(path), "--targets", targets, *extra]
+    )
     out, err = capsys.readouterr()
     return code, json.loads(out), err
 
@@ -101,16 +103,28 @@ def test_one_failing_stage_means_none_switch(capsys, new_weights, tmp_path, fail
         assert _versions(servers) == ["initial"] * 3
         assert [t["version"] for t in report["targets"]] == ["initial"] * 3
         with ac.Client(servers[0].target) as c:  # still serving the old weights
-            torch.testing.assert_close(c.model("mlp").run(list(x))[0], model_zoo.eager("mlp", x)[0],
-                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                c.model("mlp").run(list(x))[0], model_zoo.eager("mlp", x)[0], rtol=1e-4, atol=1e-5
+            )
 
 
 def test_rollout_table_output_and_unreachable_target(capsys, new_weights):
     path, _, _ = new_weights
     with three_daemons() as servers:
         targets = ",".join([s.target for s in servers[:2]] + ["127.0.0.1:1"])
-        code = cli.main(["weights", "rollout", "--model", "mlp", str(path), "--targets", targets,
-                         "--timeout", "5"])
+        code = cli.main(
+            [
+                "weights",
+                "rollout",
+                "--model",
+                "mlp",
+                str(path),
+                "--targets",
+                targets,
+                "--timeout",
+                "5",
+            ]
+        )
         out = capsys.readouterr().out
         assert code == 1
         lines = out.strip().splitlines()
@@ -124,8 +138,18 @@ def test_rollout_to_a_dns_name(capsys, new_weights):
     path, _, _ = new_weights
     with running_server(["mlp"]) as s:
         port = s.target.rsplit(":", 1)[1]
-        code = cli.main(["--json", "weights", "rollout", "--model", "mlp", str(path),
-                         "--targets", f"localhost:{port}"])
+        code = cli.main(
+            [
+                "--json",
+                "weights",
+                "rollout",
+                "--model",
+                "mlp",
+                str(path),
+                "--targets",
+                f"localhost:{port}",
+            ]
+        )
         report = json.loads(capsys.readouterr().out)
         assert code == 0
         assert [t["target"] for t in report["targets"]] == [f"127.0.0.1:{port}"]
@@ -143,7 +167,8 @@ def _external_ip() -> str | None:
 
 
 def test_the_admin_token_goes_in_plaintext_to_a_remote_target_only_with_insecure(
-        capsys, new_weights, tmp_path):
+    capsys, new_weights, tmp_path
+):
     """As the rollout Job runs (pod addresses, plain gRPC): refused (exit 2, nothing
     staged) until --insecure says the network is trusted; then every target switches."""
     ip = _external_ip()
@@ -154,8 +179,18 @@ def test_the_admin_token_goes_in_plaintext_to_a_remote_target_only_with_insecure
     token.write_text("fleet-admin")
     with running_server(["mlp"], host="0.0.0.0", admin_token_file=str(token)) as s:
         target = f"{ip}:{s.target.rsplit(':', 1)[1]}"
-        argv = ["--json", "weights", "rollout", "--model", "mlp", str(path), "--targets", target,
-                "--admin-token-file", str(token)]
+        argv = [
+            "--json",
+            "weights",
+            "rollout",
+            "--model",
+            "mlp",
+            str(path),
+            "--targets",
+            target,
+            "--admin-token-file",
+            str(token),
+        ]
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert "plaintext" in err and target in err and "--insecure" in err, err
@@ -171,22 +206,32 @@ def test_the_admin_token_goes_in_plaintext_to_a_remote_target_only_with_insecure
 
 # ---------------------------------------------------------------- target expansion
 
+
 def _fake_resolver(table):
     def resolve(host, port, type=0):
         if host not in table:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "",
-                 (a, port)) for a in table[host]]
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+            for a in table[host]
+        ]
+
     return resolve
 
 
 def test_resolve_targets():
-    r = _fake_resolver({
-        "svc": ["10.0.0.3", "10.0.0.1", "10.0.0.2", "10.0.0.1"],
-        "dual": ["10.0.0.1", "fd00::1", "10.0.0.2", "fd00::2"],
-        "v6": ["fd00::2", "fd00::1"],
-    })
-    assert weights.resolve_targets("svc:8500", r) == ["10.0.0.1:8500", "10.0.0.2:8500", "10.0.0.3:8500"]
+    r = _fake_resolver(
+        {
+            "svc": ["10.0.0.3", "10.0.0.1", "10.0.0.2", "10.0.0.1"],
+            "dual": ["10.0.0.1", "fd00::1", "10.0.0.2", "fd00::2"],
+            "v6": ["fd00::2", "fd00::1"],
+        }
+    )
+    assert weights.resolve_targets("svc:8500", r) == [
+        "10.0.0.1:8500",
+        "10.0.0.2:8500",
+        "10.0.0.3:8500",
+    ]
     assert weights.resolve_targets("dual:8500", r) == ["10.0.0.1:8500", "10.0.0.2:8500"]
     assert weights.resolve_targets("v6:8500", r) == ["[fd00::1]:8500", "[fd00::2]:8500"]
     assert weights.resolve_targets("a:1, b:2,a:1", r) == ["a:1", "b:2"]  # a list is taken as given
@@ -199,12 +244,28 @@ def test_resolve_targets():
 
 def test_bad_targets_are_usage_errors(capsys, new_weights):
     path, _, _ = new_weights
-    assert cli.main(["weights", "rollout", "--model", "mlp", str(path), "--targets", "nohostport"]) == 2
-    assert cli.main(["weights", "rollout", "--model", "mlp", "/no/such.safetensors",
-                     "--targets", "127.0.0.1:1"]) == 2
+    assert (
+        cli.main(["weights", "rollout", "--model", "mlp", str(path), "--targets", "nohostport"])
+        == 2
+    )
+    assert (
+        cli.main(
+            [
+                "weights",
+                "rollout",
+                "--model",
+                "mlp",
+                "/no/such.safetensors",
+                "--targets",
+                "127.0.0.1:1",
+            ]
+        )
+        == 2
+    )
 
 
 # ---------------------------------------------------------------- swap-phase undo
+
 
 class _FakeModel:
     def __init__(self, target, log, fail_swap):
@@ -232,7 +293,9 @@ class _FakeModel:
         self.log.append((self.target, "free"))
 
     def info(self):
-        return ac.ModelInfo("m", "", (), 1, "READY", WeightsVersion("initial"), None, None, (), (), ())
+        return ac.ModelInfo(
+            "m", "", (), 1, "READY", WeightsVersion("initial"), None, None, (), (), ()
+        )
 
 
 class _FakeClient:
@@ -250,11 +313,18 @@ def test_a_failed_swap_rolls_back_the_targets_that_swapped(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file({"fc1.weight": torch.zeros(2)}, path)
     log = []
-    ok, outcomes = weights.rollout(["a", "b", "c"], "m", path,
-                                   lambda t: _FakeClient(t, log, fail_swap=(t == "b")))
+    ok, outcomes = weights.rollout(
+        ["a", "b", "c"], "m", path, lambda t: _FakeClient(t, log, fail_swap=(t == "b"))
+    )
     assert not ok
-    assert [(o.stage, o.swap) for o in outcomes] == [("ok", "rolled back"), ("ok", "failed"),
-                                                      ("ok", "rolled back")]
+    assert [(o.stage, o.swap) for o in outcomes] == [
+        ("ok", "rolled back"),
+        ("ok", "failed"),
+        ("ok", "rolled back"),
+    ]
     assert "draining" in outcomes[1].error
     assert sorted(e for e in log if e[1] in ("rollback", "free")) == [
-        ("a", "rollback"), ("b", "free"), ("c", "rollback")]
+        ("a", "rollback"),
+        ("b", "free"),
+        ("c", "rollback"),
+    ]

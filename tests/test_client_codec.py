@@ -146,38 +146,72 @@ def test_torch_outputs_are_writable_and_independent():
 
 
 def test_run_request_matches_generated_serializer():
-    inputs = [np.random.rand(2, 3).astype(np.float32), np.arange(5, dtype=np.int64),
-              np.zeros((0,), dtype=np.uint8), np.float64(1.0)]
-    expected = pb.RunRequest(model="mlp", inputs=[
-        pb.Tensor(dtype=dtypes.BY_NUMPY_NAME[a.dtype.name].wire, shape=np.shape(a),
-                  data=np.ascontiguousarray(a).tobytes()) for a in inputs])
+    inputs = [
+        np.random.rand(2, 3).astype(np.float32),
+        np.arange(5, dtype=np.int64),
+        np.zeros((0,), dtype=np.uint8),
+        np.float64(1.0),
+    ]
+    expected = pb.RunRequest(
+        model="mlp",
+        inputs=[
+            pb.Tensor(
+                dtype=dtypes.BY_NUMPY_NAME[a.dtype.name].wire,
+                shape=np.shape(a),
+                data=np.ascontiguousarray(a).tobytes(),
+            )
+            for a in inputs
+        ],
+    )
     assert pb.RunRequest.FromString(encode_run_request("mlp", inputs)) == expected
     # and byte for byte, for non-empty tensors (proto3 omits empty bytes)
-    assert encode_run_request("mlp", inputs[:2]) == pb.RunRequest(
-        model="mlp", inputs=expected.inputs[:2]).SerializeToString()
+    assert (
+        encode_run_request("mlp", inputs[:2])
+        == pb.RunRequest(model="mlp", inputs=expected.inputs[:2]).SerializeToString()
+    )
 
 
 def test_chunk_request_matches_generated_serializer():
-    for name, offset, data in [("fc1.weight", 0, b"abc"), ("w", 1 << 40, b"\xff" * 300), ("é", 5, b"")]:
+    for name, offset, data in [
+        ("fc1.weight", 0, b"abc"),
+        ("w", 1 << 40, b"\xff" * 300),
+        ("é", 5, b""),
+    ]:
         got = pb.UpdateConstantBufferRequest.FromString(
-            encode_chunk_request(name, offset, memoryview(data)))
+            encode_chunk_request(name, offset, memoryview(data))
+        )
         assert got == pb.UpdateConstantBufferRequest(
-            chunk=pb.ConstantChunk(name=name, offset=offset, data=data))
+            chunk=pb.ConstantChunk(name=name, offset=offset, data=data)
+        )
 
 
 def test_upload_stream_header_then_chunks_of_bounded_size():
-    weights = {"a": np.arange(1000, dtype=np.float32), "b.c": torch.ones(3, 7, dtype=torch.bfloat16),
-               "s": np.float32(2)}
+    weights = {
+        "a": np.arange(1000, dtype=np.float32),
+        "b.c": torch.ones(3, 7, dtype=torch.bfloat16),
+        "s": np.float32(2),
+    }
     seen = []
-    messages = [pb.UpdateConstantBufferRequest.FromString(m) for m in encode_upload(
-        "mlp", upload_items(weights), use_inactive=True, validate_full_updates=True,
-        description="v2", chunk_bytes=512, progress=lambda s, t: seen.append((s, t)))]
+    messages = [
+        pb.UpdateConstantBufferRequest.FromString(m)
+        for m in encode_upload(
+            "mlp",
+            upload_items(weights),
+            use_inactive=True,
+            validate_full_updates=True,
+            description="v2",
+            chunk_bytes=512,
+            progress=lambda s, t: seen.append((s, t)),
+        )
+    ]
     header = messages[0].header
     assert header.model == "mlp" and header.use_inactive and header.validate_full_updates
     assert header.description == "v2"
     assert [(c.name, c.dtype, list(c.shape)) for c in header.constants] == [
-        ("a", pb.DATA_TYPE_FLOAT32, [1000]), ("b.c", pb.DATA_TYPE_BFLOAT16, [3, 7]),
-        ("s", pb.DATA_TYPE_FLOAT32, [])]
+        ("a", pb.DATA_TYPE_FLOAT32, [1000]),
+        ("b.c", pb.DATA_TYPE_BFLOAT16, [3, 7]),
+        ("s", pb.DATA_TYPE_FLOAT32, []),
+    ]
     chunks = [m.chunk for m in messages[1:]]
     assert all(m.WhichOneof("part") == "chunk" for m in messages[1:])
     assert max(len(c.data) for c in chunks) <= 512
@@ -187,7 +221,7 @@ def test_upload_stream_header_then_chunks_of_bounded_size():
     # reassemble as a server would
     got = {}
     for c in chunks:
-        got.setdefault(c.name, bytearray())[c.offset:c.offset + len(c.data)] = c.data
+        got.setdefault(c.name, bytearray())[c.offset : c.offset + len(c.data)] = c.data
     assert got["a"] == weights["a"].tobytes()
     assert got["b.c"] == weights["b.c"].view(torch.uint8).numpy().tobytes()
 
@@ -199,10 +233,12 @@ def test_upload_items_are_loaded_lazily_one_at_a_time():
         def load():
             loaded.append(name)
             return to_wire(np.zeros(n, dtype=np.float32))
+
         return UploadItem(name, dtypes.BY_TORCH_NAME["float32"], (n,), load)
 
-    stream = encode_upload("m", [item("x", 10), item("y", 10)], use_inactive=True,
-                           validate_full_updates=False)
+    stream = encode_upload(
+        "m", [item("x", 10), item("y", 10)], use_inactive=True, validate_full_updates=False
+    )
     next(stream)  # header: nothing loaded yet
     assert loaded == []
     next(stream)
@@ -213,11 +249,13 @@ def test_upload_items_are_loaded_lazily_one_at_a_time():
 
 def _chunks(name, value, size, order=None):
     wire = to_wire(value)
-    pieces = [(off, bytes(wire.data[off:off + size])) for off in range(0, wire.nbytes, size)]
+    pieces = [(off, bytes(wire.data[off : off + size])) for off in range(0, wire.nbytes, size)]
     if order:
         pieces = [pieces[i] for i in order]
-    return [pb.ConstantChunk(name=name, offset=off, data=data, dtype=wire.dtype.wire,
-                             shape=wire.shape) for off, data in pieces]
+    return [
+        pb.ConstantChunk(name=name, offset=off, data=data, dtype=wire.dtype.wire, shape=wire.shape)
+        for off, data in pieces
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["numpy", "torch"])

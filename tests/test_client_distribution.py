@@ -25,13 +25,29 @@ def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     # setuptools builds in the source folder: build a copy, so the tree stays clean.
     source = tmp_path_factory.mktemp("build") / "client"
-    shutil.copytree(REPO_ROOT / "client", source,
-                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    shutil.copytree(
+        REPO_ROOT / "client",
+        source,
+        ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"),
+    )
     # No build isolation: setuptools from this venv, so the test needs no network.
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), str(source)],
-        check=True, capture_output=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (whl,) = out.glob("aotiserve_client-*.whl")
     return whl
 
@@ -42,14 +58,25 @@ def test_wheel_contents_and_metadata(wheel):
         meta = zf.read(next(n for n in names if n.endswith("/METADATA"))).decode()
         entry_points = zf.read(next(n for n in names if n.endswith("/entry_points.txt"))).decode()
     assert "aotiserve/__init__.py" not in names  # a namespace shared with the server
-    for module in ("client/__init__.py", "client/cli.py", "client/tensor_codec.py", "client/dtypes.py",
-                   "v1/model_runner_pb2.py", "v1/model_runner_pb2_grpc.py", "oip/__init__.py"):
+    for module in (
+        "client/__init__.py",
+        "client/cli.py",
+        "client/tensor_codec.py",
+        "client/dtypes.py",
+        "v1/model_runner_pb2.py",
+        "v1/model_runner_pb2_grpc.py",
+        "oip/__init__.py",
+    ):
         assert f"aotiserve/{module}" in names
     assert not any(n.startswith(("aotiserve/server", "aotiserve/runner_ext")) for n in names)
-    requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    requires = [
+        line.split(":", 1)[1].strip()
+        for line in meta.splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
     plain = sorted(r for r in requires if "extra ==" not in r)
     assert plain == ["grpcio>=1.85.1", "numpy>=1.24", "protobuf>=7.35.1"]
-    assert any(r.startswith("safetensors") and "extra == \"safetensors\"" in r for r in requires)
+    assert any(r.startswith("safetensors") and 'extra == "safetensors"' in r for r in requires)
     assert "aotiserve = aotiserve.client.cli:main" in entry_points
 
 
@@ -77,15 +104,34 @@ WITHOUT_TORCH = textwrap.dedent("""
 
 def test_installed_wheel_works_without_torch(wheel, tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                    str(wheel)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     # -S: no .pth processing, so neither the editable repository install nor
     # anything but the wheel provides `aotiserve`; numpy and grpc come from
     # this venv's site-packages.
     site_packages = sysconfig.get_paths()["purelib"]
     code = f"import sys; sys.path[:0] = [{str(target)!r}, {site_packages!r}]\n" + WITHOUT_TORCH
-    proc = subprocess.run([sys.executable, "-S", "-c", code, str(target)], capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code, str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "unavailable UNAVAILABLE" in proc.stdout
     assert "serve exit 2" in proc.stdout

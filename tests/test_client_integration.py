@@ -4,8 +4,8 @@ exceptions with their status codes; the numpy-only path and the docs snippet wor
 
 from __future__ import annotations
 
-import contextlib
 import asyncio
+import contextlib
 import re
 import subprocess
 import sys
@@ -17,12 +17,12 @@ import grpc
 import numpy as np
 import pytest
 import torch
-
-import aotiserve.client as ac
-from aotiserve import runner_ext
 from conftest import TEST_MODELS
 from helpers import wait_for
 from server_harness import daemon_process, running_server
+
+import aotiserve.client as ac
+from aotiserve import runner_ext
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,9 @@ def test_run_equals_eager_and_runner(client, direct, zoo, name):
 def test_describe_methods_mirror_runner(client, direct, name):
     model = client.model(name)
     assert model.get_call_spec() == list(direct[name].get_call_spec())
-    assert model.get_constant_names_to_original_fqns() == dict(direct[name].get_constant_names_to_original_fqns())
+    assert model.get_constant_names_to_original_fqns() == dict(
+        direct[name].get_constant_names_to_original_fqns()
+    )
     assert model.get_constant_names_to_dtypes() == dict(direct[name].get_constant_names_to_dtypes())
 
 
@@ -184,7 +186,9 @@ def test_update_constant_buffer_from_blob(srv, client, zoo):
     model.update_constant_buffer(_scaled(original), True, True)
     model.swap_constant_buffer()
     assert not torch.allclose(model.run(list(x))[0], zoo.eager("blob_mlp", x)[0])
-    version = model.update_constant_buffer_from_blob(blob)  # packaged weights, into the active buffer
+    version = model.update_constant_buffer_from_blob(
+        blob
+    )  # packaged weights, into the active buffer
     assert version.description.startswith("blob")
     _assert_close(model.run(list(x))[0], zoo.eager("blob_mlp", x)[0])
     assert model.info().active_version == version
@@ -217,15 +221,21 @@ def test_stage_after_free_keeps_the_daemon_alive(zoo, name, partial):
 
 # ---------------------------------------------------------------- errors
 
+
 def test_unknown_model_is_not_found_for_every_method(client):
     m = client.model("no-such-model")
     calls = [
         lambda: m.run([np.zeros((1, 64), np.float32)]),
-        m.get_call_spec, m.get_constant_names_to_original_fqns, m.get_constant_names_to_dtypes,
+        m.get_call_spec,
+        m.get_constant_names_to_original_fqns,
+        m.get_constant_names_to_dtypes,
         lambda: m.extract_constants_map(False),
         lambda: m.update_constant_buffer({"w": np.zeros(1, np.float32)}, True, False),
-        m.swap_constant_buffer, m.rollback_constant_buffer, m.free_inactive_constant_buffer,
-        m.info, lambda: client.unload_model("no-such-model"),
+        m.swap_constant_buffer,
+        m.rollback_constant_buffer,
+        m.free_inactive_constant_buffer,
+        m.info,
+        lambda: client.unload_model("no-such-model"),
     ]
     for call in calls:
         with pytest.raises(ac.NotFoundError) as e:
@@ -234,12 +244,15 @@ def test_unknown_model_is_not_found_for_every_method(client):
         assert "no-such-model" in e.value.details
 
 
-@pytest.mark.parametrize("inputs, match", [
-    ([np.zeros((2, 63), np.float32)], r"input 0 \('x'\)"),
-    ([np.zeros((2, 64), np.float64)], r"input 0 \('x'\)"),
-    ([], r"input"),
-    ([np.zeros((2, 64), np.float32)] * 2, r"input"),
-])
+@pytest.mark.parametrize(
+    "inputs, match",
+    [
+        ([np.zeros((2, 63), np.float32)], r"input 0 \('x'\)"),
+        ([np.zeros((2, 64), np.float64)], r"input 0 \('x'\)"),
+        ([], r"input"),
+        ([np.zeros((2, 64), np.float32)] * 2, r"input"),
+    ],
+)
 def test_bad_inputs_are_invalid_argument_and_server_keeps_serving(client, zoo, inputs, match):
     model = client.model("mlp")
     with pytest.raises(ac.InvalidArgumentError, match=match) as e:
@@ -291,8 +304,11 @@ def test_admin_token(tmp_path, zoo):
 def test_inference_token(tmp_path, zoo):
     (tmp_path / "admin").write_text("admin-secret\n")
     (tmp_path / "infer").write_text("infer-secret\n")
-    with running_server(["mlp"], admin_token_file=str(tmp_path / "admin"),
-                        inference_token_file=str(tmp_path / "infer")) as s:
+    with running_server(
+        ["mlp"],
+        admin_token_file=str(tmp_path / "admin"),
+        inference_token_file=str(tmp_path / "infer"),
+    ) as s:
         x = list(zoo.MODELS["mlp"].inputs(1))
         with ac.Client(s.target) as anonymous:
             assert anonymous.health() == "SERVING"  # probes need no token
@@ -313,6 +329,7 @@ def test_inference_token(tmp_path, zoo):
 
 
 # ---------------------------------------------------------------- client level
+
 
 def test_model_management_and_health(srv, client, zoo):
     assert client.health() == "SERVING"
@@ -379,11 +396,24 @@ def test_numpy_only_client_without_torch(srv, zoo, tmp_path):
     x = zoo.MODELS["mlp"].inputs(3)[0].numpy()
     np.save(tmp_path / "x.npy", x)
     proc = subprocess.run(
-        [sys.executable, "-c", NUMPY_ONLY, srv.target, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        [
+            sys.executable,
+            "-c",
+            NUMPY_ONLY,
+            srv.target,
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "y.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     y = np.load(tmp_path / "y.npy")
-    np.testing.assert_allclose(y, zoo.eager("mlp", [torch.from_numpy(x)])[0].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        y, zoo.eager("mlp", [torch.from_numpy(x)])[0].numpy(), rtol=1e-4, atol=1e-5
+    )
 
 
 def _docs_snippet() -> str:
@@ -405,7 +435,11 @@ def test_docs_snippet_runs_as_printed_against_the_demo_model(tmp_path):
         assert "localhost:8500" in snippet
         proc = subprocess.run(
             [sys.executable, "-c", snippet.replace("localhost:8500", s.target)],
-            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip(), "the snippet prints its result"
 
@@ -422,8 +456,10 @@ def test_upload_broken_on_the_client_side_raises_its_own_error_and_changes_nothi
             raise OSError("weights file vanished")
 
         f32 = BY_TORCH_NAME["float32"]
-        items = [UploadItem("fc1.weight", f32, (32, 64), lambda: to_wire(original["fc1.weight"] * 0)),
-                 UploadItem("fc1.bias", f32, (32,), broken)]
+        items = [
+            UploadItem("fc1.weight", f32, (32, 64), lambda: to_wire(original["fc1.weight"] * 0)),
+            UploadItem("fc1.bias", f32, (32,), broken),
+        ]
         with pytest.raises(OSError, match="vanished"):
             model.stream_constants(items, True, False, chunk_bytes=1024)
         # The client gave up at once; the server learns of the cancel and releases the
@@ -434,6 +470,7 @@ def test_upload_broken_on_the_client_side_raises_its_own_error_and_changes_nothi
         async def via_async():
             async with ac.AsyncClient(s.target) as aclient:
                 await aclient.model("mlp").stream_constants(items, True, False, chunk_bytes=1024)
+
         with pytest.raises(OSError, match="vanished"):
             asyncio.run(via_async())
         wait_for(lambda: not served.weights.uploading, "the cancelled upload's release")
@@ -449,8 +486,10 @@ def test_upload_broken_on_the_client_side_raises_its_own_error_and_changes_nothi
 def test_weights_larger_than_the_message_limit_travel_both_ways(zoo):
     # compute: four 4 MiB weight matrices; server and client limits of 1 MiB.
     limit = 1 << 20
-    with running_server(["compute"], max_message_bytes=limit) as s, \
-            ac.Client(s.target, max_message_bytes=limit, chunk_bytes=8 << 20) as client:
+    with (
+        running_server(["compute"], max_message_bytes=limit) as s,
+        ac.Client(s.target, max_message_bytes=limit, chunk_bytes=8 << 20) as client,
+    ):
         model = client.model("compute")
         weights = model.extract_constants_map(False)  # chunks sized to fit the client's limit
         assert max(w.numel() * w.element_size() for w in weights.values()) == 4 << 20

@@ -61,8 +61,13 @@ class FakeRunner(pb_grpc.ModelRunnerServicer):
         outs = []
         for t in request.inputs:
             a = from_wire(t, "torch")
-            outs.append(pb.Tensor(dtype=t.dtype, shape=t.shape,
-                                  data=(a * 2).contiguous().view(torch.uint8).numpy().tobytes()))
+            outs.append(
+                pb.Tensor(
+                    dtype=t.dtype,
+                    shape=t.shape,
+                    data=(a * 2).contiguous().view(torch.uint8).numpy().tobytes(),
+                )
+            )
         if request.model == "trailer":
             context.set_trailing_metadata((("aotiserve-weights-version", "v-trailer"),))
             return pb.RunResponse(outputs=outs)
@@ -88,8 +93,15 @@ class FakeRunner(pb_grpc.ModelRunnerServicer):
         for name, a in CONSTANTS.items():
             w = to_wire(a)
             for off in range(0, w.nbytes, size):
-                pieces.append(pb.ConstantChunk(name=name, offset=off, data=bytes(w.data[off:off + size]),
-                                               dtype=w.dtype.wire, shape=a.shape))
+                pieces.append(
+                    pb.ConstantChunk(
+                        name=name,
+                        offset=off,
+                        data=bytes(w.data[off : off + size]),
+                        dtype=w.dtype.wire,
+                        shape=a.shape,
+                    )
+                )
         yield from reversed(pieces)  # any order is allowed
 
     def UpdateConstantBuffer(self, request_iterator, context):
@@ -101,11 +113,13 @@ class FakeRunner(pb_grpc.ModelRunnerServicer):
         for req in request_iterator:
             c = req.chunk
             sizes.append(len(c.data))
-            data.setdefault(c.name, bytearray())[c.offset:c.offset + len(c.data)] = c.data
+            data.setdefault(c.name, bytearray())[c.offset : c.offset + len(c.data)] = c.data
         self.uploads.append((header, data, sizes))
         return pb.UpdateConstantBufferResponse(
             version=pb.WeightsVersion(id="v8", sha256="ab", description=header.description),
-            bytes_received=sum(sizes), updated=list(data))
+            bytes_received=sum(sizes),
+            updated=list(data),
+        )
 
     def SwapConstantBuffer(self, request, context):
         self._check_admin(context)
@@ -113,11 +127,20 @@ class FakeRunner(pb_grpc.ModelRunnerServicer):
         return pb.SwapConstantBufferResponse(active_version=pb.WeightsVersion(id="v8"))
 
     def ListModels(self, request, context):
-        return pb.ListModelsResponse(models=[pb.ModelInfo(
-            name="echo", path="/m/echo.pt2", devices=["cpu"], runners_per_device=2,
-            state=pb.MODEL_STATE_READY, active_version=pb.WeightsVersion(id="v7"),
-            inputs=[pb.TensorSpec(name="x", dtype=pb.DATA_TYPE_FLOAT32, shape=[-1, 64])],
-            metadata={"k": "v"})])
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    name="echo",
+                    path="/m/echo.pt2",
+                    devices=["cpu"],
+                    runners_per_device=2,
+                    state=pb.MODEL_STATE_READY,
+                    active_version=pb.WeightsVersion(id="v7"),
+                    inputs=[pb.TensorSpec(name="x", dtype=pb.DATA_TYPE_FLOAT32, shape=[-1, 64])],
+                    metadata={"k": "v"},
+                )
+            ]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +184,11 @@ def test_admin_token_sent_on_mutating_calls_only(fake):
     """The admin token goes with mutating calls only; the inference token with the others
     (and with mutating ones when there is no admin token); health carries none."""
     target, runner, _ = fake
-    for admin, token, want in ((TOKEN, None, [None, None, TOKEN]),
-                               (TOKEN, "inf", ["inf", "inf", TOKEN]),
-                               (None, "inf", ["inf", "inf", "inf"])):
+    for admin, token, want in (
+        (TOKEN, None, [None, None, TOKEN]),
+        (TOKEN, "inf", ["inf", "inf", TOKEN]),
+        (None, "inf", ["inf", "inf", "inf"]),
+    ):
         runner.metadata.clear()
         with ac.Client(target, admin_token=admin, token=token) as client:
             m = client.model("echo")
@@ -209,19 +234,25 @@ def _construct(cls, target, **kw) -> None:
 def test_no_token_in_plaintext_to_a_remote_target(cls):
     """A token goes in plaintext only to loopback (or with insecure=True); TLS, or no
     token, goes anywhere. Refused at construction, naming the target."""
-    for target in ("10.1.2.3:8500", "aotiserve-peers:8500", "[fd00::1]:8500",
-                   "dns:///example.com:443"):
+    for target in (
+        "10.1.2.3:8500",
+        "aotiserve-peers:8500",
+        "[fd00::1]:8500",
+        "dns:///example.com:443",
+    ):
         for kw in ({"admin_token": TOKEN}, {"token": TOKEN}):
             with pytest.raises(ValueError, match="plaintext") as e:
                 _construct(cls, target, **kw)
             assert target in str(e.value)
-    for target, kw in (("10.1.2.3:8500", {"admin_token": TOKEN, "insecure": True}),
-                       ("10.1.2.3:8500", {"token": TOKEN, "tls": True}),
-                       ("10.1.2.3:8500", {}),
-                       ("localhost:8500", {"admin_token": TOKEN}),
-                       ("127.0.0.1:8500", {"token": TOKEN}),
-                       ("[::1]:8500", {"admin_token": TOKEN}),
-                       ("unix:/run/aotiserve.sock", {"admin_token": TOKEN})):
+    for target, kw in (
+        ("10.1.2.3:8500", {"admin_token": TOKEN, "insecure": True}),
+        ("10.1.2.3:8500", {"token": TOKEN, "tls": True}),
+        ("10.1.2.3:8500", {}),
+        ("localhost:8500", {"admin_token": TOKEN}),
+        ("127.0.0.1:8500", {"token": TOKEN}),
+        ("[::1]:8500", {"admin_token": TOKEN}),
+        ("unix:/run/aotiserve.sock", {"admin_token": TOKEN}),
+    ):
         _construct(cls, target, **kw)
 
 
@@ -301,13 +332,19 @@ def test_upload_streams_header_then_bounded_chunks(fake):
     with ac.Client(target, admin_token=TOKEN, chunk_bytes=64 << 10) as client:
         progress = []
         version = client.model("echo").update_constant_buffer(
-            {"fc.weight": big, "bias": np.ones(3, dtype=np.float16)}, True, True,
-            description="nightly", progress=lambda s, t: progress.append((s, t)))
+            {"fc.weight": big, "bias": np.ones(3, dtype=np.float16)},
+            True,
+            True,
+            description="nightly",
+            progress=lambda s, t: progress.append((s, t)),
+        )
     assert version.id == "v8" and version.description == "nightly"
     header, data, sizes = runner.uploads[-1]
     assert header.use_inactive and header.validate_full_updates and not header.user_managed
     assert [(c.name, list(c.shape), c.dtype) for c in header.constants] == [
-        ("fc.weight", [1000, 300], pb.DATA_TYPE_FLOAT32), ("bias", [3], pb.DATA_TYPE_FLOAT16)]
+        ("fc.weight", [1000, 300], pb.DATA_TYPE_FLOAT32),
+        ("bias", [3], pb.DATA_TYPE_FLOAT16),
+    ]
     assert max(sizes) == 64 << 10 and len(sizes) == 19 + 1
     assert bytes(data["fc.weight"]) == big.numpy().tobytes()
     assert progress[-1] == (1_200_000 + 6, 1_200_000 + 6)
@@ -316,7 +353,9 @@ def test_upload_streams_header_then_bounded_chunks(fake):
 def test_tensor_larger_than_message_limit_travels_in_chunks(fake):
     target, runner, _ = fake
     # the client's own send limit is 1 MiB; the tensor is 3 MiB
-    with ac.Client(target, admin_token=TOKEN, max_message_bytes=1 << 20, chunk_bytes=256 << 10) as client:
+    with ac.Client(
+        target, admin_token=TOKEN, max_message_bytes=1 << 20, chunk_bytes=256 << 10
+    ) as client:
         w = np.random.rand(3 << 18).astype(np.float32)
         client.model("echo").update_constant_buffer({"w": w}, True, False)
         assert bytes(runner.uploads[-1][1]["w"]) == w.tobytes()
@@ -366,8 +405,10 @@ def test_wait_until_ready_before_the_server_listens():
 
 def test_health_wire_format_matches_grpc_health():
     for service in ("", "aotiserve.v1.ModelRunner", "x" * 300):
-        assert client_health.encode_request(service) == health_pb2.HealthCheckRequest(
-            service=service).SerializeToString()
+        assert (
+            client_health.encode_request(service)
+            == health_pb2.HealthCheckRequest(service=service).SerializeToString()
+        )
     for status, name in client_health.STATUS_NAMES.items():
         raw = health_pb2.HealthCheckResponse(status=status).SerializeToString()
         assert client_health.decode_response(raw) == name
@@ -392,8 +433,9 @@ def test_async_client(fake):
             assert await m.get_constant_names_to_dtypes() == {"fc_weight": 6}
             got = await m.extract_constants_map(False, chunk_bytes=500)
             np.testing.assert_array_equal(np.asarray(got["fc.weight"]), CONSTANTS["fc.weight"])
-            v = await m.update_constant_buffer({"w": np.ones(10, dtype=np.float32)}, True, True,
-                                               chunk_bytes=16)
+            v = await m.update_constant_buffer(
+                {"w": np.ones(10, dtype=np.float32)}, True, True, chunk_bytes=16
+            )
             assert v.id == "v8"
             assert (await m.swap_constant_buffer()).id == "v8"
             assert (await m.info()).name == "echo"

@@ -8,10 +8,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from server_harness import running_server
 
 import aotiserve.client as ac
 from aotiserve.client import cli
-from server_harness import running_server
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -23,20 +23,65 @@ def _openssl(*args: str, cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-             "-days", "2", "-subj", "/CN=aotiserve-test-ca", cwd=d)
-    for name, ext in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
-                      ("client", "extendedKeyUsage=clientAuth")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=aotiserve-test-ca",
+        cwd=d,
+    )
+    for name, ext in (
+        ("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=d,
+        )
         (d / f"{name}.ext").write_text(ext + "\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+            cwd=d,
+        )
     return d
 
 
 def test_tls(pki, zoo):
-    with running_server(["mlp"], tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key")) as s:
+    with running_server(
+        ["mlp"], tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key")
+    ) as s:
         x = list(zoo.MODELS["mlp"].inputs(1))
         with ac.Client(s.target, ca_cert=pki / "ca.pem", timeout=10) as client:  # a path
             assert client.health() == "SERVING"
@@ -53,10 +98,19 @@ def test_tls(pki, zoo):
 
 
 def test_mutual_tls_and_cli_flags(pki, capsys):
-    with running_server(["mlp"], tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
-                        tls_ca=str(pki / "ca.pem")) as s:
-        with ac.Client(s.target, ca_cert=pki / "ca.pem", client_cert=pki / "client.pem",
-                       client_key=pki / "client.key", timeout=10) as client:
+    with running_server(
+        ["mlp"],
+        tls_cert=str(pki / "server.pem"),
+        tls_key=str(pki / "server.key"),
+        tls_ca=str(pki / "ca.pem"),
+    ) as s:
+        with ac.Client(
+            s.target,
+            ca_cert=pki / "ca.pem",
+            client_cert=pki / "client.pem",
+            client_key=pki / "client.key",
+            timeout=10,
+        ) as client:
             assert client.health() == "SERVING"
         with ac.Client(s.target, ca_cert=pki / "ca.pem", timeout=5) as no_client_cert:
             with pytest.raises(ac.UnavailableError):
@@ -64,12 +118,35 @@ def test_mutual_tls_and_cli_flags(pki, capsys):
         with pytest.raises(ValueError, match="both client_cert and client_key"):
             ac.Client(s.target, ca_cert=pki / "ca.pem", client_cert=pki / "client.pem")
 
-        code = cli.main(["models", "--target", s.target, "--tls-ca", str(pki / "ca.pem"),
-                         "--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")])
+        code = cli.main(
+            [
+                "models",
+                "--target",
+                s.target,
+                "--tls-ca",
+                str(pki / "ca.pem"),
+                "--tls-cert",
+                str(pki / "client.pem"),
+                "--tls-key",
+                str(pki / "client.key"),
+            ]
+        )
         assert code == 0 and "mlp" in capsys.readouterr().out
         # the certificate names localhost: connect by IP, check the name given
         host_port = "localhost:" + s.target.rsplit(":", 1)[1]
-        code = cli.main(["health", "--target", host_port, "--tls-ca", str(pki / "ca.pem"),
-                         "--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key"),
-                         "--tls-server-name", "localhost"])
+        code = cli.main(
+            [
+                "health",
+                "--target",
+                host_port,
+                "--tls-ca",
+                str(pki / "ca.pem"),
+                "--tls-cert",
+                str(pki / "client.pem"),
+                "--tls-key",
+                str(pki / "client.key"),
+                "--tls-server-name",
+                "localhost",
+            ]
+        )
         assert code == 0 and capsys.readouterr().out.strip() == "SERVING"

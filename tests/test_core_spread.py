@@ -13,12 +13,12 @@ import sys
 import textwrap
 import threading
 
+import model_zoo
 import numpy as np
 import pytest
-
-import model_zoo
-from aotiserve.client import Client
 from server_harness import daemon_process
+
+from aotiserve.client import Client
 
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 or more cores")
 
@@ -85,9 +85,19 @@ _UNIT = textwrap.dedent("""
 
 def test_overlapping_long_runs_get_a_core_each_others_are_left_alone():
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _UNIT, str(model_zoo.compiled("compute")),
-                           str(model_zoo.compiled("mlp"))],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _UNIT,
+            str(model_zoo.compiled("compute")),
+            str(model_zoo.compiled("mlp")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok"), proc.stdout
 
@@ -125,7 +135,8 @@ def test_the_daemon_spreads_two_clients_runs_over_two_cores():
 
 
 def test_no_spread_runs_leaves_them_alone():
-    with daemon_process(["compute"], ["--metrics-port", "0", "--no-spread-runs"],
-                        env={"OMP_NUM_THREADS": "1"}) as d:
+    with daemon_process(
+        ["compute"], ["--metrics-port", "0", "--no-spread-runs"], env={"OMP_NUM_THREADS": "1"}
+    ) as d:
         _two_clients(d.target, 2)
         assert d.metric_samples("aotiserve_spread_runs") == {}

@@ -10,9 +10,9 @@ import sys
 import textwrap
 
 import numpy as np
+from server_harness import daemon_process
 
 from aotiserve.client import Client
-from server_harness import daemon_process
 
 MIB = 1 << 20
 
@@ -78,7 +78,9 @@ _UNIT = textwrap.dedent("""
 
 
 def test_large_blocks_are_kept_reused_bounded_and_given_back_when_idle():
-    proc = subprocess.run([sys.executable, "-c", _UNIT], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _UNIT], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok"), proc.stdout
 
@@ -98,5 +100,7 @@ def test_the_daemon_reuses_large_output_blocks_across_runs():
 
 
 def test_a_limit_of_zero_turns_the_cache_off():
-    with daemon_process(["passthrough"], ["--metrics-port", "0", "--cpu-block-cache-bytes", "0"]) as d:
+    with daemon_process(
+        ["passthrough"], ["--metrics-port", "0", "--cpu-block-cache-bytes", "0"]
+    ) as d:
         assert d.metric_samples("aotiserve_cpu_block_cache") == {}

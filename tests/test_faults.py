@@ -16,21 +16,19 @@ import threading
 import time
 
 import grpc
+import model_zoo
 import pytest
 import torch
-
-import model_zoo
 import wire
+from helpers import eager_with, new_weights, wait_for
+from server_harness import daemon_process, start_daemon
+
 from aotiserve.server.device_pool import DevicePool
 from aotiserve.server.errors import DeadlineExceeded
 from aotiserve.v1 import model_runner_pb2 as pb
 from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
-from server_harness import daemon_process, start_daemon
-from helpers import eager_with, new_weights, wait_for
 
 CODE = grpc.StatusCode
-
-
 
 
 def _computed(s, model="mlp") -> float:
@@ -39,8 +37,12 @@ def _computed(s, model="mlp") -> float:
 
 def _idle(s) -> bool:
     pool = s.app.pools["cpu"]
-    return (pool.running == 0 and pool.waiting == 0 and s.app.port_server.pool_state("cpu") == (0, 0)
-            and s.app.port_server.wait_idle(0))
+    return (
+        pool.running == 0
+        and pool.waiting == 0
+        and s.app.port_server.pool_state("cpu") == (0, 0)
+        and s.app.port_server.wait_idle(0)
+    )
 
 
 @pytest.fixture
@@ -63,13 +65,21 @@ def test_queued_run_whose_deadline_passes_is_dropped_not_computed(one_runner):
         with pytest.raises(grpc.RpcError) as e:
             s.stub.Run(wire.run_request("mlp", x), timeout=0.3)
         assert e.value.code() == CODE.DEADLINE_EXCEEDED
-        wait_for(lambda: s.app.port_server.pool_state("cpu")[1] == 0, what="the expired run to leave the queue")
+        wait_for(
+            lambda: s.app.port_server.pool_state("cpu")[1] == 0,
+            what="the expired run to leave the queue",
+        )
     wait_for(lambda: _idle(s), what="idle")
     assert _computed(s) == before  # dropped from the queue, never run
-    assert s.app.metrics.sample("aotiserve_requests_total", model="mlp", method="Run",
-                                code="DEADLINE_EXCEEDED") >= 1
-    assert wire.close(wire.outputs(s.stub.Run(wire.run_request("mlp", x))),
-                      model_zoo.eager("mlp", x))
+    assert (
+        s.app.metrics.sample(
+            "aotiserve_requests_total", model="mlp", method="Run", code="DEADLINE_EXCEEDED"
+        )
+        >= 1
+    )
+    assert wire.close(
+        wire.outputs(s.stub.Run(wire.run_request("mlp", x))), model_zoo.eager("mlp", x)
+    )
 
 
 def test_run_reaching_a_free_runner_after_its_deadline_is_not_computed():
@@ -95,7 +105,10 @@ def test_cancel_mid_run_frees_the_queue_and_the_pool_keeps_serving(one_runner):
         for f in futures[:3]:
             f.cancel()
         # Cancelled calls leave the queue at once, while the runner is still busy.
-        wait_for(lambda: s.app.port_server.pool_state("cpu")[1] == 1, what="cancelled runs to leave the queue")
+        wait_for(
+            lambda: s.app.port_server.pool_state("cpu")[1] == 1,
+            what="cancelled runs to leave the queue",
+        )
     assert all(f.cancelled() for f in futures[:3])
     assert wire.close(wire.outputs(futures[3].result(timeout=30)), want)
     wait_for(lambda: _idle(s), what="idle after cancels")
@@ -116,8 +129,9 @@ def test_upload_cut_by_its_deadline_changes_nothing(server_factory):
     gauge = s.app.metrics.staging_bytes.labels("mlp")
 
     def slow():
-        for i, m in enumerate(wire.upload_requests("mlp", new_weights("mlp"), validate_full=True,
-                                                   chunk_bytes=256)):
+        for i, m in enumerate(
+            wire.upload_requests("mlp", new_weights("mlp"), validate_full=True, chunk_bytes=256)
+        ):
             if i == 5:
                 time.sleep(1.0)  # the deadline passes here
             yield m
@@ -128,8 +142,9 @@ def test_upload_cut_by_its_deadline_changes_nothing(server_factory):
     wait_for(lambda: gauge._value.get() == 0 and _idle(s), what="staging freed")
     m = s.stub.ListModels(pb.ListModelsRequest()).models[0]
     assert m.active_version.id == "initial" and not m.HasField("staged_version")
-    assert wire.close(wire.outputs(s.stub.Run(wire.run_request("mlp", x))),
-                      model_zoo.eager("mlp", x))
+    assert wire.close(
+        wire.outputs(s.stub.Run(wire.run_request("mlp", x))), model_zoo.eager("mlp", x)
+    )
 
 
 def test_client_disconnect_during_extract_stream(server_factory):
@@ -137,21 +152,29 @@ def test_client_disconnect_during_extract_stream(server_factory):
     for how in ("cancel", "close channel"):
         channel = grpc.insecure_channel(s.target)
         stream = pb_grpc.ModelRunnerStub(channel).ExtractConstantsMap(
-            pb.ExtractConstantsMapRequest(model="mlp", chunk_bytes=64))
+            pb.ExtractConstantsMapRequest(model="mlp", chunk_bytes=64)
+        )
         got = [next(stream) for _ in range(3)]
         assert all(c.data for c in got)
         if how == "cancel":
             stream.cancel()
         channel.close()
-        wait_for(lambda: s.app.metrics.sample("aotiserve_in_flight_requests", method="ExtractConstantsMap") == 0
-              and _idle(s), what=f"stream ended ({how})")
+        wait_for(
+            lambda: (
+                s.app.metrics.sample("aotiserve_in_flight_requests", method="ExtractConstantsMap")
+                == 0
+                and _idle(s)
+            ),
+            what=f"stream ended ({how})",
+        )
     # Nothing is left holding the model's weight lock: a full weight cycle works.
     weights = new_weights("mlp")
     s.stub.UpdateConstantBuffer(wire.upload_requests("mlp", weights, validate_full=True))
     s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
     x = model_zoo.MODELS["mlp"].inputs(2)
-    assert wire.close(wire.outputs(s.stub.Run(wire.run_request("mlp", x))),
-                      eager_with("mlp", weights, x))
+    assert wire.close(
+        wire.outputs(s.stub.Run(wire.run_request("mlp", x))), eager_with("mlp", weights, x)
+    )
     assert len(wire.extract(s.stub, "mlp", chunk_bytes=64)) == 5
 
 
@@ -222,7 +245,8 @@ def test_sigkill_during_staging_and_during_swap_then_restart(tmp_path):
         stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
         # Kill while a complete upload is being staged (written to the runner and the store).
         done = stub.UpdateConstantBuffer.future(
-            wire.upload_requests("mlp", w2, validate_full=True, chunk_bytes=512))
+            wire.upload_requests("mlp", w2, validate_full=True, chunk_bytes=512)
+        )
         time.sleep(0.02)
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait(30)
@@ -288,9 +312,17 @@ def test_concurrent_weight_ops_loads_and_unloads_never_crash(tmp_path):
 
     (tmp_path / "junk.blob").write_bytes(b"\0" * 64)
     (tmp_path / "models").mkdir()
-    d = start_daemon(["mlp"], ["--weights-dir", str(tmp_path / "weights"),
-                               "--allowed-root", str(tmp_path),
-                               "--model-root", str(tmp_path / "models")])
+    d = start_daemon(
+        ["mlp"],
+        [
+            "--weights-dir",
+            str(tmp_path / "weights"),
+            "--allowed-root",
+            str(tmp_path),
+            "--model-root",
+            str(tmp_path / "models"),
+        ],
+    )
     d_repo = d.repo
     pkg = tmp_path / "models" / "victim.pt2"
     shutil.copy(model_zoo.compiled("mlp"), pkg)  # below the model root (a link would leave it)
@@ -299,30 +331,50 @@ def test_concurrent_weight_ops_loads_and_unloads_never_crash(tmp_path):
     stub.LoadModel(load)
     x = model_zoo.MODELS["mlp"].inputs(2)
     weights = new_weights("mlp", 1.7)
-    allowed = {CODE.OK, CODE.FAILED_PRECONDITION, CODE.NOT_FOUND, CODE.UNAVAILABLE,
-               CODE.ALREADY_EXISTS, CODE.INVALID_ARGUMENT,
-               CODE.ABORTED}  # an extract whose weights flipped under it
+    allowed = {
+        CODE.OK,
+        CODE.FAILED_PRECONDITION,
+        CODE.NOT_FOUND,
+        CODE.UNAVAILABLE,
+        CODE.ALREADY_EXISTS,
+        CODE.INVALID_ARGUMENT,
+        CODE.ABORTED,
+    }  # an extract whose weights flipped under it
     ops = {
         "stage": lambda: stub.UpdateConstantBuffer(
             wire.upload_requests("victim", weights, validate_full=True, chunk_bytes=2048),
-            timeout=60),
-        "swap": lambda: stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="victim"),
-                                                timeout=60),
+            timeout=60,
+        ),
+        "swap": lambda: stub.SwapConstantBuffer(
+            pb.SwapConstantBufferRequest(model="victim"), timeout=60
+        ),
         "rollback": lambda: stub.RollbackConstantBuffer(
-            pb.RollbackConstantBufferRequest(model="victim"), timeout=60),
+            pb.RollbackConstantBufferRequest(model="victim"), timeout=60
+        ),
         "free": lambda: stub.FreeInactiveConstantBuffer(
-            pb.FreeInactiveConstantBufferRequest(model="victim"), timeout=60),
-        "extract": lambda: list(stub.ExtractConstantsMap(pb.ExtractConstantsMapRequest(
-            model="victim", use_inactive=random.random() < 0.5), timeout=60)),
+            pb.FreeInactiveConstantBufferRequest(model="victim"), timeout=60
+        ),
+        "extract": lambda: list(
+            stub.ExtractConstantsMap(
+                pb.ExtractConstantsMapRequest(model="victim", use_inactive=random.random() < 0.5),
+                timeout=60,
+            )
+        ),
         "run": lambda: stub.Run(wire.run_request("victim", x), timeout=60),
-        "blob": lambda: stub.UpdateConstantBufferFromBlob(pb.UpdateConstantBufferFromBlobRequest(
-            model="victim", weights_path=str(tmp_path / "junk.blob")), timeout=60),
+        "blob": lambda: stub.UpdateConstantBufferFromBlob(
+            pb.UpdateConstantBufferFromBlobRequest(
+                model="victim", weights_path=str(tmp_path / "junk.blob")
+            ),
+            timeout=60,
+        ),
         "unload": lambda: stub.UnloadModel(pb.UnloadModelRequest(name="victim"), timeout=60),
         "load": lambda: stub.LoadModel(load, timeout=60),
         "describe": lambda: (
             stub.GetCallSpec(pb.GetCallSpecRequest(model="victim"), timeout=60),
-            stub.GetConstantNamesToDtypes(pb.GetConstantNamesToDtypesRequest(model="victim"),
-                                          timeout=60)),
+            stub.GetConstantNamesToDtypes(
+                pb.GetConstantNamesToDtypesRequest(model="victim"), timeout=60
+            ),
+        ),
     }
     names = list(ops)
     bad: list = []
@@ -351,16 +403,18 @@ def test_concurrent_weight_ops_loads_and_unloads_never_crash(tmp_path):
         assert d.proc.poll() is None, d.log()[-3000:]
         assert not bad, (bad[:5], d.log()[-6000:])
         assert seen.get(("swap", CODE.OK)) and seen.get(("unload", CODE.OK)), seen
-        assert wire.close(wire.outputs(stub.Run(wire.run_request("mlp", x))),
-                          model_zoo.eager("mlp", x))
+        assert wire.close(
+            wire.outputs(stub.Run(wire.run_request("mlp", x))), model_zoo.eager("mlp", x)
+        )
         # The victim, if loaded, serves one of the two weight sets.
         try:
             out = wire.outputs(stub.Run(wire.run_request("victim", x)))
         except grpc.RpcError as e:
             assert e.code() in (CODE.NOT_FOUND, CODE.UNAVAILABLE)
         else:
-            assert wire.close(out, model_zoo.eager("mlp", x)) or \
-                wire.close(out, eager_with("mlp", weights, x))
+            assert wire.close(out, model_zoo.eager("mlp", x)) or wire.close(
+                out, eager_with("mlp", weights, x)
+            )
     finally:
         channel.close()
         d.proc.kill()
@@ -376,12 +430,14 @@ def test_extract_stream_survives_unload_and_aborts_on_swap(tmp_path):
     shutil.copy(model_zoo.compiled("compute"), pkg)  # 4 x Linear(1024, 1024): 16 MiB
     d = start_daemon(["mlp"], ["--model-root", str(tmp_path)])
     try:
-        channel = grpc.insecure_channel(d.target, options=[
-            ("grpc.max_receive_message_length", 64 << 20)])
+        channel = grpc.insecure_channel(
+            d.target, options=[("grpc.max_receive_message_length", 64 << 20)]
+        )
         stub = pb_grpc.ModelRunnerStub(channel)
         stub.LoadModel(pb.LoadModelRequest(name="big", path=str(pkg)))
-        stream = stub.ExtractConstantsMap(pb.ExtractConstantsMapRequest(model="big",
-                                                                         chunk_bytes=1 << 16))
+        stream = stub.ExtractConstantsMap(
+            pb.ExtractConstantsMapRequest(model="big", chunk_bytes=1 << 16)
+        )
         next(stream)
         stub.UnloadModel(pb.UnloadModelRequest(name="big"), timeout=60)
         with pytest.raises(grpc.RpcError) as e:
@@ -390,10 +446,12 @@ def test_extract_stream_survives_unload_and_aborts_on_swap(tmp_path):
         assert e.value.code() == CODE.UNAVAILABLE, e.value.details()
         assert d.proc.poll() is None, d.log()[-2000:]
         # A swap mid-stream aborts the download instead of mixing weight sets.
-        stub.UpdateConstantBuffer(wire.upload_requests("mlp", new_weights("mlp"),
-                                                       validate_full=True))
-        stream = stub.ExtractConstantsMap(pb.ExtractConstantsMapRequest(model="mlp",
-                                                                         chunk_bytes=256))
+        stub.UpdateConstantBuffer(
+            wire.upload_requests("mlp", new_weights("mlp"), validate_full=True)
+        )
+        stream = stub.ExtractConstantsMap(
+            pb.ExtractConstantsMapRequest(model="mlp", chunk_bytes=256)
+        )
         next(stream)
         stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
         with pytest.raises(grpc.RpcError) as e:

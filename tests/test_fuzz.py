@@ -21,17 +21,18 @@ import collections
 import os
 
 import grpc
+import model_zoo
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-import model_zoo
 import wire
-from aotiserve.server import tensor_codec as codec
-from aotiserve.v1 import model_runner_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from oip_messages import OipStub, ipb
 from server_harness import running_server
+
+from aotiserve.server import tensor_codec as codec
+from aotiserve.v1 import model_runner_pb2 as pb
 
 pytestmark = pytest.mark.slow
 
@@ -43,17 +44,28 @@ def _n(k: int) -> int:
     return max(10, int(k * SCALE))
 
 
-FUZZ = dict(deadline=None, database=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                   HealthCheck.filter_too_much])
+FUZZ = dict(
+    deadline=None,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+    ],
+)
 
 # A proper answer to hostile input. INTERNAL, UNKNOWN, DEADLINE_EXCEEDED or CANCELLED
 # (a crashed handler, a hang, a dropped stream) fail the test.
 PROPER = {
-    grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.OUT_OF_RANGE,
 }
 SERVED = ("mlp", "two_io")
 PROTECTED = SERVED + ("victim",)
@@ -70,8 +82,9 @@ class Env:
 def env():
     # Few HTTP/2 streams per connection: a stream the server leaves open shows up soon.
     streams = int(os.environ.get("AOTISERVE_FUZZ_STREAMS", "16"))
-    with running_server(list(SERVED), max_message_bytes=4 << 20,
-                        max_concurrent_streams=streams) as srv:
+    with running_server(
+        list(SERVED), max_message_bytes=4 << 20, max_concurrent_streams=streams
+    ) as srv:
         e = Env()
         e.srv = srv
         e.stub = srv.stub
@@ -81,8 +94,11 @@ def env():
         e.raw_upload = srv.channel.stream_unary("/aotiserve.v1.ModelRunner/UpdateConstantBuffer")
         srv.stub.LoadModel(pb.LoadModelRequest(name="victim", path=str(srv.repo / "mlp.pt2")))
         e.constants = {n: t for n, t in wire.extract(srv.stub, "victim").items()}
-        fqns = dict(srv.stub.GetConstantNamesToOriginalFqns(
-            pb.GetConstantNamesToOriginalFqnsRequest(model="victim")).fqns)
+        fqns = dict(
+            srv.stub.GetConstantNamesToOriginalFqns(
+                pb.GetConstantNamesToOriginalFqnsRequest(model="victim")
+            ).fqns
+        )
         e.constant_names = list(fqns)
         # Any wire name (FQN or constant name) -> the constant's current tensor.
         e.by_any_name = dict(e.constants)
@@ -95,12 +111,26 @@ def env():
         (srv.repo / "escape.pt2").symlink_to("/etc/passwd")
         (srv.repo / "sub").mkdir()
         e.paths = [
-            str(srv.repo / "junk.pt2"), str(srv.repo / "junk.blob"), str(srv.repo / "empty.blob"),
-            str(srv.repo / "escape.pt2"), str(srv.repo / "sub"), str(srv.repo),
-            str(srv.repo / "nope.pt2"), str(srv.repo / ".." / "mlp.pt2"),
-            str(srv.repo / "sub" / ".." / ".." / "x"), "/etc/passwd", "/", ".", "..", "",
-            "relative/../../etc/passwd", "/proc/self/mem", "/dev/zero", str(srv.repo / "mlp.pt2"),
-            str(srv.repo / ("a" * 300)), str(srv.repo / "/".join(["sub"] * 2000)),
+            str(srv.repo / "junk.pt2"),
+            str(srv.repo / "junk.blob"),
+            str(srv.repo / "empty.blob"),
+            str(srv.repo / "escape.pt2"),
+            str(srv.repo / "sub"),
+            str(srv.repo),
+            str(srv.repo / "nope.pt2"),
+            str(srv.repo / ".." / "mlp.pt2"),
+            str(srv.repo / "sub" / ".." / ".." / "x"),
+            "/etc/passwd",
+            "/",
+            ".",
+            "..",
+            "",
+            "relative/../../etc/passwd",
+            "/proc/self/mem",
+            "/dev/zero",
+            str(srv.repo / "mlp.pt2"),
+            str(srv.repo / ("a" * 300)),
+            str(srv.repo / "/".join(["sub"] * 2000)),
         ]
         e.golden_inputs = {m: model_zoo.MODELS[m].inputs(3, seed=7) for m in SERVED}
         e.golden = {m: _run_outputs(e, m) for m in SERVED}
@@ -138,14 +168,33 @@ def _call(e, service: str, fn, *args, **kw):
 
 WIRE_DTYPES = sorted(codec.TORCH_DTYPE_BY_WIRE)
 odd_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=24)
-names = st.one_of(st.sampled_from(["mlp", "two_io", "victim", "", "nope", "../mlp", "mlp\0",
-                                   "MLP", " mlp", "mlp/..", ".", "..", "a" * 300]), odd_text)
+names = st.one_of(
+    st.sampled_from(
+        [
+            "mlp",
+            "two_io",
+            "victim",
+            "",
+            "nope",
+            "../mlp",
+            "mlp\0",
+            "MLP",
+            " mlp",
+            "mlp/..",
+            ".",
+            "..",
+            "a" * 300,
+        ]
+    ),
+    odd_text,
+)
 mutable_names = names.filter(lambda n: n not in SERVED)
 huge = st.sampled_from([1 << 31, 1 << 32, 1 << 40, (1 << 63) - 1, -(1 << 63), -1])
 dim = st.one_of(st.integers(0, 70), st.integers(-3, 1 << 12), huge)
 shape = st.lists(dim, max_size=5) | st.lists(st.integers(0, 2), min_size=6, max_size=40)
-dtype = st.one_of(st.sampled_from(WIRE_DTYPES), st.integers(-5, 40),
-                  st.integers(-(1 << 31), (1 << 31) - 1))
+dtype = st.one_of(
+    st.sampled_from(WIRE_DTYPES), st.integers(-5, 40), st.integers(-(1 << 31), (1 << 31) - 1)
+)
 
 
 @st.composite
@@ -184,7 +233,8 @@ def plausible_inputs(draw, model):
 run_requests = st.one_of(
     st.builds(pb.RunRequest, model=names, inputs=st.lists(wire_tensor(), max_size=4)),
     st.sampled_from(SERVED + ("victim",)).flatmap(
-        lambda m: plausible_inputs(m).map(lambda ins: pb.RunRequest(model=m, inputs=ins))),
+        lambda m: plausible_inputs(m).map(lambda ins: pb.RunRequest(model=m, inputs=ins))
+    ),
 )
 
 
@@ -200,14 +250,20 @@ def test_fuzz_run(env, req):
 describe_requests = st.one_of(
     st.builds(pb.GetCallSpecRequest, model=names).map(lambda r: ("GetCallSpec", r)),
     st.builds(pb.GetConstantNamesToOriginalFqnsRequest, model=names).map(
-        lambda r: ("GetConstantNamesToOriginalFqns", r)),
+        lambda r: ("GetConstantNamesToOriginalFqns", r)
+    ),
     st.builds(pb.GetConstantNamesToDtypesRequest, model=names).map(
-        lambda r: ("GetConstantNamesToDtypes", r)),
+        lambda r: ("GetConstantNamesToDtypes", r)
+    ),
     st.just(("ListModels", pb.ListModelsRequest())),
-    st.builds(pb.ExtractConstantsMapRequest, model=names, use_inactive=st.booleans(),
-              chunk_bytes=st.one_of(st.just(0), st.integers(64, 1 << 14), huge,
-                                    st.integers(-(1 << 63), -1))).map(
-        lambda r: ("ExtractConstantsMap", r)),
+    st.builds(
+        pb.ExtractConstantsMapRequest,
+        model=names,
+        use_inactive=st.booleans(),
+        chunk_bytes=st.one_of(
+            st.just(0), st.integers(64, 1 << 14), huge, st.integers(-(1 << 63), -1)
+        ),
+    ).map(lambda r: ("ExtractConstantsMap", r)),
 )
 
 
@@ -241,9 +297,13 @@ def upload_stream(draw, env):
     if draw(st.floats(0, 1)) < 0.2:
         specs.append(pb.TensorSpec(name=draw(odd_text), dtype=draw(dtype), shape=draw(shape)))
     header = pb.UpdateConstantBufferHeader(
-        model=model, use_inactive=draw(st.floats(0, 1)) < 0.8,
-        validate_full_updates=draw(st.booleans()), user_managed=draw(st.booleans()),
-        constants=specs, description=draw(odd_text))
+        model=model,
+        use_inactive=draw(st.floats(0, 1)) < 0.8,
+        validate_full_updates=draw(st.booleans()),
+        user_managed=draw(st.booleans()),
+        constants=specs,
+        description=draw(odd_text),
+    )
     msgs = []
     if draw(st.floats(0, 1)) > 0.05:
         msgs.append(pb.UpdateConstantBufferRequest(header=header))
@@ -267,8 +327,11 @@ def upload_stream(draw, env):
     if chunks and draw(st.floats(0, 1)) < 0.1:
         chunks.pop(draw(st.integers(0, len(chunks) - 1)))  # missing
     if draw(st.floats(0, 1)) < 0.1:
-        chunks.append(pb.ConstantChunk(name=draw(odd_text), offset=draw(dim),
-                                       data=draw(st.binary(max_size=64))))
+        chunks.append(
+            pb.ConstantChunk(
+                name=draw(odd_text), offset=draw(dim), data=draw(st.binary(max_size=64))
+            )
+        )
     chunks = draw(st.permutations(chunks)) if len(chunks) < 40 else chunks
     msgs.extend(pb.UpdateConstantBufferRequest(chunk=c) for c in chunks)
     if draw(st.floats(0, 1)) < 0.05:
@@ -280,14 +343,17 @@ def upload_stream(draw, env):
 
 weight_ops = st.one_of(
     st.builds(pb.SwapConstantBufferRequest, model=st.one_of(st.just("victim"), mutable_names)).map(
-        lambda r: ("SwapConstantBuffer", r)),
-    st.builds(pb.RollbackConstantBufferRequest, model=st.one_of(st.just("victim"), mutable_names)
-              ).map(lambda r: ("RollbackConstantBuffer", r)),
-    st.builds(pb.FreeInactiveConstantBufferRequest,
-              model=st.one_of(st.just("victim"), mutable_names)).map(
-        lambda r: ("FreeInactiveConstantBuffer", r)),
-    st.builds(pb.ExtractConstantsMapRequest, model=st.just("victim"), use_inactive=st.booleans()
-              ).map(lambda r: ("ExtractConstantsMap", r)),
+        lambda r: ("SwapConstantBuffer", r)
+    ),
+    st.builds(
+        pb.RollbackConstantBufferRequest, model=st.one_of(st.just("victim"), mutable_names)
+    ).map(lambda r: ("RollbackConstantBuffer", r)),
+    st.builds(
+        pb.FreeInactiveConstantBufferRequest, model=st.one_of(st.just("victim"), mutable_names)
+    ).map(lambda r: ("FreeInactiveConstantBuffer", r)),
+    st.builds(
+        pb.ExtractConstantsMapRequest, model=st.just("victim"), use_inactive=st.booleans()
+    ).map(lambda r: ("ExtractConstantsMap", r)),
 )
 
 
@@ -304,34 +370,62 @@ def test_fuzz_upload_and_weight_lifecycle(env, data):
 
 
 @settings(max_examples=_n(150), **FUZZ)
-@given(model=st.one_of(st.just("victim"), mutable_names), path_i=st.integers(0, 100),
-       path=odd_text)
+@given(model=st.one_of(st.just("victim"), mutable_names), path_i=st.integers(0, 100), path=odd_text)
 def test_fuzz_update_from_blob(env, model, path_i, path):
     p = env.paths[path_i] if path_i < len(env.paths) else path
-    code = _call(env, "native", env.stub.UpdateConstantBufferFromBlob,
-                 pb.UpdateConstantBufferFromBlobRequest(model=model, weights_path=p))
+    code = _call(
+        env,
+        "native",
+        env.stub.UpdateConstantBufferFromBlob,
+        pb.UpdateConstantBufferFromBlobRequest(model=model, weights_path=p),
+    )
     if p in ("/etc/passwd", "/", "/proc/self/mem", "/dev/zero", str(env.srv.repo / "escape.pt2")):
         assert code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND), p
 
 
 @settings(max_examples=_n(250), **FUZZ)
-@given(name=names, path_i=st.integers(0, 60), path=odd_text,
-       devices=st.lists(st.one_of(st.sampled_from(["cpu", "cuda:0", "cuda:7", "", "meta", "mps"]),
-                                  odd_text), max_size=3),
-       runners=st.one_of(st.integers(-3, 3), st.sampled_from([-(1 << 31), (1 << 31) - 1, 1 << 20])),
-       package_model=st.one_of(st.just(""), odd_text))
+@given(
+    name=names,
+    path_i=st.integers(0, 60),
+    path=odd_text,
+    devices=st.lists(
+        st.one_of(st.sampled_from(["cpu", "cuda:0", "cuda:7", "", "meta", "mps"]), odd_text),
+        max_size=3,
+    ),
+    runners=st.one_of(st.integers(-3, 3), st.sampled_from([-(1 << 31), (1 << 31) - 1, 1 << 20])),
+    package_model=st.one_of(st.just(""), odd_text),
+)
 def test_fuzz_load_model(env, name, path_i, path, devices, runners, package_model):
     p = env.paths[path_i] if path_i < len(env.paths) else path
     if p == str(env.srv.repo / "mlp.pt2") and name not in PROTECTED:
         # A real package under a fresh name would load (slowly): keep the name taken.
         name = "victim"
     LOADED_NAMES.add(name)
-    code = _call(env, "native", env.stub.LoadModel, pb.LoadModelRequest(
-        name=name, path=p, devices=devices, runners_per_device=runners,
-        package_model=package_model))
+    code = _call(
+        env,
+        "native",
+        env.stub.LoadModel,
+        pb.LoadModelRequest(
+            name=name,
+            path=p,
+            devices=devices,
+            runners_per_device=runners,
+            package_model=package_model,
+        ),
+    )
     assert code != grpc.StatusCode.OK or name in PROTECTED
-    if p in ("/etc/passwd", "/", "/proc/self/mem", "/dev/zero", str(env.srv.repo / "escape.pt2"),
-             str(env.srv.repo / ".." / "mlp.pt2")) and runners <= 64:
+    if (
+        p
+        in (
+            "/etc/passwd",
+            "/",
+            "/proc/self/mem",
+            "/dev/zero",
+            str(env.srv.repo / "escape.pt2"),
+            str(env.srv.repo / ".." / "mlp.pt2"),
+        )
+        and runners <= 64
+    ):
         assert code == grpc.StatusCode.PERMISSION_DENIED, p
 
 
@@ -342,10 +436,21 @@ def test_fuzz_unload_model(env, name):
 
 
 @settings(max_examples=_n(150), **FUZZ)
-@given(raw=st.binary(max_size=300),
-       method=st.sampled_from(["Run", "GetCallSpec", "LoadModel", "UnloadModel",
-                               "UpdateConstantBufferFromBlob", "SwapConstantBuffer",
-                               "ExtractConstantsMap", "ListModels"]))
+@given(
+    raw=st.binary(max_size=300),
+    method=st.sampled_from(
+        [
+            "Run",
+            "GetCallSpec",
+            "LoadModel",
+            "UnloadModel",
+            "UpdateConstantBufferFromBlob",
+            "SwapConstantBuffer",
+            "ExtractConstantsMap",
+            "ListModels",
+        ]
+    ),
+)
 def test_fuzz_native_raw_bytes(env, raw, method):
     """Arbitrary bytes as the request message: undecodable ones are refused by gRPC
     itself; decodable ones must get a proper answer too."""
@@ -400,7 +505,7 @@ def _edit(draw, raw: bytearray) -> None:
     elif kind == "insert":
         raw[i:i] = draw(st.binary(min_size=1, max_size=12))
     elif kind == "delete":
-        del raw[i:i + draw(st.integers(1, 8))]
+        del raw[i : i + draw(st.integers(1, 8))]
     elif kind == "truncate":
         del raw[i:]
     else:
@@ -431,17 +536,24 @@ def test_fuzz_run_wire_bytes_against_protobuf(env, raw):
     want_code, want = _raw_run(env, parsed.SerializeToString())
     assert code == want_code, (code, got, want_code, want)
     if code == grpc.StatusCode.OK:
-        assert [(t.dtype, list(t.shape), t.data) for t in got.outputs] == \
-            [(t.dtype, list(t.shape), t.data) for t in want.outputs]
+        assert [(t.dtype, list(t.shape), t.data) for t in got.outputs] == [
+            (t.dtype, list(t.shape), t.data) for t in want.outputs
+        ]
 
 
 @st.composite
 def mutated_upload_stream(draw, env):
     """A valid victim upload (header + chunks) as bytes, one or two messages edited."""
     weights = {k: v.clone() for k, v in env.constants.items()}
-    msgs = [m.SerializeToString() for m in wire.upload_requests(
-        "victim", weights, validate_full=draw(st.booleans()),
-        chunk_bytes=draw(st.sampled_from([512, 4096, 1 << 20])))]
+    msgs = [
+        m.SerializeToString()
+        for m in wire.upload_requests(
+            "victim",
+            weights,
+            validate_full=draw(st.booleans()),
+            chunk_bytes=draw(st.sampled_from([512, 4096, 1 << 20])),
+        )
+    ]
     for _ in range(draw(st.integers(1, 2))):
         j = draw(st.integers(0, len(msgs) - 1))
         raw = bytearray(msgs[j])
@@ -500,25 +612,72 @@ def _raw_load(env, raw):
 # ---------------------------------------------------------------- OIP service
 
 datatypes = st.one_of(
-    st.sampled_from(["FP32", "FP64", "FP16", "BF16", "INT8", "INT16", "INT32", "INT64", "UINT8",
-                     "UINT16", "UINT32", "UINT64", "BOOL", "BYTES", "", "fp32", "FP8"]), odd_text)
+    st.sampled_from(
+        [
+            "FP32",
+            "FP64",
+            "FP16",
+            "BF16",
+            "INT8",
+            "INT16",
+            "INT32",
+            "INT64",
+            "UINT8",
+            "UINT16",
+            "UINT32",
+            "UINT64",
+            "BOOL",
+            "BYTES",
+            "",
+            "fp32",
+            "FP8",
+        ]
+    ),
+    odd_text,
+)
 oip_params = st.dictionaries(
-    st.sampled_from(["sequence_id", "sequence_start", "sequence_end", "priority", "timeout",
-                     "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset",
-                     "classification", "binary_data", "x"]),
-    st.one_of(st.builds(ipb.InferParameter, bool_param=st.booleans()),
-              st.builds(ipb.InferParameter, int64_param=st.integers(-(1 << 63), (1 << 63) - 1)),
-              st.builds(ipb.InferParameter, string_param=odd_text),
-              st.builds(ipb.InferParameter)),
-    max_size=2)
+    st.sampled_from(
+        [
+            "sequence_id",
+            "sequence_start",
+            "sequence_end",
+            "priority",
+            "timeout",
+            "shared_memory_region",
+            "shared_memory_byte_size",
+            "shared_memory_offset",
+            "classification",
+            "binary_data",
+            "x",
+        ]
+    ),
+    st.one_of(
+        st.builds(ipb.InferParameter, bool_param=st.booleans()),
+        st.builds(ipb.InferParameter, int64_param=st.integers(-(1 << 63), (1 << 63) - 1)),
+        st.builds(ipb.InferParameter, string_param=odd_text),
+        st.builds(ipb.InferParameter),
+    ),
+    max_size=2,
+)
 
 
 @st.composite
 def infer_contents(draw, numel_hint):
     n = draw(st.one_of(st.just(max(0, min(numel_hint, 300))), st.integers(0, 40)))
-    which = draw(st.sampled_from(["bool_contents", "int_contents", "int64_contents", "uint_contents",
-                                  "uint64_contents", "fp32_contents", "fp64_contents",
-                                  "bytes_contents"]))
+    which = draw(
+        st.sampled_from(
+            [
+                "bool_contents",
+                "int_contents",
+                "int64_contents",
+                "uint_contents",
+                "uint64_contents",
+                "fp32_contents",
+                "fp64_contents",
+                "bytes_contents",
+            ]
+        )
+    )
     c = ipb.InferTensorContents()
     vals = {
         "bool_contents": st.booleans(),
@@ -530,16 +689,22 @@ def infer_contents(draw, numel_hint):
         "fp64_contents": st.floats(allow_nan=True),
         "bytes_contents": st.binary(max_size=8),
     }[which]
-    getattr(c, which).extend(draw(st.lists(vals, min_size=min(n, 40), max_size=min(n, 40)))
-                             if n <= 40 else [draw(vals)] * n)
+    getattr(c, which).extend(
+        draw(st.lists(vals, min_size=min(n, 40), max_size=min(n, 40)))
+        if n <= 40
+        else [draw(vals)] * n
+    )
     return c
 
 
 @st.composite
 def infer_request(draw):
     model = draw(st.one_of(st.sampled_from(["mlp", "two_io", "victim"]), names))
-    spec_inputs = {"mlp": [("x", "FP32", 2)], "two_io": [("x", "FP32", 2), ("ids", "INT64", 1)],
-                   "victim": [("x", "FP32", 2)]}.get(model, [("x", "FP32", 2)])
+    spec_inputs = {
+        "mlp": [("x", "FP32", 2)],
+        "two_io": [("x", "FP32", 2), ("ids", "INT64", 1)],
+        "victim": [("x", "FP32", 2)],
+    }.get(model, [("x", "FP32", 2)])
     req = ipb.ModelInferRequest(model_name=model, id=draw(odd_text))
     if draw(st.floats(0, 1)) < 0.2:
         req.model_version = draw(st.one_of(st.just("initial"), odd_text))
@@ -549,15 +714,23 @@ def infer_request(draw):
     raw_mode = draw(st.booleans())
     if plausible:
         batch = draw(st.one_of(st.integers(0, 6), st.sampled_from([256, 1025])))
-        ins = [(n, dt_, [batch, 64 if (n == "x" and model != "two_io") else 16][:rank])
-               for n, dt_, rank in spec_inputs]
+        ins = [
+            (n, dt_, [batch, 64 if (n == "x" and model != "two_io") else 16][:rank])
+            for n, dt_, rank in spec_inputs
+        ]
         if draw(st.floats(0, 1)) < 0.3:
             ins = draw(st.permutations(ins))
         if draw(st.floats(0, 1)) < 0.15 and ins:
             ins = ins[:-1]
     else:
-        ins = draw(st.lists(st.tuples(st.one_of(st.sampled_from(["x", "ids", "y"]), odd_text),
-                                      datatypes, shape), max_size=3))
+        ins = draw(
+            st.lists(
+                st.tuples(
+                    st.one_of(st.sampled_from(["x", "ids", "y"]), odd_text), datatypes, shape
+                ),
+                max_size=3,
+            )
+        )
     for name, dt_, shp in ins:
         if draw(st.floats(0, 1)) < 0.1:
             dt_ = draw(datatypes)
@@ -583,8 +756,9 @@ def infer_request(draw):
     if draw(st.floats(0, 1)) < 0.1:
         req.raw_input_contents.append(draw(st.binary(max_size=16)))
     for _ in range(draw(st.integers(0, 2))):
-        out = req.outputs.add(name=draw(st.one_of(st.sampled_from(["h", "ids2", "output__0"]),
-                                                  odd_text)))
+        out = req.outputs.add(
+            name=draw(st.one_of(st.sampled_from(["h", "ids2", "output__0"]), odd_text))
+        )
         for k, v in draw(oip_params).items():
             out.parameters[k].CopyFrom(v)
     return req
@@ -642,14 +816,31 @@ def oip_unary(draw):
         elif f.type in (f.TYPE_INT64, f.TYPE_INT32) and not f.is_repeated:
             setattr(req, fname, draw(st.integers(-(1 << 31), (1 << 31) - 1)))
     if method == "RepositoryModelLoad":
-        for k, v in draw(st.dictionaries(st.sampled_from(["config", "file:1/model.pt2", "x"]),
-                                         st.builds(ipb.ModelRepositoryParameter,
-                                                   string_param=odd_text), max_size=2)).items():
+        for k, v in draw(
+            st.dictionaries(
+                st.sampled_from(["config", "file:1/model.pt2", "x"]),
+                st.builds(ipb.ModelRepositoryParameter, string_param=odd_text),
+                max_size=2,
+            )
+        ).items():
             req.parameters[k].CopyFrom(v)
         if draw(st.booleans()):
-            req.model_name = draw(st.sampled_from(
-                ["junk", "escape", "../mlp", "sub/../mlp", "/etc/passwd", "sub", "..", "mlp",
-                 "nope", "mlp.pt2"]))
+            req.model_name = draw(
+                st.sampled_from(
+                    [
+                        "junk",
+                        "escape",
+                        "../mlp",
+                        "sub/../mlp",
+                        "/etc/passwd",
+                        "sub",
+                        "..",
+                        "mlp",
+                        "nope",
+                        "mlp.pt2",
+                    ]
+                )
+            )
     if method == "RepositoryModelUnload" and getattr(req, "model_name", "") in PROTECTED:
         req.model_name = "nope"
     return method, req
@@ -688,6 +879,10 @@ def test_after_fuzzing_results_are_unchanged_and_nothing_leaks(env):
     # Request metrics are labelled by model: a fuzzed name adds a series only where an
     # (admin) load registered it, never from a plain request.
     known = {m.name for m in env.srv.app.registry.models()} | LOADED_NAMES | {"", "<unknown>"}
-    models = {sample.labels["model"] for family in metrics.registry.collect()
-              if family.name == "aotiserve_requests" for sample in family.samples}
+    models = {
+        sample.labels["model"]
+        for family in metrics.registry.collect()
+        if family.name == "aotiserve_requests"
+        for sample in family.samples
+    }
     assert models <= known, sorted(models - known)[:20]

@@ -17,16 +17,16 @@ import logging
 import os
 
 import grpc
+import model_zoo
 import pytest
 import torch
-
-import model_zoo
 import wire
-from aotiserve.v1 import model_runner_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from oip_messages import OipStub, ipb
 from helpers import status_of, wait_for
+from oip_messages import OipStub, ipb
 from server_harness import daemon_process
+
+from aotiserve.v1 import model_runner_pb2 as pb
 
 CODE = grpc.StatusCode
 MIB = 1 << 20
@@ -36,8 +36,6 @@ INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 UPLOAD = "/aotiserve.v1.ModelRunner/UpdateConstantBuffer"
 TRANSPORT_SLACK = 16 * MIB
-
-
 
 
 def _varint(n: int) -> bytes:
@@ -67,36 +65,80 @@ def _nested_fill(field: int, inner_head: bytes, unit: bytes) -> bytes:
 # (name, method, request bytes, what the refusal names)
 HOSTILE = [
     ("Run: empty inputs", RUN, _fill(_ld(1, b"mlp"), b"\x12\x00"), "more than 64 inputs"),
-    ("Run: packed shape entries", RUN,
-     _ld(1, b"mlp") + _ld(2, _nested_fill(2, b"", b"\x01")), "input 0: rank exceeds"),
-    ("Run: unpacked shape entries", RUN,
-     _ld(1, b"mlp") + _nested_fill(2, b"", b"\x10\x01"), "input 0: rank exceeds"),
+    (
+        "Run: packed shape entries",
+        RUN,
+        _ld(1, b"mlp") + _ld(2, _nested_fill(2, b"", b"\x01")),
+        "input 0: rank exceeds",
+    ),
+    (
+        "Run: unpacked shape entries",
+        RUN,
+        _ld(1, b"mlp") + _nested_fill(2, b"", b"\x10\x01"),
+        "input 0: rank exceeds",
+    ),
     ("Run: unknown fields", RUN, _fill(_ld(1, b"mlp"), b"\x20\x01"), "more than 64 fields"),
-    ("ModelInfer: empty inputs", INFER, _fill(_ld(1, b"mlp"), b"\x2a\x00"),
-     "more than 64 inputs"),
-    ("ModelInfer: shape entries", INFER,
-     _ld(1, b"mlp") + _nested_fill(5, _ld(1, b"x") + _ld(2, b"FP32") + b"\x1a\x00",
-                                   b"\x18\x01"), "input 0 ('x'): rank exceeds"),
-    ("ModelInfer: packed shape entries", INFER,
-     _ld(1, b"mlp") + _ld(5, _ld(1, b"x") + _nested_fill(3, b"", b"\x01")),
-     "input 0 ('x'): rank exceeds"),
-    ("ModelInfer: raw_input_contents entries", INFER, _fill(_ld(1, b"mlp"), b"\x3a\x00"),
-     "more than 64 raw_input_contents entries"),
-    ("ModelInfer: parameters", INFER, _fill(_ld(1, b"mlp"), b"\x22\x00"),
-     "more than 64 parameters"),
-    ("ModelInfer: requested outputs", INFER, _fill(_ld(1, b"mlp"), b"\x32\x00"),
-     "more than 64 requested outputs"),
-    ("ModelInfer: inputs inside an unknown group", INFER,
-     _fill(_ld(1, b"mlp") + b"\x7b", b"\x2a\x00", b"\x7c"), "more than 64 fields"),
-    ("GetCallSpec: repeated model names", "/aotiserve.v1.ModelRunner/GetCallSpec",
-     _fill(b"", b"\x0a\x01a"), "more than 64 fields"),
-    ("ModelMetadata: repeated names", "/inference.GRPCInferenceService/ModelMetadata",
-     _fill(b"", b"\x0a\x01a"), "more than 64 fields"),
-    ("Health/Check: repeated service names", "/grpc.health.v1.Health/Check",
-     _fill(b"", b"\x0a\x01a"), "more than 64 fields"),
-    ("UpdateConstantBuffer: declared constants", UPLOAD,
-     _ld(1, _fill(_ld(1, b"mlp"), b"\x2a\x00", size=HOSTILE_BYTES - 16)),
-     "more than 65536 declared constants"),
+    ("ModelInfer: empty inputs", INFER, _fill(_ld(1, b"mlp"), b"\x2a\x00"), "more than 64 inputs"),
+    (
+        "ModelInfer: shape entries",
+        INFER,
+        _ld(1, b"mlp") + _nested_fill(5, _ld(1, b"x") + _ld(2, b"FP32") + b"\x1a\x00", b"\x18\x01"),
+        "input 0 ('x'): rank exceeds",
+    ),
+    (
+        "ModelInfer: packed shape entries",
+        INFER,
+        _ld(1, b"mlp") + _ld(5, _ld(1, b"x") + _nested_fill(3, b"", b"\x01")),
+        "input 0 ('x'): rank exceeds",
+    ),
+    (
+        "ModelInfer: raw_input_contents entries",
+        INFER,
+        _fill(_ld(1, b"mlp"), b"\x3a\x00"),
+        "more than 64 raw_input_contents entries",
+    ),
+    (
+        "ModelInfer: parameters",
+        INFER,
+        _fill(_ld(1, b"mlp"), b"\x22\x00"),
+        "more than 64 parameters",
+    ),
+    (
+        "ModelInfer: requested outputs",
+        INFER,
+        _fill(_ld(1, b"mlp"), b"\x32\x00"),
+        "more than 64 requested outputs",
+    ),
+    (
+        "ModelInfer: inputs inside an unknown group",
+        INFER,
+        _fill(_ld(1, b"mlp") + b"\x7b", b"\x2a\x00", b"\x7c"),
+        "more than 64 fields",
+    ),
+    (
+        "GetCallSpec: repeated model names",
+        "/aotiserve.v1.ModelRunner/GetCallSpec",
+        _fill(b"", b"\x0a\x01a"),
+        "more than 64 fields",
+    ),
+    (
+        "ModelMetadata: repeated names",
+        "/inference.GRPCInferenceService/ModelMetadata",
+        _fill(b"", b"\x0a\x01a"),
+        "more than 64 fields",
+    ),
+    (
+        "Health/Check: repeated service names",
+        "/grpc.health.v1.Health/Check",
+        _fill(b"", b"\x0a\x01a"),
+        "more than 64 fields",
+    ),
+    (
+        "UpdateConstantBuffer: declared constants",
+        UPLOAD,
+        _ld(1, _fill(_ld(1, b"mlp"), b"\x2a\x00", size=HOSTILE_BYTES - 16)),
+        "more than 65536 declared constants",
+    ),
 ]
 
 
@@ -135,12 +177,14 @@ def _send(channel: grpc.Channel, method: str, raw: bytes, timeout: float = 60):
 def daemon():
     """A daemon process serving mlp, and a channel that may send 64 MiB messages."""
     with daemon_process(["mlp"]) as d:
-        channel = grpc.insecure_channel(d.target, options=[
-            ("grpc.max_send_message_length", 2 * HOSTILE_BYTES)])
+        channel = grpc.insecure_channel(
+            d.target, options=[("grpc.max_send_message_length", 2 * HOSTILE_BYTES)]
+        )
         # gRPC grows its receive buffers on the first large message, whatever it holds:
         # one that is nothing to walk (one 64 MiB unknown field) pays that first.
-        code, details = status_of(lambda: _send(channel, RUN, _ld(1, b"mlp") + _ld(
-            15, bytes(HOSTILE_BYTES - 64))))
+        code, details = status_of(
+            lambda: _send(channel, RUN, _ld(1, b"mlp") + _ld(15, bytes(HOSTILE_BYTES - 64)))
+        )
         assert code == CODE.INVALID_ARGUMENT and "got 0" in details, details
         yield d, channel
         channel.close()
@@ -185,8 +229,15 @@ def test_watching_unknown_health_names_keeps_nothing(daemon):
 
 # ---------------------------------------------------------------- shapes
 
-BAD_SHAPES = [[0, 1 << 62, 1 << 62], [1 << 62], [1 << 40, 64], [0, 1 << 31, 1 << 31, 1 << 31],
-              [1 << 40, 1 << 40, 0], [(1 << 63) - 1, 64], [0, (1 << 63) - 1]]
+BAD_SHAPES = [
+    [0, 1 << 62, 1 << 62],
+    [1 << 62],
+    [1 << 40, 64],
+    [0, 1 << 31, 1 << 31, 1 << 31],
+    [1 << 40, 1 << 40, 0],
+    [(1 << 63) - 1, 64],
+    [0, (1 << 63) - 1],
+]
 
 
 def _big(raw: bytes) -> bytes:
@@ -196,26 +247,28 @@ def _big(raw: bytes) -> bytes:
 
 @pytest.mark.parametrize("shape", BAD_SHAPES, ids=str)
 def test_oversized_or_overflowing_shape_is_invalid_argument_naming_the_input(
-        server_factory, caplog, shape):
+    server_factory, caplog, shape
+):
     s = server_factory(["mlp"])
     oip = OipStub(s.channel)
     run = s.channel.unary_unary(RUN)
     infer = s.channel.unary_unary(INFER)
     caplog.set_level(logging.DEBUG)
-    run_raw = pb.RunRequest(model="mlp", inputs=[pb.Tensor(
-        dtype=pb.DATA_TYPE_FLOAT32, shape=shape)]).SerializeToString()
+    run_raw = pb.RunRequest(
+        model="mlp", inputs=[pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=shape)]
+    ).SerializeToString()
     req = ipb.ModelInferRequest(model_name="mlp", raw_input_contents=[b""])
     req.inputs.add(name="x", datatype="FP32", shape=shape)
     typed = ipb.ModelInferRequest(model_name="mlp")
     typed.inputs.add(name="x", datatype="FP32", shape=shape)
     typed.inputs[0].contents.SetInParent()
     for what, call, names in (
-            ("Run", lambda: run(run_raw, timeout=10), "input 0"),
-            ("Run (walked)", lambda: run(_big(run_raw), timeout=10), "input 0"),
-            ("ModelInfer", lambda: oip.ModelInfer(req, timeout=10), "'x'"),
-            ("ModelInfer (walked)", lambda: infer(_big(req.SerializeToString()), timeout=10),
-             "'x'"),
-            ("ModelInfer (typed contents)", lambda: oip.ModelInfer(typed, timeout=10), "'x'")):
+        ("Run", lambda: run(run_raw, timeout=10), "input 0"),
+        ("Run (walked)", lambda: run(_big(run_raw), timeout=10), "input 0"),
+        ("ModelInfer", lambda: oip.ModelInfer(req, timeout=10), "'x'"),
+        ("ModelInfer (walked)", lambda: infer(_big(req.SerializeToString()), timeout=10), "'x'"),
+        ("ModelInfer (typed contents)", lambda: oip.ModelInfer(typed, timeout=10), "'x'"),
+    ):
         caplog.clear()
         code, details = status_of(call)
         assert code == CODE.INVALID_ARGUMENT and names in details, (what, code, details)
@@ -228,11 +281,16 @@ def test_max_inputs_is_configurable(server_factory):
     s = server_factory(["two_io"], max_inputs=2)
     oip = OipStub(s.channel)
     inputs = model_zoo.MODELS["two_io"].inputs(2)
-    assert wire.close(wire.outputs(s.stub.Run(wire.run_request("two_io", inputs))),
-                      model_zoo.eager("two_io", inputs))
-    for request in (wire.run_request("two_io", [*inputs, inputs[0]]),
-                    pb.RunRequest.FromString(_big(wire.run_request(
-                        "two_io", [*inputs, inputs[0]]).SerializeToString()))):
+    assert wire.close(
+        wire.outputs(s.stub.Run(wire.run_request("two_io", inputs))),
+        model_zoo.eager("two_io", inputs),
+    )
+    for request in (
+        wire.run_request("two_io", [*inputs, inputs[0]]),
+        pb.RunRequest.FromString(
+            _big(wire.run_request("two_io", [*inputs, inputs[0]]).SerializeToString())
+        ),
+    ):
         code, details = status_of(lambda: s.stub.Run(request, timeout=10))
         assert code == CODE.INVALID_ARGUMENT and "more than 2 inputs" in details, details
         assert "max_inputs" in details
@@ -266,8 +324,9 @@ def test_stream_infer_answers_a_bad_message_in_the_stream_and_goes_on(server_fac
         infer("wrong", [3, 64], b"\0" * 4),
         infer("last", [2, 64], x.numpy().tobytes()),
     ]
-    call = s.channel.stream_stream(STREAM_INFER,
-                                   response_deserializer=ipb.ModelStreamInferResponse.FromString)
+    call = s.channel.stream_stream(
+        STREAM_INFER, response_deserializer=ipb.ModelStreamInferResponse.FromString
+    )
     responses = list(call(iter(messages), timeout=30))
     assert len(responses) == len(messages)
     errors = [r.error_message for r in responses]
@@ -278,14 +337,13 @@ def test_stream_infer_answers_a_bad_message_in_the_stream_and_goes_on(server_fac
     assert [r.infer_response.id for r in responses][-2:] == ["wrong", "last"]
     want_out = model_zoo.eager("mlp", [x])[0]
     for r in (responses[0], responses[-1]):
-        out = torch.frombuffer(bytearray(r.infer_response.raw_output_contents[0]),
-                               dtype=torch.float32).view(*r.infer_response.outputs[0].shape)
+        out = torch.frombuffer(
+            bytearray(r.infer_response.raw_output_contents[0]), dtype=torch.float32
+        ).view(*r.infer_response.outputs[0].shape)
         assert torch.allclose(out, want_out, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- health
-
-
 
 
 def test_health_watch_takes_only_served_names_and_list_answers(server_factory):
@@ -297,13 +355,16 @@ def test_health_watch_takes_only_served_names_and_list_answers(server_factory):
         with pytest.raises(grpc.RpcError) as e:
             next(stream)
         assert e.value.code() == CODE.NOT_FOUND, e.value.details()
-        code, _ = status_of(lambda: stub.Check(health_pb2.HealthCheckRequest(service=name),
-                                             timeout=10))
+        code, _ = status_of(
+            lambda: stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+        )
         assert code == CODE.NOT_FOUND
     assert s.app.port_server.watchers() == 0  # nothing kept for them
     # A served name is watched as ever, and forgotten with its last stream.
-    streams = [stub.Watch(health_pb2.HealthCheckRequest(service="aotiserve.v1.ModelRunner"),
-                          timeout=30) for _ in range(2)]
+    streams = [
+        stub.Watch(health_pb2.HealthCheckRequest(service="aotiserve.v1.ModelRunner"), timeout=30)
+        for _ in range(2)
+    ]
     for stream in streams:
         assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
     assert s.app.port_server.watchers() == 1

@@ -8,11 +8,11 @@ import subprocess
 import sys
 import zipfile
 
+import model_zoo
 import pytest
 import torch
 from safetensors.torch import save_file
 
-import model_zoo
 from aotiserve.client import cli
 from aotiserve.client import inspect as pkg_inspect
 
@@ -63,10 +63,22 @@ def test_inputs_with_dtypes_shapes_and_bounds(report):
     m = model_of(report, "plain_two_io")
     assert m["interface_from"] == "generated wrapper source"
     assert m["inputs"] == [
-        {"name": "input__0", "dtype": "float32", "shape": [-1, 16], "min_shape": [2, 16],
-         "max_shape": [1024, 16], "graph_name": "arg3_1"},
-        {"name": "input__1", "dtype": "int64", "shape": [-1], "min_shape": [2],
-         "max_shape": [1024], "graph_name": "arg4_1"},
+        {
+            "name": "input__0",
+            "dtype": "float32",
+            "shape": [-1, 16],
+            "min_shape": [2, 16],
+            "max_shape": [1024, 16],
+            "graph_name": "arg3_1",
+        },
+        {
+            "name": "input__1",
+            "dtype": "int64",
+            "shape": [-1],
+            "min_shape": [2],
+            "max_shape": [1024],
+            "graph_name": "arg4_1",
+        },
     ]
     static = model_of(report, "plain_multi", "static")
     assert static["inputs"][0]["shape"] == static["inputs"][0]["min_shape"] == [2, 3, 8, 8]
@@ -78,13 +90,17 @@ def test_packed_inputs_keep_their_names_and_get_bounds(report):
     m = model_of(report, "two_io")
     assert m["interface_from"] == "aotiserve pack metadata"
     assert [(s["name"], s["shape"], s["min_shape"], s["max_shape"]) for s in m["inputs"]] == [
-        ("x", [-1, 16], [0, 16], [1024, 16]), ("ids", [-1], [0], [1024])]
+        ("x", [-1, 16], [0, 16], [1024, 16]),
+        ("ids", [-1], [0], [1024]),
+    ]
 
 
 def test_outputs_with_dtypes_and_shapes(report):
     m = model_of(report, "plain_two_io")
     assert [(s["name"], s["dtype"], s["shape"]) for s in m["outputs"]] == [
-        ("output__0", "float32", [-1, 4]), ("output__1", "int64", [-1])]
+        ("output__0", "float32", [-1, 4]),
+        ("output__1", "int64", [-1]),
+    ]
     static = model_of(report, "plain_static")
     assert [(s["dtype"], s["shape"]) for s in static["outputs"]] == [("float32", [2, 5])]
 
@@ -94,13 +110,23 @@ def test_constants_with_dtype_shape_and_bytes(report):
     assert set(consts) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
     w = consts["fc1.weight"]
     assert (w["name"], w["dtype"], w["shape"], w["bytes"], w["kind"]) == (
-        "fc1_weight", "float32", [32, 64], 32 * 64 * 4, "Parameter")
+        "fc1_weight",
+        "float32",
+        [32, 64],
+        32 * 64 * 4,
+        "Parameter",
+    )
 
 
 def test_swappable_and_computed_at_run_time(report):
     packed = model_of(report, "mlp")  # runtime constant folding on (aotiserve pack)
-    assert sorted(packed["swappable"]) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight",
-                                           "scale"]
+    assert sorted(packed["swappable"]) == [
+        "fc1.bias",
+        "fc1.weight",
+        "fc2.bias",
+        "fc2.weight",
+        "scale",
+    ]
     runtime = [c["name"] for c in packed["constants"] if c["computed_at_run_time"]]
     assert runtime and all(n.startswith("_FOLDED_CONST_") for n in runtime)
     assert packed["folded_at_compile_time"]["runtime_constant_folding"] is True
@@ -113,11 +139,12 @@ def test_folded_weights_package(report, tmp_path):
     m = model_of(report, "plain_mlp")
     assert m["folded_at_compile_time"] == {"runtime_constant_folding": False, "names": None}
     assert "scale" not in m["swappable"]
-    assert any("without runtime constant folding" in w and "--weights" in w
-               for w in m["warnings"])
+    assert any("without runtime constant folding" in w and "--weights" in w for w in m["warnings"])
     weights = tmp_path / "mlp.safetensors"
-    save_file({k: v.contiguous() for k, v in model_zoo.MODELS["plain_mlp"].module().state_dict().items()},
-              str(weights))
+    save_file(
+        {k: v.contiguous() for k, v in model_zoo.MODELS["plain_mlp"].module().state_dict().items()},
+        str(weights),
+    )
     named = pkg_inspect.inspect_package(model_zoo.compiled("plain_mlp"), weights)["models"][0]
     assert named["folded_at_compile_time"]["names"] == ["scale"]
     assert any("these weights are folded: scale" in w for w in named["warnings"])
@@ -127,7 +154,9 @@ def test_warnings_batch_lower_bound(report):
     warns = model_of(report, "plain_mlp")["warnings"]
     (lower,) = [w for w in warns if "check_lowerbound" in w]
     assert "'input__0' refuses sizes below 2 in dim 0" in lower and "aotiserve pack" in lower
-    assert not [w for w in model_of(report, "plain_mlp_nolb")["warnings"] if "check_lowerbound" in w]
+    assert not [
+        w for w in model_of(report, "plain_mlp_nolb")["warnings"] if "check_lowerbound" in w
+    ]
     assert model_of(report, "plain_mlp")["check_lowerbound"] is True
     assert model_of(report, "plain_mlp_nolb")["check_lowerbound"] is False
     assert model_of(report, "plain_static")["check_lowerbound"] is None  # no dynamic dim
@@ -150,7 +179,10 @@ def test_user_metadata(report):
 
 def test_no_wrapper_source(tmp_path):
     bare = tmp_path / "bare.pt2"
-    with zipfile.ZipFile(model_zoo.compiled("plain_mlp")) as zin, zipfile.ZipFile(bare, "w") as zout:
+    with (
+        zipfile.ZipFile(model_zoo.compiled("plain_mlp")) as zin,
+        zipfile.ZipFile(bare, "w") as zout,
+    ):
         for info in zin.infolist():
             if not info.filename.endswith(".cpp"):
                 zout.writestr(info, zin.read(info))
@@ -180,10 +212,13 @@ def test_cli_refuses_a_file_that_is_no_package(capsys, tmp_path):
 
 def test_cli_works_without_torch():
     """The client distribution's inspect imports no torch (importing it raises here)."""
-    code = ("import sys, json; sys.modules['torch'] = None\n"
-            "from aotiserve.client.cli import main\n"
-            f"sys.exit(main(['inspect', {str(model_zoo.compiled('plain_two_io'))!r}, '--json']))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
+    code = (
+        "import sys, json; sys.modules['torch'] = None\n"
+        "from aotiserve.client.cli import main\n"
+        f"sys.exit(main(['inspect', {str(model_zoo.compiled('plain_two_io'))!r}, '--json']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["models"][0]["inputs"][1]["dtype"] == "int64"

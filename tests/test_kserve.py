@@ -204,8 +204,9 @@ def test_gpu_example_schedules_on_a_gpu(runtime):
     model = predictor["model"]
     assert int(model["resources"]["limits"]["nvidia.com/gpu"]) == 1
     assert predictor["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} \
-        in predictor["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in predictor[
+        "tolerations"
+    ]
     assert model["runtimeVersion"].endswith("-cuda")
     assert serve_config(runtime, model["env"]).devices == ("cuda:0",)
     assert model["storageUri"].endswith("/")  # a folder of packages
@@ -233,11 +234,12 @@ def test_daemon_starts_with_the_runtime_flags(runtime, tmp_path, model_package):
     """The runtime's own flags and env, with /mnt/models, the token file and the ports
     moved to this machine: the daemon serves the downloaded package under its stem and
     takes mutating calls only with the token."""
-    from aotiserve.client import Client, ClientError
     import grpc
     import model_zoo
     import numpy as np
     from server_harness import start_daemon
+
+    from aotiserve.client import Client, ClientError
 
     models = tmp_path / "mnt-models"
     models.mkdir()
@@ -268,7 +270,10 @@ def test_daemon_starts_with_the_runtime_flags(runtime, tmp_path, model_package):
         handle = client.model("resnet50")
         with pytest.raises(ClientError) as err:
             handle.free_inactive_constant_buffer()  # mutating, no token
-        assert err.value.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+        assert err.value.code in (
+            grpc.StatusCode.UNAUTHENTICATED,
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
         client.close()
     finally:
         d.proc.terminate()

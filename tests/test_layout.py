@@ -17,13 +17,41 @@ CLIENT = REPO / "client" / "src" / "aotiserve" / "client"
 # messages belong to the servicers and their codecs (runner_servicer, runner_codec,
 # run_wire, upload_codec, oip_servicer, oip_codec, health, app).
 CORE = (
-    "batching", "buffer_contents", "buffer_writes", "dataplane", "device_pool", "input_checks",
-    "io_specs", "model_registry", "model_repository", "model_types", "model_weights", "paths",
-    "safetensors_source", "served_model", "tensor_codec", "warmup", "weight_loads",
-    "weight_transfers", "weights", "weights_ipc", "weights_pull", "weights_store",
+    "batching",
+    "buffer_contents",
+    "buffer_writes",
+    "dataplane",
+    "device_pool",
+    "input_checks",
+    "io_specs",
+    "model_registry",
+    "model_repository",
+    "model_types",
+    "model_weights",
+    "paths",
+    "safetensors_source",
+    "served_model",
+    "tensor_codec",
+    "warmup",
+    "weight_loads",
+    "weight_transfers",
+    "weights",
+    "weights_ipc",
+    "weights_pull",
+    "weights_store",
 )
-SERVICERS = ("runner_servicer", "oip_servicer", "runner_codec", "oip_codec", "run_wire",
-             "upload_codec", "interceptors", "bridge", "health", "app")
+SERVICERS = (
+    "runner_servicer",
+    "oip_servicer",
+    "runner_codec",
+    "oip_codec",
+    "run_wire",
+    "upload_codec",
+    "interceptors",
+    "bridge",
+    "health",
+    "app",
+)
 
 
 def _imports(path: Path, package: str) -> set[str]:
@@ -50,8 +78,10 @@ def _imports(path: Path, package: str) -> set[str]:
 
 def _graph(folder: Path, package: str) -> dict[str, set[str]]:
     modules = {f"{package}.{p.stem}": p for p in folder.glob("*.py") if p.stem != "__init__"}
-    return {name: {m for m in _imports(path, package) if m in modules and m != name}
-            for name, path in modules.items()}
+    return {
+        name: {m for m in _imports(path, package) if m in modules and m != name}
+        for name, path in modules.items()
+    }
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -63,7 +93,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:
@@ -90,8 +120,9 @@ def test_the_core_imports_no_protobuf_and_no_servicer():
         assert not servicers, f"server/{name}.py imports {servicers}"
 
 
-@pytest.mark.parametrize("folder,package", [(SERVER, "aotiserve.server"),
-                                            (CLIENT, "aotiserve.client")])
+@pytest.mark.parametrize(
+    "folder,package", [(SERVER, "aotiserve.server"), (CLIENT, "aotiserve.client")]
+)
 def test_no_import_cycles(folder, package):
     cycle = _cycle(_graph(folder, package))
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
@@ -102,8 +133,10 @@ def test_no_test_module_imports_another():
     for path in sorted(Path(__file__).parent.glob("*.py")):
         imported = {m.split(".")[0] for m in _imports(path, "tests")}
         others = sorted((imported & tests) - {path.stem})
-        assert not others, f"tests/{path.name} imports test module(s) {others}: share " \
-                           "helpers through tests/helpers.py or conftest.py fixtures"
+        assert not others, (
+            f"tests/{path.name} imports test module(s) {others}: share "
+            "helpers through tests/helpers.py or conftest.py fixtures"
+        )
 
 
 # `server/dataplane.py:DataPlane.run` or `runner_ext/csrc/port.cpp:Port::flip`, in the
@@ -116,17 +149,23 @@ def _defined(path: Path, qualname: str) -> bool:
     if path.suffix == ".py":
         scope: list[ast.AST] = [ast.parse(text)]
         for part in qualname.split("."):
-            found = [n for s in scope for n in ast.iter_child_nodes(s)
-                     if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                     and n.name == part]
+            found = [
+                n
+                for s in scope
+                for n in ast.iter_child_nodes(s)
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                and n.name == part
+            ]
             if not found:
                 return False
             scope = found
         return True
     # C++: the last name, defined (followed by "(" and, later, "{") or declared as a class.
     name = qualname.replace("::", r"\s*::\s*")
-    return re.search(rf"\b{name}\s*\(", text) is not None or \
-        re.search(rf"\b(class|struct)\s+{qualname.split('::')[-1]}\b", text) is not None
+    return (
+        re.search(rf"\b{name}\s*\(", text) is not None
+        or re.search(rf"\b(class|struct)\s+{qualname.split('::')[-1]}\b", text) is not None
+    )
 
 
 def test_the_traces_in_docs_server_md_name_real_functions():
@@ -135,6 +174,7 @@ def test_the_traces_in_docs_server_md_name_real_functions():
     assert len(section) == 2, "docs/server.md lost its 'From the wire to the runner' section"
     steps = TRACE.findall(section[1].split("\n## ", 1)[0])
     assert len(steps) >= 15, steps
-    missing = [f"{f}:{q}" for f, q in steps
-               if not (REPO / f).is_file() or not _defined(REPO / f, q)]
+    missing = [
+        f"{f}:{q}" for f, q in steps if not (REPO / f).is_file() or not _defined(REPO / f, q)
+    ]
     assert not missing, f"docs/server.md names what does not exist: {missing}"

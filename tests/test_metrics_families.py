@@ -15,9 +15,8 @@ import re
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 import model_zoo
+import pytest
 import wire
 from helpers import wait_for
 from server_harness import running_server
@@ -25,12 +24,12 @@ from server_harness import running_server
 REPO = Path(__file__).resolve().parent.parent
 
 
-
-
 def load(s, model="mlp") -> tuple[float, float]:
     m = s.app.metrics
-    return (m.sample("aotiserve_model_in_flight_requests", model=model),
-            m.sample("aotiserve_model_queued_requests", model=model))
+    return (
+        m.sample("aotiserve_model_in_flight_requests", model=model),
+        m.sample("aotiserve_model_queued_requests", model=model),
+    )
 
 
 def test_in_flight_and_queued_on_the_hot_path(server_factory):
@@ -87,8 +86,8 @@ def test_no_batch_size_series_without_batching(server_factory):
 
 def _documented() -> set[str]:
     text = (REPO / "docs" / "server.md").read_text()
-    table = text[text.index("| family |"):]
-    table = table[:table.index("\n\n")]
+    table = text[text.index("| family |") :]
+    table = table[: table.index("\n\n")]
     return {re.sub(r"_total$", "", n) for n in re.findall(r"^\| `(aotiserve_\w+)`", table, re.M)}
 
 
@@ -98,13 +97,20 @@ def test_every_family_is_documented(server_factory):
     with urllib.request.urlopen(f"http://127.0.0.1:{s.app.metrics_port}/metrics", timeout=30) as r:
         text = r.read().decode()
     exposed = {f.name for f in s.app.metrics.registry.collect() if f.name.startswith("aotiserve_")}
-    assert {re.sub(r"_total$", "", n) for n in re.findall(r"^(aotiserve_\w+)\{", text, re.M)
-            if not n.endswith(("_bucket", "_sum", "_count", "_created"))} <= exposed
+    assert {
+        re.sub(r"_total$", "", n)
+        for n in re.findall(r"^(aotiserve_\w+)\{", text, re.M)
+        if not n.endswith(("_bucket", "_sum", "_count", "_created"))
+    } <= exposed
     documented = _documented()
     assert exposed - documented == set()
-    gpu = {"aotiserve_gpu_memory_allocated_bytes", "aotiserve_gpu_memory_reserved_bytes",
-           "aotiserve_gpu_utilization_ratio", "aotiserve_gpu_memory_used_bytes",
-           "aotiserve_gpu_memory_total_bytes"}
+    gpu = {
+        "aotiserve_gpu_memory_allocated_bytes",
+        "aotiserve_gpu_memory_reserved_bytes",
+        "aotiserve_gpu_utilization_ratio",
+        "aotiserve_gpu_memory_used_bytes",
+        "aotiserve_gpu_memory_total_bytes",
+    }
     assert gpu <= documented
 
 
@@ -120,10 +126,19 @@ def test_gpu_memory_and_nvml_families(tmp_path):
 
     spec = model_zoo.MODELS["mlp"]
     inputs = tuple(t.cuda() for t in spec.inputs(4))
-    pack(spec.module().cuda(), inputs, tmp_path / "mlp.pt2",
-         dynamic_shapes=tuple({0: Dim("batch", min=1, max=64)} for _ in inputs))
-    with running_server([], model_repository=str(tmp_path), devices=("cuda:0",),
-                        allowed_roots=(str(tmp_path),), metrics_port=0) as s:
+    pack(
+        spec.module().cuda(),
+        inputs,
+        tmp_path / "mlp.pt2",
+        dynamic_shapes=tuple({0: Dim("batch", min=1, max=64)} for _ in inputs),
+    )
+    with running_server(
+        [],
+        model_repository=str(tmp_path),
+        devices=("cuda:0",),
+        allowed_roots=(str(tmp_path),),
+        metrics_port=0,
+    ) as s:
         s.stub.Run(wire.run_request("mlp", spec.inputs(4)))
         m = s.app.metrics
         allocated = m.sample("aotiserve_gpu_memory_allocated_bytes", device="cuda:0")

@@ -28,15 +28,17 @@ import pytest
 import torch
 
 if "aotiserve.oip.inference_pb2" in sys.modules:
-    pytest.skip("another test module of this session imported aotiserve.oip, which excludes "
-                "tritonclient from this process; test_oip_isolated.py runs this module in a "
-                "fresh interpreter instead", allow_module_level=True)
+    pytest.skip(
+        "another test module of this session imported aotiserve.oip, which excludes "
+        "tritonclient from this process; test_oip_isolated.py runs this module in a "
+        "fresh interpreter instead",
+        allow_module_level=True,
+    )
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
+import model_zoo  # noqa: E402  (tests/ is on sys.path via conftest)
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
-
-import model_zoo  # noqa: E402  (tests/ is on sys.path via conftest)
 
 REPO = Path(__file__).resolve().parent.parent
 SERVED = ("mlp", "conv", "two_io", "blob_mlp")
@@ -64,11 +66,17 @@ def daemon(repository, tmp_path_factory):
     ready_file = work / "ready.json"
     log_path = work / "daemon.log"
     cmd = [
-        sys.executable, "-m", "aotiserve.server",
-        "--port", "0",
-        "--metrics-port", "0",
-        "--ready-file", str(ready_file),
-        "--model-repository", str(repository),
+        sys.executable,
+        "-m",
+        "aotiserve.server",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--ready-file",
+        str(ready_file),
+        "--model-repository",
+        str(repository),
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
@@ -77,9 +85,13 @@ def daemon(repository, tmp_path_factory):
         deadline = time.monotonic() + START_TIMEOUT_S
         while not ready_file.exists():
             if proc.poll() is not None:
-                pytest.fail(f"daemon exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+                pytest.fail(
+                    f"daemon exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}"
+                )
             if time.monotonic() > deadline:
-                pytest.fail(f"daemon not ready after {START_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
+                pytest.fail(
+                    f"daemon not ready after {START_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}"
+                )
             time.sleep(0.05)
         # The file is written atomically once the server is serving.
         port = json.loads(ready_file.read_text())["port"]
@@ -117,8 +129,8 @@ def stub(daemon):
 
 def io_specs(name: str) -> tuple[list[dict], list[dict]]:
     """What the model's package records: [{"name", "dtype", "shape"}] for inputs and outputs."""
-    from aotiserve.server.packaging import read_io_specs
     from aotiserve.runner_ext import read_package_metadata
+    from aotiserve.server.packaging import read_io_specs
 
     specs = read_io_specs(read_package_metadata(model_zoo.compiled(name)))
     assert specs is not None
@@ -159,17 +171,30 @@ def code_of(excinfo) -> str:
 def typed_request(name: str, tensors, **kw) -> service_pb2.ModelInferRequest:
     """A ModelInferRequest carrying every input as typed `contents`."""
     request = service_pb2.ModelInferRequest(model_name=name, **kw)
-    field = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents",
-             "INT32": "int_contents", "BOOL": "bool_contents"}
+    field = {
+        "FP32": "fp32_contents",
+        "FP64": "fp64_contents",
+        "INT64": "int64_contents",
+        "INT32": "int_contents",
+        "BOOL": "bool_contents",
+    }
     for spec, t in zip(io_specs(name)[0], tensors):
-        inp = request.inputs.add(name=spec["name"], datatype=OIP[spec["dtype"]], shape=list(t.shape))
+        inp = request.inputs.add(
+            name=spec["name"], datatype=OIP[spec["dtype"]], shape=list(t.shape)
+        )
         getattr(inp.contents, field[OIP[spec["dtype"]]]).extend(t.flatten().tolist())
     return request
 
 
 def outputs_of(response: service_pb2.ModelInferResponse) -> dict[str, np.ndarray]:
     """Decodes raw_output_contents (what tritonclient's InferResult does)."""
-    np_dtype = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32, "BOOL": np.bool_}
+    np_dtype = {
+        "FP32": np.float32,
+        "FP64": np.float64,
+        "INT64": np.int64,
+        "INT32": np.int32,
+        "BOOL": np.bool_,
+    }
     assert len(response.raw_output_contents) == len(response.outputs)
     return {
         o.name: np.frombuffer(raw, dtype=np_dtype[o.datatype]).reshape(list(o.shape))
@@ -242,17 +267,21 @@ def test_model_metadata(client, name):
 def test_model_metadata_two_io_names(client):
     meta = client.get_model_metadata("two_io")
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
-        ("x", "FP32", [-1, 16]), ("ids", "INT64", [-1])
+        ("x", "FP32", [-1, 16]),
+        ("ids", "INT64", [-1]),
     ]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
-        ("h", "FP32", [-1, 4]), ("ids2", "INT64", [-1])
+        ("h", "FP32", [-1, 4]),
+        ("ids2", "INT64", [-1]),
     ]
 
 
 PLAIN_METADATA = {
     "plain_mlp": ([("input__0", "FP32", [-1, 64])], [("output__0", "FP32", [-1, 10])]),
-    "plain_two_io": ([("input__0", "FP32", [-1, 16]), ("input__1", "INT64", [-1])],
-                     [("output__0", "FP32", [-1, 4]), ("output__1", "INT64", [-1])]),
+    "plain_two_io": (
+        [("input__0", "FP32", [-1, 16]), ("input__1", "INT64", [-1])],
+        [("output__0", "FP32", [-1, 4]), ("output__1", "INT64", [-1])],
+    ),
     "plain_static": ([("input__0", "FP32", [2, 3, 8, 8])], [("output__0", "FP32", [2, 5])]),
 }
 
@@ -296,8 +325,12 @@ def test_plain_package_guards(client):
     assert "check_lowerbound" in str(e.value) and "aotiserve pack" in str(e.value)
     one = [torch.randn(1, 64)]
     result = client.infer("plain_mlp_nolb", _plain_inputs(one))
-    torch.testing.assert_close(torch.from_numpy(np.array(result.as_numpy("output__0"))),
-                               model_zoo.eager("plain_mlp_nolb", one)[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.from_numpy(np.array(result.as_numpy("output__0"))),
+        model_zoo.eager("plain_mlp_nolb", one)[0],
+        rtol=1e-4,
+        atol=1e-5,
+    )
     tensors = [torch.randn(3, 16), torch.zeros(3)]
     with pytest.raises(InferenceServerException) as e:
         client.infer("plain_two_io", _plain_inputs(tensors, ("FP32", "FP32")))
@@ -356,7 +389,9 @@ def test_infer_batch_sizes(client):
 def test_request_id_and_parameters_echoed(client):
     tensors = model_zoo.MODELS["mlp"].inputs(batch=2)
     result = client.infer(
-        "mlp", triton_inputs("mlp", tensors), request_id="req-42",
+        "mlp",
+        triton_inputs("mlp", tensors),
+        request_id="req-42",
         parameters={"tag": "abc", "n": 7, "flag": True},
     )
     response = result.get_response()
@@ -369,20 +404,29 @@ def test_request_id_and_parameters_echoed(client):
 def test_requested_outputs_filter_and_order(client):
     tensors = model_zoo.MODELS["two_io"].inputs(batch=5)
     result = client.infer(
-        "two_io", triton_inputs("two_io", tensors),
+        "two_io",
+        triton_inputs("two_io", tensors),
         outputs=[tritonclient_grpc.InferRequestedOutput("ids2")],
     )
     response = result.get_response()
     assert [o.name for o in response.outputs] == ["ids2"]
-    np.testing.assert_array_equal(result.as_numpy("ids2"), model_zoo.eager("two_io", tensors)[1].numpy())
+    np.testing.assert_array_equal(
+        result.as_numpy("ids2"), model_zoo.eager("two_io", tensors)[1].numpy()
+    )
     assert result.as_numpy("h") is None
 
     result = client.infer(
-        "two_io", triton_inputs("two_io", tensors),
-        outputs=[tritonclient_grpc.InferRequestedOutput("ids2"), tritonclient_grpc.InferRequestedOutput("h")],
+        "two_io",
+        triton_inputs("two_io", tensors),
+        outputs=[
+            tritonclient_grpc.InferRequestedOutput("ids2"),
+            tritonclient_grpc.InferRequestedOutput("h"),
+        ],
     )
     assert [o.name for o in result.get_response().outputs] == ["ids2", "h"]
-    assert_matches_eager("two_io", tensors, {"h": result.as_numpy("h"), "ids2": result.as_numpy("ids2")})
+    assert_matches_eager(
+        "two_io", tensors, {"h": result.as_numpy("h"), "ids2": result.as_numpy("ids2")}
+    )
 
 
 def test_model_version(client):
@@ -402,8 +446,11 @@ def test_async_infer_8_in_flight(client):
         tensors = model_zoo.MODELS[name].inputs(batch=i + 1, seed=i)
         done: Future = Future()
         client.async_infer(
-            name, triton_inputs(name, tensors),
-            lambda result, error, done=done: done.set_exception(error) if error else done.set_result(result),
+            name,
+            triton_inputs(name, tensors),
+            lambda result, error, done=done: (
+                done.set_exception(error) if error else done.set_result(result)
+            ),
             request_id=str(i),
         )
         jobs.append((name, tensors, done))
@@ -435,7 +482,9 @@ def test_typed_contents_8_in_flight(stub):
 def test_typed_contents_narrow_integer_types(stub):
     """INT32 travels in int_contents; the model wants INT64: refused by dtype, not by decoding."""
     request = service_pb2.ModelInferRequest(model_name="two_io")
-    request.inputs.add(name="x", datatype="FP32", shape=[1, 16]).contents.fp32_contents.extend([0.0] * 16)
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 16]).contents.fp32_contents.extend(
+        [0.0] * 16
+    )
     request.inputs.add(name="ids", datatype="INT32", shape=[1]).contents.int_contents.extend([3])
     with pytest.raises(grpc.RpcError) as e:
         stub.ModelInfer(request)
@@ -539,13 +588,17 @@ def _unknown_output():
 
 def _typed_count_mismatch():
     r = service_pb2.ModelInferRequest(model_name="mlp")
-    r.inputs.add(name="x", datatype="FP32", shape=[2, 64]).contents.fp32_contents.extend([0.0] * 127)
+    r.inputs.add(name="x", datatype="FP32", shape=[2, 64]).contents.fp32_contents.extend(
+        [0.0] * 127
+    )
     return r
 
 
 def _typed_wrong_field():
     r = service_pb2.ModelInferRequest(model_name="mlp")
-    r.inputs.add(name="x", datatype="FP32", shape=[2, 64]).contents.fp64_contents.extend([0.0] * 128)
+    r.inputs.add(name="x", datatype="FP32", shape=[2, 64]).contents.fp64_contents.extend(
+        [0.0] * 128
+    )
     return r
 
 
@@ -585,9 +638,15 @@ def _classification():
 BAD_REQUESTS = {
     "unknown model": (lambda: raw_request(model="no_such_model"), "NOT_FOUND"),
     "unknown datatype string": (lambda: raw_request(datatype="FLOAT32"), "INVALID_ARGUMENT"),
-    "wrong datatype": (lambda: raw_request(datatype="FP64", raw=np.zeros((2, 64)).tobytes()), "INVALID_ARGUMENT"),
+    "wrong datatype": (
+        lambda: raw_request(datatype="FP64", raw=np.zeros((2, 64)).tobytes()),
+        "INVALID_ARGUMENT",
+    ),
     "bytes shorter than shape": (lambda: raw_request(raw=b"\0" * 100), "INVALID_ARGUMENT"),
-    "bytes longer than shape": (lambda: raw_request(raw=b"\0" * (2 * 64 * 4 + 4)), "INVALID_ARGUMENT"),
+    "bytes longer than shape": (
+        lambda: raw_request(raw=b"\0" * (2 * 64 * 4 + 4)),
+        "INVALID_ARGUMENT",
+    ),
     "wrong shape": (lambda: raw_request(shape=[4, 32]), "INVALID_ARGUMENT"),
     "wrong rank": (lambda: raw_request(shape=[128]), "INVALID_ARGUMENT"),
     "negative dim": (lambda: raw_request(shape=[-2, -64]), "INVALID_ARGUMENT"),
@@ -622,7 +681,11 @@ def test_bad_request(stub, client, case):
 
 
 def test_bad_request_messages_name_the_input(stub):
-    for make in (lambda: raw_request(raw=b"\0" * 100), lambda: raw_request(datatype="FLOAT32"), _missing_input):
+    for make in (
+        lambda: raw_request(raw=b"\0" * 100),
+        lambda: raw_request(datatype="FLOAT32"),
+        _missing_input,
+    ):
         with pytest.raises(grpc.RpcError) as e:
             stub.ModelInfer(make())
         details = e.value.details()
@@ -631,7 +694,9 @@ def test_bad_request_messages_name_the_input(stub):
 
 def test_unserved_rpcs_are_unimplemented(stub):
     with pytest.raises(grpc.RpcError) as e:
-        stub.SystemSharedMemoryRegister(service_pb2.SystemSharedMemoryRegisterRequest(name="r", key="/k", byte_size=8))
+        stub.SystemSharedMemoryRegister(
+            service_pb2.SystemSharedMemoryRegisterRequest(name="r", key="/k", byte_size=8)
+        )
     assert code_of(e) == "UNIMPLEMENTED"
     with pytest.raises(grpc.RpcError) as e:
         stub.TraceSetting(service_pb2.TraceSettingRequest(model_name="mlp"))
@@ -651,7 +716,9 @@ def test_stream_infer(client):
             tensors = model_zoo.MODELS[name].inputs(batch=i + 1, seed=20 + i)
             client.async_stream_infer(name, triton_inputs(name, tensors), request_id=f"s{i}")
             sent.append((name, tensors))
-        client.async_stream_infer("no_such_model", triton_inputs("mlp", sent[0][1]), request_id="bad")
+        client.async_stream_infer(
+            "no_such_model", triton_inputs("mlp", sent[0][1]), request_id="bad"
+        )
         for i, (name, tensors) in enumerate(sent):
             result, error = results.get(timeout=60)
             assert error is None, error
@@ -697,8 +764,12 @@ def test_model_version_follows_weight_swaps(daemon, client):
             assert result.get_response().model_version == swapped.id
             with torch.no_grad():
                 expected = module(*tensors)
-            torch.testing.assert_close(torch.from_numpy(result.as_numpy("output__0").copy()), expected,
-                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                torch.from_numpy(result.as_numpy("output__0").copy()),
+                expected,
+                rtol=1e-4,
+                atol=1e-5,
+            )
             with pytest.raises(InferenceServerException) as e:
                 client.infer("mlp", triton_inputs("mlp", tensors), model_version=before)
             assert code_of(e) == "NOT_FOUND"
@@ -720,8 +791,9 @@ def test_in_process_server_beside_tritonclient(tmp_path, model_package):
     from aotiserve.server.config import ServeConfig
 
     shutil.copyfile(model_package("two_io"), tmp_path / "two_io.pt2")
-    server, port = create_server(ServeConfig(port=0, metrics_port=None,
-                                             model_repository=str(tmp_path)))
+    server, port = create_server(
+        ServeConfig(port=0, metrics_port=None, model_repository=str(tmp_path))
+    )
     server.start(load="now")
     try:
         c = tritonclient_grpc.InferenceServerClient(f"127.0.0.1:{port}")
@@ -743,8 +815,11 @@ def test_repository_calls_need_the_admin_token(tmp_path, model_package):
     shutil.copyfile(model_package("mlp"), tmp_path / "mlp.pt2")
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    server, port = create_server(ServeConfig(port=0, metrics_port=None, model_repository=str(tmp_path),
-                                             admin_token_file=str(token)))
+    server, port = create_server(
+        ServeConfig(
+            port=0, metrics_port=None, model_repository=str(tmp_path), admin_token_file=str(token)
+        )
+    )
     server.start(load="now")
     c = tritonclient_grpc.InferenceServerClient(f"127.0.0.1:{port}")
     try:
@@ -791,7 +866,9 @@ def test_decode_typed_contents_every_datatype(datatype):
     field, values, dtype = TYPED_CASES[datatype]
     contents = oip.messages().InferTensorContents()
     getattr(contents, field).extend(values)
-    tensor = oip.decode_typed(contents, datatype, oip.TORCH_BY_OIP[datatype], [2, 2], "input 'v'", Limits())
+    tensor = oip.decode_typed(
+        contents, datatype, oip.TORCH_BY_OIP[datatype], [2, 2], "input 'v'", Limits()
+    )
     assert tensor.dtype == dtype and tensor.shape == (2, 2)
     if dtype in (torch.uint16, torch.uint32, torch.uint64):  # beyond torch.tensor's reach
         assert [int(v) for v in tensor.flatten().tolist()] == values
@@ -800,7 +877,9 @@ def test_decode_typed_contents_every_datatype(datatype):
         torch.testing.assert_close(tensor.flatten(), expected.to(dtype))
 
 
-@pytest.mark.parametrize("datatype,value", [("INT8", 128), ("INT8", -129), ("UINT8", 256), ("INT16", 40000)])
+@pytest.mark.parametrize(
+    "datatype,value", [("INT8", 128), ("INT8", -129), ("UINT8", 256), ("INT16", 40000)]
+)
 def test_decode_typed_contents_out_of_range(datatype, value):
     from aotiserve.server import oip_codec as oip
     from aotiserve.server.errors import InvalidArgument

@@ -21,12 +21,25 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.mark.skipif("aotiserve.oip.inference_pb2" not in sys.modules,
-                    reason="test_oip.py and test_oip_statistics.py run in this process")
+@pytest.mark.skipif(
+    "aotiserve.oip.inference_pb2" not in sys.modules,
+    reason="test_oip.py and test_oip_statistics.py run in this process",
+)
 def test_oip_suite_in_fresh_interpreter():
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_oip.py"),
-         str(HERE / "test_oip_statistics.py")],
-        cwd=HERE.parent, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(HERE / "test_oip.py"),
+            str(HERE / "test_oip_statistics.py"),
+        ],
+        cwd=HERE.parent,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

@@ -21,15 +21,17 @@ import numpy as np
 import pytest
 
 if "aotiserve.oip.inference_pb2" in sys.modules:
-    pytest.skip("another test module of this session imported aotiserve.oip, which excludes "
-                "tritonclient from this process; test_oip_isolated.py runs this module in a "
-                "fresh interpreter instead", allow_module_level=True)
+    pytest.skip(
+        "another test module of this session imported aotiserve.oip, which excludes "
+        "tritonclient from this process; test_oip_isolated.py runs this module in a "
+        "fresh interpreter instead",
+        allow_module_level=True,
+    )
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
-from tritonclient.utils import InferenceServerException  # noqa: E402
-
 import model_zoo  # noqa: E402
 from server_harness import make_repository, start_daemon  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
 BATCH_MAX = 8
 ROWS_OK = (1, 3, 2, 5, 4)  # rows of the successful mlp requests
@@ -41,7 +43,8 @@ def daemon(tmp_path_factory):
     (repo / "mlpb.pt2").symlink_to(model_zoo.compiled("mlp"))
     # One runner, and a long delay: concurrent requests queue and join one batch.
     (repo / "mlpb.toml").write_text(
-        f"runners = 1\nbatch_max_size = {BATCH_MAX}\nbatch_max_delay_us = 200000\n")
+        f"runners = 1\nbatch_max_size = {BATCH_MAX}\nbatch_max_delay_us = 200000\n"
+    )
     d = start_daemon([], ["--metrics-port", "0"], repo=repo)
     yield d
     d.proc.terminate()
@@ -120,15 +123,18 @@ def test_counts_and_durations_match_a_known_sequence(client, daemon):
     text = metric_samples(daemon)
     methods = "Run|ModelInfer"
     assert sample(text, "aotiserve_requests_total", model="mlp", method=methods, code="OK") == n_ok
-    assert sample(text, "aotiserve_requests_total", model="mlp", method=methods,
-                  code="(?!OK$).*") == 2
+    assert (
+        sample(text, "aotiserve_requests_total", model="mlp", method=methods, code="(?!OK$).*") == 2
+    )
     latency_ns = sample(text, "aotiserve_request_seconds_sum", model="mlp", method=methods) * 1e9
     assert latency_ns == pytest.approx(i.success.ns + i.fail.ns, abs=1e3)
     assert sample(text, "aotiserve_device_requests_total", model="mlp") == s.execution_count
     assert sample(text, "aotiserve_queue_seconds_sum", model="mlp") * 1e9 == pytest.approx(
-        i.queue.ns, abs=1e3)
+        i.queue.ns, abs=1e3
+    )
     assert sample(text, "aotiserve_compute_seconds_sum", model="mlp") * 1e9 == pytest.approx(
-        i.compute_infer.ns, abs=1e3)
+        i.compute_infer.ns, abs=1e3
+    )
 
 
 def test_batched_runs_have_per_batch_size_stats(client, daemon):
@@ -151,7 +157,8 @@ def test_batched_runs_have_per_batch_size_stats(client, daemon):
     assert sum(b.compute_infer.count for b in batches.values()) == s.execution_count
     # The same runs' time, summed per batch size and per device (seconds in between: 1 ns).
     assert sum(b.compute_infer.ns for b in batches.values()) == pytest.approx(
-        s.inference_stats.compute_infer.ns, abs=len(batches) + 1)
+        s.inference_stats.compute_infer.ns, abs=len(batches) + 1
+    )
     assert s.inference_count == requests == s.inference_stats.success.count
     assert s.execution_count < s.inference_count
     for b in batches.values():
@@ -163,8 +170,12 @@ def test_batched_runs_have_per_batch_size_stats(client, daemon):
     assert sample(text, "aotiserve_batch_size_sum", model="mlpb") == rows_sent
     for bound in (1, 2, 4, 8):  # the histogram's first buckets: powers of two
         below = sum(b.compute_infer.count for size, b in batches.items() if size <= bound)
-        assert sample(text, "aotiserve_batch_size_bucket", model="mlpb",
-                      le=re.escape(repr(float(bound)))) == below
+        assert (
+            sample(
+                text, "aotiserve_batch_size_bucket", model="mlpb", le=re.escape(repr(float(bound)))
+            )
+            == below
+        )
 
 
 def test_all_models_and_errors(client):

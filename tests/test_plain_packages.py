@@ -9,17 +9,17 @@ import logging
 import zipfile
 
 import grpc
+import model_zoo
 import pytest
 import torch
-
-import model_zoo
 import wire
+from helpers import code_of
+from server_harness import running_server
+
 from aotiserve.server import io_specs
 from aotiserve.server.device_pool import DevicePool
 from aotiserve.server.model_types import ModelState
 from aotiserve.v1 import model_runner_pb2 as pb
-from helpers import code_of
-from server_harness import running_server
 
 PLAIN = ("plain_mlp", "plain_mlp_nolb", "plain_two_io", "plain_static")
 F32, I64 = pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_INT64
@@ -28,8 +28,10 @@ F32, I64 = pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_INT64
 EXPECTED = {
     "plain_mlp": ([("input__0", F32, [-1, 64])], [("output__0", F32, [-1, 10])]),
     "plain_mlp_nolb": ([("input__0", F32, [-1, 64])], [("output__0", F32, [-1, 10])]),
-    "plain_two_io": ([("input__0", F32, [-1, 16]), ("input__1", I64, [-1])],
-                     [("output__0", F32, [-1, 4]), ("output__1", I64, [-1])]),
+    "plain_two_io": (
+        [("input__0", F32, [-1, 16]), ("input__1", I64, [-1])],
+        [("output__0", F32, [-1, 4]), ("output__1", I64, [-1])],
+    ),
     "plain_static": ([("input__0", F32, [2, 3, 8, 8])], [("output__0", F32, [2, 5])]),
 }
 # name -> per input (min_shape, max_shape), as ListModels' metadata publishes them
@@ -49,8 +51,6 @@ def srv():
 
 def _specs(specs) -> list[tuple]:
     return [(s.name, s.dtype, list(s.shape)) for s in specs]
-
-
 
 
 def test_list_models_has_complete_specs(srv):
@@ -78,15 +78,33 @@ def test_run_equals_eager(srv, name):
     assert wire.close(out, model_zoo.eager(name, inputs))
 
 
-@pytest.mark.parametrize("name,inputs,where", [
-    ("plain_two_io", lambda: [torch.randn(3, 16), torch.zeros(3)], "input 1 ('input__1'): dtype"),
-    ("plain_two_io", lambda: [torch.randn(3, 16, dtype=torch.float64), torch.zeros(3, dtype=torch.int64)],
-     "input 0 ('input__0'): dtype"),
-    ("plain_static", lambda: [torch.randn(3, 3, 8, 8)], "input 0 ('input__0'): dimension 0 must be 2"),
-    ("plain_mlp", lambda: [torch.randn(4, 63)], "input 0 ('input__0'): dimension 1 must be 64"),
-    ("plain_mlp", lambda: [torch.randn(4)], "input 0 ('input__0'): expected 2 dimensions"),
-    ("plain_mlp", lambda: [torch.randn(2000, 64)], "above the largest size the model accepts (1024"),
-])
+@pytest.mark.parametrize(
+    "name,inputs,where",
+    [
+        (
+            "plain_two_io",
+            lambda: [torch.randn(3, 16), torch.zeros(3)],
+            "input 1 ('input__1'): dtype",
+        ),
+        (
+            "plain_two_io",
+            lambda: [torch.randn(3, 16, dtype=torch.float64), torch.zeros(3, dtype=torch.int64)],
+            "input 0 ('input__0'): dtype",
+        ),
+        (
+            "plain_static",
+            lambda: [torch.randn(3, 3, 8, 8)],
+            "input 0 ('input__0'): dimension 0 must be 2",
+        ),
+        ("plain_mlp", lambda: [torch.randn(4, 63)], "input 0 ('input__0'): dimension 1 must be 64"),
+        ("plain_mlp", lambda: [torch.randn(4)], "input 0 ('input__0'): expected 2 dimensions"),
+        (
+            "plain_mlp",
+            lambda: [torch.randn(2000, 64)],
+            "above the largest size the model accepts (1024",
+        ),
+    ],
+)
 def test_wrong_dtype_or_shape_names_the_input(srv, name, inputs, where):
     code, details = code_of(lambda: srv.stub.Run(wire.run_request(name, inputs())))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -94,14 +112,21 @@ def test_wrong_dtype_or_shape_names_the_input(srv, name, inputs, where):
 
 
 def test_batch_below_the_lower_bound_explains_how_to_recompile(srv):
-    code, details = code_of(lambda: srv.stub.Run(wire.run_request("plain_mlp", [torch.randn(1, 64)])))
+    code, details = code_of(
+        lambda: srv.stub.Run(wire.run_request("plain_mlp", [torch.randn(1, 64)]))
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "input 0 ('input__0'): dimension 0 is 1" in details
     assert "[2..1024, 64]" in details  # what it accepts
     assert '"aot_inductor.check_lowerbound": False' in details and "aotiserve pack" in details
     # The other input of a two-input model is named when it is the one too small.
-    code, details = code_of(lambda: srv.stub.Run(wire.run_request(
-        "plain_two_io", [torch.randn(1, 16), torch.zeros(1, dtype=torch.int64)])))
+    code, details = code_of(
+        lambda: srv.stub.Run(
+            wire.run_request(
+                "plain_two_io", [torch.randn(1, 16), torch.zeros(1, dtype=torch.int64)]
+            )
+        )
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "'input__0'" in details
 
 
@@ -135,7 +160,9 @@ def test_two_model_package_serves_each_model(tmp_path):
         inputs = model_zoo.MODELS["plain_static"].inputs(2)
         resp = srv.stub.Run(wire.run_request("multi_static", inputs))
         assert wire.close(wire.outputs(resp), model_zoo.eager("plain_static", inputs))
-        code, details = code_of(lambda: srv.stub.Run(wire.run_request("multi_mlp", [torch.randn(1, 64)])))
+        code, details = code_of(
+            lambda: srv.stub.Run(wire.run_request("multi_mlp", [torch.randn(1, 64)]))
+        )
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "check_lowerbound" in details
 
 
@@ -157,7 +184,9 @@ def test_package_without_source_serves_with_positional_specs(tmp_path, caplog):
         resp = srv.stub.Run(wire.run_request("bare", inputs))
         assert wire.close(wire.outputs(resp), model_zoo.eager("plain_mlp", inputs))
         # The model's own guard still refuses batch 1.
-        code, details = code_of(lambda: srv.stub.Run(wire.run_request("bare", [torch.randn(1, 64)])))
+        code, details = code_of(
+            lambda: srv.stub.Run(wire.run_request("bare", [torch.randn(1, 64)]))
+        )
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "too small" in details
     assert any("holds no input/output description" in r.getMessage() for r in caplog.records)
 
@@ -183,7 +212,10 @@ def test_outputs_the_source_leaves_open_are_measured():
     assert seen == [(2, 4), (3, 4)]  # the smallest accepted size, then one more
     # nonzero() of zeros is empty: a data-dependent dim, so dynamic, not a constant 0.
     assert [(o.name, o.dtype, o.shape) for o in done] == [
-        ("y", torch.int64, (-1,)), ("z", torch.float32, (3,)), ("nz", torch.int64, (-1, 2))]
+        ("y", torch.int64, (-1,)),
+        ("z", torch.float32, (3,)),
+        ("nz", torch.int64, (-1, 2)),
+    ]
 
     def failing(xs):
         raise RuntimeError("no")
@@ -209,8 +241,10 @@ def record_runs(monkeypatch):
 
 
 def test_ready_only_after_warm_up(record_runs, caplog):
-    with caplog.at_level(logging.INFO, logger="aotiserve.server.warmup"), \
-            running_server(["plain_two_io"], warmup_runs=3, runners_per_model=2) as srv:
+    with (
+        caplog.at_level(logging.INFO, logger="aotiserve.server.warmup"),
+        running_server(["plain_two_io"], warmup_runs=3, runners_per_model=2) as srv,
+    ):
         assert srv.app.registry.get("plain_two_io").state == ModelState.READY
         # 3 rounds x 2 concurrent calls (one per model instance), at the smallest size.
         assert record_runs == [[(2, 16), (2,)]] * 6

@@ -12,18 +12,18 @@ import concurrent.futures as cf
 import threading
 
 import grpc
+import model_zoo
 import numpy as np
 import pytest
 import torch
+import wire
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from server_harness import running_server
 
-import model_zoo
-import wire
 from aotiserve import runner_ext
 from aotiserve.v1 import model_runner_pb2 as pb
 from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
-from server_harness import running_server
 
 CODE = grpc.StatusCode
 RUN = "/aotiserve.v1.ModelRunner/Run"
@@ -36,10 +36,13 @@ def _hot(s, method="Run") -> float:
 def test_an_output_aliasing_its_input_is_always_correct():
     """6 clients at once; each reply's first output is the request's own bytes."""
     with running_server(["alias"], runners_per_model=2) as s:
+
         def client(tid: int) -> int:
             good = 0
             for i in range(40):
-                x = torch.randn(16 + tid, 1024, generator=torch.Generator().manual_seed(tid * 100 + i))
+                x = torch.randn(
+                    16 + tid, 1024, generator=torch.Generator().manual_seed(tid * 100 + i)
+                )
                 out = wire.outputs(s.stub.Run(wire.run_request("alias", [x])))
                 good += torch.equal(out[0], x.reshape(-1)) and torch.allclose(out[1], x * 3.0)
             return good
@@ -90,6 +93,7 @@ def test_the_hot_path_answers_runs_and_infers_and_python_the_rest():
 
 def test_large_outputs_leave_without_a_copy_and_the_port_counts_its_copies():
     with running_server(["passthrough"]) as s:
+
         def copied() -> float:
             return s.app.metrics.sample("aotiserve_port_copied_bytes_total")
 
@@ -132,8 +136,10 @@ def test_streams_past_the_limit_are_refused_and_run_and_health_keep_answering():
         for _ in range(20):
             out = wire.outputs(stub.Run(wire.run_request("mlp", x), timeout=10))
             assert wire.close(out, model_zoo.eager("mlp", x))
-            assert check(health_pb2.HealthCheckRequest(), timeout=10).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            assert (
+                check(health_pb2.HealthCheckRequest(), timeout=10).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
         # Control RPCs still find a bridge thread: streams hold at most max_streams.
         assert stub.ListModels(pb.ListModelsRequest(), timeout=10).models
         refused = 0
@@ -181,18 +187,25 @@ def test_a_runner_failure_is_internal_and_logged(caplog):
         assert e.value.code() == CODE.INTERNAL
         assert "server log" in e.value.details()
         s.app.port_server.flush_log()
-        assert any("'failing'" in r.getMessage() and "run failed" in r.getMessage()
-                   for r in caplog.records)
+        assert any(
+            "'failing'" in r.getMessage() and "run failed" in r.getMessage() for r in caplog.records
+        )
 
 
 def test_reflection_lists_every_service_on_the_one_port():
     with running_server(["mlp"]) as s:
         refl = reflection_pb2_grpc.ServerReflectionStub(s.channel)
-        resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-            list_services="")])))
+        resp = next(
+            refl.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+        )
         names = {svc.name for svc in resp.list_services_response.service}
-        assert {"aotiserve.v1.ModelRunner", "inference.GRPCInferenceService",
-                "grpc.health.v1.Health"} <= names
+        assert {
+            "aotiserve.v1.ModelRunner",
+            "inference.GRPCInferenceService",
+            "grpc.health.v1.Health",
+        } <= names
 
 
 def test_oip_model_infer_answered_by_the_hot_path_equals_run():

@@ -13,18 +13,21 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from aotiserve.server import process_env
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_harness import daemon_process
 
+from aotiserve.server import process_env
 
-@pytest.mark.parametrize("text, mode", [
-    ("always [madvise] never\n", "madvise"),
-    ("[always] madvise never\n", "always"),
-    ("always madvise [never]\n", "never"),
-    ("garbage\n", None),
-])
+
+@pytest.mark.parametrize(
+    "text, mode",
+    [
+        ("always [madvise] never\n", "madvise"),
+        ("[always] madvise never\n", "always"),
+        ("always madvise [never]\n", "never"),
+        ("garbage\n", None),
+    ],
+)
 def test_thp_mode_reads_the_bracketed_setting(tmp_path, text, mode):
     setting = tmp_path / "enabled"
     setting.write_text(text)
@@ -40,16 +43,27 @@ THRESHOLDS = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2
 
 def test_malloc_env_adds_what_is_missing_and_keeps_the_users_settings():
     assert process_env.malloc_env({}, "madvise") == {
-        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:" + THRESHOLDS, "THP_MEM_ALLOC_ENABLE": "1"}
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:" + THRESHOLDS,
+        "THP_MEM_ALLOC_ENABLE": "1",
+    }
     assert process_env.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "always") == {
         "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1:" + THRESHOLDS,
-        "THP_MEM_ALLOC_ENABLE": "1"}
+        "THP_MEM_ALLOC_ENABLE": "1",
+    }
     # A choice the user made either way stands; nothing left to add: no restart.
-    assert process_env.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:" + THRESHOLDS,
-                                   "THP_MEM_ALLOC_ENABLE": "0"}, "madvise") == {}
-    assert process_env.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}, "never") == {
+    assert (
+        process_env.malloc_env(
+            {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:" + THRESHOLDS, "THP_MEM_ALLOC_ENABLE": "0"},
+            "madvise",
+        )
+        == {}
+    )
+    assert process_env.malloc_env(
+        {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}, "never"
+    ) == {
         "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576:"
-                          "glibc.malloc.trim_threshold=268435456"}
+        "glibc.malloc.trim_threshold=268435456"
+    }
     # THP off or unknown: the thresholds alone.
     assert process_env.malloc_env({}, "never") == {"GLIBC_TUNABLES": THRESHOLDS}
     assert process_env.malloc_env({}, None) == {"GLIBC_TUNABLES": THRESHOLDS}
@@ -66,8 +80,10 @@ def _serving(d) -> bool:
     return status == health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest.mark.skipif(process_env.thp_mode() not in ("always", "madvise"),
-                    reason="transparent huge pages are off or unknown here")
+@pytest.mark.skipif(
+    process_env.thp_mode() not in ("always", "madvise"),
+    reason="transparent huge pages are off or unknown here",
+)
 def test_the_daemon_restarts_itself_in_place_with_huge_pages():
     with daemon_process(["mlp"]) as d:
         env = _environ(d.proc.pid)  # the same pid serves: exec, not a child
@@ -85,8 +101,10 @@ def test_the_daemon_restarts_itself_in_place_with_huge_pages():
 # --------------------------------------------------------------------------- time slice
 
 _EEVDF_SLICES = tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2]) >= (6, 12)
-needs_slices = pytest.mark.skipif(not _EEVDF_SLICES or process_env.thread_slice_ns() is None,
-                                  reason="the kernel takes no time slice per thread (Linux < 6.12)")
+needs_slices = pytest.mark.skipif(
+    not _EEVDF_SLICES or process_env.thread_slice_ns() is None,
+    reason="the kernel takes no time slice per thread (Linux < 6.12)",
+)
 
 
 def _slices(pid: int) -> dict[int, int]:
@@ -100,7 +118,15 @@ def test_sched_attr_is_the_kernels_version_0_struct():
     assert len(attr) == 48
     size, policy, flags, nice, prio, runtime, deadline, period = struct.unpack("IIQiIQQQ", attr)
     assert (size, policy, flags, nice, prio, runtime, deadline, period) == (
-        48, os.SCHED_BATCH, 0, 5, 0, 20_000_000, 0, 0)
+        48,
+        os.SCHED_BATCH,
+        0,
+        5,
+        0,
+        20_000_000,
+        0,
+        0,
+    )
 
 
 def test_set_time_slice_of_zero_touches_nothing():
@@ -128,9 +154,17 @@ def test_every_thread_takes_the_slice_keeps_its_nice_value_and_passes_it_on():
         done.set(); t.join()
         print(json.dumps(out))
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
     out = json.loads(proc.stdout)
-    assert out == {"took": 2, "main": 20_000_000, "niced": 20_000_000, "nice": 7, "child": 20_000_000}, out
+    assert out == {
+        "took": 2,
+        "main": 20_000_000,
+        "niced": 20_000_000,
+        "nice": 7,
+        "child": 20_000_000,
+    }, out
 
 
 @needs_slices

@@ -19,9 +19,15 @@ I32 = st.integers(-(1 << 31), (1 << 31) - 1)
 
 tensors = st.builds(
     lambda dtype, shape, data: pb.Tensor(dtype=dtype, shape=shape, data=data),
-    I32, st.lists(I64, max_size=5), st.binary(max_size=64))
-requests = st.builds(lambda model, inputs: pb.RunRequest(model=model, inputs=inputs),
-                     st.text(max_size=20), st.lists(tensors, max_size=4))
+    I32,
+    st.lists(I64, max_size=5),
+    st.binary(max_size=64),
+)
+requests = st.builds(
+    lambda model, inputs: pb.RunRequest(model=model, inputs=inputs),
+    st.text(max_size=20),
+    st.lists(tensors, max_size=4),
+)
 
 
 def _varint(n: int) -> bytes:
@@ -100,6 +106,7 @@ def _same_response(raw: bytes) -> None:
 def hand_encoded(draw, text_field=1, tensor_field=2):
     """Non-canonical encodings: unpacked/packed shape mixes, repeats, unknown fields,
     any field order (a RunRequest by default; fields 2 and 1 make a RunResponse)."""
+
     def tensor():
         parts = []
         for _ in range(draw(st.integers(0, 6))):
@@ -139,7 +146,7 @@ def _mangle(raw: bytes, data) -> bytes:
     op = data.draw(st.sampled_from(["truncate", "flip", "append", "insert"]))
     b = bytearray(raw)
     if op == "truncate" and b:
-        del b[data.draw(st.integers(0, len(b) - 1)):]
+        del b[data.draw(st.integers(0, len(b) - 1)) :]
     elif op == "flip" and b:
         i = data.draw(st.integers(0, len(b) - 1))
         b[i] = data.draw(st.integers(0, 255))
@@ -159,8 +166,13 @@ def test_parse_mangled_matches_protobuf(raw, data):
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.builds(lambda outs, v: pb.RunResponse(outputs=outs, weights_version=v).SerializeToString(),
-                 st.lists(tensors, max_size=4), st.text(max_size=20)))
+@given(
+    st.builds(
+        lambda outs, v: pb.RunResponse(outputs=outs, weights_version=v).SerializeToString(),
+        st.lists(tensors, max_size=4),
+        st.text(max_size=20),
+    )
+)
 def test_client_reads_responses_like_protobuf(raw):
     _same_response(raw)
     for t in parse_run_response(raw, viewing_min_bytes=0).outputs:
@@ -180,15 +192,18 @@ def test_parse_random_bytes_matches_protobuf(raw):
     _same(raw)
 
 
-@pytest.mark.parametrize("raw", [
-    b"\x0a\x02\xff\xfe",                        # model not UTF-8
-    b"\x12\x05\x08\x01",                        # input runs past the end
-    b"\x12\x02\x1a\x05",                        # data runs past its tensor
-    b"\x08" + b"\xff" * 10 + b"\x01",           # varint of 11 bytes
-    b"\x00\x01",                                # field number 0
-    b"\x0f",                                    # wire type 7
-    b"\x0c",                                    # end group without a start
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x0a\x02\xff\xfe",  # model not UTF-8
+        b"\x12\x05\x08\x01",  # input runs past the end
+        b"\x12\x02\x1a\x05",  # data runs past its tensor
+        b"\x08" + b"\xff" * 10 + b"\x01",  # varint of 11 bytes
+        b"\x00\x01",  # field number 0
+        b"\x0f",  # wire type 7
+        b"\x0c",  # end group without a start
+    ],
+)
 def test_parse_refuses_what_protobuf_refuses(raw):
     with pytest.raises(DecodeError):
         pb.RunRequest.FromString(raw)
@@ -200,20 +215,35 @@ def test_parse_refuses_what_protobuf_refuses(raw):
 
 def test_parse_accepts_groups_and_other_wire_types_like_protobuf():
     group = _key(9, 3) + _key(1, 0) + b"\x01" + _key(9, 4)
-    for raw in (group + _ld(1, b"m"),                 # an unknown group
-                _key(1, 0) + b"\x05" + _ld(1, b"m"),  # model as a varint: unknown
-                _ld(2, _key(3, 0) + b"\x01")):        # data as a varint: unknown
+    for raw in (
+        group + _ld(1, b"m"),  # an unknown group
+        _key(1, 0) + b"\x05" + _ld(1, b"m"),  # model as a varint: unknown
+        _ld(2, _key(3, 0) + b"\x01"),
+    ):  # data as a varint: unknown
         _same(raw)
 
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int8, torch.uint8,
-          torch.bool, torch.float64, torch.int32]
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.float64,
+    torch.int32,
+]
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 4), max_size=3)),
-                max_size=4),
-       st.text(max_size=40), st.booleans())
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 4), max_size=3)), max_size=4
+    ),
+    st.text(max_size=40),
+    st.booleans(),
+)
 def test_write_matches_protobuf(specs, version, transpose):
     outputs = []
     for dtype, shape in specs:
@@ -221,9 +251,12 @@ def test_write_matches_protobuf(specs, version, transpose):
         if transpose and t.dim() >= 2:
             t = t.transpose(0, 1)  # not contiguous
         outputs.append(t)
-    got = run_wire.write_run_response(outputs, [codec.wire_dtype(t.dtype) for t in outputs],
-                                      version)
-    want = pb.RunResponse(outputs=[runner_codec.encode(t) for t in outputs], weights_version=version)
+    got = run_wire.write_run_response(
+        outputs, [codec.wire_dtype(t.dtype) for t in outputs], version
+    )
+    want = pb.RunResponse(
+        outputs=[runner_codec.encode(t) for t in outputs], weights_version=version
+    )
     assert got == want.SerializeToString()
     assert pb.RunResponse.FromString(got) == want
 
@@ -245,4 +278,5 @@ def test_decoded_inputs_view_the_received_bytes():
     t = codec.decode(req.inputs[0], "input 0")
     assert torch.equal(t, x)
     assert t.data_ptr() == torch.frombuffer(raw, dtype=torch.uint8).data_ptr() + (
-        len(raw) - x.numel() * 4)
+        len(raw) - x.numel() * 4
+    )

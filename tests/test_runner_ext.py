@@ -75,22 +75,37 @@ def test_short_runs_follow_the_measured_compute_time():
 
 def test_compiled_backends_and_missing_backends():
     assert "cpu" in rx.compiled_backends()
-    for backend, cls in [("cuda", rx.AOTIModelContainerRunnerCuda), ("xpu", rx.AOTIModelContainerRunnerXpu),
-                         ("mps", rx.AOTIModelContainerRunnerMps)]:
+    for backend, cls in [
+        ("cuda", rx.AOTIModelContainerRunnerCuda),
+        ("xpu", rx.AOTIModelContainerRunnerXpu),
+        ("mps", rx.AOTIModelContainerRunnerMps),
+    ]:
         if backend not in rx.compiled_backends():
             with pytest.raises(RuntimeError, match=f"not compiled with {backend.upper()} support"):
                 cls("model.so", 1)
 
 
 def test_runner_classes_mirror_torch_binding():
-    names = ["run", "get_call_spec", "get_constant_names_to_original_fqns", "get_constant_names_to_dtypes",
-             "extract_constants_map", "update_constant_buffer", "swap_constant_buffer",
-             "free_inactive_constant_buffer", "update_constant_buffer_from_blob"]
+    names = [
+        "run",
+        "get_call_spec",
+        "get_constant_names_to_original_fqns",
+        "get_constant_names_to_dtypes",
+        "extract_constants_map",
+        "update_constant_buffer",
+        "swap_constant_buffer",
+        "free_inactive_constant_buffer",
+        "update_constant_buffer_from_blob",
+    ]
     for name in names:
         assert hasattr(rx.AOTIModelContainerRunnerCpu, name), name
         assert hasattr(torch._C._aoti.AOTIModelContainerRunnerCpu, name), name
-    for helper in ["unsafe_alloc_void_ptrs_from_tensors", "unsafe_alloc_void_ptr_from_tensor",
-                   "alloc_tensors_by_stealing_from_void_ptrs", "alloc_tensor_by_stealing_from_void_ptr"]:
+    for helper in [
+        "unsafe_alloc_void_ptrs_from_tensors",
+        "unsafe_alloc_void_ptr_from_tensor",
+        "alloc_tensors_by_stealing_from_void_ptrs",
+        "alloc_tensor_by_stealing_from_void_ptr",
+    ]:
         assert callable(getattr(rx, helper))
 
 
@@ -119,7 +134,9 @@ def test_handle_helpers_round_trip():
     handles = rx.unsafe_alloc_void_ptrs_from_tensors(tensors)
     back = rx.alloc_tensors_by_stealing_from_void_ptrs(handles)
     assert all(torch.equal(a, b) for a, b in zip(tensors, back))
-    one = rx.alloc_tensor_by_stealing_from_void_ptr(rx.unsafe_alloc_void_ptr_from_tensor(torch.arange(3)))
+    one = rx.alloc_tensor_by_stealing_from_void_ptr(
+        rx.unsafe_alloc_void_ptr_from_tensor(torch.arange(3))
+    )
     assert torch.equal(one, torch.arange(3))
 
 
@@ -133,7 +150,9 @@ def test_multi_model_package(zoo, model_package, tmp_path):
             data = zin.read(info)
             zout.writestr(info.filename, data)
             if "/aotinductor/model/" in info.filename:
-                zout.writestr(info.filename.replace("/aotinductor/model/", "/aotinductor/second/"), data)
+                zout.writestr(
+                    info.filename.replace("/aotinductor/model/", "/aotinductor/second/"), data
+                )
     assert rx.list_package_models(dst) == ["model", "second"]
     model = rx.load_model(dst, model_name="second")
     inputs = zoo.MODELS["mlp"].inputs(2)
@@ -143,6 +162,7 @@ def test_multi_model_package(zoo, model_package, tmp_path):
 
 
 # --- constant buffers -------------------------------------------------------
+
 
 def _new_weights(zoo, name="mlp"):
     module = zoo.MODELS[name].module()
@@ -203,7 +223,9 @@ def test_bad_constant_update_leaves_weights_unchanged(model_package, zoo, mutate
     runner = model.runner
     x = zoo.MODELS["mlp"].inputs(3)
     before = runner.run(list(x))
-    name = next(n for n, fqn in runner.get_constant_names_to_original_fqns().items() if fqn == "fc1.weight")
+    name = next(
+        n for n, fqn in runner.get_constant_names_to_original_fqns().items() if fqn == "fc1.weight"
+    )
     current = runner.extract_constants_map(False)["fc1.weight"]
     for use_inactive in (False, True):
         with pytest.raises(ValueError, match=message):
@@ -220,8 +242,10 @@ def test_update_from_blob(model_package, zoo, tmp_path):
     x = zoo.MODELS["blob_mlp"].inputs(3)
     expected = zoo.eager("blob_mlp", x)
     # Overwrite the live weights, then restore them from the package's blob.
-    zeros = {n: torch.zeros_like(t) for n, t in
-             _by_constant_name(runner, runner.extract_constants_map(False)).items()}
+    zeros = {
+        n: torch.zeros_like(t)
+        for n, t in _by_constant_name(runner, runner.extract_constants_map(False)).items()
+    }
     runner.update_constant_buffer(zeros, False, False)
     assert not torch.allclose(runner.run(list(x))[0], expected[0])
     with zipfile.ZipFile(model.source) as zf:
@@ -234,6 +258,7 @@ def test_update_from_blob(model_package, zoo, tmp_path):
 
 
 # --- bad input never crashes ------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "make, exc, message",
@@ -320,8 +345,9 @@ def _runner_outlives_its_loaded_model(path, device: str, zoo, name: str) -> None
     gc.collect()
     assert os.path.isdir(folder)  # the unpacked files live as long as the runner
     inputs = zoo.MODELS[name].inputs(3)
-    _allclose([o.cpu() for o in runner.run([t.to(device) for t in inputs])],
-              zoo.eager(name, inputs))
+    _allclose(
+        [o.cpu() for o in runner.run([t.to(device) for t in inputs])], zoo.eager(name, inputs)
+    )
     # Closing a LoadedModel drops its reference only: a runner held elsewhere still runs.
     other = rx.load_model(path, device=device)
     held = other.runner
@@ -381,7 +407,9 @@ def test_cuda_constant_buffer_lifecycle(zoo):
         runner.swap_constant_buffer()
         _allclose([o.cpu() for o in runner.run([x[0].cuda()])], [new(*x)])
         with pytest.raises(ValueError, match="must be on"):
-            runner.update_constant_buffer({next(iter(new_map)): next(iter(new_map.values())).cpu()}, True, False)
+            runner.update_constant_buffer(
+                {next(iter(new_map)): next(iter(new_map.values())).cpu()}, True, False
+            )
     model.close()
 
 
@@ -430,8 +458,11 @@ def test_user_managed_tensors_stay_alive(model_package, zoo):
     runner = model.runner
     new = _new_weights(zoo)
     x = zoo.MODELS["mlp"].inputs(2)
-    runner.update_constant_buffer(_by_constant_name(runner, new.state_dict()), True, True, user_managed=True)
+    runner.update_constant_buffer(
+        _by_constant_name(runner, new.state_dict()), True, True, user_managed=True
+    )
     import gc
+
     gc.collect()
     runner.swap_constant_buffer()
     with torch.no_grad():

@@ -10,16 +10,16 @@ import concurrent.futures as cf
 import logging
 
 import grpc
+import model_zoo
 import pytest
 import torch
+import wire
+from helpers import eager_with, new_weights
+from server_harness import running_server
 from torch.export import Dim
 
-import model_zoo
-import wire
 from aotiserve.server.packaging import pack
 from aotiserve.v1 import model_runner_pb2 as pb
-from server_harness import running_server
-from helpers import eager_with, new_weights
 
 pytestmark = pytest.mark.cuda
 log = logging.getLogger(__name__)
@@ -32,14 +32,20 @@ def cuda_repo(tmp_path_factory):
         spec = model_zoo.MODELS[name]
         inputs = tuple(t.cuda() for t in spec.inputs(4))
         batch = Dim("batch", min=1, max=spec.max_batch)
-        pack(spec.module().cuda(), inputs, repo / f"{name}.pt2",
-             dynamic_shapes=tuple({0: batch} for _ in inputs), **spec.pack_kwargs)
+        pack(
+            spec.module().cuda(),
+            inputs,
+            repo / f"{name}.pt2",
+            dynamic_shapes=tuple({0: batch} for _ in inputs),
+            **spec.pack_kwargs,
+        )
     return repo
 
 
 def _serve(cuda_repo, devices, **kw):
-    return running_server([], model_repository=str(cuda_repo), devices=devices,
-                          allowed_roots=(str(cuda_repo),), **kw)
+    return running_server(
+        [], model_repository=str(cuda_repo), devices=devices, allowed_roots=(str(cuda_repo),), **kw
+    )
 
 
 def test_cuda_models_serve_eager_results_and_swap_weights(cuda_repo):
@@ -49,8 +55,9 @@ def test_cuda_models_serve_eager_results_and_swap_weights(cuda_repo):
             out = wire.outputs(s.stub.Run(wire.run_request(name, inputs)))
             assert wire.close(out, model_zoo.eager(name, inputs)), name
         weights = new_weights("mlp")
-        s.stub.UpdateConstantBuffer(wire.upload_requests("mlp", weights, validate_full=True,
-                                                         chunk_bytes=1000))
+        s.stub.UpdateConstantBuffer(
+            wire.upload_requests("mlp", weights, validate_full=True, chunk_bytes=1000)
+        )
         s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
         inputs = model_zoo.MODELS["mlp"].inputs(3)
         out = wire.outputs(s.stub.Run(wire.run_request("mlp", inputs)))
@@ -78,7 +85,9 @@ def test_a_reserved_inactive_buffer_on_cuda_takes_uploads_in_place(cuda_repo):
         model = s.app.registry.get("mlp")
         runner = model.replicas[0].runner
         active, inactive = runner.extract_constants_map(False), runner.extract_constants_map(True)
-        assert all(inactive[f].is_cuda and torch.equal(inactive[f], active[f]) for f in model.constants)
+        assert all(
+            inactive[f].is_cuda and torch.equal(inactive[f], active[f]) for f in model.constants
+        )
         reserved = {f: inactive[f].data_ptr() for f in model.constants}
         inputs = model_zoo.MODELS["mlp"].inputs(3)
         # A partial first upload: completed with the serving weights, written in place.
@@ -110,8 +119,12 @@ def test_the_hot_path_serves_a_cuda_model_through_swaps(cuda_repo):
             cases.append((wire.run_request("mlp", inputs), model_zoo.eager("mlp", inputs)))
 
         def client(tid):
-            return sum(wire.close(wire.outputs(native.Run(cases[(tid + i) % 4][0])),
-                                  cases[(tid + i) % 4][1]) for i in range(100))
+            return sum(
+                wire.close(
+                    wire.outputs(native.Run(cases[(tid + i) % 4][0])), cases[(tid + i) % 4][1]
+                )
+                for i in range(100)
+            )
 
         with cf.ThreadPoolExecutor(8) as ex:
             assert list(ex.map(client, range(8))) == [100] * 8
@@ -134,8 +147,10 @@ def test_the_hot_path_serves_a_cuda_model_through_swaps(cuda_repo):
 
 def _device_requests(s, devices) -> dict:
     """Runs per device from the metrics, logged (the issue asks to show them)."""
-    counts = {d: s.app.metrics.sample("aotiserve_device_requests_total", model="mlp", device=d)
-              for d in devices}
+    counts = {
+        d: s.app.metrics.sample("aotiserve_device_requests_total", model="mlp", device=d)
+        for d in devices
+    }
     log.warning("per-device requests: %s", counts)
     return counts
 
@@ -172,8 +187,9 @@ def test_one_model_on_cpu_and_cuda_at_once(cuda_repo, tmp_path):
     shutil.copy(cuda_repo / "mlp.pt2", repo / "mlp.cuda.pt2")
     shutil.copy(model_zoo.compiled("mlp"), repo / "mlp.cpu.pt2")
     devices = ("cpu", "cuda:0")
-    with running_server([], model_repository=str(repo), devices=devices,
-                        allowed_roots=(str(repo),), metrics_port=0) as s:
+    with running_server(
+        [], model_repository=str(repo), devices=devices, allowed_roots=(str(repo),), metrics_port=0
+    ) as s:
         inputs = model_zoo.MODELS["mlp"].inputs(6, seed=1)
         req, want = wire.run_request("mlp", inputs), model_zoo.eager("mlp", inputs)
 
@@ -193,8 +209,9 @@ class _Doubler:
 
     def run(self, inputs, stream_handle):
         device = inputs[0].device
-        assert torch.cuda.current_stream(device).cuda_stream == stream_handle, \
+        assert torch.cuda.current_stream(device).cuda_stream == stream_handle, (
             "the worker's stream is not its current stream"
+        )
         with torch.cuda.stream(torch.cuda.ExternalStream(stream_handle, device=device)):
             torch.cuda._sleep(2_000_000)  # a slow kernel: outputs must wait for it
             return [t * 2 for t in inputs]

@@ -6,14 +6,14 @@ import signal
 import threading
 
 import grpc
-import pytest
-
 import model_zoo
+import pytest
 import wire
+from helpers import eager_with, new_weights
+from server_harness import daemon_process
+
 from aotiserve.v1 import model_runner_pb2 as pb
 from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
-from server_harness import daemon_process
-from helpers import eager_with, new_weights
 
 
 def _stub(d):
@@ -36,15 +36,23 @@ def test_restart_after_sigkill_serves_committed_version(tmp_path):
     with daemon_process(["mlp"], args) as d:
         repo = d.repo
         channel, stub = _stub(d)
-        v1 = stub.UpdateConstantBuffer(wire.upload_requests(
-            "mlp", v1_weights, validate_full=True, description="v1")).version
+        v1 = stub.UpdateConstantBuffer(
+            wire.upload_requests("mlp", v1_weights, validate_full=True, description="v1")
+        ).version
         stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
         # Start a second upload and kill the daemon while it is half sent.
         half = threading.Event()
         hold = threading.Event()
-        future = stub.UpdateConstantBuffer.future(wire.pause_at_half(
-            wire.upload_requests("mlp", new_weights("mlp", 3.0), validate_full=True,
-                                 chunk_bytes=256), half, hold, end=True))
+        future = stub.UpdateConstantBuffer.future(
+            wire.pause_at_half(
+                wire.upload_requests(
+                    "mlp", new_weights("mlp", 3.0), validate_full=True, chunk_bytes=256
+                ),
+                half,
+                hold,
+                end=True,
+            )
+        )
         half.wait(30)
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait(30)

@@ -7,18 +7,17 @@ import concurrent.futures as cf
 import urllib.request
 
 import grpc
+import model_zoo
 import pytest
 import torch
-
-import model_zoo
 import wire
-from aotiserve import runner_ext
-from aotiserve.server import runner_codec
-from aotiserve.v1 import model_runner_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import code_of
 from server_harness import running_server
 
+from aotiserve import runner_ext
+from aotiserve.server import runner_codec
+from aotiserve.v1 import model_runner_pb2 as pb
 
 
 def _loadable(name: str) -> bool:
@@ -48,8 +47,6 @@ def direct():
         lm.close()
 
 
-
-
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("batch", [1, 5])
 def test_run_equals_eager(srv, model, batch):
@@ -65,7 +62,9 @@ def test_describe_rpcs_mirror_runner(srv, direct, model):
     r = direct[model]
     spec = srv.stub.GetCallSpec(pb.GetCallSpecRequest(model=model))
     assert [spec.in_spec, spec.out_spec] == list(r.get_call_spec())
-    fqns = srv.stub.GetConstantNamesToOriginalFqns(pb.GetConstantNamesToOriginalFqnsRequest(model=model))
+    fqns = srv.stub.GetConstantNamesToOriginalFqns(
+        pb.GetConstantNamesToOriginalFqnsRequest(model=model)
+    )
     assert dict(fqns.fqns) == r.get_constant_names_to_original_fqns()
     dtypes = srv.stub.GetConstantNamesToDtypes(pb.GetConstantNamesToDtypesRequest(model=model))
     assert dict(dtypes.dtypes) == r.get_constant_names_to_dtypes()
@@ -103,18 +102,26 @@ def _set(i, **kw):
                 inputs[i].shape.extend(v)
             else:
                 setattr(inputs[i], k, v)
+
     return mutate
 
 
 BAD_REQUESTS = {
     "too few inputs": ("two_io", lambda ins: ins.pop(), "takes 2 inputs"),
     "too many inputs": ("mlp", lambda ins: ins.append(ins[0]), "takes 1 inputs"),
-    "wrong dtype": ("two_io", _set(1, dtype=pb.DATA_TYPE_INT32, data=b"\0" * 16), "input 1 ('ids')"),
+    "wrong dtype": (
+        "two_io",
+        _set(1, dtype=pb.DATA_TYPE_INT32, data=b"\0" * 16),
+        "input 1 ('ids')",
+    ),
     "unknown dtype": ("mlp", _set(0, dtype=99), "input 0 ('x')"),
     "wrong rank": ("mlp", _set(0, shape=[4, 8, 8]), "input 0 ('x')"),
     "wrong fixed dim": ("mlp", _set(0, shape=[8, 32]), "dimension 1 must be 64"),
-    "truncated bytes": ("two_io", lambda ins: setattr(ins[1], "data", ins[1].data[:-1]),
-                        "input 1 ('ids'): expected 32 bytes for int64[4], got 31"),
+    "truncated bytes": (
+        "two_io",
+        lambda ins: setattr(ins[1], "data", ins[1].data[:-1]),
+        "input 1 ('ids'): expected 32 bytes for int64[4], got 31",
+    ),
     "shape/bytes mismatch": ("mlp", _set(0, shape=[5, 64]), "expected 1280 bytes"),
     "negative dim": ("mlp", _set(0, shape=[-4, 64]), "negative dimension"),
     "absurd dims": ("mlp", _set(0, shape=[1 << 40, 1 << 40]), "input 0 ('x'): dimension 0"),
@@ -129,8 +136,9 @@ def test_bad_inputs_are_invalid_argument_and_server_keeps_serving(srv, case):
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
     assert expect in details
     inputs = model_zoo.MODELS[model].inputs(2)
-    assert wire.close(wire.outputs(srv.stub.Run(wire.run_request(model, inputs))),
-                      model_zoo.eager(model, inputs))
+    assert wire.close(
+        wire.outputs(srv.stub.Run(wire.run_request(model, inputs))), model_zoo.eager(model, inputs)
+    )
 
 
 def test_batch_beyond_shape_guard_is_invalid_argument(srv):
@@ -140,11 +148,13 @@ def test_batch_beyond_shape_guard_is_invalid_argument(srv):
 
 
 def test_unknown_model_is_not_found(srv):
-    for call in (lambda: srv.stub.Run(pb.RunRequest(model="nope")),
-                 lambda: srv.stub.GetCallSpec(pb.GetCallSpecRequest(model="nope")),
-                 lambda: srv.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="nope")),
-                 lambda: list(srv.stub.ExtractConstantsMap(pb.ExtractConstantsMapRequest(model="nope"))),
-                 lambda: srv.stub.UnloadModel(pb.UnloadModelRequest(name="nope"))):
+    for call in (
+        lambda: srv.stub.Run(pb.RunRequest(model="nope")),
+        lambda: srv.stub.GetCallSpec(pb.GetCallSpecRequest(model="nope")),
+        lambda: srv.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="nope")),
+        lambda: list(srv.stub.ExtractConstantsMap(pb.ExtractConstantsMapRequest(model="nope"))),
+        lambda: srv.stub.UnloadModel(pb.UnloadModelRequest(name="nope")),
+    ):
         code, details = code_of(call)
         assert code == grpc.StatusCode.NOT_FOUND and "'nope'" in details
 
@@ -174,8 +184,9 @@ def test_load_unload_and_paths(srv, tmp_path):
     info = srv.stub.LoadModel(pb.LoadModelRequest(name="mlp2", path=path)).model
     assert info.state == pb.MODEL_STATE_READY
     inputs = model_zoo.MODELS["mlp"].inputs(3)
-    assert wire.close(wire.outputs(srv.stub.Run(wire.run_request("mlp2", inputs))),
-                      model_zoo.eager("mlp", inputs))
+    assert wire.close(
+        wire.outputs(srv.stub.Run(wire.run_request("mlp2", inputs))), model_zoo.eager("mlp", inputs)
+    )
     code, _ = code_of(lambda: srv.stub.LoadModel(pb.LoadModelRequest(name="mlp2", path=path)))
     assert code == grpc.StatusCode.ALREADY_EXISTS
     srv.stub.UnloadModel(pb.UnloadModelRequest(name="mlp2"))
@@ -189,9 +200,13 @@ def test_load_unload_and_paths(srv, tmp_path):
         assert code == grpc.StatusCode.PERMISSION_DENIED, (p, details)
     link_in_repo = srv.repo / "sneaky.pt2"
     link_in_repo.symlink_to("/etc/passwd")
-    code, _ = code_of(lambda: srv.stub.LoadModel(pb.LoadModelRequest(name="x", path=str(link_in_repo))))
+    code, _ = code_of(
+        lambda: srv.stub.LoadModel(pb.LoadModelRequest(name="x", path=str(link_in_repo)))
+    )
     assert code == grpc.StatusCode.PERMISSION_DENIED
-    code, _ = code_of(lambda: srv.stub.LoadModel(pb.LoadModelRequest(name="x", path=path, devices=["cuda:7"])))
+    code, _ = code_of(
+        lambda: srv.stub.LoadModel(pb.LoadModelRequest(name="x", path=path, devices=["cuda:7"]))
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -208,7 +223,11 @@ def test_unload_waits_for_in_flight(server_factory):
         except grpc.RpcError as e:
             codes.append(e.code())
     # Calls accepted before the unload finished; later ones were refused cleanly.
-    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND}
+    assert set(codes) <= {
+        grpc.StatusCode.OK,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.NOT_FOUND,
+    }
     assert not s.app.registry.models()
 
 
@@ -229,25 +248,34 @@ def test_queue_full_is_resource_exhausted(server_factory):
 
 def test_health_flips_to_serving_only_after_load(server_factory):
     import threading
+
     gate = threading.Event()
     s = server_factory(["mlp"], load="background", load_gate=gate.wait)
     health = health_pb2_grpc.HealthStub(s.channel)
     NOT = health_pb2.HealthCheckResponse.NOT_SERVING
     assert health.Check(health_pb2.HealthCheckRequest()).status == NOT
-    code, _ = code_of(lambda: s.stub.Run(wire.run_request("mlp", model_zoo.MODELS["mlp"].inputs(1))))
+    code, _ = code_of(
+        lambda: s.stub.Run(wire.run_request("mlp", model_zoo.MODELS["mlp"].inputs(1)))
+    )
     assert code == grpc.StatusCode.NOT_FOUND
     watch = health.Watch(health_pb2.HealthCheckRequest(service="aotiserve.v1.ModelRunner"))
     assert next(watch).status == NOT
     gate.set()
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     watch.cancel()
-    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        health.Check(health_pb2.HealthCheckRequest()).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
 
 
 def test_reflection_lists_services(srv):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
     stub = reflection_pb2_grpc.ServerReflectionStub(srv.channel)
-    resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    resp = next(
+        stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    )
     names = {s.name for s in resp.list_services_response.service}
     assert {"aotiserve.v1.ModelRunner", "grpc.health.v1.Health"} <= names
 
@@ -256,7 +284,9 @@ def test_metrics_show_traffic(srv):
     inputs = model_zoo.MODELS["mlp"].inputs(2)
     srv.stub.Run(wire.run_request("mlp", inputs))
     code_of(lambda: srv.stub.Run(pb.RunRequest(model="nope")))
-    text = urllib.request.urlopen(f"http://127.0.0.1:{srv.app.metrics_port}/metrics").read().decode()
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{srv.app.metrics_port}/metrics").read().decode()
+    )
 
     def value(prefix):
         for line in text.splitlines():

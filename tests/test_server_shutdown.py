@@ -6,13 +6,13 @@ import signal
 import threading
 
 import grpc
-import pytest
-
 import model_zoo
+import pytest
 import wire
-from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_harness import daemon_process
+
+from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
 
 
 @pytest.mark.slow
@@ -21,8 +21,10 @@ def test_sigterm_under_load_completes_accepted_calls_then_unavailable():
         channel = grpc.insecure_channel(d.target)
         stub = pb_grpc.ModelRunnerStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
-        assert health.Check(health_pb2.HealthCheckRequest()).status == \
-            health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest()).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
         inputs = model_zoo.MODELS["mlp"].inputs(64)
         want = model_zoo.eager("mlp", inputs)
         request = wire.run_request("mlp", inputs)

@@ -15,8 +15,8 @@ from aotiserve.server import runner_codec
 from aotiserve.server import tensor_codec as codec
 from aotiserve.server.device_pool import DevicePool
 from aotiserve.server.errors import (
-    DeadlineExceeded,
     GENERIC_INTERNAL,
+    DeadlineExceeded,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -27,8 +27,9 @@ from aotiserve.server.rwlock import RWLock
 from aotiserve.v1 import model_runner_pb2 as pb
 
 
-@pytest.mark.parametrize("d", [d for d in dt.DTYPES if hasattr(torch, d.torch_name)],
-                         ids=lambda d: d.torch_name)
+@pytest.mark.parametrize(
+    "d", [d for d in dt.DTYPES if hasattr(torch, d.torch_name)], ids=lambda d: d.torch_name
+)
 def test_codec_round_trips_every_dtype(d):
     dtype = getattr(torch, d.torch_name)
     src = (torch.arange(24) % 2).to(torch.float32).reshape(2, 3, 4).to(dtype)
@@ -55,14 +56,17 @@ def test_codec_decode_does_not_copy():
     assert t.tolist() == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("shape,data,exc,msg", [
-    ([4], b"\0" * 15, InvalidArgument, "expected 16 bytes for float32[4], got 15"),
-    ([-1], b"", InvalidArgument, "negative dimension"),
-    ([1 << 62, 4], b"", InvalidArgument, "dimension 0 of shape [4611686018427387904, 4]"),
-    ([1 << 20, 1 << 12], b"", ResourceExhausted, "more than 2147483648 elements"),
-    ([0, 1 << 31, 1 << 31, 1 << 31], b"", InvalidArgument, "has no elements"),
-    ([1] * 20, b"\0" * 4, InvalidArgument, "rank 20"),
-])
+@pytest.mark.parametrize(
+    "shape,data,exc,msg",
+    [
+        ([4], b"\0" * 15, InvalidArgument, "expected 16 bytes for float32[4], got 15"),
+        ([-1], b"", InvalidArgument, "negative dimension"),
+        ([1 << 62, 4], b"", InvalidArgument, "dimension 0 of shape [4611686018427387904, 4]"),
+        ([1 << 20, 1 << 12], b"", ResourceExhausted, "more than 2147483648 elements"),
+        ([0, 1 << 31, 1 << 31, 1 << 31], b"", InvalidArgument, "has no elements"),
+        ([1] * 20, b"\0" * 4, InvalidArgument, "rank 20"),
+    ],
+)
 def test_codec_rejects_malformed(shape, data, exc, msg):
     with pytest.raises(exc, match=re.escape(msg)):
         codec.decode(pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=shape, data=data), "input 0 ('x')")
@@ -140,8 +144,10 @@ def test_rwlock_writer_waits_for_readers_and_blocks_new_ones():
 
 
 def test_error_table():
-    assert to_status(NotFound("model 'x' is not loaded")) == (grpc.StatusCode.NOT_FOUND,
-                                                             "model 'x' is not loaded")
+    assert to_status(NotFound("model 'x' is not loaded")) == (
+        grpc.StatusCode.NOT_FOUND,
+        "model 'x' is not loaded",
+    )
     code, msg = to_status(KeyError("secret internals"))
     assert code == grpc.StatusCode.INTERNAL and msg == GENERIC_INTERNAL and "secret" not in msg
 

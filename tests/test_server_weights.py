@@ -5,25 +5,13 @@ from __future__ import annotations
 import threading
 
 import grpc
+import model_zoo
 import pytest
 import torch
-
-import model_zoo
 import wire
-from aotiserve.v1 import model_runner_pb2 as pb
 from helpers import code_of, eager_with, info, new_weights, run, upload
 
-
-
-
-
-
-
-
-
-
-
-
+from aotiserve.v1 import model_runner_pb2 as pb
 
 
 @pytest.mark.parametrize("model", ["mlp", "two_io"])
@@ -34,8 +22,7 @@ def test_stage_swap_rollback_free_lifecycle(server_factory, model):
     weights = new_weights(model)
     new = eager_with(model, weights, inputs)
 
-    resp = upload(s.stub, model, weights, validate_full=True, chunk_bytes=300,
-                  description="halved")
+    resp = upload(s.stub, model, weights, validate_full=True, chunk_bytes=300, description="halved")
     version = resp.version
     assert resp.bytes_received == sum(t.numel() * t.element_size() for t in weights.values())
     assert sorted(resp.updated) == sorted(weights)
@@ -61,17 +48,22 @@ def test_stage_swap_rollback_free_lifecycle(server_factory, model):
     assert not m.HasField("staged_version")
 
     # Swap again with nothing staged is refused (the runner would break), rollback works.
-    code, details = code_of(lambda: s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model=model)))
+    code, details = code_of(
+        lambda: s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model=model))
+    )
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "Rollback" in details
-    back = s.stub.RollbackConstantBuffer(pb.RollbackConstantBufferRequest(model=model)).active_version
+    back = s.stub.RollbackConstantBuffer(
+        pb.RollbackConstantBufferRequest(model=model)
+    ).active_version
     assert back.id == "initial"
     out, served = run(s.stub, model, inputs)
     assert wire.close(out, old) and served == "initial"
     # Roll forward again, then free: rollback is refused clearly, serving is unchanged.
     s.stub.RollbackConstantBuffer(pb.RollbackConstantBufferRequest(model=model))
     s.stub.FreeInactiveConstantBuffer(pb.FreeInactiveConstantBufferRequest(model=model))
-    code, details = code_of(lambda: s.stub.RollbackConstantBuffer(
-        pb.RollbackConstantBufferRequest(model=model)))
+    code, details = code_of(
+        lambda: s.stub.RollbackConstantBuffer(pb.RollbackConstantBufferRequest(model=model))
+    )
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "no previous weights" in details
     code, _ = code_of(lambda: wire.extract(s.stub, model, use_inactive=True))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
@@ -92,6 +84,7 @@ def test_stage_swap_rollback_free_lifecycle(server_factory, model):
     assert v4.sha256 == version.sha256  # same content, same hash
 
     import urllib.request
+
     text = urllib.request.urlopen(f"http://127.0.0.1:{s.app.metrics_port}/metrics").read().decode()
     labels = f'model="{model}",sha256="{v4.sha256[:16]}",version="{v4.id}"'
     assert f"aotiserve_weights_version_info{{{labels}}} 1.0" in text
@@ -115,8 +108,14 @@ def test_partial_update_keeps_other_weights(server_factory):
 def test_chunks_any_order_and_tensors_larger_than_message_limit(server_factory):
     s = server_factory(["mlp"], max_message_bytes=4096)
     weights = new_weights("mlp", -1.0, 0.0)  # fc1.weight is 8 KiB > 4 KiB message limit
-    resp = upload(s.stub, "mlp", weights, validate_full=True, chunk_bytes=1000,
-                  order=lambda chunks: chunks[::-1])
+    resp = upload(
+        s.stub,
+        "mlp",
+        weights,
+        validate_full=True,
+        chunk_bytes=1000,
+        order=lambda chunks: chunks[::-1],
+    )
     in_order = upload(s.stub, "mlp", weights, validate_full=True, chunk_bytes=777)
     assert resp.version.sha256 == in_order.version.sha256
     got = wire.extract(s.stub, "mlp", use_inactive=True, chunk_bytes=0)  # server default, capped
@@ -124,12 +123,17 @@ def test_chunks_any_order_and_tensors_larger_than_message_limit(server_factory):
 
 
 def _header(model="mlp", specs=None, **kw):
-    return pb.UpdateConstantBufferRequest(header=pb.UpdateConstantBufferHeader(
-        model=model, use_inactive=True, constants=specs or [], **kw))
+    return pb.UpdateConstantBufferRequest(
+        header=pb.UpdateConstantBufferHeader(
+            model=model, use_inactive=True, constants=specs or [], **kw
+        )
+    )
 
 
 def _chunk(name, offset, data):
-    return pb.UpdateConstantBufferRequest(chunk=pb.ConstantChunk(name=name, offset=offset, data=data))
+    return pb.UpdateConstantBufferRequest(
+        chunk=pb.ConstantChunk(name=name, offset=offset, data=data)
+    )
 
 
 F32 = pb.DATA_TYPE_FLOAT32
@@ -139,26 +143,45 @@ B40 = b"\1" * 40
 BAD_UPLOADS = {
     "no header": ([_chunk("fc2.bias", 0, B40)], "header"),
     "empty header": ([_header()], "no constants"),
-    "unknown constant": ([_header(specs=[pb.TensorSpec(name="fc3.weight", dtype=F32, shape=[1])])],
-                         "'fc3.weight' is not an updatable constant"),
-    "folded constant": ([_header(specs=[pb.TensorSpec(name="_FOLDED_CONST_permute", dtype=F32, shape=[64, 32])])],
-                        "folding"),
-    "wrong dtype": ([_header(specs=[pb.TensorSpec(name="fc2.bias", dtype=pb.DATA_TYPE_FLOAT16, shape=[10])])],
-                    "constant 'fc2.bias': dtype must be float32"),
-    "wrong shape": ([_header(specs=[pb.TensorSpec(name="fc2.bias", dtype=F32, shape=[11])])],
-                    "constant 'fc2.bias': shape must be [10]"),
-    "incomplete full update": ([_header(specs=[BIAS], validate_full_updates=True), _chunk("fc2.bias", 0, B40)],
-                               "misses constants"),
-    "truncated": ([_header(specs=[BIAS]), _chunk("fc2.bias", 0, B40[:39])], "received 39 of 40 bytes"),
+    "unknown constant": (
+        [_header(specs=[pb.TensorSpec(name="fc3.weight", dtype=F32, shape=[1])])],
+        "'fc3.weight' is not an updatable constant",
+    ),
+    "folded constant": (
+        [_header(specs=[pb.TensorSpec(name="_FOLDED_CONST_permute", dtype=F32, shape=[64, 32])])],
+        "folding",
+    ),
+    "wrong dtype": (
+        [_header(specs=[pb.TensorSpec(name="fc2.bias", dtype=pb.DATA_TYPE_FLOAT16, shape=[10])])],
+        "constant 'fc2.bias': dtype must be float32",
+    ),
+    "wrong shape": (
+        [_header(specs=[pb.TensorSpec(name="fc2.bias", dtype=F32, shape=[11])])],
+        "constant 'fc2.bias': shape must be [10]",
+    ),
+    "incomplete full update": (
+        [_header(specs=[BIAS], validate_full_updates=True), _chunk("fc2.bias", 0, B40)],
+        "misses constants",
+    ),
+    "truncated": (
+        [_header(specs=[BIAS]), _chunk("fc2.bias", 0, B40[:39])],
+        "received 39 of 40 bytes",
+    ),
     "beyond end": ([_header(specs=[BIAS]), _chunk("fc2.bias", 8, B40)], "beyond"),
-    "duplicate chunk": ([_header(specs=[BIAS]), _chunk("fc2.bias", 0, B40), _chunk("fc2.bias", 0, B40)],
-                        "overlaps"),
-    "overlapping chunk": ([_header(specs=[BIAS]), _chunk("fc2.bias", 0, B40[:24]), _chunk("fc2.bias", 20, B40[:20])],
-                          "overlaps"),
+    "duplicate chunk": (
+        [_header(specs=[BIAS]), _chunk("fc2.bias", 0, B40), _chunk("fc2.bias", 0, B40)],
+        "overlaps",
+    ),
+    "overlapping chunk": (
+        [_header(specs=[BIAS]), _chunk("fc2.bias", 0, B40[:24]), _chunk("fc2.bias", 20, B40[:20])],
+        "overlaps",
+    ),
     "undeclared chunk": ([_header(specs=[BIAS]), _chunk("fc1.bias", 0, B40)], "did not declare"),
     "second header": ([_header(specs=[BIAS]), _header(specs=[BIAS])], "only chunks"),
-    "declared twice": ([_header(specs=[BIAS, pb.TensorSpec(name="fc2_bias", dtype=F32, shape=[10])])],
-                       "declared twice"),
+    "declared twice": (
+        [_header(specs=[BIAS, pb.TensorSpec(name="fc2_bias", dtype=F32, shape=[10])])],
+        "declared twice",
+    ),
 }
 
 
@@ -231,7 +254,9 @@ def test_swap_under_load_every_response_old_or_new(server_factory, devices):
     assert any(kind == "old" for kind, _, _ in flat)
     if len(devices) > 1:  # least-loaded routing used every replica
         for dev in devices:
-            assert s.app.metrics.sample("aotiserve_device_requests_total", model="mlp", device=dev) > 0, dev
+            assert (
+                s.app.metrics.sample("aotiserve_device_requests_total", model="mlp", device=dev) > 0
+            ), dev
 
 
 def test_free_discards_a_stage_that_never_served(server_factory):
@@ -256,9 +281,14 @@ def test_cancel_mid_upload_frees_staging_and_changes_nothing(server_factory):
     half_sent = threading.Event()
     release = threading.Event()
 
-    future = s.stub.UpdateConstantBuffer.future(wire.pause_at_half(
-        wire.upload_requests("mlp", weights, validate_full=True, chunk_bytes=512),
-        half_sent, release, end=True))
+    future = s.stub.UpdateConstantBuffer.future(
+        wire.pause_at_half(
+            wire.upload_requests("mlp", weights, validate_full=True, chunk_bytes=512),
+            half_sent,
+            release,
+            end=True,
+        )
+    )
     half_sent.wait(30)
     gauge = s.app.metrics.staging_bytes.labels("mlp")
     future.cancel()
@@ -283,14 +313,18 @@ def test_blob_path_outside_allowed_roots_is_permission_denied(server_factory, tm
     blob = tmp_path / "w.blob"
     blob.write_bytes(b"\0" * 16)
     for p in (str(blob), str(s.repo / ".." / "w.blob"), "/etc/passwd"):
-        code, _ = code_of(lambda: s.stub.UpdateConstantBufferFromBlob(
-            pb.UpdateConstantBufferFromBlobRequest(model="mlp", weights_path=p)))
+        code, _ = code_of(
+            lambda: s.stub.UpdateConstantBufferFromBlob(
+                pb.UpdateConstantBufferFromBlobRequest(model="mlp", weights_path=p)
+            )
+        )
         assert code == grpc.StatusCode.PERMISSION_DENIED, p
     assert info(s.stub, "mlp").active_version.id == "initial"
 
 
 def test_update_from_blob_inside_allowed_root(server_factory):
     import zipfile
+
     if not _blob_loadable():
         pytest.skip("runner_ext cannot load blob packages here")
     s = server_factory(["blob_mlp"])
@@ -303,23 +337,32 @@ def test_update_from_blob_inside_allowed_root(server_factory):
         old = tensor.numpy().tobytes()
         at = data.find(old)
         assert at >= 0 and data.find(old, at + 1) < 0, name
-        data[at:at + len(old)] = weights[name].numpy().tobytes()
+        data[at : at + len(old)] = weights[name].numpy().tobytes()
     blob = s.repo / "weights.blob"
     blob.write_bytes(bytes(data))
     inputs = model_zoo.MODELS["blob_mlp"].inputs(2)
     run(s.stub, "blob_mlp", inputs)  # fold the packaged weights first
-    version = s.stub.UpdateConstantBufferFromBlob(pb.UpdateConstantBufferFromBlobRequest(
-        model="blob_mlp", weights_path=str(blob))).version
+    version = s.stub.UpdateConstantBufferFromBlob(
+        pb.UpdateConstantBufferFromBlobRequest(model="blob_mlp", weights_path=str(blob))
+    ).version
     assert version.id != "initial" and len(version.sha256) == 64
     out, served = run(s.stub, "blob_mlp", inputs)
     assert wire.close(out, eager_with("blob_mlp", weights, inputs)) and served == version.id
-    code, _ = code_of(lambda: s.stub.UpdateConstantBufferFromBlob(pb.UpdateConstantBufferFromBlobRequest(
-        model="blob_mlp", weights_path=str(s.repo / "missing.blob"))))
+    code, _ = code_of(
+        lambda: s.stub.UpdateConstantBufferFromBlob(
+            pb.UpdateConstantBufferFromBlobRequest(
+                model="blob_mlp", weights_path=str(s.repo / "missing.blob")
+            )
+        )
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     bad = s.repo / "bad.blob"
     bad.write_bytes(b"\0" * 16)
-    code, details = code_of(lambda: s.stub.UpdateConstantBufferFromBlob(
-        pb.UpdateConstantBufferFromBlobRequest(model="blob_mlp", weights_path=str(bad))))
+    code, details = code_of(
+        lambda: s.stub.UpdateConstantBufferFromBlob(
+            pb.UpdateConstantBufferFromBlobRequest(model="blob_mlp", weights_path=str(bad))
+        )
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
     out, served = run(s.stub, "blob_mlp", inputs)
     assert wire.close(out, eager_with("blob_mlp", weights, inputs)) and served == version.id
@@ -327,6 +370,7 @@ def test_update_from_blob_inside_allowed_root(server_factory):
 
 def _blob_loadable() -> bool:
     from aotiserve import runner_ext
+
     try:
         runner_ext.load_model(model_zoo.compiled("blob_mlp")).close()
         return True
@@ -351,9 +395,13 @@ def test_uploads_write_in_place_one_at_a_time(server_factory):
     half_sent = threading.Event()
     release = threading.Event()
 
-    first = s.stub.UpdateConstantBuffer.future(wire.pause_at_half(
-        wire.upload_requests("mlp", weights, validate_full=True, chunk_bytes=512),
-        half_sent, release))
+    first = s.stub.UpdateConstantBuffer.future(
+        wire.pause_at_half(
+            wire.upload_requests("mlp", weights, validate_full=True, chunk_bytes=512),
+            half_sent,
+            release,
+        )
+    )
     half_sent.wait(30)
     # Chunks go straight into the inactive buffer (the one the rollback left): no
     # staging copy is held.
@@ -385,9 +433,13 @@ def test_a_reserved_inactive_buffer_takes_the_first_upload_in_place(server_facto
     active = model.replicas[0].runner.extract_constants_map(False)
     inactive = model.replicas[0].runner.extract_constants_map(True)
     assert all(torch.equal(inactive[f], active[f]) for f in model.constants)
-    code, details = code_of(lambda: s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp")))
+    code, details = code_of(
+        lambda: s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
+    )
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "nothing is staged" in details
-    code, _ = code_of(lambda: s.stub.RollbackConstantBuffer(pb.RollbackConstantBufferRequest(model="mlp")))
+    code, _ = code_of(
+        lambda: s.stub.RollbackConstantBuffer(pb.RollbackConstantBufferRequest(model="mlp"))
+    )
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     out, served = run(s.stub, "mlp", inputs)
     assert wire.close(out, model_zoo.eager("mlp", inputs)) and served == "initial"
@@ -443,7 +495,9 @@ def test_one_gib_update_through_the_client_serves_eager_after_swap(server_factor
     assert sum(v.nbytes for v in weights.values()) == 1 << 30
     with Client(s.target) as client:
         handle = client.model("big_embed")
-        staged = handle.update_constant_buffer(weights, use_inactive=True, validate_full_updates=True)
+        staged = handle.update_constant_buffer(
+            weights, use_inactive=True, validate_full_updates=True
+        )
         torch.testing.assert_close(handle.run([ids])[0], old, rtol=0, atol=0)
         active = handle.swap_constant_buffer()
         assert active.id == staged.id
@@ -452,6 +506,7 @@ def test_one_gib_update_through_the_client_serves_eager_after_swap(server_factor
 
 def _decoded(raw: bytes):
     from aotiserve.server.upload_codec import decode_update_request
+
     try:
         m = decode_update_request(raw)
     except Exception as e:  # noqa: BLE001
@@ -478,15 +533,26 @@ def test_chunk_decoder_agrees_with_protobuf():
     from aotiserve.client.tensor_codec import encode_chunk_request
 
     messages = [
-        _chunk("fc1.weight", 0, b"\1\2\3"), _chunk("w", 1 << 40, b"x" * 300),
-        _chunk("w", -5, b"abc"), _chunk("", 0, b""), _chunk("ünï", 7, b""),
-        _header(specs=[BIAS]), pb.UpdateConstantBufferRequest(),
-        pb.UpdateConstantBufferRequest(chunk=pb.ConstantChunk(name="w", data=b"1", dtype=F32, shape=[1])),
+        _chunk("fc1.weight", 0, b"\1\2\3"),
+        _chunk("w", 1 << 40, b"x" * 300),
+        _chunk("w", -5, b"abc"),
+        _chunk("", 0, b""),
+        _chunk("ünï", 7, b""),
+        _header(specs=[BIAS]),
+        pb.UpdateConstantBufferRequest(),
+        pb.UpdateConstantBufferRequest(
+            chunk=pb.ConstantChunk(name="w", data=b"1", dtype=F32, shape=[1])
+        ),
     ]
     raws = [m.SerializeToString() for m in messages]
-    raws += [encode_chunk_request("fc2.bias", 4, memoryview(b"\0" * 5000)),
-             _chunk("a", 1, b"x").SerializeToString() + _chunk("b", 2, b"y").SerializeToString(),
-             b"\x12\x05\x0a\x02\xff\xfe\x10", b"\x12\x03\x1a\x05ab", b"", b"\x12"]
+    raws += [
+        encode_chunk_request("fc2.bias", 4, memoryview(b"\0" * 5000)),
+        _chunk("a", 1, b"x").SerializeToString() + _chunk("b", 2, b"y").SerializeToString(),
+        b"\x12\x05\x0a\x02\xff\xfe\x10",
+        b"\x12\x03\x1a\x05ab",
+        b"",
+        b"\x12",
+    ]
     rng = random.Random(0)
     for base in list(raws):
         for _ in range(200):
@@ -494,7 +560,7 @@ def test_chunk_decoder_agrees_with_protobuf():
             if mutated and rng.random() < 0.7:
                 mutated[rng.randrange(len(mutated))] = rng.randrange(256)
             else:
-                mutated = mutated[:rng.randrange(len(mutated) + 1)]
+                mutated = mutated[: rng.randrange(len(mutated) + 1)]
             raws.append(bytes(mutated))
     for raw in raws:
         assert _decoded(raw) == _by_protobuf(raw), raw

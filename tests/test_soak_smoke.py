@@ -17,8 +17,23 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_short_soak_has_no_unexpected_errors(tmp_path):
     out = tmp_path / "soak.json"
-    cmd = [sys.executable, "-m", "bench.soak", "--minutes", "0.4", "--interval-s", "5",
-           "--threads", "3", "--swap-every-s", "1.5", "--bad-share", "0.1", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.soak",
+        "--minutes",
+        "0.4",
+        "--interval-s",
+        "5",
+        "--threads",
+        "3",
+        "--swap-every-s",
+        "1.5",
+        "--bad-share",
+        "0.1",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     summary = json.loads(out.read_text())
     assert summary["unexpected_errors"] == 0, summary["unexpected_samples"]

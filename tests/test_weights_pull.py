@@ -10,17 +10,17 @@ import sys
 import textwrap
 
 import grpc
+import model_zoo
 import pytest
 import torch
+import wire
+from helpers import code_of, eager_with, info, new_weights, run, upload
 from safetensors.torch import save_file
 
 import aotiserve.client as ac
-import model_zoo
-import wire
 from aotiserve.client import cli
 from aotiserve.server import buffer_writes, weights_ipc
 from aotiserve.v1 import model_runner_pb2 as pb
-from helpers import code_of, eager_with, info, new_weights, run, upload
 
 
 def load(s, model, path, **kw) -> pb.LoadWeightsResponse:
@@ -61,8 +61,10 @@ def test_load_a_file_stage_swap_and_the_same_sha_as_an_upload(server_factory, tm
     assert uploaded.sha256 == resp.version.sha256
 
     metrics = s.app.metrics
-    assert metrics.sample("aotiserve_staged_bytes_total", model="mlp", path="file") == \
-        resp.bytes_staged
+    assert (
+        metrics.sample("aotiserve_staged_bytes_total", model="mlp", path="file")
+        == resp.bytes_staged
+    )
     assert metrics.sample("aotiserve_weights_stage_seconds_count", model="mlp", path="file") == 1
     assert metrics.sample("aotiserve_weights_stage_seconds_count", model="mlp", path="upload") == 1
     assert metrics.sample("aotiserve_weights_swap_seconds_count", model="mlp", op="swap") == 1
@@ -88,6 +90,7 @@ def test_runs_across_file_loads_and_swaps_are_never_mixed(server_factory):
                 seen.append(run(s.stub, "mlp", inputs)[::-1])
             except grpc.RpcError as e:  # counted: none may fail
                 failed.append(e)
+
     thread = threading.Thread(target=loop)
     thread.start()
     try:
@@ -116,9 +119,13 @@ def test_load_a_sharded_folder_partially(server_factory):
     first, second = keys[:2], keys[2:3]  # a partial set: 3 of the constants
     save_file({k: weights[k] for k in first}, folder / "model-00001-of-00002.safetensors")
     save_file({k: weights[k] for k in second}, folder / "model-00002-of-00002.safetensors")
-    index = {"metadata": {}, "weight_map": {
-        **{k: "model-00001-of-00002.safetensors" for k in first},
-        **{k: "model-00002-of-00002.safetensors" for k in second}}}
+    index = {
+        "metadata": {},
+        "weight_map": {
+            **{k: "model-00001-of-00002.safetensors" for k in first},
+            **{k: "model-00002-of-00002.safetensors" for k in second},
+        },
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
     code, details = code_of(lambda: load(s, "mlp", folder, validate_full_updates=True))
@@ -130,8 +137,10 @@ def test_load_a_sharded_folder_partially(server_factory):
     for k in keys:
         assert torch.equal(staged[k], weights[k] if k in first + second else active[k]), k
     # The index file itself names the same source.
-    assert load(s, "mlp", folder / "model.safetensors.index.json").version.sha256 == \
-        resp.version.sha256
+    assert (
+        load(s, "mlp", folder / "model.safetensors.index.json").version.sha256
+        == resp.version.sha256
+    )
 
 
 def _corrupt(path, tensors, how):
@@ -145,11 +154,11 @@ def _corrupt(path, tensors, how):
         path.write_bytes(struct.pack("<Q", 1 << 40) + data[8:])
     elif how == "bad offsets":
         n = struct.unpack("<Q", data[:8])[0]
-        header = json.loads(data[8:8 + n])
+        header = json.loads(data[8 : 8 + n])
         key = next(k for k in header if k != "__metadata__")
         header[key]["data_offsets"][1] += 4
         raw = json.dumps(header).encode()
-        path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
 
 
 BAD_FILES = [
@@ -193,17 +202,21 @@ def test_paths_outside_the_roots_and_symlink_escapes(server_factory, tmp_path):
     folder.mkdir()
     (folder / "w.safetensors").symlink_to(outside)  # a shard that leads outside
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"fc1.weight": "w.safetensors"}}))
+        json.dumps({"weight_map": {"fc1.weight": "w.safetensors"}})
+    )
     bad_index = s.repo / "dots"
     bad_index.mkdir()
     (bad_index / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"fc1.weight": "../../outside.safetensors"}}))
-    for path, want in [(outside, grpc.StatusCode.PERMISSION_DENIED),
-                       (link, grpc.StatusCode.PERMISSION_DENIED),
-                       (folder, grpc.StatusCode.PERMISSION_DENIED),
-                       (bad_index, grpc.StatusCode.INVALID_ARGUMENT),
-                       (s.repo / "missing.safetensors", grpc.StatusCode.INVALID_ARGUMENT),
-                       (s.repo, grpc.StatusCode.INVALID_ARGUMENT)]:
+        json.dumps({"weight_map": {"fc1.weight": "../../outside.safetensors"}})
+    )
+    for path, want in [
+        (outside, grpc.StatusCode.PERMISSION_DENIED),
+        (link, grpc.StatusCode.PERMISSION_DENIED),
+        (folder, grpc.StatusCode.PERMISSION_DENIED),
+        (bad_index, grpc.StatusCode.INVALID_ARGUMENT),
+        (s.repo / "missing.safetensors", grpc.StatusCode.INVALID_ARGUMENT),
+        (s.repo, grpc.StatusCode.INVALID_ARGUMENT),
+    ]:
         code, details = code_of(lambda: load(s, "mlp", path))
         assert code == want, (path, details)
     code, _ = code_of(lambda: load(s, "nope", outside))
@@ -222,6 +235,7 @@ def test_partial_stagings_copy_only_what_differs(server_factory, monkeypatch):
     def counting(replica, constants, fqn, dst, src):
         copied.append(fqn)
         return original(replica, constants, fqn, dst, src)
+
     monkeypatch.setattr(buffer_writes, "copy_into", counting)
     inputs = model_zoo.MODELS["mlp"].inputs(3)
     base = model_zoo.MODELS["mlp"].module().state_dict()
@@ -249,8 +263,20 @@ def test_the_cli_loads_and_swaps(server_factory, capsys):
     path = s.repo / "cli.safetensors"
     weights = new_weights("mlp", 0.25)
     save_file(weights, path)
-    code = cli.main(["--json", "weights", "load", "--model", "mlp", str(path), "--full", "--swap",
-                     "--target", s.target])
+    code = cli.main(
+        [
+            "--json",
+            "weights",
+            "load",
+            "--model",
+            "mlp",
+            str(path),
+            "--full",
+            "--swap",
+            "--target",
+            s.target,
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     result = json.loads(out)
@@ -258,10 +284,12 @@ def test_the_cli_loads_and_swaps(server_factory, capsys):
     inputs = model_zoo.MODELS["mlp"].inputs(2)
     with ac.Client(s.target) as client:
         m = client.model("mlp")
-        torch.testing.assert_close(m.run(list(inputs))[0],
-                                   eager_with("mlp", weights, inputs)[0], rtol=1e-4, atol=1e-5)
-    code = cli.main(["weights", "load", "--model", "mlp", "/nonexistent/x.safetensors",
-                     "--target", s.target])
+        torch.testing.assert_close(
+            m.run(list(inputs))[0], eager_with("mlp", weights, inputs)[0], rtol=1e-4, atol=1e-5
+        )
+    code = cli.main(
+        ["weights", "load", "--model", "mlp", "/nonexistent/x.safetensors", "--target", s.target]
+    )
     _, err = capsys.readouterr()
     assert code == 1 and "PERMISSION_DENIED" in err
 
@@ -271,20 +299,28 @@ def test_gpu_direct_refusals_need_no_gpu(server_factory):
     before any handle is opened; nothing served changes."""
     s = server_factory(["mlp"])
     before = served(s)
-    tensor = pb.CudaIpcTensor(name="fc1.weight", dtype=pb.DATA_TYPE_FLOAT32, shape=[32, 64],
-                              stride=[64, 1], storage_handle=b"x" * 66,
-                              storage_size_bytes=32 * 64 * 4)
-    for host, says in [("another-host", "host"),
-                       (weights_ipc.host_id(), "CUDA" if not torch.cuda.is_available()
-                        else "does not see")]:
-        request = pb.LoadWeightsFromCudaRequest(model="mlp", host_id=host,
-                                                device_uuid="GPU-not-here", tensors=[tensor])
+    tensor = pb.CudaIpcTensor(
+        name="fc1.weight",
+        dtype=pb.DATA_TYPE_FLOAT32,
+        shape=[32, 64],
+        stride=[64, 1],
+        storage_handle=b"x" * 66,
+        storage_size_bytes=32 * 64 * 4,
+    )
+    for host, says in [
+        ("another-host", "host"),
+        (weights_ipc.host_id(), "CUDA" if not torch.cuda.is_available() else "does not see"),
+    ]:
+        request = pb.LoadWeightsFromCudaRequest(
+            model="mlp", host_id=host, device_uuid="GPU-not-here", tensors=[tensor]
+        )
         code, details = code_of(lambda: s.stub.LoadWeightsFromCuda(request))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and says in details, details
     with ac.Client(s.target) as client:
         with pytest.raises(ValueError, match="CUDA tensors"):
-            client.model("mlp").update_constant_buffer(new_weights("mlp"), True, False,
-                                                       gpu_direct=True)
+            client.model("mlp").update_constant_buffer(
+                new_weights("mlp"), True, False, gpu_direct=True
+            )
     after = served(s)
     assert after[:2] == before[:2] and wire.close(after[2], before[2])
 
@@ -320,14 +356,24 @@ def cuda_repo(tmp_path_factory):
     spec = model_zoo.MODELS["mlp"]
     inputs = tuple(t.cuda() for t in spec.inputs(4))
     batch = Dim("batch", min=1, max=spec.max_batch)
-    pack(spec.module().cuda(), inputs, repo / "mlp.pt2",
-         dynamic_shapes=tuple({0: batch} for _ in inputs), **spec.pack_kwargs)
+    pack(
+        spec.module().cuda(),
+        inputs,
+        repo / "mlp.pt2",
+        dynamic_shapes=tuple({0: batch} for _ in inputs),
+        **spec.pack_kwargs,
+    )
     return repo
 
 
 def _cuda_server(server_factory, cuda_repo):
-    s = server_factory([], model_repository=str(cuda_repo), devices=("cuda:0",),
-                       allowed_roots=(str(cuda_repo),), metrics_port=0)
+    s = server_factory(
+        [],
+        model_repository=str(cuda_repo),
+        devices=("cuda:0",),
+        allowed_roots=(str(cuda_repo),),
+        metrics_port=0,
+    )
     s.repo = cuda_repo
     return s
 
@@ -336,8 +382,12 @@ def _cuda_server(server_factory, cuda_repo):
 def test_gpu_direct_hand_off_from_a_second_process(server_factory, cuda_repo, tmp_path):
     s = _cuda_server(server_factory, cuda_repo)
     saved = tmp_path / "sent.pt"
-    proc = subprocess.run([sys.executable, "-c", _SENDER, s.target, "handoff", str(saved)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SENDER, s.target, "handoff", str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     version = proc.stdout.strip().splitlines()[-1]
     assert info(s.stub, "mlp").staged_version.id == version
@@ -349,16 +399,16 @@ def test_gpu_direct_hand_off_from_a_second_process(server_factory, cuda_repo, tm
     out, served_by = run(s.stub, "mlp", inputs)
     assert served_by == version
     assert wire.close([o.cpu() for o in out], eager_with("mlp", sent, inputs))
-    assert s.app.metrics.sample("aotiserve_staged_bytes_total", model="mlp",
-                                path="gpu-direct") > 0
+    assert s.app.metrics.sample("aotiserve_staged_bytes_total", model="mlp", path="gpu-direct") > 0
 
 
 @pytest.mark.cuda
 def test_gpu_direct_stale_handle_and_other_device(server_factory, cuda_repo):
     s = _cuda_server(server_factory, cuda_repo)
     before = served(s)
-    proc = subprocess.run([sys.executable, "-c", _SENDER, s.target, "share"],
-                          capture_output=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SENDER, s.target, "share"], capture_output=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     request = pb.LoadWeightsFromCudaRequest.FromString(proc.stdout)  # its sender has exited
     code, details = code_of(lambda: s.stub.LoadWeightsFromCuda(request))
@@ -389,6 +439,7 @@ def test_load_a_file_into_a_cuda_replica(server_factory, cuda_repo):
 
 # ---------------------------------------------------------------- hostile files
 
+
 @pytest.fixture(scope="module")
 def fuzz_server():
     from server_harness import running_server
@@ -402,21 +453,31 @@ def fuzz_server():
 def test_fuzz_files_get_invalid_argument_or_stage(fuzz_server):
     """Random bytes, and valid files with bytes overwritten anywhere (header length, JSON,
     offsets, data): OK or INVALID_ARGUMENT, never another code, and the daemon serves on."""
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
 
     s, valid = fuzz_server
     n = len(valid)
     files = st.one_of(
         st.binary(max_size=200),
         st.tuples(st.integers(0, n - 1), st.binary(min_size=1, max_size=16)).map(
-            lambda ib: valid[:ib[0]] + ib[1] + valid[ib[0] + len(ib[1]):]),
-        st.integers(0, n - 1).map(lambda k: valid[:k]))
+            lambda ib: valid[: ib[0]] + ib[1] + valid[ib[0] + len(ib[1]) :]
+        ),
+        st.integers(0, n - 1).map(lambda k: valid[:k]),
+    )
     path = s.repo / "fuzz.safetensors"
     inputs = model_zoo.MODELS["mlp"].inputs(2)
 
-    @settings(max_examples=60, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                     HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=60,
+        deadline=None,
+        database=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,
+        ],
+    )
     @given(data=files)
     def check(data):
         path.write_bytes(data)
@@ -429,8 +490,7 @@ def test_fuzz_files_get_invalid_argument_or_stage(fuzz_server):
     check()
 
 
-def test_the_client_picks_gpu_direct_only_where_the_daemon_can_take_it(server_factory,
-                                                                        monkeypatch):
+def test_the_client_picks_gpu_direct_only_where_the_daemon_can_take_it(server_factory, monkeypatch):
     """update_constant_buffer with CUDA tensors (stood in for here: this machine has no GPU):
     a daemon whose ListModels does not say it shares this host and GPU gets them streamed;
     one that refuses the hand-off with FAILED_PRECONDITION too; gpu_direct=True raises it."""
@@ -450,8 +510,15 @@ def test_the_client_picks_gpu_direct_only_where_the_daemon_can_take_it(server_fa
         monkeypatch.setattr(cuda_ipc, "reachable", lambda md, t: True)
         v = m.update_constant_buffer(weights, True, True)  # refused, then streamed
         assert v.id == m.info().staged_version.id
-        assert metrics.sample("aotiserve_constant_buffer_ops_total", model="mlp", op="stage",
-                              outcome="failed_precondition") == 1
+        assert (
+            metrics.sample(
+                "aotiserve_constant_buffer_ops_total",
+                model="mlp",
+                op="stage",
+                outcome="failed_precondition",
+            )
+            == 1
+        )
         with pytest.raises(ac.ClientError) as info:
             m.update_constant_buffer(weights, True, True, gpu_direct=True)
         assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION

@@ -18,40 +18,69 @@ def outputs(resp: pb.RunResponse) -> list[torch.Tensor]:
 
 
 def close(a, b) -> bool:
-    return all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(a, b)) and len(a) == len(b)
+    return all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(a, b)) and len(a) == len(
+        b
+    )
 
 
 def extract(stub, model: str, use_inactive: bool = False, chunk_bytes: int = 0) -> dict:
     """Reassembles ExtractConstantsMap into {name: tensor}."""
     parts: dict[str, tuple] = {}
-    for c in stub.ExtractConstantsMap(pb.ExtractConstantsMapRequest(
-            model=model, use_inactive=use_inactive, chunk_bytes=chunk_bytes)):
+    for c in stub.ExtractConstantsMap(
+        pb.ExtractConstantsMapRequest(
+            model=model, use_inactive=use_inactive, chunk_bytes=chunk_bytes
+        )
+    ):
         dtype = codec.TORCH_DTYPE_BY_WIRE[c.dtype]
         entry = parts.setdefault(c.name, (dtype, tuple(c.shape), bytearray()))
         assert c.offset == len(entry[2])
         entry[2].extend(c.data)
     out = {}
     for name, (dtype, shape, buf) in parts.items():
-        out[name] = (torch.frombuffer(bytes(buf), dtype=dtype).reshape(shape).clone()
-                     if buf else torch.empty(shape, dtype=dtype))
+        out[name] = (
+            torch.frombuffer(bytes(buf), dtype=dtype).reshape(shape).clone()
+            if buf
+            else torch.empty(shape, dtype=dtype)
+        )
     return out
 
 
-def upload_requests(model: str, tensors: dict, *, use_inactive: bool = True,
-                    validate_full: bool = False, chunk_bytes: int = 1 << 20,
-                    description: str = "", header_specs=None, order=None):
+def upload_requests(
+    model: str,
+    tensors: dict,
+    *,
+    use_inactive: bool = True,
+    validate_full: bool = False,
+    chunk_bytes: int = 1 << 20,
+    description: str = "",
+    header_specs=None,
+    order=None,
+):
     """Yields an UpdateConstantBuffer stream for {name: tensor}."""
-    specs = header_specs if header_specs is not None else [
-        pb.TensorSpec(name=n, dtype=codec.wire_dtype(t.dtype), shape=list(t.shape))
-        for n, t in tensors.items()]
-    yield pb.UpdateConstantBufferRequest(header=pb.UpdateConstantBufferHeader(
-        model=model, use_inactive=use_inactive, validate_full_updates=validate_full,
-        constants=specs, description=description))
+    specs = (
+        header_specs
+        if header_specs is not None
+        else [
+            pb.TensorSpec(name=n, dtype=codec.wire_dtype(t.dtype), shape=list(t.shape))
+            for n, t in tensors.items()
+        ]
+    )
+    yield pb.UpdateConstantBufferRequest(
+        header=pb.UpdateConstantBufferHeader(
+            model=model,
+            use_inactive=use_inactive,
+            validate_full_updates=validate_full,
+            constants=specs,
+            description=description,
+        )
+    )
     chunks = []
     for name, t in tensors.items():
         data = codec.tensor_bytes(t)
         for off in range(0, max(len(data), 1), chunk_bytes):
-            chunks.append(pb.ConstantChunk(name=name, offset=off, data=data[off:off + chunk_bytes]))
+            chunks.append(
+                pb.ConstantChunk(name=name, offset=off, data=data[off : off + chunk_bytes])
+            )
     if order is not None:
         chunks = order(chunks)
     for c in chunks:

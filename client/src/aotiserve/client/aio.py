@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -54,7 +54,9 @@ class AsyncModel:
     def __repr__(self) -> str:
         return f"AsyncModel({self.name!r} at {self._client.target!r})"
 
-    async def run(self, inputs: Sequence[Any], *, output_format: OutputFormat | None = None) -> list:
+    async def run(
+        self, inputs: Sequence[Any], *, output_format: OutputFormat | None = None
+    ) -> list:
         request = encode_run_request(self.name, inputs)
         client = self._client
         try:
@@ -71,26 +73,32 @@ class AsyncModel:
         return [r.in_spec, r.out_spec]
 
     async def get_constant_names_to_original_fqns(self) -> dict[str, str]:
-        r = await self._client._call("GetConstantNamesToOriginalFqns",
-                                     pb.GetConstantNamesToOriginalFqnsRequest(model=self.name))
+        r = await self._client._call(
+            "GetConstantNamesToOriginalFqns",
+            pb.GetConstantNamesToOriginalFqnsRequest(model=self.name),
+        )
         return dict(r.fqns)
 
     async def get_constant_names_to_dtypes(self) -> dict[str, int]:
-        r = await self._client._call("GetConstantNamesToDtypes",
-                                     pb.GetConstantNamesToDtypesRequest(model=self.name))
+        r = await self._client._call(
+            "GetConstantNamesToDtypes", pb.GetConstantNamesToDtypesRequest(model=self.name)
+        )
         return dict(r.dtypes)
 
-    async def extract_constants_map(self, use_inactive: bool, *, chunk_bytes: int = 0,
-                                    output_format: OutputFormat | None = None) -> dict[str, Any]:
+    async def extract_constants_map(
+        self, use_inactive: bool, *, chunk_bytes: int = 0, output_format: OutputFormat | None = None
+    ) -> dict[str, Any]:
         # Ask for chunks that fit this client's receive limit (not the server's default).
         chunk_bytes = self._client._config.fit_chunk(chunk_bytes or DEFAULT_DOWNLOAD_CHUNK_BYTES)
-        request = pb.ExtractConstantsMapRequest(model=self.name, use_inactive=use_inactive,
-                                                chunk_bytes=chunk_bytes)
+        request = pb.ExtractConstantsMapRequest(
+            model=self.name, use_inactive=use_inactive, chunk_bytes=chunk_bytes
+        )
         client = self._client
         assembler = ConstantsAssembler(client._format(output_format))
         try:
             async for chunk in client._stubs.ExtractConstantsMap(
-                    request, metadata=client._metadata, timeout=client.timeout):
+                request, metadata=client._metadata, timeout=client.timeout
+            ):
                 assembler.add(chunk)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
@@ -108,40 +116,67 @@ class AsyncModel:
         progress: ProgressCallback | None = None,
     ) -> WeightsVersion | None:
         return await self.stream_constants(
-            upload_items(tensor_map), use_inactive, validate_full_updates, user_managed,
-            description=description, chunk_bytes=chunk_bytes, progress=progress,
+            upload_items(tensor_map),
+            use_inactive,
+            validate_full_updates,
+            user_managed,
+            description=description,
+            chunk_bytes=chunk_bytes,
+            progress=progress,
         )
 
     async def swap_constant_buffer(self) -> WeightsVersion | None:
-        r = await self._client._call("SwapConstantBuffer",
-                                     pb.SwapConstantBufferRequest(model=self.name))
+        r = await self._client._call(
+            "SwapConstantBuffer", pb.SwapConstantBufferRequest(model=self.name)
+        )
         return WeightsVersion.from_proto(r.active_version)
 
     async def free_inactive_constant_buffer(self) -> None:
-        await self._client._call("FreeInactiveConstantBuffer",
-                                 pb.FreeInactiveConstantBufferRequest(model=self.name))
+        await self._client._call(
+            "FreeInactiveConstantBuffer", pb.FreeInactiveConstantBufferRequest(model=self.name)
+        )
 
-    async def update_constant_buffer_from_blob(self, weights_path: str | os.PathLike) -> WeightsVersion | None:
-        r = await self._client._call("UpdateConstantBufferFromBlob", pb.UpdateConstantBufferFromBlobRequest(
-            model=self.name, weights_path=os.fspath(weights_path)))
+    async def update_constant_buffer_from_blob(
+        self, weights_path: str | os.PathLike
+    ) -> WeightsVersion | None:
+        r = await self._client._call(
+            "UpdateConstantBufferFromBlob",
+            pb.UpdateConstantBufferFromBlobRequest(
+                model=self.name, weights_path=os.fspath(weights_path)
+            ),
+        )
         return WeightsVersion.from_proto(r.version)
 
-    async def load_weights(self, path: str | os.PathLike, *, validate_full_updates: bool = False,
-                           description: str = "") -> WeightsVersion | None:
+    async def load_weights(
+        self, path: str | os.PathLike, *, validate_full_updates: bool = False, description: str = ""
+    ) -> WeightsVersion | None:
         """Extension: the server stages a safetensors file from its own disk (see Model)."""
-        r = await self._client._call("LoadWeights", pb.LoadWeightsRequest(
-            model=self.name, path=os.fspath(path), validate_full_updates=validate_full_updates,
-            description=description))
+        r = await self._client._call(
+            "LoadWeights",
+            pb.LoadWeightsRequest(
+                model=self.name,
+                path=os.fspath(path),
+                validate_full_updates=validate_full_updates,
+                description=description,
+            ),
+        )
         return WeightsVersion.from_proto(r.version)
 
-    async def load_weights_from_cuda(self, tensor_map, *, validate_full_updates: bool = False,
-                                     description: str = "") -> WeightsVersion | None:
+    async def load_weights_from_cuda(
+        self, tensor_map, *, validate_full_updates: bool = False, description: str = ""
+    ) -> WeightsVersion | None:
         """Extension: GPU-direct hand-off of CUDA tensors (see Model)."""
         from aotiserve.client import cuda_ipc
 
-        r = await self._client._call("LoadWeightsFromCuda", cuda_ipc.share(
-            self.name, tensor_map, validate_full_updates=validate_full_updates,
-            description=description))
+        r = await self._client._call(
+            "LoadWeightsFromCuda",
+            cuda_ipc.share(
+                self.name,
+                tensor_map,
+                validate_full_updates=validate_full_updates,
+                description=description,
+            ),
+        )
         return WeightsVersion.from_proto(r.version)
 
     async def stream_constants(
@@ -155,13 +190,18 @@ class AsyncModel:
         chunk_bytes: int | None = None,
         progress: ProgressCallback | None = None,
     ) -> WeightsVersion | None:
-        requests = RecordingIterator(encode_upload(
-            self.name, list(items), use_inactive=use_inactive,
-            validate_full_updates=validate_full_updates, user_managed=user_managed,
-            description=description,
-            chunk_bytes=self._client._config.fit_chunk(chunk_bytes or self._client.chunk_bytes),
-            progress=progress,
-        ))
+        requests = RecordingIterator(
+            encode_upload(
+                self.name,
+                list(items),
+                use_inactive=use_inactive,
+                validate_full_updates=validate_full_updates,
+                user_managed=user_managed,
+                description=description,
+                chunk_bytes=self._client._config.fit_chunk(chunk_bytes or self._client.chunk_bytes),
+                progress=progress,
+            )
+        )
         try:
             r = await self._client._call("UpdateConstantBuffer", iter(requests))
         except (ClientError, asyncio.CancelledError):
@@ -173,8 +213,9 @@ class AsyncModel:
         return WeightsVersion.from_proto(r.version)
 
     async def rollback_constant_buffer(self) -> WeightsVersion | None:
-        r = await self._client._call("RollbackConstantBuffer",
-                                     pb.RollbackConstantBufferRequest(model=self.name))
+        r = await self._client._call(
+            "RollbackConstantBuffer", pb.RollbackConstantBufferRequest(model=self.name)
+        )
         return WeightsVersion.from_proto(r.active_version)
 
     async def info(self) -> ModelInfo:
@@ -209,9 +250,17 @@ class AsyncClient:
         insecure: bool = False,
     ) -> None:
         self._config = ChannelConfig(
-            target=target, admin_token=admin_token, token=token, tls=tls, ca_cert=ca_cert,
-            client_cert=client_cert, client_key=client_key, tls_server_name=tls_server_name,
-            credentials=credentials, max_message_bytes=max_message_bytes, options=tuple(options),
+            target=target,
+            admin_token=admin_token,
+            token=token,
+            tls=tls,
+            ca_cert=ca_cert,
+            client_cert=client_cert,
+            client_key=client_key,
+            tls_server_name=tls_server_name,
+            credentials=credentials,
+            max_message_bytes=max_message_bytes,
+            options=tuple(options),
             insecure=insecure,
         )
         if chunk_bytes <= 0:
@@ -237,19 +286,33 @@ class AsyncClient:
 
     async def _call(self, rpc: str, request):
         try:
-            return await getattr(self._stubs, rpc)(request, metadata=self._metadata_of[rpc],
-                                                   timeout=self.timeout)
+            return await getattr(self._stubs, rpc)(
+                request, metadata=self._metadata_of[rpc], timeout=self.timeout
+            )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
     def model(self, name: str) -> AsyncModel:
         return AsyncModel(self, name)
 
-    async def load_model(self, name: str, path: str | os.PathLike, devices: Sequence[str] | None = None,
-                         runners_per_device: int = 0, package_model: str = "") -> ModelInfo:
-        r = await self._call("LoadModel", pb.LoadModelRequest(
-            name=name, path=os.fspath(path), devices=list(devices or ()),
-            runners_per_device=runners_per_device, package_model=package_model))
+    async def load_model(
+        self,
+        name: str,
+        path: str | os.PathLike,
+        devices: Sequence[str] | None = None,
+        runners_per_device: int = 0,
+        package_model: str = "",
+    ) -> ModelInfo:
+        r = await self._call(
+            "LoadModel",
+            pb.LoadModelRequest(
+                name=name,
+                path=os.fspath(path),
+                devices=list(devices or ()),
+                runners_per_device=runners_per_device,
+                package_model=package_model,
+            ),
+        )
         return ModelInfo.from_proto(r.model)
 
     async def unload_model(self, name: str) -> None:
@@ -261,8 +324,7 @@ class AsyncClient:
 
     async def health(self, service: str = "") -> str:
         try:
-            return await self._health_check(_health.encode_request(service),
-                                            timeout=self.timeout)
+            return await self._health_check(_health.encode_request(service), timeout=self.timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -273,8 +335,9 @@ class AsyncClient:
         request = _health.encode_request(service)
         while (remaining := deadline - time.monotonic()) > 0:
             try:
-                async for status in self._health_watch(request, timeout=remaining,
-                                                       wait_for_ready=True):
+                async for status in self._health_watch(
+                    request, timeout=remaining, wait_for_ready=True
+                ):
                     last = status
                     if status == "SERVING":
                         return
@@ -284,8 +347,11 @@ class AsyncClient:
                     status = await self.health(service)
                     if status == "SERVING":
                         return
-                elif code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                                  grpc.StatusCode.DEADLINE_EXCEEDED):
+                elif code not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.CANCELLED,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ):
                     raise from_rpc_error(e) from None
                 if code != grpc.StatusCode.DEADLINE_EXCEEDED:
                     last = code.name

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
-from collections.abc import Sequence
 
 import grpc
 
@@ -30,11 +30,19 @@ DEFAULT_DOWNLOAD_CHUNK_BYTES = 4 << 20
 WEIGHTS_VERSION_TRAILER = "aotiserve-weights-version"
 
 #: The RPCs that change what a daemon serves: the only ones the admin token goes with.
-MUTATING_RPCS = frozenset({
-    "LoadModel", "UnloadModel", "UpdateConstantBuffer", "SwapConstantBuffer",
-    "RollbackConstantBuffer", "FreeInactiveConstantBuffer", "UpdateConstantBufferFromBlob",
-    "LoadWeights", "LoadWeightsFromCuda",
-})
+MUTATING_RPCS = frozenset(
+    {
+        "LoadModel",
+        "UnloadModel",
+        "UpdateConstantBuffer",
+        "SwapConstantBuffer",
+        "RollbackConstantBuffer",
+        "FreeInactiveConstantBuffer",
+        "UpdateConstantBufferFromBlob",
+        "LoadWeights",
+        "LoadWeightsFromCuda",
+    }
+)
 
 
 def _serialize(message: Any) -> bytes:
@@ -53,13 +61,20 @@ def model_runner_stubs(channel) -> SimpleNamespace:
             (True, False): channel.stream_unary,
             (True, True): channel.stream_stream,
         }[(method.client_streaming, method.server_streaming)]
-        setattr(stubs, method.name, factory(
-            f"/{service.full_name}/{method.name}",
-            request_serializer=_serialize,
-            response_deserializer=(parse_run_response if method.name == "Run"
-                                   else getattr(pb, method.output_type.name).FromString),
-            _registered_method=True,
-        ))
+        setattr(
+            stubs,
+            method.name,
+            factory(
+                f"/{service.full_name}/{method.name}",
+                request_serializer=_serialize,
+                response_deserializer=(
+                    parse_run_response
+                    if method.name == "Run"
+                    else getattr(pb, method.output_type.name).FromString
+                ),
+                _registered_method=True,
+            ),
+        )
     return stubs
 
 
@@ -70,7 +85,7 @@ def is_loopback_target(target: str) -> bool:
         return True
     for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
         if target.startswith(scheme):
-            target = target[len(scheme):]
+            target = target[len(scheme) :]
             break
     if target.startswith("//"):  # dns://authority/host:port
         target = target[2:].split("/", 1)[-1]
@@ -80,7 +95,7 @@ def is_loopback_target(target: str) -> bool:
 
 def _host_of(hostport: str) -> str:
     if hostport.startswith("["):
-        return hostport[1:hostport.find("]")] if "]" in hostport else hostport[1:]
+        return hostport[1 : hostport.find("]")] if "]" in hostport else hostport[1:]
     if hostport.count(":") == 1:
         return hostport.split(":", 1)[0]
     return hostport  # no port, or a bare IPv6 address
@@ -130,18 +145,25 @@ class ChannelConfig:
     insecure: bool = False
 
     def __post_init__(self) -> None:
-        if (self.admin_token or self.token) and not self.use_tls() and not self.insecure \
-                and not is_loopback_target(self.target):
+        if (
+            (self.admin_token or self.token)
+            and not self.use_tls()
+            and not self.insecure
+            and not is_loopback_target(self.target)
+        ):
             raise ValueError(
                 f"refusing to send a token in plaintext to {self.target!r}, which is not a "
                 "loopback address: use TLS (ca_cert=... or tls=True), or pass insecure=True "
-                "(CLI: --insecure) on a network you trust")
+                "(CLI: --insecure) on a network you trust"
+            )
 
     def use_tls(self) -> bool:
         if self.tls is not None:
             return self.tls
-        return any(x is not None for x in (self.ca_cert, self.client_cert, self.client_key,
-                                           self.credentials))
+        return any(
+            x is not None
+            for x in (self.ca_cert, self.client_cert, self.client_key, self.credentials)
+        )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         if self.credentials is not None:
@@ -190,6 +212,7 @@ class ChannelConfig:
         """A new ``grpc.Channel`` (or ``grpc.aio.Channel``)."""
         mod = grpc.aio if aio else grpc
         if self.use_tls():
-            return mod.secure_channel(self.target, self.channel_credentials(),
-                                      options=self.channel_options())
+            return mod.secure_channel(
+                self.target, self.channel_credentials(), options=self.channel_options()
+            )
         return mod.insecure_channel(self.target, options=self.channel_options())

@@ -22,10 +22,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Mapping, Sequence
 
 DEFAULT_TARGET = "localhost:8500"
 TARGET_ENV = "AOTISERVE_TARGET"
@@ -52,7 +52,9 @@ class CliConfig:
             target=args.target or environ.get(TARGET_ENV) or DEFAULT_TARGET,
             admin_token=_read_token(args.admin_token_file, "admin token"),
             token=_read_token(args.token_file, "token"),
-            tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
             tls_server_name=args.tls_server_name,
             timeout=args.timeout,
             json=bool(args.json),
@@ -63,10 +65,18 @@ class CliConfig:
         from aotiserve.client.client import Client
 
         tls = True if (self.tls_ca or self.tls_cert) else None
-        return Client(target or self.target, admin_token=self.admin_token, token=self.token, tls=tls,
-                      ca_cert=self.tls_ca, client_cert=self.tls_cert, client_key=self.tls_key,
-                      tls_server_name=self.tls_server_name, timeout=self.timeout,
-                      insecure=self.insecure)
+        return Client(
+            target or self.target,
+            admin_token=self.admin_token,
+            token=self.token,
+            tls=tls,
+            ca_cert=self.tls_ca,
+            client_cert=self.tls_cert,
+            client_key=self.tls_key,
+            tls_server_name=self.tls_server_name,
+            timeout=self.timeout,
+            insecure=self.insecure,
+        )
 
 
 def _read_token(path: str | None, what: str) -> str | None:
@@ -84,32 +94,59 @@ class UsageError(Exception):
 
 # ---------------------------------------------------------------- parser
 
+
 def _connection_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
     d = argparse.SUPPRESS if suppress else None
     g = parser.add_argument_group("connection")
-    g.add_argument("--target", default=d, metavar="HOST:PORT",
-                   help=f"daemon address (default: ${TARGET_ENV}, else {DEFAULT_TARGET})")
-    g.add_argument("--admin-token-file", default=d, metavar="FILE",
-                   help="file holding the admin token (sent as 'authorization: Bearer ...')")
-    g.add_argument("--token-file", default=d, metavar="FILE",
-                   help="file holding the inference token, for a daemon that requires one")
+    g.add_argument(
+        "--target",
+        default=d,
+        metavar="HOST:PORT",
+        help=f"daemon address (default: ${TARGET_ENV}, else {DEFAULT_TARGET})",
+    )
+    g.add_argument(
+        "--admin-token-file",
+        default=d,
+        metavar="FILE",
+        help="file holding the admin token (sent as 'authorization: Bearer ...')",
+    )
+    g.add_argument(
+        "--token-file",
+        default=d,
+        metavar="FILE",
+        help="file holding the inference token, for a daemon that requires one",
+    )
     g.add_argument("--tls-ca", default=d, metavar="FILE", help="CA certificate: use TLS")
     g.add_argument("--tls-cert", default=d, metavar="FILE", help="client certificate (mutual TLS)")
     g.add_argument("--tls-key", default=d, metavar="FILE", help="client private key (mutual TLS)")
-    g.add_argument("--tls-server-name", default=d, metavar="NAME",
-                   help="expected server name in its certificate (default: the target host)")
-    g.add_argument("--insecure", default=False if not suppress else d, action="store_true",
-                   help="send the token in plaintext to a target that is not loopback (without "
-                        "it, a token goes only over TLS or to loopback)")
+    g.add_argument(
+        "--tls-server-name",
+        default=d,
+        metavar="NAME",
+        help="expected server name in its certificate (default: the target host)",
+    )
+    g.add_argument(
+        "--insecure",
+        default=False if not suppress else d,
+        action="store_true",
+        help="send the token in plaintext to a target that is not loopback (without "
+        "it, a token goes only over TLS or to loopback)",
+    )
     g.add_argument("--timeout", default=d, type=float, metavar="SECONDS", help="per-call deadline")
-    g.add_argument("--json", default=False if not suppress else d, action="store_true",
-                   help="machine-readable output on stdout")
+    g.add_argument(
+        "--json",
+        default=False if not suppress else d,
+        action="store_true",
+        help="machine-readable output on stdout",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="aotiserve", description="Serve PyTorch AOTInductor models over gRPC, and operate them.",
-        epilog="`aotiserve serve --help` lists the daemon's flags.")
+        prog="aotiserve",
+        description="Serve PyTorch AOTInductor models over gRPC, and operate them.",
+        epilog="`aotiserve serve --help` lists the daemon's flags.",
+    )
     _connection_flags(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -124,20 +161,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("infer", "run a model once and print its outputs")
     p.add_argument("--model", required=True)
-    p.add_argument("--input", action="append", default=[], metavar="FILE.npy",
-                   help="an input as a .npy file, in input order (repeat for each input)")
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="FILE.npy",
+        help="an input as a .npy file, in input order (repeat for each input)",
+    )
     p.add_argument("--random", action="store_true", help="random inputs from the model's specs")
-    p.add_argument("--batch", type=int, default=None,
-                   help="batch size of random inputs (default: the smallest the model accepts, "
-                        "at least 1)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="batch size of random inputs (default: the smallest the model accepts, at least 1)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of random inputs")
     p.add_argument("--save", metavar="DIR", help="also write each output to DIR/<name>.npy")
 
-    p = command("inspect", "describe a .pt2 package: models, device, inputs/outputs, constants, "
-                "swappable and folded weights, warnings (reads the file; no daemon)")
+    p = command(
+        "inspect",
+        "describe a .pt2 package: models, device, inputs/outputs, constants, "
+        "swappable and folded weights, warnings (reads the file; no daemon)",
+    )
     p.add_argument("package", metavar="PATH.pt2")
-    p.add_argument("--weights", metavar="FILE.safetensors",
-                   help="the model's weights: names the ones folded into code at compile time")
+    p.add_argument(
+        "--weights",
+        metavar="FILE.safetensors",
+        help="the model's weights: names the ones folded into code at compile time",
+    )
 
     p = command("health", "print the daemon's health status (exit 0 only when SERVING)")
     p.add_argument("--service", default="", help="service name ('' for the whole server)")
@@ -146,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("load", "load a model package (a path on the server)")
     p.add_argument("name")
     p.add_argument("path")
-    p.add_argument("--devices", default="", help="comma-separated, e.g. cpu,cuda:0 (default: server's)")
+    p.add_argument(
+        "--devices", default="", help="comma-separated, e.g. cpu,cuda:0 (default: server's)"
+    )
     p.add_argument("--runners-per-device", type=int, default=0)
     p.add_argument("--package-model", default="", help="model inside a multi-model package")
 
@@ -164,23 +217,40 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def upload_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("file", metavar="FILE.safetensors",
-                       help="keys are original FQNs (fc1.weight) or constant names (fc1_weight)")
-        p.add_argument("--partial", action="store_true",
-                       help="allow a file that covers only some weights")
-        p.add_argument("--description", default="", help="kept with the version (default: file name)")
+        p.add_argument(
+            "file",
+            metavar="FILE.safetensors",
+            help="keys are original FQNs (fc1.weight) or constant names (fc1_weight)",
+        )
+        p.add_argument(
+            "--partial", action="store_true", help="allow a file that covers only some weights"
+        )
+        p.add_argument(
+            "--description", default="", help="kept with the version (default: file name)"
+        )
         p.add_argument("--chunk-mib", type=float, default=None, help="upload chunk size in MiB")
 
     p = action("push", "stage a safetensors file (validated), then swap it in")
     upload_flags(p)
-    p.add_argument("--no-swap", action="store_true", help="stage only; swap later with the runner API")
-    p = action("load", "have the server stage a safetensors file from its own disk "
-               "(below its --allowed-root), then optionally swap it in")
-    p.add_argument("path", metavar="PATH",
-                   help="on the server: a .safetensors file, or a folder of shards with "
-                   "model.safetensors.index.json")
-    p.add_argument("--full", action="store_true",
-                   help="require the file to cover every weight (default: partial allowed)")
+    p.add_argument(
+        "--no-swap", action="store_true", help="stage only; swap later with the runner API"
+    )
+    p = action(
+        "load",
+        "have the server stage a safetensors file from its own disk "
+        "(below its --allowed-root), then optionally swap it in",
+    )
+    p.add_argument(
+        "path",
+        metavar="PATH",
+        help="on the server: a .safetensors file, or a folder of shards with "
+        "model.safetensors.index.json",
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="require the file to cover every weight (default: partial allowed)",
+    )
     p.add_argument("--swap", action="store_true", help="swap it in once staged")
     p.add_argument("--description", default="", help="kept with the version (default: file name)")
     p = action("pull", "download the served weights as a safetensors file")
@@ -190,12 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     action("free", "free the inactive buffer (staged or previous weights)")
     p = action("rollout", "stage on every target; only if all succeed, swap every target")
     upload_flags(p)
-    p.add_argument("--targets", required=True, metavar="A:PORT,B:PORT|NAME:PORT",
-                   help="comma-separated daemons, or one DNS name resolved to all its addresses")
+    p.add_argument(
+        "--targets",
+        required=True,
+        metavar="A:PORT,B:PORT|NAME:PORT",
+        help="comma-separated daemons, or one DNS name resolved to all its addresses",
+    )
     return parser
 
 
 # ---------------------------------------------------------------- output
+
 
 def _print_json(obj: Any, indent: int | None = 2) -> None:
     print(json.dumps(obj, indent=indent, default=str))
@@ -209,8 +284,17 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _version_dict(v) -> dict | None:
-    return None if v is None else {"id": v.id, "sha256": v.sha256, "created_unix_ms": v.created_unix_ms,
-                                   "author": v.author, "description": v.description}
+    return (
+        None
+        if v is None
+        else {
+            "id": v.id,
+            "sha256": v.sha256,
+            "created_unix_ms": v.created_unix_ms,
+            "author": v.author,
+            "description": v.description,
+        }
+    )
 
 
 def _size(n: int) -> str:
@@ -233,6 +317,7 @@ def _as_numpy(x):
 
 # ---------------------------------------------------------------- commands
 
+
 def cmd_models(cfg: CliConfig, args) -> int:
     with cfg.client() as client:
         models = client.list_models()
@@ -242,9 +327,17 @@ def cmd_models(cfg: CliConfig, args) -> int:
     if not models:
         print("no models loaded")
         return 0
-    rows = [[m.name, m.state, ",".join(m.devices), str(m.runners_per_device),
-             m.active_version.id if m.active_version else "-",
-             m.staged_version.id if m.staged_version else "-"] for m in models]
+    rows = [
+        [
+            m.name,
+            m.state,
+            ",".join(m.devices),
+            str(m.runners_per_device),
+            m.active_version.id if m.active_version else "-",
+            m.staged_version.id if m.staged_version else "-",
+        ]
+        for m in models
+    ]
     print(_table(rows, ["NAME", "STATE", "DEVICES", "RUNNERS", "VERSION", "STAGED"]))
     for m in models:
         if m.error:
@@ -263,8 +356,12 @@ def _random_inputs(specs, batch: int | None, seed: int) -> list:
         # A dynamic dim takes the smallest size the model accepts (a package compiled with
         # torch's default guards refuses 1), dim 0 the batch asked for.
         least = spec.min_shape or (0,) * len(spec.shape)
-        shape = tuple((batch if batch is not None else max(least[i], 1)) if (d < 0 and i == 0)
-                      else (max(least[i], 1) if d < 0 else d) for i, d in enumerate(spec.shape))
+        shape = tuple(
+            (batch if batch is not None else max(least[i], 1))
+            if (d < 0 and i == 0)
+            else (max(least[i], 1) if d < 0 else d)
+            for i, d in enumerate(spec.shape)
+        )
         dtype = BY_TORCH_NAME.get(spec.dtype)
         if dtype is None:
             raise UsageError(f"input {spec.name!r} has dtype {spec.dtype}; pass --input files")
@@ -277,7 +374,9 @@ def _random_inputs(specs, batch: int | None, seed: int) -> list:
         if dtype.numpy_name is None:
             import torch  # bfloat16 / float8 inputs need torch
 
-            value = torch.from_numpy(np.asarray(value, dtype=np.float32)).to(getattr(torch, dtype.torch_name))
+            value = torch.from_numpy(np.asarray(value, dtype=np.float32)).to(
+                getattr(torch, dtype.torch_name)
+            )
         else:
             value = np.asarray(value, dtype=dtype.numpy_name)
         inputs.append(value)
@@ -298,7 +397,9 @@ def cmd_infer(cfg: CliConfig, args) -> int:
         info = model.info()
         if args.random:
             if not info.inputs:
-                raise UsageError(f"model {args.model!r} publishes no input specs; pass --input files")
+                raise UsageError(
+                    f"model {args.model!r} publishes no input specs; pass --input files"
+                )
             inputs = _random_inputs(info.inputs, args.batch, args.seed)
         else:
             try:
@@ -307,8 +408,9 @@ def cmd_infer(cfg: CliConfig, args) -> int:
                 raise UsageError(f"cannot read input: {e}") from None
         started = time.perf_counter()
         # numpy outputs unless one needs torch (bfloat16...): importing torch costs seconds.
-        numpy_ok = all(BY_TORCH_NAME.get(o.dtype) and BY_TORCH_NAME[o.dtype].numpy_name
-                       for o in info.outputs)
+        numpy_ok = all(
+            BY_TORCH_NAME.get(o.dtype) and BY_TORCH_NAME[o.dtype].numpy_name for o in info.outputs
+        )
         outputs = model.run(inputs, output_format="numpy" if numpy_ok and info.outputs else "auto")
         latency_ms = (time.perf_counter() - started) * 1e3
     names = [s.name for s in info.outputs]
@@ -319,13 +421,23 @@ def cmd_infer(cfg: CliConfig, args) -> int:
         for name, a in zip(names, arrays):
             np.save(os.path.join(args.save, f"{name}.npy"), a)
     if cfg.json:
-        _print_json({
-            "model": args.model, "weights_version": model.last_weights_version,
-            "latency_ms": round(latency_ms, 3),
-            "outputs": [{"name": n, "dtype": str(o.dtype).removeprefix("torch."),
-                         "shape": list(o.shape), "data": a.tolist()}
-                        for n, o, a in zip(names, outputs, arrays)],
-        }, indent=None)  # tensors: one line, not one line per number
+        _print_json(
+            {
+                "model": args.model,
+                "weights_version": model.last_weights_version,
+                "latency_ms": round(latency_ms, 3),
+                "outputs": [
+                    {
+                        "name": n,
+                        "dtype": str(o.dtype).removeprefix("torch."),
+                        "shape": list(o.shape),
+                        "data": a.tolist(),
+                    }
+                    for n, o, a in zip(names, outputs, arrays)
+                ],
+            },
+            indent=None,
+        )  # tensors: one line, not one line per number
         return 0
     print(f"model {args.model}  weights {model.last_weights_version}  {latency_ms:.2f} ms")
     for n, o, a in zip(names, outputs, arrays):
@@ -368,8 +480,9 @@ def cmd_health(cfg: CliConfig, args) -> int:
 def cmd_load(cfg: CliConfig, args) -> int:
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     with cfg.client() as client:
-        info = client.load_model(args.name, args.path, devices, args.runners_per_device,
-                                 args.package_model)
+        info = client.load_model(
+            args.name, args.path, devices, args.runners_per_device, args.package_model
+        )
     if cfg.json:
         _print_json(info.to_dict())
     else:
@@ -400,17 +513,32 @@ def cmd_weights_push(cfg: CliConfig, args) -> int:
     from aotiserve.client.progress import ProgressBar
 
     with cfg.client() as client, ProgressBar(f"{args.model} <- {Path(args.file).name}") as bar:
-        staged, active = weights.push(client, args.model, args.file, partial=args.partial,
-                                      swap=not args.no_swap, description=args.description,
-                                      chunk_bytes=_chunk_bytes(args), progress=bar)
+        staged, active = weights.push(
+            client,
+            args.model,
+            args.file,
+            partial=args.partial,
+            swap=not args.no_swap,
+            description=args.description,
+            chunk_bytes=_chunk_bytes(args),
+            progress=bar,
+        )
     if cfg.json:
-        _print_json({"model": args.model, "staged": _version_dict(staged),
-                     "active": _version_dict(active), "bytes": bar.total})
+        _print_json(
+            {
+                "model": args.model,
+                "staged": _version_dict(staged),
+                "active": _version_dict(active),
+                "bytes": bar.total,
+            }
+        )
     elif active is None:
         print(f"staged {staged.id if staged else '?'} on {args.model} (not swapped in)")
     else:
-        print(f"{args.model} now serves {active.id} ({_size(bar.total)}); "
-              f"`aotiserve weights rollback --model {args.model}` restores the previous weights")
+        print(
+            f"{args.model} now serves {active.id} ({_size(bar.total)}); "
+            f"`aotiserve weights rollback --model {args.model}` restores the previous weights"
+        )
     return 0
 
 
@@ -418,17 +546,28 @@ def cmd_weights_load(cfg: CliConfig, args) -> int:
     from aotiserve.client import weights
 
     with cfg.client() as client:
-        staged, active = weights.load(client, args.model, args.path, partial=not args.full,
-                                      swap=args.swap, description=args.description)
+        staged, active = weights.load(
+            client,
+            args.model,
+            args.path,
+            partial=not args.full,
+            swap=args.swap,
+            description=args.description,
+        )
     if cfg.json:
-        _print_json({"model": args.model, "staged": _version_dict(staged),
-                     "active": _version_dict(active)})
+        _print_json(
+            {"model": args.model, "staged": _version_dict(staged), "active": _version_dict(active)}
+        )
     elif active is None:
-        print(f"staged {staged.id if staged else '?'} on {args.model} from {args.path} "
-              "(not swapped in)")
+        print(
+            f"staged {staged.id if staged else '?'} on {args.model} from {args.path} "
+            "(not swapped in)"
+        )
     else:
-        print(f"{args.model} now serves {active.id} (from {args.path}); "
-              f"`aotiserve weights rollback --model {args.model}` restores the previous weights")
+        print(
+            f"{args.model} now serves {active.id} (from {args.path}); "
+            f"`aotiserve weights rollback --model {args.model}` restores the previous weights"
+        )
     return 0
 
 
@@ -438,8 +577,14 @@ def cmd_weights_pull(cfg: CliConfig, args) -> int:
     with cfg.client() as client:
         version, count = weights.pull(client, args.model, args.out, use_inactive=args.inactive)
     if cfg.json:
-        _print_json({"model": args.model, "file": args.out, "tensors": count,
-                     "version": _version_dict(version)})
+        _print_json(
+            {
+                "model": args.model,
+                "file": args.out,
+                "tensors": count,
+                "version": _version_dict(version),
+            }
+        )
     else:
         which = version.id if version else "unknown version"
         print(f"wrote {count} tensors of {args.model} ({which}) to {args.out}")
@@ -475,24 +620,43 @@ def cmd_weights_rollout(cfg: CliConfig, args) -> int:
         raise UsageError(str(e)) from None
     if not Path(args.file).is_file():
         raise UsageError(f"{args.file}: no such file")
-    ok, outcomes = weights.rollout(targets, args.model, args.file, cfg.client, partial=args.partial,
-                                   description=args.description, chunk_bytes=_chunk_bytes(args))
+    ok, outcomes = weights.rollout(
+        targets,
+        args.model,
+        args.file,
+        cfg.client,
+        partial=args.partial,
+        description=args.description,
+        chunk_bytes=_chunk_bytes(args),
+    )
     if cfg.json:
         _print_json({"model": args.model, "ok": ok, "targets": [o.as_dict() for o in outcomes]})
     else:
-        print(_table([[o.target, o.stage, o.swap, o.version or "-", o.error] for o in outcomes],
-                     ["TARGET", "STAGE", "SWAP", "VERSION", "ERROR"]))
-        print(f"rollout of {Path(args.file).name} to {len(targets)} target(s): "
-              + ("every target switched" if ok else "FAILED, no target switched"))
+        print(
+            _table(
+                [[o.target, o.stage, o.swap, o.version or "-", o.error] for o in outcomes],
+                ["TARGET", "STAGE", "SWAP", "VERSION", "ERROR"],
+            )
+        )
+        print(
+            f"rollout of {Path(args.file).name} to {len(targets)} target(s): "
+            + ("every target switched" if ok else "FAILED, no target switched")
+        )
     return 0 if ok else 1
 
 
 COMMANDS = {
-    "models": cmd_models, "infer": cmd_infer, "inspect": cmd_inspect, "health": cmd_health,
-    "load": cmd_load, "unload": cmd_unload,
-    ("weights", "push"): cmd_weights_push, ("weights", "pull"): cmd_weights_pull,
+    "models": cmd_models,
+    "infer": cmd_infer,
+    "inspect": cmd_inspect,
+    "health": cmd_health,
+    "load": cmd_load,
+    "unload": cmd_unload,
+    ("weights", "push"): cmd_weights_push,
+    ("weights", "pull"): cmd_weights_pull,
     ("weights", "load"): cmd_weights_load,
-    ("weights", "rollback"): cmd_weights_rollback, ("weights", "free"): cmd_weights_free,
+    ("weights", "rollback"): cmd_weights_rollback,
+    ("weights", "free"): cmd_weights_free,
     ("weights", "rollout"): cmd_weights_rollout,
 }
 
@@ -504,8 +668,11 @@ def serve(argv: Sequence[str]) -> int:
     except ImportError as e:
         if not (e.name or "").startswith("aotiserve.server"):
             raise
-        print("aotiserve serve: the daemon is not installed; it ships in the full `aotiserve` "
-              "distribution (pip install aotiserve), not in aotiserve-client", file=sys.stderr)
+        print(
+            "aotiserve serve: the daemon is not installed; it ships in the full `aotiserve` "
+            "distribution (pip install aotiserve), not in aotiserve-client",
+            file=sys.stderr,
+        )
         return 2
     return server_main(list(argv))
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import grpc
 
@@ -22,7 +22,12 @@ from aotiserve.client.channel import (
     ChannelConfig,
     model_runner_stubs,
 )
-from aotiserve.client.errors import ClientError, DeadlineExceededError, NotFoundError, from_rpc_error
+from aotiserve.client.errors import (
+    ClientError,
+    DeadlineExceededError,
+    NotFoundError,
+    from_rpc_error,
+)
 from aotiserve.client.model_info import ModelInfo, WeightsVersion
 from aotiserve.client.tensor_codec import (
     DEFAULT_CHUNK_BYTES,
@@ -99,26 +104,31 @@ class Model:
         return [r.in_spec, r.out_spec]
 
     def get_constant_names_to_original_fqns(self) -> dict[str, str]:
-        r = self._client._call("GetConstantNamesToOriginalFqns",
-                               pb.GetConstantNamesToOriginalFqnsRequest(model=self.name))
+        r = self._client._call(
+            "GetConstantNamesToOriginalFqns",
+            pb.GetConstantNamesToOriginalFqnsRequest(model=self.name),
+        )
         return dict(r.fqns)
 
     def get_constant_names_to_dtypes(self) -> dict[str, int]:
         """Constant name -> c10::ScalarType code (see ``aotiserve.client.dtypes``)."""
-        r = self._client._call("GetConstantNamesToDtypes",
-                               pb.GetConstantNamesToDtypesRequest(model=self.name))
+        r = self._client._call(
+            "GetConstantNamesToDtypes", pb.GetConstantNamesToDtypesRequest(model=self.name)
+        )
         return dict(r.dtypes)
 
-    def extract_constants_map(self, use_inactive: bool, *, chunk_bytes: int = 0,
-                              output_format: OutputFormat | None = None) -> dict[str, Any]:
+    def extract_constants_map(
+        self, use_inactive: bool, *, chunk_bytes: int = 0, output_format: OutputFormat | None = None
+    ) -> dict[str, Any]:
         """The constants of the active (or inactive) buffer, streamed and reassembled.
 
         Keys are as the runner gives them (original FQNs).
         """
         # Ask for chunks that fit this client's receive limit (not the server's default).
         chunk_bytes = self._client._config.fit_chunk(chunk_bytes or DEFAULT_DOWNLOAD_CHUNK_BYTES)
-        request = pb.ExtractConstantsMapRequest(model=self.name, use_inactive=use_inactive,
-                                                chunk_bytes=chunk_bytes)
+        request = pb.ExtractConstantsMapRequest(
+            model=self.name, use_inactive=use_inactive, chunk_bytes=chunk_bytes
+        )
         assembler = ConstantsAssembler(self._client._format(output_format))
         for chunk in self._client._stream("ExtractConstantsMap", request):
             assembler.add(chunk)
@@ -157,21 +167,32 @@ class Model:
             if gpu_direct or cuda_ipc.reachable(self.info().metadata, tensor_map):
                 try:
                     return self.load_weights_from_cuda(
-                        tensor_map, validate_full_updates=validate_full_updates,
-                        description=description)
+                        tensor_map,
+                        validate_full_updates=validate_full_updates,
+                        description=description,
+                    )
                 except ValueError:  # not shareable (the allocator's memory)
                     if gpu_direct:
                         raise
                 except ClientError as e:
-                    if gpu_direct or e.code not in (grpc.StatusCode.FAILED_PRECONDITION,
-                                                    grpc.StatusCode.UNIMPLEMENTED):
+                    if gpu_direct or e.code not in (
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        grpc.StatusCode.UNIMPLEMENTED,
+                    ):
                         raise
         elif gpu_direct:
-            raise ValueError("gpu_direct=True needs use_inactive=True and "
-                             + (cuda_ipc.why_not_shareable(tensor_map) or "CUDA tensors"))
+            raise ValueError(
+                "gpu_direct=True needs use_inactive=True and "
+                + (cuda_ipc.why_not_shareable(tensor_map) or "CUDA tensors")
+            )
         return self.stream_constants(
-            upload_items(tensor_map), use_inactive, validate_full_updates, user_managed,
-            description=description, chunk_bytes=chunk_bytes, progress=progress,
+            upload_items(tensor_map),
+            use_inactive,
+            validate_full_updates,
+            user_managed,
+            description=description,
+            chunk_bytes=chunk_bytes,
+            progress=progress,
         )
 
     def swap_constant_buffer(self) -> WeightsVersion | None:
@@ -180,13 +201,20 @@ class Model:
         return WeightsVersion.from_proto(r.active_version)
 
     def free_inactive_constant_buffer(self) -> None:
-        self._client._call("FreeInactiveConstantBuffer",
-                           pb.FreeInactiveConstantBufferRequest(model=self.name))
+        self._client._call(
+            "FreeInactiveConstantBuffer", pb.FreeInactiveConstantBufferRequest(model=self.name)
+        )
 
-    def update_constant_buffer_from_blob(self, weights_path: str | os.PathLike) -> WeightsVersion | None:
+    def update_constant_buffer_from_blob(
+        self, weights_path: str | os.PathLike
+    ) -> WeightsVersion | None:
         """Loads weights from a blob file on the server (below its allowed roots)."""
-        r = self._client._call("UpdateConstantBufferFromBlob", pb.UpdateConstantBufferFromBlobRequest(
-            model=self.name, weights_path=os.fspath(weights_path)))
+        r = self._client._call(
+            "UpdateConstantBufferFromBlob",
+            pb.UpdateConstantBufferFromBlobRequest(
+                model=self.name, weights_path=os.fspath(weights_path)
+            ),
+        )
         return WeightsVersion.from_proto(r.version)
 
     # ---- extensions
@@ -204,13 +232,18 @@ class Model:
     ) -> WeightsVersion | None:
         """Extension: ``update_constant_buffer`` from lazily loaded items (one
         tensor in memory at a time), e.g. straight from a safetensors file."""
-        requests = RecordingIterator(encode_upload(
-            self.name, list(items), use_inactive=use_inactive,
-            validate_full_updates=validate_full_updates, user_managed=user_managed,
-            description=description,
-            chunk_bytes=self._client._config.fit_chunk(chunk_bytes or self._client.chunk_bytes),
-            progress=progress,
-        ))
+        requests = RecordingIterator(
+            encode_upload(
+                self.name,
+                list(items),
+                use_inactive=use_inactive,
+                validate_full_updates=validate_full_updates,
+                user_managed=user_managed,
+                description=description,
+                chunk_bytes=self._client._config.fit_chunk(chunk_bytes or self._client.chunk_bytes),
+                progress=progress,
+            )
+        )
         try:
             r = self._client._call("UpdateConstantBuffer", iter(requests))
         except ClientError:
@@ -219,35 +252,50 @@ class Model:
             raise
         return WeightsVersion.from_proto(r.version)
 
-    def load_weights(self, path: str | os.PathLike, *, validate_full_updates: bool = False,
-                     description: str = "") -> WeightsVersion | None:
+    def load_weights(
+        self, path: str | os.PathLike, *, validate_full_updates: bool = False, description: str = ""
+    ) -> WeightsVersion | None:
         """Extension: stages a safetensors file on the server (or a folder of shards with
         ``model.safetensors.index.json``), below its allowed roots, into the inactive
         buffer: read there at disk/memory speed, validated and hashed as an upload.
         Swap it in with :meth:`swap_constant_buffer`."""
-        r = self._client._call("LoadWeights", pb.LoadWeightsRequest(
-            model=self.name, path=os.fspath(path), validate_full_updates=validate_full_updates,
-            description=description))
+        r = self._client._call(
+            "LoadWeights",
+            pb.LoadWeightsRequest(
+                model=self.name,
+                path=os.fspath(path),
+                validate_full_updates=validate_full_updates,
+                description=description,
+            ),
+        )
         return WeightsVersion.from_proto(r.version)
 
-    def load_weights_from_cuda(self, tensor_map: Mapping[str, Any], *,
-                               validate_full_updates: bool = False,
-                               description: str = "") -> WeightsVersion | None:
+    def load_weights_from_cuda(
+        self,
+        tensor_map: Mapping[str, Any],
+        *,
+        validate_full_updates: bool = False,
+        description: str = "",
+    ) -> WeightsVersion | None:
         """Extension: hands CUDA tensors over GPU-direct (CUDA IPC) into the inactive
         buffer; FAILED_PRECONDITION (with the reason) where the daemon cannot open them:
         another host, another GPU, a tensor freed meanwhile."""
         from aotiserve.client import cuda_ipc
 
-        request = cuda_ipc.share(self.name, tensor_map,
-                                 validate_full_updates=validate_full_updates,
-                                 description=description)
+        request = cuda_ipc.share(
+            self.name,
+            tensor_map,
+            validate_full_updates=validate_full_updates,
+            description=description,
+        )
         r = self._client._call("LoadWeightsFromCuda", request)
         return WeightsVersion.from_proto(r.version)
 
     def rollback_constant_buffer(self) -> WeightsVersion | None:
         """Extension: swaps back to the previous weights (until they are freed)."""
-        r = self._client._call("RollbackConstantBuffer",
-                               pb.RollbackConstantBufferRequest(model=self.name))
+        r = self._client._call(
+            "RollbackConstantBuffer", pb.RollbackConstantBufferRequest(model=self.name)
+        )
         return WeightsVersion.from_proto(r.active_version)
 
     def info(self) -> ModelInfo:
@@ -290,9 +338,17 @@ class Client:
         insecure: bool = False,
     ) -> None:
         self._config = ChannelConfig(
-            target=target, admin_token=admin_token, token=token, tls=tls, ca_cert=ca_cert,
-            client_cert=client_cert, client_key=client_key, tls_server_name=tls_server_name,
-            credentials=credentials, max_message_bytes=max_message_bytes, options=tuple(options),
+            target=target,
+            admin_token=admin_token,
+            token=token,
+            tls=tls,
+            ca_cert=ca_cert,
+            client_cert=client_cert,
+            client_key=client_key,
+            tls_server_name=tls_server_name,
+            credentials=credentials,
+            max_message_bytes=max_message_bytes,
+            options=tuple(options),
             insecure=insecure,
         )
         if chunk_bytes <= 0:
@@ -330,8 +386,9 @@ class Client:
 
     def _stream(self, rpc: str, request):
         try:
-            yield from getattr(self._stubs, rpc)(request, metadata=self._metadata_of[rpc],
-                                                 timeout=self.timeout)
+            yield from getattr(self._stubs, rpc)(
+                request, metadata=self._metadata_of[rpc], timeout=self.timeout
+            )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -341,12 +398,25 @@ class Client:
         """A handle on the served model ``name`` (no call is made)."""
         return Model(self, name)
 
-    def load_model(self, name: str, path: str | os.PathLike, devices: Sequence[str] | None = None,
-                   runners_per_device: int = 0, package_model: str = "") -> ModelInfo:
+    def load_model(
+        self,
+        name: str,
+        path: str | os.PathLike,
+        devices: Sequence[str] | None = None,
+        runners_per_device: int = 0,
+        package_model: str = "",
+    ) -> ModelInfo:
         """Loads the package at ``path`` (on the server) and serves it as ``name``."""
-        r = self._call("LoadModel", pb.LoadModelRequest(
-            name=name, path=os.fspath(path), devices=list(devices or ()),
-            runners_per_device=runners_per_device, package_model=package_model))
+        r = self._call(
+            "LoadModel",
+            pb.LoadModelRequest(
+                name=name,
+                path=os.fspath(path),
+                devices=list(devices or ()),
+                runners_per_device=runners_per_device,
+                package_model=package_model,
+            ),
+        )
         return ModelInfo.from_proto(r.model)
 
     def unload_model(self, name: str) -> None:
@@ -354,7 +424,9 @@ class Client:
         self._call("UnloadModel", pb.UnloadModelRequest(name=name))
 
     def list_models(self) -> list[ModelInfo]:
-        return [ModelInfo.from_proto(m) for m in self._call("ListModels", pb.ListModelsRequest()).models]
+        return [
+            ModelInfo.from_proto(m) for m in self._call("ListModels", pb.ListModelsRequest()).models
+        ]
 
     # ---- health (standard grpc.health.v1)
 
@@ -376,8 +448,7 @@ class Client:
         request = _health.encode_request(service)
         while (remaining := deadline - time.monotonic()) > 0:
             try:
-                for status in self._health_watch(request, timeout=remaining,
-                                                 wait_for_ready=True):
+                for status in self._health_watch(request, timeout=remaining, wait_for_ready=True):
                     last = status
                     if status == "SERVING":
                         return
@@ -385,8 +456,11 @@ class Client:
                 code = e.code()
                 if code == grpc.StatusCode.UNIMPLEMENTED:
                     return self._poll_until_ready(deadline, request)
-                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                                grpc.StatusCode.DEADLINE_EXCEEDED):
+                if code not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.CANCELLED,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ):
                     raise from_rpc_error(e) from None
                 if code != grpc.StatusCode.DEADLINE_EXCEEDED:
                     last = code.name

@@ -9,8 +9,8 @@ with CUDA; imported only when CUDA tensors are handed over.
 
 from __future__ import annotations
 
-from typing import Any
 from collections.abc import Mapping
+from typing import Any
 
 from aotiserve.client.dtypes import BY_TORCH_NAME
 from aotiserve.v1 import model_runner_pb2 as pb
@@ -67,8 +67,9 @@ def reachable(metadata: Mapping[str, str], tensor_map: Mapping[str, Any]) -> boo
     return uuid in metadata.get(CUDA_UUIDS_KEY, "").split(",")
 
 
-def share(model: str, tensor_map: Mapping[str, Any], *, validate_full_updates: bool,
-          description: str = "") -> pb.LoadWeightsFromCudaRequest:
+def share(
+    model: str, tensor_map: Mapping[str, Any], *, validate_full_updates: bool, description: str = ""
+) -> pb.LoadWeightsFromCudaRequest:
     """The ``LoadWeightsFromCuda`` request handing over ``tensor_map`` (CUDA tensors)."""
     import torch
     from torch.multiprocessing.reductions import reduce_tensor
@@ -78,9 +79,12 @@ def share(model: str, tensor_map: Mapping[str, Any], *, validate_full_updates: b
         raise ValueError(why)
     device = next(iter(tensor_map.values())).device
     request = pb.LoadWeightsFromCudaRequest(
-        model=model, host_id=host_id(),
+        model=model,
+        host_id=host_id(),
         device_uuid=str(torch.cuda.get_device_properties(device).uuid),
-        validate_full_updates=validate_full_updates, description=description)
+        validate_full_updates=validate_full_updates,
+        description=description,
+    )
     for name, tensor in tensor_map.items():
         dtype = BY_TORCH_NAME.get(str(tensor.dtype).removeprefix("torch."))
         if dtype is None:
@@ -89,12 +93,37 @@ def share(model: str, tensor_map: Mapping[str, Any], *, validate_full_updates: b
             _rebuild, args = reduce_tensor(tensor.detach())
         except RuntimeError as exc:  # e.g. memory from an allocator CUDA IPC cannot share
             raise ValueError(f"weight {name!r} cannot be shared by CUDA IPC: {exc}") from None
-        (_cls, size, stride, offset, _storage_cls, _dtype, _device, handle, storage_size,
-         storage_offset, _grad, ref_handle, ref_offset, event_handle, event_sync) = args
-        request.tensors.append(pb.CudaIpcTensor(
-            name=str(name), dtype=dtype.wire, shape=list(size), stride=list(stride),
-            storage_offset=offset, storage_handle=handle or b"",
-            storage_size_bytes=storage_size, storage_offset_bytes=storage_offset,
-            ref_counter_handle=ref_handle or b"", ref_counter_offset=ref_offset or 0,
-            event_handle=event_handle or b"", event_sync_required=bool(event_sync)))
+        (
+            _cls,
+            size,
+            stride,
+            offset,
+            _storage_cls,
+            _dtype,
+            _device,
+            handle,
+            storage_size,
+            storage_offset,
+            _grad,
+            ref_handle,
+            ref_offset,
+            event_handle,
+            event_sync,
+        ) = args
+        request.tensors.append(
+            pb.CudaIpcTensor(
+                name=str(name),
+                dtype=dtype.wire,
+                shape=list(size),
+                stride=list(stride),
+                storage_offset=offset,
+                storage_handle=handle or b"",
+                storage_size_bytes=storage_size,
+                storage_offset_bytes=storage_offset,
+                ref_counter_handle=ref_handle or b"",
+                ref_counter_offset=ref_offset or 0,
+                event_handle=event_handle or b"",
+                event_sync_required=bool(event_sync),
+            )
+        )
     return request

@@ -39,8 +39,13 @@ class ClientError(Exception):
     #: The status code this class stands for (the base class takes any).
     default_code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, details: str = "", code: grpc.StatusCode | None = None, *,
-                 trailing_metadata: tuple = ()) -> None:
+    def __init__(
+        self,
+        details: str = "",
+        code: grpc.StatusCode | None = None,
+        *,
+        trailing_metadata: tuple = (),
+    ) -> None:
         self.code: grpc.StatusCode = code if code is not None else self.default_code
         self.details: str = details
         self.trailing_metadata = tuple(trailing_metadata or ())
@@ -120,15 +125,29 @@ class UnauthenticatedError(ClientError):
 _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
     cls.default_code: cls
     for cls in (
-        CancelledError, UnknownError, InvalidArgumentError, DeadlineExceededError,
-        NotFoundError, AlreadyExistsError, PermissionDeniedError, ResourceExhaustedError,
-        FailedPreconditionError, AbortedError, OutOfRangeError, UnimplementedError,
-        InternalError, UnavailableError, DataLossError, UnauthenticatedError,
+        CancelledError,
+        UnknownError,
+        InvalidArgumentError,
+        DeadlineExceededError,
+        NotFoundError,
+        AlreadyExistsError,
+        PermissionDeniedError,
+        ResourceExhaustedError,
+        FailedPreconditionError,
+        AbortedError,
+        OutOfRangeError,
+        UnimplementedError,
+        InternalError,
+        UnavailableError,
+        DataLossError,
+        UnauthenticatedError,
     )
 }
 
 
-def error_for(code: grpc.StatusCode, details: str = "", *, trailing_metadata: tuple = ()) -> ClientError:
+def error_for(
+    code: grpc.StatusCode, details: str = "", *, trailing_metadata: tuple = ()
+) -> ClientError:
     """The exception for a status code (the base class for codes without a subclass)."""
     cls = _BY_CODE.get(code, ClientError)
     return cls(details, code, trailing_metadata=trailing_metadata)

@@ -63,8 +63,10 @@ def _identity(data: bytes) -> bytes:
 
 def stubs(channel):
     """(check, watch) multicallables on a grpc or grpc.aio channel."""
-    check = channel.unary_unary(CHECK, request_serializer=_identity,
-                                response_deserializer=decode_response)
-    watch = channel.unary_stream(WATCH, request_serializer=_identity,
-                                 response_deserializer=decode_response)
+    check = channel.unary_unary(
+        CHECK, request_serializer=_identity, response_deserializer=decode_response
+    )
+    watch = channel.unary_stream(
+        WATCH, request_serializer=_identity, response_deserializer=decode_response
+    )
     return check, watch

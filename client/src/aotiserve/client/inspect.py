@@ -16,8 +16,8 @@ import json
 import math
 import os
 import struct
-from typing import Any
 from collections.abc import Sequence
+from typing import Any
 
 from aotiserve.client import pt2
 from aotiserve.client.dtypes import BY_TORCH_NAME
@@ -26,10 +26,14 @@ _PLATFORM_KEYS = ("AOTI_PLATFORM", "AOTI_MACHINE", "AOTI_CPU_ISA", "AOTI_COMPUTE
 # How torch's version shows in a package torch made alone (no metadata records it).
 _GET_LAST_ERROR = "AOTInductorGetLastError"
 
-LOWERBOUND_FIX = ('recompile with inductor_configs={"aot_inductor.check_lowerbound": False} '
-                  "or with `aotiserve pack`")
-FOLDING_FIX = ('recompile with inductor_configs={"aot_inductor.use_runtime_constant_folding": '
-               "True} or with `aotiserve pack`")
+LOWERBOUND_FIX = (
+    'recompile with inductor_configs={"aot_inductor.check_lowerbound": False} '
+    "or with `aotiserve pack`"
+)
+FOLDING_FIX = (
+    'recompile with inductor_configs={"aot_inductor.use_runtime_constant_folding": '
+    "True} or with `aotiserve pack`"
+)
 # The largest safetensors header read (the format caps it at 100 MB).
 _MAX_HEADER = 100_000_000
 
@@ -76,44 +80,69 @@ def _constants(model: pt2.PackageModel) -> list[dict[str, Any]]:
     out = []
     for c in model.wrapper.constants if model.wrapper else ():
         runtime = c.from_folded or c.kind == "FoldedConstant"
-        out.append({
-            "name": c.name, "fqn": c.fqn, "dtype": c.dtype, "shape": list(c.shape),
-            "bytes": _nbytes(c.dtype, c.shape), "kind": c.kind,
-            # Computed at run time from the others (runtime constant folding): never sent.
-            "computed_at_run_time": runtime, "swappable": not runtime})
+        out.append(
+            {
+                "name": c.name,
+                "fqn": c.fqn,
+                "dtype": c.dtype,
+                "shape": list(c.shape),
+                "bytes": _nbytes(c.dtype, c.shape),
+                "kind": c.kind,
+                # Computed at run time from the others (runtime constant folding): never sent.
+                "computed_at_run_time": runtime,
+                "swappable": not runtime,
+            }
+        )
     return out
 
 
-def _warnings(model: pt2.PackageModel, inputs: list[pt2.TensorSpec],
-              outputs: list[pt2.TensorSpec], folded: dict[str, Any]) -> list[str]:
+def _warnings(
+    model: pt2.PackageModel,
+    inputs: list[pt2.TensorSpec],
+    outputs: list[pt2.TensorSpec],
+    folded: dict[str, Any],
+) -> list[str]:
     warns = []
     if model.wrapper is None:
-        warns.append("the package holds no generated wrapper source: unless it carries "
-                     "`aotiserve pack` metadata, the daemon serves it with positional names and "
-                     "no dtype/shape checks of its own (the model's guards still apply)")
+        warns.append(
+            "the package holds no generated wrapper source: unless it carries "
+            "`aotiserve pack` metadata, the daemon serves it with positional names and "
+            "no dtype/shape checks of its own (the model's guards still apply)"
+        )
     for spec in inputs:
         for d, lo in spec.refused_below():
             what = "a batch of 1" if d == 0 else "a size of 1"
-            warns.append(f"input {spec.name!r} refuses sizes below {lo} in dim {d} (torch's default "
-                         f"check_lowerbound, even for Dim(min=1)): {what} fails; {LOWERBOUND_FIX}")
+            warns.append(
+                f"input {spec.name!r} refuses sizes below {lo} in dim {d} (torch's default "
+                f"check_lowerbound, even for Dim(min=1)): {what} fails; {LOWERBOUND_FIX}"
+            )
     unknown = [s.name for s in outputs if s.dtype is None or s.shape is None]
     if unknown:
-        warns.append(f"the source does not say the dtype/shape of output(s) {', '.join(unknown)}: "
-                     "the daemon measures them at load by running the model on zeros")
+        warns.append(
+            f"the source does not say the dtype/shape of output(s) {', '.join(unknown)}: "
+            "the daemon measures them at load by running the model on zeros"
+        )
     if not folded["runtime_constant_folding"] and model.wrapper is not None:
         names = folded["names"]
-        which = (f"these weights are folded: {', '.join(names)}" if names else
-                 "no weight of the file given is folded" if names is not None else
-                 "which ones the package does not record (pass --weights FILE.safetensors "
-                 "to name them)")
-        warns.append("compiled without runtime constant folding: weights the compiler could "
-                     "fold are baked into the code, and a weight swap silently keeps their "
-                     f"compile-time values; {which}; {FOLDING_FIX}")
+        which = (
+            f"these weights are folded: {', '.join(names)}"
+            if names
+            else "no weight of the file given is folded"
+            if names is not None
+            else "which ones the package does not record (pass --weights FILE.safetensors "
+            "to name them)"
+        )
+        warns.append(
+            "compiled without runtime constant folding: weights the compiler could "
+            "fold are baked into the code, and a weight swap silently keeps their "
+            f"compile-time values; {which}; {FOLDING_FIX}"
+        )
     return warns
 
 
-def _folded(model: pt2.PackageModel, constants: list[dict[str, Any]],
-            weights: Sequence[str] | None) -> dict[str, Any]:
+def _folded(
+    model: pt2.PackageModel, constants: list[dict[str, Any]], weights: Sequence[str] | None
+) -> dict[str, Any]:
     rcf = model.wrapper.runtime_constant_folding if model.wrapper else None
     names = None
     if weights is not None:
@@ -141,19 +170,24 @@ def inspect_model(model: pt2.PackageModel, weights: Sequence[str] | None = None)
         "swappable": [c["fqn"] for c in constants if c["swappable"]],
         "folded_at_compile_time": folded,
         # Only meaningful where some input has a dynamic dim.
-        "check_lowerbound": (w.lowerbound_checks if w and any(
-            d < 0 for s in inputs for d in (s.shape or ())) else None),
+        "check_lowerbound": (
+            w.lowerbound_checks
+            if w and any(d < 0 for s in inputs for d in (s.shape or ()))
+            else None
+        ),
         "weights_stored": model.weights_location,
         "call_spec": {"in_spec": w.in_spec, "out_spec": w.out_spec} if w else None,
-        "metadata": {k: v for k, v in model.metadata.items()
-                     if not k.startswith(("AOTI_", "aotiserve."))},
+        "metadata": {
+            k: v for k, v in model.metadata.items() if not k.startswith(("AOTI_", "aotiserve."))
+        },
         "wrapper_source": model.wrapper_file,
         "warnings": _warnings(model, inputs, outputs, folded),
     }
 
 
-def inspect_package(path: str | os.PathLike, weights_file: str | os.PathLike | None = None
-                    ) -> dict[str, Any]:
+def inspect_package(
+    path: str | os.PathLike, weights_file: str | os.PathLike | None = None
+) -> dict[str, Any]:
     """Everything ``aotiserve inspect`` reports, as a JSON-ready dict."""
     weights = safetensors_names(weights_file) if weights_file else None
     try:
@@ -202,31 +236,56 @@ def render(report: dict[str, Any]) -> str:
     for m in models:
         platform = ", ".join(m["platform"].values())
         lines.append("")
-        lines.append(f"model {m['name']!r}: compiled for {m['device'] or '?'}"
-                     + (f" ({platform})" if platform else ""))
+        lines.append(
+            f"model {m['name']!r}: compiled for {m['device'] or '?'}"
+            + (f" ({platform})" if platform else "")
+        )
         lines.append(f"  torch: {m['torch_version'] or '?'} ({m['torch_version_note']})")
         lines.append(f"  interface from: {m['interface_from']}")
         for kind in ("inputs", "outputs"):
             lines.append(f"  {kind}:")
-            lines += _table([[s["name"], s.get("dtype") or "?", _dims(s), _accepts(s),
-                              f"({s['graph_name']})" if s.get("graph_name") else ""]
-                             for s in m[kind]]) or ["    (unknown)"]
+            lines += _table(
+                [
+                    [
+                        s["name"],
+                        s.get("dtype") or "?",
+                        _dims(s),
+                        _accepts(s),
+                        f"({s['graph_name']})" if s.get("graph_name") else "",
+                    ]
+                    for s in m[kind]
+                ]
+            ) or ["    (unknown)"]
         consts = m["constants"]
         total = sum(c["bytes"] or 0 for c in consts)
-        lines.append(f"  constants: {len(consts)}, {_size(total)}, stored in the "
-                     f"{m['weights_stored']}; {len(m['swappable'])} swappable")
-        lines += _table([[c["fqn"], c["dtype"] or "?", "[" + ", ".join(map(str, c["shape"])) + "]",
-                          _size(c["bytes"]),
-                          "swappable" if c["swappable"] else "computed at run time"]
-                         for c in consts])
+        lines.append(
+            f"  constants: {len(consts)}, {_size(total)}, stored in the "
+            f"{m['weights_stored']}; {len(m['swappable'])} swappable"
+        )
+        lines += _table(
+            [
+                [
+                    c["fqn"],
+                    c["dtype"] or "?",
+                    "[" + ", ".join(map(str, c["shape"])) + "]",
+                    _size(c["bytes"]),
+                    "swappable" if c["swappable"] else "computed at run time",
+                ]
+                for c in consts
+            ]
+        )
         folded = m["folded_at_compile_time"]
         rcf = folded["runtime_constant_folding"]
-        lines.append("  runtime constant folding: " + ("?" if rcf is None else "on" if rcf else
-                     "off (weights may be folded into code)"))
+        lines.append(
+            "  runtime constant folding: "
+            + ("?" if rcf is None else "on" if rcf else "off (weights may be folded into code)")
+        )
         if folded["names"]:
             lines.append(f"  folded into code: {', '.join(folded['names'])}")
         if m["check_lowerbound"] is not None:
-            lines.append(f"  dynamic-dim lower-bound guard: {'on' if m['check_lowerbound'] else 'off'}")
+            lines.append(
+                f"  dynamic-dim lower-bound guard: {'on' if m['check_lowerbound'] else 'off'}"
+            )
         if m["metadata"]:
             lines.append("  metadata: " + ", ".join(f"{k}={v}" for k, v in m["metadata"].items()))
         if m["warnings"]:

@@ -55,8 +55,9 @@ def _with_bounds(specs: list[TensorSpec], published: str | None) -> tuple[Tensor
         e = entries.get(spec.name) or {}
         lo, hi = e.get("min_shape"), e.get("max_shape")
         if isinstance(lo, list) and isinstance(hi, list) and len(lo) == len(hi) == len(spec.shape):
-            spec = replace(spec, min_shape=tuple(int(x) for x in lo),
-                           max_shape=tuple(int(x) for x in hi))
+            spec = replace(
+                spec, min_shape=tuple(int(x) for x in lo), max_shape=tuple(int(x) for x in hi)
+            )
         out.append(spec)
     return tuple(out)
 
@@ -91,10 +92,13 @@ class ModelInfo:
             staged_version=WeightsVersion.from_proto(msg.staged_version),
             previous_version=WeightsVersion.from_proto(msg.previous_version),
             updatable_constants=tuple(msg.updatable_constants),
-            inputs=_with_bounds([TensorSpec.from_proto(s) for s in msg.inputs],
-                                msg.metadata.get("aotiserve.inputs")),
-            outputs=_with_bounds([TensorSpec.from_proto(s) for s in msg.outputs],
-                                 msg.metadata.get("aotiserve.outputs")),
+            inputs=_with_bounds(
+                [TensorSpec.from_proto(s) for s in msg.inputs], msg.metadata.get("aotiserve.inputs")
+            ),
+            outputs=_with_bounds(
+                [TensorSpec.from_proto(s) for s in msg.outputs],
+                msg.metadata.get("aotiserve.outputs"),
+            ),
             metadata=dict(msg.metadata),
             error=msg.error,
         )

@@ -12,8 +12,9 @@ _MIB = 1 << 20
 class ProgressBar:
     """``bar(sent, total)`` redraws at most 10 times a second; ``close()`` ends the line."""
 
-    def __init__(self, label: str, stream: TextIO | None = None, enabled: bool | None = None,
-                 width: int = 30) -> None:
+    def __init__(
+        self, label: str, stream: TextIO | None = None, enabled: bool | None = None, width: int = 30
+    ) -> None:
         self.label = label
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled

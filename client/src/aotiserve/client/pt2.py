@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
-from collections.abc import Sequence
 
 from aotiserve.client import wrapper_source
 from aotiserve.client.wrapper_source import WrapperInfo, WrapperTensor
@@ -66,15 +66,24 @@ class TensorSpec:
             v = d.get(key)
             return tuple(int(x) for x in v) if v is not None else None
 
-        return cls(str(d["name"]), d.get("dtype") or None, dims("shape"), dims("min_shape"),
-                   dims("max_shape"), str(d.get("graph_name", "")))
+        return cls(
+            str(d["name"]),
+            d.get("dtype") or None,
+            dims("shape"),
+            dims("min_shape"),
+            dims("max_shape"),
+            str(d.get("graph_name", "")),
+        )
 
     def refused_below(self) -> list[tuple[int, int]]:
         """(dim, smallest size) for each dynamic dim whose guard refuses sizes below 2."""
         if self.shape is None or self.min_shape is None:
             return []
-        return [(d, lo) for d, (s, lo) in enumerate(zip(self.shape, self.min_shape))
-                if s < 0 and lo >= 2]
+        return [
+            (d, lo)
+            for d, (s, lo) in enumerate(zip(self.shape, self.min_shape))
+            if s < 0 and lo >= 2
+        ]
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,8 @@ def _metadata(zf: zipfile.ZipFile, members: Sequence[zipfile.ZipInfo]) -> dict[s
     for info in members:
         name = PurePosixPath(info.filename).name
         if name.endswith("wrapper_metadata.json") or (
-                name.endswith("_metadata.json") and "kernel" not in name):
+            name.endswith("_metadata.json") and "kernel" not in name
+        ):
             if info.file_size > MAX_SOURCE_BYTES:
                 continue
             try:
@@ -153,13 +163,21 @@ def read_models(path: str | os.PathLike, only: str | None = None) -> list[Packag
             member = _wrapper_member(members)
             if member is not None and member.file_size <= MAX_SOURCE_BYTES:
                 wrapper = wrapper_source.parse(zf.read(member).decode("utf-8", "replace"))
-            out.append(PackageModel(
-                name=name, metadata=_metadata(zf, members), wrapper=wrapper,
-                wrapper_file=PurePosixPath(member.filename).name if member else None,
-                files=tuple((PurePosixPath(i.filename).name, i.file_size) for i in members)))
+            out.append(
+                PackageModel(
+                    name=name,
+                    metadata=_metadata(zf, members),
+                    wrapper=wrapper,
+                    wrapper_file=PurePosixPath(member.filename).name if member else None,
+                    files=tuple((PurePosixPath(i.filename).name, i.file_size) for i in members),
+                )
+            )
     if not out:
-        what = f"no model named {only!r}" if only is not None else (
-            "no AOTInductor model (no data/aotinductor/<model>/)")
+        what = (
+            f"no model named {only!r}"
+            if only is not None
+            else ("no AOTInductor model (no data/aotinductor/<model>/)")
+        )
         raise Pt2Error(f"{str(path)!r} holds {what}")
     return out
 
@@ -181,10 +199,15 @@ def _with_bounds(spec: TensorSpec, t: WrapperTensor | None) -> TensorSpec:
     if spec.shape is None:
         return spec
     if t is not None and t.shape is not None and len(t.shape) == len(spec.shape):
-        return replace(spec, min_shape=t.min_shape, max_shape=t.max_shape,
-                       graph_name=spec.graph_name or t.graph_name)
-    return replace(spec, min_shape=tuple(max(d, 0) for d in spec.shape),
-                   max_shape=tuple(spec.shape))
+        return replace(
+            spec,
+            min_shape=t.min_shape,
+            max_shape=t.max_shape,
+            graph_name=spec.graph_name or t.graph_name,
+        )
+    return replace(
+        spec, min_shape=tuple(max(d, 0) for d in spec.shape), max_shape=tuple(spec.shape)
+    )
 
 
 def _pack_specs(metadata: dict[str, str]) -> tuple[list[dict], list[dict]] | None:
@@ -199,8 +222,9 @@ def _pack_specs(metadata: dict[str, str]) -> tuple[list[dict], list[dict]] | Non
     return inputs, outputs
 
 
-def served_specs(metadata: dict[str, str], wrapper: WrapperInfo | None
-                 ) -> tuple[list[TensorSpec], list[TensorSpec], str]:
+def served_specs(
+    metadata: dict[str, str], wrapper: WrapperInfo | None
+) -> tuple[list[TensorSpec], list[TensorSpec], str]:
     """(inputs, outputs, where they came from) as the daemon serves them.
 
     Names are ``aotiserve pack``'s where it recorded them, else ``input__<i>`` /
@@ -214,13 +238,18 @@ def served_specs(metadata: dict[str, str], wrapper: WrapperInfo | None
         ins = [TensorSpec.from_dict(d) for d in packed[0]]
         outs = [TensorSpec.from_dict(d) for d in packed[1]]
         ins = [_with_bounds(s, w_in[i] if i < len(w_in) else None) for i, s in enumerate(ins)]
-        outs = [replace(s, graph_name=s.graph_name or (w_out[i].graph_name if i < len(w_out) else ""))
-                for i, s in enumerate(outs)]
+        outs = [
+            replace(s, graph_name=s.graph_name or (w_out[i].graph_name if i < len(w_out) else ""))
+            for i, s in enumerate(outs)
+        ]
         return ins, outs, SOURCE_PACK
     if wrapper is None:
         return [], [], SOURCE_NONE
-    return ([_from_wrapper(t, f"input__{i}") for i, t in enumerate(w_in)],
-            [_from_wrapper(t, f"output__{i}") for i, t in enumerate(w_out)], SOURCE_WRAPPER)
+    return (
+        [_from_wrapper(t, f"input__{i}") for i, t in enumerate(w_in)],
+        [_from_wrapper(t, f"output__{i}") for i, t in enumerate(w_out)],
+        SOURCE_WRAPPER,
+    )
 
 
 def specs_json(specs: Sequence[TensorSpec]) -> str:

@@ -26,14 +26,14 @@ import importlib.util
 import math
 import sys
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
-from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from aotiserve.client.dtypes import BY_NUMPY_NAME, BY_TORCH_NAME, BY_WIRE, DType
 from aotiserve.client import wire
+from aotiserve.client.dtypes import BY_NUMPY_NAME, BY_TORCH_NAME, BY_WIRE, DType
 from aotiserve.client.wire import key, put_varint
 from aotiserve.v1 import model_runner_pb2 as pb
 
@@ -49,6 +49,7 @@ _LITTLE = np.dtype("<u2").isnative
 
 
 # ---------------------------------------------------------------- torch, lazily
+
 
 def torch_available() -> bool:
     """True when torch can be imported (without importing it)."""
@@ -79,6 +80,7 @@ def resolve_format(fmt: OutputFormat) -> Literal["numpy", "torch"]:
 
 # ---------------------------------------------------------------- encoding
 
+
 class WireTensor(NamedTuple):
     """A tensor ready for the wire: dtype, shape and its C-contiguous little-endian bytes."""
 
@@ -94,7 +96,9 @@ class WireTensor(NamedTuple):
 # Lookups by dtype object: ``numpy.dtype.name`` alone costs more than the
 # rest of encoding a small tensor.
 _BY_NUMPY_DTYPE = {np.dtype(d.numpy_name).newbyteorder("<"): d for d in BY_NUMPY_NAME.values()}
-_NUMPY_DTYPE_BY_WIRE = {d.wire: np.dtype(d.numpy_name).newbyteorder("<") for d in BY_NUMPY_NAME.values()}
+_NUMPY_DTYPE_BY_WIRE = {
+    d.wire: np.dtype(d.numpy_name).newbyteorder("<") for d in BY_NUMPY_NAME.values()
+}
 _torch_dtypes: dict = {}  # torch.dtype -> DType, filled when torch is first used
 
 
@@ -134,8 +138,13 @@ def to_wire(value: Any, what: str = "tensor") -> WireTensor:
 def _torch_to_wire(tensor, what: str) -> WireTensor:
     torch = _torch()
     if not _torch_dtypes:
-        _torch_dtypes.update({getattr(torch, d.torch_name): d for d in BY_TORCH_NAME.values()
-                              if hasattr(torch, d.torch_name)})
+        _torch_dtypes.update(
+            {
+                getattr(torch, d.torch_name): d
+                for d in BY_TORCH_NAME.values()
+                if hasattr(torch, d.torch_name)
+            }
+        )
     dtype = _torch_dtypes.get(tensor.dtype)
     if dtype is None:
         raise TypeError(f"{what}: torch dtype {tensor.dtype} is not supported")
@@ -189,7 +198,9 @@ def _tensor_parts(t: WireTensor) -> tuple[list, int]:
 def encode_run_request(model: str, inputs: Sequence[Any]) -> bytes:
     """Wire bytes of ``RunRequest(model, inputs)``."""
     if isinstance(inputs, Mapping) or not isinstance(inputs, (list, tuple)):
-        raise TypeError("inputs must be a list or tuple of arrays/tensors, in the model's input order")
+        raise TypeError(
+            "inputs must be a list or tuple of arrays/tensors, in the model's input order"
+        )
     parts: list = [_string(1, model)]
     for i, value in enumerate(inputs):
         tensor_parts, size = _tensor_parts(to_wire(value, f"input {i}"))
@@ -210,6 +221,7 @@ def encode_chunk_request(name: str, offset: int, data: memoryview) -> bytes:
 
 
 # ---------------------------------------------------------------- uploads
+
 
 @dataclass(frozen=True)
 class UploadItem:
@@ -277,7 +289,7 @@ def encode_upload(
         if wire.nbytes != item.nbytes or wire.dtype != item.dtype or wire.shape != item.shape:
             raise ValueError(f"constant {item.name!r} changed between declaration and upload")
         for offset in range(0, wire.nbytes, chunk_bytes):
-            piece = wire.data[offset:offset + chunk_bytes]
+            piece = wire.data[offset : offset + chunk_bytes]
             yield encode_chunk_request(item.name, offset, piece)
             sent += piece.nbytes
             if progress:
@@ -306,6 +318,7 @@ class RecordingIterator:
 
 # ---------------------------------------------------------------- decoding
 
+
 def _shape_of(shape, what: str) -> tuple[int, ...]:
     shape = tuple(shape)
     if shape and min(shape) < 0:
@@ -327,8 +340,9 @@ class UnsupportedDtypeError(TypeError):
 _frombuffer_warned = False
 
 
-def decode_bytes(data, dtype: DType, shape: tuple[int, ...], fmt: Literal["numpy", "torch"],
-                 what: str = "tensor"):
+def decode_bytes(
+    data, dtype: DType, shape: tuple[int, ...], fmt: Literal["numpy", "torch"], what: str = "tensor"
+):
     """An array/tensor viewing ``data`` (bytes-like) as ``dtype`` and ``shape``."""
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
@@ -345,7 +359,9 @@ def decode_bytes(data, dtype: DType, shape: tuple[int, ...], fmt: Literal["numpy
     torch = _torch()
     torch_dtype = getattr(torch, dtype.torch_name, None)
     if torch_dtype is None:
-        raise UnsupportedDtypeError(f"{what} is {dtype.torch_name}, which this torch {torch.__version__} lacks")
+        raise UnsupportedDtypeError(
+            f"{what} is {dtype.torch_name}, which this torch {torch.__version__} lacks"
+        )
     if expected == 0:
         return torch.empty(shape, dtype=torch_dtype)
     if isinstance(data, bytes) and len(data) < 64:
@@ -389,15 +405,22 @@ def parse_run_response(buf: bytes, viewing_min_bytes: int = wire.VIEWING_MIN_BYT
     if len(buf) >= viewing_min_bytes:
         try:
             version, outputs = wire.read_text_and_tensors(
-                buf, text_field=2, tensor_field=1, bounds=RESPONSE_BOUNDS, what="RunResponse",
-                entry="output")
+                buf,
+                text_field=2,
+                tensor_field=1,
+                bounds=RESPONSE_BOUNDS,
+                what="RunResponse",
+                entry="output",
+            )
             return RunResponseView(outputs, version)
         except wire.WireError:
             wire.check_bounds(buf, _RUN_RESPONSE, RESPONSE_BOUNDS, "RunResponse")
     return pb.RunResponse.FromString(buf)
 
 
-def from_wire(tensor: pb.Tensor | wire.TensorView, fmt: Literal["numpy", "torch"], what: str = "tensor"):
+def from_wire(
+    tensor: pb.Tensor | wire.TensorView, fmt: Literal["numpy", "torch"], what: str = "tensor"
+):
     """A received ``Tensor`` message as an array/tensor."""
     dtype = _dtype_of(tensor.dtype, what)
     return decode_bytes(tensor.data, dtype, _shape_of(tensor.shape, what), fmt, what)
@@ -438,7 +461,7 @@ class ConstantsAssembler:
         buffer = entry[2]
         if not isinstance(buffer, bytearray):
             raise ValueError(f"{what}: more chunks after the whole constant arrived")
-        buffer[chunk.offset:chunk.offset + len(data)] = data
+        buffer[chunk.offset : chunk.offset + len(data)] = data
         entry[3] += len(data)
 
     def result(self) -> dict[str, Any]:

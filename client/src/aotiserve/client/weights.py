@@ -12,11 +12,11 @@ import ipaddress
 import os
 import socket
 import tempfile
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Sequence
 
 from aotiserve.client.client import Client, ProgressCallback
 from aotiserve.client.dtypes import BY_SCALAR_TYPE, BY_TORCH_NAME, DType
@@ -26,10 +26,21 @@ from aotiserve.client.tensor_codec import UploadItem, is_torch_tensor, to_wire, 
 
 #: safetensors dtype names -> torch names.
 _SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
 }
 
 FOLDED_PREFIX = "_FOLDED_CONST_"
@@ -56,6 +67,7 @@ def _safetensors():
 
 
 # ---------------------------------------------------------------- key mapping
+
 
 @dataclass(frozen=True)
 class KeyMapping:
@@ -101,6 +113,7 @@ def map_keys(keys: Sequence[str], names_to_fqns: dict[str, str]) -> KeyMapping:
 
 # ---------------------------------------------------------------- safetensors files
 
+
 def file_upload_items(path: str | os.PathLike, names_to_fqns: dict[str, str]) -> list[UploadItem]:
     """Upload items for the tensors of a safetensors file, read lazily one at a time."""
     safetensors = _safetensors()
@@ -125,18 +138,26 @@ def file_upload_items(path: str | os.PathLike, names_to_fqns: dict[str, str]) ->
             raise WeightsFileError(f"{key!r}: safetensors dtype {st_dtype} is not supported")
         if dtype.numpy_name is None and framework == "numpy":
             raise WeightsFileError(f"{key!r} is {dtype.torch_name}: install torch to upload it")
-        items.append(UploadItem(fqn, dtype, tuple(s.get_shape()),
-                                lambda key=key: to_wire(f.get_tensor(key), f"weight {key!r}")))
+        items.append(
+            UploadItem(
+                fqn,
+                dtype,
+                tuple(s.get_shape()),
+                lambda key=key: to_wire(f.get_tensor(key), f"weight {key!r}"),
+            )
+        )
     return items
 
 
-def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """Writes ``tensors`` (numpy or torch) atomically: temp file, fsync, rename."""
     _safetensors()
     path = Path(path)
     if any(is_torch_tensor(v) for v in tensors.values()):
         from safetensors.torch import save
+
         tensors = {k: v.contiguous() for k, v in tensors.items()}
     else:
         from safetensors.numpy import save
@@ -156,9 +177,18 @@ def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike,
 
 # ---------------------------------------------------------------- push / pull
 
-def push(client: Client, model: str, path: str | os.PathLike, *, partial: bool = False,
-         swap: bool = True, description: str = "", chunk_bytes: int | None = None,
-         progress: ProgressCallback | None = None) -> tuple[WeightsVersion | None, WeightsVersion | None]:
+
+def push(
+    client: Client,
+    model: str,
+    path: str | os.PathLike,
+    *,
+    partial: bool = False,
+    swap: bool = True,
+    description: str = "",
+    chunk_bytes: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> tuple[WeightsVersion | None, WeightsVersion | None]:
     """Stages the file's weights in the inactive buffer (validated), then swaps.
 
     Returns (staged version, version serving after). If the swap fails, the
@@ -167,8 +197,13 @@ def push(client: Client, model: str, path: str | os.PathLike, *, partial: bool =
     handle = client.model(model)
     fqns = handle.get_constant_names_to_original_fqns()
     staged = handle.stream_constants(
-        file_upload_items(path, fqns), use_inactive=True, validate_full_updates=not partial,
-        description=description or Path(path).name, chunk_bytes=chunk_bytes, progress=progress)
+        file_upload_items(path, fqns),
+        use_inactive=True,
+        validate_full_updates=not partial,
+        description=description or Path(path).name,
+        chunk_bytes=chunk_bytes,
+        progress=progress,
+    )
     if not swap:
         return staged, None
     try:
@@ -180,15 +215,20 @@ def push(client: Client, model: str, path: str | os.PathLike, *, partial: bool =
     return staged, active
 
 
-def load(client: Client, model: str, path: str | os.PathLike, *, partial: bool = True,
-         swap: bool = False, description: str = ""
-         ) -> tuple[WeightsVersion | None, WeightsVersion | None]:
+def load(
+    client: Client,
+    model: str,
+    path: str | os.PathLike,
+    *,
+    partial: bool = True,
+    swap: bool = False,
+    description: str = "",
+) -> tuple[WeightsVersion | None, WeightsVersion | None]:
     """Has the server stage a safetensors file (or sharded folder) from its own disk,
     then optionally swaps. Returns (staged version, version serving after the swap or
     None). If the swap fails, the staged weights are discarded."""
     handle = client.model(model)
-    staged = handle.load_weights(path, validate_full_updates=not partial,
-                                 description=description)
+    staged = handle.load_weights(path, validate_full_updates=not partial, description=description)
     if not swap:
         return staged, None
     try:
@@ -200,18 +240,24 @@ def load(client: Client, model: str, path: str | os.PathLike, *, partial: bool =
     return staged, active
 
 
-def pull(client: Client, model: str, path: str | os.PathLike, *, use_inactive: bool = False
-         ) -> tuple[WeightsVersion | None, int]:
+def pull(
+    client: Client, model: str, path: str | os.PathLike, *, use_inactive: bool = False
+) -> tuple[WeightsVersion | None, int]:
     """Downloads the model's weights into a safetensors file. Returns (version, tensor count)."""
     handle = client.model(model)
     info = handle.info()
     # The inactive buffer holds the staged weights, or after a swap the previous ones.
-    version = (info.staged_version or info.previous_version) if use_inactive else info.active_version
+    version = (
+        (info.staged_version or info.previous_version) if use_inactive else info.active_version
+    )
     # numpy unless a constant needs torch (bfloat16...): importing torch costs seconds.
     codes = handle.get_constant_names_to_dtypes().values()
-    needs_torch = any(BY_SCALAR_TYPE.get(c) is not None and BY_SCALAR_TYPE[c].numpy_name is None
-                      for c in codes)
-    tensors = handle.extract_constants_map(use_inactive, output_format="auto" if needs_torch else "numpy")
+    needs_torch = any(
+        BY_SCALAR_TYPE.get(c) is not None and BY_SCALAR_TYPE[c].numpy_name is None for c in codes
+    )
+    tensors = handle.extract_constants_map(
+        use_inactive, output_format="auto" if needs_torch else "numpy"
+    )
     metadata = {"aotiserve.model": model}
     if version is not None:
         metadata["aotiserve.weights_version"] = version.id
@@ -221,6 +267,7 @@ def pull(client: Client, model: str, path: str | os.PathLike, *, use_inactive: b
 
 
 # ---------------------------------------------------------------- fleet rollout
+
 
 def _split_host_port(target: str) -> tuple[str, str]:
     if target.startswith("["):
@@ -277,23 +324,35 @@ class TargetOutcome:
 
     target: str
     stage: str = "pending"  # ok | failed | skipped
-    swap: str = "pending"   # ok | failed | skipped | rolled back | discarded
-    version: str = ""       # version serving at the end, when known
+    swap: str = "pending"  # ok | failed | skipped | rolled back | discarded
+    version: str = ""  # version serving at the end, when known
     error: str = ""
     staged: WeightsVersion | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, str]:
-        return {"target": self.target, "stage": self.stage, "swap": self.swap,
-                "version": self.version, "error": self.error}
+        return {
+            "target": self.target,
+            "stage": self.stage,
+            "swap": self.swap,
+            "version": self.version,
+            "error": self.error,
+        }
 
 
 def _error_text(e: BaseException) -> str:
     return str(e) if isinstance(e, (ClientError, WeightsFileError)) else f"{type(e).__name__}: {e}"
 
 
-def rollout(targets: Sequence[str], model: str, path: str | os.PathLike,
-            client_factory: Callable[[str], Client], *, partial: bool = False,
-            description: str = "", chunk_bytes: int | None = None) -> tuple[bool, list[TargetOutcome]]:
+def rollout(
+    targets: Sequence[str],
+    model: str,
+    path: str | os.PathLike,
+    client_factory: Callable[[str], Client],
+    *,
+    partial: bool = False,
+    description: str = "",
+    chunk_bytes: int | None = None,
+) -> tuple[bool, list[TargetOutcome]]:
     """Two-phase weights rollout across daemons.
 
     Phase 1 stages the file on every target at once (inactive buffers,
@@ -306,14 +365,18 @@ def rollout(targets: Sequence[str], model: str, path: str | os.PathLike,
     clients = {t: client_factory(t) for t in targets}
     try:
         with ThreadPoolExecutor(max_workers=max(1, min(32, len(targets)))) as pool:
+
             def stage(o: TargetOutcome) -> None:
                 try:
                     handle = clients[o.target].model(model)
                     fqns = handle.get_constant_names_to_original_fqns()
                     o.staged = handle.stream_constants(
-                        file_upload_items(path, fqns), use_inactive=True,
+                        file_upload_items(path, fqns),
+                        use_inactive=True,
                         validate_full_updates=not partial,
-                        description=description or Path(path).name, chunk_bytes=chunk_bytes)
+                        description=description or Path(path).name,
+                        chunk_bytes=chunk_bytes,
+                    )
                     o.stage = "ok"
                 except Exception as e:  # every failure is reported per target
                     o.stage, o.error = "failed", _error_text(e)
@@ -326,6 +389,7 @@ def rollout(targets: Sequence[str], model: str, path: str | os.PathLike,
                     o.stage = "failed"
 
             if not all(o.stage == "ok" for o in outcomes):
+
                 def discard(o: TargetOutcome) -> None:
                     o.swap = "skipped"
                     if o.stage != "ok":
@@ -335,6 +399,7 @@ def rollout(targets: Sequence[str], model: str, path: str | os.PathLike,
                         o.swap = "discarded"
                     except Exception as e:
                         o.error = f"discarding staged weights failed: {_error_text(e)}"
+
                 list(pool.map(discard, outcomes))
                 _fill_versions(outcomes, clients, model, pool)
                 return False, outcomes
@@ -360,6 +425,7 @@ def rollout(targets: Sequence[str], model: str, path: str | os.PathLike,
                         handle.free_inactive_constant_buffer()
                 except Exception as e:
                     o.error = (o.error + "; " if o.error else "") + f"undo failed: {_error_text(e)}"
+
             list(pool.map(undo, outcomes))
             _fill_versions(outcomes, clients, model, pool)
             return False, outcomes
@@ -375,4 +441,5 @@ def _fill_versions(outcomes, clients, model, pool) -> None:
             o.version = active.id if active else ""
         except Exception:
             o.version = "?"
+
     list(pool.map(fill, outcomes))

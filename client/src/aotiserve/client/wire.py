@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 MASK64 = (1 << 64) - 1
 _SMALL = tuple(bytes((i,)) for i in range(0x80))
@@ -156,26 +156,38 @@ class Bounds:
         return f" ({name})" if name else ""
 
     def too_many(self, what: str, entries: str, bound: str = "max_entries") -> BoundError:
-        return BoundError(f"{what} has more than {getattr(self, bound)} {entries}, the "
-                          f"limit{self._setting(bound)}")
+        return BoundError(
+            f"{what} has more than {getattr(self, bound)} {entries}, the "
+            f"limit{self._setting(bound)}"
+        )
 
     def too_many_dims(self, where: str) -> BoundError:
-        return BoundError(f"{where}: rank exceeds the limit of {self.max_rank}"
-                          f"{self._setting('max_rank')}")
+        return BoundError(
+            f"{where}: rank exceeds the limit of {self.max_rank}{self._setting('max_rank')}"
+        )
 
     def dim_too_large(self, where: str, index: int, value: int) -> BoundError:
-        return BoundError(f"{where}: dimension {index} of its shape is {value}, above the "
-                          f"limit of {self.max_dim}{self._setting('max_dim')}")
+        return BoundError(
+            f"{where}: dimension {index} of its shape is {value}, above the "
+            f"limit of {self.max_dim}{self._setting('max_dim')}"
+        )
 
     def too_many_fields(self, what: str) -> BoundError:
-        return BoundError(f"{what} has more than {self.max_fields} fields besides its "
-                          "bounded repeated entries (repeated or unknown fields), the limit")
+        return BoundError(
+            f"{what} has more than {self.max_fields} fields besides its "
+            "bounded repeated entries (repeated or unknown fields), the limit"
+        )
 
 
 DEFAULT_BOUNDS = Bounds()
 #: No bounds: exactly what protobuf accepts.
-UNBOUNDED = Bounds(max_entries=sys.maxsize, max_rank=sys.maxsize, max_dim=sys.maxsize,
-                   max_fields=sys.maxsize, max_constants=sys.maxsize)
+UNBOUNDED = Bounds(
+    max_entries=sys.maxsize,
+    max_rank=sys.maxsize,
+    max_dim=sys.maxsize,
+    max_fields=sys.maxsize,
+    max_constants=sys.maxsize,
+)
 
 
 class TensorView:
@@ -203,8 +215,14 @@ def _label(where) -> str:
     return where if isinstance(where, str) else f"{where[0]} {where[1]}"
 
 
-def read_tensor(buf, view: memoryview, pos: int, end: int, bounds: Bounds = DEFAULT_BOUNDS,
-                where: str | tuple[str, int] = "tensor") -> TensorView:
+def read_tensor(
+    buf,
+    view: memoryview,
+    pos: int,
+    end: int,
+    bounds: Bounds = DEFAULT_BOUNDS,
+    where: str | tuple[str, int] = "tensor",
+) -> TensorView:
     """The ``Tensor`` message in ``buf[pos:end]`` (``view`` is ``memoryview(buf)``);
     ``where`` names it in errors (a name, or (entry, index))."""
     dtype = 0
@@ -246,9 +264,14 @@ def read_tensor(buf, view: memoryview, pos: int, end: int, bounds: Bounds = DEFA
     return TensorView(dtype, shape, data)
 
 
-def read_text_and_tensors(buf, text_field: int, tensor_field: int,
-                          bounds: Bounds = DEFAULT_BOUNDS, what: str = "the message",
-                          entry: str = "tensor") -> tuple[str, list[TensorView]]:
+def read_text_and_tensors(
+    buf,
+    text_field: int,
+    tensor_field: int,
+    bounds: Bounds = DEFAULT_BOUNDS,
+    what: str = "the message",
+    entry: str = "tensor",
+) -> tuple[str, list[TensorView]]:
     """A message of one string field and one repeated ``Tensor`` field (``RunRequest``:
     model = 1, inputs = 2; ``RunResponse``: outputs = 1, weights_version = 2), the tensors'
     data views of ``buf``. Other fields are skipped. ``what`` names the message and
@@ -313,8 +336,9 @@ def check_bounds(buf, schema: Mapping[int, Rule], bounds: Bounds, what: str) -> 
         _scan(buf, 0, len(buf), schema, bounds, what, {})
 
 
-def _scan(buf, pos: int, end: int, schema: Mapping[int, Rule], bounds: Bounds, where: str,
-          counts: dict) -> None:
+def _scan(
+    buf, pos: int, end: int, schema: Mapping[int, Rule], bounds: Bounds, where: str, counts: dict
+) -> None:
     """Walks one message in ``buf[pos:end]``; ``counts`` are its counts so far (shared
     by the occurrences of a merged message)."""
     name = ""
@@ -359,7 +383,7 @@ def _scan(buf, pos: int, end: int, schema: Mapping[int, Rule], bounds: Bounds, w
             _scan(buf, start, pos, rule.message, bounds, where, counts.setdefault(field, {}))
         elif kind == "name" and wt == 2:
             start, pos = read_length(buf, pos, end)
-            name = str(buf[start:min(pos, start + 64)], "utf-8", "replace")
+            name = str(buf[start : min(pos, start + 64)], "utf-8", "replace")
         else:
             pos = _skip(buf, pos, end, field, wt, counts, bounds, where)
 
@@ -382,8 +406,9 @@ def _named(where: str, name: str) -> str:
     return f"{where} ({name!r})" if name else where
 
 
-def _skip(buf, pos: int, end: int, field: int, wt: int, counts: dict, bounds: Bounds,
-          where: str) -> int:
+def _skip(
+    buf, pos: int, end: int, field: int, wt: int, counts: dict, bounds: Bounds, where: str
+) -> int:
     """The position after a field's value; a group's fields count as fields of the
     message (protobuf keeps an unknown group's bytes)."""
     if wt != 3:

@@ -51,7 +51,8 @@ _OUTPUT = re.compile(r"output_handles\[(\d+)\]\s*=\s*(\w+)\.release\(\);")
 _REUSE = re.compile(r"auto (\w+) = std::move\((\w+)\);")
 _EMPTY = re.compile(
     r"aoti_torch_empty_strided\((\d+), (\w+), (\w+), cached_torch_dtype_(\w+), "
-    r"cached_torch_device_type_(\w+), [^;]*?&(\w+)_handle\)")
+    r"cached_torch_device_type_(\w+), [^;]*?&(\w+)_handle\)"
+)
 _INT_ARRAY = re.compile(r"int64_t (int_array_\d+)\[\] = \{([^}]*)\};")
 _LITERAL = re.compile(r"^-?\d+L?$")
 
@@ -143,14 +144,17 @@ def _constants(source: str) -> tuple[WrapperConstant, ...]:
         dtype = re.search(r"cached_torch_dtype_(\w+)", f.get("dtype", ""))
         kind = re.search(r"ConstantType::(\w+)", f.get("type", ""))
         size = f.get("data_size", "")
-        out.append(WrapperConstant(
-            name=name,
-            fqn=f.get("original_fqn", "").strip('"') or name,
-            dtype=dtype.group(1) if dtype else None,
-            shape=_ints(f.get("shape", "{}")) or (),
-            kind=kind.group(1) if kind else "Unknown",
-            from_folded=f.get("from_folded", "false") == "true",
-            data_size=int(size) if size.isdigit() else None))
+        out.append(
+            WrapperConstant(
+                name=name,
+                fqn=f.get("original_fqn", "").strip('"') or name,
+                dtype=dtype.group(1) if dtype else None,
+                shape=_ints(f.get("shape", "{}")) or (),
+                kind=kind.group(1) if kind else "Unknown",
+                from_folded=f.get("from_folded", "false") == "true",
+                data_size=int(size) if size.isdigit() else None,
+            )
+        )
     return tuple(out)
 
 
@@ -172,19 +176,21 @@ def _run_impl(source: str) -> str:
     if m is None:
         return ""
     end = source.find("} // AOTInductorModel::run_impl", m.end())
-    return source[m.end(): end if end > 0 else len(source)]
+    return source[m.end() : end if end > 0 else len(source)]
 
 
 def _input(idx: int, name: str, body: str, run_impl: str) -> WrapperTensor:
     handle = _HANDLE.search(body)
     var = handle.group(1) if handle else name
     dtype = next((m.group(2) for m in _EXPECTED_DTYPE.finditer(body) if m.group(1) == var), None)
-    static = {int(m.group(3)): int(m.group(1)) for m in _STATIC_DIM.finditer(body)
-              if m.group(2) == var}
+    static = {
+        int(m.group(3)): int(m.group(1)) for m in _STATIC_DIM.finditer(body) if m.group(2) == var
+    }
     lower = {int(m.group(2)): int(m.group(3)) for m in _LOWER.finditer(body) if m.group(1) == var}
     upper = {int(m.group(2)): int(m.group(3)) for m in _UPPER.finditer(body) if m.group(1) == var}
-    strides = {int(m.group(3)): int(m.group(1)) for m in _STRIDE.finditer(body)
-               if m.group(2) == var}
+    strides = {
+        int(m.group(3)): int(m.group(1)) for m in _STRIDE.finditer(body) if m.group(2) == var
+    }
     # The rank: every dim index the guards or run_impl touch (a dynamic dim with no guard
     # at all still has a stride check or a size read unless it is the only thing unsaid).
     touched = set(static) | set(lower) | set(upper) | set(strides)
@@ -196,13 +202,19 @@ def _input(idx: int, name: str, body: str, run_impl: str) -> WrapperTensor:
     max_shape = tuple(static[d] if d in static else upper.get(d, -1) for d in range(rank))
     device = next((int(m.group(2)) for m in _DEVICE.finditer(body) if m.group(1) == var), None)
     return WrapperTensor(
-        graph_name=name, dtype=dtype, shape=shape, min_shape=min_shape, max_shape=max_shape,
+        graph_name=name,
+        dtype=dtype,
+        shape=shape,
+        min_shape=min_shape,
+        max_shape=max_shape,
         strides=tuple(strides.get(d) for d in range(rank)),
-        device_type=DEVICE_TYPES.get(device) if device is not None else None)
+        device_type=DEVICE_TYPES.get(device) if device is not None else None,
+    )
 
 
-def _outputs(names: list[str], run_impl: str, inputs: dict[str, WrapperTensor]
-             ) -> tuple[WrapperTensor, ...]:
+def _outputs(
+    names: list[str], run_impl: str, inputs: dict[str, WrapperTensor]
+) -> tuple[WrapperTensor, ...]:
     arrays = {m.group(1): m.group(2) for m in _INT_ARRAY.finditer(run_impl)}
     allocs = {m.group(6): m for m in _EMPTY.finditer(run_impl)}
     reused = {m.group(1): m.group(2) for m in _REUSE.finditer(run_impl)}
@@ -220,8 +232,7 @@ def _outputs(names: list[str], run_impl: str, inputs: dict[str, WrapperTensor]
         if alloc is not None and alloc.group(2) in arrays:
             shape = _dims(arrays[alloc.group(2)])
             if len(shape) == int(alloc.group(1)):
-                out.append(WrapperTensor(name, alloc.group(4), shape,
-                                         device_type=alloc.group(5)))
+                out.append(WrapperTensor(name, alloc.group(4), shape, device_type=alloc.group(5)))
                 continue
         if var in moved and moved[var] < len(by_index):  # an input handed back
             src = by_index[moved[var]]
@@ -246,8 +257,7 @@ def parse(source: str) -> WrapperInfo:
     inputs = []
     for i, name in enumerate(in_names):
         body = bodies.get(i)
-        inputs.append(_input(i, name, body, run_impl) if body is not None
-                      else WrapperTensor(name))
+        inputs.append(_input(i, name, body, run_impl) if body is not None else WrapperTensor(name))
     specs = {m.group(1): m.group(2) for m in _SPEC.finditer(source)}
     features = frozenset(f for f in ("AOTInductorGetLastError",) if f in source)
     return WrapperInfo(
