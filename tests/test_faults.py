@@ -425,16 +425,25 @@ def test_concurrent_weight_ops_loads_and_unloads_never_crash(tmp_path):
 def test_extract_stream_survives_unload_and_aborts_on_swap(tmp_path):
     """ExtractConstantsMap streams views of the runner's buffers: an unload mid-stream
     freed them under the reader (SIGSEGV with 16 MiB constants); a swap mid-stream mixed
-    old and new weights in one download."""
+    old and new weights in one download.
+
+    The server writes a stream's chunks only as fast as HTTP/2 flow control lets it, so
+    the client, by not reading, holds it mid-stream: with BDP probing off its receive
+    window stays at the 64 KiB default (measured: 3 chunks of 64 KiB in flight however
+    long the client waits), far less than the 16 MiB being streamed, so the unload and
+    the swap always arrive mid-stream, however loaded the machine (with BDP probing on,
+    the window grew to ~5 MiB and a small model's whole stream could be sent first)."""
     pkg = tmp_path / "big.pt2"
     shutil.copy(model_zoo.compiled("compute"), pkg)  # 4 x Linear(1024, 1024): 16 MiB
     d = start_daemon(["mlp"], ["--model-root", str(tmp_path)])
     try:
         channel = grpc.insecure_channel(
-            d.target, options=[("grpc.max_receive_message_length", 64 << 20)]
+            d.target,
+            options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.bdp_probe", 0)],
         )
         stub = pb_grpc.ModelRunnerStub(channel)
-        stub.LoadModel(pb.LoadModelRequest(name="big", path=str(pkg)))
+        for name in ("big", "big2"):
+            stub.LoadModel(pb.LoadModelRequest(name=name, path=str(pkg)))
         stream = stub.ExtractConstantsMap(
             pb.ExtractConstantsMapRequest(model="big", chunk_bytes=1 << 16)
         )
@@ -446,21 +455,21 @@ def test_extract_stream_survives_unload_and_aborts_on_swap(tmp_path):
         assert e.value.code() == CODE.UNAVAILABLE, e.value.details()
         assert d.proc.poll() is None, d.log()[-2000:]
         # A swap mid-stream aborts the download instead of mixing weight sets.
-        stub.UpdateConstantBuffer(
-            wire.upload_requests("mlp", new_weights("mlp"), validate_full=True)
-        )
+        old = wire.extract(stub, "big2")
+        want = {k: v + 1 for k, v in old.items()}
+        stub.UpdateConstantBuffer(wire.upload_requests("big2", want, validate_full=True))
         stream = stub.ExtractConstantsMap(
-            pb.ExtractConstantsMapRequest(model="mlp", chunk_bytes=256)
+            pb.ExtractConstantsMapRequest(model="big2", chunk_bytes=1 << 16)
         )
-        next(stream)
-        stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="mlp"))
+        first = next(stream)
+        assert first.data == old[first.name].numpy().tobytes()[: len(first.data)]  # the old set
+        stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="big2"))
         with pytest.raises(grpc.RpcError) as e:
             for _ in stream:
                 pass
         assert e.value.code() == CODE.ABORTED and "retry" in e.value.details()
-        got = wire.extract(stub, "mlp")
-        want = new_weights("mlp")
-        assert all(torch.equal(got[k], want[k]) for k in want)
+        got = wire.extract(stub, "big2")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
         channel.close()
     finally:
         d.proc.kill()
