@@ -114,7 +114,7 @@ class Metrics:
         self.weights_version = Gauge(
             "aotiserve_weights_version_info",
             "1 for the weights version serving now",
-            ["model", "version", "sha256"],
+            ["model", "version", "digest"],
             registry=r,
         )
         self._http = None
@@ -130,7 +130,7 @@ class Metrics:
         self.stage_seconds.labels(model, path).observe(seconds)
 
     def set_active_version(
-        self, model: str, version: str, sha256: str, created_unix_ms: int | None = None
+        self, model: str, version: str, digest: str, created_unix_ms: int | None = None
     ) -> None:
         """Keeps exactly one weights_version series per model at 1."""
         if created_unix_ms is not None:
@@ -138,7 +138,10 @@ class Metrics:
         for labels in list(self.weights_version._metrics):  # noqa: SLF001 (no public API)
             if labels[0] == model:
                 self.weights_version.remove(*labels)
-        self.weights_version.labels(model, version, sha256[:16]).set(1)
+        # "<algorithm>:<first 16 hex digits>": enough to tell versions apart on a dashboard.
+        algorithm, _, hexpart = digest.rpartition(":")
+        label = f"{algorithm}:{hexpart[:16]}" if algorithm else hexpart[:16]
+        self.weights_version.labels(model, version, label).set(1)
 
     def forget_model(self, model: str) -> None:
         self._active_created.pop(model, None)

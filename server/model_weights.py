@@ -356,7 +356,7 @@ class ModelWeights:
         metrics = self._model.metrics
         if metrics:
             metrics.set_active_version(
-                self._model.name, self.active.id, self.active.sha256, self.active.created_unix_ms
+                self._model.name, self.active.id, self.active.digest, self.active.created_unix_ms
             )
 
     @contextmanager

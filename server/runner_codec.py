@@ -53,7 +53,7 @@ def decode_inputs(
 def version(v: WeightsVersion) -> pb.WeightsVersion:
     return pb.WeightsVersion(
         id=v.id,
-        sha256=v.sha256,
+        digest=v.digest,
         created_unix_ms=v.created_unix_ms,
         author=v.author,
         description=v.description,

@@ -33,7 +33,7 @@ from .metrics import Metrics
 from .model_types import ConstantInfo, ModelInfo, ModelOptions, ModelState, WeightsVersion
 from .model_weights import ModelWeights
 from .rwlock import RWLock
-from .weights import FOLDED_PREFIX, INITIAL, map_sha256
+from .weights import FOLDED_PREFIX, INITIAL, map_digest
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class ServedModel:
             self,
             WeightsVersion(
                 INITIAL,
-                map_sha256(self.constants, live),
+                map_digest(self.constants, live),
                 int(time.time() * 1000),
                 "package",
                 os.path.basename(self.path),

@@ -19,11 +19,11 @@ from .errors import Cancelled, InvalidArgument
 from .metrics import Metrics
 from .model_registry import ModelRegistry
 from .model_types import CudaHandoff, UploadHeader, WeightsVersion
-from .paths import file_sha256, is_file, resolve_below
+from .paths import is_file, resolve_below
 from .served_model import ServedModel
 from .tensor_codec import Limits
 from .weight_transfers import CountOp, Upload
-from .weights import StagingUpload, new_version
+from .weights import StagingUpload, file_digest, new_version
 
 
 class WeightLoads:
@@ -86,7 +86,7 @@ class WeightLoads:
         )
         if not is_file(resolved):
             raise InvalidArgument(f"weights path {path!r} is not a file")
-        version = new_version(file_sha256(resolved), author, f"blob {resolved.name}")
+        version = new_version(file_digest(resolved), author, f"blob {resolved.name}")
         try:
             return model.weights.update_from_blob(str(resolved), version, self._registry.store)
         except (RuntimeError, ValueError) as exc:  # the extension checks size and layout
@@ -154,7 +154,7 @@ class WeightLoads:
                 model, weights_ipc.upload_header(request), author, "gpu-direct", started
             )
             try:
-                sha = weights_ipc.fill(upload.staging, request, index, is_active, opened)
+                digest = weights_ipc.fill(upload.staging, request, index, is_active, opened)
                 if not is_active():
                     raise Cancelled("the call was cancelled; nothing was staged")
             except BaseException:
@@ -164,7 +164,7 @@ class WeightLoads:
             weights_ipc.release_unopened(request, opened)
             self._count_op(model.name, "stage", exc)
             raise
-        return upload.commit(sha)
+        return upload.commit(digest)
 
     def _claim(
         self, model: ServedModel, header: UploadHeader, author: str, path: str, started: float

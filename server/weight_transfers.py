@@ -68,13 +68,13 @@ class Upload:
     def add_chunk(self, name: str, offset: int, data: bytes | memoryview) -> None:
         self.staging.add_chunk(name, offset, data)
 
-    def commit(self, sha256: str | None = None) -> tuple[WeightsVersion, int, list[str]]:
+    def commit(self, digest: str | None = None) -> tuple[WeightsVersion, int, list[str]]:
         """Validates completeness and writes the weights; returns (version, bytes, names).
-        ``sha256``: the version's, computed by the caller (else the tree hash)."""
+        ``digest``: the version's, computed by the caller (else the tree hash)."""
         model = self.model
         try:
-            tensors, sha = self.staging.finish(sha256)
-            version = new_version(sha, self.author, self.staging.header.description)
+            tensors, digest = self.staging.finish(digest)
+            version = new_version(digest, self.author, self.staging.header.description)
             model.weights.stage(tensors, self.staging.use_inactive, version, self._store)
         except BaseException as exc:
             self.discard()

@@ -7,12 +7,12 @@ each replica's device. Only a complete, valid upload is handed to the
 runners; anything else drops the staging tensors and leaves both buffers as
 they were.
 
-The version's sha256 is sha256 over, for each written constant in sorted
-original-FQN order, ``fqn \\0 dtype \\0 shape \\0`` followed by the constant's
-digest; a constant's digest is sha256 over the sha256 digests of its bytes cut
-into 4 MiB blocks (a tree hash: blocks are hashed on a thread pool as soon as
-their bytes have all arrived, in any chunk order, overlapping the upload and
-using every core, since hashlib releases the GIL).
+The version's digest is ``blake3:`` + hex BLAKE3 over, for each written constant in
+sorted original-FQN order, ``fqn \\0 dtype \\0 shape \\0`` followed by the constant's
+digest; a constant's digest is BLAKE3 over the BLAKE3 digests of its bytes cut into
+4 MiB blocks (a tree hash: blocks are hashed on a thread pool as soon as their bytes
+have all arrived, in any chunk order, overlapping the upload and using every core,
+since blake3 releases the GIL; each block is hashed with the CPU's widest SIMD).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import bisect
 import concurrent.futures as cf
 import contextlib
-import hashlib
 import itertools
 import logging
 import os
@@ -31,6 +30,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import blake3
 import numpy as np
 import torch
 
@@ -59,23 +59,43 @@ class _Model(Protocol):
 _ids = itertools.count(1)
 
 
-def new_version(sha256: str, author: str, description: str) -> WeightsVersion:
+def digest_hex(digest: str) -> str:
+    """The hex part of a ``"<algorithm>:<hex>"`` digest."""
+    return digest.rpartition(":")[2]
+
+
+def new_version(digest: str, author: str, description: str) -> WeightsVersion:
     now = time.time()
-    vid = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}-{sha256[:8]}-{next(_ids)}"
-    return WeightsVersion(vid, sha256, int(now * 1000), author, description)
+    vid = (
+        f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}-{digest_hex(digest)[:8]}-{next(_ids)}"
+    )
+    return WeightsVersion(vid, digest, int(now * 1000), author, description)
 
 
 def _digest_header(info: ConstantInfo) -> bytes:
     return f"{info.fqn}\0{codec.dtype_name(info.dtype)}\0{list(info.shape)}\0".encode()
 
 
-def content_sha256(items: Iterable[tuple[ConstantInfo, bytes]]) -> str:
-    """The version sha256 from (constant, per-constant digest) pairs."""
-    h = hashlib.sha256()
+ALGORITHM = "blake3"
+
+
+def content_digest(items: Iterable[tuple[ConstantInfo, bytes]], algorithm: str = ALGORITHM) -> str:
+    """The version digest from (constant, per-constant digest) pairs: ``"blake3:<hex>"``
+    (``algorithm`` names what the per-constant digests are, e.g. a GPU fingerprint)."""
+    h = blake3.blake3()
     for info, digest in sorted(items, key=lambda it: it[0].fqn):
         h.update(_digest_header(info))
         h.update(digest)
-    return h.hexdigest()
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def file_digest(path: os.PathLike[str] | str) -> str:
+    """``"blake3:<hex>"`` of a file's bytes (a blob version's digest), hashed from a
+    memory map on every core."""
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if os.path.getsize(path):
+        h.update_mmap(path)
+    return f"{ALGORITHM}:{h.hexdigest()}"
 
 
 HASH_BLOCK = 4 << 20
@@ -96,7 +116,7 @@ _hash_pool = cf.ThreadPoolExecutor(
 
 
 def _block_hash(view: torch.Tensor, start: int, end: int) -> bytes:
-    return hashlib.sha256(memoryview(view[start:end].numpy())).digest()
+    return blake3.blake3(memoryview(view[start:end].numpy())).digest()
 
 
 def block_digests(host: torch.Tensor, start: int, end: int) -> dict[int, bytes]:
@@ -109,7 +129,7 @@ def block_digests(host: torch.Tensor, start: int, end: int) -> dict[int, bytes]:
 
 
 def _combine(block_digests: Iterable[bytes]) -> bytes:
-    h = hashlib.sha256()
+    h = blake3.blake3()
     for d in block_digests:
         h.update(d)
     return h.digest()
@@ -129,9 +149,9 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
     return _combine(f.result() for f in futures)
 
 
-def map_sha256(constants: Mapping[str, ConstantInfo], tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 of a {fqn: tensor} map (e.g. the packaged weights) of ``constants`` (by FQN)."""
-    return content_sha256(
+def map_digest(constants: Mapping[str, ConstantInfo], tensors: Mapping[str, torch.Tensor]) -> str:
+    """The digest of a {fqn: tensor} map (e.g. the packaged weights) of ``constants`` (by FQN)."""
+    return content_digest(
         (constants[fqn], tensor_digest(t)) for fqn, t in tensors.items() if fqn in constants
     )
 
@@ -324,8 +344,8 @@ class StagingUpload:
             if st.block_filled[b] == hi - lo:
                 st.block_hashes[b] = _hash_pool.submit(self._guarded_block_hash, view, lo, hi)
 
-    def finish(self, sha256: str | None = None) -> tuple[dict[str, list[torch.Tensor]], str]:
-        """Checks completeness; returns ({fqn: per-replica tensors}, sha256). ``sha256``
+    def finish(self, digest: str | None = None) -> tuple[dict[str, list[torch.Tensor]], str]:
+        """Checks completeness; returns ({fqn: per-replica tensors}, digest). ``digest``
         given (a gpu-direct hand-off fingerprints on the device): no tree hash."""
         for fqn, st in sorted(self.staged.items()):
             if st.received != st.info.nbytes:
@@ -333,8 +353,8 @@ class StagingUpload:
                     f"constant {fqn!r}: received {st.received} of {st.info.nbytes} bytes; "
                     "the upload ended early"
                 )
-        if sha256 is not None:
-            return {fqn: st.tensors for fqn, st in self.staged.items()}, sha256
+        if digest is not None:
+            return {fqn: st.tensors for fqn, st in self.staged.items()}, digest
         digests = []
         with self._buffers():
             for st in self.staged.values():
@@ -345,7 +365,7 @@ class StagingUpload:
                 else:
                     digest = tensor_digest(st.tensors[0])  # device-only replicas: a host copy
                 digests.append((st.info, digest))
-        return {fqn: st.tensors for fqn, st in self.staged.items()}, content_sha256(digests)
+        return {fqn: st.tensors for fqn, st in self.staged.items()}, content_digest(digests)
 
     def discard(self) -> None:
         """Drops the staging tensors (idempotent)."""

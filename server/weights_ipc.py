@@ -19,11 +19,13 @@ event to wait on) and sends those fields in ``LoadWeightsFromCuda``. The server:
 4. synchronizes and drops every opened tensor before answering, so the sender may free
    or overwrite its tensors as soon as the call returns.
 
-A gpu-direct version's sha256 is not the tree hash of the bytes (that needs every byte on
-the host, which is what this path avoids): per constant it hashes the FQN, dtype, shape
-and a device-side fingerprint (the int64 sums of the constant's 32-bit words, all and
-even-indexed). It tells versions apart; use a file or an upload where a content hash
-that other servers recompute is required (fleet rollout compares them).
+A gpu-direct version's digest, ``gpu-fingerprint:<hex>``, is not the content digest of
+the bytes (that needs every byte on the host, which is what this path avoids): per
+constant it hashes the FQN, dtype, shape and a device-side fingerprint (SHA-256 of the
+int64 sums of the constant's 32-bit words, all and even-indexed: 24 bytes a constant, so
+its hash costs nothing), and the version's digest is BLAKE3 over those, combined as the
+content digest is. It tells versions apart; use a file or an upload where a content
+digest that other servers recompute is required (fleet rollout compares them).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 from . import tensor_codec as codec
 from .errors import FailedPrecondition, InvalidArgument
 from .model_types import CudaHandoff, CudaIpcTensor, DeclaredConstant, UploadHeader
-from .weights import StagingUpload, content_sha256
+from .weights import StagingUpload, content_digest
 
 if TYPE_CHECKING:
     from .served_model import ServedModel
@@ -215,6 +217,9 @@ def _check_allocation(tensor: torch.Tensor, t: CudaIpcTensor) -> None:
         )
 
 
+FINGERPRINT = "gpu-fingerprint"  # the version digest's algorithm name on this path
+
+
 def fingerprint(tensor: torch.Tensor) -> bytes:
     """A device-side fingerprint of a contiguous tensor's bytes (see the module doc)."""
     flat = codec.byte_view(tensor)
@@ -255,7 +260,7 @@ def fill(
     is_active: Callable[[], bool],
     opened_names: set[str],
 ) -> str:
-    """Opens, copies and releases every handle; returns the version's sha256. The names
+    """Opens, copies and releases every handle; returns the version's digest. The names
     of the tensors it opened go into ``opened_names``."""
     model = staging.model
     by_name = {t.name: t for t in request.tensors}
@@ -314,4 +319,4 @@ def fill(
         del opened[:]
         src = None  # noqa: F841 (drops the last opened tensor now, not with the frame)
         torch.cuda.ipc_collect()
-    return content_sha256(digests)
+    return content_digest(digests, FINGERPRINT)

@@ -58,7 +58,7 @@ def _folder(model: str) -> str:
 def version_json(version: WeightsVersion) -> dict:
     return {
         "id": version.id,
-        "sha256": version.sha256,
+        "digest": version.digest,
         "created_unix_ms": version.created_unix_ms,
         "author": version.author,
         "description": version.description,
@@ -68,7 +68,8 @@ def version_json(version: WeightsVersion) -> dict:
 def version_from_json(data: Mapping) -> WeightsVersion:
     return WeightsVersion(
         str(data["id"]),
-        str(data["sha256"]),
+        # Versions recorded before digests named their algorithm hold a hex "sha256".
+        str(data["digest"]) if "digest" in data else f"sha256:{data['sha256']}",
         int(data["created_unix_ms"]),
         str(data.get("author", "")),
         str(data.get("description", "")),

@@ -76,7 +76,7 @@ def test_all_healthy_all_switch(capsys, new_weights):
             with ac.Client(s.target) as c:
                 m = c.model("mlp")
                 torch.testing.assert_close(m.run(list(x))[0], want, rtol=1e-4, atol=1e-5)
-                assert m.info().active_version.sha256 == c.model("mlp").info().active_version.sha256
+                assert m.info().active_version.digest == c.model("mlp").info().active_version.digest
 
 
 @pytest.mark.parametrize("failure", ["refused by the daemon", "a different model"])
@@ -277,13 +277,13 @@ class _FakeModel:
     def stream_constants(self, items, **kw):
         list(items)
         self.log.append((self.target, "stage"))
-        return WeightsVersion("v2", sha256="abc")
+        return WeightsVersion("v2", digest="blake3:abc")
 
     def swap_constant_buffer(self):
         self.log.append((self.target, "swap"))
         if self.fail_swap:
             raise ac.UnavailableError("draining")
-        return WeightsVersion("v2", sha256="abc")
+        return WeightsVersion("v2", digest="blake3:abc")
 
     def rollback_constant_buffer(self):
         self.log.append((self.target, "rollback"))

@@ -305,3 +305,13 @@ def test_decode_bytes_accepts_any_buffer():
     assert decode_bytes(raw, d, (2, 3), "numpy").tolist() == [[0, 1, 2], [3, 4, 5]]
     assert decode_bytes(memoryview(raw), d, (6,), "torch").tolist() == list(range(6))
     assert math.prod(()) == 1
+
+
+def test_weights_version_digest_and_an_older_daemons_sha256():
+    from aotiserve.client.model_info import WeightsVersion
+
+    new = WeightsVersion.from_proto(pb.WeightsVersion(id="v2", digest="blake3:cd"))
+    assert (new.digest, new.sha256) == ("blake3:cd", "")
+    old = WeightsVersion.from_proto(pb.WeightsVersion(id="v1", sha256="ab"))
+    assert (old.digest, old.sha256) == ("sha256:ab", "ab")
+    assert WeightsVersion.from_proto(pb.WeightsVersion()) is None

@@ -64,7 +64,7 @@ def test_restart_after_sigkill_serves_committed_version(tmp_path):
     with daemon_process(["mlp"], args, repo=repo) as d2:
         channel, stub = _stub(d2)
         active = _active(stub)
-        assert (active.id, active.sha256, active.description) == (v1.id, v1.sha256, "v1")
+        assert (active.id, active.digest, active.description) == (v1.id, v1.digest, "v1")
         resp, call = stub.Run.with_call(wire.run_request("mlp", inputs))
         assert wire.close(wire.outputs(resp), want)
         assert ("aotiserve-weights-version", v1.id) in tuple(call.trailing_metadata())

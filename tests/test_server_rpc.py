@@ -84,7 +84,8 @@ def test_list_models(srv):
     assert [i.dtype for i in two.inputs] == [pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_INT64]
     assert list(two.inputs[0].shape) == [-1, 16]
     assert sorted(two.updatable_constants) == ["emb.weight", "proj.bias", "proj.weight"]
-    assert two.active_version.id == "initial" and len(two.active_version.sha256) == 64
+    assert two.active_version.id == "initial"
+    assert two.active_version.digest.startswith("blake3:") and len(two.active_version.digest) == 71
     assert "_FOLDED_CONST_permute" not in models["mlp"].updatable_constants
 
 
@@ -301,7 +302,13 @@ def test_metrics_show_traffic(srv):
     assert value('aotiserve_compute_seconds_count{device="cpu",model="mlp"}') > 0
     assert value('aotiserve_device_requests_total{device="cpu",model="mlp"}') > 0
     assert value('aotiserve_model_loads_total{model="mlp",outcome="ok"}') > 0
-    assert value('aotiserve_weights_version_info{model="mlp"') == 1
+    served = [
+        line
+        for line in text.splitlines()
+        if line.startswith('aotiserve_weights_version_info{digest="blake3:')
+        and ',model="mlp",version="initial"}' in line
+    ]
+    assert len(served) == 1 and served[0].endswith(" 1.0"), served
     assert "aotiserve_queue_depth" in text and "aotiserve_in_flight_requests" in text
 
 

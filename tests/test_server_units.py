@@ -204,3 +204,24 @@ def test_weights_store_cleanup_waits_for_a_write_under_way(tmp_path, monkeypatch
     t.join(30)
     cleaner.join(30)
     assert not errors
+
+
+def test_versions_recorded_with_a_sha256_keep_it_named_as_such(tmp_path):
+    """A weights store written before digests moved to BLAKE3 holds a bare hex "sha256":
+    it reads back as "sha256:<hex>", never passed off as a BLAKE3 digest, and is written
+    back under the new key."""
+    from aotiserve.server.runner_codec import version
+    from aotiserve.server.weights import file_digest, new_version
+    from aotiserve.server.weights_store import version_from_json, version_json
+
+    old = {"id": "v1", "sha256": "ab" * 32, "created_unix_ms": 5, "author": "a", "description": "d"}
+    v = version_from_json(old)
+    assert v.digest == "sha256:" + "ab" * 32 and version(v).sha256 == ""
+    assert version_from_json(version_json(v)) == v and "sha256" not in version_json(v)
+    blob = tmp_path / "w.bin"
+    blob.write_bytes(b"\x01" * 5_000_000)
+    import blake3
+
+    digest = file_digest(blob)
+    assert digest == "blake3:" + blake3.blake3(b"\x01" * 5_000_000).hexdigest()
+    assert new_version(digest, "a", "").id.split("-")[1] == digest[len("blake3:") :][:8]

@@ -14,6 +14,24 @@ from helpers import code_of, eager_with, info, new_weights, run, upload
 from aotiserve.v1 import model_runner_pb2 as pb
 
 
+def reference_digest(weights: dict) -> str:
+    """A version's digest computed here from the definition in docs/server.md (BLAKE3 tree:
+    4 MiB blocks, then each constant, then the version), not with the server's code."""
+    import blake3
+
+    h = blake3.blake3()
+    for fqn in sorted(weights):
+        t = weights[fqn]
+        data = t.contiguous().numpy().tobytes()
+        blocks = b"".join(
+            blake3.blake3(data[b : b + (4 << 20)]).digest() for b in range(0, len(data), 4 << 20)
+        )
+        dtype = str(t.dtype).removeprefix("torch.")
+        h.update(f"{fqn}\0{dtype}\0{list(t.shape)}\0".encode())
+        h.update(blake3.blake3(blocks).digest())
+    return "blake3:" + h.hexdigest()
+
+
 @pytest.mark.parametrize("model", ["mlp", "two_io"])
 def test_stage_swap_rollback_free_lifecycle(server_factory, model):
     s = server_factory([model], metrics_port=0)
@@ -26,7 +44,9 @@ def test_stage_swap_rollback_free_lifecycle(server_factory, model):
     version = resp.version
     assert resp.bytes_received == sum(t.numel() * t.element_size() for t in weights.values())
     assert sorted(resp.updated) == sorted(weights)
-    assert len(version.sha256) == 64 and version.description == "halved" and version.author
+    assert version.digest == reference_digest(weights)
+    assert not version.sha256  # deprecated: the digest names its algorithm
+    assert version.description == "halved" and version.author
     # Staged, not serving: the active buffer still answers with the old weights.
     out, served = run(s.stub, model, inputs)
     assert wire.close(out, old) and served == "initial"
@@ -81,12 +101,12 @@ def test_stage_swap_rollback_free_lifecycle(server_factory, model):
     s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model=model))
     out, served = run(s.stub, model, inputs)
     assert wire.close(out, new) and served == v4.id
-    assert v4.sha256 == version.sha256  # same content, same hash
+    assert v4.digest == version.digest  # same content, same hash
 
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{s.app.metrics_port}/metrics").read().decode()
-    labels = f'model="{model}",sha256="{v4.sha256[:16]}",version="{v4.id}"'
+    labels = f'digest="{v4.digest[:23]}",model="{model}",version="{v4.id}"'  # blake3:<16 hex>
     assert f"aotiserve_weights_version_info{{{labels}}} 1.0" in text
     assert f'aotiserve_constant_buffer_ops_total{{model="{model}",op="swap",outcome="ok"}}' in text
 
@@ -117,7 +137,7 @@ def test_chunks_any_order_and_tensors_larger_than_message_limit(server_factory):
         order=lambda chunks: chunks[::-1],
     )
     in_order = upload(s.stub, "mlp", weights, validate_full=True, chunk_bytes=777)
-    assert resp.version.sha256 == in_order.version.sha256
+    assert resp.version.digest == in_order.version.digest
     got = wire.extract(s.stub, "mlp", use_inactive=True, chunk_bytes=0)  # server default, capped
     assert torch.equal(got["fc1.weight"], weights["fc1.weight"])
 
@@ -345,7 +365,7 @@ def test_update_from_blob_inside_allowed_root(server_factory):
     version = s.stub.UpdateConstantBufferFromBlob(
         pb.UpdateConstantBufferFromBlobRequest(model="blob_mlp", weights_path=str(blob))
     ).version
-    assert version.id != "initial" and len(version.sha256) == 64
+    assert version.id != "initial" and version.digest.startswith("blake3:")
     out, served = run(s.stub, "blob_mlp", inputs)
     assert wire.close(out, eager_with("blob_mlp", weights, inputs)) and served == version.id
     code, _ = code_of(

@@ -58,7 +58,7 @@ def test_load_a_file_stage_swap_and_the_same_sha_as_an_upload(server_factory, tm
 
     # The same weights uploaded over the wire form the same content hash.
     uploaded = upload(s.stub, "mlp", weights, validate_full=True).version
-    assert uploaded.sha256 == resp.version.sha256
+    assert uploaded.digest == resp.version.digest and uploaded.digest.startswith("blake3:")
 
     metrics = s.app.metrics
     assert (
@@ -70,6 +70,25 @@ def test_load_a_file_stage_swap_and_the_same_sha_as_an_upload(server_factory, tm
     assert metrics.sample("aotiserve_weights_swap_seconds_count", model="mlp", op="swap") == 1
     age = metrics.sample("aotiserve_weights_active_age_seconds", model="mlp")
     assert 0 <= age < 3600
+
+
+def test_a_pull_hashes_many_blocks_as_an_upload_does(tmp_path):
+    """A pull hashes each 1 MiB piece as it reads it; an upload hashes whole 4 MiB blocks
+    once their bytes arrived: for a constant of several blocks and a ragged end, read in
+    windows as a pull does, both give the same block digests (so the same version digest)."""
+    from aotiserve.server import safetensors_source, tensor_codec, weights, weights_pull
+
+    t = torch.arange((10 << 20) // 4 + 3, dtype=torch.float32)  # 2.5 blocks and 12 bytes
+    path = tmp_path / "w.safetensors"
+    save_file({"w": t}, path)
+    with safetensors_source.open_source(path, lambda p: None, tensor_codec.Limits(), 8) as src:
+        entry = src.entries[0]
+        host = torch.empty(entry.nbytes, dtype=torch.uint8)
+        pulled = {}
+        for start, end in safetensors_source.windows(entry.nbytes, 2 * weights.HASH_BLOCK):
+            pulled.update(weights_pull._read_hashing(entry, host[start:end], start, end))
+    assert torch.equal(host.view(torch.float32), t)
+    assert pulled == weights.block_digests(host, 0, entry.nbytes) and len(pulled) == 3
 
 
 def test_runs_across_file_loads_and_swaps_are_never_mixed(server_factory):
@@ -138,8 +157,8 @@ def test_load_a_sharded_folder_partially(server_factory):
         assert torch.equal(staged[k], weights[k] if k in first + second else active[k]), k
     # The index file itself names the same source.
     assert (
-        load(s, "mlp", folder / "model.safetensors.index.json").version.sha256
-        == resp.version.sha256
+        load(s, "mlp", folder / "model.safetensors.index.json").version.digest
+        == resp.version.digest
     )
 
 
@@ -434,7 +453,7 @@ def test_load_a_file_into_a_cuda_replica(server_factory, cuda_repo):
     out, version = run(s.stub, "mlp", inputs)
     assert version == resp.version.id
     assert wire.close([o.cpu() for o in out], eager_with("mlp", weights, inputs))
-    assert upload(s.stub, "mlp", weights, validate_full=True).version.sha256 == resp.version.sha256
+    assert upload(s.stub, "mlp", weights, validate_full=True).version.digest == resp.version.digest
 
 
 # ---------------------------------------------------------------- hostile files

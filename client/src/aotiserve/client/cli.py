@@ -289,12 +289,19 @@ def _version_dict(v) -> dict | None:
         if v is None
         else {
             "id": v.id,
-            "sha256": v.sha256,
+            "digest": v.digest,
             "created_unix_ms": v.created_unix_ms,
             "author": v.author,
             "description": v.description,
         }
     )
+
+
+def _version_text(v) -> str:
+    """``id (digest)`` of a version, ``?`` for none."""
+    if v is None:
+        return "?"
+    return f"{v.id} ({v.digest})" if v.digest else v.id
 
 
 def _size(n: int) -> str:
@@ -533,7 +540,7 @@ def cmd_weights_push(cfg: CliConfig, args) -> int:
             }
         )
     elif active is None:
-        print(f"staged {staged.id if staged else '?'} on {args.model} (not swapped in)")
+        print(f"staged {_version_text(staged)} on {args.model} (not swapped in)")
     else:
         print(
             f"{args.model} now serves {active.id} ({_size(bar.total)}); "
@@ -559,10 +566,7 @@ def cmd_weights_load(cfg: CliConfig, args) -> int:
             {"model": args.model, "staged": _version_dict(staged), "active": _version_dict(active)}
         )
     elif active is None:
-        print(
-            f"staged {staged.id if staged else '?'} on {args.model} from {args.path} "
-            "(not swapped in)"
-        )
+        print(f"staged {_version_text(staged)} on {args.model} from {args.path} (not swapped in)")
     else:
         print(
             f"{args.model} now serves {active.id} (from {args.path}); "

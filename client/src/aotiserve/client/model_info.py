@@ -12,19 +12,30 @@ from aotiserve.v1 import model_runner_pb2 as pb
 
 @dataclass(frozen=True)
 class WeightsVersion:
-    """One version of a model's weights."""
+    """One version of a model's weights. ``digest`` is ``"<algorithm>:<hex>"``:
+    ``blake3:`` the content digest (equal for equal bytes, whichever path staged them),
+    ``gpu-fingerprint:`` a GPU-direct hand-off's device-side fingerprint, ``sha256:`` a
+    version recorded by an older daemon."""
 
     id: str
-    sha256: str = ""
+    digest: str = ""
     created_unix_ms: int = 0
     author: str = ""
     description: str = ""
+
+    @property
+    def sha256(self) -> str:
+        """Deprecated: the hex digest only where it is a SHA-256 (older daemons), else ""."""
+        algorithm, _, hexpart = self.digest.partition(":")
+        return hexpart if algorithm == "sha256" else ""
 
     @classmethod
     def from_proto(cls, msg: pb.WeightsVersion) -> WeightsVersion | None:
         if not msg.id:
             return None
-        return cls(msg.id, msg.sha256, msg.created_unix_ms, msg.author, msg.description)
+        # A daemon from before digests named their algorithm sends only the deprecated sha256.
+        digest = msg.digest or (f"sha256:{msg.sha256}" if msg.sha256 else "")
+        return cls(msg.id, digest, msg.created_unix_ms, msg.author, msg.description)
 
 
 @dataclass(frozen=True)

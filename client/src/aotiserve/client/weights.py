@@ -261,7 +261,7 @@ def pull(
     metadata = {"aotiserve.model": model}
     if version is not None:
         metadata["aotiserve.weights_version"] = version.id
-        metadata["aotiserve.weights_sha256"] = version.sha256
+        metadata["aotiserve.weights_digest"] = version.digest
     save_safetensors(tensors, path, metadata)
     return version, len(tensors)
 
@@ -382,10 +382,10 @@ def rollout(
                     o.stage, o.error = "failed", _error_text(e)
 
             list(pool.map(stage, outcomes))
-            digests = {o.staged.sha256 for o in outcomes if o.stage == "ok" and o.staged}
+            digests = {o.staged.digest for o in outcomes if o.stage == "ok" and o.staged}
             if all(o.stage == "ok" for o in outcomes) and len(digests) > 1:
                 for o in outcomes:
-                    o.error = o.error or "targets staged different content (sha256 differs)"
+                    o.error = o.error or "targets staged different content (their digests differ)"
                     o.stage = "failed"
 
             if not all(o.stage == "ok" for o in outcomes):

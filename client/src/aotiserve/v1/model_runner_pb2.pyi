@@ -80,18 +80,20 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WeightsVersion(_message.Message):
-    __slots__ = ("id", "sha256", "created_unix_ms", "author", "description")
+    __slots__ = ("id", "sha256", "created_unix_ms", "author", "description", "digest")
     ID_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     AUTHOR_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     id: str
     sha256: str
     created_unix_ms: int
     author: str
     description: str
-    def __init__(self, id: _Optional[str] = ..., sha256: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., author: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+    digest: str
+    def __init__(self, id: _Optional[str] = ..., sha256: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., author: _Optional[str] = ..., description: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "path", "devices", "runners_per_device", "state", "active_version", "staged_version", "previous_version", "updatable_constants", "inputs", "outputs", "metadata", "error")
