@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import tensor_codec as codec
-from .errors import InvalidArgument, ResourceExhausted
+from .errors import InvalidArgument, ResourceExhausted, Unavailable
 from .model_types import ConstantInfo, UploadHeader, WeightsVersion
 
 log = logging.getLogger(__name__)
@@ -249,6 +249,8 @@ class StagingUpload:
         """Where chunks go: ``targets`` (per replica {fqn: tensor}, e.g. views of the
         inactive buffer, written in place) or new tensors, one per replica, on its device."""
         model = self.model
+        if not model.replicas:  # closed by an unload since the upload began
+            raise Unavailable(f"model {model.name!r} is unloading; nothing was staged")
         self.in_place = targets is not None
         if not self.in_place:
             self._held = self.total_bytes * len(model.replicas)

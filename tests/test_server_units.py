@@ -225,3 +225,28 @@ def test_versions_recorded_with_a_sha256_keep_it_named_as_such(tmp_path):
     digest = file_digest(blob)
     assert digest == "blake3:" + blake3.blake3(b"\x01" * 5_000_000).hexdigest()
     assert new_version(digest, "a", "").id.split("-")[1] == digest[len("blake3:") :][:8]
+
+
+def test_an_upload_onto_a_model_an_unload_closed_is_unavailable():
+    """An unload can close the model (no replicas left) between an upload's claim and its
+    allocation: that upload is refused as UNAVAILABLE, not an IndexError (INTERNAL) when
+    it hashes its bytes (test_faults' concurrent weight ops and unloads found it)."""
+    from types import SimpleNamespace
+
+    from aotiserve.server.model_types import ConstantInfo, DeclaredConstant, UploadHeader
+    from aotiserve.server.weights import StagingUpload
+
+    info = ConstantInfo("w", "w", torch.float32, (2,))
+    model = SimpleNamespace(
+        name="victim",
+        replicas=[],
+        constants={"w": info},
+        constants_by_name={"w": info},
+        folded_names=set(),
+    )
+    header = UploadHeader(
+        "victim", (DeclaredConstant("w", codec.wire_dtype(torch.float32), (2,)),), True, True
+    )
+    staging = StagingUpload(model, header, 1 << 20, codec.Limits())
+    with pytest.raises(Unavailable, match="unloading"):
+        staging.allocate()
