@@ -409,7 +409,9 @@ def test_gpu_direct_hand_off_from_a_second_process(server_factory, cuda_repo, tm
     )
     assert proc.returncode == 0, proc.stderr
     version = proc.stdout.strip().splitlines()[-1]
-    assert info(s.stub, "mlp").staged_version.id == version
+    staged_version = info(s.stub, "mlp").staged_version
+    assert staged_version.id == version
+    assert staged_version.digest.startswith("gpu-fingerprint:")  # not a hash of the bytes
     sent = torch.load(saved)
     staged = wire.extract(s.stub, "mlp", use_inactive=True)
     assert all(torch.equal(staged[k].cpu(), t) for k, t in sent.items())
