@@ -9,7 +9,7 @@
 #   debs/    Debian bookworm's gRPC C++ 1.51 and the closure that the build and the import need
 #            (dev packages for headers, .pc files and link-time .so; runtime libraries; pkgconf);
 #   wheels/  the Python packages at requirements-dev.txt's pins (grpcio, grpcio-health-checking,
-#            grpcio-reflection, protobuf), cp312 manylinux.
+#            grpcio-reflection, protobuf, blake3) and nvidia-ml-py, cp312 manylinux.
 # On the GPU machine (`all`, the default) the debs are unpacked with `dpkg -x` beside the build
 # (ROOT, .cache/gpu-work/root: never into /), pkg-config is pointed only at that tree (PKG_CONFIG_LIBDIR,
 # PKG_CONFIG_SYSROOT_DIR; LIBRARY_PATH/CPATH because Debian's grpc .pc files name /usr/lib), the
@@ -57,7 +57,9 @@ DEBS=(
   libgrpc++1.51 libgrpc29 libabsl20220623 libre2-9 libc-ares2 libssl3 zlib1g
   pkgconf pkgconf-bin libpkgconf3 pkg-config
 )
-PINNED=(grpcio grpcio-health-checking grpcio-reflection protobuf)
+PINNED=(grpcio grpcio-health-checking grpcio-reflection protobuf blake3)
+# Only on the GPU machine: NVML for the GPU metrics (an optional extra, `aotiserve[nvml]`).
+GPU_ONLY=(nvidia-ml-py==13.615.71)
 
 log() { echo "gpu_recipe: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -69,6 +71,7 @@ wheel_specs() {
     [ -n "$spec" ] || die "requirements-dev.txt pins no ${name}=="
     echo "$spec"
   done
+  printf '%s\n' "${GPU_ONLY[@]}"
 }
 
 cmd_prepare() {

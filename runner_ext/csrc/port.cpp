@@ -13,6 +13,7 @@
 #include <grpcpp/support/method_handler.h>
 
 #include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
 #include <openssl/crypto.h>
 
 #include <algorithm>
@@ -718,6 +719,9 @@ grpc::Status Port::serve(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
   grpc::Status refusal;
   bool is_admin = false;
   if (!authorize(method, *ctx, refusal, is_admin)) return done(refusal);
+  // No autograd anywhere on this path: torch's dispatcher skips its autograd and
+  // view-tracking layers for every op of the run (the model's and ours).
+  c10::InferenceMode no_autograd;
 
   // The request's bytes: gRPC's own slice when it is one, else joined once into torch's
   // allocator, laid out so the first payload is aligned. For a model on a GPU, large
