@@ -11,11 +11,17 @@
 // Built on demand by bench/cpp_echo.py:
 //   g++ -O2 -std=c++17 echo_server.cc -o echo_server $(pkg-config --cflags --libs grpc++)
 // Writes {"port": N, "pid": P} to --ready-file once serving; SIGTERM/SIGINT stop it.
+//
+// --control none|callback|async (default none) registers, beside the echo, an idle generic
+// service as the daemon could serve its control RPCs: gRPC's callback API, or the async API
+// on a non-listening completion queue drained by --control-threads threads (the daemon's
+// choice: async, 1). bench/control_queue.py measures what each costs the echo.
 
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/impl/rpc_service_method.h>
 #include <grpcpp/resource_quota.h>
 #include <grpcpp/support/method_handler.h>
+#include <grpcpp/generic/async_generic_service.h>
 
 #include <pthread.h>
 #include <unistd.h>
@@ -31,6 +37,8 @@
 #include <iterator>
 #include <memory>
 #include <string>
+#include <thread>
+#include <vector>
 
 namespace {
 
@@ -55,7 +63,8 @@ class EchoService : public grpc::Service {
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "echo_server: %s\nusage: echo_server --ready-file PATH (--reply-file PATH | "
-               "--resp-size N) [--workers N] [--max-threads N] [--max-msg BYTES]\n",
+               "--resp-size N) [--workers N] [--max-threads N] [--max-msg BYTES]\n"
+               "                   [--control none|callback|async] [--control-threads N]\n",
                why);
   std::exit(2);
 }
@@ -65,7 +74,8 @@ class EchoService : public grpc::Service {
 int main(int argc, char** argv) {
   std::string ready_file, reply_file;
   long resp_size = -1, max_msg = 160L << 20;
-  int workers = 32, max_threads = 1024;
+  int workers = 32, max_threads = 1024, control_threads = 1;
+  std::string control = "none";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (i + 1 >= argc) usage(("missing value for " + a).c_str());
@@ -76,9 +86,12 @@ int main(int argc, char** argv) {
     else if (a == "--workers") workers = std::atoi(v);
     else if (a == "--max-threads") max_threads = std::atoi(v);
     else if (a == "--max-msg") max_msg = std::atol(v);
+    else if (a == "--control") control = v;
+    else if (a == "--control-threads") control_threads = std::atoi(v);
     else usage(("unknown argument " + a).c_str());
   }
   if (ready_file.empty()) usage("--ready-file is required");
+  if (control != "none" && control != "callback" && control != "async") usage("bad --control");
   std::string reply;
   if (!reply_file.empty()) {
     std::ifstream f(reply_file, std::ios::binary);
@@ -109,10 +122,33 @@ int main(int argc, char** argv) {
   quota.SetMaxThreads(std::max(workers + 8, max_threads));
   b.SetResourceQuota(quota);
   b.RegisterService(&service);
+  grpc::CallbackGenericService callback_service;
+  grpc::AsyncGenericService async_service;
+  std::unique_ptr<grpc::ServerCompletionQueue> cq;
+  if (control == "callback") b.RegisterCallbackGenericService(&callback_service);
+  if (control == "async") {
+    b.RegisterAsyncGenericService(&async_service);
+    cq = b.AddCompletionQueue(/*is_frequently_polled=*/false);
+  }
   std::unique_ptr<grpc::Server> server = b.BuildAndStart();
   if (!server || port == 0) {
     std::fprintf(stderr, "echo_server: could not bind 127.0.0.1:0\n");
     return 1;
+  }
+  // The async service: one call requested (none arrives), threads waiting on the queue.
+  grpc::GenericServerContext control_ctx;
+  grpc::GenericServerAsyncReaderWriter control_stream(&control_ctx);
+  std::vector<std::thread> drainers;
+  if (cq) {
+    async_service.RequestCall(&control_ctx, &control_stream, cq.get(), cq.get(), &control_ctx);
+    for (int i = 0; i < control_threads; ++i) {
+      drainers.emplace_back([&] {
+        void* tag;
+        bool ok;
+        while (cq->Next(&tag, &ok)) {
+        }
+      });
+    }
   }
   {
     std::string tmp = ready_file + ".tmp";
@@ -127,5 +163,9 @@ int main(int argc, char** argv) {
   int sig = 0;
   sigwait(&stop_signals, &sig);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  if (cq) {
+    cq->Shutdown();
+    for (auto& t : drainers) t.join();
+  }
   return 0;
 }

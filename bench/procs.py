@@ -214,6 +214,7 @@ def start_echo(
     cpp: bool = False,
     max_msg: int = 160 << 20,
     env: dict | None = None,
+    extra_args: list[str] | None = None,
 ) -> Server:
     """A bare echo floor: bench/echo_server.py (grpcio, ThreadPool(``workers``, default 8)) or,
     with ``cpp``, bench/echo_server.cc (gRPC C++ sync server, ``workers`` pollers, default 32 as
@@ -231,7 +232,7 @@ def start_echo(
     if cpp:
         from . import cpp_echo
 
-        argv = [str(cpp_echo.binary()), "--workers", str(workers or 32)]
+        argv = [str(cpp_echo.binary()), "--workers", str(workers or 32), *(extra_args or [])]
     else:
         argv = [
             sys.executable,
