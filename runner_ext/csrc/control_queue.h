@@ -1,11 +1,11 @@
 // The completion queue of every call off the hot path: health and the bridge.
 //
 // These calls run on gRPC's async API over one queue that does not listen for
-// connections, drained by a few threads of its own. The hot path's sync threads stay
-// the port's only pollers: with a callback service beside them, gRPC's callback poller
-// read most requests and handed each to a hot-path thread (a wake-up per call: +11 µs
-// p50 on a bare echo, +20 µs on Run here, and a core's worth of context switches under
-// load). A control call's operations complete here; none of their handlers block.
+// connections, drained by one thread of its own. The hot path's sync threads stay the
+// port's pollers: with a callback service beside them, gRPC's callback poller read most
+// requests and handed each to a hot-path thread (a wake-up per call), and every further
+// thread waiting on this queue would do the same (bench/control_queue.py measures both).
+// A control call's operations complete here; none of their handlers block.
 #pragma once
 
 #include <grpcpp/generic/async_generic_service.h>
