@@ -243,17 +243,22 @@ class StagingUpload:
         self._on_bytes = on_bytes
         self._held = 0
         self.in_place = False
+        self.pools: list = []  # each replica's device pool, read once by allocate()
         self._written_lock = threading.Lock()
 
     def allocate(self, targets: list[Mapping[str, torch.Tensor]] | None = None) -> None:
         """Where chunks go: ``targets`` (per replica {fqn: tensor}, e.g. views of the
         inactive buffer, written in place) or new tensors, one per replica, on its device."""
         model = self.model
-        if not model.replicas:  # closed by an unload since the upload began
+        # Read once: an unload closing the model meanwhile empties ``model.replicas``
+        # (the staging then holds tensors for replicas that are gone, and the commit is
+        # refused because the model is no longer ready).
+        self.pools = [r.pool for r in model.replicas]
+        if not self.pools:  # closed by an unload since the upload began
             raise Unavailable(f"model {model.name!r} is unloading; nothing was staged")
         self.in_place = targets is not None
         if not self.in_place:
-            self._held = self.total_bytes * len(model.replicas)
+            self._held = self.total_bytes * len(self.pools)
             if self._on_bytes:
                 self._on_bytes(self._held)
         for fqn, (info, wire_name) in self.declared.items():
@@ -261,8 +266,8 @@ class StagingUpload:
                 tensors = [t[fqn] for t in targets]
             else:
                 tensors = [
-                    torch.empty(info.shape, dtype=info.dtype, device=r.pool.device)
-                    for r in model.replicas
+                    torch.empty(info.shape, dtype=info.dtype, device=pool.device)
+                    for pool in self.pools
                 ]
             cpu_index = next((i for i, t in enumerate(tensors) if t.device.type == "cpu"), None)
             st = _Staged(info, tensors, [codec.byte_view(t) for t in tensors], cpu_index)
@@ -295,7 +300,7 @@ class StagingUpload:
         src = np.frombuffer(data, dtype=np.uint8)
         dev_src = None  # the same bytes as a tensor, for device replicas
         with self._buffers():
-            for pool, view in zip((r.pool for r in self.model.replicas), st.views):
+            for pool, view in zip(self.pools, st.views):
                 if view.device.type == "cpu":
                     # One plain memcpy on this thread: torch's copy_ would split a chunk
                     # over its intra-op threads, whose spinning costs more than the copy.

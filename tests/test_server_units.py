@@ -250,3 +250,37 @@ def test_an_upload_onto_a_model_an_unload_closed_is_unavailable():
     staging = StagingUpload(model, header, 1 << 20, codec.Limits())
     with pytest.raises(Unavailable, match="unloading"):
         staging.allocate()
+
+
+def test_an_upload_reads_the_replicas_once_so_an_unload_midway_cannot_empty_it():
+    """An unload may empty ``model.replicas`` right after an upload's check that the model
+    has replicas: the staging keeps the replicas it saw, so it never ends up with no
+    tensor to hash (an IndexError, INTERNAL); the commit is then refused because the model
+    is no longer ready."""
+    from types import SimpleNamespace
+
+    from aotiserve.server.model_types import ConstantInfo, DeclaredConstant, UploadHeader
+    from aotiserve.server.weights import StagingUpload
+
+    info = ConstantInfo("w", "w", torch.float32, (2,))
+    replica = SimpleNamespace(pool=SimpleNamespace(device=torch.device("cpu")))
+
+    class Closing(SimpleNamespace):
+        reads = 0
+
+        @property
+        def replicas(self):
+            self.reads += 1  # the first read sees the replica; every later one, none
+            return [replica] if self.reads == 1 else []
+
+    model = Closing(
+        name="victim", constants={"w": info}, constants_by_name={"w": info}, folded_names=set()
+    )
+    header = UploadHeader(
+        "victim", (DeclaredConstant("w", codec.wire_dtype(torch.float32), (2,)),), True, True
+    )
+    staging = StagingUpload(model, header, 1 << 20, codec.Limits())
+    staging.allocate()
+    staging.add_chunk("w", 0, torch.tensor([1.0, 2.0]).numpy().tobytes())
+    tensors, digest = staging.finish()
+    assert torch.equal(tensors["w"][0], torch.tensor([1.0, 2.0])) and digest
