@@ -41,6 +41,8 @@ PortServer = _C.PortServer
 PortStats = _C.PortStats
 BridgeCall = _C.BridgeCall
 port_set_dtypes = _C.port_set_dtypes
+# A cudaIpcMemHandle_t's memory as a uint8 tensor (OIP CUDA shared memory); None without CUDA.
+open_cuda_ipc = getattr(_C, "open_cuda_ipc", None)
 
 
 from .package import (  # noqa: E402
@@ -70,6 +72,7 @@ __all__ = [
     "install_cpu_block_cache",
     "list_package_models",
     "load_model",
+    "open_cuda_ipc",
     "port_set_dtypes",
     "read_package_metadata",
     "runner_class_for",

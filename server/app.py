@@ -268,6 +268,7 @@ class AppServer:
             self.port_server.stop(deadline - time.monotonic())
             self.bridge.join(max(0.0, deadline - time.monotonic()) + 1.0)
             self.registry.close()
+            self.plane.shared_memory.close()
             self.metrics.stop()
             self._stopped.set()
             log.info("stopped")

@@ -99,6 +99,13 @@ class ServeConfig:
     stream_idle_timeout_s: float = 300.0
     connection_idle_timeout_s: float = 0.0
     extract_chunk_bytes: int = 4 * MIB
+    # OIP shared memory (server/shared_memory.py): "local" lets clients on this host
+    # (loopback, unix socket) register regions, "any" every peer (only where every peer
+    # that reaches the port is on this host, e.g. a container's published port), "off" none.
+    # At most this many regions, mapping at most this many bytes together.
+    shared_memory: str = "local"
+    max_shared_memory_regions: int = 64
+    max_shared_memory_bytes: int = 1 << 40
     # Dynamic batching (server/batching.py) for models with a dynamic first dimension:
     # most rows in one run (0 or 1: off) and the longest a run waits for others to join.
     batch_max_size: int = 0
@@ -165,6 +172,8 @@ class ServeConfig:
             )
         if self.stream_idle_timeout_s < 0 or self.connection_idle_timeout_s < 0:
             raise ValueError("stream_idle_timeout_s and connection_idle_timeout_s must be >= 0")
+        if self.shared_memory not in ("local", "any", "off"):
+            raise ValueError(f"shared_memory must be local, any or off, got {self.shared_memory!r}")
         if not 1 <= self.max_weight_streams < self.grpc_workers:
             raise ValueError(
                 f"max_weight_streams must be at least 1 and below grpc_workers "
@@ -413,6 +422,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--max-weight-streams",
         type=int,
         help="weight uploads and downloads in progress at once, below --grpc-workers (default 8)",
+    )
+    a(
+        "--shared-memory",
+        choices=("local", "any", "off"),
+        help="who may register OIP shared-memory regions: clients on this host (local, the "
+        "default), any peer, or nobody",
+    )
+    a("--max-shared-memory-regions", type=int, help="regions registered at once (default 64)")
+    a(
+        "--max-shared-memory-bytes",
+        type=int,
+        help="bytes all registered regions may map together (default 1 TiB)",
     )
     a(
         "--batch-max-size",

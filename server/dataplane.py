@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from aotiserve import runner_ext
+
 from . import tensor_codec as codec
 from . import weights_ipc
 from .config import ServeConfig
@@ -49,6 +51,7 @@ from .model_types import (
 )
 from .paths import is_file, resolve_below
 from .served_model import ServedModel
+from .shared_memory import SharedMemoryRegions
 from .weight_loads import WeightLoads
 from .weight_transfers import TransferSlots, Upload, extract_chunks
 
@@ -79,6 +82,13 @@ class DataPlane:
         self.expected_models: set[str] = set()
         self._transfers = TransferSlots(config.max_weight_streams)
         self._loads = WeightLoads(config, registry, self.limits, metrics, self._count_op)
+        # OIP shared-memory regions (inputs and outputs of ModelInfer in client memory).
+        self.shared_memory = SharedMemoryRegions(
+            config.shared_memory,
+            config.max_shared_memory_regions,
+            config.max_shared_memory_bytes,
+            open_cuda=getattr(runner_ext, "open_cuda_ipc", None),
+        )
         # Models loaded from now on (repository, LoadModel, the demo) warm up this much.
         registry.warmup_runs = config.warmup_runs
 

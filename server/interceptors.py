@@ -28,8 +28,8 @@ from typing import Any
 import grpc
 
 from aotiserve.client import wire
-from aotiserve.client.channel import is_loopback_host
 
+from . import peer_connections
 from .errors import (
     InvalidArgument,
     PermissionDenied,
@@ -397,11 +397,7 @@ class ServingInterceptor:
 
 def _is_loopback(peer: str) -> bool:
     """``context.peer()`` is ``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:...``."""
-    if peer.startswith("unix:"):
-        return True
-    host = peer.split(":", 1)[1] if ":" in peer else peer
-    host = host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
-    return is_loopback_host(host)
+    return peer_connections.is_local(peer)
 
 
 def _code(exc: BaseException) -> grpc.StatusCode:

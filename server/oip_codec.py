@@ -136,7 +136,6 @@ _ALL_TYPED_FIELDS = (
     "bytes_contents",
 )
 
-_SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 _SEQUENCE_PARAMS = ("sequence_id", "sequence_start", "sequence_end")
 
 
@@ -184,6 +183,37 @@ def decode_raw(
     return tensor
 
 
+# Inputs handed to a runner start on this boundary (AOTInductor's kernels assume torch's
+# allocator alignment); a shared-memory input at another offset is copied.
+ALIGNMENT = 64
+
+
+def decode_region(data: torch.Tensor, dtype: torch.dtype, shape: Sequence[int], what: str):
+    """A tensor over ``data`` (``uint8``, a shared-memory region's bytes, exactly the
+    tensor's size): no copy where it is aligned."""
+    if data.numel() == 0:
+        return torch.empty(tuple(shape), dtype=dtype, device=data.device)
+    if data.data_ptr() % ALIGNMENT:
+        data = data.clone()
+    tensor = data.view(dtype).view(tuple(shape))
+    if dtype == torch.bool and bool(data.max() > 1):
+        raise InvalidArgument(f"{what}: BOOL tensor holds bytes other than 0 and 1")
+    return tensor
+
+
+def write_region(dest: torch.Tensor, tensor: torch.Tensor, what: str) -> int:
+    """Copies ``tensor``'s bytes to the start of ``dest`` (``uint8``, a shared-memory
+    region's bytes); returns how many. Too small a region: INVALID_ARGUMENT."""
+    flat = tensor.contiguous().reshape(-1).view(torch.uint8)
+    if flat.numel() > dest.numel():
+        raise InvalidArgument(
+            f"{what}: its {flat.numel()} bytes do not fit the {dest.numel()} bytes of "
+            "shared memory the request gave it (shared_memory_byte_size)"
+        )
+    dest[: flat.numel()].copy_(flat)
+    return flat.numel()
+
+
 def decode_typed(
     contents: Any,
     datatype: str,
@@ -219,14 +249,6 @@ def decode_typed(
                 )
         array = array.astype(target)
     return torch.from_numpy(array).view(tuple(shape))
-
-
-def check_tensor_parameters(parameters, what: str) -> None:
-    for key in _SHARED_MEMORY_PARAMS:
-        if key in parameters:
-            raise Unimplemented(
-                f"{what}: shared-memory tensors are not supported; send the data in the request"
-            )
 
 
 def check_request_parameters(parameters, model: str) -> None:

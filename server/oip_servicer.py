@@ -15,8 +15,10 @@ response per request, in order, errors in-band: a request refused, even one that
 does not decode, gets its error in its response and the stream goes on), and the
 model repository (index, load, unload of ``<model-repository>/<name>.pt2``). A
 model's version is its active weights version (``initial`` for the packaged weights).
-BYTES tensors, shared memory, trace/log settings and classification answer
-UNIMPLEMENTED; sequence parameters INVALID_ARGUMENT. ModelStatistics: oip_statistics.py.
+Inputs and outputs in system or CUDA shared memory (``shared_memory.py``; the
+register/status/unregister RPCs are served here). BYTES tensors, trace/log settings and
+classification answer UNIMPLEMENTED; sequence parameters INVALID_ARGUMENT.
+ModelStatistics: oip_statistics.py.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import importlib.metadata
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -47,7 +50,14 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "aotiserve"
 PLATFORM = "pytorch_aoti"
 BACKEND = "aotiserve"
-EXTENSIONS = ("model_repository", "model_configuration", "parameters", "statistics")
+EXTENSIONS = (
+    "model_repository",
+    "model_configuration",
+    "parameters",
+    "statistics",
+    "system_shared_memory",
+    "cuda_shared_memory",
+)
 
 
 # ---------------------------------------------------------------- the servicer
@@ -151,15 +161,28 @@ class OipServicer:
                 response.parameters[key].CopyFrom(value)
         outputs = result.outputs
         specs = model.outputs
-        for i in selected if selected is not None else range(len(outputs)):
+        if selected is None:
+            selected = [(i, None, None) for i in range(len(outputs))]
+        # As in Triton, an output in shared memory has an empty raw entry where others
+        # have theirs (raw_output_contents lines up with outputs), and none when all are.
+        any_raw = any(dest is None for _i, dest, _out in selected)
+        for i, dest, requested in selected:
             tensor = outputs[i]
             name = specs[i].name if i < len(specs) else f"output__{i}"
-            response.outputs.add(
-                name=name,
-                datatype=oc.oip_datatype(tensor.dtype, f"output {name!r}"),
-                shape=tensor.shape,
+            what = f"output {name!r}"
+            entry = response.outputs.add(
+                name=name, datatype=oc.oip_datatype(tensor.dtype, what), shape=tensor.shape
             )
-            response.raw_output_contents.append(codec.tensor_bytes(tensor))
+            if dest is None:
+                response.raw_output_contents.append(codec.tensor_bytes(tensor))
+                continue
+            nbytes = oc.write_region(dest, tensor, what)
+            for key in ("shared_memory_region", "shared_memory_offset"):
+                if key in requested.parameters:
+                    entry.parameters[key].CopyFrom(requested.parameters[key])
+            entry.parameters["shared_memory_byte_size"].int64_param = nbytes
+            if any_raw:
+                response.raw_output_contents.append(b"")
         return response
 
     def ModelStreamInfer(self, request_iterator, context):
@@ -188,14 +211,19 @@ class OipServicer:
     def _decode_inputs(self, model: ServedModel, request) -> list[torch.Tensor]:
         specs = model.inputs
         index = {s.name: i for i, s in enumerate(specs)}
+        shared = [self._in_shared_memory(inp) for inp in request.inputs]
         raw = request.raw_input_contents
-        if raw and len(raw) != len(request.inputs):
+        # As in Triton, raw_input_contents holds one entry per input not in shared memory.
+        sent = len(shared) - sum(shared)
+        if raw and len(raw) != sent:
             raise InvalidArgument(
-                f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
+                f"raw_input_contents has {len(raw)} entries for {sent} inputs "
+                "(inputs in shared memory have none)"
             )
         tensors: list[torch.Tensor | None] = [None] * len(specs)
         limits = self.plane.limits
-        for i, inp in enumerate(request.inputs):
+        next_raw = 0
+        for inp, in_shared in zip(request.inputs, shared):
             what = f"input {inp.name!r}"
             slot = index.get(inp.name)
             if slot is None:
@@ -205,8 +233,6 @@ class OipServicer:
                 )
             if tensors[slot] is not None:
                 raise InvalidArgument(f"{what} is given twice")
-            if inp.parameters:
-                oc.check_tensor_parameters(inp.parameters, what)
             dtype = oc.torch_dtype(inp.datatype, what)
             want = specs[slot].dtype
             if want is not None and dtype != want:  # the data plane checks too; this speaks OIP
@@ -214,13 +240,20 @@ class OipServicer:
                     f"{what}: datatype must be {oc.spec_datatype(specs[slot])}, got {inp.datatype}"
                 )
             has_contents = inp.HasField("contents")
-            if raw:
+            if in_shared:
+                if has_contents:
+                    raise InvalidArgument(
+                        f"{what}: its data is in shared memory; the request must not carry it too"
+                    )
+                tensor = self._shared_input(inp, dtype, what, limits)
+            elif raw:
                 if has_contents:
                     raise InvalidArgument(
                         f"{what}: typed contents and raw_input_contents cannot "
                         "be mixed in one request"
                     )
-                tensor = oc.decode_raw(raw[i], dtype, inp.shape, what, limits)
+                tensor = oc.decode_raw(raw[next_raw], dtype, inp.shape, what, limits)
+                next_raw += 1
             elif has_contents:
                 tensor = oc.decode_typed(inp.contents, inp.datatype, dtype, inp.shape, what, limits)
             else:
@@ -236,7 +269,21 @@ class OipServicer:
         return tensors  # type: ignore[return-value]
 
     @staticmethod
-    def _selected_outputs(model: ServedModel, requested) -> list[int]:
+    def _in_shared_memory(tensor) -> bool:
+        return "shared_memory_region" in tensor.parameters
+
+    def _shared_input(self, inp, dtype: torch.dtype, what: str, limits) -> torch.Tensor:
+        """An input read in place from a shared-memory region (a copy where its offset
+        does not meet torch's alignment for the dtype)."""
+        numel = codec.checked_numel(inp.shape, what, limits)
+        data = self.plane.shared_memory.tensor_bytes(inp.parameters, what, numel * dtype.itemsize)
+        return oc.decode_region(data, dtype, inp.shape, what)
+
+    def _selected_outputs(
+        self, model: ServedModel, requested
+    ) -> list[tuple[int, torch.Tensor | None, Any]]:
+        """(output index, the shared-memory bytes it goes to or None, the request's entry)
+        per requested output; regions are checked before the run."""
         index = {s.name: i for i, s in enumerate(model.outputs)}
         selected = []
         for out in requested:
@@ -247,12 +294,51 @@ class OipServicer:
                     f"{what}: model {model.name!r} has no such output "
                     f"(its outputs: {', '.join(index)})"
                 )
-            if out.parameters:
-                oc.check_tensor_parameters(out.parameters, what)
-                if "classification" in out.parameters:
-                    raise Unimplemented(f"{what}: the classification extension is not supported")
-            selected.append(i)
+            if "classification" in out.parameters:
+                raise Unimplemented(f"{what}: the classification extension is not supported")
+            dest = self.plane.shared_memory.tensor_bytes(out.parameters, what, None)
+            selected.append((i, dest, out))
         return selected
+
+    # Shared memory ---------------------------------------------------------------
+
+    def SystemSharedMemoryRegister(self, request, context):
+        self.plane.shared_memory.register_system(
+            request.name, request.key, request.offset, request.byte_size, context.peer()
+        )
+        return self.pb.SystemSharedMemoryRegisterResponse()
+
+    def SystemSharedMemoryStatus(self, request, context):
+        response = self.pb.SystemSharedMemoryStatusResponse()
+        for r in self.plane.shared_memory.status("system", request.name):
+            response.regions[r.name].CopyFrom(
+                response.RegionStatus(
+                    name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size
+                )
+            )
+        return response
+
+    def SystemSharedMemoryUnregister(self, request, context):
+        self.plane.shared_memory.unregister("system", request.name)
+        return self.pb.SystemSharedMemoryUnregisterResponse()
+
+    def CudaSharedMemoryRegister(self, request, context):
+        self.plane.shared_memory.register_cuda(
+            request.name, request.raw_handle, request.device_id, request.byte_size, context.peer()
+        )
+        return self.pb.CudaSharedMemoryRegisterResponse()
+
+    def CudaSharedMemoryStatus(self, request, context):
+        response = self.pb.CudaSharedMemoryStatusResponse()
+        for r in self.plane.shared_memory.status("cuda", request.name):
+            response.regions[r.name].CopyFrom(
+                response.RegionStatus(name=r.name, device_id=r.device_id, byte_size=r.byte_size)
+            )
+        return response
+
+    def CudaSharedMemoryUnregister(self, request, context):
+        self.plane.shared_memory.unregister("cuda", request.name)
+        return self.pb.CudaSharedMemoryUnregisterResponse()
 
     # Model repository ----------------------------------------------------------
 

@@ -37,6 +37,13 @@ if "aotiserve.oip.inference_pb2" in sys.modules:
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 import model_zoo  # noqa: E402  (tests/ is on sys.path via conftest)
+from triton_helpers import (  # noqa: E402
+    OIP,
+    assert_matches_eager,
+    code_of,
+    io_specs,
+    triton_inputs,
+)
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
@@ -125,47 +132,6 @@ def stub(daemon):
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def io_specs(name: str) -> tuple[list[dict], list[dict]]:
-    """What the model's package records: [{"name", "dtype", "shape"}] for inputs and outputs."""
-    from aotiserve.runner_ext import read_package_metadata
-    from aotiserve.server.packaging import read_io_specs
-
-    specs = read_io_specs(read_package_metadata(model_zoo.compiled(name)))
-    assert specs is not None
-    return specs
-
-
-OIP = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}
-
-
-def triton_inputs(name: str, tensors) -> list:
-    inputs = []
-    for spec, t in zip(io_specs(name)[0], tensors):
-        arr = t.numpy()
-        inp = tritonclient_grpc.InferInput(spec["name"], list(arr.shape), OIP[spec["dtype"]])
-        inp.set_data_from_numpy(arr)
-        inputs.append(inp)
-    return inputs
-
-
-def assert_matches_eager(name: str, tensors, outputs: dict[str, np.ndarray]) -> None:
-    expected = model_zoo.eager(name, tensors)
-    out_specs = io_specs(name)[1]
-    assert set(outputs) == {s["name"] for s in out_specs}
-    for spec, ref in zip(out_specs, expected):
-        got = torch.from_numpy(np.array(outputs[spec["name"]]))
-        assert got.dtype == ref.dtype, spec["name"]
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=f"{name}:{spec['name']}")
-
-
-def code_of(excinfo) -> str:
-    """grpc status name of a tritonclient or grpc error."""
-    err = excinfo.value
-    if isinstance(err, grpc.RpcError):
-        return err.code().name
-    return str(err.status()).removeprefix("StatusCode.")
 
 
 def typed_request(name: str, tensors, **kw) -> service_pb2.ModelInferRequest:
@@ -661,7 +627,7 @@ BAD_REQUESTS = {
     "typed wrong field": (_typed_wrong_field, "INVALID_ARGUMENT"),
     "typed FP16": (_typed_fp16, "INVALID_ARGUMENT"),
     "BYTES tensor": (_bytes_tensor, "UNIMPLEMENTED"),
-    "shared memory": (_shared_memory_input, "UNIMPLEMENTED"),
+    "unregistered shared-memory region": (_shared_memory_input, "INVALID_ARGUMENT"),
     "sequence batching": (_sequence, "INVALID_ARGUMENT"),
     "classification": (_classification, "UNIMPLEMENTED"),
 }
@@ -693,11 +659,6 @@ def test_bad_request_messages_name_the_input(stub):
 
 
 def test_unserved_rpcs_are_unimplemented(stub):
-    with pytest.raises(grpc.RpcError) as e:
-        stub.SystemSharedMemoryRegister(
-            service_pb2.SystemSharedMemoryRegisterRequest(name="r", key="/k", byte_size=8)
-        )
-    assert code_of(e) == "UNIMPLEMENTED"
     with pytest.raises(grpc.RpcError) as e:
         stub.TraceSetting(service_pb2.TraceSettingRequest(model_name="mlp"))
     assert code_of(e) == "UNIMPLEMENTED"

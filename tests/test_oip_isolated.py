@@ -1,5 +1,5 @@
-"""Runs test_oip.py and test_oip_statistics.py in a fresh interpreter when this pytest
-process cannot.
+"""Runs test_oip.py, test_oip_statistics.py and test_oip_shared_memory.py in a fresh
+interpreter when this pytest process cannot.
 
 They drive the daemon with tritonclient, whose ``inference.*``
 protobuf messages clash with our generated ``aotiserve.oip`` ones in the
@@ -36,6 +36,7 @@ def test_oip_suite_in_fresh_interpreter():
             "no:cacheprovider",
             str(HERE / "test_oip.py"),
             str(HERE / "test_oip_statistics.py"),
+            str(HERE / "test_oip_shared_memory.py"),
         ],
         cwd=HERE.parent,
         capture_output=True,

@@ -354,6 +354,20 @@ def test_inference_token(tmp_path):
                 status_of(lambda: oip.ServerMetadata(ipb.ServerMetadataRequest(), metadata=md))[0]
                 == expect
             ), md
+            # Shared memory: none of it without the token (a status of no region is OK).
+            assert (
+                status_of(
+                    lambda: oip.SystemSharedMemoryStatus(
+                        ipb.SystemSharedMemoryStatusRequest(), metadata=md
+                    )
+                )[0]
+                == expect
+            ), md
+            register = ipb.SystemSharedMemoryRegisterRequest(
+                name="r", key="/aotiserve-no-such-object", byte_size=8
+            )
+            code = status_of(lambda: oip.SystemSharedMemoryRegister(register, metadata=md))[0]
+            assert code == (CODE.INVALID_ARGUMENT if expect == CODE.OK else expect), md
         # The inference token is no admin token.
         code, _ = status_of(
             lambda: s.stub.SwapConstantBuffer(
@@ -372,6 +386,7 @@ def test_loopback_peer_detection():
     assert loop("ipv6:[::ffff:127.0.0.1]:5000")
     assert not loop("ipv4:10.1.2.3:5000") and not loop("ipv6:[fe80::1]:5000")
     assert not loop("ipv4:128.0.0.1:1") and not loop("garbage")
+    assert loop("ipv6:%5B::1%5D:5000")  # gRPC C++ percent-encodes the brackets
 
 
 def _external_ip() -> str | None:

@@ -1,8 +1,13 @@
 // CUDA backend: built only when torch was built with CUDA and nvcc is found.
+#include <ATen/ops/from_blob.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/inductor/aoti_runner/model_container_runner_cuda.h>
 
+#include <dlfcn.h>
+
+#include <cstring>
 #include <unordered_map>
 
 #include "runner_bindings.h"
@@ -46,6 +51,16 @@ RunFn hot_run_fn(CudaRunner& self, const std::string& device_str) {
 
 namespace {
 
+// The driver's cuMemGetAddressRange (libcuda, already loaded by torch); null if absent.
+using AddressRangeFn = int (*)(unsigned long long*, size_t*, unsigned long long);
+AddressRangeFn address_range() {
+  static AddressRangeFn fn = [] {
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    return lib ? reinterpret_cast<AddressRangeFn>(dlsym(lib, "cuMemGetAddressRange_v2")) : nullptr;
+  }();
+  return fn;
+}
+
 const BackendRegistrar registrar("cuda", [](py::module_& m) {
   bind_runner<torch::inductor::AOTIModelContainerRunnerCuda>(
       m, "AOTIModelContainerRunnerCuda")
@@ -58,6 +73,47 @@ const BackendRegistrar registrar("cuda", [](py::module_& m) {
           py::arg("cubin_dir") = "",
           py::arg("run_single_threaded") = false,
           py::call_guard<py::gil_scoped_release>());
+  // OIP CUDA shared memory (server/shared_memory.py): another process's allocation,
+  // opened from its cudaIpcMemHandle_t, as a uint8 tensor of `nbytes` on `device`; the
+  // handle closes when the last view of the tensor goes.
+  m.def(
+      "open_cuda_ipc",
+      [](const py::bytes& raw, int device, int64_t nbytes) {
+        std::string bytes = raw;
+        TORCH_CHECK_VALUE(bytes.size() == sizeof(cudaIpcMemHandle_t),
+                          "a cudaIpcMemHandle_t has ", sizeof(cudaIpcMemHandle_t),
+                          " bytes, got ", bytes.size());
+        TORCH_CHECK_VALUE(nbytes > 0, "byte_size must be positive");
+        cudaIpcMemHandle_t handle;
+        std::memcpy(&handle, bytes.data(), sizeof(handle));
+        py::gil_scoped_release no_gil;
+        c10::cuda::CUDAGuard on_device(static_cast<c10::DeviceIndex>(device));
+        void* ptr = nullptr;
+        cudaError_t err = cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess);
+        if (err != cudaSuccess) {
+          cudaGetLastError();  // clear it: the error is this call's, not the next one's
+          TORCH_CHECK_VALUE(false, cudaGetErrorString(err));
+        }
+        // The region must lie inside the allocation the handle maps (a larger byte_size
+        // would let a request fault the GPU, and every model on it with the request).
+        if (auto range = address_range()) {
+          unsigned long long base = 0;
+          size_t size = 0;
+          if (range(&base, &size, reinterpret_cast<unsigned long long>(ptr)) == 0 &&
+              reinterpret_cast<unsigned long long>(ptr) + uint64_t(nbytes) > base + size) {
+            cudaIpcCloseMemHandle(ptr);
+            TORCH_CHECK_VALUE(false, "byte_size ", nbytes, " is larger than the shared allocation (",
+                              base + size - reinterpret_cast<unsigned long long>(ptr), " bytes)");
+          }
+        }
+        auto close = [device](void* p) {
+          c10::cuda::CUDAGuard g(static_cast<c10::DeviceIndex>(device));
+          cudaIpcCloseMemHandle(p);
+        };
+        return at::from_blob(ptr, {nbytes}, close,
+                             at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
+      },
+      py::arg("raw_handle"), py::arg("device"), py::arg("nbytes"));
 });
 
 }  // namespace
