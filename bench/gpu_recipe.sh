@@ -9,7 +9,8 @@
 #   debs/    Debian bookworm's gRPC C++ 1.51 and the closure that the build and the import need
 #            (dev packages for headers, .pc files and link-time .so; runtime libraries; pkgconf);
 #   wheels/  the Python packages at requirements-dev.txt's pins (grpcio, grpcio-health-checking,
-#            grpcio-reflection, protobuf, blake3) and nvidia-ml-py, cp312 manylinux.
+#            grpcio-reflection, protobuf, blake3, tritonclient), nvidia-ml-py and tritonclient's
+#            CUDA shared-memory needs (cuda-bindings), cp312 manylinux.
 # On the GPU machine (`all`, the default) the debs are unpacked with `dpkg -x` beside the build
 # (ROOT, .cache/gpu-work/root: never into /), pkg-config is pointed only at that tree (PKG_CONFIG_LIBDIR,
 # PKG_CONFIG_SYSROOT_DIR; LIBRARY_PATH/CPATH because Debian's grpc .pc files name /usr/lib), the
@@ -27,6 +28,8 @@
 #                                        #   floor builds and loads against it
 #   bench/gpu_recipe.sh [all]            # GPU machine: build, bench, CUDA tests (each logged)
 #   bench/gpu_recipe.sh build|bench|test # one step (build is needed once per machine)
+#   bench/gpu_recipe.sh shm              # GPU machine, after build: CUDA shared-memory tests and
+#                                        #   bench.cuda_shared_memory, into pytest-shm.log, cuda-shm.*
 #   bench/gpu_recipe.sh weights          # GPU machine, after build: bench.weights --paths on
 #                                        #   cuda:0 (4 GiB), into weights.json / weights.txt
 #   eval "$(bench/gpu_recipe.sh env)"    # the environment the steps use, for commands of your own
@@ -57,9 +60,12 @@ DEBS=(
   libgrpc++1.51 libgrpc29 libabsl20220623 libre2-9 libc-ares2 libssl3 zlib1g
   pkgconf pkgconf-bin libpkgconf3 pkg-config
 )
-PINNED=(grpcio grpcio-health-checking grpcio-reflection protobuf blake3)
-# Only on the GPU machine: NVML for the GPU metrics (an optional extra, `aotiserve[nvml]`).
-GPU_ONLY=(nvidia-ml-py==13.615.71)
+PINNED=(grpcio grpcio-health-checking grpcio-reflection protobuf blake3 tritonclient)
+# Only on the GPU machine: NVML for the GPU metrics (an optional extra, `aotiserve[nvml]`);
+# what tritonclient.grpc imports beyond those (ml_dtypes, rapidjson) and what its
+# utils.cuda_shared_memory needs (cuda-bindings, for the CUDA shared-memory test and bench).
+GPU_ONLY=(nvidia-ml-py==13.615.71 ml_dtypes==0.5.4 python-rapidjson==1.25
+  cuda-bindings==13.5.0 cuda-pathfinder==1.9.1)
 
 log() { echo "gpu_recipe: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -240,6 +246,19 @@ cmd_weights() {
   (cd "$REPO" && "$PY" -c 'import json, sys; from bench import weights_paths; weights_paths.report(json.load(open(sys.argv[1])))' "$OUT/weights.json") | tee "$OUT/weights.txt"
 }
 
+# OIP CUDA shared memory (issue 20): its tests (tritonclient's utils.cuda_shared_memory flow,
+# and the system shared-memory suite on this machine too), then bench.cuda_shared_memory.
+cmd_shm() {
+  enter_env
+  mkdir -p "$OUT"
+  (cd "$REPO" && LD_PRELOAD=$PRELOAD PYTHONUNBUFFERED=1 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_cuda_shared_memory.py tests/test_oip_shared_memory.py tests/test_shared_memory_units.py) \
+    2>&1 | tee "$OUT/pytest-shm.log"
+  # shellcheck disable=SC2086
+  (cd "$REPO" && LD_PRELOAD=$PRELOAD PYTHONUNBUFFERED=1 ${BENCH_TIMEOUT:+timeout "$BENCH_TIMEOUT"} \
+    "$PY" -m bench.cuda_shared_memory --json "$OUT/cuda-shm.json" ${SHM_ARGS:-}) 2>&1 | tee "$OUT/cuda-shm.log"
+}
+
 cmd_all() {
   local start=$SECONDS budget=${RECIPE_BUDGET_S:-570} rc_build=0 rc_bench=0 rc_test=0 left
   mkdir -p "$OUT"
@@ -276,9 +295,9 @@ main() {
   local step
   for step in "$@"; do
     case "$step" in
-      prepare | unpack | env | check | build | test | bench | weights | all) "cmd_$step" ;;
+      prepare | unpack | env | check | build | test | bench | weights | shm | all) "cmd_$step" ;;
       -h | --help | help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' ;;
-      *) die "unknown step '$step' (prepare, check, env, build, bench, weights, test, all)" ;;
+      *) die "unknown step '$step' (prepare, check, env, build, bench, weights, shm, test, all)" ;;
     esac
   done
 }

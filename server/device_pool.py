@@ -200,7 +200,11 @@ class DevicePool:
         host allocator (a DMA straight from it; the allocator keeps the buffer until the
         copy is done); below, a pageable copy costs less than the extra host copy.
         """
-        if tensor.numel() * tensor.element_size() < PIN_MIN_BYTES or tensor.is_pinned():
+        if (
+            tensor.device.type == "cuda"  # e.g. a CUDA shared-memory input: no host hop
+            or tensor.numel() * tensor.element_size() < PIN_MIN_BYTES
+            or tensor.is_pinned()
+        ):
             return tensor.to(self.device, non_blocking=True)
         pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         pinned.copy_(tensor)

@@ -246,6 +246,10 @@ class OipServicer:
                         f"{what}: its data is in shared memory; the request must not carry it too"
                     )
                 tensor = self._shared_input(inp, dtype, what, limits)
+                if tensor.device.type == "cuda" and not any(
+                    d.startswith("cuda") for d in model.devices
+                ):
+                    tensor = tensor.cpu()  # a CUDA region's input for a model on the CPU
             elif raw:
                 if has_contents:
                     raise InvalidArgument(
