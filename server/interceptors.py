@@ -55,6 +55,11 @@ MUTATING_METHODS = frozenset(
         "/aotiserve.v1.ModelRunner/LoadWeightsFromCuda",
         "/inference.GRPCInferenceService/RepositoryModelLoad",
         "/inference.GRPCInferenceService/RepositoryModelUnload",
+        # Shared-memory registration changes what the daemon maps (status is a read).
+        "/inference.GRPCInferenceService/SystemSharedMemoryRegister",
+        "/inference.GRPCInferenceService/SystemSharedMemoryUnregister",
+        "/inference.GRPCInferenceService/CudaSharedMemoryRegister",
+        "/inference.GRPCInferenceService/CudaSharedMemoryUnregister",
     }
 )
 

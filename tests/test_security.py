@@ -31,6 +31,7 @@ from helpers import new_weights, status_of, wait_for
 from oip_messages import OipStub, ipb
 from server_harness import REPO_ROOT, running_server
 
+from aotiserve import runner_ext
 from aotiserve.server import interceptors
 from aotiserve.v1 import model_runner_pb2 as pb
 from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
@@ -273,6 +274,41 @@ MUTATING_CALLS = [
         ),
         CODE.OK,
     ),
+    (
+        "/inference.GRPCInferenceService/SystemSharedMemoryRegister",
+        lambda s, o, md, repo: o.SystemSharedMemoryRegister(
+            ipb.SystemSharedMemoryRegisterRequest(
+                name="r", key="/aotiserve-no-such-object", byte_size=8
+            ),
+            metadata=md,
+        ),
+        CODE.INVALID_ARGUMENT,
+    ),  # it ran: no such shared-memory object
+    (
+        "/inference.GRPCInferenceService/SystemSharedMemoryUnregister",
+        lambda s, o, md, repo: o.SystemSharedMemoryUnregister(
+            ipb.SystemSharedMemoryUnregisterRequest(), metadata=md
+        ),
+        CODE.OK,
+    ),
+    (
+        "/inference.GRPCInferenceService/CudaSharedMemoryRegister",
+        lambda s, o, md, repo: o.CudaSharedMemoryRegister(
+            ipb.CudaSharedMemoryRegisterRequest(
+                name="c", raw_handle=b"\0" * 64, device_id=0, byte_size=64
+            ),
+            metadata=md,
+        ),
+        # it ran: a handle of zeros opens nothing (a build without CUDA has no CUDA regions)
+        CODE.INVALID_ARGUMENT if runner_ext.open_cuda_ipc is not None else CODE.UNIMPLEMENTED,
+    ),
+    (
+        "/inference.GRPCInferenceService/CudaSharedMemoryUnregister",
+        lambda s, o, md, repo: o.CudaSharedMemoryUnregister(
+            ipb.CudaSharedMemoryUnregisterRequest(), metadata=md
+        ),
+        CODE.OK,
+    ),
 ]
 
 
@@ -363,11 +399,17 @@ def test_inference_token(tmp_path):
                 )[0]
                 == expect
             ), md
-            register = ipb.SystemSharedMemoryRegisterRequest(
-                name="r", key="/aotiserve-no-such-object", byte_size=8
-            )
+        # Registering shared memory is a mutating RPC: the admin token, not the inference one.
+        register = ipb.SystemSharedMemoryRegisterRequest(
+            name="r", key="/aotiserve-no-such-object", byte_size=8
+        )
+        for md, expect in (
+            ((), CODE.UNAUTHENTICATED),
+            (_bearer(INFER_TOKEN), CODE.PERMISSION_DENIED),
+            (_bearer(TOKEN), CODE.INVALID_ARGUMENT),  # it ran: no such object
+        ):
             code = status_of(lambda: oip.SystemSharedMemoryRegister(register, metadata=md))[0]
-            assert code == (CODE.INVALID_ARGUMENT if expect == CODE.OK else expect), md
+            assert code == expect, md
         # The inference token is no admin token.
         code, _ = status_of(
             lambda: s.stub.SwapConstantBuffer(
