@@ -113,6 +113,28 @@ def write_inactive(
     )
 
 
+def fold_inactive(replica: Any, constants: Mapping[str, ConstantInfo]) -> None:
+    """Computes the constants the package folds at run time for the inactive buffer now,
+    so the first run after a swap does not fold them while every other run waits.
+
+    torch's container (2.13) folds from the staged weights, then puts back every lifted
+    tensor constant of the inactive buffer as a clone of the *active* one's: those are
+    written back here, in place (a new update would mark the buffer unfolded again)."""
+
+    def fold() -> None:
+        device = replica.pool.device
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+        staged = replica.runner.extract_constants_map(True)
+        replica.runner.run_const_fold(True, stream)
+        after = replica.runner.extract_constants_map(True)
+        for fqn in constants:
+            want, now = staged.get(fqn), after.get(fqn)
+            if want is not None and now is not None and now.data_ptr() != want.data_ptr():
+                now.copy_(want)
+
+    replica.pool.run_in_stream(fold)
+
+
 def inactive_views(replica: Any, empty: bool) -> dict[str, torch.Tensor]:
     """The replica's inactive buffer by FQN; empty while it has no memory (``empty``:
     never read then, a CUDA runner crashes reading it)."""

@@ -48,6 +48,7 @@ class _Model(Protocol):
     rw: RWLock
     port: Any
     weights_op: threading.Lock
+    folds_at_run_time: bool
 
 
 class ModelWeights:
@@ -266,6 +267,13 @@ class ModelWeights:
             def commit() -> None:
                 self.previous, self.active, self.staged = self.active, self.staged, None
 
+            # Warmed before the flip: the staged buffer's folded constants are computed
+            # now, while runs go on, not by the first run after the flip with every other
+            # run held back.
+            if self._model.folds_at_run_time:
+                for replica in self._model.replicas:
+                    bw.fold_inactive(replica, self._model.constants)
+
             self._flip(commit, self.staged.id)
             if store is not None:
                 store.commit(name, self.active)
@@ -311,9 +319,11 @@ class ModelWeights:
         with self._op():
             if self.staged is None and self.previous is None:
                 return
-            if not self.inactive_has_served:
-                for replica in model.replicas:
-                    replica.runner.free_inactive_constant_buffer()
+            # The runner frees a buffer only where that is safe (it never held constants
+            # folded at run time: never served).
+            if not self.inactive_has_served and all(
+                [replica.runner.free_inactive_constant_buffer() for replica in model.replicas]
+            ):
                 self.inactive_empty = True
                 self.contents.forget_inactive()
             else:

@@ -83,6 +83,9 @@ class ServedModel:
         self.constants: dict[str, ConstantInfo] = {}  # by original FQN
         self.constants_by_name: dict[str, ConstantInfo] = {}
         self.folded_names: set[str] = set()
+        # The package computes some constants from others at run time (runtime constant
+        # folding): a staged buffer is folded before it can serve (ModelWeights.stage).
+        self.folds_at_run_time = False
         self.weights: ModelWeights | None = None
         self.rw = RWLock()
         # The port's C++ hot path serving this model (port.Port), if it took it.
@@ -133,6 +136,7 @@ class ServedModel:
             tensor = live.get(fqn)
             if name.startswith(FOLDED_PREFIX) or tensor is None:
                 self.folded_names.add(name)
+                self.folds_at_run_time |= name.startswith(FOLDED_PREFIX)
                 continue
             info = ConstantInfo(name, fqn, tensor.dtype, tuple(tensor.shape))
             self.constants[fqn] = info

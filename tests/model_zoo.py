@@ -37,6 +37,20 @@ class MLP(torch.nn.Module):
         return self.fc2(torch.relu(self.fc1(x))) * self.scale
 
 
+class TensorConst(torch.nn.Module):
+    """A lifted tensor constant (a plain tensor attribute, not a buffer) beside weights the
+    package folds at run time (``weight * scale + 1``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+        self.register_buffer("scale", torch.tensor(2.0))
+        self.c = torch.tensor([1.0, 2.0, 3.0, 4.0])
+
+    def forward(self, x):
+        return x @ (self.fc.weight * self.scale + 1.0).t() + self.fc.bias + self.c
+
+
 class ConvNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -184,6 +198,7 @@ MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
         ModelSpec("mlp", MLP, lambda b: (torch.randn(b, 64),)),
+        ModelSpec("tensor_const", TensorConst, lambda b: (torch.randn(b, 8),)),
         ModelSpec("conv", ConvNet, lambda b: (torch.randn(b, 3, 16, 16),), max_batch=256),
         ModelSpec(
             "two_io",

@@ -584,3 +584,40 @@ def test_chunk_decoder_agrees_with_protobuf():
             raws.append(bytes(mutated))
     for raw in raws:
         assert _decoded(raw) == _by_protobuf(raw), raw
+
+
+def test_a_swap_folds_the_staged_buffer_and_keeps_its_tensor_constants(server_factory):
+    """A package with runtime constant folding: a swap folds the staged buffer before it
+    flips (the first Run after it folds nothing), and torch's folding of an inactive buffer,
+    which resets its lifted tensor constants to the active ones, does not win: every swap
+    and rollback serves exactly the weights staged."""
+    s = server_factory(["tensor_const"])
+    assert s.app.registry.get("tensor_const").folds_at_run_time
+    spec = model_zoo.MODELS["tensor_const"]
+    (x,) = spec.inputs(3)
+
+    def eager(weight, bias, scale, c):
+        return x @ (weight * scale + 1.0).t() + bias + c
+
+    module = spec.module()
+    w, b = module.fc.weight, module.fc.bias
+    new = {
+        "fc.weight": w * 0.5,
+        "fc.bias": b + 1.0,
+        "scale": torch.tensor(3.0),
+        "_tensor_constant0": torch.tensor([10.0, 20.0, 30.0, 40.0]),
+    }
+    upload(s.stub, "tensor_const", new, validate_full=True)
+    s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="tensor_const"))
+    out, _ = run(s.stub, "tensor_const", [x])
+    want = eager(new["fc.weight"], new["fc.bias"], new["scale"], new["_tensor_constant0"])
+    assert wire.close(out, [want.detach()])
+    # A partial update of the tensor constant alone, then back and forth.
+    upload(s.stub, "tensor_const", {"_tensor_constant0": torch.tensor([-1.0, 0.0, 1.0, 2.0])})
+    s.stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="tensor_const"))
+    out, _ = run(s.stub, "tensor_const", [x])
+    partial = eager(new["fc.weight"], new["fc.bias"], new["scale"], torch.tensor([-1.0, 0, 1, 2]))
+    assert wire.close(out, [partial.detach()])
+    s.stub.RollbackConstantBuffer(pb.RollbackConstantBufferRequest(model="tensor_const"))
+    out, _ = run(s.stub, "tensor_const", [x])
+    assert wire.close(out, [want.detach()])

@@ -212,9 +212,15 @@ class Runner : public Base {
     // has been active: it may hold constants folded at run time.
     const auto all = updatable_names();
     inactive_written_ = std::set<std::string>(all.begin(), all.end());
-    std::swap(slot_was_active_[0], slot_was_active_[1]);
+    std::swap(slot_holds_folded_[0], slot_holds_folded_[1]);
     std::swap(user_managed_[0], user_managed_[1]);
-    slot_was_active_[0] = true;  // slot 0 = the active buffer, 1 = inactive
+    slot_holds_folded_[0] = true;  // slot 0 = the active buffer, 1 = inactive
+  }
+
+  void checked_run_const_fold(bool use_inactive, AOTInductorStreamHandle stream) {
+    std::lock_guard<std::mutex> lock(buffer_state_mutex_);
+    with_last_error("run_const_fold", [&] { this->run_const_fold(use_inactive, stream); });
+    slot_holds_folded_[use_inactive ? 1 : 0] = true;  // freeing it now would crash later
   }
 
   // Returns whether memory was released. torch's container frees a buffer by
@@ -227,7 +233,7 @@ class Runner : public Base {
     std::lock_guard<std::mutex> lock(buffer_state_mutex_);
     inactive_written_.clear();
     user_managed_[1].clear();
-    if (slot_was_active_[1] && has_folded_constants()) {
+    if (slot_holds_folded_[1] && has_folded_constants()) {
       return false;
     }
     with_last_error("free_inactive_constant_buffer", [&] {
@@ -429,7 +435,9 @@ class Runner : public Base {
   mutable std::mutex buffer_state_mutex_;
   std::set<std::string> inactive_written_;
   // [0] describes the active buffer, [1] the inactive one; swapped on swap.
-  bool slot_was_active_[2] = {true, false};
+  // Whether each buffer may hold constants folded at run time: it was active, or it was
+  // folded while inactive (run_const_fold).
+  bool slot_holds_folded_[2] = {true, false};
   std::unordered_map<std::string, at::Tensor> user_managed_[2];
 
   template <class Fn>
@@ -547,6 +555,19 @@ py::class_<Runner<Base>> bind_runner(py::module_& m, const char* name) {
           "free_inactive_constant_buffer",
           [](R& self) { return self.checked_free_inactive_constant_buffer(); },
           release())
+      // Computes the constants a package folds at run time (runtime constant folding)
+      // for one buffer now, on `stream_handle`, instead of in the first run after the
+      // buffer turns active (which holds every other run back while it folds).
+      .def(
+          "run_const_fold",
+          [](R& self, bool use_inactive, const py::object& stream_handle) {
+            void* stream = stream_pointer(stream_handle);
+            py::gil_scoped_release no_gil;
+            self.checked_run_const_fold(use_inactive,
+                                        reinterpret_cast<AOTInductorStreamHandle>(stream));
+          },
+          py::arg("use_inactive"),
+          py::arg("stream_handle") = py::none())
       // torch's container loads a blob into model 0's map only, which no
       // longer is the live buffer once any update happened; read the blob
       // ourselves and apply it as an ordinary (checked) update instead.
