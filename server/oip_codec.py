@@ -41,7 +41,7 @@ from aotiserve.client import dtypes as dt
 from aotiserve.client import wire
 
 from . import tensor_codec as codec
-from .errors import InvalidArgument, ServeError, Unimplemented
+from .errors import InvalidArgument, Unimplemented
 from .io_specs import IOSpec
 
 log = logging.getLogger(__name__)
@@ -299,27 +299,3 @@ def bounded(parse: Callable[[bytes], Any], bounds: wire.Bounds) -> Callable[[byt
 
     deserialize.bounded = True  # the interceptor leaves its bytes to it
     return deserialize
-
-
-class Refused:
-    """A streamed request that could not be read: its error, answered in the stream."""
-
-    def __init__(self, error: ServeError):
-        self.error = error
-        self.model_name = self.model_version = self.id = ""
-
-
-def in_stream(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    """``deserialize``, answering an unreadable request with a :class:`Refused`
-    (the interceptor would end the whole stream)."""
-
-    def parse(raw: bytes):
-        try:
-            return deserialize(raw)
-        except ServeError as exc:
-            return Refused(exc)
-        except Exception:  # noqa: BLE001 (DecodeError, RecursionError...)
-            return Refused(InvalidArgument("ModelStreamInfer: a request is not a valid message"))
-
-    parse.bounded = True
-    return parse

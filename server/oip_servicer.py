@@ -4,16 +4,16 @@ Like the ``aotiserve.v1`` servicer, this only converts proto ↔ torch (``oip_co
 calls :class:`~aotiserve.server.dataplane.DataPlane`; status codes come from the
 error table through the one interceptor. Served on the daemon's port next to
 ``aotiserve.v1.ModelRunner``, so Triton/KServe clients (``tritonclient``)
-work unchanged. ``ModelInfer`` reaches this servicer only for models the port's C++
-hot path leaves to Python (``port.Port.why_not``).
+work unchanged. ``ModelInfer`` reaches this servicer only for requests the port's C++
+hot path leaves to Python (``port.Port.why_not``), one message of a ``ModelStreamInfer``
+stream included: the port answers streams itself, message by message, and hands such a
+message here as a ``ModelInfer``.
 
 What is served: health, server/model metadata, model config (a small
 Triton-style subset), ModelInfer with ``raw_input_contents`` or typed
 ``contents`` (FP16/BF16 raw only), answers in ``raw_output_contents``,
-requested-output filtering, id and parameter echo, ModelStreamInfer (one
-response per request, in order, errors in-band: a request refused, even one that
-does not decode, gets its error in its response and the stream goes on), and the
-model repository (index, load, unload of ``<model-repository>/<name>.pt2``). A
+requested-output filtering, id and parameter echo, and the model repository
+(index, load, unload of ``<model-repository>/<name>.pt2``). A
 model's version is its active weights version (``initial`` for the packaged weights).
 Inputs and outputs in system or CUDA shared memory (``shared_memory.py``; the
 register/status/unregister RPCs are served here). BYTES tensors, trace/log settings and
@@ -37,7 +37,7 @@ from . import oip_statistics
 from . import tensor_codec as codec
 from .config import ServeConfig
 from .dataplane import DataPlane
-from .errors import InvalidArgument, NotFound, Unimplemented, to_status
+from .errors import InvalidArgument, NotFound, Unimplemented
 from .interceptors import call_deadline
 from .io_specs import IOSpec
 from .model_repository import repository_models
@@ -184,29 +184,6 @@ class OipServicer:
             if any_raw:
                 response.raw_output_contents.append(b"")
         return response
-
-    def ModelStreamInfer(self, request_iterator, context):
-        """ModelInfer per streamed request, answered in order. As in Triton, a failed
-        request's error travels in its response (``error_message``) and the stream goes on."""
-        for request in request_iterator:
-            try:
-                if isinstance(request, oc.Refused):
-                    raise request.error
-                response = self.ModelInfer(request, context)
-            except grpc.RpcError:
-                raise  # the client went away
-            except Exception as exc:  # noqa: BLE001 (answered in the stream; bugs logged)
-                code, message = to_status(exc, "ModelStreamInfer")
-                yield self.pb.ModelStreamInferResponse(
-                    error_message=f"{code.name}: {message}",
-                    infer_response=self.pb.ModelInferResponse(
-                        model_name=request.model_name,
-                        model_version=request.model_version,
-                        id=request.id,
-                    ),
-                )
-                continue
-            yield self.pb.ModelStreamInferResponse(infer_response=response)
 
     def _decode_inputs(self, model: ServedModel, request) -> list[torch.Tensor]:
         specs = model.inputs
@@ -436,7 +413,7 @@ def add_to_server(plane: DataPlane, config: ServeConfig, server: grpc.Server) ->
     servicer = OipServicer(plane, config)
     pb = servicer.pb
     infer = oc.bounded(pb.ModelInferRequest.FromString, plane.limits.wire)
-    deserializers = {"ModelInfer": infer, "ModelStreamInfer": oc.in_stream(infer)}
+    deserializers = {"ModelInfer": infer}
     handlers = {}
     for method in pb.service.methods:
         fn = getattr(servicer, method.name, None) or _unimplemented(method.name)

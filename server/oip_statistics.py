@@ -13,9 +13,8 @@ Python paths both record into and which ``/metrics`` exposes. So the two agree:
 | ``batch_stats`` | per batch size (rows) of dynamic batching: runs, time in the runner | ``aotiserve_batch_size`` |
 | ``last_inference`` | ms since the epoch of the last inference call answered | |
 
-Inference calls are ``ModelInfer`` and the native ``Run``; requests sent on a
-``ModelStreamInfer`` stream count in the run figures (execution, queue, compute, batches)
-only. ``compute_input`` and ``compute_output`` stay empty: decoding requests and
+Inference calls are ``ModelInfer`` and the native ``Run``; each request sent on a
+``ModelStreamInfer`` stream counts as one ``ModelInfer``. ``compute_input`` and ``compute_output`` stay empty: decoding requests and
 encoding replies is not timed apart from the call (it is success minus queue minus
 compute_infer). The counts cover the model's life in this process, every weights version
 together; ``version`` is the version serving now.

@@ -208,6 +208,72 @@ def test_reflection_lists_every_service_on_the_one_port():
         } <= names
 
 
+def test_model_stream_infer_messages_are_answered_by_the_hot_path_in_order():
+    """ModelStreamInfer: each plain message is answered in C++ (as ModelInfer is), one
+    answer per message, in order; what the hot path does not serve (typed contents, an
+    unknown model) is answered by Python in its place; errors travel in-band and the stream
+    goes on; the weights version is each answer's model_version."""
+    from oip_messages import OipStub, ipb
+
+    with running_server(["mlp"]) as s:
+        inputs = [model_zoo.MODELS["mlp"].inputs(b, seed=b)[0] for b in (1, 2, 3)]
+
+        def raw(x, rid, model="mlp"):
+            r = ipb.ModelInferRequest(model_name=model, id=rid)
+            r.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+            r.raw_input_contents.append(x.numpy().tobytes())
+            return r
+
+        typed = ipb.ModelInferRequest(model_name="mlp", id="typed")
+        t = typed.inputs.add(name="x", datatype="FP32", shape=list(inputs[1].shape))
+        t.contents.fp32_contents.extend(inputs[1].flatten().tolist())
+        requests = [
+            raw(inputs[0], "a"),
+            raw(inputs[1], "b", model="no_such_model"),
+            typed,
+            raw(inputs[2], "c"),
+            ipb.ModelInferRequest(model_name="mlp", id="empty"),  # no inputs: refused
+        ]
+        before = _hot(s, "ModelInfer")
+        answers = list(OipStub(s.channel).ModelStreamInfer(iter(requests), timeout=30))
+        assert [a.infer_response.id for a in answers] == ["a", "b", "typed", "c", "empty"]
+        assert _hot(s, "ModelInfer") - before >= 3  # a, c and the refused one in C++
+        for a, x in ((answers[0], inputs[0]), (answers[2], inputs[1]), (answers[3], inputs[2])):
+            assert not a.error_message, a.error_message
+            r = a.infer_response
+            assert r.model_name == "mlp" and r.model_version == "initial"
+            got = np.frombuffer(r.raw_output_contents[0], np.float32).reshape(r.outputs[0].shape)
+            assert wire.close([torch.from_numpy(got.copy())], model_zoo.eager("mlp", [x]))
+        assert answers[1].error_message.startswith("NOT_FOUND: ")
+        assert answers[1].infer_response.model_name == "no_such_model"
+        assert answers[4].error_message.startswith("INVALID_ARGUMENT: ")
+        assert "missing input" in answers[4].error_message
+
+
+def test_an_idle_model_stream_infer_ends_after_the_idle_limit():
+    from oip_messages import OipStub, ipb
+
+    with running_server(["mlp"], stream_idle_timeout_s=0.5) as s:
+        release = threading.Event()
+
+        def one_then_nothing():
+            (x,) = model_zoo.MODELS["mlp"].inputs(1)
+            r = ipb.ModelInferRequest(model_name="mlp", id="only")
+            r.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+            r.raw_input_contents.append(x.numpy().tobytes())
+            yield r
+            release.wait(30)
+
+        answers = []
+        with pytest.raises(grpc.RpcError) as e:
+            for a in OipStub(s.channel).ModelStreamInfer(one_then_nothing(), timeout=20):
+                answers.append(a)
+        release.set()
+        assert [a.infer_response.id for a in answers] == ["only"]
+        assert e.value.code() == CODE.DEADLINE_EXCEEDED
+        assert "no message from the client" in e.value.details()
+
+
 def test_oip_model_infer_answered_by_the_hot_path_equals_run():
     from oip_messages import OipStub, ipb
 

@@ -209,19 +209,21 @@ void UnaryCall::finish(int code, const std::string& details, const Metadata& tra
 
 bool UnaryCall::active() {
   std::lock_guard<std::mutex> lock(mu_);
-  return !finished_ && !ctx_->IsCancelled();
+  return !finished_ && !cancelled_();
 }
 
 grpc::Status UnaryCall::wait(grpc::ByteBuffer* response) {
   std::unique_lock<std::mutex> lock(mu_);
   bool told = false;
   while (!cv_.wait_for(lock, std::chrono::milliseconds(50), [&] { return finished_; })) {
-    if (!told && ctx_->IsCancelled()) {  // lets a run queued in Python leave its queue
+    if (!told && cancelled_()) {  // lets a run queued in Python leave its queue
       told = true;
       bridge_->cancelled(id);
     }
   }
-  for (const auto& [k, v] : trailers_) ctx_->AddTrailingMetadata(k, v);
+  if (trailers_to_) {
+    for (const auto& [k, v] : trailers_) trailers_to_->AddTrailingMetadata(k, v);
+  }
   if (status_.ok() && has_response_) *response = to_buffer(response_);
   ended();
   return status_;

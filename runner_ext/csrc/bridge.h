@@ -126,8 +126,12 @@ class StreamCall : public BridgeCall {
 // the gRPC thread that holds it waits for Python's answer.
 class UnaryCall : public BridgeCall {
  public:
-  UnaryCall(Bridge* bridge, grpc::ServerContext* ctx, const grpc::ByteBuffer& request)
-      : bridge_(bridge), ctx_(ctx), request_(request) {}  // shares the slices, no copy
+  // `cancelled`: whether the caller went away; `trailers_to`: where Python's trailing
+  // metadata goes (null: nowhere, e.g. one message of a stream).
+  UnaryCall(Bridge* bridge, std::function<bool()> cancelled, grpc::ServerContextBase* trailers_to,
+            const grpc::ByteBuffer& request)
+      : bridge_(bridge), cancelled_(std::move(cancelled)), trailers_to_(trailers_to),
+        request_(request) {}  // shares the slices, no copy
   std::optional<grpc::ByteBuffer> read() override;
   bool write(const std::string& message) override;
   void finish(int code, const std::string& details, const Metadata& trailers) override;
@@ -137,7 +141,8 @@ class UnaryCall : public BridgeCall {
 
  private:
   Bridge* bridge_;
-  grpc::ServerContext* ctx_;
+  std::function<bool()> cancelled_;
+  grpc::ServerContextBase* trailers_to_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::optional<grpc::ByteBuffer> request_;

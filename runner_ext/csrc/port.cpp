@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <thread>
 
 namespace aotiserve {
 using wire::Span;
@@ -26,6 +27,7 @@ namespace {
 
 constexpr const char* kRun = "/aotiserve.v1.ModelRunner/Run";
 constexpr const char* kInfer = "/inference.GRPCInferenceService/ModelInfer";
+constexpr const char* kStreamInfer = "/inference.GRPCInferenceService/ModelStreamInfer";
 constexpr const char* kTrailer = "aotiserve-weights-version";
 // torch's CPU allocator aligns every tensor to 64 bytes, and AOTInductor's kernels may
 // take a different (vectorized) path on aligned data: inputs are handed over aligned so
@@ -163,7 +165,69 @@ class ReplyWriter {
   std::vector<grpc::Slice> slices_;
 };
 
+// grpc::StatusCode's name, as the error_message of a streamed answer spells it.
+std::string code_name(grpc::StatusCode code) {
+  static const char* const names[] = {
+      "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+      "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+      "UNAUTHENTICATED"};
+  int i = int(code);
+  return i >= 0 && i < int(sizeof(names) / sizeof(names[0])) ? names[i] : std::to_string(i);
+}
+
+// One ModelStreamInferResponse: the answer of one streamed ModelInferRequest, or its
+// error in-band ("CODE: message") with the request's model name, version and id.
+std::string stream_answer(const grpc::Status& status, const grpc::ByteBuffer& answer,
+                          const grpc::ByteBuffer& request) {
+  std::string out;
+  std::vector<grpc::Slice> slices;
+  if (status.ok()) {
+    (void)answer.Dump(&slices);
+    wire::put_header(out, 2, answer.Length());
+    for (const auto& slice : slices) {
+      out.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+    }
+    return out;
+  }
+  wire::put_string(out, 1, code_name(status.error_code()) + ": " + status.error_message());
+  // Fields 1-3 of the request (model name, version, id), where it has them.
+  std::string head;
+  if (request.Dump(&slices).ok() && !slices.empty()) {
+    const uint8_t* p = slices[0].begin();
+    const uint8_t* end = slices[0].end();
+    while (p < end) {
+      uint64_t tag, len;
+      if (!wire::read_varint(p, end, tag)) break;
+      uint64_t field = tag >> 3, wt = tag & 7;
+      if (wt != 2) {
+        if (!wire::skip_field(p, end, wt)) break;
+        continue;
+      }
+      if (!wire::read_varint(p, end, len) || len > uint64_t(end - p)) break;
+      if (field >= 1 && field <= 3) {
+        wire::put_header(head, uint32_t(field), len);
+        head.append(reinterpret_cast<const char*>(p), len);
+      }
+      p += len;
+    }
+  }
+  wire::put_header(out, 2, head.size());
+  out += head;
+  return out;
+}
+
 }  // namespace
+
+std::chrono::system_clock::time_point Caller::deadline() const {
+  return stream ? stream->deadline : ctx->deadline();
+}
+
+bool Caller::cancelled() const { return stream ? !stream->active() : ctx->IsCancelled(); }
+
+std::string Caller::peer() const { return stream ? stream->peer : ctx->peer(); }
+
+Metadata Caller::metadata() const { return stream ? stream->metadata : client_metadata(*ctx); }
 
 // The request's bytes, contiguous, and what keeps them alive: input tensors viewing
 // them hold `keep`, so an output that aliases an input keeps the request alive too.
@@ -422,6 +486,14 @@ void Port::stop(double grace_s) {
     if (l->server) l->server->Shutdown(deadline);
   }
   bridge_.close();
+  {
+    // ModelStreamInfer threads end once their calls do (the shutdown cancelled them).
+    std::unique_lock<std::mutex> lock(stream_threads_mu_);
+    if (!stream_threads_cv_.wait_until(lock, deadline + std::chrono::seconds(5),
+                                       [&] { return stream_threads_ == 0; })) {
+      log("stop: " + std::to_string(stream_threads_) + " ModelStreamInfer streams did not end");
+    }
+  }
   for (auto& l : listeners_) {
     if (l->server) {
       l->server->Wait();
@@ -469,7 +541,7 @@ std::optional<std::string> Port::next_log() {
 
 // Auth and limits -------------------------------------------------------------------
 
-bool Port::authorize(const std::string& method, grpc::ServerContextBase& ctx,
+bool Port::authorize(const std::string& method, const grpc::ServerContextBase& ctx,
                      grpc::Status& refusal, bool& is_admin) {
   std::string header;
   bool has_header = false;
@@ -544,6 +616,26 @@ void Port::bridged(std::shared_ptr<AsyncCall> accepted, bool admin_rpcs) {
     if (!on) leave();
   };
   call->watch();
+  if (method == kStreamInfer) {
+    // Answered in C++, message by message, on a thread of its own (at most max_streams).
+    grpc::Status refusal;
+    bool is_admin = false;
+    if (!authorize(method, *ctx, refusal, is_admin)) {
+      call->refuse(refusal);
+      return;
+    }
+    call->is_admin = is_admin;
+    {
+      std::lock_guard<std::mutex> lock(stream_threads_mu_);
+      ++stream_threads_;
+    }
+    std::thread([this, call] {
+      stream_infer(call);
+      std::lock_guard<std::mutex> lock(stream_threads_mu_);
+      if (--stream_threads_ == 0) stream_threads_cv_.notify_all();
+    }).detach();
+    return;
+  }
   if (!bridge_.push(call)) {
     call->refuse({grpc::StatusCode::RESOURCE_EXHAUSTED,
                   short_name(method) + ": the server is busy (" +
@@ -551,15 +643,16 @@ void Port::bridged(std::shared_ptr<AsyncCall> accepted, bool admin_rpcs) {
   }
 }
 
-grpc::Status Port::forward(grpc::ServerContext* ctx, const std::string& method,
+grpc::Status Port::forward(const Caller& caller, const std::string& method,
                            const grpc::ByteBuffer& request, bool is_admin, bool admin_rpcs,
                            grpc::ByteBuffer* resp) {
-  auto call = std::make_shared<UnaryCall>(&bridge_, ctx, request);
+  auto call = std::make_shared<UnaryCall>(
+      &bridge_, [&caller] { return caller.cancelled(); }, caller.ctx, request);
   call->id = bridge_.next_id();
   call->method = method;
-  call->peer = ctx->peer();
-  call->metadata = client_metadata(*ctx);
-  call->deadline = ctx->deadline();
+  call->peer = caller.peer();
+  call->metadata = caller.metadata();
+  call->deadline = caller.deadline();
   call->is_admin = is_admin;
   call->admin_rpcs = admin_rpcs;
   if (!bridge_.push(call)) {
@@ -572,7 +665,7 @@ grpc::Status Port::forward(grpc::ServerContext* ctx, const std::string& method,
 
 // The hot path ----------------------------------------------------------------------
 
-grpc::Status Port::execute(grpc::ServerContext* ctx, PortModel& model,
+grpc::Status Port::execute(const Caller& caller, PortModel& model,
                            std::vector<at::Tensor>& inputs, std::vector<at::Tensor>& outputs,
                            std::string& version) {
   auto queued_at = Clock::now();
@@ -602,7 +695,7 @@ grpc::Status Port::execute(grpc::ServerContext* ctx, PortModel& model,
       }
       ++pool->waiting;
       if (model.load) model.load->queued.fetch_add(1);
-      auto deadline = ctx->deadline();
+      auto deadline = caller.deadline();
       grpc::Status gave_up;
       while (!(replica = pick())) {
         if (model.closed) {
@@ -616,7 +709,7 @@ grpc::Status Port::execute(grpc::ServerContext* ctx, PortModel& model,
                          "s in the queue of " + pool->device + "; not computed"};
           break;
         }
-        if (ctx->IsCancelled()) {
+        if (caller.cancelled()) {
           gave_up = {grpc::StatusCode::CANCELLED, "cancelled in the queue of " + pool->device +
                                                       "; not computed"};
           break;
@@ -678,7 +771,7 @@ grpc::Status Port::execute(grpc::ServerContext* ctx, PortModel& model,
 grpc::Status Port::run(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
                        grpc::ByteBuffer* resp, bool infer, bool admin_rpcs) {
   try {
-    return serve(ctx, raw, resp, infer, admin_rpcs);
+    return serve(Caller{ctx, nullptr}, raw, resp, infer, admin_rpcs);
   } catch (const std::exception& e) {
     log(std::string(infer ? "ModelInfer" : "Run") + " failed: " + strip_backtrace(e.what()));
   } catch (...) {
@@ -687,7 +780,7 @@ grpc::Status Port::run(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
   return {grpc::StatusCode::INTERNAL, "internal error; the server log has the details"};
 }
 
-grpc::Status Port::serve(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
+grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
                          grpc::ByteBuffer* resp, bool infer, bool admin_rpcs) {
   auto began = Clock::now();
   const std::string method = infer ? kInfer : kRun;
@@ -718,7 +811,11 @@ grpc::Status Port::serve(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
   if (draining_) return done({grpc::StatusCode::UNAVAILABLE, "server is shutting down"});
   grpc::Status refusal;
   bool is_admin = false;
-  if (!authorize(method, *ctx, refusal, is_admin)) return done(refusal);
+  if (caller.stream) {
+    is_admin = caller.stream->is_admin;  // the stream was authorized as it began
+  } else if (!authorize(method, *caller.ctx, refusal, is_admin)) {
+    return done(refusal);
+  }
   // No autograd anywhere on this path: torch's dispatcher skips its autograd and
   // view-tracking layers for every op of the run (the model's and ours).
   c10::InferenceMode no_autograd;
@@ -793,7 +890,7 @@ grpc::Status Port::serve(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
     in_flight->fetch_sub(1, std::memory_order_relaxed);  // the interceptor counts it
     on_exit.in_flight = nullptr;
     payload = Payload();  // the joined copy, if any, is not needed: Python gets the slices
-    return forward(ctx, method, *raw, is_admin, admin_rpcs, resp);
+    return forward(caller, method, *raw, is_admin, admin_rpcs, resp);
   }
   series = infer ? model->infer_stats : model->run_stats;
   const auto& specs = model->inputs;
@@ -932,7 +1029,7 @@ grpc::Status Port::serve(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
 
   std::vector<at::Tensor> outputs;
   std::string version;
-  grpc::Status status = execute(ctx, *model, inputs, outputs, version);
+  grpc::Status status = execute(caller, *model, inputs, outputs, version);
   inputs.clear();
   if (!status.ok()) return done(status);
 
@@ -987,8 +1084,30 @@ grpc::Status Port::serve(grpc::ServerContext* ctx, const grpc::ByteBuffer* raw,
     wire::put_string(out.pending(), 2, version);
   }
   *resp = out.done();
-  ctx->AddTrailingMetadata(kTrailer, version);
+  if (caller.ctx) caller.ctx->AddTrailingMetadata(kTrailer, version);
   return done(grpc::Status::OK);
+}
+
+void Port::stream_infer(std::shared_ptr<StreamCall> call) {
+  auto began = Clock::now();
+  Caller caller{nullptr, call.get()};
+  while (auto request = call->read()) {
+    grpc::ByteBuffer answer;
+    grpc::Status status;
+    try {
+      status = serve(caller, &*request, &answer, /*infer=*/true, call->admin_rpcs);
+    } catch (const std::exception& e) {
+      log(std::string("ModelStreamInfer failed: ") + strip_backtrace(e.what()));
+      status = {grpc::StatusCode::INTERNAL, "internal error; the server log has the details"};
+    }
+    if (!call->write(stream_answer(status, answer, *request))) break;  // the stream ended
+  }
+  // Nothing more to read: the client closed its side (OK), went away, or stayed idle past
+  // the limit (read() ended the call with DEADLINE_EXCEEDED already).
+  bool ended_here = call->active();
+  call->finish(int(grpc::StatusCode::OK), "", {});
+  stats_->method("", "ModelStreamInfer")
+      ->record(int(ended_here ? grpc::StatusCode::OK : grpc::StatusCode::CANCELLED), since(began));
 }
 
 }  // namespace aotiserve

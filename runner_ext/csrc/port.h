@@ -86,6 +86,17 @@ struct PortModel {
   bool closed = false;        // guarded by admit
 };
 
+// Where a hot-path request came from: a unary call (its context), or one message of a
+// ModelStreamInfer stream (the stream's deadline, cancellation, metadata; no trailers).
+struct Caller {
+  grpc::ServerContextBase* ctx = nullptr;
+  StreamCall* stream = nullptr;
+  std::chrono::system_clock::time_point deadline() const;
+  bool cancelled() const;
+  std::string peer() const;
+  Metadata metadata() const;
+};
+
 class Port {
  public:
   Port(PortConfig config, std::shared_ptr<Stats> stats);
@@ -126,7 +137,7 @@ class Port {
   // Used by the services (port.cpp).
   grpc::Status run(grpc::ServerContext* ctx, const grpc::ByteBuffer* req, grpc::ByteBuffer* resp,
                    bool infer, bool admin_rpcs);
-  grpc::Status serve(grpc::ServerContext* ctx, const grpc::ByteBuffer* req, grpc::ByteBuffer* resp,
+  grpc::Status serve(const Caller& caller, const grpc::ByteBuffer* req, grpc::ByteBuffer* resp,
                      bool infer, bool admin_rpcs);
 
  private:
@@ -135,7 +146,7 @@ class Port {
   struct Payload;
 
   // The hot path's token check (the rules for control RPCs: server/interceptors.py).
-  bool authorize(const std::string& method, grpc::ServerContextBase& ctx, grpc::Status& refusal,
+  bool authorize(const std::string& method, const grpc::ServerContextBase& ctx, grpc::Status& refusal,
                  bool& is_admin);
   void accept(Listener* l);  // asks the listener's generic service for its next call
   void bridged(std::shared_ptr<AsyncCall> call, bool admin_rpcs);
@@ -145,10 +156,13 @@ class Port {
   void leave();
   void log(std::string line);
   std::shared_ptr<PortModel> find(const std::string& name);
-  grpc::Status forward(grpc::ServerContext* ctx, const std::string& method,
+  // ModelStreamInfer on a thread of its own: each message served as ModelInfer is (the
+  // hot path, or Python for what it does not serve), answered in order, errors in-band.
+  void stream_infer(std::shared_ptr<StreamCall> call);
+  grpc::Status forward(const Caller& caller, const std::string& method,
                        const grpc::ByteBuffer& request,
                        bool is_admin, bool admin_rpcs, grpc::ByteBuffer* resp);
-  grpc::Status execute(grpc::ServerContext* ctx, PortModel& model, std::vector<at::Tensor>& inputs,
+  grpc::Status execute(const Caller& caller, PortModel& model, std::vector<at::Tensor>& inputs,
                        std::vector<at::Tensor>& outputs, std::string& version);
 
   PortConfig config_;
@@ -167,6 +181,9 @@ class Port {
   std::condition_variable idle_cv_;
   int active_ = 0;
   std::atomic<uint64_t> copied_bytes_{0};
+  std::mutex stream_threads_mu_;
+  std::condition_variable stream_threads_cv_;
+  int stream_threads_ = 0;  // ModelStreamInfer threads running
   std::mutex log_mu_;
   std::condition_variable log_cv_;
   std::deque<std::string> log_lines_;
