@@ -144,6 +144,7 @@ class AppServer:
             config, self.metrics.stats, admin_token, inference_token, streaming_methods(handlers)
         )
         self.registry.port = self.port_server
+        self.plane.shared_memory.watch(self.port_server)
         self.metrics.registry.register(self.port_server)
         self.bridge = Bridge(
             self.port_server.server, handlers, self.interceptor, config.grpc_workers

@@ -30,6 +30,8 @@ from .config import ServeConfig
 from .io_specs import LOWERBOUND_HINT
 
 if TYPE_CHECKING:
+    import torch
+
     from .served_model import ServedModel
 
 log = logging.getLogger(__name__)
@@ -199,6 +201,14 @@ class Port:
             self._server.release_runner(model)
 
     # Lifecycle ---------------------------------------------------------------
+
+    def region_added(self, kind: str, name: str, data: torch.Tensor) -> None:
+        """An OIP shared-memory region the hot path may read inputs from and write outputs
+        to (``shared_memory.SharedMemoryRegions`` calls it)."""
+        self._server.set_region(kind, name, data)
+
+    def region_removed(self, kind: str, name: str) -> None:
+        self._server.drop_region(kind, name)
 
     def set_health(self, service: str, serving: bool) -> None:
         self._server.set_health(service, serving)

@@ -24,6 +24,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -42,6 +43,13 @@ log = logging.getLogger(__name__)
 SHM_ROOT = "/dev/shm"
 # How often regions are checked for a registering connection that closed.
 REAP_INTERVAL_S = 1.0
+
+
+class RegionWatcher(Protocol):
+    """What learns of regions as they come and go (``port.Port``)."""
+
+    def region_added(self, kind: str, name: str, data: torch.Tensor) -> None: ...
+    def region_removed(self, kind: str, name: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,11 @@ class SharedMemoryRegions:
         self._regions: dict[tuple[str, str], Region] = {}
         self._reaper: threading.Thread | None = None
         self._stopped = threading.Event()
+        self._watchers: list[RegionWatcher] = []
+
+    def watch(self, watcher: RegionWatcher) -> None:
+        """Tells ``watcher`` (the port's hot path) of every region added and removed."""
+        self._watchers.append(watcher)
 
     # Registration --------------------------------------------------------------
 
@@ -180,6 +193,8 @@ class SharedMemoryRegions:
             if len(self._regions) >= self.max_regions:
                 raise ResourceExhausted(f"{what}: {self.max_regions} regions are registered")
             self._regions[(region.kind, region.name)] = region
+            for w in self._watchers:
+                w.region_added(region.kind, region.name, region.data)
             if self._reaper is None:
                 self._reaper = threading.Thread(
                     target=self._reap, name="aotiserve-shm-reaper", daemon=True
@@ -200,8 +215,7 @@ class SharedMemoryRegions:
         unmapped once no request uses it. Unknown names are not an error (as in Triton)."""
         with self._lock:
             gone = [k for k in self._regions if k[0] == kind and (not name or k[1] == name)]
-            for k in gone:
-                del self._regions[k]
+            self._forget(gone)
         for _kind, n in gone:
             log.info("%s shared-memory region %r unregistered", kind, n)
 
@@ -269,8 +283,7 @@ class SharedMemoryRegions:
                 for k, r in self._regions.items()
                 if (a := peer_connections.address(r.peer)) is not None and a not in open_peers
             ]
-            for k in gone:
-                del self._regions[k]
+            self._forget(gone)
         for kind, name in gone:
             log.info(
                 "%s shared-memory region %r released: the client that registered it went away",
@@ -286,10 +299,17 @@ class SharedMemoryRegions:
             except Exception:  # noqa: BLE001 (the reaper must outlive a bad read of /proc)
                 log.exception("checking shared-memory clients failed")
 
+    def _forget(self, keys: list[tuple[str, str]]) -> None:
+        """Drops regions (``self._lock`` held)."""
+        for kind, name in keys:
+            del self._regions[(kind, name)]
+            for w in self._watchers:
+                w.region_removed(kind, name)
+
     def close(self) -> None:
         self._stopped.set()
         with self._lock:
-            self._regions.clear()
+            self._forget(list(self._regions))
 
 
 def _param(parameters, key: str, kinds: str | Iterable[str], what: str):

@@ -293,3 +293,82 @@ def test_oip_model_infer_answered_by_the_hot_path_equals_run():
         ids2 = np.frombuffer(resp.raw_output_contents[1], np.int64).reshape(resp.outputs[1].shape)
         want = model_zoo.eager("two_io", (x, ids))
         assert wire.close([torch.from_numpy(h.copy()), torch.from_numpy(ids2.copy())], want)
+
+
+def test_shared_memory_and_requested_outputs_are_served_by_the_hot_path(tmp_path):
+    """OIP requests whose inputs and outputs lie in a registered system shared-memory
+    region, and requests naming their outputs, are answered in C++ like any ModelInfer:
+    inputs read in place (copied once where unaligned), outputs written into the region,
+    raw_output_contents lined up with the outputs, errors naming the region."""
+    import os
+    import uuid
+
+    from oip_messages import OipStub, ipb
+
+    key = f"/aotiserve-port-{uuid.uuid4().hex[:12]}"
+    with open(f"/dev/shm{key}", "wb") as f:
+        f.truncate(1 << 16)
+    try:
+        with running_server(["mlp", "two_io"]) as s:
+            oip = OipStub(s.channel)
+            oip.SystemSharedMemoryRegister(
+                ipb.SystemSharedMemoryRegisterRequest(name="r", key=key, byte_size=1 << 16)
+            )
+            region = np.memmap(f"/dev/shm{key}", dtype=np.uint8, mode="r+")
+            (x,) = model_zoo.MODELS["mlp"].inputs(4, seed=9)
+            want = model_zoo.eager("mlp", [x])[0]
+
+            def infer(offset: int, out_offset: int):
+                data = x.numpy().tobytes()
+                region[offset : offset + len(data)] = np.frombuffer(data, np.uint8)
+                r = ipb.ModelInferRequest(model_name="mlp", id=f"at{offset}")
+                t = r.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+                t.parameters["shared_memory_region"].string_param = "r"
+                t.parameters["shared_memory_byte_size"].int64_param = len(data)
+                t.parameters["shared_memory_offset"].int64_param = offset
+                o = r.outputs.add(name="output__0")
+                o.parameters["shared_memory_region"].string_param = "r"
+                o.parameters["shared_memory_byte_size"].int64_param = 4096
+                o.parameters["shared_memory_offset"].int64_param = out_offset
+                return oip.ModelInfer(r)
+
+            before = _hot(s, "ModelInfer")
+            for offset in (0, 3):  # aligned: read in place; unaligned: copied once
+                resp = infer(offset, 32768)
+                out = resp.outputs[0]
+                assert out.parameters["shared_memory_region"].string_param == "r"
+                nbytes = out.parameters["shared_memory_byte_size"].int64_param
+                assert nbytes == want.numel() * 4 and not resp.raw_output_contents
+                got = np.frombuffer(region[32768 : 32768 + nbytes].tobytes(), np.float32)
+                assert torch.equal(torch.from_numpy(got.copy()).view(want.shape), want)
+            assert _hot(s, "ModelInfer") == before + 2
+
+            # Requested outputs: only those, in the order asked, still in C++.
+            xt, ids = model_zoo.MODELS["two_io"].inputs(3, seed=4)
+            r = ipb.ModelInferRequest(model_name="two_io")
+            r.inputs.add(name="x", datatype="FP32", shape=list(xt.shape))
+            r.inputs.add(name="ids", datatype="INT64", shape=list(ids.shape))
+            r.raw_input_contents.extend([xt.numpy().tobytes(), ids.numpy().tobytes()])
+            r.outputs.add(name="ids2")
+            resp = oip.ModelInfer(r)
+            assert [o.name for o in resp.outputs] == ["ids2"] and len(resp.raw_output_contents) == 1
+            ids2 = np.frombuffer(resp.raw_output_contents[0], np.int64)
+            assert torch.equal(
+                torch.from_numpy(ids2.copy()), model_zoo.eager("two_io", (xt, ids))[1].flatten()
+            )
+            assert _hot(s, "ModelInfer") == before + 3
+
+            bad = ipb.ModelInferRequest(model_name="mlp")
+            t = bad.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+            t.parameters["shared_memory_region"].string_param = "nope"
+            t.parameters["shared_memory_byte_size"].int64_param = x.numel() * 4
+            with pytest.raises(grpc.RpcError) as e:
+                oip.ModelInfer(bad)
+            assert e.value.code() == CODE.INVALID_ARGUMENT and "'nope'" in e.value.details()
+            # Unregistered: the hot path forgets it too.
+            oip.SystemSharedMemoryUnregister(ipb.SystemSharedMemoryUnregisterRequest(name="r"))
+            with pytest.raises(grpc.RpcError) as e:
+                infer(0, 32768)
+            assert e.value.code() == CODE.INVALID_ARGUMENT and "'r'" in e.value.details()
+    finally:
+        os.unlink(f"/dev/shm{key}")

@@ -165,6 +165,23 @@ class ReplyWriter {
   std::vector<grpc::Slice> slices_;
 };
 
+// One entry of an InferOutputTensor's parameters (field 4): a string, else an int64.
+void put_parameter(std::string& head, const std::string& key, const std::string& text,
+                   int64_t number) {
+  std::string value, entry;
+  if (!text.empty()) {
+    wire::put_string(value, 3, text);
+  } else {
+    value.push_back(char(2 << 3 | 0));
+    wire::put_varint(value, uint64_t(number));
+  }
+  wire::put_string(entry, 1, key);
+  wire::put_header(entry, 2, value.size());
+  entry += value;
+  wire::put_header(head, 4, entry.size());
+  head += entry;
+}
+
 // grpc::StatusCode's name, as the error_message of a streamed answer spells it.
 std::string code_name(grpc::StatusCode code) {
   static const char* const names[] = {
@@ -663,6 +680,65 @@ grpc::Status Port::forward(const Caller& caller, const std::string& method,
   return call->wait(resp);
 }
 
+// Shared memory ---------------------------------------------------------------------
+
+void Port::set_region(const std::string& kind, const std::string& name, at::Tensor bytes) {
+  std::unique_lock<std::shared_mutex> lock(regions_mu_);
+  regions_[{kind, name}] = std::move(bytes);
+}
+
+void Port::drop_region(const std::string& kind, const std::string& name) {
+  at::Tensor gone;  // released outside the lock (a CUDA handle closes on release)
+  {
+    std::unique_lock<std::shared_mutex> lock(regions_mu_);
+    auto it = regions_.find({kind, name});
+    if (it == regions_.end()) return;
+    gone = std::move(it->second);
+    regions_.erase(it);
+  }
+}
+
+grpc::Status Port::shared_bytes(const wire::SharedRef& ref, int64_t want, const std::string& what,
+                                at::Tensor& out) {
+  if (!ref.region.size) {
+    return invalid(what + ": shared_memory_byte_size or shared_memory_offset without "
+                   "shared_memory_region");
+  }
+  if (ref.byte_size < 0) {
+    return invalid(what + ": parameter shared_memory_byte_size must be a int64_param or "
+                   "uint64_param");
+  }
+  std::string name = ref.region.str();
+  at::Tensor region;
+  int found = 0;
+  {
+    std::shared_lock<std::shared_mutex> lock(regions_mu_);
+    for (const auto& [key, bytes] : regions_) {
+      if (key.second == name) {
+        region = bytes;
+        ++found;
+      }
+    }
+  }
+  if (found == 0) return invalid(what + ": no shared-memory region named '" + name + "' is registered");
+  if (found > 1) {
+    return invalid(what + ": both a system and a CUDA region are named '" + name + "'; rename one");
+  }
+  int64_t size = region.numel();
+  if (ref.offset > size || ref.byte_size > size - ref.offset) {
+    return invalid(what + ": bytes [" + std::to_string(ref.offset) + ", " +
+                   std::to_string(uint64_t(ref.offset) + uint64_t(ref.byte_size)) +
+                   ") lie outside shared-memory region '" + name + "' (" + std::to_string(size) +
+                   " bytes)");
+  }
+  if (want >= 0 && ref.byte_size != want) {
+    return invalid(what + ": shared_memory_byte_size is " + std::to_string(ref.byte_size) +
+                   ", but the tensor has " + std::to_string(want) + " bytes");
+  }
+  out = region.narrow(0, ref.offset, ref.byte_size);
+  return grpc::Status::OK;
+}
+
 // The hot path ----------------------------------------------------------------------
 
 grpc::Status Port::execute(const Caller& caller, PortModel& model,
@@ -900,10 +976,15 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
   std::vector<Span> datas(specs.size());
   std::vector<std::string> labels(specs.size());
   if (infer) {
-    if (!infer_req.raw.empty() && infer_req.raw.size() != tensors->size()) {
+    // As in Triton, one raw_input_contents entry per input not in shared memory.
+    size_t sent = 0;
+    for (const auto& t : *tensors) sent += !t.shared.used();
+    if (!infer_req.raw.empty() && infer_req.raw.size() != sent) {
       return done(invalid("raw_input_contents has " + std::to_string(infer_req.raw.size()) +
-                          " entries for " + std::to_string(tensors->size()) + " inputs"));
+                          " entries for " + std::to_string(sent) +
+                          " inputs (inputs in shared memory have none)"));
     }
+    size_t next_raw = 0;
     for (size_t i = 0; i < tensors->size(); ++i) {
       const auto& t = (*tensors)[i];
       std::string what = "input '" + t.name + "'";
@@ -918,12 +999,13 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
                             names + ")"));
       }
       if (ordered[slot]) return done(invalid(what + " is given twice"));
+      ordered[slot] = &t;
+      labels[slot] = what;
+      if (t.shared.used()) continue;  // its bytes are found below, once their size is known
       if (infer_req.raw.empty()) {
         return done(invalid(what + " carries no data (neither contents nor raw_input_contents)"));
       }
-      ordered[slot] = &t;
-      datas[slot] = infer_req.raw[i];
-      labels[slot] = what;
+      datas[slot] = infer_req.raw[next_raw++];
     }
     std::string missing;
     for (size_t s = 0; s < specs.size(); ++s) {
@@ -943,6 +1025,27 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
       ordered[i] = &(*tensors)[i];
       datas[i] = (*tensors)[i].data;
       labels[i] = "input " + std::to_string(i) + " ('" + specs[i].name + "')";
+    }
+  }
+
+  // Which outputs answer, in which order, and where each one's bytes go (an undefined
+  // tensor: the reply; else its shared-memory bytes), checked before the run.
+  std::vector<size_t> chosen;
+  std::vector<at::Tensor> destinations;
+  for (const auto& o : infer_req.outputs) {
+    std::string what = "requested output '" + o.name + "'";
+    auto at = std::find(model->outputs.begin(), model->outputs.end(), o.name);
+    if (at == model->outputs.end()) {
+      std::string names;
+      for (size_t s = 0; s < model->outputs.size(); ++s) names += (s ? ", " : "") + model->outputs[s];
+      return done(invalid(what + ": model '" + model->name + "' has no such output (its outputs: " +
+                          names + ")"));
+    }
+    chosen.push_back(size_t(at - model->outputs.begin()));
+    destinations.emplace_back();
+    if (o.shared.used()) {
+      grpc::Status s = shared_bytes(o.shared, -1, what, destinations.back());
+      if (!s.ok()) return done(s);
     }
   }
 
@@ -1003,6 +1106,23 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
       }
     }
     uint64_t want = numel * c10::elementSize(type->scalar);
+    if (infer && t.shared.used()) {
+      at::Tensor bytes;
+      grpc::Status s = shared_bytes(t.shared, int64_t(want), what, bytes);
+      if (!s.ok()) return done(s);
+      if (numel == 0) {
+        inputs.push_back(at::empty(t.shape, type->scalar));
+        continue;
+      }
+      if (reinterpret_cast<uintptr_t>(bytes.data_ptr()) % kAlign) bytes = bytes.clone();
+      if (type->scalar == at::kBool && (bytes > 1).any().item<bool>()) {
+        return done(invalid(what + ": bool tensor holds bytes other than 0 and 1"));
+      }
+      at::Tensor input = bytes.view(type->scalar).view(t.shape);
+      // A CUDA region's input for a model on the CPU comes over to the host.
+      inputs.push_back(input.is_cuda() && !model->on_gpu ? input.cpu() : input);
+      continue;
+    }
     const Span& data = datas[i];
     if (data.size != want) {
       return done(invalid(what + ": expected " + std::to_string(want) + " bytes for " + type->name +
@@ -1043,8 +1163,21 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
       wire::put_header(p, 3, infer_req.id.size);
       p.append(reinterpret_cast<const char*>(infer_req.id.data), infer_req.id.size);
     }
+    if (infer_req.outputs.empty()) {
+      for (size_t i = 0; i < outputs.size(); ++i) chosen.push_back(i);
+      destinations.resize(outputs.size());
+    }
+    // As in Triton, an output in shared memory has an empty raw entry where others have
+    // theirs (raw_output_contents lines up with outputs), and none when all are.
+    bool any_raw = std::any_of(destinations.begin(), destinations.end(),
+                               [](const at::Tensor& d) { return !d.defined(); });
     std::vector<at::Tensor> contiguous;
-    for (size_t i = 0; i < outputs.size(); ++i) {
+    for (size_t k = 0; k < chosen.size(); ++k) {
+      size_t i = chosen[k];
+      if (i >= outputs.size()) {
+        return done({grpc::StatusCode::INTERNAL, "model '" + model->name + "' answered " +
+                                                     std::to_string(outputs.size()) + " outputs"});
+      }
       at::Tensor c = outputs[i].is_contiguous() ? outputs[i] : outputs[i].contiguous();
       const wire::DType* type = wire::by_scalar(c.scalar_type());
       std::string name = i < model->outputs.size() ? model->outputs[i] : "output__" + std::to_string(i);
@@ -1061,11 +1194,31 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
         wire::put_header(head, 3, shape.size());
         head += shape;
       }
+      const at::Tensor& dest = destinations[k];
+      if (dest.defined()) {
+        int64_t nbytes = c.numel() * int64_t(c.element_size());
+        if (nbytes > dest.numel()) {
+          return done(invalid("output '" + name + "': its " + std::to_string(nbytes) +
+                              " bytes do not fit the " + std::to_string(dest.numel()) +
+                              " bytes of shared memory the request gave it "
+                              "(shared_memory_byte_size)"));
+        }
+        if (nbytes) dest.narrow(0, 0, nbytes).copy_(c.reshape({-1}).view(at::kByte));
+        copied_bytes_.fetch_add(uint64_t(nbytes), std::memory_order_relaxed);
+        const auto& ref = infer_req.outputs[k].shared;
+        put_parameter(head, "shared_memory_region", ref.region.str(), 0);
+        put_parameter(head, "shared_memory_byte_size", "", nbytes);
+        if (ref.offset) put_parameter(head, "shared_memory_offset", "", ref.offset);
+      }
       wire::put_header(p, 5, head.size());
       p += head;
-      contiguous.push_back(std::move(c));
+      contiguous.push_back(dest.defined() ? at::Tensor() : std::move(c));
     }
     for (const auto& c : contiguous) {
+      if (!c.defined()) {
+        if (any_raw) wire::put_header(out.pending(), 6, 0);
+        continue;
+      }
       wire::put_header(out.pending(), 6, c.numel() * c.element_size());
       out.data(c);
     }

@@ -121,6 +121,11 @@ class Port {
   bool hold_runner(const std::string& name);
   void release_runner(const std::string& name);
 
+  // OIP shared-memory regions (server/shared_memory.py registers them): `bytes` is a uint8
+  // tensor over the region's memory (host or CUDA), kept alive while a request uses it.
+  void set_region(const std::string& kind, const std::string& name, at::Tensor bytes);
+  void drop_region(const std::string& kind, const std::string& name);
+
   void set_health(const std::string& service, bool serving);
   void set_draining();
   // Waits until no call (health and reflection aside) is being handled; false on timeout.
@@ -162,6 +167,10 @@ class Port {
   grpc::Status forward(const Caller& caller, const std::string& method,
                        const grpc::ByteBuffer& request,
                        bool is_admin, bool admin_rpcs, grpc::ByteBuffer* resp);
+  // The bytes a tensor's shared-memory parameters name: `want` of them (-1: up to
+  // shared_memory_byte_size, for an output), or INVALID_ARGUMENT naming what is wrong.
+  grpc::Status shared_bytes(const wire::SharedRef& ref, int64_t want, const std::string& what,
+                            at::Tensor& out);
   grpc::Status execute(const Caller& caller, PortModel& model, std::vector<at::Tensor>& inputs,
                        std::vector<at::Tensor>& outputs, std::string& version);
 
@@ -181,6 +190,8 @@ class Port {
   std::condition_variable idle_cv_;
   int active_ = 0;
   std::atomic<uint64_t> copied_bytes_{0};
+  std::shared_mutex regions_mu_;
+  std::map<std::pair<std::string, std::string>, at::Tensor> regions_;  // (kind, name)
   std::mutex stream_threads_mu_;
   std::condition_variable stream_threads_cv_;
   int stream_threads_ = 0;  // ModelStreamInfer threads running

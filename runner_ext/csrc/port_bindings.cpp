@@ -211,6 +211,9 @@ void bind_port(py::module_& m) {
       .def("flip", &Port::flip, py::arg("name"), py::arg("version"), release())
       .def("lock_weights", &Port::lock_weights, py::arg("name"), release())
       .def("unlock_weights", &Port::unlock_weights, py::arg("name"), py::arg("version"), release())
+      .def("set_region", &Port::set_region, py::arg("kind"), py::arg("name"), py::arg("bytes"),
+           release())
+      .def("drop_region", &Port::drop_region, py::arg("kind"), py::arg("name"), release())
       .def("set_health", &Port::set_health, py::arg("service"), py::arg("serving"))
       .def("set_draining", &Port::set_draining)
       .def("wait_idle", &Port::wait_idle, py::arg("timeout_s"), release())

@@ -256,6 +256,69 @@ ParseError parse_run_request(const uint8_t* p, const uint8_t* end, const Limits&
   return {};
 }
 
+// One entry of a map<string, InferParameter> (a tensor's or requested output's
+// parameters): the shared-memory ones are read into `ref`, any other is noted.
+static bool read_parameter(const uint8_t* p, const uint8_t* end, SharedRef& ref) {
+  Span key;
+  const uint8_t* value = nullptr;
+  uint64_t value_len = 0;
+  while (p < end) {
+    uint64_t tag;
+    if (!read_tag(p, end, tag)) return false;
+    uint64_t f = tag >> 3, wt = tag & 7;
+    const uint8_t* body;
+    uint64_t len;
+    if ((f == 1 || f == 2) && wt == kBytes) {
+      if (!read_bytes(p, end, body, len)) return false;
+      if (f == 1) key = {body, len};
+      else value = body, value_len = len;
+    } else if (!skip_field(p, end, wt)) {
+      return false;
+    }
+  }
+  std::string name = key.str();
+  bool is_region = name == "shared_memory_region";
+  bool is_size = name == "shared_memory_byte_size", is_offset = name == "shared_memory_offset";
+  if (!is_region && !is_size && !is_offset) {
+    ref.other = true;
+    return true;
+  }
+  // The InferParameter: a string for the region, an integer (int64 or uint64) otherwise.
+  uint64_t kind = 0, number = 0;
+  Span text;
+  const uint8_t* q = value;
+  const uint8_t* stop = value ? value + value_len : nullptr;
+  while (q && q < stop) {
+    uint64_t tag;
+    if (!read_tag(q, stop, tag)) return false;
+    uint64_t f = tag >> 3, wt = tag & 7;
+    if (f == 3 && wt == kBytes) {
+      const uint8_t* body;
+      uint64_t len;
+      if (!read_bytes(q, stop, body, len)) return false;
+      text = {body, len};
+      kind = 3;
+    } else if ((f == 2 || f == 5) && wt == kVarint) {
+      if (!read_varint(q, stop, number)) return false;
+      kind = f;
+    } else {
+      if (!skip_field(q, stop, wt)) return false;
+      kind = f;
+    }
+  }
+  if (is_region) {
+    if (kind != 3 || text.size == 0) ref.malformed = true;
+    ref.region = text;
+  } else if (kind != 2 && kind != 5) {
+    ref.malformed = true;
+  } else if (int64_t(number) < 0) {
+    ref.malformed = true;  // negative, or past int64's range
+  } else {
+    (is_size ? ref.byte_size : ref.offset) = int64_t(number);
+  }
+  return true;
+}
+
 ParseError parse_infer_request(const uint8_t* p, const uint8_t* end, const Limits& limits,
                                InferRequest& out) {
   int64_t fields = 0, parameters = 0, outputs = 0;
@@ -289,10 +352,33 @@ ParseError parse_infer_request(const uint8_t* p, const uint8_t* end, const Limit
         if (++parameters > limits.max_inputs) return bound("parameters");
         out.plain = false;
         break;
-      case 6:  // requested outputs: Python's to serve
+      case 6: {  // a requested output: its name, and where its bytes go
         if (++outputs > limits.max_inputs) return bound("requested outputs");
-        out.plain = false;
+        RequestedOutput& o = out.outputs.emplace_back();
+        const uint8_t* q = body;
+        const uint8_t* stop = body + len;
+        int64_t ofields = 0;
+        while (q < stop) {
+          uint64_t otag;
+          if (!read_tag(q, stop, otag)) return {kMalformed};
+          uint64_t of = otag >> 3, owt = otag & 7;
+          const uint8_t* b2;
+          uint64_t l2;
+          if (++ofields > kMaxFields) {
+            return {"a requested output has more than " + std::to_string(kMaxFields) +
+                    " fields (names, parameters, unknown fields), the limit"};
+          }
+          if ((of == 1 || of == 2) && owt == kBytes) {
+            if (!read_bytes(q, stop, b2, l2)) return {kMalformed};
+            if (of == 1) o.name.assign(reinterpret_cast<const char*>(b2), l2);
+            else if (!read_parameter(b2, b2 + l2, o.shared)) return {kMalformed};
+          } else if (!skip_counted(q, stop, otag, ofields)) {
+            return {kMalformed};
+          }
+        }
+        if (o.shared.other || o.shared.malformed) out.plain = false;
         break;
+      }
       case 7:
         if (int64_t(out.raw.size()) >= limits.max_inputs) return bound("raw_input_contents entries");
         out.raw.push_back(span);
@@ -321,7 +407,8 @@ ParseError parse_infer_request(const uint8_t* p, const uint8_t* end, const Limit
                       " parameters, the limit (max_inputs)", index};
             }
             t.has_parameters = true;
-            if (!skip_field(body, stop, twt)) return {kMalformed};
+            if (!read_bytes(body, stop, b2, l2)) return {kMalformed};
+            if (!read_parameter(b2, b2 + l2, t.shared)) return {kMalformed};
             continue;
           }
           if (++tfields > kMaxFields) {
@@ -338,7 +425,7 @@ ParseError parse_infer_request(const uint8_t* p, const uint8_t* end, const Limit
             return {kMalformed};
           }
         }
-        if (t.has_parameters || t.has_contents) out.plain = false;
+        if (t.has_contents || t.shared.other || t.shared.malformed) out.plain = false;
         break;
       }
     }

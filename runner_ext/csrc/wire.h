@@ -46,6 +46,17 @@ struct Span {
   std::string str() const { return {reinterpret_cast<const char*>(data), size_t(size)}; }
 };
 
+// OIP's shared-memory parameters of a tensor: its bytes lie in a registered region
+// (shared_memory_region), at shared_memory_offset, shared_memory_byte_size of them.
+struct SharedRef {
+  Span region;             // empty: the tensor's bytes travel in the message
+  int64_t byte_size = -1;  // -1: not given
+  int64_t offset = 0;
+  bool other = false;      // any other parameter (the hot path leaves those to Python)
+  bool malformed = false;  // a shared-memory parameter of the wrong kind or value
+  bool used() const { return region.size > 0 || byte_size >= 0 || offset != 0; }
+};
+
 // A tensor as it arrived: element type, shape, a view of its bytes.
 struct WireTensor {
   int64_t rank = 0;        // shape entries sent (shape keeps max_rank of them)
@@ -56,6 +67,13 @@ struct WireTensor {
   Span data;
   bool has_contents = false;     // OIP typed contents
   bool has_parameters = false;   // OIP per-tensor parameters
+  SharedRef shared;              // OIP shared-memory parameters
+};
+
+// An OIP requested output: which, and where its bytes go (shared memory, or the reply).
+struct RequestedOutput {
+  std::string name;
+  SharedRef shared;
 };
 
 // What a parser refused: `detail`, about input `input` (-1: the message as a whole),
@@ -82,11 +100,12 @@ ParseError parse_run_request(const uint8_t* p, const uint8_t* end, const Limits&
 
 // inference.ModelInferRequest, the parts the hot path serves. `plain` is false when
 // the request uses anything the hot path leaves to the full implementation: request
-// or tensor parameters, typed contents, requested outputs.
+// parameters, tensor parameters other than shared memory's, typed contents.
 struct InferRequest {
   Span model_name, model_version, id;
   std::vector<WireTensor> inputs;
   std::vector<Span> raw;
+  std::vector<RequestedOutput> outputs;
   bool plain = true;
 };
 ParseError parse_infer_request(const uint8_t* p, const uint8_t* end, const Limits& limits,
