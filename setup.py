@@ -72,6 +72,7 @@ def make_extension():
         "control_queue",
         "bridge",
         "health",
+        "batcher",
         "port",
         "port_bindings",
     )

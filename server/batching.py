@@ -1,4 +1,6 @@
-"""Dynamic batching: concurrent runs of one model coalesced into one run.
+"""Dynamic batching: concurrent runs of one model coalesced into one run, for the models
+the port's hot path leaves to Python (XPU/MPS); the port batches the runs it answers
+itself, in C++ with the same policy (runner_ext/csrc/batcher.cpp).
 
 Off by default (``--batch-max-size``, or ``batch_max_size`` in a model's
 config file). Only for models whose every input and output has a dynamic

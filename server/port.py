@@ -107,8 +107,6 @@ class Port:
     @staticmethod
     def why_not(model: ServedModel) -> str | None:
         """Why the hot path leaves ``model``'s runs to Python (None: it takes them)."""
-        if model.batcher is not None:
-            return "dynamic batching is on"
         for replica in model.replicas:
             if replica.pool.device.type not in ("cpu", "cuda"):
                 return f"placed on {replica.pool.device}"
@@ -139,8 +137,15 @@ class Port:
             )
             for r in model.replicas
         ]
+        batcher = model.batcher  # its settings; the port batches the runs it answers
         self._server.add_model(
-            model.name, inputs, [s.name for s in model.outputs], replicas, model.weights.active.id
+            model.name,
+            inputs,
+            [s.name for s in model.outputs],
+            replicas,
+            model.weights.active.id,
+            batcher.max_size if batcher is not None else 0,
+            batcher.max_delay_s if batcher is not None else 0.0,
         )
         if warm:
             self._warm(model)

@@ -51,11 +51,10 @@ def test_in_flight_queued_and_batch_size_with_dynamic_batching(server_factory):
     second joined the first's batch), then one run of 4 rows."""
     s = server_factory(["mlp"], runners_per_model=1, batch_max_size=8, batch_max_delay_us=1000)
     model = s.app.registry.get("mlp")
-    assert s.app.port_server.why_not(model) == "dynamic batching is on"  # the Python path
-    pool, slot = s.app.pools["cpu"], model.replicas[0].slot
+    assert s.app.port_server.why_not(model) is None  # batched by the port's hot path
     x = model_zoo.MODELS["mlp"].inputs(2)
     m = s.app.metrics
-    with pool.admit(slot):  # hold the model's only runner
+    with s.app.port_server.holding_a_runner("mlp"):  # hold the model's only runner
         first = s.stub.Run.future(wire.run_request("mlp", x))
         wait_for(lambda: load(s) == (1, 1), what="the first request queued")
         second = s.stub.Run.future(wire.run_request("mlp", x))

@@ -741,15 +741,9 @@ grpc::Status Port::shared_bytes(const wire::SharedRef& ref, int64_t want, const 
 
 // The hot path ----------------------------------------------------------------------
 
-grpc::Status Port::execute(const Caller& caller, PortModel& model,
-                           std::vector<at::Tensor>& inputs, std::vector<at::Tensor>& outputs,
-                           std::string& version) {
+grpc::Status Port::execute(const Caller& caller, PortModel& model, const GetInputs& get,
+                           std::vector<at::Tensor>& outputs, std::string& version) {
   auto queued_at = Clock::now();
-  struct InFlight {  // aotiserve_model_in_flight_requests, however this returns
-    ModelLoad* l;
-    explicit InFlight(ModelLoad* load) : l(load) { if (l) l->in_flight.fetch_add(1); }
-    ~InFlight() { if (l) l->in_flight.fetch_sub(1); }
-  } in_flight(model.load);
   PortReplica* replica = nullptr;
   {
     std::unique_lock<std::mutex> lock(model.admit);
@@ -803,6 +797,8 @@ grpc::Status Port::execute(const Caller& caller, PortModel& model,
   double queued = since(queued_at);
   grpc::Status status = grpc::Status::OK;
   Clock::time_point started;
+  double computed = 0;
+  int64_t rows = 0;
   {
     std::shared_lock<std::shared_mutex> weights(model.weights);
     bool closed;
@@ -816,7 +812,10 @@ grpc::Status Port::execute(const Caller& caller, PortModel& model,
       version = model.version;
       started = Clock::now();
       try {
+        std::vector<at::Tensor> inputs = get();
         outputs = replica->run(inputs);
+        computed = since(started);
+        if (model.batcher && !inputs.empty() && inputs[0].dim()) rows = inputs[0].size(0);
       } catch (const c10::ValueError& e) {
         status = invalid("model '" + model.name + "' rejected the inputs: " +
                          e.what_without_backtrace());
@@ -840,7 +839,9 @@ grpc::Status Port::execute(const Caller& caller, PortModel& model,
     --replica->pool->running;
   }
   model.freed.notify_one();
-  if (status.ok() && replica->stats) replica->stats->record(queued, since(started));
+  if (status.ok() && replica->stats) replica->stats->record(queued, computed);
+  // Dynamic batching's runs by rows, with the same time (OIP ModelStatistics' batch_stats).
+  if (status.ok() && rows > 0) stats_->batch(model.name, rows)->record(computed);
   return status;
 }
 
@@ -1149,7 +1150,23 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
 
   std::vector<at::Tensor> outputs;
   std::string version;
-  grpc::Status status = execute(caller, *model, inputs, outputs, version);
+  grpc::Status status;
+  struct InFlight {  // aotiserve_model_in_flight_requests, however this returns
+    ModelLoad* l;
+    explicit InFlight(ModelLoad* load) : l(load) { if (l) l->in_flight.fetch_add(1); }
+    ~InFlight() { if (l) l->in_flight.fetch_sub(1); }
+  } in_flight_here(model->load);
+  if (model->batcher) {
+    PortModel& m = *model;
+    BatchExecute run = [&](const GetInputs& get, std::vector<at::Tensor>& outs,
+                           std::string& ver) { return execute(caller, m, get, outs, ver); };
+    status = m.batcher->run(
+        std::move(inputs), run,
+        [&m] { return m.load && m.load->in_flight.load(std::memory_order_relaxed) > 1; }, outputs,
+        version);
+  } else {
+    status = execute(caller, *model, [&inputs] { return std::move(inputs); }, outputs, version);
+  }
   inputs.clear();
   if (!status.ok()) return done(status);
 

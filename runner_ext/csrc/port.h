@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "batcher.h"
 #include "bridge.h"
 #include "health.h"
 #include "port_stats.h"
@@ -76,6 +77,7 @@ struct PortModel {
   std::vector<std::string> outputs;
   std::vector<PortReplica> replicas;
   bool on_gpu = false;  // a replica is on a GPU: large requests are joined into pinned memory
+  std::unique_ptr<Batcher> batcher;  // dynamic batching (null: off)
   MethodSeries* run_stats = nullptr;
   MethodSeries* infer_stats = nullptr;
   ModelLoad* load = nullptr;  // requests in flight and queued now (metrics)
@@ -171,7 +173,10 @@ class Port {
   // shared_memory_byte_size, for an output), or INVALID_ARGUMENT naming what is wrong.
   grpc::Status shared_bytes(const wire::SharedRef& ref, int64_t want, const std::string& what,
                             at::Tensor& out);
-  grpc::Status execute(const Caller& caller, PortModel& model, std::vector<at::Tensor>& inputs,
+  // One run on the least-loaded replica: admission (queue bound, deadline, cancel), the
+  // weights lock, the runner; `get` gives the inputs once a runner is held (a batch
+  // closes then).
+  grpc::Status execute(const Caller& caller, PortModel& model, const GetInputs& get,
                        std::vector<at::Tensor>& outputs, std::string& version);
 
   PortConfig config_;
