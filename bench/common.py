@@ -260,6 +260,18 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def print_ways(p50: dict[str, list[float]], base: str, digits: int = 1) -> None:
+    """One line per way: the median of its rounds, its ratio to way ``base``, the rounds."""
+    ref = statistics.median(p50[base])
+    width = max(len(name) for name in p50)
+    for name, values in p50.items():
+        med = statistics.median(values)
+        print(
+            f"  {name:{width}} {med:9.{digits}f}  ({med / ref:.3f}x {base})  rounds "
+            f"{[round(v, digits) for v in values]}"
+        )
+
+
 def median_of(values):
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None

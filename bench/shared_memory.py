@@ -22,7 +22,7 @@ import uuid
 import numpy as np
 
 from . import procs
-from .common import packages
+from .common import packages, print_ways
 
 
 def main() -> None:
@@ -90,18 +90,12 @@ def main() -> None:
                 shm.destroy_shared_memory_region(h)
             client.close()
             server.stop()
-    base = statistics.median(p50["payload"])
     mib = nbytes / 2**20
     print(
         f"{mib:.0f} MiB in + {mib:.0f} MiB out, tritonclient, p50 ms (median of "
         f"{args.rounds} rounds x {args.n} calls):"
     )
-    for name, values in p50.items():
-        med = statistics.median(values)
-        print(
-            f"  {name:11} {med:8.2f}  ({med / base:.3f}x payload)  rounds "
-            f"{[round(v, 1) for v in values]}"
-        )
+    print_ways(p50, "payload", digits=2)
 
 
 if __name__ == "__main__":

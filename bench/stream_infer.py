@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from . import procs
-from .common import packages
+from .common import packages, print_ways
 
 
 def main() -> None:
@@ -76,14 +76,8 @@ def main() -> None:
     finally:
         channel.close()
         server.stop()
-    base = statistics.median(p50["ModelInfer"])
     print(f"tiny mlp, one client, sequential, p50 µs (median of {args.rounds} rounds x {args.n}):")
-    for name, values in p50.items():
-        med = statistics.median(values)
-        print(
-            f"  {name:17} {med:8.1f}  ({med / base:.2f}x ModelInfer)  rounds "
-            f"{[round(v) for v in values]}"
-        )
+    print_ways(p50, "ModelInfer")
 
 
 if __name__ == "__main__":

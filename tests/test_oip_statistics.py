@@ -12,21 +12,13 @@ Like test_oip.py this module needs tritonclient in a process that never imported
 from __future__ import annotations
 
 import re
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
-if "aotiserve.oip.inference_pb2" in sys.modules:
-    pytest.skip(
-        "another test module of this session imported aotiserve.oip, which excludes "
-        "tritonclient from this process; test_oip_isolated.py runs this module in a "
-        "fresh interpreter instead",
-        allow_module_level=True,
-    )
+import triton_helpers  # noqa: F401  (first: skips this module where tritonclient cannot load)
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 import model_zoo  # noqa: E402

@@ -1,15 +1,31 @@
 """Helpers for tests that drive the daemon with tritonclient (test_oip*.py): zoo models'
 inputs as tritonclient InferInputs, outputs checked against eager, status names.
 
-Import only from modules that may import tritonclient (see test_oip.py's docstring)."""
+Importing it skips the importing test module where this session already imported
+``aotiserve.oip``, whose ``inference.*`` messages exclude tritonclient's from the process
+(see test_oip.py's docstring; test_oip_isolated.py runs the OIP suites in a fresh
+interpreter then). Import it before tritonclient."""
 
 from __future__ import annotations
 
-import grpc
-import model_zoo
-import numpy as np
-import torch
-import tritonclient.grpc as tritonclient_grpc
+import sys
+
+import pytest
+
+if "aotiserve.oip.inference_pb2" in sys.modules:
+    pytest.skip(
+        "another test module of this session imported aotiserve.oip, which excludes "
+        "tritonclient from this process; test_oip_isolated.py runs the OIP suites in a "
+        "fresh interpreter instead",
+        allow_module_level=True,
+    )
+
+import grpc  # noqa: E402
+import model_zoo  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 
 
 def io_specs(name: str) -> tuple[list[dict], list[dict]]:
