@@ -27,8 +27,8 @@ cudashm = pytest.importorskip("tritonclient.utils.cuda_shared_memory")
 import model_zoo  # noqa: E402
 from server_harness import start_daemon  # noqa: E402
 from torch.export import Dim  # noqa: E402
-from triton_helpers import code_of  # noqa: E402
-from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
+from triton_helpers import client_fixtures, code_of  # noqa: E402
+from tritonclient.grpc import service_pb2  # noqa: E402
 
 from aotiserve.server.packaging import pack  # noqa: E402
 
@@ -51,12 +51,7 @@ def daemon(tmp_path_factory):
     d.proc.wait(30)
 
 
-@pytest.fixture(scope="module")
-def client(daemon):
-    c = tritonclient_grpc.InferenceServerClient(daemon)
-    yield c
-    c.unregister_cuda_shared_memory()
-    c.close()
+client, stub = client_fixtures()
 
 
 def _region(name: str, nbytes: int):
@@ -89,9 +84,7 @@ def test_input_and_output_in_cuda_shared_memory(client):
         cudashm.destroy_shared_memory_region(cout)
 
 
-def test_bad_cuda_regions_are_invalid_argument(client, daemon):
-    channel = grpc.insecure_channel(daemon)
-    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+def test_bad_cuda_regions_are_invalid_argument(client, stub):
     region = _region("bad", 4096)
     handle = cudashm.get_raw_handle(region)
 
@@ -121,4 +114,3 @@ def test_bad_cuda_regions_are_invalid_argument(client, daemon):
         torch.testing.assert_close(got, model_zoo.eager("mlp", [x])[0], rtol=1e-4, atol=1e-4)
     finally:
         cudashm.destroy_shared_memory_region(region)
-        channel.close()

@@ -33,11 +33,12 @@ import model_zoo  # noqa: E402  (tests/ is on sys.path via conftest)
 from triton_helpers import (  # noqa: E402
     OIP,
     assert_matches_eager,
+    client_fixtures,
     code_of,
     io_specs,
     triton_inputs,
 )
-from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
+from tritonclient.grpc import service_pb2  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,19 +110,7 @@ def daemon(repository, tmp_path_factory):
             print(log_path.read_text())
 
 
-@pytest.fixture(scope="module")
-def client(daemon):
-    c = tritonclient_grpc.InferenceServerClient(daemon)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def stub(daemon):
-    """tritonclient's own generated stub, for requests its client can't build."""
-    channel = grpc.insecure_channel(daemon)
-    yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
-    channel.close()
+client, stub = client_fixtures()
 
 
 # ---------------------------------------------------------------- helpers

@@ -28,8 +28,13 @@ shm = pytest.importorskip("tritonclient.utils.shared_memory")
 import model_zoo  # noqa: E402
 from helpers import wait_for  # noqa: E402
 from server_harness import start_daemon  # noqa: E402
-from triton_helpers import assert_matches_eager, code_of, triton_inputs  # noqa: E402
-from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
+from triton_helpers import (  # noqa: E402
+    assert_matches_eager,
+    client_fixtures,
+    code_of,
+    triton_inputs,
+)
+from tritonclient.grpc import service_pb2  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 
@@ -41,18 +46,7 @@ def daemon():
     d.proc.wait(30)
 
 
-@pytest.fixture(scope="module")
-def client(daemon):
-    c = tritonclient_grpc.InferenceServerClient(daemon)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def stub(daemon):
-    channel = grpc.insecure_channel(daemon)
-    yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
-    channel.close()
+client, stub = client_fixtures()
 
 
 @pytest.fixture

@@ -28,6 +28,27 @@ import torch  # noqa: E402
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 
 
+def client_fixtures():
+    """Module-scoped ``client`` (tritonclient's) and ``stub`` (tritonclient's own generated
+    stub, for requests its client cannot build) over the module's ``daemon`` fixture (the
+    daemon's target). In a test module: ``client, stub = client_fixtures()``."""
+    from tritonclient.grpc import service_pb2_grpc
+
+    @pytest.fixture(scope="module")
+    def client(daemon):
+        c = tritonclient_grpc.InferenceServerClient(daemon)
+        yield c
+        c.close()
+
+    @pytest.fixture(scope="module")
+    def stub(daemon):
+        channel = grpc.insecure_channel(daemon)
+        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        channel.close()
+
+    return client, stub
+
+
 def io_specs(name: str) -> tuple[list[dict], list[dict]]:
     """What the model's package records: [{"name", "dtype", "shape"}] for inputs and outputs."""
     from aotiserve.runner_ext import read_package_metadata
