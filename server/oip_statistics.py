@@ -10,13 +10,15 @@ Python paths both record into and which ``/metrics`` exposes. So the two agree:
 | ``execution_count`` | runs of the model (a dynamic batch is one run) | ``aotiserve_device_requests`` |
 | ``inference_stats.queue`` | per run, the wait for a free runner | ``aotiserve_queue_seconds`` |
 | ``inference_stats.compute_infer`` | per run, the time in the runner (device copies included) | ``aotiserve_compute_seconds`` |
+| ``inference_stats.compute_input`` | per request the hot path ran, decoding and checking its inputs | |
+| ``inference_stats.compute_output`` | per request the hot path answered, encoding its outputs | |
 | ``batch_stats`` | per batch size (rows) of dynamic batching: runs, time in the runner | ``aotiserve_batch_size`` |
 | ``last_inference`` | ms since the epoch of the last inference call answered | |
 
 Inference calls are ``ModelInfer`` and the native ``Run``; each request sent on a
-``ModelStreamInfer`` stream counts as one ``ModelInfer``. ``compute_input`` and ``compute_output`` stay empty: decoding requests and
-encoding replies is not timed apart from the call (it is success minus queue minus
-compute_infer). The counts cover the model's life in this process, every weights version
+``ModelStreamInfer`` stream counts as one ``ModelInfer``. ``compute_input`` and
+``compute_output`` are measured by the C++ hot path (requests it hands to Python, e.g. with
+typed contents, are not in them). The counts cover the model's life in this process, every weights version
 together; ``version`` is the version serving now.
 """
 
@@ -45,11 +47,14 @@ class _Totals:
         "queue_ns",
         "compute_ns",
         "batches",
+        "inputs",
+        "outputs",
     )
 
     def __init__(self) -> None:
         self.ok = self.fail = self.ok_ns = self.fail_ns = self.last_ms = 0
         self.runs = self.queue_ns = self.compute_ns = 0
+        self.inputs = self.outputs = (0, 0)  # (count, ns)
         self.batches: dict[int, tuple[int, int]] = {}
 
 
@@ -72,6 +77,10 @@ def _totals(snapshot: dict, names: Iterable[str]) -> dict[str, _Totals]:
             t.runs += runs
             t.queue_ns += _ns(q_sum)
             t.compute_ns += _ns(c_sum)
+    for model, in_count, in_ns, out_count, out_ns in snapshot["io"]:
+        t = out.get(model)
+        if t is not None:
+            t.inputs, t.outputs = (in_count, in_ns), (out_count, out_ns)
     for model, size, runs, compute_ns in snapshot["batches"]:
         t = out.get(model)
         if t is not None:
@@ -113,7 +122,9 @@ def model_statistics(pb: Any, stats: Any, served: dict[str, str], name: str, ver
                     success=duration(count=t.ok, ns=t.ok_ns),
                     fail=duration(count=t.fail, ns=t.fail_ns),
                     queue=duration(count=t.runs, ns=t.queue_ns),
+                    compute_input=duration(count=t.inputs[0], ns=t.inputs[1]),
                     compute_infer=duration(count=t.runs, ns=t.compute_ns),
+                    compute_output=duration(count=t.outputs[0], ns=t.outputs[1]),
                 ),
                 batch_stats=[
                     pb.InferBatchStatistics(

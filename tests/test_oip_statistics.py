@@ -105,6 +105,10 @@ def test_counts_and_durations_match_a_known_sequence(client, daemon):
     assert i.fail.count == 2 and i.fail.ns > 0
     assert i.queue.count == n_ok and i.compute_infer.count == n_ok
     assert i.compute_infer.ns > 0
+    # Decoding and encoding tensors, timed by the hot path for each request it ran.
+    assert i.compute_input.count == n_ok and i.compute_input.ns > 0
+    assert i.compute_output.count == n_ok and i.compute_output.ns > 0
+    assert i.success.ns >= i.compute_input.ns + i.compute_infer.ns + i.compute_output.ns
     # A call's duration holds its wait and its run.
     assert i.success.ns >= i.queue.ns + i.compute_infer.ns
     assert started_ms <= s.last_inference <= int(time.time() * 1000) + 1
@@ -155,7 +159,7 @@ def test_batched_runs_have_per_batch_size_stats(client, daemon):
     assert s.execution_count < s.inference_count
     for b in batches.values():
         assert b.compute_infer.ns > 0
-        assert b.compute_input.count == b.compute_output.count == 0  # not measured apart
+        assert b.compute_input.count == b.compute_output.count == 0  # per request, not per batch
 
     text = metric_samples(daemon)
     assert sample(text, "aotiserve_batch_size_count", model="mlpb") == s.execution_count

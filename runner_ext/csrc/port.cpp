@@ -936,6 +936,7 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
     copied_bytes_.fetch_add(raw->Length(), std::memory_order_relaxed);
   }
 
+  auto decoding = Clock::now();  // compute_input: from here to the run (queue aside)
   // Parse with bounds; anything the hot path does not serve goes to Python.
   std::shared_ptr<PortModel> model;
   wire::RunRequest run_req;
@@ -1148,6 +1149,7 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
     }
   }
 
+  if (model->load) model->load->record_input(since(decoding));
   std::vector<at::Tensor> outputs;
   std::string version;
   grpc::Status status;
@@ -1171,6 +1173,7 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
   if (!status.ok()) return done(status);
 
   // The reply, framed by hand around the outputs' bytes.
+  auto encoding = Clock::now();  // compute_output: from here to the reply's bytes
   ReplyWriter out(copied_bytes_);
   if (infer) {
     auto& p = out.pending();
@@ -1254,6 +1257,7 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
     wire::put_string(out.pending(), 2, version);
   }
   *resp = out.done();
+  if (model->load) model->load->record_output(since(encoding));
   if (caller.ctx) caller.ctx->AddTrailingMetadata(kTrailer, version);
   return done(grpc::Status::OK);
 }

@@ -151,6 +151,7 @@ void bind_port(py::module_& m) {
              out["outcomes"] = s.outcomes;
              out["batches"] = s.batches;
              out["load"] = s.load;
+             out["io"] = s.io;
              py::dict hot;
              hot["Run"] = s.hot_run;
              hot["ModelInfer"] = s.hot_infer;

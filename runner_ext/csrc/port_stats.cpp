@@ -72,6 +72,16 @@ BatchSeries* Stats::batch(const std::string& model, int64_t rows) {
   return slot.get();
 }
 
+void ModelLoad::record_input(double seconds) {
+  input_count.fetch_add(1, std::memory_order_relaxed);
+  input_ns.fetch_add(uint64_t(std::max(0.0, seconds) * 1e9), std::memory_order_relaxed);
+}
+
+void ModelLoad::record_output(double seconds) {
+  output_count.fetch_add(1, std::memory_order_relaxed);
+  output_ns.fetch_add(uint64_t(std::max(0.0, seconds) * 1e9), std::memory_order_relaxed);
+}
+
 ModelLoad* Stats::load(const std::string& model) {
   std::lock_guard<std::mutex> lock(mu_);
   auto& slot = load_[model];
@@ -95,7 +105,11 @@ Stats::Snapshot Stats::snapshot() {
   for (const auto& [key, b] : batches_) {
     s.batches.emplace_back(key.first, key.second, b->runs.load(), b->compute_ns.load());
   }
-  for (const auto& [model, l] : load_) s.load[model] = {l->in_flight.load(), l->queued.load()};
+  for (const auto& [model, l] : load_) {
+    s.load[model] = {l->in_flight.load(), l->queued.load()};
+    s.io.emplace_back(model, l->input_count.load(), l->input_ns.load(), l->output_count.load(),
+                      l->output_ns.load());
+  }
   for (const auto& [key, d] : devices_) {
     s.devices.emplace_back(key.first, key.second, d->queue.cumulative(), d->queue.sum(),
                            d->compute.cumulative(), d->compute.sum(),

@@ -46,9 +46,14 @@ struct BatchSeries {
 };
 
 // One model's load now: inference requests admitted to run (waiting for a runner or
-// running), and runs waiting for a runner.
+// running), and runs waiting for a runner. And the time the hot path spends on its
+// requests' tensors: decoding and checking the inputs before the run, encoding the outputs
+// after it (OIP ModelStatistics' compute_input and compute_output), per request.
 struct ModelLoad {
   std::atomic<int64_t> in_flight{0}, queued{0};
+  std::atomic<uint64_t> input_count{0}, input_ns{0}, output_count{0}, output_ns{0};
+  void record_input(double seconds);
+  void record_output(double seconds);
 };
 
 // One (model, device): time queued for a runner, time in the runner, runs.
@@ -83,6 +88,8 @@ class Stats {
     // (model, rows, runs, compute_ns)
     std::vector<std::tuple<std::string, int64_t, uint64_t, uint64_t>> batches;
     std::map<std::string, std::pair<int64_t, int64_t>> load;  // model -> (in flight, queued)
+    // (model, input count, input ns, output count, output ns)
+    std::vector<std::tuple<std::string, uint64_t, uint64_t, uint64_t, uint64_t>> io;
     uint64_t hot_run = 0, hot_infer = 0;
   };
   Snapshot snapshot();
