@@ -40,9 +40,9 @@ from .dataplane import DataPlane
 from .errors import InvalidArgument, NotFound, Unimplemented
 from .interceptors import call_deadline
 from .io_specs import IOSpec
-from .model_repository import repository_models
-from .model_types import ModelState
 from .oip_codec import SERVICE_NAME
+from .oip_regions import SharedMemoryRpcs
+from .oip_repository import RepositoryRpcs
 from .served_model import ServedModel
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,9 @@ EXTENSIONS = (
 # ---------------------------------------------------------------- the servicer
 
 
-class OipServicer:
-    """One method per RPC of ``inference.GRPCInferenceService``."""
+class OipServicer(RepositoryRpcs, SharedMemoryRpcs):
+    """One method per RPC of ``inference.GRPCInferenceService`` (the model repository's and
+    shared memory's in their own modules)."""
 
     def __init__(self, plane: DataPlane, config: ServeConfig):
         self.plane = plane
@@ -280,96 +281,6 @@ class OipServicer:
             dest = self.plane.shared_memory.tensor_bytes(out.parameters, what, None)
             selected.append((i, dest, out))
         return selected
-
-    # Shared memory ---------------------------------------------------------------
-
-    def SystemSharedMemoryRegister(self, request, context):
-        self.plane.shared_memory.register_system(
-            request.name, request.key, request.offset, request.byte_size, context.peer()
-        )
-        return self.pb.SystemSharedMemoryRegisterResponse()
-
-    def SystemSharedMemoryStatus(self, request, context):
-        response = self.pb.SystemSharedMemoryStatusResponse()
-        for r in self.plane.shared_memory.status("system", request.name):
-            response.regions[r.name].CopyFrom(
-                response.RegionStatus(
-                    name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size
-                )
-            )
-        return response
-
-    def SystemSharedMemoryUnregister(self, request, context):
-        self.plane.shared_memory.unregister("system", request.name)
-        return self.pb.SystemSharedMemoryUnregisterResponse()
-
-    def CudaSharedMemoryRegister(self, request, context):
-        self.plane.shared_memory.register_cuda(
-            request.name, request.raw_handle, request.device_id, request.byte_size, context.peer()
-        )
-        return self.pb.CudaSharedMemoryRegisterResponse()
-
-    def CudaSharedMemoryStatus(self, request, context):
-        response = self.pb.CudaSharedMemoryStatusResponse()
-        for r in self.plane.shared_memory.status("cuda", request.name):
-            response.regions[r.name].CopyFrom(
-                response.RegionStatus(name=r.name, device_id=r.device_id, byte_size=r.byte_size)
-            )
-        return response
-
-    def CudaSharedMemoryUnregister(self, request, context):
-        self.plane.shared_memory.unregister("cuda", request.name)
-        return self.pb.CudaSharedMemoryUnregisterResponse()
-
-    # Model repository ----------------------------------------------------------
-
-    def RepositoryIndex(self, request, context):
-        entry = self.pb.RepositoryIndexResponse.ModelIndex
-        loaded = {m.name: m for m in self.plane.list_models()}
-        models = []
-        for name in sorted(set(loaded) | set(self._repository_names())):
-            info = loaded.get(name)
-            if info is None:
-                models.append(entry(name=name, state="UNAVAILABLE", reason="unloaded"))
-                continue
-            state = {
-                ModelState.READY: "READY",
-                ModelState.LOADING: "LOADING",
-                ModelState.UNLOADING: "UNLOADING",
-            }.get(info.state, "UNAVAILABLE")
-            models.append(
-                entry(
-                    name=name,
-                    state=state,
-                    reason=info.error,
-                    version=info.active_version.id if info.active_version else "",
-                )
-            )
-        if request.ready:
-            models = [m for m in models if m.state == "READY"]
-        return self.pb.RepositoryIndexResponse(models=models)
-
-    def RepositoryModelLoad(self, request, context):
-        name = request.model_name
-        for key in request.parameters:
-            if key == "config" or key.startswith("file:"):
-                raise Unimplemented(
-                    f"RepositoryModelLoad: the {key!r} parameter is not "
-                    "supported; put the package in the model repository"
-                )
-        if self.plane.model_ready(name):
-            return self.pb.RepositoryModelLoadResponse()  # already serving: nothing to do
-        self.plane.load_from_repository(name)
-        return self.pb.RepositoryModelLoadResponse()
-
-    def RepositoryModelUnload(self, request, context):
-        self.plane.unload_model(request.model_name)
-        return self.pb.RepositoryModelUnloadResponse()
-
-    def _repository_names(self) -> list[str]:
-        if self.repository is None or not self.repository.is_dir():
-            return []
-        return list(repository_models(self.repository))
 
     # Statistics --------------------------------------------------------------
 
