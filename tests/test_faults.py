@@ -504,3 +504,78 @@ def _from_first_error(log: str) -> str:
     """The daemon's log from its first ERROR line on (its traceback names the cause)."""
     at = log.find(" ERROR ")
     return log[max(0, log.rfind("\n", 0, at)) : at + 6000] if at >= 0 else log[-6000:]
+
+
+@pytest.mark.slow
+def test_batched_runs_racing_unloads_loads_and_swaps_never_crash(tmp_path):
+    """Dynamic batching on the port: 6 clients send one- and two-row Runs while another
+    thread unloads, reloads and swaps the model (in a daemon process); every answer is
+    either exactly the caller's rows under one of the two weight sets, or UNAVAILABLE /
+    NOT_FOUND, and the daemon lives."""
+    (tmp_path / "models").mkdir()
+    pkg = tmp_path / "models" / "batched.pt2"
+    shutil.copy(model_zoo.compiled("mlp"), pkg)
+    d = start_daemon(
+        ["mlp"],
+        [
+            "--model-root",
+            str(tmp_path / "models"),
+            "--batch-max-size",
+            "8",
+            "--batch-max-delay-us",
+            "2000",
+            "--runners-per-model",
+            "1",
+        ],
+    )
+    channel, stub = _daemon_stub(d)
+    load = pb.LoadModelRequest(name="batched", path=str(pkg))
+    stub.LoadModel(load)
+    weights = new_weights("mlp", 1.5)
+    # Inputs and answers made up front: the zoo seeds torch's global generator.
+    cases = [model_zoo.MODELS["mlp"].inputs(1 + i % 2, seed=i) for i in range(16)]
+    wants = [(model_zoo.eager("mlp", x), eager_with("mlp", weights, x)) for x in cases]
+    stop = time.monotonic() + float(os.environ.get("FAULT_S", "8"))
+    bad: list = []
+    answered = [0]
+
+    def client(seed: int) -> None:
+        i = seed
+        while time.monotonic() < stop and not bad:
+            i = (i + 1) % len(cases)
+            try:
+                out = wire.outputs(stub.Run(wire.run_request("batched", cases[i]), timeout=60))
+            except grpc.RpcError as e:
+                if e.code() not in (CODE.UNAVAILABLE, CODE.NOT_FOUND):
+                    bad.append((e.code(), e.details()))
+                continue
+            if not (wire.close(out, wants[i][0]) or wire.close(out, wants[i][1])):
+                bad.append(("wrong rows", seed, i))
+            answered[0] += 1
+
+    def admin() -> None:
+        while time.monotonic() < stop and not bad:
+            try:
+                stub.UpdateConstantBuffer(
+                    wire.upload_requests("batched", weights, validate_full=True), timeout=60
+                )
+                stub.SwapConstantBuffer(pb.SwapConstantBufferRequest(model="batched"), timeout=60)
+                stub.UnloadModel(pb.UnloadModelRequest(name="batched"), timeout=60)
+                stub.LoadModel(load, timeout=60)
+            except grpc.RpcError as e:
+                if e.code() not in (CODE.UNAVAILABLE, CODE.NOT_FOUND, CODE.FAILED_PRECONDITION):
+                    bad.append((e.code(), e.details()))
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        threads.append(threading.Thread(target=admin))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert d.proc.poll() is None, d.log()[-3000:]
+        assert not bad, (bad[:5], _from_first_error(d.log()))
+        assert answered[0] > 0
+    finally:
+        channel.close()
+        d.proc.kill()
