@@ -395,13 +395,7 @@ def test_concurrent_weight_ops_loads_and_unloads_never_crash(tmp_path):
             seen[(op, code)] = seen.get((op, code), 0) + 1
 
     try:
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert d.proc.poll() is None, d.log()[-3000:]
-        assert not bad, (bad[:5], _from_first_error(d.log()))
+        _race(d, bad, [threading.Thread(target=worker, args=(i,)) for i in range(4)])
         assert seen.get(("swap", CODE.OK)) and seen.get(("unload", CODE.OK)), seen
         assert wire.close(
             wire.outputs(stub.Run(wire.run_request("mlp", x))), model_zoo.eager("mlp", x)
@@ -500,6 +494,17 @@ def test_client_cancels_an_oip_infer_stream(server_factory):
     assert oip.ModelInfer(req).outputs
 
 
+def _race(d, bad: list, threads: list[threading.Thread]) -> None:
+    """Runs ``threads`` to their end against daemon ``d``: it must live, and nothing may have
+    been added to ``bad``."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert d.proc.poll() is None, d.log()[-3000:]
+    assert not bad, (bad[:5], _from_first_error(d.log()))
+
+
 def _from_first_error(log: str) -> str:
     """The daemon's log from its first ERROR line on (its traceback names the cause)."""
     at = log.find(" ERROR ")
@@ -567,14 +572,8 @@ def test_batched_runs_racing_unloads_loads_and_swaps_never_crash(tmp_path):
                     bad.append((e.code(), e.details()))
 
     try:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
-        threads.append(threading.Thread(target=admin))
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert d.proc.poll() is None, d.log()[-3000:]
-        assert not bad, (bad[:5], _from_first_error(d.log()))
+        clients = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        _race(d, bad, [*clients, threading.Thread(target=admin)])
         assert answered[0] > 0
     finally:
         channel.close()
