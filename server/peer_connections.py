@@ -45,10 +45,10 @@ def is_local(peer: str) -> bool:
     return a is not None and is_loopback_host(a[0])
 
 
-def established(root: str = "/proc/net") -> set[Address] | None:
-    """The remote ends of every established TCP connection of this network namespace
-    (the daemon's accepted connections among them); None where /proc cannot tell."""
-    found: set[Address] = set()
+def _sockets(root: str) -> list[list[str]] | None:
+    """The established TCP sockets of this network namespace, as /proc/net/tcp{,6} columns
+    (1: local address, 2: remote, 7: owner's uid); None where /proc cannot tell."""
+    rows: list[list[str]] = []
     read_any = False
     for name in ("tcp", "tcp6"):
         try:
@@ -56,14 +56,32 @@ def established(root: str = "/proc/net") -> set[Address] | None:
         except OSError:
             continue
         read_any = True
-        for line in lines:
-            cols = line.split()
-            if len(cols) < 4 or cols[3] != _ESTABLISHED:
-                continue
-            remote = _proc_address(cols[2])
-            if remote is not None:
-                found.add(remote)
-    return found if read_any else None
+        rows += [c for c in (line.split() for line in lines) if len(c) > 3 and c[3] == _ESTABLISHED]
+    return rows if read_any else None
+
+
+def established(root: str = "/proc/net") -> set[Address] | None:
+    """The remote ends of every established TCP connection of this network namespace
+    (the daemon's accepted connections among them); None where /proc cannot tell."""
+    rows = _sockets(root)
+    if rows is None:
+        return None
+    return {a for a in (_proc_address(c[2]) for c in rows) if a is not None}
+
+
+def peer_uid(peer: str, root: str = "/proc/net") -> int | None:
+    """The user owning a TCP peer's socket, where that socket is in this network namespace
+    (a client on this host, not in another container); None where it cannot be told."""
+    want = address(peer)
+    if want is None:
+        return None
+    for c in _sockets(root) or ():
+        if len(c) > 7 and _proc_address(c[1]) == want:
+            try:
+                return int(c[7])
+            except ValueError:
+                return None
+    return None
 
 
 def _proc_address(text: str) -> Address | None:

@@ -8,10 +8,11 @@ it, so an unregister during a request unmaps only once that request is done).
 
 Bounds and checks: at most ``max_regions`` regions and ``max_bytes`` mapped at once; names
 unique; a key is one ``/name`` (no path); a region must lie inside its object; a tensor's
-offset and size must lie inside its region and match its byte size. Registering needs a
-peer on this host (``shared_memory = "local"``, the default: loopback or a unix socket),
-and a region goes away with the connection that registered it (a client killed without
-unregistering leaves nothing mapped; see :meth:`SharedMemoryRegions.release_closed`).
+offset and size must lie inside its region and match its byte size; a system object must
+belong to the registering client's user where the daemon can tell it (a TCP peer in its
+network namespace; root clients excepted). Registering needs a peer on this host
+(``shared_memory = "local"``, the default: loopback or a unix socket), with the connection that registered it (a client killed without unregistering leaves nothing
+mapped; see :meth:`SharedMemoryRegions.release_closed`).
 """
 
 from __future__ import annotations
@@ -73,8 +74,12 @@ def _check_name(name: str, what: str) -> None:
         raise InvalidArgument(f"{what}: region name {name[:64]!r} is not a printable name")
 
 
-def map_system(key: str, offset: int, byte_size: int, what: str) -> torch.Tensor:
-    """Maps ``byte_size`` bytes at ``offset`` of POSIX shared-memory object ``key``."""
+def map_system(
+    key: str, offset: int, byte_size: int, what: str, owner: int | None = None
+) -> torch.Tensor:
+    """Maps ``byte_size`` bytes at ``offset`` of POSIX shared-memory object ``key``.
+    ``owner``: the registering client's uid where known; the object must then be its (root
+    clients excepted), so no client maps, through the daemon, memory it could not open."""
     if not key.startswith("/") or "/" in key[1:] or key in ("/", "/.", "/..") or len(key) > 255:
         raise InvalidArgument(
             f"{what}: shared-memory key {key[:64]!r} must be one name after a slash, e.g. '/input0'"
@@ -91,6 +96,11 @@ def map_system(key: str, offset: int, byte_size: int, what: str) -> torch.Tensor
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise InvalidArgument(f"{what}: {key!r} is not a shared-memory object")
+        if owner not in (None, 0) and st.st_uid != owner:
+            raise PermissionDenied(
+                f"{what}: {key!r} belongs to uid {st.st_uid}, not to the registering "
+                f"client (uid {owner})"
+            )
         if offset + byte_size > st.st_size:
             raise InvalidArgument(
                 f"{what}: region [{offset}, {offset + byte_size}) lies beyond the end of "
@@ -127,6 +137,7 @@ class SharedMemoryRegions:
         self._reaper: threading.Thread | None = None
         self._stopped = threading.Event()
         self._watchers: list[RegionWatcher] = []
+        self._owner: Callable[[str], int | None] = peer_connections.peer_uid
 
     def watch(self, watcher: RegionWatcher) -> None:
         """Tells ``watcher`` (the port's hot path) of every region added and removed."""
@@ -137,7 +148,7 @@ class SharedMemoryRegions:
     def register_system(self, name: str, key: str, offset: int, byte_size: int, peer: str) -> None:
         what = f"system shared-memory region {name!r}"
         self._admit("system", name, byte_size, peer, what)
-        data = map_system(key, offset, byte_size, what)
+        data = map_system(key, offset, byte_size, what, self._owner(peer))
         self._add(Region(name, "system", data, byte_size, key=key, offset=offset, peer=peer))
 
     def register_cuda(

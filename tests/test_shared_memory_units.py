@@ -147,3 +147,32 @@ def test_an_unregistered_region_stays_mapped_while_a_request_holds_it(shm_key):
     held = regions.tensor_bytes(_params(region="r", size=8), "input 'x'", 8)
     regions.unregister("system", "r")
     assert torch.equal(held, torch.arange(8, dtype=torch.uint8))
+
+
+def test_a_peers_user_is_read_from_its_socket(tmp_path):
+    head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
+    (tmp_path / "tcp").write_text(
+        head
+        # the client's side: local 127.0.0.1:40000, owned by uid 1000
+        + "   0: 0100007F:9C40 0100007F:1F90 01 00000000:00000000 00:00000000 00000000  1000 0\n"
+        # the daemon's accepted side of the same connection, owned by uid 0
+        + "   1: 0100007F:1F90 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0 0\n"
+    )
+    assert pc.peer_uid(LOCAL, str(tmp_path)) == 1000
+    assert pc.peer_uid("ipv4:127.0.0.1:40001", str(tmp_path)) is None
+    assert pc.peer_uid("unix:/run/a.sock", str(tmp_path)) is None
+
+
+def test_an_object_of_another_user_is_refused(shm_key):
+    """A client may not have the daemon map an object it does not own (root excepted)."""
+    owner = os.stat(f"/dev/shm{shm_key}").st_uid
+    regions = SharedMemoryRegions()
+    regions._owner = lambda peer: owner + 1
+    with pytest.raises(PermissionDenied, match="belongs to uid"):
+        regions.register_system("r", shm_key, 0, 8, LOCAL)
+    regions._owner = lambda peer: owner
+    regions.register_system("r", shm_key, 0, 8, LOCAL)
+    regions._owner = lambda peer: 0  # root
+    regions.register_system("s", shm_key, 0, 8, LOCAL)
+    regions._owner = lambda peer: None  # cannot tell: the object's permissions decide
+    regions.register_system("t", shm_key, 0, 8, LOCAL)
