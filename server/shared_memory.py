@@ -11,7 +11,8 @@ unique; a key is one ``/name`` (no path); a region must lie inside its object; a
 offset and size must lie inside its region and match its byte size; a system object must
 belong to the registering client's user where the daemon can tell it (a TCP peer in its
 network namespace; root clients excepted). Registering needs a peer on this host
-(``shared_memory = "local"``, the default: loopback or a unix socket), with the connection that registered it (a client killed without unregistering leaves nothing
+(``shared_memory = "local"``, the default: loopback or a unix socket), and a region goes away
+with the connection that registered it (a client killed without unregistering leaves nothing
 mapped; see :meth:`SharedMemoryRegions.release_closed`).
 """
 
