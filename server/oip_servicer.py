@@ -50,14 +50,9 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "aotiserve"
 PLATFORM = "pytorch_aoti"
 BACKEND = "aotiserve"
-EXTENSIONS = (
-    "model_repository",
-    "model_configuration",
-    "parameters",
-    "statistics",
-    "system_shared_memory",
-    "cuda_shared_memory",
-)
+# ServerMetadata's extensions, beside the shared-memory ones this daemon serves
+# (SharedMemoryRegions.extensions).
+EXTENSIONS = ("model_repository", "model_configuration", "parameters", "statistics")
 
 
 # ---------------------------------------------------------------- the servicer
@@ -94,7 +89,9 @@ class OipServicer(RepositoryRpcs, SharedMemoryRpcs):
 
     def ServerMetadata(self, request, context):
         return self.pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=self.version, extensions=EXTENSIONS
+            name=SERVER_NAME,
+            version=self.version,
+            extensions=EXTENSIONS + self.plane.shared_memory.extensions,
         )
 
     def ModelMetadata(self, request, context):

@@ -140,6 +140,15 @@ class SharedMemoryRegions:
         self._watchers: list[RegionWatcher] = []
         self._owner: Callable[[str], int | None] = peer_connections.peer_uid
 
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        """The OIP shared-memory extensions served: none when off, CUDA's on a CUDA build
+        with a GPU."""
+        if self.mode == "off":
+            return ()
+        cuda = self._open_cuda is not None and torch.cuda.is_available()
+        return ("system_shared_memory",) + (("cuda_shared_memory",) if cuda else ())
+
     def watch(self, watcher: RegionWatcher) -> None:
         """Tells ``watcher`` (the port's hot path) of every region added and removed."""
         self._watchers.append(watcher)

@@ -233,6 +233,12 @@ def test_a_killed_clients_regions_are_released(client, daemon, tmp_path):
             os.unlink("/dev/shm" + key)
 
 
+def test_server_metadata_names_the_shared_memory_extensions(client):
+    extensions = client.get_server_metadata().extensions
+    assert "system_shared_memory" in extensions
+    assert ("cuda_shared_memory" in extensions) == torch.cuda.is_available()
+
+
 def test_cuda_shared_memory_without_cuda_is_refused(stub):
     with pytest.raises(grpc.RpcError) as e:
         stub.CudaSharedMemoryRegister(
