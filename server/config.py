@@ -92,9 +92,9 @@ class ServeConfig:
     # Long-lived streams open at once, every kind together (health Watch, reflection,
     # ModelStreamInfer, weight uploads and downloads): beyond, RESOURCE_EXHAUSTED. Each
     # but Watch and ModelStreamInfer (a C++ thread of its own) holds a bridge thread while
-    # open, so this stays below grpc_workers and unary calls always find one. A stream whose client sends nothing for
-    # stream_idle_timeout_s ends (DEADLINE_EXCEEDED); a connection with no call for
-    # connection_idle_timeout_s is closed (0: never).
+    # open, so this stays below grpc_workers and unary calls always find one. A stream
+    # whose client sends nothing for stream_idle_timeout_s ends (DEADLINE_EXCEEDED); a
+    # connection with no call for connection_idle_timeout_s is closed (0: never).
     max_streams: int = 16
     stream_idle_timeout_s: float = 300.0
     connection_idle_timeout_s: float = 0.0
