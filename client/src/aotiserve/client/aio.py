@@ -15,14 +15,12 @@ import grpc.aio
 from aotiserve.client import health as _health
 from aotiserve.client.channel import (
     DEFAULT_DOWNLOAD_CHUNK_BYTES,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    ChannelConfig,
-    model_runner_stubs,
 )
 from aotiserve.client.client import (
     _RETRY_MAX_S,
     _RETRY_MIN_S,
     ProgressCallback,
+    _Connection,
     decode_outputs,
     find_model,
     weights_version_of,
@@ -30,14 +28,12 @@ from aotiserve.client.client import (
 from aotiserve.client.errors import ClientError, DeadlineExceededError, from_rpc_error
 from aotiserve.client.model_info import ModelInfo, WeightsVersion
 from aotiserve.client.tensor_codec import (
-    DEFAULT_CHUNK_BYTES,
     ConstantsAssembler,
     OutputFormat,
     RecordingIterator,
     UploadItem,
     encode_run_request,
     encode_upload,
-    resolve_format,
     upload_items,
 )
 from aotiserve.v1 import model_runner_pb2 as pb
@@ -222,7 +218,7 @@ class AsyncModel:
         return find_model(await self._client._call("ListModels", pb.ListModelsRequest()), self.name)
 
 
-class AsyncClient:
+class AsyncClient(_Connection):
     """:class:`~aotiserve.client.Client` for asyncio: same arguments, ``async`` methods.
 
     Use as ``async with AsyncClient(target) as client:`` or ``await client.close()``;
@@ -230,59 +226,7 @@ class AsyncClient:
     to the loop it was made in).
     """
 
-    def __init__(
-        self,
-        target: str = "localhost:8500",
-        *,
-        admin_token: str | None = None,
-        token: str | None = None,
-        tls: bool | None = None,
-        ca_cert: bytes | str | os.PathLike | None = None,
-        client_cert: bytes | str | os.PathLike | None = None,
-        client_key: bytes | str | os.PathLike | None = None,
-        tls_server_name: str | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        timeout: float | None = None,
-        output_format: OutputFormat = "auto",
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        options: Sequence[tuple[str, Any]] = (),
-        insecure: bool = False,
-    ) -> None:
-        self._config = ChannelConfig(
-            target=target,
-            admin_token=admin_token,
-            token=token,
-            tls=tls,
-            ca_cert=ca_cert,
-            client_cert=client_cert,
-            client_key=client_key,
-            tls_server_name=tls_server_name,
-            credentials=credentials,
-            max_message_bytes=max_message_bytes,
-            options=tuple(options),
-            insecure=insecure,
-        )
-        if chunk_bytes <= 0:
-            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-        self.timeout = timeout
-        self.output_format = resolve_format(output_format)
-        self.chunk_bytes = chunk_bytes
-        self._metadata = self._config.metadata()
-        self._metadata_of = self._config.metadata_of()
-        self._channel = self._config.open(aio=True)
-        self._stubs = model_runner_stubs(self._channel)
-        self._health_check, self._health_watch = _health.stubs(self._channel)
-
-    @property
-    def target(self) -> str:
-        return self._config.target
-
-    def __repr__(self) -> str:
-        return f"AsyncClient({self.target!r})"
-
-    def _format(self, output_format: OutputFormat | None):
-        return self.output_format if output_format is None else resolve_format(output_format)
+    _aio = True
 
     async def _call(self, rpc: str, request):
         try:

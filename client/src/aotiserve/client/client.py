@@ -303,20 +303,11 @@ class Model:
         return find_model(self._client._call("ListModels", pb.ListModelsRequest()), self.name)
 
 
-class Client:
-    """A connection to an aotiserve daemon.
+class _Connection:
+    """What :class:`Client` and :class:`~aotiserve.client.aio.AsyncClient` share: the
+    settings, the channel (``grpc.aio``'s where ``_aio``) and its stubs."""
 
-    ``target`` is ``host:port``. TLS is used when ``tls`` is true or any
-    certificate is given (``ca_cert``, and ``client_cert`` + ``client_key``
-    for mutual TLS; each bytes, PEM text or a file path). ``admin_token`` is
-    sent as ``authorization: Bearer <token>`` on mutating calls only (load,
-    unload, weight changes); ``token`` is the inference token of a daemon that
-    requires one, sent on every other call (health needs none). A token is never
-    sent in plaintext to a target other than loopback: that raises ValueError
-    unless TLS is on or ``insecure=True``. ``timeout`` (s)
-    bounds every call. Outputs are torch tensors when torch is importable,
-    numpy arrays otherwise (``output_format`` forces one).
-    """
+    _aio = False
 
     def __init__(
         self,
@@ -358,7 +349,7 @@ class Client:
         self.chunk_bytes = chunk_bytes
         self._metadata = self._config.metadata()
         self._metadata_of = self._config.metadata_of()
-        self._channel = self._config.open()
+        self._channel = self._config.open(aio=self._aio)
         self._stubs = model_runner_stubs(self._channel)
         self._health_check, self._health_watch = _health.stubs(self._channel)
 
@@ -367,12 +358,28 @@ class Client:
         return self._config.target
 
     def __repr__(self) -> str:
-        return f"Client({self.target!r})"
-
-    # ---- plumbing: every call goes through here, so every error is a ClientError
+        return f"{type(self).__name__}({self.target!r})"
 
     def _format(self, output_format: OutputFormat | None):
         return self.output_format if output_format is None else resolve_format(output_format)
+
+
+class Client(_Connection):
+    """A connection to an aotiserve daemon.
+
+    ``target`` is ``host:port``. TLS is used when ``tls`` is true or any
+    certificate is given (``ca_cert``, and ``client_cert`` + ``client_key``
+    for mutual TLS; each bytes, PEM text or a file path). ``admin_token`` is
+    sent as ``authorization: Bearer <token>`` on mutating calls only (load,
+    unload, weight changes); ``token`` is the inference token of a daemon that
+    requires one, sent on every other call (health needs none). A token is never
+    sent in plaintext to a target other than loopback: that raises ValueError
+    unless TLS is on or ``insecure=True``. ``timeout`` (s)
+    bounds every call. Outputs are torch tensors when torch is importable,
+    numpy arrays otherwise (``output_format`` forces one).
+    """
+
+    # ---- plumbing: every call goes through here, so every error is a ClientError
 
     def _call(self, rpc: str, request, *, with_call: bool = False):
         stub = getattr(self._stubs, rpc)
