@@ -3,79 +3,21 @@ throwaway CA made by the openssl command line."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
+import pki as pki_files
 import pytest
 from server_harness import running_server
 
 import aotiserve.client as ac
 from aotiserve.client import cli
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+pytestmark = pytest.mark.skipif(not pki_files.HAVE_OPENSSL, reason="needs the openssl command")
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=aotiserve-test-ca",
-        cwd=d,
-    )
-    for name, ext in (
-        ("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
-        ("client", "extendedKeyUsage=clientAuth"),
-    ):
-        _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            f"/CN={name}",
-            cwd=d,
-        )
-        (d / f"{name}.ext").write_text(ext + "\n")
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.pem",
-            "-days",
-            "2",
-            "-extfile",
-            f"{name}.ext",
-            cwd=d,
-        )
-    return d
+    return pki_files.make(tmp_path_factory.mktemp("pki"))
 
 
 def test_tls(pki, zoo):

@@ -17,12 +17,12 @@ import logging
 import re
 import shutil
 import socket
-import subprocess
 import threading
 from pathlib import Path
 
 import grpc
 import model_zoo
+import pki as pki_files
 import pytest
 import torch
 import wire
@@ -47,78 +47,13 @@ def _bearer(token: str):
 
 # ---------------------------------------------------------------- TLS
 
-needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _ca(d: Path, name: str) -> None:
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        f"{name}.key",
-        "-out",
-        f"{name}.pem",
-        "-days",
-        "2",
-        "-subj",
-        f"/CN={name}",
-        cwd=d,
-    )
-
-
-def _leaf(d: Path, name: str, ca: str, ext: str) -> None:
-    _openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        f"{name}.key",
-        "-out",
-        f"{name}.csr",
-        "-subj",
-        f"/CN={name}",
-        cwd=d,
-    )
-    (d / f"{name}.ext").write_text(ext + "\n")
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        f"{name}.csr",
-        "-CA",
-        f"{ca}.pem",
-        "-CAkey",
-        f"{ca}.key",
-        "-CAcreateserial",
-        "-out",
-        f"{name}.pem",
-        "-days",
-        "2",
-        "-extfile",
-        f"{name}.ext",
-        cwd=d,
-    )
+needs_openssl = pytest.mark.skipif(not pki_files.HAVE_OPENSSL, reason="needs openssl")
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     """Our CA (server + client certs) and a rogue CA (its own server + client certs)."""
-    d = tmp_path_factory.mktemp("pki")
-    san = "subjectAltName=DNS:localhost,IP:127.0.0.1"
-    for ca in ("ca", "rogue_ca"):
-        _ca(d, ca)
-        prefix = "" if ca == "ca" else "rogue_"
-        _leaf(d, f"{prefix}server", ca, san)
-        _leaf(d, f"{prefix}client", ca, "extendedKeyUsage=clientAuth")
-    return d
+    return pki_files.make(tmp_path_factory.mktemp("pki"), rogue=True)
 
 
 def _secure_health(target: str, ca: Path, cert: Path | None = None, key: Path | None = None):
