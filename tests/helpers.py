@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 
@@ -71,3 +72,14 @@ def run(stub, model, inputs):
 def info(stub, name) -> pb.ModelInfo:
     """Model ``name``'s entry of ListModels."""
     return next(m for m in stub.ListModels(pb.ListModelsRequest()).models if m.name == name)
+
+
+def external_ip() -> str | None:
+    """An address of this machine other than loopback, if it has one."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            ip = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if ip.startswith("127.") else ip

@@ -13,6 +13,7 @@ import socket
 import model_zoo
 import pytest
 import torch
+from helpers import external_ip
 from safetensors.torch import save_file
 from server_harness import running_server
 
@@ -155,23 +156,12 @@ def test_rollout_to_a_dns_name(capsys, new_weights):
         assert [t["target"] for t in report["targets"]] == [f"127.0.0.1:{port}"]
 
 
-def _external_ip() -> str | None:
-    """An address of this machine other than loopback, if it has one."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))
-            ip = s.getsockname()[0]
-    except OSError:
-        return None
-    return None if ip.startswith("127.") else ip
-
-
 def test_the_admin_token_goes_in_plaintext_to_a_remote_target_only_with_insecure(
     capsys, new_weights, tmp_path
 ):
     """As the rollout Job runs (pod addresses, plain gRPC): refused (exit 2, nothing
     staged) until --insecure says the network is trusted; then every target switches."""
-    ip = _external_ip()
+    ip = external_ip()
     if ip is None:
         pytest.skip("no non-loopback address on this machine")
     path, _, _ = new_weights

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import socket
 import threading
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import pytest
 import torch
 import wire
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import new_weights, status_of, wait_for
+from helpers import external_ip, new_weights, status_of, wait_for
 from oip_messages import OipStub, ipb
 from server_harness import REPO_ROOT, running_server
 
@@ -366,23 +365,12 @@ def test_loopback_peer_detection():
     assert loop("ipv6:%5B::1%5D:5000")  # gRPC C++ percent-encodes the brackets
 
 
-def _external_ip() -> str | None:
-    """An address of this machine other than loopback, if it has one."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))
-            ip = s.getsockname()[0]
-    except OSError:
-        return None
-    return None if ip.startswith("127.") else ip
-
-
 def test_admin_loopback_only():
     with running_server(["mlp"], host="0.0.0.0", admin_loopback_only=True) as s:
         swap = pb.SwapConstantBufferRequest(model="mlp")
         # From loopback the call runs (and fails on its own terms: nothing staged).
         assert status_of(lambda: s.stub.SwapConstantBuffer(swap))[0] == CODE.FAILED_PRECONDITION
-        ip = _external_ip()
+        ip = external_ip()
         if ip is None:
             pytest.skip("no non-loopback address on this machine")
         port = s.target.rsplit(":", 1)[1]
@@ -822,7 +810,7 @@ def test_an_inference_token_alone_refuses_every_mutating_rpc(tmp_path, caplog):
 def test_without_any_token_mutating_rpcs_come_from_loopback_only(caplog):
     """The safe default: no token configured, a peer that is not loopback cannot change
     what is served (before, anyone who reached the port could); --insecure-admin lifts it."""
-    ip = _external_ip()
+    ip = external_ip()
     if ip is None:
         pytest.skip("no non-loopback address on this machine")
     swap = pb.SwapConstantBufferRequest(model="mlp")
