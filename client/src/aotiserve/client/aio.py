@@ -30,10 +30,8 @@ from aotiserve.client.model_info import ModelInfo, WeightsVersion
 from aotiserve.client.tensor_codec import (
     ConstantsAssembler,
     OutputFormat,
-    RecordingIterator,
     UploadItem,
     encode_run_request,
-    encode_upload,
     upload_items,
 )
 from aotiserve.v1 import model_runner_pb2 as pb
@@ -186,17 +184,15 @@ class AsyncModel:
         chunk_bytes: int | None = None,
         progress: ProgressCallback | None = None,
     ) -> WeightsVersion | None:
-        requests = RecordingIterator(
-            encode_upload(
-                self.name,
-                list(items),
-                use_inactive=use_inactive,
-                validate_full_updates=validate_full_updates,
-                user_managed=user_managed,
-                description=description,
-                chunk_bytes=self._client._config.fit_chunk(chunk_bytes or self._client.chunk_bytes),
-                progress=progress,
-            )
+        requests = self._client._upload_requests(
+            self.name,
+            items,
+            use_inactive=use_inactive,
+            validate_full_updates=validate_full_updates,
+            user_managed=user_managed,
+            description=description,
+            chunk_bytes=chunk_bytes,
+            progress=progress,
         )
         try:
             r = await self._client._call("UpdateConstantBuffer", iter(requests))

@@ -232,17 +232,15 @@ class Model:
     ) -> WeightsVersion | None:
         """Extension: ``update_constant_buffer`` from lazily loaded items (one
         tensor in memory at a time), e.g. straight from a safetensors file."""
-        requests = RecordingIterator(
-            encode_upload(
-                self.name,
-                list(items),
-                use_inactive=use_inactive,
-                validate_full_updates=validate_full_updates,
-                user_managed=user_managed,
-                description=description,
-                chunk_bytes=self._client._config.fit_chunk(chunk_bytes or self._client.chunk_bytes),
-                progress=progress,
-            )
+        requests = self._client._upload_requests(
+            self.name,
+            items,
+            use_inactive=use_inactive,
+            validate_full_updates=validate_full_updates,
+            user_managed=user_managed,
+            description=description,
+            chunk_bytes=chunk_bytes,
+            progress=progress,
         )
         try:
             r = self._client._call("UpdateConstantBuffer", iter(requests))
@@ -359,6 +357,32 @@ class _Connection:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r})"
+
+    def _upload_requests(
+        self,
+        model: str,
+        items: Iterable[UploadItem],
+        *,
+        use_inactive: bool,
+        validate_full_updates: bool,
+        user_managed: bool,
+        description: str,
+        chunk_bytes: int | None,
+        progress: ProgressCallback | None,
+    ) -> RecordingIterator:
+        """An ``UpdateConstantBuffer`` stream's requests, recording what broke on our side."""
+        return RecordingIterator(
+            encode_upload(
+                model,
+                list(items),
+                use_inactive=use_inactive,
+                validate_full_updates=validate_full_updates,
+                user_managed=user_managed,
+                description=description,
+                chunk_bytes=self._config.fit_chunk(chunk_bytes or self.chunk_bytes),
+                progress=progress,
+            )
+        )
 
     def _format(self, output_format: OutputFormat | None):
         return self.output_format if output_format is None else resolve_format(output_format)
