@@ -114,23 +114,24 @@ def _libdir(python: Path) -> str:
 
 def start(name: str, package: Path, model: str, workdir: Path, timeout: float = 180) -> Server:
     """Serves ``package`` as ``model`` with the peer; returns when ModelReady says true."""
+    if name not in ("kserve", "pytriton"):
+        raise ValueError(f"unknown peer {name!r}")
     py = ensure(name, install=False)
     grpc_port, http_port = free_port(), free_port()
     env: dict[str, str] = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    if name == "kserve":
-        argv = [
-            str(py),
-            str(REPO / "bench" / "peer_kserve.py"),
-            "--package",
-            str(package),
-            "--model",
-            model,
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(http_port),
-        ]
-    elif name == "pytriton":
+    argv = [
+        str(py),
+        str(REPO / "bench" / f"peer_{name}.py"),
+        "--package",
+        str(package),
+        "--model",
+        model,
+        "--grpc-port",
+        str(grpc_port),
+        "--http-port",
+        str(http_port),
+    ]
+    if name == "pytriton":
         # PyTriton refuses an existing workspace: a fresh TMPDIR, removed at stop.
         workdir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix="pytriton-", dir=workdir))
@@ -139,22 +140,7 @@ def start(name: str, package: Path, model: str, workdir: Path, timeout: float = 
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             filter(None, [_libdir(py), os.environ.get("LD_LIBRARY_PATH")])
         )
-        argv = [
-            str(py),
-            str(REPO / "bench" / "peer_pytriton.py"),
-            "--package",
-            str(package),
-            "--model",
-            model,
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(http_port),
-            "--metrics-port",
-            str(free_port()),
-        ]
-    else:
-        raise ValueError(f"unknown peer {name!r}")
+        argv += ["--metrics-port", str(free_port())]
     proc, log_path = spawn(name, argv, workdir, env)
     server = Server(name, proc, grpc_port, workdir, log_path)
     try:
