@@ -1183,17 +1183,17 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
       wire::put_header(p, 3, infer_req.id.size);
       p.append(reinterpret_cast<const char*>(infer_req.id.data), infer_req.id.size);
     }
-    if (infer_req.outputs.empty()) {
-      for (size_t i = 0; i < outputs.size(); ++i) chosen.push_back(i);
-      destinations.resize(outputs.size());
-    }
-    // As in Triton, an output in shared memory has an empty raw entry where others have
-    // theirs (raw_output_contents lines up with outputs), and none when all are.
-    bool any_raw = std::any_of(destinations.begin(), destinations.end(),
-                               [](const at::Tensor& d) { return !d.defined(); });
+    // Every output in model order, unless the request named some. As in Triton, an output
+    // in shared memory has an empty raw entry where others have theirs (raw_output_contents
+    // lines up with outputs), and none when all are.
+    const bool named = !infer_req.outputs.empty();
+    const size_t count = named ? chosen.size() : outputs.size();
+    const at::Tensor in_reply;  // no shared memory: the output's bytes go in the reply
+    bool any_raw = !named || std::any_of(destinations.begin(), destinations.end(),
+                                         [](const at::Tensor& d) { return !d.defined(); });
     std::vector<at::Tensor> contiguous;
-    for (size_t k = 0; k < chosen.size(); ++k) {
-      size_t i = chosen[k];
+    for (size_t k = 0; k < count; ++k) {
+      size_t i = named ? chosen[k] : k;
       if (i >= outputs.size()) {
         return done({grpc::StatusCode::INTERNAL, "model '" + model->name + "' answered " +
                                                      std::to_string(outputs.size()) + " outputs"});
@@ -1214,7 +1214,7 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
         wire::put_header(head, 3, shape.size());
         head += shape;
       }
-      const at::Tensor& dest = destinations[k];
+      const at::Tensor& dest = named ? destinations[k] : in_reply;
       if (dest.defined()) {
         int64_t nbytes = c.numel() * int64_t(c.element_size());
         if (nbytes > dest.numel()) {
