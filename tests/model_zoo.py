@@ -7,6 +7,7 @@ model recompiles only that model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from torch.export import Dim
+from torch.utils import _pytree as pytree
 
 from aotiserve.server.packaging import pack
 
@@ -146,6 +148,19 @@ class FailingCheck(torch.nn.Module):
         return x + n
 
 
+class Structured(torch.nn.Module):
+    """Nested inputs, a keyword-only argument and a dict of outputs (a 0-dim and a bool one
+    among them): the call structure ``Model.__call__`` follows."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 4)
+
+    def forward(self, x, pair, *, scale):
+        h = self.lin(x) * scale + pair[0].sum() - pair[1].sum()
+        return {"h": h, "total": h.sum(), "pos": h > 0}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -159,6 +174,8 @@ class ModelSpec:
     # users bring. ``inductor_configs`` are passed as they are (default options: {}).
     plain: bool = False
     inductor_configs: dict[str, Any] = field(default_factory=dict)
+    # Keyword arguments of the example call (batch -> kwargs), for plain packages.
+    example_kwargs: Callable[[int], dict[str, Any]] | None = None
 
     def module(self) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -189,6 +206,8 @@ class ModelSpec:
         )
         if self.plain:
             src += repr(sorted(self.inductor_configs.items())) + inspect.getsource(_compile_plain)
+            if self.example_kwargs is not None:
+                src += inspect.getsource(self.example_kwargs)
         else:
             src += inspect.getsource(pack)
         return hashlib.sha256(src.encode()).hexdigest()[:16]
@@ -254,6 +273,14 @@ MODELS: dict[str, ModelSpec] = {
             plain=True,
         ),
         ModelSpec(
+            "plain_structured",
+            Structured,
+            lambda b: (torch.randn(b, 8), (torch.randn(3), torch.randn(5))),
+            dynamic_batch=False,
+            plain=True,
+            example_kwargs=lambda b: {"scale": torch.tensor(2.0)},
+        ),
+        ModelSpec(
             "plain_static",
             ConvNet,
             lambda b: (torch.randn(2, 3, 8, 8),),
@@ -277,10 +304,13 @@ def cache_dir() -> Path:
 
 def _compile_plain(spec: ModelSpec, device: str, path: Path) -> None:
     """torch's plain API, as a user who never heard of aotiserve would call it."""
+    to_device = functools.partial(pytree.tree_map, lambda t: t.to(device))
+    kwargs = spec.example_kwargs(4) if spec.example_kwargs else {}
     with torch.no_grad():
         ep = torch.export.export(
             spec.module().to(device),
-            tuple(t.to(device) for t in spec.inputs(4)),
+            to_device(spec.inputs(4)),
+            to_device(kwargs),
             dynamic_shapes=spec.dynamic_shapes(),
         )
         torch._inductor.aoti_compile_and_package(

@@ -13,6 +13,7 @@ import grpc
 import grpc.aio
 
 from aotiserve.client import health as _health
+from aotiserve.client import pytree
 from aotiserve.client.channel import (
     DEFAULT_DOWNLOAD_CHUNK_BYTES,
 )
@@ -25,7 +26,12 @@ from aotiserve.client.client import (
     find_model,
     weights_version_of,
 )
-from aotiserve.client.errors import ClientError, DeadlineExceededError, from_rpc_error
+from aotiserve.client.errors import (
+    ClientError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    from_rpc_error,
+)
 from aotiserve.client.model_info import ModelInfo, WeightsVersion
 from aotiserve.client.tensor_codec import (
     ConstantsAssembler,
@@ -44,9 +50,24 @@ class AsyncModel:
         self._client = client
         self.name = name
         self.last_weights_version: str | None = None
+        self._specs: tuple[pytree.Spec | None, pytree.Spec | None] | None = None
 
     def __repr__(self) -> str:
         return f"AsyncModel({self.name!r} at {self._client.target!r})"
+
+    async def __call__(
+        self, *args: Any, output_format: OutputFormat | None = None, **kwargs: Any
+    ) -> Any:
+        """:meth:`Model.__call__ <aotiserve.client.Model.__call__>`: ``await model(x, k=y)``."""
+        if self._specs is None:
+            self._specs = pytree.load_specs(await self.get_call_spec())
+        in_spec, out_spec = self._specs
+        try:
+            flat = pytree.flatten_call(in_spec, args, kwargs)
+            return pytree.unflatten(out_spec, await self.run(flat, output_format=output_format))
+        except (InvalidArgumentError, pytree.SpecMismatch):
+            self._specs = None  # the model may have been reloaded since: read its spec again
+            raise
 
     async def run(
         self, inputs: Sequence[Any], *, output_format: OutputFormat | None = None

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from aotiserve.client import health as _health
+from aotiserve.client import pytree
 from aotiserve.client.channel import (
     DEFAULT_DOWNLOAD_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -25,6 +26,7 @@ from aotiserve.client.channel import (
 from aotiserve.client.errors import (
     ClientError,
     DeadlineExceededError,
+    InvalidArgumentError,
     NotFoundError,
     from_rpc_error,
 )
@@ -81,9 +83,29 @@ class Model:
         self.name = name
         #: Id of the weights version that computed the last ``run`` (extension).
         self.last_weights_version: str | None = None
+        self._specs: tuple[pytree.Spec | None, pytree.Spec | None] | None = None
 
     def __repr__(self) -> str:
         return f"Model({self.name!r} at {self._client.target!r})"
+
+    def __call__(self, *args: Any, output_format: OutputFormat | None = None, **kwargs: Any) -> Any:
+        """Calls the model as torch's loaded package does (``AOTICompiledModel.__call__``).
+
+        ``args``/``kwargs`` nest as the exported model's (tuples, lists, dicts of numpy
+        arrays or torch tensors); the result nests as the model returns it (a dict, a tuple,
+        one tensor...). The call structure (``get_call_spec``) is read once per handle.
+        """
+        if self._specs is None:
+            self._specs = pytree.load_specs(self.get_call_spec())
+        in_spec, out_spec = self._specs
+        try:
+            outputs = self.run(
+                pytree.flatten_call(in_spec, args, kwargs), output_format=output_format
+            )
+            return pytree.unflatten(out_spec, outputs)
+        except (InvalidArgumentError, pytree.SpecMismatch):
+            self._specs = None  # the model may have been reloaded since: read its spec again
+            raise
 
     # ---- the runner API, one for one
 
