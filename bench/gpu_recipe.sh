@@ -30,6 +30,8 @@
 #   bench/gpu_recipe.sh build|bench|test # one step (build is needed once per machine)
 #   bench/gpu_recipe.sh shm              # GPU machine, after build: CUDA shared-memory tests and
 #                                        #   bench.cuda_shared_memory, into pytest-shm.log, cuda-shm.*
+#   bench/gpu_recipe.sh first            # GPU machine, after build: bench.first_request on cuda:0
+#                                        #   (first request ÷ steady p50), into first.json / first.log
 #   bench/gpu_recipe.sh weights          # GPU machine, after build: bench.weights --paths on
 #                                        #   cuda:0 (4 GiB), into weights.json / weights.txt
 #   eval "$(bench/gpu_recipe.sh env)"    # the environment the steps use, for commands of your own
@@ -259,6 +261,16 @@ cmd_shm() {
     "$PY" -m bench.cuda_shared_memory --json "$OUT/cuda-shm.json" ${SHM_ARGS:-}) 2>&1 | tee "$OUT/cuda-shm.log"
 }
 
+# First-request latency with and without warm-up against the steady p50 (issue 18).
+cmd_first() {
+  enter_env
+  mkdir -p "$OUT"
+  # shellcheck disable=SC2086
+  (cd "$REPO" && LD_PRELOAD=$PRELOAD PYTHONUNBUFFERED=1 ${BENCH_TIMEOUT:+timeout "$BENCH_TIMEOUT"} \
+    "$PY" -m bench.first_request --device cuda:0 --json "$OUT/first.json" ${FIRST_ARGS:-}) 2>&1 |
+    tee "$OUT/first.log"
+}
+
 cmd_all() {
   local start=$SECONDS budget=${RECIPE_BUDGET_S:-570} rc_build=0 rc_bench=0 rc_test=0 left
   mkdir -p "$OUT"
@@ -295,9 +307,9 @@ main() {
   local step
   for step in "$@"; do
     case "$step" in
-      prepare | unpack | env | check | build | test | bench | weights | shm | all) "cmd_$step" ;;
+      prepare | unpack | env | check | build | test | bench | weights | shm | first | all) "cmd_$step" ;;
       -h | --help | help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' ;;
-      *) die "unknown step '$step' (prepare, check, env, build, bench, weights, shm, test, all)" ;;
+      *) die "unknown step '$step' (prepare, check, env, build, bench, weights, shm, first, test, all)" ;;
     esac
   done
 }

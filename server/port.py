@@ -113,8 +113,9 @@ class Port:
         return None
 
     def add(self, model: ServedModel, warm: bool = False) -> None:
-        """Serves ``model``'s runs here; ``warm``: one run per replica through the hot path
-        first (its CUDA streams and pinned buffers start lazily, like the model did)."""
+        """Serves ``model``'s runs here; ``warm``: one run per run slot of each replica through
+        the hot path first (a GPU slot's stream, the memory cached for it and the pinned
+        buffers start lazily, like the model did)."""
         why = self.why_not(model)
         if why is not None:
             log.info("model %r: runs answered in Python (%s)", model.name, why)

@@ -145,6 +145,17 @@ def test_the_hot_path_serves_a_cuda_model_through_swaps(cuda_repo):
         assert s.app.metrics.sample("aotiserve_hot_path_requests_total", method="Run") > 800
 
 
+def test_the_first_request_after_warm_up_maps_no_new_gpu_memory(cuda_repo):
+    """Warm-up runs every run slot of the hot path (each slot has its stream): the first
+    request, whichever gRPC thread serves it, finds the memory cached for its stream and
+    the cuBLAS workspace set up, so it makes no cudaMalloc."""
+    with _serve(cuda_repo, ("cuda:0",), batch_max_size=0, warmup_runs=1) as s:
+        request = wire.run_request("mlp", model_zoo.MODELS["mlp"].inputs(4))
+        before = torch.cuda.memory_stats(0).get("segment.all.allocated", 0)
+        s.stub.Run(request)
+        assert torch.cuda.memory_stats(0).get("segment.all.allocated", 0) == before
+
+
 def _device_requests(s, devices) -> dict:
     """Runs per device from the metrics, logged (the issue asks to show them)."""
     counts = {

@@ -8,6 +8,8 @@
 #include <dlfcn.h>
 
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <unordered_map>
 
 #include "runner_bindings.h"
@@ -16,35 +18,45 @@ namespace aotiserve {
 
 using CudaRunner = Runner<torch::inductor::AOTIModelContainerRunnerCuda>;
 
-// The port's hot path on a GPU: each grpc worker thread takes one stream per device
-// from torch's pool, once, so concurrent requests copy and compute side by side.
-// Inputs go host -> device on that stream (from the request's bytes; the call returns
-// once CUDA has them), the model runs on it, outputs come back into pinned host
-// tensors, and one synchronize ends the request.
+// The port's hot path on a GPU: each of the replica's run slots has a stream of its own
+// (taken from torch's pool at the slot's first run), so concurrent requests copy and
+// compute side by side. A stream per slot, not per thread: the caching allocator keeps
+// freed blocks per stream, and the port's warm-up (Port::warm) runs every slot once, so
+// a request finds its stream's memory, and the cuBLAS workspace for it, already there
+// whichever gRPC thread serves it. Inputs go host -> device on that stream (from the
+// request's bytes; the call returns once CUDA has them), the model runs on it, outputs
+// come back into pinned host tensors, and one synchronize ends the request.
 template <>
 RunFn hot_run_fn(CudaRunner& self, const std::string& device_str) {
   const c10::Device device(device_str);
   TORCH_CHECK_VALUE(device.is_cuda() && device.has_index(),
                     "hot path: '", device_str, "' is not a cuda:N device");
-  return [&self, device](const std::vector<at::Tensor>& host) {
-    thread_local std::unordered_map<c10::DeviceIndex, c10::cuda::CUDAStream> streams;
-    auto it = streams.find(device.index());
-    if (it == streams.end()) {
-      it = streams.emplace(device.index(), c10::cuda::getStreamFromPool(false, device.index()))
-               .first;
-    }
-    c10::cuda::CUDAStreamGuard on_stream(it->second);
+  struct SlotStreams {
+    std::mutex mu;
+    std::unordered_map<int, c10::cuda::CUDAStream> streams;
+  };
+  auto slots = std::make_shared<SlotStreams>();
+  return [&self, device, slots](const std::vector<at::Tensor>& host, int slot) {
+    c10::cuda::CUDAStream stream = [&] {
+      std::lock_guard<std::mutex> lock(slots->mu);
+      auto it = slots->streams.find(slot);
+      if (it == slots->streams.end()) {
+        it = slots->streams.emplace(slot, c10::cuda::getStreamFromPool(false, device.index())).first;
+      }
+      return it->second;
+    }();
+    c10::cuda::CUDAStreamGuard on_stream(stream);
     std::vector<at::Tensor> inputs;
     inputs.reserve(host.size());
     for (const auto& t : host) inputs.push_back(t.to(device, /*non_blocking=*/true));
-    std::vector<at::Tensor> outputs = self.checked_run(inputs, it->second.stream());
+    std::vector<at::Tensor> outputs = self.checked_run(inputs, stream.stream());
     std::vector<at::Tensor> back;
     back.reserve(outputs.size());
     for (const auto& o : outputs) {
       back.push_back(at::empty(o.sizes(), o.options().device(at::kCPU).pinned_memory(true)));
       back.back().copy_(o, /*non_blocking=*/true);
     }
-    it->second.synchronize();
+    stream.synchronize();
     return back;
   };
 }

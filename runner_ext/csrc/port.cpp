@@ -381,10 +381,16 @@ int Port::warm(const std::string& name, const std::vector<at::Tensor>& inputs) {
   auto model = find(name);
   if (!model) return 0;
   std::shared_lock<std::shared_mutex> weights(model->weights);
+  c10::InferenceMode no_autograd;
   int runs = 0;
+  // Every slot of every replica once: a GPU slot's stream and the memory cached for it
+  // (cuda.cpp). Called on a thread that ends after it (server/port.py): the per-thread
+  // library handles it made go back to torch's pools for the gRPC threads.
   for (auto& r : model->replicas) {
-    r.run(inputs);
-    ++runs;
+    for (int slot = 0; slot < r.capacity; ++slot) {
+      r.run(inputs, slot);
+      ++runs;
+    }
   }
   return runs;
 }
@@ -748,6 +754,7 @@ grpc::Status Port::execute(const Caller& caller, PortModel& model, const GetInpu
                            std::vector<at::Tensor>& outputs, std::string& version) {
   auto queued_at = Clock::now();
   PortReplica* replica = nullptr;
+  int slot = 0;
   {
     std::unique_lock<std::mutex> lock(model.admit);
     auto pick = [&]() -> PortReplica* {
@@ -796,6 +803,8 @@ grpc::Status Port::execute(const Caller& caller, PortModel& model, const GetInpu
     }
     ++replica->running;
     ++replica->pool->running;
+    slot = replica->free_slots.back();
+    replica->free_slots.pop_back();
   }
   double queued = since(queued_at);
   grpc::Status status = grpc::Status::OK;
@@ -816,7 +825,7 @@ grpc::Status Port::execute(const Caller& caller, PortModel& model, const GetInpu
       started = Clock::now();
       try {
         std::vector<at::Tensor> inputs = get();
-        outputs = replica->run(inputs);
+        outputs = replica->run(inputs, slot);
         computed = since(started);
         if (model.batcher && !inputs.empty() && inputs[0].dim()) rows = inputs[0].size(0);
       } catch (const c10::ValueError& e) {
@@ -840,6 +849,7 @@ grpc::Status Port::execute(const Caller& caller, PortModel& model, const GetInpu
     std::lock_guard<std::mutex> lock(model.admit);
     --replica->running;
     --replica->pool->running;
+    replica->free_slots.push_back(slot);
   }
   model.freed.notify_one();
   if (status.ok() && replica->stats) replica->stats->record(queued, computed);

@@ -66,7 +66,8 @@ struct PortReplica {
   RunFn run;
   SwapFn swap;
   int capacity = 1;
-  int running = 0;  // guarded by the model's admit mutex
+  int running = 0;               // guarded by the model's admit mutex
+  std::vector<int> free_slots;   // RunFn's slots not in use (guarded by the admit mutex)
   DevicePoolState* pool = nullptr;
   DeviceSeries* stats = nullptr;
 };

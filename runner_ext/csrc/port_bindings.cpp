@@ -200,6 +200,7 @@ void bind_port(py::module_& m) {
               r.run = *static_cast<RunFn*>(run.get_pointer());
               r.swap = *static_cast<SwapFn*>(swap.get_pointer());
               r.capacity = std::max(1, capacity);
+              for (int slot = r.capacity - 1; slot >= 0; --slot) r.free_slots.push_back(slot);
               r.pool = self.pool(device);
               r.stats = self.stats().device(name, device);
               model->replicas.push_back(std::move(r));

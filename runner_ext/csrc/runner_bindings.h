@@ -30,8 +30,11 @@ namespace py = pybind11;
 
 using BackendBinder = std::function<void(py::module_&)>;
 
-// A runner's checked run on host tensors, as the port's hot path calls it.
-using RunFn = std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)>;
+// A runner's checked run on host tensors, as the port's hot path calls it. `slot`
+// (0 <= slot < the replica's capacity) is the run's place among the replica's concurrent
+// runs: no two runs at once have the same slot, so a backend may keep state per slot
+// (cuda.cpp: one stream each).
+using RunFn = std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&, int slot)>;
 using SwapFn = std::function<void()>;
 
 // Backends register a binder at static-initialisation time; the module init
@@ -487,7 +490,7 @@ inline void* stream_pointer(const py::object& handle) {
 // specializes it (cuda.cpp) before it binds its runner.
 template <class Base>
 RunFn hot_run_fn(Runner<Base>& self, const std::string& /*device*/) {
-  return [&self](const std::vector<at::Tensor>& inputs) {
+  return [&self](const std::vector<at::Tensor>& inputs, int /*slot*/) {
     return self.checked_run(inputs, nullptr);
   };
 }
