@@ -160,6 +160,28 @@ def representative_inputs(
     return tensors
 
 
+# Warm-up sizes of a dynamic dim: the smallest accepted, and a small batch, since libraries
+# take other paths (and allocate other state) for one row than for several (cuBLASLt for
+# a GEMM of several rows, pinned or cached blocks of another size).
+WARM_UP_SIZES = (None, 8)
+
+
+def warm_up_inputs(specs: Sequence[IOSpec]) -> list[list[torch.Tensor]]:
+    """Inputs for warm-up runs: :func:`representative_inputs` at each of
+    :data:`WARM_UP_SIZES` (one set for a model without dynamic dims); [] where a spec is
+    incomplete."""
+    sets: list[list[torch.Tensor]] = []
+    for size in WARM_UP_SIZES:
+        tensors = representative_inputs(specs, size)
+        if tensors is None:
+            return []
+        if all(
+            any(a.shape != b.shape for a, b in zip(tensors, seen, strict=True)) for seen in sets
+        ):
+            sets.append(tensors)
+    return sets
+
+
 def _has_dynamic(specs: Sequence[IOSpec]) -> bool:
     return any(d < 0 for s in specs for d in (s.shape or ()))
 

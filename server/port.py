@@ -154,14 +154,15 @@ class Port:
         model.port = self
 
     def _warm(self, model: ServedModel) -> None:
-        tensors = io_specs.representative_inputs(model.inputs)
-        if tensors is None:
+        sets = io_specs.warm_up_inputs(model.inputs)
+        if not sets:
             return
         failed: list[BaseException] = []
 
         def warm() -> None:
             try:
-                self._server.warm(model.name, tensors)
+                for tensors in sets:
+                    self._server.warm(model.name, tensors)
             except Exception as exc:  # noqa: BLE001 (warm-up already judged the model)
                 failed.append(exc)
 

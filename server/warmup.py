@@ -7,7 +7,8 @@ that end when it is done, so the library handles they created (cuDNN, cuBLAS: on
 thread, milliseconds to create) are left in torch's pools for the serving threads. Each replica runs
 ``runs`` rounds; a round makes one call per model instance of the container, at
 once, so that the instances a container picks for concurrent requests are warm
-too. Inputs are zeros shaped from the input specs (io_specs.representative_inputs).
+too. Inputs are zeros shaped from the input specs, at the smallest size of each dynamic
+dim and at a small batch (io_specs.warm_up_inputs).
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ def warm_up(
     warm-up with a warning: the model still serves (its own guards judge requests)."""
     if runs < 1 or not replicas:
         return 0
-    tensors = io_specs.representative_inputs(inputs)
-    if tensors is None:
+    sets = io_specs.warm_up_inputs(inputs)
+    if not sets:
         log.info("model %r: no warm-up (its input dtypes/shapes are unknown)", name)
         return 0
     started = time.monotonic()
     done = 0
     try:
         for replica in replicas:
-            done += _warm_replica(replica, tensors, runs, runners)
+            for tensors in sets:
+                done += _warm_replica(replica, tensors, runs, runners)
     except Exception as exc:  # noqa: BLE001 (a model that refuses zeros is still served)
         log.warning(
             "model %r: warm-up run failed after %d run(s): %s", name, done, str(exc).split("\n")[0]

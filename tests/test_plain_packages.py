@@ -246,13 +246,14 @@ def test_ready_only_after_warm_up(record_runs, caplog):
         running_server(["plain_two_io"], warmup_runs=3, runners_per_model=2) as srv,
     ):
         assert srv.app.registry.get("plain_two_io").state == ModelState.READY
-        # 3 rounds x 2 concurrent calls (one per model instance), at the smallest size.
-        assert record_runs == [[(2, 16), (2,)]] * 6
+        # 3 rounds x 2 concurrent calls (one per model instance), at the smallest size and
+        # at a small batch (io_specs.WARM_UP_SIZES).
+        assert record_runs == [[(2, 16), (2,)]] * 6 + [[(8, 16), (8,)]] * 6
         srv.stub.Run(wire.run_request("plain_two_io", model_zoo.MODELS["plain_two_io"].inputs(3)))
         # Served by the port's C++ hot path, not through DevicePool.execute.
-        assert len(record_runs) == 6
+        assert len(record_runs) == 12
         assert srv.app.metrics.sample("aotiserve_hot_path_requests_total", method="Run") == 1
-    assert any("warmed up with 6 run(s) on 1 replica(s)" in r.getMessage() for r in caplog.records)
+    assert any("warmed up with 12 run(s) on 1 replica(s)" in r.getMessage() for r in caplog.records)
 
 
 def test_warm_up_runs_before_the_model_turns_ready(record_runs, monkeypatch):
@@ -278,7 +279,7 @@ def test_warm_up_runs_before_the_model_turns_ready(record_runs, monkeypatch):
     monkeypatch.setattr(ModelRegistry, "load", load)
     with running_server(["plain_mlp"], warmup_runs=2, runners_per_model=1):
         pass
-    assert seen == [ModelState.LOADING, ModelState.LOADING]
+    assert seen == [ModelState.LOADING] * 4  # 2 rounds at each of the 2 warm-up sizes
 
 
 def test_warm_up_off(record_runs):

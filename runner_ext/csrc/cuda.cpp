@@ -18,6 +18,8 @@ namespace aotiserve {
 
 using CudaRunner = Runner<torch::inductor::AOTIModelContainerRunnerCuda>;
 
+constexpr int64_t kPinnedOutputBytes = 64 * 1024;
+
 // The port's hot path on a GPU: each of the replica's run slots has a stream of its own
 // (taken from torch's pool at the slot's first run), so concurrent requests copy and
 // compute side by side. A stream per slot, not per thread: the caching allocator keeps
@@ -25,7 +27,7 @@ using CudaRunner = Runner<torch::inductor::AOTIModelContainerRunnerCuda>;
 // a request finds its stream's memory, and the cuBLAS workspace for it, already there
 // whichever gRPC thread serves it. Inputs go host -> device on that stream (from the
 // request's bytes; the call returns once CUDA has them), the model runs on it, outputs
-// come back into pinned host tensors, and one synchronize ends the request.
+// come back into host tensors (pinned from 64 KiB), and one synchronize ends the request.
 template <>
 RunFn hot_run_fn(CudaRunner& self, const std::string& device_str) {
   const c10::Device device(device_str);
@@ -53,8 +55,11 @@ RunFn hot_run_fn(CudaRunner& self, const std::string& device_str) {
     std::vector<at::Tensor> back;
     back.reserve(outputs.size());
     for (const auto& o : outputs) {
-      back.push_back(at::empty(o.sizes(), o.options().device(at::kCPU).pinned_memory(true)));
-      back.back().copy_(o, /*non_blocking=*/true);
+      // Small outputs come back into pageable memory: as fast, and no pinned block of a
+      // size not seen yet (cudaHostAlloc, milliseconds) on a request's path.
+      bool pinned = o.numel() * int64_t(o.element_size()) >= kPinnedOutputBytes;
+      back.push_back(at::empty(o.sizes(), o.options().device(at::kCPU).pinned_memory(pinned)));
+      back.back().copy_(o, /*non_blocking=*/pinned);
     }
     stream.synchronize();
     return back;
