@@ -17,7 +17,7 @@ import torch
 from server_harness import running_server
 from torch.utils import _pytree as torch_pytree
 
-from aotiserve.client import AsyncClient, Client, pytree
+from aotiserve.client import AsyncClient, Client, InvalidArgumentError, pytree
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,28 @@ def test_a_single_output_model_returns_the_tensor_itself(srv):
         out = model(x)
         assert isinstance(out, torch.Tensor)
         assert torch.equal(out, model.run([x])[0])
+
+
+def _spec_reads(srv) -> float:
+    return (
+        srv.app.metrics.sample(
+            "aotiserve_requests_total", model="plain_structured", method="GetCallSpec", code="OK"
+        )
+        or 0.0
+    )
+
+
+def test_the_call_spec_is_read_once_per_client_and_again_after_a_refused_call(srv):
+    args, kwargs = _structured_call()
+    with Client(srv.target) as client:
+        before = _spec_reads(srv)
+        for _ in range(3):  # a new handle each time, as `client.model(name)(...)` makes
+            client.model("plain_structured")(*args, **kwargs)
+        assert _spec_reads(srv) - before == 1
+        with pytest.raises(InvalidArgumentError):  # a wrong shape: the server refuses it
+            client.model("plain_structured")(torch.zeros(3, 8), *args[1:], **kwargs)
+        client.model("plain_structured")(*args, **kwargs)
+        assert _spec_reads(srv) - before == 2
 
 
 @pytest.mark.parametrize(

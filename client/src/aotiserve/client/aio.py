@@ -50,7 +50,6 @@ class AsyncModel:
         self._client = client
         self.name = name
         self.last_weights_version: str | None = None
-        self._specs: tuple[pytree.Spec | None, pytree.Spec | None] | None = None
 
     def __repr__(self) -> str:
         return f"AsyncModel({self.name!r} at {self._client.target!r})"
@@ -59,14 +58,15 @@ class AsyncModel:
         self, *args: Any, output_format: OutputFormat | None = None, **kwargs: Any
     ) -> Any:
         """:meth:`Model.__call__ <aotiserve.client.Model.__call__>`: ``await model(x, k=y)``."""
-        if self._specs is None:
-            self._specs = pytree.load_specs(await self.get_call_spec())
-        in_spec, out_spec = self._specs
+        specs = self._client._call_specs
+        if self.name not in specs:
+            specs[self.name] = pytree.load_specs(await self.get_call_spec())
+        in_spec, out_spec = specs[self.name]
         try:
             flat = pytree.flatten_call(in_spec, args, kwargs)
             return pytree.unflatten(out_spec, await self.run(flat, output_format=output_format))
         except (InvalidArgumentError, pytree.SpecMismatch):
-            self._specs = None  # the model may have been reloaded since: read its spec again
+            specs.pop(self.name, None)  # the model may have been reloaded since: read it again
             raise
 
     async def run(
@@ -264,6 +264,7 @@ class AsyncClient(_Connection):
         runners_per_device: int = 0,
         package_model: str = "",
     ) -> ModelInfo:
+        self._call_specs.pop(name, None)
         r = await self._call(
             "LoadModel",
             pb.LoadModelRequest(
@@ -277,6 +278,7 @@ class AsyncClient(_Connection):
         return ModelInfo.from_proto(r.model)
 
     async def unload_model(self, name: str) -> None:
+        self._call_specs.pop(name, None)
         await self._call("UnloadModel", pb.UnloadModelRequest(name=name))
 
     async def list_models(self) -> list[ModelInfo]:

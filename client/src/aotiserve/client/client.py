@@ -83,7 +83,6 @@ class Model:
         self.name = name
         #: Id of the weights version that computed the last ``run`` (extension).
         self.last_weights_version: str | None = None
-        self._specs: tuple[pytree.Spec | None, pytree.Spec | None] | None = None
 
     def __repr__(self) -> str:
         return f"Model({self.name!r} at {self._client.target!r})"
@@ -93,18 +92,19 @@ class Model:
 
         ``args``/``kwargs`` nest as the exported model's (tuples, lists, dicts of numpy
         arrays or torch tensors); the result nests as the model returns it (a dict, a tuple,
-        one tensor...). The call structure (``get_call_spec``) is read once per handle.
+        one tensor...). The call structure (``get_call_spec``) is read once per client.
         """
-        if self._specs is None:
-            self._specs = pytree.load_specs(self.get_call_spec())
-        in_spec, out_spec = self._specs
+        specs = self._client._call_specs
+        if self.name not in specs:
+            specs[self.name] = pytree.load_specs(self.get_call_spec())
+        in_spec, out_spec = specs[self.name]
         try:
             outputs = self.run(
                 pytree.flatten_call(in_spec, args, kwargs), output_format=output_format
             )
             return pytree.unflatten(out_spec, outputs)
         except (InvalidArgumentError, pytree.SpecMismatch):
-            self._specs = None  # the model may have been reloaded since: read its spec again
+            specs.pop(self.name, None)  # the model may have been reloaded since: read it again
             raise
 
     # ---- the runner API, one for one
@@ -372,6 +372,9 @@ class _Connection:
         self._channel = self._config.open(aio=self._aio)
         self._stubs = model_runner_stubs(self._channel)
         self._health_check, self._health_watch = _health.stubs(self._channel)
+        # Model name -> its read call spec (Model.__call__), for every handle of this client;
+        # dropped when the client loads or unloads the name, or a call is refused.
+        self._call_specs: dict[str, tuple[pytree.Spec | None, pytree.Spec | None]] = {}
 
     @property
     def target(self) -> str:
@@ -460,6 +463,7 @@ class Client(_Connection):
         package_model: str = "",
     ) -> ModelInfo:
         """Loads the package at ``path`` (on the server) and serves it as ``name``."""
+        self._call_specs.pop(name, None)
         r = self._call(
             "LoadModel",
             pb.LoadModelRequest(
@@ -474,6 +478,7 @@ class Client(_Connection):
 
     def unload_model(self, name: str) -> None:
         """Stops serving ``name`` once its in-flight requests finish."""
+        self._call_specs.pop(name, None)
         self._call("UnloadModel", pb.UnloadModelRequest(name=name))
 
     def list_models(self) -> list[ModelInfo]:
