@@ -160,18 +160,18 @@ def representative_inputs(
     return tensors
 
 
-# Warm-up sizes of a dynamic dim: the smallest accepted, and a small batch, since libraries
-# take other paths (and allocate other state) for one row than for several (cuBLASLt for
-# a GEMM of several rows, pinned or cached blocks of another size).
+# Warm-up sizes of a dynamic dim on a GPU: the smallest accepted, and a small batch, since
+# CUDA libraries take other paths (and allocate other state) for one row than for several
+# (cuBLASLt for a GEMM of several rows). On the CPU the smallest alone.
 WARM_UP_SIZES = (None, 8)
 
 
-def warm_up_inputs(specs: Sequence[IOSpec]) -> list[list[torch.Tensor]]:
+def warm_up_inputs(specs: Sequence[IOSpec], on_gpu: bool = True) -> list[list[torch.Tensor]]:
     """Inputs for warm-up runs: :func:`representative_inputs` at each of
-    :data:`WARM_UP_SIZES` (one set for a model without dynamic dims); [] where a spec is
-    incomplete."""
+    :data:`WARM_UP_SIZES` (at the smallest size alone unless ``on_gpu``; one set for a model
+    without dynamic dims); [] where a spec is incomplete."""
     sets: list[list[torch.Tensor]] = []
-    for size in WARM_UP_SIZES:
+    for size in WARM_UP_SIZES if on_gpu else WARM_UP_SIZES[:1]:
         tensors = representative_inputs(specs, size)
         if tensors is None:
             return []

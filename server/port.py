@@ -113,9 +113,9 @@ class Port:
         return None
 
     def add(self, model: ServedModel, warm: bool = False) -> None:
-        """Serves ``model``'s runs here; ``warm``: one run per run slot of each replica through
-        the hot path first (a GPU slot's stream, the memory cached for it and the pinned
-        buffers start lazily, like the model did)."""
+        """Serves ``model``'s runs here; ``warm``: runs through the hot path first, one per
+        replica, and on a GPU one per run slot of each replica (a slot's stream, the memory
+        cached for it and the pinned buffers start lazily, like the model did)."""
         why = self.why_not(model)
         if why is not None:
             log.info("model %r: runs answered in Python (%s)", model.name, why)
@@ -154,7 +154,8 @@ class Port:
         model.port = self
 
     def _warm(self, model: ServedModel) -> None:
-        sets = io_specs.warm_up_inputs(model.inputs)
+        on_gpu = any(r.pool.device.type == "cuda" for r in model.replicas)
+        sets = io_specs.warm_up_inputs(model.inputs, on_gpu)
         if not sets:
             return
         failed: list[BaseException] = []

@@ -8,7 +8,7 @@ thread, milliseconds to create) are left in torch's pools for the serving thread
 ``runs`` rounds; a round makes one call per model instance of the container, at
 once, so that the instances a container picks for concurrent requests are warm
 too. Inputs are zeros shaped from the input specs, at the smallest size of each dynamic
-dim and at a small batch (io_specs.warm_up_inputs).
+dim, and on a GPU at a small batch too (io_specs.warm_up_inputs).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def warm_up(
     warm-up with a warning: the model still serves (its own guards judge requests)."""
     if runs < 1 or not replicas:
         return 0
-    sets = io_specs.warm_up_inputs(inputs)
+    on_gpu = any(getattr(r.pool.device, "type", "cpu") == "cuda" for r in replicas)
+    sets = io_specs.warm_up_inputs(inputs, on_gpu)
     if not sets:
         log.info("model %r: no warm-up (its input dtypes/shapes are unknown)", name)
         return 0

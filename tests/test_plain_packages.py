@@ -246,14 +246,14 @@ def test_ready_only_after_warm_up(record_runs, caplog):
         running_server(["plain_two_io"], warmup_runs=3, runners_per_model=2) as srv,
     ):
         assert srv.app.registry.get("plain_two_io").state == ModelState.READY
-        # 3 rounds x 2 concurrent calls (one per model instance), at the smallest size and
-        # at a small batch (io_specs.WARM_UP_SIZES).
-        assert record_runs == [[(2, 16), (2,)]] * 6 + [[(8, 16), (8,)]] * 6
+        # 3 rounds x 2 concurrent calls (one per model instance), at the smallest size (on a
+        # GPU at a small batch too: io_specs.WARM_UP_SIZES).
+        assert record_runs == [[(2, 16), (2,)]] * 6
         srv.stub.Run(wire.run_request("plain_two_io", model_zoo.MODELS["plain_two_io"].inputs(3)))
         # Served by the port's C++ hot path, not through DevicePool.execute.
-        assert len(record_runs) == 12
+        assert len(record_runs) == 6
         assert srv.app.metrics.sample("aotiserve_hot_path_requests_total", method="Run") == 1
-    assert any("warmed up with 12 run(s) on 1 replica(s)" in r.getMessage() for r in caplog.records)
+    assert any("warmed up with 6 run(s) on 1 replica(s)" in r.getMessage() for r in caplog.records)
 
 
 def test_warm_up_runs_before_the_model_turns_ready(record_runs, monkeypatch):
@@ -279,7 +279,7 @@ def test_warm_up_runs_before_the_model_turns_ready(record_runs, monkeypatch):
     monkeypatch.setattr(ModelRegistry, "load", load)
     with running_server(["plain_mlp"], warmup_runs=2, runners_per_model=1):
         pass
-    assert seen == [ModelState.LOADING] * 4  # 2 rounds at each of the 2 warm-up sizes
+    assert seen == [ModelState.LOADING, ModelState.LOADING]
 
 
 def test_warm_up_off(record_runs):
@@ -299,3 +299,17 @@ def test_client_sees_bounds_and_infers_at_an_accepted_size(srv, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "output__0: float32[2, 10]" in out
+
+
+def test_warm_up_sizes_on_a_gpu_and_on_the_cpu():
+    """On a GPU a small batch too (other cuBLAS paths than one row), clamped into the bounds;
+    the CPU and a model without dynamic dims warm at one size."""
+    dynamic = [io_specs.IOSpec("x", torch.float32, (-1, 4), (2, 4), (6, 4))]
+    on_gpu = io_specs.warm_up_inputs(dynamic, on_gpu=True)
+    assert [[tuple(t.shape) for t in s] for s in on_gpu] == [[(2, 4)], [(6, 4)]]
+    assert [[tuple(t.shape) for t in s] for s in io_specs.warm_up_inputs(dynamic, False)] == [
+        [(2, 4)]
+    ]
+    static = [io_specs.IOSpec("x", torch.float32, (3, 4))]
+    assert len(io_specs.warm_up_inputs(static, on_gpu=True)) == 1
+    assert io_specs.warm_up_inputs([io_specs.IOSpec("x", None, None)]) == []

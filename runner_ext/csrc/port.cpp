@@ -383,11 +383,12 @@ int Port::warm(const std::string& name, const std::vector<at::Tensor>& inputs) {
   std::shared_lock<std::shared_mutex> weights(model->weights);
   c10::InferenceMode no_autograd;
   int runs = 0;
-  // Every slot of every replica once: a GPU slot's stream and the memory cached for it
-  // (cuda.cpp). Called on a thread that ends after it (server/port.py): the per-thread
-  // library handles it made go back to torch's pools for the gRPC threads.
+  // Every slot of every GPU replica once (a slot's stream and the memory cached for it,
+  // cuda.cpp), one run of a CPU replica. Called on a thread that ends after it
+  // (server/port.py): the per-thread library handles it made go back to torch's pools.
   for (auto& r : model->replicas) {
-    for (int slot = 0; slot < r.capacity; ++slot) {
+    const bool on_gpu = r.pool && r.pool->device.rfind("cuda", 0) == 0;
+    for (int slot = 0; slot < (on_gpu ? r.capacity : 1); ++slot) {
       r.run(inputs, slot);
       ++runs;
     }
