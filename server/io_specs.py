@@ -170,16 +170,13 @@ def warm_up_inputs(specs: Sequence[IOSpec], on_gpu: bool = True) -> list[list[to
     """Inputs for warm-up runs: :func:`representative_inputs` at each of
     :data:`WARM_UP_SIZES` (at the smallest size alone unless ``on_gpu``; one set for a model
     without dynamic dims); [] where a spec is incomplete."""
-    sets: list[list[torch.Tensor]] = []
+    sets: dict[tuple, list[torch.Tensor]] = {}  # by the inputs' shapes: each set once
     for size in WARM_UP_SIZES if on_gpu else WARM_UP_SIZES[:1]:
         tensors = representative_inputs(specs, size)
         if tensors is None:
             return []
-        if all(
-            any(a.shape != b.shape for a, b in zip(tensors, seen, strict=True)) for seen in sets
-        ):
-            sets.append(tensors)
-    return sets
+        sets.setdefault(tuple(t.shape for t in tensors), tensors)
+    return list(sets.values())
 
 
 def _has_dynamic(specs: Sequence[IOSpec]) -> bool:

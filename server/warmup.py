@@ -34,7 +34,7 @@ def warm_up(
     warm-up with a warning: the model still serves (its own guards judge requests)."""
     if runs < 1 or not replicas:
         return 0
-    on_gpu = any(getattr(r.pool.device, "type", "cpu") == "cuda" for r in replicas)
+    on_gpu = any(r.pool.device.type == "cuda" for r in replicas)
     sets = io_specs.warm_up_inputs(inputs, on_gpu)
     if not sets:
         log.info("model %r: no warm-up (its input dtypes/shapes are unknown)", name)

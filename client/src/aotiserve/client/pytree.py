@@ -112,6 +112,16 @@ def _where(path: str) -> str:
     return path or "the arguments"
 
 
+def _key_difference(want: list, given: Any) -> str | None:
+    """ "missing [...], unexpected [...]" between the keys a spec names and those given."""
+    if set(given) == set(want):
+        return None
+    missing = [k for k in want if k not in given]
+    extra = sorted((k for k in given if k not in want), key=repr)
+    parts = [f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else ""]
+    return ", ".join(p for p in parts if p)
+
+
 def _flatten(value: Any, spec: Spec, path: str, out: list) -> None:
     if spec.is_leaf:
         out.append(value)
@@ -120,16 +130,9 @@ def _flatten(value: Any, spec: Spec, path: str, out: list) -> None:
         if not isinstance(value, Mapping):
             raise TypeError(f"{_where(path)}: expected a mapping, got {type(value).__name__}")
         want = spec.context
-        if set(value) != set(want):
-            missing = [k for k in want if k not in value]
-            extra = [k for k in value if k not in want]
-            parts = [
-                f"missing {missing}" if missing else "",
-                f"unexpected {extra}" if extra else "",
-            ]
-            raise TypeError(
-                f"{_where(path)}: keys {list(want)} expected; " + ", ".join(p for p in parts if p)
-            )
+        differ = _key_difference(want, value)
+        if differ:
+            raise TypeError(f"{_where(path)}: keys {list(want)} expected; {differ}")
         for key, child in zip(want, spec.children):
             _flatten(value[key], child, f"{path}[{key!r}]", out)
         return
@@ -168,13 +171,9 @@ def flatten_call(spec: Spec | None, args: tuple, kwargs: dict) -> list:
     if kwargs_spec.type not in _MAPPINGS:
         raise ValueError("the model's keyword-argument spec is not a dict")
     names = list(kwargs_spec.context)
-    if set(kwargs) != set(names):
-        missing = [k for k in names if k not in kwargs]
-        extra = sorted(k for k in kwargs if k not in names)
-        parts = [f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else ""]
-        raise TypeError(
-            f"the model takes keyword argument(s) {names}: " + ", ".join(p for p in parts if p)
-        )
+    differ = _key_difference(names, kwargs)
+    if differ:
+        raise TypeError(f"the model takes keyword argument(s) {names}: {differ}")
     for name, child in zip(names, kwargs_spec.children):
         _flatten(kwargs[name], child, f"keyword argument {name!r}", out)
     return [x for x in out if is_tensor(x)]
