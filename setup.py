@@ -66,6 +66,7 @@ def make_extension():
     shared = (
         "module",
         "cpu_cache",
+        "file_window",
         "core_spread",
         "wire",
         "port_stats",

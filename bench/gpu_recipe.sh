@@ -9,7 +9,7 @@
 #   debs/    Debian bookworm's gRPC C++ 1.51 and the closure that the build and the import need
 #            (dev packages for headers, .pc files and link-time .so; runtime libraries; pkgconf);
 #   wheels/  the Python packages at requirements-dev.txt's pins (grpcio, grpcio-health-checking,
-#            grpcio-reflection, protobuf, blake3, tritonclient), nvidia-ml-py and tritonclient's
+#            grpcio-reflection, protobuf, xxhash, safetensors, tritonclient), nvidia-ml-py and tritonclient's
 #            CUDA shared-memory needs (cuda-bindings), cp312 manylinux.
 # On the GPU machine (`all`, the default) the debs are unpacked with `dpkg -x` beside the build
 # (ROOT, .cache/gpu-work/root: never into /), pkg-config is pointed only at that tree (PKG_CONFIG_LIBDIR,
@@ -62,7 +62,7 @@ DEBS=(
   libgrpc++1.51 libgrpc29 libabsl20220623 libre2-9 libc-ares2 libssl3 zlib1g
   pkgconf pkgconf-bin libpkgconf3 pkg-config
 )
-PINNED=(grpcio grpcio-health-checking grpcio-reflection protobuf blake3 tritonclient)
+PINNED=(grpcio grpcio-health-checking grpcio-reflection protobuf xxhash safetensors tritonclient)
 # Only on the GPU machine: NVML for the GPU metrics (an optional extra, `aotiserve[nvml]`);
 # what tritonclient.grpc imports beyond those (ml_dtypes, rapidjson) and what its
 # utils.cuda_shared_memory needs (cuda-bindings, for the CUDA shared-memory test and bench).

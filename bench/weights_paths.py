@@ -7,7 +7,7 @@ limits measured in the same run (``python -m bench.weights --paths``):
   over by CUDA IPC handle (``update_constant_buffer(cuda_tensors, gpu_direct=True)``).
 
 Limits measured in the same run: memcpy of the same bytes (one thread, warm buffers),
-BLAKE3 of the same bytes on every core (the tree hash a file or upload goes through) and,
+XXH3-128 of the same bytes on every core (the tree hash a file or upload goes through) and,
 on CUDA, pinned host-to-device and device-to-device copies of the same bytes. Per path:
 a full update, then 1% (1 of the model's 100 constants) twice: the first partial after a
 full one also brings the inactive buffer's other 99% up to date, the second does not; the
@@ -15,6 +15,10 @@ time ratios to the full update, the daemon's peak RSS over each staging relative
 (active + new), and Runs under load across each swap: ``--clients`` checker threads (own
 channels) call Run back to back and compare every output with the one the weights version
 it reports must give (0 failed, 0 mixed), with the p99 of the Runs that overlapped the swap.
+The checkers pause while an update is staged (the staging figures are the path's own
+speed) and run across every swap; one more full update per path is staged with them
+running (``full_loaded``): staging runs at background priority, so under load it gets
+the CPU time Runs leave.
 
 On CUDA the gpu-direct time is the hand-off call as the sending process times it (its
 start-up and making the tensors are not counted).
@@ -72,11 +76,11 @@ def memcpy_gb_s(nbytes: int) -> float:
 
 
 def hash_gb_s(nbytes: int) -> float:
-    """BLAKE3 of ``nbytes`` in 4 MiB blocks on every core (the version's tree hash, which
-    every byte staged from a file or an upload goes through), best of 2."""
+    """The version's tree hash (XXH3-128, which every byte staged from a file or an upload
+    goes through) of ``nbytes`` in 4 MiB blocks on every core, best of 2."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import blake3
+    import xxhash
 
     block = 4 << 20
     data = np.ones(nbytes, dtype=np.uint8)
@@ -87,7 +91,7 @@ def hash_gb_s(nbytes: int) -> float:
             t0 = time.perf_counter()
             list(
                 pool.map(
-                    lambda b: blake3.blake3(view[b : b + block]).digest(), range(0, nbytes, block)
+                    lambda b: xxhash.xxh3_128(view[b : b + block]).digest(), range(0, nbytes, block)
                 )
             )
             best = min(best, time.perf_counter() - t0)
@@ -134,12 +138,21 @@ class Checker:
         self.failed = self.mixed = 0
         self.mixed_examples: list[str] = []
         self._stop = threading.Event()
+        self._go = threading.Event()
+        self._go.set()
+        self._idle = threading.Condition()
+        self._busy = 0
         self._threads = [
             threading.Thread(target=self._loop, args=(m,), daemon=True) for m in self.models
         ]
 
     def _loop(self, model) -> None:
         while not self._stop.is_set():
+            self._go.wait()
+            with self._idle:
+                if not self._go.is_set():
+                    continue
+                self._busy += 1
             t0 = time.perf_counter()
             try:
                 out = model.run([self.ids], output_format="numpy")[0]
@@ -147,6 +160,10 @@ class Checker:
             except Exception:  # noqa: BLE001 (counted)
                 self.failed += 1
                 continue
+            finally:
+                with self._idle:
+                    self._busy -= 1
+                    self._idle.notify_all()
             t1 = time.perf_counter()
             want = self.expected.get(version)
             if want is None or not np.allclose(out, want, rtol=1e-4, atol=1e-3):
@@ -159,8 +176,18 @@ class Checker:
         for t in self._threads:
             t.start()
 
+    def pause(self) -> None:
+        """Returns once no checker is in a Run, and none starts one until ``resume()``."""
+        with self._idle:
+            self._go.clear()
+            self._idle.wait_for(lambda: self._busy == 0)
+
+    def resume(self) -> None:
+        self._go.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._go.set()
         for t in self._threads:
             t.join()
         for c in self._clients:
@@ -292,7 +319,7 @@ def main(args) -> dict:
         for r in range(args.rounds):
             res: dict = {"round": r + 1}
             res["memcpy_gb_s"] = memcpy_gb_s(nbytes)
-            res["blake3_gb_s"] = hash_gb_s(nbytes)
+            res["hash_gb_s"] = hash_gb_s(nbytes)
             if cuda:
                 res.update(cuda_limits(nbytes, device))
             res["quiet_p99_ms"] = _p99(checker.quiet(1.0)) * 1e3
@@ -300,17 +327,20 @@ def main(args) -> dict:
                 # A full update, then the same 1% twice: the first partial after a full one
                 # also brings the inactive buffer's other 99% up to date (it holds the
                 # version before the full one); the second one finds them current.
-                for kind in ("full", "partial_after_full", "partial"):
-                    partial = kind != "full"
+                for kind in ("full", "partial_after_full", "partial", "full_loaded"):
+                    partial = kind.startswith("partial")
                     seed += 1.0
                     touched = [0] if partial else list(range(TABLES))
                     stage = _stager(path, model, server.target, name, rows, device, files, res)
                     prepared = stage.prepare(seed, touched)  # untimed: writing the file
                     hwm = procs.reset_peak_memory(server.pid)
                     rss0 = procs.status_kib(server.pid, "VmRSS") * 1024
+                    if kind != "full_loaded":
+                        checker.pause()
                     t0 = time.perf_counter()
                     version = stage.run(prepared, seed, touched)
                     t1 = time.perf_counter()
+                    checker.resume()
                     if stage.seconds is not None:  # the hand-off call, not the sender's start
                         t0, t1 = 0.0, stage.seconds
                     peak = procs.status_kib(server.pid, "VmHWM") * 1024 if hwm else 0
@@ -333,7 +363,7 @@ def main(args) -> dict:
                     res[f"{path}_partial_after_full_s"] / res[f"{path}_full_s"]
                 )
             res["file_over_memcpy"] = res["file_full_gb_s"] / res["memcpy_gb_s"]
-            res["file_over_blake3"] = res["file_full_gb_s"] / res["blake3_gb_s"]
+            res["file_over_hash"] = res["file_full_gb_s"] / res["hash_gb_s"]
             if cuda:
                 res["file_over_h2d"] = res["file_full_gb_s"] / res["h2d_pinned_gb_s"]
                 res["gpu-direct_over_d2d"] = res["gpu-direct_full_gb_s"] / res["d2d_gb_s"]
@@ -358,7 +388,7 @@ def report(out: dict) -> None:
     )
     paths = ["upload", "file"] + (["gpu-direct"] if out["device"].startswith("cuda") else [])
     for r in out["rounds"]:
-        limits = f"memcpy {r['memcpy_gb_s']:.2f} GB/s, BLAKE3 all cores {r['blake3_gb_s']:.2f} GB/s"
+        limits = f"memcpy {r['memcpy_gb_s']:.2f} GB/s, XXH3 all cores {r['hash_gb_s']:.2f} GB/s"
         if "h2d_pinned_gb_s" in r:
             limits += f", H2D pinned {r['h2d_pinned_gb_s']:.2f}, D2D {r['d2d_gb_s']:.1f} GB/s"
         print(
@@ -367,7 +397,8 @@ def report(out: dict) -> None:
         )
         print(
             f"  {'path':<11} {'full s':>7} {'GB/s':>6} {'1% s':>7} {'1%/full':>7} "
-            f"{'1%* s':>7} {'1%*/full':>8} {'swap ms':>7} {'p99 swap':>8} {'RSS x':>6}"
+            f"{'1%* s':>7} {'1%*/full':>8} {'swap ms':>7} {'p99 swap':>8} {'RSS x':>6} "
+            f"{'loaded GB/s':>11}"
         )
         for p in paths:
             print(
@@ -377,12 +408,10 @@ def report(out: dict) -> None:
                 f"{r[f'{p}_partial_after_full_over_full']:>8.3f} "
                 f"{r[f'{p}_full_swap_ms']:>7.1f} "
                 f"{r[f'{p}_full_p99_overlapping_swap_ms']:>6.2f}ms "
-                f"{r[f'{p}_full_rss_peak_ratio']:>6.3f}"
+                f"{r[f'{p}_full_rss_peak_ratio']:>6.3f} "
+                f"{r[f'{p}_full_loaded_gb_s']:>11.2f}"
             )
-        line = (
-            f"  file / memcpy {r['file_over_memcpy']:.2f}, file / BLAKE3 "
-            f"{r['file_over_blake3']:.2f}"
-        )
+        line = f"  file / memcpy {r['file_over_memcpy']:.2f}, file / XXH3 {r['file_over_hash']:.2f}"
         if "file_over_h2d" in r:
             line += (
                 f", file / H2D {r['file_over_h2d']:.2f}, gpu-direct / D2D "
@@ -400,4 +429,8 @@ def report(out: dict) -> None:
     print(
         "RSS x: daemon peak RSS over the full staging / RSS before it (the inactive buffer "
         "is reserved: active + new)"
+    )
+    print(
+        "full, 1%, 1%*: staged while the Run checkers pause; loaded GB/s: another full "
+        "update staged while they run (staging yields the cores to Runs)"
     )

@@ -43,6 +43,8 @@ BridgeCall = _C.BridgeCall
 port_set_dtypes = _C.port_set_dtypes
 # A cudaIpcMemHandle_t's memory as a uint8 tensor (OIP CUDA shared memory); None without CUDA.
 open_cuda_ipc = getattr(_C, "open_cuda_ipc", None)
+FileWindow = _C.FileWindow
+FileTruncated = _C.FileTruncated
 
 
 from .package import (  # noqa: E402

@@ -30,7 +30,7 @@ class WeightsVersion:
     """One set of weights a model has held: ``initial`` is the package's own."""
 
     id: str
-    digest: str  # "<algorithm>:<hex>" (weights.py: blake3 content digest; see docs/server.md)
+    digest: str  # "<algorithm>:<hex>" (weights.py: xxh3 content digest; see docs/server.md)
     created_unix_ms: int
     author: str = ""
     description: str = ""

@@ -23,7 +23,7 @@ A gpu-direct version's digest, ``gpu-fingerprint:<hex>``, is not the content dig
 the bytes (that needs every byte on the host, which is what this path avoids): per
 constant it hashes the FQN, dtype, shape and a device-side fingerprint (SHA-256 of the
 int64 sums of the constant's 32-bit words, all and even-indexed: 24 bytes a constant, so
-its hash costs nothing), and the version's digest is BLAKE3 over those, combined as the
+its hash costs nothing), and the version's digest is XXH3-128 over those, combined as the
 content digest is. It tells versions apart; use a file or an upload where a content
 digest that other servers recompute is required (fleet rollout compares them).
 """

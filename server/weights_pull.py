@@ -6,16 +6,17 @@ FQNs, dtypes, shapes, full or partial, before anything is touched), the inactive
 is claimed as for an upload (written in place), and the tensors' bytes are read straight
 into it:
 
-- CPU replica: ``preadv`` from the page cache into the buffer's own memory, in windows
-  of ``WINDOW`` bytes on a pool of background-priority threads (one per core), each
-  1 MiB piece hashed (the version's tree hash) right after it is read;
+- CPU replica: copied from a mapping of the file (``safetensors_source.Window``) into
+  the buffer's own memory, in windows of ``WINDOW`` bytes on a pool of
+  background-priority threads (one per core), each 1 MiB piece hashed (the version's
+  tree hash) right after it is copied;
 - CUDA replicas only: each window is read into one of a few pinned host buffers, copied
   to every replica's device on a side stream (``non_blocking``), and hashed on the host
   while that copy runs; a pinned buffer is reused once its copies completed, so reads,
   hashing and host-to-device copies of different windows overlap (one buffer per core).
 
-Every byte is hashed on the host (BLAKE3, the version's digest; see ``weights``), on a
-CPU replica 1 MiB at a time right after it is read, while it is in the CPU's cache.
+Every byte is hashed on the host (XXH3-128, the version's digest; see ``weights``), on a
+CPU replica 1 MiB at a time right after it is copied, while it is in the CPU's cache.
 
 A failure anywhere (a bad header, a short read, a cancelled call) discards the staging:
 nothing that serves changes.
@@ -32,7 +33,6 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import blake3
 import numpy as np
 import torch
 
@@ -40,17 +40,24 @@ from . import tensor_codec as codec
 from .errors import Cancelled
 from .model_types import DeclaredConstant, UploadHeader
 from .safetensors_source import Entry, SafetensorsSource, windows
-from .weights import FOLDED_PREFIX, HASH_BLOCK, StagingUpload, background_priority, block_digests
+from .weights import (
+    FOLDED_PREFIX,
+    HASH_BLOCK,
+    StagingUpload,
+    background_priority,
+    block_digests,
+    new_hash,
+)
 
 if TYPE_CHECKING:
     from .served_model import ServedModel
 
 log = logging.getLogger(__name__)
 
-# Bytes read per task: whole hash blocks (so each task hashes what it read), large enough
-# that a task's overhead is nothing against its copy, small enough that 1 GiB spreads
-# over every core.
-WINDOW = 16 * HASH_BLOCK
+# Bytes read per task (one mapping each): whole hash blocks (so each task hashes what
+# it read), large enough that a task's overhead (the mapping too) is nothing against its
+# copy, small enough that 1 GiB spreads over every core and the mapped pages stay few.
+WINDOW = 4 * HASH_BLOCK
 # Pinned host buffers on the way to a GPU, each of CUDA_WINDOW bytes, one per reading
 # thread: a buffer is busy while it is read into, copied to the device and hashed (the
 # host side's work, overlapping the copies), so every core works on one.
@@ -161,18 +168,19 @@ def fill(staging: StagingUpload, entries: dict[str, Entry], is_active: Callable[
 def _read_hashing(entry: Entry, host: torch.Tensor, start: int, end: int) -> dict[int, bytes]:
     """Reads bytes [start, end) of ``entry`` into ``host`` (flat uint8, exactly those
     bytes; ``start`` on a hash block boundary) and returns the digests of the hash blocks
-    they cover, each piece hashed right after it is read, while it is still in the CPU's
-    cache (hashing a whole window after reading it reads it back from memory)."""
+    they cover, each piece hashed right after it is copied, while it is still in the CPU's
+    cache (hashing a whole window after copying it reads it back from memory)."""
     dst = memoryview(host.numpy())
     digests = {}
-    for lo in range(0, end - start, HASH_BLOCK):
-        hi = min(end - start, lo + HASH_BLOCK)
-        h = blake3.blake3()
-        for p in range(lo, hi, READ_PIECE):
-            piece = dst[p : min(hi, p + READ_PIECE)]
-            entry.read_into(start + p, piece)
-            h.update(piece)
-        digests[(start + lo) // HASH_BLOCK] = h.digest()
+    with entry.window(start, end) as window:
+        for lo in range(0, end - start, HASH_BLOCK):
+            hi = min(end - start, lo + HASH_BLOCK)
+            h = new_hash()
+            for p in range(lo, hi, READ_PIECE):
+                piece = dst[p : min(hi, p + READ_PIECE)]
+                window.copy_into(p, piece)
+                h.update(piece)
+            digests[(start + lo) // HASH_BLOCK] = h.digest()
     return digests
 
 

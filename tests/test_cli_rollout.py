@@ -267,13 +267,13 @@ class _FakeModel:
     def stream_constants(self, items, **kw):
         list(items)
         self.log.append((self.target, "stage"))
-        return WeightsVersion("v2", digest="blake3:abc")
+        return WeightsVersion("v2", digest="xxh3:abc")
 
     def swap_constant_buffer(self):
         self.log.append((self.target, "swap"))
         if self.fail_swap:
             raise ac.UnavailableError("draining")
-        return WeightsVersion("v2", digest="blake3:abc")
+        return WeightsVersion("v2", digest="xxh3:abc")
 
     def rollback_constant_buffer(self):
         self.log.append((self.target, "rollback"))

@@ -116,7 +116,7 @@ class FakeRunner(pb_grpc.ModelRunnerServicer):
             data.setdefault(c.name, bytearray())[c.offset : c.offset + len(c.data)] = c.data
         self.uploads.append((header, data, sizes))
         return pb.UpdateConstantBufferResponse(
-            version=pb.WeightsVersion(id="v8", digest="blake3:ab", description=header.description),
+            version=pb.WeightsVersion(id="v8", digest="xxh3:ab", description=header.description),
             bytes_received=sum(sizes),
             updated=list(data),
         )

@@ -85,7 +85,7 @@ def test_list_models(srv):
     assert list(two.inputs[0].shape) == [-1, 16]
     assert sorted(two.updatable_constants) == ["emb.weight", "proj.bias", "proj.weight"]
     assert two.active_version.id == "initial"
-    assert two.active_version.digest.startswith("blake3:") and len(two.active_version.digest) == 71
+    assert two.active_version.digest.startswith("xxh3:") and len(two.active_version.digest) == 37
     assert "_FOLDED_CONST_permute" not in models["mlp"].updatable_constants
 
 
@@ -305,7 +305,7 @@ def test_metrics_show_traffic(srv):
     served = [
         line
         for line in text.splitlines()
-        if line.startswith('aotiserve_weights_version_info{digest="blake3:')
+        if line.startswith('aotiserve_weights_version_info{digest="xxh3:')
         and ',model="mlp",version="initial"}' in line
     ]
     assert len(served) == 1 and served[0].endswith(" 1.0"), served

@@ -15,21 +15,21 @@ from aotiserve.v1 import model_runner_pb2 as pb
 
 
 def reference_digest(weights: dict) -> str:
-    """A version's digest computed here from the definition in docs/server.md (BLAKE3 tree:
-    4 MiB blocks, then each constant, then the version), not with the server's code."""
-    import blake3
+    """A version's digest computed here from the definition in docs/server.md (XXH3-128
+    tree: 4 MiB blocks, then each constant, then the version), not with the server's code."""
+    import xxhash
 
-    h = blake3.blake3()
+    h = xxhash.xxh3_128()
     for fqn in sorted(weights):
         t = weights[fqn]
         data = t.contiguous().numpy().tobytes()
         blocks = b"".join(
-            blake3.blake3(data[b : b + (4 << 20)]).digest() for b in range(0, len(data), 4 << 20)
+            xxhash.xxh3_128(data[b : b + (4 << 20)]).digest() for b in range(0, len(data), 4 << 20)
         )
         dtype = str(t.dtype).removeprefix("torch.")
         h.update(f"{fqn}\0{dtype}\0{list(t.shape)}\0".encode())
-        h.update(blake3.blake3(blocks).digest())
-    return "blake3:" + h.hexdigest()
+        h.update(xxhash.xxh3_128(blocks).digest())
+    return "xxh3:" + h.hexdigest()
 
 
 @pytest.mark.parametrize("model", ["mlp", "two_io"])
@@ -106,7 +106,7 @@ def test_stage_swap_rollback_free_lifecycle(server_factory, model):
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{s.app.metrics_port}/metrics").read().decode()
-    labels = f'digest="{v4.digest[:23]}",model="{model}",version="{v4.id}"'  # blake3:<16 hex>
+    labels = f'digest="{v4.digest[:21]}",model="{model}",version="{v4.id}"'  # xxh3:<16 hex>
     assert f"aotiserve_weights_version_info{{{labels}}} 1.0" in text
     assert f'aotiserve_constant_buffer_ops_total{{model="{model}",op="swap",outcome="ok"}}' in text
 
@@ -365,7 +365,7 @@ def test_update_from_blob_inside_allowed_root(server_factory):
     version = s.stub.UpdateConstantBufferFromBlob(
         pb.UpdateConstantBufferFromBlobRequest(model="blob_mlp", weights_path=str(blob))
     ).version
-    assert version.id != "initial" and version.digest.startswith("blake3:")
+    assert version.id != "initial" and version.digest.startswith("xxh3:")
     out, served = run(s.stub, "blob_mlp", inputs)
     assert wire.close(out, eager_with("blob_mlp", weights, inputs)) and served == version.id
     code, _ = code_of(

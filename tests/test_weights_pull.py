@@ -4,6 +4,7 @@ change, GPU-direct hand-off refusals, and the weights metrics (issue 19)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def test_load_a_file_stage_swap_and_the_same_sha_as_an_upload(server_factory, tm
 
     # The same weights uploaded over the wire form the same content hash.
     uploaded = upload(s.stub, "mlp", weights, validate_full=True).version
-    assert uploaded.digest == resp.version.digest and uploaded.digest.startswith("blake3:")
+    assert uploaded.digest == resp.version.digest and uploaded.digest.startswith("xxh3:")
 
     metrics = s.app.metrics
     assert (
@@ -89,6 +90,45 @@ def test_a_pull_hashes_many_blocks_as_an_upload_does(tmp_path):
             pulled.update(weights_pull._read_hashing(entry, host[start:end], start, end))
     assert torch.equal(host.view(torch.float32), t)
     assert pulled == weights.block_digests(host, 0, entry.nbytes) and len(pulled) == 3
+
+
+def test_a_file_truncated_while_mapped_is_an_error_not_sigbus(tmp_path):
+    """Pulls copy out of a mapping of the file; a file that shrinks meanwhile would make the
+    copy fault (SIGBUS, fatal). The copy traps it: FileTruncated, again and again, and the
+    window's other bytes still copy; through the source it is INVALID_ARGUMENT naming the
+    tensor and the file."""
+    import numpy as np
+
+    from aotiserve import runner_ext
+    from aotiserve.server import safetensors_source, tensor_codec
+    from aotiserve.server.errors import InvalidArgument
+
+    t = torch.arange(1 << 20, dtype=torch.int32)  # 4 MiB
+    path = tmp_path / "w.safetensors"
+    save_file({"w": t}, path)
+    with safetensors_source.open_source(path, lambda p: None, tensor_codec.Limits(), 8) as src:
+        entry = src.entries[0]
+        dst = np.empty(entry.nbytes, dtype=np.uint8)
+        with entry.window(0, entry.nbytes) as window:
+            window.copy_into(0, memoryview(dst)[:4096])
+            assert np.array_equal(dst[:4096].view(np.int32), t[:1024].numpy())
+            with open(path, "r+b") as f:
+                f.truncate(entry.start + (1 << 20))  # 1 MiB of the tensor's data left
+            for _ in range(2):
+                with pytest.raises(InvalidArgument, match="tensor 'w': w.safetensors ended before"):
+                    window.copy_into(2 << 20, memoryview(dst)[2 << 20 :])
+            window.copy_into(4096, memoryview(dst)[4096:8192])  # still mapped: the same bytes
+            assert np.array_equal(dst[:8192].view(np.int32), t[:2048].numpy())
+        with pytest.raises(InvalidArgument, match="truncated or rewritten meanwhile"):
+            entry.read_into(0, memoryview(dst))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with runner_ext.FileWindow(fd, 0, 3 << 20) as raw, pytest.raises(runner_ext.FileTruncated):
+            raw.copy_into(0, memoryview(np.empty(3 << 20, dtype=np.uint8)))
+        with pytest.raises(IndexError, match="outside the window"):
+            runner_ext.FileWindow(fd, 0, 16).copy_into(8, bytearray(16))
+    finally:
+        os.close(fd)
 
 
 def test_runs_across_file_loads_and_swaps_are_never_mixed(server_factory):

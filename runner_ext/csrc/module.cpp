@@ -105,6 +105,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("_torch_version") = AOTISERVE_TORCH_VERSION;
   aotiserve::bind_handle_helpers(m);
   aotiserve::bind_cpu_cache(m);
+  aotiserve::bind_file_window(m);
   aotiserve::bind_core_spread(m);
   aotiserve::bind_port(m);
 }

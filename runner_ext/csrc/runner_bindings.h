@@ -51,6 +51,9 @@ std::string without_backtrace(const std::string& what);
 // cpu_cache.cpp: a cache of large CPU blocks in front of torch's CPU allocator.
 void bind_cpu_cache(py::module_& m);
 
+// file_window.cpp: copies out of a read-only file mapping, a truncated file an error.
+void bind_file_window(py::module_& m);
+
 // Adds the runner introspection torch's runner keeps protected: input and
 // output counts and names, read straight from the model container. The
 // server uses them to reject a wrong input count before it reaches the

@@ -13,9 +13,9 @@ from aotiserve.v1 import model_runner_pb2 as pb
 @dataclass(frozen=True)
 class WeightsVersion:
     """One version of a model's weights. ``digest`` is ``"<algorithm>:<hex>"``:
-    ``blake3:`` the content digest (equal for equal bytes, whichever path staged them),
-    ``gpu-fingerprint:`` a GPU-direct hand-off's device-side fingerprint, ``sha256:`` a
-    version recorded by an older daemon."""
+    ``xxh3:`` the content digest (equal for equal bytes, whichever path staged them),
+    ``gpu-fingerprint:`` a GPU-direct hand-off's device-side fingerprint, ``blake3:`` or
+    ``sha256:`` a version recorded by an older daemon."""
 
     id: str
     digest: str = ""
