@@ -403,6 +403,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="HTTP/2 streams per client connection at once (default 256)",
     )
     a(
+        "--grpc-workers",
+        type=int,
+        help="threads that stay ready to serve calls on the port between requests (more start "
+        "under load, up to --max-concurrent-rpcs; default 32)",
+    )
+    a(
         "--max-streams",
         type=int,
         help="long-lived streams open at once, all kinds (health Watch, reflection, stream "

@@ -61,6 +61,19 @@ def test_precedence_cli_over_env_over_file_over_defaults(tmp_path):
     assert ServeConfig().serve_demo and not ServeConfig(model_repository="/m").serve_demo
 
 
+def test_every_flag_the_help_names_exists_and_sets_a_config_field():
+    """A flag that the help text mentions is one users can pass; each sets its field."""
+    import re
+
+    parser = build_parser()
+    helps = " ".join(action.help or "" for action in parser._actions)
+    named = set(re.findall(r"--[a-z0-9][a-z0-9-]+", helps))
+    assert named <= set(parser._option_string_actions), named - set(parser._option_string_actions)
+    args = parser.parse_args(["--grpc-workers", "12", "--max-streams", "6"])
+    config = ServeConfig.from_sources(args, {})
+    assert (config.grpc_workers, config.max_streams) == (12, 6)
+
+
 def test_cpu_block_cache_limit_is_bytes_zero_is_off():
     assert ServeConfig().cpu_block_cache_bytes == 512 << 20
     assert (
