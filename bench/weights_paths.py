@@ -268,8 +268,10 @@ class _stager:
             ],
             capture_output=True,
             text=True,
-            check=True,
         )
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-12:])
+            raise RuntimeError(f"the gpu-direct sender exited with {proc.returncode}:\n{tail}")
         sent = json.loads(proc.stdout.strip().splitlines()[-1])
         self.seconds = sent["seconds"]
         return sent["version"]
@@ -324,48 +326,58 @@ def main(args) -> dict:
                 res.update(cuda_limits(nbytes, device))
             res["quiet_p99_ms"] = _p99(checker.quiet(1.0)) * 1e3
             for path in ("upload", "file") + (("gpu-direct",) if cuda else ()):
-                # A full update, then the same 1% twice: the first partial after a full one
-                # also brings the inactive buffer's other 99% up to date (it holds the
-                # version before the full one); the second one finds them current.
-                for kind in ("full", "partial_after_full", "partial", "full_loaded"):
-                    partial = kind.startswith("partial")
-                    seed += 1.0
-                    touched = [0] if partial else list(range(TABLES))
-                    stage = _stager(path, model, server.target, name, rows, device, files, res)
-                    prepared = stage.prepare(seed, touched)  # untimed: writing the file
-                    hwm = procs.reset_peak_memory(server.pid)
-                    rss0 = procs.status_kib(server.pid, "VmRSS") * 1024
-                    if kind != "full_loaded":
-                        checker.pause()
-                    t0 = time.perf_counter()
-                    version = stage.run(prepared, seed, touched)
-                    t1 = time.perf_counter()
-                    checker.resume()
-                    if stage.seconds is not None:  # the hand-off call, not the sender's start
-                        t0, t1 = 0.0, stage.seconds
-                    peak = procs.status_kib(server.pid, "VmHWM") * 1024 if hwm else 0
-                    current.update({i: seed + i * 1e-3 for i in touched})
-                    checker.expected[version] = _expected(current, ids)
-                    s0 = time.perf_counter()
-                    model.swap_constant_buffer()
-                    s1 = time.perf_counter()
-                    time.sleep(0.05)  # the Runs overlapping the swap finish
-                    stage.cleanup(prepared)
-                    key = f"{path}_{kind}"
-                    res[f"{key}_s"] = t1 - t0
-                    res[f"{key}_gb_s"] = len(touched) * table_bytes / (t1 - t0) / 1e9
-                    res[f"{key}_swap_ms"] = (s1 - s0) * 1e3
-                    res[f"{key}_p99_overlapping_swap_ms"] = _p99(checker.overlapping(s0, s1)) * 1e3
-                    res[f"{key}_runs_overlapping_swap"] = len(checker.overlapping(s0, s1))
-                    res[f"{key}_rss_peak_ratio"] = peak / rss0 if peak else float("nan")
-                res[f"{path}_partial_over_full"] = res[f"{path}_partial_s"] / res[f"{path}_full_s"]
-                res[f"{path}_partial_after_full_over_full"] = (
-                    res[f"{path}_partial_after_full_s"] / res[f"{path}_full_s"]
-                )
-            res["file_over_memcpy"] = res["file_full_gb_s"] / res["memcpy_gb_s"]
-            res["file_over_hash"] = res["file_full_gb_s"] / res["hash_gb_s"]
-            if cuda:
-                res["file_over_h2d"] = res["file_full_gb_s"] / res["h2d_pinned_gb_s"]
+                try:
+                    # A full update, then the same 1% twice: the first partial after a full one
+                    # also brings the inactive buffer's other 99% up to date (it holds the
+                    # version before the full one); the second one finds them current.
+                    for kind in ("full", "partial_after_full", "partial", "full_loaded"):
+                        partial = kind.startswith("partial")
+                        seed += 1.0
+                        touched = [0] if partial else list(range(TABLES))
+                        stage = _stager(path, model, server.target, name, rows, device, files, res)
+                        prepared = stage.prepare(seed, touched)  # untimed: writing the file
+                        hwm = procs.reset_peak_memory(server.pid)
+                        rss0 = procs.status_kib(server.pid, "VmRSS") * 1024
+                        if kind != "full_loaded":
+                            checker.pause()
+                        t0 = time.perf_counter()
+                        version = stage.run(prepared, seed, touched)
+                        t1 = time.perf_counter()
+                        checker.resume()
+                        if stage.seconds is not None:  # the hand-off call, not the sender's start
+                            t0, t1 = 0.0, stage.seconds
+                        peak = procs.status_kib(server.pid, "VmHWM") * 1024 if hwm else 0
+                        current.update({i: seed + i * 1e-3 for i in touched})
+                        checker.expected[version] = _expected(current, ids)
+                        s0 = time.perf_counter()
+                        model.swap_constant_buffer()
+                        s1 = time.perf_counter()
+                        time.sleep(0.05)  # the Runs overlapping the swap finish
+                        stage.cleanup(prepared)
+                        key = f"{path}_{kind}"
+                        res[f"{key}_s"] = t1 - t0
+                        res[f"{key}_gb_s"] = len(touched) * table_bytes / (t1 - t0) / 1e9
+                        res[f"{key}_swap_ms"] = (s1 - s0) * 1e3
+                        res[f"{key}_p99_overlapping_swap_ms"] = (
+                            _p99(checker.overlapping(s0, s1)) * 1e3
+                        )
+                        res[f"{key}_runs_overlapping_swap"] = len(checker.overlapping(s0, s1))
+                        res[f"{key}_rss_peak_ratio"] = peak / rss0 if peak else float("nan")
+                    res[f"{path}_partial_over_full"] = (
+                        res[f"{path}_partial_s"] / res[f"{path}_full_s"]
+                    )
+                    res[f"{path}_partial_after_full_over_full"] = (
+                        res[f"{path}_partial_after_full_s"] / res[f"{path}_full_s"]
+                    )
+                except Exception as e:  # noqa: BLE001 (one path's failure is reported, the others run)
+                    res[f"{path}_error"] = f"{type(e).__name__}: {e}"
+                    print(f"{path}: {res[f'{path}_error']}", file=sys.stderr, flush=True)
+            if "file_full_gb_s" in res:
+                res["file_over_memcpy"] = res["file_full_gb_s"] / res["memcpy_gb_s"]
+                res["file_over_hash"] = res["file_full_gb_s"] / res["hash_gb_s"]
+                if cuda:
+                    res["file_over_h2d"] = res["file_full_gb_s"] / res["h2d_pinned_gb_s"]
+            if cuda and "gpu-direct_full_gb_s" in res:
                 res["gpu-direct_over_d2d"] = res["gpu-direct_full_gb_s"] / res["d2d_gb_s"]
             res["loadavg_1m"] = os.getloadavg()[0]
             out["rounds"].append(res)
@@ -401,6 +413,9 @@ def report(out: dict) -> None:
             f"{'loaded GB/s':>11}"
         )
         for p in paths:
+            if f"{p}_error" in r:
+                print(f"  {p:<11} failed: {r[f'{p}_error']}")
+                continue
             print(
                 f"  {p:<11} {r[f'{p}_full_s']:>7.3f} {r[f'{p}_full_gb_s']:>6.2f} "
                 f"{r[f'{p}_partial_s']:>7.3f} {r[f'{p}_partial_over_full']:>7.3f} "
@@ -411,13 +426,16 @@ def report(out: dict) -> None:
                 f"{r[f'{p}_full_rss_peak_ratio']:>6.3f} "
                 f"{r[f'{p}_full_loaded_gb_s']:>11.2f}"
             )
-        line = f"  file / memcpy {r['file_over_memcpy']:.2f}, file / XXH3 {r['file_over_hash']:.2f}"
+        line = ""
+        if "file_over_memcpy" in r:
+            line = f"  file / memcpy {r['file_over_memcpy']:.2f}, "
+            line += f"file / XXH3 {r['file_over_hash']:.2f}"
         if "file_over_h2d" in r:
-            line += (
-                f", file / H2D {r['file_over_h2d']:.2f}, gpu-direct / D2D "
-                f"{r['gpu-direct_over_d2d']:.3f}"
-            )
-        print(line)
+            line += f", file / H2D {r['file_over_h2d']:.2f}"
+        if "gpu-direct_over_d2d" in r:
+            line += f", gpu-direct / D2D {r['gpu-direct_over_d2d']:.3f}"
+        if line:
+            print(line)
     print(
         "1%: one of the 100 constants after another 1% update; 1%*: the first 1% after a "
         "full update (it also copies the 99% the full update changed into the inactive buffer)"
