@@ -24,8 +24,8 @@ from prometheus_client.core import CounterMetricFamily
 from aotiserve import runner_ext
 from aotiserve.client import dtypes
 
-from . import io_specs
 from . import tensor_codec as codec
+from . import warmup
 from .config import ServeConfig
 from .io_specs import LOWERBOUND_HINT
 
@@ -154,8 +154,7 @@ class Port:
         model.port = self
 
     def _warm(self, model: ServedModel) -> None:
-        on_gpu = any(r.pool.device.type == "cuda" for r in model.replicas)
-        sets = io_specs.warm_up_inputs(model.inputs, on_gpu)
+        sets = warmup.input_sets(model.inputs, model.replicas)
         if not sets:
             return
         failed: list[BaseException] = []

@@ -26,6 +26,13 @@ from . import io_specs
 log = logging.getLogger(__name__)
 
 
+def input_sets(inputs: Sequence[Any], replicas: Sequence[Any]) -> list[list[torch.Tensor]]:
+    """The warm-up inputs for a model on ``replicas``: a GPU among them adds a small batch
+    (io_specs.warm_up_inputs); [] where the input specs are incomplete."""
+    on_gpu = any(r.pool.device.type == "cuda" for r in replicas)
+    return io_specs.warm_up_inputs(inputs, on_gpu)
+
+
 def warm_up(
     name: str, replicas: Sequence[Any], inputs: Sequence[io_specs.IOSpec], runs: int, runners: int
 ) -> int:
@@ -34,8 +41,7 @@ def warm_up(
     warm-up with a warning: the model still serves (its own guards judge requests)."""
     if runs < 1 or not replicas:
         return 0
-    on_gpu = any(r.pool.device.type == "cuda" for r in replicas)
-    sets = io_specs.warm_up_inputs(inputs, on_gpu)
+    sets = input_sets(inputs, replicas)
     if not sets:
         log.info("model %r: no warm-up (its input dtypes/shapes are unknown)", name)
         return 0
