@@ -8,6 +8,12 @@ a ListModels connects the channel, and a Run naming a model the daemon does not 
 (NOT_FOUND, answered without touching the served model) builds the client's codecs for
 RunRequest/RunResponse and grpcio's call path for the method.
 
+Where the time goes is read from the daemon's own statistics (OIP ModelStatistics) after the
+first Run and after the steady ones: the server's whole time for the request, the wait for a
+runner, the time in the runner (device copies included), decoding the inputs and encoding the
+outputs — the first request's beside the steady mean, so a slow first request can be traced
+to the runner (lazy device state), to the hot path around it, or to the transport.
+
     python -m bench.first_request [--device cuda:0] [--model mlp] [--json OUT]
 """
 
@@ -23,8 +29,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+import oip_stub  # noqa: E402  (tests/, on the path above)
 
-def _one(model: str, device: str, warmup_runs: int, runs: int) -> tuple[float, float]:
+_SERVER_KEYS = ("server_first_us", "server_second_us", "server_steady_mean_us")
+
+
+_PARTS = ("success", "queue", "compute_infer", "compute_input", "compute_output")
+
+
+def _server_times(oip, model: str) -> dict[str, tuple[int, int]]:
+    """(count, ns) of each part of the daemon's statistics for ``model``."""
+    stats = oip.ModelStatistics(oip_stub.ipb.ModelStatisticsRequest(name=model))
+    s = stats.model_stats[0].inference_stats
+    return {part: (getattr(s, part).count, getattr(s, part).ns) for part in _PARTS}
+
+
+def _per_request_us(before, after) -> dict[str, float]:
+    out = {}
+    for part in _PARTS:
+        count = after[part][0] - before[part][0]
+        if count:
+            out[part] = round((after[part][1] - before[part][1]) / count / 1e3, 1)
+    return out
+
+
+def _one(model: str, device: str, warmup_runs: int, runs: int) -> dict:
     import grpc
     import model_zoo
     import wire
@@ -48,15 +77,30 @@ def _one(model: str, device: str, warmup_runs: int, runs: int) -> tuple[float, f
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.NOT_FOUND, e
         pb.RunResponse.FromString(pb.RunResponse(outputs=request.inputs).SerializeToString())
+        oip = oip_stub.GRPCInferenceServiceStub(srv.channel)
+        zero = _server_times(oip, model)
         started = time.perf_counter()
         srv.stub.Run(request)
         first = time.perf_counter() - started
+        after_first = _server_times(oip, model)
+        started = time.perf_counter()
+        srv.stub.Run(request)
+        second = time.perf_counter() - started
+        after_second = _server_times(oip, model)
         times = []
         for _ in range(runs):
             started = time.perf_counter()
             srv.stub.Run(request)
             times.append(time.perf_counter() - started)
-    return first, statistics.median(times)
+        after_steady = _server_times(oip, model)
+    return {
+        "first": first,
+        "second": second,
+        "p50": statistics.median(times),
+        "server_first_us": _per_request_us(zero, after_first),
+        "server_second_us": _per_request_us(after_first, after_second),
+        "server_steady_mean_us": _per_request_us(after_second, after_steady),
+    }
 
 
 def _repository(model: str, device: str) -> Path:
@@ -81,9 +125,11 @@ def main(argv=None) -> int:
     for warmup in (0, 1):
         rounds = [_one(args.model, args.device, warmup, args.runs) for _ in range(args.rounds)]
         results[f"warmup_runs={warmup}"] = {
-            "first_ms": [round(f * 1e3, 3) for f, _ in rounds],
-            "steady_p50_ms": [round(p * 1e3, 3) for _, p in rounds],
-            "first_over_p50": [round(f / p, 2) for f, p in rounds],
+            "first_ms": [round(r["first"] * 1e3, 3) for r in rounds],
+            "second_ms": [round(r["second"] * 1e3, 3) for r in rounds],
+            "steady_p50_ms": [round(r["p50"] * 1e3, 3) for r in rounds],
+            "first_over_p50": [round(r["first"] / r["p50"], 2) for r in rounds],
+            **{key: [r[key] for r in rounds] for key in _SERVER_KEYS},
         }
         print(f"warmup_runs={warmup}: " + json.dumps(results[f"warmup_runs={warmup}"]), flush=True)
     if args.json:
