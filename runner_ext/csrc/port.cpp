@@ -13,6 +13,7 @@
 #include <grpcpp/support/method_handler.h>
 
 #include <ATen/ATen.h>
+#include <absl/synchronization/mutex.h>
 #include <c10/core/InferenceMode.h>
 #include <openssl/crypto.h>
 
@@ -287,7 +288,12 @@ Port::Port(PortConfig config, std::shared_ptr<Stats> stats)
       stats_(std::move(stats)),
       bridge_(size_t(std::max(1, config_.max_pending))),
       run_in_flight_(stats_->in_flight("Run")),
-      infer_in_flight_(stats_->in_flight("ModelInfer")) {}
+      infer_in_flight_(stats_->in_flight("ModelInfer")) {
+  // Abseil built without NDEBUG (Debian's is) records every lock gRPC takes in a
+  // deadlock-detection graph: a few % of the port's CPU per request, for a check meant for
+  // development. Off for the process (gRPC's mutexes are abseil's).
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+}
 
 Port::~Port() { stop(0); }
 
