@@ -14,6 +14,7 @@
 
 #include "core_spread.h"
 
+#include <atomic>
 #include <fstream>
 #include <mutex>
 #include <optional>
@@ -63,12 +64,17 @@ class Runner : public Base {
  public:
   using Base::Base;
 
+  // Looked up once: every run checks its input count against it, and a symbol lookup
+  // (dlsym) per run is a measurable share of a tiny model's run.
   size_t num_inputs() const {
+    int64_t cached = num_inputs_.load(std::memory_order_relaxed);
+    if (cached >= 0) return size_t(cached);
     size_t n = 0;
     check(sym<decltype(&AOTInductorModelContainerGetNumInputs)>(
               "AOTInductorModelContainerGetNumInputs")(
               this->container_handle_, &n),
           "get_num_inputs");
+    num_inputs_.store(int64_t(n), std::memory_order_relaxed);
     return n;
   }
 
@@ -438,6 +444,7 @@ class Runner : public Base {
   static constexpr bool kOnHost =
       std::is_same_v<Base, torch::inductor::AOTIModelContainerRunnerCpu>;
   std::atomic<int64_t> typical_run_ns_{0};  // how long a run takes (RunPlacement keeps it)
+  mutable std::atomic<int64_t> num_inputs_{-1};  // the container's input count, once known
   mutable std::mutex buffer_state_mutex_;
   std::set<std::string> inactive_written_;
   // [0] describes the active buffer, [1] the inactive one; swapped on swap.
