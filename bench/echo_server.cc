@@ -5,8 +5,9 @@
 // bytes), served the way runner_ext/csrc/port.cpp serves Run: a sync grpc::Service whose
 // one method takes and returns grpc::ByteBuffer (no protobuf), MAX_POLLERS = --workers
 // and a ResourceQuota of max(--workers + 8, --max-threads) threads (the daemon's defaults:
-// grpc_workers 32, max_concurrent_rpcs 1024). The reply is one refcounted slice made at
-// start, so answering copies nothing. The figure is gRPC C++'s own per-call cost here.
+// grpc_workers 32, max_concurrent_rpcs 1024), abseil's deadlock detection off. The reply
+// is one refcounted slice made at start, so answering copies nothing. The figure is gRPC
+// C++'s own per-call cost here.
 //
 // Built on demand by bench/cpp_echo.py:
 //   g++ -O2 -std=c++17 echo_server.cc -o echo_server $(pkg-config --cflags --libs grpc++)
@@ -22,6 +23,7 @@
 #include <grpcpp/resource_quota.h>
 #include <grpcpp/support/method_handler.h>
 #include <grpcpp/generic/async_generic_service.h>
+#include <absl/synchronization/mutex.h>
 
 #include <pthread.h>
 #include <unistd.h>
@@ -109,6 +111,9 @@ int main(int argc, char** argv) {
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  // As the port does (port.cpp): abseil's deadlock detection, on in Debian's build, off.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 
   EchoService service{grpc::Slice(reply)};
   int port = 0;
