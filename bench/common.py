@@ -280,3 +280,36 @@ def median_of(values):
 def rps_at(result: dict, c: int) -> float:
     """Median req/s over the windows run with ``c`` clients (compute alternates 1, 2, 1, 2...)."""
     return statistics.median(t[RPS] for t in result["throughput"] if t["concurrency"] == c)
+
+
+# The daemon's own account of where a request's time went (OIP ModelStatistics; the table in
+# server/oip_statistics.py): its whole time, the wait for a runner, the run (device copies
+# included), decoding the inputs and encoding the outputs.
+SERVER_PARTS = ("success", "queue", "compute_infer", "compute_input", "compute_output")
+
+
+def server_times(target: str, model: str) -> dict[str, tuple[int, int]]:
+    """(count, ns) of each of :data:`SERVER_PARTS` for ``model`` on the daemon at ``target``."""
+    import grpc
+
+    from aotiserve.server.oip_codec import SERVICE_NAME, messages
+
+    ipb = messages()
+    with grpc.insecure_channel(target) as channel:
+        stats = channel.unary_unary(
+            f"/{SERVICE_NAME}/ModelStatistics",
+            request_serializer=ipb.ModelStatisticsRequest.SerializeToString,
+            response_deserializer=ipb.ModelStatisticsResponse.FromString,
+        )(ipb.ModelStatisticsRequest(name=model), timeout=30)
+    s = stats.model_stats[0].inference_stats
+    return {part: (getattr(s, part).count, getattr(s, part).ns) for part in SERVER_PARTS}
+
+
+def server_us_per_request(before: dict, after: dict) -> dict[str, float]:
+    """Mean µs per request of each part between two :func:`server_times` readings."""
+    out = {}
+    for part in SERVER_PARTS:
+        count = after[part][0] - before[part][0]
+        if count:
+            out[part] = round((after[part][1] - before[part][1]) / count / 1e3, 1)
+    return out

@@ -26,31 +26,12 @@ import sys
 import time
 from pathlib import Path
 
+from .common import server_times, server_us_per_request
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-import oip_stub  # noqa: E402  (tests/, on the path above)
-
 _SERVER_KEYS = ("server_first_us", "server_second_us", "server_steady_mean_us")
-
-
-_PARTS = ("success", "queue", "compute_infer", "compute_input", "compute_output")
-
-
-def _server_times(oip, model: str) -> dict[str, tuple[int, int]]:
-    """(count, ns) of each part of the daemon's statistics for ``model``."""
-    stats = oip.ModelStatistics(oip_stub.ipb.ModelStatisticsRequest(name=model))
-    s = stats.model_stats[0].inference_stats
-    return {part: (getattr(s, part).count, getattr(s, part).ns) for part in _PARTS}
-
-
-def _per_request_us(before, after) -> dict[str, float]:
-    out = {}
-    for part in _PARTS:
-        count = after[part][0] - before[part][0]
-        if count:
-            out[part] = round((after[part][1] - before[part][1]) / count / 1e3, 1)
-    return out
 
 
 def _one(model: str, device: str, warmup_runs: int, runs: int) -> dict:
@@ -77,29 +58,28 @@ def _one(model: str, device: str, warmup_runs: int, runs: int) -> dict:
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.NOT_FOUND, e
         pb.RunResponse.FromString(pb.RunResponse(outputs=request.inputs).SerializeToString())
-        oip = oip_stub.GRPCInferenceServiceStub(srv.channel)
-        zero = _server_times(oip, model)
+        zero = server_times(srv.target, model)
         started = time.perf_counter()
         srv.stub.Run(request)
         first = time.perf_counter() - started
-        after_first = _server_times(oip, model)
+        after_first = server_times(srv.target, model)
         started = time.perf_counter()
         srv.stub.Run(request)
         second = time.perf_counter() - started
-        after_second = _server_times(oip, model)
+        after_second = server_times(srv.target, model)
         times = []
         for _ in range(runs):
             started = time.perf_counter()
             srv.stub.Run(request)
             times.append(time.perf_counter() - started)
-        after_steady = _server_times(oip, model)
+        after_steady = server_times(srv.target, model)
     return {
         "first": first,
         "second": second,
         "p50": statistics.median(times),
-        "server_first_us": _per_request_us(zero, after_first),
-        "server_second_us": _per_request_us(after_first, after_second),
-        "server_steady_mean_us": _per_request_us(after_second, after_steady),
+        "server_first_us": server_us_per_request(zero, after_first),
+        "server_second_us": server_us_per_request(after_first, after_second),
+        "server_steady_mean_us": server_us_per_request(after_second, after_steady),
     }
 
 

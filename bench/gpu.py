@@ -45,7 +45,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from bench import procs  # noqa: E402
-from bench.common import HOT_METRIC, run_driver, run_reply  # noqa: E402
+from bench.common import (  # noqa: E402
+    HOT_METRIC,
+    run_driver,
+    run_reply,
+    server_times,
+    server_us_per_request,
+)
 
 TINY_SHAPES = [[1, 64]]
 
@@ -233,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         rn: dict[str, list[dict]] = {"client": [], "run": []}
         for _ in range(args.rounds):
             for key, server in servers.items():
+                before = server_times(daemon.target, "mlp") if key == "aotiserve" else None
                 tiny[key].append(
                     _driver(
                         server.target,
@@ -245,7 +252,12 @@ def main(argv: list[str] | None = None) -> int:
                         200,
                     )
                 )
+                if before is not None:
+                    tiny[key][-1]["server_us"] = server_us_per_request(
+                        before, server_times(daemon.target, "mlp")
+                    )
             for client_kind in () if args.skip_resnet else rn:
+                before = server_times(daemon.target, "resnet50")
                 hot0 = procs.metric(daemon, HOT_METRIC, {"method": "Run"})
                 res = _driver(
                     daemon.target,
@@ -258,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                     10,
                 )
                 hot1 = procs.metric(daemon, HOT_METRIC, {"method": "Run"})
+                res["server_us"] = server_us_per_request(
+                    before, server_times(daemon.target, "resnet50")
+                )
                 if hot0 is not None:
                     res["hot_path_share"] = (hot1 - hot0) / res["calls_total"]
                 rn[client_kind].append(res)
@@ -268,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                 "rps_1": _med(_tp(r, 1)["rps"] for r in runs),
                 "rps_4": _med(_tp(r, 4)["rps"] for r in runs),
                 "p50_us_rounds": [round(r["sequential"]["p50_us"], 1) for r in runs],
+                # The daemon's own split of a request (every call of the rounds), per round.
+                **({"server_us": [r["server_us"] for r in runs]} if "server_us" in runs[0] else {}),
             }
             for k, runs in tiny.items()
         }
@@ -284,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                 "p99_us_4": _med(_tp(r, 4)["latency"]["p99_us"] for r in runs),
                 "errors": sum(_tp(r, 4)["errors"] for r in runs),
                 "hot_path_share": _med(r.get("hot_path_share", float("nan")) for r in runs),
+                "server_us": [r["server_us"] for r in runs],
             }
         if rn["client"]:
             ip = results["inproc_resnet50"]
@@ -379,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  {k:12} {v['p50_us']:9.1f} {v['p99_us']:9.1f} {v['rps_1']:9.0f} {v['rps_4']:9.0f}  {v['p50_us_rounds']}"
         )
+    if "server_us" in t.get("aotiserve", {}):
+        print(f"  the daemon's time per request, per round (µs): {t['aotiserve']['server_us']}")
     if "aotiserve" in r:
         i = r["inproc"]
         print(
@@ -397,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"p99 {a['p99_us_4'] / 1e3:7.2f} ms  (1 client: p50 {a['p50_us_1_client'] / 1e3:.2f} ms, "
                 f"p99 {a['p99_us_1_client'] / 1e3:.2f} ms; hot path {100 * a['hot_path_share']:.0f}%)"
             )
+            print(f"    the daemon's time per request, per round (µs): {a['server_us']}")
         print(
             f"  in-process, 4 threads:       {i['rps_4'] * args.batch:8.0f} img/s  p50 {i['p50_us_4'] / 1e3:7.2f} ms  "
             f"p99 {i['p99_us_4'] / 1e3:7.2f} ms  (1 thread: p50 {i['p50_us_1_thread'] / 1e3:.2f} ms, "
