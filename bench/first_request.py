@@ -8,6 +8,9 @@ a ListModels connects the channel, and a Run naming a model the daemon does not 
 (NOT_FOUND, answered without touching the served model) builds the client's codecs for
 RunRequest/RunResponse and grpcio's call path for the method.
 
+On a GPU the warm-up setting is measured a second time with ``--gpu-slot-threads`` (every
+run of a slot on a thread of its own, set up by the warm-up), beside the default.
+
 Where the time goes is read from the daemon's own statistics (OIP ModelStatistics) after the
 first Run and after the steady ones: the server's whole time for the request, the wait for a
 runner, the time in the runner (device copies included), decoding the inputs and encoding the
@@ -34,7 +37,7 @@ sys.path.insert(0, str(REPO / "tests"))
 _SERVER_KEYS = ("server_first_us", "server_second_us", "server_steady_mean_us")
 
 
-def _one(model: str, device: str, warmup_runs: int, runs: int) -> dict:
+def _one(model: str, device: str, warmup_runs: int, runs: int, slot_threads: bool) -> dict:
     import grpc
     import model_zoo
     import wire
@@ -50,6 +53,7 @@ def _one(model: str, device: str, warmup_runs: int, runs: int) -> dict:
         devices=(device,),
         warmup_runs=warmup_runs,
         runners_per_model=1,
+        gpu_slot_threads=slot_threads,
     ) as srv:
         # The client's first-call costs, paid before the timed Run (see the module doc).
         srv.stub.ListModels(pb.ListModelsRequest())
@@ -102,16 +106,23 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args(argv)
     results = {}
-    for warmup in (0, 1):
-        rounds = [_one(args.model, args.device, warmup, args.runs) for _ in range(args.rounds)]
-        results[f"warmup_runs={warmup}"] = {
+    settings = [(0, False), (1, False)]
+    if args.device.startswith("cuda"):
+        settings.append((1, True))  # --gpu-slot-threads, beside the default
+    for warmup, slot_threads in settings:
+        rounds = [
+            _one(args.model, args.device, warmup, args.runs, slot_threads)
+            for _ in range(args.rounds)
+        ]
+        label = f"warmup_runs={warmup}" + (" gpu_slot_threads" if slot_threads else "")
+        results[label] = {
             "first_ms": [round(r["first"] * 1e3, 3) for r in rounds],
             "second_ms": [round(r["second"] * 1e3, 3) for r in rounds],
             "steady_p50_ms": [round(r["p50"] * 1e3, 3) for r in rounds],
             "first_over_p50": [round(r["first"] / r["p50"], 2) for r in rounds],
             **{key: [r[key] for r in rounds] for key in _SERVER_KEYS},
         }
-        print(f"warmup_runs={warmup}: " + json.dumps(results[f"warmup_runs={warmup}"]), flush=True)
+        print(f"{label}: " + json.dumps(results[label]), flush=True)
     if args.json:
         Path(args.json).write_text(
             json.dumps({"device": args.device, "model": args.model, **results}, indent=2)

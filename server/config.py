@@ -114,6 +114,10 @@ class ServeConfig:
     # replica (server/warmup.py): the first requests then pay no lazy initialisation (CUDA
     # loads kernels at their first launch). 0: off. Per model in its config file.
     warmup_runs: int = 1
+    # GPU replicas: each run slot gets a long-lived thread that the warm-up runs on and every
+    # later run of that slot is handed to, instead of running on whichever gRPC thread took
+    # the request (runner_ext/csrc/cuda.cpp). No effect on the CPU.
+    gpu_slot_threads: bool = False
     grpc_workers: int = 32
     # The daemon restarts itself with malloc and torch's allocator set for payloads
     # (server/process_env.py): transparent huge pages (large tensors copy several times
@@ -480,6 +484,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="leave long single-threaded CPU runs where the scheduler puts them (by default "
         "one that starts beside another is pinned, while it runs, to the core with the "
         "fewest such runs)",
+    )
+    a(
+        "--gpu-slot-threads",
+        action="store_const",
+        const=True,
+        help="run each GPU request on a thread of its run slot, set up by the warm-up, "
+        "instead of on the gRPC thread that took it (no effect on the CPU)",
     )
     a(
         "--reserve-inactive-buffer",

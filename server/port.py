@@ -86,6 +86,7 @@ class Port:
             },
             stats,
         )
+        self._gpu_slot_threads = config.gpu_slot_threads
         self._models: set[str] = set()
         self._log_thread = threading.Thread(
             target=self._forward_log, name="aotiserve-port-log", daemon=True
@@ -131,7 +132,7 @@ class Port:
             )
         replicas = [
             (
-                r.runner._hot_run_fn(str(r.pool.device)),
+                r.runner._hot_run_fn(str(r.pool.device), self._gpu_slot_threads),
                 r.runner._hot_swap_fn(),
                 r.slot.capacity,
                 r.pool.name,

@@ -103,10 +103,12 @@ def test_a_reserved_inactive_buffer_on_cuda_takes_uploads_in_place(cuda_repo):
         assert wire.close(out, model_zoo.eager("mlp", inputs))
 
 
-def test_the_hot_path_serves_a_cuda_model_through_swaps(cuda_repo):
+@pytest.mark.parametrize("slot_threads", [False, True], ids=["grpc-threads", "slot-threads"])
+def test_the_hot_path_serves_a_cuda_model_through_swaps(cuda_repo, slot_threads):
     """The C++ hot path on cuda:0: eager results from 8 concurrent clients, the weights
-    of every swap and rollback, named errors."""
-    with _serve(cuda_repo, ("cuda:0",), batch_max_size=0) as s:
+    of every swap and rollback, named errors; runs on the gRPC threads or handed to the
+    threads of the run slots (--gpu-slot-threads)."""
+    with _serve(cuda_repo, ("cuda:0",), batch_max_size=0, gpu_slot_threads=slot_threads) as s:
         assert s.app.registry.get("mlp").port is not None
         native = s.stub
         for name in ("mlp", "two_io"):
@@ -145,11 +147,14 @@ def test_the_hot_path_serves_a_cuda_model_through_swaps(cuda_repo):
         assert s.app.metrics.sample("aotiserve_hot_path_requests_total", method="Run") > 800
 
 
-def test_the_first_request_after_warm_up_maps_no_new_gpu_memory(cuda_repo):
+@pytest.mark.parametrize("slot_threads", [False, True], ids=["grpc-threads", "slot-threads"])
+def test_the_first_request_after_warm_up_maps_no_new_gpu_memory(cuda_repo, slot_threads):
     """Warm-up runs every run slot of the hot path (each slot has its stream): the first
     request, whichever gRPC thread serves it, finds the memory cached for its stream and
     the cuBLAS workspace set up, so it makes no cudaMalloc."""
-    with _serve(cuda_repo, ("cuda:0",), batch_max_size=0, warmup_runs=1) as s:
+    with _serve(
+        cuda_repo, ("cuda:0",), batch_max_size=0, warmup_runs=1, gpu_slot_threads=slot_threads
+    ) as s:
         request = wire.run_request("mlp", model_zoo.MODELS["mlp"].inputs(4))
         before = torch.cuda.memory_stats(0).get("segment.all.allocated", 0)
         s.stub.Run(request)
