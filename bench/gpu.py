@@ -182,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         help="N >= 2 adds ResNet-50 req/s with 8 clients on one GPU vs N GPUs",
     )
     parser.add_argument("--skip-resnet", action="store_true")
+    parser.add_argument(
+        "--slot-threads",
+        action="store_true",
+        help="also measure a second daemon with --gpu-slot-threads, in the same rounds",
+    )
     args = parser.parse_args(argv)
 
     import model_zoo
@@ -229,6 +234,14 @@ def main(argv: list[str] | None = None) -> int:
             work / "aotiserve", models, runners=args.runners, extra_args=["--devices", dev]
         )
         daemon = servers["aotiserve"]
+        daemons = {"aotiserve": daemon}
+        if args.slot_threads:
+            servers["aotiserve_slots"] = daemons["aotiserve_slots"] = procs.start_aotiserve(
+                work / "aotiserve-slots",
+                models,
+                runners=args.runners,
+                extra_args=["--devices", dev, "--gpu-slot-threads"],
+            )
         reply = run_reply(daemon.target, "mlp", TINY_SHAPES, [1, 10])
         for name, cpp in (("echo_cpp", True), ("echo", False)):
             try:
@@ -237,13 +250,15 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append(f"{name}: skipped: {exc}")
         tiny: dict[str, list] = {k: [] for k in servers}
         rn: dict[str, list[dict]] = {"client": [], "run": []}
+        if args.slot_threads:
+            rn["client_slots"] = []
         for _ in range(args.rounds):
             for key, server in servers.items():
-                before = server_times(daemon.target, "mlp") if key == "aotiserve" else None
+                before = server_times(server.target, "mlp") if key in daemons else None
                 tiny[key].append(
                     _driver(
                         server.target,
-                        "run" if key == "aotiserve" else "echo",
+                        "run" if key in daemons else "echo",
                         "mlp",
                         TINY_SHAPES,
                         args.n,
@@ -254,13 +269,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if before is not None:
                     tiny[key][-1]["server_us"] = server_us_per_request(
-                        before, server_times(daemon.target, "mlp")
+                        before, server_times(server.target, "mlp")
                     )
-            for client_kind in () if args.skip_resnet else rn:
-                before = server_times(daemon.target, "resnet50")
-                hot0 = procs.metric(daemon, HOT_METRIC, {"method": "Run"})
+            for rn_key in () if args.skip_resnet else rn:
+                client_kind, _, variant = rn_key.partition("_")
+                target = daemons["aotiserve_" + variant if variant else "aotiserve"]
+                before = server_times(target.target, "resnet50")
+                hot0 = procs.metric(target, HOT_METRIC, {"method": "Run"})
                 res = _driver(
-                    daemon.target,
+                    target.target,
                     client_kind,
                     "resnet50",
                     [resnet_shape],
@@ -269,13 +286,13 @@ def main(argv: list[str] | None = None) -> int:
                     args.seconds,
                     10,
                 )
-                hot1 = procs.metric(daemon, HOT_METRIC, {"method": "Run"})
+                hot1 = procs.metric(target, HOT_METRIC, {"method": "Run"})
                 res["server_us"] = server_us_per_request(
-                    before, server_times(daemon.target, "resnet50")
+                    before, server_times(target.target, "resnet50")
                 )
                 if hot0 is not None:
                     res["hot_path_share"] = (hot1 - hot0) / res["calls_total"]
-                rn[client_kind].append(res)
+                rn[rn_key].append(res)
         results["tiny"] = {
             k: {
                 "p50_us": _med(r["sequential"]["p50_us"] for r in runs),
@@ -288,12 +305,16 @@ def main(argv: list[str] | None = None) -> int:
             }
             for k, runs in tiny.items()
         }
-        for client_kind, runs in rn.items():
+        rn_keys = {
+            "client": "aotiserve",
+            "run": "aotiserve_plain_client",
+            "client_slots": "aotiserve_slots",
+        }
+        for rn_key, runs in rn.items():
             if not runs:
                 continue
-            key = "aotiserve" if client_kind == "client" else "aotiserve_plain_client"
-            results["resnet50"][key] = {
-                "client": "aotiserve.client" if client_kind == "client" else "grpcio + protobuf",
+            results["resnet50"][rn_keys[rn_key]] = {
+                "client": "grpcio + protobuf" if rn_key == "run" else "aotiserve.client",
                 "p50_us_1_client": _med(r["sequential"]["p50_us"] for r in runs),
                 "p99_us_1_client": _med(r["sequential"]["p99_us"] for r in runs),
                 "rps_4": _med(_tp(r, 4)["rps"] for r in runs),
@@ -368,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         if "echo_cpp" in t:
             checks["tiny_echo_cpp_p50_plus_30_us"] = round(t["echo_cpp"]["p50_us"] + 30, 1)
             checks["tiny_latency_ok"] = overhead <= t["echo_cpp"]["p50_us"] + 30
+    if "aotiserve_slots" in t:
+        checks["tiny_slot_threads_minus_inproc_p50_us"] = round(
+            t["aotiserve_slots"]["p50_us"] - inproc, 1
+        )
     r = results.get("resnet50", {})
     if "aotiserve" in r and "inproc" in r:
         checks["resnet50_img_s_4_clients"] = round(r["aotiserve"]["rps_4"] * args.batch, 1)
@@ -376,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         if "aotiserve_plain_client" in r:
             checks["resnet50_ratio_plain_client"] = round(
                 r["aotiserve_plain_client"]["rps_4"] / r["inproc"]["rps_4"], 3
+            )
+        if "aotiserve_slots" in r:
+            checks["resnet50_ratio_slot_threads"] = round(
+                r["aotiserve_slots"]["rps_4"] / r["inproc"]["rps_4"], 3
             )
         checks["resnet50_ok"] = checks["resnet50_ratio"] >= 0.8
     d = results.get("devices")
@@ -389,16 +418,17 @@ def main(argv: list[str] | None = None) -> int:
         f"device: {results['device']} ({results['device_count']} GPU(s)); torch {results['torch']}"
     )
     print(f"tiny model [1,64] -> [1,10], medians of {args.rounds} round(s):")
-    print(f"  {'system':12} {'p50 us':>9} {'p99 us':>9} {'rps 1c':>9} {'rps 4c':>9}  p50 per round")
+    print(f"  {'system':16} {'p50 us':>9} {'p99 us':>9} {'rps 1c':>9} {'rps 4c':>9}  p50 per round")
     print(
-        f"  {'in-process':12} {inproc:9.1f} {results['inproc_tiny']['sequential']['p99_us']:9.1f}"
+        f"  {'in-process':16} {inproc:9.1f} {results['inproc_tiny']['sequential']['p99_us']:9.1f}"
     )
     for k, v in t.items():
         print(
-            f"  {k:12} {v['p50_us']:9.1f} {v['p99_us']:9.1f} {v['rps_1']:9.0f} {v['rps_4']:9.0f}  {v['p50_us_rounds']}"
+            f"  {k:16} {v['p50_us']:9.1f} {v['p99_us']:9.1f} {v['rps_1']:9.0f} {v['rps_4']:9.0f}  {v['p50_us_rounds']}"
         )
-    if "server_us" in t.get("aotiserve", {}):
-        print(f"  the daemon's time per request, per round (µs): {t['aotiserve']['server_us']}")
+    for k in ("aotiserve", "aotiserve_slots"):
+        if "server_us" in t.get(k, {}):
+            print(f"  {k}: the daemon's time per request, per round (µs): {t[k]['server_us']}")
     if "aotiserve" in r:
         i = r["inproc"]
         print(
@@ -408,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, label in (
             ("aotiserve", "aotiserve.client"),
             ("aotiserve_plain_client", "plain grpcio client"),
+            ("aotiserve_slots", "--gpu-slot-threads"),
         ):
             if key not in r:
                 continue
