@@ -66,7 +66,9 @@ def make_extension():
     shared = (
         "module",
         "cpu_cache",
+        "sigbus",
         "file_window",
+        "shared_mapping",
         "core_spread",
         "wire",
         "port_stats",

@@ -45,6 +45,10 @@ port_set_dtypes = _C.port_set_dtypes
 open_cuda_ipc = getattr(_C, "open_cuda_ipc", None)
 FileWindow = _C.FileWindow
 FileTruncated = _C.FileTruncated
+# OIP system shared memory: a client's object mapped as a uint8 tensor; reads zeros past its
+# end if the client shrinks it (no SIGBUS), and shared_memory_faulted() says so.
+map_shared_memory = _C.map_shared_memory
+shared_memory_faulted = _C.shared_memory_faulted
 
 
 from .package import (  # noqa: E402
@@ -74,11 +78,13 @@ __all__ = [
     "install_cpu_block_cache",
     "list_package_models",
     "load_model",
+    "map_shared_memory",
     "open_cuda_ipc",
     "port_set_dtypes",
     "read_package_metadata",
     "runner_class_for",
     "set_core_spread",
+    "shared_memory_faulted",
     "trim_cpu_block_cache",
     "unsafe_alloc_void_ptr_from_tensor",
     "unsafe_alloc_void_ptrs_from_tensors",

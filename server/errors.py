@@ -98,11 +98,31 @@ class Internal(ServeError):
 GENERIC_INTERNAL = "internal error; see the server log"
 
 
+# A status message travels in the grpc-message trailer, percent-encoded (up to 3 bytes
+# per byte); clients refuse trailers past 8-16 KiB and then report RESOURCE_EXHAUSTED
+# instead of the real error. Messages repeat what the caller sent (a model name, an
+# input name), so they are clipped to this many UTF-8 bytes (the port clips the same).
+MAX_MESSAGE_BYTES = 1536
+_CLIP_HEAD, _CLIP_TAIL = 1024, 384
+
+
+def clip(message: str) -> str:
+    """``message`` within :data:`MAX_MESSAGE_BYTES`: its head and tail, and how much of
+    the middle was left out."""
+    raw = message.encode()
+    if len(raw) <= MAX_MESSAGE_BYTES:
+        return message
+    head = raw[:_CLIP_HEAD].decode(errors="ignore")
+    tail = raw[-_CLIP_TAIL:].decode(errors="ignore")
+    left_out = len(raw) - _CLIP_HEAD - _CLIP_TAIL
+    return f"{head}…[{left_out} bytes left out]…{tail}"
+
+
 def to_status(exc: BaseException, where: str = "") -> tuple[grpc.StatusCode, str]:
     """The status code and message a caller sees for ``exc``; logs unexpected ones."""
     if isinstance(exc, ServeError):
         if exc.code == grpc.StatusCode.INTERNAL:
-            log.error("%s failed: %s", where or "call", exc.message, exc_info=exc)
-        return exc.code, exc.message
+            log.error("%s failed: %s", where or "call", clip(exc.message), exc_info=exc)
+        return exc.code, clip(exc.message)
     log.error("%s failed with an unexpected error", where or "call", exc_info=exc)
     return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL

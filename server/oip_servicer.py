@@ -181,6 +181,7 @@ class OipServicer(RepositoryRpcs, SharedMemoryRpcs):
             entry.parameters["shared_memory_byte_size"].int64_param = nbytes
             if any_raw:
                 response.raw_output_contents.append(b"")
+        self.plane.shared_memory.check_unshrunk([*request.inputs, *request.outputs])
         return response
 
     def _decode_inputs(self, model: ServedModel, request) -> list[torch.Tensor]:

@@ -166,9 +166,11 @@ class SafetensorsSource:
 
 
 def _open_checked(path: Path, check: Callable[[Path], None], what: str) -> tuple[int, int]:
-    """Opens ``path`` read-only and checks the file actually opened lies below the roots."""
+    """Opens ``path`` read-only and checks the file actually opened lies below the roots.
+    Opened non-blocking (a named pipe or a device would otherwise block the open until a
+    writer came) and refused unless it is a regular file."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise InvalidArgument(f"{what}: {str(path)!r} does not exist") from None
     except IsADirectoryError:
@@ -179,6 +181,7 @@ def _open_checked(path: Path, check: Callable[[Path], None], what: str) -> tuple
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise InvalidArgument(f"{what}: {str(path)!r} is not a regular file")
+        os.set_blocking(fd, True)
         opened = (
             Path(os.readlink(f"/proc/self/fd/{fd}")) if os.path.exists("/proc/self/fd") else path
         )

@@ -10,7 +10,10 @@ Bounds and checks: at most ``max_regions`` regions and ``max_bytes`` mapped at o
 unique; a key is one ``/name`` (no path); a region must lie inside its object; a tensor's
 offset and size must lie inside its region and match its byte size; a system object must
 belong to the registering client's user where the daemon can tell it (a TCP peer in its
-network namespace; root clients excepted). Registering needs a peer on this host
+network namespace; root clients excepted). A client that shrinks its object while it is
+registered does not crash the daemon (``runner_ext.map_shared_memory``: past the new end the
+region reads zeros), but every request that uses the region from then on is refused until it
+is registered again (:func:`check_unshrunk`). Registering needs a peer on this host
 (``shared_memory = "local"``, the default: loopback or a unix socket), and a region goes away
 with the connection that registered it (a client killed without unregistering leaves nothing
 mapped; see :meth:`SharedMemoryRegions.release_closed`).
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import mmap
 import os
 import stat
 import threading
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from aotiserve import runner_ext
 
 from . import peer_connections
 from .errors import (
@@ -107,12 +111,25 @@ def map_system(
                 f"{what}: region [{offset}, {offset + byte_size}) lies beyond the end of "
                 f"{key!r} ({st.st_size} bytes)"
             )
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        mapped = mmap.mmap(fd, offset + byte_size - start, offset=start)
+        try:  # unmapped once the last view of the tensor goes
+            return runner_ext.map_shared_memory(fd, offset, byte_size)
+        except RuntimeError as exc:
+            raise InvalidArgument(f"{what}: cannot map {key!r}: {exc}") from None
     finally:
         os.close(fd)
-    whole = torch.frombuffer(mapped, dtype=torch.uint8)  # holds the mapping alive
-    return whole[offset - start :]
+
+
+def shrunk(name: str) -> InvalidArgument:
+    """The error for a system region whose object shrank while it was mapped (the port
+    says the same, runner_ext/csrc/port.cpp)."""
+    return InvalidArgument(
+        f"shared-memory region {name!r} shrank while the server had it mapped (its object is "
+        "now smaller than the registered byte_size); unregister it and register it again"
+    )
+
+
+def _faulted(region: Region) -> bool:
+    return region.kind == "system" and runner_ext.shared_memory_faulted(region.data)
 
 
 class SharedMemoryRegions:
@@ -268,6 +285,8 @@ class SharedMemoryRegions:
             else 0
         )
         region = self._find(name, what)
+        if _faulted(region):
+            raise shrunk(name)
         if size < 0 or offset < 0 or offset + size > region.byte_size:
             raise InvalidArgument(
                 f"{what}: bytes [{offset}, {offset + size}) lie outside shared-memory region "
@@ -278,6 +297,19 @@ class SharedMemoryRegions:
                 f"{what}: shared_memory_byte_size is {size}, but the tensor has {needed} bytes"
             )
         return region.data[offset : offset + size]
+
+    def check_unshrunk(self, tensors: Iterable) -> None:
+        """Raises for the first region named by these inputs' or outputs' parameters whose
+        object shrank while it was mapped (once a request that used them is done: it may
+        have read zeros or written nowhere)."""
+        for tensor in tensors:
+            if "shared_memory_region" not in tensor.parameters:
+                continue
+            name = tensor.parameters["shared_memory_region"].string_param
+            with self._lock:
+                found = [r for (_k, n), r in self._regions.items() if n == name]
+            if any(_faulted(r) for r in found):
+                raise shrunk(name)
 
     def _find(self, name: str, what: str) -> Region:
         with self._lock:

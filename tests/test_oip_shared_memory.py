@@ -129,6 +129,60 @@ def test_unaligned_region_offset_is_read_correctly(client, regions):
     assert_matches_eager("mlp", [x], {"output__0": result.as_numpy("output__0")})
 
 
+@pytest.mark.parametrize("path", ["hot path", "python"])
+def test_a_region_shrunk_by_its_client_is_refused_and_the_daemon_lives(client, path):
+    """A client that ftruncates its object while it is registered: a request that reads
+    its input from it, or writes its output into it, is refused with INVALID_ARGUMENT
+    naming the region (not SIGBUS, which would kill the daemon); the region stays refused
+    until it is registered again. ``python``: request parameters send the call to the
+    Python servicer instead of the C++ hot path."""
+    (x,) = _mlp_inputs(batch=2, seed=3)
+    arr = x.numpy()
+    params = {"note": "python path"} if path == "python" else None
+    keys = {n: f"/aotiserve-test-{uuid.uuid4().hex[:12]}" for n in ("shr_in", "shr_out")}
+    fds = {n: os.open("/dev/shm" + k, os.O_CREAT | os.O_RDWR, 0o600) for n, k in keys.items()}
+    try:
+        for name, fd in fds.items():
+            os.ftruncate(fd, 1 << 16)  # more than a page: the fault is past the first one too
+            client.register_system_shared_memory(name, keys[name], 1 << 16)
+        os.pwrite(fds["shr_in"], arr.tobytes(), 0)
+
+        def from_region():
+            inp = tritonclient_grpc.InferInput("x", list(arr.shape), "FP32")
+            inp.set_shared_memory("shr_in", arr.nbytes)
+            return client.infer("mlp", [inp], parameters=params)
+
+        def into_region():
+            inp = tritonclient_grpc.InferInput("x", list(arr.shape), "FP32")
+            inp.set_data_from_numpy(arr)
+            out = tritonclient_grpc.InferRequestedOutput("output__0")
+            out.set_shared_memory("shr_out", arr.shape[0] * 10 * 4)
+            return client.infer("mlp", [inp], outputs=[out], parameters=params)
+
+        assert_matches_eager("mlp", [x], {"output__0": from_region().as_numpy("output__0")})
+        into_region()
+        for name, call in (("shr_in", from_region), ("shr_out", into_region)):
+            os.ftruncate(fds[name], 0)
+            for _ in range(2):  # the request that met the shrink, then one after it
+                with pytest.raises(InferenceServerException) as e:
+                    call()
+                assert code_of(e) == "INVALID_ARGUMENT"
+                assert f"region '{name}' shrank" in str(e.value), str(e.value)
+            assert client.is_server_live()
+        # Registered again over a full-size object, the region serves.
+        client.unregister_system_shared_memory("shr_in")
+        os.ftruncate(fds["shr_in"], 1 << 16)
+        os.pwrite(fds["shr_in"], arr.tobytes(), 0)
+        client.register_system_shared_memory("shr_in", keys["shr_in"], 1 << 16)
+        assert_matches_eager("mlp", [x], {"output__0": from_region().as_numpy("output__0")})
+    finally:
+        for name, fd in fds.items():
+            with contextlib.suppress(InferenceServerException):
+                client.unregister_system_shared_memory(name)
+            os.close(fd)
+            os.unlink("/dev/shm" + keys[name])
+
+
 def _infer_code(client, inp, outputs=None) -> str:
     with pytest.raises(InferenceServerException) as e:
         client.infer("mlp", [inp], outputs=outputs)

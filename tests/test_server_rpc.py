@@ -160,6 +160,21 @@ def test_unknown_model_is_not_found(srv):
         assert code == grpc.StatusCode.NOT_FOUND and "'nope'" in details
 
 
+def test_a_long_unknown_name_is_still_not_found_with_a_clipped_message(srv):
+    """The message repeats the name; 20 KB of it would pass the client's trailer limit
+    (RESOURCE_EXHAUSTED "Stream removed"): the hot path and Python both clip it."""
+    name = "m" * 20_000 + "-end"
+    for call in (
+        lambda: srv.stub.Run(pb.RunRequest(model=name)),
+        lambda: srv.stub.GetCallSpec(pb.GetCallSpecRequest(model=name)),
+    ):
+        code, details = code_of(call)
+        assert code == grpc.StatusCode.NOT_FOUND, details
+        assert len(details.encode()) <= 1536, len(details)
+        assert details.startswith("model 'mmm") and "-end' is not loaded" in details
+        assert "bytes left out" in details
+
+
 def test_concurrency_8_threads_x_200_requests_on_2_models(srv):
     cases = {}
     for model in ("mlp", "two_io"):

@@ -284,6 +284,37 @@ def test_paths_outside_the_roots_and_symlink_escapes(server_factory, tmp_path):
     assert after[:2] == before[:2] and wire.close(after[2], before[2])
 
 
+def test_named_pipes_are_refused_at_once_and_hold_no_weight_stream(server_factory):
+    """A FIFO as the file, as the index or as a shard would block an open until a writer
+    came: each is refused with INVALID_ARGUMENT at once, more times than there are weight
+    streams (8), and a real file loads afterwards."""
+    s = server_factory(["mlp"])
+    before = served(s)
+    fifo = s.repo / "pipe.safetensors"
+    os.mkfifo(fifo)
+    index_dir = s.repo / "piped_index"
+    index_dir.mkdir()
+    os.mkfifo(index_dir / "model.safetensors.index.json")
+    shard_dir = s.repo / "piped_shard"
+    shard_dir.mkdir()
+    os.mkfifo(shard_dir / "w.safetensors")
+    (shard_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"fc1.weight": "w.safetensors"}})
+    )
+    for _ in range(4):
+        for path in (fifo, index_dir, shard_dir):
+            request = pb.LoadWeightsRequest(model="mlp", path=str(path))
+            code, details = code_of(lambda r=request: s.stub.LoadWeights(r, timeout=20))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+            assert "is not a regular file" in details, details
+    after = served(s)
+    assert after[:2] == before[:2] and wire.close(after[2], before[2])
+    good = s.repo / "good.safetensors"
+    save_file(new_weights("mlp"), good)
+    request = pb.LoadWeightsRequest(model="mlp", path=str(good))
+    assert s.stub.LoadWeights(request, timeout=20).version.id
+
+
 def test_partial_stagings_copy_only_what_differs(server_factory, monkeypatch):
     """k of n constants staged: the inactive buffer keeps what it already holds of the
     active weights; only constants whose content differs are copied."""

@@ -1,5 +1,6 @@
 // See bridge.h.
 #include "bridge.h"
+#include "status_message.h"
 
 namespace aotiserve {
 namespace {
@@ -171,7 +172,7 @@ void StreamCall::finish(int code, const std::string& details, const Metadata& tr
   std::lock_guard<std::mutex> lock(mu_);
   if (finished_ || over_) return;
   for (const auto& [k, v] : trailers) call_->ctx.AddTrailingMetadata(k, v);
-  finish_locked(grpc::Status(grpc::StatusCode(code), details));
+  finish_locked(grpc::Status(grpc::StatusCode(code), clip_message(details)));
 }
 
 bool StreamCall::active() {
@@ -201,7 +202,7 @@ void UnaryCall::finish(int code, const std::string& details, const Metadata& tra
     std::lock_guard<std::mutex> lock(mu_);
     if (finished_) return;
     finished_ = true;
-    status_ = grpc::Status(grpc::StatusCode(code), details);
+    status_ = grpc::Status(grpc::StatusCode(code), clip_message(details));
     trailers_ = trailers;
   }
   cv_.notify_all();

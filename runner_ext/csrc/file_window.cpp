@@ -5,24 +5,20 @@
 // preadv() (no per-page lookup and copy_to_user in the kernel), but a file that
 // is truncated while it is mapped makes every access past its new end raise
 // SIGBUS, which would kill the daemon. Each copy therefore runs under a SIGBUS
-// trap: a fault inside it jumps back and the copy reports the file as truncated
-// (FileTruncated, an OSError); a SIGBUS anywhere else goes to the handler that
-// was installed before (Python's faulthandler, or the default action).
+// trap (sigbus.h): a fault inside it jumps back and the copy reports the file as
+// truncated (FileTruncated, an OSError).
 #include <fcntl.h>
-#include <setjmp.h>
-#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <cerrno>
 #include <cstring>
-#include <mutex>
 #include <stdexcept>
 #include <string>
 
 #include "runner_bindings.h"
+#include "sigbus.h"
 
 namespace aotiserve {
 namespace {
@@ -31,65 +27,13 @@ struct FileTruncated : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// The jump target of the copy running on this thread, if any.
-thread_local sigjmp_buf* t_copy_jump = nullptr;
-struct sigaction g_previous_bus;
-
-void on_sigbus(int sig, siginfo_t* info, void* context) {
-  if (sigjmp_buf* jump = t_copy_jump) {
-    t_copy_jump = nullptr;
-    siglongjmp(*jump, 1);
-  }
-  if (g_previous_bus.sa_flags & SA_SIGINFO) {
-    g_previous_bus.sa_sigaction(sig, info, context);
-    return;
-  }
-  if (g_previous_bus.sa_handler == SIG_IGN) return;
-  if (g_previous_bus.sa_handler == SIG_DFL) {
-    // The default action (terminate, core dump) for a fault that is not ours.
-    signal(SIGBUS, SIG_DFL);
-    raise(SIGBUS);
-    return;
-  }
-  g_previous_bus.sa_handler(sig);
-}
-
-void install_trap() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    struct sigaction action {};
-    action.sa_sigaction = &on_sigbus;
-    action.sa_flags = SA_SIGINFO | SA_ONSTACK;
-    sigemptyset(&action.sa_mask);
-    if (sigaction(SIGBUS, &action, &g_previous_bus) != 0) {
-      throw std::runtime_error(std::string("sigaction(SIGBUS): ") + std::strerror(errno));
-    }
-  });
-}
-
-// memcpy that returns false instead of dying when the source's file shrank.
-bool trapped_copy(void* dst, const void* src, size_t n) {
-  sigjmp_buf jump;
-  if (sigsetjmp(jump, /*savemask=*/1) != 0) {
-    return false;  // the handler cleared t_copy_jump
-  }
-  t_copy_jump = &jump;
-  // Keep the compiler from moving the stores across the copy (or dropping the first
-  // as dead): the handler reads t_copy_jump in the middle of it.
-  std::atomic_signal_fence(std::memory_order_seq_cst);
-  std::memcpy(dst, src, n);
-  std::atomic_signal_fence(std::memory_order_seq_cst);
-  t_copy_jump = nullptr;
-  return true;
-}
-
 // Bytes [offset, offset + length) of an open file, mapped read-only (with the
 // page cache's pages mapped up front) until close() or destruction.
 class FileWindow {
  public:
   FileWindow(int fd, int64_t offset, int64_t length) : offset_(offset), length_(length) {
     if (offset < 0 || length < 0) throw std::invalid_argument("negative offset or length");
-    install_trap();
+    sigbus::install();
     if (length == 0) return;
     const int64_t page = sysconf(_SC_PAGESIZE);
     lead_ = static_cast<size_t>(offset % page);
@@ -117,7 +61,7 @@ class FileWindow {
     bool ok;
     {
       py::gil_scoped_release release;
-      ok = trapped_copy(info.ptr, base_ + lead_ + at, static_cast<size_t>(n));
+      ok = sigbus::trapped_copy(info.ptr, base_ + lead_ + at, static_cast<size_t>(n));
     }
     if (!ok) {
       throw FileTruncated("the file ended before byte " + std::to_string(offset_ + at + n) +

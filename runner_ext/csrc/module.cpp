@@ -106,6 +106,7 @@ PYBIND11_MODULE(_C, m) {
   aotiserve::bind_handle_helpers(m);
   aotiserve::bind_cpu_cache(m);
   aotiserve::bind_file_window(m);
+  aotiserve::bind_shared_mapping(m);
   aotiserve::bind_core_spread(m);
   aotiserve::bind_port(m);
 }

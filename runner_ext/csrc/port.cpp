@@ -5,6 +5,8 @@
 //   (control_queue.h): Health Check and Watch answered in C++ (health.cpp), the rest
 //   handed to the Python threads of server/bridge.py.
 #include "port.h"
+#include "sigbus.h"
+#include "status_message.h"
 
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/impl/rpc_service_method.h>
@@ -714,8 +716,16 @@ void Port::drop_region(const std::string& kind, const std::string& name) {
   }
 }
 
+// A system region whose object the client shrank while the daemon had it mapped
+// (shared_mapping.cpp): it reads zeros past the new end from then on.
+grpc::Status Port::shrunk(const std::string& region) {
+  return invalid("shared-memory region '" + region +
+                 "' shrank while the server had it mapped (its object is now smaller than "
+                 "the registered byte_size); unregister it and register it again");
+}
+
 grpc::Status Port::shared_bytes(const wire::SharedRef& ref, int64_t want, const std::string& what,
-                                at::Tensor& out) {
+                                at::Tensor& out, SharedUse& used) {
   if (!ref.region.size) {
     return invalid(what + ": shared_memory_byte_size or shared_memory_offset without "
                    "shared_memory_region");
@@ -740,6 +750,7 @@ grpc::Status Port::shared_bytes(const wire::SharedRef& ref, int64_t want, const 
   if (found > 1) {
     return invalid(what + ": both a system and a CUDA region are named '" + name + "'; rename one");
   }
+  if (region.is_cpu() && sigbus::faulted(region.data_ptr())) return shrunk(name);
   int64_t size = region.numel();
   if (ref.offset > size || ref.byte_size > size - ref.offset) {
     return invalid(what + ": bytes [" + std::to_string(ref.offset) + ", " +
@@ -752,6 +763,7 @@ grpc::Status Port::shared_bytes(const wire::SharedRef& ref, int64_t want, const 
                    ", but the tensor has " + std::to_string(want) + " bytes");
   }
   out = region.narrow(0, ref.offset, ref.byte_size);
+  if (region.is_cpu()) used.emplace_back(std::move(name), region.data_ptr());
   return grpc::Status::OK;
 }
 
@@ -904,7 +916,7 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
     stats_->hot(infer ? 1 : 0);
     if (series == nullptr) series = stats_->method("", shorty);
     series->record(int(s.error_code()), since(began));
-    return s;
+    return clipped(s);
   };
   if (draining_) return done({grpc::StatusCode::UNAVAILABLE, "server is shutting down"});
   grpc::Status refusal;
@@ -1055,6 +1067,7 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
   // tensor: the reply; else its shared-memory bytes), checked before the run.
   std::vector<size_t> chosen;
   std::vector<at::Tensor> destinations;
+  SharedUse shared_use;  // the system regions read or written: checked once the reply is made
   for (const auto& o : infer_req.outputs) {
     std::string what = "requested output '" + o.name + "'";
     auto at = std::find(model->outputs.begin(), model->outputs.end(), o.name);
@@ -1067,7 +1080,7 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
     chosen.push_back(size_t(at - model->outputs.begin()));
     destinations.emplace_back();
     if (o.shared.used()) {
-      grpc::Status s = shared_bytes(o.shared, -1, what, destinations.back());
+      grpc::Status s = shared_bytes(o.shared, -1, what, destinations.back(), shared_use);
       if (!s.ok()) return done(s);
     }
   }
@@ -1131,7 +1144,7 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
     uint64_t want = numel * c10::elementSize(type->scalar);
     if (infer && t.shared.used()) {
       at::Tensor bytes;
-      grpc::Status s = shared_bytes(t.shared, int64_t(want), what, bytes);
+      grpc::Status s = shared_bytes(t.shared, int64_t(want), what, bytes, shared_use);
       if (!s.ok()) return done(s);
       if (numel == 0) {
         inputs.push_back(at::empty(t.shape, type->scalar));
@@ -1276,6 +1289,9 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
       out.data(c);
     }
     wire::put_string(out.pending(), 2, version);
+  }
+  for (const auto& [region, base] : shared_use) {
+    if (sigbus::faulted(base)) return done(shrunk(region));
   }
   *resp = out.done();
   if (model->load) model->load->record_output(since(encoding));

@@ -172,8 +172,11 @@ class Port {
                        bool is_admin, bool admin_rpcs, grpc::ByteBuffer* resp);
   // The bytes a tensor's shared-memory parameters name: `want` of them (-1: up to
   // shared_memory_byte_size, for an output), or INVALID_ARGUMENT naming what is wrong.
+  // The system regions a request used (name, the mapping's first byte).
+  using SharedUse = std::vector<std::pair<std::string, const void*>>;
   grpc::Status shared_bytes(const wire::SharedRef& ref, int64_t want, const std::string& what,
-                            at::Tensor& out);
+                            at::Tensor& out, SharedUse& used);
+  static grpc::Status shrunk(const std::string& region);
   // One run on the least-loaded replica: admission (queue bound, deadline, cancel), the
   // weights lock, the runner; `get` gives the inputs once a runner is held (a batch
   // closes then).

@@ -54,6 +54,7 @@ void bind_cpu_cache(py::module_& m);
 
 // file_window.cpp: copies out of a read-only file mapping, a truncated file an error.
 void bind_file_window(py::module_& m);
+void bind_shared_mapping(py::module_& m);
 
 // Adds the runner introspection torch's runner keeps protected: input and
 // output counts and names, read straight from the model container. The
