@@ -76,6 +76,7 @@ def make_extension():
         "bridge",
         "health",
         "batcher",
+        "runtime_output",
         "port",
         "port_bindings",
     )

@@ -184,7 +184,7 @@ class DataPlane:
                 try:
                     outputs = pool.execute(replica.runner, inputs, replica.short_runs)
                 except (ValueError, RuntimeError) as exc:
-                    raise run_error(model.name, exc) from exc
+                    raise run_error(model.name, exc, inputs, model.inputs) from exc
                 computed = time.monotonic() - started
                 replica.note_compute(computed)
         if replica.stats is not None:  # Metrics.stats.record_run(model, device, ...)
@@ -263,7 +263,7 @@ class DataPlane:
                 f"model {name!r}: this server has no model repository "
                 "(start it with --model-repository)"
             )
-        if not name or name in (".", "..") or "/" in name or "\\" in name:
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
             raise InvalidArgument(f"invalid model name {name!r}")
         found = repository_models(Path(folder)).get(name)
         if found is None:

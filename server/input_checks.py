@@ -7,6 +7,7 @@ model takes, so the caller can fix the request without reading the package.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 
 import torch
@@ -15,8 +16,12 @@ from . import io_specs
 from . import tensor_codec as codec
 from .errors import Internal, InvalidArgument, ServeError
 from .io_specs import IOSpec
+from .log_limit import OncePerInterval
 
 log = logging.getLogger(__name__)
+# A model failing inside its run is logged once a minute per model after the first
+# (a caller can make it fail at will).
+_failures = OncePerInterval()
 
 
 def input_label(i: int, spec: IOSpec | None) -> str:
@@ -81,12 +86,49 @@ def validate_inputs(model: str, plan: InputPlan, inputs: Sequence[torch.Tensor])
                 raise InvalidArgument(why)
 
 
-def run_error(model: str, exc: Exception) -> ServeError:
+_TIED = re.compile(r"expected size (\d+)==(\d+), stride \d+==\d+ at dim=(\d+)")
+
+
+def tied_dims(msg: str, inputs: Sequence[torch.Tensor], specs: Sequence[IOSpec]) -> str | None:
+    """AOTInductor's guard on a dimension that several inputs share says only "expected
+    size 2==3, stride 1==1 at dim=0" (naming no input): which inputs disagree there, or
+    None when ``msg`` is not that guard (the port says the same: runner_ext/csrc/port.cpp)."""
+    m = _TIED.search(msg)
+    if m is None or m[1] == m[2]:
+        return None
+    got, want, dim = int(m[1]), int(m[2]), int(m[3])
+    odd, even = [], []
+    for i, t in enumerate(inputs):
+        if t.dim() <= dim:
+            continue
+        n = int(t.shape[dim])
+        label = f"{input_label(i, specs[i] if i < len(specs) else None)} has {n}"
+        (even if n == want and n != got else odd).append(label)
+    if not odd:
+        return None
+    tail = f"; {', '.join(even)}" if even else ""
+    return (
+        f"dimension {dim} must be the same size in inputs the model ties together: "
+        f"{', '.join(odd)}{tail} (the model expected {want})"
+    )
+
+
+def run_error(
+    model: str,
+    exc: Exception,
+    inputs: Sequence[torch.Tensor] = (),
+    specs: Sequence[IOSpec] = (),
+) -> ServeError:
     """The error a runner's exception stands for: the caller's inputs, or our fault."""
     msg = str(exc).split("\nException raised from")[0].strip()
+    tied = tied_dims(msg, inputs, specs)
+    if tied is not None:
+        return InvalidArgument(f"model {model!r} rejected the inputs: {tied}")
     # Shape guards name the input; bounds checks fire on input values (an embedding
     # id past the table): both are the caller's to fix.
     if isinstance(exc, ValueError) or "input" in msg.lower() or "out of bounds" in msg.lower():
         return InvalidArgument(f"model {model!r} rejected the inputs: {msg}")
-    log.error("model %r: run failed", model, exc_info=exc)
+    _failures.note(
+        model, lambda more: log.error("model %r: run failed%s", model, more, exc_info=exc)
+    )
     return Internal(f"model {model!r} failed to run; see the server log")

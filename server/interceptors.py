@@ -37,6 +37,7 @@ from .errors import (
     Unauthenticated,
     to_status,
 )
+from .log_limit import OncePerInterval
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -117,24 +118,14 @@ class _RefusalLog:
     """Logs why mutating calls are refused: one line per reason, then at most one a
     minute with the count held back meanwhile (refused calls cannot flood the log)."""
 
-    INTERVAL_S = 60.0
-
     def __init__(self):
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
+        self._limit = OncePerInterval()
 
     def note(self, reason: str, peer: str, why: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            last = self._last.get(reason)
-            if last is not None and now - last < self.INTERVAL_S:
-                self._held[reason] = self._held.get(reason, 0) + 1
-                return
-            self._last[reason] = now
-            held = self._held.pop(reason, 0)
-        more = f" ({held} more refused for this reason since the last such line)" if held else ""
-        log.warning("refused a mutating call from %s: %s%s", peer, why, more)
+        def emit(more: str) -> None:
+            log.warning("refused a mutating call from %s: %s%s", peer, why, more)
+
+        self._limit.note(reason, emit)
 
 
 class ServingInterceptor:

@@ -28,6 +28,7 @@ from . import tensor_codec as codec
 from . import warmup
 from .config import ServeConfig
 from .io_specs import LOWERBOUND_HINT
+from .log_limit import OncePerInterval
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
     from .served_model import ServedModel
 
 log = logging.getLogger(__name__)
+
+# The port's lines that are the model runtime's own output (runner_ext/csrc/port.cpp).
+RUNTIME_PREFIX = "model runtime: "
 
 
 def _dtype_table() -> list[tuple[int, int, str, str]]:
@@ -59,6 +63,7 @@ class Port:
         if bool(config.tls_cert) != bool(config.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         runner_ext.port_set_dtypes(_dtype_table())
+        self._line_limit = OncePerInterval()
         self._server = runner_ext.PortServer(
             {
                 "max_message_bytes": config.max_message_bytes,
@@ -233,7 +238,17 @@ class Port:
     def flush_log(self) -> None:
         """Logs what the port has queued now (the log thread does so as lines come)."""
         for line in self._server.pending_log():
-            log.error("%s", line)
+            self._log_line(line)
+
+    def _log_line(self, line: str) -> None:
+        """One of the port's lines: its failures (``ModelInfer failed: ...``, ``model 'm':
+        run failed: ...``) and the model runtime's own output (``model runtime: ...``, what
+        AOTInductor prints for each failed run), each kind at most once a minute after the
+        first (callers can trigger them at will)."""
+        key = ": ".join(line.split(": ", 2)[:2])[:200]
+        runtime = line.startswith(RUNTIME_PREFIX)
+        level = logging.WARNING if runtime else logging.ERROR
+        self._line_limit.note(key, lambda more: log.log(level, "%s%s", line, more))
 
     def watchers(self) -> int:
         """Service names with a health Watch open now."""
@@ -245,7 +260,7 @@ class Port:
 
     def _forward_log(self) -> None:
         while (line := self._server.next_log()) is not None:
-            log.error("%s", line)
+            self._log_line(line)
 
     def collect(self):
         """Prometheus: the payload bytes the port copied."""

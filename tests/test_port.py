@@ -190,6 +190,34 @@ def test_a_runner_failure_is_internal_and_logged(caplog):
         assert any(
             "'failing'" in r.getMessage() and "run failed" in r.getMessage() for r in caplog.records
         )
+        # A caller can make it fail at will: 50 more failures add no line within the minute,
+        # neither ours nor the runtime's own (AOTInductor prints each failed run to std::cerr,
+        # which the port takes into its log).
+        before = len(caplog.records)
+        for _ in range(50):
+            with pytest.raises(grpc.RpcError):
+                s.stub.Run(wire.run_request("failing", x))
+        s.app.port_server.flush_log()
+        assert len(caplog.records) == before, [r.getMessage() for r in caplog.records[before:]]
+        assert any("model runtime: " in r.getMessage() for r in caplog.records)
+
+
+def test_inputs_that_disagree_on_a_tied_dimension_are_named():
+    """two_io ties x's and ids' first dimension: x of 3 rows with ids of 2 passes each
+    input's own checks and fails the model's guard, whose text names no input."""
+    x, ids = model_zoo.MODELS["two_io"].inputs(3)
+    with running_server(["two_io"]) as s:
+        for request in (
+            wire.run_request("two_io", [x, ids[:2]]),
+            wire.run_request("two_io", [x[:2], ids]),
+        ):
+            with pytest.raises(grpc.RpcError) as e:
+                s.stub.Run(request)
+            assert e.value.code() == CODE.INVALID_ARGUMENT, e.value.details()
+            details = e.value.details()
+            assert "dimension 0 must be the same size" in details, details
+            assert "input 0 ('x')" in details and "input 1 ('ids')" in details, details
+            assert "fake" not in details, details
 
 
 def test_reflection_lists_every_service_on_the_one_port():

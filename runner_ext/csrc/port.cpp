@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <thread>
 
@@ -70,6 +71,35 @@ bool token_matches(const std::string& header, const std::string& want) {
 }
 
 grpc::Status invalid(const std::string& msg) { return {grpc::StatusCode::INVALID_ARGUMENT, msg}; }
+
+// AOTInductor's guard on a dimension that several inputs share says only "expected size
+// 2==3, stride 1==1 at dim=0" (torch's text, naming no input): which inputs disagree
+// there, or "" when `msg` is not that guard (server/input_checks.py:tied_dims says the same).
+std::string tied_dims(const std::string& msg, const std::vector<at::Tensor>& inputs,
+                      const std::vector<InputSpec>& specs) {
+  long long got = 0, want = 0, dim = 0;
+  auto size_at = msg.find("expected size ");
+  auto dim_at = msg.find(" at dim=");
+  if (size_at == std::string::npos || dim_at == std::string::npos ||
+      std::sscanf(msg.c_str() + size_at, "expected size %lld==%lld", &got, &want) != 2 ||
+      std::sscanf(msg.c_str() + dim_at, " at dim=%lld", &dim) != 1 || got == want) {
+    return "";
+  }
+  std::string odd, even;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (!inputs[i].defined() || inputs[i].dim() <= dim) continue;
+    int64_t n = inputs[i].size(dim);
+    std::string label = "input " + std::to_string(i) +
+                        (i < specs.size() ? " ('" + specs[i].name + "')" : "") + " has " +
+                        std::to_string(n);
+    std::string& into = n == got ? odd : n == want ? even : odd;
+    into += (into.empty() ? "" : ", ") + label;
+  }
+  if (odd.empty()) return "";
+  return "dimension " + std::to_string(dim) + " must be the same size in inputs the model ties " +
+         "together: " + odd + (even.empty() ? "" : "; " + even) + " (the model expected " +
+         std::to_string(want) + ")";
+}
 
 std::string strip_backtrace(std::string msg) {
   return msg.substr(0, msg.find("\nException raised from"));
@@ -295,6 +325,8 @@ Port::Port(PortConfig config, std::shared_ptr<Stats> stats)
   // deadlock-detection graph: a few % of the port's CPU per request, for a check meant for
   // development. Off for the process (gRPC's mutexes are abseil's).
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  runtime_output_ = std::make_unique<RuntimeOutput>(
+      [this](std::string line) { log("model runtime: " + line); });
 }
 
 Port::~Port() { stop(0); }
@@ -842,19 +874,22 @@ grpc::Status Port::execute(const Caller& caller, PortModel& model, const GetInpu
     } else {
       version = model.version;
       started = Clock::now();
+      std::vector<at::Tensor> inputs;
       try {
-        std::vector<at::Tensor> inputs = get();
+        inputs = get();
         outputs = replica->run(inputs, slot);
         computed = since(started);
         if (model.batcher && !inputs.empty() && inputs[0].dim()) rows = inputs[0].size(0);
-      } catch (const c10::ValueError& e) {
-        status = invalid("model '" + model.name + "' rejected the inputs: " +
-                         e.what_without_backtrace());
       } catch (const std::exception& e) {
-        std::string msg = strip_backtrace(e.what());
+        const auto* value_error = dynamic_cast<const c10::ValueError*>(&e);
+        std::string msg = value_error ? value_error->what_without_backtrace() : strip_backtrace(e.what());
         std::string l = lower(msg);
         // Shape guards name the input; bounds checks fire on input values: the caller's.
-        if (l.find("input") != std::string::npos || l.find("out of bounds") != std::string::npos) {
+        std::string tied = tied_dims(msg, inputs, model.inputs);
+        if (!tied.empty()) {
+          status = invalid("model '" + model.name + "' rejected the inputs: " + tied);
+        } else if (value_error || l.find("input") != std::string::npos ||
+                   l.find("out of bounds") != std::string::npos) {
           status = invalid("model '" + model.name + "' rejected the inputs: " + msg);
         } else {
           log("model '" + model.name + "': run failed: " + msg);
@@ -1098,7 +1133,7 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
                      what + ": BYTES tensors are not supported; aotiserve models take numeric tensors"});
       }
       return done(invalid(what + ": unknown or unsupported " +
-                          (infer ? "datatype '" + t.datatype + "'" : "dtype " + std::to_string(t.dtype))));
+                          (infer ? "datatype '" + t.datatype + "'" : "dtype " + std::to_string(int32_t(t.dtype)))));
     }
     if (spec.dtype && spec.dtype != type) {
       return done(invalid(what + (infer ? ": datatype must be " + spec.dtype->oip + ", got " + type->oip

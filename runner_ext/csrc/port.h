@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime_output.h"
 #include "batcher.h"
 #include "bridge.h"
 #include "health.h"
@@ -208,6 +209,8 @@ class Port {
   std::condition_variable log_cv_;
   std::deque<std::string> log_lines_;
   bool log_closed_ = false;
+  // The model runtime's std::cerr lines, into log() (last: goes before what log() uses).
+  std::unique_ptr<RuntimeOutput> runtime_output_;
 };
 
 void bind_port(pybind11::module_& m);

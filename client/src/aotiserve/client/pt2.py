@@ -151,6 +151,14 @@ def read_models(path: str | os.PathLike, only: str | None = None) -> list[Packag
     """Every model of the package (or the one named ``only``), sorted by name."""
     path = Path(path)
     try:
+        # As the daemon requires (runner_ext/package.py): the zip starts at the first byte
+        # (zipfile would find an archive behind any prefix).
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                raise Pt2Error(
+                    f"{str(path)!r} is not a readable .pt2 package: it does not start with a "
+                    "zip header (PK\\x03\\x04); the daemon refuses it too"
+                )
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise Pt2Error(f"{str(path)!r} is not a readable .pt2 package: {exc}") from exc
