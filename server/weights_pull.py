@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import tensor_codec as codec
-from .errors import Cancelled
+from .errors import Cancelled, InvalidArgument
 from .model_types import DeclaredConstant, UploadHeader
 from .safetensors_source import Entry, SafetensorsSource, windows
 from .weights import (
@@ -79,12 +79,22 @@ def upload_header(
 ) -> tuple[UploadHeader, dict[str, Entry]]:
     """The upload header a file's tensors make (``_FOLDED_CONST_*`` keys are skipped, as
     the client's push skips them), and the entries by key."""
-    specs, by_key = [], {}
+    specs, by_key, skipped = [], {}, []
     for entry in source.entries:
         if entry.key.startswith(FOLDED_PREFIX):
+            skipped.append(entry.key)
             continue
         specs.append(DeclaredConstant(entry.key, codec.wire_dtype(entry.dtype), tuple(entry.shape)))
         by_key[entry.key] = entry
+    if not specs:
+        more = ", ..." if len(skipped) > 3 else ""
+        why = (
+            f"only folded constants ({', '.join(skipped[:3])}{more}), which are computed "
+            "from the weights, never loaded"
+            if skipped
+            else "no tensors"
+        )
+        raise InvalidArgument(f"{source.description}: the file holds {why}")
     header = UploadHeader(
         model=model_name,
         use_inactive=True,

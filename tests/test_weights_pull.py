@@ -222,7 +222,7 @@ def _corrupt(path, tensors, how):
 
 BAD_FILES = [
     ("unknown name", lambda w: {**w, "no.such.weight": torch.zeros(2)}, None, "no.such.weight"),
-    ("folded name", lambda w: {"_FOLDED_CONST_x": torch.zeros(2)}, None, "declares no constants"),
+    ("folded name", lambda w: {"_FOLDED_CONST_x": torch.zeros(2)}, None, "only folded constants"),
     ("wrong dtype", lambda w: {**w, "fc1.weight": w["fc1.weight"].double()}, None, "dtype"),
     ("wrong shape", lambda w: {**w, "fc1.weight": w["fc1.weight"][:1]}, None, "shape"),
     ("truncated", lambda w: w, "truncated", "truncated"),
@@ -313,6 +313,15 @@ def test_named_pipes_are_refused_at_once_and_hold_no_weight_stream(server_factor
     save_file(new_weights("mlp"), good)
     request = pb.LoadWeightsRequest(model="mlp", path=str(good))
     assert s.stub.LoadWeights(request, timeout=20).version.id
+
+
+def test_a_file_of_only_folded_constants_says_so(server_factory):
+    s = server_factory(["mlp"])
+    path = s.repo / "folded.safetensors"
+    save_file({"_FOLDED_CONST_a": torch.ones(2), "_FOLDED_CONST_b": torch.ones(3)}, path)
+    code, details = code_of(lambda: load(s, "mlp", path))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert "folded.safetensors" in details and "_FOLDED_CONST_a" in details, details
 
 
 def test_partial_stagings_copy_only_what_differs(server_factory, monkeypatch):
