@@ -78,6 +78,12 @@ class ModelRegistry:
         self, devices: Sequence[str] = (), runners: int = 0, package_model: str | None = None
     ) -> ModelOptions:
         devices = tuple(devices) or self.default_devices
+        twice = sorted({d for d in devices if devices.count(d) > 1})
+        if twice:
+            raise InvalidArgument(
+                f"device(s) {', '.join(twice)} named more than once (a model has one replica "
+                "per device; runners_per_device sets how many runs each takes at once)"
+            )
         unknown = [d for d in devices if d not in self.pools]
         if unknown:
             raise InvalidArgument(

@@ -224,6 +224,10 @@ def test_load_unload_and_paths(srv, tmp_path):
         lambda: srv.stub.LoadModel(pb.LoadModelRequest(name="x", path=path, devices=["cuda:7"]))
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+    code, details = code_of(
+        lambda: srv.stub.LoadModel(pb.LoadModelRequest(name="x", path=path, devices=["cpu", "cpu"]))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "cpu named more than once" in details
 
 
 def test_unload_waits_for_in_flight(server_factory):
