@@ -231,8 +231,13 @@ def decode_typed(
         )
     name, wire_np = field
     values = getattr(contents, name)
+    others = [f for f in _ALL_TYPED_FIELDS if f != name and len(getattr(contents, f))]
+    if others and len(values):
+        raise InvalidArgument(
+            f"{what}: {datatype} values travel in contents.{name} only, but the request "
+            f"filled {', '.join(others)} too"
+        )
     if len(values) != numel:
-        others = [f for f in _ALL_TYPED_FIELDS if f != name and len(getattr(contents, f))]
         hint = f" (the request filled {', '.join(others)})" if others else ""
         raise InvalidArgument(
             f"{what}: expected {numel} {datatype} values in contents.{name} "

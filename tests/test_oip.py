@@ -848,3 +848,16 @@ def test_oip_stub_helper_beside_tritonclient(daemon):
         response = ours.ModelInfer(request)
         assert [o.name for o in response.outputs] == ["output__0"]
     assert "aotiserve.oip.inference_pb2" not in sys.modules
+
+
+def test_decode_typed_contents_in_two_fields_is_refused():
+    """FP32 values with int_contents filled too: one of them would be silently ignored."""
+    from aotiserve.server import oip_codec as oip
+    from aotiserve.server.errors import InvalidArgument
+    from aotiserve.server.tensor_codec import Limits
+
+    contents = oip.messages().InferTensorContents()
+    contents.fp32_contents.extend([1.0, 2.0])
+    contents.int_contents.extend([1, 2])
+    with pytest.raises(InvalidArgument, match="fp32_contents only, but the request filled int"):
+        oip.decode_typed(contents, "FP32", torch.float32, [2], "input 'v'", Limits())
