@@ -32,10 +32,11 @@ class InputPlan:
     """What each run checks of a model's inputs, worked out once per model load:
     error labels, and per input (dtype, exact shape) for a one-comparison accept."""
 
-    __slots__ = ("specs", "labels", "fast")
+    __slots__ = ("specs", "labels", "fast", "ties")
 
-    def __init__(self, specs: Sequence[IOSpec]):
+    def __init__(self, specs: Sequence[IOSpec], ties: io_specs.Ties = ()):
         self.specs = specs
+        self.ties = ties
         self.labels = [input_label(i, s) for i, s in enumerate(specs)]
         self.fast = [
             (
@@ -84,6 +85,10 @@ def validate_inputs(model: str, plan: InputPlan, inputs: Sequence[torch.Tensor])
             why = io_specs.check_bounds(input_label(i, spec), spec, t.shape)
             if why is not None:
                 raise InvalidArgument(why)
+    if plan.ties:
+        why = io_specs.check_ties(plan.ties, [t.shape for t in inputs], plan.label)
+        if why is not None:
+            raise InvalidArgument(f"model {model!r}: {why}")
 
 
 _TIED = re.compile(r"expected size (\d+)==(\d+), stride \d+==\d+ at dim=(\d+)")

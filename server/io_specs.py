@@ -106,10 +106,15 @@ def complete(spec: IOSpec) -> bool:
     return spec.dtype is not None and spec.shape is not None
 
 
+Ties = tuple[tuple[tuple[int, int], ...], ...]  # groups of (input, dim) of one size
+
+
 def from_package(
     path: str, model_name: str, metadata: dict[str, str], num_inputs: int, num_outputs: int
-) -> tuple[list[IOSpec], list[IOSpec], str]:
-    """(inputs, outputs, source) of one model of a package (steps 1, 2 and 4 above)."""
+) -> tuple[list[IOSpec], list[IOSpec], str, Ties]:
+    """(inputs, outputs, source, ties) of one model of a package (steps 1, 2 and 4 above);
+    ties: the input dims the model gives one size (from its wrapper source; none known
+    without it)."""
     wrapper = None
     if path.endswith(".pt2"):
         try:
@@ -130,8 +135,20 @@ def from_package(
                 num_inputs,
                 num_outputs,
             )
-        return (*positional(num_inputs, num_outputs), pt2.SOURCE_NONE)
-    return [from_client(s) for s in ins], [from_client(s) for s in outs], source
+        return (*positional(num_inputs, num_outputs), pt2.SOURCE_NONE, ())
+    ties = wrapper.ties if wrapper is not None else ()
+    return [from_client(s) for s in ins], [from_client(s) for s in outs], source, ties
+
+
+def check_ties(ties: Ties, shapes: Sequence[Sequence[int]], label) -> str | None:
+    """Why ``shapes`` break one of the model's ties (None: they don't); ``label(i)`` names
+    input i. The port checks the same (runner_ext/csrc/port.cpp)."""
+    for group in ties:
+        sizes = [(i, d, shapes[i][d]) for i, d in group if i < len(shapes) and d < len(shapes[i])]
+        if len({n for _i, _d, n in sizes}) > 1:
+            parts = ", ".join(f"{label(i)} dimension {d} is {n}" for i, d, n in sizes)
+            return f"the model gives these dimensions one size, but {parts}"
+    return None
 
 
 def representative_inputs(

@@ -108,6 +108,13 @@ class ModelRegistry:
         model = ServedModel(name, str(path), options, self.metrics)
         with self._lock:
             existing = self._models.get(name)
+            if existing is not None and existing.state in (
+                ModelState.LOADING,
+                ModelState.UNLOADING,
+            ):
+                raise Unavailable(
+                    f"model {name!r} is {existing.state.name.lower()}; retry once it is done"
+                )
             if existing is not None and existing.state != ModelState.FAILED:
                 raise AlreadyExists(f"model {name!r} is already loaded (unload it first)")
             self._models[name] = model

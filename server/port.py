@@ -153,6 +153,7 @@ class Port:
             model.weights.active.id,
             batcher.max_size if batcher is not None else 0,
             batcher.max_delay_s if batcher is not None else 0.0,
+            [list(group) for group in model.ties],
         )
         if warm:
             self._warm(model)

@@ -78,6 +78,7 @@ class ServedModel:
         self.metadata: dict[str, str] = {}
         self.inputs: list[IOSpec] = []
         self.outputs: list[IOSpec] = []
+        self.ties: io_specs.Ties = ()  # input dims of one size (InputPlan checks them)
         self.input_plan = InputPlan(self.inputs)
         self.batcher: Batcher | None = None
         self.constants: dict[str, ConstantInfo] = {}  # by original FQN
@@ -156,7 +157,7 @@ class ServedModel:
     def _describe_io(self, first: Replica) -> None:
         """Inputs and outputs from the package (io_specs), for every .pt2 alike."""
         runner = first.runner
-        inputs, outputs, source = io_specs.from_package(
+        inputs, outputs, source, self.ties = io_specs.from_package(
             first.loaded.source,
             first.loaded.model_name,
             self.metadata,
@@ -168,7 +169,7 @@ class ServedModel:
                 inputs, outputs, lambda xs: first.pool.execute(runner, xs)
             )
         self.inputs, self.outputs = inputs, outputs
-        self.input_plan = InputPlan(inputs)
+        self.input_plan = InputPlan(inputs, self.ties)
         if source == pt2.SOURCE_NONE:
             log.warning(
                 "model %r: %s holds no input/output description (no aotiserve pack "

@@ -323,6 +323,16 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([])
     assert e.value.code == 2
+    # A deadline of 0 or less, a negative wait: usage errors, not DEADLINE_EXCEEDED later.
+    for argv in (
+        ["--timeout", "0", "health"],
+        ["--timeout", "-1", "list"],
+        ["health", "--wait", "-1"],
+    ):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2, argv
+        assert "must be" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- key mapping

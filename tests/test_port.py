@@ -202,22 +202,49 @@ def test_a_runner_failure_is_internal_and_logged(caplog):
         assert any("model runtime: " in r.getMessage() for r in caplog.records)
 
 
-def test_inputs_that_disagree_on_a_tied_dimension_are_named():
-    """two_io ties x's and ids' first dimension: x of 3 rows with ids of 2 passes each
-    input's own checks and fails the model's guard, whose text names no input."""
+def oip_request(model: str, inputs: dict[str, torch.Tensor], parameters: dict[str, str]):
+    from oip_messages import ipb
+
+    req = ipb.ModelInferRequest(model_name=model)
+    for name, t in inputs.items():
+        datatype = {torch.float32: "FP32", torch.int64: "INT64"}[t.dtype]
+        req.inputs.add(name=name, datatype=datatype, shape=list(t.shape))
+        req.raw_input_contents.append(t.numpy().tobytes())
+    for key, value in parameters.items():
+        req.parameters[key].string_param = value
+    return req
+
+
+def test_inputs_that_disagree_on_a_tied_dimension_are_named_and_never_run():
+    """two_io gives x's and ids' first dimension one size (its wrapper source says so).
+    Inputs that disagree there pass each input's own checks; torch's guard on them names
+    no input, and skips a zero-element input altogether (the kernels then read past the
+    other input: SIGSEGV). The port and the Python path refuse them before the run, the
+    model package's own ties named in the message."""
     x, ids = model_zoo.MODELS["two_io"].inputs(3)
+    cases = [(x, ids[:2]), (x[:2], ids), (x[:2], ids[:0]), (x[:0], ids[:2]), (x[:1], ids[:0])]
+    from oip_messages import OipStub
+
     with running_server(["two_io"]) as s:
-        for request in (
-            wire.run_request("two_io", [x, ids[:2]]),
-            wire.run_request("two_io", [x[:2], ids]),
-        ):
-            with pytest.raises(grpc.RpcError) as e:
-                s.stub.Run(request)
-            assert e.value.code() == CODE.INVALID_ARGUMENT, e.value.details()
-            details = e.value.details()
-            assert "dimension 0 must be the same size" in details, details
-            assert "input 0 ('x')" in details and "input 1 ('ids')" in details, details
-            assert "fake" not in details, details
+        oip = OipStub(s.channel)
+        for a, b in cases:
+            calls = {
+                "Run": lambda: s.stub.Run(wire.run_request("two_io", [a, b])),
+                # request parameters: answered by the Python servicer, not the hot path
+                "ModelInfer (Python)": lambda: oip.ModelInfer(
+                    oip_request("two_io", {"x": a, "ids": b}, parameters={"p": "python path"})
+                ),
+            }
+            for name, call in calls.items():
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                details = e.value.details()
+                assert e.value.code() == CODE.INVALID_ARGUMENT, (name, details)
+                assert "one size" in details and "dimension 0" in details, (name, details)
+                assert f"is {a.shape[0]}" in details and f"is {b.shape[0]}" in details, details
+        # Still serving: nothing ran on the bad pairs.
+        out = wire.outputs(s.stub.Run(wire.run_request("two_io", [x, ids])))
+        assert wire.close(out, model_zoo.eager("two_io", [x, ids]))
 
 
 def test_reflection_lists_every_service_on_the_one_port():

@@ -1218,6 +1218,24 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
     }
   }
 
+  for (const auto& group : model->ties) {
+    std::string parts;
+    bool differ = false;
+    int64_t first = -1;
+    for (const auto& [i, d] : group) {
+      if (i < 0 || size_t(i) >= inputs.size() || d < 0 || d >= inputs[size_t(i)].dim()) continue;
+      int64_t n = inputs[size_t(i)].size(d);
+      differ |= first >= 0 && n != first;
+      if (first < 0) first = n;
+      parts += (parts.empty() ? "" : ", ") + labels[size_t(i)] + " dimension " +
+               std::to_string(d) + " is " + std::to_string(n);
+    }
+    if (differ) {
+      return done(invalid("model '" + model->name +
+                          "': the model gives these dimensions one size, but " + parts));
+    }
+  }
+
   if (model->load) model->load->record_input(since(decoding));
   std::vector<at::Tensor> outputs;
   std::string version;

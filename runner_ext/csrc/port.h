@@ -76,6 +76,9 @@ struct PortReplica {
 struct PortModel {
   std::string name;
   std::vector<InputSpec> inputs;
+  // Input dims the model gives one size, as groups of (input, dim) (server/io_specs.py:
+  // check_ties): torch's guard on them skips zero-element inputs, so the port checks them.
+  std::vector<std::vector<std::pair<int, int>>> ties;
   std::vector<std::string> outputs;
   std::vector<PortReplica> replicas;
   bool on_gpu = false;  // a replica is on a GPU: large requests are joined into pinned memory

@@ -175,9 +175,11 @@ void bind_port(py::module_& m) {
                                           std::string>>& inputs,
              const std::vector<std::string>& outputs,
              const std::vector<std::tuple<py::capsule, py::capsule, int, std::string>>& replicas,
-             const std::string& version, int64_t batch_max_size, double batch_max_delay_s) {
+             const std::string& version, int64_t batch_max_size, double batch_max_delay_s,
+             const std::vector<std::vector<std::pair<int, int>>>& ties) {
             auto model = std::make_shared<PortModel>();
             model->name = name;
+            model->ties = ties;
             if (batch_max_size >= 2) {
               model->batcher = std::make_unique<Batcher>(batch_max_size, batch_max_delay_s);
             }
@@ -210,7 +212,8 @@ void bind_port(py::module_& m) {
             self.add_model(std::move(model));
           },
           py::arg("name"), py::arg("inputs"), py::arg("outputs"), py::arg("replicas"),
-          py::arg("version"), py::arg("batch_max_size") = 0, py::arg("batch_max_delay_s") = 0.0)
+          py::arg("version"), py::arg("batch_max_size") = 0, py::arg("batch_max_delay_s") = 0.0,
+          py::arg("ties") = std::vector<std::vector<std::pair<int, int>>>{})
       .def("warm", &Port::warm, py::arg("name"), py::arg("inputs"), release())
       .def("remove_model", &Port::remove_model, py::arg("name"), release())
       .def("flip", &Port::flip, py::arg("name"), py::arg("version"), release())

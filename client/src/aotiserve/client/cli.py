@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -79,6 +80,23 @@ class CliConfig:
         )
 
 
+def _number(zero_ok: bool):
+    """argparse type: a finite number > 0 (>= 0 with ``zero_ok``), else a usage error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} must be {'0 or more' if zero_ok else 'more than 0'}"
+            )
+        return value
+
+    return parse
+
+
 def _read_token(path: str | None, what: str) -> str | None:
     if not path:
         return None
@@ -132,7 +150,9 @@ def _connection_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
         help="send the token in plaintext to a target that is not loopback (without "
         "it, a token goes only over TLS or to loopback)",
     )
-    g.add_argument("--timeout", default=d, type=float, metavar="SECONDS", help="per-call deadline")
+    g.add_argument(
+        "--timeout", default=d, type=_number(False), metavar="SECONDS", help="per-call deadline"
+    )
     g.add_argument(
         "--json",
         default=False if not suppress else d,
@@ -192,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("health", "print the daemon's health status (exit 0 only when SERVING)")
     p.add_argument("--service", default="", help="service name ('' for the whole server)")
-    p.add_argument("--wait", type=float, metavar="SECONDS", help="wait up to this long for SERVING")
+    p.add_argument(
+        "--wait", type=_number(True), metavar="SECONDS", help="wait up to this long for SERVING"
+    )
 
     p = command("load", "load a model package (a path on the server)")
     p.add_argument("name")
@@ -228,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--description", default="", help="kept with the version (default: file name)"
         )
-        p.add_argument("--chunk-mib", type=float, default=None, help="upload chunk size in MiB")
+        p.add_argument(
+            "--chunk-mib", type=_number(False), default=None, help="upload chunk size in MiB"
+        )
 
     p = action("push", "stage a safetensors file (validated), then swap it in")
     upload_flags(p)

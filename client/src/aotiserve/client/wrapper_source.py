@@ -53,6 +53,12 @@ _EMPTY = re.compile(
     r"aoti_torch_empty_strided\((\d+), (\w+), (\w+), cached_torch_dtype_(\w+), "
     r"cached_torch_device_type_(\w+), [^;]*?&(\w+)_handle\)"
 )
+# Dynamic sizes the wrapper names: "int64_t s23 = arg3_1_size[0];", "int64_t s77 = s23;",
+# and the sizes it asserts of an input before using it: "assert_size_stride(arg4_1, {s23, }".
+_SYM_FROM_SIZE = re.compile(r"int64_t (s\d+) = (\w+)_size\[(\d+)\];")
+_SYM_ALIAS = re.compile(r"int64_t (s\d+) = (s\d+);")
+_SIZES_ASSERTED = re.compile(r"assert_size_stride\((\w+), \{([^}]*)\}")
+_SIZE_VAR = re.compile(r"auto (\w+)_size = (\w+)\.sizes\(\);")
 _INT_ARRAY = re.compile(r"int64_t (int_array_\d+)\[\] = \{([^}]*)\};")
 _LITERAL = re.compile(r"^-?\d+L?$")
 
@@ -104,6 +110,11 @@ class WrapperInfo:
     runtime_constant_folding: bool
     # Whether any dynamic dim has a lower-bound guard (torch's check_lowerbound, default on).
     lowerbound_checks: bool
+    # Input dims that must have the same size, as groups of (input index, dim): the model
+    # uses one size for all of them. torch's own guard on them skips zero-element inputs
+    # (an input of size 0 there reaches the kernels and can crash the process), so the
+    # daemon checks them itself before a run.
+    ties: tuple[tuple[tuple[int, int], ...], ...] = ()
     # Names of the functions the wrapper defines that mark torch features (e.g.
     # AOTInductorGetLastError, new in torch 2.13), for a version hint.
     features: frozenset[str] = field(default_factory=frozenset)
@@ -242,6 +253,39 @@ def _outputs(
     return tuple(out)
 
 
+def _ties(run_impl: str) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Input dims the wrapper gives one size symbol (see :attr:`WrapperInfo.ties`)."""
+    inputs = {m.group(1): int(m.group(2)) for m in _INPUT_MOVE.finditer(run_impl)}
+    sized = {m.group(1): m.group(2) for m in _SIZE_VAR.finditer(run_impl)}  # arg3_1 -> arg3_1
+    root: dict[str, str] = {}
+
+    def find(sym: str) -> str:
+        while root.get(sym, sym) != sym:
+            sym = root[sym]
+        return sym
+
+    members: dict[str, set[tuple[int, int]]] = {}
+
+    def tie(sym: str, var: str, dim: int) -> None:
+        if var in inputs:
+            members.setdefault(sym, set()).add((inputs[var], dim))
+
+    for m in _SYM_FROM_SIZE.finditer(run_impl):
+        tie(m.group(1), sized.get(m.group(2), m.group(2)), int(m.group(3)))
+    for m in _SYM_ALIAS.finditer(run_impl):
+        a, b = find(m.group(1)), find(m.group(2))
+        if a != b:
+            root[a] = b
+    for m in _SIZES_ASSERTED.finditer(run_impl):
+        for dim, expr in enumerate(e.strip() for e in m.group(2).split(",")):
+            if re.fullmatch(r"s\d+", expr):
+                tie(expr, m.group(1), dim)
+    groups: dict[str, set[tuple[int, int]]] = {}
+    for sym, dims in members.items():
+        groups.setdefault(find(sym), set()).update(dims)
+    return tuple(tuple(sorted(dims)) for _sym, dims in sorted(groups.items()) if len(dims) > 1)
+
+
 def parse(source: str) -> WrapperInfo:
     """Parses one model's generated wrapper source."""
     base = _BASE.search(source)
@@ -271,5 +315,6 @@ def parse(source: str) -> WrapperInfo:
         out_spec=specs.get("out"),
         runtime_constant_folding=_NO_RUNTIME_FOLDING not in source,
         lowerbound_checks=any(_LOWER.search(b) for b in bodies.values()),
+        ties=_ties(run_impl),
         features=features,
     )
