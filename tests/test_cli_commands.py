@@ -393,3 +393,11 @@ def test_commands_do_not_import_torch_when_numpy_will_do(srv, tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_saving_weights_into_a_missing_folder_names_the_folder(tmp_path):
+    from aotiserve.client.weights import save_safetensors
+
+    target = tmp_path / "missing" / "w.safetensors"
+    with pytest.raises(FileNotFoundError, match="missing' does not exist"):
+        save_safetensors({"a": np.zeros(2, np.float32)}, target)

@@ -161,8 +161,13 @@ def save_safetensors(
         tensors = {k: v.contiguous() for k, v in tensors.items()}
     else:
         from safetensors.numpy import save
+    folder = path.parent or Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist"
+        )
     data = save(tensors, metadata=metadata)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
