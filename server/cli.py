@@ -83,4 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     from .app import serve  # imports torch and the extension: after logging is up
 
-    return serve(config)
+    try:
+        return serve(config)
+    except (OSError, RuntimeError) as exc:  # a port in use, a device that is not there...
+        # One line (the traceback only at DEBUG): what stopped the daemon from serving.
+        log.error("cannot serve: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        return 1

@@ -157,6 +157,27 @@ class ServeConfig:
     ready_file: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("port", "metrics_port", "admin_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(
+                    f"{name} must be between 0 and 65535 (0: any free port), got {value}"
+                )
+        if not 1 <= self.runners_per_model <= self.max_runners_per_model:
+            raise ValueError(
+                f"runners_per_model must be between 1 and max_runners_per_model "
+                f"({self.max_runners_per_model}), got {self.runners_per_model}"
+            )
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(
+                f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}"
+            )
+        for device in self.devices:
+            kind, _, index = device.partition(":")
+            if kind not in ("cpu", "cuda", "xpu", "mps") or (index and not index.isdigit()):
+                raise ValueError(
+                    f"devices: {device!r} is not a device (cpu, cuda, cuda:N, xpu:N or mps)"
+                )
         for name in ("batch_max_size", "batch_max_delay_us", "warmup_runs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -292,9 +313,16 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    """Turns env/file strings into the field's type."""
+    """Turns env/file strings into the field's type; a value that is not one names the setting."""
     if name not in _FIELDS:
         raise ValueError(f"unknown setting {name!r}")
+    try:
+        return _convert(name, value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"setting {name!r}: {value!r} is not valid ({exc})") from None
+
+
+def _convert(name: str, value: Any) -> Any:
     default = _FIELDS[name].default
     if name in ("devices", "allowed_roots", "model_roots"):
         if isinstance(value, str):
@@ -318,9 +346,19 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def _bool(value: Any) -> bool:
+    """true/false, yes/no, on/off, 1/0; anything else is an error, never a silent false
+    (a security setting such as admin_loopback_only must not turn off by a typo)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
     if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
+        text = value.strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+    raise ValueError("expected true or false (also yes/no, on/off, 1/0)")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 LOWERBOUND_HINT = (
     "torch's default dynamic-dim guard (aot_inductor.check_lowerbound) refuses sizes below 2, "
     'even for Dim(min=1); recompile with inductor_configs={"aot_inductor.check_lowerbound": '
-    "False}, or with `aotiserve pack` (which does), to accept them"
+    "False}, or with aotiserve.server.packaging.pack (which does), to accept them"
 )
 
 

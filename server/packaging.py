@@ -73,9 +73,13 @@ def pack(
     ``weights_outside_so`` stores the weights as a binary blob beside the
     library inside the package (``update_constant_buffer_from_blob`` format).
     """
-    module = module.eval()
-    with torch.no_grad():
-        ep = torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    was_training = module.training
+    try:  # exported in eval mode; the caller's module is left as it was (a trainer goes on)
+        module.eval()
+        with torch.no_grad():
+            ep = torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    finally:
+        module.train(was_training)
     inputs, outputs = _io_specs(ep, input_names, output_names)
     configs: dict[str, Any] = {
         "aot_inductor.use_runtime_constant_folding": runtime_constant_folding,

@@ -401,3 +401,13 @@ def test_saving_weights_into_a_missing_folder_names_the_folder(tmp_path):
     target = tmp_path / "missing" / "w.safetensors"
     with pytest.raises(FileNotFoundError, match="missing' does not exist"):
         save_safetensors({"a": np.zeros(2, np.float32)}, target)
+
+
+def test_pushing_a_corrupt_or_missing_weights_file_is_one_line(tmp_path):
+    from aotiserve.client.weights import WeightsFileError, file_upload_items
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    for path, says in ((junk, "not a readable safetensors file"), (tmp_path, "is not a file")):
+        with pytest.raises(WeightsFileError, match=says):
+            file_upload_items(path, {})

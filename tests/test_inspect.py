@@ -153,7 +153,7 @@ def test_folded_weights_package(report, tmp_path):
 def test_warnings_batch_lower_bound(report):
     warns = model_of(report, "plain_mlp")["warnings"]
     (lower,) = [w for w in warns if "check_lowerbound" in w]
-    assert "'input__0' refuses sizes below 2 in dim 0" in lower and "aotiserve pack" in lower
+    assert "'input__0' refuses sizes below 2 in dim 0" in lower and "packaging.pack" in lower
     assert not [
         w for w in model_of(report, "plain_mlp_nolb")["warnings"] if "check_lowerbound" in w
     ]

@@ -270,7 +270,7 @@ def test_plain_package_guards(client):
     with pytest.raises(InferenceServerException) as e:
         client.infer("plain_mlp", _plain_inputs([torch.randn(1, 64)]))
     assert code_of(e) == "INVALID_ARGUMENT"
-    assert "check_lowerbound" in str(e.value) and "aotiserve pack" in str(e.value)
+    assert "check_lowerbound" in str(e.value) and "packaging.pack" in str(e.value)
     one = [torch.randn(1, 64)]
     result = client.infer("plain_mlp_nolb", _plain_inputs(one))
     torch.testing.assert_close(

@@ -118,7 +118,7 @@ def test_batch_below_the_lower_bound_explains_how_to_recompile(srv):
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "input 0 ('input__0'): dimension 0 is 1" in details
     assert "[2..1024, 64]" in details  # what it accepts
-    assert '"aot_inductor.check_lowerbound": False' in details and "aotiserve pack" in details
+    assert '"aot_inductor.check_lowerbound": False' in details and "packaging.pack" in details
     # The other input of a two-input model is named when it is the one too small.
     code, details = code_of(
         lambda: srv.stub.Run(

@@ -109,6 +109,28 @@ def test_time_slice_is_zero_or_within_the_kernels_bounds():
             ServeConfig(time_slice_ms=bad)
 
 
+def test_settings_refuse_values_they_do_not_take():
+    """A bool that is not one is an error, never a silent false (admin_loopback_only=enabled
+    would have turned a security setting off); every refusal names the setting."""
+    env = {"AOTISERVE_ADMIN_LOOPBACK_ONLY": "yes"}
+    assert ServeConfig.from_sources({}, env).admin_loopback_only is True
+    assert (
+        ServeConfig.from_sources({}, {"AOTISERVE_ADMIN_LOOPBACK_ONLY": "off"}).admin_loopback_only
+        is False
+    )
+    for key, value, says in [
+        ("AOTISERVE_ADMIN_LOOPBACK_ONLY", "enabled", "'admin_loopback_only'"),
+        ("AOTISERVE_RUNNERS_PER_MODEL", "two", "'runners_per_model'"),
+        ("AOTISERVE_RUNNERS_PER_MODEL", "0", "runners_per_model must be between 1"),
+        ("AOTISERVE_PORT", "70000", "port must be between 0 and 65535"),
+        ("AOTISERVE_PORT", "-5", "port must be between 0 and 65535"),
+        ("AOTISERVE_DEVICES", "gpu:0", "'gpu:0' is not a device"),
+        ("AOTISERVE_LOG_LEVEL", "LOUD", "log_level must be"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            ServeConfig.from_sources({}, {key: value})
+
+
 def test_admin_token_guards_mutating_rpcs(server_factory, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("s3cret\n")

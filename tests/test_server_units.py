@@ -284,3 +284,18 @@ def test_an_upload_reads_the_replicas_once_so_an_unload_midway_cannot_empty_it()
     staging.add_chunk("w", 0, torch.tensor([1.0, 2.0]).numpy().tobytes())
     tensors, digest = staging.finish()
     assert torch.equal(tensors["w"][0], torch.tensor([1.0, 2.0])) and digest
+
+
+def test_pack_leaves_the_callers_module_in_the_mode_it_was_in(tmp_path):
+    """pack() exports in eval mode; a trainer packing mid-training goes on training (here the
+    export fails, data-dependent control flow, and the mode still comes back)."""
+    from aotiserve.server.packaging import pack
+
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    module = DataDependent().train()
+    with pytest.raises(Exception):  # noqa: B017 (torch's own export error, whatever its type)
+        pack(module, (torch.randn(2),), tmp_path / "m.pt2")
+    assert module.training

@@ -28,11 +28,11 @@ _GET_LAST_ERROR = "AOTInductorGetLastError"
 
 LOWERBOUND_FIX = (
     'recompile with inductor_configs={"aot_inductor.check_lowerbound": False} '
-    "or with `aotiserve pack`"
+    "or with aotiserve.server.packaging.pack"
 )
 FOLDING_FIX = (
     'recompile with inductor_configs={"aot_inductor.use_runtime_constant_folding": '
-    "True} or with `aotiserve pack`"
+    "True} or with aotiserve.server.packaging.pack"
 )
 # The largest safetensors header read (the format caps it at 100 MB).
 _MAX_HEADER = 100_000_000
@@ -106,8 +106,8 @@ def _warnings(
     if model.wrapper is None:
         warns.append(
             "the package holds no generated wrapper source: unless it carries "
-            "`aotiserve pack` metadata, the daemon serves it with positional names and "
-            "no dtype/shape checks of its own (the model's guards still apply)"
+            "aotiserve.server.packaging.pack metadata, the daemon serves it with positional "
+            "names and no dtype/shape checks of its own (the model's guards still apply)"
         )
     for spec in inputs:
         for d, lo in spec.refused_below():

@@ -119,8 +119,15 @@ def file_upload_items(path: str | os.PathLike, names_to_fqns: dict[str, str]) ->
     safetensors = _safetensors()
     # numpy unless a dtype needs torch: importing torch costs seconds.
     framework = "numpy"
-    with safetensors.safe_open(os.fspath(path), framework="numpy") as f:
-        st_dtypes = {f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    if not Path(path).is_file():
+        raise WeightsFileError(f"{os.fspath(path)!r} is not a file (a .safetensors file is)")
+    try:
+        with safetensors.safe_open(os.fspath(path), framework="numpy") as f:
+            st_dtypes = {f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as exc:  # safetensors' SafetensorError: a truncated or corrupt file
+        raise WeightsFileError(
+            f"{os.fspath(path)!r} is not a readable safetensors file: {exc}"
+        ) from None
     if any(_numpy_lacks(d) for d in st_dtypes) and torch_available():
         framework = "pt"
     # Not closed explicitly: gRPC reads the items on its own thread, which may
