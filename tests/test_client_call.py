@@ -173,6 +173,16 @@ def test_leaves_that_are_not_tensors_are_dropped_from_the_inputs():
     assert pytree.flatten_call(ours, (x, 3, None), {"k": "s"}) == [x]
 
 
+def test_a_container_where_the_model_takes_a_tensor_is_a_type_error():
+    """Dropped as "not a tensor", it would send the call one input short."""
+    spec = torch_pytree.tree_flatten(((torch.zeros(1), (torch.zeros(1), torch.zeros(1))), {}))[1]
+    ours = pytree.loads(torch_pytree.treespec_dumps(spec))
+    x = np.zeros(1, np.float32)
+    for args, where in [(((x,), (x, x)), "argument 0"), ((x, ([1.0], x)), r"argument 1\[0\]")]:
+        with pytest.raises(TypeError, match=f"{where}: expected a tensor, got a"):
+            pytree.flatten_call(ours, args, {})
+
+
 def test_types_registered_with_torch_go_through_torch_pytree():
     @dataclasses.dataclass
     class Box:

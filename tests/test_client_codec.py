@@ -315,3 +315,8 @@ def test_weights_version_digest_and_an_older_daemons_sha256():
     old = WeightsVersion.from_proto(pb.WeightsVersion(id="v1", sha256="ab"))
     assert (old.digest, old.sha256) == ("sha256:ab", "ab")
     assert WeightsVersion.from_proto(pb.WeightsVersion()) is None
+
+
+def test_a_meta_tensor_is_refused_naming_the_input():
+    with pytest.raises(TypeError, match="input 0: a tensor on the meta device"):
+        to_wire(torch.empty(2, device="meta"), "input 0")

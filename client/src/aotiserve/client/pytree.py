@@ -124,6 +124,16 @@ def _key_difference(want: list, given: Any) -> str | None:
 
 def _flatten(value: Any, spec: Spec, path: str, out: list) -> None:
     if spec.is_leaf:
+        # A leaf is a tensor or a constant the model was exported with (a number, None, a
+        # string); a container there would be dropped as "not a tensor" and the call sent
+        # one input short.
+        if isinstance(value, Mapping) or (
+            isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+        ):
+            raise TypeError(
+                f"{_where(path)}: expected a tensor, got a {type(value).__name__} "
+                "(the model takes one tensor here)"
+            )
         out.append(value)
         return
     if spec.type in _MAPPINGS:

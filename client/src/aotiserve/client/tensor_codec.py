@@ -148,6 +148,8 @@ def _torch_to_wire(tensor, what: str) -> WireTensor:
     dtype = _torch_dtypes.get(tensor.dtype)
     if dtype is None:
         raise TypeError(f"{what}: torch dtype {tensor.dtype} is not supported")
+    if tensor.device.type == "meta":
+        raise TypeError(f"{what}: a tensor on the meta device holds no values to send")
     if tensor.layout != torch.strided:
         raise TypeError(f"{what}: only dense (strided) tensors are supported, not {tensor.layout}")
     if not _LITTLE:  # pragma: no cover - every platform torch ships for is little-endian
