@@ -37,8 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The port's lines that are the model runtime's own output (runner_ext/csrc/port.cpp).
-RUNTIME_PREFIX = "model runtime: "
+# The port's lines that are the model runtime's or gRPC's own output
+# (runner_ext/csrc/runtime_output.cpp): warnings, not the daemon's errors.
+RUNTIME_PREFIXES = ("model runtime: ", "grpc: ")
 
 
 def _dtype_table() -> list[tuple[int, int, str, str]]:
@@ -243,11 +244,12 @@ class Port:
 
     def _log_line(self, line: str) -> None:
         """One of the port's lines: its failures (``ModelInfer failed: ...``, ``model 'm':
-        run failed: ...``) and the model runtime's own output (``model runtime: ...``, what
-        AOTInductor prints for each failed run), each kind at most once a minute after the
-        first (callers can trigger them at will)."""
+        run failed: ...``), the model runtime's own output (``model runtime: ...``, what
+        AOTInductor prints for each failed run) and gRPC's (``grpc: ...``, e.g. a refused TLS
+        handshake), each kind at most once a minute after the first (callers can trigger
+        them at will)."""
         key = ": ".join(line.split(": ", 2)[:2])[:200]
-        runtime = line.startswith(RUNTIME_PREFIX)
+        runtime = line.startswith(RUNTIME_PREFIXES)
         level = logging.WARNING if runtime else logging.ERROR
         self._line_limit.note(key, lambda more: log.log(level, "%s%s", line, more))
 

@@ -39,6 +39,24 @@ def test_tls(pki, zoo):
                 untrusted.health()
 
 
+def test_refused_handshakes_cannot_flood_the_log(pki, caplog):
+    """Any peer can fail a TLS handshake; gRPC logs each one. Its lines go through the
+    port's log, each kind once and then at most once a minute."""
+    with (
+        running_server(
+            ["mlp"], tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key")
+        ) as s,
+        caplog.at_level("WARNING"),
+    ):
+        for _ in range(20):
+            with ac.Client(s.target, timeout=5) as plaintext:
+                with pytest.raises(ac.UnavailableError):
+                    plaintext.health()
+        s.app.port_server.flush_log()
+        grpc_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("grpc: ")]
+        assert 0 < len(grpc_lines) <= 5, grpc_lines
+
+
 def test_mutual_tls_and_cli_flags(pki, capsys):
     with running_server(
         ["mlp"],

@@ -326,7 +326,7 @@ Port::Port(PortConfig config, std::shared_ptr<Stats> stats)
   // development. Off for the process (gRPC's mutexes are abseil's).
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   runtime_output_ = std::make_unique<RuntimeOutput>(
-      [this](std::string line) { log("model runtime: " + line); });
+      [this](std::string line) { log(std::move(line)); });
 }
 
 Port::~Port() { stop(0); }

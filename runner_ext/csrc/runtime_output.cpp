@@ -1,5 +1,8 @@
 #include "runtime_output.h"
 
+#include <grpc/support/log.h>
+
+#include <cstring>
 #include <iostream>
 #include <mutex>
 #include <streambuf>
@@ -9,11 +12,23 @@
 namespace aotiserve {
 namespace {
 
+void on_grpc_log(gpr_log_func_args* args);
+
 // Installed into std::cerr once, for good: whole lines to the newest sink, or to the
-// stream buffer std::cerr had before when there is none.
+// stream buffer std::cerr had before when there is none. gRPC's own log lines (a failed
+// TLS handshake, which any peer can cause) take the same way.
 class Lines : public std::streambuf {
  public:
-  Lines() : previous_(std::cerr.rdbuf(this)) {}
+  Lines() : previous_(std::cerr.rdbuf(this)) { gpr_set_log_function(&on_grpc_log); }
+
+  void grpc_line(const gpr_log_func_args& a) {
+    const char* file = a.file ? std::strrchr(a.file, '/') : nullptr;
+    std::string line = std::string("grpc: ") + (a.message ? a.message : "") + " (" +
+                       (file ? file + 1 : (a.file ? a.file : "?")) + ":" + std::to_string(a.line) +
+                       ")";
+    std::lock_guard<std::mutex> lock(mu_);
+    send(std::move(line));
+  }
 
   void push(const RuntimeOutput* owner, std::function<void(std::string)> sink) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -60,8 +75,12 @@ class Lines : public std::streambuf {
 
   void emit() {  // under mu_
     std::string line = std::exchange(line_, std::string());
+    if (!line.empty()) send("model runtime: " + line);
+  }
+
+  void send(std::string line) {  // under mu_
     if (!sinks_.empty()) {
-      if (!line.empty()) sinks_.back().second(std::move(line));
+      sinks_.back().second(std::move(line));
     } else if (previous_) {
       line += '\n';
       previous_->sputn(line.data(), std::streamsize(line.size()));
@@ -78,6 +97,10 @@ class Lines : public std::streambuf {
 Lines& lines() {
   static Lines* installed = new Lines();  // never destroyed: std::cerr keeps pointing at it
   return *installed;
+}
+
+void on_grpc_log(gpr_log_func_args* args) {
+  if (args != nullptr) lines().grpc_line(*args);
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 // What the model runtime prints to std::cerr (AOTInductor prints the error of every failed
-// run there, and any caller can make a run fail): while a port serves, those lines go to
-// its log, which the daemon rate-limits (server/port.py), instead of straight to stderr.
+// run there, and any caller can make a run fail) and gRPC's own log lines (a failed TLS
+// handshake, which any peer can cause): while a port serves, those lines go to its log as
+// "model runtime: ..." and "grpc: ...", which the daemon rate-limits (server/port.py),
+// instead of straight to stderr.
 #pragma once
 
 #include <functional>
