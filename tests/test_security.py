@@ -412,6 +412,26 @@ def test_admin_rpcs_on_a_separate_port(tmp_path):
 # ---------------------------------------------------------------- paths
 
 
+def test_compressed_requests_are_refused_before_they_are_inflated(server_factory):
+    """gRPC 1.51 inflates a compressed message whole before it compares it with the size
+    limit (a 1 MB gzip body cost the daemon 1 GiB and seconds of CPU): the port takes
+    uncompressed messages only, and refuses others from their headers."""
+    s = server_factory(["mlp"], max_message_bytes=1 << 20)
+    zeros = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[4 << 20], data=bytes(16 << 20))
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    with grpc.insecure_channel(s.target, options=options) as ch:
+        stub = pb_grpc.ModelRunnerStub(ch)
+        for algorithm in (grpc.Compression.Gzip, grpc.Compression.Deflate):
+            for call in (
+                lambda c: stub.Run(pb.RunRequest(model="mlp", inputs=[zeros]), compression=c),
+                lambda c: stub.ListModels(pb.ListModelsRequest(), compression=c),
+            ):
+                code, details = status_of(lambda: call(algorithm))  # noqa: B023
+                assert code == CODE.UNIMPLEMENTED, (code, details)
+                assert "is disabled" in details and algorithm.name.lower() in details
+    assert s.stub.Run(wire.run_request("mlp", [torch.zeros(2, 64)])).outputs
+
+
 @pytest.fixture
 def roots(tmp_path):
     """A root (model or blob) with a package, a blob, and links and paths that leave it."""

@@ -15,12 +15,13 @@ from typing import Any
 import grpc
 
 from aotiserve.client import health as _health
-from aotiserve.client import pytree
+from aotiserve.client import local_shm, pytree
 from aotiserve.client.channel import (
     DEFAULT_DOWNLOAD_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     WEIGHTS_VERSION_TRAILER,
     ChannelConfig,
+    is_loopback_target,
     model_runner_stubs,
 )
 from aotiserve.client.errors import (
@@ -115,6 +116,12 @@ class Model:
         Returns the outputs as torch tensors when torch is importable, else
         numpy arrays (``output_format`` overrides the client's choice).
         """
+        shm = self._client._local_shm
+        if shm is not None:
+            done = shm.run(self.name, inputs, self._client._format(output_format))
+            if done is not None:
+                outputs, self.last_weights_version = done
+                return outputs
         request = encode_run_request(self.name, inputs)
         response, call = self._client._call("Run", request, with_call=True)
         self.last_weights_version = weights_version_of(response, call.trailing_metadata())
@@ -347,6 +354,8 @@ class _Connection:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         options: Sequence[tuple[str, Any]] = (),
         insecure: bool = False,
+        shared_memory: bool | None = None,
+        shared_memory_min_bytes: int = local_shm.DEFAULT_MIN_BYTES,
     ) -> None:
         self._config = ChannelConfig(
             target=target,
@@ -375,6 +384,15 @@ class _Connection:
         # Model name -> its read call spec (Model.__call__), for every handle of this client;
         # dropped when the client loads or unloads the name, or a call is refused.
         self._call_specs: dict[str, tuple[pytree.Spec | None, pytree.Spec | None]] = {}
+        # Large runs through shared memory with a daemon on this host (sync client only).
+        self._local_shm: local_shm.LocalSharedMemory | None = None
+        if not self._aio and (
+            is_loopback_target(target) if shared_memory is None else shared_memory
+        ):
+            self._local_shm = local_shm.LocalSharedMemory(
+                self._oip_call, self._io_names, min_bytes=shared_memory_min_bytes
+            )
+        self._oip_stubs: dict[str, Callable] = {}
 
     @property
     def target(self) -> str:
@@ -439,6 +457,18 @@ class Client(_Connection):
             return stub(request, metadata=metadata, timeout=self.timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+
+    def _oip_call(self, rpc: str, request: bytes, admin: bool) -> bytes:
+        """A unary call of the OIP service with hand-encoded bytes (local_shm)."""
+        stub = self._oip_stubs.get(rpc)
+        if stub is None:
+            stub = self._oip_stubs[rpc] = self._channel.unary_unary(local_shm.SERVICE + rpc)
+        metadata = self._config.metadata(mutating=admin)
+        return stub(request, metadata=metadata, timeout=self.timeout)
+
+    def _io_names(self, model: str) -> tuple[list[str], list[str]]:
+        info = find_model(self._call("ListModels", pb.ListModelsRequest()), model)
+        return [s.name for s in info.inputs], [s.name for s in info.outputs]
 
     def _stream(self, rpc: str, request):
         try:
@@ -545,6 +575,8 @@ class Client(_Connection):
     # ---- lifetime
 
     def close(self) -> None:
+        if self._local_shm is not None:
+            self._local_shm.close()
         self._channel.close()
 
     def __enter__(self) -> Client:
