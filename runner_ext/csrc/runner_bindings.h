@@ -15,7 +15,10 @@
 #include "core_spread.h"
 
 #include <atomic>
+#include <dlfcn.h>
+
 #include <fstream>
+#include <iterator>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -184,10 +187,19 @@ class Runner : public Base {
         slot = tensor;
         pointers.emplace(name, &slot);
       }
+      std::set<AtenTensorHandle> before;
+      if (leaks_user_managed()) {
+        for (const auto& entry : raw_constants(use_inactive)) before.insert(entry.second);
+      }
       with_last_error("update_constant_buffer", [&] {
         this->update_constant_buffer(
             pointers, use_inactive, validate_full_updates, /*user_managed=*/true);
       });
+      if (leaks_user_managed()) {
+        for (const auto& entry : raw_constants(use_inactive)) {
+          if (before.count(entry.second) == 0) unowned_.insert(entry.second);
+        }
+      }
     } else {
       with_last_error("update_constant_buffer", [&] {
         this->update_constant_buffer(
@@ -205,6 +217,7 @@ class Runner : public Base {
         inactive_written_.insert(entry.first);
       }
     }
+    release_unheld();
   }
 
   // torch's container swaps in whatever the inactive buffer holds, even
@@ -252,6 +265,7 @@ class Runner : public Base {
     with_last_error("free_inactive_constant_buffer", [&] {
       this->free_inactive_constant_buffer();
     });
+    release_unheld();
     return true;
   }
 
@@ -441,7 +455,64 @@ class Runner : public Base {
     }
   }
 
+  ~Runner() {
+    // The container, destroyed after this, never deletes these (see unowned_).
+    for (AtenTensorHandle handle : unowned_) aoti_torch_delete_tensor_object(handle);
+  }
+
  private:
+  // The handles a buffer holds, by original FQN (constants not folded at run time).
+  std::unordered_map<std::string, AtenTensorHandle> raw_constants(bool use_inactive) const {
+    std::unordered_map<std::string, AtenTensorHandle> out;
+    check(sym<decltype(&AOTInductorModelContainerExtractConstantsMap)>(
+              "AOTInductorModelContainerExtractConstantsMap")(
+              this->container_handle_, reinterpret_cast<AOTInductorConstantMapHandle>(&out),
+              use_inactive),
+          "extract_constants_map");
+    return out;
+  }
+
+  // torch's container (2.13 and earlier: MaybeOwningAtenTensorHandle(handle,
+  // user_managed=true)) makes a new handle for each tensor of a user-managed update and
+  // never deletes it, so every staging kept its tensors' memory for good (pytorch#194480
+  // fixes it by removing that class). Whether this model's container is such a one: its
+  // library names the class.
+  bool leaks_user_managed() {
+    if (leaks_user_managed_ < 0) {
+      leaks_user_managed_ = 0;
+      Dl_info info{};
+      void* fn = reinterpret_cast<void*>(sym<decltype(&AOTInductorModelContainerRun)>(
+          "AOTInductorModelContainerRun"));
+      if (fn && dladdr(fn, &info) && info.dli_fname) {
+        std::ifstream so(info.dli_fname, std::ios::binary);
+        std::string bytes((std::istreambuf_iterator<char>(so)), std::istreambuf_iterator<char>());
+        leaks_user_managed_ = bytes.find("MaybeOwningAtenTensorHandle") != std::string::npos;
+      }
+    }
+    return leaks_user_managed_ == 1;
+  }
+
+  // Deletes the handles the container made for user-managed updates (see above) that
+  // neither buffer holds any longer: what a later update replaced.
+  void release_unheld() {
+    if (unowned_.empty()) return;
+    std::set<AtenTensorHandle> held;
+    for (bool inactive : {false, true}) {
+      for (const auto& entry : raw_constants(inactive)) held.insert(entry.second);
+    }
+    for (auto it = unowned_.begin(); it != unowned_.end();) {
+      if (held.count(*it) == 0) {
+        aoti_torch_delete_tensor_object(*it);
+        it = unowned_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  int leaks_user_managed_ = -1;        // -1: not known yet
+  std::set<AtenTensorHandle> unowned_;  // made by the container, ours to delete
+
   static constexpr bool kOnHost =
       std::is_same_v<Base, torch::inductor::AOTIModelContainerRunnerCpu>;
   std::atomic<int64_t> typical_run_ns_{0};  // how long a run takes (RunPlacement keeps it)
