@@ -44,7 +44,6 @@ LABELS = {
     "pytriton": "PyTriton 0.7.0 / Triton 2.51 (OIP ModelInfer)",
 }
 # The hot-path counter's method label for each aotiserve system.
-HOT_METHOD = {"run": "Run", "client": "Run", "oip": "ModelInfer"}
 HOT_METRIC = "aotiserve_hot_path_requests_total"
 COPIED_METRIC = "aotiserve_port_copied_bytes_total"
 
@@ -286,6 +285,15 @@ def rps_at(result: dict, c: int) -> float:
 # server/oip_statistics.py): its whole time, the wait for a runner, the run (device copies
 # included), decoding the inputs and encoding the outputs.
 SERVER_PARTS = ("success", "queue", "compute_infer", "compute_input", "compute_output")
+
+
+def hot_calls(server: Server) -> float | None:
+    """Calls the daemon's C++ hot path answered so far, ``Run`` and ``ModelInfer`` together
+    (aotiserve.client sends a large run as a ``ModelInfer`` through shared memory)."""
+    counts = [procs.metric(server, HOT_METRIC, {"method": m}) for m in ("Run", "ModelInfer")]
+    if all(c is None for c in counts):
+        return None
+    return sum(c or 0.0 for c in counts)
 
 
 def server_times(target: str, model: str) -> dict[str, tuple[int, int]]:

@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from bench import procs  # noqa: E402
 from bench.common import (  # noqa: E402
-    HOT_METRIC,
+    hot_calls,
     run_driver,
     run_reply,
     server_times,
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 client_kind, _, variant = rn_key.partition("_")
                 target = daemons["aotiserve_" + variant if variant else "aotiserve"]
                 before = server_times(target.target, "resnet50")
-                hot0 = procs.metric(target, HOT_METRIC, {"method": "Run"})
+                hot0 = hot_calls(target)
                 res = _driver(
                     target.target,
                     client_kind,
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.seconds,
                     10,
                 )
-                hot1 = procs.metric(target, HOT_METRIC, {"method": "Run"})
+                hot1 = hot_calls(target)
                 res["server_us"] = server_us_per_request(
                     before, server_times(target.target, "resnet50")
                 )

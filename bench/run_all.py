@@ -34,13 +34,12 @@ from . import heavy, procs, tiny
 from .common import (
     AOTISERVE_SYSTEMS,
     DOCS,
-    HOT_METHOD,
-    HOT_METRIC,
     RESULTS_DIR,
     TINY_SYSTEMS,
     WORKLOADS,
     RssSampler,
     cpu_seconds,
+    hot_calls,
     machine_info,
     machine_name,
     packages,
@@ -84,8 +83,7 @@ class Bench:
     ) -> dict:
         """One driver run against ``server``: adds the server's CPU per call and, for aotiserve,
         the share of the calls its C++ hot path answered (from its own counter)."""
-        hot = HOT_METHOD.get(system)
-        hot0 = procs.metric(server, HOT_METRIC, {"method": hot}) if hot and server else None
+        hot0 = hot_calls(server) if server and system in AOTISERVE_SYSTEMS else None
         cpu0 = cpu_seconds(server.pid) if server else 0.0
         with RssSampler(server if sampler else None) as s:
             out = run_driver(sys.executable, cfg, env=env)
@@ -96,9 +94,7 @@ class Bench:
         if calls:
             out["client_cpu_us_per_call"] = 1e6 * out["client_cpu_s"] / calls
         if hot0 is not None and calls:
-            out["hot_path_share"] = (
-                procs.metric(server, HOT_METRIC, {"method": hot}) - hot0
-            ) / calls
+            out["hot_path_share"] = (hot_calls(server) - hot0) / calls
         return out
 
     def run(self) -> dict:
