@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from aotiserve import runner_ext
 
 from . import health as served_health
-from . import oip_servicer, runner_servicer
+from . import oip_servicer, process_env, runner_servicer
 from .bridge import Bridge, collect_handlers, streaming_methods
 from .config import ServeConfig
 from .dataplane import DataPlane
@@ -315,6 +315,7 @@ def serve(config: ServeConfig) -> int:
     server.start()
     while not stop_requested.wait(0.5):
         runner_ext.trim_cpu_block_cache(CPU_BLOCK_IDLE_S)
+        process_env.HEAP.run_pending()
     started = time.monotonic()
     server.stop(config.grace_period_s).wait(config.grace_period_s + 30)
     log.info("drained in %.2fs", time.monotonic() - started)

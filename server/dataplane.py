@@ -31,8 +31,8 @@ import torch
 
 from aotiserve import runner_ext
 
+from . import process_env, weights_ipc
 from . import tensor_codec as codec
-from . import weights_ipc
 from .config import ServeConfig
 from .device_pool import queued
 from .errors import InvalidArgument, NotFound, ServeError
@@ -295,6 +295,7 @@ class DataPlane:
         return self._transfers.open
 
     def _count_op(self, model: str, op: str, exc: BaseException | None) -> None:
+        process_env.HEAP.request()  # buffers were freed: their pages go back (main loop)
         if self.metrics:
             outcome = (
                 "ok"

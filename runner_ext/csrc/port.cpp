@@ -1196,8 +1196,19 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
         return done(invalid(what + ": bool tensor holds bytes other than 0 and 1"));
       }
       at::Tensor input = bytes.view(type->scalar).view(t.shape);
-      // A CUDA region's input for a model on the CPU comes over to the host.
-      inputs.push_back(input.is_cuda() && !model->on_gpu ? input.cpu() : input);
+      if (input.is_cuda() && !model->on_gpu) {
+        input = input.cpu();  // a CUDA region's input for a model on the CPU comes to the host
+      } else if (!input.is_cuda() && model->on_gpu && want >= kPinnedBytes) {
+        // A system region is pageable memory: CUDA would copy it to the device through its
+        // own staging, synchronously. One copy into pinned memory (torch's cached pinned
+        // blocks) lets the run's host-to-device copy go straight and on the slot's stream,
+        // as for a request's own bytes.
+        at::Tensor pinned = at::empty(t.shape, at::TensorOptions().dtype(type->scalar).pinned_memory(true));
+        std::memcpy(pinned.data_ptr(), input.data_ptr(), want);
+        copied_bytes_.fetch_add(want, std::memory_order_relaxed);
+        input = pinned;
+      }
+      inputs.push_back(input);
       continue;
     }
     const Span& data = datas[i];
