@@ -372,7 +372,10 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
             f"{_f(d.get('port_copies_per_request'), '{:.2f}')} |"
         )
         for key, label in (
-            ("client", "aotiserve Run via aotiserve.client"),
+            (
+                "client",
+                "aotiserve.client (shared memory: the daemon is on its host, docs/client.md)",
+            ),
             ("echo_cpp", "bare gRPC C++ echo, same bytes"),
             ("echo", "bare grpcio echo, same bytes"),
         ):
