@@ -178,3 +178,38 @@ def test_a_region_the_daemon_dropped_is_replaced(server):
         for _ in range(3):
             assert torch.equal(shm.model("mlp").run([x])[0], want)
         assert len([n for n in _regions(server.channel) if f"-{os.getpid()}-" in n]) == 1
+
+
+class _Refusal(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_a_model_whose_outputs_oip_cannot_carry_goes_back_to_the_request():
+    """A daemon answers UNIMPLEMENTED for an output with no OIP datatype (float8): that call
+    and every later one of the model travel in the request (a pure unit: the calls are fakes)."""
+    from aotiserve.client.local_shm import LocalSharedMemory
+
+    calls: list[str] = []
+
+    def call(rpc: str, request: bytes, admin: bool) -> bytes:
+        calls.append(rpc)
+        if rpc == "ModelInfer":
+            raise _Refusal(
+                grpc.StatusCode.UNIMPLEMENTED, "output 'y': dtype Float8_e4m3fn has no ..."
+            )
+        return b""
+
+    shm = LocalSharedMemory(call, lambda model: (["x"], ["y"]), min_bytes=0)
+    x = _x(2)
+    assert shm.run("m", [x], "numpy") is None
+    assert calls == ["SystemSharedMemoryRegister", "ModelInfer"]
+    assert shm.run("m", [x], "numpy") is None
+    assert calls == ["SystemSharedMemoryRegister", "ModelInfer"], "no second try for that model"
+    assert not _our_files()

@@ -367,6 +367,11 @@ class LocalSharedMemory:
                 if any(words in details for words in _REGION_GONE):
                     keep = False
                     return None
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    # The model answers what OIP cannot carry (a float8 output): the native
+                    # Run can, so this model's calls travel in the request from now on.
+                    self._names[model] = ([], [])
+                    return None
                 if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
                     self._forget(model)
                     return None  # the request path says what was wrong, as Run says it
