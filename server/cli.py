@@ -59,8 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"aotiserve serve: {exc}\n")  # logging is not set up yet
         return 2
     setup_logging(config)
-    if config.huge_pages:  # before torch or any large buffer exists
-        process_env.restart_with_malloc_env(os.environ, argv)
+    # Before torch, OpenMP or any large buffer exists: all of them read these once.
+    updates = process_env.threads_env(os.environ, process_env.cpu_count(), config.runners_per_model)
+    if config.huge_pages:
+        updates.update(process_env.malloc_env(os.environ, process_env.thp_mode()))
+    process_env.restart_with_env(os.environ, argv, updates)
     if config.time_slice_ms:  # before the daemon starts its threads: they inherit it
         process_env.set_time_slice(config.time_slice_ms)
     log.info("configuration: %s", json.dumps(config.redacted(), default=str))

@@ -98,6 +98,13 @@ def test_the_daemon_restarts_itself_in_place_with_huge_pages():
         assert _serving(d)
 
 
+@pytest.mark.skipif("OMP_NUM_THREADS" in os.environ, reason="set here: the daemon keeps it")
+def test_the_daemon_gives_each_runner_its_share_of_the_cpus():
+    with daemon_process(["mlp"], ["--no-huge-pages", "--runners-per-model", "1"]) as d:
+        assert _environ(d.proc.pid)["OMP_NUM_THREADS"] == str(process_env.cpu_count())
+        assert _serving(d)
+
+
 # --------------------------------------------------------------------------- time slice
 
 _EEVDF_SLICES = tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2]) >= (6, 12)
@@ -176,3 +183,21 @@ def test_the_daemons_threads_run_with_the_configured_slice():
     with daemon_process(["mlp"], ["--time-slice-ms", "0"]) as d:
         assert _serving(d)
         assert 20_000_000 not in _slices(d.proc.pid).values()
+
+
+def test_threads_env_gives_each_runner_its_share_of_the_cpus():
+    assert process_env.threads_env({}, 8, 2) == {"OMP_NUM_THREADS": "4"}
+    assert process_env.threads_env({}, 2, 2) == {"OMP_NUM_THREADS": "1"}
+    assert process_env.threads_env({}, 1, 4) == {"OMP_NUM_THREADS": "1"}
+    assert process_env.threads_env({}, 6, 4) == {"OMP_NUM_THREADS": "1"}
+    assert process_env.threads_env({"OMP_NUM_THREADS": "3"}, 8, 2) == {}  # the user's, kept
+    assert process_env.cpu_count() >= 1
+
+
+def test_cpu_count_keeps_to_a_cgroup_quota(tmp_path):
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n")  # a limit of 1.5 CPUs
+    assert process_env.cpu_count(cpu_max) == min(2, len(os.sched_getaffinity(0)))
+    cpu_max.write_text("max 100000\n")
+    assert process_env.cpu_count(cpu_max) == len(os.sched_getaffinity(0))
+    assert process_env.cpu_count(tmp_path / "absent") == len(os.sched_getaffinity(0))
