@@ -264,3 +264,21 @@ def test_one_thread_serving_two_gpus_runs_each_on_its_own_device():
             (out,) = pool.execute(Runner(), [x])
             assert seen == [(torch.device(f"cuda:{i}"), i)]
             assert torch.equal(out, x + i)
+
+
+def test_inputs_from_a_clients_shared_memory_region_run_on_the_gpu(cuda_repo):
+    """aotiserve.client on the daemon's host sends large inputs through a system shared-memory
+    region; for a model on a GPU the port stages those of 64 KiB and more through pinned
+    memory (port.cpp). Results equal those of the same inputs sent in the request."""
+    from aotiserve.client import Client
+
+    with (
+        _serve(cuda_repo, ("cuda:0",)) as s,
+        Client(s.target, shared_memory_min_bytes=0) as shm,
+        Client(s.target, shared_memory=False) as plain,
+    ):
+        for batch in (1, 300, 1024):  # 256 B, 75 KiB, 256 KiB
+            x = torch.randn(batch, 64)
+            for _ in range(2):  # the second call also takes its output through the region
+                assert torch.equal(shm.model("mlp").run([x])[0], plain.model("mlp").run([x])[0])
+        assert shm._local_shm.enabled
