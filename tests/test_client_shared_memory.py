@@ -213,3 +213,24 @@ def test_a_model_whose_outputs_oip_cannot_carry_goes_back_to_the_request():
     assert shm.run("m", [x], "numpy") is None
     assert calls == ["SystemSharedMemoryRegister", "ModelInfer"], "no second try for that model"
     assert not _our_files()
+
+
+def test_the_async_client_takes_the_same_path(server):
+    import asyncio
+
+    from aotiserve.client import AsyncClient
+
+    x = _x(5)
+
+    async def go():
+        async with AsyncClient(server.target, shared_memory_min_bytes=0) as c:
+            model = c.model("mlp")
+            first, second = await model.run([x]), await model.run([x])
+            return first, second, model.last_weights_version, c._local_shm._made
+
+    first, second, version, regions = asyncio.run(go())
+    with Client(server.target, shared_memory=False) as plain:
+        want = plain.model("mlp").run([x])[0]
+    assert torch.equal(first[0], want) and torch.equal(second[0], want)
+    assert version == "initial" and regions == 1
+    assert not [n for n in _regions(server.channel) if f"-{os.getpid()}-" in n]

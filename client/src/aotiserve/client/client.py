@@ -117,7 +117,7 @@ class Model:
         numpy arrays (``output_format`` overrides the client's choice).
         """
         shm = self._client._local_shm
-        if shm is not None:
+        if shm is not None and shm.wants(inputs):
             done = shm.run(self.name, inputs, self._client._format(output_format))
             if done is not None:
                 outputs, self.last_weights_version = done
@@ -384,15 +384,15 @@ class _Connection:
         # Model name -> its read call spec (Model.__call__), for every handle of this client;
         # dropped when the client loads or unloads the name, or a call is refused.
         self._call_specs: dict[str, tuple[pytree.Spec | None, pytree.Spec | None]] = {}
-        # Large runs through shared memory with a daemon on this host (sync client only).
+        # Large runs through shared memory with a daemon on this host (local_shm); its calls
+        # are blocking ones, on a channel of their own for AsyncClient.
         self._local_shm: local_shm.LocalSharedMemory | None = None
-        if not self._aio and (
-            is_loopback_target(target) if shared_memory is None else shared_memory
-        ):
+        if is_loopback_target(target) if shared_memory is None else shared_memory:
             self._local_shm = local_shm.LocalSharedMemory(
                 self._oip_call, self._io_names, min_bytes=shared_memory_min_bytes
             )
         self._oip_stubs: dict[str, Callable] = {}
+        self._blocking_channel = None if self._aio else self._channel
 
     @property
     def target(self) -> str:
@@ -427,6 +427,32 @@ class _Connection:
             )
         )
 
+    # ---- the shared-memory path's blocking calls (local_shm)
+
+    def _blocking(self):
+        if self._blocking_channel is None:
+            self._blocking_channel = self._config.open(aio=False)
+        return self._blocking_channel
+
+    def _oip_call(self, rpc: str, request: bytes, admin: bool) -> bytes:
+        """A unary call of the OIP service with hand-encoded bytes."""
+        stub = self._oip_stubs.get(rpc)
+        if stub is None:
+            stub = self._oip_stubs[rpc] = self._blocking().unary_unary(local_shm.SERVICE + rpc)
+        metadata = self._config.metadata(mutating=admin)
+        return stub(request, metadata=metadata, timeout=self.timeout)
+
+    def _io_names(self, model: str) -> tuple[list[str], list[str]]:
+        """A model's input and output names, from ListModels."""
+        listing = self._blocking().unary_unary(
+            "/aotiserve.v1.ModelRunner/ListModels",
+            request_serializer=pb.ListModelsRequest.SerializeToString,
+            response_deserializer=pb.ListModelsResponse.FromString,
+        )
+        response = listing(pb.ListModelsRequest(), metadata=self._metadata, timeout=self.timeout)
+        info = find_model(response, model)
+        return [s.name for s in info.inputs], [s.name for s in info.outputs]
+
     def _format(self, output_format: OutputFormat | None):
         return self.output_format if output_format is None else resolve_format(output_format)
 
@@ -457,18 +483,6 @@ class Client(_Connection):
             return stub(request, metadata=metadata, timeout=self.timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
-
-    def _oip_call(self, rpc: str, request: bytes, admin: bool) -> bytes:
-        """A unary call of the OIP service with hand-encoded bytes (local_shm)."""
-        stub = self._oip_stubs.get(rpc)
-        if stub is None:
-            stub = self._oip_stubs[rpc] = self._channel.unary_unary(local_shm.SERVICE + rpc)
-        metadata = self._config.metadata(mutating=admin)
-        return stub(request, metadata=metadata, timeout=self.timeout)
-
-    def _io_names(self, model: str) -> tuple[list[str], list[str]]:
-        info = find_model(self._call("ListModels", pb.ListModelsRequest()), model)
-        return [s.name for s in info.inputs], [s.name for s in info.outputs]
 
     def _stream(self, rpc: str, request):
         try:

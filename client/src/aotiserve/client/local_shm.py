@@ -322,6 +322,17 @@ class LocalSharedMemory:
 
     # ---- runs
 
+    def wants(self, inputs: Any) -> bool:
+        """Whether ``inputs`` may go through a region (the path is on, and their bytes are
+        ``min_bytes`` or more); cheap, so a small call pays nothing for the path."""
+        if not self.enabled or not isinstance(inputs, (list, tuple)):
+            return False
+        total = 0
+        for value in inputs:
+            n = getattr(value, "nbytes", 0)
+            total += n if isinstance(n, int) else 0
+        return total >= self.min_bytes
+
     def run(self, model: str, inputs: Sequence[Any], fmt: str) -> tuple[list, str] | None:
         """Runs ``model`` through a region: (outputs, weights version), or None where this
         call must travel in the request (small, refused, no region free...)."""
