@@ -6,6 +6,10 @@
 #include "runner_bindings.h"
 #include "port.h"
 
+#include <fstream>
+#include <map>
+#include <mutex>
+
 namespace aotiserve {
 
 std::vector<std::pair<std::string, BackendBinder>>& backend_registry() {
@@ -23,6 +27,26 @@ std::string without_backtrace(const std::string& what) {
     msg.pop_back();
   }
   return msg;
+}
+
+bool library_mentions(const std::string& path, const std::string& word) {
+  static std::mutex mu;
+  static std::map<std::string, bool> known;  // by library file: each is read once
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(path);
+  if (it != known.end()) return it->second;
+  bool found = false;
+  std::ifstream file(path, std::ios::binary);
+  // In chunks, each overlapping the last by the word's length: the library may hold the
+  // model's weights; the name sits near its start (the dynamic symbol table) when it is there.
+  std::string window;
+  std::vector<char> chunk(size_t{1} << 20);
+  while (!found && file.read(chunk.data(), std::streamsize(chunk.size())).gcount() > 0) {
+    window.append(chunk.data(), size_t(file.gcount()));
+    found = window.find(word) != std::string::npos;
+    window.erase(0, window.size() > word.size() ? window.size() - word.size() : 0);
+  }
+  return known[path] = found;
 }
 
 namespace {

@@ -1236,21 +1236,26 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
   }
 
   for (const auto& group : model->ties) {
-    std::string parts;
+    auto in_range = [&](int64_t i, int64_t d) {
+      return i >= 0 && size_t(i) < inputs.size() && d >= 0 && d < inputs[size_t(i)].dim();
+    };
     bool differ = false;
     int64_t first = -1;
     for (const auto& [i, d] : group) {
-      if (i < 0 || size_t(i) >= inputs.size() || d < 0 || d >= inputs[size_t(i)].dim()) continue;
+      if (!in_range(i, d)) continue;
       int64_t n = inputs[size_t(i)].size(d);
       differ |= first >= 0 && n != first;
       if (first < 0) first = n;
+    }
+    if (!differ) continue;  // the message only for a refusal: nothing built per request
+    std::string parts;
+    for (const auto& [i, d] : group) {
+      if (!in_range(i, d)) continue;
       parts += (parts.empty() ? "" : ", ") + labels[size_t(i)] + " dimension " +
-               std::to_string(d) + " is " + std::to_string(n);
+               std::to_string(d) + " is " + std::to_string(inputs[size_t(i)].size(d));
     }
-    if (differ) {
-      return done(invalid("model '" + model->name +
-                          "': the model gives these dimensions one size, but " + parts));
-    }
+    return done(invalid("model '" + model->name +
+                        "': the model gives these dimensions one size, but " + parts));
   }
 
   if (model->load) model->load->record_input(since(decoding));

@@ -14,11 +14,10 @@
 
 #include "core_spread.h"
 
-#include <atomic>
 #include <dlfcn.h>
 
+#include <atomic>
 #include <fstream>
-#include <iterator>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -51,6 +50,9 @@ std::vector<std::pair<std::string, BackendBinder>>& backend_registry();
 
 // Drops the C++ backtrace that c10 appends to error text.
 std::string without_backtrace(const std::string& what);
+
+// Whether the file at `path` (a model's library) holds `word`; read once per file.
+bool library_mentions(const std::string& path, const std::string& word);
 
 // cpu_cache.cpp: a cache of large CPU blocks in front of torch's CPU allocator.
 void bind_cpu_cache(py::module_& m);
@@ -484,9 +486,7 @@ class Runner : public Base {
       void* fn = reinterpret_cast<void*>(sym<decltype(&AOTInductorModelContainerRun)>(
           "AOTInductorModelContainerRun"));
       if (fn && dladdr(fn, &info) && info.dli_fname) {
-        std::ifstream so(info.dli_fname, std::ios::binary);
-        std::string bytes((std::istreambuf_iterator<char>(so)), std::istreambuf_iterator<char>());
-        leaks_user_managed_ = bytes.find("MaybeOwningAtenTensorHandle") != std::string::npos;
+        leaks_user_managed_ = library_mentions(info.dli_fname, "MaybeOwningAtenTensorHandle");
       }
     }
     return leaks_user_managed_ == 1;

@@ -392,6 +392,7 @@ class _Connection:
                 self._oip_call, self._io_names, min_bytes=shared_memory_min_bytes
             )
         self._oip_stubs: dict[str, Callable] = {}
+        self._admin_metadata = self._config.metadata(mutating=True)
         self._blocking_channel = None if self._aio else self._channel
 
     @property
@@ -439,16 +440,12 @@ class _Connection:
         stub = self._oip_stubs.get(rpc)
         if stub is None:
             stub = self._oip_stubs[rpc] = self._blocking().unary_unary(local_shm.SERVICE + rpc)
-        metadata = self._config.metadata(mutating=admin)
+        metadata = self._admin_metadata if admin else self._metadata
         return stub(request, metadata=metadata, timeout=self.timeout)
 
     def _io_names(self, model: str) -> tuple[list[str], list[str]]:
         """A model's input and output names, from ListModels."""
-        listing = self._blocking().unary_unary(
-            "/aotiserve.v1.ModelRunner/ListModels",
-            request_serializer=pb.ListModelsRequest.SerializeToString,
-            response_deserializer=pb.ListModelsResponse.FromString,
-        )
+        listing = model_runner_stubs(self._blocking()).ListModels
         response = listing(pb.ListModelsRequest(), metadata=self._metadata, timeout=self.timeout)
         info = find_model(response, model)
         return [s.name for s in info.inputs], [s.name for s in info.outputs]

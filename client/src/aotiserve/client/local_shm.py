@@ -78,16 +78,11 @@ def _region_size(n: int) -> int:
 # ---------------------------------------------------------------- the messages
 
 
+_text = wire.text
+
+
 def _len_field(field: int, payload: bytes) -> bytes:
-    return wire.key(field, 2) + wire.put_varint(len(payload)) + payload
-
-
-def _text(field: int, text: str) -> bytes:
-    return _len_field(field, text.encode()) if text else b""
-
-
-def _uint(field: int, n: int) -> bytes:
-    return wire.key(field, 0) + wire.put_varint(n) if n else b""
+    return wire.len_prefix(field, len(payload)) + payload
 
 
 def _region_params(field: int, region: str, offset: int, size: int) -> bytes:
@@ -103,7 +98,7 @@ def _region_params(field: int, region: str, offset: int, size: int) -> bytes:
 
 def encode_register(name: str, key: str, byte_size: int) -> bytes:
     """``SystemSharedMemoryRegisterRequest``."""
-    return _text(1, name) + _text(2, key) + _uint(4, byte_size)
+    return _text(1, name) + _text(2, key) + wire.key(4, 0) + wire.put_varint(byte_size)
 
 
 def encode_infer(
@@ -135,7 +130,7 @@ class OutputView:
 
 
 def _read_params(buf, start: int, stop: int) -> set[str]:
-    """The keys of a ``parameters`` map entry list's one entry."""
+    """The key of one ``parameters`` map entry (a set of at most one name)."""
     keys = set()
     pos = start
     while pos < stop:
@@ -233,7 +228,7 @@ Call = Callable[[str, bytes, bool], bytes]  # (rpc, request, admin) -> response 
 
 class LocalSharedMemory:
     """The shared-memory path of one client (see the module doc). ``call`` makes a unary
-    call of the OIP service on the client's channel (raising ``grpc.RpcError``); ``inputs_of``
+    call of the OIP service on the client's channel (raising ``grpc.RpcError``); ``names_of``
     gives a model's input and output names (``ModelInfo``)."""
 
     def __init__(
@@ -335,16 +330,13 @@ class LocalSharedMemory:
 
     def run(self, model: str, inputs: Sequence[Any], fmt: str) -> tuple[list, str] | None:
         """Runs ``model`` through a region: (outputs, weights version), or None where this
-        call must travel in the request (small, refused, no region free...)."""
-        if not self.enabled or not isinstance(inputs, (list, tuple)):
-            return None
+        call must travel in the request (refused, no region free...). For inputs that
+        :meth:`wants`."""
         try:
             tensors = [to_wire(v, f"input {i}") for i, v in enumerate(inputs)]
         except TypeError:
             return None  # the request path raises the error
-        if sum(t.nbytes for t in tensors) < self.min_bytes or any(
-            t.dtype.oip_name is None for t in tensors
-        ):
+        if any(t.dtype.oip_name is None for t in tensors):
             return None
         names = self._model_names(model)
         if names is None or len(names[0]) != len(tensors):

@@ -172,13 +172,8 @@ _varint = put_varint
 _key = key
 
 
-def _len_prefix(field: int, size: int) -> bytes:
-    return _key(field, 2) + _varint(size)
-
-
-def _string(field: int, text: str) -> bytes:
-    raw = text.encode()
-    return _len_prefix(field, len(raw)) + raw if raw else b""
+_len_prefix = wire.len_prefix
+_string = wire.text
 
 
 _DTYPE_FIELD = {w: _key(1, 0) + _varint(w) for w in BY_WIRE}

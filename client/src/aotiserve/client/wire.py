@@ -47,6 +47,17 @@ def key(field: int, wire_type: int) -> bytes:
     return put_varint(field << 3 | wire_type)
 
 
+def len_prefix(field: int, size: int) -> bytes:
+    """The tag and length of a length-delimited field of ``size`` bytes."""
+    return key(field, 2) + put_varint(size)
+
+
+def text(field: int, value: str) -> bytes:
+    """A string field (nothing for "", as protobuf writes it)."""
+    raw = value.encode()
+    return len_prefix(field, len(raw)) + raw if raw else b""
+
+
 def read_varint(buf, pos: int, end: int | None = None) -> tuple[int, int]:
     """(unsigned 64-bit value, next position) of the varint at ``pos`` in ``buf[:end]``."""
     if end is None:
