@@ -82,10 +82,10 @@ def threads_env(env: Mapping[str, str], cpus: int, runners: int) -> dict[str, st
     calls the model, and libgomp gives every such thread a team of its own of
     OMP_NUM_THREADS threads (by default one per CPU). The port runs models on gRPC's threads
     (up to ``grpc_workers`` of them): each one paid for its team at its first run, after any
-    warm-up (the zoo's mlp on 2 CPUs: 2-9 ms, 5.7-10.9x the steady p50, against 2.2-2.7x with
-    one thread per run), and ``runners`` runs at once each asked for every CPU. With
-    ``cpus // runners`` threads per run, concurrent runs fill the CPUs without oversubscribing
-    them, and where there are as many runners as CPUs no team is made at all."""
+    warm-up (milliseconds on 2 CPUs, several times the steady p50), and ``runners`` runs at
+    once each asked for every CPU. With ``cpus // runners`` threads per run, concurrent
+    runs fill the CPUs without oversubscribing them, and where there are as many runners
+    as CPUs no team is made at all."""
     if "OMP_NUM_THREADS" in env:
         return {}
     return {"OMP_NUM_THREADS": str(max(1, cpus // max(1, runners)))}
