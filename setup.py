@@ -70,6 +70,7 @@ def make_extension():
         "file_window",
         "shared_mapping",
         "core_spread",
+        "slot_thread",
         "wire",
         "port_stats",
         "control_queue",

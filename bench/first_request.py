@@ -1,6 +1,7 @@
 """First-request latency with and without warm-up (issue 18), against the steady p50.
 
-For each setting a fresh in-process daemon serves the zoo model on the device;
+For each setting a fresh in-process daemon serves the model on the device (a model of
+tests/model_zoo.py, or ``resnet50``: bench/resnet.py's ResNet-50, fp32, batch 8);
 the first Run after it turns SERVING is timed, then ``--runs`` more give the steady p50.
 Each setting runs ``--rounds`` times (a fresh daemon each time). What the client pays
 for its own first call is paid before the timed one, so the figure is the server's:
@@ -34,18 +35,19 @@ from .common import server_times, server_us_per_request
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+RESNET = "resnet50"  # bench/resnet.py's package (torchvision's network where importable)
+RESNET_BATCH = 8
 _SERVER_KEYS = ("server_first_us", "server_second_us", "server_steady_mean_us")
 
 
 def _one(model: str, device: str, warmup_runs: int, runs: int, slot_threads: bool) -> dict:
     import grpc
-    import model_zoo
     import wire
     from server_harness import running_server
 
     from aotiserve.v1 import model_runner_pb2 as pb
 
-    inputs = model_zoo.MODELS[model].inputs(4)
+    inputs = _inputs(model)
     request = wire.run_request(model, inputs)
     with running_server(
         [],
@@ -87,20 +89,40 @@ def _one(model: str, device: str, warmup_runs: int, runs: int, slot_threads: boo
     }
 
 
+def _inputs(model: str):
+    import torch
+
+    if model == RESNET:
+        torch.manual_seed(0)
+        return (torch.randn(RESNET_BATCH, 3, 224, 224),)
+    import model_zoo
+
+    return model_zoo.MODELS[model].inputs(4)
+
+
 def _repository(model: str, device: str) -> Path:
     import tempfile
 
-    import model_zoo
+    kind = device.split(":")[0]
+    if model == RESNET:
+        from bench import resnet
 
+        package = resnet.package(kind, RESNET_BATCH)[0]
+    else:
+        import model_zoo
+
+        package = model_zoo.compiled(model, kind)
     folder = Path(tempfile.mkdtemp(prefix="aotiserve-first-"))
-    (folder / f"{model}.pt2").symlink_to(model_zoo.compiled(model, device.split(":")[0]))
+    (folder / f"{model}.pt2").symlink_to(package)
     return folder
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda:0")
-    parser.add_argument("--model", default="mlp")
+    parser.add_argument(
+        "--model", default="mlp", help=f"a model of tests/model_zoo.py, or {RESNET} (fp32, batch 8)"
+    )
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", metavar="OUT")

@@ -118,6 +118,11 @@ class ServeConfig:
     # later run of that slot is handed to, instead of running on whichever gRPC thread took
     # the request (runner_ext/csrc/cuda.cpp). No effect on the CPU.
     gpu_slot_threads: bool = False
+    # With gpu_slot_threads: how long the slot's thread looks for its next run after one, and
+    # a request's thread for its result, before either sleeps (runner_ext/csrc/slot_thread.h).
+    # Spinning keeps a small model's hand-off at a few µs while requests keep coming, for a
+    # core per busy slot; 0: sleep at once.
+    gpu_slot_spin_us: int = 1000
     grpc_workers: int = 32
     # The daemon restarts itself with malloc and torch's allocator set for payloads
     # (server/process_env.py): transparent huge pages (large tensors copy several times
@@ -178,6 +183,11 @@ class ServeConfig:
                 raise ValueError(
                     f"devices: {device!r} is not a device (cpu, cuda, cuda:N, xpu:N or mps)"
                 )
+        if not 0 <= self.gpu_slot_spin_us <= 100_000:
+            raise ValueError(
+                f"gpu_slot_spin_us must be between 0 (sleep at once) and 100000, "
+                f"got {self.gpu_slot_spin_us}"
+            )
         for name in ("batch_max_size", "batch_max_delay_us", "warmup_runs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -529,6 +539,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         const=True,
         help="run each GPU request on a thread of its run slot, set up by the warm-up, "
         "instead of on the gRPC thread that took it (no effect on the CPU)",
+    )
+    a(
+        "--gpu-slot-spin-us",
+        type=int,
+        help="with --gpu-slot-threads: microseconds a slot's thread and a request's thread "
+        "spin for the hand-off before sleeping (default 1000; 0: sleep at once)",
     )
     a(
         "--reserve-inactive-buffer",

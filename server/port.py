@@ -93,6 +93,7 @@ class Port:
             stats,
         )
         self._gpu_slot_threads = config.gpu_slot_threads
+        self._gpu_slot_spin_us = config.gpu_slot_spin_us
         self._models: set[str] = set()
         self._log_thread = threading.Thread(
             target=self._forward_log, name="aotiserve-port-log", daemon=True
@@ -138,7 +139,9 @@ class Port:
             )
         replicas = [
             (
-                r.runner._hot_run_fn(str(r.pool.device), self._gpu_slot_threads),
+                r.runner._hot_run_fn(
+                    str(r.pool.device), self._gpu_slot_threads, self._gpu_slot_spin_us
+                ),
                 r.runner._hot_swap_fn(),
                 r.slot.capacity,
                 r.pool.name,

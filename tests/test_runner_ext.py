@@ -468,3 +468,14 @@ def test_user_managed_tensors_stay_alive(model_package, zoo):
     with torch.no_grad():
         _allclose(runner.run(list(x)), [new(*x)])
     model.close()
+
+
+@pytest.mark.parametrize("spin_us", [0, 1000])
+def test_slot_thread_hands_every_task_over_and_back(spin_us):
+    """--gpu-slot-threads' hand-off (slot_thread.h), device-free: 4 callers take turns
+    handing 500 tasks each to one thread, sleeping at once or spinning first; every task
+    runs on the slot's thread, every caller gets its own answer, and every 7th task's
+    exception comes back to the caller that handed it over."""
+    right, errors, wrong, elsewhere = rx._C._slot_thread_check(4, 500, spin_us, 7)
+    assert (right + errors, wrong, elsewhere) == (2000, 0, 0)
+    assert errors == 2000 // 7

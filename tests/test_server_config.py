@@ -126,6 +126,8 @@ def test_settings_refuse_values_they_do_not_take():
         ("AOTISERVE_PORT", "-5", "port must be between 0 and 65535"),
         ("AOTISERVE_DEVICES", "gpu:0", "'gpu:0' is not a device"),
         ("AOTISERVE_LOG_LEVEL", "LOUD", "log_level must be"),
+        ("AOTISERVE_GPU_SLOT_SPIN_US", "-1", "gpu_slot_spin_us must be between 0 .* got -1"),
+        ("AOTISERVE_GPU_SLOT_SPIN_US", "200000", "gpu_slot_spin_us must be between 0"),
     ]:
         with pytest.raises(ValueError, match=says):
             ServeConfig.from_sources({}, {key: value})

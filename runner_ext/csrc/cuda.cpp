@@ -8,105 +8,22 @@
 
 #include <dlfcn.h>
 
-#include <condition_variable>
+#include <algorithm>
 #include <cstring>
-#include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <thread>
 #include <unordered_map>
 #include <utility>
 
 #include "runner_bindings.h"
+#include "slot_thread.h"
 
 namespace aotiserve {
 
 using CudaRunner = Runner<torch::inductor::AOTIModelContainerRunnerCuda>;
 
 constexpr int64_t kPinnedOutputBytes = 64 * 1024;
-
-// With --gpu-slot-threads: one thread per run slot of a GPU replica, on which every run of
-// that slot executes.
-// What CUDA libraries set up per thread (the runtime's context binding, torch's cuBLAS and
-// cuBLASLt handles and their workspaces, cuDNN's handle) is set up once, by the port's
-// warm-up (Port::warm runs every slot), on the thread that will run that slot's requests
-// from then on: a request never meets a thread that has not run the model, whichever gRPC
-// thread it came in on. The port gives a slot to one run at a time; a second caller (the
-// warm-up of a model that a request already names) waits for the first.
-class SlotThread {
- public:
-  using Task = std::function<std::vector<at::Tensor>()>;
-
-  explicit SlotThread(c10::DeviceIndex device) : thread_([this, device] { loop(device); }) {}
-
-  ~SlotThread() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    wake_.notify_one();
-    thread_.join();
-  }
-
-  SlotThread(const SlotThread&) = delete;
-  SlotThread& operator=(const SlotThread&) = delete;
-
-  // Runs `task` on this slot's thread and returns what it returned (or throws what it threw).
-  std::vector<at::Tensor> call(const Task& task) {
-    std::unique_lock<std::mutex> lock(mu_);
-    idle_.wait(lock, [this] { return !busy_; });
-    busy_ = true;
-    finished_ = false;
-    task_ = &task;
-    wake_.notify_one();
-    done_.wait(lock, [this] { return finished_; });
-    std::vector<at::Tensor> result = std::move(result_);
-    std::exception_ptr error = std::exchange(error_, nullptr);
-    busy_ = false;
-    idle_.notify_one();
-    lock.unlock();
-    if (error) std::rethrow_exception(error);
-    return result;
-  }
-
- private:
-  void loop(c10::DeviceIndex device) {
-    c10::cuda::CUDAGuard on_device(device);
-    c10::InferenceMode no_autograd;
-    std::unique_lock<std::mutex> lock(mu_);
-    for (;;) {
-      wake_.wait(lock, [this] { return task_ != nullptr || stop_; });
-      if (task_ == nullptr) return;  // stopping, nothing asked
-      const Task* task = std::exchange(task_, nullptr);
-      lock.unlock();
-      std::vector<at::Tensor> result;
-      std::exception_ptr error;
-      try {
-        result = (*task)();
-      } catch (...) {
-        error = std::current_exception();
-      }
-      lock.lock();
-      result_ = std::move(result);
-      error_ = error;
-      finished_ = true;
-      done_.notify_one();
-    }
-  }
-
-  std::mutex mu_;
-  std::condition_variable wake_;  // a task is there (or stop)
-  std::condition_variable done_;  // the task finished
-  std::condition_variable idle_;  // the slot's thread takes another caller
-  const Task* task_ = nullptr;
-  bool busy_ = false;
-  bool finished_ = false;
-  std::vector<at::Tensor> result_;
-  std::exception_ptr error_;
-  bool stop_ = false;
-  std::thread thread_;  // last: starts once the members above exist
-};
 
 // The port's hot path on a GPU: each of the replica's run slots has a stream of its own
 // (taken from torch's pool at the slot's first run), so concurrent requests copy and
@@ -115,10 +32,11 @@ class SlotThread {
 // the cuBLAS workspace for it, already there. Inputs go host -> device on that stream
 // (from the request's bytes; the call returns once CUDA has them), the model runs on it,
 // outputs come back into host tensors (pinned from 64 KiB), and one synchronize ends the
-// request. With `slot_threads` (--gpu-slot-threads) each slot also has a thread (above),
+// request. With `slot_threads` (--gpu-slot-threads) each slot also has a thread (slot_thread.h),
 // and the run is handed to it instead of running on the gRPC thread that received it.
 template <>
-RunFn hot_run_fn(CudaRunner& self, const std::string& device_str, bool slot_threads) {
+RunFn hot_run_fn(CudaRunner& self, const std::string& device_str, bool slot_threads,
+                 int spin_us) {
   const c10::Device device(device_str);
   TORCH_CHECK_VALUE(device.is_cuda() && device.has_index(),
                     "hot path: '", device_str, "' is not a cuda:N device");
@@ -131,14 +49,23 @@ RunFn hot_run_fn(CudaRunner& self, const std::string& device_str, bool slot_thre
     std::unordered_map<int, std::shared_ptr<Slot>> by_index;
   };
   auto slots = std::make_shared<Slots>();
-  return [&self, device, slots, slot_threads](const std::vector<at::Tensor>& host, int index) {
+  const std::chrono::microseconds spin(std::max(0, spin_us));
+  return [&self, device, slots, slot_threads, spin](const std::vector<at::Tensor>& host,
+                                                    int index) {
     std::shared_ptr<Slot> slot = [&] {
       std::lock_guard<std::mutex> lock(slots->mu);
       auto& s = slots->by_index[index];
       if (!s) {
         s = std::make_shared<Slot>(
             Slot{c10::cuda::getStreamFromPool(false, device.index()),
-                 slot_threads ? std::make_unique<SlotThread>(device.index()) : nullptr});
+                 slot_threads ? std::make_unique<SlotThread>(
+                                    [index = device.index()](const std::function<void()>& loop) {
+                                      c10::cuda::CUDAGuard on_device(index);
+                                      c10::InferenceMode no_autograd;
+                                      loop();
+                                    },
+                                    spin)
+                              : nullptr});
       }
       return s;
     }();

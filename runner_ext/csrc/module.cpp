@@ -5,6 +5,7 @@
 
 #include "runner_bindings.h"
 #include "port.h"
+#include "slot_thread.h"
 
 #include <fstream>
 #include <map>
@@ -132,5 +133,6 @@ PYBIND11_MODULE(_C, m) {
   aotiserve::bind_file_window(m);
   aotiserve::bind_shared_mapping(m);
   aotiserve::bind_core_spread(m);
+  aotiserve::bind_slot_thread(m);
   aotiserve::bind_port(m);
 }

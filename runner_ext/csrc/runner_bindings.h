@@ -571,7 +571,8 @@ inline void* stream_pointer(const py::object& handle) {
 // its runs) before it closes the runner. A backend whose inputs live elsewhere
 // specializes it (cuda.cpp) before it binds its runner.
 template <class Base>
-RunFn hot_run_fn(Runner<Base>& self, const std::string& /*device*/, bool /*slot_threads*/) {
+RunFn hot_run_fn(Runner<Base>& self, const std::string& /*device*/, bool /*slot_threads*/,
+                 int /*spin_us*/) {
   return [&self](const std::vector<at::Tensor>& inputs, int /*slot*/) {
     return self.checked_run(inputs, nullptr);
   };
@@ -679,16 +680,17 @@ py::class_<Runner<Base>> bind_runner(py::module_& m, const char* name) {
           release())
       // Extensions beyond torch's binding: container introspection.
       // For the port's hot path: a capsule of hot_run_fn on `device` (the runner's);
-      // `slot_threads`: a GPU runner runs each slot's runs on a thread of the slot's own.
+      // `slot_threads`: a GPU runner runs each slot's runs on a thread of the slot's own,
+      // handed over with `spin_us` of spinning before either side sleeps (slot_thread.h).
       .def(
           "_hot_run_fn",
-          [](R& self, const std::string& device, bool slot_threads) {
-            auto* fn = new RunFn(hot_run_fn(self, device, slot_threads));
+          [](R& self, const std::string& device, bool slot_threads, int spin_us) {
+            auto* fn = new RunFn(hot_run_fn(self, device, slot_threads, spin_us));
             return py::capsule(fn, "aotiserve.RunFn", [](PyObject* cap) {
               delete static_cast<RunFn*>(PyCapsule_GetPointer(cap, "aotiserve.RunFn"));
             });
           },
-          py::arg("device"), py::arg("slot_threads") = false)
+          py::arg("device"), py::arg("slot_threads") = false, py::arg("spin_us") = 0)
       // For the port's hot path: a capsule of this runner's buffer swap, which the port
       // makes under its own lock (port.cpp: Port::flip), no GIL held.
       .def("_hot_swap_fn",
