@@ -268,7 +268,17 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
         f"same {m.get('cpus')} cores, so absolute figures are noisy (differences under ~30% between runs are "
         f"noise); ratios come from one run. All tiny-model servers are up together and measured round-robin "
         f"over {settings.get('rounds')} round(s); each figure is the median over rounds. Sequential latency: "
-        f"{settings.get('seq_n')} calls after {settings.get('warmup')} warm-up calls, one client. Throughput: "
+        f"{settings.get('seq_n')} calls after {settings.get('warmup')} warm-up calls, one client"
+        + (
+            ", with the client process on one CPU and the server's process tree on the others (as with "
+            "a client on another machine; `sched_setaffinity`, given back afterwards); the same calls "
+            "sharing the cores as the kernel places them are the *p50 µs sharing cores* column: there a "
+            "woken server thread runs on the client's core or on the other one as it goes, and the "
+            "figure follows that placement more than the server's work"
+            if any("sequential_shared" in d for _, d in _systems(results))
+            else ""
+        )
+        + f". Throughput: "
         f"{settings.get('duration'):.1f} s windows with {'/'.join(str(c) for c in settings.get('concurrency', []))} "
         f"concurrent clients run as **{settings.get('mode')}** of one client process, each with its own channel; "
         f"req/s is the rate in the median 0.25 s slice of the window (other work on this machine stalls a window "
@@ -295,16 +305,18 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
             "",
             "## Tiny model: [1,64] float32 → [1,10] (the zoo's `mlp`)",
             "",
-            "| system | p50 µs | p90 µs | p99 µs | "
+            "| system | p50 µs | p90 µs | p99 µs | p50 µs sharing cores | "
             + " | ".join(f"req/s ×{c}" for c in conc)
             + " | p50 µs at ×8 | server CPU µs/call | client CPU µs/call | CPU-bound capacity req/s | hot path |",
-            "|---|---|---|---|" + "---|" * len(conc) + "---|---|---|---|---|",
+            "|---|---|---|---|---|" + "---|" * len(conc) + "---|---|---|---|---|",
         ]
         for _s, d in systems:
             q = d["sequential"]
+            shared = d.get("sequential_shared", {}).get("p50_us")
             hot = d.get("hot_path_share")
             L.append(
                 f"| {d['label']} | {_f(q['p50_us'])} | {_f(q['p90_us'])} | {_f(q['p99_us'])} | "
+                f"{_f(shared) if shared is not None else '–'} | "
                 + " | ".join(_f(d["rps"].get(c)) for c in conc)
                 + f" | {_f(d.get('p50_us_under_load', {}).get('8'))} | {_f(d.get('server_cpu_us_per_call'))}"
                 f" | {_f(d.get('client_cpu_us_per_call'))} | {_f(d.get('cpu_capacity_rps'))} | "

@@ -86,6 +86,9 @@ def driver_cfg(bench: Bench, system: str, pkgs: dict[str, Path]) -> dict:
         "input_shapes": TINY_SHAPES,
         "model": "mlp",
     }
+    server = bench.server_of(system)
+    if server:  # its sequential latency is measured on a core of its own too (driver.py)
+        cfg["server_pids"] = procs.process_tree(server.pid)
     if system == "inproc":
         cfg.update(kind="inproc", package=str(pkgs["mlp"]), num_runners=a.runners or 2)
     elif system in ECHO_SYSTEMS:
@@ -150,11 +153,13 @@ def log_line(bench: Bench, system: str, out: dict) -> None:
     tp = " ".join(f"c{t['concurrency']}={t[RPS]:.0f}/s" for t in out.get("throughput", []))
     errs = sum(t.get("errors", 0) for t in out.get("throughput", []))
     hot = f"  hot path {100 * out['hot_path_share']:.0f}%" if "hot_path_share" in out else ""
+    shared = out.get("sequential_shared", {}).get("p50_us")
     log.info(
-        "  %-9s p50=%7.0fus p99=%7.0fus  %s  cpu/call server=%s client=%.0fus%s%s",
+        "  %-9s p50=%7.0fus p99=%7.0fus%s  %s  cpu/call server=%s client=%.0fus%s%s",
         system,
         seq.get("p50_us", float("nan")),
         seq.get("p99_us", float("nan")),
+        "" if shared is None else f" (sharing cores p50={shared:.0f}us)",
         tp,
         f"{out['server_cpu_us_per_call']:.0f}us" if "server_cpu_us_per_call" in out else "-",
         out.get("client_cpu_us_per_call", float("nan")),
@@ -170,10 +175,13 @@ def summarize(rounds: list[dict], systems: list[str]) -> dict:
         runs = [r[s] for r in rounds if s in r]
         if not runs:
             continue
-        seq = {
-            k: median_of([r["sequential"][k] for r in runs if "sequential" in r])
-            for k in ("p50_us", "p90_us", "p99_us", "mean_us")
-        }
+        seq, shared = (
+            {
+                k: median_of([r[key][k] for r in runs if key in r])
+                for k in ("p50_us", "p90_us", "p99_us", "mean_us")
+            }
+            for key in ("sequential", "sequential_shared")
+        )
         conc = sorted({t["concurrency"] for r in runs for t in r.get("throughput", [])})
         tp = {
             str(c): median_of(
@@ -212,6 +220,7 @@ def summarize(rounds: list[dict], systems: list[str]) -> dict:
             "label": LABELS[s],
             "rounds": len(runs),
             "sequential": seq,
+            **({"sequential_shared": shared} if shared["p50_us"] is not None else {}),
             "rps": tp,
             "rps_window_mean": tp_mean,
             "cpu_capacity_rps": capacity,
