@@ -11,6 +11,7 @@ import torch
 
 from aotiserve.client import dtypes
 from aotiserve.client.tensor_codec import (
+    SMALL_REQUEST_BYTES,
     ConstantsAssembler,
     UploadItem,
     decode_bytes,
@@ -18,6 +19,7 @@ from aotiserve.client.tensor_codec import (
     encode_run_request,
     encode_upload,
     from_wire,
+    run_request,
     to_wire,
     upload_items,
 )
@@ -169,6 +171,19 @@ def test_run_request_matches_generated_serializer():
         encode_run_request("mlp", inputs[:2])
         == pb.RunRequest(model="mlp", inputs=expected.inputs[:2]).SerializeToString()
     )
+
+
+def test_run_request_is_a_message_when_small_and_framed_bytes_when_large():
+    """What the Run stub sends: the same RunRequest either way."""
+    small = [np.random.rand(2, 3).astype(np.float32), np.arange(5, dtype=np.int64)]
+    message = run_request("mlp", small)
+    assert isinstance(message, pb.RunRequest)
+    assert message == pb.RunRequest.FromString(encode_run_request("mlp", small))
+    large = [np.random.rand(SMALL_REQUEST_BYTES // 4).astype(np.float32)]
+    framed = run_request("mlp", large)
+    assert isinstance(framed, bytes) and framed == encode_run_request("mlp", large)
+    with pytest.raises(TypeError, match="list or tuple"):
+        run_request("mlp", {"x": small[0]})
 
 
 def test_chunk_request_matches_generated_serializer():

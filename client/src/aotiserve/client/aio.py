@@ -37,7 +37,7 @@ from aotiserve.client.tensor_codec import (
     ConstantsAssembler,
     OutputFormat,
     UploadItem,
-    encode_run_request,
+    run_request,
     upload_items,
 )
 from aotiserve.v1 import model_runner_pb2 as pb
@@ -80,7 +80,7 @@ class AsyncModel:
             if done is not None:
                 outputs, self.last_weights_version = done
                 return outputs
-        request = encode_run_request(self.name, inputs)
+        request = run_request(self.name, inputs)
         try:
             call = client._stubs.Run(request, metadata=client._metadata, timeout=client.timeout)
             response = await call

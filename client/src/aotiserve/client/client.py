@@ -38,10 +38,10 @@ from aotiserve.client.tensor_codec import (
     OutputFormat,
     RecordingIterator,
     UploadItem,
-    encode_run_request,
     encode_upload,
     from_wire,
     resolve_format,
+    run_request,
     upload_items,
 )
 from aotiserve.v1 import model_runner_pb2 as pb
@@ -53,9 +53,12 @@ _RETRY_MIN_S, _RETRY_MAX_S = 0.05, 0.5
 
 
 def weights_version_of(response: pb.RunResponse, trailing_metadata) -> str | None:
-    """The version that computed a Run response: the field, else the trailer."""
+    """The version that computed a Run response: the field, else the trailer
+    (``trailing_metadata``: the call's metadata, or what returns it, read only then)."""
     if response.weights_version:
         return response.weights_version
+    if callable(trailing_metadata):
+        trailing_metadata = trailing_metadata()
     for key, value in trailing_metadata or ():
         if key == WEIGHTS_VERSION_TRAILER:
             return value
@@ -122,9 +125,8 @@ class Model:
             if done is not None:
                 outputs, self.last_weights_version = done
                 return outputs
-        request = encode_run_request(self.name, inputs)
-        response, call = self._client._call("Run", request, with_call=True)
-        self.last_weights_version = weights_version_of(response, call.trailing_metadata())
+        response, call = self._client._call("Run", run_request(self.name, inputs), with_call=True)
+        self.last_weights_version = weights_version_of(response, call.trailing_metadata)
         return decode_outputs(response, self._client._format(output_format))
 
     def get_call_spec(self) -> list[str]:

@@ -22,6 +22,7 @@ such dtypes).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import sys
@@ -109,12 +110,25 @@ def _bytes_of(array: np.ndarray) -> memoryview:
     return memoryview(array).cast("B")
 
 
+def _plain_wire(value: Any) -> WireTensor | None:
+    """The common case of :func:`to_wire` in the fewest steps (a non-empty C-contiguous
+    numpy array of a supported dtype in native order); None for anything else."""
+    if type(value) is np.ndarray and value.flags.c_contiguous and value.size:
+        dtype = _BY_NUMPY_DTYPE.get(value.dtype)
+        if dtype is not None:
+            return WireTensor(dtype, value.shape, memoryview(value).cast("B"))
+    return None
+
+
 def to_wire(value: Any, what: str = "tensor") -> WireTensor:
     """A numpy array, torch tensor or array-like as a :class:`WireTensor`.
 
     Copies only when it must: non-contiguous or big-endian numpy arrays,
     non-contiguous or non-CPU torch tensors.
     """
+    plain = _plain_wire(value)
+    if plain is not None:
+        return plain
     if is_torch_tensor(value):
         return _torch_to_wire(value, what)
     if isinstance(value, (str, bytes)):
@@ -192,18 +206,48 @@ def _tensor_parts(t: WireTensor) -> tuple[list, int]:
     return [head, t.data], len(head) + t.nbytes
 
 
-def encode_run_request(model: str, inputs: Sequence[Any]) -> bytes:
-    """Wire bytes of ``RunRequest(model, inputs)``."""
-    if isinstance(inputs, Mapping) or not isinstance(inputs, (list, tuple)):
+#: Below this many input bytes, ``run_request`` builds a protobuf message: protobuf's C
+#: encoder takes a small request in fewer steps than the hand-made framing, whose point (no
+#: copy of the tensors' bytes) matters only for large ones.
+SMALL_REQUEST_BYTES = 16 << 10
+
+
+def _wire_inputs(inputs: Sequence[Any]) -> list[WireTensor]:
+    if not isinstance(inputs, (list, tuple)):
         raise TypeError(
             "inputs must be a list or tuple of arrays/tensors, in the model's input order"
         )
+    return [_plain_wire(v) or to_wire(v, f"input {i}") for i, v in enumerate(inputs)]
+
+
+def _framed_run_request(model: str, tensors: Sequence[WireTensor]) -> bytes:
     parts: list = [_string(1, model)]
-    for i, value in enumerate(inputs):
-        tensor_parts, size = _tensor_parts(to_wire(value, f"input {i}"))
+    for t in tensors:
+        tensor_parts, size = _tensor_parts(t)
         parts.append(_len_prefix(2, size))
         parts.extend(tensor_parts)
     return b"".join(parts)
+
+
+def encode_run_request(model: str, inputs: Sequence[Any]) -> bytes:
+    """Wire bytes of ``RunRequest(model, inputs)``, viewing the tensors' bytes (no copy
+    until gRPC's own)."""
+    return _framed_run_request(model, _wire_inputs(inputs))
+
+
+def run_request(model: str, inputs: Sequence[Any]) -> pb.RunRequest | bytes:
+    """``RunRequest(model, inputs)`` as the Run stub sends it (its serializer takes both):
+    a message when the inputs hold fewer than :data:`SMALL_REQUEST_BYTES`, else the
+    framed bytes of :func:`encode_run_request`."""
+    tensors = _wire_inputs(inputs)
+    if sum(t.data.nbytes for t in tensors) >= SMALL_REQUEST_BYTES:
+        return _framed_run_request(model, tensors)
+    return pb.RunRequest(
+        model=model,
+        inputs=[
+            pb.Tensor(dtype=t.dtype.wire, shape=t.shape, data=t.data.tobytes()) for t in tensors
+        ],
+    )
 
 
 def encode_chunk_request(name: str, offset: int, data: memoryview) -> bytes:
@@ -334,7 +378,7 @@ class UnsupportedDtypeError(TypeError):
     """A received tensor's dtype has no type on this side (bfloat16 without torch)."""
 
 
-_frombuffer_warned = False
+_readonly_warned = False
 
 
 def decode_bytes(
@@ -361,22 +405,32 @@ def decode_bytes(
         )
     if expected == 0:
         return torch.empty(shape, dtype=torch_dtype)
+    if dtype.numpy_name is not None:
+        return _torch_view(data, _NUMPY_DTYPE_BY_WIRE[dtype.wire], shape)
+    # bfloat16 / float8: numpy has no such dtype; the bytes viewed as uint8, then as it.
+    return _torch_view(data, np.uint8, (len(data),)).view(torch_dtype).reshape(shape)
+
+
+def _torch_view(data, np_dtype, shape: tuple[int, ...]):
+    """A torch tensor viewing ``data`` (bytes-like, non-empty) as ``np_dtype`` and ``shape``,
+    made through numpy (one step fewer than torch.frombuffer and reshape)."""
+    global _readonly_warned
     if isinstance(data, bytes) and len(data) < 64:
         # CPython shares some tiny bytes objects (e.g. every 1-byte value):
         # never hand torch a writable view of those.
         data = bytearray(data)
-    global _frombuffer_warned
-    if _frombuffer_warned or not (isinstance(data, bytes) or getattr(data, "readonly", False)):
-        flat = torch.frombuffer(data, dtype=torch_dtype)
-    else:
-        # Received bytes (and views of them) are ours alone; torch warns
-        # (once per process) that bytes are immutable, harmless for a buffer
-        # nobody else holds. Silence that one warning, once.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(data, dtype=torch_dtype)
-        _frombuffer_warned = True
-    return flat.reshape(shape)
+    array = np.frombuffer(data, dtype=np_dtype).reshape(shape)
+    torch = _torch()
+    if _readonly_warned or array.flags.writeable:
+        return torch.from_numpy(array)
+    # Received bytes (and views of them) are ours alone; torch warns (once per process)
+    # that the array is not writable, harmless for a buffer nobody else holds. Silence
+    # that one warning, once.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(array)
+    _readonly_warned = True
+    return tensor
 
 
 class RunResponseView:
@@ -419,6 +473,17 @@ def from_wire(
     tensor: pb.Tensor | wire.TensorView, fmt: Literal["numpy", "torch"], what: str = "tensor"
 ):
     """A received ``Tensor`` message as an array/tensor."""
+    # The common case in the fewest steps; anything it does not take (a dtype numpy lacks,
+    # no bytes, a shape that does not fit them) gets the checked path and its message.
+    np_dtype = _NUMPY_DTYPE_BY_WIRE.get(tensor.dtype)
+    data = tensor.data
+    if np_dtype is not None and data:
+        shape = tuple(tensor.shape)
+        if not shape or min(shape) >= 0:
+            with contextlib.suppress(ValueError, TypeError):
+                if fmt == "numpy":
+                    return np.frombuffer(data, dtype=np_dtype).reshape(shape)
+                return _torch_view(data, np_dtype, shape)
     dtype = _dtype_of(tensor.dtype, what)
     return decode_bytes(tensor.data, dtype, _shape_of(tensor.shape, what), fmt, what)
 
