@@ -240,30 +240,20 @@ def _set_affinity(pids: list[int], cpus: set[int]) -> None:
                 os.sched_setaffinity(tid, cpus)
 
 
-def split_cores(server_pids: list[int]):
-    """``(client CPUs, server CPUs)`` for a sequential run on separate cores: the client on
-    the last CPU this process may use, the server's process tree on the others. None with
-    fewer than 2 CPUs or no server."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2 or not server_pids:
-        return None
-    return {cpus[-1]}, set(cpus[:-1])
-
-
 def sequential_split(call: Callable[[], None], n: int, warmup: int, server_pids: list[int]):
     """:func:`sequential` with the client and the server on separate cores, as they are when
-    the client is another machine; None where :func:`split_cores` finds no split. Sharing
+    the client is another machine: the client on the last CPU this process may use, the
+    server's process tree on the others; None with fewer than 2 CPUs or no server. Sharing
     two cores, the kernel puts a woken server thread on the client's core or on the other
     one as it goes, and the figure follows that placement more than the server's work (the
     tiny Run: 104 µs split, 198 µs on one core; the C++ echo 86 and 104). Everything's
     affinity is given back afterwards."""
-    split = split_cores(server_pids)
-    if split is None:
-        return None
-    client, server = split
     everything = os.sched_getaffinity(0)
-    _set_affinity(server_pids, server)
-    _set_affinity([os.getpid()], client)
+    cpus = sorted(everything)
+    if len(cpus) < 2 or not server_pids:
+        return None
+    _set_affinity(server_pids, set(cpus[:-1]))
+    _set_affinity([os.getpid()], {cpus[-1]})
     try:
         return sequential(call, n, warmup)
     finally:

@@ -217,7 +217,7 @@ def _wire_inputs(inputs: Sequence[Any]) -> list[WireTensor]:
         raise TypeError(
             "inputs must be a list or tuple of arrays/tensors, in the model's input order"
         )
-    return [_plain_wire(v) or to_wire(v, f"input {i}") for i, v in enumerate(inputs)]
+    return [to_wire(v, f"input {i}") for i, v in enumerate(inputs)]
 
 
 def _framed_run_request(model: str, tensors: Sequence[WireTensor]) -> bytes:
@@ -240,7 +240,7 @@ def run_request(model: str, inputs: Sequence[Any]) -> pb.RunRequest | bytes:
     a message when the inputs hold fewer than :data:`SMALL_REQUEST_BYTES`, else the
     framed bytes of :func:`encode_run_request`."""
     tensors = _wire_inputs(inputs)
-    if sum(t.data.nbytes for t in tensors) >= SMALL_REQUEST_BYTES:
+    if sum(t.nbytes for t in tensors) >= SMALL_REQUEST_BYTES:
         return _framed_run_request(model, tensors)
     return pb.RunRequest(
         model=model,
