@@ -9,8 +9,9 @@ a ListModels connects the channel, and a Run naming a model the daemon does not 
 (NOT_FOUND, answered without touching the served model) builds the client's codecs for
 RunRequest/RunResponse and grpcio's call path for the method.
 
-On a GPU the warm-up setting is measured a second time with ``--gpu-slot-threads`` (every
-run of a slot on a thread of its own, set up by the warm-up), beside the default.
+On a GPU the warm-up setting is measured a second time with ``--no-gpu-slot-threads`` (every
+run on the gRPC thread that took it), beside the default (every run of a slot on a thread of
+its own, set up by the warm-up).
 
 Where the time goes is read from the daemon's own statistics (OIP ModelStatistics) after the
 first Run and after the steady ones: the server's whole time for the request, the wait for a
@@ -128,15 +129,15 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args(argv)
     results = {}
-    settings = [(0, False), (1, False)]
+    settings = [(0, True), (1, True)]
     if args.device.startswith("cuda"):
-        settings.append((1, True))  # --gpu-slot-threads, beside the default
+        settings.append((1, False))  # --no-gpu-slot-threads, beside the default
     for warmup, slot_threads in settings:
         rounds = [
             _one(args.model, args.device, warmup, args.runs, slot_threads)
             for _ in range(args.rounds)
         ]
-        label = f"warmup_runs={warmup}" + (" gpu_slot_threads" if slot_threads else "")
+        label = f"warmup_runs={warmup}" + ("" if slot_threads else " no_gpu_slot_threads")
         results[label] = {
             "first_ms": [round(r["first"] * 1e3, 3) for r in rounds],
             "second_ms": [round(r["second"] * 1e3, 3) for r in rounds],

@@ -183,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-resnet", action="store_true")
     parser.add_argument(
-        "--slot-threads",
+        "--no-slot-threads",
         action="store_true",
-        help="also measure a second daemon with --gpu-slot-threads, in the same rounds",
+        help="also measure a second daemon with --no-gpu-slot-threads (each request run on the "
+        "gRPC thread that took it), in the same rounds",
     )
     args = parser.parse_args(argv)
 
@@ -235,12 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         daemon = servers["aotiserve"]
         daemons = {"aotiserve": daemon}
-        if args.slot_threads:
-            servers["aotiserve_slots"] = daemons["aotiserve_slots"] = procs.start_aotiserve(
-                work / "aotiserve-slots",
+        if args.no_slot_threads:
+            servers["aotiserve_no_slots"] = daemons["aotiserve_no_slots"] = procs.start_aotiserve(
+                work / "aotiserve-no-slots",
                 models,
                 runners=args.runners,
-                extra_args=["--devices", dev, "--gpu-slot-threads"],
+                extra_args=["--devices", dev, "--no-gpu-slot-threads"],
             )
         reply = run_reply(daemon.target, "mlp", TINY_SHAPES, [1, 10])
         for name, cpp in (("echo_cpp", True), ("echo", False)):
@@ -250,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append(f"{name}: skipped: {exc}")
         tiny: dict[str, list] = {k: [] for k in servers}
         rn: dict[str, list[dict]] = {"client": [], "run": []}
-        if args.slot_threads:
-            rn["client_slots"] = []
+        if args.no_slot_threads:
+            rn["client_no_slots"] = []
         for _ in range(args.rounds):
             for key, server in servers.items():
                 before = server_times(server.target, "mlp") if key in daemons else None
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         rn_keys = {
             "client": "aotiserve",
             "run": "aotiserve_plain_client",
-            "client_slots": "aotiserve_slots",
+            "client_no_slots": "aotiserve_no_slots",
         }
         for rn_key, runs in rn.items():
             if not runs:
@@ -389,9 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         if "echo_cpp" in t:
             checks["tiny_echo_cpp_p50_plus_30_us"] = round(t["echo_cpp"]["p50_us"] + 30, 1)
             checks["tiny_latency_ok"] = overhead <= t["echo_cpp"]["p50_us"] + 30
-    if "aotiserve_slots" in t:
-        checks["tiny_slot_threads_minus_inproc_p50_us"] = round(
-            t["aotiserve_slots"]["p50_us"] - inproc, 1
+    if "aotiserve_no_slots" in t:
+        checks["tiny_no_slot_threads_minus_inproc_p50_us"] = round(
+            t["aotiserve_no_slots"]["p50_us"] - inproc, 1
         )
     r = results.get("resnet50", {})
     if "aotiserve" in r and "inproc" in r:
@@ -402,9 +403,9 @@ def main(argv: list[str] | None = None) -> int:
             checks["resnet50_ratio_plain_client"] = round(
                 r["aotiserve_plain_client"]["rps_4"] / r["inproc"]["rps_4"], 3
             )
-        if "aotiserve_slots" in r:
-            checks["resnet50_ratio_slot_threads"] = round(
-                r["aotiserve_slots"]["rps_4"] / r["inproc"]["rps_4"], 3
+        if "aotiserve_no_slots" in r:
+            checks["resnet50_ratio_no_slot_threads"] = round(
+                r["aotiserve_no_slots"]["rps_4"] / r["inproc"]["rps_4"], 3
             )
         checks["resnet50_ok"] = checks["resnet50_ratio"] >= 0.8
     d = results.get("devices")
@@ -426,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  {k:16} {v['p50_us']:9.1f} {v['p99_us']:9.1f} {v['rps_1']:9.0f} {v['rps_4']:9.0f}  {v['p50_us_rounds']}"
         )
-    for k in ("aotiserve", "aotiserve_slots"):
+    for k in ("aotiserve", "aotiserve_no_slots"):
         if "server_us" in t.get(k, {}):
             print(f"  {k}: the daemon's time per request, per round (µs): {t[k]['server_us']}")
     if "aotiserve" in r:
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, label in (
             ("aotiserve", "aotiserve.client"),
             ("aotiserve_plain_client", "plain grpcio client"),
-            ("aotiserve_slots", "--gpu-slot-threads"),
+            ("aotiserve_no_slots", "--no-gpu-slot-threads"),
         ):
             if key not in r:
                 continue

@@ -43,6 +43,8 @@ BridgeCall = _C.BridgeCall
 port_set_dtypes = _C.port_set_dtypes
 # A cudaIpcMemHandle_t's memory as a uint8 tensor (OIP CUDA shared memory); None without CUDA.
 open_cuda_ipc = getattr(_C, "open_cuda_ipc", None)
+# A CPU tensor's pages locked for DMA to the GPU (cudaHostRegister); None without CUDA.
+pin_host_memory = getattr(_C, "pin_host_memory", None)
 FileWindow = _C.FileWindow
 FileTruncated = _C.FileTruncated
 # OIP system shared memory: a client's object mapped as a uint8 tensor; reads zeros past its
@@ -80,6 +82,7 @@ __all__ = [
     "load_model",
     "map_shared_memory",
     "open_cuda_ipc",
+    "pin_host_memory",
     "port_set_dtypes",
     "read_package_metadata",
     "runner_class_for",

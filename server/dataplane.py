@@ -88,6 +88,7 @@ class DataPlane:
             config.max_shared_memory_regions,
             config.max_shared_memory_bytes,
             open_cuda=getattr(runner_ext, "open_cuda_ipc", None),
+            pin_host=getattr(runner_ext, "pin_host_memory", None),
         )
         # Models loaded from now on (repository, LoadModel, the demo) warm up this much.
         registry.warmup_runs = config.warmup_runs

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 
+from aotiserve.client import wire
 from aotiserve.v1 import model_runner_pb2 as pb
 from aotiserve.v1 import model_runner_pb2_grpc as pb_grpc
 
@@ -178,9 +179,10 @@ class _WithWireRun:
     """The server as the generated ``add_ModelRunnerServicer_to_server`` sees it: Run's
     handler is swapped for one that parses and writes the wire bytes itself
     (``run_wire``: tensor data viewed where grpcio received it, one copy out), and
-    UpdateConstantBuffer's parser for ``upload_codec``'s (chunk payloads viewed), both
-    within the server's bounds. Same service, same messages on the wire; every other
-    method keeps the generated codec."""
+    UpdateConstantBuffer's parser for ``upload_codec``'s (chunk payloads viewed), and
+    LoadWeightsFromCuda's for one that counts its tensors (one per constant, as many as
+    an upload may declare), all within the server's bounds. Same service, same messages on
+    the wire; every other method keeps the generated codec."""
 
     def __init__(self, server: grpc.Server, bounds):
         self._server = server
@@ -197,6 +199,12 @@ class _WithWireRun:
             request_deserializer=_counting(run_wire.parse_run_request, self._bounds),
             response_serializer=run_wire.identity,
         )
+        handoff = handlers["LoadWeightsFromCuda"]
+        handlers["LoadWeightsFromCuda"] = grpc.unary_unary_rpc_method_handler(
+            handoff.unary_unary,
+            request_deserializer=_counting(_parse_cuda_handoff, self._bounds),
+            response_serializer=handoff.response_serializer,
+        )
         upload = handlers["UpdateConstantBuffer"]
         handlers["UpdateConstantBuffer"] = grpc.stream_unary_rpc_method_handler(
             upload.stream_unary,
@@ -207,6 +215,26 @@ class _WithWireRun:
             (grpc.method_handlers_generic_handler(service, handlers),)
         )
         self._server.add_registered_method_handlers(service, handlers)
+
+
+# LoadWeightsFromCudaRequest as wire.check_bounds walks it: a tensor per constant (bounded
+# as an upload header's declared constants are), each with a shape and strides.
+_CUDA_HANDOFF = {
+    4: wire.Rule(
+        "entries",
+        {3: wire.Rule("dims"), 4: wire.Rule("dims")},
+        entries="tensors",
+        bound="max_constants",
+    )
+}
+
+
+def _parse_cuda_handoff(raw: bytes, bounds: wire.Bounds) -> pb.LoadWeightsFromCudaRequest:
+    try:
+        wire.check_bounds(raw, _CUDA_HANDOFF, bounds, "LoadWeightsFromCudaRequest")
+    except wire.BoundError as exc:
+        raise InvalidArgument(str(exc)) from None
+    return pb.LoadWeightsFromCudaRequest.FromString(raw)
 
 
 def _counting(parse, bounds):

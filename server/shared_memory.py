@@ -141,6 +141,7 @@ class SharedMemoryRegions:
         max_regions: int = 64,
         max_bytes: int = 1 << 40,
         open_cuda: Callable[[bytes, int, int], torch.Tensor] | None = None,
+        pin_host: Callable[[torch.Tensor], torch.Tensor] | None = None,
         connections: Callable[[], set | None] = peer_connections.established,
     ):
         if mode not in ("local", "any", "off"):
@@ -149,6 +150,7 @@ class SharedMemoryRegions:
         self.max_regions = max_regions
         self.max_bytes = max_bytes
         self._open_cuda = open_cuda
+        self._pin_host = pin_host
         self._connections = connections
         self._lock = threading.Lock()
         self._regions: dict[tuple[str, str], Region] = {}
@@ -175,8 +177,21 @@ class SharedMemoryRegions:
     def register_system(self, name: str, key: str, offset: int, byte_size: int, peer: str) -> None:
         what = f"system shared-memory region {name!r}"
         self._admit("system", name, byte_size, peer, what)
-        data = map_system(key, offset, byte_size, what, self._owner(peer))
+        data = self._pinned(map_system(key, offset, byte_size, what, self._owner(peer)), what)
         self._add(Region(name, "system", data, byte_size, key=key, offset=offset, peer=peer))
+
+    def _pinned(self, data: torch.Tensor, what: str) -> torch.Tensor:
+        """``data`` page-locked for the GPU where this daemon has CUDA up (it serves a model
+        on a GPU): a GPU model's input read from the region then goes to the device by DMA
+        straight from it, with no copy per request. As it is where it cannot be (the port
+        then copies such inputs into pinned memory), or where no GPU model is served."""
+        if self._pin_host is None or not torch.cuda.is_initialized():
+            return data
+        try:
+            return self._pin_host(data)
+        except RuntimeError as exc:
+            log.warning("%s: not page-locked (%s); GPU models copy its inputs", what, exc)
+            return data
 
     def register_cuda(
         self, name: str, raw_handle: bytes, device_id: int, byte_size: int, peer: str

@@ -268,17 +268,30 @@ def test_one_thread_serving_two_gpus_runs_each_on_its_own_device():
 
 def test_inputs_from_a_clients_shared_memory_region_run_on_the_gpu(cuda_repo):
     """aotiserve.client on the daemon's host sends large inputs through a system shared-memory
-    region; for a model on a GPU the port stages those of 64 KiB and more through pinned
-    memory (port.cpp). Results equal those of the same inputs sent in the request."""
+    region; a daemon with CUDA up page-locks the region when it is registered, so a GPU
+    model's inputs go to the device by DMA straight from it, with no copy per request
+    (port.cpp copies only a region it could not pin). Results equal those of the same
+    inputs sent in the request."""
     from aotiserve.client import Client
 
     with (
-        _serve(cuda_repo, ("cuda:0",)) as s,
+        _serve(cuda_repo, ("cuda:0",), metrics_port=0) as s,
         Client(s.target, shared_memory_min_bytes=0) as shm,
         Client(s.target, shared_memory=False) as plain,
     ):
+
+        def copied() -> float:
+            return s.app.metrics.sample("aotiserve_port_copied_bytes_total")
+
         for batch in (1, 300, 1024):  # 256 B, 75 KiB, 256 KiB
             x = torch.randn(batch, 64)
             for _ in range(2):  # the second call also takes its output through the region
-                assert torch.equal(shm.model("mlp").run([x])[0], plain.model("mlp").run([x])[0])
+                want = plain.model("mlp").run([x])[0]
+                before = copied()
+                got = shm.model("mlp").run([x])[0]
+                # At most the output is copied (into the reply or the region), never the input.
+                assert copied() - before <= batch * 10 * 4, (batch, copied() - before)
+                assert torch.equal(got, want)
         assert shm._local_shm.enabled
+        regions = s.app.plane.shared_memory.status("system", "")
+        assert regions and all(r.data.is_pinned() for r in regions)

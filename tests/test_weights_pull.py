@@ -410,11 +410,19 @@ def test_gpu_direct_refusals_need_no_gpu(server_factory):
         ("another-host", "host"),
         (weights_ipc.host_id(), "CUDA" if not torch.cuda.is_available() else "does not see"),
     ]:
-        request = pb.LoadWeightsFromCudaRequest(
-            model="mlp", host_id=host, device_uuid="GPU-not-here", tensors=[tensor]
-        )
-        code, details = code_of(lambda: s.stub.LoadWeightsFromCuda(request))
-        assert code == grpc.StatusCode.FAILED_PRECONDITION and says in details, details
+        # As many tensors as a large model has constants: more than a control message's
+        # 64 fields, each counted as a constant (up to an upload's max_constants).
+        for tensors in ([tensor], [tensor] * 200):
+            request = pb.LoadWeightsFromCudaRequest(
+                model="mlp", host_id=host, device_uuid="GPU-not-here", tensors=tensors
+            )
+            code, details = code_of(lambda: s.stub.LoadWeightsFromCuda(request))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and says in details, details
+    deep = pb.LoadWeightsFromCudaRequest(
+        model="mlp", tensors=[pb.CudaIpcTensor(name="fc1.weight", shape=[1] * 17)]
+    )
+    code, details = code_of(lambda: s.stub.LoadWeightsFromCuda(deep))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "rank exceeds" in details, details
     with ac.Client(s.target) as client:
         with pytest.raises(ValueError, match="CUDA tensors"):
             client.model("mlp").update_constant_buffer(

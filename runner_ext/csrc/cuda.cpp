@@ -13,6 +13,8 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <unordered_map>
 #include <utility>
 
@@ -156,6 +158,34 @@ const BackendRegistrar registrar("cuda", [](py::module_& m) {
                              at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
       },
       py::arg("raw_handle"), py::arg("device"), py::arg("nbytes"));
+  // A system shared-memory region read by GPU models (server/shared_memory.py): its pages
+  // page-locked (cudaHostRegister), so an input read from it goes to the device by DMA
+  // straight from the client's memory, as pinned memory does, instead of through a copy
+  // into a pinned buffer per request. Returns a tensor over the same bytes that
+  // unregisters them when its last view goes, and only then lets `host` go (its unmap).
+  m.def(
+      "pin_host_memory",
+      [](const at::Tensor& host) {
+        TORCH_CHECK_VALUE(host.device().is_cpu() && host.is_contiguous() && host.nbytes() > 0,
+                          "pin_host_memory takes a non-empty contiguous CPU tensor");
+        void* ptr = host.data_ptr();
+        {
+          py::gil_scoped_release no_gil;
+          cudaError_t err = cudaHostRegister(ptr, host.nbytes(), cudaHostRegisterDefault);
+          if (err != cudaSuccess) {
+            cudaGetLastError();  // this call's error, not the next one's
+            throw std::runtime_error(std::string("cudaHostRegister: ") + cudaGetErrorString(err));
+          }
+        }
+        auto keep = std::make_shared<at::Tensor>(host);
+        auto unpin = [keep](void* p) mutable {
+          cudaHostUnregister(p);
+          cudaGetLastError();
+          keep.reset();
+        };
+        return at::from_blob(ptr, host.sizes(), host.strides(), unpin, host.options());
+      },
+      py::arg("host"));
 });
 
 }  // namespace

@@ -1198,9 +1198,10 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
       at::Tensor input = bytes.view(type->scalar).view(t.shape);
       if (input.is_cuda() && !model->on_gpu) {
         input = input.cpu();  // a CUDA region's input for a model on the CPU comes to the host
-      } else if (!input.is_cuda() && model->on_gpu && want >= kPinnedBytes) {
-        // A system region is pageable memory: CUDA would copy it to the device through its
-        // own staging, synchronously. One copy into pinned memory (torch's cached pinned
+      } else if (!input.is_cuda() && model->on_gpu && want >= kPinnedBytes && !input.is_pinned()) {
+        // A system region the daemon could not page-lock (shared_memory.py pins them once
+        // CUDA is up) is pageable memory: CUDA would copy it to the device through its own
+        // staging, synchronously. One copy into pinned memory (torch's cached pinned
         // blocks) lets the run's host-to-device copy go straight and on the slot's stream,
         // as for a request's own bytes.
         at::Tensor pinned = at::empty(t.shape, at::TensorOptions().dtype(type->scalar).pinned_memory(true));
