@@ -14,7 +14,7 @@ import pytest
 import torch
 from server_harness import running_server
 
-from aotiserve.client import Client, wire
+from aotiserve.client import Client, local_shm, wire
 from aotiserve.client.errors import InvalidArgumentError, NotFoundError
 from aotiserve.client.local_shm import SERVICE, SHM_DIR
 
@@ -234,3 +234,24 @@ def test_the_async_client_takes_the_same_path(server):
     assert torch.equal(first[0], want) and torch.equal(second[0], want)
     assert version == "initial" and regions == 1
     assert not [n for n in _regions(server.channel) if f"-{os.getpid()}-" in n]
+
+
+def test_large_inputs_and_outputs_are_copied_on_several_threads_exactly():
+    """Past PARALLEL_COPY_BYTES the copies into and out of a region are split over threads
+    (local_shm.copy_bytes): every byte lands, whatever the split; a large run through a
+    region gives what the request gives."""
+    rng = np.random.default_rng(3)
+    for n in (local_shm.PARALLEL_COPY_BYTES - 1, local_shm.PARALLEL_COPY_BYTES * 3 + 7):
+        src = rng.integers(0, 256, n, dtype=np.uint8)
+        dst = np.zeros(n, np.uint8)
+        local_shm.copy_bytes(memoryview(dst), memoryview(src))
+        assert np.array_equal(dst, src)
+    with (
+        running_server(["passthrough"]) as s,
+        Client(s.target) as shm,
+        Client(s.target, shared_memory=False) as plain,
+    ):
+        x = torch.randn(1027, 1024)  # 4 MiB and 12 KiB, in and out
+        for _ in range(2):  # the second call also takes its output through the region
+            got, want = shm.model("passthrough").run([x]), plain.model("passthrough").run([x])
+            assert torch.equal(got[0], want[0])

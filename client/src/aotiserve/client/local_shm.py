@@ -31,6 +31,7 @@ be imported into a process that may also import tritonclient (``aotiserve.oip``)
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import logging
 import mmap
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 
 from aotiserve.client import wire
 from aotiserve.client.dtypes import BY_OIP_NAME, DType
@@ -58,6 +60,13 @@ DEFAULT_MIN_BYTES = 256 * 1024
 DEFAULT_MAX_REGIONS = 2
 _ALIGN = 64  # the daemon reads an input in place at a 64-byte aligned offset
 _LEARNED_SHAPES = 64  # input shapes per client whose output sizes are remembered
+
+# Copies into and out of a region this large are split over a few threads (numpy copies
+# without the GIL): one core's memcpy runs at ~10 GB/s, a few together near the memory's
+# bandwidth (a 4.8 MB input: 337 -> 201 µs on 2 cores).
+PARALLEL_COPY_BYTES = 2 << 20
+_COPY_PIECE = 1 << 20  # the smallest share of a copy worth a thread
+_COPY_WAYS = min(4, os.cpu_count() or 1)
 
 SERVICE = "/inference.GRPCInferenceService/"
 # The daemon's own words for a region it does not have (any longer), docs/oip.md.
@@ -191,6 +200,42 @@ def decode_infer(buf: bytes) -> tuple[str, list[OutputView], list[memoryview]]:
         else:
             pos = wire.skip_field(buf, pos, end, wt)
     return version, outputs, raw
+
+
+# ---------------------------------------------------------------- copies
+
+_copiers: tuple[int, cf.ThreadPoolExecutor] | None = None  # (pid, pool): made at first use
+
+
+def _copier_pool() -> cf.ThreadPoolExecutor:
+    global _copiers
+    pid = os.getpid()
+    if _copiers is None or _copiers[0] != pid:  # a forked child has none of its threads
+        pool = cf.ThreadPoolExecutor(_COPY_WAYS - 1, thread_name_prefix="aotiserve-shm-copy")
+        _copiers = (pid, pool)
+    return _copiers[1]
+
+
+def copy_bytes(dst: memoryview, src: memoryview) -> None:
+    """``src``'s bytes into ``dst`` (both format "B", the same length); large copies on a
+    few threads at once."""
+    n = src.nbytes
+    ways = min(_COPY_WAYS, n // _COPY_PIECE) if n >= PARALLEL_COPY_BYTES else 1
+    if ways < 2:
+        dst[:] = src
+        return
+    d = np.frombuffer(dst, np.uint8, n)
+    s = np.frombuffer(src, np.uint8, n)
+    step = -(-n // ways)
+
+    def part(i: int) -> None:
+        np.copyto(d[i * step : (i + 1) * step], s[i * step : (i + 1) * step])
+
+    pool = _copier_pool()
+    rest = [pool.submit(part, i) for i in range(1, ways)]
+    part(0)
+    for f in rest:
+        f.result()
 
 
 # ---------------------------------------------------------------- regions
@@ -360,7 +405,7 @@ class LocalSharedMemory:
         keep = True
         try:
             for _name, t, at in placed:
-                region.buf[at : at + t.nbytes] = t.data
+                copy_bytes(region.buf[at : at + t.nbytes], t.data)
             try:
                 reply = self._call(
                     "ModelInfer", encode_infer(model, placed, wanted, region.name), False
@@ -401,7 +446,12 @@ class LocalSharedMemory:
                 nbytes *= d
             if o.in_region and i < len(wanted):
                 at = wanted[i][1]
-                data = bytearray(region.buf[at : at + nbytes])  # the region is reused: copied
+                # The region is reused: copied out.
+                if nbytes >= PARALLEL_COPY_BYTES:
+                    data = memoryview(np.empty(nbytes, np.uint8)).cast("B")
+                    copy_bytes(data, region.buf[at : at + nbytes])
+                else:
+                    data = bytearray(region.buf[at : at + nbytes])
             elif len(raw) == len(outs):
                 data = raw[i]
             else:
