@@ -176,3 +176,28 @@ def test_an_object_of_another_user_is_refused(shm_key):
     regions.register_system("s", shm_key, 0, 8, LOCAL)
     regions._owner = lambda peer: None  # cannot tell: the object's permissions decide
     regions.register_system("t", shm_key, 0, 8, LOCAL)
+
+
+def test_system_regions_are_page_locked_only_once_cuda_is_up(shm_key, monkeypatch, caplog):
+    """A daemon serving a GPU model (CUDA up) page-locks each system region at registration
+    (runner_ext.pin_host_memory, stood in for here); one that cannot keeps it as mapped, with
+    a warning naming the region; without CUDA up nothing is pinned."""
+    pinned = []
+
+    def pin(data: torch.Tensor) -> torch.Tensor:
+        if len(pinned) == 1:
+            raise RuntimeError("cudaHostRegister: out of memory")
+        pinned.append(data.data_ptr())
+        return data[:]
+
+    regions = SharedMemoryRegions(pin_host=pin)
+    regions.register_system("cold", shm_key, 0, 100, LOCAL)  # CUDA not up: as mapped
+    assert pinned == []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    regions.register_system("hot", shm_key, 0, 100, LOCAL)
+    assert pinned == [regions.status("system", "hot")[0].data.data_ptr()]
+    with caplog.at_level("WARNING"):
+        regions.register_system("unpinned", shm_key, 0, 100, LOCAL)
+    assert "'unpinned': not page-locked (cudaHostRegister: out of memory)" in caplog.text
+    data = regions.tensor_bytes(_params(region="unpinned", size=4), "input 'x'", 4)
+    assert data.tolist() == [0, 1, 2, 3]  # served all the same
