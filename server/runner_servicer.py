@@ -230,10 +230,8 @@ _CUDA_HANDOFF = {
 
 
 def _parse_cuda_handoff(raw: bytes, bounds: wire.Bounds) -> pb.LoadWeightsFromCudaRequest:
-    try:
-        wire.check_bounds(raw, _CUDA_HANDOFF, bounds, "LoadWeightsFromCudaRequest")
-    except wire.BoundError as exc:
-        raise InvalidArgument(str(exc)) from None
+    """Past a bound: ``wire.BoundError``, which the interceptor answers INVALID_ARGUMENT."""
+    wire.check_bounds(raw, _CUDA_HANDOFF, bounds, "LoadWeightsFromCudaRequest")
     return pb.LoadWeightsFromCudaRequest.FromString(raw)
 
 
