@@ -81,8 +81,9 @@ def _check_name(name: str, what: str) -> None:
 
 def map_system(
     key: str, offset: int, byte_size: int, what: str, owner: int | None = None
-) -> torch.Tensor:
-    """Maps ``byte_size`` bytes at ``offset`` of POSIX shared-memory object ``key``.
+) -> tuple[torch.Tensor, bool]:
+    """Maps ``byte_size`` bytes at ``offset`` of POSIX shared-memory object ``key``; also
+    says whether the object has memory behind every byte (written or reserved, not sparse).
     ``owner``: the registering client's uid where known; the object must then be its (root
     clients excepted), so no client maps, through the daemon, memory it could not open."""
     if not key.startswith("/") or "/" in key[1:] or key in ("/", "/.", "/..") or len(key) > 255:
@@ -111,8 +112,9 @@ def map_system(
                 f"{what}: region [{offset}, {offset + byte_size}) lies beyond the end of "
                 f"{key!r} ({st.st_size} bytes)"
             )
+        allocated = st.st_blocks * 512 >= st.st_size
         try:  # unmapped once the last view of the tensor goes
-            return runner_ext.map_shared_memory(fd, offset, byte_size)
+            return runner_ext.map_shared_memory(fd, offset, byte_size), allocated
         except RuntimeError as exc:
             raise InvalidArgument(f"{what}: cannot map {key!r}: {exc}") from None
     finally:
@@ -177,15 +179,25 @@ class SharedMemoryRegions:
     def register_system(self, name: str, key: str, offset: int, byte_size: int, peer: str) -> None:
         what = f"system shared-memory region {name!r}"
         self._admit("system", name, byte_size, peer, what)
-        data = self._pinned(map_system(key, offset, byte_size, what, self._owner(peer)), what)
+        data, allocated = map_system(key, offset, byte_size, what, self._owner(peer))
+        data = self._pinned(data, allocated, what)
         self._add(Region(name, "system", data, byte_size, key=key, offset=offset, peer=peer))
 
-    def _pinned(self, data: torch.Tensor, what: str) -> torch.Tensor:
+    def _pinned(self, data: torch.Tensor, allocated: bool, what: str) -> torch.Tensor:
         """``data`` page-locked for the GPU where this daemon has CUDA up (it serves a model
         on a GPU): a GPU model's input read from the region then goes to the device by DMA
         straight from it, with no copy per request. As it is where it cannot be (the port
-        then copies such inputs into pinned memory), or where no GPU model is served."""
+        then copies such inputs into pinned memory), where no GPU model is served, and
+        where the object is sparse (not ``allocated``): locking its pages would make the
+        daemon allocate, on a client's behalf, memory the client never wrote or reserved."""
         if self._pin_host is None or not torch.cuda.is_initialized():
+            return data
+        if not allocated:
+            log.info(
+                "%s: not page-locked (its object is sparse: write or reserve it, e.g. "
+                "posix_fallocate, before registering); GPU models copy its inputs",
+                what,
+            )
             return data
         try:
             return self._pin_host(data)

@@ -201,3 +201,20 @@ def test_system_regions_are_page_locked_only_once_cuda_is_up(shm_key, monkeypatc
     assert "'unpinned': not page-locked (cudaHostRegister: out of memory)" in caplog.text
     data = regions.tensor_bytes(_params(region="unpinned", size=4), "input 'x'", 4)
     assert data.tolist() == [0, 1, 2, 3]  # served all the same
+    # An object whose pages were never written or reserved (ftruncate alone) is left as it
+    # is: locking it would allocate them in the daemon, for as many bytes as it claims.
+    sparse = f"/aotiserve-test-sparse-{uuid.uuid4().hex[:8]}"
+    fd = os.open(f"/dev/shm{sparse}", os.O_CREAT | os.O_RDWR | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, 64 << 20)
+        with caplog.at_level("INFO"):
+            regions.register_system("sparse", sparse, 0, 64 << 20, LOCAL)
+        assert len(pinned) == 1
+        assert "'sparse': not page-locked (its object is sparse" in caplog.text
+        os.posix_fallocate(fd, 0, 64 << 20)  # reserved: pinned like any other
+        pinned.clear()
+        regions.register_system("reserved", sparse, 0, 64 << 20, LOCAL)
+        assert pinned == [regions.status("system", "reserved")[0].data.data_ptr()]
+    finally:
+        os.close(fd)
+        os.unlink(f"/dev/shm{sparse}")
