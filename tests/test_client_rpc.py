@@ -171,6 +171,13 @@ def test_run_round_trip_and_version(fake):
         t = client.model("trailer")
         t.run([x])
         assert t.last_weights_version == "v-trailer"
+        # Later calls: a plain call where the first response carried the version in the
+        # message, the trailer read where it did not.
+        for _ in range(2):
+            m.run([x, ids])
+            t.run([x])
+            assert (m.last_weights_version, t.last_weights_version) == ("v7", "v-trailer")
+        assert client._versioned_runs == {"echo"}
 
 
 def test_numpy_output_format(fake):

@@ -125,9 +125,21 @@ class Model:
             if done is not None:
                 outputs, self.last_weights_version = done
                 return outputs
-        response, call = self._client._call("Run", run_request(self.name, inputs), with_call=True)
-        self.last_weights_version = weights_version_of(response, call.trailing_metadata)
-        return decode_outputs(response, self._client._format(output_format))
+        client = self._client
+        request = run_request(self.name, inputs)
+        if self.name in client._versioned_runs:
+            # Its responses carry their version: the plain call, cheaper than one that
+            # keeps the call's trailers.
+            response = client._call("Run", request)
+            self.last_weights_version = response.weights_version or None
+            if not response.weights_version:  # a server that sends it as a trailer only now
+                client._versioned_runs.discard(self.name)
+        else:
+            response, call = client._call("Run", request, with_call=True)
+            self.last_weights_version = weights_version_of(response, call.trailing_metadata)
+            if response.weights_version:
+                client._versioned_runs.add(self.name)
+        return decode_outputs(response, client._format(output_format))
 
     def get_call_spec(self) -> list[str]:
         """[in_spec, out_spec]: the serialized pytree specs of inputs and outputs."""
@@ -386,6 +398,9 @@ class _Connection:
         # Model name -> its read call spec (Model.__call__), for every handle of this client;
         # dropped when the client loads or unloads the name, or a call is refused.
         self._call_specs: dict[str, tuple[pytree.Spec | None, pytree.Spec | None]] = {}
+        # Models whose Run responses carry their weights version in the message (every
+        # server since the field exists); the others' is read from the trailer.
+        self._versioned_runs: set[str] = set()
         # Large runs through shared memory with a daemon on this host (local_shm); its calls
         # are blocking ones, on a channel of their own for AsyncClient.
         self._local_shm: local_shm.LocalSharedMemory | None = None
