@@ -117,7 +117,7 @@ class ServeConfig:
     # GPU replicas: each run slot gets a long-lived thread that the warm-up runs on and every
     # later run of that slot is handed to, instead of running on whichever gRPC thread took
     # the request (runner_ext/csrc/cuda.cpp). No effect on the CPU. On by default: with the
-    # spinning hand-off below, a small model's p50 on an H100 is ~240 µs lower (bench.gpu).
+    # spinning hand-off below, a small model's p50 on an H100 is 175-240 µs lower (bench.gpu).
     gpu_slot_threads: bool = True
     # With gpu_slot_threads: how long the slot's thread looks for its next run after one, and
     # a request's thread for its result, before either sleeps (runner_ext/csrc/slot_thread.h).
