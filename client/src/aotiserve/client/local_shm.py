@@ -66,7 +66,10 @@ _LEARNED_SHAPES = 64  # input shapes per client whose output sizes are remembere
 # bandwidth (a 4.8 MB input: 337 -> 201 µs on 2 cores).
 PARALLEL_COPY_BYTES = 2 << 20
 _COPY_PIECE = 1 << 20  # the smallest share of a copy worth a thread
-_COPY_WAYS = min(4, os.cpu_count() or 1)
+# The CPUs this process may run on (a container's cpuset, not the host's count).
+_COPY_WAYS = min(
+    4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+)
 
 SERVICE = "/inference.GRPCInferenceService/"
 # The daemon's own words for a region it does not have (any longer), docs/oip.md.
