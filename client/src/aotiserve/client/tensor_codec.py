@@ -22,7 +22,6 @@ such dtypes).
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import sys
@@ -480,10 +479,12 @@ def from_wire(
     if np_dtype is not None and data:
         shape = tuple(tensor.shape)
         if not shape or min(shape) >= 0:
-            with contextlib.suppress(ValueError, TypeError):
+            try:  # (a try costs nothing when nothing is raised; contextlib.suppress ~0.3 µs)
                 if fmt == "numpy":
                     return np.frombuffer(data, dtype=np_dtype).reshape(shape)
                 return _torch_view(data, np_dtype, shape)
+            except (ValueError, TypeError):
+                pass
     dtype = _dtype_of(tensor.dtype, what)
     return decode_bytes(tensor.data, dtype, _shape_of(tensor.shape, what), fmt, what)
 
