@@ -449,12 +449,8 @@ class LocalSharedMemory:
                 nbytes *= d
             if o.in_region and i < len(wanted):
                 at = wanted[i][1]
-                # The region is reused: copied out.
-                if nbytes >= PARALLEL_COPY_BYTES:
-                    data = memoryview(np.empty(nbytes, np.uint8)).cast("B")
-                    copy_bytes(data, region.buf[at : at + nbytes])
-                else:
-                    data = bytearray(region.buf[at : at + nbytes])
+                data = np.empty(nbytes, np.uint8)  # the region is reused: copied out
+                copy_bytes(memoryview(data), region.buf[at : at + nbytes])
             elif len(raw) == len(outs):
                 data = raw[i]
             else:
