@@ -84,6 +84,8 @@ def make_extension():
     sources = [str(CSRC / f"{name}.cpp") for name in shared] + [
         str(CSRC / f"{b}.cpp") for b in backends
     ]
+    if "cuda" in backends:  # the GPU-direct hand-off's copy kernel (nvcc)
+        sources.append(str(CSRC / "cuda_fingerprint.cu"))
     define = [("AOTISERVE_TORCH_VERSION", f'"{torch.__version__}"')]
     extra = {"cxx": ["-O2"]}  # torch.utils.cpp_extension picks the C++ standard torch needs
     grpc_cflags, grpc_libs = grpcpp_flags()
@@ -100,6 +102,7 @@ def make_extension():
         f"TORCH_VERSION = {torch.__version__!r}\nBACKENDS = {tuple(backends)!r}\n"
     )
     if "cuda" in backends:
+        extra["nvcc"] = ["-O3"]
         return cpp_extension.CUDAExtension(
             "aotiserve.runner_ext._C",
             sources,

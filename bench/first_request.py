@@ -126,10 +126,15 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--warmup-runs",
+        default="0,1",
+        help="comma-separated warm-up run counts to measure, each a setting (default 0,1)",
+    )
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args(argv)
     results = {}
-    settings = [(0, True), (1, True)]
+    settings = [(int(n), True) for n in args.warmup_runs.split(",")]
     if args.device.startswith("cuda"):
         settings.append((1, False))  # --no-gpu-slot-threads, beside the default
     for warmup, slot_threads in settings:

@@ -4,7 +4,9 @@ limits measured in the same run (``python -m bench.weights --paths``):
 - upload: ``update_constant_buffer(map)`` over gRPC from a client on this host;
 - file: ``load_weights(path)``, the daemon reading a safetensors file (page cache) itself;
 - gpu-direct (CUDA only): a second process holding the tensors on the same GPU hands them
-  over by CUDA IPC handle (``update_constant_buffer(cuda_tensors, gpu_direct=True)``).
+  over by CUDA IPC handle (``update_constant_buffer(cuda_tensors, gpu_direct=True)``), each
+  tensor its own allocation; gpu-direct-flat: the same with the tensors views of one
+  allocation (a trainer's flat parameter buffer: one handle to open).
 
 Limits measured in the same run: memcpy of the same bytes (one thread, warm buffers),
 XXH3-128 of the same bytes on every core (the tree hash a file or upload goes through) and,
@@ -212,17 +214,30 @@ def _p99(lat: list[float]) -> float:
 _SENDER = r"""
 import sys, time, json, torch
 from aotiserve.client import Client
-target, model, rows, seed, device, partial = sys.argv[1:7]
+target, model, rows, seed, device, partial, layout = sys.argv[1:8]
 rows, seed, partial = int(rows), float(seed), partial == "1"
 idx = [0] if partial else range(100)
-tensors = {f"tables.{i}.weight": torch.full((rows, 1024), seed + i * 1e-3, device=device)
-           for i in idx}
+if layout == "flat":  # views of one allocation (a trainer's flat parameter buffer)
+    flat = torch.empty(len(idx) * rows * 1024, device=device)
+    tensors = {f"tables.{i}.weight": flat[j * rows * 1024 : (j + 1) * rows * 1024]
+               .view(rows, 1024).fill_(seed + i * 1e-3) for j, i in enumerate(idx)}
+else:  # one allocation per tensor
+    tensors = {f"tables.{i}.weight": torch.full((rows, 1024), seed + i * 1e-3, device=device)
+               for i in idx}
 torch.cuda.synchronize()
 m = Client(target).model(model)
 t0 = time.perf_counter()
 v = m.update_constant_buffer(tensors, True, not partial, gpu_direct=True)
 print(json.dumps({"seconds": time.perf_counter() - t0, "version": v.id}))
 """
+
+
+GPU_DIRECT_FLAT = "gpu-direct-flat"
+GPU_DIRECT = ("gpu-direct", GPU_DIRECT_FLAT)
+
+
+def _paths(cuda: bool) -> tuple[str, ...]:
+    return ("upload", "file") + (GPU_DIRECT if cuda else ())
 
 
 class _stager:
@@ -265,6 +280,7 @@ class _stager:
                 str(seed),
                 self.device,
                 "0" if full else "1",
+                "flat" if self.path == GPU_DIRECT_FLAT else "separate",
             ],
             capture_output=True,
             text=True,
@@ -325,7 +341,7 @@ def main(args) -> dict:
             if cuda:
                 res.update(cuda_limits(nbytes, device))
             res["quiet_p99_ms"] = _p99(checker.quiet(1.0)) * 1e3
-            for path in ("upload", "file") + (("gpu-direct",) if cuda else ()):
+            for path in _paths(cuda):
                 try:
                     # A full update, then the same 1% twice: the first partial after a full one
                     # also brings the inactive buffer's other 99% up to date (it holds the
@@ -377,8 +393,9 @@ def main(args) -> dict:
                 res["file_over_hash"] = res["file_full_gb_s"] / res["hash_gb_s"]
                 if cuda:
                     res["file_over_h2d"] = res["file_full_gb_s"] / res["h2d_pinned_gb_s"]
-            if cuda and "gpu-direct_full_gb_s" in res:
-                res["gpu-direct_over_d2d"] = res["gpu-direct_full_gb_s"] / res["d2d_gb_s"]
+            for path in GPU_DIRECT if cuda else ():
+                if f"{path}_full_gb_s" in res:
+                    res[f"{path}_over_d2d"] = res[f"{path}_full_gb_s"] / res["d2d_gb_s"]
             res["loadavg_1m"] = os.getloadavg()[0]
             out["rounds"].append(res)
         checker.stop()
@@ -398,7 +415,7 @@ def report(out: dict) -> None:
         f"({out.get('run_clients', 1)} clients): {out['runs']}, failed {out['runs_failed']}, "
         f"mixed {out['runs_mixed']}"
     )
-    paths = ["upload", "file"] + (["gpu-direct"] if out["device"].startswith("cuda") else [])
+    paths = _paths(out["device"].startswith("cuda"))
     for r in out["rounds"]:
         limits = f"memcpy {r['memcpy_gb_s']:.2f} GB/s, XXH3 all cores {r['hash_gb_s']:.2f} GB/s"
         if "h2d_pinned_gb_s" in r:
@@ -408,16 +425,16 @@ def report(out: dict) -> None:
             f"{r['quiet_p99_ms']:.2f} ms)"
         )
         print(
-            f"  {'path':<11} {'full s':>7} {'GB/s':>6} {'1% s':>7} {'1%/full':>7} "
+            f"  {'path':<15} {'full s':>7} {'GB/s':>6} {'1% s':>7} {'1%/full':>7} "
             f"{'1%* s':>7} {'1%*/full':>8} {'swap ms':>7} {'p99 swap':>8} {'RSS x':>6} "
             f"{'loaded GB/s':>11}"
         )
         for p in paths:
             if f"{p}_error" in r:
-                print(f"  {p:<11} failed: {r[f'{p}_error']}")
+                print(f"  {p:<15} failed: {r[f'{p}_error']}")
                 continue
             print(
-                f"  {p:<11} {r[f'{p}_full_s']:>7.3f} {r[f'{p}_full_gb_s']:>6.2f} "
+                f"  {p:<15} {r[f'{p}_full_s']:>7.3f} {r[f'{p}_full_gb_s']:>6.2f} "
                 f"{r[f'{p}_partial_s']:>7.3f} {r[f'{p}_partial_over_full']:>7.3f} "
                 f"{r[f'{p}_partial_after_full_s']:>7.3f} "
                 f"{r[f'{p}_partial_after_full_over_full']:>8.3f} "
@@ -432,8 +449,9 @@ def report(out: dict) -> None:
             line += f"file / XXH3 {r['file_over_hash']:.2f}"
         if "file_over_h2d" in r:
             line += f", file / H2D {r['file_over_h2d']:.2f}"
-        if "gpu-direct_over_d2d" in r:
-            line += f", gpu-direct / D2D {r['gpu-direct_over_d2d']:.3f}"
+        for p in GPU_DIRECT:
+            if f"{p}_over_d2d" in r:
+                line += f", {p} / D2D {r[f'{p}_over_d2d']:.3f}"
         if line:
             print(line)
     print(

@@ -124,15 +124,6 @@ def _block_hash(view: torch.Tensor, start: int, end: int) -> bytes:
     return new_hash(memoryview(view[start:end].numpy())).digest()
 
 
-def block_digests(host: torch.Tensor, start: int, end: int) -> dict[int, bytes]:
-    """Digests of the hash blocks of bytes [start, end) of a constant, read from ``host``
-    (a flat uint8 CPU tensor holding exactly those bytes); ``start`` on a block boundary."""
-    return {
-        (start + lo) // HASH_BLOCK: _block_hash(host, lo, min(end - start, lo + HASH_BLOCK))
-        for lo in range(0, end - start, HASH_BLOCK)
-    }
-
-
 def _combine(block_digests: Iterable[bytes]) -> bytes:
     h = new_hash()
     for d in block_digests:

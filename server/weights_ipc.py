@@ -1,7 +1,7 @@
 """GPU-direct weight hand-off: CUDA tensors of a colocated process (a trainer) copied
 device to device into the inactive buffer, with no host round trip.
 
-The client shares each tensor with torch's own CUDA IPC
+The client shares each tensor's storage with torch's own CUDA IPC
 (``torch.multiprocessing.reductions.reduce_tensor``: a ``cudaIpcMemHandle`` of the
 allocation, the storage's offset and size in it, the sender's reference counter and an
 event to wait on) and sends those fields in ``LoadWeightsFromCuda``. The server:
@@ -12,20 +12,28 @@ event to wait on) and sends those fields in ``LoadWeightsFromCuda``. The server:
    model, and on a server without CUDA;
 2. validates the declared names, dtypes and shapes exactly as an upload header, and each
    tensor's strides and offset against the storage size it declares (INVALID_ARGUMENT);
-3. claims the inactive buffer, opens each handle (``rebuild_cuda_tensor``; a handle that
-   cannot be opened, e.g. freed by a sender that exited, is FAILED_PRECONDITION), checks
-   the storage lies inside the allocation the driver mapped (``cuMemGetAddressRange``),
-   copies it into every replica's staging tensor on a side stream, and
+3. claims the inactive buffer, opens each storage once however many tensors it holds
+   (``rebuild_cuda_tensor``; a handle that cannot be opened, e.g. freed by a sender that
+   exited, is FAILED_PRECONDITION), checks it lies inside the allocation the driver
+   mapped (``cuMemGetAddressRange``), copies each tensor into every replica's staging
+   tensor on a side stream (into the replica on the sender's GPU with the extension's
+   ``copy_fingerprint``, which fingerprints the bytes in the same pass), and
 4. synchronizes and drops every opened tensor before answering, so the sender may free
    or overwrite its tensors as soon as the call returns.
 
 A gpu-direct version's digest, ``gpu-fingerprint:<hex>``, is not the content digest of
 the bytes (that needs every byte on the host, which is what this path avoids): per
 constant it hashes the FQN, dtype, shape and a device-side fingerprint (SHA-256 of the
-int64 sums of the constant's 32-bit words, all and even-indexed: 24 bytes a constant, so
-its hash costs nothing), and the version's digest is XXH3-128 over those, combined as the
-content digest is. It tells versions apart; use a file or an upload where a content
-digest that other servers recompute is required (fleet rollout compares them).
+int64 sums of the constant's 32-bit words, all and even-indexed, and of its bytes past
+the last whole word: 24 bytes a constant, computed while the bytes are copied and sent
+to the host for all constants in one transfer), and the version's digest is XXH3-128
+over those, combined as the content digest is. It tells versions apart; use a file or an
+upload where a content digest that other servers recompute is required (fleet rollout
+compares them).
+
+The client shares each storage once (views of one allocation, e.g. a trainer's flat
+parameter buffer, travel as one handle): opening a handle costs the driver far more
+than copying a constant, so fewer allocations hand over faster.
 """
 
 from __future__ import annotations
@@ -37,7 +45,10 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+
+from aotiserve import runner_ext
 
 from . import tensor_codec as codec
 from .errors import FailedPrecondition, InvalidArgument
@@ -148,19 +159,33 @@ def check_extents(request: CudaHandoff) -> None:
             raise InvalidArgument(f"{what}: no storage handle")
 
 
-def _open(t: CudaIpcTensor, index: int) -> torch.Tensor:
+def _storage_key(t: CudaIpcTensor) -> tuple:
+    """What identifies one shared reference: tensors with the same key (views of one
+    storage the client shared once) are opened once and released once."""
+    return (
+        bytes(t.storage_handle),
+        t.storage_offset_bytes,
+        t.storage_size_bytes,
+        bytes(t.ref_counter_handle),
+        t.ref_counter_offset,
+        bytes(t.event_handle),
+        t.event_sync_required,
+    )
+
+
+def _open_storage(t: CudaIpcTensor, index: int) -> torch.Tensor:
+    """The storage ``t`` declares, opened from its handle, as a flat uint8 tensor."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-    dtype = codec.torch_dtype(t.dtype, f"tensor {t.name!r}")
     try:
         with torch.cuda.device(index):
-            tensor = rebuild_cuda_tensor(
+            return rebuild_cuda_tensor(
                 torch.Tensor,
-                torch.Size(t.shape),
-                tuple(t.stride),
-                t.storage_offset,
+                torch.Size([t.storage_size_bytes]),
+                (1,),
+                0,
                 torch.storage.TypedStorage,
-                dtype,
+                torch.uint8,
                 index,
                 bytes(t.storage_handle),
                 t.storage_size_bytes,
@@ -176,7 +201,19 @@ def _open(t: CudaIpcTensor, index: int) -> torch.Tensor:
             f"tensor {t.name!r}: its CUDA IPC handle could not be opened ({exc}); the sending "
             "process may have freed the tensor or exited"
         ) from None
-    return tensor
+
+
+def _view(storage: torch.Tensor, t: CudaIpcTensor) -> torch.Tensor:
+    """Tensor ``t`` (its dtype, shape, strides and offset) over an opened storage."""
+    dtype = codec.torch_dtype(t.dtype, f"tensor {t.name!r}")
+    try:
+        return torch.empty(0, dtype=dtype, device=storage.device).set_(
+            storage.untyped_storage(), t.storage_offset, tuple(t.shape), tuple(t.stride)
+        )
+    except RuntimeError as exc:
+        raise InvalidArgument(
+            f"tensor {t.name!r}: does not fit the storage it declares ({exc})"
+        ) from None
 
 
 @functools.cache
@@ -220,29 +257,54 @@ def _check_allocation(tensor: torch.Tensor, t: CudaIpcTensor) -> None:
 FINGERPRINT = "gpu-fingerprint"  # the version digest's algorithm name on this path
 
 
-def fingerprint(tensor: torch.Tensor) -> bytes:
-    """A device-side fingerprint of a contiguous tensor's bytes (see the module doc)."""
+def fingerprint_into(sums: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Adds a contiguous tensor's fingerprint sums (its 32-bit words as int32 at even and
+    at odd indices, its bytes past the last whole word as uint8; each summed in int64)
+    into ``sums`` (3 int64 on the tensor's device): what the extension's
+    ``copy_fingerprint`` computes while it copies."""
     flat = codec.byte_view(tensor)
     n = flat.numel()
     words = flat[: n - n % 4].view(torch.int32)
-    tail = flat[n - n % 4 :]
-    sums = torch.stack(
+    sums += torch.stack(
         [
-            words.sum(dtype=torch.int64),
             words[::2].sum(dtype=torch.int64),
-            tail.sum(dtype=torch.int64),
+            words[1::2].sum(dtype=torch.int64),
+            flat[n - n % 4 :].sum(dtype=torch.int64),
         ]
     )
-    return hashlib.sha256(b"gpu-direct\0" + sums.cpu().numpy().tobytes()).digest()
+
+
+def fingerprint(sums: np.ndarray) -> bytes:
+    """A constant's fingerprint from its sums (see the module doc): all words, even-indexed
+    words, the tail bytes."""
+    even, odd, tail = (np.int64(x) for x in sums)
+    with np.errstate(over="ignore"):
+        words = np.array([even + odd, even, tail], dtype=np.int64)
+    return hashlib.sha256(b"gpu-direct\0" + words.tobytes()).digest()
+
+
+def _copy_fingerprinted(dst: torch.Tensor, src: torch.Tensor, sums: torch.Tensor) -> None:
+    """src into dst (on dst's device, the current stream), its fingerprint into ``sums``:
+    in one pass where the extension can (contiguous, 16-byte aligned), else a copy, then
+    the sums of what landed."""
+    fused = getattr(runner_ext, "copy_fingerprint", None)  # CUDA builds
+    if fused is not None and src.is_contiguous() and fused(dst, src, sums):
+        return
+    dst.copy_(src, non_blocking=True)
+    fingerprint_into(sums, dst)
 
 
 def release_unopened(request: CudaHandoff, opened: set[str]) -> None:
     """Gives the sender back the reference torch's sharing counted for each handle this
     server did not open (an opened one is given back when its tensor is dropped): without
-    it, the sender's memory would stay reserved for a reader that never comes."""
+    it, the sender's memory would stay reserved for a reader that never comes. Tensors
+    that share one reference (one storage shared once) give it back once."""
+    released = set()
     for t in request.tensors:
-        if t.name in opened or not t.ref_counter_handle:
+        key = _storage_key(t)
+        if t.name in opened or not t.ref_counter_handle or key in released:
             continue
+        released.add(key)
         try:
             torch.UntypedStorage._release_ipc_counter_cuda(
                 bytes(t.ref_counter_handle), t.ref_counter_offset
@@ -261,51 +323,67 @@ def fill(
     opened_names: set[str],
 ) -> str:
     """Opens, copies and releases every handle; returns the version's digest. The names
-    of the tensors it opened go into ``opened_names``."""
+    of the tensors whose storage it opened go into ``opened_names``.
+
+    Each storage is opened once, however many tensors it holds. The copy into the
+    replica on the sender's GPU fingerprints the bytes as it copies them (one pass; the
+    sums of every constant come back in one transfer at the end); other replicas copy
+    the same source."""
     model = staging.model
     by_name = {t.name: t for t in request.tensors}
-    digests = []
-    streams: dict[torch.device, torch.cuda.Stream] = {}
-    opened: list[torch.Tensor] = []
-    src = None
+    device = torch.device("cuda", index)
+    names_of: dict[tuple, list[str]] = {}
+    for t in request.tensors:
+        names_of.setdefault(_storage_key(t), []).append(t.name)
+    storages: dict[tuple, torch.Tensor] = {}
+    streams: dict[torch.device, torch.cuda.Stream | None] = {}
+    fqns = list(staging.staged)
+    sums = torch.zeros((len(fqns), 3), dtype=torch.int64, device=device)
+
+    def stream_of(dev: torch.device) -> torch.cuda.Stream | None:
+        if dev not in streams:
+            streams[dev] = torch.cuda.Stream(device=dev) if dev.type == "cuda" else None
+        return streams[dev]
+
     try:
         with model.using_buffers():
-            for fqn, st in staging.staged.items():
-                t = by_name[staging.declared[fqn][1]]
+            for row, fqn in enumerate(fqns):
+                st = staging.staged[fqn]
                 if st.info.nbytes == 0:
-                    digests.append((st.info, fingerprint(st.tensors[0])))
                     continue
-                src = _open(t, index)
-                # Opened: its reference goes back to the sender when it is dropped.
-                opened_names.add(t.name)
-                opened.append(src)
-                _check_allocation(src, t)
-                for dst in st.tensors:
-                    stream = streams.get(dst.device)
-                    if stream is None:
-                        stream = streams[dst.device] = (
-                            torch.cuda.Stream(device=dst.device)
-                            if dst.device.type == "cuda"
-                            else None
-                        )
+                t = by_name[staging.declared[fqn][1]]
+                key = _storage_key(t)
+                storage = storages.get(key)
+                if storage is None:
+                    storage = storages[key] = _open_storage(t, index)
+                    # Opened: its reference goes back to the sender when it is dropped.
+                    opened_names.update(names_of[key])
+                    _check_allocation(storage, t)
+                src = _view(storage, t)
+                local = next(i for i, d in enumerate(st.tensors) if d.device == device)
+                for i, dst in enumerate(st.tensors):
+                    stream = stream_of(dst.device)
                     if stream is None:
                         dst.copy_(src)
-                    else:
-                        stream.wait_stream(torch.cuda.current_stream(src.device))
-                        with torch.cuda.stream(stream):
+                        continue
+                    stream.wait_stream(torch.cuda.current_stream(device))
+                    with torch.cuda.stream(stream):
+                        if i == local:
+                            _copy_fingerprinted(dst, src, sums[row])
+                        else:
                             dst.copy_(src, non_blocking=True)
-                nbytes = st.info.nbytes
-                staging.written(fqn, 0, nbytes, {})
+                staging.written(fqn, 0, st.info.nbytes, {})
                 if not is_active():
                     break
-            for stream in streams.values():
-                if stream is not None:
-                    stream.synchronize()
-            # Fingerprints of what landed in the buffer (the first replica's copy).
-            for st in staging.staged.values():
-                if st.info.nbytes:
-                    with torch.cuda.stream(streams.get(st.tensors[0].device)):
-                        digests.append((st.info, fingerprint(st.tensors[0])))
+            stream = stream_of(device)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            host = sums.cpu().numpy()  # waits for every copy on the sender's GPU
+            for other in streams.values():
+                if other is not None:
+                    other.synchronize()
+            digests = [
+                (staging.staged[fqn].info, fingerprint(host[row])) for row, fqn in enumerate(fqns)
+            ]
     finally:
         # No copy may still read an opened handle when it is closed (on a failure midway
         # copies can be in flight): wait for them, then release every handle before the
@@ -316,7 +394,7 @@ def fill(
                     stream.synchronize()
                 except RuntimeError:
                     log.exception("waiting for the GPU-direct copies failed")
-        del opened[:]
-        src = None  # noqa: F841 (drops the last opened tensor now, not with the frame)
+        storages.clear()
+        src = storage = None  # noqa: F841 (drops the last opened storage now, not with the frame)
         torch.cuda.ipc_collect()
     return content_digest(digests, FINGERPRINT)

@@ -10,13 +10,14 @@ into it:
   the buffer's own memory, in windows of ``WINDOW`` bytes on a pool of
   background-priority threads (one per core), each 1 MiB piece hashed (the version's
   tree hash) right after it is copied;
-- CUDA replicas only: each window is read into one of a few pinned host buffers, copied
-  to every replica's device on a side stream (``non_blocking``), and hashed on the host
-  while that copy runs; a pinned buffer is reused once its copies completed, so reads,
-  hashing and host-to-device copies of different windows overlap (one buffer per core).
+- CUDA replicas only: each window is read into one of a few pinned host buffers (each
+  1 MiB piece hashed right after it is copied, as above), then copied to every replica's
+  device on a side stream (``non_blocking``); a pinned buffer is reused once its copies
+  completed, so reads, hashing and host-to-device copies of different windows overlap
+  (one buffer per core).
 
-Every byte is hashed on the host (XXH3-128, the version's digest; see ``weights``), on a
-CPU replica 1 MiB at a time right after it is copied, while it is in the CPU's cache.
+Every byte is hashed on the host (XXH3-128, the version's digest; see ``weights``), 1 MiB
+at a time right after it is copied, while it is in the CPU's cache.
 
 A failure anywhere (a bad header, a short read, a cancelled call) discards the staging:
 nothing that serves changes.
@@ -45,7 +46,6 @@ from .weights import (
     HASH_BLOCK,
     StagingUpload,
     background_priority,
-    block_digests,
     new_hash,
 )
 
@@ -214,9 +214,8 @@ def _fill_devices(
 ) -> dict[int, bytes]:
     slot = slots.get()
     try:
-        n = end - start
-        host = slot.host[:n]
-        entry.read_into(start, memoryview(host.numpy()))
+        host = slot.host[: end - start]
+        digests = _read_hashing(entry, host, start, end)
         for view in st.views:
             stream = slot.stream(view.device)
             with torch.cuda.stream(stream):
@@ -224,7 +223,6 @@ def _fill_devices(
                 event = torch.cuda.Event()
                 event.record(stream)
             slot.events.append(event)
-        digests = block_digests(host, start, end)  # overlaps the copies
         slot.wait()
         return digests
     except BaseException:

@@ -89,7 +89,12 @@ def test_a_pull_hashes_many_blocks_as_an_upload_does(tmp_path):
         for start, end in safetensors_source.windows(entry.nbytes, 2 * weights.HASH_BLOCK):
             pulled.update(weights_pull._read_hashing(entry, host[start:end], start, end))
     assert torch.equal(host.view(torch.float32), t)
-    assert pulled == weights.block_digests(host, 0, entry.nbytes) and len(pulled) == 3
+    blocks = range(0, entry.nbytes, weights.HASH_BLOCK)
+    whole = {
+        b // weights.HASH_BLOCK: weights._block_hash(host, b, b + weights.HASH_BLOCK)
+        for b in blocks
+    }
+    assert pulled == whole and len(pulled) == 3
 
 
 def test_a_file_truncated_while_mapped_is_an_error_not_sigbus(tmp_path):
@@ -447,6 +452,19 @@ _SENDER = textwrap.dedent("""
         v = model.update_constant_buffer(new, True, True)  # auto: picks GPU-direct here
         torch.save({k: t.cpu() for k, t in new.items()}, sys.argv[3])
         print(v.id)
+    elif mode == "flat":  # views of one allocation, some 16-byte aligned, some not
+        reserved = torch.cuda.memory_reserved()
+        flat = torch.zeros(sum(t.numel() + 5 for t in new.values()), device="cuda")
+        views, at = {}, 0
+        for i, (k, t) in enumerate(new.items()):
+            views[k] = flat[at : at + t.numel()].view(t.shape)
+            views[k].copy_(t)
+            at = (at + t.numel() + 3) // 4 * 4 + i % 2
+        v = model.update_constant_buffer(views, True, True, gpu_direct=True)
+        del views, flat, t
+        torch.cuda.ipc_collect()  # frees what the daemon gave back
+        torch.cuda.empty_cache()
+        print(v.id, torch.cuda.memory_reserved() == reserved)
     else:  # print a request whose tensors this process frees when it exits
         sys.stdout.buffer.write(cuda_ipc.share("mlp", new, validate_full_updates=True)
                                 .SerializeToString())
@@ -509,6 +527,60 @@ def test_gpu_direct_hand_off_from_a_second_process(server_factory, cuda_repo, tm
     assert served_by == version
     assert wire.close([o.cpu() for o in out], eager_with("mlp", sent, inputs))
     assert s.app.metrics.sample("aotiserve_staged_bytes_total", model="mlp", path="gpu-direct") > 0
+
+
+@pytest.mark.cuda
+def test_views_of_one_buffer_hand_over_as_one_storage_and_fingerprint_alike(
+    server_factory, cuda_repo, tmp_path
+):
+    """A trainer's flat buffer: its views travel as one shared storage, opened once and
+    given back once (the sender's memory is freed after the call), at aligned and
+    unaligned offsets; the version's fingerprint depends on the bytes only, not on how
+    they were laid out in the sender."""
+    s = _cuda_server(server_factory, cuda_repo)
+
+    def send(mode, *more):
+        proc = subprocess.run(
+            [sys.executable, "-c", _SENDER, s.target, mode, *more],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip().splitlines()[-1].split()
+
+    version, freed = send("flat")
+    assert freed == "True"  # the daemon released the one reference it was given
+    flat = info(s.stub, "mlp").staged_version
+    assert flat.id == version
+    saved = tmp_path / "sent.pt"
+    (separate,) = send("handoff", str(saved))
+    staged = wire.extract(s.stub, "mlp", use_inactive=True)
+    assert all(torch.equal(staged[k].cpu(), t) for k, t in torch.load(saved).items())
+    assert info(s.stub, "mlp").staged_version.digest == flat.digest != ""
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("nbytes", [1, 3, 4, 7, 16, 21, 48, 4099, (3 << 20) + 13])
+def test_the_fused_copy_fingerprints_as_torch_sums(nbytes):
+    """runner_ext.copy_fingerprint copies exactly and adds the same sums as the torch
+    reductions (even and odd int32 words, tail bytes) at every size and tail; an
+    unaligned source is left to the caller (False, nothing copied)."""
+    from aotiserve import runner_ext
+    from aotiserve.server import weights_ipc
+
+    gen = torch.Generator().manual_seed(nbytes)
+    src = torch.randint(0, 256, (nbytes + 16,), dtype=torch.uint8, generator=gen).cuda()
+    for offset, fused in ((0, True), (4, False)):
+        dst = torch.zeros(nbytes, dtype=torch.uint8, device="cuda")
+        sums = torch.full((3,), 7, dtype=torch.int64, device="cuda")
+        assert runner_ext.copy_fingerprint(dst, src[offset : offset + nbytes], sums) is fused
+        want = torch.full((3,), 7, dtype=torch.int64, device="cuda")
+        weights_ipc.fingerprint_into(want, src[offset : offset + nbytes])
+        if fused:
+            assert torch.equal(dst, src[:nbytes]) and torch.equal(sums, want)
+        else:
+            assert not dst.any() and (sums == 7).all()
 
 
 @pytest.mark.cuda

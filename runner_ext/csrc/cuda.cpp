@@ -1,4 +1,5 @@
 // CUDA backend: built only when torch was built with CUDA and nvcc is found.
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,6 +19,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "cuda_fingerprint.h"
 #include "runner_bindings.h"
 #include "slot_thread.h"
 
@@ -186,6 +188,36 @@ const BackendRegistrar registrar("cuda", [](py::module_& m) {
         return at::from_blob(ptr, host.sizes(), host.strides(), unpin, host.options());
       },
       py::arg("host"));
+  // GPU-direct weight hand-off (server/weights_ipc.py): src's bytes into dst on the current
+  // stream, their fingerprint added into `sums` (3 int64 on the same device) in the same
+  // pass. False, with nothing queued, when the tensors are not 16-byte aligned (the caller
+  // copies and fingerprints with torch instead).
+  m.def(
+      "copy_fingerprint",
+      [](at::Tensor& dst, const at::Tensor& src, at::Tensor& sums) {
+        TORCH_CHECK_VALUE(dst.is_cuda() && src.device() == dst.device() &&
+                              sums.device() == dst.device(),
+                          "copy_fingerprint: dst, src and sums must be on one CUDA device");
+        TORCH_CHECK_VALUE(dst.is_contiguous() && src.is_contiguous() &&
+                              dst.nbytes() == src.nbytes(),
+                          "copy_fingerprint: dst and src must be contiguous, of equal size");
+        TORCH_CHECK_VALUE(sums.scalar_type() == at::kLong && sums.is_contiguous() &&
+                              sums.numel() == 3,
+                          "copy_fingerprint: sums must be 3 contiguous int64");
+        if ((reinterpret_cast<uintptr_t>(src.data_ptr()) |
+             reinterpret_cast<uintptr_t>(dst.data_ptr())) % 16 != 0) {
+          return false;
+        }
+        py::gil_scoped_release no_gil;
+        c10::cuda::CUDAGuard on_device(dst.device());
+        const char* why = copy_fingerprint(
+            src.data_ptr(), dst.data_ptr(), static_cast<int64_t>(dst.nbytes()),
+            sums.data_ptr<int64_t>(), at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
+            c10::cuda::getCurrentCUDAStream(dst.get_device()));
+        TORCH_CHECK(why == nullptr, "copy_fingerprint: ", why);
+        return true;
+      },
+      py::arg("dst"), py::arg("src"), py::arg("sums"));
 });
 
 }  // namespace

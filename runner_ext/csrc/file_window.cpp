@@ -91,13 +91,19 @@ void bind_file_window(py::module_& m) {
   py::class_<FileWindow>(m, "FileWindow",
                          "Bytes [offset, offset + length) of an open file, mapped read-only; "
                          "copies out of it raise FileTruncated (not SIGBUS) if the file shrinks.")
-      .def(py::init<int, int64_t, int64_t>(), py::arg("fd"), py::arg("offset"), py::arg("length"))
+      // Mapping (MAP_POPULATE: the page tables of the whole window) and unmapping (TLB
+      // shootdowns) run with the GIL released: the pull's threads map windows side by side.
+      .def(py::init<int, int64_t, int64_t>(), py::arg("fd"), py::arg("offset"), py::arg("length"),
+           py::call_guard<py::gil_scoped_release>())
       .def("copy_into", &FileWindow::copy_into, py::arg("at"), py::arg("dst"),
            "Copies bytes [at, at + len(dst)) of the window into dst (GIL released).")
-      .def("close", &FileWindow::close)
+      .def("close", &FileWindow::close, py::call_guard<py::gil_scoped_release>())
       .def("__enter__", [](FileWindow& w) -> FileWindow& { return w; },
            py::return_value_policy::reference)
-      .def("__exit__", [](FileWindow& w, py::args) { w.close(); });
+      .def("__exit__", [](FileWindow& w, py::args) {
+        py::gil_scoped_release no_gil;
+        w.close();
+      });
 }
 
 }  // namespace aotiserve

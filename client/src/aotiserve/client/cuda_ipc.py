@@ -72,7 +72,6 @@ def share(
 ) -> pb.LoadWeightsFromCudaRequest:
     """The ``LoadWeightsFromCuda`` request handing over ``tensor_map`` (CUDA tensors)."""
     import torch
-    from torch.multiprocessing.reductions import reduce_tensor
 
     why = why_not_shareable(tensor_map)
     if why is not None:
@@ -85,45 +84,46 @@ def share(
         validate_full_updates=validate_full_updates,
         description=description,
     )
+    # One share per storage: torch's sharing gives each call its own reference counter
+    # and event, and the daemon opens each storage once, so views of one allocation (a
+    # flat parameter buffer) travel as one handle.
+    shared: dict[int, dict] = {}
     for name, tensor in tensor_map.items():
         dtype = BY_TORCH_NAME.get(str(tensor.dtype).removeprefix("torch."))
         if dtype is None:
             raise ValueError(f"weight {name!r}: dtype {tensor.dtype} cannot be sent")
-        try:
-            _rebuild, args = reduce_tensor(tensor.detach())
-        except RuntimeError as exc:  # e.g. memory from an allocator CUDA IPC cannot share
-            raise ValueError(f"weight {name!r} cannot be shared by CUDA IPC: {exc}") from None
-        (
-            _cls,
-            size,
-            stride,
-            offset,
-            _storage_cls,
-            _dtype,
-            _device,
-            handle,
-            storage_size,
-            storage_offset,
-            _grad,
-            ref_handle,
-            ref_offset,
-            event_handle,
-            event_sync,
-        ) = args
+        tensor = tensor.detach()
+        storage = shared.get(tensor.untyped_storage().data_ptr())
+        if storage is None:
+            storage = shared[tensor.untyped_storage().data_ptr()] = _share_storage(name, tensor)
         request.tensors.append(
             pb.CudaIpcTensor(
                 name=str(name),
                 dtype=dtype.wire,
-                shape=list(size),
-                stride=list(stride),
-                storage_offset=offset,
-                storage_handle=handle or b"",
-                storage_size_bytes=storage_size,
-                storage_offset_bytes=storage_offset,
-                ref_counter_handle=ref_handle or b"",
-                ref_counter_offset=ref_offset or 0,
-                event_handle=event_handle or b"",
-                event_sync_required=bool(event_sync),
+                shape=list(tensor.shape),
+                stride=list(tensor.stride()),
+                storage_offset=tensor.storage_offset(),
+                **storage,
             )
         )
     return request
+
+
+def _share_storage(name: str, tensor: Any) -> dict:
+    """The ``CudaIpcTensor`` fields of ``tensor``'s storage (torch's CUDA IPC sharing)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    try:
+        _rebuild, args = reduce_tensor(tensor)
+    except RuntimeError as exc:  # e.g. memory from an allocator CUDA IPC cannot share
+        raise ValueError(f"weight {name!r} cannot be shared by CUDA IPC: {exc}") from None
+    handle, size, offset, _grad, ref_handle, ref_offset, event_handle, event_sync = args[7:]
+    return {
+        "storage_handle": handle or b"",
+        "storage_size_bytes": size,
+        "storage_offset_bytes": offset,
+        "ref_counter_handle": ref_handle or b"",
+        "ref_counter_offset": ref_offset or 0,
+        "event_handle": event_handle or b"",
+        "event_sync_required": bool(event_sync),
+    }
