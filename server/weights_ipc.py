@@ -288,7 +288,7 @@ def _copy_fingerprinted(dst: torch.Tensor, src: torch.Tensor, sums: torch.Tensor
     in one pass where the extension can (contiguous, 16-byte aligned), else a copy, then
     the sums of what landed."""
     fused = getattr(runner_ext, "copy_fingerprint", None)  # CUDA builds
-    if fused is not None and src.is_contiguous() and fused(dst, src, sums):
+    if fused is not None and src.is_contiguous() and dst.is_contiguous() and fused(dst, src, sums):
         return
     dst.copy_(src, non_blocking=True)
     fingerprint_into(sums, dst)

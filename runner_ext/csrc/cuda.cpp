@@ -1,5 +1,4 @@
 // CUDA backend: built only when torch was built with CUDA and nvcc is found.
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -210,10 +209,13 @@ const BackendRegistrar registrar("cuda", [](py::module_& m) {
         }
         py::gil_scoped_release no_gil;
         c10::cuda::CUDAGuard on_device(dst.device());
-        const char* why = copy_fingerprint(
-            src.data_ptr(), dst.data_ptr(), static_cast<int64_t>(dst.nbytes()),
-            sums.data_ptr<int64_t>(), at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
-            c10::cuda::getCurrentCUDAStream(dst.get_device()));
+        int sm_count = 0;
+        C10_CUDA_CHECK(
+            cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, dst.get_device()));
+        const char* why = copy_fingerprint(src.data_ptr(), dst.data_ptr(),
+                                           static_cast<int64_t>(dst.nbytes()),
+                                           sums.data_ptr<int64_t>(), sm_count,
+                                           c10::cuda::getCurrentCUDAStream(dst.get_device()));
         TORCH_CHECK(why == nullptr, "copy_fingerprint: ", why);
         return true;
       },
