@@ -32,8 +32,9 @@
 #                                        #   bench.cuda_shared_memory, into pytest-shm.log, cuda-shm.*
 #   bench/gpu_recipe.sh first            # GPU machine, after build: bench.first_request on cuda:0
 #                                        #   (first request ÷ steady p50), into first.json / first.log
-#   bench/gpu_recipe.sh weights          # GPU machine, after build: bench.weights --paths on
-#                                        #   cuda:0 (4 GiB), into weights.json / weights.txt
+#   bench/gpu_recipe.sh weights          # GPU machine, after build: bench.file_read, then
+#                                        #   bench.weights --paths on cuda:0 (4 GiB), into
+#                                        #   file_read.*, weights.json / weights.txt
 #   eval "$(bench/gpu_recipe.sh env)"    # the environment the steps use, for commands of your own
 #
 # With the device tool (the store is an ignored path, so it is carried):
@@ -237,10 +238,15 @@ cmd_bench() {
 }
 
 # Weights at device speed (issue 19): upload, file pull and GPU-direct side by side, with
-# pinned H2D and D2D copies of the same bytes (WEIGHTS_ARGS: e.g. "--gib 1 --rounds 1").
+# pinned H2D and D2D copies of the same bytes (WEIGHTS_ARGS: e.g. "--gib 1 --rounds 1"); first
+# the host side of a pull alone (bench.file_read: ways of reading a page-cached file on every
+# thread), into file_read.json / file_read.txt.
 cmd_weights() {
   enter_env
   mkdir -p "$OUT"
+  (cd "$REPO" && LD_PRELOAD=$PRELOAD PYTHONUNBUFFERED=1 timeout 150 \
+    "$PY" -m bench.file_read --gib 4 --rounds 2 --json "$OUT/file_read.json") 2>&1 | tee "$OUT/file_read.txt" ||
+    log "bench.file_read failed (see $OUT/file_read.txt); the weights bench runs anyway"
   # shellcheck disable=SC2086
   (cd "$REPO" && LD_PRELOAD=$PRELOAD PYTHONUNBUFFERED=1 ${BENCH_TIMEOUT:+timeout "$BENCH_TIMEOUT"} \
     "$PY" -m bench.weights --paths --device cuda:0 --json ${WEIGHTS_ARGS:---gib 4 --rounds 2 --clients 4}) \
