@@ -398,6 +398,52 @@ def test_the_cli_loads_and_swaps(server_factory, capsys):
     assert code == 1 and "PERMISSION_DENIED" in err
 
 
+@pytest.mark.parametrize("nbytes", [0, 3, 4, 10, 4099])
+def test_a_fingerprint_from_sums_is_the_hash_of_all_even_and_tail_sums(nbytes):
+    """The version's per-constant fingerprint: SHA-256 of the int64 sums of the 32-bit words
+    (all, even-indexed) and of the bytes past the last whole word, whichever way the sums
+    were gathered (here torch's reductions; on a GPU the fused copy, tested there)."""
+    import hashlib
+
+    import numpy as np
+
+    data = torch.randint(
+        0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(nbytes)
+    )
+    sums = torch.zeros(3, dtype=torch.int64)
+    weights_ipc.fingerprint_into(sums, data)
+    words = np.frombuffer(data.numpy().tobytes()[: nbytes - nbytes % 4], dtype="<i4").astype(
+        np.int64
+    )
+    want = np.array([words.sum(), words[::2].sum(), int(data[nbytes - nbytes % 4 :].sum())])
+    assert (
+        weights_ipc.fingerprint(sums.numpy())
+        == hashlib.sha256(b"gpu-direct\0" + want.tobytes()).digest()
+    )
+
+
+def test_views_of_one_storage_give_their_reference_back_once(monkeypatch):
+    """Tensors the client shared as one storage (same handle, counter and event) hold one
+    reference: a hand-off that did not open them gives it back once, and one per storage."""
+    released = []
+    monkeypatch.setattr(
+        torch.UntypedStorage,
+        "_release_ipc_counter_cuda",
+        lambda handle, offset: released.append((handle, offset)),
+        raising=False,
+    )
+
+    from aotiserve.server.model_types import CudaHandoff, CudaIpcTensor
+
+    def tensor(name, ref):
+        return CudaIpcTensor(name, 1, (4,), (1,), 0, b"h" + ref, 16, 0, ref, 1, b"", False)
+
+    shared = [tensor("a", b"r1"), tensor("b", b"r1"), tensor("c", b"r2"), tensor("d", b"r3")]
+    handoff = CudaHandoff("m", "host", "gpu", tuple(shared), False)
+    weights_ipc.release_unopened(handoff, opened={"d"})
+    assert released == [(b"r1", 1), (b"r2", 1)]
+
+
 def test_gpu_direct_refusals_need_no_gpu(server_factory):
     """Across hosts, or to a server without that GPU: FAILED_PRECONDITION with the reason,
     before any handle is opened; nothing served changes."""
