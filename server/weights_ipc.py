@@ -315,6 +315,29 @@ def release_unopened(request: CudaHandoff, opened: set[str]) -> None:
             )
 
 
+def _copy_to_replicas(
+    src: torch.Tensor,
+    replicas: list[torch.Tensor],
+    device: torch.device,
+    sums: torch.Tensor,
+    stream_of: Callable[[torch.device], torch.cuda.Stream | None],
+) -> None:
+    """``src`` (on ``device``) into each replica's staging tensor, on that device's side
+    stream; the copy on ``device`` adds the fingerprint into ``sums``."""
+    local = next(i for i, d in enumerate(replicas) if d.device == device)
+    for i, dst in enumerate(replicas):
+        stream = stream_of(dst.device)
+        if stream is None:  # a CPU replica beside the GPU ones
+            dst.copy_(src)
+            continue
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            if i == local:
+                _copy_fingerprinted(dst, src, sums)
+            else:
+                dst.copy_(src, non_blocking=True)
+
+
 def fill(
     staging: StagingUpload,
     request: CudaHandoff,
@@ -360,18 +383,7 @@ def fill(
                     opened_names.update(names_of[key])
                     _check_allocation(storage, t)
                 src = _view(storage, t)
-                local = next(i for i, d in enumerate(st.tensors) if d.device == device)
-                for i, dst in enumerate(st.tensors):
-                    stream = stream_of(dst.device)
-                    if stream is None:
-                        dst.copy_(src)
-                        continue
-                    stream.wait_stream(torch.cuda.current_stream(device))
-                    with torch.cuda.stream(stream):
-                        if i == local:
-                            _copy_fingerprinted(dst, src, sums[row])
-                        else:
-                            dst.copy_(src, non_blocking=True)
+                _copy_to_replicas(src, st.tensors, device, sums[row], stream_of)
                 staging.written(fqn, 0, st.info.nbytes, {})
                 if not is_active():
                     break
