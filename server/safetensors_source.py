@@ -130,11 +130,6 @@ class Entry:
         """Bytes [start, end) of this tensor, mapped until the window closes."""
         return self.shard.window(self.start + start, end - start, f"tensor {self.key!r}")
 
-    def read_into(self, offset: int, dst: memoryview) -> None:
-        """Bytes [offset, offset + len(dst)) of this tensor into ``dst``."""
-        with self.window(offset, offset + len(dst)) as window:
-            window.copy_into(0, dst)
-
 
 class SafetensorsSource:
     """The entries of a file or of a sharded folder; close it (or use ``with``)."""

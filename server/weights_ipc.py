@@ -321,16 +321,20 @@ def _copy_to_replicas(
     device: torch.device,
     sums: torch.Tensor,
     stream_of: Callable[[torch.device], torch.cuda.Stream | None],
+    wait: bool,
 ) -> None:
     """``src`` (on ``device``) into each replica's staging tensor, on that device's side
-    stream; the copy on ``device`` adds the fingerprint into ``sums``."""
+    stream; the copy on ``device`` adds the fingerprint into ``sums``. ``wait``: the side
+    streams first wait for ``device``'s current stream (where the source's storage was
+    just opened: the sender's event is waited on there)."""
     local = next(i for i, d in enumerate(replicas) if d.device == device)
     for i, dst in enumerate(replicas):
         stream = stream_of(dst.device)
         if stream is None:  # a CPU replica beside the GPU ones
             dst.copy_(src)
             continue
-        stream.wait_stream(torch.cuda.current_stream(device))
+        if wait:
+            stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             if i == local:
                 _copy_fingerprinted(dst, src, sums)
@@ -377,13 +381,14 @@ def fill(
                 t = by_name[staging.declared[fqn][1]]
                 key = _storage_key(t)
                 storage = storages.get(key)
-                if storage is None:
+                opened = storage is None
+                if opened:
                     storage = storages[key] = _open_storage(t, index)
                     # Opened: its reference goes back to the sender when it is dropped.
                     opened_names.update(names_of[key])
                     _check_allocation(storage, t)
                 src = _view(storage, t)
-                _copy_to_replicas(src, st.tensors, device, sums[row], stream_of)
+                _copy_to_replicas(src, st.tensors, device, sums[row], stream_of, opened)
                 staging.written(fqn, 0, st.info.nbytes, {})
                 if not is_active():
                     break

@@ -125,7 +125,8 @@ def test_a_file_truncated_while_mapped_is_an_error_not_sigbus(tmp_path):
             window.copy_into(4096, memoryview(dst)[4096:8192])  # still mapped: the same bytes
             assert np.array_equal(dst[:8192].view(np.int32), t[:2048].numpy())
         with pytest.raises(InvalidArgument, match="truncated or rewritten meanwhile"):
-            entry.read_into(0, memoryview(dst))
+            with entry.window(0, entry.nbytes) as window:
+                window.copy_into(0, memoryview(dst))
     fd = os.open(path, os.O_RDONLY)
     try:
         with runner_ext.FileWindow(fd, 0, 3 << 20) as raw, pytest.raises(runner_ext.FileTruncated):

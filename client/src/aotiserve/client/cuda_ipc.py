@@ -93,9 +93,10 @@ def share(
         if dtype is None:
             raise ValueError(f"weight {name!r}: dtype {tensor.dtype} cannot be sent")
         tensor = tensor.detach()
-        storage = shared.get(tensor.untyped_storage().data_ptr())
+        at = tensor.untyped_storage().data_ptr()
+        storage = shared.get(at)
         if storage is None:
-            storage = shared[tensor.untyped_storage().data_ptr()] = _share_storage(name, tensor)
+            storage = shared[at] = _share_storage(name, tensor)
         request.tensors.append(
             pb.CudaIpcTensor(
                 name=str(name),
