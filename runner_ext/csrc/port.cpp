@@ -1050,7 +1050,9 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
   // Inputs, in the model's order: Run is positional, ModelInfer names them.
   std::vector<const wire::WireTensor*> ordered(specs.size(), nullptr);
   std::vector<Span> datas(specs.size());
-  std::vector<std::string> labels(specs.size());
+  auto label = [&](size_t i) -> const std::string& {
+    return infer ? specs[i].infer_label : specs[i].run_label;
+  };
   if (infer) {
     // As in Triton, one raw_input_contents entry per input not in shared memory.
     size_t sent = 0;
@@ -1063,7 +1065,6 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
     size_t next_raw = 0;
     for (size_t i = 0; i < tensors->size(); ++i) {
       const auto& t = (*tensors)[i];
-      std::string what = "input '" + t.name + "'";
       size_t slot = specs.size();
       for (size_t s = 0; s < specs.size(); ++s) {
         if (specs[s].name == t.name) slot = s;
@@ -1071,12 +1072,12 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
       if (slot == specs.size()) {
         std::string names;
         for (size_t s = 0; s < specs.size(); ++s) names += (s ? ", " : "") + specs[s].name;
-        return done(invalid(what + ": model '" + model->name + "' has no such input (its inputs: " +
-                            names + ")"));
+        return done(invalid("input '" + t.name + "': model '" + model->name +
+                            "' has no such input (its inputs: " + names + ")"));
       }
+      const std::string& what = label(slot);
       if (ordered[slot]) return done(invalid(what + " is given twice"));
       ordered[slot] = &t;
-      labels[slot] = what;
       if (t.shared.used()) continue;  // its bytes are found below, once their size is known
       if (infer_req.raw.empty()) {
         return done(invalid(what + " carries no data (neither contents nor raw_input_contents)"));
@@ -1100,7 +1101,6 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
     for (size_t i = 0; i < specs.size(); ++i) {
       ordered[i] = &(*tensors)[i];
       datas[i] = (*tensors)[i].data;
-      labels[i] = "input " + std::to_string(i) + " ('" + specs[i].name + "')";
     }
   }
 
@@ -1131,7 +1131,7 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
   for (size_t i = 0; i < specs.size(); ++i) {
     const auto& t = *ordered[i];
     const auto& spec = specs[i];
-    const std::string& what = labels[i];
+    const std::string& what = label(i);
     const wire::DType* type = infer ? wire::by_oip(t.datatype) : wire::by_wire(t.dtype);
     if (!type) {
       if (infer && t.datatype == "BYTES") {
@@ -1166,16 +1166,18 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
         // The package's dynamic-dim guards (io_specs.check_bounds says the same).
         int64_t lo = d < spec.lower.size() ? spec.lower[d] : 0;
         int64_t hi = d < spec.upper.size() ? spec.upper[d] : -1;
-        std::string at = what + ": dimension " + std::to_string(d) + " is " + std::to_string(t.shape[d]);
+        auto at = [&] {  // the message's start, made only for a refusal
+          return what + ": dimension " + std::to_string(d) + " is " + std::to_string(t.shape[d]);
+        };
         if (t.shape[d] < lo) {
           std::string why = lo == 2 ? config_.lowerbound_hint
                                     : "the model was exported with a minimum of " +
                                           std::to_string(lo) + " for this dim";
-          return done(invalid(at + ", below the smallest size the model accepts (" +
+          return done(invalid(at() + ", below the smallest size the model accepts (" +
                               std::to_string(lo) + "; shape " + spec.bounds_text + "); " + why));
         }
         if (hi >= 0 && t.shape[d] > hi) {
-          return done(invalid(at + ", above the largest size the model accepts (" +
+          return done(invalid(at() + ", above the largest size the model accepts (" +
                               std::to_string(hi) + "; shape " + spec.bounds_text +
                               "); split the request or recompile the model with a larger "
                               "maximum for this Dim"));
@@ -1252,7 +1254,7 @@ grpc::Status Port::serve(const Caller& caller, const grpc::ByteBuffer* raw,
     std::string parts;
     for (const auto& [i, d] : group) {
       if (!in_range(i, d)) continue;
-      parts += (parts.empty() ? "" : ", ") + labels[size_t(i)] + " dimension " +
+      parts += (parts.empty() ? "" : ", ") + label(size_t(i)) + " dimension " +
                std::to_string(d) + " is " + std::to_string(inputs[size_t(i)].size(d));
     }
     return done(invalid("model '" + model->name +

@@ -55,6 +55,9 @@ struct InputSpec {
   std::vector<int64_t> lower;          // smallest size of each dimension (empty: none)
   std::vector<int64_t> upper;          // largest (-1: none; empty: none)
   std::string bounds_text;             // "[2..1024, 64]", for messages
+  // How messages name it, made once: "input 0 ('x')" for Run, "input 'x'" for ModelInfer.
+  std::string run_label;
+  std::string infer_label;
 };
 
 struct DevicePoolState {

@@ -194,6 +194,9 @@ void bind_port(py::module_& m) {
               spec.lower = lower;
               spec.upper = upper;
               spec.bounds_text = bounds;
+              spec.run_label =
+                  "input " + std::to_string(model->inputs.size()) + " ('" + spec.name + "')";
+              spec.infer_label = "input '" + spec.name + "'";
               model->inputs.push_back(std::move(spec));
             }
             model->outputs = outputs;
