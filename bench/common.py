@@ -118,11 +118,12 @@ def machine_info() -> dict:
     return info
 
 
-def packages(names) -> dict[str, Path]:
+def packages(names, device: str = "cpu") -> dict[str, Path]:
+    """The zoo's packages ``names``, compiled for ``device`` ("cpu", "cuda") on a cache miss."""
     sys.path.insert(0, str(REPO / "tests"))
     import model_zoo  # noqa: E402  (the test zoo is the bench's zoo too)
 
-    return {n: model_zoo.compiled(n) for n in names}
+    return {n: model_zoo.compiled(n, device=device) for n in names}
 
 
 def run_request(model: str, shapes: list[list[int]]) -> bytes:

@@ -231,7 +231,7 @@ def _threads(pid: int) -> list[int]:
         return []
 
 
-def _set_affinity(pids: list[int], cpus: set[int]) -> None:
+def set_affinity(pids: list[int], cpus: set[int]) -> None:
     """Every thread of ``pids`` onto ``cpus`` (threads made later inherit it from their
     maker); a thread that has gone meanwhile is skipped."""
     for pid in pids:
@@ -252,13 +252,13 @@ def sequential_split(call: Callable[[], None], n: int, warmup: int, server_pids:
     cpus = sorted(everything)
     if len(cpus) < 2 or not server_pids:
         return None
-    _set_affinity(server_pids, set(cpus[:-1]))
-    _set_affinity([os.getpid()], {cpus[-1]})
+    set_affinity(server_pids, set(cpus[:-1]))
+    set_affinity([os.getpid()], {cpus[-1]})
     try:
         return sequential(call, n, warmup)
     finally:
-        _set_affinity([os.getpid()], everything)
-        _set_affinity(server_pids, everything)
+        set_affinity([os.getpid()], everything)
+        set_affinity(server_pids, everything)
 
 
 def _worker_loop(call: Callable[[], None], start: float, end: float, out: dict) -> None:

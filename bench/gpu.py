@@ -61,11 +61,10 @@ def _p(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def in_process(
-    package: Path, device: str, shape: list[int], n: int, threads: int, seconds: float, runners: int
-) -> dict:
-    """``run()`` on ``device`` in this process: sequential latency, then ``threads`` threads
-    calling back to back for ``seconds`` (latency of every call, and calls/s)."""
+def inproc_call(package: Path, device: str, shape: list[int], runners: int):
+    """(call, model): one ``run()`` on ``device`` in this process per call, host array in and
+    out (the transfers the daemon makes per request), each thread on a stream of its own;
+    close the model when done."""
     import torch
 
     from aotiserve.runner_ext import load_model
@@ -86,6 +85,15 @@ def in_process(
             out = model.runner.run([inp], local.stream.cuda_stream)
             out[0].cpu().numpy()
 
+    return call, model
+
+
+def in_process(
+    package: Path, device: str, shape: list[int], n: int, threads: int, seconds: float, runners: int
+) -> dict:
+    """``run()`` on ``device`` in this process: sequential latency, then ``threads`` threads
+    calling back to back for ``seconds`` (latency of every call, and calls/s)."""
+    call, model = inproc_call(package, device, shape, runners)
     for _ in range(min(200, max(20, n // 5))):
         call()
     lat = []

@@ -32,6 +32,8 @@
 #                                        #   bench.cuda_shared_memory, into pytest-shm.log, cuda-shm.*
 #   bench/gpu_recipe.sh first            # GPU machine, after build: bench.first_request on cuda:0
 #                                        #   (first request ÷ steady p50), into first.json / first.log
+#   bench/gpu_recipe.sh cost             # GPU machine, after build: bench.hot_path_cost on cuda:0
+#                                        #   (tiny Run vs the C++ echo, the port's own time), cost.*
 #   bench/gpu_recipe.sh weights          # GPU machine, after build: bench.file_read, then
 #                                        #   bench.weights --paths on cuda:0 (4 GiB), into
 #                                        #   file_read.*, weights.json / weights.txt
@@ -267,6 +269,17 @@ cmd_shm() {
     "$PY" -m bench.cuda_shared_memory --json "$OUT/cuda-shm.json" ${SHM_ARGS:-}) 2>&1 | tee "$OUT/cuda-shm.log"
 }
 
+# Where a tiny CUDA Run's time goes against the C++ echo floor (issue 16): bench.hot_path_cost
+# on cuda:0, into cost.json / cost.log.
+cmd_cost() {
+  enter_env
+  mkdir -p "$OUT"
+  # shellcheck disable=SC2086
+  (cd "$REPO" && LD_PRELOAD=$PRELOAD PYTHONUNBUFFERED=1 ${BENCH_TIMEOUT:+timeout "$BENCH_TIMEOUT"} \
+    "$PY" -m bench.hot_path_cost --device cuda:0 --json "$OUT/cost.json" ${COST_ARGS:-}) 2>&1 |
+    tee "$OUT/cost.log"
+}
+
 # First-request latency with and without warm-up against the steady p50 (issue 18).
 cmd_first() {
   enter_env
@@ -313,9 +326,9 @@ main() {
   local step
   for step in "$@"; do
     case "$step" in
-      prepare | unpack | env | check | build | test | bench | weights | shm | first | all) "cmd_$step" ;;
+      prepare | unpack | env | check | build | test | bench | weights | shm | first | cost | all) "cmd_$step" ;;
       -h | --help | help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' ;;
-      *) die "unknown step '$step' (prepare, check, env, build, bench, weights, shm, first, test, all)" ;;
+      *) die "unknown step '$step' (prepare, check, env, build, bench, weights, shm, first, cost, test, all)" ;;
     esac
   done
 }

@@ -90,3 +90,23 @@ def test_report_renders(bench_results):
     assert "bare gRPC C++ echo (floor)" in markdown
     assert "bare grpcio echo (floor)" in markdown
     assert "Acceptance ratios (issue 16)" in markdown
+
+
+def test_hot_path_cost_accounts_for_a_run(tmp_path):
+    out = tmp_path / "cost.json"
+    cmd = [sys.executable, "-m", "bench.hot_path_cost", "--blocks", "2", "--block", "20"]
+    proc = subprocess.run(
+        [*cmd, "--warmup", "20", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert all(_positive(res["p50_us"][k]) for k in ("echo_cpp", "run", "inproc"))
+    assert _positive(res["run_over_echo_cpp"])
+    # The daemon's own account covers exactly the calls made: its parts are all there.
+    assert {"success", "compute_infer", "compute_input", "compute_output"} <= set(res["port_us"])
+    assert res["port_us"]["compute_infer"] < res["port_us"]["success"]
+    assert "outside the port" in proc.stdout
