@@ -231,12 +231,20 @@ cmd_test() {
     "$PY" -m pytest -q -m cuda -p no:cacheprovider ${PYTEST_ARGS:-} "${files[@]}") 2>&1 | tee "$OUT/pytest-cuda.log"
 }
 
-cmd_bench() {
+# bench_step LOG MODULE [ARG...]: `python3 -m MODULE ARG...` from the checkout, in the recipe's
+# environment with the libstdc++ preload, within BENCH_TIMEOUT if set; its output into OUT/LOG.
+bench_step() {
+  local log=$1
+  shift
   enter_env
   mkdir -p "$OUT"
-  # shellcheck disable=SC2086
   (cd "$REPO" && LD_PRELOAD=$PRELOAD PYTHONUNBUFFERED=1 ${BENCH_TIMEOUT:+timeout "$BENCH_TIMEOUT"} \
-    "$PY" -m bench.gpu --json "$OUT/gpu.json" ${BENCH_ARGS:-}) 2>&1 | tee "$OUT/gpu.log"
+    "$PY" -m "$@") 2>&1 | tee "$OUT/$log"
+}
+
+cmd_bench() {
+  # shellcheck disable=SC2086
+  bench_step gpu.log bench.gpu --json "$OUT/gpu.json" ${BENCH_ARGS:-}
 }
 
 # Weights at device speed (issue 19): upload, file pull and GPU-direct side by side, with
@@ -265,29 +273,20 @@ cmd_shm() {
     tests/test_cuda_shared_memory.py tests/test_oip_shared_memory.py tests/test_shared_memory_units.py) \
     2>&1 | tee "$OUT/pytest-shm.log"
   # shellcheck disable=SC2086
-  (cd "$REPO" && LD_PRELOAD=$PRELOAD PYTHONUNBUFFERED=1 ${BENCH_TIMEOUT:+timeout "$BENCH_TIMEOUT"} \
-    "$PY" -m bench.cuda_shared_memory --json "$OUT/cuda-shm.json" ${SHM_ARGS:-}) 2>&1 | tee "$OUT/cuda-shm.log"
+  bench_step cuda-shm.log bench.cuda_shared_memory --json "$OUT/cuda-shm.json" ${SHM_ARGS:-}
 }
 
 # Where a tiny CUDA Run's time goes against the C++ echo floor (issue 16): bench.hot_path_cost
 # on cuda:0, into cost.json / cost.log.
 cmd_cost() {
-  enter_env
-  mkdir -p "$OUT"
   # shellcheck disable=SC2086
-  (cd "$REPO" && LD_PRELOAD=$PRELOAD PYTHONUNBUFFERED=1 ${BENCH_TIMEOUT:+timeout "$BENCH_TIMEOUT"} \
-    "$PY" -m bench.hot_path_cost --device cuda:0 --json "$OUT/cost.json" ${COST_ARGS:-}) 2>&1 |
-    tee "$OUT/cost.log"
+  bench_step cost.log bench.hot_path_cost --device cuda:0 --json "$OUT/cost.json" ${COST_ARGS:-}
 }
 
 # First-request latency with and without warm-up against the steady p50 (issue 18).
 cmd_first() {
-  enter_env
-  mkdir -p "$OUT"
   # shellcheck disable=SC2086
-  (cd "$REPO" && LD_PRELOAD=$PRELOAD PYTHONUNBUFFERED=1 ${BENCH_TIMEOUT:+timeout "$BENCH_TIMEOUT"} \
-    "$PY" -m bench.first_request --device cuda:0 --json "$OUT/first.json" ${FIRST_ARGS:-}) 2>&1 |
-    tee "$OUT/first.log"
+  bench_step first.log bench.first_request --device cuda:0 --json "$OUT/first.json" ${FIRST_ARGS:-}
 }
 
 cmd_all() {
