@@ -13,6 +13,10 @@
 //   g++ -O2 -std=c++17 echo_server.cc -o echo_server $(pkg-config --cflags --libs grpc++)
 // Writes {"port": N, "pid": P} to --ready-file once serving; SIGTERM/SIGINT stop it.
 //
+// --trailer KEY=VALUE adds that trailing metadata to every reply, as the daemon adds its
+// aotiserve-weights-version trailer to every Run (bench/hot_path_cost.py: what the trailer
+// costs gRPC and the client).
+//
 // --control none|callback|async (default none) registers, beside the echo, an idle generic
 // service as the daemon could serve its control RPCs: gRPC's callback API, or the async API
 // on a non-listening completion queue drained by --control-threads threads (the daemon's
@@ -46,13 +50,19 @@ namespace {
 
 class EchoService : public grpc::Service {
  public:
-  explicit EchoService(grpc::Slice reply) : reply_(std::move(reply)) {
+  EchoService(grpc::Slice reply, std::string trailer_key, std::string trailer_value)
+      : reply_(std::move(reply)),
+        trailer_key_(std::move(trailer_key)),
+        trailer_value_(std::move(trailer_value)) {
     AddMethod(new grpc::internal::RpcServiceMethod(
         "/bench.Echo/Echo", grpc::internal::RpcMethod::NORMAL_RPC,
         new grpc::internal::RpcMethodHandler<EchoService, grpc::ByteBuffer, grpc::ByteBuffer>(
-            [](EchoService* self, grpc::ServerContext*, const grpc::ByteBuffer*,
+            [](EchoService* self, grpc::ServerContext* ctx, const grpc::ByteBuffer*,
                grpc::ByteBuffer* resp) {
               *resp = grpc::ByteBuffer(&self->reply_, 1);
+              if (!self->trailer_key_.empty()) {
+                ctx->AddTrailingMetadata(self->trailer_key_, self->trailer_value_);
+              }
               return grpc::Status::OK;
             },
             this)));
@@ -60,13 +70,15 @@ class EchoService : public grpc::Service {
 
  private:
   grpc::Slice reply_;
+  std::string trailer_key_, trailer_value_;  // empty key: no trailer
 };
 
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "echo_server: %s\nusage: echo_server --ready-file PATH (--reply-file PATH | "
                "--resp-size N) [--workers N] [--max-threads N] [--max-msg BYTES]\n"
-               "                   [--control none|callback|async] [--control-threads N]\n",
+               "                   [--control none|callback|async] [--control-threads N]\n"
+               "                   [--trailer KEY=VALUE]\n",
                why);
   std::exit(2);
 }
@@ -77,7 +89,7 @@ int main(int argc, char** argv) {
   std::string ready_file, reply_file;
   long resp_size = -1, max_msg = 160L << 20;
   int workers = 32, max_threads = 1024, control_threads = 1;
-  std::string control = "none";
+  std::string control = "none", trailer;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (i + 1 >= argc) usage(("missing value for " + a).c_str());
@@ -90,6 +102,7 @@ int main(int argc, char** argv) {
     else if (a == "--max-msg") max_msg = std::atol(v);
     else if (a == "--control") control = v;
     else if (a == "--control-threads") control_threads = std::atoi(v);
+    else if (a == "--trailer") trailer = v;
     else usage(("unknown argument " + a).c_str());
   }
   if (ready_file.empty()) usage("--ready-file is required");
@@ -115,7 +128,10 @@ int main(int argc, char** argv) {
   // As the port does (port.cpp): abseil's deadlock detection, on in Debian's build, off.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 
-  EchoService service{grpc::Slice(reply)};
+  size_t eq = trailer.find('=');
+  if (!trailer.empty() && (eq == std::string::npos || eq == 0)) usage("--trailer takes KEY=VALUE");
+  EchoService service{grpc::Slice(reply), trailer.substr(0, eq == std::string::npos ? 0 : eq),
+                      eq == std::string::npos ? "" : trailer.substr(eq + 1)};
   int port = 0;
   grpc::ServerBuilder b;
   b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);

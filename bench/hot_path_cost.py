@@ -1,17 +1,20 @@
 """Where a tiny Run's time goes, against the gRPC C++ echo floor (issue 16's p50 ratio).
 
-One daemon serving the zoo's ``mlp`` and the C++ echo floor (bench/echo_server.cc) answering
-the very bytes the daemon answers; one client (this process, grpcio and the generated protobuf
-classes, as ``make bench``). Sequential calls in blocks of ``--block``, echo and Run taking
-turns block by block for ``--blocks`` each, so both see the same machine: a VM's speed drifts
-over seconds, more than the difference measured. Both servers run on the first cores, the
-client on the last (as ``make bench`` measures the tiny p50); with one core they share it.
+One daemon serving the zoo's ``mlp``, the C++ echo floor (bench/echo_server.cc) answering the
+very bytes the daemon answers, and the same echo adding the daemon's
+``aotiserve-weights-version`` trailer to each reply; one client (this process, grpcio and the
+generated protobuf classes, as ``make bench``). Sequential calls in blocks of ``--block``, the
+systems taking turns block by block for ``--blocks`` each, so all see the same machine: a VM's
+speed drifts over seconds, more than the differences measured. The servers run on the first
+cores, the client on the last (as ``make bench`` measures the tiny p50); with one core they
+share it.
 
-Printed: both p50s over every call, their ratio and the median of the per-block-pair ratios,
-the model's own run in this process (``runner.run``, hot), and the daemon's own account of a
-Run (OIP ModelStatistics over the same calls: its whole time in the port, the run, decoding
-and encoding) beside what lies outside it (Run p50 − echo p50 − the port's time: gRPC's work
-for what the echo does not have, such as the weights-version trailer, and the client's).
+Printed: the p50s over every call, Run ÷ echo and the median of the per-block-pair ratios, the
+model's own run in this process (hot), and Run − echo split into what the trailer costs gRPC
+and the client (echo with it − echo), the daemon's own account of a Run (OIP ModelStatistics
+over the same calls: its whole time in the port, the run, decoding and encoding), and the rest
+(gRPC's and the client's other work that the echo does not have, in a process that also holds
+torch and the model).
 
     python -m bench.hot_path_cost [--device cuda:0] [--blocks 40] [--block 100] [--json OUT]
 
@@ -27,6 +30,8 @@ import os
 import statistics
 import time
 from pathlib import Path
+
+from aotiserve.client.channel import WEIGHTS_VERSION_TRAILER
 
 from . import driver, procs
 from .common import (
@@ -45,30 +50,42 @@ def _p50(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def _trailer(reply: bytes) -> str:
+    """The weights-version trailer the daemon sends with ``reply``, as KEY=VALUE."""
+    from aotiserve.v1 import model_runner_pb2 as pb
+
+    return f"{WEIGHTS_VERSION_TRAILER}={pb.RunResponse.FromString(reply).weights_version}"
+
+
 def measure(device: str, blocks: int, block: int, warmup: int) -> dict:
     cuda = device.startswith("cuda")
     pkg = packages(["mlp"], device="cuda" if cuda else "cpu")["mlp"]
     work = procs.tmpdir("hot-path-cost-")
-    daemon = procs.start_aotiserve(
-        work / "aotiserve",
-        {"mlp": pkg},
-        env={"OMP_NUM_THREADS": "1"},
-        extra_args=["--devices", device] if cuda else None,
-    )
-    try:
-        reply = run_reply(daemon.target, "mlp", TINY_SHAPES, TINY_OUT)
-        echo = procs.start_echo(work / "echo_cpp", reply, cpp=True)
-    except Exception:
-        daemon.stop()
-        raise
-    servers = {"echo_cpp": echo, "run": daemon}
-    base = {"model": "mlp", "input_shapes": TINY_SHAPES}
-    inproc, model = inproc_call(pkg, device, TINY_SHAPES[0], 1)
-    calls = {
-        "echo_cpp": driver.make_call(base | {"kind": "echo", "target": echo.target}),
-        "run": driver.make_call(base | {"kind": "run", "target": daemon.target}),
-        "inproc": inproc,
+    servers = {
+        "run": procs.start_aotiserve(
+            work / "aotiserve",
+            {"mlp": pkg},
+            env={"OMP_NUM_THREADS": "1"},
+            extra_args=["--devices", device] if cuda else None,
+        )
     }
+    try:
+        reply = run_reply(servers["run"].target, "mlp", TINY_SHAPES, TINY_OUT)
+        for key, extra in (("echo_cpp", []), ("echo_cpp_trailer", ["--trailer", _trailer(reply)])):
+            servers[key] = procs.start_echo(work / key, reply, cpp=True, extra_args=extra)
+        inproc, model = inproc_call(pkg, device, TINY_SHAPES[0], 1)
+    except Exception:
+        for s in servers.values():
+            s.stop()
+        raise
+    base = {"model": "mlp", "input_shapes": TINY_SHAPES}
+    calls = {
+        key: driver.make_call(
+            base | {"kind": "run" if key == "run" else "echo", "target": s.target}
+        )
+        for key, s in servers.items()
+    }
+    calls["inproc"] = inproc
     cpus = sorted(os.sched_getaffinity(0))
     split = len(cpus) >= 2
     try:
@@ -79,13 +96,13 @@ def measure(device: str, blocks: int, block: int, warmup: int) -> dict:
         for call in calls.values():
             for _ in range(warmup):
                 call()
-        before = server_times(daemon.target, "mlp")
+        before = server_times(servers["run"].target, "mlp")
         lat: dict[str, list[float]] = {k: [] for k in calls}
         pairs: list[float] = []
         clock = time.perf_counter_ns
         for b in range(blocks):
-            # Alternate which goes first, so neither always follows the other.
-            order = ("echo_cpp", "run", "inproc") if b % 2 == 0 else ("run", "echo_cpp", "inproc")
+            # Forwards, then backwards: no system always follows the same one.
+            order = list(calls) if b % 2 == 0 else list(calls)[::-1]
             block_p50 = {}
             for key in order:
                 call = calls[key]
@@ -99,7 +116,7 @@ def measure(device: str, blocks: int, block: int, warmup: int) -> dict:
                 lat[key] += mine
                 block_p50[key] = _p50(mine)
             pairs.append(block_p50["run"] / block_p50["echo_cpp"])
-        port = server_us_per_request(before, server_times(daemon.target, "mlp"))
+        port = server_us_per_request(before, server_times(servers["run"].target, "mlp"))
     finally:
         if split:
             driver.set_affinity([os.getpid()], set(cpus))
@@ -108,6 +125,7 @@ def measure(device: str, blocks: int, block: int, warmup: int) -> dict:
         model.close()
     p50 = {k: round(_p50(v), 1) for k, v in lat.items()}
     gap = p50["run"] - p50["echo_cpp"]
+    trailer = p50["echo_cpp_trailer"] - p50["echo_cpp"]
     return {
         "machine": machine_info(),
         "settings": {
@@ -121,8 +139,9 @@ def measure(device: str, blocks: int, block: int, warmup: int) -> dict:
         "run_over_echo_cpp": round(p50["run"] / p50["echo_cpp"], 3),
         "run_over_echo_cpp_block_median": round(_p50(pairs), 3),
         "run_minus_echo_cpp_us": round(gap, 1),
+        "trailer_us": round(trailer, 1),  # the same echo with the daemon's trailer, minus it
         "port_us": port,  # the daemon's mean per Run: success = its whole time in the port
-        "outside_port_us": round(gap - port.get("success", 0.0), 1),
+        "rest_us": round(gap - trailer - port.get("success", 0.0), 1),
     }
 
 
@@ -141,19 +160,20 @@ def main(argv: list[str] | None = None) -> int:
         "each, taking turns:"
     )
     print(
-        f"  p50 µs: gRPC C++ echo {p['echo_cpp']}, aotiserve Run {p['run']}, "
-        f"in-process run {p['inproc']}"
+        f"  p50 µs: gRPC C++ echo {p['echo_cpp']}, the echo with the weights-version trailer "
+        f"{p['echo_cpp_trailer']}, aotiserve Run {p['run']}, in-process run {p['inproc']}"
     )
     print(
         f"  Run ÷ echo: {out['run_over_echo_cpp']} (median of block pairs "
-        f"{out['run_over_echo_cpp_block_median']}); Run − echo {out['run_minus_echo_cpp_us']} µs"
+        f"{out['run_over_echo_cpp_block_median']}); Run − echo {out['run_minus_echo_cpp_us']} µs:"
     )
+    print(f"    the trailer (echo with it − echo): {out['trailer_us']} µs")
     print(
-        f"  the port's own time per Run (mean, µs): {port.get('success')} — run "
+        f"    the port's own time per Run (mean): {port.get('success')} µs — run "
         f"{port.get('compute_infer')}, decode {port.get('compute_input')}, encode "
         f"{port.get('compute_output')}, queue {port.get('queue')}"
     )
-    print(f"  outside the port: {out['outside_port_us']} µs")
+    print(f"    the rest: {out['rest_us']} µs")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
     return 0

@@ -104,9 +104,11 @@ def test_hot_path_cost_accounts_for_a_run(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert all(_positive(res["p50_us"][k]) for k in ("echo_cpp", "run", "inproc"))
+    systems = ("echo_cpp", "echo_cpp_trailer", "run", "inproc")
+    assert all(_positive(res["p50_us"][k]) for k in systems)
     assert _positive(res["run_over_echo_cpp"])
     # The daemon's own account covers exactly the calls made: its parts are all there.
     assert {"success", "compute_infer", "compute_input", "compute_output"} <= set(res["port_us"])
     assert res["port_us"]["compute_infer"] < res["port_us"]["success"]
-    assert "outside the port" in proc.stdout
+    assert "the trailer (echo with it − echo)" in proc.stdout
+    assert isinstance(res["trailer_us"], float) and isinstance(res["rest_us"], float)
