@@ -22,6 +22,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import threading
 import time
@@ -261,6 +262,70 @@ def sequential_split(call: Callable[[], None], n: int, warmup: int, server_pids:
         set_affinity(server_pids, everything)
 
 
+# Untimed calls a system makes at the start of each of its blocks: back on its own code and
+# data after the others' turns.
+SETTLE_CALLS = 5
+
+
+def take_turns(
+    calls: dict[str, Callable[[], None]], n: int, block: int
+) -> tuple[dict[str, list[float]], list[dict[str, float]]]:
+    """Sequential calls of several systems side by side: each makes ``n`` timed calls in blocks
+    of ``block`` (after :data:`SETTLE_CALLS` untimed ones), the systems taking turns block by
+    block (forwards, then backwards), so that a machine whose speed drifts over seconds (a
+    shared VM) weighs on every system alike. Returns each system's latencies (µs) and, per
+    round of turns, each system's p50 in it."""
+    lat: dict[str, list[float]] = {name: [] for name in calls}
+    blocks: list[dict[str, float]] = []
+    clock = time.perf_counter_ns
+    for b in range(-(-n // block)):
+        p50s = {}
+        for name in list(calls) if b % 2 == 0 else list(calls)[::-1]:
+            call, mine = calls[name], []
+            for _ in range(SETTLE_CALLS):
+                call()
+            for _ in range(min(block, n - len(lat[name]))):
+                t0 = clock()
+                call()
+                mine.append((clock() - t0) / 1e3)
+            lat[name] += mine
+            p50s[name] = statistics.median(mine)
+        blocks.append(p50s)
+    CALLS[0] += len(calls) * (n + SETTLE_CALLS * len(blocks))
+    return lat, blocks
+
+
+def interleaved(cfgs: dict[str, dict], n: int, block: int, warmup: int, server_pids: list[int]):
+    """:func:`take_turns` for the systems of ``cfgs``, after ``warmup`` calls each. With 2+
+    CPUs, first placed as :func:`sequential_split` places one system (the servers,
+    ``server_pids``, on the first cores, this process on the last): ``sequential``; then
+    placed by the kernel: ``sequential_shared``. With one CPU only the latter, as
+    ``sequential``."""
+    calls = {name: make_call(cfg) for name, cfg in cfgs.items()}
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    CALLS[0] += warmup * len(calls)
+    everything = os.sched_getaffinity(0)
+    cpus = sorted(everything)
+    split = len(cpus) >= 2 and bool(server_pids)
+    out: dict[str, dict] = {name: {} for name in calls}
+    for key in ("sequential", "sequential_shared") if split else ("sequential",):
+        pinned = key == "sequential" and split
+        if pinned:
+            set_affinity(server_pids, set(cpus[:-1]))
+            set_affinity([os.getpid()], {cpus[-1]})
+        try:
+            lat, _ = take_turns(calls, n, block)
+        finally:
+            if pinned:
+                set_affinity([os.getpid()], everything)
+                set_affinity(server_pids, everything)
+        for name, mine in lat.items():
+            out[name][key] = summarize(mine)
+    return out
+
+
 def _worker_loop(call: Callable[[], None], start: float, end: float, out: dict) -> None:
     """Calls back to back; counts those that complete inside [start, end)."""
     clock = time.perf_counter
@@ -390,6 +455,11 @@ def throughput(cfg: dict, concurrency: int, duration: float, mode: str, warm: fl
 
 
 def run(cfg: dict) -> dict:
+    if cfg["kind"] == "interleaved":
+        systems = interleaved(
+            cfg["systems"], cfg["seq_n"], cfg["block"], cfg["warmup"], cfg.get("server_pids", [])
+        )
+        return {"kind": "interleaved", "systems": systems, "calls_total": CALLS[0]}
     result: dict = {"kind": cfg["kind"], "pid": os.getpid()}
     call = make_call(cfg)  # imports done before the CPU clock starts
     cpu0 = _cpu_self()

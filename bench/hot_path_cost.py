@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 from aotiserve.client.channel import WEIGHTS_VERSION_TRAILER
@@ -97,25 +96,7 @@ def measure(device: str, blocks: int, block: int, warmup: int) -> dict:
             for _ in range(warmup):
                 call()
         before = server_times(servers["run"].target, "mlp")
-        lat: dict[str, list[float]] = {k: [] for k in calls}
-        pairs: list[float] = []
-        clock = time.perf_counter_ns
-        for b in range(blocks):
-            # Forwards, then backwards: no system always follows the same one.
-            order = list(calls) if b % 2 == 0 else list(calls)[::-1]
-            block_p50 = {}
-            for key in order:
-                call = calls[key]
-                for _ in range(5):  # back on this system's code and data
-                    call()
-                mine = []
-                for _ in range(block):
-                    t0 = clock()
-                    call()
-                    mine.append((clock() - t0) / 1e3)
-                lat[key] += mine
-                block_p50[key] = _p50(mine)
-            pairs.append(block_p50["run"] / block_p50["echo_cpp"])
+        lat, blocks_p50 = driver.take_turns(calls, blocks * block, block)
         port = server_us_per_request(before, server_times(servers["run"].target, "mlp"))
     finally:
         if split:
@@ -124,6 +105,7 @@ def measure(device: str, blocks: int, block: int, warmup: int) -> dict:
             s.stop()
         model.close()
     p50 = {k: round(_p50(v), 1) for k, v in lat.items()}
+    pairs = [b["run"] / b["echo_cpp"] for b in blocks_p50]
     gap = p50["run"] - p50["echo_cpp"]
     trailer = p50["echo_cpp_trailer"] - p50["echo_cpp"]
     return {

@@ -270,7 +270,14 @@ def markdown(results: dict, json_path: Path, plot_paths: list[Path], docs_dir: P
         f"over {settings.get('rounds')} round(s); each figure is the median over rounds. Sequential latency: "
         f"{settings.get('seq_n')} calls after {settings.get('warmup')} warm-up calls, one client"
         + (
-            ", with the client process on one CPU and the server's process tree on the others (as with "
+            f", every system's calls in one client process, the systems taking turns in blocks of "
+            f"{settings['seq_block']} calls (forwards, then backwards) so that drift in this machine's "
+            "speed weighs on all alike"
+            if settings.get("seq_block")
+            else ""
+        )
+        + (
+            ", with the client process on one CPU and the servers' process trees on the others (as with "
             "a client on another machine; `sched_setaffinity`, given back afterwards); the same calls "
             "sharing the cores as the kernel places them are the *p50 µs sharing cores* column: there a "
             "woken server thread runs on the client's core or on the other one as it goes, and the "

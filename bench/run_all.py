@@ -207,6 +207,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if a.quick:
         a.rounds = 1
         a.seq_n, a.warmup, a.duration = 100, 20, 0.3
+        a.seq_block = 20
         a.large_n, a.compute_seq_n, a.compute_alternations = 2, 5, 1
     else:
         a.seq_n, a.warmup, a.duration = (
@@ -214,6 +215,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             max(20, int(200 * sc)),
             max(0.3, 2.0 * sc),
         )
+        a.seq_block = max(10, a.seq_n // 10)  # 10 turns of each system per round
         a.large_n, a.compute_seq_n = max(2, int(10 * sc)), max(5, int(30 * sc))
         a.compute_alternations = (
             3  # 1, 2, 1, 2, 1, 2 clients: drift in others' load hits both alike

@@ -3,7 +3,9 @@
 In-process extension call, the two echo floors (gRPC C++ and grpcio, answering the
 bytes aotiserve answers), aotiserve's Run, OIP ModelInfer and aotiserve.client, KServe
 and PyTriton; all up together, measured for ``--rounds`` rounds; figures are medians
-over rounds (:func:`summarize`). Memory at rest and under load comes with it.
+over rounds (:func:`summarize`). In each round the sequential latency of every system is
+measured first, the systems taking turns in blocks of calls (:func:`sequential_turns`), then
+each system's throughput in turn. Memory at rest and under load comes with it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +28,7 @@ from .common import (
     TINY_SHAPES,
     cpu_seconds,
     median_of,
+    run_driver,
     run_reply,
     run_request,
 )
@@ -102,6 +106,23 @@ def driver_cfg(bench: Bench, system: str, pkgs: dict[str, Path]) -> dict:
     return cfg
 
 
+def sequential_turns(bench: Bench, systems: list[str], pkgs: dict[str, Path]) -> dict[str, dict]:
+    """Every system's sequential latency, measured side by side (driver.interleaved: blocks
+    of calls, the systems taking turns): ``sequential`` and ``sequential_shared`` per system."""
+    a = bench.args
+    cfgs = {s: driver_cfg(bench, s, pkgs) for s in systems}
+    pids = sorted({p for c in cfgs.values() for p in c.pop("server_pids", [])})
+    cfg = {
+        "kind": "interleaved",
+        "systems": cfgs,
+        "seq_n": a.seq_n,
+        "block": a.seq_block,
+        "warmup": a.warmup,
+        "server_pids": pids,
+    }
+    return run_driver(sys.executable, cfg)["systems"]
+
+
 def run(bench: Bench, pkgs: dict[str, Path]) -> None:
     systems = start_servers(bench, bench.args.systems, pkgs)
     mem: dict[str, dict] = {}
@@ -120,12 +141,18 @@ def run(bench: Bench, pkgs: dict[str, Path]) -> None:
     rounds = []
     for r in range(bench.args.rounds):
         this: dict[str, dict] = {}
+        log.info("round %d/%d: sequential latency, taking turns", r + 1, bench.args.rounds)
+        try:
+            seq = sequential_turns(bench, systems, pkgs)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            bench.note(f"sequential latency, round {r + 1}: {exc}")
+            seq = {}
         for system in systems:
-            cfg = driver_cfg(bench, system, pkgs)
+            cfg = driver_cfg(bench, system, pkgs) | {"seq_n": 0}  # sequential: above
             server = bench.server_of(system)
             log.info("round %d/%d: %s", r + 1, bench.args.rounds, system)
             try:
-                out = bench.measure(system, server, cfg)
+                out = bench.measure(system, server, cfg) | seq.get(system, {})
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 bench.note(f"{LABELS[system]} round {r + 1}: {exc}")
                 continue
