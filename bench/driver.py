@@ -241,25 +241,33 @@ def set_affinity(pids: list[int], cpus: set[int]) -> None:
                 os.sched_setaffinity(tid, cpus)
 
 
-def sequential_split(call: Callable[[], None], n: int, warmup: int, server_pids: list[int]):
-    """:func:`sequential` with the client and the server on separate cores, as they are when
-    the client is another machine: the client on the last CPU this process may use, the
-    server's process tree on the others; None with fewer than 2 CPUs or no server. Sharing
-    two cores, the kernel puts a woken server thread on the client's core or on the other
-    one as it goes, and the figure follows that placement more than the server's work (the
-    tiny Run: 104 µs split, 198 µs on one core; the C++ echo 86 and 104). Everything's
-    affinity is given back afterwards."""
+@contextlib.contextmanager
+def split_cores(server_pids: list[int]):
+    """Within it, every thread of ``server_pids`` on the first CPUs this process may use and
+    this process on the last, as when the client is another machine; yields whether that
+    could be done (2+ CPUs and servers given), and gives every affinity back afterwards."""
     everything = os.sched_getaffinity(0)
     cpus = sorted(everything)
     if len(cpus) < 2 or not server_pids:
-        return None
+        yield False
+        return
     set_affinity(server_pids, set(cpus[:-1]))
     set_affinity([os.getpid()], {cpus[-1]})
     try:
-        return sequential(call, n, warmup)
+        yield True
     finally:
         set_affinity([os.getpid()], everything)
         set_affinity(server_pids, everything)
+
+
+def sequential_split(call: Callable[[], None], n: int, warmup: int, server_pids: list[int]):
+    """:func:`sequential` with the client and the server on separate cores (:func:`split_cores`);
+    None with fewer than 2 CPUs or no server. Sharing two cores, the kernel puts a woken
+    server thread on the client's core or on the other one as it goes, and the figure follows
+    that placement more than the server's work (the tiny Run: 104 µs split, 198 µs on one core;
+    the C++ echo 86 and 104)."""
+    with split_cores(server_pids) as split:
+        return sequential(call, n, warmup) if split else None
 
 
 # Untimed calls a system makes at the start of each of its blocks: back on its own code and
@@ -296,34 +304,20 @@ def take_turns(
 
 
 def interleaved(cfgs: dict[str, dict], n: int, block: int, warmup: int, server_pids: list[int]):
-    """:func:`take_turns` for the systems of ``cfgs``, after ``warmup`` calls each. With 2+
-    CPUs, first placed as :func:`sequential_split` places one system (the servers,
-    ``server_pids``, on the first cores, this process on the last): ``sequential``; then
-    placed by the kernel: ``sequential_shared``. With one CPU only the latter, as
-    ``sequential``."""
+    """:func:`take_turns` for the systems of ``cfgs``, after ``warmup`` calls each: first with
+    the servers (``server_pids``) and this process on separate cores (:func:`split_cores`):
+    ``sequential``; then placed by the kernel: ``sequential_shared``. Where the cores cannot
+    be split, only the latter, as ``sequential``."""
     calls = {name: make_call(cfg) for name, cfg in cfgs.items()}
     for call in calls.values():
         for _ in range(warmup):
             call()
     CALLS[0] += warmup * len(calls)
-    everything = os.sched_getaffinity(0)
-    cpus = sorted(everything)
-    split = len(cpus) >= 2 and bool(server_pids)
-    out: dict[str, dict] = {name: {} for name in calls}
-    for key in ("sequential", "sequential_shared") if split else ("sequential",):
-        pinned = key == "sequential" and split
-        if pinned:
-            set_affinity(server_pids, set(cpus[:-1]))
-            set_affinity([os.getpid()], {cpus[-1]})
-        try:
-            lat, _ = take_turns(calls, n, block)
-        finally:
-            if pinned:
-                set_affinity([os.getpid()], everything)
-                set_affinity(server_pids, everything)
-        for name, mine in lat.items():
-            out[name][key] = summarize(mine)
-    return out
+    with split_cores(server_pids) as split:
+        runs = {"sequential": take_turns(calls, n, block)[0]}
+    if split:
+        runs["sequential_shared"] = take_turns(calls, n, block)[0]
+    return {name: {key: summarize(lat[name]) for key, lat in runs.items()} for name in calls}
 
 
 def _worker_loop(call: Callable[[], None], start: float, end: float, out: dict) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
 
@@ -85,22 +84,16 @@ def measure(device: str, blocks: int, block: int, warmup: int) -> dict:
         for key, s in servers.items()
     }
     calls["inproc"] = inproc
-    cpus = sorted(os.sched_getaffinity(0))
-    split = len(cpus) >= 2
+    pids = [p for s in servers.values() for p in procs.process_tree(s.pid)]
     try:
-        if split:
-            for s in servers.values():
-                driver.set_affinity(procs.process_tree(s.pid), set(cpus[:-1]))
-            driver.set_affinity([os.getpid()], {cpus[-1]})
-        for call in calls.values():
-            for _ in range(warmup):
-                call()
-        before = server_times(servers["run"].target, "mlp")
-        lat, blocks_p50 = driver.take_turns(calls, blocks * block, block)
-        port = server_us_per_request(before, server_times(servers["run"].target, "mlp"))
+        with driver.split_cores(pids) as split:
+            for call in calls.values():
+                for _ in range(warmup):
+                    call()
+            before = server_times(servers["run"].target, "mlp")
+            lat, blocks_p50 = driver.take_turns(calls, blocks * block, block)
+            port = server_us_per_request(before, server_times(servers["run"].target, "mlp"))
     finally:
-        if split:
-            driver.set_affinity([os.getpid()], set(cpus))
         for s in servers.values():
             s.stop()
         model.close()
