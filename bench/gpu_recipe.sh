@@ -252,10 +252,7 @@ cmd_bench() {
 # the host side of a pull alone (bench.file_read: ways of reading a page-cached file on every
 # thread), into file_read.json / file_read.txt.
 cmd_weights() {
-  enter_env
-  mkdir -p "$OUT"
-  (cd "$REPO" && LD_PRELOAD=$PRELOAD PYTHONUNBUFFERED=1 timeout 150 \
-    "$PY" -m bench.file_read --gib 4 --rounds 2 --json "$OUT/file_read.json") 2>&1 | tee "$OUT/file_read.txt" ||
+  BENCH_TIMEOUT=150 bench_step file_read.txt bench.file_read --gib 4 --rounds 2 --json "$OUT/file_read.json" ||
     log "bench.file_read failed (see $OUT/file_read.txt); the weights bench runs anyway"
   # shellcheck disable=SC2086
   (cd "$REPO" && LD_PRELOAD=$PRELOAD PYTHONUNBUFFERED=1 ${BENCH_TIMEOUT:+timeout "$BENCH_TIMEOUT"} \

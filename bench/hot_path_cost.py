@@ -44,10 +44,6 @@ from .common import (
 from .gpu import inproc_call
 
 
-def _p50(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def _trailer(reply: bytes) -> str:
     """The weights-version trailer the daemon sends with ``reply``, as KEY=VALUE."""
     from aotiserve.v1 import model_runner_pb2 as pb
@@ -97,7 +93,7 @@ def measure(device: str, blocks: int, block: int, warmup: int) -> dict:
         for s in servers.values():
             s.stop()
         model.close()
-    p50 = {k: round(_p50(v), 1) for k, v in lat.items()}
+    p50 = {k: round(statistics.median(v), 1) for k, v in lat.items()}
     pairs = [b["run"] / b["echo_cpp"] for b in blocks_p50]
     gap = p50["run"] - p50["echo_cpp"]
     trailer = p50["echo_cpp_trailer"] - p50["echo_cpp"]
@@ -112,7 +108,7 @@ def measure(device: str, blocks: int, block: int, warmup: int) -> dict:
         },
         "p50_us": p50,
         "run_over_echo_cpp": round(p50["run"] / p50["echo_cpp"], 3),
-        "run_over_echo_cpp_block_median": round(_p50(pairs), 3),
+        "run_over_echo_cpp_block_median": round(statistics.median(pairs), 3),
         "run_minus_echo_cpp_us": round(gap, 1),
         "trailer_us": round(trailer, 1),  # the same echo with the daemon's trailer, minus it
         "port_us": port,  # the daemon's mean per Run: success = its whole time in the port
